@@ -1,0 +1,16 @@
+//! What every mailmesh service stands on: typed configuration, telemetry, the admin
+//! port (`/livez`, `/readyz`, `/metrics`), graceful shutdown and reloadable TLS.
+
+pub mod admin;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod secret;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+
+pub use config::{ConfigError, ConfigSource};
+pub use health::{Health, ReadinessCheck};
+pub use secret::Secret;
+pub use shutdown::Shutdown;

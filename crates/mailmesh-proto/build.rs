@@ -1,0 +1,17 @@
+//! Compiles `proto/` without a system `protoc`: protox parses the files in Rust and
+//! tonic-prost-build generates messages, clients and servers from the descriptors.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["mailmesh/v1/queue.proto"];
+    println!("cargo:rerun-if-changed={}", root.display());
+    let fds = protox::compile(files, [&root])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .bytes(".mailmesh.v1.Body.inline")
+        .compile_fds(fds)?;
+    Ok(())
+}

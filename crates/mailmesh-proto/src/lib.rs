@@ -1,0 +1,15 @@
+//! mailmesh's protocol buffers, compiled from `proto/` by `build.rs`, and their
+//! conversions into validated domain types.
+//!
+//! Business code never handles the generated types: a decoded [`v1::QueueRecord`] is
+//! turned into a [`mailmesh_types::Envelope`] with `TryFrom`, which refuses anything
+//! that does not validate, and [`encode_envelope`] is the only way back.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("mailmesh.v1");
+}
+
+mod queue;
+
+pub use queue::{decode_envelope, encode_envelope, InvalidRecord};

@@ -1,0 +1,817 @@
+//! The embedded queue: a durable append-only log on local disk, with Kafka's model
+//! (topics, partitions, offsets, consumer groups) and the same at-least-once contract.
+//!
+//! Layout under the configured directory:
+//! - `topics/<topic>/<partition>.log`: frames `len:u32 crc32:u32 body`, where body is
+//!   `key_len:u16 key header_count:u16 (name_len:u16 name value_len:u32 value)* payload`;
+//! - `groups/<group>.offsets`: the next offset to consume per topic and partition.
+//!
+//! One writer thread appends every record. It takes all requests waiting at once,
+//! writes them, fsyncs each touched file once and only then answers the publishers and
+//! makes the records visible to consumers (group commit: one fsync serves a burst).
+//! On open, a torn frame at the end of a file (a crash mid-write, never acknowledged)
+//! is cut off; a bad checksum anywhere else is corruption and refuses to open.
+//!
+//! Limits: one consumer per group at a time in a process; no retention yet (the log
+//! grows until its directory is removed).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use tokio::sync::{Notify, oneshot};
+
+use crate::tracker::OffsetTracker;
+use crate::{
+    Consumer, Delivery, OutgoingRecord, Position, Queue, QueueError, Record, Result,
+    validate_topic,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    pub dir: PathBuf,
+    /// fsync before a publish returns. Turning it off loses acknowledged mail on a
+    /// power failure; it exists for throwaway test runs only.
+    #[serde(default = "yes")]
+    pub fsync: bool,
+    /// Partitions of topics created implicitly.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Largest record accepted (key, headers and payload).
+    #[serde(default = "default_max_record")]
+    pub max_record_bytes: usize,
+    /// How often a consumer writes its stored offsets when it is not asked to.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_partitions() -> i32 {
+    4
+}
+fn default_max_record() -> usize {
+    64 << 20
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl EmbeddedConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            fsync: true,
+            partitions: default_partitions(),
+            max_record_bytes: default_max_record(),
+            commit_interval: default_commit_interval(),
+        }
+    }
+}
+
+const FRAME_HEADER: usize = 8;
+/// Most requests one group commit takes.
+const MAX_BATCH: usize = 1024;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> QueueError + '_ {
+    move |source| QueueError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+struct Partition {
+    id: i32,
+    path: PathBuf,
+    read: File,
+    /// Position and body length of every durable record; the offset is the index.
+    index: RwLock<Vec<(u64, u32)>>,
+    /// Owned by the writer thread.
+    append: Mutex<(File, u64)>,
+}
+
+impl Partition {
+    fn open(path: PathBuf, id: i32) -> Result<Self> {
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let (index, end) = scan(&mut file, &path)?;
+        let read = file.try_clone().map_err(io_err(&path))?;
+        Ok(Self {
+            id,
+            path,
+            read,
+            index: RwLock::new(index),
+            append: Mutex::new((file, end)),
+        })
+    }
+
+    fn len(&self) -> i64 {
+        self.index.read().unwrap_or_else(|e| e.into_inner()).len() as i64
+    }
+
+    fn read_at(&self, offset: i64) -> Result<Option<(Bytes, Bytes, Vec<(String, Bytes)>)>> {
+        let entry = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            usize::try_from(offset).ok().and_then(|o| index.get(o).copied())
+        };
+        let Some((pos, len)) = entry else {
+            return Ok(None);
+        };
+        let mut body = vec![0u8; len as usize];
+        self.read
+            .read_exact_at(&mut body, pos + FRAME_HEADER as u64)
+            .map_err(io_err(&self.path))?;
+        decode_body(Bytes::from(body))
+            .map(Some)
+            .ok_or(QueueError::Corrupt {
+                path: self.path.clone(),
+                position: pos,
+                reason: "malformed record body",
+            })
+    }
+}
+
+/// Reads every frame, returning the index and the end of the last good frame. Cuts a
+/// torn tail; refuses a bad frame that is followed by more data.
+fn scan(file: &mut File, path: &Path) -> Result<(Vec<(u64, u32)>, u64)> {
+    let size = file.metadata().map_err(io_err(path))?.len();
+    let mut reader = BufReader::with_capacity(1 << 20, &*file);
+    let mut index = Vec::new();
+    let mut pos = 0u64;
+    let mut header = [0u8; FRAME_HEADER];
+    let mut body = Vec::new();
+    while pos < size {
+        let torn = size - pos < FRAME_HEADER as u64;
+        if torn || reader.read_exact(&mut header).is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
+        let end = pos + FRAME_HEADER as u64 + u64::from(len);
+        if end > size {
+            break;
+        }
+        body.resize(len as usize, 0);
+        reader.read_exact(&mut body).map_err(io_err(path))?;
+        if crc32fast::hash(&body) != crc {
+            if end == size {
+                break;
+            }
+            return Err(QueueError::Corrupt {
+                path: path.to_owned(),
+                position: pos,
+                reason: "checksum mismatch",
+            });
+        }
+        index.push((pos, len));
+        pos = end;
+    }
+    if pos < size {
+        tracing::warn!(path = %path.display(), at = pos, "cutting a torn record at the end of the log");
+        file.set_len(pos).map_err(io_err(path))?;
+        file.sync_data().map_err(io_err(path))?;
+    }
+    Ok((index, pos))
+}
+
+fn encode_frame(record: &OutgoingRecord) -> Option<Vec<u8>> {
+    let key_len = u16::try_from(record.key.len()).ok()?;
+    let header_count = u16::try_from(record.headers.len()).ok()?;
+    let mut body = BytesMut::with_capacity(
+        4 + record.key.len()
+            + record.payload.len()
+            + record
+                .headers
+                .iter()
+                .map(|(n, v)| 6 + n.len() + v.len())
+                .sum::<usize>(),
+    );
+    body.put_u16(key_len);
+    body.put_slice(&record.key);
+    body.put_u16(header_count);
+    for (name, value) in &record.headers {
+        body.put_u16(u16::try_from(name.len()).ok()?);
+        body.put_slice(name.as_bytes());
+        body.put_u32(u32::try_from(value.len()).ok()?);
+        body.put_slice(value);
+    }
+    body.put_slice(&record.payload);
+    let len = u32::try_from(body.len()).ok()?;
+    let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Some(frame)
+}
+
+fn decode_body(mut body: Bytes) -> Option<(Bytes, Bytes, Vec<(String, Bytes)>)> {
+    fn take(body: &mut Bytes, n: usize) -> Option<Bytes> {
+        (body.remaining() >= n).then(|| body.split_to(n))
+    }
+    let key_len = take(&mut body, 2)?.get_u16() as usize;
+    let key = take(&mut body, key_len)?;
+    let count = take(&mut body, 2)?.get_u16();
+    let mut headers = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let name_len = take(&mut body, 2)?.get_u16() as usize;
+        let name = String::from_utf8(take(&mut body, name_len)?.to_vec()).ok()?;
+        let value_len = take(&mut body, 4)?.get_u32() as usize;
+        headers.push((name, take(&mut body, value_len)?));
+    }
+    Some((key, body, headers))
+}
+
+struct Topic {
+    partitions: Vec<Arc<Partition>>,
+}
+
+struct WriteRequest {
+    partition: Arc<Partition>,
+    frame: Vec<u8>,
+    reply: oneshot::Sender<Result<i64>>,
+}
+
+struct Inner {
+    config: EmbeddedConfig,
+    topics: RwLock<HashMap<String, Arc<Topic>>>,
+    /// Creating topics is rare; this keeps two creators from racing.
+    create: Mutex<()>,
+    writer: Mutex<std::sync::mpsc::Sender<WriteRequest>>,
+    appended: Notify,
+    active_groups: Mutex<HashSet<String>>,
+}
+
+/// The embedded durable log.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+impl EmbeddedLog {
+    pub async fn open(config: &EmbeddedConfig) -> Result<Self> {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Self::open_blocking(config))
+            .await
+            .map_err(|_| QueueError::Closed)?
+    }
+
+    fn open_blocking(config: EmbeddedConfig) -> Result<Self> {
+        let topics_dir = config.dir.join("topics");
+        std::fs::create_dir_all(&topics_dir).map_err(io_err(&topics_dir))?;
+        std::fs::create_dir_all(config.dir.join("groups")).map_err(io_err(&config.dir))?;
+        let mut topics = HashMap::new();
+        for entry in std::fs::read_dir(&topics_dir).map_err(io_err(&topics_dir))? {
+            let entry = entry.map_err(io_err(&topics_dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if validate_topic(&name).is_err() {
+                continue;
+            }
+            let mut ids = Vec::new();
+            for file in std::fs::read_dir(entry.path()).map_err(io_err(&entry.path()))? {
+                let file = file.map_err(io_err(&entry.path()))?;
+                if let Some(id) = file
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".log"))
+                    .and_then(|n| n.parse::<i32>().ok())
+                {
+                    ids.push(id);
+                }
+            }
+            ids.sort_unstable();
+            if ids.is_empty() || ids != (0..ids.len() as i32).collect::<Vec<_>>() {
+                return Err(QueueError::Corrupt {
+                    path: entry.path(),
+                    position: 0,
+                    reason: "partition files missing",
+                });
+            }
+            let partitions = ids
+                .into_iter()
+                .map(|id| Partition::open(entry.path().join(format!("{id}.log")), id).map(Arc::new))
+                .collect::<Result<Vec<_>>>()?;
+            topics.insert(name, Arc::new(Topic { partitions }));
+        }
+
+        let (tx, rx) = std::sync::mpsc::channel::<WriteRequest>();
+        let inner = Arc::new(Inner {
+            config,
+            topics: RwLock::new(topics),
+            create: Mutex::new(()),
+            writer: Mutex::new(tx),
+            appended: Notify::new(),
+            active_groups: Mutex::new(HashSet::new()),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("queue-log-writer".into())
+            .spawn(move || writer_loop(&rx, &weak))
+            .map_err(io_err(Path::new("writer thread")))?;
+        Ok(Self { inner })
+    }
+
+    fn topic(&self, name: &str, partitions: i32) -> Result<Arc<Topic>> {
+        validate_topic(name)?;
+        if let Some(t) = self.inner.topics.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(t.clone());
+        }
+        let _guard = self.inner.create.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = self.inner.topics.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+            return Ok(t.clone());
+        }
+        let dir = self.inner.config.dir.join("topics").join(name);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let partitions = (0..partitions.max(1))
+            .map(|id| Partition::open(dir.join(format!("{id}.log")), id).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        sync_dir(&dir)?;
+        sync_dir(&self.inner.config.dir.join("topics"))?;
+        let topic = Arc::new(Topic { partitions });
+        self.inner
+            .topics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), topic.clone());
+        Ok(topic)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn writer_loop(rx: &std::sync::mpsc::Receiver<WriteRequest>, inner: &std::sync::Weak<Inner>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        write_batch(batch, inner.config.fsync);
+        inner.appended.notify_waiters();
+    }
+}
+
+/// Appends a batch, fsyncs each touched partition once, then publishes the records
+/// to readers and answers the publishers.
+fn write_batch(batch: Vec<WriteRequest>, fsync: bool) {
+    // Per partition: the requests written, with their positions, or the error.
+    let mut written: BTreeMap<(*const Partition, i32), (Arc<Partition>, Vec<(u64, u32, oneshot::Sender<Result<i64>>)>)> =
+        BTreeMap::new();
+    let mut failed: Vec<(oneshot::Sender<Result<i64>>, QueueError)> = Vec::new();
+    for req in batch {
+        let outcome = {
+            let mut append = req.partition.append.lock().unwrap_or_else(|e| e.into_inner());
+            let (file, end) = &mut *append;
+            match file.write_all(&req.frame) {
+                Ok(()) => {
+                    let pos = *end;
+                    *end += req.frame.len() as u64;
+                    Ok(pos)
+                }
+                Err(e) => {
+                    // Cut what may have been half-written so the log stays parseable.
+                    let _ = file.set_len(*end);
+                    Err(e)
+                }
+            }
+        };
+        match outcome {
+            Ok(pos) => {
+                let len = (req.frame.len() - FRAME_HEADER) as u32;
+                written
+                    .entry((Arc::as_ptr(&req.partition), req.partition.id))
+                    .or_insert_with(|| (req.partition.clone(), Vec::new()))
+                    .1
+                    .push((pos, len, req.reply));
+            }
+            Err(e) => failed.push((req.reply, io_err(&req.partition.path)(e))),
+        }
+    }
+    for (partition, entries) in written.into_values() {
+        let synced = if fsync {
+            let append = partition.append.lock().unwrap_or_else(|e| e.into_inner());
+            append.0.sync_data()
+        } else {
+            Ok(())
+        };
+        match synced {
+            Ok(()) => {
+                let mut index = partition.index.write().unwrap_or_else(|e| e.into_inner());
+                for (pos, len, reply) in entries {
+                    let offset = index.len() as i64;
+                    index.push((pos, len));
+                    let _ = reply.send(Ok(offset));
+                }
+            }
+            Err(e) => {
+                // The records may or may not be on disk; they are never acknowledged,
+                // and readers never see them. Cut them off so the log stays in step
+                // with the index.
+                let mut append = partition.append.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((first_pos, _, _)) = entries.first() {
+                    let _ = append.0.set_len(*first_pos);
+                    append.1 = *first_pos;
+                }
+                for (_, _, reply) in entries {
+                    let _ = reply.send(Err(QueueError::Io {
+                        path: partition.path.clone(),
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    }));
+                }
+            }
+        }
+    }
+    for (reply, e) in failed {
+        let _ = reply.send(Err(e));
+    }
+}
+
+fn partition_for(key: &[u8], partitions: usize) -> usize {
+    if key.is_empty() {
+        return 0;
+    }
+    // FNV-1a: stable across processes and releases, unlike the std hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % partitions as u64) as usize
+}
+
+#[async_trait]
+impl Queue for EmbeddedLog {
+    async fn publish(&self, record: OutgoingRecord) -> Result<Position> {
+        let started = Instant::now();
+        let topic = self.topic(&record.topic, self.inner.config.partitions)?;
+        let size = record.key.len() + record.payload.len();
+        if size > self.inner.config.max_record_bytes {
+            return Err(QueueError::TooLarge {
+                size,
+                limit: self.inner.config.max_record_bytes,
+            });
+        }
+        let frame = encode_frame(&record).ok_or(QueueError::TooLarge {
+            size,
+            limit: self.inner.config.max_record_bytes,
+        })?;
+        let partition = topic.partitions[partition_for(&record.key, topic.partitions.len())].clone();
+        let id = partition.id;
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(WriteRequest {
+                partition,
+                frame,
+                reply,
+            })
+            .map_err(|_| QueueError::Closed)?;
+        let outcome = answer.await.map_err(|_| QueueError::Closed)?;
+        crate::metrics::observe_publish("embedded", started.elapsed(), outcome.is_ok());
+        Ok(Position {
+            partition: id,
+            offset: outcome?,
+        })
+    }
+
+    async fn consumer(&self, group: &str, topics: &[&str]) -> Result<Box<dyn Consumer>> {
+        validate_topic(group).map_err(|_| QueueError::InvalidGroup(group.to_owned()))?;
+        let mut assigned = Vec::new();
+        for name in topics {
+            let topic = self.topic(name, self.inner.config.partitions)?;
+            for p in &topic.partitions {
+                assigned.push(((*name).to_owned(), p.clone()));
+            }
+        }
+        if !self
+            .inner
+            .active_groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(group.to_owned())
+        {
+            return Err(QueueError::GroupBusy(group.to_owned()));
+        }
+        let offsets_path = self.inner.config.dir.join("groups").join(format!("{group}.offsets"));
+        let committed = read_offsets(&offsets_path)?;
+        let positions = assigned
+            .iter()
+            .map(|(t, p)| committed.get(&(t.clone(), p.id)).copied().unwrap_or(0))
+            .collect();
+        let stored = Arc::new(Mutex::new(StoredOffsets {
+            offsets: committed,
+            dirty: false,
+        }));
+        let s = stored.clone();
+        let tracker = OffsetTracker::new(Box::new(move |topic, partition, next| {
+            let mut s = s.lock().unwrap_or_else(|e| e.into_inner());
+            s.offsets.insert((topic.to_owned(), partition), next);
+            s.dirty = true;
+        }));
+        Ok(Box::new(EmbeddedConsumer {
+            log: self.clone(),
+            group: group.to_owned(),
+            offsets_path,
+            assigned,
+            positions,
+            next: 0,
+            tracker,
+            stored,
+            last_commit: Instant::now(),
+        }))
+    }
+
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        let log = self.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || log.topic(&topic, partitions).map(|_| ()))
+            .await
+            .map_err(|_| QueueError::Closed)?
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let dir = self.inner.config.dir.join("topics");
+        tokio::fs::metadata(&dir).await.map_err(io_err(&dir))?;
+        Ok(())
+    }
+}
+
+struct StoredOffsets {
+    offsets: HashMap<(String, i32), i64>,
+    dirty: bool,
+}
+
+fn read_offsets(path: &Path) -> Result<HashMap<(String, i32), i64>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut offsets = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next().map(str::parse), parts.next().map(str::parse)) {
+            (Some(topic), Some(Ok(partition)), Some(Ok(offset))) => {
+                offsets.insert((topic.to_owned(), partition), offset);
+            }
+            _ => {
+                return Err(QueueError::Corrupt {
+                    path: path.to_owned(),
+                    position: 0,
+                    reason: "unreadable group offsets",
+                });
+            }
+        }
+    }
+    Ok(offsets)
+}
+
+/// Writes the offsets to a temporary file, fsyncs it and renames it into place, so a
+/// crash leaves either the old or the new offsets.
+fn write_offsets(path: &Path, offsets: &HashMap<(String, i32), i64>) -> Result<()> {
+    let mut text = String::new();
+    let mut sorted: Vec<_> = offsets.iter().collect();
+    sorted.sort();
+    for ((topic, partition), offset) in sorted {
+        text.push_str(&format!("{topic} {partition} {offset}\n"));
+    }
+    let tmp = path.with_extension("offsets.tmp");
+    let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+    file.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+    file.sync_data().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+struct EmbeddedConsumer {
+    log: EmbeddedLog,
+    group: String,
+    offsets_path: PathBuf,
+    assigned: Vec<(String, Arc<Partition>)>,
+    /// Next offset to read, per assigned partition.
+    positions: Vec<i64>,
+    /// Round-robin cursor over partitions, so one busy partition cannot starve others.
+    next: usize,
+    tracker: Arc<OffsetTracker>,
+    stored: Arc<Mutex<StoredOffsets>>,
+    last_commit: Instant,
+}
+
+impl EmbeddedConsumer {
+    fn try_next(&mut self) -> Result<Option<Delivery>> {
+        let n = self.assigned.len();
+        for i in 0..n {
+            let slot = (self.next + i) % n;
+            let (topic, partition) = &self.assigned[slot];
+            let offset = self.positions[slot];
+            if offset >= partition.len() {
+                continue;
+            }
+            let Some((key, payload, headers)) = partition.read_at(offset)? else {
+                continue;
+            };
+            self.positions[slot] += 1;
+            self.next = (slot + 1) % n;
+            let ack = self.tracker.received(topic, partition.id, offset);
+            return Ok(Some(Delivery {
+                record: Record {
+                    topic: topic.clone(),
+                    partition: partition.id,
+                    offset,
+                    key,
+                    payload,
+                    headers,
+                },
+                ack,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn flush_offsets(&mut self) -> Result<()> {
+        self.last_commit = Instant::now();
+        let snapshot = {
+            let mut s = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+            if !s.dirty {
+                return Ok(());
+            }
+            s.dirty = false;
+            s.offsets.clone()
+        };
+        write_offsets(&self.offsets_path, &snapshot).inspect_err(|_| {
+            self.stored.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
+        })
+    }
+}
+
+#[async_trait]
+impl Consumer for EmbeddedConsumer {
+    async fn recv(&mut self) -> Result<Delivery> {
+        let interval = self.log.inner.config.commit_interval;
+        loop {
+            if self.last_commit.elapsed() >= interval {
+                self.flush_offsets()?;
+            }
+            let inner = self.log.inner.clone();
+            let appended = inner.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            if let Some(delivery) = tokio::task::block_in_place(|| self.try_next())? {
+                return Ok(delivery);
+            }
+            let _ = tokio::time::timeout(interval, appended).await;
+        }
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        tokio::task::block_in_place(|| self.flush_offsets())
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.commit().await
+    }
+}
+
+impl Drop for EmbeddedConsumer {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_offsets() {
+            tracing::warn!(group = %self.group, error = %e, "writing consumer offsets on close");
+        }
+        self.log
+            .inner
+            .active_groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.group);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str, payload: &str) -> OutgoingRecord {
+        OutgoingRecord {
+            topic: "mail.queue".into(),
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            headers: vec![("traceparent".into(), Bytes::from_static(b"00-ab-cd-01"))],
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let r = record("k", "payload");
+        let frame = encode_frame(&r).unwrap();
+        let (key, payload, headers) = decode_body(Bytes::from(frame[FRAME_HEADER..].to_vec())).unwrap();
+        assert_eq!(key, r.key);
+        assert_eq!(payload, r.payload);
+        assert_eq!(headers, r.headers);
+        assert!(decode_body(Bytes::from_static(b"\x00\x05ab")).is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn torn_tail_is_cut_and_acknowledged_records_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EmbeddedConfig {
+            partitions: 1,
+            ..EmbeddedConfig::new(dir.path())
+        };
+        {
+            let log = EmbeddedLog::open(&config).await.unwrap();
+            for i in 0..3 {
+                log.publish(record("k", &format!("m{i}"))).await.unwrap();
+            }
+        }
+        // A crash in the middle of a write leaves half a frame.
+        let path = dir.path().join("topics/mail.queue/0.log");
+        let frame = encode_frame(&record("k", "half")).unwrap();
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&frame[..frame.len() / 2]).unwrap();
+        drop(f);
+
+        let log = EmbeddedLog::open(&config).await.unwrap();
+        let pos = log.publish(record("k", "m3")).await.unwrap();
+        assert_eq!(pos.offset, 3);
+        let mut consumer = log.consumer("g", &["mail.queue"]).await.unwrap();
+        for i in 0..4 {
+            let d = consumer.recv().await.unwrap();
+            assert_eq!(d.record.payload, format!("m{i}").as_bytes());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corruption_before_the_end_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EmbeddedConfig {
+            partitions: 1,
+            ..EmbeddedConfig::new(dir.path())
+        };
+        {
+            let log = EmbeddedLog::open(&config).await.unwrap();
+            log.publish(record("k", "first")).await.unwrap();
+            log.publish(record("k", "second")).await.unwrap();
+        }
+        let path = dir.path().join("topics/mail.queue/0.log");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[FRAME_HEADER + 3] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(
+            EmbeddedLog::open(&config).await,
+            Err(QueueError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_consumer_per_group_and_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EmbeddedConfig {
+            max_record_bytes: 10,
+            ..EmbeddedConfig::new(dir.path())
+        };
+        let log = EmbeddedLog::open(&config).await.unwrap();
+        let first = log.consumer("g", &["t"]).await.unwrap();
+        assert!(matches!(
+            log.consumer("g", &["t"]).await,
+            Err(QueueError::GroupBusy(_))
+        ));
+        drop(first);
+        log.consumer("g", &["t"]).await.unwrap();
+        assert!(matches!(
+            log.publish(record("k", "far too large")).await,
+            Err(QueueError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            log.consumer("../x", &["t"]).await,
+            Err(QueueError::InvalidGroup(_))
+        ));
+        assert!(matches!(
+            log.ensure_topic("../../etc", 1).await,
+            Err(QueueError::InvalidTopic(_))
+        ));
+    }
+}

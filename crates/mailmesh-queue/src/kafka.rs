@@ -1,0 +1,290 @@
+//! The queue on Kafka (or any Kafka-compatible broker) through rdkafka.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use serde::Deserialize;
+
+use crate::tracker::OffsetTracker;
+use crate::{
+    Consumer, DEFAULT_PUBLISH_TIMEOUT, Delivery, OutgoingRecord, Position, Queue, QueueError,
+    Record, Result, validate_topic,
+};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Extra librdkafka properties, e.g. `security.protocol`, `sasl.mechanism`,
+    /// `sasl.username`, `ssl.ca.location`. They cannot override the delivery
+    /// guarantees (`acks`, idempotence, offset storing).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// How long a publish may wait for the broker before it fails (the front door then
+    /// answers `451 4.3.0`).
+    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Replication factor for topics this client creates.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Consumer group session timeout: how long a dead consumer keeps its partitions.
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+}
+
+fn default_publish_timeout() -> Duration {
+    DEFAULT_PUBLISH_TIMEOUT
+}
+fn default_replication() -> i32 {
+    3
+}
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// Properties the queue's guarantees rest on; user `properties` never replace them.
+const PINNED: &[&str] = &[
+    "acks",
+    "enable.idempotence",
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "group.id",
+];
+
+impl KafkaConfig {
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            if !PINNED.contains(&k.as_str()) {
+                config.set(k, v);
+            }
+        }
+        config
+    }
+}
+
+pub struct KafkaQueue {
+    config: KafkaConfig,
+    producer: FutureProducer,
+}
+
+impl KafkaQueue {
+    pub fn connect(config: &KafkaConfig) -> Result<Self> {
+        let producer: FutureProducer = config
+            .client_config()
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set(
+                "message.timeout.ms",
+                config.publish_timeout.as_millis().to_string(),
+            )
+            .set("linger.ms", "1")
+            .create()?;
+        Ok(Self {
+            config: config.clone(),
+            producer,
+        })
+    }
+}
+
+#[async_trait]
+impl Queue for KafkaQueue {
+    async fn publish(&self, record: OutgoingRecord) -> Result<Position> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_ref()),
+            });
+        }
+        let started = std::time::Instant::now();
+        let outcome = self
+            .producer
+            .send(
+                FutureRecord::to(&record.topic)
+                    .key(record.key.as_ref())
+                    .payload(record.payload.as_ref())
+                    .headers(headers),
+                Timeout::After(self.config.publish_timeout),
+            )
+            .await;
+        crate::metrics::observe_publish("kafka", started.elapsed(), outcome.is_ok());
+        match outcome {
+            Ok(delivery) => Ok(Position {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err((e, _)) => Err(e.into()),
+        }
+    }
+
+    async fn consumer(&self, group: &str, topics: &[&str]) -> Result<Box<dyn Consumer>> {
+        for topic in topics {
+            validate_topic(topic)?;
+        }
+        if group.is_empty() {
+            return Err(QueueError::InvalidGroup(group.to_owned()));
+        }
+        let tracker_slot: Arc<std::sync::OnceLock<Arc<StreamConsumer<GroupContext>>>> =
+            Arc::new(std::sync::OnceLock::new());
+        let slot = tracker_slot.clone();
+        let tracker = OffsetTracker::new(Box::new(move |topic, partition, next| {
+            if let Some(consumer) = slot.get() {
+                // librdkafka stores `offset + 1` as the next offset to consume.
+                if let Err(e) = consumer.store_offset(topic, partition, next - 1) {
+                    tracing::debug!(topic, partition, error = %e, "offset not stored (partition revoked?)");
+                }
+            }
+        }));
+        let context = GroupContext {
+            tracker: tracker.clone(),
+        };
+        let consumer: StreamConsumer<GroupContext> = self
+            .config
+            .client_config()
+            .set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", "1000")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "session.timeout.ms",
+                self.config.session_timeout.as_millis().to_string(),
+            )
+            .create_with_context(context)?;
+        consumer.subscribe(topics)?;
+        let consumer = Arc::new(consumer);
+        let _ = tracker_slot.set(consumer.clone());
+        Ok(Box::new(KafkaConsumer { consumer, tracker }))
+    }
+
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        validate_topic(topic)?;
+        let admin: AdminClient<DefaultClientContext> = self.config.client_config().create()?;
+        let new = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(self.config.replication_factor),
+        );
+        let results = admin
+            .create_topics(
+                [&new],
+                &AdminOptions::new().operation_timeout(Some(Timeout::After(Duration::from_secs(30)))),
+            )
+            .await?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(KafkaError::AdminOp(code).into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(2)))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|_| QueueError::Closed)??;
+        Ok(())
+    }
+}
+
+/// Forgets revoked partitions so late acks of their records store nothing.
+struct GroupContext {
+    tracker: Arc<OffsetTracker>,
+}
+
+impl rdkafka::ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            // Write what is done before another member takes the partitions over.
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "commit before revoke");
+            }
+            for p in partitions.elements() {
+                self.tracker.revoke(p.topic(), p.partition());
+            }
+        }
+    }
+}
+
+struct KafkaConsumer {
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    tracker: Arc<OffsetTracker>,
+}
+
+#[async_trait]
+impl Consumer for KafkaConsumer {
+    async fn recv(&mut self) -> Result<Delivery> {
+        let message = self.consumer.recv().await?;
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let record = Record {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
+            payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+            headers,
+        };
+        let ack = self
+            .tracker
+            .received(&record.topic, record.partition, record.offset);
+        Ok(Delivery { record, ack })
+    }
+
+    async fn commit(&mut self) -> Result<()> {
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || match consumer.commit_consumer_state(CommitMode::Sync) {
+            // Nothing stored since the last commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+            other => other,
+        })
+        .await
+        .map_err(|_| QueueError::Closed)??;
+        Ok(())
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.commit().await?;
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || consumer.unsubscribe())
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        Ok(())
+    }
+}

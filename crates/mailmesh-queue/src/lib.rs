@@ -1,0 +1,177 @@
+//! The mail queue between the front doors and the delivery workers.
+//!
+//! Two implementations of one [`Queue`] trait with the same semantics:
+//! - [`kafka::KafkaQueue`]: rdkafka, producer with `acks=all` and idempotence, consumer
+//!   groups with `enable.auto.offset.store=false`;
+//! - [`embedded::EmbeddedLog`]: a durable append-only log on local disk for `mailctl dev`
+//!   and unit tests, fsynced before `publish` returns.
+//!
+//! Both are at-least-once: [`Queue::publish`] returns only when the record is durable,
+//! and a consumer group's offset advances only over records whose [`Ack::done`] was
+//! called, in order per partition. A record received but not done is delivered again
+//! to the next consumer of the group, so consumers must be idempotent.
+
+pub mod embedded;
+pub mod kafka;
+mod metrics;
+mod tracker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
+
+pub use tracker::Ack;
+
+pub type Result<T, E = QueueError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("queue log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("queue log {path} is corrupt at byte {position}: {reason}")]
+    Corrupt {
+        path: PathBuf,
+        position: u64,
+        reason: &'static str,
+    },
+    #[error("invalid topic name {0:?}")]
+    InvalidTopic(String),
+    #[error("invalid consumer group name {0:?}")]
+    InvalidGroup(String),
+    #[error("consumer group {0:?} already has an active consumer in this process")]
+    GroupBusy(String),
+    #[error("record of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("the queue is closed")]
+    Closed,
+}
+
+/// A record to publish.
+#[derive(Debug, Clone, Default)]
+pub struct OutgoingRecord {
+    pub topic: String,
+    /// Records with the same key land in the same partition, in order.
+    pub key: Bytes,
+    pub payload: Bytes,
+    /// Metadata such as trace context (`traceparent`).
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// Where a published record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A record as consumed.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Bytes,
+    pub payload: Bytes,
+    pub headers: Vec<(String, Bytes)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+/// A consumed record and the handle that marks its outcome durable.
+#[derive(Debug)]
+pub struct Delivery {
+    pub record: Record,
+    pub ack: Ack,
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Appends a record; returns once it is durable (replicated to all in-sync
+    /// replicas, or fsynced for the embedded log).
+    async fn publish(&self, record: OutgoingRecord) -> Result<Position>;
+
+    /// Joins `group` and consumes `topics` from the group's stored offsets (or the
+    /// beginning, for a new group).
+    async fn consumer(&self, group: &str, topics: &[&str]) -> Result<Box<dyn Consumer>>;
+
+    /// Creates a topic if it does not exist.
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()>;
+
+    /// Succeeds when the queue can take records (for `/readyz`).
+    async fn ping(&self) -> Result<()>;
+}
+
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next record of any assigned partition.
+    async fn recv(&mut self) -> Result<Delivery>;
+
+    /// Writes the group's stored offsets now (they are also written periodically and
+    /// when the consumer is closed).
+    async fn commit(&mut self) -> Result<()>;
+
+    /// Commits and leaves the group.
+    async fn close(self: Box<Self>) -> Result<()>;
+}
+
+/// Which queue to use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum QueueConfig {
+    Kafka(kafka::KafkaConfig),
+    Embedded(embedded::EmbeddedConfig),
+}
+
+/// Opens the configured queue.
+pub async fn open(config: &QueueConfig) -> Result<Arc<dyn Queue>> {
+    Ok(match config {
+        QueueConfig::Kafka(c) => Arc::new(kafka::KafkaQueue::connect(c)?),
+        QueueConfig::Embedded(c) => Arc::new(embedded::EmbeddedLog::open(c).await?),
+    })
+}
+
+/// Topic names are used as file names by the embedded log and must be valid Kafka
+/// topic names: `[a-zA-Z0-9._-]`, 1 to 249 characters, not `.` or `..`.
+pub(crate) fn validate_topic(topic: &str) -> Result<()> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(QueueError::InvalidTopic(topic.to_owned()))
+    }
+}
+
+/// A readiness check for the admin port.
+pub struct QueueReadiness(pub Arc<dyn Queue>);
+
+#[async_trait]
+impl mailmesh_kit::ReadinessCheck for QueueReadiness {
+    fn name(&self) -> &str {
+        "queue"
+    }
+
+    async fn check(&self) -> Result<(), String> {
+        self.0.ping().await.map_err(|e| e.to_string())
+    }
+}
+
+pub(crate) const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);

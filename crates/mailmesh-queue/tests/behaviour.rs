@@ -1,0 +1,210 @@
+//! The same at-least-once behaviour, checked on the embedded log and on a real
+//! Kafka-compatible broker (`MAILMESH_TEST_KAFKA`, started by `scripts/backends.sh`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
+use mailmesh_queue::kafka::{KafkaConfig, KafkaQueue};
+use mailmesh_queue::{Consumer, Delivery, OutgoingRecord, Queue, QueueError};
+
+const RECV_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn kafka_config() -> KafkaConfig {
+    let brokers = std::env::var("MAILMESH_TEST_KAFKA").expect(
+        "MAILMESH_TEST_KAFKA is not set: start the real backends with \
+         `scripts/backends.sh start` and `eval \"$(scripts/backends.sh env)\"`",
+    );
+    KafkaConfig {
+        brokers,
+        properties: BTreeMap::new(),
+        publish_timeout: Duration::from_secs(30),
+        replication_factor: 1,
+        session_timeout: Duration::from_secs(10),
+    }
+}
+
+fn kafka() -> Arc<dyn Queue> {
+    Arc::new(KafkaQueue::connect(&kafka_config()).unwrap())
+}
+
+async fn embedded(dir: &std::path::Path) -> Arc<dyn Queue> {
+    Arc::new(EmbeddedLog::open(&EmbeddedConfig::new(dir)).await.unwrap())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+fn record(topic: &str, key: &str, payload: String) -> OutgoingRecord {
+    OutgoingRecord {
+        topic: topic.to_owned(),
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        payload: Bytes::from(payload),
+        headers: vec![(
+            "traceparent".into(),
+            Bytes::from_static(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        )],
+    }
+}
+
+async fn recv(consumer: &mut Box<dyn Consumer>) -> Delivery {
+    tokio::time::timeout(RECV_TIMEOUT, consumer.recv())
+        .await
+        .expect("a record within the timeout")
+        .expect("recv")
+}
+
+fn text(d: &Delivery) -> String {
+    String::from_utf8(d.record.payload.to_vec()).unwrap()
+}
+
+/// Records done in order are never delivered again to the group; records received
+/// but not done (or done out of order past a gap) are.
+async fn second_consumer_resumes_after_the_stored_offset(queue: Arc<dyn Queue>) {
+    let topic = unique("resume");
+    let group = unique("group");
+    queue.ensure_topic(&topic, 1).await.unwrap();
+    let mut last = None;
+    for i in 0..10 {
+        let pos = queue.publish(record(&topic, "k", format!("m{i}"))).await.unwrap();
+        if let Some(prev) = last {
+            assert!(pos.offset > prev, "offsets grow within a partition");
+        }
+        last = Some(pos.offset);
+    }
+
+    let mut first = queue.consumer(&group, &[&topic]).await.unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..10 {
+        let d = recv(&mut first).await;
+        assert_eq!(text(&d), format!("m{i}"));
+        assert_eq!(
+            d.record.header("traceparent").map(|v| v.len()),
+            Some(55),
+            "headers travel with the record"
+        );
+        deliveries.push(d);
+    }
+    let mut acks: Vec<_> = deliveries.into_iter().map(|d| Some(d.ack)).collect();
+    for ack in &mut acks[0..5] {
+        ack.take().unwrap().done();
+    }
+    // Done, but after a gap: must come again.
+    acks[7].take().unwrap().done();
+    drop(acks);
+    first.close().await.unwrap();
+
+    let mut second = queue.consumer(&group, &[&topic]).await.unwrap();
+    let again: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 5..10 {
+            v.push(text(&recv(&mut second).await));
+        }
+        v
+    };
+    assert_eq!(again, ["m5", "m6", "m7", "m8", "m9"]);
+    // And nothing else: everything before m5 was stored.
+    let extra = tokio::time::timeout(Duration::from_secs(2), second.recv()).await;
+    assert!(extra.is_err(), "unexpected extra record: {:?}", extra.map(|r| r.map(|d| d.record)));
+    second.close().await.unwrap();
+}
+
+/// Concurrent publishers: every record arrives exactly once; records of one key stay
+/// in one partition and are consumed in offset order.
+async fn concurrent_publishes_arrive_once_in_key_order(queue: Arc<dyn Queue>) {
+    let topic = unique("fanin");
+    queue.ensure_topic(&topic, 3).await.unwrap();
+    let publishes = (0..200).map(|i| {
+        let queue = queue.clone();
+        let topic = topic.clone();
+        async move {
+            let key = format!("key{}", i % 20);
+            queue
+                .publish(record(&topic, &key, format!("{key}/{i}")))
+                .await
+                .unwrap()
+        }
+    });
+    let results = futures::future::join_all(publishes).await;
+    assert_eq!(results.len(), 200);
+
+    let mut consumer = queue.consumer(&unique("group"), &[&topic]).await.unwrap();
+    let mut seen = HashSet::new();
+    let mut last_per_key: BTreeMap<String, (i32, i64)> = BTreeMap::new();
+    for _ in 0..200 {
+        let d = recv(&mut consumer).await;
+        assert!(seen.insert(text(&d)), "duplicate {}", text(&d));
+        let key = String::from_utf8(d.record.key.to_vec()).unwrap();
+        if let Some((partition, offset)) = last_per_key.get(&key) {
+            assert_eq!(*partition, d.record.partition, "one key, one partition");
+            assert!(d.record.offset > *offset);
+        }
+        last_per_key.insert(key, (d.record.partition, d.record.offset));
+        d.ack.done();
+    }
+    assert_eq!(seen.len(), 200);
+    consumer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    second_consumer_resumes_after_the_stored_offset(embedded(dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_fan_in() {
+    let dir = tempfile::tempdir().unwrap();
+    concurrent_publishes_arrive_once_in_key_order(embedded(dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_offsets_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = "mail.queue";
+    {
+        let queue = embedded(dir.path()).await;
+        for i in 0..4 {
+            queue.publish(record(topic, "k", format!("m{i}"))).await.unwrap();
+        }
+        let mut c = queue.consumer("workers", &[topic]).await.unwrap();
+        for _ in 0..2 {
+            recv(&mut c).await.ack.done();
+        }
+        // No explicit commit: dropping the consumer (process exit) writes offsets.
+    }
+    let queue = embedded(dir.path()).await;
+    let mut c = queue.consumer("workers", &[topic]).await.unwrap();
+    assert_eq!(text(&recv(&mut c).await), "m2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_resume() {
+    second_consumer_resumes_after_the_stored_offset(kafka()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_fan_in() {
+    concurrent_publishes_arrive_once_in_key_order(kafka()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_ping_and_unreachable_broker() {
+    kafka().ping().await.unwrap();
+    let unreachable = KafkaQueue::connect(&KafkaConfig {
+        brokers: "127.0.0.1:1".into(),
+        publish_timeout: Duration::from_secs(2),
+        ..kafka_config()
+    })
+    .unwrap();
+    // A publish that cannot be made durable fails (the front door answers 451).
+    let err = unreachable
+        .publish(record("mail.queue", "k", "m".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::Kafka(_)), "{err}");
+    assert!(unreachable.ping().await.is_err());
+}

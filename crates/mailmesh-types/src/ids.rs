@@ -1,0 +1,113 @@
+use std::fmt;
+use std::str::FromStr;
+
+use crate::InvalidValue;
+
+/// A tenant's identifier: 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a
+/// letter or digit. It appears in object keys, Kafka keys, Redis keys and metric labels,
+/// so it is restricted to what is safe in all of them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct TenantId(String);
+
+impl TenantId {
+    pub const MAX_LEN: usize = 63;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for TenantId {
+    type Err = InvalidValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(InvalidValue::TenantId("empty"));
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err(InvalidValue::TenantId("longer than 63 characters"));
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(InvalidValue::TenantId(
+                "only lowercase letters, digits and '-' are allowed",
+            ));
+        }
+        if s.starts_with('-') || s.ends_with('-') {
+            return Err(InvalidValue::TenantId("must not start or end with '-'"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TenantId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The identifier a message gets when it is accepted, quoted in the `250` reply and in
+/// trace headers. A UUIDv7, so ids sort by acceptance time, written as 32 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueId(uuid::Uuid);
+
+impl QueueId {
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+}
+
+impl FromStr for QueueId {
+    type Err = InvalidValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(InvalidValue::QueueId("expected 32 hex digits"));
+        }
+        uuid::Uuid::try_parse(s)
+            .map(Self)
+            .map_err(|_| InvalidValue::QueueId("expected 32 hex digits"))
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.simple())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_ids() {
+        for ok in ["acme", "a", "acme-mail-2", &"a".repeat(63)] {
+            assert_eq!(ok.parse::<TenantId>().unwrap().as_str(), ok);
+        }
+        for bad in ["", "Acme", "-acme", "acme-", "ac/me", "ac..me", "a b", &"a".repeat(64)] {
+            assert!(bad.parse::<TenantId>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn queue_ids_round_trip_and_sort_by_time() {
+        let a = QueueId::generate();
+        let b = QueueId::generate();
+        assert!(a < b);
+        assert_eq!(a.to_string().parse::<QueueId>().unwrap(), a);
+        assert_eq!(a.to_string().len(), 32);
+        assert!("../etc/passwd".parse::<QueueId>().is_err());
+        assert!("0192f0c0-1234-7abc-8def-0123456789ab".parse::<QueueId>().is_err());
+    }
+}

