@@ -78,16 +78,13 @@ impl Cache for MemoryCache {
     async fn incr(&self, key: &str, by: i64, window: Duration) -> Result<i64> {
         validate_key(key)?;
         Ok(self.with_entries(|m, now| {
-            let current = m
-                .get(key)
-                .filter(|e| e.live(now))
-                .map(|e| {
-                    let n = std::str::from_utf8(&e.value)
-                        .ok()
-                        .and_then(|s| s.parse::<i64>().ok())
-                        .unwrap_or(0);
-                    (n, e.expires)
-                });
+            let current = m.get(key).filter(|e| e.live(now)).map(|e| {
+                let n = std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .unwrap_or(0);
+                (n, e.expires)
+            });
             let (n, expires) = match current {
                 Some((n, expires)) => (n + by, expires),
                 None => (by, Some(now + window)),

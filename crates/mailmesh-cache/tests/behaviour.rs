@@ -30,10 +30,17 @@ async fn redis() -> Arc<dyn Cache> {
 
 async fn values_and_expiry(cache: Arc<dyn Cache>) {
     assert_eq!(cache.get("acme:k").await.unwrap(), None);
-    cache.set("acme:k", Bytes::from_static(b"v1"), None).await.unwrap();
+    cache
+        .set("acme:k", Bytes::from_static(b"v1"), None)
+        .await
+        .unwrap();
     assert_eq!(cache.get("acme:k").await.unwrap().unwrap(), "v1");
     cache
-        .set("acme:short", Bytes::from_static(b"v"), Some(Duration::from_millis(100)))
+        .set(
+            "acme:short",
+            Bytes::from_static(b"v"),
+            Some(Duration::from_millis(100)),
+        )
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -53,34 +60,78 @@ async fn atomic_counter(cache: Arc<dyn Cache>) {
         let cache = cache.clone();
         tokio::spawn(async move {
             for _ in 0..20 {
-                cache.incr("acme:rate:ip", 1, Duration::from_secs(60)).await.unwrap();
+                cache
+                    .incr("acme:rate:ip", 1, Duration::from_secs(60))
+                    .await
+                    .unwrap();
             }
         })
     });
     for t in futures::future::join_all(tasks).await {
         t.unwrap();
     }
-    assert_eq!(cache.incr("acme:rate:ip", 0, Duration::from_secs(60)).await.unwrap(), 1000);
+    assert_eq!(
+        cache
+            .incr("acme:rate:ip", 0, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        1000
+    );
 
-    assert_eq!(cache.incr("acme:window", 5, Duration::from_millis(150)).await.unwrap(), 5);
+    assert_eq!(
+        cache
+            .incr("acme:window", 5, Duration::from_millis(150))
+            .await
+            .unwrap(),
+        5
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        cache.incr("acme:window", 1, Duration::from_millis(150)).await.unwrap(),
+        cache
+            .incr("acme:window", 1, Duration::from_millis(150))
+            .await
+            .unwrap(),
         1,
         "a new window starts after the old one expired"
     );
 }
 
 async fn locks(cache: Arc<dyn Cache>) {
-    let token = cache.try_lock("acme:lock", Duration::from_secs(5)).await.unwrap().unwrap();
-    assert!(cache.try_lock("acme:lock", Duration::from_secs(5)).await.unwrap().is_none());
-    let other = cache.try_lock("acme:lock2", Duration::from_millis(100)).await.unwrap().unwrap();
-    assert!(!cache.unlock("acme:lock", &other).await.unwrap(), "a stranger's token");
+    let token = cache
+        .try_lock("acme:lock", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        cache
+            .try_lock("acme:lock", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let other = cache
+        .try_lock("acme:lock2", Duration::from_millis(100))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !cache.unlock("acme:lock", &other).await.unwrap(),
+        "a stranger's token"
+    );
     assert!(cache.unlock("acme:lock", &token).await.unwrap());
-    assert!(cache.try_lock("acme:lock", Duration::from_secs(5)).await.unwrap().is_some());
+    assert!(
+        cache
+            .try_lock("acme:lock", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_some()
+    );
     // An expired lock is free again, and the old holder can no longer release it.
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let next = cache.try_lock("acme:lock2", Duration::from_secs(5)).await.unwrap();
+    let next = cache
+        .try_lock("acme:lock2", Duration::from_secs(5))
+        .await
+        .unwrap();
     assert!(next.is_some());
     assert!(!cache.unlock("acme:lock2", &other).await.unwrap());
 }
@@ -90,10 +141,16 @@ async fn pub_sub(cache: Arc<dyn Cache>) {
     let mut b = cache.subscribe("acme:mailbox:1").await.unwrap();
     let mut other = cache.subscribe("acme:mailbox:2").await.unwrap();
     assert_eq!(
-        cache.publish("acme:mailbox:1", Bytes::from_static(b"EXISTS 3")).await.unwrap(),
+        cache
+            .publish("acme:mailbox:1", Bytes::from_static(b"EXISTS 3"))
+            .await
+            .unwrap(),
         2
     );
-    cache.publish("acme:mailbox:1", Bytes::from_static(b"EXISTS 4")).await.unwrap();
+    cache
+        .publish("acme:mailbox:1", Bytes::from_static(b"EXISTS 4"))
+        .await
+        .unwrap();
     for sub in [&mut a, &mut b] {
         for expected in ["EXISTS 3", "EXISTS 4"] {
             let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
@@ -104,7 +161,9 @@ async fn pub_sub(cache: Arc<dyn Cache>) {
         }
     }
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), other.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), other.next())
+            .await
+            .is_err(),
         "another channel's subscriber got nothing"
     );
     cache.ping().await.unwrap();

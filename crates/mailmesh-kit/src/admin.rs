@@ -78,9 +78,11 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let status = out[9..12].parse().unwrap();
@@ -103,7 +105,10 @@ mod tests {
         assert_eq!(get(addr, "/readyz").await.0, 200);
         let (status, body) = get(addr, "/metrics").await;
         assert_eq!(status, 200);
-        assert!(body.contains("mailmesh_build_info{service=\"test\""), "{body}");
+        assert!(
+            body.contains("mailmesh_build_info{service=\"test\""),
+            "{body}"
+        );
 
         health.set_draining();
         assert_eq!(get(addr, "/readyz").await, (503, "draining\n".into()));

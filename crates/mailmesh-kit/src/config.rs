@@ -109,7 +109,10 @@ fn describe(e: figment::Error) -> String {
     let key = e.path.join(".");
     let source = match &e.metadata {
         Some(m) if m.name == ENV_METADATA => {
-            format!(" (environment variable {ENV_PREFIX}{})", key.replace('.', "__").to_uppercase())
+            format!(
+                " (environment variable {ENV_PREFIX}{})",
+                key.replace('.', "__").to_uppercase()
+            )
         }
         Some(m) => m
             .source

@@ -121,7 +121,10 @@ mod tests {
     async fn readiness_reports_failing_checks_and_draining() {
         let health = Health::new();
         health.add_check(Arc::new(Fixed("queue", Ok(()))));
-        assert_eq!(health.readiness(Duration::from_secs(1)).await, Readiness::Ready);
+        assert_eq!(
+            health.readiness(Duration::from_secs(1)).await,
+            Readiness::Ready
+        );
 
         health.add_check(Arc::new(Fixed("cache", Err("refused".into()))));
         health.add_check(Arc::new(Hangs));

@@ -87,7 +87,10 @@ pub enum TelemetryError {
 }
 
 /// Installs the global subscriber for `service`. Call once, inside a tokio runtime.
-pub fn init(service: &'static str, config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+pub fn init(
+    service: &'static str,
+    config: &TelemetryConfig,
+) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match config.log_format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
@@ -181,6 +184,12 @@ mod tests {
             otlp_endpoint: Some("collector:4317".into()),
             ..Default::default()
         };
-        assert!(config.validate().unwrap_err().to_string().contains("otlp_endpoint"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("otlp_endpoint")
+        );
     }
 }

@@ -40,7 +40,10 @@ fn default_reload_interval() -> Duration {
 impl Validate for TlsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.reload_interval < Duration::from_secs(1) {
-            return Err(ConfigError::invalid("tls.reload_interval", "must be at least 1s"));
+            return Err(ConfigError::invalid(
+                "tls.reload_interval",
+                "must be at least 1s",
+            ));
         }
         Ok(())
     }
@@ -93,7 +96,11 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn certified_key(loaded: &Loaded, cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError> {
+fn certified_key(
+    loaded: &Loaded,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<CertifiedKey, TlsError> {
     let certs = CertificateDer::pem_slice_iter(&loaded.cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Pem {
@@ -166,9 +173,13 @@ impl ReloadingCertResolver {
                     _ = tick.tick() => {}
                 }
                 match resolver.reload() {
-                    Ok(true) => tracing::info!(cert = %resolver.cert_file.display(), "tls certificate reloaded"),
+                    Ok(true) => {
+                        tracing::info!(cert = %resolver.cert_file.display(), "tls certificate reloaded")
+                    }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "tls certificate reload failed, keeping the previous one"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "tls certificate reload failed, keeping the previous one")
+                    }
                 }
             }
         });
@@ -182,12 +193,15 @@ impl ResolvesServerCert for ReloadingCertResolver {
 }
 
 /// A rustls server config serving the resolver's current certificate.
-pub fn server_config(resolver: Arc<ReloadingCertResolver>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(TlsError::Config)?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+pub fn server_config(
+    resolver: Arc<ReloadingCertResolver>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(TlsError::Config)?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
     Ok(Arc::new(config))
 }
 
@@ -293,12 +307,13 @@ mod tests {
             tls.shutdown().await.unwrap();
         });
         let seen = Arc::new(Mutex::new(None));
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(RecordLeaf(seen.clone())))
-            .with_no_client_auth();
+        let client =
+            rustls::ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(RecordLeaf(seen.clone())))
+                .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut tls = connector
@@ -313,7 +328,9 @@ mod tests {
     }
 
     fn der_of(pem: &str) -> Vec<u8> {
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
     }
 
     #[tokio::test]
@@ -348,7 +365,8 @@ mod tests {
         let (_, key_b) = self_signed_pem(&["b"]).unwrap();
         std::fs::write(dir.path().join("c"), cert_a).unwrap();
         std::fs::write(dir.path().join("k"), key_b).unwrap();
-        let err = ReloadingCertResolver::load(&dir.path().join("c"), &dir.path().join("k")).unwrap_err();
+        let err =
+            ReloadingCertResolver::load(&dir.path().join("c"), &dir.path().join("k")).unwrap_err();
         assert!(matches!(err, TlsError::Key(_)), "{err}");
     }
 }

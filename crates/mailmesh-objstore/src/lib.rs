@@ -98,7 +98,9 @@ pub fn open(config: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>> {
                 path: c.dir.clone(),
                 source,
             })?;
-            Ok(Arc::new(LocalFileSystem::new_with_prefix(&c.dir)?.with_automatic_cleanup(true)))
+            Ok(Arc::new(
+                LocalFileSystem::new_with_prefix(&c.dir)?.with_automatic_cleanup(true),
+            ))
         }
     }
 }

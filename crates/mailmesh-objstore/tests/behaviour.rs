@@ -8,9 +8,7 @@ use futures::TryStreamExt;
 use mailmesh_kit::Secret;
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
-use mailmesh_objstore::{
-    LocalConfig, ObjectStoreConfig, ObjectStoreError, S3Config, put_stream,
-};
+use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, ObjectStoreError, S3Config, put_stream};
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -76,14 +74,23 @@ async fn put_get_list_delete(store: Arc<dyn ObjectStore>) {
 
     // 20 MiB in 64 KiB chunks: a multipart upload of three 8 MiB parts.
     let large_body = content(20 << 20, 7);
-    let n = put_stream(&*store, &large, chunks(&large_body, 64 << 10), 8 << 20, u64::MAX)
-        .await
-        .unwrap();
+    let n = put_stream(
+        &*store,
+        &large,
+        chunks(&large_body, 64 << 10),
+        8 << 20,
+        u64::MAX,
+    )
+    .await
+    .unwrap();
     assert_eq!(n, large_body.len() as u64);
     let meta = store.head(&large).await.unwrap();
     assert_eq!(meta.size, large_body.len() as u64);
     let got = store.get(&large).await.unwrap().bytes().await.unwrap();
-    assert!(got.as_ref() == large_body.as_slice(), "20 MiB object differs");
+    assert!(
+        got.as_ref() == large_body.as_slice(),
+        "20 MiB object differs"
+    );
     let range = store
         .get_opts(
             &large,
@@ -110,9 +117,15 @@ async fn put_get_list_delete(store: Arc<dyn ObjectStore>) {
 
     // Over the limit: refused, and nothing is left behind.
     let too_big = Path::from(format!("{prefix}/too-big.eml"));
-    let err = put_stream(&*store, &too_big, chunks(&content(9 << 20, 3), 1 << 20), 8 << 20, 8 << 20)
-        .await
-        .unwrap_err();
+    let err = put_stream(
+        &*store,
+        &too_big,
+        chunks(&content(9 << 20, 3), 1 << 20),
+        8 << 20,
+        8 << 20,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, ObjectStoreError::TooLarge { .. }), "{err}");
     assert!(matches!(
         store.head(&too_big).await,

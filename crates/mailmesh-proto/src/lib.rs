@@ -12,4 +12,4 @@ pub mod v1 {
 
 mod queue;
 
-pub use queue::{decode_envelope, encode_envelope, InvalidRecord};
+pub use queue::{InvalidRecord, decode_envelope, encode_envelope};

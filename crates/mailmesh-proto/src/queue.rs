@@ -32,9 +32,10 @@ fn field<T: std::str::FromStr<Err = InvalidValue>>(
     name: &'static str,
     value: &str,
 ) -> Result<T, InvalidRecord> {
-    value
-        .parse()
-        .map_err(|source| InvalidRecord::Field { field: name, source })
+    value.parse().map_err(|source| InvalidRecord::Field {
+        field: name,
+        source,
+    })
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -82,7 +83,9 @@ impl TryFrom<v1::ClientInfo> for ClientInfo {
     type Error = InvalidRecord;
 
     fn try_from(c: v1::ClientInfo) -> Result<Self, Self::Error> {
-        let ip: IpAddr = c.ip.parse().map_err(|_| InvalidRecord::OutOfRange("client.ip"))?;
+        let ip: IpAddr =
+            c.ip.parse()
+                .map_err(|_| InvalidRecord::OutOfRange("client.ip"))?;
         let authenticated_as = match c.authenticated_as.as_str() {
             "" => None,
             a => Some(field("client.authenticated_as", a)?),

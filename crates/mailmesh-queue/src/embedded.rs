@@ -15,7 +15,7 @@
 //! Limits: one consumer per group at a time in a process; no retention yet (the log
 //! grows until its directory is removed).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -30,8 +30,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::tracker::OffsetTracker;
 use crate::{
-    Consumer, Delivery, OutgoingRecord, Position, Queue, QueueError, Record, Result,
-    validate_topic,
+    Consumer, Delivery, OutgoingRecord, Position, Queue, QueueError, Record, Result, validate_topic,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -122,10 +121,12 @@ impl Partition {
         self.index.read().unwrap_or_else(|e| e.into_inner()).len() as i64
     }
 
-    fn read_at(&self, offset: i64) -> Result<Option<(Bytes, Bytes, Vec<(String, Bytes)>)>> {
+    fn read_at(&self, offset: i64) -> Result<Option<StoredRecord>> {
         let entry = {
             let index = self.index.read().unwrap_or_else(|e| e.into_inner());
-            usize::try_from(offset).ok().and_then(|o| index.get(o).copied())
+            usize::try_from(offset)
+                .ok()
+                .and_then(|o| index.get(o).copied())
         };
         let Some((pos, len)) = entry else {
             return Ok(None);
@@ -217,7 +218,14 @@ fn encode_frame(record: &OutgoingRecord) -> Option<Vec<u8>> {
     Some(frame)
 }
 
-fn decode_body(mut body: Bytes) -> Option<(Bytes, Bytes, Vec<(String, Bytes)>)> {
+/// A record as read back from the log.
+struct StoredRecord {
+    key: Bytes,
+    payload: Bytes,
+    headers: Vec<(String, Bytes)>,
+}
+
+fn decode_body(mut body: Bytes) -> Option<StoredRecord> {
     fn take(body: &mut Bytes, n: usize) -> Option<Bytes> {
         (body.remaining() >= n).then(|| body.split_to(n))
     }
@@ -231,7 +239,11 @@ fn decode_body(mut body: Bytes) -> Option<(Bytes, Bytes, Vec<(String, Bytes)>)> 
         let value_len = take(&mut body, 4)?.get_u32() as usize;
         headers.push((name, take(&mut body, value_len)?));
     }
-    Some((key, body, headers))
+    Some(StoredRecord {
+        key,
+        payload: body,
+        headers,
+    })
 }
 
 struct Topic {
@@ -325,11 +337,23 @@ impl EmbeddedLog {
 
     fn topic(&self, name: &str, partitions: i32) -> Result<Arc<Topic>> {
         validate_topic(name)?;
-        if let Some(t) = self.inner.topics.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+        if let Some(t) = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
             return Ok(t.clone());
         }
         let _guard = self.inner.create.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = self.inner.topics.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+        if let Some(t) = self
+            .inner
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
             return Ok(t.clone());
         }
         let dir = self.inner.config.dir.join("topics").join(name);
@@ -370,16 +394,26 @@ fn writer_loop(rx: &std::sync::mpsc::Receiver<WriteRequest>, inner: &std::sync::
     }
 }
 
+/// A record written but not yet synced.
+struct Written {
+    pos: u64,
+    len: u32,
+    reply: oneshot::Sender<Result<i64>>,
+}
+
 /// Appends a batch, fsyncs each touched partition once, then publishes the records
 /// to readers and answers the publishers.
 fn write_batch(batch: Vec<WriteRequest>, fsync: bool) {
-    // Per partition: the requests written, with their positions, or the error.
-    let mut written: BTreeMap<(*const Partition, i32), (Arc<Partition>, Vec<(u64, u32, oneshot::Sender<Result<i64>>)>)> =
-        BTreeMap::new();
+    // Per partition touched: the requests written there, in order.
+    let mut written: Vec<(Arc<Partition>, Vec<Written>)> = Vec::new();
     let mut failed: Vec<(oneshot::Sender<Result<i64>>, QueueError)> = Vec::new();
     for req in batch {
         let outcome = {
-            let mut append = req.partition.append.lock().unwrap_or_else(|e| e.into_inner());
+            let mut append = req
+                .partition
+                .append
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let (file, end) = &mut *append;
             match file.write_all(&req.frame) {
                 Ok(()) => {
@@ -396,17 +430,23 @@ fn write_batch(batch: Vec<WriteRequest>, fsync: bool) {
         };
         match outcome {
             Ok(pos) => {
-                let len = (req.frame.len() - FRAME_HEADER) as u32;
-                written
-                    .entry((Arc::as_ptr(&req.partition), req.partition.id))
-                    .or_insert_with(|| (req.partition.clone(), Vec::new()))
-                    .1
-                    .push((pos, len, req.reply));
+                let entry = Written {
+                    pos,
+                    len: (req.frame.len() - FRAME_HEADER) as u32,
+                    reply: req.reply,
+                };
+                match written
+                    .iter_mut()
+                    .find(|(p, _)| Arc::ptr_eq(p, &req.partition))
+                {
+                    Some((_, entries)) => entries.push(entry),
+                    None => written.push((req.partition, vec![entry])),
+                }
             }
             Err(e) => failed.push((req.reply, io_err(&req.partition.path)(e))),
         }
     }
-    for (partition, entries) in written.into_values() {
+    for (partition, entries) in written {
         let synced = if fsync {
             let append = partition.append.lock().unwrap_or_else(|e| e.into_inner());
             append.0.sync_data()
@@ -416,10 +456,10 @@ fn write_batch(batch: Vec<WriteRequest>, fsync: bool) {
         match synced {
             Ok(()) => {
                 let mut index = partition.index.write().unwrap_or_else(|e| e.into_inner());
-                for (pos, len, reply) in entries {
+                for w in entries {
                     let offset = index.len() as i64;
-                    index.push((pos, len));
-                    let _ = reply.send(Ok(offset));
+                    index.push((w.pos, w.len));
+                    let _ = w.reply.send(Ok(offset));
                 }
             }
             Err(e) => {
@@ -427,12 +467,12 @@ fn write_batch(batch: Vec<WriteRequest>, fsync: bool) {
                 // and readers never see them. Cut them off so the log stays in step
                 // with the index.
                 let mut append = partition.append.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((first_pos, _, _)) = entries.first() {
-                    let _ = append.0.set_len(*first_pos);
-                    append.1 = *first_pos;
+                if let Some(first) = entries.first() {
+                    let _ = append.0.set_len(first.pos);
+                    append.1 = first.pos;
                 }
-                for (_, _, reply) in entries {
-                    let _ = reply.send(Err(QueueError::Io {
+                for w in entries {
+                    let _ = w.reply.send(Err(QueueError::Io {
                         path: partition.path.clone(),
                         source: std::io::Error::new(e.kind(), e.to_string()),
                     }));
@@ -474,7 +514,8 @@ impl Queue for EmbeddedLog {
             size,
             limit: self.inner.config.max_record_bytes,
         })?;
-        let partition = topic.partitions[partition_for(&record.key, topic.partitions.len())].clone();
+        let partition =
+            topic.partitions[partition_for(&record.key, topic.partitions.len())].clone();
         let id = partition.id;
         let (reply, answer) = oneshot::channel();
         self.inner
@@ -513,7 +554,12 @@ impl Queue for EmbeddedLog {
         {
             return Err(QueueError::GroupBusy(group.to_owned()));
         }
-        let offsets_path = self.inner.config.dir.join("groups").join(format!("{group}.offsets"));
+        let offsets_path = self
+            .inner
+            .config
+            .dir
+            .join("groups")
+            .join(format!("{group}.offsets"));
         let committed = read_offsets(&offsets_path)?;
         let positions = assigned
             .iter()
@@ -571,7 +617,11 @@ fn read_offsets(path: &Path) -> Result<HashMap<(String, i32), i64>> {
     let mut offsets = HashMap::new();
     for line in text.lines() {
         let mut parts = line.split(' ');
-        match (parts.next(), parts.next().map(str::parse), parts.next().map(str::parse)) {
+        match (
+            parts.next(),
+            parts.next().map(str::parse),
+            parts.next().map(str::parse),
+        ) {
             (Some(topic), Some(Ok(partition)), Some(Ok(offset))) => {
                 offsets.insert((topic.to_owned(), partition), offset);
             }
@@ -631,7 +681,7 @@ impl EmbeddedConsumer {
             if offset >= partition.len() {
                 continue;
             }
-            let Some((key, payload, headers)) = partition.read_at(offset)? else {
+            let Some(stored) = partition.read_at(offset)? else {
                 continue;
             };
             self.positions[slot] += 1;
@@ -642,9 +692,9 @@ impl EmbeddedConsumer {
                     topic: topic.clone(),
                     partition: partition.id,
                     offset,
-                    key,
-                    payload,
-                    headers,
+                    key: stored.key,
+                    payload: stored.payload,
+                    headers: stored.headers,
                 },
                 ack,
             }));
@@ -727,10 +777,10 @@ mod tests {
     fn frames_round_trip() {
         let r = record("k", "payload");
         let frame = encode_frame(&r).unwrap();
-        let (key, payload, headers) = decode_body(Bytes::from(frame[FRAME_HEADER..].to_vec())).unwrap();
-        assert_eq!(key, r.key);
-        assert_eq!(payload, r.payload);
-        assert_eq!(headers, r.headers);
+        let stored = decode_body(Bytes::from(frame[FRAME_HEADER..].to_vec())).unwrap();
+        assert_eq!(stored.key, r.key);
+        assert_eq!(stored.payload, r.payload);
+        assert_eq!(stored.headers, r.headers);
         assert!(decode_body(Bytes::from_static(b"\x00\x05ab")).is_none());
     }
 

@@ -16,6 +16,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
+use mailmesh_kit::Secret;
 use serde::Deserialize;
 
 use crate::tracker::OffsetTracker;
@@ -34,6 +35,10 @@ pub struct KafkaConfig {
     /// guarantees (`acks`, idempotence, offset storing).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// SASL password (`sasl.password`), kept out of `properties` so it can come from a
+    /// Secret as `MAILMESH_QUEUE__SASL_PASSWORD` and never prints.
+    #[serde(default)]
+    pub sasl_password: Option<Secret<String>>,
     /// How long a publish may wait for the broker before it fails (the front door then
     /// answers `451 4.3.0`).
     #[serde(default = "default_publish_timeout", with = "humantime_serde")]
@@ -73,6 +78,9 @@ impl KafkaConfig {
             if !PINNED.contains(&k.as_str()) {
                 config.set(k, v);
             }
+        }
+        if let Some(password) = &self.sasl_password {
+            config.set("sasl.password", password.expose());
         }
         config
     }
@@ -184,7 +192,8 @@ impl Queue for KafkaQueue {
         let results = admin
             .create_topics(
                 [&new],
-                &AdminOptions::new().operation_timeout(Some(Timeout::After(Duration::from_secs(30)))),
+                &AdminOptions::new()
+                    .operation_timeout(Some(Timeout::After(Duration::from_secs(30)))),
             )
             .await?;
         for result in results {
@@ -269,10 +278,12 @@ impl Consumer for KafkaConsumer {
 
     async fn commit(&mut self) -> Result<()> {
         let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || match consumer.commit_consumer_state(CommitMode::Sync) {
-            // Nothing stored since the last commit.
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
-            other => other,
+        tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                // Nothing stored since the last commit.
+                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+                other => other,
+            }
         })
         .await
         .map_err(|_| QueueError::Closed)??;

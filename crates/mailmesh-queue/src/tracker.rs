@@ -109,7 +109,10 @@ impl fmt::Debug for Ack {
 mod tests {
     use super::*;
 
-    fn tracker() -> (Arc<OffsetTracker>, Arc<Mutex<Vec<(String, i32, i64)>>>) {
+    /// (topic, partition, next offset) as the tracker stored them.
+    type Stored = Arc<Mutex<Vec<(String, i32, i64)>>>;
+
+    fn tracker() -> (Arc<OffsetTracker>, Stored) {
         let stored = Arc::new(Mutex::new(Vec::new()));
         let s = stored.clone();
         let tracker = OffsetTracker::new(Box::new(move |t, p, o| {

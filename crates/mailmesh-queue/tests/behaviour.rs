@@ -20,6 +20,7 @@ fn kafka_config() -> KafkaConfig {
     KafkaConfig {
         brokers,
         properties: BTreeMap::new(),
+        sasl_password: None,
         publish_timeout: Duration::from_secs(30),
         replication_factor: 1,
         session_timeout: Duration::from_secs(10),
@@ -69,7 +70,10 @@ async fn second_consumer_resumes_after_the_stored_offset(queue: Arc<dyn Queue>) 
     queue.ensure_topic(&topic, 1).await.unwrap();
     let mut last = None;
     for i in 0..10 {
-        let pos = queue.publish(record(&topic, "k", format!("m{i}"))).await.unwrap();
+        let pos = queue
+            .publish(record(&topic, "k", format!("m{i}")))
+            .await
+            .unwrap();
         if let Some(prev) = last {
             assert!(pos.offset > prev, "offsets grow within a partition");
         }
@@ -108,7 +112,11 @@ async fn second_consumer_resumes_after_the_stored_offset(queue: Arc<dyn Queue>) 
     assert_eq!(again, ["m5", "m6", "m7", "m8", "m9"]);
     // And nothing else: everything before m5 was stored.
     let extra = tokio::time::timeout(Duration::from_secs(2), second.recv()).await;
-    assert!(extra.is_err(), "unexpected extra record: {:?}", extra.map(|r| r.map(|d| d.record)));
+    assert!(
+        extra.is_err(),
+        "unexpected extra record: {:?}",
+        extra.map(|r| r.map(|d| d.record))
+    );
     second.close().await.unwrap();
 }
 
@@ -168,7 +176,10 @@ async fn embedded_offsets_survive_reopen() {
     {
         let queue = embedded(dir.path()).await;
         for i in 0..4 {
-            queue.publish(record(topic, "k", format!("m{i}"))).await.unwrap();
+            queue
+                .publish(record(topic, "k", format!("m{i}")))
+                .await
+                .unwrap();
         }
         let mut c = queue.consumer("workers", &[topic]).await.unwrap();
         for _ in 0..2 {

@@ -40,10 +40,9 @@ impl FromStr for Domain {
             if label.starts_with('-') || label.ends_with('-') {
                 return Err(InvalidValue::Domain("label starts or ends with '-'"));
             }
-            if !label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && !c.is_control()))
-            {
+            if !label.chars().all(|c| {
+                c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && !c.is_control())
+            }) {
                 return Err(InvalidValue::Domain("invalid character"));
             }
         }
@@ -104,7 +103,10 @@ impl FromStr for EmailAddress {
             return Err(InvalidValue::Address("local part longer than 64 octets"));
         }
         let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
-        if local.chars().any(|c| c.is_control() || (!quoted && c == ' ')) {
+        if local
+            .chars()
+            .any(|c| c.is_control() || (!quoted && c == ' '))
+        {
             return Err(InvalidValue::Address("invalid character in local part"));
         }
         if domain.starts_with('[') {
@@ -172,9 +174,21 @@ mod tests {
 
     #[test]
     fn domains_are_lowercased_and_checked() {
-        assert_eq!("Example.COM.".parse::<Domain>().unwrap().as_str(), "example.com");
+        assert_eq!(
+            "Example.COM.".parse::<Domain>().unwrap().as_str(),
+            "example.com"
+        );
         assert_eq!("Bücher.de".parse::<Domain>().unwrap().as_str(), "bücher.de");
-        for bad in ["", ".", "a..b", "-a.b", "a-.b", "a_b.c", "a b.c", &"a".repeat(64)] {
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a_b.c",
+            "a b.c",
+            &"a".repeat(64),
+        ] {
             assert!(bad.parse::<Domain>().is_err(), "{bad:?} accepted");
         }
     }

@@ -152,9 +152,7 @@ impl Envelope {
         let needs_utf8 = self.mail_from.address().is_some_and(EmailAddress::is_utf8)
             || self.recipients.iter().any(|r| r.address.is_utf8());
         if needs_utf8 && !self.smtputf8 {
-            return Err(InvalidValue::Envelope(
-                "utf-8 addresses without smtputf8",
-            ));
+            return Err(InvalidValue::Envelope("utf-8 addresses without smtputf8"));
         }
         if let BodyRef::Object { key, .. } = &self.body
             && !key.starts_with(&format!("t/{}/", self.tenant))

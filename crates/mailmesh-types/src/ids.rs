@@ -95,7 +95,16 @@ mod tests {
         for ok in ["acme", "a", "acme-mail-2", &"a".repeat(63)] {
             assert_eq!(ok.parse::<TenantId>().unwrap().as_str(), ok);
         }
-        for bad in ["", "Acme", "-acme", "acme-", "ac/me", "ac..me", "a b", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "Acme",
+            "-acme",
+            "acme-",
+            "ac/me",
+            "ac..me",
+            "a b",
+            &"a".repeat(64),
+        ] {
             assert!(bad.parse::<TenantId>().is_err(), "{bad:?} accepted");
         }
     }
@@ -108,6 +117,10 @@ mod tests {
         assert_eq!(a.to_string().parse::<QueueId>().unwrap(), a);
         assert_eq!(a.to_string().len(), 32);
         assert!("../etc/passwd".parse::<QueueId>().is_err());
-        assert!("0192f0c0-1234-7abc-8def-0123456789ab".parse::<QueueId>().is_err());
+        assert!(
+            "0192f0c0-1234-7abc-8def-0123456789ab"
+                .parse::<QueueId>()
+                .is_err()
+        );
     }
 }

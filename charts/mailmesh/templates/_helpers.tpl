@@ -1,0 +1,69 @@
+{{/* Names and labels shared by every mailmesh object. */}}
+
+{{- define "mailmesh.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailmesh.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "mailmesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "mailmesh.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the TLS certificate. */}}
+{{- define "mailmesh.tlsSecretName" -}}
+{{- if .Values.tls.secretName -}}
+{{- .Values.tls.secretName -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- printf "%s-tls" (include "mailmesh.fullname" .) -}}
+{{- else -}}
+{{- fail "tls.secretName is required (or enable tls.certManager)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment every service container gets: the config file location and the
+credentials, which come from Secrets and never from the ConfigMap.
+*/}}
+{{- define "mailmesh.secretEnv" -}}
+- name: MAILMESH_CONFIG
+  value: /etc/mailmesh/mailmesh.toml
+- name: MAILMESH_CACHE__URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "redis.urlSecret is required" .Values.redis.urlSecret }}
+      key: url
+{{- with .Values.s3.credentialsSecret }}
+- name: MAILMESH_OBJECT_STORE__ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: access-key-id
+- name: MAILMESH_OBJECT_STORE__SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: secret-access-key
+{{- end }}
+{{- with .Values.kafka.saslPasswordSecret }}
+- name: MAILMESH_QUEUE__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: password
+{{- end }}
+{{- end -}}

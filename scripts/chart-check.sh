@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Checks the Helm chart and keeps k8s/ in sync with it.
+#
+#   scripts/chart-check.sh           # lint, schema, render, validate, diff against k8s/
+#   scripts/chart-check.sh --update  # regenerate k8s/ from the chart
+#
+# Needs helm and kubernetes-validate (scripts/backends.sh install puts them in
+# $MAILMESH_TOOLS).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS=${MAILMESH_TOOLS:-$HOME/.cache/mailmesh-tools}
+export PATH="$TOOLS/bin:$TOOLS/venv/bin:$PATH"
+
+CHART=charts/mailmesh
+VALUES=$CHART/ci/test-values.yaml
+RENDERED=k8s/mailmesh.yaml
+KUBE_VERSION=1.33.0
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+render() {
+  {
+    echo "# Rendered from $CHART with $VALUES by scripts/chart-check.sh --update."
+    echo "# Do not edit: CI fails when this differs from the chart's output."
+    helm template mailmesh "$CHART" --namespace mail -f "$VALUES" "$@"
+  }
+}
+
+if [ "${1:-}" = "--update" ]; then
+  render >"$RENDERED"
+  echo "wrote $RENDERED"
+  exit 0
+fi
+
+echo "== helm lint --strict"
+helm lint --strict "$CHART" -f "$VALUES"
+
+echo "== required values are enforced"
+if helm template mailmesh "$CHART" >"$work/out" 2>&1; then
+  echo "helm template succeeded without kafka.brokers and s3.bucket" >&2
+  exit 1
+fi
+grep -q "kafka/brokers" "$work/out" || { cat "$work/out" >&2; exit 1; }
+
+echo "== the schema rejects wrong types"
+if helm template mailmesh "$CHART" -f "$VALUES" --set-json 'admin={"port":"9090"}' >"$work/out" 2>&1; then
+  echo "a string admin.port was accepted" >&2
+  exit 1
+fi
+if helm template mailmesh "$CHART" -f "$VALUES" --set kafka.topic.partitions=0 >"$work/out" 2>&1; then
+  echo "kafka.topic.partitions=0 was accepted" >&2
+  exit 1
+fi
+
+echo "== rendered manifests validate (Kubernetes $KUBE_VERSION, strict)"
+render >"$work/rendered.yaml"
+kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/rendered.yaml"
+# Defaults plus only the required values render and validate too.
+helm template mailmesh "$CHART" --set kafka.brokers=kafka:9092 --set s3.bucket=mail \
+  --set redis.urlSecret=redis --set tls.secretName=mail-tls >"$work/minimal.yaml"
+kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/minimal.yaml"
+
+echo "== k8s/ is in sync with the chart"
+if ! diff -u "$RENDERED" "$work/rendered.yaml"; then
+  echo "k8s/ is stale: run scripts/chart-check.sh --update" >&2
+  exit 1
+fi
+echo "chart checks passed"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command (README and CI run exactly this): starts the real backends if they
+# are not running, then the whole gate: format, lints, every test against real Kafka,
+# S3 and Redis as well as the embedded backends, and the chart checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/backends.sh start
+eval "$(scripts/backends.sh env)"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== tests"
+cargo nextest run --workspace --locked --profile ci
+# Doc tests (nextest does not run them).
+cargo test --workspace --locked --doc -q
+
+echo "== chart"
+scripts/chart-check.sh
+
+echo "all checks passed"

@@ -1,0 +1,216 @@
+//! `mailctl dev`: every service that exists, in one process, on embedded backends.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mailmesh_cache::CacheReadiness;
+use mailmesh_kit::admin::AdminServer;
+use mailmesh_kit::config::{AdminConfig, ConfigError, ShutdownConfig, Validate};
+use mailmesh_kit::telemetry::{LogFormat, TelemetryConfig};
+use mailmesh_kit::tls::{ReloadingCertResolver, TlsConfig};
+use mailmesh_kit::{ConfigSource, Health, Shutdown};
+use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, ObjectStoreReadiness};
+use mailmesh_queue::QueueReadiness;
+use mailmesh_queue::embedded::EmbeddedConfig;
+use serde::Deserialize;
+
+use crate::DevArgs;
+
+/// The topic the front doors write accepted mail to.
+const MAIL_TOPIC: &str = "mail.queue";
+
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DevConfig {
+    data_dir: PathBuf,
+    /// Address every mail listener binds to.
+    bind: IpAddr,
+    ports: Ports,
+    /// Certificate for STARTTLS and implicit TLS; a self-signed one is generated in
+    /// `data_dir/tls` when absent.
+    tls: Option<TlsConfig>,
+    /// fsync the queue before acknowledging (keep on: a `250` is a promise).
+    queue_fsync: bool,
+    admin: AdminConfig,
+    telemetry: TelemetryConfig,
+    shutdown: ShutdownConfig,
+}
+
+/// The mail ports of the dev platform, unprivileged so no root is needed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Ports {
+    smtp: u16,
+    submission: u16,
+    submissions: u16,
+    imap: u16,
+    imaps: u16,
+    pop3: u16,
+    pop3s: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            smtp: 2525,
+            submission: 2587,
+            submissions: 2465,
+            imap: 2143,
+            imaps: 2993,
+            pop3: 2110,
+            pop3s: 2995,
+        }
+    }
+}
+
+impl Ports {
+    fn named(&self) -> [(&'static str, u16); 7] {
+        [
+            ("smtp", self.smtp),
+            ("submission", self.submission),
+            ("submissions", self.submissions),
+            ("imap", self.imap),
+            ("imaps", self.imaps),
+            ("pop3", self.pop3),
+            ("pop3s", self.pop3s),
+        ]
+    }
+}
+
+impl Default for DevConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("mailmesh-data"),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ports: Ports::default(),
+            tls: None,
+            queue_fsync: true,
+            admin: AdminConfig {
+                listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
+            },
+            telemetry: TelemetryConfig {
+                log_format: LogFormat::Text,
+                ..TelemetryConfig::default()
+            },
+            shutdown: ShutdownConfig {
+                // Nothing balances traffic in front of a dev process.
+                readiness_grace: Duration::ZERO,
+                drain_timeout: Duration::from_secs(10),
+            },
+        }
+    }
+}
+
+impl Validate for DevConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry.validate()?;
+        self.shutdown.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
+        let named = self.ports.named();
+        for (i, (name, port)) in named.iter().enumerate() {
+            if *port == 0 {
+                return Err(ConfigError::invalid(
+                    format!("ports.{name}"),
+                    "must not be 0",
+                ));
+            }
+            if let Some((other, _)) = named[..i].iter().find(|(_, p)| p == port) {
+                return Err(ConfigError::invalid(
+                    format!("ports.{name}"),
+                    format!("port {port} is already used by ports.{other}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let mut source = ConfigSource::from_process();
+    if let Some(file) = &args.config {
+        source = source.with_file(file);
+    }
+    let mut config: DevConfig = source.load()?;
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(listen) = args.admin_listen {
+        config.admin.listen = listen;
+    }
+    let _telemetry = mailmesh_kit::telemetry::init("mailctl-dev", &config.telemetry)?;
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let shutdown = Shutdown::new();
+    let health = Health::new();
+
+    let queue = mailmesh_queue::open(&mailmesh_queue::QueueConfig::Embedded(EmbeddedConfig {
+        fsync: config.queue_fsync,
+        ..EmbeddedConfig::new(config.data_dir.join("queue"))
+    }))
+    .await
+    .context("opening the embedded queue")?;
+    queue.ensure_topic(MAIL_TOPIC, 4).await?;
+    health.add_check(Arc::new(QueueReadiness(queue.clone())));
+
+    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
+        dir: config.data_dir.join("objects"),
+    }))
+    .context("opening the local object store")?;
+    health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
+
+    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
+    health.add_check(Arc::new(CacheReadiness(cache.clone())));
+
+    let tls = match &config.tls {
+        Some(tls) => tls.clone(),
+        None => {
+            let (cert_file, key_file) = mailmesh_kit::tls::ensure_self_signed(
+                &config.data_dir.join("tls"),
+                &["localhost", "127.0.0.1"],
+            )?;
+            TlsConfig {
+                cert_file,
+                key_file,
+                reload_interval: Duration::from_secs(30),
+            }
+        }
+    };
+    let resolver = Arc::new(
+        ReloadingCertResolver::load(&tls.cert_file, &tls.key_file)
+            .context("loading the TLS certificate")?,
+    );
+    resolver.spawn_reloader(tls.reload_interval, &shutdown);
+
+    let admin = AdminServer::bind(config.admin.listen, health.clone())
+        .await
+        .with_context(|| format!("binding the admin port {}", config.admin.listen))?;
+    let admin_addr = admin.local_addr()?;
+    let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
+
+    print_banner(&config, admin_addr, &tls);
+    tracing::info!(admin = %admin_addr, data_dir = %config.data_dir.display(), "mailmesh dev is running");
+
+    mailmesh_kit::shutdown::signal().await;
+    let clean = shutdown.drain(&health, &config.shutdown).await;
+    admin_task.await??;
+    tracing::info!(clean, "mailmesh dev stopped");
+    Ok(())
+}
+
+fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig) {
+    println!("mailmesh dev is running (Ctrl-C stops it)");
+    println!("  admin        http://{admin}/readyz  /livez  /metrics");
+    println!("  data         {}", config.data_dir.display());
+    println!("  tls          {}", tls.cert_file.display());
+    println!("  queue        embedded log, topic {MAIL_TOPIC}");
+    println!("mail ports (bound as their services are built; none are yet):");
+    for (name, port) in config.ports.named() {
+        println!("  {name:<12} {}:{port}  not built yet", config.bind);
+    }
+}
