@@ -6,7 +6,7 @@
 #   scripts/backends.sh install   # tools only
 #   scripts/backends.sh start     # install, then start what is not running
 #   scripts/backends.sh stop      # stop what this script started
-#   scripts/backends.sh env       # print the MAILMESH_TEST_* variables for the tests
+#   scripts/backends.sh env       # print the MMTEST_* variables for the tests
 #
 # Tools go to $MAILMESH_TOOLS (default ~/.cache/mailmesh-tools), state to
 # $MAILMESH_BACKENDS_DIR (default /tmp/mailmesh-backends). Loopback only.
@@ -159,12 +159,12 @@ stop_all() {
 
 print_env() {
   cat <<ENV
-export MAILMESH_TEST_KAFKA=127.0.0.1:$KAFKA_PORT
-export MAILMESH_TEST_S3=http://127.0.0.1:$S3_PORT
-export MAILMESH_TEST_S3_ACCESS_KEY=$S3_ACCESS_KEY
-export MAILMESH_TEST_S3_SECRET_KEY=$S3_SECRET_KEY
-export MAILMESH_TEST_S3_BUCKET=$S3_BUCKET
-export MAILMESH_TEST_REDIS=redis://127.0.0.1:$REDIS_PORT
+export MMTEST_KAFKA=127.0.0.1:$KAFKA_PORT
+export MMTEST_S3=http://127.0.0.1:$S3_PORT
+export MMTEST_S3_ACCESS_KEY=$S3_ACCESS_KEY
+export MMTEST_S3_SECRET_KEY=$S3_SECRET_KEY
+export MMTEST_S3_BUCKET=$S3_BUCKET
+export MMTEST_REDIS=redis://127.0.0.1:$REDIS_PORT
 export PATH="$TOOLS/bin:$TOOLS/venv/bin:\$PATH"
 ENV
 }

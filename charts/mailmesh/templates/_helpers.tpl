@@ -37,7 +37,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/*
 Environment every service container gets: the config file location and the
-credentials, which come from Secrets and never from the ConfigMap.
+credentials, which come from Secrets and never from the ConfigMap. Pods must set
+`enableServiceLinks: false`: mailmesh reads every MAILMESH_* variable as configuration
+and refuses unknown keys, and Kubernetes would inject MAILMESH_<SERVICE>_PORT variables
+for the chart's Services.
 */}}
 {{- define "mailmesh.secretEnv" -}}
 - name: MAILMESH_CONFIG

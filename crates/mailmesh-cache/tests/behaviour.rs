@@ -1,4 +1,4 @@
-//! Cache behaviour on the in-process map and on a real Redis (`MAILMESH_TEST_REDIS`,
+//! Cache behaviour on the in-process map and on a real Redis (`MMTEST_REDIS`,
 //! started by `scripts/backends.sh`).
 
 use std::sync::Arc;
@@ -12,8 +12,8 @@ use mailmesh_cache::{Cache, CacheError};
 use mailmesh_kit::Secret;
 
 async fn redis() -> Arc<dyn Cache> {
-    let url = std::env::var("MAILMESH_TEST_REDIS").expect(
-        "MAILMESH_TEST_REDIS is not set: start the real backends with \
+    let url = std::env::var("MMTEST_REDIS").expect(
+        "MMTEST_REDIS is not set: start the real backends with \
          `scripts/backends.sh start` and `eval \"$(scripts/backends.sh env)\"`",
     );
     Arc::new(

@@ -1,5 +1,5 @@
 //! Object storage behaviour on the local filesystem and on a real S3 server
-//! (`MAILMESH_TEST_S3*`, started by `scripts/backends.sh`).
+//! (`MMTEST_S3*`, started by `scripts/backends.sh`).
 
 use std::sync::Arc;
 
@@ -21,11 +21,11 @@ fn env(name: &str) -> String {
 
 fn s3() -> Arc<dyn ObjectStore> {
     mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
-        bucket: env("MAILMESH_TEST_S3_BUCKET"),
-        endpoint: Some(env("MAILMESH_TEST_S3")),
+        bucket: env("MMTEST_S3_BUCKET"),
+        endpoint: Some(env("MMTEST_S3")),
         region: "us-east-1".into(),
-        access_key_id: Some(Secret::new(env("MAILMESH_TEST_S3_ACCESS_KEY"))),
-        secret_access_key: Some(Secret::new(env("MAILMESH_TEST_S3_SECRET_KEY"))),
+        access_key_id: Some(Secret::new(env("MMTEST_S3_ACCESS_KEY"))),
+        secret_access_key: Some(Secret::new(env("MMTEST_S3_SECRET_KEY"))),
         path_style: true,
     }))
     .unwrap()

@@ -1,5 +1,5 @@
 //! The same at-least-once behaviour, checked on the embedded log and on a real
-//! Kafka-compatible broker (`MAILMESH_TEST_KAFKA`, started by `scripts/backends.sh`).
+//! Kafka-compatible broker (`MMTEST_KAFKA`, started by `scripts/backends.sh`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -13,8 +13,8 @@ use mailmesh_queue::{Consumer, Delivery, OutgoingRecord, Queue, QueueError};
 const RECV_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn kafka_config() -> KafkaConfig {
-    let brokers = std::env::var("MAILMESH_TEST_KAFKA").expect(
-        "MAILMESH_TEST_KAFKA is not set: start the real backends with \
+    let brokers = std::env::var("MMTEST_KAFKA").expect(
+        "MMTEST_KAFKA is not set: start the real backends with \
          `scripts/backends.sh start` and `eval \"$(scripts/backends.sh env)\"`",
     );
     KafkaConfig {
