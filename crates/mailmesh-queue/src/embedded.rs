@@ -259,8 +259,6 @@ struct WriteRequest {
 struct Inner {
     config: EmbeddedConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
-    /// Creating topics is rare; this keeps two creators from racing.
-    create: Mutex<()>,
     writer: Mutex<std::sync::mpsc::Sender<WriteRequest>>,
     appended: Notify,
     active_groups: Mutex<HashSet<String>>,
@@ -322,7 +320,6 @@ impl EmbeddedLog {
         let inner = Arc::new(Inner {
             config,
             topics: RwLock::new(topics),
-            create: Mutex::new(()),
             writer: Mutex::new(tx),
             appended: Notify::new(),
             active_groups: Mutex::new(HashSet::new()),
@@ -337,23 +334,20 @@ impl EmbeddedLog {
 
     fn topic(&self, name: &str, partitions: i32) -> Result<Arc<Topic>> {
         validate_topic(name)?;
-        if let Some(t) = self
+        let existing = self
             .inner
             .topics
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
-        {
-            return Ok(t.clone());
+            .cloned();
+        if let Some(t) = existing {
+            return Ok(t);
         }
-        let _guard = self.inner.create.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = self
-            .inner
-            .topics
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-        {
+        // Creating a topic is rare: holding the write lock over its file I/O keeps two
+        // creators from racing.
+        let mut topics = self.inner.topics.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = topics.get(name) {
             return Ok(t.clone());
         }
         let dir = self.inner.config.dir.join("topics").join(name);
@@ -364,11 +358,7 @@ impl EmbeddedLog {
         sync_dir(&dir)?;
         sync_dir(&self.inner.config.dir.join("topics"))?;
         let topic = Arc::new(Topic { partitions });
-        self.inner
-            .topics
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), topic.clone());
+        topics.insert(name.to_owned(), topic.clone());
         Ok(topic)
     }
 }
