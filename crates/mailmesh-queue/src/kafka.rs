@@ -1,7 +1,7 @@
 //! The queue on Kafka (or any Kafka-compatible broker) through rdkafka.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -61,14 +61,54 @@ fn default_session_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-/// Properties the queue's guarantees rest on; user `properties` never replace them.
+/// Properties the queue's guarantees rest on, with their librdkafka aliases; user
+/// `properties` may not set them.
 const PINNED: &[&str] = &[
     "acks",
+    "request.required.acks",
     "enable.idempotence",
     "enable.auto.offset.store",
     "enable.auto.commit",
+    "auto.commit.enable",
     "group.id",
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "sasl.password",
 ];
+
+impl mailmesh_kit::config::Validate for KafkaConfig {
+    fn validate(&self) -> std::result::Result<(), mailmesh_kit::ConfigError> {
+        use mailmesh_kit::ConfigError;
+        if self.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("queue.brokers", "must not be empty"));
+        }
+        if let Some(key) = self
+            .properties
+            .keys()
+            .find(|k| PINNED.contains(&k.as_str()))
+        {
+            return Err(ConfigError::invalid(
+                format!("queue.properties.{key}"),
+                "is set by mailmesh (delivery guarantees or credentials) and cannot be overridden",
+            ));
+        }
+        if self.publish_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "queue.publish_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.replication_factor < 1 {
+            return Err(ConfigError::invalid(
+                "queue.replication_factor",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
 
 impl KafkaConfig {
     fn client_config(&self) -> ClientConfig {
@@ -148,11 +188,14 @@ impl Queue for KafkaQueue {
         if group.is_empty() {
             return Err(QueueError::InvalidGroup(group.to_owned()));
         }
-        let tracker_slot: Arc<std::sync::OnceLock<Arc<StreamConsumer<GroupContext>>>> =
+        // The tracker stores offsets through the consumer, and the consumer's context
+        // holds the tracker: a weak link breaks the cycle so dropping the consumer
+        // closes it (and leaves the group).
+        let tracker_slot: Arc<std::sync::OnceLock<Weak<StreamConsumer<GroupContext>>>> =
             Arc::new(std::sync::OnceLock::new());
         let slot = tracker_slot.clone();
         let tracker = OffsetTracker::new(Box::new(move |topic, partition, next| {
-            if let Some(consumer) = slot.get() {
+            if let Some(consumer) = slot.get().and_then(Weak::upgrade) {
                 // librdkafka stores `offset + 1` as the next offset to consume.
                 if let Err(e) = consumer.store_offset(topic, partition, next - 1) {
                     tracing::debug!(topic, partition, error = %e, "offset not stored (partition revoked?)");
@@ -177,7 +220,7 @@ impl Queue for KafkaQueue {
             .create_with_context(context)?;
         consumer.subscribe(topics)?;
         let consumer = Arc::new(consumer);
-        let _ = tracker_slot.set(consumer.clone());
+        let _ = tracker_slot.set(Arc::downgrade(&consumer));
         Ok(Box::new(KafkaConsumer { consumer, tracker }))
     }
 
@@ -229,12 +272,13 @@ impl rdkafka::ClientContext for GroupContext {}
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            // Write what is done before another member takes the partitions over.
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(error = %e, "commit before revoke");
-            }
+            // Stop storing offsets for these partitions, then write what is done before
+            // another member takes them over.
             for p in partitions.elements() {
                 self.tracker.revoke(p.topic(), p.partition());
+            }
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "commit before revoke");
             }
         }
     }

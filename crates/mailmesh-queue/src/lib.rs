@@ -135,6 +135,15 @@ pub enum QueueConfig {
     Embedded(embedded::EmbeddedConfig),
 }
 
+impl mailmesh_kit::config::Validate for QueueConfig {
+    fn validate(&self) -> Result<(), mailmesh_kit::ConfigError> {
+        match self {
+            Self::Kafka(c) => c.validate(),
+            Self::Embedded(c) => c.validate(),
+        }
+    }
+}
+
 /// Opens the configured queue.
 pub async fn open(config: &QueueConfig) -> Result<Arc<dyn Queue>> {
     Ok(match config {
@@ -175,3 +184,46 @@ impl mailmesh_kit::ReadinessCheck for QueueReadiness {
 }
 
 pub(crate) const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use mailmesh_kit::ConfigSource;
+
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct Config {
+        queue: QueueConfig,
+    }
+
+    impl mailmesh_kit::config::Validate for Config {
+        fn validate(&self) -> Result<(), mailmesh_kit::ConfigError> {
+            self.queue.validate()
+        }
+    }
+
+    #[test]
+    fn delivery_guarantees_cannot_be_configured_away() {
+        let err = ConfigSource::default()
+            .with_var("MAILMESH_QUEUE__KIND", "kafka")
+            .with_var("MAILMESH_QUEUE__BROKERS", "kafka:9092")
+            .with_var(
+                "MAILMESH_QUEUE__PROPERTIES",
+                "{\"request.required.acks\" = \"1\"}",
+            )
+            .load::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("queue.properties.request.required.acks"),
+            "{err}"
+        );
+
+        let cfg = ConfigSource::default()
+            .with_var("MAILMESH_QUEUE__KIND", "embedded")
+            .with_var("MAILMESH_QUEUE__DIR", "/var/lib/mailmesh/queue")
+            .load::<Config>()
+            .unwrap();
+        assert!(matches!(cfg.queue, QueueConfig::Embedded(c) if c.fsync && c.partitions == 4));
+    }
+}

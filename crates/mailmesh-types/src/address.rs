@@ -168,6 +168,29 @@ impl fmt::Display for ReversePath {
     }
 }
 
+/// Serialises as the text form and deserialises through `FromStr`, so a stored or
+/// transmitted value is validated again when it is read.
+macro_rules! serde_as_string {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+
+pub(crate) use serde_as_string;
+
+serde_as_string!(Domain, EmailAddress, ReversePath);
+
 #[cfg(test)]
 mod tests {
     use super::*;

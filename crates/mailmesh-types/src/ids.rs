@@ -6,8 +6,7 @@ use crate::InvalidValue;
 /// A tenant's identifier: 1 to 63 characters of `a-z`, `0-9` and `-`, starting with a
 /// letter or digit. It appears in object keys, Kafka keys, Redis keys and metric labels,
 /// so it is restricted to what is safe in all of them.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TenantId(String);
 
 impl TenantId {
@@ -40,13 +39,6 @@ impl FromStr for TenantId {
             return Err(InvalidValue::TenantId("must not start or end with '-'"));
         }
         Ok(Self(s.to_owned()))
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for TenantId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -85,6 +77,8 @@ impl fmt::Display for QueueId {
         write!(f, "{}", self.0.simple())
     }
 }
+
+crate::address::serde_as_string!(TenantId, QueueId);
 
 #[cfg(test)]
 mod tests {
