@@ -1,0 +1,798 @@
+//! The multi-tenant directory: tenants, the domains each owns, users, aliases and
+//! catch-alls, and per-tenant limits.
+//!
+//! [`Directory::apply`] is the only way state changes; it is deterministic, so every
+//! replica that applies the same commands in the same order holds the same directory.
+//! Uniqueness rules (a domain has one owner, an address one target) are checked there,
+//! in log order, which makes them race-free across replicas.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use mailmesh_types::{Domain, EmailAddress, TenantId};
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, StorageError};
+
+/// A user's stable identity; addresses may change, the id does not. Object keys use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct UserId(pub uuid::Uuid);
+
+impl UserId {
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+}
+
+impl std::fmt::Display for UserId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.simple())
+    }
+}
+
+/// Limits a tenant's users share. `None` is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantLimits {
+    pub max_users: Option<u32>,
+    pub max_storage_bytes: Option<u64>,
+    pub max_message_bytes: Option<u64>,
+    pub send_rate_per_hour: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub limits: TenantLimits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: UserId,
+    pub tenant: TenantId,
+    pub address: EmailAddress,
+    /// Argon2id PHC string; the password itself is never stored or logged.
+    pub password_hash: String,
+    /// Bytes; `None` falls back to the tenant's limits only.
+    pub quota_bytes: Option<u64>,
+    pub enabled: bool,
+}
+
+/// What an address delivers to, besides users: other addresses (local or remote).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alias {
+    pub address: EmailAddress,
+    pub targets: Vec<EmailAddress>,
+}
+
+/// A directory change. Commands say what was asked; `apply` decides the outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum DirectoryCommand {
+    AddTenant {
+        tenant: TenantId,
+        limits: TenantLimits,
+    },
+    SetTenantLimits {
+        tenant: TenantId,
+        limits: TenantLimits,
+    },
+    RemoveTenant {
+        tenant: TenantId,
+    },
+    AddDomain {
+        tenant: TenantId,
+        domain: Domain,
+    },
+    RemoveDomain {
+        domain: Domain,
+    },
+    AddUser {
+        id: UserId,
+        address: EmailAddress,
+        password_hash: String,
+        quota_bytes: Option<u64>,
+    },
+    SetPassword {
+        address: EmailAddress,
+        password_hash: String,
+    },
+    SetEnabled {
+        address: EmailAddress,
+        enabled: bool,
+    },
+    SetQuota {
+        address: EmailAddress,
+        quota_bytes: Option<u64>,
+    },
+    RemoveUser {
+        address: EmailAddress,
+    },
+    AddAlias {
+        address: EmailAddress,
+        targets: Vec<EmailAddress>,
+    },
+    RemoveAlias {
+        address: EmailAddress,
+    },
+    /// Mail to unknown local parts of `domain` goes to `target`; `None` removes it.
+    SetCatchAll {
+        domain: Domain,
+        target: Option<EmailAddress>,
+    },
+}
+
+/// What a successful command produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirectoryOutcome {
+    Done,
+    UserAdded(UserId),
+    UserRemoved(UserId),
+}
+
+/// The lookup key of an address: domain, and local part without case (RFC 5321 says
+/// local parts are case-sensitive, but every mail system an operator knows folds them).
+type AddressKey = (Domain, String);
+
+fn key(address: &EmailAddress) -> AddressKey {
+    (
+        address.domain().clone(),
+        address.local_part().to_lowercase(),
+    )
+}
+
+/// How many alias hops a lookup follows before it calls the chain a loop.
+const MAX_ALIAS_DEPTH: usize = 8;
+/// Most final recipients one address may expand to.
+const MAX_EXPANSION: usize = 1000;
+
+/// Where mail for an address goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Resolution {
+    /// Local mailboxes, each once.
+    pub users: Vec<(TenantId, UserId)>,
+    /// Addresses outside every local domain (aliases may forward there).
+    pub remote: Vec<EmailAddress>,
+}
+
+/// Answer to "is this recipient acceptable?"
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The domain is not local: relaying is not allowed for this recipient.
+    NotLocal,
+    /// The domain is local but nobody receives mail at this address.
+    Unknown,
+    Deliver(Resolution),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Snapshot", into = "Snapshot")]
+pub struct Directory {
+    tenants: BTreeMap<TenantId, Tenant>,
+    domains: BTreeMap<Domain, TenantId>,
+    users: BTreeMap<UserId, User>,
+    user_by_address: BTreeMap<AddressKey, UserId>,
+    aliases: BTreeMap<AddressKey, Alias>,
+    catch_all: BTreeMap<Domain, EmailAddress>,
+    /// The separator of subaddresses (`user+tag@`), if any.
+    recipient_delimiter: Option<char>,
+}
+
+fn default_delimiter() -> Option<char> {
+    Some('+')
+}
+
+/// The directory as stored: entities only; lookup maps are rebuilt on load.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    tenants: Vec<Tenant>,
+    domains: Vec<(Domain, TenantId)>,
+    users: Vec<User>,
+    aliases: Vec<Alias>,
+    catch_all: Vec<(Domain, EmailAddress)>,
+    recipient_delimiter: Option<char>,
+}
+
+impl From<Directory> for Snapshot {
+    fn from(d: Directory) -> Self {
+        Self {
+            tenants: d.tenants.into_values().collect(),
+            domains: d.domains.into_iter().collect(),
+            users: d.users.into_values().collect(),
+            aliases: d.aliases.into_values().collect(),
+            catch_all: d.catch_all.into_iter().collect(),
+            recipient_delimiter: d.recipient_delimiter,
+        }
+    }
+}
+
+impl From<Snapshot> for Directory {
+    fn from(s: Snapshot) -> Self {
+        Self {
+            tenants: s.tenants.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            domains: s.domains.into_iter().collect(),
+            user_by_address: s.users.iter().map(|u| (key(&u.address), u.id)).collect(),
+            users: s.users.into_iter().map(|u| (u.id, u)).collect(),
+            aliases: s
+                .aliases
+                .into_iter()
+                .map(|a| (key(&a.address), a))
+                .collect(),
+            catch_all: s.catch_all.into_iter().collect(),
+            recipient_delimiter: s.recipient_delimiter,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> StorageError {
+    StorageError::InvalidArgument(msg.into())
+}
+
+impl Directory {
+    pub fn new() -> Self {
+        Self {
+            recipient_delimiter: default_delimiter(),
+            ..Self::default()
+        }
+    }
+
+    pub fn tenant(&self, id: &TenantId) -> Option<&Tenant> {
+        self.tenants.get(id)
+    }
+
+    pub fn tenants(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.values()
+    }
+
+    pub fn domains_of<'a>(&'a self, tenant: &'a TenantId) -> impl Iterator<Item = &'a Domain> + 'a {
+        self.domains
+            .iter()
+            .filter(move |(_, t)| *t == tenant)
+            .map(|(d, _)| d)
+    }
+
+    pub fn domain_owner(&self, domain: &Domain) -> Option<&TenantId> {
+        self.domains.get(domain)
+    }
+
+    pub fn user(&self, id: &UserId) -> Option<&User> {
+        self.users.get(id)
+    }
+
+    pub fn user_by_address(&self, address: &EmailAddress) -> Option<&User> {
+        self.user_by_address
+            .get(&key(address))
+            .and_then(|id| self.users.get(id))
+    }
+
+    pub fn users_of<'a>(&'a self, tenant: &'a TenantId) -> impl Iterator<Item = &'a User> + 'a {
+        self.users.values().filter(move |u| &u.tenant == tenant)
+    }
+
+    pub fn aliases_of<'a>(&'a self, tenant: &'a TenantId) -> impl Iterator<Item = &'a Alias> + 'a {
+        self.aliases
+            .values()
+            .filter(move |a| self.domains.get(a.address.domain()) == Some(tenant))
+    }
+
+    fn owner_of(&self, address: &EmailAddress) -> Result<TenantId> {
+        self.domains.get(address.domain()).cloned().ok_or_else(|| {
+            StorageError::NotFound(format!("domain {} is not local", address.domain()))
+        })
+    }
+
+    fn existing_user(&self, address: &EmailAddress) -> Result<UserId> {
+        self.user_by_address
+            .get(&key(address))
+            .copied()
+            .ok_or_else(|| StorageError::NotFound(format!("user {address}")))
+    }
+
+    /// Applies one command. On error nothing changed.
+    pub fn apply(&mut self, command: DirectoryCommand) -> Result<DirectoryOutcome> {
+        use DirectoryCommand as C;
+        match command {
+            C::AddTenant { tenant, limits } => {
+                if self.tenants.contains_key(&tenant) {
+                    return Err(StorageError::AlreadyExists(format!("tenant {tenant}")));
+                }
+                self.tenants
+                    .insert(tenant.clone(), Tenant { id: tenant, limits });
+            }
+            C::SetTenantLimits { tenant, limits } => {
+                let t = self
+                    .tenants
+                    .get_mut(&tenant)
+                    .ok_or_else(|| StorageError::NotFound(format!("tenant {tenant}")))?;
+                t.limits = limits;
+            }
+            C::RemoveTenant { tenant } => {
+                if !self.tenants.contains_key(&tenant) {
+                    return Err(StorageError::NotFound(format!("tenant {tenant}")));
+                }
+                if self.domains.values().any(|t| *t == tenant) {
+                    return Err(StorageError::FailedPrecondition(format!(
+                        "tenant {tenant} still owns domains; remove them first"
+                    )));
+                }
+                self.tenants.remove(&tenant);
+            }
+            C::AddDomain { tenant, domain } => {
+                if !self.tenants.contains_key(&tenant) {
+                    return Err(StorageError::NotFound(format!("tenant {tenant}")));
+                }
+                match self.domains.get(&domain) {
+                    Some(owner) if *owner == tenant => {
+                        return Err(StorageError::AlreadyExists(format!("domain {domain}")));
+                    }
+                    // Never say which tenant: that would leak another tenant's data.
+                    Some(_) => {
+                        return Err(StorageError::FailedPrecondition(format!(
+                            "domain {domain} belongs to another tenant"
+                        )));
+                    }
+                    None => {}
+                }
+                self.domains.insert(domain, tenant);
+            }
+            C::RemoveDomain { domain } => {
+                if !self.domains.contains_key(&domain) {
+                    return Err(StorageError::NotFound(format!("domain {domain}")));
+                }
+                let in_use = self.user_by_address.keys().any(|(d, _)| *d == domain)
+                    || self.aliases.keys().any(|(d, _)| *d == domain);
+                if in_use {
+                    return Err(StorageError::FailedPrecondition(format!(
+                        "domain {domain} still has users or aliases"
+                    )));
+                }
+                self.domains.remove(&domain);
+                self.catch_all.remove(&domain);
+            }
+            C::AddUser {
+                id,
+                address,
+                password_hash,
+                quota_bytes,
+            } => {
+                let tenant = self.owner_of(&address)?;
+                let k = key(&address);
+                if self.user_by_address.contains_key(&k) || self.aliases.contains_key(&k) {
+                    return Err(StorageError::AlreadyExists(format!("address {address}")));
+                }
+                if self.users.contains_key(&id) {
+                    return Err(StorageError::AlreadyExists(format!("user id {id}")));
+                }
+                if let Some(max) = self.tenants.get(&tenant).and_then(|t| t.limits.max_users) {
+                    let count = self.users.values().filter(|u| u.tenant == tenant).count();
+                    if count >= max as usize {
+                        return Err(StorageError::OverQuota {
+                            reason: format!("tenant {tenant} has reached its limit of {max} users"),
+                            permanent: true,
+                        });
+                    }
+                }
+                self.user_by_address.insert(k, id);
+                self.users.insert(
+                    id,
+                    User {
+                        id,
+                        tenant,
+                        address,
+                        password_hash,
+                        quota_bytes,
+                        enabled: true,
+                    },
+                );
+                return Ok(DirectoryOutcome::UserAdded(id));
+            }
+            C::SetPassword {
+                address,
+                password_hash,
+            } => {
+                let id = self.existing_user(&address)?;
+                if let Some(u) = self.users.get_mut(&id) {
+                    u.password_hash = password_hash;
+                }
+            }
+            C::SetEnabled { address, enabled } => {
+                let id = self.existing_user(&address)?;
+                if let Some(u) = self.users.get_mut(&id) {
+                    u.enabled = enabled;
+                }
+            }
+            C::SetQuota {
+                address,
+                quota_bytes,
+            } => {
+                let id = self.existing_user(&address)?;
+                if let Some(u) = self.users.get_mut(&id) {
+                    u.quota_bytes = quota_bytes;
+                }
+            }
+            C::RemoveUser { address } => {
+                let id = self.existing_user(&address)?;
+                self.user_by_address.remove(&key(&address));
+                self.users.remove(&id);
+                return Ok(DirectoryOutcome::UserRemoved(id));
+            }
+            C::AddAlias { address, targets } => {
+                self.owner_of(&address)?;
+                if targets.is_empty() || targets.len() > MAX_EXPANSION {
+                    return Err(invalid(format!(
+                        "an alias needs 1 to {MAX_EXPANSION} targets"
+                    )));
+                }
+                let k = key(&address);
+                if self.user_by_address.contains_key(&k) || self.aliases.contains_key(&k) {
+                    return Err(StorageError::AlreadyExists(format!("address {address}")));
+                }
+                self.aliases.insert(k, Alias { address, targets });
+            }
+            C::RemoveAlias { address } => {
+                if self.aliases.remove(&key(&address)).is_none() {
+                    return Err(StorageError::NotFound(format!("alias {address}")));
+                }
+            }
+            C::SetCatchAll { domain, target } => {
+                if !self.domains.contains_key(&domain) {
+                    return Err(StorageError::NotFound(format!("domain {domain}")));
+                }
+                match target {
+                    Some(t) => {
+                        self.catch_all.insert(domain, t);
+                    }
+                    None => {
+                        self.catch_all.remove(&domain);
+                    }
+                }
+            }
+        }
+        Ok(DirectoryOutcome::Done)
+    }
+
+    /// Who receives mail sent to `address`: users (after aliases, subaddresses and
+    /// catch-alls) and remote forwarding targets. Disabled users still receive mail
+    /// (disabling stops logins, not delivery); removed ones do not exist.
+    pub fn lookup(&self, address: &EmailAddress) -> Lookup {
+        if !self.domains.contains_key(address.domain()) {
+            return Lookup::NotLocal;
+        }
+        let mut resolution = Resolution::default();
+        let mut seen = BTreeSet::new();
+        if !self.expand(address, 0, &mut seen, &mut resolution) {
+            return Lookup::Unknown;
+        }
+        if resolution.users.is_empty() && resolution.remote.is_empty() {
+            return Lookup::Unknown;
+        }
+        Lookup::Deliver(resolution)
+    }
+
+    /// Adds what `address` delivers to; false when a local address has no target.
+    fn expand(
+        &self,
+        address: &EmailAddress,
+        depth: usize,
+        seen: &mut BTreeSet<AddressKey>,
+        out: &mut Resolution,
+    ) -> bool {
+        let k = key(address);
+        if !seen.insert(k.clone()) || out.users.len() + out.remote.len() >= MAX_EXPANSION {
+            // A loop or an over-long expansion: what was found so far stands.
+            return true;
+        }
+        let Some(tenant) = self.domains.get(address.domain()) else {
+            if !out.remote.contains(address) {
+                out.remote.push(address.clone());
+            }
+            return true;
+        };
+        if let Some(id) = self.user_by_address.get(&k) {
+            if !out.users.iter().any(|(_, u)| u == id) {
+                out.users.push((tenant.clone(), *id));
+            }
+            return true;
+        }
+        if let Some(alias) = self.aliases.get(&k) {
+            if depth >= MAX_ALIAS_DEPTH {
+                return true;
+            }
+            let mut any = false;
+            for target in &alias.targets {
+                any |= self.expand(target, depth + 1, seen, out);
+            }
+            return any;
+        }
+        if let Some(base) = self.without_subaddress(address) {
+            return self.expand(&base, depth + 1, seen, out);
+        }
+        if let Some(target) = self.catch_all.get(address.domain()) {
+            if depth >= MAX_ALIAS_DEPTH {
+                return true;
+            }
+            return self.expand(target, depth + 1, seen, out);
+        }
+        false
+    }
+
+    fn without_subaddress(&self, address: &EmailAddress) -> Option<EmailAddress> {
+        let delimiter = self.recipient_delimiter?;
+        let (base, _) = address.local_part().split_once(delimiter)?;
+        if base.is_empty() {
+            return None;
+        }
+        format!("{base}@{}", address.domain()).parse().ok()
+    }
+}
+
+/// Hashes a password for storage (Argon2id, OWASP parameters, random salt). CPU-heavy
+/// by design: call it off the async workers.
+pub fn hash_password(password: &str) -> Result<String> {
+    use argon2::PasswordHasher;
+    if password.is_empty() || password.len() > 1024 {
+        return Err(invalid("a password must be 1 to 1024 bytes"));
+    }
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| invalid(format!("hashing the password: {e}")))
+}
+
+/// Checks a password against a stored hash in constant time.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    use argon2::PasswordVerifier;
+    argon2::Argon2::default()
+        .verify_password(password.as_bytes(), hash)
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> TenantId {
+        s.parse().unwrap()
+    }
+    fn d(s: &str) -> Domain {
+        s.parse().unwrap()
+    }
+    fn a(s: &str) -> EmailAddress {
+        s.parse().unwrap()
+    }
+
+    fn add_user(dir: &mut Directory, address: &str) -> UserId {
+        match dir
+            .apply(DirectoryCommand::AddUser {
+                id: UserId::generate(),
+                address: a(address),
+                password_hash: "x".into(),
+                quota_bytes: None,
+            })
+            .unwrap()
+        {
+            DirectoryOutcome::UserAdded(id) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn two_tenants() -> Directory {
+        let mut dir = Directory::new();
+        for (tenant, domain) in [("acme", "acme.test"), ("globex", "globex.test")] {
+            dir.apply(DirectoryCommand::AddTenant {
+                tenant: t(tenant),
+                limits: TenantLimits::default(),
+            })
+            .unwrap();
+            dir.apply(DirectoryCommand::AddDomain {
+                tenant: t(tenant),
+                domain: d(domain),
+            })
+            .unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_domain_has_one_owner_and_the_refusal_names_no_tenant() {
+        let mut dir = two_tenants();
+        let err = dir
+            .apply(DirectoryCommand::AddDomain {
+                tenant: t("globex"),
+                domain: d("ACME.test"),
+            })
+            .unwrap_err();
+        assert!(matches!(err, StorageError::FailedPrecondition(_)));
+        assert!(!err.to_string().contains("acme\u{20}"), "{err}");
+        assert!(!err.to_string().contains("tenant acme"), "{err}");
+        assert_eq!(dir.domain_owner(&d("acme.test")), Some(&t("acme")));
+    }
+
+    #[test]
+    fn users_are_found_without_case_and_with_subaddresses() {
+        let mut dir = two_tenants();
+        let id = add_user(&mut dir, "Alice@acme.test");
+        let expected = Lookup::Deliver(Resolution {
+            users: vec![(t("acme"), id)],
+            remote: vec![],
+        });
+        assert_eq!(dir.lookup(&a("alice@ACME.TEST")), expected);
+        assert_eq!(dir.lookup(&a("ALICE+lists@acme.test")), expected);
+        assert_eq!(dir.lookup(&a("bob@acme.test")), Lookup::Unknown);
+        assert_eq!(dir.lookup(&a("alice@elsewhere.test")), Lookup::NotLocal);
+        let err = dir
+            .apply(DirectoryCommand::AddUser {
+                id: UserId::generate(),
+                address: a("ALICE@acme.test"),
+                password_hash: "x".into(),
+                quota_bytes: None,
+            })
+            .unwrap_err();
+        assert!(matches!(err, StorageError::AlreadyExists(_)));
+        assert!(matches!(
+            dir.apply(DirectoryCommand::AddUser {
+                id: UserId::generate(),
+                address: a("carol@nowhere.test"),
+                password_hash: "x".into(),
+                quota_bytes: None,
+            }),
+            Err(StorageError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn aliases_expand_once_and_stop_at_loops() {
+        let mut dir = two_tenants();
+        let alice = add_user(&mut dir, "alice@acme.test");
+        let bob = add_user(&mut dir, "bob@acme.test");
+        dir.apply(DirectoryCommand::AddAlias {
+            address: a("team@acme.test"),
+            targets: vec![
+                a("alice@acme.test"),
+                a("bob@acme.test"),
+                a("ALICE@acme.test"),
+                a("ext@remote.test"),
+            ],
+        })
+        .unwrap();
+        dir.apply(DirectoryCommand::AddAlias {
+            address: a("loop1@acme.test"),
+            targets: vec![a("loop2@acme.test"), a("alice@acme.test")],
+        })
+        .unwrap();
+        dir.apply(DirectoryCommand::AddAlias {
+            address: a("loop2@acme.test"),
+            targets: vec![a("loop1@acme.test")],
+        })
+        .unwrap();
+        assert_eq!(
+            dir.lookup(&a("team@acme.test")),
+            Lookup::Deliver(Resolution {
+                users: vec![(t("acme"), alice), (t("acme"), bob)],
+                remote: vec![a("ext@remote.test")],
+            })
+        );
+        assert_eq!(
+            dir.lookup(&a("loop2@acme.test")),
+            Lookup::Deliver(Resolution {
+                users: vec![(t("acme"), alice)],
+                remote: vec![],
+            })
+        );
+    }
+
+    #[test]
+    fn catch_all_takes_unknown_local_parts() {
+        let mut dir = two_tenants();
+        let postmaster = add_user(&mut dir, "postmaster@acme.test");
+        assert_eq!(dir.lookup(&a("random@acme.test")), Lookup::Unknown);
+        dir.apply(DirectoryCommand::SetCatchAll {
+            domain: d("acme.test"),
+            target: Some(a("postmaster@acme.test")),
+        })
+        .unwrap();
+        assert_eq!(
+            dir.lookup(&a("random@acme.test")),
+            Lookup::Deliver(Resolution {
+                users: vec![(t("acme"), postmaster)],
+                remote: vec![],
+            })
+        );
+        // Another tenant's domain is untouched.
+        assert_eq!(dir.lookup(&a("random@globex.test")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn removal_order_is_enforced() {
+        let mut dir = two_tenants();
+        add_user(&mut dir, "alice@acme.test");
+        assert!(matches!(
+            dir.apply(DirectoryCommand::RemoveTenant { tenant: t("acme") }),
+            Err(StorageError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            dir.apply(DirectoryCommand::RemoveDomain {
+                domain: d("acme.test")
+            }),
+            Err(StorageError::FailedPrecondition(_))
+        ));
+        dir.apply(DirectoryCommand::RemoveUser {
+            address: a("alice@acme.test"),
+        })
+        .unwrap();
+        dir.apply(DirectoryCommand::RemoveDomain {
+            domain: d("acme.test"),
+        })
+        .unwrap();
+        dir.apply(DirectoryCommand::RemoveTenant { tenant: t("acme") })
+            .unwrap();
+        assert!(dir.tenant(&t("acme")).is_none());
+        assert_eq!(dir.lookup(&a("alice@acme.test")), Lookup::NotLocal);
+    }
+
+    #[test]
+    fn tenant_user_limit() {
+        let mut dir = two_tenants();
+        dir.apply(DirectoryCommand::SetTenantLimits {
+            tenant: t("acme"),
+            limits: TenantLimits {
+                max_users: Some(1),
+                ..TenantLimits::default()
+            },
+        })
+        .unwrap();
+        add_user(&mut dir, "alice@acme.test");
+        assert!(matches!(
+            dir.apply(DirectoryCommand::AddUser {
+                id: UserId::generate(),
+                address: a("bob@acme.test"),
+                password_hash: "x".into(),
+                quota_bytes: None,
+            }),
+            Err(StorageError::OverQuota { .. })
+        ));
+        // The other tenant is not limited by it.
+        add_user(&mut dir, "bob@globex.test");
+    }
+
+    #[test]
+    fn replaying_the_same_commands_gives_the_same_directory() {
+        let mut commands = vec![
+            DirectoryCommand::AddTenant {
+                tenant: t("acme"),
+                limits: TenantLimits::default(),
+            },
+            DirectoryCommand::AddDomain {
+                tenant: t("acme"),
+                domain: d("acme.test"),
+            },
+        ];
+        for i in 0..20 {
+            commands.push(DirectoryCommand::AddUser {
+                id: UserId::generate(),
+                address: a(&format!("u{i}@acme.test")),
+                password_hash: "x".into(),
+                quota_bytes: Some(1000),
+            });
+        }
+        let mut one = Directory::new();
+        let mut two = Directory::new();
+        for c in &commands {
+            let r1 = one.apply(c.clone());
+            let r2 = two.apply(c.clone());
+            assert_eq!(r1, r2);
+        }
+        assert_eq!(one, two);
+        // And through serialisation (commands travel as JSON in the log; snapshots too).
+        let json = serde_json::to_string(&one).unwrap();
+        assert_eq!(serde_json::from_str::<Directory>(&json).unwrap(), one);
+    }
+
+    #[test]
+    fn passwords_hash_and_verify() {
+        let hash = hash_password("correct horse").unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", &hash));
+        assert!(!verify_password("wrong", &hash));
+        assert!(!verify_password("correct horse", "not a hash"));
+        assert!(hash_password("").is_err());
+    }
+}

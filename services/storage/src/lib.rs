@@ -1,0 +1,31 @@
+//! The storage service: mailmesh's system of record.
+//!
+//! - [`directory`]: tenants, domains, users, aliases and limits;
+//! - [`index`]: per-user mailboxes, UIDs, flags, MODSEQ, expunge log and quota usage.
+//!
+//! Both are deterministic state machines: a command log (Kafka, or the embedded log)
+//! orders commands, and every replica applies them to the same state
+//! (docs/adr/0001-mailbox-index.md). Nothing in these modules does I/O.
+
+pub mod directory;
+pub mod index;
+
+/// Why a command was refused. Each variant maps to one gRPC status and, at the front
+/// doors, to one SMTP/IMAP reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+pub enum StorageError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The request conflicts with the current state (a domain still has users, …).
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// Over a quota or limit; `permanent` when the message could never fit.
+    #[error("over quota: {reason}")]
+    OverQuota { reason: String, permanent: bool },
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
