@@ -30,7 +30,8 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::tracker::OffsetTracker;
 use crate::{
-    Consumer, Delivery, OutgoingRecord, Position, Queue, QueueError, Record, Result, validate_topic,
+    Consumer, Delivery, OutgoingRecord, PartitionReader, Position, Queue, QueueError, Record,
+    Result, validate_topic,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -623,8 +624,17 @@ impl Queue for EmbeddedLog {
             size,
             limit: self.inner.config.max_record_bytes,
         })?;
-        let partition =
-            topic.partitions[partition_for(&record.key, topic.partitions.len())].clone();
+        let index = match record.partition {
+            Some(p) => usize::try_from(p)
+                .ok()
+                .filter(|p| *p < topic.partitions.len())
+                .ok_or_else(|| QueueError::NoPartition {
+                    topic: record.topic.clone(),
+                    partition: p,
+                })?,
+            None => partition_for(&record.key, topic.partitions.len()),
+        };
+        let partition = topic.partitions[index].clone();
         let id = partition.id;
         let (reply, answer) = oneshot::channel();
         self.inner
@@ -702,6 +712,36 @@ impl Queue for EmbeddedLog {
         }))
     }
 
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Box<dyn PartitionReader>> {
+        let t = self.topic(topic, self.inner.config.partitions)?;
+        let p = usize::try_from(partition)
+            .ok()
+            .and_then(|p| t.partitions.get(p))
+            .cloned()
+            .ok_or_else(|| QueueError::NoPartition {
+                topic: topic.to_owned(),
+                partition,
+            })?;
+        Ok(Box::new(EmbeddedReader {
+            log: self.clone(),
+            topic: topic.to_owned(),
+            partition: p,
+            position: offset.max(0),
+        }))
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<i32> {
+        Ok(self
+            .topic(topic, self.inner.config.partitions)?
+            .partitions
+            .len() as i32)
+    }
+
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let log = self.clone();
         let topic = topic.to_owned();
@@ -714,6 +754,38 @@ impl Queue for EmbeddedLog {
         let dir = self.inner.config.dir.join("topics");
         tokio::fs::metadata(&dir).await.map_err(io_err(&dir))?;
         Ok(())
+    }
+}
+
+struct EmbeddedReader {
+    log: EmbeddedLog,
+    topic: String,
+    partition: Arc<Partition>,
+    position: i64,
+}
+
+#[async_trait]
+impl PartitionReader for EmbeddedReader {
+    async fn recv(&mut self) -> Result<Record> {
+        loop {
+            let inner = self.log.inner.clone();
+            let appended = inner.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            if let Some(stored) = self.partition.read_at(self.position)? {
+                let offset = self.position;
+                self.position += 1;
+                return Ok(Record {
+                    topic: self.topic.clone(),
+                    partition: self.partition.id,
+                    offset,
+                    key: stored.key,
+                    payload: stored.payload,
+                    headers: stored.headers,
+                });
+            }
+            appended.await;
+        }
     }
 }
 
@@ -899,6 +971,7 @@ mod tests {
             key: Bytes::copy_from_slice(key.as_bytes()),
             payload: Bytes::copy_from_slice(payload.as_bytes()),
             headers: vec![("traceparent".into(), Bytes::from_static(b"00-ab-cd-01"))],
+            partition: None,
         }
     }
 

@@ -17,12 +17,13 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 
 use crate::tracker::OffsetTracker;
 use crate::{
-    Consumer, DEFAULT_PUBLISH_TIMEOUT, Delivery, OutgoingRecord, Position, Queue, QueueError,
-    Record, Result, validate_topic,
+    Consumer, DEFAULT_PUBLISH_TIMEOUT, Delivery, OutgoingRecord, PartitionReader, Position, Queue,
+    QueueError, Record, Result, validate_topic,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -164,10 +165,16 @@ impl Queue for KafkaQueue {
         let outcome = self
             .producer
             .send(
-                FutureRecord::to(&record.topic)
-                    .key(record.key.as_ref())
-                    .payload(record.payload.as_ref())
-                    .headers(headers),
+                {
+                    let mut r = FutureRecord::to(&record.topic)
+                        .key(record.key.as_ref())
+                        .payload(record.payload.as_ref())
+                        .headers(headers);
+                    if let Some(p) = record.partition {
+                        r = r.partition(p);
+                    }
+                    r
+                },
                 Timeout::After(self.config.publish_timeout),
             )
             .await;
@@ -222,6 +229,56 @@ impl Queue for KafkaQueue {
         let consumer = Arc::new(consumer);
         let _ = tracker_slot.set(Arc::downgrade(&consumer));
         Ok(Box::new(KafkaConsumer { consumer, tracker }))
+    }
+
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Box<dyn PartitionReader>> {
+        validate_topic(topic)?;
+        // A group id is required by librdkafka but unused: nothing is committed.
+        let consumer: StreamConsumer = self
+            .config
+            .client_config()
+            .set(
+                "group.id",
+                format!("mailmesh-reader-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        consumer.assign(&assignment)?;
+        Ok(Box::new(KafkaReader { consumer }))
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<i32> {
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        let count = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&name), Timeout::After(Duration::from_secs(10)))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == name)
+                        .map_or(0, |t| t.partitions().len() as i32)
+                })
+        })
+        .await
+        .map_err(|_| QueueError::Closed)??;
+        if count == 0 {
+            return Err(QueueError::NoPartition {
+                topic: topic.to_owned(),
+                partition: 0,
+            });
+        }
+        Ok(count)
     }
 
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
@@ -284,6 +341,43 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+struct KafkaReader {
+    consumer: StreamConsumer,
+}
+
+#[async_trait]
+impl PartitionReader for KafkaReader {
+    async fn recv(&mut self) -> Result<Record> {
+        let message = self.consumer.recv().await?;
+        Ok(detach(&message))
+    }
+}
+
+/// Copies a borrowed message out of librdkafka's buffers.
+fn detach(message: &rdkafka::message::BorrowedMessage<'_>) -> Record {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
+        payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+        headers,
+    }
+}
+
 struct KafkaConsumer {
     consumer: Arc<StreamConsumer<GroupContext>>,
     tracker: Arc<OffsetTracker>,
@@ -293,27 +387,7 @@ struct KafkaConsumer {
 impl Consumer for KafkaConsumer {
     async fn recv(&mut self) -> Result<Delivery> {
         let message = self.consumer.recv().await?;
-        let headers = message
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            Bytes::copy_from_slice(h.value.unwrap_or_default()),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let record = Record {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
-            payload: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
-            headers,
-        };
+        let record = detach(&message);
         let ack = self
             .tracker
             .received(&record.topic, record.partition, record.offset);

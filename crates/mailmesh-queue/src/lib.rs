@@ -53,6 +53,8 @@ pub enum QueueError {
     TooLarge { size: usize, limit: usize },
     #[error("the queue is closed")]
     Closed,
+    #[error("no partition {partition} in topic {topic:?}")]
+    NoPartition { topic: String, partition: i32 },
 }
 
 /// A record to publish.
@@ -64,6 +66,8 @@ pub struct OutgoingRecord {
     pub payload: Bytes,
     /// Metadata such as trace context (`traceparent`).
     pub headers: Vec<(String, Bytes)>,
+    /// Writes to this partition instead of the key's.
+    pub partition: Option<i32>,
 }
 
 /// Where a published record landed.
@@ -107,8 +111,20 @@ pub trait Queue: Send + Sync {
     /// beginning, for a new group).
     async fn consumer(&self, group: &str, topics: &[&str]) -> Result<Box<dyn Consumer>>;
 
+    /// Reads one partition from `offset` on, outside any consumer group (for
+    /// replicas that materialise a log: every reader sees every record).
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Box<dyn PartitionReader>>;
+
     /// Creates a topic if it does not exist.
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()>;
+
+    /// How many partitions `topic` has.
+    async fn partition_count(&self, topic: &str) -> Result<i32>;
 
     /// Succeeds when the queue can take records (for `/readyz`).
     async fn ping(&self) -> Result<()>;
@@ -125,6 +141,12 @@ pub trait Consumer: Send {
 
     /// Commits and leaves the group.
     async fn close(self: Box<Self>) -> Result<()>;
+}
+
+#[async_trait]
+pub trait PartitionReader: Send {
+    /// The next record of the partition, waiting for one to be written.
+    async fn recv(&mut self) -> Result<Record>;
 }
 
 /// Which queue to use.

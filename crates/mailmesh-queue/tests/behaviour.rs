@@ -48,6 +48,7 @@ fn record(topic: &str, key: &str, payload: String) -> OutgoingRecord {
             "traceparent".into(),
             Bytes::from_static(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         )],
+        partition: None,
     }
 }
 
@@ -155,6 +156,58 @@ async fn concurrent_publishes_arrive_once_in_key_order(queue: Arc<dyn Queue>) {
     }
     assert_eq!(seen.len(), 200);
     consumer.close().await.unwrap();
+}
+
+async fn next(reader: &mut Box<dyn mailmesh_queue::PartitionReader>) -> (i64, String) {
+    let rec = tokio::time::timeout(RECV_TIMEOUT, reader.recv())
+        .await
+        .expect("a record within the timeout")
+        .unwrap();
+    (rec.offset, String::from_utf8(rec.payload.to_vec()).unwrap())
+}
+
+/// Readers outside any group: each sees the whole partition from where it starts, and
+/// waits for records written later.
+async fn readers_see_every_record_from_their_offset(queue: Arc<dyn Queue>) {
+    let topic = unique("log");
+    queue.ensure_topic(&topic, 3).await.unwrap();
+    assert_eq!(queue.partition_count(&topic).await.unwrap(), 3);
+    let mut offsets = Vec::new();
+    for i in 0..5 {
+        let mut r = record(&topic, "any", format!("c{i}"));
+        r.partition = Some(2);
+        let pos = queue.publish(r).await.unwrap();
+        assert_eq!(pos.partition, 2);
+        offsets.push(pos.offset);
+    }
+    let mut all = queue.reader(&topic, 2, 0).await.unwrap();
+    let mut late = queue.reader(&topic, 2, offsets[3]).await.unwrap();
+    for (i, offset) in offsets.iter().enumerate() {
+        assert_eq!(next(&mut all).await, (*offset, format!("c{i}")));
+    }
+    assert_eq!(next(&mut late).await, (offsets[3], "c3".into()));
+    assert_eq!(next(&mut late).await, (offsets[4], "c4".into()));
+    // Both wait for the next record.
+    let mut r = record(&topic, "any", "c5".into());
+    r.partition = Some(2);
+    let pos = queue.publish(r).await.unwrap();
+    assert_eq!(next(&mut all).await, (pos.offset, "c5".into()));
+    assert_eq!(next(&mut late).await, (pos.offset, "c5".into()));
+
+    let mut bad = record(&topic, "any", "x".into());
+    bad.partition = Some(7);
+    assert!(queue.publish(bad).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    readers_see_every_record_from_their_offset(embedded(dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_readers() {
+    readers_see_every_record_from_their_offset(kafka()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
