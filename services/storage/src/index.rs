@@ -62,6 +62,7 @@ const DEFAULT_MAILBOXES: [(&str, Option<SpecialUse>); 6] = [
 
 /// Bounds on what one user's index may hold; every one is configurable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct IndexLimits {
     pub max_mailboxes: usize,
     pub max_mailbox_name_bytes: usize,

@@ -8,7 +8,9 @@
 //! (docs/adr/0001-mailbox-index.md). Nothing in these modules does I/O.
 
 pub mod directory;
+pub mod engine;
 pub mod index;
+pub mod replica;
 
 /// Why a command was refused. Each variant maps to one gRPC status and, at the front
 /// doors, to one SMTP/IMAP reply.
@@ -29,3 +31,21 @@ pub enum StorageError {
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A failure of the storage engine: a refused request, or a backend that did not
+/// answer (which front doors report as temporary: `451 4.3.0`, `NO [UNAVAILABLE]`).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Refused(#[from] StorageError),
+    #[error("queue: {0}")]
+    Queue(#[from] mailmesh_queue::QueueError),
+    #[error("object store: {0}")]
+    Objects(#[from] mailmesh_objstore::object_store::Error),
+    #[error("object store: {0}")]
+    Body(#[from] mailmesh_objstore::ObjectStoreError),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("undecodable stored data: {0}")]
+    Codec(String),
+}

@@ -1,0 +1,896 @@
+//! The storage engine: the directory and the mailbox index as replicated state
+//! machines, message bodies in object storage. The gRPC service and `mailctl dev` both
+//! call it; it holds no state that is not in the log or the object store.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use mailmesh_kit::Secret;
+use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload,
+};
+use mailmesh_queue::Queue;
+use mailmesh_types::{Domain, EmailAddress, ReversePath, TenantId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OnceCell, broadcast};
+
+use crate::directory::{
+    Directory, DirectoryCommand, DirectoryOutcome, Lookup, TenantLimits, User, UserId,
+    hash_password, verify_password,
+};
+use crate::index::{
+    Change, Flags, INBOX, IndexCommand, IndexLimits, IndexOutcome, MailboxId, NewMessage,
+    StoreAction, Uid, UidRange, UserIndex,
+};
+use crate::replica::{Replica, ReplicaConfig, StateMachine};
+use crate::{EngineError, StorageError};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub directory_topic: String,
+    pub mailbox_topic: String,
+    /// Partitions of the mailbox topic when this service creates it; never change
+    /// it afterwards (users are placed by `hash % partitions`).
+    pub mailbox_partitions: i32,
+    pub snapshot_every: u64,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Largest message stored, headers included.
+    pub max_message_bytes: u64,
+    pub index_limits: IndexLimits,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            directory_topic: "storage.directory".into(),
+            mailbox_topic: "storage.mailboxes".into(),
+            mailbox_partitions: 64,
+            snapshot_every: 10_000,
+            write_timeout: Duration::from_secs(30),
+            max_message_bytes: 64 << 20,
+            index_limits: IndexLimits::default(),
+        }
+    }
+}
+
+impl mailmesh_kit::config::Validate for StorageConfig {
+    fn validate(&self) -> Result<(), mailmesh_kit::ConfigError> {
+        use mailmesh_kit::ConfigError;
+        if !(1..=4096).contains(&self.mailbox_partitions) {
+            return Err(ConfigError::invalid(
+                "storage.mailbox_partitions",
+                "must be 1 to 4096",
+            ));
+        }
+        if self.snapshot_every == 0 {
+            return Err(ConfigError::invalid(
+                "storage.snapshot_every",
+                "must be at least 1",
+            ));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "storage.max_message_bytes",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A user as every storage call names it: always with its tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UserRef {
+    pub tenant: TenantId,
+    pub user: UserId,
+}
+
+impl UserRef {
+    fn key(&self) -> String {
+        format!("{}/{}", self.tenant, self.user)
+    }
+
+    /// Every object of this user lives under this prefix.
+    fn prefix(&self) -> String {
+        format!("t/{}/u/{}", self.tenant, self.user)
+    }
+}
+
+/// A change to one user's mailboxes, as every replica's subscribers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxEvent {
+    pub user: UserRef,
+    pub change: Change,
+}
+
+/// The commands of one mailbox-log partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PartitionCommand {
+    User {
+        user: UserRef,
+        /// Limits travel with the command so replicas with different configuration
+        /// (during a rollout) still apply it identically.
+        limits: IndexLimits,
+        command: IndexCommand,
+    },
+    /// The user was removed from the directory: drop their index.
+    Forget { user: UserRef },
+}
+
+/// The indexes of every user in one partition of the mailbox log.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct PartitionIndex {
+    users: BTreeMap<String, UserIndex>,
+}
+
+impl StateMachine for PartitionIndex {
+    type Command = PartitionCommand;
+    type Outcome = IndexOutcome;
+    type Change = MailboxEvent;
+
+    fn apply(
+        &mut self,
+        command: PartitionCommand,
+        at_ms: i64,
+        changes: &mut Vec<MailboxEvent>,
+    ) -> Result<IndexOutcome, StorageError> {
+        match command {
+            PartitionCommand::User {
+                user,
+                limits,
+                command,
+            } => {
+                let mut raw = Vec::new();
+                let outcome = self
+                    .users
+                    .entry(user.key())
+                    .or_default()
+                    .apply(command, at_ms, &limits, &mut raw);
+                changes.extend(raw.into_iter().map(|change| MailboxEvent {
+                    user: user.clone(),
+                    change,
+                }));
+                outcome
+            }
+            PartitionCommand::Forget { user } => {
+                self.users.remove(&user.key());
+                Ok(IndexOutcome::Done)
+            }
+        }
+    }
+}
+
+impl StateMachine for Directory {
+    type Command = DirectoryCommand;
+    type Outcome = DirectoryOutcome;
+    type Change = ();
+
+    fn apply(
+        &mut self,
+        command: DirectoryCommand,
+        _at_ms: i64,
+        _changes: &mut Vec<()>,
+    ) -> Result<DirectoryOutcome, StorageError> {
+        Directory::apply(self, command)
+    }
+}
+
+/// A message for a local user, as the delivery worker hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub mailbox: &'a str,
+    pub return_path: &'a ReversePath,
+    pub delivered_to: &'a EmailAddress,
+    pub message: &'a [u8],
+    /// Queue id and recipient: what makes a replay store nothing new.
+    pub key: &'a str,
+    pub internal_date_ms: i64,
+}
+
+/// A message object about to be written and indexed.
+struct NewObject {
+    mailbox_name: String,
+    mailbox: MailboxId,
+    name: String,
+    body: Bytes,
+    flags: Flags,
+    internal_date_ms: i64,
+    delivery_key: Option<String>,
+}
+
+/// Where an appended message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub mailbox: MailboxId,
+    pub uidvalidity: u32,
+    pub uid: Uid,
+    pub duplicate: bool,
+}
+
+/// A Argon2 hash to verify against when the user does not exist, so a failed login
+/// takes as long for an unknown user as for a wrong password.
+static DUMMY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_password("mailmesh-timing-equaliser").unwrap_or_default());
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+type MailboxReplica = Arc<Replica<PartitionIndex>>;
+
+pub struct StorageEngine {
+    queue: Arc<dyn Queue>,
+    objects: Arc<dyn ObjectStore>,
+    config: StorageConfig,
+    directory: Arc<Replica<Directory>>,
+    partitions: i32,
+    mailboxes: Mutex<HashMap<i32, Arc<OnceCell<MailboxReplica>>>>,
+}
+
+impl StorageEngine {
+    /// Creates the log topics if needed and loads the directory.
+    pub async fn open(
+        queue: Arc<dyn Queue>,
+        objects: Arc<dyn ObjectStore>,
+        config: StorageConfig,
+    ) -> Result<Arc<Self>, EngineError> {
+        queue.ensure_topic(&config.directory_topic, 1).await?;
+        queue
+            .ensure_topic(&config.mailbox_topic, config.mailbox_partitions)
+            .await?;
+        let partitions = queue.partition_count(&config.mailbox_topic).await?;
+        let directory = Replica::start(
+            queue.clone(),
+            objects.clone(),
+            ReplicaConfig {
+                topic: config.directory_topic.clone(),
+                partition: 0,
+                snapshot_every: config.snapshot_every,
+                write_timeout: config.write_timeout,
+            },
+        )
+        .await?;
+        Ok(Arc::new(Self {
+            queue,
+            objects,
+            config,
+            directory,
+            partitions,
+            mailboxes: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn config(&self) -> &StorageConfig {
+        &self.config
+    }
+
+    /// Reads the directory as this replica has it.
+    pub fn directory<R>(&self, f: impl FnOnce(&Directory) -> R) -> R {
+        self.directory.read(f)
+    }
+
+    /// Waits until every directory change made anywhere before the call is visible.
+    pub async fn sync_directory(&self) -> Result<(), EngineError> {
+        self.directory.sync().await
+    }
+
+    async fn change_directory(
+        &self,
+        command: DirectoryCommand,
+    ) -> Result<DirectoryOutcome, EngineError> {
+        self.directory.submit(command).await
+    }
+
+    pub async fn add_tenant(
+        &self,
+        tenant: TenantId,
+        limits: TenantLimits,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::AddTenant { tenant, limits })
+            .await
+            .map(drop)
+    }
+
+    pub async fn set_tenant_limits(
+        &self,
+        tenant: TenantId,
+        limits: TenantLimits,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::SetTenantLimits { tenant, limits })
+            .await
+            .map(drop)
+    }
+
+    pub async fn remove_tenant(&self, tenant: TenantId) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::RemoveTenant { tenant })
+            .await
+            .map(drop)
+    }
+
+    pub async fn add_domain(&self, tenant: TenantId, domain: Domain) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::AddDomain { tenant, domain })
+            .await
+            .map(drop)
+    }
+
+    pub async fn remove_domain(&self, domain: Domain) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::RemoveDomain { domain })
+            .await
+            .map(drop)
+    }
+
+    async fn hash(password: Secret<String>) -> Result<String, EngineError> {
+        tokio::task::spawn_blocking(move || hash_password(password.expose()))
+            .await
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?
+            .map_err(EngineError::from)
+    }
+
+    /// Creates a user and their default mailboxes.
+    pub async fn add_user(
+        &self,
+        address: EmailAddress,
+        password: Secret<String>,
+        quota_bytes: Option<u64>,
+    ) -> Result<UserRef, EngineError> {
+        let password_hash = Self::hash(password).await?;
+        let outcome = self
+            .change_directory(DirectoryCommand::AddUser {
+                id: UserId::generate(),
+                address: address.clone(),
+                password_hash,
+                quota_bytes,
+            })
+            .await?;
+        let DirectoryOutcome::UserAdded(id) = outcome else {
+            return Err(EngineError::Codec(format!(
+                "unexpected outcome {outcome:?}"
+            )));
+        };
+        let tenant = self
+            .directory(|d| d.user(&id).map(|u| u.tenant.clone()))
+            .ok_or_else(|| EngineError::Unavailable("user vanished after creation".into()))?;
+        let user = UserRef { tenant, user: id };
+        self.index(&user, IndexCommand::Init).await?;
+        Ok(user)
+    }
+
+    pub async fn set_password(
+        &self,
+        address: EmailAddress,
+        password: Secret<String>,
+    ) -> Result<(), EngineError> {
+        let password_hash = Self::hash(password).await?;
+        self.change_directory(DirectoryCommand::SetPassword {
+            address,
+            password_hash,
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn set_enabled(
+        &self,
+        address: EmailAddress,
+        enabled: bool,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::SetEnabled { address, enabled })
+            .await
+            .map(drop)
+    }
+
+    pub async fn set_quota(
+        &self,
+        address: EmailAddress,
+        quota_bytes: Option<u64>,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::SetQuota {
+            address,
+            quota_bytes,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Removes a user, their index and every object they own.
+    pub async fn remove_user(&self, address: EmailAddress) -> Result<(), EngineError> {
+        let tenant = self
+            .directory(|d| d.user_by_address(&address).map(|u| u.tenant.clone()))
+            .ok_or_else(|| StorageError::NotFound(format!("user {address}")))?;
+        let outcome = self
+            .change_directory(DirectoryCommand::RemoveUser { address })
+            .await?;
+        if let DirectoryOutcome::UserRemoved(id) = outcome {
+            let user = UserRef { tenant, user: id };
+            self.mailbox_replica(&user)
+                .await?
+                .submit(PartitionCommand::Forget { user: user.clone() })
+                .await?;
+            self.delete_prefix(&user.prefix()).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), EngineError> {
+        use futures::TryStreamExt;
+        let paths: Vec<Path> = self
+            .objects
+            .list(Some(&Path::from(prefix)))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await?;
+        for path in paths {
+            self.objects.delete(&path).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn add_alias(
+        &self,
+        address: EmailAddress,
+        targets: Vec<EmailAddress>,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::AddAlias { address, targets })
+            .await
+            .map(drop)
+    }
+
+    pub async fn remove_alias(&self, address: EmailAddress) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::RemoveAlias { address })
+            .await
+            .map(drop)
+    }
+
+    pub async fn set_catch_all(
+        &self,
+        domain: Domain,
+        target: Option<EmailAddress>,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::SetCatchAll { domain, target })
+            .await
+            .map(drop)
+    }
+
+    /// Who receives mail for `address`.
+    pub fn lookup(&self, address: &EmailAddress) -> Lookup {
+        self.directory(|d| d.lookup(address))
+    }
+
+    /// Checks a login. `None` for an unknown user, a wrong password or a disabled
+    /// account alike, in about the same time, so a caller learns nothing else.
+    pub async fn authenticate(
+        &self,
+        address: &EmailAddress,
+        password: Secret<String>,
+    ) -> Option<User> {
+        let user = self.directory(|d| d.user_by_address(address).cloned());
+        let hash = user
+            .as_ref()
+            .map_or_else(|| DUMMY_HASH.clone(), |u| u.password_hash.clone());
+        let ok = tokio::task::spawn_blocking(move || verify_password(password.expose(), &hash))
+            .await
+            .unwrap_or(false);
+        user.filter(|u| ok && u.enabled)
+    }
+
+    fn partition_of(&self, user: &UserRef) -> i32 {
+        (fnv1a(user.key().as_bytes()) % self.partitions as u64) as i32
+    }
+
+    async fn mailbox_replica(&self, user: &UserRef) -> Result<MailboxReplica, EngineError> {
+        let partition = self.partition_of(user);
+        let cell = self
+            .mailboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(partition)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| {
+            Replica::start(
+                self.queue.clone(),
+                self.objects.clone(),
+                ReplicaConfig {
+                    topic: self.config.mailbox_topic.clone(),
+                    partition,
+                    snapshot_every: self.config.snapshot_every,
+                    write_timeout: self.config.write_timeout,
+                },
+            )
+        })
+        .await
+        .cloned()
+    }
+
+    /// Applies an index command for `user` and returns its outcome.
+    pub async fn index(
+        &self,
+        user: &UserRef,
+        command: IndexCommand,
+    ) -> Result<IndexOutcome, EngineError> {
+        self.mailbox_replica(user)
+            .await?
+            .submit(PartitionCommand::User {
+                user: user.clone(),
+                limits: self.config.index_limits,
+                command,
+            })
+            .await
+    }
+
+    /// Reads a user's index as this replica has it (`None` before their first use).
+    pub async fn read_index<R>(
+        &self,
+        user: &UserRef,
+        f: impl FnOnce(Option<&UserIndex>) -> R,
+    ) -> Result<R, EngineError> {
+        let replica = self.mailbox_replica(user).await?;
+        Ok(replica.read(|p| f(p.users.get(&user.key()))))
+    }
+
+    /// Waits until every change to the user's mailboxes made anywhere before the
+    /// call is visible here (read-your-writes across replicas).
+    pub async fn sync_user(&self, user: &UserRef) -> Result<(), EngineError> {
+        self.mailbox_replica(user).await?.sync().await
+    }
+
+    /// Changes to the mailboxes of every user placed with `user`; filter by user.
+    pub async fn subscribe(
+        &self,
+        user: &UserRef,
+    ) -> Result<broadcast::Receiver<MailboxEvent>, EngineError> {
+        Ok(self.mailbox_replica(user).await?.subscribe())
+    }
+
+    fn quota_of(&self, user: &UserRef) -> Option<u64> {
+        self.directory(|d| d.user(&user.user).and_then(|u| u.quota_bytes))
+    }
+
+    fn object_path(user: &UserRef, mailbox: MailboxId, name: &str) -> Path {
+        Path::from(format!("{}/{mailbox}/cur/{name}", user.prefix()))
+    }
+
+    /// The mailbox `name` of `user`, creating the user's index if it is new.
+    async fn mailbox_id(
+        &self,
+        user: &UserRef,
+        name: &str,
+    ) -> Result<Option<MailboxId>, EngineError> {
+        let canonical = crate::index::canonical_name(name, &self.config.index_limits)?;
+        let found = self
+            .read_index(user, |i| {
+                i.map(|i| (i.is_initialised(), i.mailbox(&canonical).map(|m| m.id)))
+            })
+            .await?;
+        match found {
+            Some((true, id)) => Ok(id),
+            _ => {
+                self.index(user, IndexCommand::Init).await?;
+                self.read_index(user, |i| {
+                    i.and_then(|i| i.mailbox(&canonical).map(|m| m.id))
+                })
+                .await
+            }
+        }
+    }
+
+    async fn append_object(&self, user: &UserRef, new: NewObject) -> Result<Appended, EngineError> {
+        let NewObject {
+            mailbox_name,
+            mailbox,
+            name,
+            body,
+            flags,
+            internal_date_ms,
+            delivery_key,
+        } = new;
+        let size = body.len() as u64;
+        if size > self.config.max_message_bytes {
+            return Err(StorageError::OverQuota {
+                reason: format!("message exceeds {} bytes", self.config.max_message_bytes),
+                permanent: true,
+            }
+            .into());
+        }
+        let path = Self::object_path(user, mailbox, &name);
+        // The object is durable before the index refers to it.
+        self.objects.put(&path, PutPayload::from(body)).await?;
+        let outcome = self
+            .index(
+                user,
+                IndexCommand::Append {
+                    mailbox: mailbox_name,
+                    message: NewMessage {
+                        object: name.clone(),
+                        size,
+                        internal_date_ms,
+                        flags,
+                    },
+                    delivery_key,
+                    quota_bytes: self.quota_of(user),
+                },
+            )
+            .await;
+        match outcome {
+            Ok(IndexOutcome::Appended {
+                mailbox,
+                uidvalidity,
+                uid,
+                duplicate,
+            }) => Ok(Appended {
+                mailbox,
+                uidvalidity,
+                uid,
+                duplicate,
+            }),
+            Ok(other) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
+            Err(e) => {
+                // Never referenced: remove it (a crash here leaves it to a sweep).
+                if let Err(del) = self.objects.delete(&path).await {
+                    tracing::warn!(%path, error = %del, "removing an unreferenced message object");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Delivers a message as an MDA does: adds `Return-Path` and `Delivered-To`,
+    /// stores it in the requested mailbox (INBOX when that mailbox does not exist) and
+    /// is idempotent on the delivery key (queue id and recipient): a replay stores
+    /// nothing.
+    pub async fn deliver(
+        &self,
+        user: &UserRef,
+        delivery: Delivery<'_>,
+    ) -> Result<Appended, EngineError> {
+        let (name, id) = match self.mailbox_id(user, delivery.mailbox).await? {
+            Some(id) => (delivery.mailbox, id),
+            None => (
+                INBOX,
+                self.mailbox_id(user, INBOX)
+                    .await?
+                    .ok_or_else(|| StorageError::NotFound("INBOX".into()))?,
+            ),
+        };
+        let mut body = BytesMut::with_capacity(delivery.message.len() + 128);
+        body.extend_from_slice(
+            format!(
+                "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+                delivery.return_path, delivery.delivered_to
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(delivery.message);
+        // The same delivery always writes the same object, so a replay that races the
+        // first attempt overwrites identical bytes.
+        let object = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, delivery.key.as_bytes())
+            .simple()
+            .to_string();
+        self.append_object(
+            user,
+            NewObject {
+                mailbox_name: name.to_owned(),
+                mailbox: id,
+                name: object,
+                body: body.freeze(),
+                flags: Flags::default(),
+                internal_date_ms: delivery.internal_date_ms,
+                delivery_key: Some(delivery.key.to_owned()),
+            },
+        )
+        .await
+    }
+
+    /// IMAP APPEND: stores a message as given.
+    pub async fn append(
+        &self,
+        user: &UserRef,
+        mailbox: &str,
+        message: Bytes,
+        flags: Flags,
+        internal_date_ms: i64,
+    ) -> Result<Appended, EngineError> {
+        let id = self
+            .mailbox_id(user, mailbox)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(format!("mailbox {mailbox} (trycreate)")))?;
+        self.append_object(
+            user,
+            NewObject {
+                mailbox_name: mailbox.to_owned(),
+                mailbox: id,
+                name: uuid::Uuid::now_v7().simple().to_string(),
+                body: message,
+                flags,
+                internal_date_ms,
+                delivery_key: None,
+            },
+        )
+        .await
+    }
+
+    /// A message's content, whole or a byte range of it.
+    pub async fn fetch(
+        &self,
+        user: &UserRef,
+        mailbox: &str,
+        uid: Uid,
+        range: Option<Range<u64>>,
+    ) -> Result<Bytes, EngineError> {
+        let canonical = crate::index::canonical_name(mailbox, &self.config.index_limits)?;
+        let found = self
+            .read_index(user, |i| {
+                let m = i?.mailbox(&canonical)?;
+                m.messages.get(&uid).map(|msg| (m.id, msg.object.clone()))
+            })
+            .await?;
+        let (id, name) =
+            found.ok_or_else(|| StorageError::NotFound(format!("message {uid} in {canonical}")))?;
+        let path = Self::object_path(user, id, &name);
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..Default::default()
+        };
+        Ok(self.objects.get_opts(&path, options).await?.bytes().await?)
+    }
+
+    /// STORE / UID STORE.
+    pub async fn store_flags(
+        &self,
+        user: &UserRef,
+        mailbox: &str,
+        uids: Vec<UidRange>,
+        action: StoreAction,
+        flags: Flags,
+        unchanged_since: Option<u64>,
+    ) -> Result<IndexOutcome, EngineError> {
+        self.index(
+            user,
+            IndexCommand::Store {
+                mailbox: mailbox.to_owned(),
+                uids,
+                action,
+                flags,
+                unchanged_since,
+            },
+        )
+        .await
+    }
+
+    /// EXPUNGE / UID EXPUNGE; the removed messages' objects are deleted.
+    pub async fn expunge(
+        &self,
+        user: &UserRef,
+        mailbox: &str,
+        uids: Option<Vec<UidRange>>,
+    ) -> Result<Vec<Uid>, EngineError> {
+        let outcome = self
+            .index(
+                user,
+                IndexCommand::Expunge {
+                    mailbox: mailbox.to_owned(),
+                    uids,
+                },
+            )
+            .await?;
+        let IndexOutcome::Expunged { mailbox, removed } = outcome else {
+            return Err(EngineError::Codec(format!(
+                "unexpected outcome {outcome:?}"
+            )));
+        };
+        for (_, name) in &removed {
+            self.objects
+                .delete(&Self::object_path(user, mailbox, name))
+                .await?;
+        }
+        Ok(removed.into_iter().map(|(uid, _)| uid).collect())
+    }
+
+    /// COPY, or MOVE with `remove_source`: returns (UIDVALIDITY, source→destination UIDs).
+    pub async fn copy(
+        &self,
+        user: &UserRef,
+        from: &str,
+        to: &str,
+        uids: Vec<UidRange>,
+        remove_source: bool,
+    ) -> Result<(u32, Vec<(Uid, Uid)>), EngineError> {
+        let limits = &self.config.index_limits;
+        let from_c = crate::index::canonical_name(from, limits)?;
+        let to_c = crate::index::canonical_name(to, limits)?;
+        let plan = self
+            .read_index(user, |i| {
+                let i = i?;
+                let src = i.mailbox(&from_c)?;
+                let dst = i.mailbox(&to_c).map(|m| m.id);
+                let messages: Vec<(Uid, String)> = uids
+                    .iter()
+                    .flat_map(|r| {
+                        src.messages
+                            .range(r.first.min(r.last)..=r.first.max(r.last))
+                    })
+                    .map(|(uid, m)| (*uid, m.object.clone()))
+                    .collect();
+                Some((src.id, dst, messages))
+            })
+            .await?;
+        let (src_id, dst_id, messages) =
+            plan.ok_or_else(|| StorageError::NotFound(format!("mailbox {from_c}")))?;
+        let dst_id =
+            dst_id.ok_or_else(|| StorageError::NotFound(format!("mailbox {to_c} (trycreate)")))?;
+        // Copies first (server-side), so the index never names a missing object.
+        let mut objects = Vec::with_capacity(messages.len());
+        for (uid, name) in &messages {
+            let copy = uuid::Uuid::now_v7().simple().to_string();
+            self.objects
+                .copy(
+                    &Self::object_path(user, src_id, name),
+                    &Self::object_path(user, dst_id, &copy),
+                )
+                .await?;
+            objects.push((*uid, copy));
+        }
+        let outcome = self
+            .index(
+                user,
+                IndexCommand::Copy {
+                    from: from_c,
+                    to: to_c,
+                    objects: objects.clone(),
+                    remove_source,
+                    quota_bytes: self.quota_of(user),
+                },
+            )
+            .await;
+        match outcome {
+            Ok(IndexOutcome::Copied {
+                uidvalidity,
+                mapping,
+                unused_objects,
+                expunged,
+            }) => {
+                for name in unused_objects {
+                    self.objects
+                        .delete(&Self::object_path(user, dst_id, &name))
+                        .await?;
+                }
+                for (_, name) in expunged {
+                    self.objects
+                        .delete(&Self::object_path(user, src_id, &name))
+                        .await?;
+                }
+                Ok((uidvalidity, mapping))
+            }
+            Ok(other) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
+            Err(e) => {
+                for (_, name) in objects {
+                    let _ = self
+                        .objects
+                        .delete(&Self::object_path(user, dst_id, &name))
+                        .await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Quota usage and limit of a user, in bytes.
+    pub async fn quota(&self, user: &UserRef) -> Result<(u64, Option<u64>), EngineError> {
+        let used = self
+            .read_index(user, |i| i.map_or(0, UserIndex::used_bytes))
+            .await?;
+        Ok((used, self.quota_of(user)))
+    }
+}

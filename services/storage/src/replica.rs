@@ -1,0 +1,296 @@
+//! A replicated state machine over one partition of a command log.
+//!
+//! Every replica reads the partition from its latest snapshot and applies each
+//! command in log order, so all replicas hold the same state. A write publishes a
+//! command and waits until this replica has applied it; the outcome is computed by
+//! the apply, not by the writer (docs/adr/0001-mailbox-index.md).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use mailmesh_queue::{OutgoingRecord, PartitionReader, Queue};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, oneshot, watch};
+
+use crate::{EngineError, StorageError};
+
+/// State that a command log drives.
+pub trait StateMachine: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
+    type Command: Serialize + DeserializeOwned + Send + Sync;
+    type Outcome: Send + 'static;
+    type Change: Clone + Send + 'static;
+
+    /// Deterministic: the same state, command and time give the same result.
+    fn apply(
+        &mut self,
+        command: Self::Command,
+        at_ms: i64,
+        changes: &mut Vec<Self::Change>,
+    ) -> Result<Self::Outcome, StorageError>;
+}
+
+/// One log record.
+#[derive(Serialize, Deserialize)]
+struct Entry<C> {
+    /// Matches the outcome to the waiting writer.
+    id: uuid::Uuid,
+    at_ms: i64,
+    /// `None` is a barrier: it changes nothing, and reading up to it proves this
+    /// replica has seen everything written before it.
+    command: Option<C>,
+}
+
+/// Where a replica's log lives and how often it snapshots.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub topic: String,
+    pub partition: i32,
+    /// Write a snapshot after this many applied records.
+    pub snapshot_every: u64,
+    /// How long a write waits for its outcome before it is reported unavailable.
+    pub write_timeout: Duration,
+}
+
+/// Gets the outcome of a command, or `None` when a barrier is reached.
+type Waiter<O> = oneshot::Sender<Option<Result<O, StorageError>>>;
+
+pub struct Replica<S: StateMachine> {
+    config: ReplicaConfig,
+    queue: Arc<dyn Queue>,
+    objects: Arc<dyn ObjectStore>,
+    state: RwLock<S>,
+    /// The next offset to apply: everything before it is in `state`.
+    applied: watch::Sender<i64>,
+    waiters: Mutex<HashMap<uuid::Uuid, Waiter<S::Outcome>>>,
+    changes: broadcast::Sender<S::Change>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn snapshot_prefix(config: &ReplicaConfig) -> Path {
+    Path::from(format!("index/{}/{}", config.topic, config.partition))
+}
+
+impl<S: StateMachine> Replica<S> {
+    /// Loads the newest snapshot, starts applying the log after it and returns once
+    /// everything written before the call is applied.
+    pub async fn start(
+        queue: Arc<dyn Queue>,
+        objects: Arc<dyn ObjectStore>,
+        config: ReplicaConfig,
+    ) -> Result<Arc<Self>, EngineError> {
+        let (state, offset) = load_snapshot::<S>(&*objects, &config).await?;
+        let reader = queue
+            .reader(&config.topic, config.partition, offset)
+            .await?;
+        let replica = Arc::new(Self {
+            config,
+            queue,
+            objects,
+            state: RwLock::new(state),
+            applied: watch::channel(offset).0,
+            waiters: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(4096).0,
+        });
+        tokio::spawn(Arc::clone(&replica).run(reader, offset));
+        replica.sync().await?;
+        Ok(replica)
+    }
+
+    async fn run(self: Arc<Self>, mut reader: Box<dyn PartitionReader>, mut next: i64) {
+        let mut since_snapshot = 0u64;
+        loop {
+            let record = match reader.recv().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(topic = %self.config.topic, partition = self.config.partition, error = %e, "reading the command log failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if record.offset < next {
+                continue;
+            }
+            self.apply_record(&record.payload);
+            next = record.offset + 1;
+            self.applied.send_replace(next);
+            since_snapshot += 1;
+            if since_snapshot >= self.config.snapshot_every {
+                since_snapshot = 0;
+                if let Err(e) = self.write_snapshot(next).await {
+                    tracing::warn!(error = %e, "writing an index snapshot failed");
+                }
+            }
+        }
+    }
+
+    fn apply_record(&self, payload: &[u8]) {
+        let entry: Entry<S::Command> = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                // Every replica skips it the same way, so state stays identical.
+                tracing::error!(topic = %self.config.topic, error = %e, "skipping an undecodable log record");
+                return;
+            }
+        };
+        let outcome = entry.command.map(|command| {
+            let mut changes = Vec::new();
+            let outcome = self.state.write().unwrap_or_else(|e| e.into_inner()).apply(
+                command,
+                entry.at_ms,
+                &mut changes,
+            );
+            for change in changes {
+                let _ = self.changes.send(change);
+            }
+            outcome
+        });
+        let waiter = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&entry.id);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(outcome);
+        }
+    }
+
+    async fn publish(
+        &self,
+        command: Option<S::Command>,
+    ) -> Result<oneshot::Receiver<Option<Result<S::Outcome, StorageError>>>, EngineError> {
+        let entry = Entry {
+            id: uuid::Uuid::new_v4(),
+            at_ms: now_ms(),
+            command,
+        };
+        let payload = serde_json::to_vec(&entry).map_err(|e| EngineError::Codec(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(entry.id, tx);
+        let published = self
+            .queue
+            .publish(OutgoingRecord {
+                topic: self.config.topic.clone(),
+                key: Bytes::new(),
+                payload: Bytes::from(payload),
+                headers: Vec::new(),
+                partition: Some(self.config.partition),
+            })
+            .await;
+        if let Err(e) = published {
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&entry.id);
+            return Err(e.into());
+        }
+        Ok(rx)
+    }
+
+    async fn wait<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, EngineError> {
+        match tokio::time::timeout(self.config.write_timeout, rx).await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) | Err(_) => Err(EngineError::Unavailable(format!(
+                "no outcome from {}/{} within {:?}",
+                self.config.topic, self.config.partition, self.config.write_timeout
+            ))),
+        }
+    }
+
+    /// Writes `command` to the log and returns its outcome once applied here.
+    pub async fn submit(&self, command: S::Command) -> Result<S::Outcome, EngineError> {
+        let rx = self.publish(Some(command)).await?;
+        match self.wait(rx).await? {
+            Some(outcome) => Ok(outcome?),
+            None => Err(EngineError::Codec(
+                "a command came back as a barrier".into(),
+            )),
+        }
+    }
+
+    /// Returns once every command written before the call is applied here.
+    pub async fn sync(&self) -> Result<(), EngineError> {
+        let rx = self.publish(None).await?;
+        self.wait(rx).await?;
+        Ok(())
+    }
+
+    /// Reads the current state.
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> R {
+        f(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Changes applied from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<S::Change> {
+        self.changes.subscribe()
+    }
+
+    /// The next offset this replica will apply.
+    pub fn applied(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    async fn write_snapshot(&self, next: i64) -> Result<(), EngineError> {
+        let body = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            serde_json::to_vec(&*state).map_err(|e| EngineError::Codec(e.to_string()))?
+        };
+        let prefix = snapshot_prefix(&self.config);
+        // Zero-padded, so names sort by offset.
+        let path = prefix.clone().join(format!("{next:020}.json"));
+        self.objects.put(&path, PutPayload::from(body)).await?;
+        let older: Vec<Path> = self
+            .objects
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_filter(|l| futures::future::ready(*l < path))
+            .try_collect()
+            .await?;
+        for old in older {
+            self.objects.delete(&old).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn load_snapshot<S: StateMachine>(
+    objects: &dyn ObjectStore,
+    config: &ReplicaConfig,
+) -> Result<(S, i64), EngineError> {
+    let prefix = snapshot_prefix(config);
+    let newest = objects
+        .list(Some(&prefix))
+        .map_ok(|m| m.location)
+        .try_fold(None::<Path>, |best, p| async move {
+            Ok(match best {
+                Some(b) if b > p => Some(b),
+                _ => Some(p),
+            })
+        })
+        .await?;
+    let Some(path) = newest else {
+        return Ok((S::default(), 0));
+    };
+    let offset = path
+        .filename()
+        .and_then(|f| f.strip_suffix(".json"))
+        .and_then(|f| f.parse::<i64>().ok())
+        .ok_or_else(|| EngineError::Codec(format!("snapshot name {path}")))?;
+    let bytes = objects.get(&path).await?.bytes().await?;
+    let state = serde_json::from_slice(&bytes)
+        .map_err(|e| EngineError::Codec(format!("snapshot {path}: {e}")))?;
+    Ok((state, offset))
+}

@@ -1,0 +1,527 @@
+//! The storage engine end to end, on the embedded backends and on real Kafka + S3
+//! (`MMTEST_KAFKA`, `MMTEST_S3*`, started by `scripts/backends.sh`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mailmesh_kit::Secret;
+use mailmesh_objstore::object_store::ObjectStore;
+use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, S3Config};
+use mailmesh_queue::Queue;
+use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
+use mailmesh_queue::kafka::{KafkaConfig, KafkaQueue};
+use mailmesh_storage::EngineError;
+use mailmesh_storage::StorageError;
+use mailmesh_storage::directory::{Lookup, TenantLimits};
+use mailmesh_storage::engine::{Delivery, StorageConfig, StorageEngine, UserRef};
+use mailmesh_storage::index::{Flags, INBOX, IndexLimits, StoreAction, UidRange};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: start the real backends with `scripts/backends.sh start` \
+             and `eval \"$(scripts/backends.sh env)\"`"
+        )
+    })
+}
+
+/// One deployment's backends; engines opened on it are replicas of one storage service.
+struct Backends {
+    queue: Arc<dyn Queue>,
+    objects: Arc<dyn ObjectStore>,
+    config: StorageConfig,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn config(run: &str) -> StorageConfig {
+    StorageConfig {
+        // Fresh topics per test: the broker outlives test runs.
+        directory_topic: format!("{run}.directory"),
+        mailbox_topic: format!("{run}.mailboxes"),
+        mailbox_partitions: 4,
+        snapshot_every: 7,
+        write_timeout: Duration::from_secs(30),
+        max_message_bytes: 1 << 20,
+        index_limits: IndexLimits::default(),
+    }
+}
+
+fn run_id() -> String {
+    format!("t{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn embedded() -> Backends {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn Queue> = Arc::new(
+        EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
+            .await
+            .unwrap(),
+    );
+    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
+        dir: dir.path().join("objects"),
+    }))
+    .unwrap();
+    Backends {
+        queue,
+        objects,
+        config: config(&run_id()),
+        _dir: Some(dir),
+    }
+}
+
+fn kafka_queue() -> Arc<dyn Queue> {
+    Arc::new(
+        KafkaQueue::connect(&KafkaConfig {
+            brokers: env("MMTEST_KAFKA"),
+            properties: BTreeMap::new(),
+            sasl_password: None,
+            publish_timeout: Duration::from_secs(30),
+            replication_factor: 1,
+            session_timeout: Duration::from_secs(10),
+        })
+        .unwrap(),
+    )
+}
+
+fn s3() -> Arc<dyn ObjectStore> {
+    let store = mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
+        bucket: env("MMTEST_S3_BUCKET"),
+        endpoint: Some(env("MMTEST_S3")),
+        region: "us-east-1".into(),
+        access_key_id: Some(Secret::new(env("MMTEST_S3_ACCESS_KEY"))),
+        secret_access_key: Some(Secret::new(env("MMTEST_S3_SECRET_KEY"))),
+        path_style: true,
+    }))
+    .unwrap();
+    // Each run under its own prefix of the shared bucket.
+    Arc::new(mailmesh_objstore::object_store::prefix::PrefixStore::new(
+        store,
+        format!("run-{}", uuid::Uuid::new_v4().simple()),
+    ))
+}
+
+fn real() -> Backends {
+    Backends {
+        queue: kafka_queue(),
+        objects: s3(),
+        config: config(&run_id()),
+        _dir: None,
+    }
+}
+
+impl Backends {
+    async fn engine(&self) -> Arc<StorageEngine> {
+        StorageEngine::open(
+            self.queue.clone(),
+            self.objects.clone(),
+            self.config.clone(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A second replica with its own broker connection, as another pod would have.
+    async fn other_replica(&self) -> Arc<StorageEngine> {
+        let queue = if self._dir.is_some() {
+            self.queue.clone()
+        } else {
+            kafka_queue()
+        };
+        StorageEngine::open(queue, self.objects.clone(), self.config.clone())
+            .await
+            .unwrap()
+    }
+}
+
+fn a(s: &str) -> mailmesh_types::EmailAddress {
+    s.parse().unwrap()
+}
+
+async fn tenant_with_user(
+    engine: &StorageEngine,
+    tenant: &str,
+    address: &str,
+    quota: Option<u64>,
+) -> UserRef {
+    let t: mailmesh_types::TenantId = tenant.parse().unwrap();
+    let domain = a(address).domain().clone();
+    match engine.add_tenant(t.clone(), TenantLimits::default()).await {
+        Ok(()) | Err(EngineError::Refused(StorageError::AlreadyExists(_))) => {}
+        Err(e) => panic!("{e}"),
+    }
+    match engine.add_domain(t, domain).await {
+        Ok(()) | Err(EngineError::Refused(StorageError::AlreadyExists(_))) => {}
+        Err(e) => panic!("{e}"),
+    }
+    engine
+        .add_user(a(address), Secret::new("s3cret!".into()), quota)
+        .await
+        .unwrap()
+}
+
+const MESSAGE: &[u8] = b"From: sender@example.org\r\nSubject: hello\r\n\r\nbody line\r\n";
+
+async fn deliver_list_fetch_and_replay(b: Backends) {
+    let engine = b.engine().await;
+    let alice = tenant_with_user(&engine, "acme", "alice@acme.test", None).await;
+    let names: Vec<String> = engine
+        .read_index(&alice, |i| {
+            i.unwrap().mailboxes().map(|m| m.name.clone()).collect()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        names,
+        ["INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"]
+    );
+
+    let Lookup::Deliver(resolution) = engine.lookup(&a("ALICE@acme.test")) else {
+        panic!("alice not found")
+    };
+    assert_eq!(resolution.users, [(alice.tenant.clone(), alice.user)]);
+
+    let sender = "sender@example.org".parse().unwrap();
+    let to = a("alice@acme.test");
+    let delivery = Delivery {
+        mailbox: INBOX,
+        return_path: &sender,
+        delivered_to: &to,
+        message: MESSAGE,
+        key: "q1/alice@acme.test",
+        internal_date_ms: 1_780_000_000_000,
+    };
+    let first = engine.deliver(&alice, delivery).await.unwrap();
+    assert_eq!((first.uid, first.duplicate), (1, false));
+    let replay = engine.deliver(&alice, delivery).await.unwrap();
+    assert_eq!(
+        (replay.uid, replay.duplicate),
+        (1, true),
+        "a replay stores nothing new"
+    );
+
+    let stored = engine.fetch(&alice, "inbox", 1, None).await.unwrap();
+    let expected = [
+        b"Return-Path: <sender@example.org>\r\nDelivered-To: alice@acme.test\r\n".as_slice(),
+        MESSAGE,
+    ]
+    .concat();
+    assert_eq!(stored.as_ref(), expected.as_slice());
+    let part = engine.fetch(&alice, INBOX, 1, Some(0..11)).await.unwrap();
+    assert_eq!(part.as_ref(), b"Return-Path");
+
+    let objects: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(
+        b.objects
+            .list(Some(&Path::from(format!("t/acme/u/{}", alice.user)))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        objects.len(),
+        1,
+        "one object for the delivery and its replay"
+    );
+    assert_eq!(
+        engine.quota(&alice).await.unwrap(),
+        (expected.len() as u64, None)
+    );
+}
+
+async fn flags_expunge_and_quota(b: Backends) {
+    let engine = b.engine().await;
+    let bob = tenant_with_user(&engine, "acme", "bob@acme.test", Some(1000)).await;
+    let mut uids = Vec::new();
+    for _ in 0..3 {
+        let appended = engine
+            .append(
+                &bob,
+                INBOX,
+                Bytes::from(vec![b'x'; 300]),
+                Flags::default(),
+                0,
+            )
+            .await
+            .unwrap();
+        uids.push(appended.uid);
+    }
+    let err = engine
+        .append(
+            &bob,
+            INBOX,
+            Bytes::from(vec![b'x'; 300]),
+            Flags::default(),
+            0,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Refused(StorageError::OverQuota {
+                permanent: false,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let err = engine
+        .append(
+            &bob,
+            INBOX,
+            Bytes::from(vec![b'x'; 5000]),
+            Flags::default(),
+            0,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Refused(StorageError::OverQuota {
+                permanent: true,
+                ..
+            })
+        ),
+        "{err}"
+    );
+
+    let before = engine
+        .read_index(&bob, |i| i.unwrap().mailbox(INBOX).unwrap().highest_modseq)
+        .await
+        .unwrap();
+    let deleted = Flags::parse(["\\Deleted"], &IndexLimits::default()).unwrap();
+    engine
+        .store_flags(
+            &bob,
+            INBOX,
+            vec![UidRange::one(uids[0])],
+            StoreAction::Add,
+            deleted,
+            None,
+        )
+        .await
+        .unwrap();
+    let after = engine
+        .read_index(&bob, |i| i.unwrap().mailbox(INBOX).unwrap().highest_modseq)
+        .await
+        .unwrap();
+    assert!(after > before, "a flag change bumps MODSEQ");
+    assert_eq!(engine.expunge(&bob, INBOX, None).await.unwrap(), [uids[0]]);
+    assert_eq!(engine.quota(&bob).await.unwrap(), (600, Some(1000)));
+    assert!(matches!(
+        engine.fetch(&bob, INBOX, uids[0], None).await,
+        Err(EngineError::Refused(StorageError::NotFound(_)))
+    ));
+
+    let (_, mapping) = engine
+        .copy(
+            &bob,
+            INBOX,
+            "Archive",
+            vec![UidRange { first: 1, last: 10 }],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(mapping, [(uids[1], 1), (uids[2], 2)]);
+    assert_eq!(
+        engine.fetch(&bob, "Archive", 2, None).await.unwrap().len(),
+        300
+    );
+    let inbox_left = engine
+        .read_index(&bob, |i| i.unwrap().mailbox(INBOX).unwrap().messages.len())
+        .await
+        .unwrap();
+    assert_eq!(inbox_left, 0);
+}
+
+/// Appends from many tasks through two replicas: every UID distinct, and both
+/// replicas hold the same index afterwards.
+async fn concurrent_appends_through_two_replicas(b: Backends) {
+    let one = b.engine().await;
+    let carol = tenant_with_user(&one, "acme", "carol@acme.test", None).await;
+    let two = b.other_replica().await;
+    two.sync_directory().await.unwrap();
+
+    let tasks = (0..40).map(|i| {
+        let engine = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let carol = carol.clone();
+        tokio::spawn(async move {
+            engine
+                .append(
+                    &carol,
+                    INBOX,
+                    Bytes::from(format!("Subject: {i}\r\n\r\n{i}\r\n")),
+                    Flags::default(),
+                    0,
+                )
+                .await
+                .unwrap()
+                .uid
+        })
+    });
+    let mut uids = BTreeSet::new();
+    for t in futures::future::join_all(tasks).await {
+        assert!(uids.insert(t.unwrap()), "a UID was given twice");
+    }
+    assert_eq!(uids, (1..=40).collect::<BTreeSet<_>>());
+
+    one.sync_user(&carol).await.unwrap();
+    two.sync_user(&carol).await.unwrap();
+    let view = |e: Arc<StorageEngine>, carol: UserRef| async move {
+        e.read_index(&carol, |i| {
+            let m = i.unwrap().mailbox(INBOX).unwrap();
+            (m.uidnext, m.highest_modseq, m.messages.clone())
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        view(one.clone(), carol.clone()).await,
+        view(two.clone(), carol.clone()).await
+    );
+
+    // Each UID's content is the message that got it, through either replica.
+    for uid in [1, 20, 40] {
+        let a = one.fetch(&carol, INBOX, uid, None).await.unwrap();
+        let b = two.fetch(&carol, INBOX, uid, None).await.unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+/// A user of one tenant cannot reach another tenant's messages by naming them.
+async fn tenants_are_isolated(b: Backends) {
+    let engine = b.engine().await;
+    let eve = tenant_with_user(&engine, "evil", "eve@evil.test", None).await;
+    let dave = tenant_with_user(&engine, "globex", "dave@globex.test", None).await;
+    engine
+        .append(
+            &dave,
+            INBOX,
+            Bytes::from_static(b"Subject: secret\r\n\r\n"),
+            Flags::default(),
+            0,
+        )
+        .await
+        .unwrap();
+    // Eve's tenant with Dave's user id: not Dave.
+    let forged = UserRef {
+        tenant: eve.tenant.clone(),
+        user: dave.user,
+    };
+    assert!(matches!(
+        engine.fetch(&forged, INBOX, 1, None).await,
+        Err(EngineError::Refused(StorageError::NotFound(_)))
+    ));
+    assert!(engine.read_index(&forged, |i| i.is_none()).await.unwrap());
+    // Mailbox names cannot climb out of the user's prefix.
+    assert!(engine.fetch(&eve, "../../globex", 1, None).await.is_err());
+    // The domain stays with its owner.
+    let err = engine
+        .add_domain("evil".parse().unwrap(), "globex.test".parse().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Refused(StorageError::FailedPrecondition(_))
+        ),
+        "{err}"
+    );
+    assert_eq!(engine.lookup(&a("eve@globex.test")), Lookup::Unknown);
+}
+
+/// A restarted replica (new process) replays snapshot + log to the same state.
+async fn restart_replays_to_the_same_state(b: Backends) {
+    let before = {
+        let engine = b.engine().await;
+        let frank = tenant_with_user(&engine, "acme", "frank@acme.test", None).await;
+        // More commands than `snapshot_every`, so a snapshot is written and used.
+        for i in 0..20 {
+            engine
+                .append(
+                    &frank,
+                    INBOX,
+                    Bytes::from(format!("m{i}")),
+                    Flags::default(),
+                    0,
+                )
+                .await
+                .unwrap();
+        }
+        let state = engine
+            .read_index(&frank, |i| i.unwrap().mailbox(INBOX).unwrap().clone())
+            .await
+            .unwrap();
+        (frank, state)
+    };
+    let snapshots: Vec<_> =
+        futures::TryStreamExt::try_collect::<Vec<_>>(b.objects.list(Some(&Path::from("index"))))
+            .await
+            .unwrap();
+    assert!(!snapshots.is_empty(), "snapshots were written");
+
+    let engine = b.engine().await;
+    let (frank, state) = before;
+    assert!(
+        engine
+            .authenticate(&a("frank@acme.test"), Secret::new("s3cret!".into()))
+            .await
+            .is_some()
+    );
+    assert!(
+        engine
+            .authenticate(&a("frank@acme.test"), Secret::new("wrong".into()))
+            .await
+            .is_none()
+    );
+    assert!(
+        engine
+            .authenticate(&a("nobody@acme.test"), Secret::new("s3cret!".into()))
+            .await
+            .is_none()
+    );
+    let replayed = engine
+        .read_index(&frank, |i| i.unwrap().mailbox(INBOX).unwrap().clone())
+        .await
+        .unwrap();
+    assert_eq!(replayed, state);
+    let next = engine
+        .append(
+            &frank,
+            INBOX,
+            Bytes::from_static(b"after restart"),
+            Flags::default(),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.uid, 21, "UIDs continue, never reused");
+}
+
+macro_rules! on_both {
+    ($($name:ident),*) => {
+        mod embedded_backends {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::embedded().await).await;
+            })*
+        }
+        mod real_backends {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(super::real()).await;
+            })*
+        }
+    };
+}
+
+on_both!(
+    deliver_list_fetch_and_replay,
+    flags_expunge_and_quota,
+    concurrent_appends_through_two_replicas,
+    tenants_are_isolated,
+    restart_replays_to_the_same_state
+);
