@@ -68,7 +68,7 @@ pub trait Cache: Send + Sync {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum CacheConfig {
     Redis(redis::RedisConfig),
     Memory,

@@ -37,7 +37,7 @@ pub enum ObjectStoreError {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum ObjectStoreConfig {
     S3(S3Config),
     Local(LocalConfig),

@@ -151,7 +151,7 @@ pub trait PartitionReader: Send {
 
 /// Which queue to use.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum QueueConfig {
     Kafka(kafka::KafkaConfig),
     Embedded(embedded::EmbeddedConfig),
@@ -227,10 +227,9 @@ mod tests {
     #[test]
     fn delivery_guarantees_cannot_be_configured_away() {
         let err = ConfigSource::default()
-            .with_var("MAILMESH_QUEUE__KIND", "kafka")
-            .with_var("MAILMESH_QUEUE__BROKERS", "kafka:9092")
+            .with_var("MAILMESH_QUEUE__KAFKA__BROKERS", "kafka:9092")
             .with_var(
-                "MAILMESH_QUEUE__PROPERTIES",
+                "MAILMESH_QUEUE__KAFKA__PROPERTIES",
                 "{\"request.required.acks\" = \"1\"}",
             )
             .load::<Config>()
@@ -241,11 +240,19 @@ mod tests {
             "{err}"
         );
 
+        // Numbers from the environment fill numeric fields inside the variant.
         let cfg = ConfigSource::default()
-            .with_var("MAILMESH_QUEUE__KIND", "embedded")
-            .with_var("MAILMESH_QUEUE__DIR", "/var/lib/mailmesh/queue")
+            .with_var("MAILMESH_QUEUE__KAFKA__BROKERS", "kafka:9092")
+            .with_var("MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR", "2")
             .load::<Config>()
             .unwrap();
-        assert!(matches!(cfg.queue, QueueConfig::Embedded(c) if c.fsync && c.partitions == 4));
+        assert!(matches!(cfg.queue, QueueConfig::Kafka(c) if c.replication_factor == 2));
+
+        let cfg = ConfigSource::default()
+            .with_var("MAILMESH_QUEUE__EMBEDDED__DIR", "/var/lib/mailmesh/queue")
+            .with_var("MAILMESH_QUEUE__EMBEDDED__PARTITIONS", "8")
+            .load::<Config>()
+            .unwrap();
+        assert!(matches!(cfg.queue, QueueConfig::Embedded(c) if c.fsync && c.partitions == 8));
     }
 }

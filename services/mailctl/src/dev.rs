@@ -15,6 +15,8 @@ use mailmesh_kit::{ConfigSource, Health, Shutdown};
 use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, ObjectStoreReadiness};
 use mailmesh_queue::QueueReadiness;
 use mailmesh_queue::embedded::EmbeddedConfig;
+use mailmesh_storage::engine::{StorageConfig, StorageEngine};
+use mailmesh_storage::server::serve_grpc;
 use serde::Deserialize;
 
 use crate::DevArgs;
@@ -34,15 +36,18 @@ struct DevConfig {
     tls: Option<TlsConfig>,
     /// fsync the queue before acknowledging (keep on: a `250` is a promise).
     queue_fsync: bool,
+    storage: StorageConfig,
     admin: AdminConfig,
     telemetry: TelemetryConfig,
     shutdown: ShutdownConfig,
 }
 
-/// The mail ports of the dev platform, unprivileged so no root is needed.
+/// The ports of the dev platform, unprivileged so no root is needed.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct Ports {
+    /// The storage gRPC API, which `mailctl` commands talk to.
+    storage: u16,
     smtp: u16,
     submission: u16,
     submissions: u16,
@@ -55,6 +60,7 @@ struct Ports {
 impl Default for Ports {
     fn default() -> Self {
         Self {
+            storage: 7001,
             smtp: 2525,
             submission: 2587,
             submissions: 2465,
@@ -67,8 +73,9 @@ impl Default for Ports {
 }
 
 impl Ports {
-    fn named(&self) -> [(&'static str, u16); 7] {
+    fn named(&self) -> [(&'static str, u16); 8] {
         [
+            ("storage", self.storage),
             ("smtp", self.smtp),
             ("submission", self.submission),
             ("submissions", self.submissions),
@@ -88,6 +95,11 @@ impl Default for DevConfig {
             ports: Ports::default(),
             tls: None,
             queue_fsync: true,
+            storage: StorageConfig {
+                // One process: a few partitions keep start-up and memory small.
+                mailbox_partitions: 4,
+                ..StorageConfig::default()
+            },
             admin: AdminConfig {
                 listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
             },
@@ -108,6 +120,7 @@ impl Validate for DevConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
         self.shutdown.validate()?;
+        self.storage.validate()?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
@@ -164,6 +177,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     .context("opening the local object store")?;
     health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
 
+    let engine = StorageEngine::open(queue.clone(), objects.clone(), config.storage.clone())
+        .await
+        .context("starting storage")?;
+    let storage_addr = SocketAddr::new(config.bind, config.ports.storage);
+    let storage_listener = tokio::net::TcpListener::bind(storage_addr)
+        .await
+        .with_context(|| format!("binding the storage gRPC port {storage_addr}"))?;
+    let storage_task = tokio::spawn(serve_grpc(engine, storage_listener, shutdown.clone()));
+
     let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     health.add_check(Arc::new(CacheReadiness(cache.clone())));
 
@@ -198,6 +220,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     mailmesh_kit::shutdown::signal().await;
     let clean = shutdown.drain(&health, &config.shutdown).await;
+    // Open Watch streams do not end by themselves; they are cut here.
+    if let Ok(served) = tokio::time::timeout(Duration::from_secs(5), storage_task).await {
+        served??;
+    }
     admin_task.await??;
     tracing::info!(clean, "mailmesh dev stopped");
     Ok(())
@@ -209,8 +235,12 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig) {
     println!("  data         {}", config.data_dir.display());
     println!("  tls          {}", tls.cert_file.display());
     println!("  queue        embedded log, topic {MAIL_TOPIC}");
+    println!(
+        "  storage      http://{}:{}  (gRPC; `mailctl tenant|domain|user|alias|quota` talk to it)",
+        config.bind, config.ports.storage
+    );
     println!("mail ports (bound as their services are built; none are yet):");
-    for (name, port) in config.ports.named() {
+    for (name, port) in config.ports.named().into_iter().skip(1) {
         println!("  {name:<12} {}:{port}  not built yet", config.bind);
     }
 }

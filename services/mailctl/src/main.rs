@@ -1,6 +1,7 @@
 //! `mailctl`: the mailmesh admin CLI, and `mailctl dev`, which runs the whole platform
 //! in one process on embedded backends.
 
+mod admin;
 mod dev;
 
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ use clap::{Parser, Subcommand};
     about = "mailmesh admin CLI and dev platform"
 )]
 struct Cli {
+    #[command(flatten)]
+    target: admin::Target,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,6 +26,24 @@ enum Command {
     /// Run every mailmesh service in this process on embedded backends (local log,
     /// local object store, in-process cache). Stops cleanly on Ctrl-C or SIGTERM.
     Dev(DevArgs),
+    /// Tenants: add, list, limits, remove.
+    #[command(subcommand)]
+    Tenant(admin::TenantCommand),
+    /// Domains: add, remove, catch-all.
+    #[command(subcommand)]
+    Domain(admin::DomainCommand),
+    /// Users: add, passwd, disable, enable, quota, remove, list.
+    #[command(subcommand)]
+    User(admin::UserCommand),
+    /// Aliases: add, remove, list.
+    #[command(subcommand)]
+    Alias(admin::AliasCommand),
+    /// Quota usage.
+    #[command(subcommand)]
+    Quota(admin::QuotaCommand),
+    /// A user's mailboxes.
+    #[command(subcommand)]
+    Mailbox(admin::MailboxCommand),
 }
 
 #[derive(clap::Args)]
@@ -38,12 +59,32 @@ pub struct DevArgs {
     admin_listen: Option<std::net::SocketAddr>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain, one line: what an operator needs, no backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
-        Command::Dev(args) => runtime.block_on(dev::run(args)),
-    }
+    let target = cli.target;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Dev(args) => dev::run(args).await,
+            Command::Tenant(c) => admin::tenant(target, c).await,
+            Command::Domain(c) => admin::domain(target, c).await,
+            Command::User(c) => admin::user(target, c).await,
+            Command::Alias(c) => admin::alias(target, c).await,
+            Command::Quota(c) => admin::quota(target, c).await,
+            Command::Mailbox(c) => admin::mailbox(target, c).await,
+        }
+    })
 }

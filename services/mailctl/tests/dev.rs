@@ -1,67 +1,11 @@
 //! `mailctl dev` as a user runs it: the real binary, its admin port, its signals.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Dev {
-    child: Child,
-    admin: String,
-    _dir: tempfile::TempDir,
-    data: std::path::PathBuf,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(env: &[(&str, &str)]) -> Dev {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let admin = format!("127.0.0.1:{}", free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
-        .args(["dev", "--data-dir"])
-        .arg(&data)
-        .args(["--admin-listen", &admin])
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Dev {
-        child,
-        admin: format!("http://{admin}"),
-        _dir: dir,
-        data,
-    }
-}
-
-async fn status(url: &str) -> Option<(u16, String)> {
-    let response = reqwest::get(url).await.ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.text().await.unwrap_or_default()))
-}
-
-async fn wait_ready(dev: &Dev) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some((200, _)) = status(&format!("{}/readyz", dev.admin)).await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "mailctl dev never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use common::{start, status, wait_ready};
 
 fn sigterm(child: &Child) {
     let ok = Command::new("kill")

@@ -9,8 +9,10 @@
 
 pub mod directory;
 pub mod engine;
+pub mod grpc;
 pub mod index;
 pub mod replica;
+pub mod server;
 
 /// Why a command was refused. Each variant maps to one gRPC status and, at the front
 /// doors, to one SMTP/IMAP reply.

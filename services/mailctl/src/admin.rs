@@ -1,0 +1,547 @@
+//! `mailctl tenant|domain|user|alias|quota`: administration over the storage gRPC API.
+
+use std::io::BufRead;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use mailmesh_proto::v1;
+use mailmesh_proto::v1::directory_client::DirectoryClient;
+use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+#[derive(Args)]
+pub struct Target {
+    /// The storage service's gRPC endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "MAILCTL_ENDPOINT",
+        default_value = "http://127.0.0.1:7001"
+    )]
+    endpoint: String,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant.
+    Add {
+        tenant: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// List tenants with their domains and user counts.
+    List,
+    /// Change a tenant's limits (omitted limits become unlimited).
+    Limits {
+        tenant: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Remove a tenant that owns no domains.
+    Remove { tenant: String },
+}
+
+#[derive(Args)]
+pub struct LimitArgs {
+    #[arg(long)]
+    max_users: Option<u32>,
+    #[arg(long)]
+    max_storage_bytes: Option<u64>,
+    #[arg(long)]
+    max_message_bytes: Option<u64>,
+    #[arg(long)]
+    send_rate_per_hour: Option<u32>,
+}
+
+impl LimitArgs {
+    fn proto(&self) -> v1::TenantLimits {
+        v1::TenantLimits {
+            max_users: self.max_users.unwrap_or(0),
+            max_storage_bytes: self.max_storage_bytes.unwrap_or(0),
+            max_message_bytes: self.max_message_bytes.unwrap_or(0),
+            send_rate_per_hour: self.send_rate_per_hour.unwrap_or(0),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum DomainCommand {
+    /// Give a domain to a tenant (a domain has exactly one owner).
+    Add { tenant: String, domain: String },
+    /// Remove a domain that has no users or aliases left.
+    Remove { tenant: String, domain: String },
+    /// Send mail for unknown addresses of DOMAIN to TARGET (no TARGET: stop).
+    CatchAll {
+        domain: String,
+        target: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create a user (and their INBOX, Sent, Drafts, Trash, Junk, Archive).
+    Add {
+        address: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long, required = true)]
+        password_stdin: bool,
+        /// Mailbox quota in bytes.
+        #[arg(long)]
+        quota: Option<u64>,
+    },
+    /// Set a user's password.
+    Passwd {
+        address: String,
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// Stop a user from logging in (mail is still delivered).
+    Disable {
+        address: String,
+    },
+    Enable {
+        address: String,
+    },
+    /// Set (or with no BYTES, remove) a user's quota.
+    Quota {
+        address: String,
+        bytes: Option<u64>,
+    },
+    /// Remove a user and all their mail.
+    Remove {
+        address: String,
+    },
+    /// List a tenant's users.
+    List {
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AliasCommand {
+    /// Deliver mail for ADDRESS to each TARGET (local or remote addresses).
+    Add {
+        address: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    Remove {
+        address: String,
+    },
+    List {
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum QuotaCommand {
+    /// Show a user's usage and limit.
+    Show { address: String },
+}
+
+#[derive(Subcommand)]
+pub enum MailboxCommand {
+    /// List a user's mailboxes with message counts.
+    List { address: String },
+}
+
+async fn directory(target: &Target) -> anyhow::Result<DirectoryClient<Channel>> {
+    DirectoryClient::connect(target.endpoint.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {} (is `mailctl dev` running?)",
+                target.endpoint
+            )
+        })
+}
+
+async fn mailboxes(target: &Target) -> anyhow::Result<MailboxesClient<Channel>> {
+    MailboxesClient::connect(target.endpoint.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to {} (is `mailctl dev` running?)",
+                target.endpoint
+            )
+        })
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\r', '\n']).to_owned();
+    if password.is_empty() {
+        bail!("no password on standard input");
+    }
+    Ok(password)
+}
+
+/// A refused request: the server's message, without gRPC noise.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::ResourceExhausted => "over limit",
+        tonic::Code::Unavailable => "unavailable",
+        _ => "error",
+    }
+}
+
+fn done(target: &Target, what: String) {
+    if target.json {
+        println!("{}", json!({ "ok": true }));
+    } else {
+        println!("{what}");
+    }
+}
+
+fn user_json(u: &v1::UserInfo) -> serde_json::Value {
+    let user = u.user.clone().unwrap_or_default();
+    json!({
+        "address": u.address,
+        "tenant": user.tenant,
+        "user_id": user.user_id,
+        "quota_bytes": (u.quota_bytes != 0).then_some(u.quota_bytes),
+        "enabled": u.enabled,
+    })
+}
+
+pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()> {
+    let mut client = directory(&target).await?;
+    match command {
+        TenantCommand::Add { tenant, limits } => {
+            client
+                .add_tenant(v1::AddTenantRequest {
+                    tenant: tenant.clone(),
+                    limits: Some(limits.proto()),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("tenant {tenant} added"));
+        }
+        TenantCommand::Limits { tenant, limits } => {
+            client
+                .set_tenant_limits(v1::AddTenantRequest {
+                    tenant: tenant.clone(),
+                    limits: Some(limits.proto()),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("limits of tenant {tenant} set"));
+        }
+        TenantCommand::Remove { tenant } => {
+            client
+                .remove_tenant(v1::TenantRequest {
+                    tenant: tenant.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("tenant {tenant} removed"));
+        }
+        TenantCommand::List => {
+            let tenants = client
+                .list_tenants(v1::Empty {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .tenants;
+            if target.json {
+                let list: Vec<_> = tenants
+                    .iter()
+                    .map(|t| {
+                        let l = t.limits.clone().unwrap_or_default();
+                        json!({
+                            "tenant": t.tenant,
+                            "domains": t.domains,
+                            "users": t.users,
+                            "limits": {
+                                "max_users": (l.max_users != 0).then_some(l.max_users),
+                                "max_storage_bytes": (l.max_storage_bytes != 0).then_some(l.max_storage_bytes),
+                                "max_message_bytes": (l.max_message_bytes != 0).then_some(l.max_message_bytes),
+                                "send_rate_per_hour": (l.send_rate_per_hour != 0).then_some(l.send_rate_per_hour),
+                            }
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for t in tenants {
+                    println!(
+                        "{:<24} users {:<6} domains {}",
+                        t.tenant,
+                        t.users,
+                        t.domains.join(",")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn domain(target: Target, command: DomainCommand) -> anyhow::Result<()> {
+    let mut client = directory(&target).await?;
+    match command {
+        DomainCommand::Add { tenant, domain } => {
+            client
+                .add_domain(v1::DomainRequest {
+                    tenant: tenant.clone(),
+                    domain: domain.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("domain {domain} added to tenant {tenant}"));
+        }
+        DomainCommand::Remove { tenant, domain } => {
+            client
+                .remove_domain(v1::DomainRequest {
+                    tenant,
+                    domain: domain.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("domain {domain} removed"));
+        }
+        DomainCommand::CatchAll { domain, target: to } => {
+            client
+                .set_catch_all(v1::SetCatchAllRequest {
+                    domain: domain.clone(),
+                    target: to.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?;
+            let what = match to {
+                Some(t) => format!("unknown addresses of {domain} go to {t}"),
+                None => format!("catch-all of {domain} removed"),
+            };
+            done(&target, what);
+        }
+    }
+    Ok(())
+}
+
+pub async fn user(target: Target, command: UserCommand) -> anyhow::Result<()> {
+    let mut client = directory(&target).await?;
+    match command {
+        UserCommand::Add { address, quota, .. } => {
+            let password = read_password()?;
+            let info = client
+                .add_user(v1::AddUserRequest {
+                    address,
+                    password,
+                    quota_bytes: quota.unwrap_or(0),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if target.json {
+                println!("{}", user_json(&info));
+            } else {
+                println!("user {} added", info.address);
+            }
+        }
+        UserCommand::Passwd { address, .. } => {
+            let password = read_password()?;
+            client
+                .set_password(v1::SetPasswordRequest {
+                    address: address.clone(),
+                    password,
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("password of {address} changed"));
+        }
+        UserCommand::Disable { address } => {
+            client
+                .set_enabled(v1::SetEnabledRequest {
+                    address: address.clone(),
+                    enabled: false,
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("user {address} disabled"));
+        }
+        UserCommand::Enable { address } => {
+            client
+                .set_enabled(v1::SetEnabledRequest {
+                    address: address.clone(),
+                    enabled: true,
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("user {address} enabled"));
+        }
+        UserCommand::Quota { address, bytes } => {
+            client
+                .set_quota(v1::SetQuotaRequest {
+                    address: address.clone(),
+                    quota_bytes: bytes.unwrap_or(0),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("quota of {address} set"));
+        }
+        UserCommand::Remove { address } => {
+            client
+                .remove_user(v1::AddressRequest {
+                    address: address.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("user {address} removed"));
+        }
+        UserCommand::List { tenant } => {
+            let users = client
+                .list_users(v1::TenantRequest { tenant })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .users;
+            if target.json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(users.iter().map(user_json).collect())
+                );
+            } else {
+                for u in users {
+                    let quota = match u.quota_bytes {
+                        0 => "unlimited".to_owned(),
+                        q => format!("{q} bytes"),
+                    };
+                    let state = if u.enabled { "enabled" } else { "disabled" };
+                    println!("{:<40} {state:<9} quota {quota}", u.address);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn alias(target: Target, command: AliasCommand) -> anyhow::Result<()> {
+    let mut client = directory(&target).await?;
+    match command {
+        AliasCommand::Add { address, targets } => {
+            client
+                .add_alias(v1::AddAliasRequest {
+                    address: address.clone(),
+                    targets: targets.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("{address} -> {}", targets.join(", ")));
+        }
+        AliasCommand::Remove { address } => {
+            client
+                .remove_alias(v1::AddressRequest {
+                    address: address.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("alias {address} removed"));
+        }
+        AliasCommand::List { tenant } => {
+            let aliases = client
+                .list_aliases(v1::TenantRequest { tenant })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .aliases;
+            if target.json {
+                let list: Vec<_> = aliases
+                    .iter()
+                    .map(|a| json!({ "address": a.address, "targets": a.targets }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                for a in aliases {
+                    println!("{:<40} -> {}", a.address, a.targets.join(", "));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn user_ref(target: &Target, address: &str) -> anyhow::Result<v1::UserRef> {
+    let info = directory(target)
+        .await?
+        .get_user(v1::AddressRequest {
+            address: address.to_owned(),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    info.user.context("the server named no user")
+}
+
+pub async fn mailbox(target: Target, command: MailboxCommand) -> anyhow::Result<()> {
+    let MailboxCommand::List { address } = command;
+    let user = user_ref(&target, &address).await?;
+    let list = mailboxes(&target)
+        .await?
+        .list_mailboxes(user)
+        .await
+        .map_err(refused)?
+        .into_inner()
+        .mailboxes;
+    if target.json {
+        let list: Vec<_> = list
+            .iter()
+            .map(|m| {
+                json!({
+                    "name": m.name,
+                    "special_use": (!m.special_use.is_empty()).then_some(&m.special_use),
+                    "messages": m.messages,
+                    "unseen": m.unseen,
+                    "uid_validity": m.uid_validity,
+                    "uid_next": m.uid_next,
+                    "size": m.size,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for m in list {
+            println!(
+                "{:<24} {:<10} messages {:<6} unseen {:<6} bytes {}",
+                m.name, m.special_use, m.messages, m.unseen, m.size
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn quota(target: Target, command: QuotaCommand) -> anyhow::Result<()> {
+    let QuotaCommand::Show { address } = command;
+    let user = user_ref(&target, &address).await?;
+    let quota = mailboxes(&target)
+        .await?
+        .quota(user)
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let limit = (quota.limit_bytes != 0).then_some(quota.limit_bytes);
+    if target.json {
+        println!(
+            "{}",
+            json!({ "address": address, "used_bytes": quota.used_bytes, "limit_bytes": limit })
+        );
+    } else {
+        match limit {
+            Some(l) => println!("{address}: {} of {l} bytes used", quota.used_bytes),
+            None => println!("{address}: {} bytes used (no quota)", quota.used_bytes),
+        }
+    }
+    Ok(())
+}

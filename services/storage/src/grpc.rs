@@ -1,0 +1,810 @@
+//! The storage service over gRPC. Requests are validated into domain types at this
+//! edge (invalid input is `INVALID_ARGUMENT` naming the field); the engine never sees
+//! raw protobuf.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::Stream;
+use mailmesh_kit::Secret;
+use mailmesh_proto::v1;
+use mailmesh_proto::v1::directory_server::{Directory as DirectoryApi, DirectoryServer};
+use mailmesh_proto::v1::mailboxes_server::{Mailboxes as MailboxesApi, MailboxesServer};
+use mailmesh_types::{Domain, EmailAddress, ReversePath, TenantId};
+use tonic::{Request, Response, Status};
+
+use crate::directory::{Lookup, TenantLimits, User, UserId};
+use crate::engine::{Delivery, StorageEngine, UserRef};
+use crate::index::{Change, Flags, INBOX, Mailbox, Message, StoreAction, UidRange};
+use crate::{EngineError, StorageError};
+
+/// Bytes per `FetchChunk`.
+const FETCH_CHUNK: usize = 64 << 10;
+
+/// Both gRPC services of storage, over one engine.
+#[derive(Clone)]
+pub struct StorageService {
+    engine: Arc<StorageEngine>,
+}
+
+impl StorageService {
+    pub fn new(engine: Arc<StorageEngine>) -> Self {
+        Self { engine }
+    }
+
+    pub fn directory_server(&self) -> DirectoryServer<Self> {
+        DirectoryServer::new(self.clone())
+    }
+
+    pub fn mailboxes_server(&self) -> MailboxesServer<Self> {
+        let max = usize::try_from(self.engine.config().max_message_bytes).unwrap_or(usize::MAX);
+        // Room for the message plus the request's other fields.
+        MailboxesServer::new(self.clone()).max_decoding_message_size(max.saturating_add(64 << 10))
+    }
+}
+
+/// Marks an over-quota refusal that no retry can fix (SMTP `552`, not `452`).
+pub const PERMANENT_METADATA: &str = "mailmesh-permanent";
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Refused(StorageError::InvalidArgument(m)) => Status::invalid_argument(m),
+            EngineError::Refused(StorageError::NotFound(m)) => Status::not_found(m),
+            EngineError::Refused(StorageError::AlreadyExists(m)) => Status::already_exists(m),
+            EngineError::Refused(StorageError::FailedPrecondition(m)) => {
+                Status::failed_precondition(m)
+            }
+            EngineError::Refused(StorageError::OverQuota { reason, permanent }) => {
+                let mut status = Status::resource_exhausted(reason);
+                if permanent {
+                    status.metadata_mut().insert(
+                        PERMANENT_METADATA,
+                        tonic::metadata::MetadataValue::from_static("true"),
+                    );
+                }
+                status
+            }
+            EngineError::Codec(m) => Status::internal(m),
+            other @ (EngineError::Queue(_)
+            | EngineError::Objects(_)
+            | EngineError::Body(_)
+            | EngineError::Unavailable(_)) => Status::unavailable(other.to_string()),
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, Status>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn user_ref(user: Option<v1::UserRef>) -> Result<UserRef, Status> {
+    let user = user.ok_or_else(|| Status::invalid_argument("user: missing"))?;
+    let id = uuid::Uuid::try_parse(&user.user_id)
+        .map_err(|_| Status::invalid_argument("user.user_id: expected 32 hex digits"))?;
+    Ok(UserRef {
+        tenant: parse("user.tenant", &user.tenant)?,
+        user: UserId(id),
+    })
+}
+
+fn proto_user(user: &UserRef) -> v1::UserRef {
+    v1::UserRef {
+        tenant: user.tenant.to_string(),
+        user_id: user.user.to_string(),
+    }
+}
+
+fn user_info(user: &User) -> v1::UserInfo {
+    v1::UserInfo {
+        user: Some(proto_user(&UserRef {
+            tenant: user.tenant.clone(),
+            user: user.id,
+        })),
+        address: user.address.to_string(),
+        quota_bytes: user.quota_bytes.unwrap_or(0),
+        enabled: user.enabled,
+    }
+}
+
+fn limits(l: Option<v1::TenantLimits>) -> TenantLimits {
+    let l = l.unwrap_or_default();
+    let nz32 = |v: u32| (v != 0).then_some(v);
+    let nz64 = |v: u64| (v != 0).then_some(v);
+    TenantLimits {
+        max_users: nz32(l.max_users),
+        max_storage_bytes: nz64(l.max_storage_bytes),
+        max_message_bytes: nz64(l.max_message_bytes),
+        send_rate_per_hour: nz32(l.send_rate_per_hour),
+    }
+}
+
+fn proto_limits(l: &TenantLimits) -> v1::TenantLimits {
+    v1::TenantLimits {
+        max_users: l.max_users.unwrap_or(0),
+        max_storage_bytes: l.max_storage_bytes.unwrap_or(0),
+        max_message_bytes: l.max_message_bytes.unwrap_or(0),
+        send_rate_per_hour: l.send_rate_per_hour.unwrap_or(0),
+    }
+}
+
+fn flags(engine: &StorageEngine, names: &[String]) -> Result<Flags, Status> {
+    Flags::parse(
+        names.iter().map(String::as_str),
+        &engine.config().index_limits,
+    )
+    .map_err(|e| Status::invalid_argument(format!("flags: {e}")))
+}
+
+fn ranges(r: &[v1::UidRange]) -> Vec<UidRange> {
+    r.iter()
+        .map(|r| UidRange {
+            first: r.first,
+            last: r.last,
+        })
+        .collect()
+}
+
+fn mailbox_info(m: &Mailbox) -> v1::MailboxInfo {
+    let status = m.status();
+    v1::MailboxInfo {
+        name: m.name.clone(),
+        special_use: m.role.map(|r| r.attribute().to_owned()).unwrap_or_default(),
+        subscribed: m.subscribed,
+        messages: status.messages,
+        unseen: status.unseen,
+        uid_next: status.uidnext,
+        uid_validity: status.uidvalidity,
+        highest_modseq: status.highest_modseq,
+        size: status.size,
+    }
+}
+
+fn message_info(m: &Message) -> v1::MessageInfo {
+    v1::MessageInfo {
+        uid: m.uid,
+        flags: m.flags.names(),
+        size: m.size,
+        internal_date_ms: m.internal_date_ms,
+        modseq: m.modseq,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl DirectoryApi for StorageService {
+    async fn add_tenant(&self, r: Request<v1::AddTenantRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .add_tenant(parse("tenant", &r.tenant)?, limits(r.limits))
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn set_tenant_limits(&self, r: Request<v1::AddTenantRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .set_tenant_limits(parse("tenant", &r.tenant)?, limits(r.limits))
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn remove_tenant(&self, r: Request<v1::TenantRequest>) -> Reply<v1::Empty> {
+        self.engine
+            .remove_tenant(parse("tenant", &r.into_inner().tenant)?)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn list_tenants(&self, _: Request<v1::Empty>) -> Reply<v1::ListTenantsResponse> {
+        self.engine.sync_directory().await?;
+        let tenants = self.engine.directory(|d| {
+            d.tenants()
+                .map(|t| v1::TenantInfo {
+                    tenant: t.id.to_string(),
+                    limits: Some(proto_limits(&t.limits)),
+                    domains: d.domains_of(&t.id).map(ToString::to_string).collect(),
+                    users: d.users_of(&t.id).count() as u32,
+                })
+                .collect()
+        });
+        Ok(Response::new(v1::ListTenantsResponse { tenants }))
+    }
+
+    async fn add_domain(&self, r: Request<v1::DomainRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .add_domain(
+                parse("tenant", &r.tenant)?,
+                parse::<Domain>("domain", &r.domain)?,
+            )
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn remove_domain(&self, r: Request<v1::DomainRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let domain: Domain = parse("domain", &r.domain)?;
+        let tenant: TenantId = parse("tenant", &r.tenant)?;
+        // Only the owner may remove a domain.
+        if self
+            .engine
+            .directory(|d| d.domain_owner(&domain) != Some(&tenant))
+        {
+            return Err(Status::not_found(format!("domain {domain}")));
+        }
+        self.engine.remove_domain(domain).await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn add_user(&self, r: Request<v1::AddUserRequest>) -> Reply<v1::UserInfo> {
+        let r = r.into_inner();
+        let address: EmailAddress = parse("address", &r.address)?;
+        let quota = (r.quota_bytes != 0).then_some(r.quota_bytes);
+        let user = self
+            .engine
+            .add_user(address, Secret::new(r.password), quota)
+            .await?;
+        let info = self
+            .engine
+            .directory(|d| d.user(&user.user).map(user_info))
+            .ok_or_else(|| Status::unavailable("user not visible yet"))?;
+        Ok(Response::new(info))
+    }
+
+    async fn set_password(&self, r: Request<v1::SetPasswordRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .set_password(parse("address", &r.address)?, Secret::new(r.password))
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn set_enabled(&self, r: Request<v1::SetEnabledRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .set_enabled(parse("address", &r.address)?, r.enabled)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn set_quota(&self, r: Request<v1::SetQuotaRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let quota = (r.quota_bytes != 0).then_some(r.quota_bytes);
+        self.engine
+            .set_quota(parse("address", &r.address)?, quota)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn remove_user(&self, r: Request<v1::AddressRequest>) -> Reply<v1::Empty> {
+        self.engine
+            .remove_user(parse("address", &r.into_inner().address)?)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn get_user(&self, r: Request<v1::AddressRequest>) -> Reply<v1::UserInfo> {
+        let address: EmailAddress = parse("address", &r.into_inner().address)?;
+        self.engine.sync_directory().await?;
+        self.engine
+            .directory(|d| d.user_by_address(&address).map(user_info))
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("user {address}")))
+    }
+
+    async fn list_users(&self, r: Request<v1::TenantRequest>) -> Reply<v1::ListUsersResponse> {
+        let tenant: TenantId = parse("tenant", &r.into_inner().tenant)?;
+        self.engine.sync_directory().await?;
+        let users = self
+            .engine
+            .directory(|d| d.users_of(&tenant).map(user_info).collect());
+        Ok(Response::new(v1::ListUsersResponse { users }))
+    }
+
+    async fn add_alias(&self, r: Request<v1::AddAliasRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let targets = r
+            .targets
+            .iter()
+            .map(|t| parse("targets", t))
+            .collect::<Result<Vec<EmailAddress>, Status>>()?;
+        self.engine
+            .add_alias(parse("address", &r.address)?, targets)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn remove_alias(&self, r: Request<v1::AddressRequest>) -> Reply<v1::Empty> {
+        self.engine
+            .remove_alias(parse("address", &r.into_inner().address)?)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn list_aliases(&self, r: Request<v1::TenantRequest>) -> Reply<v1::ListAliasesResponse> {
+        let tenant: TenantId = parse("tenant", &r.into_inner().tenant)?;
+        self.engine.sync_directory().await?;
+        let aliases = self.engine.directory(|d| {
+            d.aliases_of(&tenant)
+                .map(|a| v1::AliasInfo {
+                    address: a.address.to_string(),
+                    targets: a.targets.iter().map(ToString::to_string).collect(),
+                })
+                .collect()
+        });
+        Ok(Response::new(v1::ListAliasesResponse { aliases }))
+    }
+
+    async fn set_catch_all(&self, r: Request<v1::SetCatchAllRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let target = match r.target.as_str() {
+            "" => None,
+            t => Some(parse("target", t)?),
+        };
+        self.engine
+            .set_catch_all(parse("domain", &r.domain)?, target)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn lookup(&self, r: Request<v1::AddressRequest>) -> Reply<v1::LookupResponse> {
+        let address: EmailAddress = parse("address", &r.into_inner().address)?;
+        use v1::lookup_response::Result as R;
+        let response = match self.engine.lookup(&address) {
+            Lookup::NotLocal => v1::LookupResponse {
+                result: R::NotLocal as i32,
+                ..Default::default()
+            },
+            Lookup::Unknown => v1::LookupResponse {
+                result: R::Unknown as i32,
+                ..Default::default()
+            },
+            Lookup::Deliver(res) => v1::LookupResponse {
+                result: R::Deliver as i32,
+                users: res
+                    .users
+                    .iter()
+                    .map(|(tenant, user)| {
+                        proto_user(&UserRef {
+                            tenant: tenant.clone(),
+                            user: *user,
+                        })
+                    })
+                    .collect(),
+                remote: res.remote.iter().map(ToString::to_string).collect(),
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn authenticate(
+        &self,
+        r: Request<v1::AuthenticateRequest>,
+    ) -> Reply<v1::AuthenticateResponse> {
+        let r = r.into_inner();
+        // A malformed address fails like a wrong password: nothing to learn.
+        let user = match r.address.parse::<EmailAddress>() {
+            Ok(address) => {
+                self.engine
+                    .authenticate(&address, Secret::new(r.password))
+                    .await
+            }
+            Err(_) => None,
+        };
+        Ok(Response::new(v1::AuthenticateResponse {
+            ok: user.is_some(),
+            user: user.as_ref().map(user_info),
+        }))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl StorageService {
+    async fn mailbox_view<R>(
+        &self,
+        user: &UserRef,
+        name: &str,
+        f: impl FnOnce(&Mailbox) -> R,
+    ) -> Result<R, Status> {
+        let canonical = crate::index::canonical_name(name, &self.engine.config().index_limits)
+            .map_err(EngineError::from)?;
+        self.engine
+            .read_index(user, |i| i.and_then(|i| i.mailbox(&canonical)).map(f))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("mailbox {canonical}")))
+    }
+}
+
+#[tonic::async_trait]
+impl MailboxesApi for StorageService {
+    async fn list_mailboxes(&self, r: Request<v1::UserRef>) -> Reply<v1::ListMailboxesResponse> {
+        let user = user_ref(Some(r.into_inner()))?;
+        self.engine.sync_user(&user).await?;
+        let mailboxes = self
+            .engine
+            .read_index(&user, |i| {
+                i.map(|i| i.mailboxes().map(mailbox_info).collect())
+            })
+            .await?
+            .unwrap_or_default();
+        Ok(Response::new(v1::ListMailboxesResponse { mailboxes }))
+    }
+
+    async fn create_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        self.engine
+            .index(
+                &user,
+                crate::index::IndexCommand::CreateMailbox {
+                    name: r.mailbox,
+                    role: None,
+                },
+            )
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn rename_mailbox(&self, r: Request<v1::RenameMailboxRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        self.engine
+            .index(
+                &user,
+                crate::index::IndexCommand::RenameMailbox {
+                    from: r.from,
+                    to: r.to,
+                },
+            )
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn delete_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        self.engine
+            .index(
+                &user,
+                crate::index::IndexCommand::DeleteMailbox { name: r.mailbox },
+            )
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn subscribe(&self, r: Request<v1::SubscribeRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        self.engine
+            .index(
+                &user,
+                crate::index::IndexCommand::Subscribe {
+                    name: r.mailbox,
+                    subscribed: r.subscribed,
+                },
+            )
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn status(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::MailboxInfo> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        self.engine.sync_user(&user).await?;
+        Ok(Response::new(
+            self.mailbox_view(&user, &r.mailbox, mailbox_info).await?,
+        ))
+    }
+
+    async fn list_messages(
+        &self,
+        r: Request<v1::MailboxRequest>,
+    ) -> Reply<v1::ListMessagesResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        self.engine.sync_user(&user).await?;
+        let response = self
+            .mailbox_view(&user, &r.mailbox, |m| v1::ListMessagesResponse {
+                uid_validity: m.uidvalidity,
+                messages: m.messages.values().map(message_info).collect(),
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn deliver(&self, r: Request<v1::DeliverRequest>) -> Reply<v1::AppendResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        let return_path: ReversePath = parse("return_path", &r.return_path)?;
+        let delivered_to: EmailAddress = parse("delivered_to", &r.delivered_to)?;
+        if r.delivery_key.is_empty() || r.delivery_key.len() > 512 {
+            return Err(Status::invalid_argument("delivery_key: 1 to 512 bytes"));
+        }
+        let mailbox = if r.mailbox.is_empty() {
+            INBOX
+        } else {
+            &r.mailbox
+        };
+        let appended = self
+            .engine
+            .deliver(
+                &user,
+                Delivery {
+                    mailbox,
+                    return_path: &return_path,
+                    delivered_to: &delivered_to,
+                    message: &r.message,
+                    key: &r.delivery_key,
+                    internal_date_ms: if r.internal_date_ms == 0 {
+                        now_ms()
+                    } else {
+                        r.internal_date_ms
+                    },
+                },
+            )
+            .await?;
+        Ok(Response::new(v1::AppendResponse {
+            uid_validity: appended.uidvalidity,
+            uid: appended.uid,
+            duplicate: appended.duplicate,
+        }))
+    }
+
+    async fn append(&self, r: Request<v1::AppendRequest>) -> Reply<v1::AppendResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        let flags = flags(&self.engine, &r.flags)?;
+        let date = if r.internal_date_ms == 0 {
+            now_ms()
+        } else {
+            r.internal_date_ms
+        };
+        let appended = self
+            .engine
+            .append(&user, &r.mailbox, Bytes::from(r.message), flags, date)
+            .await?;
+        Ok(Response::new(v1::AppendResponse {
+            uid_validity: appended.uidvalidity,
+            uid: appended.uid,
+            duplicate: appended.duplicate,
+        }))
+    }
+
+    type FetchStream = BoxStream<v1::FetchChunk>;
+
+    async fn fetch(&self, r: Request<v1::FetchRequest>) -> Reply<Self::FetchStream> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        let range = match (r.start, r.end) {
+            (0, 0) => None,
+            (start, 0) => Some(start..u64::MAX),
+            (start, end) if start < end => Some(start..end),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "fetch range: start must be below end",
+                ));
+            }
+        };
+        let data = self.engine.fetch(&user, &r.mailbox, r.uid, range).await?;
+        let chunks: Vec<Result<v1::FetchChunk, Status>> = (0..data.len())
+            .step_by(FETCH_CHUNK)
+            .map(|at| {
+                Ok(v1::FetchChunk {
+                    data: data.slice(at..(at + FETCH_CHUNK).min(data.len())).to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn store_flags(
+        &self,
+        r: Request<v1::StoreFlagsRequest>,
+    ) -> Reply<v1::StoreFlagsResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        use v1::store_flags_request::Action;
+        let action = match Action::try_from(r.action) {
+            Ok(Action::Add) => StoreAction::Add,
+            Ok(Action::Remove) => StoreAction::Remove,
+            Ok(Action::Replace) => StoreAction::Replace,
+            _ => return Err(Status::invalid_argument("action: add, remove or replace")),
+        };
+        let flags = flags(&self.engine, &r.flags)?;
+        let since = (r.unchanged_since != 0).then_some(r.unchanged_since);
+        let outcome = self
+            .engine
+            .store_flags(&user, &r.mailbox, ranges(&r.uids), action, flags, since)
+            .await?;
+        let crate::index::IndexOutcome::Stored { changed, modified } = outcome else {
+            return Err(Status::internal("unexpected outcome"));
+        };
+        Ok(Response::new(v1::StoreFlagsResponse {
+            changed: changed
+                .into_iter()
+                .map(|(uid, flags, modseq)| v1::MessageInfo {
+                    uid,
+                    flags: flags.names(),
+                    modseq,
+                    ..Default::default()
+                })
+                .collect(),
+            modified,
+        }))
+    }
+
+    async fn copy(&self, r: Request<v1::CopyRequest>) -> Reply<v1::CopyResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        let (uidvalidity, mapping) = self
+            .engine
+            .copy(&user, &r.from, &r.to, ranges(&r.uids), r.remove_source)
+            .await?;
+        Ok(Response::new(v1::CopyResponse {
+            uid_validity: uidvalidity,
+            source_uids: mapping.iter().map(|m| m.0).collect(),
+            destination_uids: mapping.iter().map(|m| m.1).collect(),
+        }))
+    }
+
+    async fn expunge(&self, r: Request<v1::ExpungeRequest>) -> Reply<v1::ExpungeResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        let uids = (!r.uids.is_empty()).then(|| ranges(&r.uids));
+        let uids = self.engine.expunge(&user, &r.mailbox, uids).await?;
+        Ok(Response::new(v1::ExpungeResponse { uids }))
+    }
+
+    async fn search(&self, r: Request<v1::SearchRequest>) -> Reply<v1::SearchResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user.clone())?;
+        let has = flags(&self.engine, &r.has_flags)?;
+        let lacks = flags(&self.engine, &r.lacks_flags)?;
+        let uid_ranges = ranges(&r.uids);
+        self.engine.sync_user(&user).await?;
+        let response = self
+            .mailbox_view(&user, &r.mailbox, |m| {
+                let matches = |msg: &Message| {
+                    let f = &msg.flags;
+                    let has_ok = (!has.seen || f.seen)
+                        && (!has.answered || f.answered)
+                        && (!has.flagged || f.flagged)
+                        && (!has.deleted || f.deleted)
+                        && (!has.draft || f.draft)
+                        && has.keywords.is_subset(&f.keywords);
+                    let lacks_ok = !(lacks.seen && f.seen
+                        || lacks.answered && f.answered
+                        || lacks.flagged && f.flagged
+                        || lacks.deleted && f.deleted
+                        || lacks.draft && f.draft)
+                        && lacks.keywords.is_disjoint(&f.keywords);
+                    let in_uids = uid_ranges.is_empty()
+                        || uid_ranges.iter().any(|u| {
+                            (u.first.min(u.last)..=u.first.max(u.last)).contains(&msg.uid)
+                        });
+                    has_ok
+                        && lacks_ok
+                        && in_uids
+                        && (r.larger_than == 0 || msg.size > r.larger_than)
+                        && (r.smaller_than == 0 || msg.size < r.smaller_than)
+                        && (r.since_ms == 0 || msg.internal_date_ms >= r.since_ms)
+                        && (r.before_ms == 0 || msg.internal_date_ms < r.before_ms)
+                        && (r.changed_since == 0 || msg.modseq > r.changed_since)
+                };
+                v1::SearchResponse {
+                    uids: m
+                        .messages
+                        .values()
+                        .filter(|msg| matches(msg))
+                        .map(|msg| msg.uid)
+                        .collect(),
+                    highest_modseq: m.highest_modseq,
+                }
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn quota(&self, r: Request<v1::UserRef>) -> Reply<v1::QuotaResponse> {
+        let user = user_ref(Some(r.into_inner()))?;
+        let (used, limit) = self.engine.quota(&user).await?;
+        Ok(Response::new(v1::QuotaResponse {
+            used_bytes: used,
+            limit_bytes: limit.unwrap_or(0),
+        }))
+    }
+
+    type WatchStream = BoxStream<v1::MailboxChange>;
+
+    async fn watch(&self, r: Request<v1::UserRef>) -> Reply<Self::WatchStream> {
+        let user = user_ref(Some(r.into_inner()))?;
+        let events = self.engine.subscribe(&user).await?;
+        let engine = self.engine.clone();
+        let stream = futures::stream::unfold(
+            (events, engine, user),
+            |(mut events, engine, user)| async move {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    match events.recv().await {
+                        Ok(event) if event.user == user => {
+                            let change = to_proto_change(&engine, &user, &event.change).await;
+                            return Some((Ok(change), (events, engine, user)));
+                        }
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(missed)) => {
+                            // The client resynchronises (IMAP: a new SELECT) on this.
+                            let status = Status::data_loss(format!(
+                                "{missed} changes missed; resynchronise"
+                            ));
+                            return Some((Err(status), (events, engine, user)));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+async fn to_proto_change(
+    engine: &StorageEngine,
+    user: &UserRef,
+    change: &Change,
+) -> v1::MailboxChange {
+    use v1::mailbox_change::Kind;
+    let name = |id| async move {
+        engine
+            .read_index(user, |i| {
+                i.and_then(|i| i.mailbox_by_id(id)).map(|m| m.name.clone())
+            })
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    };
+    match change {
+        Change::MailboxesChanged => v1::MailboxChange {
+            kind: Kind::Mailboxes as i32,
+            ..Default::default()
+        },
+        Change::Exists { mailbox, uid } => v1::MailboxChange {
+            kind: Kind::Exists as i32,
+            mailbox: name(*mailbox).await,
+            uid: *uid,
+            modseq: 0,
+        },
+        Change::Flags {
+            mailbox,
+            uid,
+            modseq,
+        } => v1::MailboxChange {
+            kind: Kind::Flags as i32,
+            mailbox: name(*mailbox).await,
+            uid: *uid,
+            modseq: *modseq,
+        },
+        Change::Expunge { mailbox, uid } => v1::MailboxChange {
+            kind: Kind::Expunge as i32,
+            mailbox: name(*mailbox).await,
+            uid: *uid,
+            modseq: 0,
+        },
+    }
+}
