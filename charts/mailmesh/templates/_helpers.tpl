@@ -36,37 +36,40 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{/*
-Environment every service container gets: the config file location and the
-credentials, which come from Secrets and never from the ConfigMap. Pods must set
-`enableServiceLinks: false`: mailmesh reads every MAILMESH_* variable as configuration
-and refuses unknown keys, and Kubernetes would inject MAILMESH_<SERVICE>_PORT variables
-for the chart's Services.
+Credentials for the queue and the object store, from Secrets (never the ConfigMap).
+Pods set `enableServiceLinks: false`: mailmesh reads every MAILMESH_* variable as
+configuration and refuses unknown keys, and Kubernetes would otherwise inject
+MAILMESH_<SERVICE>_PORT variables for the chart's Services.
 */}}
-{{- define "mailmesh.secretEnv" -}}
-- name: MAILMESH_CONFIG
-  value: /etc/mailmesh/mailmesh.toml
-- name: MAILMESH_CACHE__URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ required "redis.urlSecret is required" .Values.redis.urlSecret }}
-      key: url
+{{- define "mailmesh.backendEnv" -}}
 {{- with .Values.s3.credentialsSecret }}
-- name: MAILMESH_OBJECT_STORE__ACCESS_KEY_ID
+- name: MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: access-key-id
-- name: MAILMESH_OBJECT_STORE__SECRET_ACCESS_KEY
+- name: MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: secret-access-key
 {{- end }}
 {{- with .Values.kafka.saslPasswordSecret }}
-- name: MAILMESH_QUEUE__SASL_PASSWORD
+- name: MAILMESH_QUEUE__KAFKA__SASL_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: password
 {{- end }}
+{{- end -}}
+
+{{- define "mailmesh.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* Seconds Kubernetes waits after SIGTERM: readiness grace + drain + margin. */}}
+{{- define "mailmesh.terminationGrace" -}}
+{{- $grace := trimSuffix "s" .Values.shutdown.readinessGrace | int -}}
+{{- $drain := trimSuffix "s" .Values.shutdown.drainTimeout | int -}}
+{{- add $grace $drain 10 -}}
 {{- end -}}

@@ -260,7 +260,7 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                 let list: Vec<_> = tenants
                     .iter()
                     .map(|t| {
-                        let l = t.limits.clone().unwrap_or_default();
+                        let l = t.limits.unwrap_or_default();
                         json!({
                             "tenant": t.tenant,
                             "domains": t.domains,

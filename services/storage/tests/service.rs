@@ -1,7 +1,7 @@
 //! Two `storage` processes on real Kafka and S3, driven over gRPC as the other
 //! services will: a change made through one is seen, and streamed, through the other.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -147,7 +147,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
         .unwrap()
         .into_inner();
     assert_eq!(lookup.result, v1::lookup_response::Result::Deliver as i32);
-    assert_eq!(lookup.users, [alice.clone()]);
+    assert_eq!(lookup.users, std::slice::from_ref(&alice));
     let auth = dir2
         .authenticate(v1::AuthenticateRequest {
             address: "alice@acme.test".into(),
