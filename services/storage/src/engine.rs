@@ -38,6 +38,10 @@ pub struct StorageConfig {
     /// it afterwards (users are placed by `hash % partitions`).
     pub mailbox_partitions: i32,
     pub snapshot_every: u64,
+    /// Snapshot at least this often while anything changes. Keep the broker's
+    /// retention of the storage topics far above it (days).
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Largest message stored, headers included.
@@ -52,6 +56,7 @@ impl Default for StorageConfig {
             mailbox_topic: "storage.mailboxes".into(),
             mailbox_partitions: 64,
             snapshot_every: 10_000,
+            snapshot_interval: Duration::from_secs(300),
             write_timeout: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
             index_limits: IndexLimits::default(),
@@ -258,6 +263,7 @@ impl StorageEngine {
                 topic: config.directory_topic.clone(),
                 partition: 0,
                 snapshot_every: config.snapshot_every,
+                snapshot_interval: config.snapshot_interval,
                 write_timeout: config.write_timeout,
             },
         )
@@ -276,8 +282,9 @@ impl StorageEngine {
         &self.config
     }
 
-    /// Reads the directory as this replica has it.
-    pub fn directory<R>(&self, f: impl FnOnce(&Directory) -> R) -> R {
+    /// Reads the directory as this replica has it; fails (temporarily) when its log
+    /// cannot be applied, rather than answer from a wrong state.
+    pub fn directory<R>(&self, f: impl FnOnce(&Directory) -> R) -> Result<R, EngineError> {
         self.directory.read(f)
     }
 
@@ -360,7 +367,7 @@ impl StorageEngine {
             )));
         };
         let tenant = self
-            .directory(|d| d.user(&id).map(|u| u.tenant.clone()))
+            .directory(|d| d.user(&id).map(|u| u.tenant.clone()))?
             .ok_or_else(|| EngineError::Unavailable("user vanished after creation".into()))?;
         let user = UserRef { tenant, user: id };
         self.index(&user, IndexCommand::Init).await?;
@@ -407,7 +414,7 @@ impl StorageEngine {
     /// Removes a user, their index and every object they own.
     pub async fn remove_user(&self, address: EmailAddress) -> Result<(), EngineError> {
         let tenant = self
-            .directory(|d| d.user_by_address(&address).map(|u| u.tenant.clone()))
+            .directory(|d| d.user_by_address(&address).map(|u| u.tenant.clone()))?
             .ok_or_else(|| StorageError::NotFound(format!("user {address}")))?;
         let outcome = self
             .change_directory(DirectoryCommand::RemoveUser { address })
@@ -464,7 +471,7 @@ impl StorageEngine {
     }
 
     /// Who receives mail for `address`.
-    pub fn lookup(&self, address: &EmailAddress) -> Lookup {
+    pub fn lookup(&self, address: &EmailAddress) -> Result<Lookup, EngineError> {
         self.directory(|d| d.lookup(address))
     }
 
@@ -474,15 +481,15 @@ impl StorageEngine {
         &self,
         address: &EmailAddress,
         password: Secret<String>,
-    ) -> Option<User> {
-        let user = self.directory(|d| d.user_by_address(address).cloned());
+    ) -> Result<Option<User>, EngineError> {
+        let user = self.directory(|d| d.user_by_address(address).cloned())?;
         let hash = user
             .as_ref()
             .map_or_else(|| DUMMY_HASH.clone(), |u| u.password_hash.clone());
         let ok = tokio::task::spawn_blocking(move || verify_password(password.expose(), &hash))
             .await
             .unwrap_or(false);
-        user.filter(|u| ok && u.enabled)
+        Ok(user.filter(|u| ok && u.enabled))
     }
 
     fn partition_of(&self, user: &UserRef) -> i32 {
@@ -506,6 +513,7 @@ impl StorageEngine {
                     topic: self.config.mailbox_topic.clone(),
                     partition,
                     snapshot_every: self.config.snapshot_every,
+                    snapshot_interval: self.config.snapshot_interval,
                     write_timeout: self.config.write_timeout,
                 },
             )
@@ -537,7 +545,7 @@ impl StorageEngine {
         f: impl FnOnce(Option<&UserIndex>) -> R,
     ) -> Result<R, EngineError> {
         let replica = self.mailbox_replica(user).await?;
-        Ok(replica.read(|p| f(p.users.get(&user.key()))))
+        replica.read(|p| f(p.users.get(&user.key())))
     }
 
     /// Waits until every change to the user's mailboxes made anywhere before the
@@ -554,7 +562,7 @@ impl StorageEngine {
         Ok(self.mailbox_replica(user).await?.subscribe())
     }
 
-    fn quota_of(&self, user: &UserRef) -> Option<u64> {
+    fn quota_of(&self, user: &UserRef) -> Result<Option<u64>, EngineError> {
         self.directory(|d| d.user(&user.user).and_then(|u| u.quota_bytes))
     }
 
@@ -619,7 +627,7 @@ impl StorageEngine {
                         flags,
                     },
                     delivery_key,
-                    quota_bytes: self.quota_of(user),
+                    quota_bytes: self.quota_of(user)?,
                 },
             )
             .await;
@@ -850,7 +858,7 @@ impl StorageEngine {
                     to: to_c,
                     objects: objects.clone(),
                     remove_source,
-                    quota_bytes: self.quota_of(user),
+                    quota_bytes: self.quota_of(user)?,
                 },
             )
             .await;
@@ -891,6 +899,6 @@ impl StorageEngine {
         let used = self
             .read_index(user, |i| i.map_or(0, UserIndex::used_bytes))
             .await?;
-        Ok((used, self.quota_of(user)))
+        Ok((used, self.quota_of(user)?))
     }
 }

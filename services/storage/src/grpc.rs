@@ -221,7 +221,7 @@ impl DirectoryApi for StorageService {
                     users: d.users_of(&t.id).count() as u32,
                 })
                 .collect()
-        });
+        })?;
         Ok(Response::new(v1::ListTenantsResponse { tenants }))
     }
 
@@ -243,7 +243,7 @@ impl DirectoryApi for StorageService {
         // Only the owner may remove a domain.
         if self
             .engine
-            .directory(|d| d.domain_owner(&domain) != Some(&tenant))
+            .directory(|d| d.domain_owner(&domain) != Some(&tenant))?
         {
             return Err(Status::not_found(format!("domain {domain}")));
         }
@@ -261,7 +261,7 @@ impl DirectoryApi for StorageService {
             .await?;
         let info = self
             .engine
-            .directory(|d| d.user(&user.user).map(user_info))
+            .directory(|d| d.user(&user.user).map(user_info))?
             .ok_or_else(|| Status::unavailable("user not visible yet"))?;
         Ok(Response::new(info))
     }
@@ -302,7 +302,7 @@ impl DirectoryApi for StorageService {
         let address: EmailAddress = parse("address", &r.into_inner().address)?;
         self.engine.sync_directory().await?;
         self.engine
-            .directory(|d| d.user_by_address(&address).map(user_info))
+            .directory(|d| d.user_by_address(&address).map(user_info))?
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("user {address}")))
     }
@@ -312,7 +312,7 @@ impl DirectoryApi for StorageService {
         self.engine.sync_directory().await?;
         let users = self
             .engine
-            .directory(|d| d.users_of(&tenant).map(user_info).collect());
+            .directory(|d| d.users_of(&tenant).map(user_info).collect())?;
         Ok(Response::new(v1::ListUsersResponse { users }))
     }
 
@@ -346,7 +346,7 @@ impl DirectoryApi for StorageService {
                     targets: a.targets.iter().map(ToString::to_string).collect(),
                 })
                 .collect()
-        });
+        })?;
         Ok(Response::new(v1::ListAliasesResponse { aliases }))
     }
 
@@ -365,7 +365,7 @@ impl DirectoryApi for StorageService {
     async fn lookup(&self, r: Request<v1::AddressRequest>) -> Reply<v1::LookupResponse> {
         let address: EmailAddress = parse("address", &r.into_inner().address)?;
         use v1::lookup_response::Result as R;
-        let response = match self.engine.lookup(&address) {
+        let response = match self.engine.lookup(&address)? {
             Lookup::NotLocal => v1::LookupResponse {
                 result: R::NotLocal as i32,
                 ..Default::default()
@@ -402,7 +402,7 @@ impl DirectoryApi for StorageService {
             Ok(address) => {
                 self.engine
                     .authenticate(&address, Secret::new(r.password))
-                    .await
+                    .await?
             }
             Err(_) => None,
         };

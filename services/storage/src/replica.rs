@@ -51,8 +51,10 @@ struct Entry<C> {
 pub struct ReplicaConfig {
     pub topic: String,
     pub partition: i32,
-    /// Write a snapshot after this many applied records.
+    /// Write a snapshot after this many applied records…
     pub snapshot_every: u64,
+    /// …or after this long, if anything was applied since the last one.
+    pub snapshot_interval: Duration,
     /// How long a write waits for its outcome before it is reported unavailable.
     pub write_timeout: Duration,
 }
@@ -69,6 +71,8 @@ pub struct Replica<S: StateMachine> {
     applied: watch::Sender<i64>,
     waiters: Mutex<HashMap<uuid::Uuid, Waiter<S::Outcome>>>,
     changes: broadcast::Sender<S::Change>,
+    /// Set when the log cannot be applied any more; every call then fails.
+    failed: Mutex<Option<String>>,
 }
 
 fn now_ms() -> i64 {
@@ -101,6 +105,7 @@ impl<S: StateMachine> Replica<S> {
             applied: watch::channel(offset).0,
             waiters: Mutex::new(HashMap::new()),
             changes: broadcast::channel(4096).0,
+            failed: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&replica).run(reader, offset));
         replica.sync().await?;
@@ -109,8 +114,25 @@ impl<S: StateMachine> Replica<S> {
 
     async fn run(self: Arc<Self>, mut reader: Box<dyn PartitionReader>, mut next: i64) {
         let mut since_snapshot = 0u64;
+        let mut tick = tokio::time::interval(self.config.snapshot_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
-            let record = match reader.recv().await {
+            // Both branches are cancel-safe: a reader hands out a record only when
+            // its future completes.
+            let received = tokio::select! {
+                r = reader.recv() => r,
+                _ = tick.tick() => {
+                    // Snapshots also go out on time, so a quiet log (the directory)
+                    // is covered long before the broker's retention removes it.
+                    if since_snapshot > 0 {
+                        since_snapshot = 0;
+                        self.snapshot(next).await;
+                    }
+                    continue;
+                }
+            };
+            let record = match received {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(topic = %self.config.topic, partition = self.config.partition, error = %e, "reading the command log failed; retrying");
@@ -121,16 +143,45 @@ impl<S: StateMachine> Replica<S> {
             if record.offset < next {
                 continue;
             }
+            if record.offset > next {
+                // Records between the snapshot and here are gone (retention shorter
+                // than the snapshot interval, or a truncated log): the state cannot be
+                // rebuilt, and serving it would hand out wrong UIDs.
+                let reason = format!(
+                    "{}/{}: records {next} to {} are missing from the log; restore a newer snapshot",
+                    self.config.topic,
+                    self.config.partition,
+                    record.offset - 1
+                );
+                tracing::error!(%reason, "refusing to serve this partition");
+                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                self.waiters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                return;
+            }
             self.apply_record(&record.payload);
             next = record.offset + 1;
             self.applied.send_replace(next);
             since_snapshot += 1;
             if since_snapshot >= self.config.snapshot_every {
                 since_snapshot = 0;
-                if let Err(e) = self.write_snapshot(next).await {
-                    tracing::warn!(error = %e, "writing an index snapshot failed");
-                }
+                self.snapshot(next).await;
             }
+        }
+    }
+
+    async fn snapshot(&self, next: i64) {
+        if let Err(e) = self.write_snapshot(next).await {
+            tracing::warn!(topic = %self.config.topic, partition = self.config.partition, error = %e, "writing an index snapshot failed");
+        }
+    }
+
+    fn check_failed(&self) -> Result<(), EngineError> {
+        match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(reason) => Err(EngineError::Unavailable(reason.clone())),
+            None => Ok(()),
         }
     }
 
@@ -169,6 +220,7 @@ impl<S: StateMachine> Replica<S> {
         &self,
         command: Option<S::Command>,
     ) -> Result<oneshot::Receiver<Option<Result<S::Outcome, StorageError>>>, EngineError> {
+        self.check_failed()?;
         let entry = Entry {
             id: uuid::Uuid::new_v4(),
             at_ms: now_ms(),
@@ -203,10 +255,12 @@ impl<S: StateMachine> Replica<S> {
     async fn wait<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, EngineError> {
         match tokio::time::timeout(self.config.write_timeout, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(_)) | Err(_) => Err(EngineError::Unavailable(format!(
-                "no outcome from {}/{} within {:?}",
-                self.config.topic, self.config.partition, self.config.write_timeout
-            ))),
+            Ok(Err(_)) | Err(_) => self
+                .check_failed()
+                .and(Err(EngineError::Unavailable(format!(
+                    "no outcome from {}/{} within {:?}",
+                    self.config.topic, self.config.partition, self.config.write_timeout
+                )))),
         }
     }
 
@@ -229,8 +283,9 @@ impl<S: StateMachine> Replica<S> {
     }
 
     /// Reads the current state.
-    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> R {
-        f(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+    pub fn read<R>(&self, f: impl FnOnce(&S) -> R) -> Result<R, EngineError> {
+        self.check_failed()?;
+        Ok(f(&self.state.read().unwrap_or_else(|e| e.into_inner())))
     }
 
     /// Changes applied from now on.

@@ -43,6 +43,7 @@ fn config(run: &str) -> StorageConfig {
         mailbox_topic: format!("{run}.mailboxes"),
         mailbox_partitions: 4,
         snapshot_every: 7,
+        snapshot_interval: Duration::from_secs(60),
         write_timeout: Duration::from_secs(30),
         max_message_bytes: 1 << 20,
         index_limits: IndexLimits::default(),
@@ -178,7 +179,7 @@ async fn deliver_list_fetch_and_replay(b: Backends) {
         ["INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"]
     );
 
-    let Lookup::Deliver(resolution) = engine.lookup(&a("ALICE@acme.test")) else {
+    let Lookup::Deliver(resolution) = engine.lookup(&a("ALICE@acme.test")).unwrap() else {
         panic!("alice not found")
     };
     assert_eq!(resolution.users, [(alice.tenant.clone(), alice.user)]);
@@ -430,7 +431,10 @@ async fn tenants_are_isolated(b: Backends) {
         ),
         "{err}"
     );
-    assert_eq!(engine.lookup(&a("eve@globex.test")), Lookup::Unknown);
+    assert_eq!(
+        engine.lookup(&a("eve@globex.test")).unwrap(),
+        Lookup::Unknown
+    );
 }
 
 /// A restarted replica (new process) replays snapshot + log to the same state.
@@ -469,18 +473,21 @@ async fn restart_replays_to_the_same_state(b: Backends) {
         engine
             .authenticate(&a("frank@acme.test"), Secret::new("s3cret!".into()))
             .await
+            .unwrap()
             .is_some()
     );
     assert!(
         engine
             .authenticate(&a("frank@acme.test"), Secret::new("wrong".into()))
             .await
+            .unwrap()
             .is_none()
     );
     assert!(
         engine
             .authenticate(&a("nobody@acme.test"), Secret::new("s3cret!".into()))
             .await
+            .unwrap()
             .is_none()
     );
     let replayed = engine
@@ -525,3 +532,104 @@ on_both!(
     tenants_are_isolated,
     restart_replays_to_the_same_state
 );
+
+/// Snapshots go out on time too, so a quiet log (the directory) is covered before
+/// the broker's retention could remove it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_logs_are_snapshotted_on_time() {
+    let mut b = embedded().await;
+    b.config.snapshot_every = 1_000_000;
+    b.config.snapshot_interval = Duration::from_millis(1000);
+    let engine = b.engine().await;
+    tenant_with_user(&engine, "acme", "quiet@acme.test", None).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let snapshots: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(b.objects.list(Some(
+            &Path::from(format!("index/{}", b.config.directory_topic)),
+        )))
+        .await
+        .unwrap();
+        if !snapshots.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no directory snapshot was written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A log that lost records after the newest snapshot (retention shorter than the
+/// snapshot interval) is refused: serving it would reuse UIDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_with_a_hole_is_refused() {
+    let b = embedded().await;
+    {
+        let engine = b.engine().await;
+        tenant_with_user(&engine, "acme", "hole@acme.test", None).await;
+    }
+    // The same log, read by a replica that finds its first records gone.
+    let lossy: Arc<dyn Queue> = Arc::new(LosesFirstRecord(b.queue.clone()));
+    let err = StorageEngine::open(lossy, b.objects.clone(), b.config.clone()).await;
+    let Err(err) = err else {
+        panic!("a replica served a log with a hole")
+    };
+    assert!(
+        matches!(&err, EngineError::Unavailable(m) if m.contains("missing from the log")),
+        "{err}"
+    );
+}
+
+/// A queue whose partition readers never see offset 0, as after retention removed it.
+struct LosesFirstRecord(Arc<dyn Queue>);
+
+struct SkippingReader(Box<dyn mailmesh_queue::PartitionReader>);
+
+#[async_trait::async_trait]
+impl mailmesh_queue::PartitionReader for SkippingReader {
+    async fn recv(&mut self) -> mailmesh_queue::Result<mailmesh_queue::Record> {
+        loop {
+            let record = self.0.recv().await?;
+            if record.offset != 0 {
+                return Ok(record);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for LosesFirstRecord {
+    async fn publish(
+        &self,
+        record: mailmesh_queue::OutgoingRecord,
+    ) -> mailmesh_queue::Result<mailmesh_queue::Position> {
+        self.0.publish(record).await
+    }
+    async fn consumer(
+        &self,
+        group: &str,
+        topics: &[&str],
+    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::Consumer>> {
+        self.0.consumer(group, topics).await
+    }
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::PartitionReader>> {
+        Ok(Box::new(SkippingReader(
+            self.0.reader(topic, partition, offset).await?,
+        )))
+    }
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
+        self.0.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> mailmesh_queue::Result<i32> {
+        self.0.partition_count(topic).await
+    }
+    async fn ping(&self) -> mailmesh_queue::Result<()> {
+        self.0.ping().await
+    }
+}
