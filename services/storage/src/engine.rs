@@ -605,9 +605,16 @@ impl StorageEngine {
             delivery_key,
         } = new;
         let size = body.len() as u64;
-        if size > self.config.max_message_bytes {
+        let tenant_limit = self.directory(|d| {
+            d.tenant(&user.tenant)
+                .and_then(|t| t.limits.max_message_bytes)
+        })?;
+        let limit = tenant_limit.map_or(self.config.max_message_bytes, |t| {
+            t.min(self.config.max_message_bytes)
+        });
+        if size > limit {
             return Err(StorageError::OverQuota {
-                reason: format!("message exceeds {} bytes", self.config.max_message_bytes),
+                reason: format!("message exceeds {limit} bytes"),
                 permanent: true,
             }
             .into());
@@ -729,7 +736,8 @@ impl StorageEngine {
         .await
     }
 
-    /// A message's content, whole or a byte range of it.
+    /// A message's content, whole or a byte range of it, collected in memory (for
+    /// small messages and tests; the gRPC API streams with [`Self::fetch_stream`]).
     pub async fn fetch(
         &self,
         user: &UserRef,
@@ -737,21 +745,51 @@ impl StorageEngine {
         uid: Uid,
         range: Option<Range<u64>>,
     ) -> Result<Bytes, EngineError> {
+        use futures::TryStreamExt;
+        let chunks: Vec<Bytes> = self
+            .fetch_stream(user, mailbox, uid, range)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(chunks.concat().into())
+    }
+
+    /// A message's content as it comes from object storage, so a large message is
+    /// never held whole in memory. A range past the end gives what exists (IMAP
+    /// partial fetch semantics); one starting past the end gives nothing.
+    pub async fn fetch_stream(
+        &self,
+        user: &UserRef,
+        mailbox: &str,
+        uid: Uid,
+        range: Option<Range<u64>>,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Bytes, EngineError>>, EngineError> {
+        use futures::{StreamExt, TryStreamExt};
         let canonical = crate::index::canonical_name(mailbox, &self.config.index_limits)?;
         let found = self
             .read_index(user, |i| {
                 let m = i?.mailbox(&canonical)?;
-                m.messages.get(&uid).map(|msg| (m.id, msg.object.clone()))
+                m.messages
+                    .get(&uid)
+                    .map(|msg| (m.id, msg.object.clone(), msg.size))
             })
             .await?;
-        let (id, name) =
+        let (id, name, size) =
             found.ok_or_else(|| StorageError::NotFound(format!("message {uid} in {canonical}")))?;
+        let range = match range {
+            None => None,
+            Some(r) if r.start >= size || r.start >= r.end => {
+                return Ok(futures::stream::empty().boxed());
+            }
+            Some(r) => Some(GetRange::Bounded(r.start..r.end.min(size))),
+        };
         let path = Self::object_path(user, id, &name);
         let options = GetOptions {
-            range: range.map(GetRange::Bounded),
+            range,
             ..Default::default()
         };
-        Ok(self.objects.get_opts(&path, options).await?.bytes().await?)
+        let result = self.objects.get_opts(&path, options).await?;
+        Ok(result.into_stream().map_err(EngineError::from).boxed())
     }
 
     /// STORE / UID STORE.

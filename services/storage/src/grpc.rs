@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use mailmesh_kit::Secret;
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_server::{Directory as DirectoryApi, DirectoryServer};
@@ -601,16 +601,26 @@ impl MailboxesApi for StorageService {
                 ));
             }
         };
-        let data = self.engine.fetch(&user, &r.mailbox, r.uid, range).await?;
-        let chunks: Vec<Result<v1::FetchChunk, Status>> = (0..data.len())
-            .step_by(FETCH_CHUNK)
-            .map(|at| {
-                Ok(v1::FetchChunk {
-                    data: data.slice(at..(at + FETCH_CHUNK).min(data.len())).to_vec(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        let body = self
+            .engine
+            .fetch_stream(&user, &r.mailbox, r.uid, range)
+            .await?;
+        // Object-store chunks are re-cut to at most FETCH_CHUNK bytes per message.
+        let chunks = body.flat_map(|chunk| {
+            let out: Vec<Result<v1::FetchChunk, Status>> = match chunk {
+                Ok(data) => (0..data.len())
+                    .step_by(FETCH_CHUNK)
+                    .map(|at| {
+                        Ok(v1::FetchChunk {
+                            data: data.slice(at..(at + FETCH_CHUNK).min(data.len())).to_vec(),
+                        })
+                    })
+                    .collect(),
+                Err(e) => vec![Err(Status::from(e))],
+            };
+            futures::stream::iter(out)
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 
     async fn store_flags(

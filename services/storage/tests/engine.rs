@@ -212,6 +212,18 @@ async fn deliver_list_fetch_and_replay(b: Backends) {
     assert_eq!(stored.as_ref(), expected.as_slice());
     let part = engine.fetch(&alice, INBOX, 1, Some(0..11)).await.unwrap();
     assert_eq!(part.as_ref(), b"Return-Path");
+    // Partial fetches past the end give what exists, or nothing.
+    let len = expected.len() as u64;
+    let tail = engine
+        .fetch(&alice, INBOX, 1, Some(len - 4..len + 100))
+        .await
+        .unwrap();
+    assert_eq!(tail.as_ref(), b"ne\r\n");
+    let past = engine
+        .fetch(&alice, INBOX, 1, Some(len + 10..len + 20))
+        .await
+        .unwrap();
+    assert!(past.is_empty());
 
     let objects: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(
         b.objects
@@ -267,6 +279,35 @@ async fn flags_expunge_and_quota(b: Backends) {
         ),
         "{err}"
     );
+    // The tenant's message size limit applies below the service's own.
+    engine
+        .set_tenant_limits(
+            "acme".parse().unwrap(),
+            TenantLimits {
+                max_message_bytes: Some(200),
+                ..TenantLimits::default()
+            },
+        )
+        .await
+        .unwrap();
+    let err = engine
+        .append(
+            &bob,
+            "Archive",
+            Bytes::from(vec![b'x'; 250]),
+            Flags::default(),
+            0,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Refused(StorageError::OverQuota { permanent: true, reason }) if reason.contains("200 bytes")),
+        "{err}"
+    );
+    engine
+        .set_tenant_limits("acme".parse().unwrap(), TenantLimits::default())
+        .await
+        .unwrap();
     let err = engine
         .append(
             &bob,
