@@ -82,7 +82,10 @@ pub enum DirectoryCommand {
         tenant: TenantId,
         domain: Domain,
     },
+    /// Only the owner may remove a domain; checked in log order, so a domain that
+    /// changed hands in between is never taken from its new owner.
     RemoveDomain {
+        tenant: TenantId,
         domain: Domain,
     },
     AddUser {
@@ -163,7 +166,7 @@ pub enum Lookup {
     Deliver(Resolution),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(from = "Snapshot", into = "Snapshot")]
 pub struct Directory {
     tenants: BTreeMap<TenantId, Tenant>,
@@ -226,12 +229,24 @@ fn invalid(msg: impl Into<String>) -> StorageError {
     StorageError::InvalidArgument(msg.into())
 }
 
+impl Default for Directory {
+    /// An empty directory; `user+tag@` reaches `user@`.
+    fn default() -> Self {
+        Self {
+            tenants: BTreeMap::new(),
+            domains: BTreeMap::new(),
+            users: BTreeMap::new(),
+            user_by_address: BTreeMap::new(),
+            aliases: BTreeMap::new(),
+            catch_all: BTreeMap::new(),
+            recipient_delimiter: default_delimiter(),
+        }
+    }
+}
+
 impl Directory {
     pub fn new() -> Self {
-        Self {
-            recipient_delimiter: default_delimiter(),
-            ..Self::default()
-        }
+        Self::default()
     }
 
     pub fn tenant(&self, id: &TenantId) -> Option<&Tenant> {
@@ -333,8 +348,8 @@ impl Directory {
                 }
                 self.domains.insert(domain, tenant);
             }
-            C::RemoveDomain { domain } => {
-                if !self.domains.contains_key(&domain) {
+            C::RemoveDomain { tenant, domain } => {
+                if self.domains.get(&domain) != Some(&tenant) {
                     return Err(StorageError::NotFound(format!("domain {domain}")));
                 }
                 let in_use = self.user_by_address.keys().any(|(d, _)| *d == domain)
@@ -607,6 +622,40 @@ mod tests {
     }
 
     #[test]
+    fn a_default_directory_knows_subaddresses() {
+        // Replicas start from `Default` when there is no snapshot yet.
+        let mut dir = Directory::default();
+        dir.apply(DirectoryCommand::AddTenant {
+            tenant: t("acme"),
+            limits: TenantLimits::default(),
+        })
+        .unwrap();
+        dir.apply(DirectoryCommand::AddDomain {
+            tenant: t("acme"),
+            domain: d("acme.test"),
+        })
+        .unwrap();
+        add_user(&mut dir, "alice@acme.test");
+        assert!(matches!(
+            dir.lookup(&a("alice+news@acme.test")),
+            Lookup::Deliver(_)
+        ));
+    }
+
+    #[test]
+    fn a_domain_is_removed_only_by_its_owner() {
+        let mut dir = two_tenants();
+        assert!(matches!(
+            dir.apply(DirectoryCommand::RemoveDomain {
+                tenant: t("globex"),
+                domain: d("acme.test"),
+            }),
+            Err(StorageError::NotFound(_))
+        ));
+        assert_eq!(dir.domain_owner(&d("acme.test")), Some(&t("acme")));
+    }
+
+    #[test]
     fn users_are_found_without_case_and_with_subaddresses() {
         let mut dir = two_tenants();
         let id = add_user(&mut dir, "Alice@acme.test");
@@ -710,6 +759,7 @@ mod tests {
         ));
         assert!(matches!(
             dir.apply(DirectoryCommand::RemoveDomain {
+                tenant: t("acme"),
                 domain: d("acme.test")
             }),
             Err(StorageError::FailedPrecondition(_))
@@ -719,6 +769,7 @@ mod tests {
         })
         .unwrap();
         dir.apply(DirectoryCommand::RemoveDomain {
+            tenant: t("acme"),
             domain: d("acme.test"),
         })
         .unwrap();

@@ -235,6 +235,9 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 type MailboxReplica = Arc<Replica<PartitionIndex>>;
 
+/// Most messages one COPY or MOVE command carries (it is one log record).
+const MAX_COPY: usize = 10_000;
+
 pub struct StorageEngine {
     queue: Arc<dyn Queue>,
     objects: Arc<dyn ObjectStore>,
@@ -332,8 +335,8 @@ impl StorageEngine {
             .map(drop)
     }
 
-    pub async fn remove_domain(&self, domain: Domain) -> Result<(), EngineError> {
-        self.change_directory(DirectoryCommand::RemoveDomain { domain })
+    pub async fn remove_domain(&self, tenant: TenantId, domain: Domain) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::RemoveDomain { tenant, domain })
             .await
             .map(drop)
     }
@@ -528,6 +531,7 @@ impl StorageEngine {
         user: &UserRef,
         command: IndexCommand,
     ) -> Result<IndexOutcome, EngineError> {
+        self.ensure_user(user)?;
         self.mailbox_replica(user)
             .await?
             .submit(PartitionCommand::User {
@@ -544,6 +548,7 @@ impl StorageEngine {
         user: &UserRef,
         f: impl FnOnce(Option<&UserIndex>) -> R,
     ) -> Result<R, EngineError> {
+        self.ensure_user(user)?;
         let replica = self.mailbox_replica(user).await?;
         replica.read(|p| f(p.users.get(&user.key())))
     }
@@ -566,8 +571,35 @@ impl StorageEngine {
         self.directory(|d| d.user(&user.user).and_then(|u| u.quota_bytes))
     }
 
-    fn object_path(user: &UserRef, mailbox: MailboxId, name: &str) -> Path {
-        Path::from(format!("{}/{mailbox}/cur/{name}", user.prefix()))
+    /// The key of a new message object relative to the user's prefix (maildir layout).
+    fn object_key(mailbox: MailboxId, name: &str) -> String {
+        format!("{mailbox}/cur/{name}")
+    }
+
+    fn object_path(user: &UserRef, key: &str) -> Path {
+        Path::from(format!("{}/{key}", user.prefix()))
+    }
+
+    /// Deletes objects the index no longer refers to. The change is committed, so a
+    /// failure here is logged, not returned (the sweep collects what is left).
+    async fn delete_unreferenced(&self, user: &UserRef, keys: impl IntoIterator<Item = String>) {
+        for key in keys {
+            let path = Self::object_path(user, &key);
+            if let Err(e) = self.objects.delete(&path).await {
+                tracing::warn!(%path, error = %e, "deleting an unreferenced message object");
+            }
+        }
+    }
+
+    /// Refuses a `UserRef` that does not name an existing user of that tenant.
+    fn ensure_user(&self, user: &UserRef) -> Result<(), EngineError> {
+        let known =
+            self.directory(|d| d.user(&user.user).is_some_and(|u| u.tenant == user.tenant))?;
+        if known {
+            Ok(())
+        } else {
+            Err(StorageError::NotFound(format!("user {}", user.user)).into())
+        }
     }
 
     /// The mailbox `name` of `user`, creating the user's index if it is new.
@@ -619,7 +651,8 @@ impl StorageEngine {
             }
             .into());
         }
-        let path = Self::object_path(user, mailbox, &name);
+        let key = Self::object_key(mailbox, &name);
+        let path = Self::object_path(user, &key);
         // The object is durable before the index refers to it.
         self.objects.put(&path, PutPayload::from(body)).await?;
         let outcome = self
@@ -628,7 +661,7 @@ impl StorageEngine {
                 IndexCommand::Append {
                     mailbox: mailbox_name,
                     message: NewMessage {
-                        object: name.clone(),
+                        object: key,
                         size,
                         internal_date_ms,
                         flags,
@@ -651,13 +684,16 @@ impl StorageEngine {
                 duplicate,
             }),
             Ok(other) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
-            Err(e) => {
-                // Never referenced: remove it (a crash here leaves it to a sweep).
+            Err(e @ EngineError::Refused(_)) => {
+                // Refused when applied: nothing refers to the object.
                 if let Err(del) = self.objects.delete(&path).await {
                     tracing::warn!(%path, error = %del, "removing an unreferenced message object");
                 }
                 Err(e)
             }
+            // No outcome (timeout, broker error): the command may still have landed
+            // and refer to the object, so it stays (a sweep removes true orphans).
+            Err(e) => Err(e),
         }
     }
 
@@ -771,10 +807,10 @@ impl StorageEngine {
                 let m = i?.mailbox(&canonical)?;
                 m.messages
                     .get(&uid)
-                    .map(|msg| (m.id, msg.object.clone(), msg.size))
+                    .map(|msg| (msg.object.clone(), msg.size))
             })
             .await?;
-        let (id, name, size) =
+        let (key, size) =
             found.ok_or_else(|| StorageError::NotFound(format!("message {uid} in {canonical}")))?;
         let range = match range {
             None => None,
@@ -783,7 +819,7 @@ impl StorageEngine {
             }
             Some(r) => Some(GetRange::Bounded(r.start..r.end.min(size))),
         };
-        let path = Self::object_path(user, id, &name);
+        let path = Self::object_path(user, &key);
         let options = GetOptions {
             range,
             ..Default::default()
@@ -831,17 +867,31 @@ impl StorageEngine {
                 },
             )
             .await?;
-        let IndexOutcome::Expunged { mailbox, removed } = outcome else {
+        let IndexOutcome::Expunged { removed, .. } = outcome else {
             return Err(EngineError::Codec(format!(
                 "unexpected outcome {outcome:?}"
             )));
         };
-        for (_, name) in &removed {
-            self.objects
-                .delete(&Self::object_path(user, mailbox, name))
-                .await?;
+        let uids = removed.iter().map(|(uid, _)| *uid).collect();
+        self.delete_unreferenced(user, removed.into_iter().map(|(_, key)| key))
+            .await;
+        Ok(uids)
+    }
+
+    /// DELETE mailbox, with the objects of its messages.
+    pub async fn delete_mailbox(&self, user: &UserRef, mailbox: &str) -> Result<(), EngineError> {
+        let outcome = self
+            .index(
+                user,
+                IndexCommand::DeleteMailbox {
+                    name: mailbox.to_owned(),
+                },
+            )
+            .await?;
+        if let IndexOutcome::MailboxDeleted { removed } = outcome {
+            self.delete_unreferenced(user, removed).await;
         }
-        Ok(removed.into_iter().map(|(uid, _)| uid).collect())
+        Ok(())
     }
 
     /// COPY, or MOVE with `remove_source`: returns (UIDVALIDITY, source→destination UIDs).
@@ -856,12 +906,14 @@ impl StorageEngine {
         let limits = &self.config.index_limits;
         let from_c = crate::index::canonical_name(from, limits)?;
         let to_c = crate::index::canonical_name(to, limits)?;
+        // Plan on everything written before the request, through any replica.
+        self.sync_user(user).await?;
         let plan = self
             .read_index(user, |i| {
                 let i = i?;
                 let src = i.mailbox(&from_c)?;
                 let dst = i.mailbox(&to_c).map(|m| m.id);
-                let messages: Vec<(Uid, String)> = uids
+                let messages: BTreeMap<Uid, String> = uids
                     .iter()
                     .flat_map(|r| {
                         src.messages
@@ -872,20 +924,32 @@ impl StorageEngine {
                 Some((src.id, dst, messages))
             })
             .await?;
-        let (src_id, dst_id, messages) =
+        let (_, dst_id, messages) =
             plan.ok_or_else(|| StorageError::NotFound(format!("mailbox {from_c}")))?;
+        if messages.len() > MAX_COPY {
+            return Err(StorageError::InvalidArgument(format!(
+                "at most {MAX_COPY} messages per COPY or MOVE"
+            ))
+            .into());
+        }
         let dst_id =
             dst_id.ok_or_else(|| StorageError::NotFound(format!("mailbox {to_c} (trycreate)")))?;
         // Copies first (server-side), so the index never names a missing object.
         let mut objects = Vec::with_capacity(messages.len());
-        for (uid, name) in &messages {
-            let copy = uuid::Uuid::now_v7().simple().to_string();
-            self.objects
+        for (uid, key) in &messages {
+            let copy = Self::object_key(dst_id, &uuid::Uuid::now_v7().simple().to_string());
+            let copied = self
+                .objects
                 .copy(
-                    &Self::object_path(user, src_id, name),
-                    &Self::object_path(user, dst_id, &copy),
+                    &Self::object_path(user, key),
+                    &Self::object_path(user, &copy),
                 )
-                .await?;
+                .await;
+            if let Err(e) = copied {
+                self.delete_unreferenced(user, objects.into_iter().map(|(_, k)| k))
+                    .await;
+                return Err(e.into());
+            }
             objects.push((*uid, copy));
         }
         let outcome = self
@@ -907,28 +971,19 @@ impl StorageEngine {
                 unused_objects,
                 expunged,
             }) => {
-                for name in unused_objects {
-                    self.objects
-                        .delete(&Self::object_path(user, dst_id, &name))
-                        .await?;
-                }
-                for (_, name) in expunged {
-                    self.objects
-                        .delete(&Self::object_path(user, src_id, &name))
-                        .await?;
-                }
+                self.delete_unreferenced(user, unused_objects).await;
+                self.delete_unreferenced(user, expunged.into_iter().map(|(_, key)| key))
+                    .await;
                 Ok((uidvalidity, mapping))
             }
             Ok(other) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
-            Err(e) => {
-                for (_, name) in objects {
-                    let _ = self
-                        .objects
-                        .delete(&Self::object_path(user, dst_id, &name))
-                        .await;
-                }
+            Err(e @ EngineError::Refused(_)) => {
+                self.delete_unreferenced(user, objects.into_iter().map(|(_, k)| k))
+                    .await;
                 Err(e)
             }
+            // No outcome: the copies may be referenced; leave them to the sweep.
+            Err(e) => Err(e),
         }
     }
 

@@ -68,6 +68,10 @@ impl From<EngineError> for Status {
                 status
             }
             EngineError::Codec(m) => Status::internal(m),
+            // The index names an object the store does not have: not worth retrying.
+            EngineError::Objects(mailmesh_objstore::object_store::Error::NotFound { .. }) => {
+                Status::not_found("message content not found")
+            }
             other @ (EngineError::Queue(_)
             | EngineError::Objects(_)
             | EngineError::Body(_)
@@ -143,13 +147,23 @@ fn flags(engine: &StorageEngine, names: &[String]) -> Result<Flags, Status> {
     .map_err(|e| Status::invalid_argument(format!("flags: {e}")))
 }
 
-fn ranges(r: &[v1::UidRange]) -> Vec<UidRange> {
-    r.iter()
+/// Most UID ranges one request may carry.
+const MAX_RANGES: usize = 1000;
+/// Longest password considered (Argon2 cost grows with input length).
+const MAX_PASSWORD: usize = 1024;
+
+fn ranges(r: &[v1::UidRange]) -> Result<Vec<UidRange>, Status> {
+    if r.len() > MAX_RANGES {
+        return Err(Status::invalid_argument(format!(
+            "uids: at most {MAX_RANGES} ranges"
+        )));
+    }
+    Ok(r.iter()
         .map(|r| UidRange {
             first: r.first,
             last: r.last,
         })
-        .collect()
+        .collect())
 }
 
 fn mailbox_info(m: &Mailbox) -> v1::MailboxInfo {
@@ -240,19 +254,17 @@ impl DirectoryApi for StorageService {
         let r = r.into_inner();
         let domain: Domain = parse("domain", &r.domain)?;
         let tenant: TenantId = parse("tenant", &r.tenant)?;
-        // Only the owner may remove a domain.
-        if self
-            .engine
-            .directory(|d| d.domain_owner(&domain) != Some(&tenant))?
-        {
-            return Err(Status::not_found(format!("domain {domain}")));
-        }
-        self.engine.remove_domain(domain).await?;
+        self.engine.remove_domain(tenant, domain).await?;
         Ok(Response::new(v1::Empty {}))
     }
 
     async fn add_user(&self, r: Request<v1::AddUserRequest>) -> Reply<v1::UserInfo> {
         let r = r.into_inner();
+        if r.password.len() > MAX_PASSWORD {
+            return Err(Status::invalid_argument(format!(
+                "password: at most {MAX_PASSWORD} bytes"
+            )));
+        }
         let address: EmailAddress = parse("address", &r.address)?;
         let quota = (r.quota_bytes != 0).then_some(r.quota_bytes);
         let user = self
@@ -268,6 +280,11 @@ impl DirectoryApi for StorageService {
 
     async fn set_password(&self, r: Request<v1::SetPasswordRequest>) -> Reply<v1::Empty> {
         let r = r.into_inner();
+        if r.password.len() > MAX_PASSWORD {
+            return Err(Status::invalid_argument(format!(
+                "password: at most {MAX_PASSWORD} bytes"
+            )));
+        }
         self.engine
             .set_password(parse("address", &r.address)?, Secret::new(r.password))
             .await?;
@@ -397,6 +414,12 @@ impl DirectoryApi for StorageService {
         r: Request<v1::AuthenticateRequest>,
     ) -> Reply<v1::AuthenticateResponse> {
         let r = r.into_inner();
+        if r.password.len() > MAX_PASSWORD {
+            return Ok(Response::new(v1::AuthenticateResponse {
+                ok: false,
+                user: None,
+            }));
+        }
         // A malformed address fails like a wrong password: nothing to learn.
         let user = match r.address.parse::<EmailAddress>() {
             Ok(address) => {
@@ -479,12 +502,7 @@ impl MailboxesApi for StorageService {
     async fn delete_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
         let r = r.into_inner();
         let user = user_ref(r.user)?;
-        self.engine
-            .index(
-                &user,
-                crate::index::IndexCommand::DeleteMailbox { name: r.mailbox },
-            )
-            .await?;
+        self.engine.delete_mailbox(&user, &r.mailbox).await?;
         Ok(Response::new(v1::Empty {}))
     }
 
@@ -637,10 +655,16 @@ impl MailboxesApi for StorageService {
             _ => return Err(Status::invalid_argument("action: add, remove or replace")),
         };
         let flags = flags(&self.engine, &r.flags)?;
-        let since = (r.unchanged_since != 0).then_some(r.unchanged_since);
         let outcome = self
             .engine
-            .store_flags(&user, &r.mailbox, ranges(&r.uids), action, flags, since)
+            .store_flags(
+                &user,
+                &r.mailbox,
+                ranges(&r.uids)?,
+                action,
+                flags,
+                r.unchanged_since,
+            )
             .await?;
         let crate::index::IndexOutcome::Stored { changed, modified } = outcome else {
             return Err(Status::internal("unexpected outcome"));
@@ -664,7 +688,7 @@ impl MailboxesApi for StorageService {
         let user = user_ref(r.user)?;
         let (uidvalidity, mapping) = self
             .engine
-            .copy(&user, &r.from, &r.to, ranges(&r.uids), r.remove_source)
+            .copy(&user, &r.from, &r.to, ranges(&r.uids)?, r.remove_source)
             .await?;
         Ok(Response::new(v1::CopyResponse {
             uid_validity: uidvalidity,
@@ -676,7 +700,11 @@ impl MailboxesApi for StorageService {
     async fn expunge(&self, r: Request<v1::ExpungeRequest>) -> Reply<v1::ExpungeResponse> {
         let r = r.into_inner();
         let user = user_ref(r.user)?;
-        let uids = (!r.uids.is_empty()).then(|| ranges(&r.uids));
+        let uids = if r.uids.is_empty() {
+            None
+        } else {
+            Some(ranges(&r.uids)?)
+        };
         let uids = self.engine.expunge(&user, &r.mailbox, uids).await?;
         Ok(Response::new(v1::ExpungeResponse { uids }))
     }
@@ -686,7 +714,7 @@ impl MailboxesApi for StorageService {
         let user = user_ref(r.user.clone())?;
         let has = flags(&self.engine, &r.has_flags)?;
         let lacks = flags(&self.engine, &r.lacks_flags)?;
-        let uid_ranges = ranges(&r.uids);
+        let uid_ranges = ranges(&r.uids)?;
         self.engine.sync_user(&user).await?;
         let response = self
             .mailbox_view(&user, &r.mailbox, |m| {

@@ -60,9 +60,10 @@ const DEFAULT_MAILBOXES: [(&str, Option<SpecialUse>); 6] = [
     ("Archive", Some(SpecialUse::Archive)),
 ];
 
-/// Bounds on what one user's index may hold; every one is configurable.
+/// Bounds on what one user's index may hold; every one is configurable. They travel
+/// inside commands, so unknown fields (from a newer version) are tolerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct IndexLimits {
     pub max_mailboxes: usize,
     pub max_mailbox_name_bytes: usize,
@@ -186,7 +187,9 @@ impl Flags {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub uid: Uid,
-    /// The object's unique name within its mailbox's `cur/` prefix.
+    /// The object's key relative to the user's prefix (`<mailbox-id>/cur/<name>`).
+    /// It keeps naming where the bytes are when the message changes mailbox (RENAME
+    /// INBOX), so it is stored, never rebuilt from the current mailbox.
     pub object: String,
     pub size: u64,
     pub internal_date_ms: i64,
@@ -374,9 +377,13 @@ pub enum IndexOutcome {
         /// Removed UIDs with their objects, which the proposer deletes.
         removed: Vec<(Uid, String)>,
     },
-    /// Nothing done because the mailbox named by a rename of INBOX kept no messages.
+    /// A rename; renaming INBOX moves its messages to the new mailbox (RFC 3501).
     Renamed {
         moved_messages: usize,
+    },
+    /// A mailbox deleted, with the objects of its messages for the proposer to delete.
+    MailboxDeleted {
+        removed: Vec<String>,
     },
 }
 
@@ -564,12 +571,14 @@ impl UserIndex {
                         "INBOX cannot be deleted".into(),
                     ));
                 }
+                let mut removed = Vec::new();
                 if let Some(mailbox) = self.mailboxes.remove(&id) {
                     let freed: u64 = mailbox.messages.values().map(|m| m.size).sum();
                     self.used_bytes = self.used_bytes.saturating_sub(freed);
+                    removed = mailbox.messages.into_values().map(|m| m.object).collect();
                 }
                 changes.push(Change::MailboxesChanged);
-                Ok(IndexOutcome::Done)
+                Ok(IndexOutcome::MailboxDeleted { removed })
             }
             C::Subscribe { name, subscribed } => {
                 let id = self.id_of(&name, limits)?;
@@ -604,6 +613,18 @@ impl UserIndex {
                 let mut changed = Vec::new();
                 let mut modified = Vec::new();
                 let selected: Vec<Uid> = uids_in(&mailbox.messages, &uids).collect();
+                let next_flags = |current: &Flags| match action {
+                    StoreAction::Add => current.union(&flags),
+                    StoreAction::Remove => current.minus(&flags),
+                    StoreAction::Replace => flags.clone(),
+                };
+                // Check every message first: on error nothing may have changed.
+                if selected.iter().any(|uid| {
+                    next_flags(&mailbox.messages[uid].flags).keywords.len()
+                        > limits.max_keywords_per_message
+                }) {
+                    return Err(StorageError::InvalidArgument("too many keywords".into()));
+                }
                 let mut new_modseq = None;
                 for uid in selected {
                     let current = &mailbox.messages[&uid];
@@ -611,14 +632,7 @@ impl UserIndex {
                         modified.push(uid);
                         continue;
                     }
-                    let next = match action {
-                        StoreAction::Add => current.flags.union(&flags),
-                        StoreAction::Remove => current.flags.minus(&flags),
-                        StoreAction::Replace => flags.clone(),
-                    };
-                    if next.keywords.len() > limits.max_keywords_per_message {
-                        return Err(StorageError::InvalidArgument("too many keywords".into()));
-                    }
+                    let next = next_flags(&current.flags);
                     if next == current.flags {
                         continue;
                     }
@@ -779,13 +793,16 @@ impl UserIndex {
         })?;
         let mut present = Vec::new();
         let mut unused = Vec::new();
+        let mut seen = BTreeSet::new();
         for (uid, object) in objects {
             match self.mailboxes[&src].messages.get(&uid) {
-                Some(m) => present.push((m.clone(), object)),
-                None => unused.push(object),
+                // Each source message once, even if the command names it twice.
+                Some(m) if seen.insert(uid) => present.push((m.clone(), object)),
+                _ => unused.push(object),
             }
         }
-        let added: u64 = if remove_source && src != dst {
+        // A move takes the bytes with it (within one mailbox too); a copy adds them.
+        let added: u64 = if remove_source {
             0
         } else {
             present.iter().map(|(m, _)| m.size).sum()
@@ -1247,6 +1264,69 @@ mod tests {
             300,
             "a move adds nothing to the quota"
         );
+    }
+
+    #[test]
+    fn moves_within_a_mailbox_and_repeated_uids_keep_quota_exact() {
+        let mut f = Fixture::new();
+        let a = f.uid(INBOX);
+        let b = f.uid(INBOX);
+        assert_eq!(f.index.used_bytes(), 200);
+        // MOVE into the same mailbox: new UIDs, same bytes.
+        let IndexOutcome::Copied { mapping, .. } = f
+            .apply(IndexCommand::Copy {
+                from: INBOX.into(),
+                to: INBOX.into(),
+                objects: vec![(a, "a2".into())],
+                remove_source: true,
+                quota_bytes: None,
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(mapping, [(a, 3)]);
+        assert_eq!(f.index.used_bytes(), 200);
+        // COPY naming one message twice copies it once.
+        let IndexOutcome::Copied {
+            mapping,
+            unused_objects,
+            ..
+        } = f
+            .apply(IndexCommand::Copy {
+                from: INBOX.into(),
+                to: "Archive".into(),
+                objects: vec![(b, "b2".into()), (b, "b3".into())],
+                remove_source: false,
+                quota_bytes: None,
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(mapping.len(), 1);
+        assert_eq!(unused_objects, ["b3"]);
+        assert_eq!(f.index.used_bytes(), 300);
+    }
+
+    #[test]
+    fn a_refused_store_changes_nothing() {
+        let mut f = Fixture::new();
+        f.limits.max_keywords_per_message = 2;
+        let a = f.uid(INBOX);
+        let b = f.uid(INBOX);
+        f.flags(INBOX, &[b], StoreAction::Add, &["k1", "k2"], None);
+        let before = f.index.clone();
+        let flags = Flags::parse(["k3"], &f.limits).unwrap();
+        let err = f.apply(IndexCommand::Store {
+            mailbox: INBOX.into(),
+            uids: vec![UidRange { first: a, last: b }],
+            action: StoreAction::Add,
+            flags,
+            unchanged_since: None,
+        });
+        assert!(err.is_err());
+        assert_eq!(f.index, before, "message {a} must not have changed either");
     }
 
     #[test]

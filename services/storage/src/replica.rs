@@ -62,6 +62,22 @@ pub struct ReplicaConfig {
 /// Gets the outcome of a command, or `None` when a barrier is reached.
 type Waiter<O> = oneshot::Sender<Option<Result<O, StorageError>>>;
 
+/// A published record whose outcome is awaited; removes its waiter when dropped.
+struct Pending<'a, O> {
+    waiters: &'a Mutex<HashMap<uuid::Uuid, Waiter<O>>>,
+    id: uuid::Uuid,
+    rx: Option<oneshot::Receiver<Option<Result<O, StorageError>>>>,
+}
+
+impl<O> Drop for Pending<'_, O> {
+    fn drop(&mut self) {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
 pub struct Replica<S: StateMachine> {
     config: ReplicaConfig,
     queue: Arc<dyn Queue>,
@@ -125,9 +141,8 @@ impl<S: StateMachine> Replica<S> {
                 _ = tick.tick() => {
                     // Snapshots also go out on time, so a quiet log (the directory)
                     // is covered long before the broker's retention removes it.
-                    if since_snapshot > 0 {
+                    if since_snapshot > 0 && self.snapshot(next).await {
                         since_snapshot = 0;
-                        self.snapshot(next).await;
                     }
                     continue;
                 }
@@ -153,29 +168,46 @@ impl<S: StateMachine> Replica<S> {
                     self.config.partition,
                     record.offset - 1
                 );
-                tracing::error!(%reason, "refusing to serve this partition");
-                *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                self.waiters
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clear();
+                self.fail(reason);
                 return;
             }
-            self.apply_record(&record.payload);
+            if let Err(reason) = self.apply_record(&record.payload) {
+                // A record this version cannot read (written by a newer one?): skipping
+                // it would fork this replica from the others, so it stops instead.
+                self.fail(format!(
+                    "{}/{} offset {}: {reason}",
+                    self.config.topic, self.config.partition, record.offset
+                ));
+                return;
+            }
             next = record.offset + 1;
             self.applied.send_replace(next);
             since_snapshot += 1;
-            if since_snapshot >= self.config.snapshot_every {
+            if since_snapshot >= self.config.snapshot_every && self.snapshot(next).await {
                 since_snapshot = 0;
-                self.snapshot(next).await;
             }
         }
     }
 
-    async fn snapshot(&self, next: i64) {
-        if let Err(e) = self.write_snapshot(next).await {
-            tracing::warn!(topic = %self.config.topic, partition = self.config.partition, error = %e, "writing an index snapshot failed");
+    /// Writes a snapshot; false when it failed (it is retried at the next occasion).
+    async fn snapshot(&self, next: i64) -> bool {
+        match self.write_snapshot(next).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(topic = %self.config.topic, partition = self.config.partition, error = %e, "writing an index snapshot failed");
+                false
+            }
         }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "refusing to serve this partition");
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        // Waiting writers learn the reason from `check_failed`.
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     fn check_failed(&self) -> Result<(), EngineError> {
@@ -185,15 +217,9 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
-    fn apply_record(&self, payload: &[u8]) {
-        let entry: Entry<S::Command> = match serde_json::from_slice(payload) {
-            Ok(e) => e,
-            Err(e) => {
-                // Every replica skips it the same way, so state stays identical.
-                tracing::error!(topic = %self.config.topic, error = %e, "skipping an undecodable log record");
-                return;
-            }
-        };
+    fn apply_record(&self, payload: &[u8]) -> Result<(), String> {
+        let entry: Entry<S::Command> =
+            serde_json::from_slice(payload).map_err(|e| format!("undecodable record: {e}"))?;
         let outcome = entry.command.map(|command| {
             let mut changes = Vec::new();
             let outcome = self.state.write().unwrap_or_else(|e| e.into_inner()).apply(
@@ -214,12 +240,14 @@ impl<S: StateMachine> Replica<S> {
         if let Some(waiter) = waiter {
             let _ = waiter.send(outcome);
         }
+        Ok(())
     }
 
+    /// Publishes a command (or a barrier) and returns where its outcome will arrive.
     async fn publish(
         &self,
         command: Option<S::Command>,
-    ) -> Result<oneshot::Receiver<Option<Result<S::Outcome, StorageError>>>, EngineError> {
+    ) -> Result<Pending<'_, S::Outcome>, EngineError> {
         self.check_failed()?;
         let entry = Entry {
             id: uuid::Uuid::new_v4(),
@@ -232,6 +260,13 @@ impl<S: StateMachine> Replica<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(entry.id, tx);
+        // However this ends (outcome, error, timeout, or the caller giving up), the
+        // waiter does not outlive it.
+        let pending = Pending {
+            waiters: &self.waiters,
+            id: entry.id,
+            rx: Some(rx),
+        };
         let published = self
             .queue
             .publish(OutgoingRecord {
@@ -242,17 +277,18 @@ impl<S: StateMachine> Replica<S> {
                 partition: Some(self.config.partition),
             })
             .await;
-        if let Err(e) = published {
-            self.waiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&entry.id);
-            return Err(e.into());
-        }
-        Ok(rx)
+        published?;
+        Ok(pending)
     }
 
-    async fn wait<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, EngineError> {
+    async fn wait(
+        &self,
+        mut pending: Pending<'_, S::Outcome>,
+    ) -> Result<Option<Result<S::Outcome, StorageError>>, EngineError> {
+        let rx = pending
+            .rx
+            .take()
+            .expect("a pending write is waited for once");
         match tokio::time::timeout(self.config.write_timeout, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(_)) | Err(_) => self
@@ -266,8 +302,8 @@ impl<S: StateMachine> Replica<S> {
 
     /// Writes `command` to the log and returns its outcome once applied here.
     pub async fn submit(&self, command: S::Command) -> Result<S::Outcome, EngineError> {
-        let rx = self.publish(Some(command)).await?;
-        match self.wait(rx).await? {
+        let pending = self.publish(Some(command)).await?;
+        match self.wait(pending).await? {
             Some(outcome) => Ok(outcome?),
             None => Err(EngineError::Codec(
                 "a command came back as a barrier".into(),
@@ -277,8 +313,8 @@ impl<S: StateMachine> Replica<S> {
 
     /// Returns once every command written before the call is applied here.
     pub async fn sync(&self) -> Result<(), EngineError> {
-        let rx = self.publish(None).await?;
-        self.wait(rx).await?;
+        let pending = self.publish(None).await?;
+        self.wait(pending).await?;
         Ok(())
     }
 

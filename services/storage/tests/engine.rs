@@ -457,7 +457,22 @@ async fn tenants_are_isolated(b: Backends) {
         engine.fetch(&forged, INBOX, 1, None).await,
         Err(EngineError::Refused(StorageError::NotFound(_)))
     ));
-    assert!(engine.read_index(&forged, |i| i.is_none()).await.unwrap());
+    assert!(matches!(
+        engine.read_index(&forged, |i| i.is_none()).await,
+        Err(EngineError::Refused(StorageError::NotFound(_)))
+    ));
+    assert!(
+        engine
+            .append(
+                &forged,
+                INBOX,
+                Bytes::from_static(b"x"),
+                Flags::default(),
+                0
+            )
+            .await
+            .is_err()
+    );
     // Mailbox names cannot climb out of the user's prefix.
     assert!(engine.fetch(&eve, "../../globex", 1, None).await.is_err());
     // The domain stays with its owner.
@@ -549,6 +564,57 @@ async fn restart_replays_to_the_same_state(b: Backends) {
     assert_eq!(next.uid, 21, "UIDs continue, never reused");
 }
 
+/// Messages moved by RENAME INBOX stay readable; deleting a mailbox deletes its objects.
+async fn rename_inbox_and_delete_mailbox(b: Backends) {
+    let engine = b.engine().await;
+    let gina = tenant_with_user(&engine, "acme", "gina@acme.test", Some(10_000)).await;
+    for i in 0..3 {
+        engine
+            .append(
+                &gina,
+                INBOX,
+                Bytes::from(format!("message {i}")),
+                Flags::default(),
+                0,
+            )
+            .await
+            .unwrap();
+    }
+    engine
+        .index(
+            &gina,
+            mailmesh_storage::index::IndexCommand::RenameMailbox {
+                from: INBOX.into(),
+                to: "Old".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        engine.fetch(&gina, "Old", 2, None).await.unwrap().as_ref(),
+        b"message 1"
+    );
+    let objects = |b: &Backends, gina: &UserRef| {
+        let list = b
+            .objects
+            .list(Some(&Path::from(format!("t/acme/u/{}", gina.user))));
+        async move {
+            futures::TryStreamExt::try_collect::<Vec<_>>(list)
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(objects(&b, &gina).await, 3);
+    engine.delete_mailbox(&gina, "Old").await.unwrap();
+    assert_eq!(
+        objects(&b, &gina).await,
+        0,
+        "the mailbox's objects went with it"
+    );
+    assert_eq!(engine.quota(&gina).await.unwrap().0, 0);
+}
+
 macro_rules! on_both {
     ($($name:ident),*) => {
         mod embedded_backends {
@@ -571,7 +637,8 @@ on_both!(
     flags_expunge_and_quota,
     concurrent_appends_through_two_replicas,
     tenants_are_isolated,
-    restart_replays_to_the_same_state
+    restart_replays_to_the_same_state,
+    rename_inbox_and_delete_mailbox
 );
 
 /// Snapshots go out on time too, so a quiet log (the directory) is covered before

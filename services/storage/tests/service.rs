@@ -219,7 +219,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
         uids: vec![v1::UidRange { first: 1, last: 1 }],
         action: v1::store_flags_request::Action::Add as i32,
         flags: vec!["\\Seen".into()],
-        unchanged_since: 0,
+        unchanged_since: None,
     })
     .await
     .unwrap();
