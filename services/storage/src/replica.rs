@@ -357,7 +357,26 @@ impl<S: StateMachine> Replica<S> {
     }
 }
 
+/// Loads the newest snapshot. Another replica may replace it (and delete this one)
+/// between the listing and the read, so a vanished snapshot means: list again.
 async fn load_snapshot<S: StateMachine>(
+    objects: &dyn ObjectStore,
+    config: &ReplicaConfig,
+) -> Result<(S, i64), EngineError> {
+    let mut attempts = 0;
+    loop {
+        match try_load_snapshot(objects, config).await {
+            Err(EngineError::Objects(mailmesh_objstore::object_store::Error::NotFound { .. }))
+                if attempts < 5 =>
+            {
+                attempts += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_load_snapshot<S: StateMachine>(
     objects: &dyn ObjectStore,
     config: &ReplicaConfig,
 ) -> Result<(S, i64), EngineError> {
