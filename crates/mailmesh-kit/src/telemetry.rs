@@ -98,7 +98,10 @@ pub fn init(
             .with_current_span(true)
             .flatten_event(true)
             .boxed(),
-        LogFormat::Text => tracing_subscriber::fmt::layer().boxed(),
+        // Colours only for a terminal, never into files or pipes.
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
     };
 
     let (provider, otel) = match &config.otlp_endpoint {

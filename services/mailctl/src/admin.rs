@@ -129,12 +129,10 @@ pub enum AliasCommand {
         #[arg(required = true)]
         targets: Vec<String>,
     },
-    Remove {
-        address: String,
-    },
-    List {
-        tenant: String,
-    },
+    /// Remove an alias.
+    Remove { address: String },
+    /// List a tenant's aliases.
+    List { tenant: String },
 }
 
 #[derive(Subcommand)]
@@ -149,26 +147,31 @@ pub enum MailboxCommand {
     List { address: String },
 }
 
-async fn directory(target: &Target) -> anyhow::Result<DirectoryClient<Channel>> {
-    DirectoryClient::connect(target.endpoint.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to {} (is `mailctl dev` running?)",
+async fn channel(target: &Target) -> anyhow::Result<Channel> {
+    let url = &target.endpoint;
+    let endpoint = Some(url)
+        .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+        .and_then(|u| Channel::from_shared(u.clone()).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--endpoint {:?} is not a URL such as http://127.0.0.1:7001",
                 target.endpoint
             )
-        })
+        })?;
+    endpoint.connect().await.with_context(|| {
+        format!(
+            "connecting to {} (is `mailctl dev` running?)",
+            target.endpoint
+        )
+    })
+}
+
+async fn directory(target: &Target) -> anyhow::Result<DirectoryClient<Channel>> {
+    Ok(DirectoryClient::new(channel(target).await?))
 }
 
 async fn mailboxes(target: &Target) -> anyhow::Result<MailboxesClient<Channel>> {
-    MailboxesClient::connect(target.endpoint.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to {} (is `mailctl dev` running?)",
-                target.endpoint
-            )
-        })
+    Ok(MailboxesClient::new(channel(target).await?))
 }
 
 fn read_password() -> anyhow::Result<String> {

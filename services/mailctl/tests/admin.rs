@@ -155,4 +155,16 @@ fn an_unreachable_endpoint_is_reported() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is `mailctl dev` running?"), "{stderr}");
+    assert_eq!(
+        stderr.matches("Connection refused").count(),
+        1,
+        "each cause once: {stderr}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailctl"))
+        .args(["--endpoint", "127.0.0.1:7001", "tenant", "list"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a URL such as http://"), "{stderr}");
 }

@@ -290,7 +290,10 @@ impl Directory {
 
     fn owner_of(&self, address: &EmailAddress) -> Result<TenantId> {
         self.domains.get(address.domain()).cloned().ok_or_else(|| {
-            StorageError::NotFound(format!("domain {} is not local", address.domain()))
+            StorageError::NotFound(format!(
+                "domain {} is not local (add it to a tenant first: mailctl domain add TENANT DOMAIN)",
+                address.domain()
+            ))
         })
     }
 
@@ -350,7 +353,10 @@ impl Directory {
             }
             C::RemoveDomain { tenant, domain } => {
                 if self.domains.get(&domain) != Some(&tenant) {
-                    return Err(StorageError::NotFound(format!("domain {domain}")));
+                    // Says nothing about who else may own it.
+                    return Err(StorageError::NotFound(format!(
+                        "domain {domain} is not a domain of tenant {tenant}"
+                    )));
                 }
                 let in_use = self.user_by_address.keys().any(|(d, _)| *d == domain)
                     || self.aliases.keys().any(|(d, _)| *d == domain);

@@ -263,6 +263,7 @@ impl StorageEngine {
             queue.clone(),
             objects.clone(),
             ReplicaConfig {
+                log: "directory",
                 topic: config.directory_topic.clone(),
                 partition: 0,
                 snapshot_every: config.snapshot_every,
@@ -513,6 +514,7 @@ impl StorageEngine {
                 self.queue.clone(),
                 self.objects.clone(),
                 ReplicaConfig {
+                    log: "mailboxes",
                     topic: self.config.mailbox_topic.clone(),
                     partition,
                     snapshot_every: self.config.snapshot_every,

@@ -11,6 +11,7 @@ pub mod directory;
 pub mod engine;
 pub mod grpc;
 pub mod index;
+mod metrics;
 pub mod replica;
 pub mod server;
 

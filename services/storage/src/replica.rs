@@ -49,6 +49,8 @@ struct Entry<C> {
 /// Where a replica's log lives and how often it snapshots.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
+    /// `directory` or `mailboxes`, for metrics and logs.
+    pub log: &'static str,
     pub topic: String,
     pub partition: i32,
     /// Write a snapshot after this many applied records…
@@ -191,7 +193,9 @@ impl<S: StateMachine> Replica<S> {
 
     /// Writes a snapshot; false when it failed (it is retried at the next occasion).
     async fn snapshot(&self, next: i64) -> bool {
-        match self.write_snapshot(next).await {
+        let written = self.write_snapshot(next).await;
+        crate::metrics::snapshot(self.config.log, written.is_ok());
+        match written {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(topic = %self.config.topic, partition = self.config.partition, error = %e, "writing an index snapshot failed");
@@ -232,6 +236,14 @@ impl<S: StateMachine> Replica<S> {
             }
             outcome
         });
+        crate::metrics::applied(
+            self.config.log,
+            match &outcome {
+                None => "barrier",
+                Some(Ok(_)) => "ok",
+                Some(Err(_)) => "refused",
+            },
+        );
         let waiter = self
             .waiters
             .lock()
@@ -302,8 +314,11 @@ impl<S: StateMachine> Replica<S> {
 
     /// Writes `command` to the log and returns its outcome once applied here.
     pub async fn submit(&self, command: S::Command) -> Result<S::Outcome, EngineError> {
+        let started = std::time::Instant::now();
         let pending = self.publish(Some(command)).await?;
-        match self.wait(pending).await? {
+        let outcome = self.wait(pending).await;
+        crate::metrics::write(self.config.log, started.elapsed());
+        match outcome? {
             Some(outcome) => Ok(outcome?),
             None => Err(EngineError::Codec(
                 "a command came back as a barrier".into(),
@@ -366,9 +381,9 @@ async fn load_snapshot<S: StateMachine>(
     let mut attempts = 0;
     loop {
         match try_load_snapshot(objects, config).await {
-            Err(EngineError::Objects(mailmesh_objstore::object_store::Error::NotFound { .. }))
-                if attempts < 5 =>
-            {
+            Err(EngineError::Objects(mailmesh_objstore::object_store::Error::NotFound {
+                ..
+            })) if attempts < 5 => {
                 attempts += 1;
             }
             other => return other,

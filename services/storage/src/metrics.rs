@@ -1,0 +1,63 @@
+//! Storage metrics. `log` is `directory` or `mailboxes`; no tenant or user labels
+//! here (a partition holds many tenants).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+
+static APPLIED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "storage_commands_applied_total",
+                "Log records applied by this replica, by outcome",
+            ),
+            &["log", "outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+static WRITE_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        HistogramVec::new(
+            HistogramOpts::new(
+                "storage_write_seconds",
+                "Time from publishing a command to its applied outcome",
+            )
+            .buckets(vec![
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
+            ]),
+            &["log"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+static SNAPSHOTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new("storage_snapshots_total", "Snapshots written, by outcome"),
+            &["log", "outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// `outcome`: `ok`, `refused` (the command's rules said no) or `barrier`.
+pub(crate) fn applied(log: &str, outcome: &str) {
+    APPLIED.with_label_values(&[log, outcome]).inc();
+}
+
+pub(crate) fn write(log: &str, elapsed: Duration) {
+    WRITE_SECONDS
+        .with_label_values(&[log])
+        .observe(elapsed.as_secs_f64());
+}
+
+pub(crate) fn snapshot(log: &str, ok: bool) {
+    SNAPSHOTS
+        .with_label_values(&[log, if ok { "ok" } else { "failed" }])
+        .inc();
+}
