@@ -12,10 +12,7 @@ use mailmesh_cache::{Cache, CacheError};
 use mailmesh_kit::Secret;
 
 async fn redis() -> Arc<dyn Cache> {
-    let url = std::env::var("MMTEST_REDIS").expect(
-        "MMTEST_REDIS is not set: start the real backends with \
-         `scripts/backends.sh start` and `eval \"$(scripts/backends.sh env)\"`",
-    );
+    let url = mailmesh_testkit::backend_env("MMTEST_REDIS");
     Arc::new(
         RedisCache::connect(&RedisConfig {
             url: Secret::new(url),

@@ -9,23 +9,15 @@ use mailmesh_kit::Secret;
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
 use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, ObjectStoreError, S3Config, put_stream};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: start the real backends with `scripts/backends.sh start` \
-             and `eval \"$(scripts/backends.sh env)\"`"
-        )
-    })
-}
+use mailmesh_testkit::backend_env;
 
 fn s3() -> Arc<dyn ObjectStore> {
     mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
-        bucket: env("MMTEST_S3_BUCKET"),
-        endpoint: Some(env("MMTEST_S3")),
+        bucket: backend_env("MMTEST_S3_BUCKET"),
+        endpoint: Some(backend_env("MMTEST_S3")),
         region: "us-east-1".into(),
-        access_key_id: Some(Secret::new(env("MMTEST_S3_ACCESS_KEY"))),
-        secret_access_key: Some(Secret::new(env("MMTEST_S3_SECRET_KEY"))),
+        access_key_id: Some(Secret::new(backend_env("MMTEST_S3_ACCESS_KEY"))),
+        secret_access_key: Some(Secret::new(backend_env("MMTEST_S3_SECRET_KEY"))),
         path_style: true,
     }))
     .unwrap()

@@ -13,10 +13,7 @@ use mailmesh_queue::{Consumer, Delivery, OutgoingRecord, Queue, QueueError};
 const RECV_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn kafka_config() -> KafkaConfig {
-    let brokers = std::env::var("MMTEST_KAFKA").expect(
-        "MMTEST_KAFKA is not set: start the real backends with \
-         `scripts/backends.sh start` and `eval \"$(scripts/backends.sh env)\"`",
-    );
+    let brokers = mailmesh_testkit::backend_env("MMTEST_KAFKA");
     KafkaConfig {
         brokers,
         properties: BTreeMap::new(),

@@ -18,15 +18,7 @@ use mailmesh_storage::StorageError;
 use mailmesh_storage::directory::{Lookup, TenantLimits};
 use mailmesh_storage::engine::{Delivery, StorageConfig, StorageEngine, UserRef};
 use mailmesh_storage::index::{Flags, INBOX, IndexLimits, StoreAction, UidRange};
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: start the real backends with `scripts/backends.sh start` \
-             and `eval \"$(scripts/backends.sh env)\"`"
-        )
-    })
-}
+use mailmesh_testkit::backend_env;
 
 /// One deployment's backends; engines opened on it are replicas of one storage service.
 struct Backends {
@@ -76,7 +68,7 @@ async fn embedded() -> Backends {
 fn kafka_queue() -> Arc<dyn Queue> {
     Arc::new(
         KafkaQueue::connect(&KafkaConfig {
-            brokers: env("MMTEST_KAFKA"),
+            brokers: backend_env("MMTEST_KAFKA"),
             properties: BTreeMap::new(),
             sasl_password: None,
             publish_timeout: Duration::from_secs(30),
@@ -89,11 +81,11 @@ fn kafka_queue() -> Arc<dyn Queue> {
 
 fn s3() -> Arc<dyn ObjectStore> {
     let store = mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
-        bucket: env("MMTEST_S3_BUCKET"),
-        endpoint: Some(env("MMTEST_S3")),
+        bucket: backend_env("MMTEST_S3_BUCKET"),
+        endpoint: Some(backend_env("MMTEST_S3")),
         region: "us-east-1".into(),
-        access_key_id: Some(Secret::new(env("MMTEST_S3_ACCESS_KEY"))),
-        secret_access_key: Some(Secret::new(env("MMTEST_S3_SECRET_KEY"))),
+        access_key_id: Some(Secret::new(backend_env("MMTEST_S3_ACCESS_KEY"))),
+        secret_access_key: Some(Secret::new(backend_env("MMTEST_S3_SECRET_KEY"))),
         path_style: true,
     }))
     .unwrap();

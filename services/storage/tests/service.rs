@@ -8,24 +8,8 @@ use futures::StreamExt;
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+use mailmesh_testkit::{backend_env, free_port};
 use tonic::transport::Channel;
-
-fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: start the real backends with `scripts/backends.sh start` \
-             and `eval \"$(scripts/backends.sh env)\"`"
-        )
-    })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Storage {
     child: Child,
@@ -52,17 +36,26 @@ fn start(run: &str) -> Storage {
         )
         .env("MAILMESH_TELEMETRY__LOG_FORMAT", "text")
         .env("MAILMESH_SHUTDOWN__READINESS_GRACE", "0s")
-        .env("MAILMESH_QUEUE__KAFKA__BROKERS", env("MMTEST_KAFKA"))
+        .env(
+            "MAILMESH_QUEUE__KAFKA__BROKERS",
+            backend_env("MMTEST_KAFKA"),
+        )
         .env("MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR", "1")
-        .env("MAILMESH_OBJECT_STORE__S3__BUCKET", env("MMTEST_S3_BUCKET"))
-        .env("MAILMESH_OBJECT_STORE__S3__ENDPOINT", env("MMTEST_S3"))
+        .env(
+            "MAILMESH_OBJECT_STORE__S3__BUCKET",
+            backend_env("MMTEST_S3_BUCKET"),
+        )
+        .env(
+            "MAILMESH_OBJECT_STORE__S3__ENDPOINT",
+            backend_env("MMTEST_S3"),
+        )
         .env(
             "MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID",
-            env("MMTEST_S3_ACCESS_KEY"),
+            backend_env("MMTEST_S3_ACCESS_KEY"),
         )
         .env(
             "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY",
-            env("MMTEST_S3_SECRET_KEY"),
+            backend_env("MMTEST_S3_SECRET_KEY"),
         )
         .env(
             "MAILMESH_STORAGE__DIRECTORY_TOPIC",
