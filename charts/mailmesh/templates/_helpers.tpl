@@ -73,3 +73,40 @@ MAILMESH_<SERVICE>_PORT variables for the chart's Services.
 {{- $drain := trimSuffix "s" .Values.shutdown.drainTimeout | int -}}
 {{- add $grace $drain 10 -}}
 {{- end -}}
+
+{{/* The configuration sections every service shares: admin port, telemetry,
+shutdown, queue and object store. */}}
+{{- define "mailmesh.commonConfig" -}}
+[admin]
+listen = "0.0.0.0:{{ .Values.admin.port }}"
+
+[telemetry]
+log_format = {{ .Values.telemetry.logFormat | quote }}
+log_level = {{ .Values.telemetry.logLevel | quote }}
+{{- with .Values.telemetry.otlpEndpoint }}
+otlp_endpoint = {{ . | quote }}
+{{- end }}
+
+[shutdown]
+readiness_grace = {{ .Values.shutdown.readinessGrace | quote }}
+drain_timeout = {{ .Values.shutdown.drainTimeout | quote }}
+
+[queue.kafka]
+brokers = {{ required "kafka.brokers is required" .Values.kafka.brokers | quote }}
+replication_factor = {{ .Values.kafka.topic.replicationFactor }}
+{{- with .Values.kafka.properties }}
+
+[queue.kafka.properties]
+{{- range $k, $v := . }}
+{{ $k | quote }} = {{ $v | quote }}
+{{- end }}
+{{- end }}
+
+[object_store.s3]
+bucket = {{ required "s3.bucket is required" .Values.s3.bucket | quote }}
+region = {{ .Values.s3.region | quote }}
+path_style = {{ .Values.s3.pathStyle }}
+{{- with .Values.s3.endpoint }}
+endpoint = {{ . | quote }}
+{{- end }}
+{{- end -}}

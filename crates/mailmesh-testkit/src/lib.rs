@@ -20,3 +20,30 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// The body of the `key: |` block of the ConfigMap in `k8s/mailmesh.yaml` (the chart
+/// rendered with its CI values): the configuration file a service gets in a cluster.
+pub fn rendered_config(key: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../k8s/mailmesh.yaml");
+    let rendered = std::fs::read_to_string(path).expect("k8s/mailmesh.yaml");
+    let header = format!("  {key}: |");
+    let start = rendered
+        .lines()
+        .position(|l| l == header)
+        .unwrap_or_else(|| panic!("{key} not in k8s/mailmesh.yaml"));
+    rendered
+        .lines()
+        .skip(start + 1)
+        .take_while(|l| l.trim().is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l.trim()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Whether the rendered chart sets environment variable `name` on some container.
+pub fn rendered_sets_env(name: &str) -> bool {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../k8s/mailmesh.yaml");
+    std::fs::read_to_string(path)
+        .expect("k8s/mailmesh.yaml")
+        .contains(&format!("name: {name}\n"))
+}

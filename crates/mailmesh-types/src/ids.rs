@@ -57,6 +57,15 @@ impl QueueId {
     pub fn generate() -> Self {
         Self(uuid::Uuid::now_v7())
     }
+
+    /// A queue id that is always the same for this message and `purpose` (a bounce,
+    /// a forward): redoing the work after a crash yields the same id, so the copy is
+    /// deduplicated downstream instead of sent twice.
+    pub fn derived(&self, purpose: &str) -> Self {
+        let mut name = self.0.as_bytes().to_vec();
+        name.extend_from_slice(purpose.as_bytes());
+        Self(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &name))
+    }
 }
 
 impl FromStr for QueueId {
@@ -111,6 +120,9 @@ mod tests {
         assert_eq!(a.to_string().parse::<QueueId>().unwrap(), a);
         assert_eq!(a.to_string().len(), 32);
         assert!("../etc/passwd".parse::<QueueId>().is_err());
+        assert_eq!(a.derived("dsn"), a.derived("dsn"));
+        assert_ne!(a.derived("dsn"), a.derived("forward"));
+        assert_ne!(a.derived("dsn"), b.derived("dsn"));
         assert!(
             "0192f0c0-1234-7abc-8def-0123456789ab"
                 .parse::<QueueId>()

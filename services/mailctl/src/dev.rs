@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mailmesh_cache::CacheReadiness;
+use mailmesh_delivery::worker::{Worker, WorkerConfig};
 use mailmesh_kit::admin::AdminServer;
 use mailmesh_kit::config::{AdminConfig, ConfigError, ShutdownConfig, Validate};
 use mailmesh_kit::telemetry::{LogFormat, TelemetryConfig};
@@ -184,7 +185,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let storage_listener = tokio::net::TcpListener::bind(storage_addr)
         .await
         .with_context(|| format!("binding the storage gRPC port {storage_addr}"))?;
-    let storage_task = tokio::spawn(serve_grpc(engine, storage_listener, shutdown.clone()));
+    let storage_task = tokio::spawn(serve_grpc(
+        engine.clone(),
+        storage_listener,
+        shutdown.clone(),
+    ));
+
+    // Local delivery straight into the engine, in this process.
+    let worker = Worker::new(
+        queue.clone(),
+        objects.clone(),
+        Arc::new(engine),
+        WorkerConfig {
+            topic: MAIL_TOPIC.into(),
+            ..WorkerConfig::default()
+        },
+    );
+    let worker_task = tokio::spawn(worker.run(shutdown.clone()));
 
     let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     health.add_check(Arc::new(CacheReadiness(cache.clone())));
@@ -220,6 +237,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     mailmesh_kit::shutdown::signal().await;
     let clean = shutdown.drain(&health, &config.shutdown).await;
+    worker_task.await??;
     // Open Watch streams do not end by themselves; they are cut here.
     if let Ok(served) = tokio::time::timeout(Duration::from_secs(5), storage_task).await {
         served??;
@@ -234,7 +252,7 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig) {
     println!("  admin        http://{admin}/readyz  /livez  /metrics");
     println!("  data         {}", config.data_dir.display());
     println!("  tls          {}", tls.cert_file.display());
-    println!("  queue        embedded log, topic {MAIL_TOPIC}");
+    println!("  queue        embedded log, topic {MAIL_TOPIC} (a delivery worker consumes it)");
     println!(
         "  storage      http://{}:{}  (gRPC; `mailctl tenant|domain|user|alias|quota` talk to it)",
         config.bind, config.ports.storage

@@ -5,33 +5,13 @@ use mailmesh_kit::ConfigSource;
 use mailmesh_objstore::ObjectStoreConfig;
 use mailmesh_queue::QueueConfig;
 use mailmesh_storage::server::ServiceConfig;
-
-/// The body of a `key: |` block scalar in the rendered ConfigMap.
-fn block(rendered: &str, key: &str) -> String {
-    let header = format!("  {key}: |");
-    let start = rendered
-        .lines()
-        .position(|l| l == header)
-        .unwrap_or_else(|| panic!("{key} not in k8s/mailmesh.yaml"));
-    rendered
-        .lines()
-        .skip(start + 1)
-        .take_while(|l| l.is_empty() || l.starts_with("    "))
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+use mailmesh_testkit::{rendered_config, rendered_sets_env};
 
 #[test]
 fn the_rendered_storage_config_loads() {
-    let rendered = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../k8s/mailmesh.yaml"
-    ))
-    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("storage.toml");
-    std::fs::write(&file, block(&rendered, "storage.toml")).unwrap();
+    std::fs::write(&file, rendered_config("storage.toml")).unwrap();
 
     // The variables the Deployment sets from Secrets.
     for var in [
@@ -39,10 +19,7 @@ fn the_rendered_storage_config_loads() {
         "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY",
         "MAILMESH_QUEUE__KAFKA__SASL_PASSWORD",
     ] {
-        assert!(
-            rendered.contains(&format!("name: {var}")),
-            "{var} not set by the chart"
-        );
+        assert!(rendered_sets_env(var), "{var} not set by the chart");
     }
     let config: ServiceConfig = ConfigSource::default()
         .with_file(&file)

@@ -1,0 +1,294 @@
+//! Delivery status notifications (RFC 3464) for recipients that cannot be delivered:
+//! a `multipart/report` to the envelope sender, from the null sender so it can never
+//! cause another bounce (RFC 5321 §4.5.5).
+
+use std::fmt::Write;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use mailmesh_types::{
+    BodyRef, BodyType, DsnNotify, DsnRet, EmailAddress, Envelope, Recipient, ReversePath,
+};
+
+/// How much of the original message goes back with a failure report (RET=HDRS, or
+/// the headers of large messages).
+const MAX_RETURNED_BYTES: usize = 64 << 10;
+
+/// A recipient that failed for good, with its RFC 3463 status.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub recipient: Recipient,
+    pub status: &'static str,
+    pub diagnostic: String,
+}
+
+/// The bounce for `failures`, or `None` when none is due: the sender is null, or no
+/// failed recipient asked for failure notices (NOTIFY).
+pub fn failure_report(
+    original: &Envelope,
+    original_message: &[u8],
+    failures: &[Failure],
+    reporting_mta: &str,
+) -> Option<Envelope> {
+    let ReversePath::Address(sender) = &original.mail_from else {
+        return None;
+    };
+    let failures: Vec<&Failure> = failures
+        .iter()
+        .filter(|f| f.recipient.notify.failure)
+        .collect();
+    if failures.is_empty() {
+        return None;
+    }
+    let boundary = format!("dsn-{}", original.queue_id);
+    let queue_id = original.queue_id.derived("dsn");
+    let mut m = String::new();
+    // Writing into a String cannot fail.
+    let _ = write!(
+        m,
+        "From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n\
+         To: {sender}\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{queue_id}@{reporting_mta}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\
+         \r\n\
+         Your message could not be delivered to these recipients:\r\n\r\n",
+        date = rfc5322_date(SystemTime::now()),
+    );
+    for f in &failures {
+        let _ = write!(m, "  {}: {}\r\n", f.recipient.address, f.diagnostic);
+    }
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; {reporting_mta}\r\n"
+    );
+    if let Some(envid) = &original.dsn_envid {
+        let _ = write!(m, "Original-Envelope-Id: {envid}\r\n");
+    }
+    let _ = write!(
+        m,
+        "Arrival-Date: {}\r\n",
+        rfc5322_date(original.received_at)
+    );
+    for f in &failures {
+        let _ = write!(m, "\r\n");
+        if let Some(orcpt) = &f.recipient.orcpt {
+            let _ = write!(m, "Original-Recipient: {orcpt}\r\n");
+        }
+        let _ = write!(
+            m,
+            "Final-Recipient: rfc822; {}\r\n\
+             Action: failed\r\n\
+             Status: {}\r\n\
+             Diagnostic-Code: smtp; {}\r\n",
+            f.recipient.address,
+            f.status,
+            f.diagnostic.replace(['\r', '\n'], " ")
+        );
+    }
+    let headers_only =
+        original.dsn_ret == Some(DsnRet::Headers) || original_message.len() > MAX_RETURNED_BYTES;
+    let returned = if headers_only {
+        let end = find_header_end(original_message).unwrap_or(original_message.len());
+        &original_message[..end.min(MAX_RETURNED_BYTES)]
+    } else {
+        original_message
+    };
+    let content_type = if headers_only {
+        "text/rfc822-headers"
+    } else {
+        "message/rfc822"
+    };
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\r\n"
+    );
+    let mut bytes = m.into_bytes();
+    bytes.extend_from_slice(returned);
+    if !bytes.ends_with(b"\r\n") {
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+
+    let smtputf8 = sender.is_utf8();
+    Some(Envelope {
+        queue_id,
+        tenant: original.tenant.clone(),
+        mail_from: ReversePath::Null,
+        recipients: vec![Recipient {
+            address: EmailAddress::clone(sender),
+            notify: DsnNotify::NEVER,
+            orcpt: None,
+        }],
+        received_at: SystemTime::now(),
+        // The returned message may carry 8-bit text.
+        body_type: BodyType::EightBitMime,
+        smtputf8,
+        dsn_ret: None,
+        dsn_envid: None,
+        client: None,
+        authentication_results: None,
+        trace_context: original.trace_context.clone(),
+        body: BodyRef::Inline(Bytes::from(bytes)),
+    })
+}
+
+fn find_header_end(message: &[u8]) -> Option<usize> {
+    message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+}
+
+/// `Fri, 27 Nov 2026 04:12:05 +0000`.
+fn rfc5322_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, mi, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(m - 1) as usize];
+    format!("{weekday}, {d:02} {month} {y} {h:02}:{mi:02}:{s:02} +0000")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use mailmesh_types::QueueId;
+
+    use super::*;
+
+    fn envelope(from: &str, ret: Option<DsnRet>) -> Envelope {
+        Envelope {
+            queue_id: QueueId::generate(),
+            tenant: "acme".parse().unwrap(),
+            mail_from: from.parse().unwrap(),
+            recipients: vec![],
+            received_at: UNIX_EPOCH + Duration::from_secs(1_795_752_725),
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            dsn_ret: ret,
+            dsn_envid: Some("ENV-42".into()),
+            client: None,
+            authentication_results: None,
+            trace_context: BTreeMap::new(),
+            body: BodyRef::Inline(Bytes::new()),
+        }
+    }
+
+    fn failure(address: &str, notify: DsnNotify) -> Failure {
+        Failure {
+            recipient: Recipient {
+                address: address.parse().unwrap(),
+                notify,
+                orcpt: Some("rfc822;Ghost@acme.test".into()),
+            },
+            status: "5.1.1",
+            diagnostic: "user unknown".into(),
+        }
+    }
+
+    const MESSAGE: &[u8] = b"Subject: hello\r\nFrom: a@example.org\r\n\r\nthe body\r\n";
+
+    #[test]
+    fn a_failure_report_follows_rfc_3464() {
+        let original = envelope("a@example.org", None);
+        let dsn = failure_report(
+            &original,
+            MESSAGE,
+            &[failure("ghost@acme.test", DsnNotify::DEFAULT)],
+            "mx.acme.test",
+        )
+        .unwrap();
+        assert_eq!(dsn.mail_from, ReversePath::Null, "bounces come from <>");
+        assert_eq!(dsn.recipients[0].address.to_string(), "a@example.org");
+        assert_eq!(dsn.recipients[0].notify, DsnNotify::NEVER);
+        assert_eq!(dsn.queue_id, original.queue_id.derived("dsn"));
+        let BodyRef::Inline(body) = &dsn.body else {
+            panic!()
+        };
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        for needed in [
+            "Content-Type: multipart/report; report-type=delivery-status;",
+            "Reporting-MTA: dns; mx.acme.test\r\n",
+            "Original-Envelope-Id: ENV-42\r\n",
+            "Arrival-Date: Fri, 27 Nov 2026 04:12:05 +0000\r\n",
+            "Original-Recipient: rfc822;Ghost@acme.test\r\n",
+            "Final-Recipient: rfc822; ghost@acme.test\r\n",
+            "Action: failed\r\n",
+            "Status: 5.1.1\r\n",
+            "Content-Type: message/rfc822\r\n\r\nSubject: hello",
+            "the body\r\n--dsn-",
+        ] {
+            assert!(text.contains(needed), "missing {needed:?} in\n{text}");
+        }
+        assert!(text.ends_with("--\r\n"));
+    }
+
+    #[test]
+    fn headers_only_when_asked() {
+        let original = envelope("a@example.org", Some(DsnRet::Headers));
+        let dsn = failure_report(
+            &original,
+            MESSAGE,
+            &[failure("x@acme.test", DsnNotify::DEFAULT)],
+            "mx",
+        )
+        .unwrap();
+        let BodyRef::Inline(body) = &dsn.body else {
+            panic!()
+        };
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hello"));
+        assert!(!text.contains("the body"));
+    }
+
+    #[test]
+    fn no_bounce_to_the_null_sender_or_to_notify_never() {
+        let bounce = envelope("", None);
+        assert!(
+            failure_report(
+                &bounce,
+                MESSAGE,
+                &[failure("x@acme.test", DsnNotify::DEFAULT)],
+                "mx"
+            )
+            .is_none()
+        );
+        let original = envelope("a@example.org", None);
+        assert!(
+            failure_report(
+                &original,
+                MESSAGE,
+                &[failure("x@acme.test", DsnNotify::NEVER)],
+                "mx"
+            )
+            .is_none()
+        );
+    }
+}

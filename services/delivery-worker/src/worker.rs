@@ -1,0 +1,401 @@
+//! The delivery worker: consumes the mail queue in a consumer group and delivers each
+//! message to its local recipients, at least once, exactly once per mailbox.
+//!
+//! A record's offset is stored only when every recipient's outcome is durable: stored
+//! in a mailbox, handed to the outbound topic, or reported in a bounce queued on the
+//! mail topic. Records are handled concurrently, so a slow one (a storage outage being
+//! retried) does not hold up the others.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use mailmesh_kit::Shutdown;
+use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt};
+use mailmesh_proto::{decode_envelope, encode_envelope};
+use mailmesh_queue::{OutgoingRecord, Queue, Record};
+use mailmesh_storage::directory::Lookup;
+use mailmesh_storage::engine::{Delivery, UserRef};
+use mailmesh_storage::index::INBOX;
+use mailmesh_types::{BodyRef, Envelope, EnvelopeLimits};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::dsn::{Failure, failure_report};
+use crate::mailstore::{DeliveryError, Mailstore};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The topic the front doors write accepted mail to.
+    pub topic: String,
+    pub group: String,
+    /// Mail for remote recipients (forwarding aliases, bounces to remote senders)
+    /// is handed to the outbound path here.
+    pub outbound_topic: String,
+    /// Records that cannot be decoded are parked here for an operator.
+    pub dead_letter_topic: String,
+    /// Records handled at once.
+    pub concurrency: usize,
+    /// Backoff between attempts after a temporary failure…
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// …for this long; then the message goes back to the end of the queue, so its
+    /// partition's offset can move on, and is tried again from there.
+    #[serde(with = "humantime_serde")]
+    pub retry_window: Duration,
+    /// Name in bounces (`Reporting-MTA`, `MAILER-DAEMON@…`).
+    pub hostname: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            topic: "mail.queue".into(),
+            group: "delivery-worker".into(),
+            outbound_topic: "mail.outbound".into(),
+            dead_letter_topic: "mail.queue.dead".into(),
+            concurrency: 64,
+            retry_initial: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            retry_window: Duration::from_secs(600),
+            hostname: "localhost".into(),
+        }
+    }
+}
+
+impl mailmesh_kit::config::Validate for WorkerConfig {
+    fn validate(&self) -> Result<(), mailmesh_kit::ConfigError> {
+        use mailmesh_kit::ConfigError;
+        if !(1..=10_000).contains(&self.concurrency) {
+            return Err(ConfigError::invalid(
+                "worker.concurrency",
+                "must be 1 to 10000",
+            ));
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return Err(ConfigError::invalid(
+                "worker.retry_max",
+                "must be at least retry_initial, which must be above zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct Worker {
+    queue: Arc<dyn Queue>,
+    objects: Arc<dyn ObjectStore>,
+    store: Arc<dyn Mailstore>,
+    config: WorkerConfig,
+    limits: EnvelopeLimits,
+}
+
+/// A record could not be finished now (its outcomes are not all durable); it is
+/// tried again and its offset is not stored meanwhile.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NotDone(String);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl Worker {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        objects: Arc<dyn ObjectStore>,
+        store: Arc<dyn Mailstore>,
+        config: WorkerConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            queue,
+            objects,
+            store,
+            config,
+            limits: EnvelopeLimits::default(),
+        })
+    }
+
+    /// Consumes until the shutdown closes; records in flight then finish (or, if cut
+    /// at the drain timeout, are left unacknowledged and come again).
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: Shutdown,
+    ) -> Result<(), mailmesh_queue::QueueError> {
+        let mut consumer = self
+            .queue
+            .consumer(&self.config.group, &[&self.config.topic])
+            .await?;
+        let slots = Arc::new(Semaphore::new(self.config.concurrency));
+        loop {
+            let delivery = tokio::select! {
+                _ = shutdown.closing() => break,
+                d = consumer.recv() => d,
+            };
+            let delivery = match delivery {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "receiving from the queue failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let worker = self.clone();
+            let stop = shutdown.clone();
+            let span = tracing::info_span!(
+                "deliver_record",
+                partition = delivery.record.partition,
+                offset = delivery.record.offset
+            );
+            shutdown.spawn(
+                async move {
+                    if worker.finish(&delivery.record, &stop).await {
+                        delivery.ack.done();
+                    }
+                    drop(slot);
+                }
+                .instrument(span),
+            );
+        }
+        consumer.close().await
+    }
+
+    /// Handles a record until every outcome is durable; false if the process is
+    /// stopping first (the record is then delivered again later).
+    async fn finish(&self, record: &Record, shutdown: &Shutdown) -> bool {
+        let mut backoff = self.config.retry_initial;
+        loop {
+            match self.handle(record).await {
+                Ok(()) => return true,
+                Err(NotDone(reason)) => {
+                    tracing::warn!(%reason, retry_in = ?backoff, "record not finished");
+                    tokio::select! {
+                        _ = shutdown.stopped() => return false,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.retry_max);
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, record: &Record) -> Result<(), NotDone> {
+        let envelope = match decode_envelope(&record.payload, &self.limits) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "parking an undecodable queue record");
+                crate::metrics::delivered("dead_letter");
+                return self
+                    .publish(
+                        &self.config.dead_letter_topic,
+                        record.key.clone(),
+                        record.payload.clone(),
+                        &e.to_string(),
+                    )
+                    .await;
+            }
+        };
+        if let Some(traceparent) = envelope.trace_context.get("traceparent") {
+            tracing::debug!(%traceparent, queue_id = %envelope.queue_id, "continuing trace");
+        }
+        mailmesh_kit::telemetry::extract_context(
+            &tracing::Span::current(),
+            &envelope.trace_context,
+        );
+        let message = self.message(&envelope).await?;
+        let started = Instant::now();
+
+        let mut failures = Vec::new();
+        let mut remote = Vec::new();
+        let mut stored = HashSet::new();
+        for recipient in &envelope.recipients {
+            let lookup = self
+                .store
+                .lookup(&recipient.address)
+                .await
+                .map_err(|e| NotDone(format!("looking up {}: {e}", recipient.address)))?;
+            let resolution = match lookup {
+                Lookup::NotLocal => {
+                    remote.push(recipient.clone());
+                    continue;
+                }
+                Lookup::Unknown => {
+                    failures.push(Failure {
+                        recipient: recipient.clone(),
+                        status: "5.1.1",
+                        diagnostic: "550 5.1.1 no such user here".into(),
+                    });
+                    continue;
+                }
+                Lookup::Deliver(r) => r,
+            };
+            for (tenant, user) in resolution.users {
+                // One copy per mailbox, however many addresses reach it.
+                if !stored.insert(user) {
+                    continue;
+                }
+                let user = UserRef { tenant, user };
+                match self.deliver(&envelope, &message, recipient, &user).await {
+                    Ok(()) => crate::metrics::delivered("stored"),
+                    Err(DeliveryError::Permanent { status, reason }) => {
+                        crate::metrics::delivered("failed");
+                        failures.push(Failure {
+                            recipient: recipient.clone(),
+                            status,
+                            diagnostic: format!("{status} {reason}"),
+                        });
+                    }
+                    Err(e @ DeliveryError::Temporary { .. }) => {
+                        // Done once it is back in the queue; mailboxes that already
+                        // have it get no second copy when it comes round again.
+                        return self.give_back(record, &envelope, e).await;
+                    }
+                }
+            }
+            for forward in resolution.remote {
+                remote.push(mailmesh_types::Recipient::new(forward));
+            }
+        }
+        crate::metrics::delivery_seconds(started.elapsed());
+
+        if !remote.is_empty() {
+            // Same queue id: the outbound path deduplicates per (queue id, recipient).
+            let outbound = Envelope {
+                recipients: remote,
+                ..envelope.clone()
+            };
+            self.publish(
+                &self.config.outbound_topic,
+                Bytes::from(outbound.queue_id.to_string()),
+                Bytes::from(encode_envelope(&outbound)),
+                "",
+            )
+            .await?;
+            crate::metrics::delivered("outbound");
+        }
+        if let Some(bounce) = failure_report(&envelope, &message, &failures, &self.config.hostname)
+        {
+            self.publish(
+                &self.config.topic,
+                Bytes::from(bounce.queue_id.to_string()),
+                Bytes::from(encode_envelope(&bounce)),
+                "",
+            )
+            .await?;
+            crate::metrics::delivered("bounced");
+        }
+        Ok(())
+    }
+
+    /// Delivers to one user, retrying temporary failures with backoff within the
+    /// retry window.
+    async fn deliver(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+        recipient: &mailmesh_types::Recipient,
+        user: &UserRef,
+    ) -> Result<(), DeliveryError> {
+        let key = format!("{}/{}", envelope.queue_id, user.user);
+        let internal_date_ms = envelope
+            .received_at
+            .duration_since(UNIX_EPOCH)
+            .map_or_else(|_| now_ms(), |d| d.as_millis() as i64);
+        let deadline = Instant::now() + self.config.retry_window;
+        let mut backoff = self.config.retry_initial;
+        loop {
+            let outcome = self
+                .store
+                .deliver(
+                    user,
+                    Delivery {
+                        mailbox: INBOX,
+                        return_path: &envelope.mail_from,
+                        delivered_to: &recipient.address,
+                        message,
+                        key: &key,
+                        internal_date_ms,
+                    },
+                )
+                .await;
+            match outcome {
+                Err(DeliveryError::Temporary { .. }) if Instant::now() + backoff < deadline => {
+                    tracing::info!(error = ?outcome, retry_in = ?backoff, "temporary delivery failure");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.config.retry_max);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// After the retry window the record goes to the end of the queue, so this
+    /// partition's offset can move on; if that publish fails, it stays and is tried
+    /// again here.
+    async fn give_back(
+        &self,
+        record: &Record,
+        envelope: &Envelope,
+        e: DeliveryError,
+    ) -> Result<(), NotDone> {
+        tracing::warn!(queue_id = %envelope.queue_id, error = %e, "still failing after the retry window; requeueing");
+        self.publish(
+            &self.config.topic,
+            record.key.clone(),
+            record.payload.clone(),
+            "",
+        )
+        .await?;
+        crate::metrics::delivered("requeued");
+        Ok(())
+    }
+
+    async fn message(&self, envelope: &Envelope) -> Result<Bytes, NotDone> {
+        match &envelope.body {
+            BodyRef::Inline(bytes) => Ok(bytes.clone()),
+            BodyRef::Object { key, .. } => self
+                .objects
+                .get(&Path::from(key.as_str()))
+                .await
+                .map_err(|e| NotDone(format!("reading the message body {key}: {e}")))?
+                .bytes()
+                .await
+                .map_err(|e| NotDone(format!("reading the message body {key}: {e}"))),
+        }
+    }
+
+    async fn publish(
+        &self,
+        topic: &str,
+        key: Bytes,
+        payload: Bytes,
+        reason: &str,
+    ) -> Result<(), NotDone> {
+        let mut headers = Vec::new();
+        if !reason.is_empty() {
+            headers.push(("mailmesh-reason".to_owned(), Bytes::from(reason.to_owned())));
+        }
+        self.queue
+            .publish(OutgoingRecord {
+                topic: topic.to_owned(),
+                key,
+                payload,
+                headers,
+                partition: None,
+            })
+            .await
+            .map(drop)
+            .map_err(|e| NotDone(format!("publishing to {topic}: {e}")))
+    }
+}

@@ -1,0 +1,26 @@
+//! The configuration the Helm chart renders for the delivery worker is one the binary
+//! accepts.
+
+use mailmesh_delivery::ServiceConfig;
+use mailmesh_kit::ConfigSource;
+use mailmesh_testkit::{rendered_config, rendered_sets_env};
+
+#[test]
+fn the_rendered_worker_config_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("delivery-worker.toml");
+    std::fs::write(&file, rendered_config("delivery-worker.toml")).unwrap();
+    assert!(rendered_sets_env(
+        "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY"
+    ));
+    let config: ServiceConfig = ConfigSource::default()
+        .with_file(&file)
+        .with_var("MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID", "id")
+        .with_var("MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY", "secret")
+        .with_var("MAILMESH_QUEUE__KAFKA__SASL_PASSWORD", "pw")
+        .load()
+        .unwrap();
+    assert_eq!(config.storage_endpoint, "http://mailmesh-storage:7001");
+    assert_eq!(config.worker.topic, "mail.queue");
+    assert_eq!(config.worker.hostname, "mx.example.com");
+}

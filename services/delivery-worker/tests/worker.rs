@@ -1,0 +1,433 @@
+//! The delivery worker against the storage engine, on the embedded log and on real
+//! Kafka + S3 (`MMTEST_*`, started by `scripts/backends.sh`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use mailmesh_delivery::worker::{Worker, WorkerConfig};
+use mailmesh_kit::config::ShutdownConfig;
+use mailmesh_kit::{Health, Secret, Shutdown};
+use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, S3Config};
+use mailmesh_proto::{decode_envelope, encode_envelope};
+use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
+use mailmesh_queue::kafka::{KafkaConfig, KafkaQueue};
+use mailmesh_queue::{OutgoingRecord, Queue};
+use mailmesh_storage::directory::TenantLimits;
+use mailmesh_storage::engine::{StorageConfig, StorageEngine, UserRef};
+use mailmesh_storage::index::INBOX;
+use mailmesh_testkit::backend_env;
+use mailmesh_types::{BodyRef, BodyType, DsnNotify, Envelope, EnvelopeLimits, QueueId, Recipient};
+
+struct Setup {
+    queue: Arc<dyn Queue>,
+    objects: Arc<dyn ObjectStore>,
+    engine: Arc<StorageEngine>,
+    config: WorkerConfig,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn worker_config(run: &str) -> WorkerConfig {
+    WorkerConfig {
+        topic: format!("{run}.mail"),
+        group: format!("{run}.workers"),
+        outbound_topic: format!("{run}.outbound"),
+        dead_letter_topic: format!("{run}.dead"),
+        concurrency: 8,
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        retry_window: Duration::from_secs(2),
+        hostname: "mx.acme.test".into(),
+    }
+}
+
+fn storage_config(run: &str) -> StorageConfig {
+    StorageConfig {
+        directory_topic: format!("{run}.directory"),
+        mailbox_topic: format!("{run}.mailboxes"),
+        mailbox_partitions: 2,
+        ..StorageConfig::default()
+    }
+}
+
+async fn setup(real: bool) -> Setup {
+    let run = format!("w{}", uuid::Uuid::new_v4().simple());
+    let (queue, objects, dir): (Arc<dyn Queue>, Arc<dyn ObjectStore>, _) = if real {
+        let queue = Arc::new(
+            KafkaQueue::connect(&KafkaConfig {
+                brokers: backend_env("MMTEST_KAFKA"),
+                properties: BTreeMap::new(),
+                sasl_password: None,
+                publish_timeout: Duration::from_secs(30),
+                replication_factor: 1,
+                session_timeout: Duration::from_secs(10),
+            })
+            .unwrap(),
+        );
+        let objects = mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
+            bucket: backend_env("MMTEST_S3_BUCKET"),
+            endpoint: Some(backend_env("MMTEST_S3")),
+            region: "us-east-1".into(),
+            access_key_id: Some(Secret::new(backend_env("MMTEST_S3_ACCESS_KEY"))),
+            secret_access_key: Some(Secret::new(backend_env("MMTEST_S3_SECRET_KEY"))),
+            path_style: true,
+        }))
+        .unwrap();
+        (queue, objects, None)
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(
+            EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
+                .await
+                .unwrap(),
+        );
+        let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
+            dir: dir.path().join("objects"),
+        }))
+        .unwrap();
+        (queue, objects, Some(dir))
+    };
+    let config = worker_config(&run);
+    for topic in [
+        &config.topic,
+        &config.outbound_topic,
+        &config.dead_letter_topic,
+    ] {
+        queue.ensure_topic(topic, 2).await.unwrap();
+    }
+    let engine = StorageEngine::open(queue.clone(), objects.clone(), storage_config(&run))
+        .await
+        .unwrap();
+    engine
+        .add_tenant("acme".parse().unwrap(), TenantLimits::default())
+        .await
+        .unwrap();
+    engine
+        .add_domain("acme".parse().unwrap(), "acme.test".parse().unwrap())
+        .await
+        .unwrap();
+    Setup {
+        queue,
+        objects,
+        engine,
+        config,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    async fn user(&self, address: &str) -> UserRef {
+        self.engine
+            .add_user(address.parse().unwrap(), Secret::new("pw".into()), None)
+            .await
+            .unwrap()
+    }
+
+    fn start(&self) -> (Shutdown, tokio::task::JoinHandle<()>) {
+        let shutdown = Shutdown::new();
+        let worker = Worker::new(
+            self.queue.clone(),
+            self.objects.clone(),
+            Arc::new(self.engine.clone()),
+            self.config.clone(),
+        );
+        let s = shutdown.clone();
+        let task = tokio::spawn(async move { worker.run(s).await.unwrap() });
+        (shutdown, task)
+    }
+
+    async fn stop(&self, shutdown: Shutdown, task: tokio::task::JoinHandle<()>) {
+        let config = ShutdownConfig {
+            readiness_grace: Duration::ZERO,
+            drain_timeout: Duration::from_secs(10),
+        };
+        shutdown.drain(&Health::new(), &config).await;
+        task.await.unwrap();
+    }
+
+    async fn enqueue(&self, envelope: &Envelope) {
+        self.enqueue_with_key(envelope, envelope.queue_id.to_string())
+            .await;
+    }
+
+    async fn enqueue_with_key(&self, envelope: &Envelope, key: String) {
+        self.queue
+            .publish(OutgoingRecord {
+                topic: self.config.topic.clone(),
+                key: Bytes::from(key),
+                payload: Bytes::from(encode_envelope(envelope)),
+                headers: vec![],
+                partition: None,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// The messages of the user's INBOX once it holds `count` (or the timeout).
+    async fn inbox(&self, user: &UserRef, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.engine.sync_user(user).await.unwrap();
+            let uids: Vec<u32> = self
+                .engine
+                .read_index(user, |i| {
+                    i.and_then(|i| i.mailbox(INBOX))
+                        .map(|m| m.messages.keys().copied().collect())
+                        .unwrap_or_default()
+                })
+                .await
+                .unwrap();
+            if uids.len() >= count || Instant::now() > deadline {
+                let mut out = Vec::new();
+                for uid in uids {
+                    let bytes = self.engine.fetch(user, INBOX, uid, None).await.unwrap();
+                    out.push(String::from_utf8_lossy(&bytes).into_owned());
+                }
+                return out;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn envelope(from: &str, to: &[&str], body: &str) -> Envelope {
+    Envelope {
+        queue_id: QueueId::generate(),
+        tenant: "acme".parse().unwrap(),
+        mail_from: from.parse().unwrap(),
+        recipients: to
+            .iter()
+            .map(|a| Recipient::new(a.parse().unwrap()))
+            .collect(),
+        received_at: SystemTime::now(),
+        body_type: BodyType::SevenBit,
+        smtputf8: false,
+        dsn_ret: None,
+        dsn_envid: None,
+        client: None,
+        authentication_results: None,
+        trace_context: BTreeMap::new(),
+        body: BodyRef::Inline(Bytes::from(format!("Subject: {body}\r\n\r\n{body}\r\n"))),
+    }
+}
+
+/// Each mailbox gets one copy, whatever addresses and redeliveries lead to it.
+async fn one_copy_per_mailbox(real: bool) {
+    let s = setup(real).await;
+    let alice = s.user("alice@acme.test").await;
+    let bob = s.user("bob@acme.test").await;
+    s.engine
+        .add_alias(
+            "team@acme.test".parse().unwrap(),
+            vec![
+                "alice@acme.test".parse().unwrap(),
+                "bob@acme.test".parse().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let (shutdown, task) = s.start();
+    let e = envelope(
+        "sender@example.org",
+        &["alice@acme.test", "team@acme.test", "ALICE+x@acme.test"],
+        "hello",
+    );
+    s.enqueue(&e).await;
+    // The same record again, as after a crash before its offset was stored, then a
+    // marker in the same partition: once the marker is in, both copies were
+    // dispatched, and stopping (which drains) lets them finish.
+    s.enqueue(&e).await;
+    let mut marker = envelope("sender@example.org", &["alice@acme.test"], "marker");
+    marker.queue_id = e.queue_id.derived("marker");
+    s.enqueue_with_key(&marker, e.queue_id.to_string()).await;
+    let _ = s.inbox(&alice, 2).await;
+    s.stop(shutdown, task).await;
+    let alices = s.inbox(&alice, 2).await;
+    let bobs = s.inbox(&bob, 1).await;
+    assert_eq!(bobs.len(), 1, "bob got one copy");
+    assert_eq!(
+        alices.len(),
+        2,
+        "alice got one copy and the marker: {alices:?}"
+    );
+    let m = alices
+        .iter()
+        .find(|m| m.contains("Subject: hello"))
+        .unwrap();
+    assert!(
+        m.starts_with("Return-Path: <sender@example.org>\r\nDelivered-To: alice@acme.test\r\n"),
+        "{m}"
+    );
+}
+
+/// Unknown recipients bounce to the sender (a local user here); a null sender gets
+/// nothing; remote recipients go to the outbound topic.
+async fn bounces_and_remote_recipients(real: bool) {
+    let s = setup(real).await;
+    let carol = s.user("carol@acme.test").await;
+    let (shutdown, task) = s.start();
+    let mut e = envelope(
+        "carol@acme.test",
+        &["ghost@acme.test", "friend@remote.test"],
+        "lost",
+    );
+    e.dsn_envid = Some("ENV-7".into());
+    s.enqueue(&e).await;
+    let mut bounce = envelope("", &["ghost2@acme.test"], "a bounce itself");
+    bounce.recipients[0].notify = DsnNotify::DEFAULT;
+    s.enqueue(&bounce).await;
+    let inbox = s.inbox(&carol, 1).await;
+    assert_eq!(inbox.len(), 1, "{inbox:?}");
+    let dsn = &inbox[0];
+    for needed in [
+        "Return-Path: <>\r\n",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        "Final-Recipient: rfc822; ghost@acme.test",
+        "Status: 5.1.1",
+        "Original-Envelope-Id: ENV-7",
+        "Subject: lost",
+    ] {
+        assert!(dsn.contains(needed), "missing {needed:?} in\n{dsn}");
+    }
+    assert!(
+        !dsn.contains("friend@remote.test"),
+        "the remote recipient is not a failure"
+    );
+
+    let mut outbound = s
+        .queue
+        .reader(&s.config.outbound_topic, 0, 0)
+        .await
+        .unwrap();
+    let mut other = s
+        .queue
+        .reader(&s.config.outbound_topic, 1, 0)
+        .await
+        .unwrap();
+    let record = tokio::select! {
+        r = outbound.recv() => r.unwrap(),
+        r = other.recv() => r.unwrap(),
+        _ = tokio::time::sleep(Duration::from_secs(30)) => panic!("nothing went outbound"),
+    };
+    let handed = decode_envelope(&record.payload, &EnvelopeLimits::default()).unwrap();
+    assert_eq!(handed.queue_id, e.queue_id);
+    assert_eq!(handed.recipients.len(), 1);
+    assert_eq!(
+        handed.recipients[0].address.to_string(),
+        "friend@remote.test"
+    );
+    s.stop(shutdown, task).await;
+}
+
+/// Bodies stored in object storage by the front door are delivered too; undecodable
+/// records are parked, not retried forever and not lost.
+async fn large_bodies_and_bad_records(real: bool) {
+    let s = setup(real).await;
+    let dave = s.user("dave@acme.test").await;
+    let (shutdown, task) = s.start();
+    s.queue
+        .publish(OutgoingRecord {
+            topic: s.config.topic.clone(),
+            key: Bytes::from_static(b"junk"),
+            payload: Bytes::from_static(b"\xff\xfe not a queue record"),
+            headers: vec![],
+            partition: None,
+        })
+        .await
+        .unwrap();
+    let mut e = envelope("sender@example.org", &["dave@acme.test"], "big");
+    let key = format!("t/acme/bodies/{}", e.queue_id);
+    let body = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(300_000));
+    s.objects
+        .put(
+            &Path::from(key.as_str()),
+            PutPayload::from(body.clone().into_bytes()),
+        )
+        .await
+        .unwrap();
+    e.body = BodyRef::Object {
+        key,
+        size: body.len() as u64,
+    };
+    s.enqueue(&e).await;
+    let inbox = s.inbox(&dave, 1).await;
+    assert_eq!(inbox.len(), 1);
+    assert!(inbox[0].ends_with(&body));
+
+    let mut dead = Vec::new();
+    for p in 0..2 {
+        let mut r = s
+            .queue
+            .reader(&s.config.dead_letter_topic, p, 0)
+            .await
+            .unwrap();
+        if let Ok(Ok(rec)) = tokio::time::timeout(Duration::from_secs(3), r.recv()).await {
+            dead.push(rec);
+        }
+    }
+    assert_eq!(dead.len(), 1, "the bad record was parked once");
+    assert!(dead[0].header("mailmesh-reason").is_some());
+    s.stop(shutdown, task).await;
+}
+
+/// A worker killed with records in flight: another one delivers every message,
+/// each exactly once.
+async fn a_killed_worker_loses_nothing_and_duplicates_nothing(real: bool) {
+    let s = setup(real).await;
+    let erin = s.user("erin@acme.test").await;
+    let (_, first) = s.start();
+    for i in 0..30 {
+        s.enqueue(&envelope(
+            "sender@example.org",
+            &["erin@acme.test"],
+            &format!("m{i}"),
+        ))
+        .await;
+    }
+    // Let it get part of the way, then kill it (no drain, no commit).
+    let _ = s.inbox(&erin, 5).await;
+    first.abort();
+    let _ = first.await;
+    let (shutdown, second) = s.start();
+    let inbox = s.inbox(&erin, 30).await;
+    s.stop(shutdown, second).await;
+    let mut subjects: Vec<String> = inbox
+        .iter()
+        .filter_map(|m| {
+            m.lines()
+                .find(|l| l.starts_with("Subject: "))
+                .map(str::to_owned)
+        })
+        .collect();
+    subjects.sort();
+    let mut expected: Vec<String> = (0..30).map(|i| format!("Subject: m{i}")).collect();
+    expected.sort();
+    assert_eq!(subjects, expected, "every message once");
+}
+
+macro_rules! on_both {
+    ($($name:ident),*) => {
+        mod embedded_backends {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(false).await;
+            })*
+        }
+        mod real_backends {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(true).await;
+            })*
+        }
+    };
+}
+
+on_both!(
+    one_copy_per_mailbox,
+    bounces_and_remote_recipients,
+    large_bodies_and_bad_records,
+    a_killed_worker_loses_nothing_and_duplicates_nothing
+);
