@@ -133,6 +133,10 @@ pub enum PartitionCommand {
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct PartitionIndex {
     users: BTreeMap<String, UserIndex>,
+    /// Bytes stored per tenant in this partition, kept in step by `apply`; a tenant's
+    /// total is the sum over partitions (for the tenant storage limit).
+    #[serde(default)]
+    tenant_bytes: BTreeMap<TenantId, u64>,
 }
 
 impl StateMachine for PartitionIndex {
@@ -153,11 +157,12 @@ impl StateMachine for PartitionIndex {
                 command,
             } => {
                 let mut raw = Vec::new();
-                let outcome = self
-                    .users
-                    .entry(user.key())
-                    .or_default()
-                    .apply(command, at_ms, &limits, &mut raw);
+                let index = self.users.entry(user.key()).or_default();
+                let before = index.used_bytes();
+                let outcome = index.apply(command, at_ms, &limits, &mut raw);
+                let after = index.used_bytes();
+                let total = self.tenant_bytes.entry(user.tenant.clone()).or_default();
+                *total = total.saturating_add(after).saturating_sub(before);
                 changes.extend(raw.into_iter().map(|change| MailboxEvent {
                     user: user.clone(),
                     change,
@@ -165,7 +170,11 @@ impl StateMachine for PartitionIndex {
                 outcome
             }
             PartitionCommand::Forget { user } => {
-                self.users.remove(&user.key());
+                if let Some(index) = self.users.remove(&user.key())
+                    && let Some(total) = self.tenant_bytes.get_mut(&user.tenant)
+                {
+                    *total = total.saturating_sub(index.used_bytes());
+                }
                 Ok(IndexOutcome::Done)
             }
         }
@@ -501,7 +510,10 @@ impl StorageEngine {
     }
 
     async fn mailbox_replica(&self, user: &UserRef) -> Result<MailboxReplica, EngineError> {
-        let partition = self.partition_of(user);
+        self.partition_replica(self.partition_of(user)).await
+    }
+
+    async fn partition_replica(&self, partition: i32) -> Result<MailboxReplica, EngineError> {
         let cell = self
             .mailboxes
             .lock()
@@ -639,6 +651,7 @@ impl StorageEngine {
             delivery_key,
         } = new;
         let size = body.len() as u64;
+        self.check_tenant_storage(&user.tenant, size).await?;
         let tenant_limit = self.directory(|d| {
             d.tenant(&user.tenant)
                 .and_then(|t| t.limits.max_message_bytes)
@@ -987,6 +1000,39 @@ impl StorageEngine {
             // No outcome: the copies may be referenced; leave them to the sweep.
             Err(e) => Err(e),
         }
+    }
+
+    /// Bytes a tenant stores, summed over every mailbox partition as this replica has
+    /// them (all partitions are loaded for it).
+    pub async fn tenant_usage(&self, tenant: &TenantId) -> Result<u64, EngineError> {
+        let mut total = 0u64;
+        for partition in 0..self.partitions {
+            let replica = self.partition_replica(partition).await?;
+            total = total.saturating_add(
+                replica.read(|p| p.tenant_bytes.get(tenant).copied().unwrap_or(0))?,
+            );
+        }
+        Ok(total)
+    }
+
+    /// The tenant-wide storage limit. It is checked before the command is made, from
+    /// each partition's applied state, so concurrent appends can overshoot it by what
+    /// is in flight; per-user quotas are exact (checked in `apply`).
+    async fn check_tenant_storage(&self, tenant: &TenantId, size: u64) -> Result<(), EngineError> {
+        let limit =
+            self.directory(|d| d.tenant(tenant).and_then(|t| t.limits.max_storage_bytes))?;
+        let Some(limit) = limit else {
+            return Ok(());
+        };
+        let used = self.tenant_usage(tenant).await?;
+        if used.saturating_add(size) > limit {
+            return Err(StorageError::OverQuota {
+                reason: format!("tenant storage full: {used} of {limit} bytes used"),
+                permanent: size > limit,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Quota usage and limit of a user, in bytes.

@@ -607,6 +607,78 @@ async fn rename_inbox_and_delete_mailbox(b: Backends) {
     assert_eq!(engine.quota(&gina).await.unwrap().0, 0);
 }
 
+/// A tenant's storage limit counts every user, whichever partition holds them.
+async fn tenant_storage_limit(b: Backends) {
+    let engine = b.engine().await;
+    let mut users = Vec::new();
+    for name in ["u1", "u2", "u3", "u4"] {
+        users.push(tenant_with_user(&engine, "big", &format!("{name}@big.test"), None).await);
+    }
+    for user in &users {
+        engine
+            .append(
+                user,
+                INBOX,
+                Bytes::from(vec![b'x'; 100]),
+                Flags::default(),
+                0,
+            )
+            .await
+            .unwrap();
+    }
+    let tenant: mailmesh_types::TenantId = "big".parse().unwrap();
+    assert_eq!(engine.tenant_usage(&tenant).await.unwrap(), 400);
+    engine
+        .set_tenant_limits(
+            tenant.clone(),
+            TenantLimits {
+                max_storage_bytes: Some(450),
+                ..TenantLimits::default()
+            },
+        )
+        .await
+        .unwrap();
+    let err = engine
+        .append(
+            &users[0],
+            INBOX,
+            Bytes::from(vec![b'x'; 100]),
+            Flags::default(),
+            0,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Refused(StorageError::OverQuota { permanent: false, reason }) if reason.contains("tenant storage full")),
+        "{err}"
+    );
+    // Freeing space makes room again.
+    let deleted = Flags::parse(["\\Deleted"], &IndexLimits::default()).unwrap();
+    engine
+        .store_flags(
+            &users[1],
+            INBOX,
+            vec![UidRange::one(1)],
+            StoreAction::Add,
+            deleted,
+            None,
+        )
+        .await
+        .unwrap();
+    engine.expunge(&users[1], INBOX, None).await.unwrap();
+    assert_eq!(engine.tenant_usage(&tenant).await.unwrap(), 300);
+    engine
+        .append(
+            &users[0],
+            INBOX,
+            Bytes::from(vec![b'x'; 100]),
+            Flags::default(),
+            0,
+        )
+        .await
+        .unwrap();
+}
+
 macro_rules! on_both {
     ($($name:ident),*) => {
         mod embedded_backends {
@@ -630,7 +702,8 @@ on_both!(
     concurrent_appends_through_two_replicas,
     tenants_are_isolated,
     restart_replays_to_the_same_state,
-    rename_inbox_and_delete_mailbox
+    rename_inbox_and_delete_mailbox,
+    tenant_storage_limit
 );
 
 /// Snapshots go out on time too, so a quiet log (the directory) is covered before
