@@ -36,6 +36,10 @@ impl Shutdown {
         self.closing.is_cancelled()
     }
 
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.is_cancelled()
+    }
+
     /// Resolves when everything must stop now.
     pub fn stopped(&self) -> WaitForCancellationFuture<'_> {
         self.stopped.cancelled()

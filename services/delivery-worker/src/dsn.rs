@@ -41,7 +41,17 @@ pub fn failure_report(
         return None;
     }
     let boundary = format!("dsn-{}", original.queue_id);
-    let queue_id = original.queue_id.derived("dsn");
+    // The same failures of the same message always give the same bounce (a redo
+    // after a crash is deduplicated); other failures later give another one.
+    let mut failed: Vec<String> = failures
+        .iter()
+        .map(|f| f.recipient.address.to_string())
+        .collect();
+    failed.sort();
+    failed.dedup();
+    let queue_id = original
+        .queue_id
+        .derived(&format!("dsn/{}", failed.join(",")));
     let mut m = String::new();
     // Writing into a String cannot fail.
     let _ = write!(
@@ -228,7 +238,10 @@ mod tests {
         assert_eq!(dsn.mail_from, ReversePath::Null, "bounces come from <>");
         assert_eq!(dsn.recipients[0].address.to_string(), "a@example.org");
         assert_eq!(dsn.recipients[0].notify, DsnNotify::NEVER);
-        assert_eq!(dsn.queue_id, original.queue_id.derived("dsn"));
+        assert_eq!(
+            dsn.queue_id,
+            original.queue_id.derived("dsn/ghost@acme.test")
+        );
         let BodyRef::Inline(body) = &dsn.body else {
             panic!()
         };

@@ -78,6 +78,11 @@ impl From<tonic::Status> for DeliveryError {
                 status: "5.6.0",
                 reason,
             },
+            // The message is larger than the storage service takes.
+            tonic::Code::OutOfRange => Self::Permanent {
+                status: "5.3.4",
+                reason,
+            },
             tonic::Code::ResourceExhausted
                 if s.metadata()
                     .get(mailmesh_storage::grpc::PERMANENT_METADATA)

@@ -35,13 +35,20 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let objects =
         mailmesh_objstore::open(&config.object_store).context("opening the object store")?;
     health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
-    let store = GrpcMailstore::new(&config.storage_endpoint, 64 << 20)?;
+    let store = GrpcMailstore::new(&config.storage_endpoint, config.worker.max_message_bytes)?;
 
     let worker = Worker::new(queue, objects, Arc::new(store), config.worker);
-    let consuming = tokio::spawn(worker.run(shutdown.clone()));
+    let mut consuming = tokio::spawn(worker.run(shutdown.clone()));
     tracing::info!(admin = %config.admin.listen, "delivery-worker is consuming");
 
-    mailmesh_kit::shutdown::signal().await;
+    tokio::select! {
+        () = mailmesh_kit::shutdown::signal() => {}
+        // A worker that stops consuming must not look healthy: exit, get restarted.
+        ended = &mut consuming => {
+            ended??;
+            anyhow::bail!("the consumer stopped");
+        }
+    }
     shutdown.drain(&health, &config.shutdown).await;
     consuming.await??;
     admin_task.await??;

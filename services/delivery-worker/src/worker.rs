@@ -51,6 +51,12 @@ pub struct WorkerConfig {
     pub retry_window: Duration,
     /// Name in bounces (`Reporting-MTA`, `MAILER-DAEMON@…`).
     pub hostname: String,
+    /// After this long a message still failing temporarily is bounced (4.4.7). Keep
+    /// it well below the mailboxes' delivery-key memory (14 days).
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Largest message sent to the storage service.
+    pub max_message_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -65,6 +71,8 @@ impl Default for WorkerConfig {
             retry_max: Duration::from_secs(60),
             retry_window: Duration::from_secs(600),
             hostname: "localhost".into(),
+            max_lifetime: Duration::from_secs(5 * 24 * 3600),
+            max_message_bytes: 64 << 20,
         }
     }
 }
@@ -76,6 +84,18 @@ impl mailmesh_kit::config::Validate for WorkerConfig {
             return Err(ConfigError::invalid(
                 "worker.concurrency",
                 "must be 1 to 10000",
+            ));
+        }
+        if self.retry_window < self.retry_initial {
+            return Err(ConfigError::invalid(
+                "worker.retry_window",
+                "must be at least retry_initial",
+            ));
+        }
+        if self.max_lifetime > Duration::from_secs(10 * 24 * 3600) {
+            return Err(ConfigError::invalid(
+                "worker.max_lifetime",
+                "must be at most 10 days (mailboxes remember delivery keys for 14)",
             ));
         }
         if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
@@ -94,6 +114,22 @@ pub struct Worker {
     store: Arc<dyn Mailstore>,
     config: WorkerConfig,
     limits: EnvelopeLimits,
+}
+
+/// Why a message body could not be read.
+enum BodyError {
+    /// The object is gone: retrying cannot help.
+    Missing(String),
+    Unavailable(String),
+}
+
+/// The SMTP reply code that goes with an enhanced status code.
+fn reply_code(status: &str) -> &'static str {
+    if status.starts_with('5') {
+        "550"
+    } else {
+        "450"
+    }
 }
 
 /// A record could not be finished now (its outcomes are not all durable); it is
@@ -124,8 +160,8 @@ impl Worker {
         })
     }
 
-    /// Consumes until the shutdown closes; records in flight then finish (or, if cut
-    /// at the drain timeout, are left unacknowledged and come again).
+    /// Consumes until the shutdown closes; records in flight then finish within the
+    /// drain (or, if cut when it stops, are left unacknowledged and come again).
     pub async fn run(
         self: Arc<Self>,
         shutdown: Shutdown,
@@ -168,17 +204,28 @@ impl Worker {
                 .instrument(span),
             );
         }
+        // Records in flight finish (and store their offsets) before the consumer
+        // leaves the group; those still running when the drain ends stay
+        // unacknowledged and go to another worker.
+        let all = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
+        tokio::select! {
+            _ = slots.acquire_many(all) => {}
+            _ = shutdown.stopped() => {}
+        }
         consumer.close().await
     }
 
-    /// Handles a record until every outcome is durable; false if the process is
-    /// stopping first (the record is then delivered again later).
+    /// Handles a record until every outcome is durable; false if the process stops
+    /// first (the record is then delivered again later).
     async fn finish(&self, record: &Record, shutdown: &Shutdown) -> bool {
         let mut backoff = self.config.retry_initial;
         loop {
-            match self.handle(record).await {
+            match self.handle(record, shutdown).await {
                 Ok(()) => return true,
                 Err(NotDone(reason)) => {
+                    if shutdown.is_stopped() {
+                        return false;
+                    }
                     tracing::warn!(%reason, retry_in = ?backoff, "record not finished");
                     tokio::select! {
                         _ = shutdown.stopped() => return false,
@@ -190,81 +237,111 @@ impl Worker {
         }
     }
 
-    async fn handle(&self, record: &Record) -> Result<(), NotDone> {
+    async fn dead_letter(&self, record: &Record, reason: &str) -> Result<(), NotDone> {
+        tracing::error!(%reason, "parking a queue record that cannot be delivered");
+        self.publish(
+            &self.config.dead_letter_topic,
+            record.key.clone(),
+            record.payload.clone(),
+            reason,
+        )
+        .await?;
+        crate::metrics::delivered("dead_letter");
+        Ok(())
+    }
+
+    /// Every recipient gets an outcome: stored, failed (bounced), remote (handed to
+    /// outbound) or still failing temporarily (requeued). `NotDone` only when one of
+    /// those could not be made durable.
+    async fn handle(&self, record: &Record, shutdown: &Shutdown) -> Result<(), NotDone> {
         let envelope = match decode_envelope(&record.payload, &self.limits) {
             Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "parking an undecodable queue record");
-                crate::metrics::delivered("dead_letter");
-                return self
-                    .publish(
-                        &self.config.dead_letter_topic,
-                        record.key.clone(),
-                        record.payload.clone(),
-                        &e.to_string(),
-                    )
-                    .await;
-            }
+            Err(e) => return self.dead_letter(record, &e.to_string()).await,
         };
-        if let Some(traceparent) = envelope.trace_context.get("traceparent") {
-            tracing::debug!(%traceparent, queue_id = %envelope.queue_id, "continuing trace");
-        }
         mailmesh_kit::telemetry::extract_context(
             &tracing::Span::current(),
             &envelope.trace_context,
         );
-        let message = self.message(&envelope).await?;
+        let message = match self.message(&envelope).await {
+            Ok(m) => m,
+            Err(BodyError::Missing(reason)) => return self.dead_letter(record, &reason).await,
+            Err(BodyError::Unavailable(reason)) => return Err(NotDone(reason)),
+        };
         let started = Instant::now();
+        // Past its lifetime a message is not retried any more but bounced, well
+        // before mailboxes forget its delivery key (no late duplicates).
+        let expired = envelope
+            .received_at
+            .elapsed()
+            .is_ok_and(|age| age > self.config.max_lifetime);
 
         let mut failures = Vec::new();
-        let mut remote = Vec::new();
+        let mut remote: Vec<mailmesh_types::Recipient> = Vec::new();
+        let mut retry = Vec::new();
         let mut stored = HashSet::new();
         for recipient in &envelope.recipients {
-            let lookup = self
-                .store
-                .lookup(&recipient.address)
-                .await
-                .map_err(|e| NotDone(format!("looking up {}: {e}", recipient.address)))?;
-            let resolution = match lookup {
-                Lookup::NotLocal => {
+            let outcome = match self.store.lookup(&recipient.address).await {
+                Ok(Lookup::NotLocal) => {
                     remote.push(recipient.clone());
                     continue;
                 }
-                Lookup::Unknown => {
+                Ok(Lookup::Unknown) => Err(DeliveryError::Permanent {
+                    status: "5.1.1",
+                    reason: "no such user here".into(),
+                }),
+                Ok(Lookup::Deliver(resolution)) => {
+                    for forward in resolution.remote {
+                        if !remote.iter().any(|r| r.address == forward) {
+                            remote.push(mailmesh_types::Recipient::new(forward));
+                        }
+                    }
+                    let mut outcome = Ok(());
+                    for (tenant, user) in resolution.users {
+                        // One copy per mailbox, however many addresses reach it.
+                        if !stored.insert(user) {
+                            continue;
+                        }
+                        let user = UserRef { tenant, user };
+                        if let Err(e) = self
+                            .deliver(&envelope, &message, recipient, &user, shutdown)
+                            .await
+                        {
+                            // Another address reaching this mailbox must try again.
+                            stored.remove(&user.user);
+                            outcome = Err(e);
+                            break;
+                        }
+                        crate::metrics::delivered("stored");
+                    }
+                    outcome
+                }
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(DeliveryError::Temporary { .. }) if shutdown.is_stopped() => {
+                    return Err(NotDone("stopping".into()));
+                }
+                Err(DeliveryError::Temporary { status, reason }) if expired => {
+                    crate::metrics::delivered("failed");
                     failures.push(Failure {
                         recipient: recipient.clone(),
-                        status: "5.1.1",
-                        diagnostic: "550 5.1.1 no such user here".into(),
+                        status: "4.4.7",
+                        diagnostic: format!(
+                            "{} {status} delivery time expired: {reason}",
+                            reply_code(status)
+                        ),
                     });
-                    continue;
                 }
-                Lookup::Deliver(r) => r,
-            };
-            for (tenant, user) in resolution.users {
-                // One copy per mailbox, however many addresses reach it.
-                if !stored.insert(user) {
-                    continue;
+                Err(DeliveryError::Temporary { .. }) => retry.push(recipient.clone()),
+                Err(DeliveryError::Permanent { status, reason }) => {
+                    crate::metrics::delivered("failed");
+                    failures.push(Failure {
+                        recipient: recipient.clone(),
+                        status,
+                        diagnostic: format!("{} {status} {reason}", reply_code(status)),
+                    });
                 }
-                let user = UserRef { tenant, user };
-                match self.deliver(&envelope, &message, recipient, &user).await {
-                    Ok(()) => crate::metrics::delivered("stored"),
-                    Err(DeliveryError::Permanent { status, reason }) => {
-                        crate::metrics::delivered("failed");
-                        failures.push(Failure {
-                            recipient: recipient.clone(),
-                            status,
-                            diagnostic: format!("{status} {reason}"),
-                        });
-                    }
-                    Err(e @ DeliveryError::Temporary { .. }) => {
-                        // Done once it is back in the queue; mailboxes that already
-                        // have it get no second copy when it comes round again.
-                        return self.give_back(record, &envelope, e).await;
-                    }
-                }
-            }
-            for forward in resolution.remote {
-                remote.push(mailmesh_types::Recipient::new(forward));
             }
         }
         crate::metrics::delivery_seconds(started.elapsed());
@@ -275,37 +352,39 @@ impl Worker {
                 recipients: remote,
                 ..envelope.clone()
             };
-            self.publish(
-                &self.config.outbound_topic,
-                Bytes::from(outbound.queue_id.to_string()),
-                Bytes::from(encode_envelope(&outbound)),
-                "",
-            )
-            .await?;
+            self.publish_envelope(&self.config.outbound_topic, &outbound)
+                .await?;
             crate::metrics::delivered("outbound");
         }
         if let Some(bounce) = failure_report(&envelope, &message, &failures, &self.config.hostname)
         {
-            self.publish(
-                &self.config.topic,
-                Bytes::from(bounce.queue_id.to_string()),
-                Bytes::from(encode_envelope(&bounce)),
-                "",
-            )
-            .await?;
+            self.publish_envelope(&self.config.topic, &bounce).await?;
             crate::metrics::delivered("bounced");
+        }
+        if !retry.is_empty() {
+            // Only the recipients still failing go round again, to the end of the
+            // queue so this partition's offset moves on. Mailboxes that already have
+            // the message get no second copy (same queue id, same delivery keys).
+            tracing::warn!(queue_id = %envelope.queue_id, recipients = retry.len(), "requeueing after temporary failures");
+            let again = Envelope {
+                recipients: retry,
+                ..envelope.clone()
+            };
+            self.publish_envelope(&self.config.topic, &again).await?;
+            crate::metrics::delivered("requeued");
         }
         Ok(())
     }
 
     /// Delivers to one user, retrying temporary failures with backoff within the
-    /// retry window.
+    /// retry window (and not past a stop).
     async fn deliver(
         &self,
         envelope: &Envelope,
         message: &[u8],
         recipient: &mailmesh_types::Recipient,
         user: &UserRef,
+        shutdown: &Shutdown,
     ) -> Result<(), DeliveryError> {
         let key = format!("{}/{}", envelope.queue_id, user.user);
         let internal_date_ms = envelope
@@ -332,7 +411,10 @@ impl Worker {
             match outcome {
                 Err(DeliveryError::Temporary { .. }) if Instant::now() + backoff < deadline => {
                     tracing::info!(error = ?outcome, retry_in = ?backoff, "temporary delivery failure");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = shutdown.stopped() => return outcome,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
                     backoff = (backoff * 2).min(self.config.retry_max);
                 }
                 other => return other,
@@ -340,39 +422,33 @@ impl Worker {
         }
     }
 
-    /// After the retry window the record goes to the end of the queue, so this
-    /// partition's offset can move on; if that publish fails, it stays and is tried
-    /// again here.
-    async fn give_back(
-        &self,
-        record: &Record,
-        envelope: &Envelope,
-        e: DeliveryError,
-    ) -> Result<(), NotDone> {
-        tracing::warn!(queue_id = %envelope.queue_id, error = %e, "still failing after the retry window; requeueing");
-        self.publish(
-            &self.config.topic,
-            record.key.clone(),
-            record.payload.clone(),
-            "",
-        )
-        .await?;
-        crate::metrics::delivered("requeued");
-        Ok(())
+    async fn message(&self, envelope: &Envelope) -> Result<Bytes, BodyError> {
+        use mailmesh_objstore::object_store::Error as E;
+        let key = match &envelope.body {
+            BodyRef::Inline(bytes) => return Ok(bytes.clone()),
+            BodyRef::Object { key, .. } => key,
+        };
+        let classify = |e: E| match e {
+            E::NotFound { .. } => BodyError::Missing(format!("message body {key} does not exist")),
+            other => BodyError::Unavailable(format!("reading the message body {key}: {other}")),
+        };
+        self.objects
+            .get(&Path::from(key.as_str()))
+            .await
+            .map_err(classify)?
+            .bytes()
+            .await
+            .map_err(classify)
     }
 
-    async fn message(&self, envelope: &Envelope) -> Result<Bytes, NotDone> {
-        match &envelope.body {
-            BodyRef::Inline(bytes) => Ok(bytes.clone()),
-            BodyRef::Object { key, .. } => self
-                .objects
-                .get(&Path::from(key.as_str()))
-                .await
-                .map_err(|e| NotDone(format!("reading the message body {key}: {e}")))?
-                .bytes()
-                .await
-                .map_err(|e| NotDone(format!("reading the message body {key}: {e}"))),
-        }
+    async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), NotDone> {
+        self.publish(
+            topic,
+            Bytes::from(envelope.queue_id.to_string()),
+            Bytes::from(encode_envelope(envelope)),
+            "",
+        )
+        .await
     }
 
     async fn publish(

@@ -41,6 +41,7 @@ fn worker_config(run: &str) -> WorkerConfig {
         retry_max: Duration::from_millis(200),
         retry_window: Duration::from_secs(2),
         hostname: "mx.acme.test".into(),
+        ..WorkerConfig::default()
     }
 }
 
@@ -373,12 +374,24 @@ async fn large_bodies_and_bad_records(real: bool) {
     s.stop(shutdown, task).await;
 }
 
-/// A worker killed with records in flight: another one delivers every message,
-/// each exactly once.
+/// A worker killed with records in flight (its whole runtime dropped: no drain, no
+/// commit, tasks cut mid-way): another one delivers every message, each once.
 async fn a_killed_worker_loses_nothing_and_duplicates_nothing(real: bool) {
     let s = setup(real).await;
     let erin = s.user("erin@acme.test").await;
-    let (_, first) = s.start();
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let worker = Worker::new(
+        s.queue.clone(),
+        s.objects.clone(),
+        Arc::new(s.engine.clone()),
+        s.config.clone(),
+    );
+    let doomed_shutdown = Shutdown::new();
+    doomed.spawn(worker.run(doomed_shutdown));
     for i in 0..30 {
         s.enqueue(&envelope(
             "sender@example.org",
@@ -387,10 +400,11 @@ async fn a_killed_worker_loses_nothing_and_duplicates_nothing(real: bool) {
         ))
         .await;
     }
-    // Let it get part of the way, then kill it (no drain, no commit).
     let _ = s.inbox(&erin, 5).await;
-    first.abort();
-    let _ = first.await;
+    // Dropping the runtime drops every task in it where it stands.
+    tokio::task::spawn_blocking(move || doomed.shutdown_timeout(Duration::from_secs(5)))
+        .await
+        .unwrap();
     let (shutdown, second) = s.start();
     let inbox = s.inbox(&erin, 30).await;
     s.stop(shutdown, second).await;
@@ -406,6 +420,93 @@ async fn a_killed_worker_loses_nothing_and_duplicates_nothing(real: bool) {
     let mut expected: Vec<String> = (0..30).map(|i| format!("Subject: m{i}")).collect();
     expected.sort();
     assert_eq!(subjects, expected, "every message once");
+}
+
+/// A user in tenant `full`, whose storage is nearly used up: deliveries to it fail
+/// temporarily (4.2.2) until the limit is lifted.
+async fn nearly_full_user(s: &Setup) -> UserRef {
+    let full: mailmesh_types::TenantId = "full".parse().unwrap();
+    s.engine
+        .add_tenant(full.clone(), TenantLimits::default())
+        .await
+        .unwrap();
+    s.engine
+        .add_domain(full.clone(), "full.test".parse().unwrap())
+        .await
+        .unwrap();
+    let frank = s.user("frank@full.test").await;
+    s.engine
+        .append(
+            &frank,
+            "Archive",
+            Bytes::from(vec![b'x'; 560]),
+            Default::default(),
+            0,
+        )
+        .await
+        .unwrap();
+    s.engine
+        .set_tenant_limits(
+            full,
+            TenantLimits {
+                max_storage_bytes: Some(600),
+                ..TenantLimits::default()
+            },
+        )
+        .await
+        .unwrap();
+    frank
+}
+
+/// A mailbox failing temporarily does not hold up the other recipients: they get the
+/// message now, the failing one is requeued alone and gets it once it recovers, and
+/// nobody gets a second copy.
+async fn a_failing_mailbox_is_requeued_alone(real: bool) {
+    let s = setup(real).await;
+    let alice = s.user("alice@acme.test").await;
+    let frank = nearly_full_user(&s).await;
+    let (shutdown, task) = s.start();
+    s.enqueue(&envelope(
+        "sender@example.org",
+        &["alice@acme.test", "frank@full.test"],
+        "both",
+    ))
+    .await;
+    assert_eq!(s.inbox(&alice, 1).await.len(), 1, "alice is not held up");
+    // Let it go round the queue at least once, then make room.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(s.inbox(&frank, 0).await.is_empty());
+    s.engine
+        .set_tenant_limits("full".parse().unwrap(), TenantLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.inbox(&frank, 1).await.len(),
+        1,
+        "frank gets it once there is room"
+    );
+    s.stop(shutdown, task).await;
+    assert_eq!(
+        s.inbox(&alice, 1).await.len(),
+        1,
+        "alice still has one copy"
+    );
+}
+
+/// A message still failing after its lifetime is bounced (4.4.7), not retried on.
+async fn an_expired_message_is_bounced(real: bool) {
+    let s = setup(real).await;
+    let carol = s.user("carol@acme.test").await;
+    nearly_full_user(&s).await;
+    let (shutdown, task) = s.start();
+    let mut old = envelope("carol@acme.test", &["frank@full.test"], "old news");
+    old.received_at = SystemTime::now() - Duration::from_secs(6 * 24 * 3600);
+    s.enqueue(&old).await;
+    let inbox = s.inbox(&carol, 1).await;
+    s.stop(shutdown, task).await;
+    assert_eq!(inbox.len(), 1);
+    assert!(inbox[0].contains("Status: 4.4.7"), "{}", inbox[0]);
+    assert!(inbox[0].contains("Action: failed"), "{}", inbox[0]);
 }
 
 macro_rules! on_both {
@@ -429,5 +530,7 @@ on_both!(
     one_copy_per_mailbox,
     bounces_and_remote_recipients,
     large_bodies_and_bad_records,
-    a_killed_worker_loses_nothing_and_duplicates_nothing
+    a_killed_worker_loses_nothing_and_duplicates_nothing,
+    a_failing_mailbox_is_requeued_alone,
+    an_expired_message_is_bounced
 );
