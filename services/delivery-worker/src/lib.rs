@@ -3,7 +3,6 @@
 //! handing remote recipients to the outbound path.
 
 pub mod dsn;
-pub mod mailstore;
 mod metrics;
 pub mod worker;
 

@@ -4,12 +4,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use mailmesh_delivery::ServiceConfig;
-use mailmesh_delivery::mailstore::GrpcMailstore;
 use mailmesh_delivery::worker::Worker;
 use mailmesh_kit::admin::AdminServer;
 use mailmesh_kit::{ConfigSource, Health, Shutdown};
 use mailmesh_objstore::ObjectStoreReadiness;
 use mailmesh_queue::QueueReadiness;
+use mailmesh_storage::client::GrpcMailstore;
 
 fn main() -> anyhow::Result<()> {
     let config: ServiceConfig = ConfigSource::from_process().load()?;

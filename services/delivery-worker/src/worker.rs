@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::dsn::{Failure, failure_report};
-use crate::mailstore::{DeliveryError, Mailstore};
+use mailmesh_storage::client::{DeliveryError, Mailstore};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

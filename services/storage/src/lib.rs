@@ -7,6 +7,7 @@
 //! orders commands, and every replica applies them to the same state
 //! (docs/adr/0001-mailbox-index.md). Nothing in these modules does I/O.
 
+pub mod client;
 pub mod directory;
 pub mod engine;
 pub mod grpc;

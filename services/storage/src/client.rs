@@ -1,15 +1,15 @@
-//! Where local mail goes: the storage service, in this process (`mailctl dev`) or over
-//! gRPC (a cluster). Both answer the same two questions the worker asks.
+//! The storage service as its callers see it (STYLE: a service is a trait; its client
+//! wraps the engine in this process, as in `mailctl dev`, or a gRPC channel).
 
 use std::sync::Arc;
 
+use crate::directory::{Lookup, Resolution, UserId};
+use crate::engine::{Delivery, StorageEngine, UserRef};
+use crate::{EngineError, StorageError};
 use async_trait::async_trait;
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
-use mailmesh_storage::directory::{Lookup, Resolution, UserId};
-use mailmesh_storage::engine::{Delivery, StorageEngine, UserRef};
-use mailmesh_storage::{EngineError, StorageError};
 use mailmesh_types::EmailAddress;
 use tonic::transport::Channel;
 
@@ -84,9 +84,7 @@ impl From<tonic::Status> for DeliveryError {
                 reason,
             },
             tonic::Code::ResourceExhausted
-                if s.metadata()
-                    .get(mailmesh_storage::grpc::PERMANENT_METADATA)
-                    .is_some() =>
+                if s.metadata().get(crate::grpc::PERMANENT_METADATA).is_some() =>
             {
                 Self::Permanent {
                     status: "5.2.2",
