@@ -6,10 +6,12 @@
 //! keys ([`TenantId`], [`QueueId`]) are restricted to characters that are safe there.
 
 mod address;
+mod date;
 mod envelope;
 mod ids;
 
 pub use address::{Domain, EmailAddress, ReversePath};
+pub use date::rfc5322_date;
 pub use envelope::{
     BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, EnvelopeLimits, Recipient,
 };

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use mailmesh_types::{
     BodyRef, BodyType, DsnNotify, DsnRet, EmailAddress, Envelope, Recipient, ReversePath,
+    rfc5322_date,
 };
 
 /// How much of the original message goes back with a failure report (RET=HDRS, or
@@ -157,31 +158,6 @@ fn find_header_end(message: &[u8]) -> Option<usize> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .map(|p| p + 2)
-}
-
-/// `Fri, 27 Nov 2026 04:12:05 +0000`.
-fn rfc5322_date(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (h, mi, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
-    let month = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ][(m - 1) as usize];
-    format!("{weekday}, {d:02} {month} {y} {h:02}:{mi:02}:{s:02} +0000")
 }
 
 #[cfg(test)]

@@ -166,6 +166,9 @@ impl Mailstore for GrpcMailstore {
             Ok(R::NotLocal) => Ok(Lookup::NotLocal),
             Ok(R::Unknown) => Ok(Lookup::Unknown),
             Ok(R::Deliver) => Ok(Lookup::Deliver(Resolution {
+                tenant: r.tenant.parse().map_err(|e| {
+                    DeliveryError::temporary(format!("storage answered a bad tenant: {e}"))
+                })?,
                 users: r
                     .users
                     .iter()

@@ -148,8 +148,10 @@ const MAX_ALIAS_DEPTH: usize = 8;
 const MAX_EXPANSION: usize = 1000;
 
 /// Where mail for an address goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolution {
+    /// The tenant that owns the address's domain (queue records carry it).
+    pub tenant: TenantId,
     /// Local mailboxes, each once.
     pub users: Vec<(TenantId, UserId)>,
     /// Addresses outside every local domain (aliases may forward there).
@@ -474,10 +476,14 @@ impl Directory {
     /// catch-alls) and remote forwarding targets. Disabled users still receive mail
     /// (disabling stops logins, not delivery); removed ones do not exist.
     pub fn lookup(&self, address: &EmailAddress) -> Lookup {
-        if !self.domains.contains_key(address.domain()) {
+        let Some(owner) = self.domains.get(address.domain()) else {
             return Lookup::NotLocal;
-        }
-        let mut resolution = Resolution::default();
+        };
+        let mut resolution = Resolution {
+            tenant: owner.clone(),
+            users: Vec::new(),
+            remote: Vec::new(),
+        };
         let mut seen = BTreeSet::new();
         if !self.expand(address, 0, &mut seen, &mut resolution) {
             return Lookup::Unknown;
@@ -666,6 +672,7 @@ mod tests {
         let mut dir = two_tenants();
         let id = add_user(&mut dir, "Alice@acme.test");
         let expected = Lookup::Deliver(Resolution {
+            tenant: t("acme"),
             users: vec![(t("acme"), id)],
             remote: vec![],
         });
@@ -721,6 +728,7 @@ mod tests {
         assert_eq!(
             dir.lookup(&a("team@acme.test")),
             Lookup::Deliver(Resolution {
+                tenant: t("acme"),
                 users: vec![(t("acme"), alice), (t("acme"), bob)],
                 remote: vec![a("ext@remote.test")],
             })
@@ -728,6 +736,7 @@ mod tests {
         assert_eq!(
             dir.lookup(&a("loop2@acme.test")),
             Lookup::Deliver(Resolution {
+                tenant: t("acme"),
                 users: vec![(t("acme"), alice)],
                 remote: vec![],
             })
@@ -747,6 +756,7 @@ mod tests {
         assert_eq!(
             dir.lookup(&a("random@acme.test")),
             Lookup::Deliver(Resolution {
+                tenant: t("acme"),
                 users: vec![(t("acme"), postmaster)],
                 remote: vec![],
             })

@@ -393,6 +393,7 @@ impl DirectoryApi for StorageService {
             },
             Lookup::Deliver(res) => v1::LookupResponse {
                 result: R::Deliver as i32,
+                tenant: res.tenant.to_string(),
                 users: res
                     .users
                     .iter()
