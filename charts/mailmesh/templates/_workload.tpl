@@ -3,7 +3,8 @@ One mailmesh service: Deployment (probes on the admin port, non-root read-only
 security context, spread over zones and nodes, termination grace from the drain
 settings), optional ClusterIP Service, PodDisruptionBudget and CPU HorizontalPodAutoscaler.
 Parameters: root (the chart context), component, v (its values), binary, ports (list of
-{name, port}), service (bool).
+{name, port, servicePort?, appProtocol?}), service (bool), serviceType (ClusterIP by
+default; a LoadBalancer keeps client addresses with externalTrafficPolicy Local).
 */}}
 {{- define "mailmesh.workload" -}}
 {{- $root := .root -}}
@@ -126,20 +127,28 @@ metadata:
     {{- include "mailmesh.labels" . | nindent 4 }}
     app.kubernetes.io/component: {{ $component }}
 spec:
-  type: ClusterIP
+  type: {{ $.serviceType | default "ClusterIP" }}
+  {{- if eq ($.serviceType | default "ClusterIP") "LoadBalancer" }}
+  # Keeps the client's source address (no SNAT), so SPF and logs see the real IP.
+  externalTrafficPolicy: Local
+  {{- end }}
   selector:
     app.kubernetes.io/instance: {{ .Release.Name }}
     app.kubernetes.io/component: {{ $component }}
   ports:
     {{- range $.ports }}
     - name: {{ .name }}
-      port: {{ .port }}
+      port: {{ .servicePort | default .port }}
       targetPort: {{ .name }}
-      appProtocol: grpc
+      {{- with .appProtocol }}
+      appProtocol: {{ . }}
+      {{- end }}
     {{- end }}
+    {{- if ne ($.serviceType | default "ClusterIP") "LoadBalancer" }}
     - name: admin
       port: {{ .Values.admin.port }}
       targetPort: admin
+    {{- end }}
 {{- end }}
 ---
 apiVersion: policy/v1

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use mailmesh_cache::CacheReadiness;
 use mailmesh_delivery::worker::{Worker, WorkerConfig};
+use mailmesh_ingress::{Ingress, IngressConfig};
 use mailmesh_kit::admin::AdminServer;
 use mailmesh_kit::config::{AdminConfig, ConfigError, ShutdownConfig, Validate};
 use mailmesh_kit::telemetry::{LogFormat, TelemetryConfig};
@@ -191,6 +192,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    // The MX front door, checking recipients against the engine in this process.
+    let smtp_addr = SocketAddr::new(config.bind, config.ports.smtp);
+    let smtp_listener = tokio::net::TcpListener::bind(smtp_addr)
+        .await
+        .with_context(|| format!("binding the SMTP port {smtp_addr}"))?;
+    let ingress = Ingress::new(
+        queue.clone(),
+        objects.clone(),
+        Arc::new(engine.clone()),
+        IngressConfig {
+            topic: MAIL_TOPIC.into(),
+            ..IngressConfig::default()
+        },
+    );
+    let smtp_task = tokio::spawn(mailmesh_ingress::serve(
+        ingress,
+        smtp_listener,
+        shutdown.clone(),
+    ));
+
     // Local delivery straight into the engine, in this process.
     let worker = Worker::new(
         queue.clone(),
@@ -237,6 +258,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     mailmesh_kit::shutdown::signal().await;
     let clean = shutdown.drain(&health, &config.shutdown).await;
+    smtp_task.await?;
     worker_task.await??;
     // Open Watch streams do not end by themselves; they are cut here.
     if let Ok(served) = tokio::time::timeout(Duration::from_secs(5), storage_task).await {
@@ -257,8 +279,12 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig) {
         "  storage      http://{}:{}  (gRPC; `mailctl tenant|domain|user|alias|quota` talk to it)",
         config.bind, config.ports.storage
     );
-    println!("mail ports (bound as their services are built; none are yet):");
-    for (name, port) in config.ports.named().into_iter().skip(1) {
+    println!(
+        "  smtp         {}:{}  (MX, plain SMTP; STARTTLS not built yet)",
+        config.bind, config.ports.smtp
+    );
+    println!("mail ports bound as their services are built (not yet):");
+    for (name, port) in config.ports.named().into_iter().skip(2) {
         println!("  {name:<12} {}:{port}  not built yet", config.bind);
     }
 }

@@ -10,6 +10,7 @@ pub struct Dev {
     pub child: Child,
     pub admin: String,
     pub storage: String,
+    pub smtp_port: String,
     _dir: tempfile::TempDir,
     pub data: std::path::PathBuf,
 }
@@ -27,11 +28,13 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
     let data = dir.path().join("data");
     let admin = format!("127.0.0.1:{}", free_port());
     let storage_port = free_port().to_string();
+    let smtp_port = free_port().to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
         .args(["dev", "--data-dir"])
         .arg(&data)
         .args(["--admin-listen", &admin])
         .env("MAILMESH_PORTS__STORAGE", &storage_port)
+        .env("MAILMESH_PORTS__SMTP", &smtp_port)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -41,6 +44,7 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
         child,
         admin: format!("http://{admin}"),
         storage: format!("http://127.0.0.1:{storage_port}"),
+        smtp_port,
         _dir: dir,
         data,
     }

@@ -1,0 +1,193 @@
+//! smtp-ingress: the MX front door (RFC 5321). It accepts mail for local domains only,
+//! checks each recipient against the directory, and answers `250` only once the
+//! message is durable in the queue (DESIGN invariant 1).
+//!
+//! This first step speaks plain SMTP with PIPELINING, 8BITMIME, SMTPUTF8, SIZE,
+//! ENHANCEDSTATUSCODES, CHUNKING and DSN. Not built yet: STARTTLS, PROXY protocol,
+//! auth-check (SPF/DKIM/DMARC), rate limits.
+
+mod metrics;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailmesh_kit::Shutdown;
+use mailmesh_kit::config::{AdminConfig, ConfigError, ShutdownConfig, Validate};
+use mailmesh_kit::telemetry::TelemetryConfig;
+use mailmesh_objstore::ObjectStoreConfig;
+use mailmesh_objstore::object_store::ObjectStore;
+use mailmesh_queue::{Queue, QueueConfig};
+use mailmesh_storage::client::Mailstore;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Limits and names of the SMTP service; every limit has a sane default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngressConfig {
+    /// The name in the greeting, EHLO and Received headers.
+    pub hostname: String,
+    /// The topic accepted mail is written to.
+    pub topic: String,
+    /// Largest message accepted (advertised as SIZE).
+    pub max_message_bytes: usize,
+    /// Recipients per transaction (RFC 5321 requires accepting at least 100).
+    pub max_recipients: usize,
+    /// Protocol errors before the session is closed with `421`.
+    pub max_errors: u32,
+    /// Longest command line, CRLF included; longer ones get `500 5.5.2`.
+    pub max_command_line: usize,
+    /// Concurrent sessions per process; more are answered `421` and closed.
+    pub max_connections: usize,
+    /// Bodies up to this size travel inside the queue record; larger ones are
+    /// written to object storage first.
+    pub inline_body_bytes: usize,
+    /// RFC 5321 4.5.3.2: 5 minutes per command.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// RFC 5321 4.5.3.2: 10 minutes for the whole message data.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            topic: "mail.queue".into(),
+            max_message_bytes: 25 << 20,
+            max_recipients: 100,
+            max_errors: 20,
+            max_command_line: 1000,
+            max_connections: 1000,
+            inline_body_bytes: 256 << 10,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Validate for IngressConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_recipients < 100 {
+            return Err(ConfigError::invalid(
+                "smtp.max_recipients",
+                "RFC 5321 requires at least 100",
+            ));
+        }
+        if self.max_command_line < 512 {
+            return Err(ConfigError::invalid(
+                "smtp.max_command_line",
+                "RFC 5321 requires at least 512",
+            ));
+        }
+        if self.max_message_bytes == 0 || self.max_connections == 0 || self.max_errors == 0 {
+            return Err(ConfigError::invalid(
+                "smtp",
+                "max_message_bytes, max_connections and max_errors must be above zero",
+            ));
+        }
+        if self.hostname.is_empty() || self.hostname.chars().any(|c| c.is_whitespace()) {
+            return Err(ConfigError::invalid("smtp.hostname", "must be a host name"));
+        }
+        Ok(())
+    }
+}
+
+/// The `smtp-ingress` binary's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// The SMTP listener (container port; the Service maps 25 to it).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    pub queue: QueueConfig,
+    pub object_store: ObjectStoreConfig,
+    /// The storage service's gRPC endpoint (recipient lookups).
+    pub storage_endpoint: String,
+    #[serde(default)]
+    pub smtp: IngressConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 2525))
+}
+
+impl Validate for ServiceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.telemetry.validate()?;
+        self.shutdown.validate()?;
+        self.queue.validate()?;
+        self.smtp.validate()
+    }
+}
+
+/// What every session shares.
+pub struct Ingress {
+    pub(crate) queue: Arc<dyn Queue>,
+    pub(crate) objects: Arc<dyn ObjectStore>,
+    pub(crate) directory: Arc<dyn Mailstore>,
+    pub(crate) config: IngressConfig,
+}
+
+impl Ingress {
+    pub fn new(
+        queue: Arc<dyn Queue>,
+        objects: Arc<dyn ObjectStore>,
+        directory: Arc<dyn Mailstore>,
+        config: IngressConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            queue,
+            objects,
+            directory,
+            config,
+        })
+    }
+}
+
+/// Accepts sessions until the shutdown closes; open sessions are tracked by it and
+/// end with `421` when they reach their next command after that.
+pub async fn serve(ingress: Arc<Ingress>, listener: TcpListener, shutdown: Shutdown) {
+    let slots = Arc::new(Semaphore::new(ingress.config.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.closing() => return,
+            a = listener.accept() => a,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            crate::metrics::rejected("too_many_connections");
+            let _ = stream
+                .write_all(b"421 4.7.0 Too many connections, try again later\r\n")
+                .await;
+            continue;
+        };
+        let ingress = ingress.clone();
+        let stop = shutdown.clone();
+        shutdown.spawn(async move {
+            let session = session::Session::new(&ingress, peer);
+            if let Err(e) = session.run(stream, &stop).await {
+                tracing::debug!(%peer, error = %e, "session ended with an error");
+            }
+            drop(slot);
+        });
+    }
+}

@@ -1,0 +1,703 @@
+//! One SMTP session (RFC 5321), generic over the stream so tests drive it in memory.
+//! Commands are parsed by `smtp-proto`; replies are batched and flushed whenever the
+//! client has to wait for input (PIPELINING, RFC 2920).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use mailmesh_kit::Shutdown;
+use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::object_store::{ObjectStoreExt, PutPayload};
+use mailmesh_proto::encode_envelope;
+use mailmesh_queue::OutgoingRecord;
+use mailmesh_storage::client::DeliveryError;
+use mailmesh_storage::directory::Lookup;
+use mailmesh_types::{
+    BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, EmailAddress, Envelope, QueueId, Recipient,
+    ReversePath, TenantId, rfc5322_date,
+};
+use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, RequestReceiver};
+use smtp_proto::{Error as ParseError, Request};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+
+use crate::Ingress;
+
+/// A parsed command, owned (the parser's borrows end before any await).
+enum Command {
+    Ehlo(String),
+    Helo(String),
+    Mail(smtp_proto::MailFrom<String>),
+    Rcpt(smtp_proto::RcptTo<String>),
+    Data,
+    Bdat { size: usize, last: bool },
+    Rset,
+    Noop,
+    Vrfy,
+    Help,
+    Quit,
+    StartTls,
+    Auth,
+    Unsupported,
+}
+
+impl From<Request<std::borrow::Cow<'_, str>>> for Command {
+    fn from(r: Request<std::borrow::Cow<'_, str>>) -> Self {
+        match r {
+            Request::Ehlo { host } => Self::Ehlo(host.into_owned()),
+            Request::Helo { host } => Self::Helo(host.into_owned()),
+            Request::Mail { from } => Self::Mail(from.into_owned()),
+            Request::Rcpt { to } => Self::Rcpt(to.into_owned()),
+            Request::Data => Self::Data,
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => Self::Bdat {
+                size: chunk_size,
+                last: is_last,
+            },
+            Request::Rset => Self::Rset,
+            Request::Noop { .. } => Self::Noop,
+            Request::Vrfy { .. } => Self::Vrfy,
+            Request::Help { .. } => Self::Help,
+            Request::Quit => Self::Quit,
+            Request::StartTls => Self::StartTls,
+            Request::Auth { .. } => Self::Auth,
+            Request::Lhlo { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => Self::Unsupported,
+        }
+    }
+}
+
+/// A mail transaction: from MAIL to the end of the message.
+struct Transaction {
+    from: ReversePath,
+    body_type: BodyType,
+    smtputf8: bool,
+    ret: Option<DsnRet>,
+    envid: Option<String>,
+    recipients: Vec<(Recipient, TenantId)>,
+    /// BDAT chunks so far; `None` once the message grew past the limit (the rest
+    /// is read and discarded, then refused).
+    chunks: Option<Vec<u8>>,
+}
+
+pub struct Session<'a> {
+    ingress: &'a Ingress,
+    peer: SocketAddr,
+    helo: Option<(String, bool)>,
+    tx: Option<Transaction>,
+    errors: u32,
+}
+
+/// What the loop does after a reply.
+enum Next {
+    Continue,
+    Close,
+}
+
+struct SessionGauge;
+
+impl SessionGauge {
+    fn open() -> Self {
+        crate::metrics::session_opened();
+        Self
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        crate::metrics::session_closed();
+    }
+}
+
+impl<'a> Session<'a> {
+    pub fn new(ingress: &'a Ingress, peer: SocketAddr) -> Self {
+        Self {
+            ingress,
+            peer,
+            helo: None,
+            tx: None,
+            errors: 0,
+        }
+    }
+
+    pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+        mut self,
+        stream: S,
+        shutdown: &Shutdown,
+    ) -> io::Result<()> {
+        let _gauge = SessionGauge::open();
+        let host = self.ingress.config.hostname.clone();
+        let (mut reader, writer) = tokio::io::split(stream);
+        let mut out = BufWriter::new(writer);
+        if shutdown.is_closing() {
+            out.write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
+                .await?;
+            return out.flush().await;
+        }
+        out.write_all(format!("220 {host} ESMTP mailmesh\r\n").as_bytes())
+            .await?;
+        out.flush().await?;
+
+        let mut input: Vec<u8> = Vec::new();
+        let mut receiver = RequestReceiver::default();
+        let max_line = self.ingress.config.max_command_line;
+        // Inside an over-long line: bytes are dropped up to its end.
+        let mut skipping = false;
+        loop {
+            let newline = input.iter().position(|b| *b == b'\n');
+            if skipping
+                || newline.is_some_and(|p| p >= max_line)
+                || (newline.is_none() && input.len() > max_line)
+            {
+                match newline {
+                    Some(p) => {
+                        input.drain(..=p);
+                        skipping = false;
+                        crate::metrics::rejected("line_too_long");
+                        if let Next::Close =
+                            self.error(&mut out, "500 5.5.2 Line too long\r\n").await?
+                        {
+                            return out.flush().await;
+                        }
+                        continue;
+                    }
+                    None => {
+                        input.clear();
+                        skipping = true;
+                    }
+                }
+            }
+            let (parsed, consumed) = if skipping {
+                (Err(ParseError::NeedsMoreData { bytes_left: 0 }), 0)
+            } else {
+                let mut iter = input.iter();
+                let parsed = receiver.ingest(&mut iter).map(Command::from);
+                (parsed, input.len() - iter.as_slice().len())
+            };
+            input.drain(..consumed);
+            let next = match parsed {
+                Err(ParseError::NeedsMoreData { .. }) => {
+                    // The client waits for our replies before it sends more.
+                    out.flush().await?;
+                    let timeout = self.ingress.config.command_timeout;
+                    match self
+                        .read(&mut reader, &mut input, timeout, shutdown)
+                        .await?
+                    {
+                        Some(0) => return Ok(()),
+                        Some(_) => continue,
+                        None => {
+                            out.write_all(b"421 4.4.2 Timeout or shutdown, closing connection\r\n")
+                                .await?;
+                            return out.flush().await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let reply = parse_error_reply(&e);
+                    crate::metrics::rejected("syntax");
+                    self.error(&mut out, &reply).await?
+                }
+                Ok(_) if shutdown.is_closing() => {
+                    out.write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
+                        .await?;
+                    Next::Close
+                }
+                Ok(command) => {
+                    self.command(command, &mut reader, &mut out, &mut input, shutdown)
+                        .await?
+                }
+            };
+            if let Next::Close = next {
+                return out.flush().await;
+            }
+        }
+    }
+
+    /// Reads more input; `Some(0)` at end of stream, `None` on timeout or shutdown.
+    async fn read<R: AsyncRead + Unpin>(
+        &self,
+        reader: &mut R,
+        input: &mut Vec<u8>,
+        timeout: std::time::Duration,
+        shutdown: &Shutdown,
+    ) -> io::Result<Option<usize>> {
+        let mut chunk = [0u8; 16 * 1024];
+        tokio::select! {
+            _ = shutdown.stopped() => Ok(None),
+            read = tokio::time::timeout(timeout, reader.read(&mut chunk)) => match read {
+                Ok(Ok(n)) => {
+                    input.extend_from_slice(&chunk[..n]);
+                    Ok(Some(n))
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Ok(None),
+            },
+        }
+    }
+
+    async fn error<W: AsyncWrite + Unpin>(&mut self, out: &mut W, reply: &str) -> io::Result<Next> {
+        self.errors += 1;
+        out.write_all(reply.as_bytes()).await?;
+        if self.errors >= self.ingress.config.max_errors {
+            out.write_all(b"421 4.7.0 Too many errors, closing connection\r\n")
+                .await?;
+            return Ok(Next::Close);
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn command<R, W>(
+        &mut self,
+        command: Command,
+        reader: &mut R,
+        out: &mut W,
+        input: &mut Vec<u8>,
+        shutdown: &Shutdown,
+    ) -> io::Result<Next>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let config = &self.ingress.config;
+        let reply = match command {
+            Command::Ehlo(host) => {
+                self.helo = Some((host.clone(), true));
+                self.tx = None;
+                format!(
+                    "250-{} Hello {host}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
+                     250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 DSN\r\n",
+                    config.hostname, config.max_message_bytes
+                )
+            }
+            Command::Helo(host) => {
+                self.helo = Some((host, false));
+                self.tx = None;
+                format!("250 {}\r\n", config.hostname)
+            }
+            Command::Mail(from) => match self.mail(from) {
+                Ok(reply) => reply,
+                Err(reply) => return self.error(out, &reply).await,
+            },
+            Command::Rcpt(to) => match self.rcpt(to).await {
+                Ok(reply) => reply,
+                Err(reply) => return self.error(out, &reply).await,
+            },
+            Command::Data => {
+                if let Err(reply) = self.ready_for_data(false) {
+                    return self.error(out, &reply).await;
+                }
+                out.write_all(b"354 Start mail input; end with <CRLF>.<CRLF>\r\n")
+                    .await?;
+                out.flush().await?;
+                match self.read_data(reader, input, shutdown).await? {
+                    Some(message) => self.queue(message).await,
+                    None => {
+                        out.write_all(b"421 4.4.2 Timeout or shutdown, closing connection\r\n")
+                            .await?;
+                        return Ok(Next::Close);
+                    }
+                }
+            }
+            Command::Bdat { size, last } => {
+                if let Err(reply) = self.ready_for_data(true) {
+                    // The chunk still arrives: read and drop it to stay in step.
+                    if self
+                        .read_chunk(reader, input, size, shutdown, false)
+                        .await?
+                        .is_none()
+                    {
+                        return Ok(Next::Close);
+                    }
+                    return self.error(out, &reply).await;
+                }
+                match self.read_chunk(reader, input, size, shutdown, true).await? {
+                    None => return Ok(Next::Close),
+                    Some(()) if !last => format!("250 2.0.0 {size} octets received\r\n"),
+                    Some(()) => {
+                        // `None` when it grew past the limit: `queue` refuses it.
+                        let chunks = self.tx.as_mut().and_then(|tx| tx.chunks.take());
+                        self.queue(chunks).await
+                    }
+                }
+            }
+            Command::Rset => {
+                self.tx = None;
+                "250 2.0.0 OK\r\n".to_owned()
+            }
+            Command::Noop => "250 2.0.0 OK\r\n".to_owned(),
+            Command::Vrfy => {
+                "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+                    .to_owned()
+            }
+            Command::Help => "214 2.0.0 mailmesh SMTP, see RFC 5321\r\n".to_owned(),
+            Command::Quit => {
+                out.write_all(b"221 2.0.0 Bye\r\n").await?;
+                return Ok(Next::Close);
+            }
+            Command::StartTls => {
+                return self
+                    .error(out, "502 5.5.1 STARTTLS is not available here yet\r\n")
+                    .await;
+            }
+            Command::Auth => {
+                return self
+                    .error(out, "503 5.5.1 AUTH is not available on this port\r\n")
+                    .await;
+            }
+            Command::Unsupported => {
+                return self
+                    .error(out, "502 5.5.1 Command not implemented\r\n")
+                    .await;
+            }
+        };
+        out.write_all(reply.as_bytes()).await?;
+        Ok(Next::Continue)
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Result<String, String> {
+        if self.helo.is_none() {
+            return Err("503 5.5.1 Send HELO or EHLO first\r\n".into());
+        }
+        if self.tx.is_some() {
+            return Err("503 5.5.1 Nested MAIL command\r\n".into());
+        }
+        let esmtp = self.helo.as_ref().is_some_and(|(_, e)| *e);
+        let extensions = smtp_proto::MAIL_BODY_8BITMIME
+            | smtp_proto::MAIL_BODY_BINARYMIME
+            | smtp_proto::MAIL_SMTPUTF8
+            | smtp_proto::MAIL_RET_FULL
+            | smtp_proto::MAIL_RET_HDRS;
+        if !esmtp && (from.flags & extensions != 0 || from.size > 0 || from.env_id.is_some()) {
+            return Err("555 5.5.4 Parameters need EHLO\r\n".into());
+        }
+        if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
+            return Err("555 5.5.4 BODY=BINARYMIME is not supported\r\n".into());
+        }
+        let max = self.ingress.config.max_message_bytes;
+        if from.size > max {
+            crate::metrics::rejected("too_large");
+            return Err(format!(
+                "552 5.3.4 Message size exceeds fixed maximum message size of {max}\r\n"
+            ));
+        }
+        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        let sender: ReversePath = from
+            .address
+            .parse()
+            .map_err(|_| "501 5.1.7 Bad sender address syntax\r\n".to_owned())?;
+        if sender.address().is_some_and(EmailAddress::is_utf8) && !smtputf8 {
+            return Err("553 5.6.7 Non-ASCII addresses need SMTPUTF8\r\n".into());
+        }
+        self.tx = Some(Transaction {
+            from: sender,
+            body_type: if from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0 {
+                BodyType::EightBitMime
+            } else {
+                BodyType::SevenBit
+            },
+            smtputf8,
+            ret: if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+                Some(DsnRet::Headers)
+            } else if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+                Some(DsnRet::Full)
+            } else {
+                None
+            },
+            envid: from.env_id,
+            recipients: Vec::new(),
+            chunks: Some(Vec::new()),
+        });
+        Ok("250 2.1.0 OK\r\n".into())
+    }
+
+    async fn rcpt(&mut self, to: smtp_proto::RcptTo<String>) -> Result<String, String> {
+        let max = self.ingress.config.max_recipients;
+        let Some(tx) = self.tx.as_ref() else {
+            return Err("503 5.5.1 Need MAIL command\r\n".into());
+        };
+        if tx.recipients.len() >= max {
+            crate::metrics::rejected("too_many_recipients");
+            return Ok("452 4.5.3 Too many recipients\r\n".into());
+        }
+        let address: EmailAddress = to
+            .address
+            .parse()
+            .map_err(|_| "501 5.1.3 Bad recipient address syntax\r\n".to_owned())?;
+        if address.is_utf8() && !tx.smtputf8 {
+            return Err("553 5.6.7 Non-ASCII addresses need SMTPUTF8\r\n".into());
+        }
+        let notify = if to.flags & smtp_proto::RCPT_NOTIFY_NEVER != 0 {
+            DsnNotify::NEVER
+        } else if to.flags
+            & (smtp_proto::RCPT_NOTIFY_SUCCESS
+                | smtp_proto::RCPT_NOTIFY_FAILURE
+                | smtp_proto::RCPT_NOTIFY_DELAY)
+            != 0
+        {
+            DsnNotify {
+                success: to.flags & smtp_proto::RCPT_NOTIFY_SUCCESS != 0,
+                failure: to.flags & smtp_proto::RCPT_NOTIFY_FAILURE != 0,
+                delay: to.flags & smtp_proto::RCPT_NOTIFY_DELAY != 0,
+            }
+        } else {
+            DsnNotify::DEFAULT
+        };
+        let tenant = match self.ingress.directory.lookup(&address).await {
+            Ok(Lookup::Deliver(resolution)) => resolution.tenant,
+            Ok(Lookup::NotLocal) => {
+                crate::metrics::rejected("relay_denied");
+                return Err("550 5.7.1 Relaying denied\r\n".into());
+            }
+            Ok(Lookup::Unknown) | Err(DeliveryError::Permanent { .. }) => {
+                crate::metrics::rejected("unknown_user");
+                return Err("550 5.1.1 User unknown\r\n".into());
+            }
+            Err(DeliveryError::Temporary { .. }) => {
+                return Ok("451 4.3.0 Temporary failure, try again later\r\n".into());
+            }
+        };
+        let recipient = Recipient {
+            address,
+            notify,
+            // The parser decodes ORCPT's xtext and drops its type, which RFC 3461
+            // limits to rfc822 (or utf-8) for SMTP.
+            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+        };
+        if let Some(tx) = self.tx.as_mut() {
+            tx.recipients.push((recipient, tenant));
+        }
+        Ok("250 2.1.5 OK\r\n".into())
+    }
+
+    fn ready_for_data(&mut self, bdat: bool) -> Result<(), String> {
+        match &self.tx {
+            None => Err("503 5.5.1 Need MAIL command\r\n".into()),
+            Some(tx) if tx.recipients.is_empty() => Err("554 5.5.1 No valid recipients\r\n".into()),
+            Some(tx) if !bdat && tx.chunks.as_ref().is_some_and(|c| !c.is_empty()) => {
+                Err("503 5.5.1 DATA after BDAT\r\n".into())
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Reads the message after `354`; `None` on timeout or shutdown.
+    async fn read_data<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        input: &mut Vec<u8>,
+        shutdown: &Shutdown,
+    ) -> io::Result<Option<Option<Vec<u8>>>> {
+        let max = self.ingress.config.max_message_bytes;
+        let deadline = Instant::now() + self.ingress.config.data_timeout;
+        let mut data = DataReceiver::new();
+        let mut message = Vec::new();
+        let mut too_big = false;
+        loop {
+            let (done, consumed) = {
+                let mut iter = input.iter();
+                let done = data.ingest(&mut iter, &mut message);
+                (done, input.len() - iter.as_slice().len())
+            };
+            input.drain(..consumed);
+            if message.len() > max {
+                // Read on to the end so the session stays in step, keep nothing.
+                too_big = true;
+                message.clear();
+            }
+            if done {
+                return Ok(Some((!too_big).then_some(message)));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(reader, input, left, shutdown).await? {
+                Some(0) | None => return Ok(None),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Reads one BDAT chunk, keeping it when `keep` and the message stays within
+    /// the limit; `None` if the connection ended first.
+    async fn read_chunk<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        input: &mut Vec<u8>,
+        size: usize,
+        shutdown: &Shutdown,
+        keep: bool,
+    ) -> io::Result<Option<()>> {
+        let max = self.ingress.config.max_message_bytes;
+        let deadline = Instant::now() + self.ingress.config.data_timeout;
+        let mut chunk = BdatReceiver::new(size, false);
+        let mut received = Vec::new();
+        loop {
+            let (done, consumed) = {
+                let mut iter = input.iter();
+                let done = chunk.ingest(&mut iter, &mut received);
+                (done, input.len() - iter.as_slice().len())
+            };
+            input.drain(..consumed);
+            if keep
+                && let Some(tx) = self.tx.as_mut()
+                && let Some(chunks) = tx.chunks.as_mut()
+            {
+                chunks.extend_from_slice(&received);
+                if chunks.len() > max {
+                    tx.chunks = None;
+                }
+            }
+            received.clear();
+            if done {
+                return Ok(Some(()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(reader, input, left, shutdown).await? {
+                Some(0) | None => return Ok(None),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Makes the message durable in the queue (one record per tenant), then
+    /// answers `250`; `451` if that is not possible. The transaction ends either way.
+    async fn queue(&mut self, message: Option<Vec<u8>>) -> String {
+        let Some(tx) = self.tx.take() else {
+            return "503 5.5.1 Need MAIL command\r\n".into();
+        };
+        let Some(message) = message else {
+            crate::metrics::rejected("too_large");
+            return "552 5.3.4 Message size exceeds fixed maximum message size\r\n".into();
+        };
+        let started = Instant::now();
+        let mut by_tenant: BTreeMap<TenantId, Vec<Recipient>> = BTreeMap::new();
+        for (recipient, tenant) in tx.recipients {
+            by_tenant.entry(tenant).or_default().push(recipient);
+        }
+        let first_id = QueueId::generate();
+        let mut trace_context = BTreeMap::new();
+        mailmesh_kit::telemetry::inject_context(&mut trace_context);
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let received_at = SystemTime::now();
+        for (i, (tenant, recipients)) in by_tenant.into_iter().enumerate() {
+            let queue_id = if i == 0 {
+                first_id
+            } else {
+                QueueId::generate()
+            };
+            let single = (recipients.len() == 1).then(|| recipients[0].address.to_string());
+            let received = format!(
+                "Received: from {helo} ({ip})\r\n\tby {host} (mailmesh) with {proto} id {queue_id}{for_};\r\n\t{date}\r\n",
+                ip = self.peer.ip(),
+                host = self.ingress.config.hostname,
+                proto = match (esmtp, tx.smtputf8) {
+                    (true, true) => "UTF8SMTP",
+                    (true, false) => "ESMTP",
+                    (false, _) => "SMTP",
+                },
+                for_ = single
+                    .map(|a| format!("\r\n\tfor <{a}>"))
+                    .unwrap_or_default(),
+                date = rfc5322_date(received_at),
+            );
+            let mut content = Vec::with_capacity(received.len() + message.len());
+            content.extend_from_slice(received.as_bytes());
+            content.extend_from_slice(&message);
+            let body = match self.body(&tenant, queue_id, content).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "storing a message body failed");
+                    return "451 4.3.0 Queue unavailable, try again later\r\n".into();
+                }
+            };
+            let envelope = Envelope {
+                queue_id,
+                tenant: tenant.clone(),
+                mail_from: tx.from.clone(),
+                recipients,
+                received_at,
+                body_type: tx.body_type,
+                smtputf8: tx.smtputf8,
+                dsn_ret: tx.ret,
+                dsn_envid: tx.envid.clone(),
+                client: Some(ClientInfo {
+                    ip: self.peer.ip(),
+                    helo: helo.clone(),
+                    tls: false,
+                    authenticated_as: None,
+                }),
+                authentication_results: None,
+                trace_context: trace_context.clone(),
+                body,
+            };
+            let published = self
+                .ingress
+                .queue
+                .publish(OutgoingRecord {
+                    topic: self.ingress.config.topic.clone(),
+                    key: Bytes::from(queue_id.to_string()),
+                    payload: Bytes::from(encode_envelope(&envelope)),
+                    headers: Vec::new(),
+                    partition: None,
+                })
+                .await;
+            if let Err(e) = published {
+                tracing::warn!(error = %e, "queueing a message failed");
+                return "451 4.3.0 Queue unavailable, try again later\r\n".into();
+            }
+            crate::metrics::accepted(tenant.as_str());
+        }
+        crate::metrics::queued(started.elapsed());
+        tracing::info!(queue_id = %first_id, peer = %self.peer, "message queued");
+        format!("250 2.0.0 Ok: queued as {first_id}\r\n")
+    }
+
+    /// Small bodies travel in the record; large ones go to object storage first.
+    async fn body(
+        &self,
+        tenant: &TenantId,
+        queue_id: QueueId,
+        content: Vec<u8>,
+    ) -> Result<BodyRef, mailmesh_objstore::object_store::Error> {
+        if content.len() <= self.ingress.config.inline_body_bytes {
+            return Ok(BodyRef::Inline(Bytes::from(content)));
+        }
+        let key = format!("t/{tenant}/queue/{queue_id}");
+        let size = content.len() as u64;
+        self.ingress
+            .objects
+            .put(&Path::from(key.as_str()), PutPayload::from(content))
+            .await?;
+        Ok(BodyRef::Object { key, size })
+    }
+}
+
+fn parse_error_reply(e: &ParseError) -> String {
+    match e {
+        ParseError::UnknownCommand => "500 5.5.1 Command unrecognized\r\n".into(),
+        ParseError::InvalidSenderAddress => "501 5.1.7 Bad sender address syntax\r\n".into(),
+        ParseError::InvalidRecipientAddress => "501 5.1.3 Bad recipient address syntax\r\n".into(),
+        ParseError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}\r\n"),
+        ParseError::InvalidParameter { param } => {
+            format!("501 5.5.4 Invalid parameter {param}\r\n")
+        }
+        ParseError::UnsupportedParameter { param } => {
+            let param: String = param
+                .chars()
+                .filter(char::is_ascii_graphic)
+                .take(64)
+                .collect();
+            format!("555 5.5.4 Unsupported parameter {param}\r\n")
+        }
+        ParseError::ResponseTooLong => "500 5.5.2 Line too long\r\n".into(),
+        ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
+            "500 5.5.1 Command unrecognized\r\n".into()
+        }
+    }
+}

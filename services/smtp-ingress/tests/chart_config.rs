@@ -1,0 +1,22 @@
+//! The configuration the Helm chart renders for smtp-ingress is one the binary accepts.
+
+use mailmesh_ingress::ServiceConfig;
+use mailmesh_kit::ConfigSource;
+use mailmesh_testkit::rendered_config;
+
+#[test]
+fn the_rendered_ingress_config_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("smtp-ingress.toml");
+    std::fs::write(&file, rendered_config("smtp-ingress.toml")).unwrap();
+    let config: ServiceConfig = ConfigSource::default()
+        .with_file(&file)
+        .with_var("MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID", "id")
+        .with_var("MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY", "secret")
+        .with_var("MAILMESH_QUEUE__KAFKA__SASL_PASSWORD", "pw")
+        .load()
+        .unwrap();
+    assert_eq!(config.listen.port(), 2525);
+    assert_eq!(config.smtp.hostname, "mx.example.com");
+    assert_eq!(config.smtp.max_message_bytes, 26_214_400);
+}

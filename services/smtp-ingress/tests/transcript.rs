@@ -1,0 +1,430 @@
+//! SMTP sessions driven in memory, command by command, against the real queue and
+//! directory (embedded backends): the replies RFC 5321 requires, and what lands in
+//! the queue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailmesh_delivery::worker::{Worker, WorkerConfig};
+use mailmesh_ingress::{Ingress, IngressConfig};
+use mailmesh_kit::{Secret, Shutdown};
+use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
+use mailmesh_proto::decode_envelope;
+use mailmesh_queue::Queue;
+use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
+use mailmesh_storage::directory::TenantLimits;
+use mailmesh_storage::engine::{StorageConfig, StorageEngine};
+use mailmesh_storage::index::INBOX;
+use mailmesh_types::{BodyRef, Envelope, EnvelopeLimits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+struct Server {
+    ingress: Arc<Ingress>,
+    queue: Arc<dyn Queue>,
+    engine: Arc<StorageEngine>,
+    objects: Arc<dyn mailmesh_objstore::object_store::ObjectStore>,
+    _dir: tempfile::TempDir,
+}
+
+async fn server(config: IngressConfig) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn Queue> = Arc::new(
+        EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
+            .await
+            .unwrap(),
+    );
+    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
+        dir: dir.path().join("objects"),
+    }))
+    .unwrap();
+    let engine = StorageEngine::open(
+        queue.clone(),
+        objects.clone(),
+        StorageConfig {
+            mailbox_partitions: 2,
+            ..StorageConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    engine
+        .add_tenant("acme".parse().unwrap(), TenantLimits::default())
+        .await
+        .unwrap();
+    engine
+        .add_domain("acme".parse().unwrap(), "acme.test".parse().unwrap())
+        .await
+        .unwrap();
+    engine
+        .add_user(
+            "alice@acme.test".parse().unwrap(),
+            Secret::new("pw".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    let ingress = Ingress::new(
+        queue.clone(),
+        objects.clone(),
+        Arc::new(engine.clone()),
+        IngressConfig {
+            hostname: "mx.acme.test".into(),
+            ..config
+        },
+    );
+    Server {
+        ingress,
+        queue,
+        engine,
+        objects,
+        _dir: dir,
+    }
+}
+
+/// The client side of one session, with a small transcript DSL.
+struct Client {
+    io: DuplexStream,
+    pending: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(server: &Server) -> Self {
+        let (client, server_side) = tokio::io::duplex(1 << 20);
+        let ingress = server.ingress.clone();
+        tokio::spawn(async move {
+            let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+            let session = mailmesh_ingress::session::Session::new(&ingress, peer);
+            let _ = session.run(server_side, &Shutdown::new()).await;
+        });
+        let mut c = Self {
+            io: client,
+            pending: Vec::new(),
+        };
+        c.expect("220 mx.acme.test ESMTP").await;
+        c
+    }
+
+    /// The next complete reply (all lines up to the one with a space after the code).
+    async fn reply(&mut self) -> String {
+        loop {
+            if let Some(end) = self.complete_reply() {
+                let reply: Vec<u8> = self.pending.drain(..end).collect();
+                return String::from_utf8(reply).unwrap();
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.io.read(&mut buf))
+                .await
+                .expect("a reply within the timeout")
+                .unwrap();
+            if n == 0 {
+                return String::from_utf8(std::mem::take(&mut self.pending)).unwrap();
+            }
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn complete_reply(&self) -> Option<usize> {
+        let mut start = 0;
+        while let Some(pos) = self.pending[start..].windows(2).position(|w| w == b"\r\n") {
+            let line = &self.pending[start..start + pos];
+            let end = start + pos + 2;
+            if line.len() >= 4 && line[3] == b' ' || line.len() == 3 {
+                return Some(end);
+            }
+            start = end;
+        }
+        None
+    }
+
+    async fn send(&mut self, raw: &str) {
+        self.io.write_all(raw.as_bytes()).await.unwrap();
+    }
+
+    async fn expect(&mut self, prefix: &str) -> String {
+        let reply = self.reply().await;
+        assert!(
+            reply.starts_with(prefix),
+            "expected {prefix:?}, got {reply:?}"
+        );
+        reply
+    }
+
+    /// Sends one command and checks the reply starts with `prefix`.
+    async fn cmd(&mut self, line: &str, prefix: &str) -> String {
+        self.send(&format!("{line}\r\n")).await;
+        self.expect(prefix).await
+    }
+
+    async fn hello(&mut self) {
+        let ehlo = self
+            .cmd(
+                "EHLO client.example.org",
+                "250-mx.acme.test Hello client.example.org",
+            )
+            .await;
+        for extension in [
+            "PIPELINING",
+            "8BITMIME",
+            "SMTPUTF8",
+            "SIZE ",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+            "DSN",
+        ] {
+            assert!(ehlo.contains(extension), "{extension} missing in {ehlo}");
+        }
+        assert!(!ehlo.contains("AUTH"), "no AUTH on the MX port");
+    }
+}
+
+impl Server {
+    /// The envelopes queued so far.
+    async fn queued(&self, count: usize) -> Vec<Envelope> {
+        let mut out = Vec::new();
+        for p in 0..self.queue.partition_count("mail.queue").await.unwrap() {
+            let mut reader = self.queue.reader("mail.queue", p, 0).await.unwrap();
+            while let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_millis(300), reader.recv()).await
+            {
+                out.push(decode_envelope(&r.payload, &EnvelopeLimits::default()).unwrap());
+            }
+        }
+        assert_eq!(out.len(), count, "{out:?}");
+        out
+    }
+}
+
+async fn body(server: &Server, envelope: &Envelope) -> String {
+    match &envelope.body {
+        BodyRef::Inline(b) => String::from_utf8(b.to_vec()).unwrap(),
+        BodyRef::Object { key, .. } => {
+            use mailmesh_objstore::object_store::ObjectStoreExt;
+            let bytes = server
+                .objects
+                .get(&mailmesh_objstore::object_store::path::Path::from(
+                    key.as_str(),
+                ))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_is_queued_then_delivered() {
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org> BODY=8BITMIME", "250 2.1.0")
+        .await;
+    c.cmd(
+        "RCPT TO:<Alice@ACME.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;Alice@ACME.test",
+        "250 2.1.5",
+    )
+    .await;
+    c.cmd("DATA", "354").await;
+    c.send("Subject: hi\r\n\r\nhello\r\n..leading dot\r\n.\r\n")
+        .await;
+    let reply = c.expect("250 2.0.0 Ok: queued as ").await;
+    c.cmd("QUIT", "221 2.0.0").await;
+
+    let queued = s.queued(1).await;
+    let e = &queued[0];
+    assert!(reply.contains(&e.queue_id.to_string()));
+    assert_eq!(e.tenant.as_str(), "acme");
+    assert_eq!(e.mail_from.to_string(), "bob@example.org");
+    assert_eq!(e.recipients[0].address.to_string(), "Alice@acme.test");
+    assert!(e.recipients[0].notify.failure && !e.recipients[0].notify.success);
+    assert_eq!(
+        e.recipients[0].orcpt.as_deref(),
+        Some("rfc822;Alice@ACME.test")
+    );
+    assert_eq!(e.client.as_ref().unwrap().ip.to_string(), "192.0.2.7");
+    let text = body(&s, e).await;
+    assert!(text.starts_with("Received: from client.example.org (192.0.2.7)\r\n\tby mx.acme.test (mailmesh) with ESMTP id "), "{text}");
+    assert!(
+        text.ends_with("Subject: hi\r\n\r\nhello\r\n.leading dot\r\n"),
+        "dot-stuffing undone: {text:?}"
+    );
+
+    // And the delivery worker puts it in the INBOX.
+    let shutdown = Shutdown::new();
+    let worker = Worker::new(
+        s.queue.clone(),
+        s.objects.clone(),
+        Arc::new(s.engine.clone()),
+        WorkerConfig::default(),
+    );
+    tokio::spawn(worker.run(shutdown.clone()));
+    let alice = s
+        .engine
+        .authenticate(
+            &"alice@acme.test".parse().unwrap(),
+            Secret::new("pw".into()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let user = mailmesh_storage::engine::UserRef {
+        tenant: alice.tenant,
+        user: alice.id,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = s
+            .engine
+            .read_index(&user, |i| {
+                i.and_then(|i| i.mailbox(INBOX))
+                    .map_or(0, |m| m.messages.len())
+            })
+            .await
+            .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = s.engine.fetch(&user, INBOX, 1, None).await.unwrap();
+    let stored = String::from_utf8(stored.to_vec()).unwrap();
+    assert!(stored.starts_with("Return-Path: <bob@example.org>\r\nDelivered-To: Alice@acme.test\r\nReceived: from client.example.org"), "{stored}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_out_of_sequence_and_bad_input() {
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.cmd("MAIL FROM:<bob@example.org>", "503 5.5.1").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "503 5.5.1").await;
+    c.cmd("DATA", "503 5.5.1").await;
+    c.cmd("FROB", "500 5.5.1").await;
+    c.hello().await;
+    c.cmd("RCPT TO:<alice@acme.test>", "503 5.5.1").await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("MAIL FROM:<bob@example.org>", "503 5.5.1").await;
+    c.cmd("DATA", "554 5.5.1").await;
+    c.cmd("RCPT TO:<someone@elsewhere.example>", "550 5.7.1")
+        .await;
+    c.cmd("RCPT TO:<ghost@acme.test>", "550 5.1.1").await;
+    c.cmd("RCPT TO:<not an address>", "501").await;
+    c.cmd("RCPT TO:<用户@acme.test>", "553 5.6.7").await;
+    c.cmd("RSET", "250 2.0.0").await;
+    c.cmd("VRFY alice", "252 2.1.5").await;
+    c.cmd("STARTTLS", "502 5.5.1").await;
+    c.cmd("AUTH PLAIN AGFsaWNlAHB3", "503 5.5.1").await;
+    c.cmd("NOOP", "250 2.0.0").await;
+    c.cmd(&format!("NOOP {}", "x".repeat(5000)), "500 5.5.2")
+        .await;
+    c.cmd("NOOP", "250 2.0.0").await;
+    s.queued(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_commands_are_answered_in_order() {
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.send("MAIL FROM:<bob@example.org>\r\nRCPT TO:<alice@acme.test>\r\nRCPT TO:<ghost@acme.test>\r\nRCPT TO:<ALICE@acme.test>\r\nDATA\r\n").await;
+    c.expect("250 2.1.0").await;
+    c.expect("250 2.1.5").await;
+    c.expect("550 5.1.1").await;
+    c.expect("250 2.1.5").await;
+    c.expect("354").await;
+    c.send("Subject: piped\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
+        .await;
+    c.expect("250 2.0.0 Ok: queued").await;
+    c.expect("250 2.0.0").await;
+    c.expect("221").await;
+    assert_eq!(s.queued(1).await[0].recipients.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn size_limits_and_too_many_errors() {
+    let s = server(IngressConfig {
+        max_message_bytes: 1000,
+        max_errors: 4,
+        inline_body_bytes: 100,
+        ..IngressConfig::default()
+    })
+    .await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org> SIZE=5000", "552 5.3.4")
+        .await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(&format!(
+        "Subject: big\r\n\r\n{}\r\n.\r\n",
+        "y".repeat(2000)
+    ))
+    .await;
+    c.expect("552 5.3.4").await;
+    // The session is still in step, and a fitting message (stored as an object,
+    // being over the inline size) goes through.
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(&format!(
+        "Subject: fits\r\n\r\n{}\r\n.\r\n",
+        "z".repeat(500)
+    ))
+    .await;
+    c.expect("250 2.0.0").await;
+    let queued = s.queued(1).await;
+    assert!(matches!(queued[0].body, BodyRef::Object { .. }));
+    assert!(body(&s, &queued[0]).await.contains("Subject: fits"));
+
+    c.cmd("FROB", "500").await;
+    c.cmd("FROB", "500").await;
+    c.cmd("FROB", "500").await;
+    c.expect("421 4.7.0").await;
+}
+
+/// SMTP smuggling: a bare `<LF>.<LF>` inside the data does not end the message, so a
+/// second "transaction" hidden in it is just text of the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggled_data_end_is_not_an_end() {
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<admin@acme.test>\r\nRCPT TO:<alice@acme.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    assert_eq!(queued[0].mail_from.to_string(), "bob@example.org");
+    assert!(body(&s, &queued[0]).await.contains("Subject: smuggled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bdat_chunks_and_too_many_recipients() {
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    for _ in 0..100 {
+        c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    }
+    c.cmd("RCPT TO:<alice@acme.test>", "452 4.5.3").await;
+    let first = "Subject: chunked\r\n\r\n";
+    c.send(&format!("BDAT {}\r\n{first}", first.len())).await;
+    c.expect(&format!("250 2.0.0 {} octets", first.len())).await;
+    let second = "no dot-stuffing here:\r\n.\r\n";
+    c.send(&format!("BDAT {} LAST\r\n{second}", second.len()))
+        .await;
+    c.expect("250 2.0.0 Ok: queued").await;
+    let queued = s.queued(1).await;
+    assert!(
+        body(&s, &queued[0])
+            .await
+            .ends_with("Subject: chunked\r\n\r\nno dot-stuffing here:\r\n.\r\n")
+    );
+}
