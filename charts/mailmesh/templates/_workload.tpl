@@ -4,7 +4,8 @@ security context, spread over zones and nodes, termination grace from the drain
 settings), optional ClusterIP Service, PodDisruptionBudget and CPU HorizontalPodAutoscaler.
 Parameters: root (the chart context), component, v (its values), binary, ports (list of
 {name, port, servicePort?, appProtocol?}), service (bool), serviceType (ClusterIP by
-default; a LoadBalancer keeps client addresses with externalTrafficPolicy Local).
+default; a LoadBalancer keeps client addresses with externalTrafficPolicy Local), tls
+(mount the certificate Secret at /etc/mailmesh/tls).
 */}}
 {{- define "mailmesh.workload" -}}
 {{- $root := .root -}}
@@ -110,6 +111,12 @@ spec:
               readOnly: true
             - name: tmp
               mountPath: /tmp
+            {{- if $.tls }}
+            # A projected Secret: cert-manager renewals appear here and are reloaded.
+            - name: tls
+              mountPath: /etc/mailmesh/tls
+              readOnly: true
+            {{- end }}
       volumes:
         - name: config
           configMap:
@@ -117,6 +124,11 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- if $.tls }}
+        - name: tls
+          secret:
+            secretName: {{ include "mailmesh.tlsSecretName" $root }}
+        {{- end }}
 {{- if $.service }}
 ---
 apiVersion: v1

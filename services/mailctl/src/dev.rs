@@ -192,6 +192,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    let tls = match &config.tls {
+        Some(tls) => tls.clone(),
+        None => {
+            let (cert_file, key_file) = mailmesh_kit::tls::ensure_self_signed(
+                &config.data_dir.join("tls"),
+                &["localhost", "127.0.0.1"],
+            )?;
+            TlsConfig {
+                cert_file,
+                key_file,
+                reload_interval: Duration::from_secs(30),
+            }
+        }
+    };
+    let resolver = Arc::new(
+        ReloadingCertResolver::load(&tls.cert_file, &tls.key_file)
+            .context("loading the TLS certificate")?,
+    );
+    resolver.spawn_reloader(tls.reload_interval, &shutdown);
+
     // The MX front door, checking recipients against the engine in this process.
     let smtp_addr = SocketAddr::new(config.bind, config.ports.smtp);
     let smtp_listener = tokio::net::TcpListener::bind(smtp_addr)
@@ -205,6 +225,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             topic: MAIL_TOPIC.into(),
             ..IngressConfig::default()
         },
+        Some(mailmesh_kit::tls::server_config(resolver.clone())?),
     );
     let smtp_task = tokio::spawn(mailmesh_ingress::serve(
         ingress,
@@ -226,26 +247,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     health.add_check(Arc::new(CacheReadiness(cache.clone())));
-
-    let tls = match &config.tls {
-        Some(tls) => tls.clone(),
-        None => {
-            let (cert_file, key_file) = mailmesh_kit::tls::ensure_self_signed(
-                &config.data_dir.join("tls"),
-                &["localhost", "127.0.0.1"],
-            )?;
-            TlsConfig {
-                cert_file,
-                key_file,
-                reload_interval: Duration::from_secs(30),
-            }
-        }
-    };
-    let resolver = Arc::new(
-        ReloadingCertResolver::load(&tls.cert_file, &tls.key_file)
-            .context("loading the TLS certificate")?,
-    );
-    resolver.spawn_reloader(tls.reload_interval, &shutdown);
 
     let admin = AdminServer::bind(config.admin.listen, health.clone())
         .await
@@ -280,7 +281,7 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig) {
         config.bind, config.ports.storage
     );
     println!(
-        "  smtp         {}:{}  (MX, plain SMTP; STARTTLS not built yet)",
+        "  smtp         {}:{}  (MX, STARTTLS with the certificate above)",
         config.bind, config.ports.smtp
     );
     println!("mail ports bound as their services are built (not yet):");

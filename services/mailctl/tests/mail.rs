@@ -1,5 +1,6 @@
 //! Mail through `mailctl dev` as a user sends it: Python's smtplib (a client written
-//! by others) talks to the SMTP port, and the message lands in the user's INBOX.
+//! by others) talks to the SMTP port over STARTTLS, and the message lands in the
+//! user's INBOX.
 
 mod common;
 
@@ -60,6 +61,9 @@ async fn smtplib_sends_and_the_message_lands_in_the_inbox() {
     );
 
     let script = r#"
+import ssl
+s.ehlo('client.example.org')
+s.starttls(context=ssl._create_unverified_context())
 s.ehlo('client.example.org')
 print('pipelining' in s.esmtp_features, 'smtputf8' in s.esmtp_features)
 refused = s.sendmail('sender@example.org', ['alice@acme.test', 'bob@acme.test'],

@@ -2,8 +2,8 @@
 //! checks each recipient against the directory, and answers `250` only once the
 //! message is durable in the queue (DESIGN invariant 1).
 //!
-//! This first step speaks plain SMTP with PIPELINING, 8BITMIME, SMTPUTF8, SIZE,
-//! ENHANCEDSTATUSCODES, CHUNKING and DSN. Not built yet: STARTTLS, PROXY protocol,
+//! It speaks SMTP with PIPELINING, 8BITMIME, SMTPUTF8, SIZE, ENHANCEDSTATUSCODES,
+//! CHUNKING, DSN and (with a certificate) STARTTLS. Not built yet: PROXY protocol,
 //! auth-check (SPF/DKIM/DMARC), rate limits.
 
 mod metrics;
@@ -117,6 +117,8 @@ pub struct ServiceConfig {
     pub storage_endpoint: String,
     #[serde(default)]
     pub smtp: IngressConfig,
+    /// Certificate for STARTTLS (reloaded when renewed); no STARTTLS without it.
+    pub tls: Option<mailmesh_kit::tls::TlsConfig>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -128,12 +130,17 @@ impl Validate for ServiceConfig {
         self.telemetry.validate()?;
         self.shutdown.validate()?;
         self.queue.validate()?;
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+        }
         self.smtp.validate()
     }
 }
 
 /// What every session shares.
 pub struct Ingress {
+    /// STARTTLS, when a certificate is configured.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) queue: Arc<dyn Queue>,
     pub(crate) objects: Arc<dyn ObjectStore>,
     pub(crate) directory: Arc<dyn Mailstore>,
@@ -146,8 +153,10 @@ impl Ingress {
         objects: Arc<dyn ObjectStore>,
         directory: Arc<dyn Mailstore>,
         config: IngressConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
             queue,
             objects,
             directory,

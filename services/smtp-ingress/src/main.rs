@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use mailmesh_ingress::{Ingress, ServiceConfig};
 use mailmesh_kit::admin::AdminServer;
+use mailmesh_kit::tls::ReloadingCertResolver;
 use mailmesh_kit::{ConfigSource, Health, Shutdown};
 use mailmesh_objstore::ObjectStoreReadiness;
 use mailmesh_queue::QueueReadiness;
@@ -35,7 +36,18 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         mailmesh_objstore::open(&config.object_store).context("opening the object store")?;
     health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
     let directory = GrpcMailstore::new(&config.storage_endpoint, 1 << 20)?;
-    let ingress = Ingress::new(queue, objects, Arc::new(directory), config.smtp);
+    let tls = match &config.tls {
+        Some(tls) => {
+            let resolver = Arc::new(
+                ReloadingCertResolver::load(&tls.cert_file, &tls.key_file)
+                    .context("loading the TLS certificate")?,
+            );
+            resolver.spawn_reloader(tls.reload_interval, &shutdown);
+            Some(mailmesh_kit::tls::server_config(resolver)?)
+        }
+        None => None,
+    };
+    let ingress = Ingress::new(queue, objects, Arc::new(directory), config.smtp, tls);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -82,9 +82,10 @@ struct Transaction {
     ret: Option<DsnRet>,
     envid: Option<String>,
     recipients: Vec<(Recipient, TenantId)>,
-    /// BDAT chunks so far; `None` once the message grew past the limit (the rest
-    /// is read and discarded, then refused).
+    /// BDAT chunks so far; `None` once the message grew past the limit.
     chunks: Option<Vec<u8>>,
+    /// BDAT has been used: DATA is no longer allowed (RFC 3030).
+    bdat: bool,
 }
 
 pub struct Session<'a> {
@@ -93,12 +94,21 @@ pub struct Session<'a> {
     helo: Option<(String, bool)>,
     tx: Option<Transaction>,
     errors: u32,
+    tls: bool,
 }
 
 /// What the loop does after a reply.
 enum Next {
     Continue,
     Close,
+    StartTls,
+}
+
+/// How a plaintext conversation ended.
+enum Upgrade<S> {
+    Ended,
+    /// STARTTLS was accepted: the handshake comes next on this stream.
+    StartTls(S),
 }
 
 struct SessionGauge;
@@ -124,26 +134,55 @@ impl<'a> Session<'a> {
             helo: None,
             tx: None,
             errors: 0,
+            tls: false,
         }
     }
 
+    /// Runs the session to its end, upgrading to TLS on STARTTLS when configured.
     pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         mut self,
         stream: S,
         shutdown: &Shutdown,
     ) -> io::Result<()> {
         let _gauge = SessionGauge::open();
+        let Upgrade::StartTls(stream) = self.converse(stream, shutdown, true).await? else {
+            return Ok(());
+        };
+        let Some(acceptor) = self.ingress.tls.clone() else {
+            return Ok(());
+        };
+        let timeout = self.ingress.config.command_timeout;
+        let Ok(Ok(tls)) = tokio::time::timeout(timeout, acceptor.accept(stream)).await else {
+            crate::metrics::rejected("tls_handshake");
+            return Ok(());
+        };
+        // RFC 3207 4.2: forget everything learnt before TLS.
+        self.tls = true;
+        self.helo = None;
+        self.tx = None;
+        self.converse(tls, shutdown, false).await.map(drop)
+    }
+
+    async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        stream: S,
+        shutdown: &Shutdown,
+        greet: bool,
+    ) -> io::Result<Upgrade<S>> {
         let host = self.ingress.config.hostname.clone();
         let (mut reader, writer) = tokio::io::split(stream);
         let mut out = BufWriter::new(writer);
-        if shutdown.is_closing() {
-            out.write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
+        if greet {
+            if shutdown.is_closing() {
+                out.write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
+                    .await?;
+                out.flush().await?;
+                return Ok(Upgrade::Ended);
+            }
+            out.write_all(format!("220 {host} ESMTP mailmesh\r\n").as_bytes())
                 .await?;
-            return out.flush().await;
+            out.flush().await?;
         }
-        out.write_all(format!("220 {host} ESMTP mailmesh\r\n").as_bytes())
-            .await?;
-        out.flush().await?;
 
         let mut input: Vec<u8> = Vec::new();
         let mut receiver = RequestReceiver::default();
@@ -164,7 +203,10 @@ impl<'a> Session<'a> {
                         if let Next::Close =
                             self.error(&mut out, "500 5.5.2 Line too long\r\n").await?
                         {
-                            return out.flush().await;
+                            {
+                                out.flush().await?;
+                                return Ok(Upgrade::Ended);
+                            }
                         }
                         continue;
                     }
@@ -174,29 +216,43 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            let (parsed, consumed) = if skipping {
-                (Err(ParseError::NeedsMoreData { bytes_left: 0 }), 0)
-            } else {
-                let mut iter = input.iter();
-                let parsed = receiver.ingest(&mut iter).map(Command::from);
-                (parsed, input.len() - iter.as_slice().len())
+            // Only complete lines go to the parser, so it never holds part of one
+            // (and the length check above sees every line whole).
+            let (parsed, consumed) = match newline {
+                Some(end) if !skipping => {
+                    let line = &input[..=end];
+                    let mut iter = line.iter();
+                    let parsed = receiver.ingest(&mut iter).map(Command::from);
+                    (parsed, line.len() - iter.as_slice().len())
+                }
+                _ => (Err(ParseError::NeedsMoreData { bytes_left: 0 }), 0),
             };
             input.drain(..consumed);
             let next = match parsed {
                 Err(ParseError::NeedsMoreData { .. }) => {
-                    // The client waits for our replies before it sends more.
-                    out.flush().await?;
+                    // The client waits for our replies before it sends more; one that
+                    // never reads them cannot hold the session.
                     let timeout = self.ingress.config.command_timeout;
+                    if tokio::time::timeout(timeout, out.flush()).await.is_err() {
+                        return Ok(Upgrade::Ended);
+                    }
                     match self
                         .read(&mut reader, &mut input, timeout, shutdown)
                         .await?
                     {
-                        Some(0) => return Ok(()),
+                        Some(0) => return Ok(Upgrade::Ended),
                         Some(_) => continue,
                         None => {
-                            out.write_all(b"421 4.4.2 Timeout or shutdown, closing connection\r\n")
-                                .await?;
-                            return out.flush().await;
+                            let reply: &[u8] = if shutdown.is_closing() {
+                                b"421 4.3.2 Service shutting down, try again later\r\n"
+                            } else {
+                                b"421 4.4.2 Timeout, closing connection\r\n"
+                            };
+                            out.write_all(reply).await?;
+                            {
+                                out.flush().await?;
+                                return Ok(Upgrade::Ended);
+                            }
                         }
                     }
                 }
@@ -205,7 +261,13 @@ impl<'a> Session<'a> {
                     crate::metrics::rejected("syntax");
                     self.error(&mut out, &reply).await?
                 }
-                Ok(_) if shutdown.is_closing() => {
+                // Between transactions a draining server says goodbye; a transaction
+                // under way is finished first.
+                Ok(ref command)
+                    if shutdown.is_closing()
+                        && self.tx.is_none()
+                        && !matches!(command, Command::Quit) =>
+                {
                     out.write_all(b"421 4.3.2 Service shutting down, try again later\r\n")
                         .await?;
                     Next::Close
@@ -215,13 +277,24 @@ impl<'a> Session<'a> {
                         .await?
                 }
             };
-            if let Next::Close = next {
-                return out.flush().await;
+            match next {
+                Next::Continue => {}
+                Next::Close => {
+                    out.flush().await?;
+                    return Ok(Upgrade::Ended);
+                }
+                Next::StartTls => {
+                    out.flush().await?;
+                    // Anything the client sent after STARTTLS is dropped with `input`
+                    // (no command injection into the TLS session).
+                    return Ok(Upgrade::StartTls(reader.unsplit(out.into_inner())));
+                }
             }
         }
     }
 
-    /// Reads more input; `Some(0)` at end of stream, `None` on timeout or shutdown.
+    /// Reads more input; `Some(0)` at end of stream, `None` on timeout or shutdown
+    /// (an idle session, between transactions, already ends when draining starts).
     async fn read<R: AsyncRead + Unpin>(
         &self,
         reader: &mut R,
@@ -230,8 +303,10 @@ impl<'a> Session<'a> {
         shutdown: &Shutdown,
     ) -> io::Result<Option<usize>> {
         let mut chunk = [0u8; 16 * 1024];
+        let idle = self.tx.is_none();
         tokio::select! {
             _ = shutdown.stopped() => Ok(None),
+            _ = shutdown.closing(), if idle => Ok(None),
             read = tokio::time::timeout(timeout, reader.read(&mut chunk)) => match read {
                 Ok(Ok(n)) => {
                     input.extend_from_slice(&chunk[..n]);
@@ -271,9 +346,14 @@ impl<'a> Session<'a> {
             Command::Ehlo(host) => {
                 self.helo = Some((host.clone(), true));
                 self.tx = None;
+                let starttls = if self.ingress.tls.is_some() && !self.tls {
+                    "250-STARTTLS\r\n"
+                } else {
+                    ""
+                };
                 format!(
                     "250-{} Hello {host}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
-                     250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250 DSN\r\n",
+                     250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n{starttls}250 DSN\r\n",
                     config.hostname, config.max_message_bytes
                 )
             }
@@ -318,8 +398,23 @@ impl<'a> Session<'a> {
                     }
                     return self.error(out, &reply).await;
                 }
+                if let Some(tx) = self.tx.as_mut() {
+                    tx.bdat = true;
+                }
+                // Replies so far go out before waiting for the chunk's bytes.
+                out.flush().await?;
                 match self.read_chunk(reader, input, size, shutdown, true).await? {
-                    None => return Ok(Next::Close),
+                    None => {
+                        out.write_all(b"421 4.4.2 Timeout or shutdown, closing connection\r\n")
+                            .await?;
+                        return Ok(Next::Close);
+                    }
+                    Some(()) if self.tx.as_ref().is_some_and(|tx| tx.chunks.is_none()) => {
+                        // Over the limit: refused now, the transaction is over.
+                        self.tx = None;
+                        crate::metrics::rejected("too_large");
+                        "552 5.3.4 Message size exceeds fixed maximum message size\r\n".to_owned()
+                    }
                     Some(()) if !last => format!("250 2.0.0 {size} octets received\r\n"),
                     Some(()) => {
                         // `None` when it grew past the limit: `queue` refuses it.
@@ -342,10 +437,17 @@ impl<'a> Session<'a> {
                 out.write_all(b"221 2.0.0 Bye\r\n").await?;
                 return Ok(Next::Close);
             }
-            Command::StartTls => {
+            Command::StartTls if self.tls => {
+                return self.error(out, "503 5.5.1 TLS already active\r\n").await;
+            }
+            Command::StartTls if self.ingress.tls.is_none() => {
                 return self
-                    .error(out, "502 5.5.1 STARTTLS is not available here yet\r\n")
+                    .error(out, "502 5.5.1 STARTTLS is not available\r\n")
                     .await;
+            }
+            Command::StartTls => {
+                out.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
+                return Ok(Next::StartTls);
             }
             Command::Auth => {
                 return self
@@ -377,6 +479,19 @@ impl<'a> Session<'a> {
             | smtp_proto::MAIL_RET_HDRS;
         if !esmtp && (from.flags & extensions != 0 || from.size > 0 || from.env_id.is_some()) {
             return Err("555 5.5.4 Parameters need EHLO\r\n".into());
+        }
+        let supported = smtp_proto::MAIL_BODY_7BIT | extensions;
+        if from.flags & !supported != 0
+            || from.hold_for != 0
+            || from.hold_until != 0
+            || from.mt_priority != 0
+            || from.by != 0
+            || from.trans_id.is_some()
+            || from.solicit.is_some()
+            || from.mtrk.is_some()
+            || from.auth.is_some()
+        {
+            return Err("555 5.5.4 Unsupported MAIL parameter\r\n".into());
         }
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return Err("555 5.5.4 BODY=BINARYMIME is not supported\r\n".into());
@@ -414,6 +529,7 @@ impl<'a> Session<'a> {
             envid: from.env_id,
             recipients: Vec::new(),
             chunks: Some(Vec::new()),
+            bdat: false,
         });
         Ok("250 2.1.0 OK\r\n".into())
     }
@@ -433,6 +549,15 @@ impl<'a> Session<'a> {
             .map_err(|_| "501 5.1.3 Bad recipient address syntax\r\n".to_owned())?;
         if address.is_utf8() && !tx.smtputf8 {
             return Err("553 5.6.7 Non-ASCII addresses need SMTPUTF8\r\n".into());
+        }
+        let notify_flags = smtp_proto::RCPT_NOTIFY_SUCCESS
+            | smtp_proto::RCPT_NOTIFY_FAILURE
+            | smtp_proto::RCPT_NOTIFY_DELAY;
+        if to.flags & !(notify_flags | smtp_proto::RCPT_NOTIFY_NEVER) != 0 || to.rrvs != 0 {
+            return Err("555 5.5.4 Unsupported RCPT parameter\r\n".into());
+        }
+        if to.flags & smtp_proto::RCPT_NOTIFY_NEVER != 0 && to.flags & notify_flags != 0 {
+            return Err("501 5.5.4 NOTIFY=NEVER cannot be combined\r\n".into());
         }
         let notify = if to.flags & smtp_proto::RCPT_NOTIFY_NEVER != 0 {
             DsnNotify::NEVER
@@ -481,9 +606,7 @@ impl<'a> Session<'a> {
         match &self.tx {
             None => Err("503 5.5.1 Need MAIL command\r\n".into()),
             Some(tx) if tx.recipients.is_empty() => Err("554 5.5.1 No valid recipients\r\n".into()),
-            Some(tx) if !bdat && tx.chunks.as_ref().is_some_and(|c| !c.is_empty()) => {
-                Err("503 5.5.1 DATA after BDAT\r\n".into())
-            }
+            Some(tx) if !bdat && tx.bdat => Err("503 5.5.1 DATA after BDAT\r\n".into()),
             Some(_) => Ok(()),
         }
     }
@@ -498,6 +621,9 @@ impl<'a> Session<'a> {
         let max = self.ingress.config.max_message_bytes;
         let deadline = Instant::now() + self.ingress.config.data_timeout;
         let mut data = DataReceiver::new();
+        // The CRLF that ended the DATA command precedes the first line, so a lone
+        // "." there ends the message and a leading ".." is unstuffed.
+        let _ = data.ingest(&mut b"\r\n".iter(), &mut Vec::new());
         let mut message = Vec::new();
         let mut too_big = false;
         loop {
@@ -596,10 +722,12 @@ impl<'a> Session<'a> {
                 "Received: from {helo} ({ip})\r\n\tby {host} (mailmesh) with {proto} id {queue_id}{for_};\r\n\t{date}\r\n",
                 ip = self.peer.ip(),
                 host = self.ingress.config.hostname,
-                proto = match (esmtp, tx.smtputf8) {
-                    (true, true) => "UTF8SMTP",
-                    (true, false) => "ESMTP",
-                    (false, _) => "SMTP",
+                proto = match (esmtp, tx.smtputf8, self.tls) {
+                    (true, true, true) => "UTF8SMTPS",
+                    (true, true, false) => "UTF8SMTP",
+                    (true, false, true) => "ESMTPS",
+                    (true, false, false) => "ESMTP",
+                    (false, _, _) => "SMTP",
                 },
                 for_ = single
                     .map(|a| format!("\r\n\tfor <{a}>"))
@@ -629,7 +757,7 @@ impl<'a> Session<'a> {
                 client: Some(ClientInfo {
                     ip: self.peer.ip(),
                     helo: helo.clone(),
-                    tls: false,
+                    tls: self.tls,
                     authenticated_as: None,
                 }),
                 authentication_results: None,

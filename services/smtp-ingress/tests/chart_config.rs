@@ -19,4 +19,6 @@ fn the_rendered_ingress_config_loads() {
     assert_eq!(config.listen.port(), 2525);
     assert_eq!(config.smtp.hostname, "mx.example.com");
     assert_eq!(config.smtp.max_message_bytes, 26_214_400);
+    let tls = config.tls.expect("STARTTLS is configured");
+    assert_eq!(tls.cert_file.to_str(), Some("/etc/mailmesh/tls/tls.crt"));
 }

@@ -28,6 +28,10 @@ struct Server {
 }
 
 async fn server(config: IngressConfig) -> Server {
+    server_with_tls(config, None).await
+}
+
+async fn server_with_tls(config: IngressConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let queue: Arc<dyn Queue> = Arc::new(
         EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
@@ -72,6 +76,7 @@ async fn server(config: IngressConfig) -> Server {
             hostname: "mx.acme.test".into(),
             ..config
         },
+        tls,
     );
     Server {
         ingress,
@@ -83,12 +88,12 @@ async fn server(config: IngressConfig) -> Server {
 }
 
 /// The client side of one session, with a small transcript DSL.
-struct Client {
-    io: DuplexStream,
+struct Client<S = DuplexStream> {
+    io: S,
     pending: Vec<u8>,
 }
 
-impl Client {
+impl Client<DuplexStream> {
     async fn connect(server: &Server) -> Self {
         let (client, server_side) = tokio::io::duplex(1 << 20);
         let ingress = server.ingress.clone();
@@ -105,6 +110,66 @@ impl Client {
         c
     }
 
+    /// Completes a TLS handshake after `220` to STARTTLS.
+    async fn tls(self) -> Client<tokio_rustls::client::TlsStream<DuplexStream>> {
+        assert!(self.pending.is_empty(), "replies left before the handshake");
+        let config = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+            .with_no_client_auth();
+        let io = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from("mx.acme.test").unwrap(),
+                self.io,
+            )
+            .await
+            .unwrap();
+        Client {
+            io,
+            pending: Vec::new(),
+        }
+    }
+}
+
+/// Tests talk to a self-signed server: any certificate will do.
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
     /// The next complete reply (all lines up to the one with a space after the code).
     async fn reply(&mut self) -> String {
         loop {
@@ -427,4 +492,139 @@ async fn bdat_chunks_and_too_many_recipients() {
             .await
             .ends_with("Subject: chunked\r\n\r\nno dot-stuffing here:\r\n.\r\n")
     );
+}
+
+/// STARTTLS (RFC 3207): commands sent before the handshake are thrown away, the
+/// session starts afresh over TLS, and the message records that it came over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_discards_injected_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir.path(), &["mx.acme.test"]).unwrap();
+    let resolver = Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
+    let tls = mailmesh_kit::tls::server_config(resolver).unwrap();
+    let s = server_with_tls(IngressConfig::default(), Some(tls)).await;
+    let mut c = Client::connect(&s).await;
+    let ehlo = c.cmd("EHLO client.example.org", "250-").await;
+    assert!(ehlo.contains("STARTTLS"), "{ehlo}");
+    // An attacker's command rides along in the same packet as STARTTLS.
+    c.send("STARTTLS\r\nMAIL FROM:<injected@evil.example>\r\n")
+        .await;
+    c.expect("220 2.0.0").await;
+    let mut c = c.tls().await;
+    let ehlo = c.cmd("EHLO client.example.org", "250-").await;
+    assert!(!ehlo.contains("STARTTLS"), "not offered twice: {ehlo}");
+    c.cmd("RCPT TO:<alice@acme.test>", "503 5.5.1").await;
+    c.cmd("STARTTLS", "503 5.5.1").await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("Subject: secret\r\n\r\nover tls\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    assert_eq!(queued[0].mail_from.to_string(), "bob@example.org");
+    assert!(queued[0].client.as_ref().unwrap().tls);
+    assert!(body(&s, &queued[0]).await.contains("with ESMTPS id"));
+}
+
+/// Review findings, each a transcript: the first line of DATA, BDAT then DATA, lines
+/// split over many segments, parameters we do not support.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_transcripts() {
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    // A message whose first line is dot-stuffed, and an empty one.
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("..first\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(".\r\n").await;
+    c.expect("250 2.0.0").await;
+    // DATA after BDAT is refused.
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("BDAT 0", "250 2.0.0 0 octets").await;
+    c.cmd("DATA", "503 5.5.1").await;
+    c.cmd("RSET", "250").await;
+    // A command line sent in small segments is measured whole.
+    c.send("NOOP ").await;
+    for _ in 0..30 {
+        c.send(&"a".repeat(100)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    c.send("\r\nQUIT\r\n").await;
+    c.expect("500 5.5.2").await;
+    c.expect("221").await;
+    let queued = s.queued(2).await;
+    let texts = [body(&s, &queued[0]).await, body(&s, &queued[1]).await];
+    assert!(
+        texts.iter().any(|t| t.ends_with("\r\n.first\r\n")),
+        "{texts:?}"
+    );
+
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org> REQUIRETLS", "555 5.5.4")
+        .await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test> NOTIFY=NEVER,SUCCESS", "501")
+        .await;
+}
+
+/// A draining server ends idle sessions with 421 at once, and lets a transaction
+/// under way finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_ends_idle_sessions_and_finishes_transactions() {
+    let s = server(IngressConfig::default()).await;
+    let shutdown = Shutdown::new();
+    let connect = |shutdown: Shutdown| {
+        let (client, server_side) = tokio::io::duplex(1 << 16);
+        let ingress = s.ingress.clone();
+        // As `serve` does: the drain waits for sessions it tracks.
+        let tracker = shutdown.clone();
+        tracker.spawn(async move {
+            let peer: SocketAddr = "192.0.2.9:40000".parse().unwrap();
+            let session = mailmesh_ingress::session::Session::new(&ingress, peer);
+            let _ = session.run(server_side, &shutdown).await;
+        });
+        Client {
+            io: client,
+            pending: Vec::new(),
+        }
+    };
+    let mut idle = connect(shutdown.clone());
+    idle.expect("220").await;
+    idle.hello().await;
+    let mut busy = connect(shutdown.clone());
+    busy.expect("220").await;
+    busy.hello().await;
+    busy.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    let drain = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown
+                .drain(
+                    &mailmesh_kit::Health::new(),
+                    &mailmesh_kit::config::ShutdownConfig {
+                        readiness_grace: Duration::ZERO,
+                        drain_timeout: Duration::from_secs(20),
+                    },
+                )
+                .await
+        })
+    };
+    idle.expect("421 4.3.2").await;
+    busy.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    busy.cmd("DATA", "354").await;
+    busy.send("Subject: last one\r\n\r\nbye\r\n.\r\n").await;
+    busy.expect("250 2.0.0").await;
+    // Idle again, it is told goodbye without waiting for another command.
+    busy.expect("421 4.3.2").await;
+    assert!(drain.await.unwrap(), "every session ended within the drain");
+    s.queued(1).await;
 }
