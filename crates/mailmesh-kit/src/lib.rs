@@ -6,6 +6,7 @@ pub mod config;
 pub mod health;
 pub mod metrics;
 pub mod secret;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

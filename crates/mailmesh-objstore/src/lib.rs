@@ -105,6 +105,16 @@ pub fn open(config: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>> {
     }
 }
 
+/// Opens the configured store and makes `/readyz` depend on it.
+pub fn open_checked(
+    config: &ObjectStoreConfig,
+    health: &mailmesh_kit::Health,
+) -> Result<Arc<dyn ObjectStore>> {
+    let store = open(config)?;
+    health.add_check(Arc::new(ObjectStoreReadiness(store.clone())));
+    Ok(store)
+}
+
 /// Part size for multipart uploads; S3 requires at least 5 MiB for all but the last.
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
 

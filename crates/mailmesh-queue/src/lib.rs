@@ -174,6 +174,16 @@ pub async fn open(config: &QueueConfig) -> Result<Arc<dyn Queue>> {
     })
 }
 
+/// Opens the configured queue and makes `/readyz` depend on it.
+pub async fn open_checked(
+    config: &QueueConfig,
+    health: &mailmesh_kit::Health,
+) -> Result<Arc<dyn Queue>> {
+    let queue = open(config).await?;
+    health.add_check(Arc::new(QueueReadiness(queue.clone())));
+    Ok(queue)
+}
+
 /// Topic names are used as file names by the embedded log and must be valid Kafka
 /// topic names: `[a-zA-Z0-9._-]`, 1 to 249 characters, not `.` or `..`.
 pub(crate) fn validate_topic(topic: &str) -> Result<()> {

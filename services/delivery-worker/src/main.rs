@@ -5,10 +5,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use mailmesh_delivery::ServiceConfig;
 use mailmesh_delivery::worker::Worker;
-use mailmesh_kit::admin::AdminServer;
-use mailmesh_kit::{ConfigSource, Health, Shutdown};
-use mailmesh_objstore::ObjectStoreReadiness;
-use mailmesh_queue::QueueReadiness;
+use mailmesh_kit::ConfigSource;
+use mailmesh_kit::service::Service;
 use mailmesh_storage::client::GrpcMailstore;
 
 fn main() -> anyhow::Result<()> {
@@ -20,25 +18,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {
-    let _telemetry = mailmesh_kit::telemetry::init("delivery-worker", &config.telemetry)?;
-    let shutdown = Shutdown::new();
-    let health = Health::new();
-    let admin = AdminServer::bind(config.admin.listen, health.clone())
-        .await
-        .with_context(|| format!("binding the admin port {}", config.admin.listen))?;
-    let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
-
-    let queue = mailmesh_queue::open(&config.queue)
+    let service = Service::start("delivery-worker", &config.admin, &config.telemetry).await?;
+    let queue = mailmesh_queue::open_checked(&config.queue, &service.health)
         .await
         .context("opening the queue")?;
-    health.add_check(Arc::new(QueueReadiness(queue.clone())));
-    let objects =
-        mailmesh_objstore::open(&config.object_store).context("opening the object store")?;
-    health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
+    let objects = mailmesh_objstore::open_checked(&config.object_store, &service.health)
+        .context("opening the object store")?;
     let store = GrpcMailstore::new(&config.storage_endpoint, config.worker.max_message_bytes)?;
 
     let worker = Worker::new(queue, objects, Arc::new(store), config.worker);
-    let mut consuming = tokio::spawn(worker.run(shutdown.clone()));
+    let mut consuming = tokio::spawn(worker.run(service.shutdown.clone()));
     tracing::info!(admin = %config.admin.listen, "delivery-worker is consuming");
 
     tokio::select! {
@@ -49,8 +38,7 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
             anyhow::bail!("the consumer stopped");
         }
     }
-    shutdown.drain(&health, &config.shutdown).await;
+    service.drain(&config.shutdown).await?;
     consuming.await??;
-    admin_task.await??;
     Ok(())
 }

@@ -4,11 +4,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use mailmesh_ingress::{Ingress, ServiceConfig};
-use mailmesh_kit::admin::AdminServer;
+use mailmesh_kit::ConfigSource;
+use mailmesh_kit::service::Service;
 use mailmesh_kit::tls::ReloadingCertResolver;
-use mailmesh_kit::{ConfigSource, Health, Shutdown};
-use mailmesh_objstore::ObjectStoreReadiness;
-use mailmesh_queue::QueueReadiness;
 use mailmesh_storage::client::GrpcMailstore;
 
 fn main() -> anyhow::Result<()> {
@@ -20,21 +18,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {
-    let _telemetry = mailmesh_kit::telemetry::init("smtp-ingress", &config.telemetry)?;
-    let shutdown = Shutdown::new();
-    let health = Health::new();
-    let admin = AdminServer::bind(config.admin.listen, health.clone())
-        .await
-        .with_context(|| format!("binding the admin port {}", config.admin.listen))?;
-    let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
-
-    let queue = mailmesh_queue::open(&config.queue)
+    let service = Service::start("smtp-ingress", &config.admin, &config.telemetry).await?;
+    let queue = mailmesh_queue::open_checked(&config.queue, &service.health)
         .await
         .context("opening the queue")?;
-    health.add_check(Arc::new(QueueReadiness(queue.clone())));
-    let objects =
-        mailmesh_objstore::open(&config.object_store).context("opening the object store")?;
-    health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
+    let objects = mailmesh_objstore::open_checked(&config.object_store, &service.health)
+        .context("opening the object store")?;
     let directory = GrpcMailstore::new(&config.storage_endpoint, 1 << 20)?;
     let tls = match &config.tls {
         Some(tls) => {
@@ -42,7 +31,7 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
                 ReloadingCertResolver::load(&tls.cert_file, &tls.key_file)
                     .context("loading the TLS certificate")?,
             );
-            resolver.spawn_reloader(tls.reload_interval, &shutdown);
+            resolver.spawn_reloader(tls.reload_interval, &service.shutdown);
             Some(mailmesh_kit::tls::server_config(resolver)?)
         }
         None => None,
@@ -53,11 +42,13 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the SMTP port {}", config.listen))?;
     tracing::info!(smtp = %config.listen, "smtp-ingress is listening");
-    let serving = tokio::spawn(mailmesh_ingress::serve(ingress, listener, shutdown.clone()));
+    let serving = tokio::spawn(mailmesh_ingress::serve(
+        ingress,
+        listener,
+        service.shutdown.clone(),
+    ));
 
-    mailmesh_kit::shutdown::signal().await;
-    shutdown.drain(&health, &config.shutdown).await;
+    service.wait_and_drain(&config.shutdown).await?;
     serving.await?;
-    admin_task.await??;
     Ok(())
 }

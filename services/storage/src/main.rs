@@ -1,12 +1,8 @@
 //! The `storage` service binary.
 
-use std::sync::Arc;
-
 use anyhow::Context;
-use mailmesh_kit::admin::AdminServer;
-use mailmesh_kit::{ConfigSource, Health, Shutdown};
-use mailmesh_objstore::ObjectStoreReadiness;
-use mailmesh_queue::QueueReadiness;
+use mailmesh_kit::ConfigSource;
+use mailmesh_kit::service::Service;
 use mailmesh_storage::engine::StorageEngine;
 use mailmesh_storage::server::{ServiceConfig, serve_grpc};
 
@@ -19,22 +15,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {
-    let _telemetry = mailmesh_kit::telemetry::init("storage", &config.telemetry)?;
-    let shutdown = Shutdown::new();
-    let health = Health::new();
-
-    let admin = AdminServer::bind(config.admin.listen, health.clone())
-        .await
-        .with_context(|| format!("binding the admin port {}", config.admin.listen))?;
-    let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
-
-    let queue = mailmesh_queue::open(&config.queue)
+    let service = Service::start("storage", &config.admin, &config.telemetry).await?;
+    let queue = mailmesh_queue::open_checked(&config.queue, &service.health)
         .await
         .context("opening the queue")?;
-    health.add_check(Arc::new(QueueReadiness(queue.clone())));
-    let objects =
-        mailmesh_objstore::open(&config.object_store).context("opening the object store")?;
-    health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
+    let objects = mailmesh_objstore::open_checked(&config.object_store, &service.health)
+        .context("opening the object store")?;
     let engine = StorageEngine::open(queue, objects, config.storage.clone())
         .await
         .context("loading the directory")?;
@@ -43,15 +29,13 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the gRPC port {}", config.grpc_listen))?;
     tracing::info!(grpc = %config.grpc_listen, admin = %config.admin.listen, "storage is serving");
-    let grpc = tokio::spawn(serve_grpc(engine, listener, shutdown.clone()));
+    let grpc = tokio::spawn(serve_grpc(engine, listener, service.shutdown.clone()));
 
-    mailmesh_kit::shutdown::signal().await;
-    shutdown.drain(&health, &config.shutdown).await;
+    service.wait_and_drain(&config.shutdown).await?;
     // Open Watch streams do not end by themselves; they are cut here.
     match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
         Ok(served) => served??,
         Err(_) => tracing::warn!("gRPC streams still open at exit"),
     }
-    admin_task.await??;
     Ok(())
 }

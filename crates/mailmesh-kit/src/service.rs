@@ -1,0 +1,75 @@
+//! What every service binary does around its own work: telemetry, the admin port,
+//! health, and the SIGTERM drain.
+
+use std::net::SocketAddr;
+
+use tokio::task::JoinHandle;
+
+use crate::admin::AdminServer;
+use crate::config::{AdminConfig, ShutdownConfig};
+use crate::telemetry::{TelemetryConfig, TelemetryError, TelemetryGuard};
+use crate::{Health, Shutdown};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error("binding the admin port {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin port: {0}")]
+    AdminServe(std::io::Error),
+}
+
+/// A running service's shared parts. Dependencies register readiness checks on
+/// `health`; work is tracked by `shutdown`.
+pub struct Service {
+    pub shutdown: Shutdown,
+    pub health: Health,
+    admin: JoinHandle<std::io::Result<()>>,
+    _telemetry: TelemetryGuard,
+}
+
+impl Service {
+    /// Installs telemetry for `name` and opens the admin port.
+    pub async fn start(
+        name: &'static str,
+        admin: &AdminConfig,
+        telemetry: &TelemetryConfig,
+    ) -> Result<Self, ServiceError> {
+        let guard = crate::telemetry::init(name, telemetry)?;
+        let shutdown = Shutdown::new();
+        let health = Health::new();
+        let server = AdminServer::bind(admin.listen, health.clone())
+            .await
+            .map_err(|source| ServiceError::Admin {
+                addr: admin.listen,
+                source,
+            })?;
+        let admin = tokio::spawn(server.serve(shutdown.clone()));
+        Ok(Self {
+            shutdown,
+            health,
+            admin,
+            _telemetry: guard,
+        })
+    }
+
+    /// Waits for SIGTERM/SIGINT, then drains (readiness off, listeners closed,
+    /// sessions finished or cut) and closes the admin port.
+    pub async fn wait_and_drain(self, config: &ShutdownConfig) -> Result<(), ServiceError> {
+        crate::shutdown::signal().await;
+        self.drain(config).await
+    }
+
+    /// Drains now (see [`Self::wait_and_drain`]).
+    pub async fn drain(self, config: &ShutdownConfig) -> Result<(), ServiceError> {
+        self.shutdown.drain(&self.health, config).await;
+        match self.admin.await {
+            Ok(served) => served.map_err(ServiceError::AdminServe),
+            Err(e) => Err(ServiceError::AdminServe(std::io::Error::other(e))),
+        }
+    }
+}
