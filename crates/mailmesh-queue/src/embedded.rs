@@ -333,8 +333,6 @@ struct WriteRequest {
 }
 
 struct Inner {
-    /// Held (flock) for as long as the log is open.
-    _lock: File,
     config: EmbeddedConfig,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     writer: Mutex<std::sync::mpsc::Sender<WriteRequest>>,
@@ -346,6 +344,10 @@ struct Inner {
 #[derive(Clone)]
 pub struct EmbeddedLog {
     inner: Arc<Inner>,
+    /// Held (flock) while any handle to the log exists. Kept out of `Inner`, which
+    /// the writer thread may hold a moment longer, so a closed log can be reopened
+    /// at once.
+    _lock: Arc<File>,
 }
 
 impl EmbeddedLog {
@@ -407,7 +409,6 @@ impl EmbeddedLog {
 
         let (tx, rx) = std::sync::mpsc::channel::<WriteRequest>();
         let inner = Arc::new(Inner {
-            _lock: lock,
             config,
             topics: RwLock::new(topics),
             writer: Mutex::new(tx),
@@ -419,7 +420,10 @@ impl EmbeddedLog {
             .name("queue-log-writer".into())
             .spawn(move || writer_loop(&rx, &weak))
             .map_err(io_err(Path::new("writer thread")))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            _lock: Arc::new(lock),
+        })
     }
 
     fn topic(&self, name: &str, partitions: i32) -> Result<Arc<Topic>> {

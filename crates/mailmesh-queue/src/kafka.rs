@@ -220,6 +220,8 @@ impl Queue for KafkaQueue {
             .set("enable.auto.offset.store", "false")
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
+            // Topics created after the subscription are seen within seconds.
+            .set("topic.metadata.refresh.interval.ms", "10000")
             .set(
                 "session.timeout.ms",
                 self.config.session_timeout.as_millis().to_string(),

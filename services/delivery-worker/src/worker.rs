@@ -32,6 +32,9 @@ use mailmesh_storage::client::{DeliveryError, Mailstore};
 pub struct WorkerConfig {
     /// The topic the front doors write accepted mail to.
     pub topic: String,
+    /// Partitions of `topic` (and the outbound and dead-letter topics) if this
+    /// worker is the first to create them. The chart sets the same value everywhere.
+    pub topic_partitions: i32,
     pub group: String,
     /// Mail for remote recipients (forwarding aliases, bounces to remote senders)
     /// is handed to the outbound path here.
@@ -63,6 +66,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             topic: "mail.queue".into(),
+            topic_partitions: 12,
             group: "delivery-worker".into(),
             outbound_topic: "mail.outbound".into(),
             dead_letter_topic: "mail.queue.dead".into(),
@@ -166,6 +170,17 @@ impl Worker {
         self: Arc<Self>,
         shutdown: Shutdown,
     ) -> Result<(), mailmesh_queue::QueueError> {
+        // Subscribing to a topic that does not exist yet would wait for the client's
+        // next metadata refresh (minutes) once a front door creates it.
+        for topic in [
+            &self.config.topic,
+            &self.config.outbound_topic,
+            &self.config.dead_letter_topic,
+        ] {
+            self.queue
+                .ensure_topic(topic, self.config.topic_partitions)
+                .await?;
+        }
         let mut consumer = self
             .queue
             .consumer(&self.config.group, &[&self.config.topic])

@@ -33,6 +33,8 @@ pub struct IngressConfig {
     pub hostname: String,
     /// The topic accepted mail is written to.
     pub topic: String,
+    /// Partitions of `topic` if this service is the first to create it.
+    pub topic_partitions: i32,
     /// Largest message accepted (advertised as SIZE).
     pub max_message_bytes: usize,
     /// Recipients per transaction (RFC 5321 requires accepting at least 100).
@@ -59,6 +61,7 @@ impl Default for IngressConfig {
         Self {
             hostname: "localhost".into(),
             topic: "mail.queue".into(),
+            topic_partitions: 12,
             max_message_bytes: 25 << 20,
             max_recipients: 100,
             max_errors: 20,
@@ -168,6 +171,14 @@ impl Ingress {
 /// Accepts sessions until the shutdown closes; open sessions are tracked by it and
 /// end with `421` when they reach their next command after that.
 pub async fn serve(ingress: Arc<Ingress>, listener: TcpListener, shutdown: Shutdown) {
+    // The first message must not wait for the topic to be created by a publish.
+    if let Err(e) = ingress
+        .queue
+        .ensure_topic(&ingress.config.topic, ingress.config.topic_partitions)
+        .await
+    {
+        tracing::warn!(error = %e, "creating the mail topic failed; publishing will retry it");
+    }
     let slots = Arc::new(Semaphore::new(ingress.config.max_connections));
     loop {
         let accepted = tokio::select! {

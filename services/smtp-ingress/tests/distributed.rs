@@ -1,0 +1,261 @@
+//! The inbound path as deployed: `storage`, `delivery-worker` and `smtp-ingress` as
+//! separate processes on real Kafka and S3 (`MMTEST_*`). Python's smtplib sends over
+//! STARTTLS; the message ends up in the user's INBOX with its trace headers.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mailmesh_proto::v1;
+use mailmesh_proto::v1::directory_client::DirectoryClient;
+use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+use mailmesh_testkit::{backend_env, free_port};
+use tonic::transport::Channel;
+
+/// A binary of the workspace, built next to this package's.
+fn binary(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_smtp-ingress"));
+    let path = dir.parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the workspace's tests (cargo nextest run --workspace)",
+        path.display()
+    );
+    path
+}
+
+struct Process(Child, tempfile::NamedTempFile);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.1.path()).unwrap_or_default()
+    }
+}
+
+fn spawn(name: &str, env: &[(&str, String)]) -> Process {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(binary(name))
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Process(child, log)
+}
+
+fn backends(run: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MAILMESH_TELEMETRY__LOG_FORMAT", "text".into()),
+        ("MAILMESH_SHUTDOWN__READINESS_GRACE", "0s".into()),
+        (
+            "MAILMESH_ADMIN__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        (
+            "MAILMESH_QUEUE__KAFKA__BROKERS",
+            backend_env("MMTEST_KAFKA"),
+        ),
+        ("MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR", "1".into()),
+        (
+            "MAILMESH_OBJECT_STORE__S3__BUCKET",
+            backend_env("MMTEST_S3_BUCKET"),
+        ),
+        (
+            "MAILMESH_OBJECT_STORE__S3__ENDPOINT",
+            backend_env("MMTEST_S3"),
+        ),
+        (
+            "MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID",
+            backend_env("MMTEST_S3_ACCESS_KEY"),
+        ),
+        (
+            "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY",
+            backend_env("MMTEST_S3_SECRET_KEY"),
+        ),
+        ("RUN", run.to_owned()),
+    ]
+    .into_iter()
+    .filter(|(k, _)| *k != "RUN")
+    .collect()
+}
+
+async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    logs: &[&Process],
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = logs.iter().map(|p| p.log()).collect();
+            panic!("{what} did not happen; logs:\n{}", logs.join("\n-----\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_to_inbox_through_three_processes() {
+    let run = format!("e2e{}", uuid_like());
+    let grpc = free_port();
+    let smtp = free_port();
+    let endpoint = format!("http://127.0.0.1:{grpc}");
+    let topic = format!("{run}.mail");
+
+    let mut env = backends(&run);
+    env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{grpc}")));
+    env.push((
+        "MAILMESH_STORAGE__DIRECTORY_TOPIC",
+        format!("{run}.directory"),
+    ));
+    env.push((
+        "MAILMESH_STORAGE__MAILBOX_TOPIC",
+        format!("{run}.mailboxes"),
+    ));
+    env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
+    let storage = spawn("storage", &env);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir.path(), &["localhost"]).unwrap();
+    let mut env = backends(&run);
+    env.push(("MAILMESH_LISTEN", format!("127.0.0.1:{smtp}")));
+    env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
+    env.push(("MAILMESH_SMTP__TOPIC", topic.clone()));
+    env.push(("MAILMESH_SMTP__HOSTNAME", "mx.acme.test".into()));
+    env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
+    env.push(("MAILMESH_TLS__KEY_FILE", key.display().to_string()));
+    let ingress = spawn("smtp-ingress", &env);
+
+    let mut env = backends(&run);
+    env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
+    env.push(("MAILMESH_WORKER__TOPIC", topic.clone()));
+    env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
+    env.push(("MAILMESH_WORKER__HOSTNAME", "mx.acme.test".into()));
+    let worker = spawn("delivery-worker", &env);
+    let logs = [&storage, &ingress, &worker];
+
+    let channel = wait_for("storage listening", &logs, || {
+        let endpoint = endpoint.clone();
+        async move { Channel::from_shared(endpoint).unwrap().connect().await.ok() }
+    })
+    .await;
+    let mut directory = DirectoryClient::new(channel.clone());
+    let mut mailboxes = MailboxesClient::new(channel);
+    directory
+        .add_tenant(v1::AddTenantRequest {
+            tenant: "acme".into(),
+            limits: None,
+        })
+        .await
+        .unwrap();
+    directory
+        .add_domain(v1::DomainRequest {
+            tenant: "acme".into(),
+            domain: "acme.test".into(),
+        })
+        .await
+        .unwrap();
+    let alice = directory
+        .add_user(v1::AddUserRequest {
+            address: "alice@acme.test".into(),
+            password: "pw".into(),
+            quota_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+
+    wait_for("smtp-ingress listening", &logs, || async {
+        std::net::TcpStream::connect(("127.0.0.1", smtp)).ok()
+    })
+    .await;
+    let script = format!(
+        r#"
+import smtplib, ssl
+s = smtplib.SMTP('127.0.0.1', {smtp}, timeout=60)
+s.ehlo('client.example.org')
+s.starttls(context=ssl._create_unverified_context())
+s.ehlo('client.example.org')
+s.sendmail('bob@example.org', ['alice@acme.test'],
+    b'Subject: distributed\r\nFrom: bob@example.org\r\n\r\nthrough three processes\r\n')
+s.quit()
+print('sent')
+"#
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sent\n",
+        "smtplib: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ingress.log()
+    );
+
+    let status = wait_for("the message in the INBOX", &logs, || {
+        let mut mailboxes = mailboxes.clone();
+        let alice = alice.clone();
+        async move {
+            let s = mailboxes
+                .status(v1::MailboxRequest {
+                    user: Some(alice),
+                    mailbox: "INBOX".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (s.messages == 1).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(status.uid_next, 2);
+    let mut stream = mailboxes
+        .fetch(v1::FetchRequest {
+            user: Some(alice),
+            mailbox: "INBOX".into(),
+            uid: 1,
+            start: 0,
+            end: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut message = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        message.extend(chunk.unwrap().data);
+    }
+    let message = String::from_utf8(message).unwrap();
+    assert!(message.starts_with("Return-Path: <bob@example.org>\r\nDelivered-To: alice@acme.test\r\nReceived: from client.example.org (127.0.0.1)\r\n\tby mx.acme.test (mailmesh) with ESMTPS id "), "{message}");
+    assert!(
+        message.ends_with(
+            "Subject: distributed\r\nFrom: bob@example.org\r\n\r\nthrough three processes\r\n"
+        ),
+        "{message}"
+    );
+}
+
+/// A unique suffix without pulling a UUID crate into this test.
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{nanos:x}{}", std::process::id())
+}
