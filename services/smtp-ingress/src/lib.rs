@@ -7,6 +7,7 @@
 //! auth-check (SPF/DKIM/DMARC), rate limits.
 
 mod metrics;
+pub mod proxy;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use mailmesh_objstore::object_store::ObjectStore;
 use mailmesh_queue::{Queue, QueueConfig};
 use mailmesh_storage::client::Mailstore;
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -54,6 +55,8 @@ pub struct IngressConfig {
     /// RFC 5321 4.5.3.2: 10 minutes for the whole message data.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// PROXY protocol from trusted load balancers (`[smtp.proxy]`).
+    pub proxy: proxy::ProxyConfig,
 }
 
 impl Default for IngressConfig {
@@ -70,6 +73,7 @@ impl Default for IngressConfig {
             inline_body_bytes: 256 << 10,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            proxy: proxy::ProxyConfig::default(),
         }
     }
 }
@@ -203,11 +207,36 @@ pub async fn serve(ingress: Arc<Ingress>, listener: TcpListener, shutdown: Shutd
         let ingress = ingress.clone();
         let stop = shutdown.clone();
         shutdown.spawn(async move {
-            let session = session::Session::new(&ingress, peer);
-            if let Err(e) = session.run(stream, &stop).await {
-                tracing::debug!(%peer, error = %e, "session ended with an error");
-            }
+            handle(&ingress, stream, peer, &stop).await;
             drop(slot);
         });
+    }
+}
+
+/// One connection: the PROXY header first if the peer is a trusted load balancer,
+/// then the SMTP session with the real client address.
+pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    ingress: &Ingress,
+    mut stream: S,
+    peer: SocketAddr,
+    shutdown: &Shutdown,
+) {
+    let proxy = &ingress.config.proxy;
+    let (client, early) = if proxy.trusts(peer.ip()) {
+        let timeout = proxy.timeout.unwrap_or(Duration::from_secs(10));
+        match proxy::read_header(&mut stream, peer, timeout).await {
+            Ok(found) => found,
+            Err(e) => {
+                crate::metrics::rejected("proxy_header");
+                tracing::warn!(%peer, error = %e, "closing a connection from a load balancer");
+                return;
+            }
+        }
+    } else {
+        (peer, Vec::new())
+    };
+    let session = session::Session::new(ingress, client).with_input(early);
+    if let Err(e) = session.run(stream, shutdown).await {
+        tracing::debug!(%client, error = %e, "session ended with an error");
     }
 }

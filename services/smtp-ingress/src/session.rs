@@ -95,6 +95,8 @@ pub struct Session<'a> {
     tx: Option<Transaction>,
     errors: u32,
     tls: bool,
+    /// Bytes that arrived with a PROXY header, before the greeting.
+    early: Vec<u8>,
 }
 
 /// What the loop does after a reply.
@@ -135,7 +137,14 @@ impl<'a> Session<'a> {
             tx: None,
             errors: 0,
             tls: false,
+            early: Vec::new(),
         }
+    }
+
+    /// Input already read from the connection (after a PROXY header).
+    pub fn with_input(mut self, early: Vec<u8>) -> Self {
+        self.early = early;
+        self
     }
 
     /// Runs the session to its end, upgrading to TLS on STARTTLS when configured.
@@ -184,7 +193,7 @@ impl<'a> Session<'a> {
             out.flush().await?;
         }
 
-        let mut input: Vec<u8> = Vec::new();
+        let mut input: Vec<u8> = std::mem::take(&mut self.early);
         let mut receiver = RequestReceiver::default();
         let max_line = self.ingress.config.max_command_line;
         // Inside an over-long line: bytes are dropped up to its end.

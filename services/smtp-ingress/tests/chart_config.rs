@@ -19,6 +19,7 @@ fn the_rendered_ingress_config_loads() {
     assert_eq!(config.listen.port(), 2525);
     assert_eq!(config.smtp.hostname, "mx.example.com");
     assert_eq!(config.smtp.max_message_bytes, 26_214_400);
+    assert!(config.smtp.proxy.trusts("10.1.2.3".parse().unwrap()));
     let tls = config.tls.expect("STARTTLS is configured");
     assert_eq!(tls.cert_file.to_str(), Some("/etc/mailmesh/tls/tls.crt"));
 }

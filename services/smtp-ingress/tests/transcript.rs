@@ -705,3 +705,54 @@ async fn random_input_never_breaks_the_server() {
     c.send("Subject: after the storm\r\n\r\nok\r\n.\r\n").await;
     c.expect("250 2.0.0").await;
 }
+
+/// Behind a trusted load balancer the PROXY header names the client; anyone else
+/// sending one is just sending a bad command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_from_trusted_balancers_only() {
+    let s = server(IngressConfig {
+        proxy: mailmesh_ingress::proxy::ProxyConfig {
+            trusted: vec!["10.0.0.0/8".parse().unwrap()],
+            timeout: None,
+        },
+        ..IngressConfig::default()
+    })
+    .await;
+    let open = |peer: &str| {
+        let (client, server_side) = tokio::io::duplex(1 << 16);
+        let ingress = s.ingress.clone();
+        let peer: SocketAddr = peer.parse().unwrap();
+        tokio::spawn(async move {
+            mailmesh_ingress::handle(&ingress, server_side, peer, &Shutdown::new()).await;
+        });
+        Client {
+            io: client,
+            pending: Vec::new(),
+        }
+    };
+    let mut c = open("10.0.0.9:5000");
+    c.send("PROXY TCP4 203.0.113.5 198.51.100.1 4567 25\r\n")
+        .await;
+    c.expect("220").await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("Subject: via the balancer\r\n\r\nx\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    let queued = s.queued(1).await;
+    assert_eq!(
+        queued[0].client.as_ref().unwrap().ip.to_string(),
+        "203.0.113.5"
+    );
+    assert!(body(&s, &queued[0]).await.contains("(203.0.113.5)"));
+
+    // A trusted peer without a header is cut off; an untrusted one cannot spoof.
+    let mut c = open("10.0.0.9:5001");
+    c.send("EHLO sneaky\r\n").await;
+    assert_eq!(c.reply().await, "", "closed without a greeting");
+    let mut c = open("192.0.2.50:5002");
+    c.expect("220").await;
+    c.cmd("PROXY TCP4 203.0.113.5 198.51.100.1 4567 25", "500 5.5.1")
+        .await;
+}
