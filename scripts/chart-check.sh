@@ -57,7 +57,7 @@ render >"$work/rendered.yaml"
 kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/rendered.yaml"
 # Defaults plus only the required values render and validate too.
 helm template mailmesh "$CHART" --set kafka.brokers=kafka:9092 --set s3.bucket=mail \
-  --set tls.secretName=mail-tls >"$work/minimal.yaml"
+  --set redis.urlSecret=redis --set tls.secretName=mail-tls >"$work/minimal.yaml"
 kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/minimal.yaml"
 
 echo "== k8s/ is in sync with the chart"

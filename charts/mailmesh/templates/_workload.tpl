@@ -77,6 +77,13 @@ spec:
             - name: MAILMESH_CONFIG
               value: /etc/mailmesh/{{ $.binary }}.toml
             {{- include "mailmesh.backendEnv" . | nindent 12 }}
+            {{- if $.redis }}
+            - name: MAILMESH_CACHE__REDIS__URL
+              valueFrom:
+                secretKeyRef:
+                  name: {{ required "redis.urlSecret is required" .Values.redis.urlSecret }}
+                  key: url
+            {{- end }}
           ports:
             {{- range $.ports }}
             - name: {{ .name }}

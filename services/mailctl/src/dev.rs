@@ -213,6 +213,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     resolver.spawn_reloader(tls.reload_interval, &shutdown);
 
     // The MX front door, checking recipients against the engine in this process.
+    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     let smtp_addr = SocketAddr::new(config.bind, config.ports.smtp);
     let smtp_listener = tokio::net::TcpListener::bind(smtp_addr)
         .await
@@ -226,6 +227,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             ..IngressConfig::default()
         },
         Some(mailmesh_kit::tls::server_config(resolver.clone())?),
+        cache.clone(),
     );
     let smtp_task = tokio::spawn(mailmesh_ingress::serve(
         ingress,
@@ -245,7 +247,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
 
-    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     health.add_check(Arc::new(CacheReadiness(cache.clone())));
 
     let admin = AdminServer::bind(config.admin.listen, health.clone())

@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailmesh_cache::Cache;
 use mailmesh_kit::Shutdown;
 use mailmesh_kit::config::{AdminConfig, ConfigError, ShutdownConfig, Validate};
 use mailmesh_kit::telemetry::TelemetryConfig;
@@ -57,6 +58,11 @@ pub struct IngressConfig {
     pub data_timeout: Duration,
     /// PROXY protocol from trusted load balancers (`[smtp.proxy]`).
     pub proxy: proxy::ProxyConfig,
+    /// New connections one client address may open per minute, across all pods
+    /// (counted in the cache); 0 turns the limit off.
+    pub connections_per_ip_per_minute: u32,
+    /// Messages one tenant may receive per minute, across all pods; 0 is no limit.
+    pub messages_per_tenant_per_minute: u32,
 }
 
 impl Default for IngressConfig {
@@ -74,6 +80,8 @@ impl Default for IngressConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             proxy: proxy::ProxyConfig::default(),
+            connections_per_ip_per_minute: 120,
+            messages_per_tenant_per_minute: 0,
         }
     }
 }
@@ -126,6 +134,8 @@ pub struct ServiceConfig {
     pub smtp: IngressConfig,
     /// Certificate for STARTTLS (reloaded when renewed); no STARTTLS without it.
     pub tls: Option<mailmesh_kit::tls::TlsConfig>,
+    /// Rate-limit counters shared by the pods (Redis); losing them only resets limits.
+    pub cache: mailmesh_cache::CacheConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -148,6 +158,7 @@ impl Validate for ServiceConfig {
 pub struct Ingress {
     /// STARTTLS, when a certificate is configured.
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) cache: Arc<dyn Cache>,
     pub(crate) queue: Arc<dyn Queue>,
     pub(crate) objects: Arc<dyn ObjectStore>,
     pub(crate) directory: Arc<dyn Mailstore>,
@@ -161,14 +172,34 @@ impl Ingress {
         directory: Arc<dyn Mailstore>,
         config: IngressConfig,
         tls: Option<Arc<rustls::ServerConfig>>,
+        cache: Arc<dyn Cache>,
     ) -> Arc<Self> {
         Arc::new(Self {
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            cache,
             queue,
             objects,
             directory,
             config,
         })
+    }
+}
+
+impl Ingress {
+    /// Counts one event against a per-minute `limit` shared by all pods; true while
+    /// within it. An unreachable cache lets everything through (limits are a
+    /// courtesy; losing the cache must never lose mail).
+    pub(crate) async fn within_limit(&self, key: &str, limit: u32) -> bool {
+        if limit == 0 {
+            return true;
+        }
+        match self.cache.incr(key, 1, Duration::from_secs(60)).await {
+            Ok(n) => n <= i64::from(limit),
+            Err(e) => {
+                tracing::warn!(error = %e, "rate-limit counter unavailable; not limiting");
+                true
+            }
+        }
     }
 }
 
@@ -235,6 +266,19 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         (peer, Vec::new())
     };
+    if !ingress
+        .within_limit(
+            &format!("smtp:conn:{}", client.ip()),
+            ingress.config.connections_per_ip_per_minute,
+        )
+        .await
+    {
+        crate::metrics::rejected("connection_rate");
+        let _ = stream
+            .write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n")
+            .await;
+        return;
+    }
     let session = session::Session::new(ingress, client).with_input(early);
     if let Err(e) = session.run(stream, shutdown).await {
         tracing::debug!(%client, error = %e, "session ended with an error");

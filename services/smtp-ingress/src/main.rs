@@ -36,7 +36,11 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let ingress = Ingress::new(queue, objects, Arc::new(directory), config.smtp, tls);
+    // Not a readiness dependency: without the cache, limits are off, mail still flows.
+    let cache = mailmesh_cache::open(&config.cache)
+        .await
+        .context("connecting to the cache")?;
+    let ingress = Ingress::new(queue, objects, Arc::new(directory), config.smtp, tls, cache);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -720,6 +720,18 @@ impl<'a> Session<'a> {
         mailmesh_kit::telemetry::inject_context(&mut trace_context);
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
         let received_at = SystemTime::now();
+        for tenant in by_tenant.keys() {
+            let limit = self.ingress.config.messages_per_tenant_per_minute;
+            if !self
+                .ingress
+                .within_limit(&format!("smtp:tenant:{tenant}"), limit)
+                .await
+            {
+                crate::metrics::rejected("tenant_rate");
+                return "451 4.7.1 Too much mail for this domain right now, try again later\r\n"
+                    .into();
+            }
+        }
         for (i, (tenant, recipients)) in by_tenant.into_iter().enumerate() {
             let queue_id = if i == 0 {
                 first_id

@@ -2,7 +2,7 @@
 
 use mailmesh_ingress::ServiceConfig;
 use mailmesh_kit::ConfigSource;
-use mailmesh_testkit::rendered_config;
+use mailmesh_testkit::{rendered_config, rendered_sets_env};
 
 #[test]
 fn the_rendered_ingress_config_loads() {
@@ -14,12 +14,18 @@ fn the_rendered_ingress_config_loads() {
         .with_var("MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID", "id")
         .with_var("MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY", "secret")
         .with_var("MAILMESH_QUEUE__KAFKA__SASL_PASSWORD", "pw")
+        .with_var("MAILMESH_CACHE__REDIS__URL", "redis://redis:6379/0")
         .load()
         .unwrap();
     assert_eq!(config.listen.port(), 2525);
     assert_eq!(config.smtp.hostname, "mx.example.com");
     assert_eq!(config.smtp.max_message_bytes, 26_214_400);
     assert!(config.smtp.proxy.trusts("10.1.2.3".parse().unwrap()));
+    assert!(rendered_sets_env("MAILMESH_CACHE__REDIS__URL"));
+    assert!(matches!(
+        config.cache,
+        mailmesh_cache::CacheConfig::Redis(_)
+    ));
     let tls = config.tls.expect("STARTTLS is configured");
     assert_eq!(tls.cert_file.to_str(), Some("/etc/mailmesh/tls/tls.crt"));
 }

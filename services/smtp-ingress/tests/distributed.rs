@@ -1,5 +1,5 @@
 //! The inbound path as deployed: `storage`, `delivery-worker` and `smtp-ingress` as
-//! separate processes on real Kafka and S3 (`MMTEST_*`). Python's smtplib sends over
+//! separate processes on real Kafka, S3 and Redis (`MMTEST_*`). Python's smtplib sends over
 //! STARTTLS; the message ends up in the user's INBOX with its trace headers.
 
 use std::path::PathBuf;
@@ -137,6 +137,9 @@ async fn smtp_to_inbox_through_three_processes() {
     env.push(("MAILMESH_SMTP__HOSTNAME", "mx.acme.test".into()));
     env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
     env.push(("MAILMESH_TLS__KEY_FILE", key.display().to_string()));
+    // Rate limits counted in the real Redis.
+    env.push(("MAILMESH_CACHE__REDIS__URL", backend_env("MMTEST_REDIS")));
+    env.push(("MAILMESH_CACHE__REDIS__KEY_PREFIX", format!("{run}:")));
     let ingress = spawn("smtp-ingress", &env);
 
     let mut env = backends(&run);
@@ -242,6 +245,21 @@ print('sent')
         message.extend(chunk.unwrap().data);
     }
     let message = String::from_utf8(message).unwrap();
+    // The connection was counted in Redis (the per-IP limit is cluster-wide).
+    let counted = Command::new("redis-cli")
+        .args([
+            "-u",
+            &backend_env("MMTEST_REDIS"),
+            "GET",
+            &format!("{run}:smtp:conn:127.0.0.1"),
+        ])
+        .output()
+        .unwrap();
+    let counted: u32 = String::from_utf8_lossy(&counted.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(counted >= 1, "no connection counted in Redis");
     assert!(message.starts_with("Return-Path: <bob@example.org>\r\nDelivered-To: alice@acme.test\r\nReceived: from client.example.org (127.0.0.1)\r\n\tby mx.acme.test (mailmesh) with ESMTPS id "), "{message}");
     assert!(
         message.ends_with(

@@ -77,6 +77,7 @@ async fn server_with_tls(config: IngressConfig, tls: Option<Arc<rustls::ServerCo
             ..config
         },
         tls,
+        Arc::new(mailmesh_cache::memory::MemoryCache::new()),
     );
     Server {
         ingress,
@@ -755,4 +756,42 @@ async fn proxy_protocol_from_trusted_balancers_only() {
     c.expect("220").await;
     c.cmd("PROXY TCP4 203.0.113.5 198.51.100.1 4567 25", "500 5.5.1")
         .await;
+}
+
+/// Connection and tenant rates are limited through the shared counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits() {
+    let s = server(IngressConfig {
+        connections_per_ip_per_minute: 2,
+        messages_per_tenant_per_minute: 1,
+        ..IngressConfig::default()
+    })
+    .await;
+    let open = || {
+        let (client, server_side) = tokio::io::duplex(1 << 16);
+        let ingress = s.ingress.clone();
+        tokio::spawn(async move {
+            let peer: SocketAddr = "198.51.100.77:1000".parse().unwrap();
+            mailmesh_ingress::handle(&ingress, server_side, peer, &Shutdown::new()).await;
+        });
+        Client {
+            io: client,
+            pending: Vec::new(),
+        }
+    };
+    let mut first = open();
+    first.expect("220").await;
+    first.hello().await;
+    for expected in ["250 2.0.0", "451 4.7.1"] {
+        first.cmd("MAIL FROM:<bob@example.org>", "250").await;
+        first.cmd("RCPT TO:<alice@acme.test>", "250").await;
+        first.cmd("DATA", "354").await;
+        first.send("Subject: rate\r\n\r\nx\r\n.\r\n").await;
+        first.expect(expected).await;
+    }
+    let mut second = open();
+    second.expect("220").await;
+    let mut third = open();
+    third.expect("421 4.7.0 Too many connections").await;
+    s.queued(1).await;
 }
