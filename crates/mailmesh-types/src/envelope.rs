@@ -133,6 +133,15 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The trace context as queue record headers, so a consumer can continue the
+    /// message's trace before it decodes the record.
+    pub fn trace_headers(&self) -> Vec<(String, bytes::Bytes)> {
+        self.trace_context
+            .iter()
+            .map(|(k, v)| (k.clone(), bytes::Bytes::from(v.clone())))
+            .collect()
+    }
+
     /// Checks the invariants a decoded record must keep before anyone acts on it.
     pub fn validate(&self, limits: &EnvelopeLimits) -> Result<(), InvalidValue> {
         if self.recipients.is_empty() {

@@ -209,6 +209,15 @@ impl Worker {
                 partition = delivery.record.partition,
                 offset = delivery.record.offset
             );
+            // The message's trace continues here (W3C context in the record headers);
+            // the parent must be set before the span is first entered.
+            let carrier: std::collections::BTreeMap<String, String> = delivery
+                .record
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.to_vec()).ok()?)))
+                .collect();
+            mailmesh_kit::telemetry::extract_context(&span, &carrier);
             shutdown.spawn(
                 async move {
                     if worker.finish(&delivery.record, &stop).await {
@@ -273,10 +282,6 @@ impl Worker {
             Ok(e) => e,
             Err(e) => return self.dead_letter(record, &e.to_string()).await,
         };
-        mailmesh_kit::telemetry::extract_context(
-            &tracing::Span::current(),
-            &envelope.trace_context,
-        );
         let message = match self.message(&envelope).await {
             Ok(m) => m,
             Err(BodyError::Missing(reason)) => return self.dead_letter(record, &reason).await,
@@ -457,13 +462,17 @@ impl Worker {
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), NotDone> {
-        self.publish(
-            topic,
-            Bytes::from(envelope.queue_id.to_string()),
-            Bytes::from(encode_envelope(envelope)),
-            "",
-        )
-        .await
+        self.queue
+            .publish(OutgoingRecord {
+                topic: topic.to_owned(),
+                key: Bytes::from(envelope.queue_id.to_string()),
+                payload: Bytes::from(encode_envelope(envelope)),
+                headers: envelope.trace_headers(),
+                partition: None,
+            })
+            .await
+            .map(drop)
+            .map_err(|e| NotDone(format!("publishing to {topic}: {e}")))
     }
 
     async fn publish(

@@ -716,8 +716,20 @@ impl<'a> Session<'a> {
             by_tenant.entry(tenant).or_default().push(recipient);
         }
         let first_id = QueueId::generate();
-        let mut trace_context = BTreeMap::new();
-        mailmesh_kit::telemetry::inject_context(&mut trace_context);
+        // One trace per message: this span is its root, and its context travels in
+        // the queue record to the delivery worker (and from there to storage).
+        let span = tracing::info_span!(
+            "smtp_message",
+            queue_id = %first_id,
+            client = %self.peer.ip(),
+            tenants = by_tenant.len()
+        );
+        let trace_context = {
+            let _entered = span.enter();
+            let mut carrier = BTreeMap::new();
+            mailmesh_kit::telemetry::inject_context(&mut carrier);
+            carrier
+        };
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
         let received_at = SystemTime::now();
         for tenant in by_tenant.keys() {
@@ -792,7 +804,7 @@ impl<'a> Session<'a> {
                     topic: self.ingress.config.topic.clone(),
                     key: Bytes::from(queue_id.to_string()),
                     payload: Bytes::from(encode_envelope(&envelope)),
-                    headers: Vec::new(),
+                    headers: envelope.trace_headers(),
                     partition: None,
                 })
                 .await;
