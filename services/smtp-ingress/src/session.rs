@@ -710,6 +710,8 @@ impl<'a> Session<'a> {
             crate::metrics::rejected("too_large");
             return "552 5.3.4 Message size exceeds fixed maximum message size\r\n".into();
         };
+        // BDAT content may be binary (BINARYMIME is not offered, so it is not).
+        let message = normalize_line_ends(message);
         let started = Instant::now();
         let mut by_tenant: BTreeMap<TenantId, Vec<Recipient>> = BTreeMap::new();
         for (recipient, tenant) in tx.recipients {
@@ -839,6 +841,39 @@ impl<'a> Session<'a> {
     }
 }
 
+/// Bare LF and bare CR become CRLF, so no later hop can read a line end (or the
+/// `<LF>.<LF>` of an SMTP smuggling attempt) differently from us. Messages that are
+/// already clean come back untouched, without a copy.
+pub fn normalize_line_ends(message: Vec<u8>) -> Vec<u8> {
+    let clean = message.iter().enumerate().all(|(i, b)| match b {
+        b'\n' => i > 0 && message[i - 1] == b'\r',
+        b'\r' => message.get(i + 1) == Some(&b'\n'),
+        _ => true,
+    });
+    if clean {
+        return message;
+    }
+    let mut out = Vec::with_capacity(message.len() + 64);
+    let mut i = 0;
+    while i < message.len() {
+        match message[i] {
+            b'\r' if message.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 2;
+            }
+            b'\r' | b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 fn parse_error_reply(e: &ParseError) -> String {
     match e {
         ParseError::UnknownCommand => "500 5.5.1 Command unrecognized\r\n".into(),
@@ -860,5 +895,22 @@ fn parse_error_reply(e: &ParseError) -> String {
         ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
             "500 5.5.1 Command unrecognized\r\n".into()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_line_ends;
+
+    #[test]
+    fn bare_line_ends_become_crlf() {
+        assert_eq!(normalize_line_ends(b"a\r\nb\r\n".to_vec()), b"a\r\nb\r\n");
+        assert_eq!(
+            normalize_line_ends(b"a\nb\rc\r\n".to_vec()),
+            b"a\r\nb\r\nc\r\n"
+        );
+        assert_eq!(normalize_line_ends(b"x\n.\ny".to_vec()), b"x\r\n.\r\ny");
+        assert_eq!(normalize_line_ends(b"end\r".to_vec()), b"end\r\n");
+        assert_eq!(normalize_line_ends(Vec::new()), b"");
     }
 }

@@ -467,7 +467,10 @@ async fn smuggled_data_end_is_not_an_end() {
     c.cmd("QUIT", "221").await;
     let queued = s.queued(1).await;
     assert_eq!(queued[0].mail_from.to_string(), "bob@example.org");
-    assert!(body(&s, &queued[0]).await.contains("Subject: smuggled"));
+    let text = body(&s, &queued[0]).await;
+    assert!(text.contains("Subject: smuggled"));
+    // And the bare LFs are gone: no later hop can see an end of data in it.
+    assert!(text.contains("first\r\n.\r\nMAIL FROM"), "{text:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
