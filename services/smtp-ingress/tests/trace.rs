@@ -2,6 +2,8 @@
 //! span that delivers it share a trace, carried in the queue record. Checked with an
 //! in-process OTLP collector. Its own test binary: telemetry is process-global.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,13 +11,8 @@ use std::time::Duration;
 use fake_opentelemetry_collector::FakeCollectorServer;
 use mailmesh_delivery::worker::{Worker, WorkerConfig};
 use mailmesh_ingress::{Ingress, IngressConfig};
+use mailmesh_kit::Shutdown;
 use mailmesh_kit::telemetry::{self, LogFormat, TelemetryConfig};
-use mailmesh_kit::{Secret, Shutdown};
-use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
-use mailmesh_queue::Queue;
-use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
-use mailmesh_storage::directory::TenantLimits;
-use mailmesh_storage::engine::{StorageConfig, StorageEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,35 +28,12 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
     )
     .unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn Queue> = Arc::new(
-        EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
-            .await
-            .unwrap(),
+    let platform = common::platform().await;
+    let (queue, objects, engine) = (
+        platform.queue.clone(),
+        platform.objects.clone(),
+        platform.engine.clone(),
     );
-    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
-        dir: dir.path().join("objects"),
-    }))
-    .unwrap();
-    let engine = StorageEngine::open(queue.clone(), objects.clone(), StorageConfig::default())
-        .await
-        .unwrap();
-    engine
-        .add_tenant("acme".parse().unwrap(), TenantLimits::default())
-        .await
-        .unwrap();
-    engine
-        .add_domain("acme".parse().unwrap(), "acme.test".parse().unwrap())
-        .await
-        .unwrap();
-    engine
-        .add_user(
-            "alice@acme.test".parse().unwrap(),
-            Secret::new("pw".into()),
-            None,
-        )
-        .await
-        .unwrap();
     let ingress = Ingress::new(
         queue.clone(),
         objects.clone(),
@@ -109,24 +83,10 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
         while std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let stored = engine
-                .read_index(
-                    &engine
-                        .authenticate(
-                            &"alice@acme.test".parse().unwrap(),
-                            Secret::new("pw".into()),
-                        )
-                        .await
-                        .unwrap()
-                        .map(|u| mailmesh_storage::engine::UserRef {
-                            tenant: u.tenant,
-                            user: u.id,
-                        })
-                        .unwrap(),
-                    |i| {
-                        i.and_then(|i| i.mailbox("INBOX"))
-                            .map_or(0, |m| m.messages.len())
-                    },
-                )
+                .read_index(&platform.alice, |i| {
+                    i.and_then(|i| i.mailbox("INBOX"))
+                        .map_or(0, |m| m.messages.len())
+                })
                 .await
                 .unwrap();
             if stored == 1 {

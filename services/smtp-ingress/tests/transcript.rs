@@ -2,6 +2,8 @@
 //! directory (embedded backends): the replies RFC 5321 requires, and what lands in
 //! the queue.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,12 +11,9 @@ use std::time::Duration;
 use mailmesh_delivery::worker::{Worker, WorkerConfig};
 use mailmesh_ingress::{Ingress, IngressConfig};
 use mailmesh_kit::{Secret, Shutdown};
-use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
 use mailmesh_proto::decode_envelope;
 use mailmesh_queue::Queue;
-use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
-use mailmesh_storage::directory::TenantLimits;
-use mailmesh_storage::engine::{StorageConfig, StorageEngine};
+use mailmesh_storage::engine::StorageEngine;
 use mailmesh_storage::index::INBOX;
 use mailmesh_types::{BodyRef, Envelope, EnvelopeLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -32,42 +31,13 @@ async fn server(config: IngressConfig) -> Server {
 }
 
 async fn server_with_tls(config: IngressConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn Queue> = Arc::new(
-        EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
-            .await
-            .unwrap(),
-    );
-    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
-        dir: dir.path().join("objects"),
-    }))
-    .unwrap();
-    let engine = StorageEngine::open(
-        queue.clone(),
-        objects.clone(),
-        StorageConfig {
-            mailbox_partitions: 2,
-            ..StorageConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    engine
-        .add_tenant("acme".parse().unwrap(), TenantLimits::default())
-        .await
-        .unwrap();
-    engine
-        .add_domain("acme".parse().unwrap(), "acme.test".parse().unwrap())
-        .await
-        .unwrap();
-    engine
-        .add_user(
-            "alice@acme.test".parse().unwrap(),
-            Secret::new("pw".into()),
-            None,
-        )
-        .await
-        .unwrap();
+    let common::Platform {
+        queue,
+        objects,
+        engine,
+        dir,
+        ..
+    } = common::platform().await;
     let ingress = Ingress::new(
         queue.clone(),
         objects.clone(),
@@ -96,17 +66,7 @@ struct Client<S = DuplexStream> {
 
 impl Client<DuplexStream> {
     async fn connect(server: &Server) -> Self {
-        let (client, server_side) = tokio::io::duplex(1 << 20);
-        let ingress = server.ingress.clone();
-        tokio::spawn(async move {
-            let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
-            let session = mailmesh_ingress::session::Session::new(&ingress, peer);
-            let _ = session.run(server_side, &Shutdown::new()).await;
-        });
-        let mut c = Self {
-            io: client,
-            pending: Vec::new(),
-        };
+        let mut c = open(server, "192.0.2.7:40000", &Shutdown::new());
         c.expect("220 mx.acme.test ESMTP").await;
         c
     }
@@ -129,6 +89,22 @@ impl Client<DuplexStream> {
             io,
             pending: Vec::new(),
         }
+    }
+}
+
+/// A connection from `peer`, handled as `serve` handles one (PROXY header from
+/// trusted peers, then the session), tracked by `shutdown` as `serve` tracks it.
+fn open(server: &Server, peer: &str, shutdown: &Shutdown) -> Client {
+    let (client, server_side) = tokio::io::duplex(1 << 20);
+    let ingress = server.ingress.clone();
+    let peer: SocketAddr = peer.parse().unwrap();
+    let stop = shutdown.clone();
+    shutdown.spawn(async move {
+        mailmesh_ingress::handle(&ingress, server_side, peer, &stop).await;
+    });
+    Client {
+        io: client,
+        pending: Vec::new(),
     }
 }
 
@@ -586,25 +562,10 @@ async fn edge_transcripts() {
 async fn draining_ends_idle_sessions_and_finishes_transactions() {
     let s = server(IngressConfig::default()).await;
     let shutdown = Shutdown::new();
-    let connect = |shutdown: Shutdown| {
-        let (client, server_side) = tokio::io::duplex(1 << 16);
-        let ingress = s.ingress.clone();
-        // As `serve` does: the drain waits for sessions it tracks.
-        let tracker = shutdown.clone();
-        tracker.spawn(async move {
-            let peer: SocketAddr = "192.0.2.9:40000".parse().unwrap();
-            let session = mailmesh_ingress::session::Session::new(&ingress, peer);
-            let _ = session.run(server_side, &shutdown).await;
-        });
-        Client {
-            io: client,
-            pending: Vec::new(),
-        }
-    };
-    let mut idle = connect(shutdown.clone());
+    let mut idle = open(&s, "192.0.2.9:40000", &shutdown);
     idle.expect("220").await;
     idle.hello().await;
-    let mut busy = connect(shutdown.clone());
+    let mut busy = open(&s, "192.0.2.9:40001", &shutdown);
     busy.expect("220").await;
     busy.hello().await;
     busy.cmd("MAIL FROM:<bob@example.org>", "250").await;
@@ -722,19 +683,7 @@ async fn proxy_protocol_from_trusted_balancers_only() {
         ..IngressConfig::default()
     })
     .await;
-    let open = |peer: &str| {
-        let (client, server_side) = tokio::io::duplex(1 << 16);
-        let ingress = s.ingress.clone();
-        let peer: SocketAddr = peer.parse().unwrap();
-        tokio::spawn(async move {
-            mailmesh_ingress::handle(&ingress, server_side, peer, &Shutdown::new()).await;
-        });
-        Client {
-            io: client,
-            pending: Vec::new(),
-        }
-    };
-    let mut c = open("10.0.0.9:5000");
+    let mut c = open(&s, "10.0.0.9:5000", &Shutdown::new());
     c.send("PROXY TCP4 203.0.113.5 198.51.100.1 4567 25\r\n")
         .await;
     c.expect("220").await;
@@ -752,10 +701,10 @@ async fn proxy_protocol_from_trusted_balancers_only() {
     assert!(body(&s, &queued[0]).await.contains("(203.0.113.5)"));
 
     // A trusted peer without a header is cut off; an untrusted one cannot spoof.
-    let mut c = open("10.0.0.9:5001");
+    let mut c = open(&s, "10.0.0.9:5001", &Shutdown::new());
     c.send("EHLO sneaky\r\n").await;
     assert_eq!(c.reply().await, "", "closed without a greeting");
-    let mut c = open("192.0.2.50:5002");
+    let mut c = open(&s, "192.0.2.50:5002", &Shutdown::new());
     c.expect("220").await;
     c.cmd("PROXY TCP4 203.0.113.5 198.51.100.1 4567 25", "500 5.5.1")
         .await;
@@ -770,19 +719,7 @@ async fn rate_limits() {
         ..IngressConfig::default()
     })
     .await;
-    let open = || {
-        let (client, server_side) = tokio::io::duplex(1 << 16);
-        let ingress = s.ingress.clone();
-        tokio::spawn(async move {
-            let peer: SocketAddr = "198.51.100.77:1000".parse().unwrap();
-            mailmesh_ingress::handle(&ingress, server_side, peer, &Shutdown::new()).await;
-        });
-        Client {
-            io: client,
-            pending: Vec::new(),
-        }
-    };
-    let mut first = open();
+    let mut first = open(&s, "198.51.100.77:1000", &Shutdown::new());
     first.expect("220").await;
     first.hello().await;
     for expected in ["250 2.0.0", "451 4.7.1"] {
@@ -792,9 +729,9 @@ async fn rate_limits() {
         first.send("Subject: rate\r\n\r\nx\r\n.\r\n").await;
         first.expect(expected).await;
     }
-    let mut second = open();
+    let mut second = open(&s, "198.51.100.77:1001", &Shutdown::new());
     second.expect("220").await;
-    let mut third = open();
+    let mut third = open(&s, "198.51.100.77:1002", &Shutdown::new());
     third.expect("421 4.7.0 Too many connections").await;
     s.queued(1).await;
 }
