@@ -94,6 +94,14 @@ impl Validate for IngressConfig {
                 "RFC 5321 requires at least 100",
             ));
         }
+        // Queue records carrying more would be refused by the delivery workers.
+        let carried = mailmesh_types::EnvelopeLimits::default().max_recipients;
+        if self.max_recipients > carried {
+            return Err(ConfigError::invalid(
+                "smtp.max_recipients",
+                format!("at most {carried} (what a queue record may carry)"),
+            ));
+        }
         if self.max_command_line < 512 {
             return Err(ConfigError::invalid(
                 "smtp.max_command_line",
@@ -282,5 +290,37 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let session = session::Session::new(ingress, client).with_input(early);
     if let Err(e) = session.run(stream, shutdown).await {
         tracing::debug!(%client, error = %e, "session ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mailmesh_kit::config::Validate;
+
+    use super::*;
+
+    #[test]
+    fn limits_are_checked_at_start_up() {
+        assert!(IngressConfig::default().validate().is_ok());
+        for bad in [
+            IngressConfig {
+                max_recipients: 99,
+                ..IngressConfig::default()
+            },
+            IngressConfig {
+                max_recipients: 5000,
+                ..IngressConfig::default()
+            },
+            IngressConfig {
+                max_command_line: 100,
+                ..IngressConfig::default()
+            },
+            IngressConfig {
+                hostname: "two words".into(),
+                ..IngressConfig::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 }
