@@ -73,3 +73,20 @@ impl Service {
         }
     }
 }
+
+/// A service binary's `main`: reads its configuration (file + `MAILMESH_*`), starts
+/// the runtime and runs `run` on it. Configuration errors stop it before anything
+/// starts, naming the key.
+pub fn main<C, F, Fut, E>(run: F) -> Result<(), E>
+where
+    C: serde::de::DeserializeOwned + crate::config::Validate,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: From<crate::ConfigError> + From<std::io::Error>,
+{
+    let config: C = crate::ConfigSource::from_process().load()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(config))
+}

@@ -5,16 +5,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use mailmesh_delivery::ServiceConfig;
 use mailmesh_delivery::worker::Worker;
-use mailmesh_kit::ConfigSource;
 use mailmesh_kit::service::Service;
 use mailmesh_storage::client::GrpcMailstore;
 
 fn main() -> anyhow::Result<()> {
-    let config: ServiceConfig = ConfigSource::from_process().load()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(config))
+    mailmesh_kit::service::main(run)
 }
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {

@@ -1,17 +1,12 @@
 //! The `storage` service binary.
 
 use anyhow::Context;
-use mailmesh_kit::ConfigSource;
 use mailmesh_kit::service::Service;
 use mailmesh_storage::engine::StorageEngine;
 use mailmesh_storage::server::{ServiceConfig, serve_grpc};
 
 fn main() -> anyhow::Result<()> {
-    let config: ServiceConfig = ConfigSource::from_process().load()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(config))
+    mailmesh_kit::service::main(run)
 }
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {
