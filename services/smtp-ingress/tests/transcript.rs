@@ -198,6 +198,15 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         self.expect(prefix).await
     }
 
+    /// One whole transaction, bob@example.org to alice@acme.test, that must be queued.
+    async fn message(&mut self, data: &str) {
+        self.cmd("MAIL FROM:<bob@example.org>", "250").await;
+        self.cmd("RCPT TO:<alice@acme.test>", "250").await;
+        self.cmd("DATA", "354").await;
+        self.send(data).await;
+        self.expect("250 2.0.0").await;
+    }
+
     async fn hello(&mut self) {
         let ehlo = self
             .cmd(
@@ -435,11 +444,7 @@ async fn smuggled_data_end_is_not_an_end() {
     let s = server(IngressConfig::default()).await;
     let mut c = Client::connect(&s).await;
     c.hello().await;
-    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
-    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.send("Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<admin@acme.test>\r\nRCPT TO:<alice@acme.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n").await;
-    c.expect("250 2.0.0").await;
+    c.message("Subject: one\r\n\r\nfirst\n.\nMAIL FROM:<admin@acme.test>\r\nRCPT TO:<alice@acme.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n").await;
     c.cmd("QUIT", "221").await;
     let queued = s.queued(1).await;
     assert_eq!(queued[0].mail_from.to_string(), "bob@example.org");
@@ -495,11 +500,7 @@ async fn starttls_discards_injected_commands() {
     assert!(!ehlo.contains("STARTTLS"), "not offered twice: {ehlo}");
     c.cmd("RCPT TO:<alice@acme.test>", "503 5.5.1").await;
     c.cmd("STARTTLS", "503 5.5.1").await;
-    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
-    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.send("Subject: secret\r\n\r\nover tls\r\n.\r\n").await;
-    c.expect("250 2.0.0").await;
+    c.message("Subject: secret\r\n\r\nover tls\r\n.\r\n").await;
     c.cmd("QUIT", "221").await;
     let queued = s.queued(1).await;
     assert_eq!(queued[0].mail_from.to_string(), "bob@example.org");
@@ -515,16 +516,8 @@ async fn edge_transcripts() {
     let mut c = Client::connect(&s).await;
     c.hello().await;
     // A message whose first line is dot-stuffed, and an empty one.
-    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
-    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.send("..first\r\n.\r\n").await;
-    c.expect("250 2.0.0").await;
-    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
-    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.send(".\r\n").await;
-    c.expect("250 2.0.0").await;
+    c.message("..first\r\n.\r\n").await;
+    c.message(".\r\n").await;
     // DATA after BDAT is refused.
     c.cmd("MAIL FROM:<bob@example.org>", "250").await;
     c.cmd("RCPT TO:<alice@acme.test>", "250").await;
@@ -664,11 +657,8 @@ async fn random_input_never_breaks_the_server() {
     }
     let mut c = Client::connect(&s).await;
     c.hello().await;
-    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
-    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.send("Subject: after the storm\r\n\r\nok\r\n.\r\n").await;
-    c.expect("250 2.0.0").await;
+    c.message("Subject: after the storm\r\n\r\nok\r\n.\r\n")
+        .await;
 }
 
 /// Behind a trusted load balancer the PROXY header names the client; anyone else
@@ -688,11 +678,8 @@ async fn proxy_protocol_from_trusted_balancers_only() {
         .await;
     c.expect("220").await;
     c.hello().await;
-    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
-    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.send("Subject: via the balancer\r\n\r\nx\r\n.\r\n").await;
-    c.expect("250 2.0.0").await;
+    c.message("Subject: via the balancer\r\n\r\nx\r\n.\r\n")
+        .await;
     let queued = s.queued(1).await;
     assert_eq!(
         queued[0].client.as_ref().unwrap().ip.to_string(),
