@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (if missing) and starts (if not listening) the real backends the integration
 # tests run against: a Kafka-compatible broker (tansu), an S3 server (s3s-fs) and Redis.
-# Also installs the chart tools (helm, kubernetes-validate).
+# Also installs the chart tools (helm, kubernetes-validate), dnsmasq (the tests' DNS
+# server) and swaks.
 #
 #   scripts/backends.sh install   # tools only
 #   scripts/backends.sh start     # install, then start what is not running
@@ -51,6 +52,19 @@ install_redis() {
   apt-get install -y -qq --no-install-recommends redis-server >/dev/null
   # The package starts a system instance on 6379 on some machines; we run our own.
   if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
+}
+
+# The tests' DNS server (each test starts its own on a free port with its records)
+# and swaks, an SMTP client written by others that the end-to-end tests send with.
+install_debian_tools() {
+  local missing=()
+  [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
+  command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+  if [ ${#missing[@]} -eq 0 ]; then return; fi
+  log "installing ${missing[*]} from Debian"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 install_tansu() {
@@ -110,6 +124,7 @@ install_kube_validate() {
 install_all() {
   mkdir -p "$TOOLS/bin"
   install_redis
+  install_debian_tools
   install_tansu
   install_helm
   install_kube_validate

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["mailmesh/v1/queue.proto", "mailmesh/v1/storage.proto"];
+    let files = [
+        "mailmesh/v1/queue.proto",
+        "mailmesh/v1/storage.proto",
+        "mailmesh/v1/auth.proto",
+    ];
     println!("cargo:rerun-if-changed={}", root.display());
     let fds = protox::compile(files, [&root])?;
     tonic_prost_build::configure()

@@ -77,6 +77,12 @@ MAILMESH_<SERVICE>_PORT variables for the chart's Services.
 {{/* The configuration sections every service shares: admin port, telemetry,
 shutdown, queue and object store. */}}
 {{- define "mailmesh.commonConfig" -}}
+{{ include "mailmesh.serviceConfig" . }}
+{{ include "mailmesh.backendConfig" . }}
+{{- end -}}
+
+{{/* What every service reads: admin port, telemetry, shutdown. */}}
+{{- define "mailmesh.serviceConfig" -}}
 [admin]
 listen = "0.0.0.0:{{ .Values.admin.port }}"
 
@@ -90,7 +96,10 @@ otlp_endpoint = {{ . | quote }}
 [shutdown]
 readiness_grace = {{ .Values.shutdown.readinessGrace | quote }}
 drain_timeout = {{ .Values.shutdown.drainTimeout | quote }}
+{{- end -}}
 
+{{/* Where services with state find it: the Kafka queue and the object store. */}}
+{{- define "mailmesh.backendConfig" -}}
 [queue.kafka]
 brokers = {{ required "kafka.brokers is required" .Values.kafka.brokers | quote }}
 replication_factor = {{ .Values.kafka.topic.replicationFactor }}

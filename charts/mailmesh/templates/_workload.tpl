@@ -5,7 +5,7 @@ settings), optional ClusterIP Service, PodDisruptionBudget and CPU HorizontalPod
 Parameters: root (the chart context), component, v (its values), binary, ports (list of
 {name, port, servicePort?, appProtocol?}), service (bool), serviceType (ClusterIP by
 default; a LoadBalancer keeps client addresses with externalTrafficPolicy Local), tls
-(mount the certificate Secret at /etc/mailmesh/tls).
+(mount the certificate Secret at /etc/mailmesh/tls), stateless (no Kafka/S3 credentials).
 */}}
 {{- define "mailmesh.workload" -}}
 {{- $root := .root -}}
@@ -76,7 +76,9 @@ spec:
           env:
             - name: MAILMESH_CONFIG
               value: /etc/mailmesh/{{ $.binary }}.toml
+            {{- if not $.stateless }}
             {{- include "mailmesh.backendEnv" . | nindent 12 }}
+            {{- end }}
             {{- if $.redis }}
             - name: MAILMESH_CACHE__REDIS__URL
               valueFrom:

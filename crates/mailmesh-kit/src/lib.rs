@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod grpc;
 pub mod health;
 pub mod metrics;
 pub mod secret;

@@ -10,6 +10,7 @@ pub mod v1 {
     tonic::include_proto!("mailmesh.v1");
 }
 
+mod policy;
 mod queue;
 
 pub use queue::{InvalidRecord, decode_envelope, encode_envelope};

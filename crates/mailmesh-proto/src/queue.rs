@@ -143,6 +143,7 @@ impl TryFrom<v1::QueueRecord> for Envelope {
             dsn_envid: non_empty(r.dsn_envid),
             client: r.client.map(ClientInfo::try_from).transpose()?,
             authentication_results: non_empty(r.authentication_results),
+            junk: r.junk,
             trace_context: r.trace_context.into_iter().collect(),
             body,
         };
@@ -185,6 +186,7 @@ impl From<&Envelope> for v1::QueueRecord {
                     .unwrap_or_default(),
             }),
             authentication_results: e.authentication_results.clone().unwrap_or_default(),
+            junk: e.junk,
             trace_context: e.trace_context.clone().into_iter().collect(),
             body: Some(v1::Body {
                 location: Some(match &e.body {
@@ -247,6 +249,7 @@ mod tests {
                 authenticated_as: None,
             }),
             authentication_results: Some("mx.acme.test; spf=pass".into()),
+            junk: true,
             trace_context: BTreeMap::from([(
                 "traceparent".into(),
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),

@@ -1,6 +1,8 @@
 //! Helpers shared by mailmesh's integration tests. No dependency on other mailmesh
 //! crates, so any of them can use it as a dev-dependency.
 
+pub mod dns;
+
 /// The value of one of the `MMTEST_*` variables that `scripts/backends.sh env` sets
 /// for the real backends. A missing one fails the test with the way to fix it: tests
 /// against real backends are never skipped silently.

@@ -127,6 +127,8 @@ pub struct Envelope {
     pub client: Option<ClientInfo>,
     /// The RFC 8601 `Authentication-Results` header value auth-check produced.
     pub authentication_results: Option<String>,
+    /// The recipient tenant's policy files this message in the Junk mailbox.
+    pub junk: bool,
     /// W3C trace context (`traceparent`, `tracestate`) of the span that accepted it.
     pub trace_context: BTreeMap<String, String>,
     pub body: BodyRef,
@@ -191,6 +193,7 @@ mod tests {
             dsn_envid: None,
             client: None,
             authentication_results: None,
+            junk: false,
             trace_context: BTreeMap::new(),
             body: BodyRef::Inline(bytes::Bytes::from_static(b"Subject: hi\r\n\r\nhello\r\n")),
         }

@@ -9,6 +9,7 @@ mod address;
 mod date;
 mod envelope;
 mod ids;
+mod policy;
 
 pub use address::{Domain, EmailAddress, ReversePath};
 pub use date::rfc5322_date;
@@ -16,6 +17,7 @@ pub use envelope::{
     BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, EnvelopeLimits, Recipient,
 };
 pub use ids::{QueueId, TenantId};
+pub use policy::{InboundPolicy, PolicyAction};
 
 /// Why a value was refused. The message names what was wrong, in lowercase, and is
 /// safe to show to the client that sent it.

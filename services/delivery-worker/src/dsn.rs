@@ -148,6 +148,7 @@ pub fn failure_report(
         dsn_envid: None,
         client: None,
         authentication_results: None,
+        junk: false,
         trace_context: original.trace_context.clone(),
         body: BodyRef::Inline(Bytes::from(bytes)),
     })
@@ -182,6 +183,7 @@ mod tests {
             dsn_envid: Some("ENV-42".into()),
             client: None,
             authentication_results: None,
+            junk: false,
             trace_context: BTreeMap::new(),
             body: BodyRef::Inline(Bytes::new()),
         }

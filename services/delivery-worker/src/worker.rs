@@ -18,7 +18,7 @@ use mailmesh_proto::{decode_envelope, encode_envelope};
 use mailmesh_queue::{OutgoingRecord, Queue, Record};
 use mailmesh_storage::directory::Lookup;
 use mailmesh_storage::engine::{Delivery, UserRef};
-use mailmesh_storage::index::INBOX;
+use mailmesh_storage::index::{INBOX, JUNK};
 use mailmesh_types::{BodyRef, Envelope, EnvelopeLimits};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -413,13 +413,14 @@ impl Worker {
             .map_or_else(|_| now_ms(), |d| d.as_millis() as i64);
         let deadline = Instant::now() + self.config.retry_window;
         let mut backoff = self.config.retry_initial;
+        let mut mailbox = if envelope.junk { JUNK } else { INBOX };
         loop {
             let outcome = self
                 .store
                 .deliver(
                     user,
                     Delivery {
-                        mailbox: INBOX,
+                        mailbox,
                         return_path: &envelope.mail_from,
                         delivered_to: &recipient.address,
                         message,
@@ -429,6 +430,11 @@ impl Worker {
                 )
                 .await;
             match outcome {
+                // A user may have deleted their Junk mailbox: INBOX still takes it.
+                Err(DeliveryError::Permanent { .. }) if mailbox == JUNK => {
+                    tracing::info!(error = ?outcome, "no Junk mailbox; delivering to INBOX");
+                    mailbox = INBOX;
+                }
                 Err(DeliveryError::Temporary { .. }) if Instant::now() + backoff < deadline => {
                     tracing::info!(error = ?outcome, retry_in = ?backoff, "temporary delivery failure");
                     tokio::select! {

@@ -210,6 +210,7 @@ fn envelope(from: &str, to: &[&str], body: &str) -> Envelope {
         dsn_envid: None,
         client: None,
         authentication_results: None,
+        junk: false,
         trace_context: BTreeMap::new(),
         body: BodyRef::Inline(Bytes::from(format!("Subject: {body}\r\n\r\n{body}\r\n"))),
     }

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+use mailmesh_types::{InboundPolicy, PolicyAction};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -40,6 +41,20 @@ pub enum TenantCommand {
         tenant: String,
         #[command(flatten)]
         limits: LimitArgs,
+    },
+    /// Set what happens to inbound mail failing authentication checks (omitted
+    /// fields take their defaults: reject, junk, reject).
+    Policy {
+        tenant: String,
+        /// For DMARC failures whose author domain publishes p=reject.
+        #[arg(long, value_name = "reject|junk|tag")]
+        dmarc_reject: Option<PolicyAction>,
+        /// For DMARC failures whose author domain publishes p=quarantine.
+        #[arg(long, value_name = "reject|junk|tag")]
+        dmarc_quarantine: Option<PolicyAction>,
+        /// For clients listed by a configured DNS block list.
+        #[arg(long, value_name = "reject|junk|tag")]
+        block_listed: Option<PolicyAction>,
     },
     /// Remove a tenant that owns no domains.
     Remove { tenant: String },
@@ -243,6 +258,34 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                 .map_err(refused)?;
             done(&target, format!("limits of tenant {tenant} set"));
         }
+        TenantCommand::Policy {
+            tenant,
+            dmarc_reject,
+            dmarc_quarantine,
+            block_listed,
+        } => {
+            let d = InboundPolicy::default();
+            let policy = InboundPolicy {
+                dmarc_reject: dmarc_reject.unwrap_or(d.dmarc_reject),
+                dmarc_quarantine: dmarc_quarantine.unwrap_or(d.dmarc_quarantine),
+                block_listed: block_listed.unwrap_or(d.block_listed),
+            };
+            client
+                .set_inbound_policy(v1::SetInboundPolicyRequest {
+                    tenant: tenant.clone(),
+                    policy: Some(policy.into()),
+                })
+                .await
+                .map_err(refused)?;
+            done(
+                &target,
+                format!(
+                    "inbound policy of tenant {tenant}: dmarc p=reject -> {}, \
+                     p=quarantine -> {}, block-listed -> {}",
+                    policy.dmarc_reject, policy.dmarc_quarantine, policy.block_listed
+                ),
+            );
+        }
         TenantCommand::Remove { tenant } => {
             client
                 .remove_tenant(v1::TenantRequest {
@@ -264,6 +307,7 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                     .iter()
                     .map(|t| {
                         let l = t.limits.unwrap_or_default();
+                        let p = InboundPolicy::from(t.inbound_policy.unwrap_or_default());
                         json!({
                             "tenant": t.tenant,
                             "domains": t.domains,
@@ -273,6 +317,11 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                                 "max_storage_bytes": (l.max_storage_bytes != 0).then_some(l.max_storage_bytes),
                                 "max_message_bytes": (l.max_message_bytes != 0).then_some(l.max_message_bytes),
                                 "send_rate_per_hour": (l.send_rate_per_hour != 0).then_some(l.send_rate_per_hour),
+                            },
+                            "inbound_policy": {
+                                "dmarc_reject": p.dmarc_reject.to_string(),
+                                "dmarc_quarantine": p.dmarc_quarantine.to_string(),
+                                "block_listed": p.block_listed.to_string(),
                             }
                         })
                     })

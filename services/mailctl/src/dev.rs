@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use mailmesh_auth::{AuthCheck, AuthConfig, Checker};
 use mailmesh_cache::CacheReadiness;
 use mailmesh_delivery::worker::{Worker, WorkerConfig};
 use mailmesh_ingress::{Ingress, IngressConfig};
@@ -39,6 +40,9 @@ struct DevConfig {
     /// fsync the queue before acknowledging (keep on: a `250` is a promise).
     queue_fsync: bool,
     storage: StorageConfig,
+    /// SPF/DKIM/DMARC checks (`[auth]`; DNS from /etc/resolv.conf unless
+    /// `auth.dns.servers` is set).
+    auth: AuthConfig,
     admin: AdminConfig,
     telemetry: TelemetryConfig,
     shutdown: ShutdownConfig,
@@ -102,6 +106,15 @@ impl Default for DevConfig {
                 mailbox_partitions: 4,
                 ..StorageConfig::default()
             },
+            auth: AuthConfig {
+                // A laptop without a reachable resolver should not stall each message.
+                dns: mailmesh_auth::DnsConfig {
+                    timeout: Duration::from_secs(2),
+                    attempts: 1,
+                    ..mailmesh_auth::DnsConfig::default()
+                },
+                ..AuthConfig::default()
+            },
             admin: AdminConfig {
                 listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
             },
@@ -123,6 +136,7 @@ impl Validate for DevConfig {
         self.telemetry.validate()?;
         self.shutdown.validate()?;
         self.storage.validate()?;
+        self.auth.validate()?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
@@ -212,6 +226,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     resolver.spawn_reloader(tls.reload_interval, &shutdown);
 
+    // auth-check in this process. Without a usable resolver configuration mail still
+    // flows, unchecked, and the banner says so.
+    let auth = match Checker::new(config.auth.clone()) {
+        Ok(checker) => Some(Arc::new(checker) as Arc<dyn AuthCheck>),
+        Err(e) => {
+            tracing::warn!(error = %e, "auth-check disabled: no DNS resolver");
+            None
+        }
+    };
+    let auth_on = auth.is_some();
+
     // The MX front door, checking recipients against the engine in this process.
     let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     let smtp_addr = SocketAddr::new(config.bind, config.ports.smtp);
@@ -228,6 +253,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         },
         Some(mailmesh_kit::tls::server_config(resolver.clone())?),
         cache.clone(),
+        auth,
     );
     let smtp_task = tokio::spawn(mailmesh_ingress::serve(
         ingress,
@@ -255,7 +281,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let admin_addr = admin.local_addr()?;
     let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
 
-    print_banner(&config, admin_addr, &tls);
+    print_banner(&config, admin_addr, &tls, auth_on);
     tracing::info!(admin = %admin_addr, data_dir = %config.data_dir.display(), "mailmesh dev is running");
 
     mailmesh_kit::shutdown::signal().await;
@@ -271,7 +297,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig) {
+fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bool) {
     println!("mailmesh dev is running (Ctrl-C stops it)");
     println!("  admin        http://{admin}/readyz  /livez  /metrics");
     println!("  data         {}", config.data_dir.display());
@@ -285,6 +311,23 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig) {
         "  smtp         {}:{}  (MX, STARTTLS with the certificate above)",
         config.bind, config.ports.smtp
     );
+    if auth {
+        println!(
+            "  auth-check   in process: SPF, DKIM, ARC, DMARC, iprev{} (DNS {})",
+            if config.auth.block_lists.is_empty() {
+                ""
+            } else {
+                ", DNS block lists"
+            },
+            if config.auth.dns.servers.is_empty() {
+                "from /etc/resolv.conf".to_owned()
+            } else {
+                format!("{:?}", config.auth.dns.servers)
+            }
+        );
+    } else {
+        println!("  auth-check   OFF (no DNS resolver configuration): mail is not checked");
+    }
     println!("mail ports bound as their services are built (not yet):");
     for (name, port) in config.ports.named().into_iter().skip(2) {
         println!("  {name:<12} {}:{port}  not built yet", config.bind);

@@ -1,6 +1,7 @@
-//! Mail through `mailctl dev` as a user sends it: Python's smtplib (a client written
-//! by others) talks to the SMTP port over STARTTLS, and the message lands in the
-//! user's INBOX.
+//! Mail through `mailctl dev` as a user sends it: Python's smtplib and swaks (clients
+//! written by others) talk to the SMTP port over STARTTLS, and the message lands in
+//! the user's INBOX, or Junk when the tenant's policy says so. auth-check asks a real
+//! DNS server (dnsmasq) that the test starts.
 
 mod common;
 
@@ -38,14 +39,55 @@ fn smtplib(dev: &Dev, script: &str) -> String {
 }
 
 fn inbox_count(dev: &Dev, address: &str) -> u64 {
+    count(dev, address, "INBOX")
+}
+
+fn count(dev: &Dev, address: &str, mailbox: &str) -> u64 {
     let list: serde_json::Value =
         serde_json::from_str(&ok(dev, &["--json", "mailbox", "list", address], "")).unwrap();
-    list[0]["messages"].as_u64().unwrap()
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == mailbox)
+        .unwrap_or_else(|| panic!("no {mailbox} in {list}"))["messages"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A DNS server for the dev platform's auth-check, and the variable pointing it there.
+fn dns() -> (mailmesh_testkit::dns::DnsServer, String) {
+    let dns = mailmesh_testkit::dns::DnsServer::start(&[
+        r#"txt-record=example.org,"v=spf1 ip4:127.0.0.1 -all""#.into(),
+        r#"txt-record=_dmarc.forged.test,"v=DMARC1; p=reject""#.into(),
+    ]);
+    let servers = format!("[\"{}\"]", dns.addr);
+    (dns, servers)
+}
+
+/// Every stored message file under the dev data directory that contains `needle`.
+fn stored_with(dev: &Dev, needle: &str) -> Vec<String> {
+    fn walk(dir: &std::path::Path, needle: &str, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, needle, out);
+            } else if let Ok(text) = std::fs::read_to_string(&path)
+                && text.contains(needle)
+                && text.starts_with("Return-Path:")
+            {
+                out.push(text);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dev.data, needle, &mut out);
+    out
 }
 
 #[tokio::test]
 async fn smtplib_sends_and_the_message_lands_in_the_inbox() {
-    let dev = start(&[]);
+    let (_dns, servers) = dns();
+    let dev = start(&[("MAILMESH_AUTH__DNS__SERVERS", &servers)]);
     wait_ready(&dev).await;
     ok(&dev, &["tenant", "add", "acme"], "");
     ok(&dev, &["domain", "add", "acme", "acme.test"], "");
@@ -89,4 +131,87 @@ s.quit()
     }
     assert_eq!(inbox_count(&dev, "alice@acme.test"), 1);
     assert_eq!(inbox_count(&dev, "bob@acme.test"), 1);
+}
+
+#[tokio::test]
+async fn swaks_delivers_and_the_tenant_policy_files_forgeries_as_junk() {
+    let (_dns, servers) = dns();
+    let dev = start(&[("MAILMESH_AUTH__DNS__SERVERS", &servers)]);
+    wait_ready(&dev).await;
+    ok(&dev, &["tenant", "add", "acme"], "");
+    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
+    ok(
+        &dev,
+        &["user", "add", "alice@acme.test", "--password-stdin"],
+        "pw\n",
+    );
+    let swaks = |from: &str, header_from: &str, body: &str| {
+        Command::new("swaks")
+            .args(["--server", &format!("127.0.0.1:{}", dev.smtp_port)])
+            .args(["--tls", "--ehlo", "client.example.org"])
+            .args(["--from", from, "--to", "alice@acme.test"])
+            .args(["--header", &format!("From: {header_from}")])
+            .args(["--body", body, "--timeout", "30"])
+            .output()
+            .expect("swaks (scripts/backends.sh installs it)")
+    };
+    let out = swaks("bob@example.org", "bob@example.org", "hello from swaks");
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{transcript}");
+    assert!(
+        transcript.contains("<~  250 2.0.0 Ok: queued as "),
+        "{transcript}"
+    );
+
+    // DMARC p=reject: the default policy refuses it, at the end of the data.
+    let out = swaks("bob@example.org", "ceo@forged.test", "forged, refused");
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{transcript}");
+    assert!(
+        transcript.contains("* 550 5.7.1 Rejected by the DMARC policy of forged.test"),
+        "{transcript}"
+    );
+
+    // The tenant asks for Junk instead: the next forgery is accepted there.
+    let said = ok(
+        &dev,
+        &["tenant", "policy", "acme", "--dmarc-reject", "junk"],
+        "",
+    );
+    assert!(said.contains("p=reject -> junk"), "{said}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&dev, &["--json", "tenant", "list"], "")).unwrap();
+    assert_eq!(listed[0]["inbound_policy"]["dmarc_reject"], "junk");
+    let out = swaks("bob@example.org", "ceo@forged.test", "forged, junked");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count(&dev, "alice@acme.test", "INBOX") < 1 || count(&dev, "alice@acme.test", "Junk") < 1
+    {
+        assert!(Instant::now() < deadline, "messages not delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&dev, "alice@acme.test", "INBOX"), 1);
+    assert_eq!(count(&dev, "alice@acme.test", "Junk"), 1);
+    let stored = stored_with(&dev, "hello from swaks");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let m = &stored[0];
+    assert!(
+        m.starts_with(
+            "Return-Path: <bob@example.org>\r\nDelivered-To: alice@acme.test\r\n\
+             Authentication-Results: localhost;\r\n\tdkim=none;\r\n\tspf=pass"
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains("\r\nReceived: from client.example.org (127.0.0.1)"),
+        "{m}"
+    );
+    let junked = stored_with(&dev, "forged, junked");
+    assert_eq!(junked.len(), 1);
+    assert!(junked[0].contains("dmarc=fail"), "{}", junked[0]);
 }

@@ -3,8 +3,11 @@
 //! message is durable in the queue (DESIGN invariant 1).
 //!
 //! It speaks SMTP with PIPELINING, 8BITMIME, SMTPUTF8, SIZE, ENHANCEDSTATUSCODES,
-//! CHUNKING, DSN and (with a certificate) STARTTLS. Not built yet: PROXY protocol,
-//! auth-check (SPF/DKIM/DMARC), rate limits.
+//! CHUNKING, DSN and (with a certificate) STARTTLS, PROXY protocol from trusted
+//! balancers, and rate limits shared through the cache. With auth-check configured,
+//! each message gets an `Authentication-Results` header and the recipient tenant's
+//! inbound policy (reject, Junk, tag) is applied to DMARC failures and block-listed
+//! clients.
 
 mod metrics;
 pub mod proxy;
@@ -14,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailmesh_auth::AuthCheck;
 use mailmesh_cache::Cache;
 use mailmesh_kit::Shutdown;
 use mailmesh_kit::config::{AdminConfig, ConfigError, ShutdownConfig, Validate};
@@ -22,6 +26,7 @@ use mailmesh_objstore::ObjectStoreConfig;
 use mailmesh_objstore::object_store::ObjectStore;
 use mailmesh_queue::{Queue, QueueConfig};
 use mailmesh_storage::client::Mailstore;
+use mailmesh_types::EmailAddress;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -63,6 +68,9 @@ pub struct IngressConfig {
     pub connections_per_ip_per_minute: u32,
     /// Messages one tenant may receive per minute, across all pods; 0 is no limit.
     pub messages_per_tenant_per_minute: u32,
+    /// Where `RCPT TO:<Postmaster>` (RFC 5321 4.5.1) delivers; it must be a local
+    /// address. Default `postmaster@<hostname>`.
+    pub postmaster: Option<String>,
 }
 
 impl Default for IngressConfig {
@@ -82,7 +90,20 @@ impl Default for IngressConfig {
             proxy: proxy::ProxyConfig::default(),
             connections_per_ip_per_minute: 120,
             messages_per_tenant_per_minute: 0,
+            postmaster: None,
         }
+    }
+}
+
+impl IngressConfig {
+    fn postmaster_address(&self) -> Result<EmailAddress, ConfigError> {
+        let address = match &self.postmaster {
+            Some(a) => a.clone(),
+            None => format!("postmaster@{}", self.hostname),
+        };
+        address
+            .parse()
+            .map_err(|e| ConfigError::invalid("smtp.postmaster", format!("{address:?}: {e}")))
     }
 }
 
@@ -117,6 +138,7 @@ impl Validate for IngressConfig {
         if self.hostname.is_empty() || self.hostname.chars().any(|c| c.is_whitespace()) {
             return Err(ConfigError::invalid("smtp.hostname", "must be a host name"));
         }
+        self.postmaster_address()?;
         Ok(())
     }
 }
@@ -138,6 +160,9 @@ pub struct ServiceConfig {
     pub object_store: ObjectStoreConfig,
     /// The storage service's gRPC endpoint (recipient lookups).
     pub storage_endpoint: String,
+    /// The auth-check service's gRPC endpoint. Without it no SPF/DKIM/DMARC checks
+    /// run, no Authentication-Results header is added and no policy applies.
+    pub auth_check_endpoint: Option<String>,
     #[serde(default)]
     pub smtp: IngressConfig,
     /// Certificate for STARTTLS (reloaded when renewed); no STARTTLS without it.
@@ -170,6 +195,8 @@ pub struct Ingress {
     pub(crate) queue: Arc<dyn Queue>,
     pub(crate) objects: Arc<dyn ObjectStore>,
     pub(crate) directory: Arc<dyn Mailstore>,
+    pub(crate) auth: Option<Arc<dyn AuthCheck>>,
+    pub(crate) postmaster: EmailAddress,
     pub(crate) config: IngressConfig,
 }
 
@@ -181,13 +208,19 @@ impl Ingress {
         config: IngressConfig,
         tls: Option<Arc<rustls::ServerConfig>>,
         cache: Arc<dyn Cache>,
+        auth: Option<Arc<dyn AuthCheck>>,
     ) -> Arc<Self> {
+        let postmaster = config
+            .postmaster_address()
+            .expect("a validated configuration");
         Arc::new(Self {
             tls: tls.map(tokio_rustls::TlsAcceptor::from),
             cache,
             queue,
             objects,
             directory,
+            auth,
+            postmaster,
             config,
         })
     }

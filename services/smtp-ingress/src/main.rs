@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use mailmesh_auth::grpc::GrpcAuthCheck;
 use mailmesh_ingress::{Ingress, ServiceConfig};
 use mailmesh_kit::service::Service;
 use mailmesh_kit::tls::ReloadingCertResolver;
@@ -35,7 +36,27 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let cache = mailmesh_cache::open(&config.cache)
         .await
         .context("connecting to the cache")?;
-    let ingress = Ingress::new(queue, objects, Arc::new(directory), config.smtp, tls, cache);
+    let auth = match &config.auth_check_endpoint {
+        Some(endpoint) => Some(Arc::new(GrpcAuthCheck::new(
+            endpoint,
+            config.smtp.max_message_bytes,
+        )?) as Arc<dyn mailmesh_auth::AuthCheck>),
+        None => {
+            tracing::warn!(
+                "no auth_check_endpoint: mail is accepted without SPF/DKIM/DMARC checks"
+            );
+            None
+        }
+    };
+    let ingress = Ingress::new(
+        queue,
+        objects,
+        Arc::new(directory),
+        config.smtp,
+        tls,
+        cache,
+        auth,
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+use mailmesh_auth::{ClientVerdict, DmarcPolicy, MessageFacts, MessageVerdict};
 use mailmesh_kit::Shutdown;
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{ObjectStoreExt, PutPayload};
@@ -16,12 +17,13 @@ use mailmesh_queue::OutgoingRecord;
 use mailmesh_storage::client::DeliveryError;
 use mailmesh_storage::directory::Lookup;
 use mailmesh_types::{
-    BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, EmailAddress, Envelope, QueueId, Recipient,
-    ReversePath, TenantId, rfc5322_date,
+    BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, EmailAddress, Envelope, InboundPolicy,
+    PolicyAction, QueueId, Recipient, ReversePath, TenantId, rfc5322_date,
 };
 use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, RequestReceiver};
 use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tracing::Instrument;
 
 use crate::Ingress;
 
@@ -82,6 +84,8 @@ struct Transaction {
     ret: Option<DsnRet>,
     envid: Option<String>,
     recipients: Vec<(Recipient, TenantId)>,
+    /// The inbound policy every recipient's tenant shares (one verdict, one reply).
+    inbound: Option<InboundPolicy>,
     /// BDAT chunks so far; `None` once the message grew past the limit.
     chunks: Option<Vec<u8>>,
     /// BDAT has been used: DATA is no longer allowed (RFC 3030).
@@ -97,6 +101,8 @@ pub struct Session<'a> {
     tls: bool,
     /// Bytes that arrived with a PROXY header, before the greeting.
     early: Vec<u8>,
+    /// auth-check's view of the client address, asked once per connection.
+    client_verdict: Option<ClientVerdict>,
 }
 
 /// What the loop does after a reply.
@@ -138,6 +144,7 @@ impl<'a> Session<'a> {
             errors: 0,
             tls: false,
             early: Vec::new(),
+            client_verdict: None,
         }
     }
 
@@ -537,6 +544,7 @@ impl<'a> Session<'a> {
             },
             envid: from.env_id,
             recipients: Vec::new(),
+            inbound: None,
             chunks: Some(Vec::new()),
             bdat: false,
         });
@@ -552,10 +560,15 @@ impl<'a> Session<'a> {
             crate::metrics::rejected("too_many_recipients");
             return Ok("452 4.5.3 Too many recipients\r\n".into());
         }
-        let address: EmailAddress = to
-            .address
-            .parse()
-            .map_err(|_| "501 5.1.3 Bad recipient address syntax\r\n".to_owned())?;
+        // RFC 5321 4.5.1: `RCPT TO:<Postmaster>` (no domain) must be accepted; the
+        // parser hands it over as an empty path, which is otherwise invalid here.
+        let address: EmailAddress = if to.address.is_empty() {
+            self.ingress.postmaster.clone()
+        } else {
+            to.address
+                .parse()
+                .map_err(|_| "501 5.1.3 Bad recipient address syntax\r\n".to_owned())?
+        };
         if address.is_utf8() && !tx.smtputf8 {
             return Err("553 5.6.7 Non-ASCII addresses need SMTPUTF8\r\n".into());
         }
@@ -584,8 +597,8 @@ impl<'a> Session<'a> {
         } else {
             DsnNotify::DEFAULT
         };
-        let tenant = match self.ingress.directory.lookup(&address).await {
-            Ok(Lookup::Deliver(resolution)) => resolution.tenant,
+        let resolution = match self.ingress.directory.lookup(&address).await {
+            Ok(Lookup::Deliver(resolution)) => resolution,
             Ok(Lookup::NotLocal) => {
                 crate::metrics::rejected("relay_denied");
                 return Err("550 5.7.1 Relaying denied\r\n".into());
@@ -598,6 +611,27 @@ impl<'a> Session<'a> {
                 return Ok("451 4.3.0 Temporary failure, try again later\r\n".into());
             }
         };
+        if tx.inbound.is_some_and(|p| p != resolution.inbound) {
+            // One DATA reply cannot both reject and accept: RFC 5321 3.3 lets the
+            // client send these recipients in a later transaction.
+            crate::metrics::rejected("policy_split");
+            return Ok(
+                "452 4.5.3 Recipients with another inbound policy need a separate transaction\r\n"
+                    .into(),
+            );
+        }
+        if resolution.inbound.block_listed == PolicyAction::Reject
+            && let Some(zone) = match self.block_listed().await {
+                Ok(zone) => zone,
+                Err(Unavailable) => return Ok(AUTH_UNAVAILABLE.into()),
+            }
+        {
+            crate::metrics::rejected("block_list");
+            return Err(format!(
+                "550 5.7.1 Client address {} is listed by {zone}\r\n",
+                self.peer.ip()
+            ));
+        }
         let recipient = Recipient {
             address,
             notify,
@@ -606,9 +640,30 @@ impl<'a> Session<'a> {
             orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
         };
         if let Some(tx) = self.tx.as_mut() {
-            tx.recipients.push((recipient, tenant));
+            tx.inbound = Some(resolution.inbound);
+            tx.recipients.push((recipient, resolution.tenant));
         }
         Ok("250 2.1.5 OK\r\n".into())
+    }
+
+    /// The block list naming the client, if any (asked once per connection).
+    async fn block_listed(&mut self) -> Result<Option<String>, Unavailable> {
+        let Some(auth) = &self.ingress.auth else {
+            return Ok(None);
+        };
+        if self.client_verdict.is_none() {
+            match auth.check_client(self.peer.ip()).await {
+                Ok(v) => self.client_verdict = Some(v),
+                Err(e) => {
+                    tracing::warn!(error = %e, "auth-check unavailable");
+                    return Err(Unavailable);
+                }
+            }
+        }
+        Ok(self
+            .client_verdict
+            .as_ref()
+            .and_then(|v| v.blocked_by().map(str::to_owned)))
     }
 
     fn ready_for_data(&mut self, bdat: bool) -> Result<(), String> {
@@ -714,6 +769,7 @@ impl<'a> Session<'a> {
         let message = normalize_line_ends(message);
         let started = Instant::now();
         let mut by_tenant: BTreeMap<TenantId, Vec<Recipient>> = BTreeMap::new();
+        let inbound = tx.inbound;
         for (recipient, tenant) in tx.recipients {
             by_tenant.entry(tenant).or_default().push(recipient);
         }
@@ -733,6 +789,37 @@ impl<'a> Session<'a> {
             carrier
         };
         let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let mut junk = false;
+        let mut authentication_results = None;
+        if let Some(auth) = &self.ingress.auth {
+            let facts = MessageFacts {
+                ip: self.peer.ip(),
+                helo: &helo,
+                mail_from: &tx.from.to_string(),
+                message: &message,
+            };
+            let verdict = match auth.check_message(facts).instrument(span.clone()).await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "auth-check unavailable");
+                    return AUTH_UNAVAILABLE.into();
+                }
+            };
+            let policy = inbound.unwrap_or_default();
+            match judge(&policy, &verdict) {
+                Some((PolicyAction::Reject, reason)) => {
+                    crate::metrics::rejected(reason.metric());
+                    return reason.reply(&verdict, self.peer.ip());
+                }
+                Some((PolicyAction::Junk, _)) => junk = true,
+                Some((PolicyAction::Tag, _)) | None => {}
+            }
+            authentication_results = Some(verdict.authentication_results);
+        }
+        let message = match &authentication_results {
+            Some(header) => strip_forged_results(message, &authserv_id(header)),
+            None => message,
+        };
         let received_at = SystemTime::now();
         for tenant in by_tenant.keys() {
             let limit = self.ingress.config.messages_per_tenant_per_minute;
@@ -769,7 +856,9 @@ impl<'a> Session<'a> {
                     .unwrap_or_default(),
                 date = rfc5322_date(received_at),
             );
-            let mut content = Vec::with_capacity(received.len() + message.len());
+            let header = authentication_results.as_deref().unwrap_or_default();
+            let mut content = Vec::with_capacity(header.len() + received.len() + message.len());
+            content.extend_from_slice(header.as_bytes());
             content.extend_from_slice(received.as_bytes());
             content.extend_from_slice(&message);
             let body = match self.body(&tenant, queue_id, content).await {
@@ -795,7 +884,8 @@ impl<'a> Session<'a> {
                     tls: self.tls,
                     authenticated_as: None,
                 }),
-                authentication_results: None,
+                authentication_results: authentication_results.as_deref().map(header_value),
+                junk,
                 trace_context: trace_context.clone(),
                 body,
             };
@@ -839,6 +929,133 @@ impl<'a> Session<'a> {
             .await?;
         Ok(BodyRef::Object { key, size })
     }
+}
+
+/// auth-check did not answer (logged where it happened).
+struct Unavailable;
+
+const AUTH_UNAVAILABLE: &str = "451 4.7.0 Temporary authentication failure, try again later\r\n";
+
+/// Why a tenant's policy acts on a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Dmarc,
+    BlockListed,
+}
+
+impl Failure {
+    fn metric(self) -> &'static str {
+        match self {
+            Self::Dmarc => "dmarc",
+            Self::BlockListed => "block_list",
+        }
+    }
+
+    fn reply(self, verdict: &MessageVerdict, ip: std::net::IpAddr) -> String {
+        match self {
+            Self::Dmarc => format!(
+                "550 5.7.1 Rejected by the DMARC policy of {}\r\n",
+                verdict.dmarc_domain
+            ),
+            Self::BlockListed => format!(
+                "550 5.7.1 Client address {ip} is listed by {}\r\n",
+                verdict.client.blocked_by().unwrap_or("a block list")
+            ),
+        }
+    }
+}
+
+/// The strongest action `policy` takes on what `verdict` found (reject over junk
+/// over tag), and why; `None` when nothing failed.
+fn judge(policy: &InboundPolicy, verdict: &MessageVerdict) -> Option<(PolicyAction, Failure)> {
+    let rank = |a: PolicyAction| match a {
+        PolicyAction::Tag => 0,
+        PolicyAction::Junk => 1,
+        PolicyAction::Reject => 2,
+    };
+    let dmarc = verdict.dmarc_failure().map(|p| {
+        let action = match p {
+            DmarcPolicy::Reject => policy.dmarc_reject,
+            DmarcPolicy::Quarantine => policy.dmarc_quarantine,
+            DmarcPolicy::None => PolicyAction::Tag,
+        };
+        (action, Failure::Dmarc)
+    });
+    let listed = verdict
+        .client
+        .blocked_by()
+        .map(|_| (policy.block_listed, Failure::BlockListed));
+    [dmarc, listed]
+        .into_iter()
+        .flatten()
+        .max_by_key(|(action, _)| rank(*action))
+}
+
+/// The `authserv-id` an `Authentication-Results` field names (before the first `;`).
+fn authserv_id(field: &str) -> String {
+    let value = header_value(field);
+    value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The value of a whole `Authentication-Results: ...\r\n` field, unfolded lines kept.
+fn header_value(field: &str) -> String {
+    field
+        .split_once(':')
+        .map_or(field, |(_, v)| v)
+        .trim()
+        .to_owned()
+}
+
+/// RFC 8601 §5: `Authentication-Results` fields that claim our own authserv-id
+/// arrived from outside, so they are forgeries (a sender vouching for itself);
+/// they are removed, every other header and the body stay byte for byte.
+pub fn strip_forged_results(message: Vec<u8>, authserv_id: &str) -> Vec<u8> {
+    let headers_end = find(&message, b"\r\n\r\n").map_or(message.len(), |i| i + 2);
+    let mut fields = Vec::new();
+    let mut start = 0;
+    while start < headers_end {
+        let mut end =
+            find(&message[start..headers_end], b"\r\n").map_or(headers_end, |i| start + i + 2);
+        // Continuation lines (leading WSP) belong to the same field.
+        while end < headers_end && matches!(message[end], b' ' | b'\t') {
+            end = find(&message[end..headers_end], b"\r\n").map_or(headers_end, |i| end + i + 2);
+        }
+        fields.push(start..end);
+        start = end;
+    }
+    let forged = |field: &[u8]| {
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        let (name, value) = field.split_at(colon);
+        name.trim_ascii()
+            .eq_ignore_ascii_case(b"authentication-results")
+            && String::from_utf8_lossy(&value[1..])
+                .trim_start()
+                .split(|c: char| c == ';' || c.is_whitespace())
+                .next()
+                .is_some_and(|id| id.eq_ignore_ascii_case(authserv_id))
+    };
+    if !fields.iter().any(|r| forged(&message[r.clone()])) {
+        return message;
+    }
+    let mut out = Vec::with_capacity(message.len());
+    for range in fields {
+        if !forged(&message[range.clone()]) {
+            out.extend_from_slice(&message[range]);
+        }
+    }
+    out.extend_from_slice(&message[headers_end..]);
+    out
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Bare LF and bare CR become CRLF, so no later hop can read a line end (or the

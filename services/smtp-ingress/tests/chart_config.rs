@@ -20,6 +20,10 @@ fn the_rendered_ingress_config_loads() {
     assert_eq!(config.listen.port(), 2525);
     assert_eq!(config.smtp.hostname, "mx.example.com");
     assert_eq!(config.smtp.max_message_bytes, 26_214_400);
+    assert_eq!(
+        config.auth_check_endpoint.as_deref(),
+        Some("http://mailmesh-auth-check:7002")
+    );
     assert!(config.smtp.proxy.trusts("10.1.2.3".parse().unwrap()));
     assert!(rendered_sets_env("MAILMESH_CACHE__REDIS__URL"));
     assert!(matches!(

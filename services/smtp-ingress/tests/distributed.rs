@@ -1,6 +1,9 @@
-//! The inbound path as deployed: `storage`, `delivery-worker` and `smtp-ingress` as
-//! separate processes on real Kafka, S3 and Redis (`MMTEST_*`). Python's smtplib sends over
-//! STARTTLS; the message ends up in the user's INBOX with its trace headers.
+//! The inbound path as deployed: `storage`, `auth-check`, `delivery-worker` and
+//! `smtp-ingress` as separate processes on real Kafka, S3 and Redis (`MMTEST_*`), with
+//! a real DNS server (dnsmasq) publishing SPF and DMARC records. Python's smtplib
+//! sends over STARTTLS; the message ends up in the user's INBOX with its trace and
+//! Authentication-Results headers; a DMARC p=reject forgery is refused and a
+//! p=quarantine one is filed in Junk.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -111,7 +114,15 @@ async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
 async fn smtp_to_inbox_through_three_processes() {
     let run = format!("e2e{}", uuid_like());
     let grpc = free_port();
+    let auth_grpc = free_port();
     let smtp = free_port();
+    let dns = mailmesh_testkit::dns::DnsServer::start(&[
+        r#"txt-record=example.org,"v=spf1 ip4:127.0.0.1 -all""#.into(),
+        r#"txt-record=_dmarc.example.org,"v=DMARC1; p=reject""#.into(),
+        r#"txt-record=_dmarc.quarantine.test,"v=DMARC1; p=quarantine""#.into(),
+        "ptr-record=1.0.0.127.in-addr.arpa,client.example.org".into(),
+        "host-record=client.example.org,127.0.0.1".into(),
+    ]);
     let endpoint = format!("http://127.0.0.1:{grpc}");
     let topic = format!("{run}.mail");
 
@@ -128,11 +139,25 @@ async fn smtp_to_inbox_through_three_processes() {
     env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
     let storage = spawn("storage", &env);
 
+    // auth-check keeps no state: it is only told where DNS is.
+    let mut env: Vec<_> = backends(&run)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("MAILMESH_QUEUE") && !k.starts_with("MAILMESH_OBJECT"))
+        .collect();
+    env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{auth_grpc}")));
+    env.push(("MAILMESH_AUTH__AUTHSERV_ID", "mx.acme.test".into()));
+    env.push(("MAILMESH_AUTH__DNS__SERVERS", format!("[\"{}\"]", dns.addr)));
+    let auth = spawn("auth-check", &env);
+
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir.path(), &["localhost"]).unwrap();
     let mut env = backends(&run);
     env.push(("MAILMESH_LISTEN", format!("127.0.0.1:{smtp}")));
     env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
+    env.push((
+        "MAILMESH_AUTH_CHECK_ENDPOINT",
+        format!("http://127.0.0.1:{auth_grpc}"),
+    ));
     env.push(("MAILMESH_SMTP__TOPIC", topic.clone()));
     env.push(("MAILMESH_SMTP__HOSTNAME", "mx.acme.test".into()));
     env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
@@ -148,7 +173,7 @@ async fn smtp_to_inbox_through_three_processes() {
     env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
     env.push(("MAILMESH_WORKER__HOSTNAME", "mx.acme.test".into()));
     let worker = spawn("delivery-worker", &env);
-    let logs = [&storage, &ingress, &worker];
+    let logs = [&storage, &auth, &ingress, &worker];
 
     let channel = wait_for("storage listening", &logs, || {
         let endpoint = endpoint.clone();
@@ -183,6 +208,10 @@ async fn smtp_to_inbox_through_three_processes() {
         .user
         .unwrap();
 
+    wait_for("auth-check listening", &logs, || async {
+        std::net::TcpStream::connect(("127.0.0.1", auth_grpc)).ok()
+    })
+    .await;
     wait_for("smtp-ingress listening", &logs, || async {
         std::net::TcpStream::connect(("127.0.0.1", smtp)).ok()
     })
@@ -196,6 +225,14 @@ s.starttls(context=ssl._create_unverified_context())
 s.ehlo('client.example.org')
 s.sendmail('bob@example.org', ['alice@acme.test'],
     b'Subject: distributed\r\nFrom: bob@example.org\r\n\r\nthrough three processes\r\n')
+try:
+    s.sendmail('mallory@elsewhere.test', ['alice@acme.test'],
+        b'Subject: forged\r\nFrom: bob@example.org\r\n\r\npay me\r\n')
+    print('forgery accepted')
+except smtplib.SMTPDataError as e:
+    print('refused', e.smtp_code, e.smtp_error.decode())
+s.sendmail('news@quarantine.test', ['alice@acme.test'],
+    b'Subject: offer\r\nFrom: news@quarantine.test\r\n\r\nbuy\r\n')
 s.quit()
 print('sent')
 "#
@@ -206,7 +243,7 @@ print('sent')
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "sent\n",
+        "refused 550 5.7.1 Rejected by the DMARC policy of example.org\nsent\n",
         "smtplib: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         ingress.log()
@@ -231,7 +268,7 @@ print('sent')
     assert_eq!(status.uid_next, 2);
     let mut stream = mailboxes
         .fetch(v1::FetchRequest {
-            user: Some(alice),
+            user: Some(alice.clone()),
             mailbox: "INBOX".into(),
             uid: 1,
             start: 0,
@@ -245,6 +282,23 @@ print('sent')
         message.extend(chunk.unwrap().data);
     }
     let message = String::from_utf8(message).unwrap();
+    let junk = wait_for("the quarantined message in Junk", &logs, || {
+        let mut mailboxes = mailboxes.clone();
+        let alice = alice.clone();
+        async move {
+            let s = mailboxes
+                .status(v1::MailboxRequest {
+                    user: Some(alice),
+                    mailbox: "Junk".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (s.messages == 1).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(junk.messages, 1);
     // The connection was counted in Redis (the per-IP limit is cluster-wide).
     let counted = Command::new("redis-cli")
         .args([
@@ -260,7 +314,20 @@ print('sent')
         .parse()
         .unwrap_or(0);
     assert!(counted >= 1, "no connection counted in Redis");
-    assert!(message.starts_with("Return-Path: <bob@example.org>\r\nDelivered-To: alice@acme.test\r\nReceived: from client.example.org (127.0.0.1)\r\n\tby mx.acme.test (mailmesh) with ESMTPS id "), "{message}");
+    assert!(
+        message.starts_with(
+            "Return-Path: <bob@example.org>\r\nDelivered-To: alice@acme.test\r\n\
+             Authentication-Results: mx.acme.test;\r\n\tdkim=none;\r\n\tspf=pass"
+        ),
+        "{message}"
+    );
+    for expected in [
+        "iprev=pass policy.iprev=127.0.0.1",
+        "dmarc=pass",
+        "\r\nReceived: from client.example.org (127.0.0.1)\r\n\tby mx.acme.test (mailmesh) with ESMTPS id ",
+    ] {
+        assert!(message.contains(expected), "{expected} missing: {message}");
+    }
     assert!(
         message.ends_with(
             "Subject: distributed\r\nFrom: bob@example.org\r\n\r\nthrough three processes\r\n"

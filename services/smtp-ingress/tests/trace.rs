@@ -1,6 +1,8 @@
-//! One trace per message: the span that accepts a message at the front door and the
-//! span that delivers it share a trace, carried in the queue record. Checked with an
-//! in-process OTLP collector. Its own test binary: telemetry is process-global.
+//! One trace per message: the span that accepts a message at the front door, the
+//! auth-check span it causes over gRPC, the worker's span that delivers it and the
+//! storage span that stores it share one trace, carried in gRPC metadata and the
+//! queue record. Checked with an in-process OTLP
+//! collector. Its own test binary: telemetry is process-global.
 
 mod common;
 
@@ -34,6 +36,25 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
         platform.objects.clone(),
         platform.engine.clone(),
     );
+    // auth-check as its own gRPC server, asking a DNS server that knows nothing.
+    let dns = mailmesh_testkit::dns::DnsServer::start(&[]);
+    let checker = mailmesh_auth::Checker::new(mailmesh_auth::AuthConfig {
+        dns: mailmesh_auth::DnsConfig {
+            servers: vec![dns.addr],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let auth_endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let auth_shutdown = Shutdown::new();
+    tokio::spawn(mailmesh_auth::grpc::serve(
+        Arc::new(checker),
+        listener,
+        auth_shutdown.clone(),
+    ));
+    let auth = mailmesh_auth::grpc::GrpcAuthCheck::new(&auth_endpoint, 1 << 20).unwrap();
     let ingress = Ingress::new(
         queue.clone(),
         objects.clone(),
@@ -41,12 +62,21 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
         IngressConfig::default(),
         None,
         Arc::new(mailmesh_cache::memory::MemoryCache::new()),
+        Some(Arc::new(auth)),
     );
     let shutdown = Shutdown::new();
+    // The worker reaches storage over gRPC, as in a cluster.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let storage_endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(mailmesh_storage::server::serve_grpc(
+        engine.clone(),
+        listener,
+        auth_shutdown.clone(),
+    ));
     let worker = Worker::new(
         queue.clone(),
         objects.clone(),
-        Arc::new(engine.clone()),
+        Arc::new(mailmesh_storage::client::GrpcMailstore::new(&storage_endpoint, 1 << 20).unwrap()),
         WorkerConfig::default(),
     );
     tokio::spawn(worker.run(shutdown.clone()));
@@ -98,7 +128,7 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
         tokio::task::spawn_blocking(move || drop(guard))
             .await
             .unwrap();
-        found.extend(collector.exported_spans(2, Duration::from_secs(20)).await);
+        found.extend(collector.exported_spans(4, Duration::from_secs(20)).await);
         found
     };
     let accept = spans
@@ -114,4 +144,19 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
         "one trace from SMTP to the mailbox"
     );
     assert_eq!(deliver.parent_span_id, accept.span_id);
+    let check = spans
+        .iter()
+        .find(|s| s.name == "auth.check_message")
+        .expect("auth-check's span");
+    assert_eq!(
+        check.trace_id, accept.trace_id,
+        "auth-check joins the trace"
+    );
+    assert_eq!(check.parent_span_id, accept.span_id);
+    let store = spans
+        .iter()
+        .find(|s| s.name == "storage.deliver")
+        .expect("storage's span");
+    assert_eq!(store.trace_id, accept.trace_id, "storage joins the trace");
+    assert_eq!(store.parent_span_id, deliver.span_id);
 }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailmesh_auth::{AuthCheck, AuthConfig, Checker, DnsConfig};
 use mailmesh_delivery::worker::{Worker, WorkerConfig};
 use mailmesh_ingress::{Ingress, IngressConfig};
 use mailmesh_kit::{Secret, Shutdown};
@@ -15,7 +16,8 @@ use mailmesh_proto::decode_envelope;
 use mailmesh_queue::Queue;
 use mailmesh_storage::engine::StorageEngine;
 use mailmesh_storage::index::INBOX;
-use mailmesh_types::{BodyRef, Envelope, EnvelopeLimits};
+use mailmesh_testkit::dns::DnsServer;
+use mailmesh_types::{BodyRef, Envelope, EnvelopeLimits, InboundPolicy, PolicyAction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 struct Server {
@@ -31,6 +33,14 @@ async fn server(config: IngressConfig) -> Server {
 }
 
 async fn server_with_tls(config: IngressConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Server {
+    server_with(config, tls, None).await
+}
+
+async fn server_with(
+    config: IngressConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    auth: Option<Arc<dyn AuthCheck>>,
+) -> Server {
     let common::Platform {
         queue,
         objects,
@@ -48,6 +58,7 @@ async fn server_with_tls(config: IngressConfig, tls: Option<Arc<rustls::ServerCo
         },
         tls,
         Arc::new(mailmesh_cache::memory::MemoryCache::new()),
+        auth,
     );
     Server {
         ingress,
@@ -721,4 +732,189 @@ async fn rate_limits() {
     let mut third = open(&s, "198.51.100.77:1002", &Shutdown::new());
     third.expect("421 4.7.0 Too many connections").await;
     s.queued(1).await;
+}
+
+/// auth-check in this process, asking a real DNS server that publishes: SPF for
+/// example.org allowing 192.0.2.7 only, DMARC p=reject for forged.test and
+/// p=quarantine for quarantine.test, and a block list bl.test listing 192.0.2.66.
+fn checker() -> (DnsServer, Arc<dyn AuthCheck>) {
+    let dns = DnsServer::start(&[
+        r#"txt-record=example.org,"v=spf1 ip4:192.0.2.7 -all""#.into(),
+        r#"txt-record=forged.test,"v=spf1 -all""#.into(),
+        r#"txt-record=_dmarc.forged.test,"v=DMARC1; p=reject""#.into(),
+        r#"txt-record=_dmarc.quarantine.test,"v=DMARC1; p=quarantine""#.into(),
+        "host-record=66.2.0.192.bl.test,127.0.0.2".into(),
+    ]);
+    let checker = Checker::new(AuthConfig {
+        authserv_id: "mx.acme.test".into(),
+        dns: DnsConfig {
+            servers: vec![dns.addr],
+            ..DnsConfig::default()
+        },
+        block_lists: vec!["bl.test".into()],
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    (dns, Arc::new(checker))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_results_and_the_tenants_inbound_policy() {
+    let (_dns, auth) = checker();
+    let s = server_with(IngressConfig::default(), None, Some(auth)).await;
+
+    // Passing SPF: queued with our header on top; a header forged under our
+    // authserv-id is removed, another site's is kept.
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.message(
+        "Authentication-Results: MX.ACME.TEST; dkim=pass header.d=example.org\r\n\
+         Authentication-Results: other.example;\r\n spf=pass\r\n\
+         From: Bob <bob@example.org>\r\nSubject: hi\r\n\r\nbody\r\n.\r\n",
+    )
+    .await;
+    // DMARC p=reject: refused after the data, nothing queued.
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("From: ceo@forged.test\r\nSubject: wire money\r\n\r\nnow\r\n.\r\n")
+        .await;
+    c.expect("550 5.7.1 Rejected by the DMARC policy of forged.test")
+        .await;
+    // DMARC p=quarantine: accepted and filed as junk.
+    c.message("From: news@quarantine.test\r\nSubject: offer\r\n\r\nbuy\r\n.\r\n")
+        .await;
+    c.cmd("QUIT", "221").await;
+
+    let queued = s.queued(2).await;
+    let ok = queued.iter().find(|e| !e.junk).expect("one for INBOX");
+    let junk = queued.iter().find(|e| e.junk).expect("one for Junk");
+    assert!(body(&s, junk).await.contains("From: news@quarantine.test"));
+    let text = body(&s, ok).await;
+    assert!(
+        text.starts_with("Authentication-Results: mx.acme.test;\r\n\tdkim=none;\r\n\tspf=pass"),
+        "{text}"
+    );
+    assert!(!text.contains("dkim=pass header.d=example.org"), "{text}");
+    assert!(text.contains("Authentication-Results: other.example;\r\n spf=pass\r\nFrom: Bob"));
+    let value = ok.authentication_results.as_deref().unwrap();
+    assert!(
+        value.starts_with("mx.acme.test;") && value.contains("spf=pass"),
+        "{value}"
+    );
+
+    // A listed client is refused per recipient, at RCPT.
+    let shutdown = Shutdown::new();
+    let mut c = open(&s, "192.0.2.66:40000", &shutdown);
+    c.expect("220").await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd(
+        "RCPT TO:<alice@acme.test>",
+        "550 5.7.1 Client address 192.0.2.66 is listed by bl.test",
+    )
+    .await;
+    c.cmd("QUIT", "221").await;
+
+    // A tenant that only tags: the same client gets through, to INBOX.
+    s.engine
+        .set_inbound_policy(
+            "acme".parse().unwrap(),
+            InboundPolicy {
+                block_listed: PolicyAction::Tag,
+                ..InboundPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut c = open(&s, "192.0.2.66:40001", &shutdown);
+    c.expect("220").await;
+    c.hello().await;
+    c.message("From: bob@example.org\r\n\r\nlisted but tagged\r\n.\r\n")
+        .await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(3).await;
+    let mut tagged = Vec::new();
+    for e in &queued {
+        let text = body(&s, e).await;
+        if text.contains("listed but tagged") {
+            assert!(!e.junk);
+            tagged.push(text);
+        }
+    }
+    assert_eq!(tagged.len(), 1);
+    assert!(tagged[0].contains("spf=fail"), "{}", tagged[0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_policy_per_transaction_and_auth_check_outages_defer() {
+    // auth-check that never answers: mail is deferred, never accepted unchecked.
+    let port = mailmesh_testkit::free_port();
+    let gone =
+        mailmesh_auth::grpc::GrpcAuthCheck::new(&format!("http://127.0.0.1:{port}"), 1 << 20)
+            .unwrap();
+    let s = server_with(IngressConfig::default(), None, Some(Arc::new(gone))).await;
+    s.engine
+        .add_tenant("beta".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    s.engine
+        .add_domain("beta".parse().unwrap(), "beta.test".parse().unwrap())
+        .await
+        .unwrap();
+    s.engine
+        .add_user(
+            "carol@beta.test".parse().unwrap(),
+            Secret::new("pw".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    s.engine
+        .set_inbound_policy(
+            "beta".parse().unwrap(),
+            InboundPolicy {
+                dmarc_reject: PolicyAction::Tag,
+                block_listed: PolicyAction::Tag,
+                ..InboundPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    // acme rejects block-listed clients, so the client check runs: it is down.
+    c.cmd("RCPT TO:<alice@acme.test>", "451 4.7.0").await;
+    // beta only tags: accepted without asking.
+    c.cmd("RCPT TO:<carol@beta.test>", "250").await;
+    // acme's policy differs from beta's: not in this transaction.
+    c.cmd("RCPT TO:<alice@acme.test>", "452 4.5.3").await;
+    c.cmd("DATA", "354").await;
+    c.send("From: bob@example.org\r\n\r\nx\r\n.\r\n").await;
+    c.expect("451 4.7.0 Temporary authentication failure").await;
+    c.cmd("QUIT", "221").await;
+    s.queued(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postmaster_without_a_domain_is_accepted() {
+    let s = server(IngressConfig {
+        postmaster: Some("alice@acme.test".into()),
+        ..IngressConfig::default()
+    })
+    .await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<Postmaster>", "250 2.1.5").await;
+    c.cmd("RCPT TO:<>", "250 2.1.5").await;
+    c.cmd("DATA", "354").await;
+    c.send("Subject: abuse report\r\n\r\nx\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    let queued = s.queued(1).await;
+    assert_eq!(
+        queued[0].recipients[0].address.to_string(),
+        "alice@acme.test"
+    );
 }

@@ -175,6 +175,7 @@ impl Mailstore for GrpcMailstore {
                     .map(|u| user_ref(u).map(|u| (u.tenant, u.user)))
                     .collect::<Result<_, _>>()?,
                 remote: r.remote.iter().filter_map(|a| a.parse().ok()).collect(),
+                inbound: r.inbound_policy.unwrap_or_default().into(),
             })),
             _ => Err(DeliveryError::temporary(
                 "storage answered an unknown lookup result",
@@ -185,7 +186,7 @@ impl Mailstore for GrpcMailstore {
     async fn deliver(&self, user: &UserRef, d: Delivery<'_>) -> Result<(), DeliveryError> {
         self.mailboxes
             .clone()
-            .deliver(v1::DeliverRequest {
+            .deliver(mailmesh_kit::grpc::traced(v1::DeliverRequest {
                 user: Some(v1::UserRef {
                     tenant: user.tenant.to_string(),
                     user_id: user.user.to_string(),
@@ -196,7 +197,7 @@ impl Mailstore for GrpcMailstore {
                 message: d.message.to_vec(),
                 delivery_key: d.key.to_owned(),
                 internal_date_ms: d.internal_date_ms,
-            })
+            }))
             .await?;
         Ok(())
     }

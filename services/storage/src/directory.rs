@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use mailmesh_types::{Domain, EmailAddress, TenantId};
+use mailmesh_types::{Domain, EmailAddress, InboundPolicy, TenantId};
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, StorageError};
@@ -42,6 +42,9 @@ pub struct TenantLimits {
 pub struct Tenant {
     pub id: TenantId,
     pub limits: TenantLimits,
+    /// Absent from snapshots written before policies existed.
+    #[serde(default)]
+    pub inbound: InboundPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +77,10 @@ pub enum DirectoryCommand {
     SetTenantLimits {
         tenant: TenantId,
         limits: TenantLimits,
+    },
+    SetInboundPolicy {
+        tenant: TenantId,
+        policy: InboundPolicy,
     },
     RemoveTenant {
         tenant: TenantId,
@@ -152,6 +159,8 @@ const MAX_EXPANSION: usize = 1000;
 pub struct Resolution {
     /// The tenant that owns the address's domain (queue records carry it).
     pub tenant: TenantId,
+    /// That tenant's inbound policy.
+    pub inbound: InboundPolicy,
     /// Local mailboxes, each once.
     pub users: Vec<(TenantId, UserId)>,
     /// Addresses outside every local domain (aliases may forward there).
@@ -314,8 +323,14 @@ impl Directory {
                 if self.tenants.contains_key(&tenant) {
                     return Err(StorageError::AlreadyExists(format!("tenant {tenant}")));
                 }
-                self.tenants
-                    .insert(tenant.clone(), Tenant { id: tenant, limits });
+                self.tenants.insert(
+                    tenant.clone(),
+                    Tenant {
+                        id: tenant,
+                        limits,
+                        inbound: InboundPolicy::default(),
+                    },
+                );
             }
             C::SetTenantLimits { tenant, limits } => {
                 let t = self
@@ -323,6 +338,13 @@ impl Directory {
                     .get_mut(&tenant)
                     .ok_or_else(|| StorageError::NotFound(format!("tenant {tenant}")))?;
                 t.limits = limits;
+            }
+            C::SetInboundPolicy { tenant, policy } => {
+                let t = self
+                    .tenants
+                    .get_mut(&tenant)
+                    .ok_or_else(|| StorageError::NotFound(format!("tenant {tenant}")))?;
+                t.inbound = policy;
             }
             C::RemoveTenant { tenant } => {
                 if !self.tenants.contains_key(&tenant) {
@@ -481,6 +503,11 @@ impl Directory {
         };
         let mut resolution = Resolution {
             tenant: owner.clone(),
+            inbound: self
+                .tenants
+                .get(owner)
+                .map(|t| t.inbound)
+                .unwrap_or_default(),
             users: Vec::new(),
             remote: Vec::new(),
         };
@@ -673,6 +700,7 @@ mod tests {
         let id = add_user(&mut dir, "Alice@acme.test");
         let expected = Lookup::Deliver(Resolution {
             tenant: t("acme"),
+            inbound: InboundPolicy::default(),
             users: vec![(t("acme"), id)],
             remote: vec![],
         });
@@ -729,6 +757,7 @@ mod tests {
             dir.lookup(&a("team@acme.test")),
             Lookup::Deliver(Resolution {
                 tenant: t("acme"),
+                inbound: InboundPolicy::default(),
                 users: vec![(t("acme"), alice), (t("acme"), bob)],
                 remote: vec![a("ext@remote.test")],
             })
@@ -737,6 +766,7 @@ mod tests {
             dir.lookup(&a("loop2@acme.test")),
             Lookup::Deliver(Resolution {
                 tenant: t("acme"),
+                inbound: InboundPolicy::default(),
                 users: vec![(t("acme"), alice)],
                 remote: vec![],
             })
@@ -757,6 +787,7 @@ mod tests {
             dir.lookup(&a("random@acme.test")),
             Lookup::Deliver(Resolution {
                 tenant: t("acme"),
+                inbound: InboundPolicy::default(),
                 users: vec![(t("acme"), postmaster)],
                 remote: vec![],
             })
@@ -793,6 +824,45 @@ mod tests {
             .unwrap();
         assert!(dir.tenant(&t("acme")).is_none());
         assert_eq!(dir.lookup(&a("alice@acme.test")), Lookup::NotLocal);
+    }
+
+    #[test]
+    fn a_tenants_inbound_policy_travels_with_its_lookups() {
+        use mailmesh_types::PolicyAction;
+        let mut dir = two_tenants();
+        add_user(&mut dir, "alice@acme.test");
+        let policy = InboundPolicy {
+            dmarc_reject: PolicyAction::Junk,
+            dmarc_quarantine: PolicyAction::Tag,
+            block_listed: PolicyAction::Tag,
+        };
+        dir.apply(DirectoryCommand::SetInboundPolicy {
+            tenant: t("acme"),
+            policy,
+        })
+        .unwrap();
+        let Lookup::Deliver(found) = dir.lookup(&a("alice@acme.test")) else {
+            panic!("alice is local");
+        };
+        assert_eq!(found.inbound, policy);
+        assert!(matches!(
+            dir.apply(DirectoryCommand::SetInboundPolicy {
+                tenant: t("nobody"),
+                policy,
+            }),
+            Err(StorageError::NotFound(_))
+        ));
+        // Snapshots written before policies existed load with the default.
+        let mut json = serde_json::to_value(&dir).unwrap();
+        for tenant in json["tenants"].as_array_mut().unwrap() {
+            let removed = tenant.as_object_mut().unwrap().remove("inbound");
+            assert!(removed.is_some(), "the policy is in the snapshot");
+        }
+        let old: Directory = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            old.tenant(&t("acme")).unwrap().inbound,
+            InboundPolicy::default()
+        );
     }
 
     #[test]

@@ -333,6 +333,16 @@ impl StorageEngine {
             .map(drop)
     }
 
+    pub async fn set_inbound_policy(
+        &self,
+        tenant: TenantId,
+        policy: mailmesh_types::InboundPolicy,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::SetInboundPolicy { tenant, policy })
+            .await
+            .map(drop)
+    }
+
     pub async fn remove_tenant(&self, tenant: TenantId) -> Result<(), EngineError> {
         self.change_directory(DirectoryCommand::RemoveTenant { tenant })
             .await

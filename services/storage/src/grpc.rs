@@ -14,6 +14,7 @@ use mailmesh_proto::v1::directory_server::{Directory as DirectoryApi, DirectoryS
 use mailmesh_proto::v1::mailboxes_server::{Mailboxes as MailboxesApi, MailboxesServer};
 use mailmesh_types::{Domain, EmailAddress, ReversePath, TenantId};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::directory::{Lookup, TenantLimits, User, UserId};
 use crate::engine::{Delivery, StorageEngine, UserRef};
@@ -217,6 +218,20 @@ impl DirectoryApi for StorageService {
         Ok(Response::new(v1::Empty {}))
     }
 
+    async fn set_inbound_policy(
+        &self,
+        r: Request<v1::SetInboundPolicyRequest>,
+    ) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .set_inbound_policy(
+                parse("tenant", &r.tenant)?,
+                r.policy.unwrap_or_default().into(),
+            )
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
     async fn remove_tenant(&self, r: Request<v1::TenantRequest>) -> Reply<v1::Empty> {
         self.engine
             .remove_tenant(parse("tenant", &r.into_inner().tenant)?)
@@ -233,6 +248,7 @@ impl DirectoryApi for StorageService {
                     limits: Some(proto_limits(&t.limits)),
                     domains: d.domains_of(&t.id).map(ToString::to_string).collect(),
                     users: d.users_of(&t.id).count() as u32,
+                    inbound_policy: Some(t.inbound.into()),
                 })
                 .collect()
         })?;
@@ -405,6 +421,7 @@ impl DirectoryApi for StorageService {
                     })
                     .collect(),
                 remote: res.remote.iter().map(ToString::to_string).collect(),
+                inbound_policy: Some(res.inbound.into()),
             },
         };
         Ok(Response::new(response))
@@ -440,6 +457,43 @@ impl DirectoryApi for StorageService {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl StorageService {
+    async fn deliver_traced(&self, r: v1::DeliverRequest) -> Reply<v1::AppendResponse> {
+        let user = user_ref(r.user)?;
+        let return_path: ReversePath = parse("return_path", &r.return_path)?;
+        let delivered_to: EmailAddress = parse("delivered_to", &r.delivered_to)?;
+        if r.delivery_key.is_empty() || r.delivery_key.len() > 512 {
+            return Err(Status::invalid_argument("delivery_key: 1 to 512 bytes"));
+        }
+        let mailbox = if r.mailbox.is_empty() {
+            INBOX
+        } else {
+            &r.mailbox
+        };
+        let appended = self
+            .engine
+            .deliver(
+                &user,
+                Delivery {
+                    mailbox,
+                    return_path: &return_path,
+                    delivered_to: &delivered_to,
+                    message: &r.message,
+                    key: &r.delivery_key,
+                    internal_date_ms: if r.internal_date_ms == 0 {
+                        now_ms()
+                    } else {
+                        r.internal_date_ms
+                    },
+                },
+            )
+            .await?;
+        Ok(Response::new(v1::AppendResponse {
+            uid_validity: appended.uidvalidity,
+            uid: appended.uid,
+            duplicate: appended.duplicate,
+        }))
+    }
+
     async fn mailbox_view<R>(
         &self,
         user: &UserRef,
@@ -548,41 +602,10 @@ impl MailboxesApi for StorageService {
     }
 
     async fn deliver(&self, r: Request<v1::DeliverRequest>) -> Reply<v1::AppendResponse> {
-        let r = r.into_inner();
-        let user = user_ref(r.user)?;
-        let return_path: ReversePath = parse("return_path", &r.return_path)?;
-        let delivered_to: EmailAddress = parse("delivered_to", &r.delivered_to)?;
-        if r.delivery_key.is_empty() || r.delivery_key.len() > 512 {
-            return Err(Status::invalid_argument("delivery_key: 1 to 512 bytes"));
-        }
-        let mailbox = if r.mailbox.is_empty() {
-            INBOX
-        } else {
-            &r.mailbox
-        };
-        let appended = self
-            .engine
-            .deliver(
-                &user,
-                Delivery {
-                    mailbox,
-                    return_path: &return_path,
-                    delivered_to: &delivered_to,
-                    message: &r.message,
-                    key: &r.delivery_key,
-                    internal_date_ms: if r.internal_date_ms == 0 {
-                        now_ms()
-                    } else {
-                        r.internal_date_ms
-                    },
-                },
-            )
-            .await?;
-        Ok(Response::new(v1::AppendResponse {
-            uid_validity: appended.uidvalidity,
-            uid: appended.uid,
-            duplicate: appended.duplicate,
-        }))
+        // The message's trace continues here from the delivery worker.
+        let span = tracing::info_span!("storage.deliver");
+        mailmesh_kit::grpc::follow(&r, &span);
+        self.deliver_traced(r.into_inner()).instrument(span).await
     }
 
     async fn append(&self, r: Request<v1::AppendRequest>) -> Reply<v1::AppendResponse> {

@@ -48,6 +48,8 @@ impl SpecialUse {
 }
 
 pub const INBOX: &str = "INBOX";
+/// The default Junk mailbox (`\\Junk`), where a tenant's policy may file mail.
+pub const JUNK: &str = "Junk";
 /// The hierarchy delimiter of mailbox names.
 pub const DELIMITER: char = '/';
 
@@ -56,7 +58,7 @@ const DEFAULT_MAILBOXES: [(&str, Option<SpecialUse>); 6] = [
     ("Sent", Some(SpecialUse::Sent)),
     ("Drafts", Some(SpecialUse::Drafts)),
     ("Trash", Some(SpecialUse::Trash)),
-    ("Junk", Some(SpecialUse::Junk)),
+    (JUNK, Some(SpecialUse::Junk)),
     ("Archive", Some(SpecialUse::Archive)),
 ];
 
@@ -1038,7 +1040,7 @@ mod tests {
                 ("Sent", Some(SpecialUse::Sent)),
                 ("Drafts", Some(SpecialUse::Drafts)),
                 ("Trash", Some(SpecialUse::Trash)),
-                ("Junk", Some(SpecialUse::Junk)),
+                (JUNK, Some(SpecialUse::Junk)),
                 ("Archive", Some(SpecialUse::Archive)),
             ]
         );

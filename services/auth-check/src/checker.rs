@@ -1,0 +1,354 @@
+//! The checks themselves, run in this process.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::common::resolver::ToReverseName;
+use mail_auth::dmarc::Policy;
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, DnsError, Error,
+    IprevResult, MessageAuthenticator, SpfResult,
+};
+use mailmesh_kit::config::{ConfigError, Validate};
+use serde::Deserialize;
+
+use crate::verdict::{AuthResult, ClientVerdict, DmarcPolicy, MessageVerdict};
+use crate::{AuthCheck, MessageFacts, Unavailable};
+
+/// How auth-check judges; every limit has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The `authserv-id` of Authentication-Results (RFC 8601 §2.5) and the SPF `r`
+    /// macro: this site's mail host name. Headers claiming it on incoming mail are
+    /// the front door's to remove.
+    pub authserv_id: String,
+    pub dns: DnsConfig,
+    /// DNS block-list zones queried for the client address (e.g. `zen.spamhaus.org`).
+    pub block_lists: Vec<String>,
+    /// DNS allow-list zones; a listed address is never treated as blocked.
+    pub allow_lists: Vec<String>,
+    /// Largest message accepted for checking (gRPC message limit).
+    pub max_message_bytes: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            authserv_id: "localhost".into(),
+            dns: DnsConfig::default(),
+            block_lists: Vec::new(),
+            allow_lists: Vec::new(),
+            max_message_bytes: 25 << 20,
+        }
+    }
+}
+
+impl Validate for AuthConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.authserv_id.is_empty()
+            || self
+                .authserv_id
+                .chars()
+                .any(|c| c.is_whitespace() || c == ';' || c == '(')
+        {
+            return Err(ConfigError::invalid(
+                "auth.authserv_id",
+                "must be a host name",
+            ));
+        }
+        for zone in self.block_lists.iter().chain(&self.allow_lists) {
+            if !is_zone(zone) {
+                return Err(ConfigError::invalid(
+                    "auth.block_lists",
+                    format!("{zone:?} is not a DNS zone"),
+                ));
+            }
+        }
+        if self.dns.attempts == 0 || self.dns.timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "auth.dns",
+                "attempts and timeout must be above zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A DNS name of letters, digits and hyphens, with a dot somewhere inside.
+fn is_zone(zone: &str) -> bool {
+    let zone = zone.trim_end_matches('.');
+    zone.contains('.')
+        && zone.len() <= 253
+        && zone.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The resolver auth-check asks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Recursive resolvers (`ip:port`); empty reads /etc/resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    /// Per query.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Tries per query and server.
+    pub attempts: usize,
+    /// Answers kept in this process, each up to its TTL.
+    pub cache_entries: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(3),
+            attempts: 2,
+            cache_entries: 16_384,
+        }
+    }
+}
+
+/// Runs the checks in this process.
+pub struct Checker {
+    dns: MessageAuthenticator,
+    config: AuthConfig,
+}
+
+impl Checker {
+    pub fn new(config: AuthConfig) -> anyhow::Result<Self> {
+        let (resolver, mut options) = if config.dns.servers.is_empty() {
+            hickory_resolver::system_conf::read_system_conf()
+                .map_err(|e| anyhow::anyhow!("reading /etc/resolv.conf: {e}"))?
+        } else {
+            let mut servers = Vec::new();
+            for addr in &config.dns.servers {
+                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+                for connection in &mut server.connections {
+                    connection.port = addr.port();
+                }
+                servers.push(server);
+            }
+            (
+                ResolverConfig::from_name_servers(servers),
+                ResolverOpts::default(),
+            )
+        };
+        options.timeout = config.dns.timeout;
+        options.attempts = config.dns.attempts;
+        options.cache_size = config.dns.cache_entries;
+        // Names are always absolute here; never append a search domain.
+        options.ndots = 0;
+        let dns = MessageAuthenticator::new(resolver, options)
+            .map_err(|e| anyhow::anyhow!("building the DNS resolver: {e}"))?;
+        Ok(Self { dns, config })
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    /// Zones of `zones` that list `ip` (an A record under the reversed address).
+    async fn listed(&self, ip: IpAddr, zones: &[String], method: &str) -> Vec<String> {
+        let reversed = ip.to_reverse_name();
+        let lookups = zones.iter().map(|zone| {
+            let name = format!("{reversed}.{}.", zone.trim_end_matches('.'));
+            async move {
+                match self.dns.ipv4_lookup_raw(&name).await {
+                    // 127.0.0.0/8 answers are listings; 127.255.255.0/24 is how
+                    // Spamhaus and others say "refused" (e.g. a public resolver).
+                    Ok(answer) => {
+                        let listed = answer.entry.iter().any(|a| {
+                            a.octets()[0] == 127 && !(a.octets()[1] == 255 && a.octets()[2] == 255)
+                        });
+                        if !listed {
+                            tracing::warn!(%zone, answer = ?answer.entry, "DNS list refused the query");
+                        }
+                        listed.then(|| zone.clone())
+                    }
+                    Err(Error::Dns(DnsError::RecordNotFound(_))) => None,
+                    Err(e) => {
+                        tracing::warn!(%zone, error = %e, "DNS list lookup failed");
+                        crate::metrics::result(method, "temperror");
+                        None
+                    }
+                }
+            }
+        });
+        let found: Vec<String> = futures::future::join_all(lookups)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        for _ in &found {
+            crate::metrics::result(method, "listed");
+        }
+        found
+    }
+}
+
+fn dkim_result(r: &DkimResult) -> AuthResult {
+    match r {
+        DkimResult::Pass => AuthResult::Pass,
+        DkimResult::Neutral(_) => AuthResult::Neutral,
+        DkimResult::Fail(_) => AuthResult::Fail,
+        DkimResult::PermError(_) => AuthResult::PermError,
+        DkimResult::TempError(_) => AuthResult::TempError,
+        DkimResult::None => AuthResult::None,
+    }
+}
+
+fn spf_result(r: SpfResult) -> AuthResult {
+    match r {
+        SpfResult::Pass => AuthResult::Pass,
+        SpfResult::Fail => AuthResult::Fail,
+        SpfResult::SoftFail => AuthResult::SoftFail,
+        SpfResult::Neutral => AuthResult::Neutral,
+        SpfResult::TempError => AuthResult::TempError,
+        SpfResult::PermError => AuthResult::PermError,
+        SpfResult::None => AuthResult::None,
+    }
+}
+
+fn dmarc_result(r: &DmarcResult) -> AuthResult {
+    match r {
+        DmarcResult::Pass => AuthResult::Pass,
+        DmarcResult::Fail(_) => AuthResult::Fail,
+        DmarcResult::TempError(_) => AuthResult::TempError,
+        DmarcResult::PermError(_) => AuthResult::PermError,
+        DmarcResult::None => AuthResult::None,
+    }
+}
+
+fn iprev_result(r: &IprevResult) -> AuthResult {
+    match r {
+        IprevResult::Pass => AuthResult::Pass,
+        IprevResult::Fail(_) => AuthResult::Fail,
+        IprevResult::TempError(_) => AuthResult::TempError,
+        IprevResult::PermError(_) => AuthResult::PermError,
+        IprevResult::None => AuthResult::None,
+    }
+}
+
+#[async_trait]
+impl AuthCheck for Checker {
+    async fn check_client(&self, ip: IpAddr) -> Result<ClientVerdict, Unavailable> {
+        let started = Instant::now();
+        let (iprev, block_listed, allow_listed) = tokio::join!(
+            self.dns.verify_iprev(ip),
+            self.listed(ip, &self.config.block_lists, "dnsbl"),
+            self.listed(ip, &self.config.allow_lists, "dnswl"),
+        );
+        let result = iprev_result(&iprev.result);
+        crate::metrics::result("iprev", result.as_str());
+        crate::metrics::took("client", started.elapsed());
+        Ok(ClientVerdict {
+            iprev: result,
+            ptr: match (result, &iprev.ptr) {
+                (AuthResult::Pass, Some(names)) => {
+                    names.first().map(|n| n.trim_end_matches('.').to_owned())
+                }
+                _ => None,
+            },
+            block_listed,
+            allow_listed,
+        })
+    }
+
+    async fn check_message(&self, facts: MessageFacts<'_>) -> Result<MessageVerdict, Unavailable> {
+        let started = Instant::now();
+        let host = self.config.authserv_id.as_str();
+        let helo = facts.helo.trim_start_matches('[').trim_end_matches(']');
+        // RFC 7208 §2.4: the MAIL FROM identity, or the HELO identity for the null
+        // sender; DMARC aligns with the same domain.
+        let spf_params = if facts.mail_from.is_empty() {
+            SpfParameters::verify_ehlo(facts.ip, helo, host)
+        } else {
+            SpfParameters::verify_mail_from(facts.ip, helo, host, facts.mail_from)
+        };
+        let spf_domain = facts
+            .mail_from
+            .rsplit_once('@')
+            .map_or(helo, |(_, d)| d)
+            .to_ascii_lowercase();
+        let message = AuthenticatedMessage::parse(facts.message);
+        let (client, spf, iprev) = tokio::join!(
+            self.check_client(facts.ip),
+            self.dns.verify_spf(spf_params),
+            self.dns.verify_iprev(facts.ip),
+        );
+        let client = client?;
+        let mut header = if facts.mail_from.is_empty() {
+            AuthenticationResults::new(host).with_spf_ehlo_result(&spf, facts.ip, helo)
+        } else {
+            AuthenticationResults::new(host).with_spf_mailfrom_result(
+                &spf,
+                facts.ip,
+                facts.mail_from,
+                helo,
+            )
+        }
+        .with_iprev_result(&iprev, facts.ip);
+        let mut verdict = MessageVerdict {
+            client,
+            spf: spf_result(spf.result()),
+            ..MessageVerdict::default()
+        };
+        if let Some(message) = &message {
+            let (dkim, arc) =
+                tokio::join!(self.dns.verify_dkim(message), self.dns.verify_arc(message));
+            let dmarc = self
+                .dns
+                .verify_dmarc(DmarcParameters::new(message, &dkim, &spf_domain, &spf))
+                .await;
+            header = header
+                .with_dkim_results(&dkim, message.from.first().map_or("", String::as_str))
+                .with_arc_result(&arc, facts.ip)
+                .with_dmarc_result(&dmarc);
+            verdict.dkim = if dkim.iter().any(|d| d.result() == &DkimResult::Pass) {
+                AuthResult::Pass
+            } else {
+                dkim.first()
+                    .map_or(AuthResult::None, |d| dkim_result(d.result()))
+            };
+            verdict.arc = dkim_result(arc.result());
+            verdict.dmarc = dmarc_result(&dmarc.result());
+            verdict.dmarc_policy = match dmarc.policy() {
+                Policy::Reject => DmarcPolicy::Reject,
+                Policy::Quarantine => DmarcPolicy::Quarantine,
+                _ => DmarcPolicy::None,
+            };
+            verdict.dmarc_domain = dmarc.domain().to_owned();
+        }
+        verdict.authentication_results = header.to_header();
+        if verdict.dkim == AuthResult::None {
+            // RFC 8601 2.7.1: say there was no signature rather than nothing.
+            verdict.authentication_results =
+                verdict
+                    .authentication_results
+                    .replacen(";\r\n\t", ";\r\n\tdkim=none;\r\n\t", 1);
+        }
+        for (method, result) in [
+            ("spf", verdict.spf),
+            ("dkim", verdict.dkim),
+            ("arc", verdict.arc),
+            ("dmarc", verdict.dmarc),
+        ] {
+            crate::metrics::result(method, result.as_str());
+        }
+        crate::metrics::took("message", started.elapsed());
+        Ok(verdict)
+    }
+}

@@ -1,0 +1,28 @@
+//! The `auth-check` binary.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use mailmesh_auth::{Checker, ServiceConfig};
+use mailmesh_kit::service::Service;
+
+fn main() -> anyhow::Result<()> {
+    mailmesh_kit::service::main(run)
+}
+
+async fn run(config: ServiceConfig) -> anyhow::Result<()> {
+    let service = Service::start("auth-check", &config.admin, &config.telemetry).await?;
+    let checker = Arc::new(Checker::new(config.auth).context("starting the checks")?);
+    let listener = tokio::net::TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("binding the gRPC port {}", config.grpc_listen))?;
+    tracing::info!(grpc = %config.grpc_listen, "auth-check is serving");
+    let grpc = tokio::spawn(mailmesh_auth::grpc::serve(
+        checker,
+        listener,
+        service.shutdown.clone(),
+    ));
+    service.wait_and_drain(&config.shutdown).await?;
+    grpc.await??;
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! auth-check against a real DNS server (dnsmasq on loopback) serving SPF, DKIM,
+//! DMARC, PTR and DNS-list records for `example.test`, in process and over gRPC.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use mail_auth::common::crypto::Ed25519Key;
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::DkimSigner;
+use mailmesh_auth::grpc::GrpcAuthCheck;
+use mailmesh_auth::{
+    AuthCheck, AuthConfig, AuthResult, Checker, DmarcPolicy, DnsConfig, MessageFacts,
+};
+use mailmesh_testkit::dns::DnsServer;
+
+/// Authorised by example.test's SPF record, with matching forward and reverse DNS.
+const GOOD_IP: &str = "192.0.2.10";
+/// Not authorised, and listed by the block list bl.test.
+const BAD_IP: &str = "192.0.2.66";
+
+struct Site {
+    _dns: DnsServer,
+    checker: Arc<Checker>,
+    /// The DKIM signing key (PKCS#8) whose public half example.test publishes.
+    key: Vec<u8>,
+}
+
+fn site() -> Site {
+    let pkcs8 = Ed25519Key::generate_pkcs8().unwrap();
+    let key = Ed25519Key::from_pkcs8_der(&pkcs8).unwrap();
+    let public = base64::engine::general_purpose::STANDARD.encode(key.public_key());
+    let records = vec![
+        r#"txt-record=example.test,"v=spf1 ip4:192.0.2.10 -all""#.to_owned(),
+        r#"txt-record=_dmarc.example.test,"v=DMARC1; p=reject""#.to_owned(),
+        format!(r#"txt-record=sel._domainkey.example.test,"v=DKIM1; k=ed25519; p={public}""#),
+        "host-record=mx.example.test,192.0.2.10".to_owned(),
+        "ptr-record=10.2.0.192.in-addr.arpa,mx.example.test".to_owned(),
+        "host-record=66.2.0.192.bl.test,127.0.0.2".to_owned(),
+        "host-record=10.2.0.192.wl.test,127.0.0.5".to_owned(),
+    ];
+    let dns = DnsServer::start(&records);
+    let checker = Checker::new(AuthConfig {
+        authserv_id: "mx.mailmesh.test".into(),
+        dns: DnsConfig {
+            servers: vec![dns.addr],
+            ..DnsConfig::default()
+        },
+        block_lists: vec!["bl.test".into()],
+        allow_lists: vec!["wl.test".into()],
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    Site {
+        _dns: dns,
+        checker: Arc::new(checker),
+        key: pkcs8,
+    }
+}
+
+const MESSAGE: &str = "From: Alice <alice@example.test>\r\nTo: bob@mailmesh.test\r\n\
+    Subject: hello\r\nDate: Fri, 27 Nov 2026 06:00:00 +0000\r\nMessage-ID: <1@example.test>\r\n\r\n\
+    Hello Bob.\r\n";
+
+fn signed(pkcs8: &[u8], message: &str) -> Vec<u8> {
+    let signature = DkimSigner::from_key(Ed25519Key::from_pkcs8_der(pkcs8).unwrap())
+        .domain("example.test")
+        .selector("sel")
+        .headers(["From", "To", "Subject", "Date", "Message-ID"])
+        .sign(message.as_bytes())
+        .unwrap();
+    let mut out = signature.to_header().into_bytes();
+    out.extend_from_slice(message.as_bytes());
+    out
+}
+
+fn facts<'a>(ip: &str, message: &'a [u8]) -> MessageFacts<'a> {
+    MessageFacts {
+        ip: ip.parse::<IpAddr>().unwrap(),
+        helo: "mx.example.test",
+        mail_from: "alice@example.test",
+        message,
+    }
+}
+
+#[tokio::test]
+async fn an_authorised_signed_message_passes_everything() {
+    let site = site();
+    let message = signed(&site.key, MESSAGE);
+    let v = site
+        .checker
+        .check_message(facts(GOOD_IP, &message))
+        .await
+        .unwrap();
+    assert_eq!(v.spf, AuthResult::Pass, "{v:?}");
+    assert_eq!(v.dkim, AuthResult::Pass, "{v:?}");
+    assert_eq!(v.dmarc, AuthResult::Pass, "{v:?}");
+    assert_eq!(v.dmarc_failure(), None);
+    assert_eq!(v.client.iprev, AuthResult::Pass);
+    assert_eq!(v.client.ptr.as_deref(), Some("mx.example.test"));
+    assert_eq!(v.client.allow_listed, vec!["wl.test".to_owned()]);
+    assert_eq!(v.client.blocked_by(), None);
+    let header = &v.authentication_results;
+    assert!(
+        header.starts_with("Authentication-Results: mx.mailmesh.test;"),
+        "{header}"
+    );
+    for expected in [
+        "spf=pass",
+        "dkim=pass",
+        "header.d=example.test",
+        "dmarc=pass",
+        "iprev=pass",
+    ] {
+        assert!(header.contains(expected), "{expected} missing in {header}");
+    }
+    assert!(header.ends_with("\r\n"));
+}
+
+#[tokio::test]
+async fn a_forgery_fails_dmarc_with_the_domains_policy() {
+    let site = site();
+    // Unsigned, from an address SPF does not authorise, listed by the block list.
+    let v = site
+        .checker
+        .check_message(facts(BAD_IP, MESSAGE.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(v.spf, AuthResult::Fail, "{v:?}");
+    assert_eq!(v.dkim, AuthResult::None, "{v:?}");
+    assert_eq!(v.dmarc, AuthResult::Fail, "{v:?}");
+    assert_eq!(v.dmarc_failure(), Some(DmarcPolicy::Reject));
+    assert_eq!(v.dmarc_domain, "example.test");
+    assert_eq!(v.client.blocked_by(), Some("bl.test"));
+    assert_eq!(v.client.iprev, AuthResult::PermError, "no PTR record");
+    assert!(
+        v.authentication_results.contains("dmarc=fail"),
+        "{}",
+        v.authentication_results
+    );
+    assert!(v.authentication_results.contains("spf=fail"));
+    assert!(
+        v.authentication_results.contains("\tdkim=none;"),
+        "{}",
+        v.authentication_results
+    );
+}
+
+#[tokio::test]
+async fn a_tampered_body_breaks_the_signature() {
+    let site = site();
+    let mut message = signed(&site.key, MESSAGE);
+    let at = message.len() - 3;
+    message[at] = b'!';
+    let v = site
+        .checker
+        .check_message(facts(BAD_IP, &message))
+        .await
+        .unwrap();
+    assert!(
+        matches!(v.dkim, AuthResult::Fail | AuthResult::Neutral),
+        "{v:?}"
+    );
+    assert_eq!(v.dmarc, AuthResult::Fail);
+    assert!(
+        v.authentication_results.contains("dkim=fail")
+            || v.authentication_results.contains("dkim=neutral")
+    );
+}
+
+#[tokio::test]
+async fn the_null_sender_is_judged_by_its_helo() {
+    let site = site();
+    let v = site
+        .checker
+        .check_message(MessageFacts {
+            mail_from: "",
+            helo: "unknown.test",
+            ..facts(GOOD_IP, MESSAGE.as_bytes())
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.spf, AuthResult::None, "{v:?}");
+    assert!(
+        v.authentication_results.contains("smtp.helo=unknown.test"),
+        "{}",
+        v.authentication_results
+    );
+}
+
+#[tokio::test]
+async fn verdicts_cross_grpc_unchanged() {
+    let site = site();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = mailmesh_kit::Shutdown::new();
+    tokio::spawn(mailmesh_auth::grpc::serve(
+        site.checker.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let client = GrpcAuthCheck::new(&endpoint, 1 << 20).unwrap();
+    let message = signed(&site.key, MESSAGE);
+    let local = site
+        .checker
+        .check_message(facts(GOOD_IP, &message))
+        .await
+        .unwrap();
+    let remote = client
+        .check_message(facts(GOOD_IP, &message))
+        .await
+        .unwrap();
+    assert_eq!(remote, local);
+    let client_verdict = client.check_client(BAD_IP.parse().unwrap()).await.unwrap();
+    assert_eq!(client_verdict.blocked_by(), Some("bl.test"));
+    // A message above the configured limit is refused by the server, not buffered.
+    let big = vec![b'x'; (25 << 20) + (128 << 10)];
+    let big_client = GrpcAuthCheck::new(&endpoint, 64 << 20).unwrap();
+    assert!(
+        big_client
+            .check_message(facts(GOOD_IP, &big))
+            .await
+            .is_err()
+    );
+}
