@@ -284,26 +284,41 @@ impl AuthCheck for Checker {
             .map_or(helo, |(_, d)| d)
             .to_ascii_lowercase();
         let message = AuthenticatedMessage::parse(facts.message);
-        let (client, spf, iprev) = tokio::join!(
+        // RFC 7208 §2.3: the HELO identity is checked too when it is a domain name.
+        let helo_is_domain =
+            !facts.mail_from.is_empty() && helo.contains('.') && helo.parse::<IpAddr>().is_err();
+        let helo_check = async {
+            if helo_is_domain {
+                Some(
+                    self.dns
+                        .verify_spf(SpfParameters::verify_ehlo(facts.ip, helo, host))
+                        .await,
+                )
+            } else {
+                None
+            }
+        };
+        let (client, spf, spf_helo, iprev) = tokio::join!(
             self.check_client(facts.ip),
             self.dns.verify_spf(spf_params),
+            helo_check,
             self.dns.verify_iprev(facts.ip),
         );
         let client = client?;
+        let header = AuthenticationResults::new(host);
         let mut header = if facts.mail_from.is_empty() {
-            AuthenticationResults::new(host).with_spf_ehlo_result(&spf, facts.ip, helo)
+            header.with_spf_ehlo_result(&spf, facts.ip, helo)
         } else {
-            AuthenticationResults::new(host).with_spf_mailfrom_result(
-                &spf,
-                facts.ip,
-                facts.mail_from,
-                helo,
-            )
+            header.with_spf_mailfrom_result(&spf, facts.ip, facts.mail_from, helo)
+        };
+        if let Some(spf_helo) = &spf_helo {
+            header = header.with_spf_ehlo_result(spf_helo, facts.ip, helo);
         }
-        .with_iprev_result(&iprev, facts.ip);
+        header = header.with_iprev_result(&iprev, facts.ip);
         let mut verdict = MessageVerdict {
             client,
             spf: spf_result(spf.result()),
+            spf_helo: spf_helo.map_or(AuthResult::None, |o| spf_result(o.result())),
             ..MessageVerdict::default()
         };
         if let Some(message) = &message {

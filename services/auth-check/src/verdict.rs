@@ -67,7 +67,10 @@ impl ClientVerdict {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MessageVerdict {
     pub client: ClientVerdict,
+    /// SPF of the MAIL FROM identity (of HELO for the null sender).
     pub spf: AuthResult,
+    /// SPF of the HELO identity, checked besides MAIL FROM when HELO is a domain.
+    pub spf_helo: AuthResult,
     pub dkim: AuthResult,
     pub arc: AuthResult,
     pub dmarc: AuthResult,
@@ -139,6 +142,7 @@ impl From<MessageVerdict> for v1::MessageVerdict {
         Self {
             client: Some(m.client.into()),
             spf: v1::AuthResult::from(m.spf).into(),
+            spf_helo: v1::AuthResult::from(m.spf_helo).into(),
             dkim: v1::AuthResult::from(m.dkim).into(),
             arc: v1::AuthResult::from(m.arc).into(),
             dmarc: v1::AuthResult::from(m.dmarc).into(),
@@ -159,6 +163,7 @@ impl From<v1::MessageVerdict> for MessageVerdict {
         Self {
             client: m.client.map(Into::into).unwrap_or_default(),
             spf: auth_result(m.spf),
+            spf_helo: auth_result(m.spf_helo),
             dkim: auth_result(m.dkim),
             arc: auth_result(m.arc),
             dmarc: auth_result(m.dmarc),
@@ -187,6 +192,7 @@ mod tests {
                 allow_listed: vec![],
             },
             spf: AuthResult::SoftFail,
+            spf_helo: AuthResult::Pass,
             dkim: AuthResult::Pass,
             arc: AuthResult::None,
             dmarc: AuthResult::Fail,

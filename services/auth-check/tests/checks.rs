@@ -93,6 +93,12 @@ async fn an_authorised_signed_message_passes_everything() {
         .await
         .unwrap();
     assert_eq!(v.spf, AuthResult::Pass, "{v:?}");
+    // mx.example.test publishes no SPF record of its own.
+    assert_eq!(v.spf_helo, AuthResult::None, "{v:?}");
+    assert!(
+        v.authentication_results
+            .contains("smtp.helo=mx.example.test")
+    );
     assert_eq!(v.dkim, AuthResult::Pass, "{v:?}");
     assert_eq!(v.dmarc, AuthResult::Pass, "{v:?}");
     assert_eq!(v.dmarc_failure(), None);

@@ -1,6 +1,8 @@
 //! Delivery status notifications (RFC 3464) for recipients that cannot be delivered:
 //! a `multipart/report` to the envelope sender, from the null sender so it can never
-//! cause another bounce (RFC 5321 §4.5.5).
+//! cause another bounce (RFC 5321 §4.5.5). Mail that travelled with SMTPUTF8 gets
+//! the internationalized parts of RFC 6533 (`message/global-delivery-status`,
+//! `message/global`, `message/global-headers`, `utf-8` address types).
 
 use std::fmt::Write;
 use std::time::SystemTime;
@@ -41,6 +43,8 @@ pub fn failure_report(
     if failures.is_empty() {
         return None;
     }
+    // RFC 6533 §3: the message or an address may be UTF-8.
+    let global = original.smtputf8;
     let boundary = format!("dsn-{}", original.queue_id);
     // The same failures of the same message always give the same bounce (a redo
     // after a crash is deduplicated); other failures later give another one.
@@ -78,9 +82,10 @@ pub fn failure_report(
     let _ = write!(
         m,
         "\r\n--{boundary}\r\n\
-         Content-Type: message/delivery-status\r\n\
+         Content-Type: message/{global}delivery-status\r\n\
          \r\n\
-         Reporting-MTA: dns; {reporting_mta}\r\n"
+         Reporting-MTA: dns; {reporting_mta}\r\n",
+        global = if global { "global-" } else { "" },
     );
     if let Some(envid) = &original.dsn_envid {
         let _ = write!(m, "Original-Envelope-Id: {envid}\r\n");
@@ -97,10 +102,15 @@ pub fn failure_report(
         }
         let _ = write!(
             m,
-            "Final-Recipient: rfc822; {}\r\n\
+            "Final-Recipient: {}; {}\r\n\
              Action: failed\r\n\
              Status: {}\r\n\
              Diagnostic-Code: smtp; {}\r\n",
+            if f.recipient.address.is_utf8() {
+                "utf-8"
+            } else {
+                "rfc822"
+            },
             f.recipient.address,
             f.status,
             f.diagnostic.replace(['\r', '\n'], " ")
@@ -114,10 +124,11 @@ pub fn failure_report(
     } else {
         original_message
     };
-    let content_type = if headers_only {
-        "text/rfc822-headers"
-    } else {
-        "message/rfc822"
+    let content_type = match (headers_only, global) {
+        (true, false) => "text/rfc822-headers",
+        (true, true) => "message/global-headers",
+        (false, false) => "message/rfc822",
+        (false, true) => "message/global",
     };
     let _ = write!(
         m,
@@ -130,7 +141,7 @@ pub fn failure_report(
     }
     bytes.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
 
-    let smtputf8 = sender.is_utf8();
+    let smtputf8 = global || sender.is_utf8();
     Some(Envelope {
         queue_id,
         tenant: original.tenant.clone(),
@@ -257,6 +268,36 @@ mod tests {
         let text = String::from_utf8(body.to_vec()).unwrap();
         assert!(text.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hello"));
         assert!(!text.contains("the body"));
+    }
+
+    #[test]
+    fn smtputf8_mail_gets_an_internationalized_report() {
+        let original = Envelope {
+            smtputf8: true,
+            ..envelope("bob@example.org", None)
+        };
+        let report = failure_report(
+            &original,
+            b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\nhi\r\n",
+            &[failure("josé@acme.test", DsnNotify::DEFAULT)],
+            "mx.acme.test",
+        )
+        .unwrap();
+        assert!(report.smtputf8);
+        let BodyRef::Inline(body) = &report.body else {
+            panic!("inline");
+        };
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            text.contains("Content-Type: message/global-delivery-status\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Final-Recipient: utf-8; josé@acme.test\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Content-Type: message/global\r\n"), "{text}");
+        assert!(!text.contains("message/rfc822"), "{text}");
     }
 
     #[test]

@@ -58,9 +58,13 @@ pub struct IngressConfig {
     /// RFC 5321 4.5.3.2: 5 minutes per command.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
-    /// RFC 5321 4.5.3.2: 10 minutes for the whole message data.
+    /// RFC 5321 4.5.3.2 "data block": the longest wait for more message data.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
+    /// The longest one DATA message or one BDAT chunk may take to arrive, however
+    /// steadily it trickles in: slow clients must not hold a session for ever.
+    #[serde(with = "humantime_serde")]
+    pub max_data_duration: Duration,
     /// PROXY protocol from trusted load balancers (`[smtp.proxy]`).
     pub proxy: proxy::ProxyConfig,
     /// New connections one client address may open per minute, across all pods
@@ -86,7 +90,9 @@ impl Default for IngressConfig {
             max_connections: 1000,
             inline_body_bytes: 256 << 10,
             command_timeout: Duration::from_secs(300),
-            data_timeout: Duration::from_secs(600),
+            data_timeout: Duration::from_secs(180),
+            // 25 MiB at 256 kbit/s takes about 14 minutes.
+            max_data_duration: Duration::from_secs(1800),
             proxy: proxy::ProxyConfig::default(),
             connections_per_ip_per_minute: 120,
             messages_per_tenant_per_minute: 0,

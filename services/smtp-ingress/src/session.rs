@@ -683,7 +683,7 @@ impl<'a> Session<'a> {
         shutdown: &Shutdown,
     ) -> io::Result<Option<Option<Vec<u8>>>> {
         let max = self.ingress.config.max_message_bytes;
-        let deadline = Instant::now() + self.ingress.config.data_timeout;
+        let deadline = Instant::now() + self.ingress.config.max_data_duration;
         let mut data = DataReceiver::new();
         // The CRLF that ended the DATA command precedes the first line, so a lone
         // "." there ends the message and a leading ".." is unstuffed.
@@ -705,7 +705,9 @@ impl<'a> Session<'a> {
             if done {
                 return Ok(Some((!too_big).then_some(message)));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(self.ingress.config.data_timeout);
             match self.read(reader, input, left, shutdown).await? {
                 Some(0) | None => return Ok(None),
                 Some(_) => {}
@@ -724,7 +726,7 @@ impl<'a> Session<'a> {
         keep: bool,
     ) -> io::Result<Option<()>> {
         let max = self.ingress.config.max_message_bytes;
-        let deadline = Instant::now() + self.ingress.config.data_timeout;
+        let deadline = Instant::now() + self.ingress.config.max_data_duration;
         let mut chunk = BdatReceiver::new(size, false);
         let mut received = Vec::new();
         loop {
@@ -747,7 +749,9 @@ impl<'a> Session<'a> {
             if done {
                 return Ok(Some(()));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(self.ingress.config.data_timeout);
             match self.read(reader, input, left, shutdown).await? {
                 Some(0) | None => return Ok(None),
                 Some(_) => {}

@@ -908,7 +908,6 @@ async fn postmaster_without_a_domain_is_accepted() {
     c.hello().await;
     c.cmd("MAIL FROM:<bob@example.org>", "250").await;
     c.cmd("RCPT TO:<Postmaster>", "250 2.1.5").await;
-    c.cmd("RCPT TO:<>", "250 2.1.5").await;
     c.cmd("DATA", "354").await;
     c.send("Subject: abuse report\r\n\r\nx\r\n.\r\n").await;
     c.expect("250 2.0.0").await;
@@ -917,4 +916,46 @@ async fn postmaster_without_a_domain_is_accepted() {
         queued[0].recipients[0].address.to_string(),
         "alice@acme.test"
     );
+}
+
+/// The fuzz target's seeds and every input it ever found a fault with
+/// (`fuzz/seeds/smtp_session`), replayed with the same checks: well-formed replies
+/// only, and the session ends when the input does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzz_seeds_and_regressions_replay_cleanly() {
+    let s = server(IngressConfig {
+        max_message_bytes: 64 << 10,
+        command_timeout: Duration::from_secs(1),
+        data_timeout: Duration::from_secs(1),
+        ..IngressConfig::default()
+    })
+    .await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/smtp_session");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let input = std::fs::read(&path).unwrap();
+        let shutdown = Shutdown::new();
+        let mut c = open(&s, "192.0.2.9:1", &shutdown);
+        let _ = c.io.write_all(&input).await;
+        let _ = c.io.shutdown().await;
+        let mut output = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.io.read_to_end(&mut output))
+            .await
+            .unwrap_or_else(|_| panic!("{} did not end", path.display()))
+            .unwrap();
+        let text = String::from_utf8(output).unwrap();
+        for line in text.split_terminator("\r\n") {
+            let b = line.as_bytes();
+            assert!(
+                b.len() >= 3
+                    && b[..3].iter().all(u8::is_ascii_digit)
+                    && (b.len() == 3 || b[3] == b' ' || b[3] == b'-'),
+                "{}: malformed reply {line:?}",
+                path.display()
+            );
+        }
+        replayed += 1;
+    }
+    assert!(replayed >= 2, "the seeds are missing");
 }
