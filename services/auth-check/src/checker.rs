@@ -1,9 +1,11 @@
 //! The checks themselves, run in this process.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::common::resolver::ToReverseName;
@@ -14,7 +16,10 @@ use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, DnsError, Error,
     IprevResult, MessageAuthenticator, SpfResult,
 };
+use mailmesh_cache::Cache;
 use mailmesh_kit::config::{ConfigError, Validate};
+use mailmesh_proto::v1;
+use prost::Message as _;
 use serde::Deserialize;
 
 use crate::verdict::{AuthResult, ClientVerdict, DmarcPolicy, MessageVerdict};
@@ -35,6 +40,10 @@ pub struct AuthConfig {
     pub allow_lists: Vec<String>,
     /// Largest message accepted for checking (gRPC message limit).
     pub max_message_bytes: usize,
+    /// How long a client address's iprev and DNS-list results are reused, shared by
+    /// every pod through the cache (Redis) when there is one. 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub client_cache_ttl: Duration,
 }
 
 impl Default for AuthConfig {
@@ -45,6 +54,7 @@ impl Default for AuthConfig {
             block_lists: Vec::new(),
             allow_lists: Vec::new(),
             max_message_bytes: 25 << 20,
+            client_cache_ttl: Duration::from_secs(300),
         }
     }
 }
@@ -125,6 +135,8 @@ impl Default for DnsConfig {
 pub struct Checker {
     dns: MessageAuthenticator,
     config: AuthConfig,
+    /// Client verdicts shared between pods; losing it only costs lookups.
+    cache: Option<Arc<dyn Cache>>,
 }
 
 impl Checker {
@@ -153,15 +165,47 @@ impl Checker {
         options.ndots = 0;
         let dns = MessageAuthenticator::new(resolver, options)
             .map_err(|e| anyhow::anyhow!("building the DNS resolver: {e}"))?;
-        Ok(Self { dns, config })
+        Ok(Self {
+            dns,
+            config,
+            cache: None,
+        })
+    }
+
+    /// Shares client verdicts through `cache` (Redis across pods).
+    pub fn with_cache(mut self, cache: Arc<dyn Cache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    async fn cached_client(&self, key: &str) -> Option<ClientVerdict> {
+        let cache = self.cache.as_ref()?;
+        match cache.get(key).await {
+            Ok(Some(bytes)) => v1::ClientVerdict::decode(bytes).ok().map(Into::into),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "client verdict cache unavailable");
+                None
+            }
+        }
+    }
+
+    async fn remember_client(&self, key: &str, verdict: &ClientVerdict) {
+        let Some(cache) = &self.cache else { return };
+        let bytes = v1::ClientVerdict::from(verdict.clone()).encode_to_vec();
+        let ttl = Some(self.config.client_cache_ttl);
+        if let Err(e) = cache.set(key, Bytes::from(bytes), ttl).await {
+            tracing::debug!(error = %e, "client verdict cache unavailable");
+        }
     }
 
     pub fn config(&self) -> &AuthConfig {
         &self.config
     }
 
-    /// Zones of `zones` that list `ip` (an A record under the reversed address).
-    async fn listed(&self, ip: IpAddr, zones: &[String], method: &str) -> Vec<String> {
+    /// Zones of `zones` that list `ip` (an A record under the reversed address), and
+    /// whether every zone answered.
+    async fn listed(&self, ip: IpAddr, zones: &[String], method: &str) -> (Vec<String>, bool) {
         let reversed = ip.to_reverse_name();
         let lookups = zones.iter().map(|zone| {
             let name = format!("{reversed}.{}.", zone.trim_end_matches('.'));
@@ -176,26 +220,24 @@ impl Checker {
                         if !listed {
                             tracing::warn!(%zone, answer = ?answer.entry, "DNS list refused the query");
                         }
-                        listed.then(|| zone.clone())
+                        Ok(listed.then(|| zone.clone()))
                     }
-                    Err(Error::Dns(DnsError::RecordNotFound(_))) => None,
+                    Err(Error::Dns(DnsError::RecordNotFound(_))) => Ok(None),
                     Err(e) => {
                         tracing::warn!(%zone, error = %e, "DNS list lookup failed");
                         crate::metrics::result(method, "temperror");
-                        None
+                        Err(())
                     }
                 }
             }
         });
-        let found: Vec<String> = futures::future::join_all(lookups)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let answers = futures::future::join_all(lookups).await;
+        let complete = answers.iter().all(Result::is_ok);
+        let found: Vec<String> = answers.into_iter().flatten().flatten().collect();
         for _ in &found {
             crate::metrics::result(method, "listed");
         }
-        found
+        (found, complete)
     }
 }
 
@@ -246,15 +288,19 @@ fn iprev_result(r: &IprevResult) -> AuthResult {
 impl AuthCheck for Checker {
     async fn check_client(&self, ip: IpAddr) -> Result<ClientVerdict, Unavailable> {
         let started = Instant::now();
-        let (iprev, block_listed, allow_listed) = tokio::join!(
+        let key = format!("auth:client:{ip}");
+        if let Some(verdict) = self.cached_client(&key).await {
+            crate::metrics::took("client_cached", started.elapsed());
+            return Ok(verdict);
+        }
+        let (iprev, (block_listed, blocks_answered), (allow_listed, allows_answered)) = tokio::join!(
             self.dns.verify_iprev(ip),
             self.listed(ip, &self.config.block_lists, "dnsbl"),
             self.listed(ip, &self.config.allow_lists, "dnswl"),
         );
         let result = iprev_result(&iprev.result);
         crate::metrics::result("iprev", result.as_str());
-        crate::metrics::took("client", started.elapsed());
-        Ok(ClientVerdict {
+        let verdict = ClientVerdict {
             iprev: result,
             ptr: match (result, &iprev.ptr) {
                 (AuthResult::Pass, Some(names)) => {
@@ -264,7 +310,17 @@ impl AuthCheck for Checker {
             },
             block_listed,
             allow_listed,
-        })
+        };
+        // Temporary failures are asked again next time, not remembered.
+        if result != AuthResult::TempError
+            && blocks_answered
+            && allows_answered
+            && !self.config.client_cache_ttl.is_zero()
+        {
+            self.remember_client(&key, &verdict).await;
+        }
+        crate::metrics::took("client", started.elapsed());
+        Ok(verdict)
     }
 
     async fn check_message(&self, facts: MessageFacts<'_>) -> Result<MessageVerdict, Unavailable> {

@@ -62,6 +62,13 @@ pub struct ServiceConfig {
     pub grpc_listen: SocketAddr,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Where client verdicts are shared between pods (Redis); in-process by default.
+    #[serde(default = "memory_cache")]
+    pub cache: mailmesh_cache::CacheConfig,
+}
+
+fn memory_cache() -> mailmesh_cache::CacheConfig {
+    mailmesh_cache::CacheConfig::Memory
 }
 
 fn default_grpc_listen() -> SocketAddr {

@@ -12,7 +12,15 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let service = Service::start("auth-check", &config.admin, &config.telemetry).await?;
-    let checker = Arc::new(Checker::new(config.auth).context("starting the checks")?);
+    // Not a readiness dependency: without the cache every pod just asks DNS itself.
+    let cache = mailmesh_cache::open(&config.cache)
+        .await
+        .context("connecting to the cache")?;
+    let checker = Arc::new(
+        Checker::new(config.auth)
+            .context("starting the checks")?
+            .with_cache(cache),
+    );
     let listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding the gRPC port {}", config.grpc_listen))?;

@@ -229,3 +229,61 @@ async fn verdicts_cross_grpc_unchanged() {
             .is_err()
     );
 }
+
+/// Client verdicts (iprev, DNS lists) are shared through the real Redis: a second
+/// pod whose resolver is gone still knows the client is listed; a lookup that failed
+/// is never remembered.
+#[tokio::test]
+async fn client_verdicts_are_shared_between_pods_through_redis() {
+    use mailmesh_cache::redis::{RedisCache, RedisConfig};
+    let cache: Arc<dyn mailmesh_cache::Cache> = Arc::new(
+        RedisCache::connect(&RedisConfig {
+            url: mailmesh_kit::Secret::new(mailmesh_testkit::backend_env("MMTEST_REDIS")),
+            key_prefix: format!("authtest-{}:", std::process::id()),
+            command_timeout: std::time::Duration::from_secs(2),
+        })
+        .await
+        .unwrap(),
+    );
+    let pod = |dns: std::net::SocketAddr| {
+        Checker::new(AuthConfig {
+            dns: DnsConfig {
+                servers: vec![dns],
+                timeout: std::time::Duration::from_millis(300),
+                attempts: 1,
+                ..DnsConfig::default()
+            },
+            block_lists: vec!["bl.test".into()],
+            ..AuthConfig::default()
+        })
+        .unwrap()
+        .with_cache(cache.clone())
+    };
+    let site = site();
+    let first = pod(site._dns.addr);
+    let bad: IpAddr = BAD_IP.parse().unwrap();
+    assert_eq!(
+        first.check_client(bad).await.unwrap().blocked_by(),
+        Some("bl.test")
+    );
+    let stored = cache.get(&format!("auth:client:{bad}")).await.unwrap();
+    assert!(stored.is_some(), "the verdict is in Redis");
+
+    // A pod with no resolver at all (nothing listens there) answers from Redis.
+    let nowhere = std::net::SocketAddr::from(([127, 0, 0, 1], mailmesh_testkit::free_port()));
+    let second = pod(nowhere);
+    assert_eq!(
+        second.check_client(bad).await.unwrap().blocked_by(),
+        Some("bl.test")
+    );
+    // What it could not look up itself is not cached for the others.
+    let other: IpAddr = "192.0.2.77".parse().unwrap();
+    assert_eq!(second.check_client(other).await.unwrap().blocked_by(), None);
+    assert!(
+        cache
+            .get(&format!("auth:client:{other}"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

@@ -226,19 +226,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     resolver.spawn_reloader(tls.reload_interval, &shutdown);
 
+    // The MX front door, checking recipients against the engine in this process.
+    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     // auth-check in this process. Without a usable resolver configuration mail still
     // flows, unchecked, and the banner says so.
     let auth = match Checker::new(config.auth.clone()) {
-        Ok(checker) => Some(Arc::new(checker) as Arc<dyn AuthCheck>),
+        Ok(checker) => Some(Arc::new(checker.with_cache(cache.clone())) as Arc<dyn AuthCheck>),
         Err(e) => {
             tracing::warn!(error = %e, "auth-check disabled: no DNS resolver");
             None
         }
     };
     let auth_on = auth.is_some();
-
-    // The MX front door, checking recipients against the engine in this process.
-    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     let smtp_addr = SocketAddr::new(config.bind, config.ports.smtp);
     let smtp_listener = tokio::net::TcpListener::bind(smtp_addr)
         .await
