@@ -43,6 +43,8 @@ struct DevConfig {
     /// SPF/DKIM/DMARC checks (`[auth]`; DNS from /etc/resolv.conf unless
     /// `auth.dns.servers` is set).
     auth: AuthConfig,
+    /// POP3 limits (`[pop3]`).
+    pop3: mailmesh_gateway::Pop3Config,
     admin: AdminConfig,
     telemetry: TelemetryConfig,
     shutdown: ShutdownConfig,
@@ -115,6 +117,7 @@ impl Default for DevConfig {
                 },
                 ..AuthConfig::default()
             },
+            pop3: mailmesh_gateway::Pop3Config::default(),
             admin: AdminConfig {
                 listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
             },
@@ -137,6 +140,7 @@ impl Validate for DevConfig {
         self.shutdown.validate()?;
         self.storage.validate()?;
         self.auth.validate()?;
+        self.pop3.validate()?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
@@ -272,6 +276,31 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
 
+    // POP3 (STLS and implicit TLS), reading through the storage gRPC API above.
+    let store = mailmesh_gateway::Store::new(
+        &format!("http://{storage_addr}"),
+        config.pop3.max_message_bytes,
+    )?;
+    let gateway = mailmesh_gateway::Gateway::new(
+        store,
+        cache.clone(),
+        mailmesh_kit::tls::server_config(resolver.clone())?,
+        config.pop3.clone(),
+    );
+    let mut pop3_tasks = Vec::new();
+    for (port, implicit_tls) in [(config.ports.pop3, false), (config.ports.pop3s, true)] {
+        let addr = SocketAddr::new(config.bind, port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the POP3 port {addr}"))?;
+        pop3_tasks.push(tokio::spawn(mailmesh_gateway::serve_pop3(
+            gateway.clone(),
+            listener,
+            implicit_tls,
+            shutdown.clone(),
+        )));
+    }
+
     health.add_check(Arc::new(CacheReadiness(cache.clone())));
 
     let admin = AdminServer::bind(config.admin.listen, health.clone())
@@ -286,6 +315,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     mailmesh_kit::shutdown::signal().await;
     let clean = shutdown.drain(&health, &config.shutdown).await;
     smtp_task.await?;
+    for task in pop3_tasks {
+        task.await?;
+    }
     worker_task.await??;
     // Open Watch streams do not end by themselves; they are cut here.
     if let Ok(served) = tokio::time::timeout(Duration::from_secs(5), storage_task).await {
@@ -327,8 +359,16 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bo
     } else {
         println!("  auth-check   OFF (no DNS resolver configuration): mail is not checked");
     }
+    println!(
+        "  pop3         {}:{}  (STLS; USER/PASS and AUTH PLAIN after it)",
+        config.bind, config.ports.pop3
+    );
+    println!(
+        "  pop3s        {}:{}  (implicit TLS)",
+        config.bind, config.ports.pop3s
+    );
     println!("mail ports bound as their services are built (not yet):");
-    for (name, port) in config.ports.named().into_iter().skip(2) {
+    for (name, port) in config.ports.named().into_iter().skip(2).take(4) {
         println!("  {name:<12} {}:{port}  not built yet", config.bind);
     }
 }

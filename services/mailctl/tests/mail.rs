@@ -214,4 +214,34 @@ async fn swaks_delivers_and_the_tenant_policy_files_forgeries_as_junk() {
     let junked = stored_with(&dev, "forged, junked");
     assert_eq!(junked.len(), 1);
     assert!(junked[0].contains("dmarc=fail"), "{}", junked[0]);
+
+    // And alice reads her INBOX with a POP3 client (Python's poplib, over STLS).
+    let script = format!(
+        r#"
+import poplib, ssl
+p = poplib.POP3('127.0.0.1', {port}, timeout=30)
+p.stls(context=ssl._create_unverified_context())
+p.user('alice@acme.test')
+p.pass_('pw')
+print(p.stat()[0])
+print(b'\n'.join(p.retr(1)[1]).decode())
+p.quit()
+"#,
+        port = dev.pop3_port
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("1\nReturn-Path: <bob@example.org>\n"),
+        "{text}"
+    );
+    assert!(text.contains("\nhello from swaks\n"), "{text}");
 }

@@ -11,6 +11,7 @@ pub struct Dev {
     pub admin: String,
     pub storage: String,
     pub smtp_port: String,
+    pub pop3_port: String,
     _dir: tempfile::TempDir,
     pub data: std::path::PathBuf,
 }
@@ -29,12 +30,15 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
     let admin = format!("127.0.0.1:{}", free_port());
     let storage_port = free_port().to_string();
     let smtp_port = free_port().to_string();
+    let pop3_port = free_port().to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
         .args(["dev", "--data-dir"])
         .arg(&data)
         .args(["--admin-listen", &admin])
         .env("MAILMESH_PORTS__STORAGE", &storage_port)
         .env("MAILMESH_PORTS__SMTP", &smtp_port)
+        .env("MAILMESH_PORTS__POP3", &pop3_port)
+        .env("MAILMESH_PORTS__POP3S", free_port().to_string())
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -45,6 +49,7 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
         admin: format!("http://{admin}"),
         storage: format!("http://127.0.0.1:{storage_port}"),
         smtp_port,
+        pop3_port,
         _dir: dir,
         data,
     }

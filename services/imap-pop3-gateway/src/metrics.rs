@@ -1,0 +1,75 @@
+//! Gateway metrics: sessions, commands by name, login failures. No user labels.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+
+static SESSIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntGaugeVec::new(
+            Opts::new("gateway_sessions", "Open sessions, by protocol"),
+            &["protocol"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+static COMMANDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "gateway_commands_total",
+                "Commands, by protocol, command and outcome (ok, err)",
+            ),
+            &["protocol", "command", "outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "gateway_events_total",
+                "auth_failed, auth_throttled, in_use, refused (too many sessions), tls_failed",
+            ),
+            &["protocol", "event"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+/// Counts a session while it lives.
+pub(crate) struct SessionGauge(&'static str);
+
+impl SessionGauge {
+    pub(crate) fn open(protocol: &'static str) -> Self {
+        SESSIONS.with_label_values(&[protocol]).inc();
+        Self(protocol)
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        SESSIONS.with_label_values(&[self.0]).dec();
+    }
+}
+
+pub(crate) fn command(protocol: &str, command: &str, ok: bool) {
+    COMMANDS
+        .with_label_values(&[protocol, command, if ok { "ok" } else { "err" }])
+        .inc();
+}
+
+pub(crate) fn event(protocol: &str, event: &str) {
+    EVENTS.with_label_values(&[protocol, event]).inc();
+}
+
+pub(crate) fn session_refused() {
+    event("pop3", "refused");
+}
+
+pub(crate) fn tls_failed() {
+    event("pop3", "tls_failed");
+}

@@ -1,0 +1,166 @@
+//! What the gateway needs from the storage service, over its gRPC API: one
+//! connection shared by every session (any pod serves any user; storage is the only
+//! state).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use mailmesh_proto::v1;
+use mailmesh_proto::v1::directory_client::DirectoryClient;
+use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+use tonic::transport::Channel;
+
+/// Storage did not answer, or answered something unusable; the client hears a
+/// temporary error.
+#[derive(Debug, thiserror::Error)]
+#[error("storage: {0}")]
+pub struct StoreError(pub String);
+
+impl From<tonic::Status> for StoreError {
+    fn from(s: tonic::Status) -> Self {
+        Self(format!("{:?}: {}", s.code(), s.message()))
+    }
+}
+
+/// A message in a mailbox listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub uid: u32,
+    pub size: u64,
+    pub flags: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    directory: DirectoryClient<Channel>,
+    mailboxes: MailboxesClient<Channel>,
+}
+
+impl Store {
+    /// Connects lazily: the first call reaches the service.
+    pub fn new(endpoint: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
+        let channel = Channel::from_shared(endpoint.to_owned())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        Ok(Self {
+            directory: DirectoryClient::new(channel.clone()),
+            mailboxes: MailboxesClient::new(channel)
+                .max_decoding_message_size(max_message_bytes.saturating_add(64 << 10)),
+        })
+    }
+
+    /// The user behind `address` and `password`, `None` when either is wrong (which
+    /// one is never said). Disabled users cannot log in.
+    pub async fn authenticate(
+        &self,
+        address: &str,
+        password: &str,
+    ) -> Result<Option<v1::UserRef>, StoreError> {
+        let r = self
+            .directory
+            .clone()
+            .authenticate(v1::AuthenticateRequest {
+                address: address.to_owned(),
+                password: password.to_owned(),
+            })
+            .await?
+            .into_inner();
+        Ok(match (r.ok, r.user) {
+            (true, Some(info)) if info.enabled => info.user,
+            _ => None,
+        })
+    }
+
+    /// The messages of `mailbox`, by UID, with its UIDVALIDITY.
+    pub async fn list(
+        &self,
+        user: &v1::UserRef,
+        mailbox: &str,
+    ) -> Result<(u32, Vec<Listed>), StoreError> {
+        let r = self
+            .mailboxes
+            .clone()
+            .list_messages(v1::MailboxRequest {
+                user: Some(user.clone()),
+                mailbox: mailbox.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let mut messages: Vec<Listed> = r
+            .messages
+            .into_iter()
+            .map(|m| Listed {
+                uid: m.uid,
+                size: m.size,
+                flags: m.flags,
+            })
+            .collect();
+        messages.sort_by_key(|m| m.uid);
+        Ok((r.uid_validity, messages))
+    }
+
+    /// The whole message.
+    pub async fn fetch(
+        &self,
+        user: &v1::UserRef,
+        mailbox: &str,
+        uid: u32,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut stream = self
+            .mailboxes
+            .clone()
+            .fetch(v1::FetchRequest {
+                user: Some(user.clone()),
+                mailbox: mailbox.to_owned(),
+                uid,
+                start: 0,
+                end: 0,
+            })
+            .await?
+            .into_inner();
+        let mut message = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            message.extend_from_slice(&chunk?.data);
+        }
+        Ok(message)
+    }
+
+    /// Flags `uids` `\Deleted` and expunges exactly those.
+    pub async fn remove(
+        &self,
+        user: &v1::UserRef,
+        mailbox: &str,
+        uids: &[u32],
+    ) -> Result<(), StoreError> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<v1::UidRange> = uids
+            .iter()
+            .map(|&uid| v1::UidRange {
+                first: uid,
+                last: uid,
+            })
+            .collect();
+        self.mailboxes
+            .clone()
+            .store_flags(v1::StoreFlagsRequest {
+                user: Some(user.clone()),
+                mailbox: mailbox.to_owned(),
+                uids: ranges.clone(),
+                action: v1::store_flags_request::Action::Add.into(),
+                flags: vec!["\\Deleted".into()],
+                unchanged_since: None,
+            })
+            .await?;
+        self.mailboxes
+            .clone()
+            .expunge(v1::ExpungeRequest {
+                user: Some(user.clone()),
+                mailbox: mailbox.to_owned(),
+                uids: ranges,
+            })
+            .await?;
+        Ok(())
+    }
+}
