@@ -10,11 +10,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use mailmesh_ingress::{Ingress, IngressConfig};
-use mailmesh_kit::{Secret, Shutdown};
-use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
-use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
-use mailmesh_storage::directory::TenantLimits;
-use mailmesh_storage::engine::{StorageConfig, StorageEngine};
+use mailmesh_kit::Shutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Site {
@@ -32,45 +28,22 @@ fn site() -> &'static Site {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let ingress = runtime.block_on(async {
-            let queue: Arc<dyn mailmesh_queue::Queue> = Arc::new(
-                EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
-                    .await
-                    .unwrap(),
-            );
-            let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
-                dir: dir.path().join("objects"),
-            }))
-            .unwrap();
-            let engine = StorageEngine::open(
-                queue.clone(),
-                objects.clone(),
-                StorageConfig {
-                    mailbox_partitions: 1,
-                    ..StorageConfig::default()
-                },
+            let platform = mailmesh_storage::testing::embedded(dir.path(), 1)
+                .await
+                .unwrap();
+            mailmesh_storage::testing::tenant_with_user(
+                &platform.engine,
+                "acme",
+                "alice@acme.test",
+                "pw",
             )
             .await
             .unwrap();
-            engine
-                .add_tenant("acme".parse().unwrap(), TenantLimits::default())
-                .await
-                .unwrap();
-            engine
-                .add_domain("acme".parse().unwrap(), "acme.test".parse().unwrap())
-                .await
-                .unwrap();
-            engine
-                .add_user(
-                    "alice@acme.test".parse().unwrap(),
-                    Secret::new("pw".into()),
-                    None,
-                )
-                .await
-                .unwrap();
+            let (queue, objects, engine) = (platform.queue, platform.objects, platform.engine);
             Ingress::new(
                 queue,
                 objects,
-                Arc::new(engine),
+                engine,
                 IngressConfig {
                     max_message_bytes: 64 << 10,
                     command_timeout: Duration::from_secs(1),
@@ -110,22 +83,25 @@ fuzz_target!(|input: &[u8]| {
         };
         let mut output = Vec::new();
         let read = reader.read_to_end(&mut output);
-        let (_, read) = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::join!(write, read)
-        })
-        .await
-        .expect("the session ends when the client's input does");
+        let (_, read) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(write, read) })
+                .await
+                .expect("the session ends when the client's input does");
         read.unwrap();
         session.await.expect("the session never panics");
         let text = String::from_utf8(output).expect("replies are UTF-8");
         for line in text.split_terminator("\r\n") {
             let b = line.as_bytes();
             assert!(
-                b.len() >= 3 && b[..3].iter().all(u8::is_ascii_digit)
+                b.len() >= 3
+                    && b[..3].iter().all(u8::is_ascii_digit)
                     && (b.len() == 3 || b[3] == b' ' || b[3] == b'-'),
                 "malformed reply line {line:?}"
             );
         }
-        assert!(text.is_empty() || text.ends_with("\r\n"), "unterminated reply");
+        assert!(
+            text.is_empty() || text.ends_with("\r\n"),
+            "unterminated reply"
+        );
     });
 });

@@ -11,10 +11,7 @@ use std::time::Duration;
 use mailmesh_cache::Cache;
 use mailmesh_gateway::{Gateway, Pop3Config, Store};
 use mailmesh_kit::{Secret, Shutdown};
-use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
-use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
-use mailmesh_storage::directory::TenantLimits;
-use mailmesh_storage::engine::{Delivery, StorageConfig, StorageEngine, UserRef};
+use mailmesh_storage::engine::{Delivery, StorageEngine, UserRef};
 use mailmesh_types::ReversePath;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -38,41 +35,14 @@ const MESSAGES: [&str; 3] = [
 /// messages in her INBOX.
 async fn site() -> Site {
     let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn mailmesh_queue::Queue> = Arc::new(
-        EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
+    let engine = mailmesh_storage::testing::embedded(dir.path(), 2)
+        .await
+        .unwrap()
+        .engine;
+    let alice =
+        mailmesh_storage::testing::tenant_with_user(&engine, "acme", "alice@acme.test", "pw")
             .await
-            .unwrap(),
-    );
-    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
-        dir: dir.path().join("objects"),
-    }))
-    .unwrap();
-    let engine = StorageEngine::open(
-        queue,
-        objects,
-        StorageConfig {
-            mailbox_partitions: 2,
-            ..StorageConfig::default()
-        },
-    )
-    .await
-    .unwrap();
-    engine
-        .add_tenant("acme".parse().unwrap(), TenantLimits::default())
-        .await
-        .unwrap();
-    engine
-        .add_domain("acme".parse().unwrap(), "acme.test".parse().unwrap())
-        .await
-        .unwrap();
-    let alice = engine
-        .add_user(
-            "alice@acme.test".parse().unwrap(),
-            Secret::new("pw".into()),
-            None,
-        )
-        .await
-        .unwrap();
+            .unwrap();
     let from: ReversePath = "bob@example.org".parse().unwrap();
     let to = "alice@acme.test".parse().unwrap();
     for (i, m) in MESSAGES.iter().enumerate() {
@@ -403,12 +373,9 @@ impl Client<TcpStream> {
 
 impl Client<tokio_rustls::client::TlsStream<TcpStream>> {
     async fn tls(port: u16) -> Self {
-        let config = rustls::ClientConfig::builder()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
-            .with_no_client_auth();
+        let config = mailmesh_testkit::tls::insecure_client_config();
         let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let tls = tokio_rustls::TlsConnector::from(config)
             .connect(
                 rustls::pki_types::ServerName::try_from("localhost").unwrap(),
                 tcp,
@@ -447,43 +414,5 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
     async fn cmd(&mut self, line: &str, prefix: &str) -> String {
         self.send(&format!("{line}\r\n")).await;
         self.expect(prefix).await
-    }
-}
-
-/// The tests talk to a self-signed certificate.
-#[derive(Debug)]
-struct AnyCertificate;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }

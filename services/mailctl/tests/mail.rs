@@ -22,17 +22,21 @@ fn ok(dev: &Dev, args: &[&str], stdin: &str) -> String {
 
 /// Runs a Python smtplib script against the dev SMTP port; returns its output.
 fn smtplib(dev: &Dev, script: &str) -> String {
-    let program = format!(
+    python(&format!(
         "import smtplib\ns = smtplib.SMTP('127.0.0.1', {port}, timeout=30)\n{script}\n",
         port = dev.smtp_port
-    );
+    ))
+}
+
+/// Runs a Python program (a client written by others); returns its output.
+fn python(program: &str) -> String {
     let out = Command::new("python3")
-        .args(["-c", &program])
+        .args(["-c", program])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "python smtplib failed: {}",
+        "python failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
@@ -64,6 +68,21 @@ fn dns() -> (mailmesh_testkit::dns::DnsServer, String) {
     (dns, servers)
 }
 
+/// `mailctl dev` asking its own DNS server, with tenant acme and alice@acme.test.
+async fn dev_with_alice() -> (mailmesh_testkit::dns::DnsServer, Dev) {
+    let (dns, servers) = dns();
+    let dev = start(&[("MAILMESH_AUTH__DNS__SERVERS", &servers)]);
+    wait_ready(&dev).await;
+    ok(&dev, &["tenant", "add", "acme"], "");
+    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
+    ok(
+        &dev,
+        &["user", "add", "alice@acme.test", "--password-stdin"],
+        "pw\n",
+    );
+    (dns, dev)
+}
+
 /// Every stored message file under the dev data directory that contains `needle`.
 fn stored_with(dev: &Dev, needle: &str) -> Vec<String> {
     fn walk(dir: &std::path::Path, needle: &str, out: &mut Vec<String>) {
@@ -86,16 +105,7 @@ fn stored_with(dev: &Dev, needle: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn smtplib_sends_and_the_message_lands_in_the_inbox() {
-    let (_dns, servers) = dns();
-    let dev = start(&[("MAILMESH_AUTH__DNS__SERVERS", &servers)]);
-    wait_ready(&dev).await;
-    ok(&dev, &["tenant", "add", "acme"], "");
-    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
-    ok(
-        &dev,
-        &["user", "add", "alice@acme.test", "--password-stdin"],
-        "pw\n",
-    );
+    let (_dns, dev) = dev_with_alice().await;
     ok(
         &dev,
         &["user", "add", "bob@acme.test", "--password-stdin"],
@@ -135,16 +145,7 @@ s.quit()
 
 #[tokio::test]
 async fn swaks_delivers_and_the_tenant_policy_files_forgeries_as_junk() {
-    let (_dns, servers) = dns();
-    let dev = start(&[("MAILMESH_AUTH__DNS__SERVERS", &servers)]);
-    wait_ready(&dev).await;
-    ok(&dev, &["tenant", "add", "acme"], "");
-    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
-    ok(
-        &dev,
-        &["user", "add", "alice@acme.test", "--password-stdin"],
-        "pw\n",
-    );
+    let (_dns, dev) = dev_with_alice().await;
     let swaks = |from: &str, header_from: &str, body: &str| {
         Command::new("swaks")
             .args(["--server", &format!("127.0.0.1:{}", dev.smtp_port)])

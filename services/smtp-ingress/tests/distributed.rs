@@ -181,7 +181,7 @@ async fn smtp_to_inbox_through_three_processes() {
     })
     .await;
     let mut directory = DirectoryClient::new(channel.clone());
-    let mut mailboxes = MailboxesClient::new(channel);
+    let mailboxes = MailboxesClient::new(channel);
     directory
         .add_tenant(v1::AddTenantRequest {
             tenant: "acme".into(),
@@ -249,24 +249,29 @@ print('sent')
         ingress.log()
     );
 
-    let status = wait_for("the message in the INBOX", &logs, || {
-        let mut mailboxes = mailboxes.clone();
+    let status = |mailbox: &'static str| {
+        let mailboxes = mailboxes.clone();
         let alice = alice.clone();
-        async move {
-            let s = mailboxes
-                .status(v1::MailboxRequest {
-                    user: Some(alice),
-                    mailbox: "INBOX".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (s.messages == 1).then_some(s)
+        move || {
+            let mut mailboxes = mailboxes.clone();
+            let alice = alice.clone();
+            async move {
+                let s = mailboxes
+                    .status(v1::MailboxRequest {
+                        user: Some(alice),
+                        mailbox: mailbox.into(),
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (s.messages == 1).then_some(s)
+            }
         }
-    })
-    .await;
-    assert_eq!(status.uid_next, 2);
+    };
+    let inbox = wait_for("the message in the INBOX", &logs, status("INBOX")).await;
+    assert_eq!(inbox.uid_next, 2);
     let mut stream = mailboxes
+        .clone()
         .fetch(v1::FetchRequest {
             user: Some(alice.clone()),
             mailbox: "INBOX".into(),
@@ -282,22 +287,7 @@ print('sent')
         message.extend(chunk.unwrap().data);
     }
     let message = String::from_utf8(message).unwrap();
-    let junk = wait_for("the quarantined message in Junk", &logs, || {
-        let mut mailboxes = mailboxes.clone();
-        let alice = alice.clone();
-        async move {
-            let s = mailboxes
-                .status(v1::MailboxRequest {
-                    user: Some(alice),
-                    mailbox: "Junk".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (s.messages == 1).then_some(s)
-        }
-    })
-    .await;
+    let junk = wait_for("the quarantined message in Junk", &logs, status("Junk")).await;
     assert_eq!(junk.messages, 1);
     // The connection was counted in Redis (the per-IP limit is cluster-wide).
     let counted = Command::new("redis-cli")

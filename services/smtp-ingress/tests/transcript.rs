@@ -85,11 +85,8 @@ impl Client<DuplexStream> {
     /// Completes a TLS handshake after `220` to STARTTLS.
     async fn tls(self) -> Client<tokio_rustls::client::TlsStream<DuplexStream>> {
         assert!(self.pending.is_empty(), "replies left before the handshake");
-        let config = rustls::ClientConfig::builder()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
-            .with_no_client_auth();
-        let io = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let config = mailmesh_testkit::tls::insecure_client_config();
+        let io = tokio_rustls::TlsConnector::from(config)
             .connect(
                 rustls::pki_types::ServerName::try_from("mx.acme.test").unwrap(),
                 self.io,
@@ -116,44 +113,6 @@ fn open(server: &Server, peer: &str, shutdown: &Shutdown) -> Client {
     Client {
         io: client,
         pending: Vec::new(),
-    }
-}
-
-/// Tests talk to a self-signed server: any certificate will do.
-#[derive(Debug)]
-struct AnyCertificate;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::aws_lc_rs::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

@@ -15,6 +15,7 @@ pub mod index;
 mod metrics;
 pub mod replica;
 pub mod server;
+pub mod testing;
 
 /// Why a command was refused. Each variant maps to one gRPC status and, at the front
 /// doors, to one SMTP/IMAP reply.

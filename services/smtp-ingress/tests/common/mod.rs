@@ -4,13 +4,9 @@
 
 use std::sync::Arc;
 
-use mailmesh_kit::Secret;
 use mailmesh_objstore::object_store::ObjectStore;
-use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
 use mailmesh_queue::Queue;
-use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
-use mailmesh_storage::directory::TenantLimits;
-use mailmesh_storage::engine::{StorageConfig, StorageEngine, UserRef};
+use mailmesh_storage::engine::{StorageEngine, UserRef};
 
 pub struct Platform {
     pub queue: Arc<dyn Queue>,
@@ -23,45 +19,21 @@ pub struct Platform {
 
 pub async fn platform() -> Platform {
     let dir = tempfile::tempdir().unwrap();
-    let queue: Arc<dyn Queue> = Arc::new(
-        EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
-            .await
-            .unwrap(),
-    );
-    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
-        dir: dir.path().join("objects"),
-    }))
-    .unwrap();
-    let engine = StorageEngine::open(
-        queue.clone(),
-        objects.clone(),
-        StorageConfig {
-            mailbox_partitions: 2,
-            ..StorageConfig::default()
-        },
+    let embedded = mailmesh_storage::testing::embedded(dir.path(), 2)
+        .await
+        .unwrap();
+    let alice = mailmesh_storage::testing::tenant_with_user(
+        &embedded.engine,
+        "acme",
+        "alice@acme.test",
+        "pw",
     )
     .await
     .unwrap();
-    engine
-        .add_tenant("acme".parse().unwrap(), TenantLimits::default())
-        .await
-        .unwrap();
-    engine
-        .add_domain("acme".parse().unwrap(), "acme.test".parse().unwrap())
-        .await
-        .unwrap();
-    let alice = engine
-        .add_user(
-            "alice@acme.test".parse().unwrap(),
-            Secret::new("pw".into()),
-            None,
-        )
-        .await
-        .unwrap();
     Platform {
-        queue,
-        objects,
-        engine,
+        queue: embedded.queue,
+        objects: embedded.objects,
+        engine: embedded.engine,
         alice,
         dir,
     }
