@@ -43,7 +43,7 @@ fn site() -> &'static Site {
             Ingress::new(
                 queue,
                 objects,
-                engine,
+                Arc::new(engine),
                 IngressConfig {
                     max_message_bytes: 64 << 10,
                     command_timeout: Duration::from_secs(1),
