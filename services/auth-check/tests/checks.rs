@@ -34,6 +34,8 @@ fn site() -> Site {
         r#"txt-record=example.test,"v=spf1 ip4:192.0.2.10 -all""#.to_owned(),
         r#"txt-record=_dmarc.example.test,"v=DMARC1; p=reject""#.to_owned(),
         format!(r#"txt-record=sel._domainkey.example.test,"v=DKIM1; k=ed25519; p={public}""#),
+        // The mailing list that forwards (and ARC-seals) with the same key.
+        format!(r#"txt-record=arc._domainkey.lists.test,"v=DKIM1; k=ed25519; p={public}""#),
         "host-record=mx.example.test,192.0.2.10".to_owned(),
         "ptr-record=10.2.0.192.in-addr.arpa,mx.example.test".to_owned(),
         "host-record=66.2.0.192.bl.test,127.0.0.2".to_owned(),
@@ -285,5 +287,55 @@ async fn client_verdicts_are_shared_between_pods_through_redis() {
             .await
             .unwrap()
             .is_none()
+    );
+}
+
+/// A mailing list changes the body (breaking the author's DKIM signature and DMARC)
+/// and ARC-seals what it received; the chain verifies, and the list's own
+/// Authentication-Results are what a receiver may choose to trust.
+#[tokio::test]
+async fn an_arc_sealed_forward_verifies_its_chain() {
+    use mail_auth::arc::ArcSealer;
+    use mail_auth::{ArcOutput, AuthenticatedMessage, AuthenticationResults};
+
+    let site = site();
+    let original = signed(&site.key, MESSAGE);
+    // The list adds a footer, then seals with its view of the original.
+    let mut forwarded = original.clone();
+    forwarded.extend_from_slice(b"--\r\nlist footer\r\n");
+    let parsed = AuthenticatedMessage::parse(&forwarded).unwrap();
+    let list_results = AuthenticationResults::new("lists.test").with_spf_mailfrom_result(
+        &mail_auth::SpfOutput::default(),
+        GOOD_IP.parse().unwrap(),
+        "alice@example.test",
+        "mx.example.test",
+    );
+    let seal = ArcSealer::from_key(Ed25519Key::from_pkcs8_der(&site.key).unwrap())
+        .domain("lists.test")
+        .selector("arc")
+        .headers(["From", "To", "Subject", "DKIM-Signature"])
+        .seal(&parsed, &list_results, &ArcOutput::default())
+        .unwrap();
+    let mut sealed = seal.to_header().into_bytes();
+    sealed.extend_from_slice(&forwarded);
+
+    let v = site
+        .checker
+        .check_message(MessageFacts {
+            mail_from: "bounces@lists.test",
+            ..facts(BAD_IP, &sealed)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.arc, AuthResult::Pass, "{v:?}");
+    assert_ne!(
+        v.dkim,
+        AuthResult::Pass,
+        "the footer broke the author's signature"
+    );
+    assert!(
+        v.authentication_results.contains("arc=pass"),
+        "{}",
+        v.authentication_results
     );
 }

@@ -111,7 +111,7 @@ async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smtp_to_inbox_through_three_processes() {
+async fn smtp_to_inbox_through_separate_processes() {
     let run = format!("e2e{}", uuid_like());
     let grpc = free_port();
     let auth_grpc = free_port();
@@ -196,17 +196,25 @@ async fn smtp_to_inbox_through_three_processes() {
         })
         .await
         .unwrap();
-    let alice = directory
-        .add_user(v1::AddUserRequest {
-            address: "alice@acme.test".into(),
-            password: "pw".into(),
-            quota_bytes: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let add_user = |address: &str| {
+        let mut directory = directory.clone();
+        let address = address.to_owned();
+        async move {
+            directory
+                .add_user(v1::AddUserRequest {
+                    address,
+                    password: "pw".into(),
+                    quota_bytes: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap()
+        }
+    };
+    let alice = add_user("alice@acme.test").await;
+    let carol = add_user("carol@acme.test").await;
 
     wait_for("auth-check listening", &logs, || async {
         std::net::TcpStream::connect(("127.0.0.1", auth_grpc)).ok()
@@ -223,7 +231,7 @@ s = smtplib.SMTP('127.0.0.1', {smtp}, timeout=60)
 s.ehlo('client.example.org')
 s.starttls(context=ssl._create_unverified_context())
 s.ehlo('client.example.org')
-s.sendmail('bob@example.org', ['alice@acme.test'],
+s.sendmail('bob@example.org', ['alice@acme.test', 'carol@acme.test'],
     b'Subject: distributed\r\nFrom: bob@example.org\r\n\r\nthrough three processes\r\n')
 try:
     s.sendmail('mallory@elsewhere.test', ['alice@acme.test'],
@@ -249,16 +257,16 @@ print('sent')
         ingress.log()
     );
 
-    let status = |mailbox: &'static str| {
+    let status = |user: &v1::UserRef, mailbox: &'static str| {
         let mailboxes = mailboxes.clone();
-        let alice = alice.clone();
+        let user = user.clone();
         move || {
             let mut mailboxes = mailboxes.clone();
-            let alice = alice.clone();
+            let user = user.clone();
             async move {
                 let s = mailboxes
                     .status(v1::MailboxRequest {
-                        user: Some(alice),
+                        user: Some(user),
                         mailbox: mailbox.into(),
                     })
                     .await
@@ -268,7 +276,15 @@ print('sent')
             }
         }
     };
-    let inbox = wait_for("the message in the INBOX", &logs, status("INBOX")).await;
+    let inbox = wait_for("the message in the INBOX", &logs, status(&alice, "INBOX")).await;
+    // The second recipient has it once too.
+    let other = wait_for(
+        "the message in carol's INBOX",
+        &logs,
+        status(&carol, "INBOX"),
+    )
+    .await;
+    assert_eq!(other.messages, 1);
     assert_eq!(inbox.uid_next, 2);
     let mut stream = mailboxes
         .clone()
@@ -287,7 +303,12 @@ print('sent')
         message.extend(chunk.unwrap().data);
     }
     let message = String::from_utf8(message).unwrap();
-    let junk = wait_for("the quarantined message in Junk", &logs, status("Junk")).await;
+    let junk = wait_for(
+        "the quarantined message in Junk",
+        &logs,
+        status(&alice, "Junk"),
+    )
+    .await;
     assert_eq!(junk.messages, 1);
     // The connection was counted in Redis (the per-IP limit is cluster-wide).
     let counted = Command::new("redis-cli")
