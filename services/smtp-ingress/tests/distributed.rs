@@ -1,9 +1,11 @@
-//! The inbound path as deployed: `storage`, `auth-check`, `delivery-worker` and
-//! `smtp-ingress` as separate processes on real Kafka, S3 and Redis (`MMTEST_*`), with
+//! The inbound path as deployed: `storage`, `auth-check`, `delivery-worker`,
+//! `smtp-ingress` and `imap-pop3-gateway` as separate processes on real Kafka, S3 and
+//! Redis (`MMTEST_*`), with
 //! a real DNS server (dnsmasq) publishing SPF and DMARC records. Python's smtplib
 //! sends over STARTTLS; the message ends up in the user's INBOX with its trace and
 //! Authentication-Results headers; a DMARC p=reject forgery is refused and a
-//! p=quarantine one is filed in Junk.
+//! p=quarantine one is filed in Junk; a second recipient reads the message over POP3
+//! (poplib, STLS) and deletes it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -173,7 +175,24 @@ async fn smtp_to_inbox_through_separate_processes() {
     env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
     env.push(("MAILMESH_WORKER__HOSTNAME", "mx.acme.test".into()));
     let worker = spawn("delivery-worker", &env);
-    let logs = [&storage, &auth, &ingress, &worker];
+    // The gateway reads what was delivered: POP3 with STLS, locks in Redis.
+    let pop3 = free_port();
+    let mut env: Vec<_> = backends(&run)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("MAILMESH_QUEUE") && !k.starts_with("MAILMESH_OBJECT"))
+        .collect();
+    env.push(("MAILMESH_POP3_LISTEN", format!("127.0.0.1:{pop3}")));
+    env.push((
+        "MAILMESH_POP3S_LISTEN",
+        format!("127.0.0.1:{}", free_port()),
+    ));
+    env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
+    env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
+    env.push(("MAILMESH_TLS__KEY_FILE", key.display().to_string()));
+    env.push(("MAILMESH_CACHE__REDIS__URL", backend_env("MMTEST_REDIS")));
+    env.push(("MAILMESH_CACHE__REDIS__KEY_PREFIX", format!("{run}:")));
+    let gateway = spawn("imap-pop3-gateway", &env);
+    let logs = [&storage, &auth, &ingress, &worker, &gateway];
 
     let channel = wait_for("storage listening", &logs, || {
         let endpoint = endpoint.clone();
