@@ -2,7 +2,7 @@
 # Installs (if missing) and starts (if not listening) the real backends the integration
 # tests run against: a Kafka-compatible broker (tansu), an S3 server (s3s-fs) and Redis.
 # Also installs the chart tools (helm, kubernetes-validate), dnsmasq (the tests' DNS
-# server) and swaks.
+# server), swaks and haproxy.
 #
 #   scripts/backends.sh install   # tools only
 #   scripts/backends.sh start     # install, then start what is not running
@@ -54,17 +54,21 @@ install_redis() {
   if command -v service >/dev/null 2>&1; then service redis-server stop >/dev/null 2>&1 || true; fi
 }
 
-# The tests' DNS server (each test starts its own on a free port with its records)
-# and swaks, an SMTP client written by others that the end-to-end tests send with.
+# The tests' DNS server (each test starts its own on a free port with its records),
+# swaks (an SMTP client written by others the end-to-end tests send with) and HAProxy
+# (the load balancer of the rolling-restart test).
 install_debian_tools() {
   local missing=()
   [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
   command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+  [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
   if [ ${#missing[@]} -eq 0 ]; then return; fi
   log "installing ${missing[*]} from Debian"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The haproxy package starts a system instance; the test runs its own.
+  if command -v service >/dev/null 2>&1; then service haproxy stop >/dev/null 2>&1 || true; fi
 }
 
 install_tansu() {

@@ -7,110 +7,17 @@
 //! p=quarantine one is filed in Junk; a second recipient reads the message over POP3
 //! (poplib, STLS) and deletes it.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::process::Command;
+
+use common::processes::{backends, spawn, stateless, uuid_like, wait_for};
 use futures::StreamExt;
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
 use mailmesh_testkit::{backend_env, free_port};
 use tonic::transport::Channel;
-
-/// A binary of the workspace, built next to this package's.
-fn binary(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_BIN_EXE_smtp-ingress"));
-    let path = dir.parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run the workspace's tests (cargo nextest run --workspace)",
-        path.display()
-    );
-    path
-}
-
-struct Process(Child, tempfile::NamedTempFile);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.1.path()).unwrap_or_default()
-    }
-}
-
-fn spawn(name: &str, env: &[(&str, String)]) -> Process {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let child = Command::new(binary(name))
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(log.reopen().unwrap())
-        .stderr(log.reopen().unwrap())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    Process(child, log)
-}
-
-fn backends(run: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("MAILMESH_TELEMETRY__LOG_FORMAT", "text".into()),
-        ("MAILMESH_SHUTDOWN__READINESS_GRACE", "0s".into()),
-        (
-            "MAILMESH_ADMIN__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        ),
-        (
-            "MAILMESH_QUEUE__KAFKA__BROKERS",
-            backend_env("MMTEST_KAFKA"),
-        ),
-        ("MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR", "1".into()),
-        (
-            "MAILMESH_OBJECT_STORE__S3__BUCKET",
-            backend_env("MMTEST_S3_BUCKET"),
-        ),
-        (
-            "MAILMESH_OBJECT_STORE__S3__ENDPOINT",
-            backend_env("MMTEST_S3"),
-        ),
-        (
-            "MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID",
-            backend_env("MMTEST_S3_ACCESS_KEY"),
-        ),
-        (
-            "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY",
-            backend_env("MMTEST_S3_SECRET_KEY"),
-        ),
-        ("RUN", run.to_owned()),
-    ]
-    .into_iter()
-    .filter(|(k, _)| *k != "RUN")
-    .collect()
-}
-
-async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    logs: &[&Process],
-    mut probe: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = logs.iter().map(|p| p.log()).collect();
-            panic!("{what} did not happen; logs:\n{}", logs.join("\n-----\n"));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_to_inbox_through_separate_processes() {
@@ -142,10 +49,7 @@ async fn smtp_to_inbox_through_separate_processes() {
     let storage = spawn("storage", &env);
 
     // auth-check keeps no state: it is only told where DNS is.
-    let mut env: Vec<_> = backends(&run)
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("MAILMESH_QUEUE") && !k.starts_with("MAILMESH_OBJECT"))
-        .collect();
+    let mut env = stateless(&run);
     env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{auth_grpc}")));
     env.push(("MAILMESH_AUTH__AUTHSERV_ID", "mx.acme.test".into()));
     env.push(("MAILMESH_AUTH__DNS__SERVERS", format!("[\"{}\"]", dns.addr)));
@@ -177,10 +81,7 @@ async fn smtp_to_inbox_through_separate_processes() {
     let worker = spawn("delivery-worker", &env);
     // The gateway reads what was delivered: POP3 with STLS, locks in Redis.
     let pop3 = free_port();
-    let mut env: Vec<_> = backends(&run)
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("MAILMESH_QUEUE") && !k.starts_with("MAILMESH_OBJECT"))
-        .collect();
+    let mut env = stateless(&run);
     env.push(("MAILMESH_POP3_LISTEN", format!("127.0.0.1:{pop3}")));
     env.push((
         "MAILMESH_POP3S_LISTEN",
@@ -364,13 +265,4 @@ print('sent')
         ),
         "{message}"
     );
-}
-
-/// A unique suffix without pulling a UUID crate into this test.
-fn uuid_like() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{nanos:x}{}", std::process::id())
 }

@@ -2,6 +2,8 @@
 //! storage engine, tenant `acme` with domain `acme.test` and user `alice@acme.test`.
 #![allow(dead_code)]
 
+pub mod processes;
+
 use std::sync::Arc;
 
 use mailmesh_objstore::object_store::ObjectStore;

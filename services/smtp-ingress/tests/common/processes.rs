@@ -1,0 +1,140 @@
+//! The services as separate processes, as deployed: spawned from the workspace's
+//! binaries with `MAILMESH_*` configuration, their output kept for failure reports.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mailmesh_testkit::{backend_env, free_port};
+
+/// A binary of the workspace, built next to this package's.
+pub fn binary(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_BIN_EXE_smtp-ingress"));
+    let path = dir.parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the workspace's tests (cargo nextest run --workspace)",
+        path.display()
+    );
+    path
+}
+
+pub struct Process(pub Child, pub tempfile::NamedTempFile);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.1.path()).unwrap_or_default()
+    }
+}
+
+pub fn spawn(name: &str, env: &[(&str, String)]) -> Process {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new(binary(name))
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Process(child, log)
+}
+
+pub fn backends(run: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("MAILMESH_TELEMETRY__LOG_FORMAT", "text".into()),
+        ("MAILMESH_SHUTDOWN__READINESS_GRACE", "0s".into()),
+        (
+            "MAILMESH_ADMIN__LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        (
+            "MAILMESH_QUEUE__KAFKA__BROKERS",
+            backend_env("MMTEST_KAFKA"),
+        ),
+        ("MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR", "1".into()),
+        (
+            "MAILMESH_OBJECT_STORE__S3__BUCKET",
+            backend_env("MMTEST_S3_BUCKET"),
+        ),
+        (
+            "MAILMESH_OBJECT_STORE__S3__ENDPOINT",
+            backend_env("MMTEST_S3"),
+        ),
+        (
+            "MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID",
+            backend_env("MMTEST_S3_ACCESS_KEY"),
+        ),
+        (
+            "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY",
+            backend_env("MMTEST_S3_SECRET_KEY"),
+        ),
+        ("RUN", run.to_owned()),
+    ]
+    .into_iter()
+    .filter(|(k, _)| *k != "RUN")
+    .collect()
+}
+
+pub async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    logs: &[&Process],
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = logs.iter().map(|p| p.log()).collect();
+            panic!("{what} did not happen; logs:\n{}", logs.join("\n-----\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The variables of a service that keeps no state (no queue, no object store).
+pub fn stateless(run: &str) -> Vec<(&'static str, String)> {
+    backends(run)
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("MAILMESH_QUEUE") && !k.starts_with("MAILMESH_OBJECT"))
+        .collect()
+}
+
+impl Process {
+    /// SIGTERM, then waits for the exit (the drain) up to `within`.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A unique suffix without pulling a UUID crate into this test.
+pub fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{nanos:x}{}", std::process::id())
+}
