@@ -416,3 +416,60 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         self.expect(prefix).await
     }
 }
+
+/// fetchmail (Debian) downloads the maildrop over STLS and, not told to keep it,
+/// deletes what it fetched at QUIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetchmail_downloads_and_empties_the_maildrop() {
+    let site = site().await;
+    let (port, _) = pod(&site, memory(), Pop3Config::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fetched");
+    let rc = dir.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "poll 127.0.0.1 service {port} protocol POP3 auth password\n  \
+             user \"alice@acme.test\" there with password \"pw\" is \"alice\" here\n  \
+             sslproto \"tls1.2+\" no sslcertck\n  \
+             mda \"/bin/sh -c 'cat >> {}; echo ===== >> {}'\"\n",
+            out.display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&rc).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    std::fs::set_permissions(&rc, perms).unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new("fetchmail")
+            .args(["-f"])
+            .arg(&rc)
+            .args(["--nosyslog", "--nodetach", "--pidfile"])
+            .arg(rc.with_extension("pid"))
+            .env("HOME", rc.parent().unwrap())
+            .output()
+            .expect("fetchmail (scripts/backends.sh installs it)")
+    })
+    .await
+    .unwrap();
+    let fetched = std::fs::read_to_string(&out).unwrap_or_default();
+    assert_eq!(
+        fetched.matches("=====").count(),
+        3,
+        "fetchmail: {}\n{}\n{fetched}",
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr)
+    );
+    for subject in ["Subject: one", "Subject: two", "Subject: three"] {
+        assert!(fetched.contains(subject), "{fetched}");
+    }
+    assert!(
+        fetched.contains("\n.starts with a dot"),
+        "dot-stuffing undone"
+    );
+    assert!(
+        inbox_uids(&site).await.is_empty(),
+        "fetched mail is deleted"
+    );
+}
