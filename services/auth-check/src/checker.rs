@@ -217,10 +217,15 @@ impl Checker {
                         let listed = answer.entry.iter().any(|a| {
                             a.octets()[0] == 127 && !(a.octets()[1] == 255 && a.octets()[2] == 255)
                         });
-                        if !listed {
+                        if listed {
+                            Ok(Some(zone.clone()))
+                        } else {
+                            // A refusal (rate limit, public resolver): no answer, so
+                            // the verdict is not remembered.
                             tracing::warn!(%zone, answer = ?answer.entry, "DNS list refused the query");
+                            crate::metrics::result(method, "refused");
+                            Err(())
                         }
-                        Ok(listed.then(|| zone.clone()))
                     }
                     Err(Error::Dns(DnsError::RecordNotFound(_))) => Ok(None),
                     Err(e) => {

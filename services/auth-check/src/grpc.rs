@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use mailmesh_kit::Shutdown;
@@ -16,6 +17,9 @@ use tracing::Instrument;
 
 use crate::verdict::{ClientVerdict, MessageVerdict};
 use crate::{AuthCheck, Checker, MessageFacts, Unavailable};
+
+/// The longest a front door waits for a verdict (DNS timeouts included).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Room for the request's other fields around the message.
 const ENVELOPE_SLACK: usize = 64 << 10;
@@ -95,7 +99,11 @@ pub struct GrpcAuthCheck(AuthCheckClient<Channel>);
 impl GrpcAuthCheck {
     /// Connects lazily: the first call reaches the service.
     pub fn new(endpoint: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
-        let channel = Channel::from_shared(endpoint.to_owned())?.connect_lazy();
+        // A check that takes longer is answered 451 by the caller, not waited for.
+        let channel = Channel::from_shared(endpoint.to_owned())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
         Ok(Self(
             AuthCheckClient::new(channel)
                 .max_encoding_message_size(max_message_bytes.saturating_add(ENVELOPE_SLACK)),

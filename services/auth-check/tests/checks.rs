@@ -39,6 +39,8 @@ fn site() -> Site {
         "host-record=mx.example.test,192.0.2.10".to_owned(),
         "ptr-record=10.2.0.192.in-addr.arpa,mx.example.test".to_owned(),
         "host-record=66.2.0.192.bl.test,127.0.0.2".to_owned(),
+        // The list refuses this query (as Spamhaus does for public resolvers).
+        "host-record=88.2.0.192.bl.test,127.255.255.254".to_owned(),
         "host-record=10.2.0.192.wl.test,127.0.0.5".to_owned(),
     ];
     let dns = DnsServer::start(&records);
@@ -277,6 +279,19 @@ async fn client_verdicts_are_shared_between_pods_through_redis() {
     assert_eq!(
         second.check_client(bad).await.unwrap().blocked_by(),
         Some("bl.test")
+    );
+    // A refusal by the list is no answer: not listed, and not remembered.
+    let refused: IpAddr = "192.0.2.88".parse().unwrap();
+    assert_eq!(
+        first.check_client(refused).await.unwrap().blocked_by(),
+        None
+    );
+    assert!(
+        cache
+            .get(&format!("auth:client:{refused}"))
+            .await
+            .unwrap()
+            .is_none()
     );
     // What it could not look up itself is not cached for the others.
     let other: IpAddr = "192.0.2.77".parse().unwrap();

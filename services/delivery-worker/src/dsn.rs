@@ -141,7 +141,9 @@ pub fn failure_report(
     }
     bytes.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
 
-    let smtputf8 = global || sender.is_utf8();
+    // The report's own headers are ASCII; message/global parts need only 8BITMIME,
+    // so SMTPUTF8 is asked of the next hop only for a UTF-8 sender address.
+    let smtputf8 = sender.is_utf8();
     Some(Envelope {
         queue_id,
         tenant: original.tenant.clone(),
@@ -283,7 +285,10 @@ mod tests {
             "mx.acme.test",
         )
         .unwrap();
-        assert!(report.smtputf8);
+        assert!(
+            !report.smtputf8,
+            "an ASCII sender's report needs no SMTPUTF8"
+        );
         let BodyRef::Inline(body) = &report.body else {
             panic!("inline");
         };

@@ -24,6 +24,8 @@ const PROTOCOL: &str = "pop3";
 const MAILDROP: &str = "INBOX";
 /// Every failed login costs the client this long before the answer.
 const FAILURE_DELAY: Duration = Duration::from_secs(1);
+/// Every login to an account with many recent failures waits this long first.
+const ACCOUNT_DELAY: Duration = Duration::from_secs(5);
 
 /// What the loop does after a command.
 enum Next {
@@ -100,7 +102,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let greeting = format!("+OK {} POP3 (mailmesh) ready\r\n", gw.config.hostname);
     let upgrade = match session.converse(&mut io, &greeting, shutdown).await {
         Ok(Next::StartTls) => true,
-        Ok(_) => false,
+        Ok(_) => {
+            let _ = io.get_mut().shutdown().await;
+            false
+        }
         Err(e) => {
             tracing::debug!(%peer, error = %e, "pop3 session ended with an error");
             false
@@ -114,8 +119,14 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(tls)) => {
                 session.tls = true;
                 let mut io = BufReader::new(tls);
-                if let Err(e) = session.converse(&mut io, "", shutdown).await {
-                    tracing::debug!(%peer, error = %e, "pop3 session ended with an error");
+                match session.converse(&mut io, "", shutdown).await {
+                    // close_notify, so the client knows the last reply was whole.
+                    Ok(_) => {
+                        let _ = io.get_mut().shutdown().await;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "pop3 session ended with an error");
+                    }
                 }
             }
             _ => crate::metrics::tls_failed(),
@@ -228,6 +239,8 @@ impl Session<'_> {
                 (Next::Continue, true)
             }
             ("STLS", false) if !self.tls => {
+                // RFC 2595 4: nothing said before TLS carries over.
+                self.user_name = None;
                 send(io, "+OK Begin TLS negotiation\r\n").await?;
                 (Next::StartTls, true)
             }
@@ -433,20 +446,30 @@ impl Session<'_> {
         let name = name.trim().to_ascii_lowercase();
         let window = self.gw.config.failure_window;
         let limit = i64::from(self.gw.config.max_auth_failures);
-        let by_ip = format!("pop3:authfail:ip:{}", self.peer.ip());
+        let by_ip = format!("pop3:authfail:ip:{}", address_key(self.peer.ip()));
         let by_name = (!name.is_empty()
             && name.len() <= 320
             && !name.chars().any(|c| c.is_control() || c.is_whitespace()))
         .then(|| format!("pop3:authfail:user:{name}"));
-        let mut failures = 0;
-        for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
-            // An unreachable cache does not stop logins; it only lifts the limit.
-            failures = failures.max(self.gw.cache.incr(key, 0, window).await.unwrap_or(0));
-        }
-        if failures >= limit {
+        // An unreachable cache does not stop logins; it only lifts the limits.
+        let cache = self.gw.cache.clone();
+        let failures = |key: String| {
+            let cache = cache.clone();
+            async move { cache.incr(&key, 0, window).await.unwrap_or(0) }
+        };
+        // Too many failures from one address (or IPv6 /64): refused for a while.
+        if failures(by_ip.clone()).await >= limit {
             crate::metrics::event(PROTOCOL, "auth_throttled");
             tokio::time::sleep(FAILURE_DELAY).await;
             return "-ERR [AUTH] Too many failed logins, try again later\r\n".into();
+        }
+        // Too many on one account: slowed down, never locked out (anyone could lock
+        // a user out otherwise), and the same whether the account exists or not.
+        if let Some(key) = &by_name
+            && failures(key.clone()).await >= limit
+        {
+            crate::metrics::event(PROTOCOL, "auth_throttled");
+            tokio::time::sleep(ACCOUNT_DELAY).await;
         }
         let user = match by_name {
             Some(_) => match self.gw.store.authenticate(&name, password).await {
@@ -468,6 +491,8 @@ impl Session<'_> {
         };
         let lock_key = format!("pop3:lock:{}:{}", user.tenant, user.user_id);
         let ttl = self.gw.config.lock_ttl;
+        // Measured before the cache starts the lock's clock, so it errs early.
+        let locked_until = Instant::now() + ttl;
         let token = match self.gw.cache.try_lock(&lock_key, ttl).await {
             Ok(Some(token)) => token,
             Ok(None) => {
@@ -479,7 +504,6 @@ impl Session<'_> {
                 return "-ERR [SYS/TEMP] Try again later\r\n".into();
             }
         };
-        let locked_until = Instant::now() + ttl;
         match self.gw.store.list(&user, MAILDROP).await {
             Ok((uid_validity, messages)) => {
                 // Messages an IMAP client marked \Deleted are already on their way out.
@@ -544,6 +568,7 @@ impl Session<'_> {
         dot_stuff(part, &mut out);
         out.extend_from_slice(b".\r\n");
         io.get_mut().write_all(&out).await?;
+        io.get_mut().flush().await?;
         Ok(true)
     }
 
@@ -552,6 +577,11 @@ impl Session<'_> {
         let Some(m) = &self.maildrop else {
             return "+OK Bye\r\n".into();
         };
+        if Instant::now() >= m.locked_until {
+            // Another session may hold the maildrop by now: change nothing.
+            self.maildrop = None;
+            return "-ERR [IN-USE] Session too long, nothing deleted\r\n".into();
+        }
         let uids: Vec<u32> = m
             .messages
             .iter()
@@ -631,12 +661,29 @@ async fn read_line<S: AsyncRead + Unpin>(
     }
 }
 
+/// What failure counts are kept under: the address, or its /64 for IPv6 (one
+/// subscriber's whole network).
+fn address_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
 /// The header section and the first `lines` lines of the body (RFC 1939 TOP).
 fn top(message: &[u8], lines: usize) -> &[u8] {
-    let body_start = message
+    let crlf = message
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .map_or(message.len(), |i| i + 4);
+        .map(|i| i + 4);
+    let lf = message.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let body_start = match (crlf, lf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b).unwrap_or(message.len()),
+    };
     let mut end = body_start;
     for _ in 0..lines {
         match message[end..].iter().position(|&b| b == b'\n') {

@@ -39,8 +39,11 @@ pub struct Store {
 impl Store {
     /// Connects lazily: the first call reaches the service.
     pub fn new(endpoint: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
+        // A call that takes longer fails (the client hears [SYS/TEMP]); for Fetch the
+        // limit covers the start of the stream.
         let channel = Channel::from_shared(endpoint.to_owned())?
             .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
             .connect_lazy();
         Ok(Self {
             directory: DirectoryClient::new(channel.clone()),

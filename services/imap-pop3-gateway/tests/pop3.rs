@@ -338,8 +338,8 @@ async fn pods_share_the_maildrop_lock_and_failure_limits_in_redis() {
     second.cmd("PASS pw", "+OK Logged in").await;
     second.cmd("QUIT", "+OK").await;
 
-    // Three wrong passwords, spread over both pods, lock the account out of both,
-    // whether or not it exists.
+    // Three wrong passwords from one address, spread over both pods, refuse that
+    // address on both (the account itself is only slowed down, never locked out).
     for (port, user) in [
         (one, "carol@acme.test"),
         (two, "carol@acme.test"),

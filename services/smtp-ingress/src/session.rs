@@ -1019,7 +1019,12 @@ fn header_value(field: &str) -> String {
 /// arrived from outside, so they are forgeries (a sender vouching for itself);
 /// they are removed, every other header and the body stay byte for byte.
 pub fn strip_forged_results(message: Vec<u8>, authserv_id: &str) -> Vec<u8> {
-    let headers_end = find(&message, b"\r\n\r\n").map_or(message.len(), |i| i + 2);
+    // A message that starts with its blank line has no header section at all.
+    let headers_end = if message.starts_with(b"\r\n") {
+        0
+    } else {
+        find(&message, b"\r\n\r\n").map_or(message.len(), |i| i + 2)
+    };
     let mut fields = Vec::new();
     let mut start = 0;
     while start < headers_end {
@@ -1039,10 +1044,7 @@ pub fn strip_forged_results(message: Vec<u8>, authserv_id: &str) -> Vec<u8> {
         let (name, value) = field.split_at(colon);
         name.trim_ascii()
             .eq_ignore_ascii_case(b"authentication-results")
-            && String::from_utf8_lossy(&value[1..])
-                .trim_start()
-                .split(|c: char| c == ';' || c.is_whitespace())
-                .next()
+            && first_token(&String::from_utf8_lossy(&value[1..]))
                 .is_some_and(|id| id.eq_ignore_ascii_case(authserv_id))
     };
     if !fields.iter().any(|r| forged(&message[r.clone()])) {
@@ -1056,6 +1058,36 @@ pub fn strip_forged_results(message: Vec<u8>, authserv_id: &str) -> Vec<u8> {
     }
     out.extend_from_slice(&message[headers_end..]);
     out
+}
+
+/// The authserv-id of an Authentication-Results value: the first token after any
+/// folding whitespace and (nested) comments, without quotes (RFC 8601 2.2 allows
+/// CFWS and a quoted-string there).
+fn first_token(value: &str) -> Option<String> {
+    let mut depth = 0usize;
+    let mut token = String::new();
+    let mut quoted = false;
+    for c in value.chars() {
+        match c {
+            '"' if depth == 0 => {
+                if quoted {
+                    return Some(token);
+                }
+                quoted = true;
+            }
+            _ if quoted => token.push(c),
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            _ if depth > 0 => {}
+            c if c.is_whitespace() || c == ';' => {
+                if !token.is_empty() {
+                    return Some(token);
+                }
+            }
+            c => token.push(c),
+        }
+    }
+    (!token.is_empty()).then_some(token)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -1121,7 +1153,28 @@ fn parse_error_reply(e: &ParseError) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize_line_ends;
+    use super::{normalize_line_ends, strip_forged_results};
+
+    #[test]
+    fn forged_authentication_results_are_removed_whatever_their_spelling() {
+        let message = b"Authentication-Results: (c) mx.acme.test; dkim=pass\r\n\
+            Authentication-Results: \"MX.ACME.TEST\";\r\n dmarc=pass\r\n\
+            Authentication-Results:mx.acme.test; spf=pass\r\n\
+            Authentication-Results: other.example; spf=pass\r\n\
+            Authentication-Results: mx.acme.test.evil; spf=pass\r\n\
+            Subject: hi\r\n\r\nAuthentication-Results: mx.acme.test; in the body\r\n"
+            .to_vec();
+        let kept = String::from_utf8(strip_forged_results(message, "mx.acme.test")).unwrap();
+        assert_eq!(
+            kept,
+            "Authentication-Results: other.example; spf=pass\r\n\
+             Authentication-Results: mx.acme.test.evil; spf=pass\r\n\
+             Subject: hi\r\n\r\nAuthentication-Results: mx.acme.test; in the body\r\n"
+        );
+        // No header section: the body is left alone.
+        let bare = b"\r\nAuthentication-Results: mx.acme.test; x\r\n".to_vec();
+        assert_eq!(strip_forged_results(bare.clone(), "mx.acme.test"), bare);
+    }
 
     #[test]
     fn bare_line_ends_become_crlf() {

@@ -128,7 +128,11 @@ pub struct GrpcMailstore {
 impl GrpcMailstore {
     /// Connects lazily: the first call reaches the service.
     pub fn new(endpoint: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
-        let channel = Channel::from_shared(endpoint.to_owned())?.connect_lazy();
+        // A call that takes longer fails as a temporary error (451 / retried).
+        let channel = Channel::from_shared(endpoint.to_owned())?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(120))
+            .connect_lazy();
         Ok(Self {
             directory: DirectoryClient::new(channel.clone()),
             mailboxes: MailboxesClient::new(channel)
