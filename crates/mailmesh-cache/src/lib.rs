@@ -58,6 +58,10 @@ pub trait Cache: Send + Sync {
     /// Releases the lock if `token` still holds it; returns whether it did.
     async fn unlock(&self, key: &str, token: &LockToken) -> Result<bool>;
 
+    /// Gives the lock `ttl` more from now if `token` still holds it; false when it
+    /// expired or someone else took it (the holder has lost it).
+    async fn extend_lock(&self, key: &str, token: &LockToken, ttl: Duration) -> Result<bool>;
+
     /// Publishes to every current subscriber of `channel`; returns how many got it
     /// (in this process for the in-process cache, on this server for Redis).
     async fn publish(&self, channel: &str, message: Bytes) -> Result<usize>;

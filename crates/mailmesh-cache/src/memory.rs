@@ -131,6 +131,17 @@ impl Cache for MemoryCache {
         }))
     }
 
+    async fn extend_lock(&self, key: &str, token: &LockToken, ttl: Duration) -> Result<bool> {
+        validate_key(key)?;
+        Ok(self.with_entries(|m, now| match m.get_mut(key) {
+            Some(e) if e.live(now) && e.value == token.0.as_bytes() => {
+                e.expires = Some(now + ttl);
+                true
+            }
+            _ => false,
+        }))
+    }
+
     async fn publish(&self, channel: &str, message: Bytes) -> Result<usize> {
         validate_key(channel)?;
         let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());

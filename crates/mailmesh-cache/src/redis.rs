@@ -44,6 +44,13 @@ end
 return 0
 "#;
 
+const EXTEND: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -132,6 +139,16 @@ impl Cache for RedisCache {
         let n: i64 = redis::Script::new(UNLOCK)
             .key(self.key(key)?)
             .arg(&token.0)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn extend_lock(&self, key: &str, token: &LockToken, ttl: Duration) -> Result<bool> {
+        let n: i64 = redis::Script::new(EXTEND)
+            .key(self.key(key)?)
+            .arg(&token.0)
+            .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(n > 0)

@@ -123,8 +123,38 @@ async fn locks(cache: Arc<dyn Cache>) {
             .unwrap()
             .is_some()
     );
-    // An expired lock is free again, and the old holder can no longer release it.
+    // A holder keeps its lock alive by extending it; a stranger cannot.
+    assert!(
+        cache
+            .extend_lock("acme:lock2", &other, Duration::from_millis(400))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !cache
+            .extend_lock("acme:lock2", &token, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        "a stranger's token"
+    );
     tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        cache
+            .try_lock("acme:lock2", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none(),
+        "extended past its first expiry"
+    );
+    // An expired lock is free again, and the old holder can no longer release it
+    // nor extend it.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        !cache
+            .extend_lock("acme:lock2", &other, Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
     let next = cache
         .try_lock("acme:lock2", Duration::from_secs(5))
         .await

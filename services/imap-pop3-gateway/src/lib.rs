@@ -48,8 +48,8 @@ pub struct Pop3Config {
     pub max_auth_failures: u32,
     #[serde(with = "humantime_serde")]
     pub failure_window: Duration,
-    /// How long a maildrop lock lasts; a session is ended when it runs out, so a
-    /// crashed pod's lock frees itself.
+    /// How long a maildrop lock lasts unless renewed; a live session renews it every
+    /// third of this, so a crashed pod's lock frees itself after at most this long.
     #[serde(with = "humantime_serde")]
     pub lock_ttl: Duration,
     /// Largest message the gateway will hand out.
@@ -67,7 +67,7 @@ impl Default for Pop3Config {
             allow_plaintext_auth: false,
             max_auth_failures: 10,
             failure_window: Duration::from_secs(900),
-            lock_ttl: Duration::from_secs(3600),
+            lock_ttl: Duration::from_secs(120),
             max_message_bytes: 64 << 20,
         }
     }
@@ -85,6 +85,12 @@ impl Validate for Pop3Config {
             return Err(ConfigError::invalid(
                 "pop3.idle_timeout",
                 "RFC 1939 requires at least 10 minutes",
+            ));
+        }
+        if self.lock_ttl < Duration::from_millis(300) {
+            return Err(ConfigError::invalid(
+                "pop3.lock_ttl",
+                "at least 300ms (it is renewed every third of it)",
             ));
         }
         if self.max_errors == 0 || self.max_connections == 0 || self.max_auth_failures == 0 {

@@ -9,6 +9,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -47,13 +49,25 @@ struct Maildrop {
     user: v1::UserRef,
     lock_key: String,
     token: LockToken,
-    locked_until: Instant,
+    /// Set by the renewal task when the lock can no longer be confirmed.
+    lost: Arc<AtomicBool>,
+    renewal: tokio::task::AbortHandle,
     uid_validity: u32,
     messages: Vec<Listed>,
     deleted: Vec<bool>,
 }
 
+impl Drop for Maildrop {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
 impl Maildrop {
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
     /// The message numbered `arg` (1-based), if it exists and is not deleted.
     fn message(&self, arg: Option<&str>) -> Option<(usize, &Listed)> {
         let n: usize = arg?.parse().ok()?;
@@ -147,12 +161,8 @@ impl Session<'_> {
             io.get_mut().write_all(greeting.as_bytes()).await?;
         }
         loop {
-            if self
-                .maildrop
-                .as_ref()
-                .is_some_and(|m| Instant::now() >= m.locked_until)
-            {
-                send(io, "-ERR [IN-USE] Session too long, maildrop released\r\n").await?;
+            if self.maildrop.as_ref().is_some_and(Maildrop::lost) {
+                send(io, "-ERR [IN-USE] Maildrop lock lost, closing\r\n").await?;
                 return Ok(Next::Close);
             }
             let line = tokio::select! {
@@ -491,8 +501,6 @@ impl Session<'_> {
         };
         let lock_key = format!("pop3:lock:{}:{}", user.tenant, user.user_id);
         let ttl = self.gw.config.lock_ttl;
-        // Measured before the cache starts the lock's clock, so it errs early.
-        let locked_until = Instant::now() + ttl;
         let token = match self.gw.cache.try_lock(&lock_key, ttl).await {
             Ok(Some(token)) => token,
             Ok(None) => {
@@ -504,6 +512,7 @@ impl Session<'_> {
                 return "-ERR [SYS/TEMP] Try again later\r\n".into();
             }
         };
+        let lost = Arc::new(AtomicBool::new(false));
         match self.gw.store.list(&user, MAILDROP).await {
             Ok((uid_validity, messages)) => {
                 // Messages an IMAP client marked \Deleted are already on their way out.
@@ -512,11 +521,20 @@ impl Session<'_> {
                     .filter(|m| !m.flags.iter().any(|f| f.eq_ignore_ascii_case("\\Deleted")))
                     .collect();
                 let reply = format!("+OK Logged in, {} messages\r\n", messages.len());
+                let renewal = tokio::spawn(keep_locked(
+                    self.gw.cache.clone(),
+                    lock_key.clone(),
+                    token.clone(),
+                    ttl,
+                    lost.clone(),
+                ))
+                .abort_handle();
                 self.maildrop = Some(Maildrop {
                     user,
                     lock_key,
+                    lost,
+                    renewal,
                     token,
-                    locked_until,
                     uid_validity,
                     deleted: vec![false; messages.len()],
                     messages,
@@ -577,10 +595,10 @@ impl Session<'_> {
         let Some(m) = &self.maildrop else {
             return "+OK Bye\r\n".into();
         };
-        if Instant::now() >= m.locked_until {
+        if m.lost() {
             // Another session may hold the maildrop by now: change nothing.
             self.maildrop = None;
-            return "-ERR [IN-USE] Session too long, nothing deleted\r\n".into();
+            return "-ERR [IN-USE] Maildrop lock lost, nothing deleted\r\n".into();
         }
         let uids: Vec<u32> = m
             .messages
@@ -608,6 +626,32 @@ impl Session<'_> {
             tracing::warn!(error = %e, "releasing a maildrop lock failed; it expires by itself");
         }
     }
+}
+
+/// Renews the maildrop lock every third of its lifetime; flags it lost when the
+/// cache says another holder has it, or when it could not be confirmed for a whole
+/// lifetime (the cache unreachable).
+async fn keep_locked(
+    cache: Arc<dyn mailmesh_cache::Cache>,
+    key: String,
+    token: LockToken,
+    ttl: Duration,
+    lost: Arc<AtomicBool>,
+) {
+    let mut confirmed = Instant::now();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        let asked = Instant::now();
+        match cache.extend_lock(&key, &token, ttl).await {
+            Ok(true) => confirmed = asked,
+            Ok(false) => break,
+            Err(e) => tracing::warn!(error = %e, "renewing a maildrop lock failed"),
+        }
+        if confirmed.elapsed() >= ttl {
+            break;
+        }
+    }
+    lost.store(true, Ordering::Relaxed);
 }
 
 const PLAINTEXT_REFUSED: &str =

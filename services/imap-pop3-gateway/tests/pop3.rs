@@ -320,6 +320,8 @@ async fn pods_share_the_maildrop_lock_and_failure_limits_in_redis() {
     let config = Pop3Config {
         allow_plaintext_auth: true,
         max_auth_failures: 3,
+        // Short, so the test outlives it several times: the session renews it.
+        lock_ttl: Duration::from_millis(600),
         ..Pop3Config::default()
     };
     let (one, _) = pod(&site, redis().await, config.clone()).await;
@@ -332,6 +334,11 @@ async fn pods_share_the_maildrop_lock_and_failure_limits_in_redis() {
     let mut second = Client::plain(two).await;
     second.expect("+OK").await;
     second.cmd("USER ALICE@acme.test", "+OK").await;
+    second.cmd("PASS pw", "-ERR [IN-USE]").await;
+    // Three lock lifetimes later the first session still holds the maildrop.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    first.cmd("NOOP", "+OK").await;
+    second.cmd("USER alice@acme.test", "+OK").await;
     second.cmd("PASS pw", "-ERR [IN-USE]").await;
     first.cmd("QUIT", "+OK Bye, 0 messages deleted").await;
     second.cmd("USER alice@acme.test", "+OK").await;
