@@ -11,13 +11,13 @@ mod common;
 
 use std::process::Command;
 
-use common::processes::{backends, spawn, stateless, uuid_like, wait_for};
+use common::processes::{
+    acme_with_users, backends, spawn, spawn_storage, stateless, uuid_like, wait_for,
+};
 use futures::StreamExt;
 use mailmesh_proto::v1;
-use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
 use mailmesh_testkit::{backend_env, free_port};
-use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_to_inbox_through_separate_processes() {
@@ -35,18 +35,7 @@ async fn smtp_to_inbox_through_separate_processes() {
     let endpoint = format!("http://127.0.0.1:{grpc}");
     let topic = format!("{run}.mail");
 
-    let mut env = backends(&run);
-    env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{grpc}")));
-    env.push((
-        "MAILMESH_STORAGE__DIRECTORY_TOPIC",
-        format!("{run}.directory"),
-    ));
-    env.push((
-        "MAILMESH_STORAGE__MAILBOX_TOPIC",
-        format!("{run}.mailboxes"),
-    ));
-    env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
-    let storage = spawn("storage", &env);
+    let storage = spawn_storage(&run, grpc);
 
     // auth-check keeps no state: it is only told where DNS is.
     let mut env = stateless(&run);
@@ -95,46 +84,10 @@ async fn smtp_to_inbox_through_separate_processes() {
     let gateway = spawn("imap-pop3-gateway", &env);
     let logs = [&storage, &auth, &ingress, &worker, &gateway];
 
-    let channel = wait_for("storage listening", &logs, || {
-        let endpoint = endpoint.clone();
-        async move { Channel::from_shared(endpoint).unwrap().connect().await.ok() }
-    })
-    .await;
-    let mut directory = DirectoryClient::new(channel.clone());
+    let (channel, users) =
+        acme_with_users(&storage, &endpoint, &["alice@acme.test", "carol@acme.test"]).await;
+    let (alice, carol) = (users[0].clone(), users[1].clone());
     let mailboxes = MailboxesClient::new(channel);
-    directory
-        .add_tenant(v1::AddTenantRequest {
-            tenant: "acme".into(),
-            limits: None,
-        })
-        .await
-        .unwrap();
-    directory
-        .add_domain(v1::DomainRequest {
-            tenant: "acme".into(),
-            domain: "acme.test".into(),
-        })
-        .await
-        .unwrap();
-    let add_user = |address: &str| {
-        let mut directory = directory.clone();
-        let address = address.to_owned();
-        async move {
-            directory
-                .add_user(v1::AddUserRequest {
-                    address,
-                    password: "pw".into(),
-                    quota_bytes: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .user
-                .unwrap()
-        }
-    };
-    let alice = add_user("alice@acme.test").await;
-    let carol = add_user("carol@acme.test").await;
 
     wait_for("auth-check listening", &logs, || async {
         std::net::TcpStream::connect(("127.0.0.1", auth_grpc)).ok()

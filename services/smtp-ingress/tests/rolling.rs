@@ -12,13 +12,13 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::processes::{Process, backends, spawn, uuid_like, wait_for};
+use common::processes::{
+    Process, acme_with_users, backends, spawn, spawn_storage, uuid_like, wait_for,
+};
 use futures::StreamExt;
 use mailmesh_proto::v1;
-use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
 use mailmesh_testkit::{backend_env, free_port};
-use tonic::transport::Channel;
 
 /// The client sends at least this many, and goes on until every process was restarted.
 const AT_LEAST: usize = 2000;
@@ -36,18 +36,7 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
     let endpoint = format!("http://127.0.0.1:{grpc}");
     let topic = format!("{run}.mail");
 
-    let mut env = backends(&run);
-    env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{grpc}")));
-    env.push((
-        "MAILMESH_STORAGE__DIRECTORY_TOPIC",
-        format!("{run}.directory"),
-    ));
-    env.push((
-        "MAILMESH_STORAGE__MAILBOX_TOPIC",
-        format!("{run}.mailboxes"),
-    ));
-    env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
-    let storage = spawn("storage", &env);
+    let storage = spawn_storage(&run, grpc);
 
     let ingress_env = |port: u16| {
         let mut env = backends(&run);
@@ -119,44 +108,11 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
         haproxy_log,
     );
 
-    let channel = wait_for("storage listening", &[&storage], || {
-        let endpoint = endpoint.clone();
-        async move { Channel::from_shared(endpoint).unwrap().connect().await.ok() }
-    })
-    .await;
-    let mut directory = DirectoryClient::new(channel.clone());
-    let mailboxes = MailboxesClient::new(channel);
-    directory
-        .add_tenant(v1::AddTenantRequest {
-            tenant: "acme".into(),
-            limits: None,
-        })
-        .await
-        .unwrap();
-    directory
-        .add_domain(v1::DomainRequest {
-            tenant: "acme".into(),
-            domain: "acme.test".into(),
-        })
-        .await
-        .unwrap();
     // Several mailboxes, so deliveries spread over the storage log's partitions.
-    let mut users = Vec::new();
-    for u in 0..USERS {
-        users.push(
-            directory
-                .add_user(v1::AddUserRequest {
-                    address: format!("user{u}@acme.test"),
-                    password: "pw".into(),
-                    quota_bytes: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .user
-                .unwrap(),
-        );
-    }
+    let addresses: Vec<String> = (0..USERS).map(|u| format!("user{u}@acme.test")).collect();
+    let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    let (channel, users) = acme_with_users(&storage, &endpoint, &addresses).await;
+    let mailboxes = MailboxesClient::new(channel);
     for port in ports.into_iter().chain([front]) {
         wait_for("the front doors listening", &[&haproxy], || async move {
             listening(port).then_some(())

@@ -138,3 +138,69 @@ pub fn uuid_like() -> String {
         .as_nanos();
     format!("{nanos:x}{}", std::process::id())
 }
+
+/// The storage service of run `run` on its own topics, serving gRPC on `port`.
+pub fn spawn_storage(run: &str, port: u16) -> Process {
+    let mut env = backends(run);
+    env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{port}")));
+    env.push((
+        "MAILMESH_STORAGE__DIRECTORY_TOPIC",
+        format!("{run}.directory"),
+    ));
+    env.push((
+        "MAILMESH_STORAGE__MAILBOX_TOPIC",
+        format!("{run}.mailboxes"),
+    ));
+    env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
+    spawn("storage", &env)
+}
+
+/// Tenant `acme` with domain `acme.test` and the users `addresses` (password `pw`),
+/// created through the storage gRPC API once it answers.
+pub async fn acme_with_users(
+    storage: &Process,
+    endpoint: &str,
+    addresses: &[&str],
+) -> (tonic::transport::Channel, Vec<mailmesh_proto::v1::UserRef>) {
+    use mailmesh_proto::v1;
+    let channel = wait_for("storage listening", &[storage], || async move {
+        tonic::transport::Channel::from_shared(endpoint.to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .ok()
+    })
+    .await;
+    let mut directory = v1::directory_client::DirectoryClient::new(channel.clone());
+    directory
+        .add_tenant(v1::AddTenantRequest {
+            tenant: "acme".into(),
+            limits: None,
+        })
+        .await
+        .unwrap();
+    directory
+        .add_domain(v1::DomainRequest {
+            tenant: "acme".into(),
+            domain: "acme.test".into(),
+        })
+        .await
+        .unwrap();
+    let mut users = Vec::new();
+    for address in addresses {
+        users.push(
+            directory
+                .add_user(v1::AddUserRequest {
+                    address: (*address).to_owned(),
+                    password: "pw".into(),
+                    quota_bytes: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap(),
+        );
+    }
+    (channel, users)
+}
