@@ -14,7 +14,7 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, DnsError, Error,
-    IprevResult, MessageAuthenticator, SpfResult,
+    IprevOutput, IprevResult, MessageAuthenticator, SpfResult,
 };
 use mailmesh_cache::Cache;
 use mailmesh_kit::config::{ConfigError, Validate};
@@ -140,6 +140,45 @@ pub struct Checker {
 }
 
 impl Checker {
+    /// The client's verdict, from the shared cache or asked now; with the iprev
+    /// output when it was asked now (the header's iprev entry needs it).
+    async fn client(&self, ip: IpAddr) -> (ClientVerdict, Option<IprevOutput>) {
+        let started = Instant::now();
+        let key = format!("auth:client:{ip}");
+        if let Some(verdict) = self.cached_client(&key).await {
+            crate::metrics::took("client_cached", started.elapsed());
+            return (verdict, None);
+        }
+        let (iprev, (block_listed, blocks_answered), (allow_listed, allows_answered)) = tokio::join!(
+            self.dns.verify_iprev(ip),
+            self.listed(ip, &self.config.block_lists, "dnsbl"),
+            self.listed(ip, &self.config.allow_lists, "dnswl"),
+        );
+        let result = iprev_result(&iprev.result);
+        crate::metrics::result("iprev", result.as_str());
+        let verdict = ClientVerdict {
+            iprev: result,
+            ptr: match (result, &iprev.ptr) {
+                (AuthResult::Pass, Some(names)) => {
+                    names.first().map(|n| n.trim_end_matches('.').to_owned())
+                }
+                _ => None,
+            },
+            block_listed,
+            allow_listed,
+        };
+        // Temporary failures are asked again next time, not remembered.
+        if result != AuthResult::TempError
+            && blocks_answered
+            && allows_answered
+            && !self.config.client_cache_ttl.is_zero()
+        {
+            self.remember_client(&key, &verdict).await;
+        }
+        crate::metrics::took("client", started.elapsed());
+        (verdict, Some(iprev))
+    }
+
     pub fn new(config: AuthConfig) -> anyhow::Result<Self> {
         let (resolver, mut options) = if config.dns.servers.is_empty() {
             hickory_resolver::system_conf::read_system_conf()
@@ -292,40 +331,7 @@ fn iprev_result(r: &IprevResult) -> AuthResult {
 #[async_trait]
 impl AuthCheck for Checker {
     async fn check_client(&self, ip: IpAddr) -> Result<ClientVerdict, Unavailable> {
-        let started = Instant::now();
-        let key = format!("auth:client:{ip}");
-        if let Some(verdict) = self.cached_client(&key).await {
-            crate::metrics::took("client_cached", started.elapsed());
-            return Ok(verdict);
-        }
-        let (iprev, (block_listed, blocks_answered), (allow_listed, allows_answered)) = tokio::join!(
-            self.dns.verify_iprev(ip),
-            self.listed(ip, &self.config.block_lists, "dnsbl"),
-            self.listed(ip, &self.config.allow_lists, "dnswl"),
-        );
-        let result = iprev_result(&iprev.result);
-        crate::metrics::result("iprev", result.as_str());
-        let verdict = ClientVerdict {
-            iprev: result,
-            ptr: match (result, &iprev.ptr) {
-                (AuthResult::Pass, Some(names)) => {
-                    names.first().map(|n| n.trim_end_matches('.').to_owned())
-                }
-                _ => None,
-            },
-            block_listed,
-            allow_listed,
-        };
-        // Temporary failures are asked again next time, not remembered.
-        if result != AuthResult::TempError
-            && blocks_answered
-            && allows_answered
-            && !self.config.client_cache_ttl.is_zero()
-        {
-            self.remember_client(&key, &verdict).await;
-        }
-        crate::metrics::took("client", started.elapsed());
-        Ok(verdict)
+        Ok(self.client(ip).await.0)
     }
 
     async fn check_message(&self, facts: MessageFacts<'_>) -> Result<MessageVerdict, Unavailable> {
@@ -359,13 +365,17 @@ impl AuthCheck for Checker {
                 None
             }
         };
-        let (client, spf, spf_helo, iprev) = tokio::join!(
-            self.check_client(facts.ip),
+        let ((client, iprev), spf, spf_helo) = tokio::join!(
+            self.client(facts.ip),
             self.dns.verify_spf(spf_params),
             helo_check,
-            self.dns.verify_iprev(facts.ip),
         );
-        let client = client?;
+        // Asked once: again only when the verdict came from the cache (and then the
+        // resolver's own cache usually answers).
+        let iprev = match iprev {
+            Some(iprev) => iprev,
+            None => self.dns.verify_iprev(facts.ip).await,
+        };
         let header = AuthenticationResults::new(host);
         let mut header = if facts.mail_from.is_empty() {
             header.with_spf_ehlo_result(&spf, facts.ip, helo)
