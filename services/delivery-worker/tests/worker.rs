@@ -11,15 +11,13 @@ use mailmesh_kit::config::ShutdownConfig;
 use mailmesh_kit::{Health, Secret, Shutdown};
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, S3Config};
+use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
 use mailmesh_proto::{decode_envelope, encode_envelope};
 use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
-use mailmesh_queue::kafka::{KafkaConfig, KafkaQueue};
 use mailmesh_queue::{OutgoingRecord, Queue};
 use mailmesh_storage::directory::TenantLimits;
 use mailmesh_storage::engine::{StorageConfig, StorageEngine, UserRef};
 use mailmesh_storage::index::INBOX;
-use mailmesh_testkit::backend_env;
 use mailmesh_types::{BodyRef, BodyType, DsnNotify, Envelope, EnvelopeLimits, QueueId, Recipient};
 
 struct Setup {
@@ -57,26 +55,8 @@ fn storage_config(run: &str) -> StorageConfig {
 async fn setup(real: bool) -> Setup {
     let run = format!("w{}", uuid::Uuid::new_v4().simple());
     let (queue, objects, dir): (Arc<dyn Queue>, Arc<dyn ObjectStore>, _) = if real {
-        let queue = Arc::new(
-            KafkaQueue::connect(&KafkaConfig {
-                brokers: backend_env("MMTEST_KAFKA"),
-                properties: BTreeMap::new(),
-                sasl_password: None,
-                publish_timeout: Duration::from_secs(30),
-                replication_factor: 1,
-                session_timeout: Duration::from_secs(10),
-            })
-            .unwrap(),
-        );
-        let objects = mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
-            bucket: backend_env("MMTEST_S3_BUCKET"),
-            endpoint: Some(backend_env("MMTEST_S3")),
-            region: "us-east-1".into(),
-            access_key_id: Some(Secret::new(backend_env("MMTEST_S3_ACCESS_KEY"))),
-            secret_access_key: Some(Secret::new(backend_env("MMTEST_S3_SECRET_KEY"))),
-            path_style: true,
-        }))
-        .unwrap();
+        let queue = mailmesh_storage::testing::real_queue();
+        let objects = mailmesh_storage::testing::real_objects();
         (queue, objects, None)
     } else {
         let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! A whole storage platform in one directory, for tests, fuzzing and tools: the
 //! embedded durable log, a local object store and a storage engine over them, with
-//! a tenant, a domain and a user when asked.
+//! a tenant, a domain and a user when asked; and the real backends of the integration
+//! tests.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use mailmesh_objstore::object_store::ObjectStore;
 use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
 use mailmesh_queue::Queue;
 use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
+
+use mailmesh_testkit::backend_env;
 
 use crate::directory::TenantLimits;
 use crate::engine::{StorageConfig, StorageEngine, UserRef};
@@ -59,4 +62,39 @@ pub async fn tenant_with_user(
     Ok(engine
         .add_user(address, Secret::new(password.into()), None)
         .await?)
+}
+
+/// The real Kafka-compatible broker of the tests (`MMTEST_KAFKA`).
+pub fn real_queue() -> Arc<dyn Queue> {
+    use mailmesh_queue::kafka::{KafkaConfig, KafkaQueue};
+    Arc::new(
+        KafkaQueue::connect(&KafkaConfig {
+            brokers: backend_env("MMTEST_KAFKA"),
+            properties: Default::default(),
+            sasl_password: None,
+            publish_timeout: std::time::Duration::from_secs(30),
+            replication_factor: 1,
+            session_timeout: std::time::Duration::from_secs(10),
+        })
+        .expect("connecting to MMTEST_KAFKA"),
+    )
+}
+
+/// The real S3 server of the tests (`MMTEST_S3*`), under a prefix of its own so runs
+/// never see each other's objects.
+pub fn real_objects() -> Arc<dyn ObjectStore> {
+    use mailmesh_objstore::S3Config;
+    let store = mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
+        bucket: backend_env("MMTEST_S3_BUCKET"),
+        endpoint: Some(backend_env("MMTEST_S3")),
+        region: "us-east-1".into(),
+        access_key_id: Some(Secret::new(backend_env("MMTEST_S3_ACCESS_KEY"))),
+        secret_access_key: Some(Secret::new(backend_env("MMTEST_S3_SECRET_KEY"))),
+        path_style: true,
+    }))
+    .expect("opening MMTEST_S3");
+    Arc::new(mailmesh_objstore::object_store::prefix::PrefixStore::new(
+        store,
+        format!("run-{}", uuid::Uuid::new_v4().simple()),
+    ))
 }

@@ -1,7 +1,7 @@
 //! The storage engine end to end, on the embedded backends and on real Kafka + S3
 //! (`MMTEST_KAFKA`, `MMTEST_S3*`, started by `scripts/backends.sh`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,16 +9,14 @@ use bytes::Bytes;
 use mailmesh_kit::Secret;
 use mailmesh_objstore::object_store::ObjectStore;
 use mailmesh_objstore::object_store::path::Path;
-use mailmesh_objstore::{LocalConfig, ObjectStoreConfig, S3Config};
+use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
 use mailmesh_queue::Queue;
 use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
-use mailmesh_queue::kafka::{KafkaConfig, KafkaQueue};
 use mailmesh_storage::EngineError;
 use mailmesh_storage::StorageError;
 use mailmesh_storage::directory::{Lookup, TenantLimits};
 use mailmesh_storage::engine::{Delivery, StorageConfig, StorageEngine, UserRef};
 use mailmesh_storage::index::{Flags, INBOX, IndexLimits, StoreAction, UidRange};
-use mailmesh_testkit::backend_env;
 
 /// One deployment's backends; engines opened on it are replicas of one storage service.
 struct Backends {
@@ -65,41 +63,10 @@ async fn embedded() -> Backends {
     }
 }
 
-fn kafka_queue() -> Arc<dyn Queue> {
-    Arc::new(
-        KafkaQueue::connect(&KafkaConfig {
-            brokers: backend_env("MMTEST_KAFKA"),
-            properties: BTreeMap::new(),
-            sasl_password: None,
-            publish_timeout: Duration::from_secs(30),
-            replication_factor: 1,
-            session_timeout: Duration::from_secs(10),
-        })
-        .unwrap(),
-    )
-}
-
-fn s3() -> Arc<dyn ObjectStore> {
-    let store = mailmesh_objstore::open(&ObjectStoreConfig::S3(S3Config {
-        bucket: backend_env("MMTEST_S3_BUCKET"),
-        endpoint: Some(backend_env("MMTEST_S3")),
-        region: "us-east-1".into(),
-        access_key_id: Some(Secret::new(backend_env("MMTEST_S3_ACCESS_KEY"))),
-        secret_access_key: Some(Secret::new(backend_env("MMTEST_S3_SECRET_KEY"))),
-        path_style: true,
-    }))
-    .unwrap();
-    // Each run under its own prefix of the shared bucket.
-    Arc::new(mailmesh_objstore::object_store::prefix::PrefixStore::new(
-        store,
-        format!("run-{}", uuid::Uuid::new_v4().simple()),
-    ))
-}
-
 fn real() -> Backends {
     Backends {
-        queue: kafka_queue(),
-        objects: s3(),
+        queue: mailmesh_storage::testing::real_queue(),
+        objects: mailmesh_storage::testing::real_objects(),
         config: config(&run_id()),
         _dir: None,
     }
@@ -121,7 +88,7 @@ impl Backends {
         let queue = if self._dir.is_some() {
             self.queue.clone()
         } else {
-            kafka_queue()
+            mailmesh_storage::testing::real_queue()
         };
         StorageEngine::open(queue, self.objects.clone(), self.config.clone())
             .await
