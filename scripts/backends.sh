@@ -2,7 +2,7 @@
 # Installs (if missing) and starts (if not listening) the real backends the integration
 # tests run against: a Kafka-compatible broker (tansu), an S3 server (s3s-fs) and Redis.
 # Also installs the chart tools (helm, kubernetes-validate), dnsmasq (the tests' DNS
-# server), swaks, fetchmail and haproxy.
+# server), swaks, fetchmail, mbsync (isync) and haproxy.
 #
 #   scripts/backends.sh install   # tools only
 #   scripts/backends.sh start     # install, then start what is not running
@@ -55,7 +55,8 @@ install_redis() {
 }
 
 # The tests' DNS server (each test starts its own on a free port with its records),
-# swaks and fetchmail (SMTP and POP3 clients written by others that the tests use) and
+# swaks, fetchmail and mbsync (SMTP, POP3 and IMAP clients written by others that the
+# tests use) and
 # HAProxy (the load balancer of the rolling-restart test).
 install_debian_tools() {
   local missing=()
@@ -63,6 +64,7 @@ install_debian_tools() {
   command -v swaks >/dev/null 2>&1 || missing+=(swaks)
   [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
   command -v fetchmail >/dev/null 2>&1 || missing+=(fetchmail)
+  command -v mbsync >/dev/null 2>&1 || missing+=(isync)
   if [ ${#missing[@]} -eq 0 ]; then return; fi
   log "installing ${missing[*]} from Debian"
   export DEBIAN_FRONTEND=noninteractive

@@ -3,10 +3,12 @@
 //! session state (the POP3 maildrop lock, login-failure counters) lives in the cache
 //! (Redis), so any pod serves any user.
 //!
-//! Built so far: POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595), AUTH PLAIN
-//! (RFC 5034), UIDL and TOP, on a STARTTLS-style port and an implicit-TLS port. IMAP
-//! is not built yet.
+//! IMAP4rev1 (RFC 3501, see [`imap`] for the extensions) and POP3 (RFC 1939) with
+//! CAPA (RFC 2449), STLS (RFC 2595), AUTH PLAIN (RFC 5034), UIDL and TOP, each on a
+//! STARTTLS-style port and an implicit-TLS port.
 
+pub mod imap;
+mod login;
 mod metrics;
 pub mod pop3;
 pub mod store;
@@ -106,6 +108,97 @@ impl Validate for Pop3Config {
     }
 }
 
+/// IMAP limits; every one has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImapConfig {
+    /// The name in the greeting.
+    pub hostname: String,
+    /// Longest command, literals included, for everything but APPEND.
+    pub max_command_bytes: usize,
+    /// Largest message APPEND accepts and FETCH hands out.
+    pub max_message_bytes: usize,
+    /// Idle time before a logged-in session is closed (RFC 3501: at least 30
+    /// minutes, so IDLE clients that re-issue IDLE every 29 minutes stay).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time allowed before login (and for the TLS handshake).
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
+    /// Protocol errors before the session is closed.
+    pub max_errors: u32,
+    /// Concurrent sessions per process (both IMAP ports together).
+    pub max_connections: usize,
+    /// LOGIN and AUTHENTICATE without TLS. Off: LOGINDISABLED until STARTTLS.
+    pub allow_plaintext_auth: bool,
+    /// Failed logins per client address, and per account, in `failure_window`
+    /// (counted in the cache across pods, together with POP3's).
+    pub max_auth_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            max_command_bytes: 64 << 10,
+            max_message_bytes: 64 << 20,
+            idle_timeout: Duration::from_secs(30 * 60),
+            login_timeout: Duration::from_secs(60),
+            max_errors: 20,
+            max_connections: 10_000,
+            allow_plaintext_auth: false,
+            max_auth_failures: 10,
+            failure_window: Duration::from_secs(900),
+        }
+    }
+}
+
+impl Validate for ImapConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.idle_timeout < Duration::from_secs(30 * 60) {
+            return Err(ConfigError::invalid(
+                "imap.idle_timeout",
+                "RFC 3501 requires at least 30 minutes",
+            ));
+        }
+        if self.max_command_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "imap.max_command_bytes",
+                "at least 1024",
+            ));
+        }
+        if self.max_message_bytes < 1024 || self.max_message_bytes > u32::MAX as usize / 2 {
+            return Err(ConfigError::invalid(
+                "imap.max_message_bytes",
+                "between 1 KiB and 2 GiB",
+            ));
+        }
+        if self.max_errors == 0 || self.max_connections == 0 || self.max_auth_failures == 0 {
+            return Err(ConfigError::invalid(
+                "imap",
+                "max_errors, max_connections and max_auth_failures must be above zero",
+            ));
+        }
+        if self.login_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "imap.login_timeout",
+                "must be above zero",
+            ));
+        }
+        if self.hostname.is_empty()
+            || self
+                .hostname
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ConfigError::invalid("imap.hostname", "must be a host name"));
+        }
+        Ok(())
+    }
+}
+
 /// The `imap-pop3-gateway` binary's configuration.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,10 +215,18 @@ pub struct ServiceConfig {
     /// POP3 over implicit TLS (the Service maps 995 to it).
     #[serde(default = "default_pop3s")]
     pub pop3s_listen: SocketAddr,
+    /// IMAP with STARTTLS (the Service maps 143 to it).
+    #[serde(default = "default_imap")]
+    pub imap_listen: SocketAddr,
+    /// IMAP over implicit TLS (the Service maps 993 to it).
+    #[serde(default = "default_imaps")]
+    pub imaps_listen: SocketAddr,
     /// The storage service's gRPC endpoint.
     pub storage_endpoint: String,
     #[serde(default)]
     pub pop3: Pop3Config,
+    #[serde(default)]
+    pub imap: ImapConfig,
     /// The certificate for STLS and the implicit-TLS port (reloaded when renewed).
     pub tls: mailmesh_kit::tls::TlsConfig,
     /// Maildrop locks and login-failure counters shared by the pods (Redis).
@@ -140,11 +241,20 @@ fn default_pop3s() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 1995))
 }
 
+fn default_imap() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 1143))
+}
+
+fn default_imaps() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 1993))
+}
+
 impl Validate for ServiceConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
         self.shutdown.validate()?;
         self.tls.validate()?;
+        self.imap.validate()?;
         self.pop3.validate()
     }
 }
@@ -155,7 +265,9 @@ pub struct Gateway {
     pub(crate) cache: Arc<dyn Cache>,
     pub(crate) tls: tokio_rustls::TlsAcceptor,
     pub(crate) config: Pop3Config,
+    pub(crate) imap: ImapConfig,
     pub(crate) slots: Arc<Semaphore>,
+    pub(crate) imap_slots: Arc<Semaphore>,
 }
 
 impl Gateway {
@@ -164,14 +276,64 @@ impl Gateway {
         cache: Arc<dyn Cache>,
         tls: Arc<rustls::ServerConfig>,
         config: Pop3Config,
+        imap: ImapConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
             cache,
             tls: tokio_rustls::TlsAcceptor::from(tls),
             slots: Arc::new(Semaphore::new(config.max_connections)),
+            imap_slots: Arc::new(Semaphore::new(imap.max_connections)),
             config,
+            imap,
         })
+    }
+}
+
+/// Accepts IMAP sessions until the shutdown closes; `implicit_tls` for the 993 port.
+pub async fn serve_imap(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    implicit_tls: bool,
+    shutdown: Shutdown,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.closing() => return,
+            a = listener.accept() => a,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = gateway.imap_slots.clone().try_acquire_owned() else {
+            crate::metrics::event("imap", "refused");
+            if !implicit_tls {
+                let _ = stream
+                    .write_all(b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n")
+                    .await;
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let stop = shutdown.clone();
+        shutdown.spawn(async move {
+            if implicit_tls {
+                let timeout = gateway.imap.login_timeout;
+                match tokio::time::timeout(timeout, gateway.tls.accept(stream)).await {
+                    Ok(Ok(tls)) => imap::run(gateway.clone(), tls, peer, true, &stop).await,
+                    _ => crate::metrics::event("imap", "tls_failed"),
+                }
+            } else {
+                imap::run(gateway.clone(), stream, peer, false, &stop).await;
+            }
+            drop(slot);
+        });
     }
 }
 

@@ -1,4 +1,4 @@
-//! The `imap-pop3-gateway` binary (POP3 today).
+//! The `imap-pop3-gateway` binary.
 
 use std::sync::Arc;
 
@@ -13,7 +13,13 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let service = Service::start("imap-pop3-gateway", &config.admin, &config.telemetry).await?;
-    let store = Store::new(&config.storage_endpoint, config.pop3.max_message_bytes)?;
+    let store = Store::new(
+        &config.storage_endpoint,
+        config
+            .pop3
+            .max_message_bytes
+            .max(config.imap.max_message_bytes),
+    )?;
     let resolver = Arc::new(
         ReloadingCertResolver::load(&config.tls.cert_file, &config.tls.key_file)
             .context("loading the TLS certificate")?,
@@ -28,7 +34,7 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     service
         .health
         .add_check(Arc::new(mailmesh_cache::CacheReadiness(cache.clone())));
-    let gateway = Gateway::new(store, cache, tls, config.pop3);
+    let gateway = Gateway::new(store, cache, tls, config.pop3, config.imap);
 
     let mut tasks = Vec::new();
     for (addr, implicit_tls) in [(config.pop3_listen, false), (config.pop3s_listen, true)] {
@@ -42,7 +48,18 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
             service.shutdown.clone(),
         )));
     }
-    tracing::info!(pop3 = %config.pop3_listen, pop3s = %config.pop3s_listen, "imap-pop3-gateway is listening");
+    for (addr, implicit_tls) in [(config.imap_listen, false), (config.imaps_listen, true)] {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the IMAP port {addr}"))?;
+        tasks.push(tokio::spawn(mailmesh_gateway::serve_imap(
+            gateway.clone(),
+            listener,
+            implicit_tls,
+            service.shutdown.clone(),
+        )));
+    }
+    tracing::info!(imap = %config.imap_listen, imaps = %config.imaps_listen, pop3 = %config.pop3_listen, pop3s = %config.pop3s_listen, "imap-pop3-gateway is listening");
     service.wait_and_drain(&config.shutdown).await?;
     for task in tasks {
         task.await?;

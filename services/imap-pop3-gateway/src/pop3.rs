@@ -20,14 +20,11 @@ use mailmesh_proto::v1;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 use crate::Gateway;
+use crate::login::Login;
 use crate::store::Listed;
 
 const PROTOCOL: &str = "pop3";
 const MAILDROP: &str = "INBOX";
-/// Every failed login costs the client this long before the answer.
-const FAILURE_DELAY: Duration = Duration::from_secs(1);
-/// Every login to an account with many recent failures waits this long first.
-const ACCOUNT_DELAY: Duration = Duration::from_secs(5);
 
 /// What the loop does after a command.
 enum Next {
@@ -453,51 +450,19 @@ impl Session<'_> {
     /// Checks the credentials (with cluster-wide failure limits), takes the maildrop
     /// lock and lists the maildrop. The reply never tells whether the user exists.
     async fn login(&mut self, name: &str, password: &str) -> String {
-        let name = name.trim().to_ascii_lowercase();
-        let window = self.gw.config.failure_window;
-        let limit = i64::from(self.gw.config.max_auth_failures);
-        let by_ip = format!("pop3:authfail:ip:{}", address_key(self.peer.ip()));
-        let by_name = (!name.is_empty()
-            && name.len() <= 320
-            && !name.chars().any(|c| c.is_control() || c.is_whitespace()))
-        .then(|| format!("pop3:authfail:user:{name}"));
-        // An unreachable cache does not stop logins; it only lifts the limits.
-        let cache = self.gw.cache.clone();
-        let failures = |key: String| {
-            let cache = cache.clone();
-            async move { cache.incr(&key, 0, window).await.unwrap_or(0) }
+        let limits = crate::login::Limits {
+            max_failures: self.gw.config.max_auth_failures,
+            window: self.gw.config.failure_window,
         };
-        // Too many failures from one address (or IPv6 /64): refused for a while.
-        if failures(by_ip.clone()).await >= limit {
-            crate::metrics::event(PROTOCOL, "auth_throttled");
-            tokio::time::sleep(FAILURE_DELAY).await;
-            return "-ERR [AUTH] Too many failed logins, try again later\r\n".into();
-        }
-        // Too many on one account: slowed down, never locked out (anyone could lock
-        // a user out otherwise), and the same whether the account exists or not.
-        if let Some(key) = &by_name
-            && failures(key.clone()).await >= limit
+        let user = match crate::login::check(self.gw, PROTOCOL, self.peer, name, password, &limits)
+            .await
         {
-            crate::metrics::event(PROTOCOL, "auth_throttled");
-            tokio::time::sleep(ACCOUNT_DELAY).await;
-        }
-        let user = match by_name {
-            Some(_) => match self.gw.store.authenticate(&name, password).await {
-                Ok(user) => user,
-                Err(e) => {
-                    tracing::warn!(error = %e, "authentication unavailable");
-                    return "-ERR [SYS/TEMP] Try again later\r\n".into();
-                }
-            },
-            None => None,
-        };
-        let Some(user) = user else {
-            crate::metrics::event(PROTOCOL, "auth_failed");
-            for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
-                let _ = self.gw.cache.incr(key, 1, window).await;
+            Login::Ok(user) => user,
+            Login::Invalid => return "-ERR [AUTH] Invalid login\r\n".into(),
+            Login::Throttled => {
+                return "-ERR [AUTH] Too many failed logins, try again later\r\n".into();
             }
-            tokio::time::sleep(FAILURE_DELAY).await;
-            return "-ERR [AUTH] Invalid login\r\n".into();
+            Login::Unavailable => return "-ERR [SYS/TEMP] Try again later\r\n".into(),
         };
         let lock_key = format!("pop3:lock:{}:{}", user.tenant, user.user_id);
         let ttl = self.gw.config.lock_ttl;
@@ -701,18 +666,6 @@ async fn read_line<S: AsyncRead + Unpin>(
                 line.pop();
             }
             return Ok(Line::Text(String::from_utf8_lossy(&line).into_owned()));
-        }
-    }
-}
-
-/// What failure counts are kept under: the address, or its /64 for IPv6 (one
-/// subscriber's whole network).
-fn address_key(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
         }
     }
 }

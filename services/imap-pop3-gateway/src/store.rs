@@ -52,6 +52,11 @@ impl Store {
         })
     }
 
+    /// The mailbox API, for the IMAP session's many calls.
+    pub(crate) fn mailboxes(&self) -> MailboxesClient<Channel> {
+        self.mailboxes.clone()
+    }
+
     /// The user behind `address` and `password`, `None` when either is wrong (which
     /// one is never said). Disabled users cannot log in.
     pub async fn authenticate(

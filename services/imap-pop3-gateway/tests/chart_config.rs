@@ -14,6 +14,11 @@ fn the_rendered_gateway_config_loads() {
         .with_var("MAILMESH_CACHE__REDIS__URL", "redis://redis:6379/0")
         .load()
         .unwrap();
+    assert_eq!(config.imap_listen.port(), 1143);
+    assert_eq!(config.imaps_listen.port(), 1993);
+    assert_eq!(config.imap.hostname, "mail.example.com");
+    assert_eq!(config.imap.max_message_bytes, 64 << 20);
+    assert!(!config.imap.allow_plaintext_auth);
     assert_eq!(config.pop3_listen.port(), 1110);
     assert_eq!(config.pop3s_listen.port(), 1995);
     assert_eq!(config.pop3.hostname, "mail.example.com");

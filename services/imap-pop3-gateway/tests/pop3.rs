@@ -8,114 +8,19 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
+use common::{Site, memory, python, site};
 use mailmesh_cache::Cache;
-use mailmesh_gateway::{Gateway, Pop3Config, Store};
-use mailmesh_kit::{Secret, Shutdown};
-use mailmesh_storage::engine::{Delivery, StorageEngine, UserRef};
-use mailmesh_types::ReversePath;
+use mailmesh_gateway::{ImapConfig, Pop3Config};
+use mailmesh_kit::Secret;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-struct Site {
-    engine: Arc<StorageEngine>,
-    alice: UserRef,
-    endpoint: String,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: Shutdown,
-    _dir: tempfile::TempDir,
-}
-
-const MESSAGES: [&str; 3] = [
-    "Subject: one\r\nFrom: bob@example.org\r\n\r\nfirst\r\n.starts with a dot\r\n",
-    "Subject: two\r\nFrom: bob@example.org\r\n\r\nsecond line 1\r\nsecond line 2\r\n",
-    "Subject: three\r\nFrom: bob@example.org\r\n\r\nthird\r\n",
-];
-
-/// Storage (served over gRPC as in a cluster) with alice@acme.test and three
-/// messages in her INBOX.
-async fn site() -> Site {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = mailmesh_storage::testing::embedded(dir.path(), 2)
-        .await
-        .unwrap()
-        .engine;
-    let alice =
-        mailmesh_storage::testing::tenant_with_user(&engine, "acme", "alice@acme.test", "pw")
-            .await
-            .unwrap();
-    let from: ReversePath = "bob@example.org".parse().unwrap();
-    let to = "alice@acme.test".parse().unwrap();
-    for (i, m) in MESSAGES.iter().enumerate() {
-        engine
-            .deliver(
-                &alice,
-                Delivery {
-                    mailbox: "INBOX",
-                    return_path: &from,
-                    delivered_to: &to,
-                    message: m.as_bytes(),
-                    key: &format!("seed/{i}"),
-                    internal_date_ms: 1_795_752_725_000,
-                },
-            )
-            .await
-            .unwrap();
-    }
-    let shutdown = Shutdown::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(mailmesh_storage::server::serve_grpc(
-        engine.clone(),
-        listener,
-        shutdown.clone(),
-    ));
-    let (cert, key) =
-        mailmesh_kit::tls::ensure_self_signed(&dir.path().join("tls"), &["localhost"]).unwrap();
-    let resolver = Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
-    let tls = mailmesh_kit::tls::server_config(resolver).unwrap();
-    Site {
-        engine,
-        alice,
-        endpoint,
-        tls,
-        shutdown,
-        _dir: dir,
-    }
-}
-
 /// A gateway "pod" on two loopback ports: (POP3 with STLS, POP3 over TLS).
 async fn pod(site: &Site, cache: Arc<dyn Cache>, config: Pop3Config) -> (u16, u16) {
-    let store = Store::new(&site.endpoint, 1 << 20).unwrap();
-    let gateway = Gateway::new(store, cache, site.tls.clone(), config);
-    let mut ports = Vec::new();
-    for implicit in [false, true] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        ports.push(listener.local_addr().unwrap().port());
-        tokio::spawn(mailmesh_gateway::serve_pop3(
-            gateway.clone(),
-            listener,
-            implicit,
-            site.shutdown.clone(),
-        ));
-    }
-    (ports[0], ports[1])
-}
-
-fn memory() -> Arc<dyn Cache> {
-    Arc::new(mailmesh_cache::memory::MemoryCache::new())
-}
-
-fn python(script: &str) -> String {
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let pod = common::start(site, cache, config, ImapConfig::default()).await;
+    (pod.pop3, pod.pop3s)
 }
 
 async fn inbox_uids(site: &Site) -> Vec<u32> {

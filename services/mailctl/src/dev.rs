@@ -45,6 +45,8 @@ struct DevConfig {
     auth: AuthConfig,
     /// POP3 limits (`[pop3]`).
     pop3: mailmesh_gateway::Pop3Config,
+    /// IMAP limits (`[imap]`).
+    imap: mailmesh_gateway::ImapConfig,
     admin: AdminConfig,
     telemetry: TelemetryConfig,
     shutdown: ShutdownConfig,
@@ -118,6 +120,7 @@ impl Default for DevConfig {
                 ..AuthConfig::default()
             },
             pop3: mailmesh_gateway::Pop3Config::default(),
+            imap: mailmesh_gateway::ImapConfig::default(),
             admin: AdminConfig {
                 listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
             },
@@ -141,6 +144,7 @@ impl Validate for DevConfig {
         self.storage.validate()?;
         self.auth.validate()?;
         self.pop3.validate()?;
+        self.imap.validate()?;
         if let Some(tls) = &self.tls {
             tls.validate()?;
         }
@@ -276,24 +280,40 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
 
-    // POP3 (STLS and implicit TLS), reading through the storage gRPC API above.
+    // IMAP and POP3 (STARTTLS and implicit TLS), through the storage gRPC API above.
     let store = mailmesh_gateway::Store::new(
         &format!("http://{storage_addr}"),
-        config.pop3.max_message_bytes,
+        config
+            .pop3
+            .max_message_bytes
+            .max(config.imap.max_message_bytes),
     )?;
     let gateway = mailmesh_gateway::Gateway::new(
         store,
         cache.clone(),
         mailmesh_kit::tls::server_config(resolver.clone())?,
         config.pop3.clone(),
+        config.imap.clone(),
     );
-    let mut pop3_tasks = Vec::new();
+    let mut gateway_tasks = Vec::new();
+    for (port, implicit_tls) in [(config.ports.imap, false), (config.ports.imaps, true)] {
+        let addr = SocketAddr::new(config.bind, port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the IMAP port {addr}"))?;
+        gateway_tasks.push(tokio::spawn(mailmesh_gateway::serve_imap(
+            gateway.clone(),
+            listener,
+            implicit_tls,
+            shutdown.clone(),
+        )));
+    }
     for (port, implicit_tls) in [(config.ports.pop3, false), (config.ports.pop3s, true)] {
         let addr = SocketAddr::new(config.bind, port);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the POP3 port {addr}"))?;
-        pop3_tasks.push(tokio::spawn(mailmesh_gateway::serve_pop3(
+        gateway_tasks.push(tokio::spawn(mailmesh_gateway::serve_pop3(
             gateway.clone(),
             listener,
             implicit_tls,
@@ -315,7 +335,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     mailmesh_kit::shutdown::signal().await;
     let clean = shutdown.drain(&health, &config.shutdown).await;
     smtp_task.await?;
-    for task in pop3_tasks {
+    for task in gateway_tasks {
         task.await?;
     }
     worker_task.await??;
@@ -360,6 +380,14 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bo
         println!("  auth-check   OFF (no DNS resolver configuration): mail is not checked");
     }
     println!(
+        "  imap         {}:{}  (STARTTLS; LOGIN and AUTHENTICATE PLAIN after it)",
+        config.bind, config.ports.imap
+    );
+    println!(
+        "  imaps        {}:{}  (implicit TLS)",
+        config.bind, config.ports.imaps
+    );
+    println!(
         "  pop3         {}:{}  (STLS; USER/PASS and AUTH PLAIN after it)",
         config.bind, config.ports.pop3
     );
@@ -368,7 +396,7 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bo
         config.bind, config.ports.pop3s
     );
     println!("mail ports bound as their services are built (not yet):");
-    for (name, port) in config.ports.named().into_iter().skip(2).take(4) {
+    for (name, port) in config.ports.named().into_iter().skip(2).take(2) {
         println!("  {name:<12} {}:{port}  not built yet", config.bind);
     }
 }

@@ -245,4 +245,19 @@ p.quit()
         "{text}"
     );
     assert!(text.contains("\nhello from swaks\n"), "{text}");
+
+    // And with an IMAP client (Python's imaplib, STARTTLS): the junked one is in Junk.
+    let out = python(&format!(
+        r#"
+import imaplib, ssl
+m = imaplib.IMAP4('127.0.0.1', {port})
+m.starttls(ssl_context=ssl._create_unverified_context())
+m.login('alice@acme.test', 'pw')
+m.select('Junk')
+print(m.search(None, 'TEXT', 'junked')[1][0].decode())
+m.logout()
+"#,
+        port = dev.imap_port
+    ));
+    assert_eq!(out, "1\n");
 }

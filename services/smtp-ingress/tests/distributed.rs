@@ -5,7 +5,8 @@
 //! sends over STARTTLS; the message ends up in the user's INBOX with its trace and
 //! Authentication-Results headers; a DMARC p=reject forgery is refused and a
 //! p=quarantine one is filed in Junk; a second recipient reads the message over POP3
-//! (poplib, STLS) and deletes it.
+//! (poplib, STLS) and deletes it, the first reads hers over IMAP (imaplib, implicit
+//! TLS) and finds the junked one in Junk.
 
 mod common;
 
@@ -71,7 +72,10 @@ async fn smtp_to_inbox_through_separate_processes() {
     // The gateway reads what was delivered: POP3 with STLS, locks in Redis.
     let pop3 = free_port();
     let mut env = stateless(&run);
+    let imaps = free_port();
     env.push(("MAILMESH_POP3_LISTEN", format!("127.0.0.1:{pop3}")));
+    env.push(("MAILMESH_IMAP_LISTEN", format!("127.0.0.1:{}", free_port())));
+    env.push(("MAILMESH_IMAPS_LISTEN", format!("127.0.0.1:{imaps}")));
     env.push((
         "MAILMESH_POP3S_LISTEN",
         format!("127.0.0.1:{}", free_port()),
@@ -218,4 +222,55 @@ print('sent')
         ),
         "{message}"
     );
+
+    // The readers, through the gateway process: carol over POP3, alice over IMAP.
+    let script = format!(
+        r#"
+import imaplib, poplib, ssl
+ctx = ssl._create_unverified_context()
+p = poplib.POP3('127.0.0.1', {pop3}, timeout=30)
+p.stls(context=ctx)
+p.user('carol@acme.test')
+p.pass_('pw')
+print('pop3', p.stat()[0], b'through three processes' in b'\n'.join(p.retr(1)[1]))
+p.dele(1)
+p.quit()
+m = imaplib.IMAP4_SSL('127.0.0.1', {imaps}, ssl_context=ctx)
+m.login('alice@acme.test', 'pw')
+print('imap', m.select('INBOX')[1][0].decode(), m.search(None, 'SUBJECT', 'distributed')[1][0].decode())
+typ, data = m.fetch('1', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)] FLAGS)')
+print('subject', data[0][1].decode().strip())
+m.select('Junk')
+print('junk', m.search(None, 'FROM', 'news@quarantine.test')[1][0].decode())
+m.logout()
+"#
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pop3 1 True\nimap 1 1\nsubject Subject: distributed\njunk 1\n",
+        "readers: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    let gone = wait_for("carol's POP3 deletion", &logs, || {
+        let mut mailboxes = mailboxes.clone();
+        let carol = carol.clone();
+        async move {
+            let s = mailboxes
+                .status(v1::MailboxRequest {
+                    user: Some(carol),
+                    mailbox: "INBOX".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (s.messages == 0).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(gone.messages, 0);
 }

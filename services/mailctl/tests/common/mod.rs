@@ -12,6 +12,7 @@ pub struct Dev {
     pub storage: String,
     pub smtp_port: String,
     pub pop3_port: String,
+    pub imap_port: String,
     _dir: tempfile::TempDir,
     pub data: std::path::PathBuf,
 }
@@ -31,6 +32,7 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
     let storage_port = free_port().to_string();
     let smtp_port = free_port().to_string();
     let pop3_port = free_port().to_string();
+    let imap_port = free_port().to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
         .args(["dev", "--data-dir"])
         .arg(&data)
@@ -39,6 +41,8 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
         .env("MAILMESH_PORTS__SMTP", &smtp_port)
         .env("MAILMESH_PORTS__POP3", &pop3_port)
         .env("MAILMESH_PORTS__POP3S", free_port().to_string())
+        .env("MAILMESH_PORTS__IMAP", &imap_port)
+        .env("MAILMESH_PORTS__IMAPS", free_port().to_string())
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -50,6 +54,7 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
         storage: format!("http://127.0.0.1:{storage_port}"),
         smtp_port,
         pop3_port,
+        imap_port,
         _dir: dir,
         data,
     }

@@ -1,0 +1,738 @@
+//! What IMAP FETCH reads out of a message: ENVELOPE, BODYSTRUCTURE and body sections
+//! (RFC 3501 §6.4.5, §7.4.2), from the MIME structure `mail-parser` finds.
+//!
+//! Sections are byte ranges of the stored message, never re-encoded: a client that
+//! asks for `BODY[1.2.MIME]` gets exactly the bytes of that part's header.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use imap_codec::imap_types::body::{
+    BasicFields, Body, BodyStructure, Disposition, Language, Location, MultiPartExtensionData,
+    SinglePartExtensionData, SpecificFields,
+};
+use imap_codec::imap_types::core::{IString, NString, Vec1};
+use imap_codec::imap_types::envelope::{Address, Envelope};
+use imap_codec::imap_types::fetch::{Part, Section};
+use mail_parser::{
+    HeaderName, HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType,
+};
+
+/// A parsed message and the stored bytes it came from.
+pub struct Parsed<'a> {
+    raw: &'a [u8],
+    message: Option<Message<'a>>,
+}
+
+/// Where a part lies in the stored message.
+struct Located<'m, 'a> {
+    /// The part's own MIME header.
+    mime: Range<usize>,
+    /// The part's body (for message/rfc822, the whole nested message).
+    body: Range<usize>,
+    /// The nested message, for message/rfc822 parts stored unencoded.
+    nested: Option<(&'m Message<'a>, usize)>,
+}
+
+impl<'a> Parsed<'a> {
+    pub fn new(raw: &'a [u8]) -> Self {
+        Self {
+            raw,
+            message: MessageParser::default().parse(raw),
+        }
+    }
+
+    /// The header section of the top-level message, blank line included.
+    pub fn header(&self) -> &'a [u8] {
+        &self.raw[..header_end(self.raw, 0..self.raw.len())]
+    }
+
+    /// The body of the top-level message.
+    pub fn text(&self) -> &'a [u8] {
+        &self.raw[header_end(self.raw, 0..self.raw.len())..]
+    }
+
+    pub fn envelope(&self) -> Envelope<'static> {
+        match self.message.as_ref().and_then(|m| m.parts.first()) {
+            Some(part) => envelope_of(part, Some(self.raw)),
+            None => envelope(None),
+        }
+    }
+
+    pub fn body_structure(&self, extensions: bool) -> BodyStructure<'static> {
+        match &self.message {
+            Some(m) => structure(self.raw, m, 0, extensions),
+            None => fallback_structure(self.raw.len(), self.raw),
+        }
+    }
+
+    /// The bytes `section` names; an empty slice for a part that does not exist
+    /// (RFC 3501 lets the server answer an empty string).
+    pub fn section(&self, section: Option<&Section<'_>>) -> Cow<'a, [u8]> {
+        let raw = self.raw;
+        let Some(section) = section else {
+            return Cow::Borrowed(raw);
+        };
+        let whole = || Located {
+            mime: 0..0,
+            body: 0..raw.len(),
+            nested: self.message.as_ref().map(|m| (m, 0)),
+        };
+        let part = |p: &Option<Part>| match p {
+            None => Some(whole()),
+            Some(p) => self.locate(p.0.as_ref()),
+        };
+        // HEADER and TEXT of a part apply to the message/rfc822 it holds.
+        let message_range =
+            |l: &Located| -> Option<Range<usize>> { l.nested.map(|_| l.body.clone()) };
+        let bytes: Option<Cow<'a, [u8]>> = match section {
+            Section::Part(p) => self
+                .locate(p.0.as_ref())
+                .map(|l| Cow::Borrowed(&raw[l.body])),
+            Section::Mime(p) => self
+                .locate(p.0.as_ref())
+                .map(|l| Cow::Borrowed(&raw[l.mime])),
+            Section::Header(p) => part(p).and_then(|l| message_range(&l)).map(|r| {
+                let end = header_end(raw, r.clone());
+                Cow::Borrowed(&raw[r.start..end])
+            }),
+            Section::Text(p) => part(p).and_then(|l| message_range(&l)).map(|r| {
+                let end = header_end(raw, r.clone());
+                Cow::Borrowed(&raw[end..r.end])
+            }),
+            Section::HeaderFields(p, names) | Section::HeaderFieldsNot(p, names) => {
+                let keep = matches!(section, Section::HeaderFields(..));
+                part(p).and_then(|l| message_range(&l)).map(|r| {
+                    let end = header_end(raw, r.clone());
+                    let names: Vec<&[u8]> = names.as_ref().iter().map(|n| n.as_ref()).collect();
+                    Cow::Owned(header_fields(&raw[r.start..end], &names, keep))
+                })
+            }
+        };
+        bytes.unwrap_or(Cow::Borrowed(&[]))
+    }
+
+    /// Follows a part number path (`1.2.3`) from the top-level message.
+    fn locate(&self, path: &[std::num::NonZeroU32]) -> Option<Located<'_, 'a>> {
+        let mut message = self.message.as_ref()?;
+        let mut root = 0usize;
+        let mut located = None;
+        for (depth, n) in path.iter().enumerate() {
+            if depth > 0 {
+                // Descending below a part: only a message/rfc822 part has children here
+                // (a multipart's children are indexed from the multipart itself).
+                let l: &Located = located.as_ref()?;
+                let (nested, nested_root) = l.nested?;
+                message = nested;
+                root = nested_root;
+            }
+            let n = n.get() as usize;
+            let top = message.parts.get(root)?;
+            let index = match &top.body {
+                PartType::Multipart(children) => *children.get(n - 1)? as usize,
+                // A single-part message has exactly one part, its body.
+                _ if n == 1 => root,
+                _ => return None,
+            };
+            let part = message.parts.get(index)?;
+            let mut l = Located {
+                mime: part.offset_header as usize..part.offset_body as usize,
+                body: part.offset_body as usize..part.offset_end as usize,
+                nested: None,
+            };
+            if index == root && !matches!(top.body, PartType::Multipart(_)) {
+                // The body of a single-part message: its MIME header is the message's.
+                l.mime = top.offset_header as usize..top.offset_body as usize;
+            }
+            if let PartType::Message(inner) = &part.body
+                && same_bytes(inner, self.raw)
+            {
+                l.nested = Some((inner, 0));
+            }
+            // Multipart children are walked on the next step from this index.
+            if let PartType::Multipart(_) = part.body {
+                l.nested = Some((message, index));
+            }
+            located = Some(l);
+        }
+        let mut l = located?;
+        if l.body.end > self.raw.len() || l.body.start > l.body.end {
+            return None;
+        }
+        l.mime.end = l.mime.end.min(self.raw.len());
+        l.mime.start = l.mime.start.min(l.mime.end);
+        Some(l)
+    }
+}
+
+/// mail-parser parses an unencoded message/rfc822 part in place (offsets into the
+/// same bytes); an encoded one is decoded into bytes of its own.
+fn same_bytes(inner: &Message<'_>, raw: &[u8]) -> bool {
+    inner.raw_message.len() == raw.len() && inner.raw_message.as_ref() == raw
+}
+
+/// The end of the header section (after the blank line) of the message in `range`.
+fn header_end(raw: &[u8], range: Range<usize>) -> usize {
+    let bytes = &raw[range.clone()];
+    if bytes.starts_with(b"\r\n") {
+        return range.start + 2;
+    }
+    if bytes.starts_with(b"\n") {
+        return range.start + 1;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\n' {
+            if bytes[i + 1..].starts_with(b"\r\n") {
+                return range.start + i + 3;
+            }
+            if bytes[i + 1..].starts_with(b"\n") {
+                return range.start + i + 2;
+            }
+        }
+        i += 1;
+    }
+    range.end
+}
+
+/// The header fields named in `names` (or all but those), each with its folded
+/// lines, followed by the blank line (RFC 3501 HEADER.FIELDS).
+fn header_fields(header: &[u8], names: &[&[u8]], keep: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut fields: Vec<&[u8]> = Vec::new();
+    let mut start = 0;
+    for (i, &b) in header.iter().enumerate() {
+        let next_continues = matches!(header.get(i + 1), Some(b' ' | b'\t'));
+        if b == b'\n' && !next_continues {
+            fields.push(&header[start..=i]);
+            start = i + 1;
+        }
+    }
+    for field in fields {
+        if field == b"\r\n" || field == b"\n" {
+            continue;
+        }
+        let name = field.split(|&b| b == b':').next().unwrap_or_default();
+        let name = name.trim_ascii();
+        let listed = names.iter().any(|n| n.eq_ignore_ascii_case(name));
+        if listed == keep {
+            out.extend_from_slice(field);
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn nstring(value: Option<&str>) -> NString<'static> {
+    match value {
+        Some(v) => NString(Some(istring(v))),
+        None => NString(None),
+    }
+}
+
+/// A string as IMAP can carry it: quoted when it can be, else a literal; bytes a
+/// literal cannot hold (NUL) are dropped.
+pub fn istring(value: &str) -> IString<'static> {
+    istring_bytes(value.as_bytes())
+}
+
+pub fn istring_bytes(value: &[u8]) -> IString<'static> {
+    match IString::try_from(value.to_vec()) {
+        Ok(s) => s,
+        Err(_) => {
+            let clean: Vec<u8> = value.iter().copied().filter(|&b| b != 0).collect();
+            IString::try_from(clean).unwrap_or_else(|_| IString::try_from("").unwrap())
+        }
+    }
+}
+
+/// The unfolded raw value of the first `name` field of `part`.
+fn raw_value<'p>(part: &'p MessagePart<'_>, name: HeaderName<'_>, raw: &'p [u8]) -> Option<String> {
+    let h = part.headers.iter().find(|h| h.name == name)?;
+    let bytes = raw.get(h.offset_start as usize..h.offset_end as usize)?;
+    let text = String::from_utf8_lossy(bytes);
+    let unfolded: String = text.replace("\r\n", "").replace('\n', "");
+    Some(unfolded.trim().to_owned())
+}
+
+fn envelope(part: Option<&MessagePart<'_>>) -> Envelope<'static> {
+    if let Some(part) = part {
+        return envelope_of(part, None);
+    }
+    Envelope {
+        date: NString(None),
+        subject: NString(None),
+        from: vec![],
+        sender: vec![],
+        reply_to: vec![],
+        to: vec![],
+        cc: vec![],
+        bcc: vec![],
+        in_reply_to: NString(None),
+        message_id: NString(None),
+    }
+}
+
+/// ENVELOPE of a message whose top part is `part`; `raw` holds the bytes the header
+/// offsets point into (the top-level message when `None` is not known).
+fn envelope_of(part: &MessagePart<'_>, raw: Option<&[u8]>) -> Envelope<'static> {
+    let text = |name: HeaderName<'_>| -> NString<'static> {
+        let v = match raw {
+            Some(raw) => raw_value(part, name.clone(), raw),
+            None => None,
+        }
+        .or_else(|| {
+            match part
+                .headers
+                .iter()
+                .find(|h| h.name == name)
+                .map(|h| &h.value)
+            {
+                Some(HeaderValue::Text(t)) => Some(t.to_string()),
+                Some(HeaderValue::TextList(l)) => Some(l.join(" ")),
+                Some(HeaderValue::DateTime(d)) => Some(d.to_rfc822()),
+                _ => None,
+            }
+        });
+        nstring(v.as_deref())
+    };
+    let ids = |name: HeaderName<'_>| -> NString<'static> {
+        match part
+            .headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| &h.value)
+        {
+            Some(HeaderValue::Text(t)) => nstring(Some(&format!("<{t}>"))),
+            Some(HeaderValue::TextList(l)) => nstring(Some(
+                &l.iter()
+                    .map(|t| format!("<{t}>"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )),
+            _ => NString(None),
+        }
+    };
+    let addresses = |name: HeaderName<'_>| -> Vec<Address<'static>> {
+        match part
+            .headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| &h.value)
+        {
+            Some(HeaderValue::Address(a)) => address_list(a),
+            _ => vec![],
+        }
+    };
+    let from = addresses(HeaderName::From);
+    let sender = match addresses(HeaderName::Sender) {
+        s if s.is_empty() => from.clone(),
+        s => s,
+    };
+    let reply_to = match addresses(HeaderName::ReplyTo) {
+        r if r.is_empty() => from.clone(),
+        r => r,
+    };
+    Envelope {
+        date: text(HeaderName::Date),
+        subject: text(HeaderName::Subject),
+        from,
+        sender,
+        reply_to,
+        to: addresses(HeaderName::To),
+        cc: addresses(HeaderName::Cc),
+        bcc: addresses(HeaderName::Bcc),
+        in_reply_to: ids(HeaderName::InReplyTo),
+        message_id: ids(HeaderName::MessageId),
+    }
+}
+
+fn address_list(a: &mail_parser::Address<'_>) -> Vec<Address<'static>> {
+    let one = |addr: &mail_parser::Addr<'_>| {
+        let (mailbox, host) = match addr.address.as_deref() {
+            Some(a) => match a.rsplit_once('@') {
+                Some((m, h)) => (Some(m.to_owned()), Some(h.to_owned())),
+                None => (Some(a.to_owned()), None),
+            },
+            None => (None, None),
+        };
+        Address {
+            name: nstring(addr.name.as_deref().map(encode_word).as_deref()),
+            adl: NString(None),
+            mailbox: nstring(mailbox.as_deref()),
+            // RFC 3501: NIL host with a non-NIL mailbox marks a group; an address
+            // without a domain gets an empty host instead.
+            host: nstring(Some(host.as_deref().unwrap_or(""))),
+        }
+    };
+    match a {
+        mail_parser::Address::List(list) => list.iter().map(one).collect(),
+        mail_parser::Address::Group(groups) => {
+            let mut out = Vec::new();
+            for g in groups {
+                match &g.name {
+                    Some(name) => {
+                        out.push(Address {
+                            name: NString(None),
+                            adl: NString(None),
+                            mailbox: nstring(Some(name)),
+                            host: NString(None),
+                        });
+                        out.extend(g.addresses.iter().map(one));
+                        out.push(Address {
+                            name: NString(None),
+                            adl: NString(None),
+                            mailbox: NString(None),
+                            host: NString(None),
+                        });
+                    }
+                    None => out.extend(g.addresses.iter().map(one)),
+                }
+            }
+            out
+        }
+    }
+}
+
+/// A decoded display name back in header form: RFC 2047 when it is not ASCII.
+fn encode_word(name: &str) -> String {
+    use base64::Engine;
+    if name.is_ascii() {
+        name.to_owned()
+    } else {
+        format!(
+            "=?utf-8?B?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(name.as_bytes())
+        )
+    }
+}
+
+fn params(ct: Option<&mail_parser::ContentType<'_>>) -> Vec<(IString<'static>, IString<'static>)> {
+    ct.and_then(|c| c.attributes.as_ref())
+        .map(|attrs| {
+            attrs
+                .iter()
+                .map(|a| (istring(&a.name.to_ascii_uppercase()), istring(&a.value)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn disposition(part: &MessagePart<'_>) -> Option<Disposition<'static>> {
+    let language = match part.content_language() {
+        HeaderValue::Text(t) => vec![istring(t)],
+        HeaderValue::TextList(l) => l.iter().map(|t| istring(t)).collect(),
+        _ => vec![],
+    };
+    Some(Disposition {
+        disposition: part
+            .content_disposition()
+            .map(|d| (istring(&d.c_type.to_ascii_uppercase()), params(Some(d)))),
+        tail: Some(Language {
+            language,
+            tail: Some(Location {
+                location: nstring(part.content_location()),
+                extensions: vec![],
+            }),
+        }),
+    })
+}
+
+fn lines(bytes: &[u8]) -> u32 {
+    let n = bytes.iter().filter(|&&b| b == b'\n').count();
+    let partial = usize::from(!bytes.is_empty() && !bytes.ends_with(b"\n"));
+    u32::try_from(n + partial).unwrap_or(u32::MAX)
+}
+
+fn structure(raw: &[u8], message: &Message<'_>, index: usize, ext: bool) -> BodyStructure<'static> {
+    let Some(part) = message.parts.get(index) else {
+        return fallback_structure(raw.len(), raw);
+    };
+    let ct = part.content_type();
+    let body_bytes = raw
+        .get(part.offset_body as usize..part.offset_end as usize)
+        .unwrap_or_default();
+    if let PartType::Multipart(children) = &part.body {
+        let bodies: Vec<BodyStructure<'static>> = children
+            .iter()
+            .map(|&c| structure(raw, message, c as usize, ext))
+            .collect();
+        let subtype = ct
+            .and_then(|c| c.c_subtype.as_deref())
+            .unwrap_or("mixed")
+            .to_ascii_uppercase();
+        return match Vec1::try_from(bodies) {
+            Ok(bodies) => BodyStructure::Multi {
+                bodies,
+                subtype: istring(&subtype),
+                extension_data: ext.then(|| MultiPartExtensionData {
+                    parameter_list: params(ct),
+                    tail: disposition(part),
+                }),
+            },
+            Err(_) => fallback_structure(body_bytes.len(), body_bytes),
+        };
+    }
+    let (c_type, c_subtype) = match ct {
+        Some(c) => (
+            c.c_type.to_ascii_uppercase(),
+            c.c_subtype
+                .as_deref()
+                .map(str::to_ascii_uppercase)
+                .unwrap_or_else(|| "PLAIN".into()),
+        ),
+        None => ("TEXT".to_owned(), "PLAIN".to_owned()),
+    };
+    let mut parameter_list = params(ct);
+    if ct.is_none() {
+        parameter_list.push((istring("CHARSET"), istring("US-ASCII")));
+    }
+    let basic = BasicFields {
+        parameter_list,
+        id: nstring(part.content_id().map(|id| format!("<{id}>")).as_deref()),
+        description: nstring(part.content_description()),
+        content_transfer_encoding: istring(
+            &part
+                .content_transfer_encoding()
+                .unwrap_or("7BIT")
+                .to_ascii_uppercase(),
+        ),
+        size: u32::try_from(body_bytes.len()).unwrap_or(u32::MAX),
+    };
+    let specific = match (&part.body, c_type.as_str()) {
+        (PartType::Message(inner), "MESSAGE") => {
+            let inner_raw: &[u8] = if same_bytes(inner, raw) {
+                raw
+            } else {
+                inner.raw_message.as_ref()
+            };
+            SpecificFields::Message {
+                envelope: Box::new(match inner.parts.first() {
+                    Some(p) => envelope_of(p, Some(inner_raw)),
+                    None => envelope(None),
+                }),
+                body_structure: Box::new(structure(inner_raw, inner, 0, ext)),
+                number_of_lines: lines(body_bytes),
+            }
+        }
+        (_, "TEXT") => SpecificFields::Text {
+            subtype: istring(&c_subtype),
+            number_of_lines: lines(body_bytes),
+        },
+        _ => SpecificFields::Basic {
+            r#type: istring(&c_type),
+            subtype: istring(&c_subtype),
+        },
+    };
+    BodyStructure::Single {
+        body: Body { basic, specific },
+        extension_data: ext.then(|| SinglePartExtensionData {
+            md5: NString(None),
+            tail: disposition(part),
+        }),
+    }
+}
+
+/// A message mail-parser could not make sense of: one text/plain body.
+fn fallback_structure(size: usize, bytes: &[u8]) -> BodyStructure<'static> {
+    BodyStructure::Single {
+        body: Body {
+            basic: BasicFields {
+                parameter_list: vec![(istring("CHARSET"), istring("US-ASCII"))],
+                id: NString(None),
+                description: NString(None),
+                content_transfer_encoding: istring("7BIT"),
+                size: u32::try_from(size).unwrap_or(u32::MAX),
+            },
+            specific: SpecificFields::Text {
+                subtype: istring("PLAIN"),
+                number_of_lines: lines(bytes),
+            },
+        },
+        extension_data: None,
+    }
+}
+
+/// The header fields, decoded, for SEARCH HEADER/FROM/SUBJECT...: (lower-case name,
+/// value as text).
+pub fn header_text(p: &Parsed<'_>) -> Vec<(String, String)> {
+    let header = p.header();
+    let text = String::from_utf8_lossy(header);
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.split('\n') {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = out.last_mut() {
+                last.1.push(' ');
+                last.1.push_str(line.trim());
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            out.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
+        }
+    }
+    // Decoded forms too, so a search for a word of an encoded subject matches.
+    if let Some(m) = &p.message {
+        for h in m
+            .parts
+            .first()
+            .map(|p| p.headers.as_slice())
+            .unwrap_or_default()
+        {
+            let decoded = match &h.value {
+                HeaderValue::Text(t) => t.to_string(),
+                HeaderValue::TextList(l) => l.join(" "),
+                HeaderValue::Address(a) => {
+                    let mut s = String::new();
+                    for addr in a.iter() {
+                        if let Some(n) = &addr.name {
+                            s.push_str(n);
+                            s.push(' ');
+                        }
+                        if let Some(e) = &addr.address {
+                            s.push_str(e);
+                            s.push(' ');
+                        }
+                    }
+                    s
+                }
+                _ => continue,
+            };
+            out.push((h.name.as_str().to_ascii_lowercase(), decoded));
+        }
+    }
+    out
+}
+
+/// The body as text for SEARCH BODY: decoded text parts when the message parses.
+pub fn body_text(p: &Parsed<'_>) -> String {
+    match &p.message {
+        Some(m) => {
+            let mut s = String::new();
+            for part in &m.parts {
+                match &part.body {
+                    PartType::Text(t) | PartType::Html(t) => {
+                        s.push_str(t);
+                        s.push('\n');
+                    }
+                    _ => {}
+                }
+            }
+            s
+        }
+        None => String::from_utf8_lossy(p.text()).into_owned(),
+    }
+}
+
+/// The Date: header, for SENTBEFORE/SENTON/SENTSINCE.
+pub fn sent_date(p: &Parsed<'_>) -> Option<chrono::NaiveDate> {
+    let d = p.message.as_ref()?.date()?;
+    chrono::NaiveDate::from_ymd_opt(i32::from(d.year), u32::from(d.month), u32::from(d.day))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_codec::imap_types::core::AString;
+
+    const MULTI: &[u8] = b"From: Alice <alice@example.org>\r\n\
+To: bob@example.com, \"Carol\" <carol@example.com>\r\n\
+Subject: =?utf-8?q?h=C3=A9llo?=\r\n\
+Message-ID: <id1@example.org>\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"b1\"\r\n\
+\r\n\
+preamble\r\n\
+--b1\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+\r\n\
+first part\r\nline two\r\n\
+--b1\r\n\
+Content-Type: message/rfc822\r\n\
+\r\n\
+Subject: inner\r\n\
+\r\n\
+inner body\r\n\
+--b1--\r\n";
+
+    #[test]
+    fn sections_are_byte_ranges_of_the_stored_message() {
+        let p = Parsed::new(MULTI);
+        let one = std::num::NonZeroU32::new(1).unwrap();
+        let two = std::num::NonZeroU32::new(2).unwrap();
+        let part = |v: Vec<std::num::NonZeroU32>| Part(Vec1::try_from(v).unwrap());
+        assert_eq!(
+            &*p.section(Some(&Section::Part(part(vec![one])))),
+            b"first part\r\nline two"
+        );
+        assert_eq!(
+            &*p.section(Some(&Section::Mime(part(vec![one])))),
+            b"Content-Type: text/plain; charset=utf-8\r\n\r\n"
+        );
+        assert_eq!(
+            &*p.section(Some(&Section::Header(Some(part(vec![two]))))),
+            b"Subject: inner\r\n\r\n"
+        );
+        assert_eq!(
+            &*p.section(Some(&Section::Text(Some(part(vec![two]))))),
+            b"inner body"
+        );
+        assert_eq!(
+            &*p.section(Some(&Section::Part(part(vec![two, one])))),
+            b"inner body"
+        );
+        let names = Vec1::from(AString::try_from("subject").unwrap());
+        assert_eq!(
+            &*p.section(Some(&Section::HeaderFields(None, names))),
+            b"Subject: =?utf-8?q?h=C3=A9llo?=\r\n\r\n"
+        );
+        assert!(
+            p.section(Some(&Section::Part(part(vec![two, two]))))
+                .is_empty()
+        );
+        assert!(p.text().starts_with(b"preamble"));
+    }
+
+    #[test]
+    fn envelope_keeps_raw_subject_and_splits_addresses() {
+        let e = Parsed::new(MULTI).envelope();
+        assert_eq!(
+            e.subject.into_option().unwrap().as_ref(),
+            b"=?utf-8?q?h=C3=A9llo?="
+        );
+        assert_eq!(e.to.len(), 2);
+        assert_eq!(
+            e.from[0].host.clone().into_option().unwrap().as_ref(),
+            b"example.org"
+        );
+        assert_eq!(e.sender, e.from);
+        assert_eq!(
+            e.message_id.into_option().unwrap().as_ref(),
+            b"<id1@example.org>"
+        );
+    }
+
+    #[test]
+    fn body_structure_of_a_multipart_with_a_nested_message() {
+        let s = Parsed::new(MULTI).body_structure(true);
+        let BodyStructure::Multi {
+            bodies, subtype, ..
+        } = s
+        else {
+            panic!("multipart expected");
+        };
+        assert_eq!(subtype.as_ref(), b"MIXED");
+        let bodies = bodies.into_iter().collect::<Vec<_>>();
+        assert_eq!(bodies.len(), 2);
+        let BodyStructure::Single { body, .. } = &bodies[1] else {
+            panic!("single part expected");
+        };
+        assert!(matches!(body.specific, SpecificFields::Message { .. }));
+    }
+
+    #[test]
+    fn header_fields_not_and_bare_lf() {
+        let h = b"A: 1\nB: 2\n continued\nC: 3\n\n";
+        assert_eq!(header_fields(h, &[b"b"], true), b"B: 2\n continued\n\r\n");
+        assert_eq!(header_fields(h, &[b"b"], false), b"A: 1\nC: 3\n\r\n");
+    }
+}

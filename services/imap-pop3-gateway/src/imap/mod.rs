@@ -1,0 +1,1424 @@
+//! One IMAP session (RFC 3501 IMAP4rev1), generic over the stream so tests drive it
+//! in memory. Commands are framed by `imap-codec`'s fragmentizer (lines and literals,
+//! bounded before anything is parsed) and parsed by its command codec; replies are
+//! encoded by its response codec.
+//!
+//! Extensions: STARTTLS, LOGINDISABLED, AUTH=PLAIN, SASL-IR, ENABLE, CONDSTORE,
+//! IDLE, UIDPLUS, MOVE, UNSELECT, LITERAL+, NAMESPACE, ID, SPECIAL-USE, QUOTA.
+//!
+//! The session keeps only its view of the selected mailbox (sequence numbers to
+//! UIDs, flags); everything else is asked of the storage service. Changes made by
+//! other sessions, on any pod, arrive through the storage change stream and are
+//! announced as EXISTS / EXPUNGE / FETCH FLAGS after the next command or during IDLE.
+
+mod message;
+mod search;
+mod selected;
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use imap_codec::encode::Encoder;
+use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
+use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::core::{
+    Atom, IString, LiteralMode, NString, QuotedChar, Tag, Text, Vec1,
+};
+use imap_codec::imap_types::extensions::enable::CapabilityEnable;
+use imap_codec::imap_types::extensions::namespace::Namespace;
+use imap_codec::imap_types::extensions::quota::{QuotaGet, Resource};
+use imap_codec::imap_types::flag::FlagNameAttribute;
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
+use imap_codec::imap_types::response::{
+    Bye, Capability, Code, CodeOther, CommandContinuationRequest, Data, Greeting, GreetingKind,
+    Response, Status, StatusBody, StatusKind, Tagged,
+};
+use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
+use imap_codec::imap_types::{IntoStatic, ToStatic};
+use imap_codec::{
+    AuthenticateDataCodec, CommandCodec, GreetingCodec, IdleDoneCodec, ResponseCodec,
+};
+use mailmesh_kit::Shutdown;
+use mailmesh_proto::v1;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+
+use crate::Gateway;
+use crate::login::{self, Login};
+use selected::Selected;
+
+const PROTOCOL: &str = "imap";
+/// The hierarchy delimiter.
+const DELIMITER: char = '/';
+
+/// What the loop does after a command.
+enum Next {
+    Continue,
+    Close,
+    StartTls,
+}
+
+/// What the reader produced.
+enum Input {
+    /// A complete message (command, authenticate line or DONE) in the fragmentizer.
+    Message,
+    /// The connection ended, timed out or the server is stopping.
+    End(&'static str),
+    /// A change notification arrived while waiting (IDLE only).
+    Changed,
+}
+
+/// The connection: the stream, the framing state and the replies not yet written.
+struct Conn<S> {
+    stream: S,
+    frag: Fragmentizer,
+    out: Vec<u8>,
+    max_command: usize,
+    max_append: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(stream: S, config: &crate::ImapConfig) -> Self {
+        let total = config
+            .max_message_bytes
+            .saturating_add(config.max_command_bytes);
+        Self {
+            stream,
+            frag: Fragmentizer::new(u32::try_from(total).unwrap_or(u32::MAX)),
+            out: Vec::with_capacity(1024),
+            max_command: config.max_command_bytes,
+            max_append: config.max_message_bytes,
+        }
+    }
+
+    fn push(&mut self, response: &Response<'_>) {
+        self.out
+            .extend(ResponseCodec::default().encode(response).dump());
+    }
+
+    fn push_raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+            if self.out.capacity() > 64 << 10 {
+                self.out.shrink_to(1024);
+            }
+        }
+        self.stream.flush().await
+    }
+
+    /// Reads until the fragmentizer holds a whole message, answering literal
+    /// announcements on the way. `changes` wakes the wait during IDLE.
+    async fn read_message(
+        &mut self,
+        timeout: Duration,
+        shutdown: &Shutdown,
+        changes: Option<&Notify>,
+    ) -> io::Result<Input> {
+        let mut buf = [0u8; 8192];
+        loop {
+            match self.frag.progress() {
+                Some(FragmentInfo::Line {
+                    announcement: Some(LiteralAnnouncement { mode, length }),
+                    ..
+                }) => {
+                    // An APPEND may carry a message; any other command stays small.
+                    let so_far = self.frag.message_bytes().len();
+                    let length = length as usize;
+                    let fits = if self.is_append() {
+                        length <= self.max_append
+                            && so_far + length <= self.max_append + self.max_command
+                    } else {
+                        so_far + length <= self.max_command
+                    };
+                    match (fits, mode) {
+                        (true, LiteralMode::Sync) => {
+                            self.push_raw(b"+ Ready for literal data\r\n");
+                            self.flush().await?;
+                        }
+                        (true, LiteralMode::NonSync) => {}
+                        (false, LiteralMode::Sync) => {
+                            // The client waits for "+", so it sends no literal: the
+                            // command ends here.
+                            let tag = self.frag.decode_tag().map(|t| t.into_static());
+                            self.frag.skip_message();
+                            self.push(&status(
+                                tag.as_ref(),
+                                StatusKind::No,
+                                Some(Code::TooBig),
+                                "Literal too large",
+                            ));
+                            self.flush().await?;
+                        }
+                        // LITERAL+: the bytes come anyway; they are read and dropped,
+                        // and the command fails when it is complete.
+                        (false, LiteralMode::NonSync) => self.frag.poison_message(),
+                    }
+                    continue;
+                }
+                Some(_) if self.frag.is_message_complete() => return Ok(Input::Message),
+                Some(_) => continue,
+                None => {}
+            }
+            // A command line (not an APPEND literal) longer than allowed: the client is
+            // not speaking IMAP; memory stays bounded by `max_command_bytes`.
+            if self.frag.message_bytes().len() > self.max_command && !self.is_append() {
+                return Ok(Input::End("Command line too long"));
+            }
+            let read = self.stream.read(&mut buf);
+            let n = tokio::select! {
+                _ = shutdown.closing() => return Ok(Input::End("Server shutting down")),
+                _ = async { match changes { Some(n) => n.notified().await, None => std::future::pending().await } } => {
+                    return Ok(Input::Changed);
+                }
+                r = tokio::time::timeout(timeout, read) => match r {
+                    Ok(r) => r?,
+                    Err(_) => return Ok(Input::End("Autologout; idle for too long")),
+                },
+            };
+            if n == 0 {
+                return Ok(Input::End(""));
+            }
+            self.frag.enqueue_bytes(&buf[..n]);
+        }
+    }
+
+    /// Whether the message being read is an APPEND (which may carry a large literal).
+    fn is_append(&self) -> bool {
+        let bytes = self.frag.message_bytes();
+        let mut words = bytes.split(|&b| b == b' ');
+        let _tag = words.next();
+        words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"APPEND"))
+    }
+}
+
+/// Change notifications for the logged-in user, from the storage change stream:
+/// mailbox names that changed (`None` = everything must be rechecked).
+#[derive(Default)]
+pub(crate) struct Changes {
+    notify: Notify,
+    dirty: Mutex<Dirty>,
+}
+
+#[derive(Default)]
+struct Dirty {
+    all: bool,
+    mailboxes: HashSet<String>,
+}
+
+impl Changes {
+    fn mark(&self, mailbox: Option<&str>) {
+        {
+            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            match mailbox {
+                Some(m) => {
+                    d.mailboxes.insert(m.to_ascii_lowercase());
+                }
+                None => d.all = true,
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Whether `mailbox` changed since the last call (and forgets it).
+    fn take(&self, mailbox: &str) -> bool {
+        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = d.all || d.mailboxes.contains(&mailbox.to_ascii_lowercase());
+        d.all = false;
+        d.mailboxes.clear();
+        hit
+    }
+}
+
+/// Follows the storage change stream for `user` until the session ends; a broken
+/// stream is re-opened and everything is marked changed (nothing is missed).
+async fn watch_changes(gw: Arc<Gateway>, user: v1::UserRef, changes: Arc<Changes>) {
+    loop {
+        match gw.store.mailboxes().watch(user.clone()).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                changes.mark(None);
+                while let Some(change) = stream.next().await {
+                    match change {
+                        Ok(c) if c.mailbox.is_empty() => changes.mark(None),
+                        Ok(c) => changes.mark(Some(&c.mailbox)),
+                        Err(_) => {
+                            changes.mark(None);
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "watching mailbox changes"),
+        }
+        changes.mark(None);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+struct Watcher {
+    changes: Arc<Changes>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub(crate) struct Session {
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    tls: bool,
+    errors: u32,
+    user: Option<v1::UserRef>,
+    watcher: Option<Watcher>,
+    selected: Option<Selected>,
+    /// ENABLE CONDSTORE (or a CONDSTORE-using command): MODSEQ in FETCH replies.
+    condstore: bool,
+    /// The client was told BYE (its selected mailbox vanished): end the session.
+    bye: bool,
+}
+
+/// Runs a session to its end; `tls` when the connection is already encrypted.
+pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
+    gw: Arc<Gateway>,
+    stream: S,
+    peer: SocketAddr,
+    tls: bool,
+    shutdown: &Shutdown,
+) {
+    let _gauge = crate::metrics::SessionGauge::open(PROTOCOL);
+    let mut session = Session {
+        gw: gw.clone(),
+        peer,
+        tls,
+        errors: 0,
+        user: None,
+        watcher: None,
+        selected: None,
+        condstore: false,
+        bye: false,
+    };
+    let mut conn = Conn::new(stream, &gw.imap);
+    let capabilities = session.capabilities();
+    let greeting = Greeting {
+        kind: GreetingKind::Ok,
+        code: Some(Code::Capability(capabilities)),
+        text: Text::unvalidated(format!("{} IMAP4rev1 (mailmesh) ready", gw.imap.hostname)),
+    };
+    conn.out
+        .extend(GreetingCodec::default().encode(&greeting).dump());
+    match session.converse(&mut conn, shutdown).await {
+        Ok(Next::StartTls) => {
+            // Whatever the client sent after STARTTLS, before the handshake, is dropped
+            // with the fragmentizer (RFC 3501 §6.2.1: no plaintext command injection).
+            let stream = conn.stream;
+            match tokio::time::timeout(gw.imap.login_timeout, gw.tls.accept(stream)).await {
+                Ok(Ok(tls)) => {
+                    session.tls = true;
+                    let mut conn = Conn::new(tls, &gw.imap);
+                    if let Err(e) = session.converse(&mut conn, shutdown).await {
+                        tracing::debug!(%peer, error = %e, "imap session ended with an error");
+                    }
+                    let _ = conn.stream.shutdown().await;
+                }
+                _ => crate::metrics::event(PROTOCOL, "tls_failed"),
+            }
+        }
+        Ok(_) => {
+            let _ = conn.stream.shutdown().await;
+        }
+        Err(e) => tracing::debug!(%peer, error = %e, "imap session ended with an error"),
+    }
+}
+
+/// A tagged (or, without a tag, untagged) status response.
+fn status(
+    tag: Option<&Tag<'_>>,
+    kind: StatusKind,
+    code: Option<Code<'static>>,
+    text: &str,
+) -> Response<'static> {
+    let body = StatusBody {
+        kind,
+        code,
+        text: Text::unvalidated(text.to_owned()),
+    };
+    Response::Status(match tag {
+        Some(tag) => Status::Tagged(Tagged {
+            tag: tag.to_static(),
+            body,
+        }),
+        None => Status::Untagged(body),
+    })
+}
+
+fn bye(text: &str) -> Response<'static> {
+    Response::Status(Status::Bye(Bye {
+        code: None,
+        text: Text::unvalidated(text.to_owned()),
+    }))
+}
+
+fn code(name: &'static str) -> Code<'static> {
+    Code::Other(CodeOther::unvalidated(name.as_bytes()))
+}
+
+/// The mailbox name as the storage service knows it.
+fn mailbox_name(m: &Mailbox<'_>) -> String {
+    match m {
+        Mailbox::Inbox => "INBOX".to_owned(),
+        Mailbox::Other(o) => String::from_utf8_lossy(o.inner().as_ref()).into_owned(),
+    }
+}
+
+fn to_mailbox(name: &str) -> Mailbox<'static> {
+    Mailbox::try_from(name.to_owned()).unwrap_or(Mailbox::Inbox)
+}
+
+/// How a storage error reads to an IMAP client.
+fn storage_failure(tag: &Tag<'_>, e: &tonic::Status) -> Response<'static> {
+    use tonic::Code as C;
+    let (kind, code_, text) = match e.code() {
+        C::NotFound => (
+            StatusKind::No,
+            Some(code("NONEXISTENT")),
+            "No such mailbox or message",
+        ),
+        C::AlreadyExists => (
+            StatusKind::No,
+            Some(code("ALREADYEXISTS")),
+            "Mailbox already exists",
+        ),
+        C::ResourceExhausted => (StatusKind::No, Some(Code::OverQuota), "Quota exceeded"),
+        C::InvalidArgument | C::FailedPrecondition => (
+            StatusKind::No,
+            Some(code("CANNOT")),
+            "Operation not permitted",
+        ),
+        C::PermissionDenied => (StatusKind::No, Some(code("NOPERM")), "Not permitted"),
+        _ => {
+            tracing::warn!(error = %e, "storage call failed");
+            (
+                StatusKind::No,
+                Some(code("UNAVAILABLE")),
+                "Temporary failure, try again",
+            )
+        }
+    };
+    // The storage message says which rule applied; it is safe to pass on when short.
+    let detail = e.message();
+    if kind == StatusKind::No
+        && !detail.is_empty()
+        && detail.len() < 200
+        && detail.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !matches!(
+            e.code(),
+            C::Unavailable | C::Internal | C::Unknown | C::DeadlineExceeded
+        )
+    {
+        return status(Some(tag), kind, code_, &format!("{text}: {detail}"));
+    }
+    status(Some(tag), kind, code_, text)
+}
+
+impl Session {
+    fn capabilities(&self) -> Vec1<Capability<'static>> {
+        let mut caps = vec![Capability::Imap4Rev1];
+        if self.user.is_none() {
+            if !self.tls {
+                caps.push(Capability::StartTls);
+            }
+            if self.tls || self.gw.imap.allow_plaintext_auth {
+                caps.push(Capability::Auth(AuthMechanism::Plain));
+            } else {
+                caps.push(Capability::LoginDisabled);
+            }
+            caps.push(Capability::SaslIr);
+        }
+        caps.extend([
+            Capability::LiteralPlus,
+            Capability::Enable,
+            Capability::Idle,
+            Capability::UidPlus,
+            Capability::Move,
+            Capability::Unselect,
+            Capability::Namespace,
+            Capability::Id,
+            Capability::CondStore,
+            Capability::Quota,
+            Capability::StatusSize,
+            Capability::QuotaRes(Resource::Storage),
+            Capability::from(Atom::try_from("SPECIAL-USE").expect("atom")),
+        ]);
+        Vec1::try_from(caps).expect("not empty")
+    }
+
+    async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        shutdown: &Shutdown,
+    ) -> io::Result<Next> {
+        loop {
+            conn.flush().await?;
+            let timeout = if self.user.is_some() {
+                self.gw.imap.idle_timeout
+            } else {
+                self.gw.imap.login_timeout
+            };
+            match conn.read_message(timeout, shutdown, None).await? {
+                Input::Message => {}
+                Input::Changed => continue,
+                Input::End(text) => {
+                    if !text.is_empty() {
+                        conn.push(&bye(text));
+                        let _ = conn.flush().await;
+                    }
+                    return Ok(Next::Close);
+                }
+            }
+            let command = match conn.frag.decode_message(&CommandCodec::default()) {
+                Ok(c) => Ok(c.into_static()),
+                Err(e) => Err(matches!(
+                    e,
+                    imap_codec::fragmentizer::DecodeMessageError::MessageTooLong { .. }
+                        | imap_codec::fragmentizer::DecodeMessageError::MessagePoisoned { .. }
+                )),
+            };
+            let command = match command {
+                Ok(c) => c,
+                Err(too_long) => {
+                    let tag = conn.frag.decode_tag().map(|t| t.into_static());
+                    crate::metrics::command(PROTOCOL, "invalid", false);
+                    self.errors += 1;
+                    if self.errors >= self.gw.imap.max_errors {
+                        conn.push(&bye("Too many errors"));
+                        conn.flush().await?;
+                        return Ok(Next::Close);
+                    }
+                    let (code_, text) = if too_long {
+                        (Some(Code::TooBig), "Command too long")
+                    } else {
+                        (None, "Syntax error in command")
+                    };
+                    conn.push(&status(tag.as_ref(), StatusKind::Bad, code_, text));
+                    continue;
+                }
+            };
+            let next = self.command(conn, command, shutdown).await?;
+            if self.bye {
+                conn.flush().await?;
+                return Ok(Next::Close);
+            }
+            match next {
+                Next::Continue => {}
+                other => {
+                    conn.flush().await?;
+                    return Ok(other);
+                }
+            }
+        }
+    }
+
+    /// Pushes a BAD for a command in the wrong state, counting it as an error.
+    fn wrong_state<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        text: &str,
+    ) {
+        self.errors += 1;
+        conn.push(&status(Some(tag), StatusKind::Bad, None, text));
+    }
+
+    async fn command<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        command: Command<'static>,
+        shutdown: &Shutdown,
+    ) -> io::Result<Next> {
+        let Command { tag, body } = command;
+        let name = body.name();
+        let authed = self.user.is_some();
+        let ok = |conn: &mut Conn<S>, text: &str| {
+            conn.push(&status(Some(&tag), StatusKind::Ok, None, text))
+        };
+        match body {
+            CommandBody::Capability => {
+                conn.push(&Response::Data(Data::Capability(self.capabilities())));
+                ok(conn, "CAPABILITY completed");
+            }
+            CommandBody::Noop | CommandBody::Check => {
+                self.announce(conn, true).await;
+                ok(conn, &format!("{name} completed"));
+            }
+            CommandBody::Logout => {
+                conn.push(&bye("Logging out"));
+                ok(conn, "LOGOUT completed");
+                crate::metrics::command(PROTOCOL, name, true);
+                return Ok(Next::Close);
+            }
+            CommandBody::StartTLS if !self.tls && !authed => {
+                ok(conn, "Begin TLS negotiation now");
+                crate::metrics::command(PROTOCOL, name, true);
+                return Ok(Next::StartTls);
+            }
+            CommandBody::StartTLS => {
+                self.wrong_state(conn, &tag, "TLS is already active or not allowed now")
+            }
+            CommandBody::Login { username, password } if !authed => {
+                if !self.tls && !self.gw.imap.allow_plaintext_auth {
+                    conn.push(&status(
+                        Some(&tag),
+                        StatusKind::No,
+                        Some(code("PRIVACYREQUIRED")),
+                        "Use STARTTLS first",
+                    ));
+                } else {
+                    let user = String::from_utf8_lossy(username.as_ref()).into_owned();
+                    let pass = String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
+                    self.login(conn, &tag, &user, &pass).await;
+                }
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } if !authed => {
+                self.authenticate(
+                    conn,
+                    &tag,
+                    mechanism,
+                    initial_response.map(|r| r.declassify().to_vec()),
+                    shutdown,
+                )
+                .await?;
+            }
+            CommandBody::Login { .. } | CommandBody::Authenticate { .. } => {
+                self.wrong_state(conn, &tag, "Already authenticated");
+            }
+            _ if !authed => self.wrong_state(conn, &tag, "Log in first"),
+            CommandBody::Enable { capabilities } => {
+                let mut enabled = Vec::new();
+                for c in capabilities.into_iter() {
+                    if matches!(c, CapabilityEnable::CondStore) {
+                        self.condstore = true;
+                        enabled.push(CapabilityEnable::CondStore);
+                    }
+                }
+                conn.push(&Response::Data(Data::Enabled {
+                    capabilities: enabled,
+                }));
+                ok(conn, "ENABLE completed");
+            }
+            CommandBody::Id { .. } => {
+                conn.push(&Response::Data(Data::Id {
+                    parameters: Some(vec![
+                        (
+                            IString::try_from("name").expect("string"),
+                            NString(Some(message::istring("mailmesh"))),
+                        ),
+                        (
+                            IString::try_from("version").expect("string"),
+                            NString(Some(message::istring(env!("CARGO_PKG_VERSION")))),
+                        ),
+                    ]),
+                }));
+                ok(conn, "ID completed");
+            }
+            CommandBody::Namespace => {
+                conn.push(&Response::Data(Data::Namespace {
+                    personal: vec![Namespace {
+                        prefix: IString::try_from("").expect("string"),
+                        delimiter: QuotedChar::try_from(DELIMITER).ok(),
+                        extensions: vec![],
+                    }],
+                    other: vec![],
+                    shared: vec![],
+                }));
+                ok(conn, "NAMESPACE completed");
+            }
+            CommandBody::Create { mailbox } => {
+                let name = mailbox_name(&mailbox);
+                let name = name.trim_end_matches(DELIMITER).to_owned();
+                let r = self
+                    .gw
+                    .store
+                    .mailboxes()
+                    .create_mailbox(v1::MailboxRequest {
+                        user: self.user.clone(),
+                        mailbox: name,
+                    })
+                    .await;
+                match r {
+                    Ok(_) => ok(conn, "CREATE completed"),
+                    Err(e) => conn.push(&storage_failure(&tag, &e)),
+                }
+            }
+            CommandBody::Delete { mailbox } => {
+                let name = mailbox_name(&mailbox);
+                if self
+                    .selected
+                    .as_ref()
+                    .is_some_and(|s| s.name.eq_ignore_ascii_case(&name))
+                {
+                    self.selected = None;
+                }
+                let r = self
+                    .gw
+                    .store
+                    .mailboxes()
+                    .delete_mailbox(v1::MailboxRequest {
+                        user: self.user.clone(),
+                        mailbox: name,
+                    })
+                    .await;
+                match r {
+                    Ok(_) => ok(conn, "DELETE completed"),
+                    Err(e) => conn.push(&storage_failure(&tag, &e)),
+                }
+            }
+            CommandBody::Rename { from, to } => {
+                let r = self
+                    .gw
+                    .store
+                    .mailboxes()
+                    .rename_mailbox(v1::RenameMailboxRequest {
+                        user: self.user.clone(),
+                        from: mailbox_name(&from),
+                        to: mailbox_name(&to),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => ok(conn, "RENAME completed"),
+                    Err(e) => conn.push(&storage_failure(&tag, &e)),
+                }
+            }
+            CommandBody::Subscribe { mailbox } | CommandBody::Unsubscribe { mailbox } => {
+                let subscribed = matches!(name, "SUBSCRIBE");
+                let r = self
+                    .gw
+                    .store
+                    .mailboxes()
+                    .subscribe(v1::SubscribeRequest {
+                        user: self.user.clone(),
+                        mailbox: mailbox_name(&mailbox),
+                        subscribed,
+                    })
+                    .await;
+                match r {
+                    Ok(_) => ok(conn, &format!("{name} completed")),
+                    Err(e) => conn.push(&storage_failure(&tag, &e)),
+                }
+            }
+            CommandBody::List {
+                reference,
+                mailbox_wildcard,
+            } => {
+                self.list(conn, &tag, &reference, &mailbox_wildcard, false)
+                    .await;
+            }
+            CommandBody::Lsub {
+                reference,
+                mailbox_wildcard,
+            } => {
+                self.list(conn, &tag, &reference, &mailbox_wildcard, true)
+                    .await;
+            }
+            CommandBody::Status {
+                mailbox,
+                item_names,
+            } => {
+                self.status(conn, &tag, &mailbox, &item_names).await;
+            }
+            CommandBody::Append {
+                mailbox,
+                flags,
+                date,
+                message,
+            } => {
+                let data = match &message {
+                    imap_codec::imap_types::extensions::binary::LiteralOrLiteral8::Literal(l) => {
+                        l.data().to_vec()
+                    }
+                    imap_codec::imap_types::extensions::binary::LiteralOrLiteral8::Literal8(l) => {
+                        l.data.to_vec()
+                    }
+                };
+                self.append(conn, &tag, &mailbox, flags, date, data).await;
+            }
+            CommandBody::GetQuotaRoot { mailbox } => {
+                conn.push(&Response::Data(Data::QuotaRoot {
+                    mailbox: mailbox.clone(),
+                    roots: vec![
+                        imap_codec::imap_types::core::AString::try_from("").expect("string"),
+                    ],
+                }));
+                self.quota(conn, &tag).await;
+            }
+            CommandBody::GetQuota { root } if root.as_ref().is_empty() => {
+                self.quota(conn, &tag).await
+            }
+            CommandBody::GetQuota { .. } => {
+                conn.push(&status(
+                    Some(&tag),
+                    StatusKind::No,
+                    Some(code("NONEXISTENT")),
+                    "No such quota root",
+                ));
+            }
+            CommandBody::SetQuota { .. } => {
+                conn.push(&status(
+                    Some(&tag),
+                    StatusKind::No,
+                    Some(code("NOPERM")),
+                    "Quotas are set by the operator",
+                ));
+            }
+            CommandBody::Select {
+                mailbox,
+                parameters,
+            }
+            | CommandBody::Examine {
+                mailbox,
+                parameters,
+            } => {
+                let read_only = name == "EXAMINE";
+                if parameters.iter().any(|p| {
+                    matches!(
+                        p,
+                        imap_codec::imap_types::command::SelectParameter::CondStore
+                    )
+                }) {
+                    self.condstore = true;
+                }
+                self.select(conn, &tag, &mailbox, read_only).await;
+            }
+            CommandBody::Idle => {
+                return self.idle(conn, &tag, shutdown).await;
+            }
+            body => {
+                if self.selected.is_none() {
+                    if matches!(
+                        body,
+                        CommandBody::Unselect
+                            | CommandBody::Close
+                            | CommandBody::Expunge
+                            | CommandBody::ExpungeUid { .. }
+                            | CommandBody::Search { .. }
+                            | CommandBody::Fetch { .. }
+                            | CommandBody::Store { .. }
+                            | CommandBody::Copy { .. }
+                            | CommandBody::Move { .. }
+                    ) {
+                        self.wrong_state(conn, &tag, "Select a mailbox first");
+                    } else {
+                        conn.push(&status(
+                            Some(&tag),
+                            StatusKind::Bad,
+                            None,
+                            "Command not supported",
+                        ));
+                    }
+                } else {
+                    self.selected_command(conn, &tag, body).await?;
+                }
+            }
+        }
+        let tagged = &conn.out[last_line_start(&conn.out)..];
+        let ok = tagged
+            .split(|&b| b == b' ')
+            .nth(1)
+            .is_some_and(|w| w == b"OK");
+        crate::metrics::command(PROTOCOL, name, ok);
+        if !matches!(
+            name,
+            "FETCH" | "STORE" | "SEARCH" | "NOOP" | "CHECK" | "IDLE" | "LOGOUT"
+        ) {
+            // Other sessions' changes, after commands that allow them (RFC 3501 §7.4.1:
+            // no EXPUNGE during FETCH, STORE or SEARCH; those get them next time).
+            self.announce_before_tag(conn, true).await;
+        } else if matches!(name, "FETCH" | "STORE" | "SEARCH") {
+            self.announce_before_tag(conn, false).await;
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        name: &str,
+        password: &str,
+    ) {
+        let limits = login::Limits {
+            max_failures: self.gw.imap.max_auth_failures,
+            window: self.gw.imap.failure_window,
+        };
+        match login::check(&self.gw, PROTOCOL, self.peer, name, password, &limits).await {
+            Login::Ok(user) => {
+                let changes = Arc::new(Changes::default());
+                let task = tokio::spawn(watch_changes(
+                    self.gw.clone(),
+                    user.clone(),
+                    changes.clone(),
+                ));
+                self.watcher = Some(Watcher {
+                    changes,
+                    task: task.abort_handle(),
+                });
+                self.user = Some(user);
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::Ok,
+                    Some(Code::Capability(self.capabilities())),
+                    "Logged in",
+                ));
+            }
+            Login::Invalid => conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                Some(code("AUTHENTICATIONFAILED")),
+                "Invalid credentials",
+            )),
+            Login::Throttled => conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                Some(code("UNAVAILABLE")),
+                "Too many failed logins, try again later",
+            )),
+            Login::Unavailable => conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                Some(code("UNAVAILABLE")),
+                "Authentication temporarily unavailable",
+            )),
+        }
+    }
+
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        mechanism: AuthMechanism<'_>,
+        initial: Option<Vec<u8>>,
+        shutdown: &Shutdown,
+    ) -> io::Result<()> {
+        if !matches!(mechanism, AuthMechanism::Plain) {
+            conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                None,
+                "Unsupported mechanism",
+            ));
+            return Ok(());
+        }
+        if !self.tls && !self.gw.imap.allow_plaintext_auth {
+            conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                Some(code("PRIVACYREQUIRED")),
+                "Use STARTTLS first",
+            ));
+            return Ok(());
+        }
+        let response = match initial {
+            Some(r) => r,
+            None => {
+                conn.push(&Response::CommandContinuationRequest(
+                    CommandContinuationRequest::Base64(Vec::new().into()),
+                ));
+                conn.flush().await?;
+                match conn
+                    .read_message(self.gw.imap.login_timeout, shutdown, None)
+                    .await?
+                {
+                    Input::Message => {}
+                    _ => return Ok(()),
+                }
+                match conn.frag.decode_message(&AuthenticateDataCodec::default()) {
+                    Ok(AuthenticateData::Continue(data)) => data.declassify().to_vec(),
+                    Ok(AuthenticateData::Cancel) => {
+                        conn.push(&status(
+                            Some(tag),
+                            StatusKind::Bad,
+                            None,
+                            "Authentication cancelled",
+                        ));
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        conn.push(&status(
+                            Some(tag),
+                            StatusKind::Bad,
+                            None,
+                            "Invalid base64 response",
+                        ));
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        // authzid NUL authcid NUL password (RFC 4616); authzid must be empty or the
+        // same user.
+        let mut parts = response.split(|&b| b == 0);
+        let (Some(authz), Some(authc), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            conn.push(&status(
+                Some(tag),
+                StatusKind::Bad,
+                None,
+                "Malformed PLAIN response",
+            ));
+            return Ok(());
+        };
+        let authc = String::from_utf8_lossy(authc).into_owned();
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(authc.as_bytes()) {
+            conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                Some(code("AUTHORIZATIONFAILED")),
+                "Cannot act as another user",
+            ));
+            return Ok(());
+        }
+        let pass = String::from_utf8_lossy(pass).into_owned();
+        self.login(conn, tag, &authc, &pass).await;
+        Ok(())
+    }
+
+    async fn list<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        reference: &Mailbox<'_>,
+        wildcard: &ListMailbox<'_>,
+        lsub: bool,
+    ) {
+        let reference = match reference {
+            Mailbox::Inbox => "INBOX".to_owned(),
+            Mailbox::Other(_) => mailbox_name(reference),
+        };
+        let pattern = match wildcard {
+            ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
+            ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
+        };
+        if pattern.is_empty() && !lsub {
+            // The hierarchy delimiter and root name (RFC 3501 §6.3.8).
+            conn.push(&Response::Data(Data::List {
+                items: vec![FlagNameAttribute::Noselect],
+                delimiter: QuotedChar::try_from(DELIMITER).ok(),
+                mailbox: to_mailbox(""),
+            }));
+            conn.push(&status(Some(tag), StatusKind::Ok, None, "LIST completed"));
+            return;
+        }
+        let pattern = format!("{reference}{pattern}");
+        let r = self
+            .gw
+            .store
+            .mailboxes()
+            .list_mailboxes(self.user.clone().unwrap_or_default())
+            .await;
+        let mailboxes = match r {
+            Ok(r) => r.into_inner().mailboxes,
+            Err(e) => return conn.push(&storage_failure(tag, &e)),
+        };
+        let names: HashSet<String> = mailboxes.iter().map(|m| m.name.clone()).collect();
+        for m in &mailboxes {
+            if lsub && !m.subscribed {
+                continue;
+            }
+            if !wildcard_match(&pattern, &m.name) {
+                continue;
+            }
+            let mut items = Vec::new();
+            let prefix = format!("{}{DELIMITER}", m.name);
+            let children = names.iter().any(|n| n.starts_with(&prefix));
+            let flag =
+                |s: &str| FlagNameAttribute::from(Atom::try_from(s.to_owned()).expect("atom"));
+            items.push(flag(if children {
+                "HasChildren"
+            } else {
+                "HasNoChildren"
+            }));
+            if m.subscribed && !lsub {
+                items.push(flag("Subscribed"));
+            }
+            if let Some(use_) = m.special_use.strip_prefix('\\')
+                && let Ok(a) = Atom::try_from(use_.to_owned())
+            {
+                items.push(FlagNameAttribute::from(a));
+            }
+            let item = Data::List {
+                items,
+                delimiter: QuotedChar::try_from(DELIMITER).ok(),
+                mailbox: to_mailbox(&m.name),
+            };
+            conn.push(&Response::Data(if lsub {
+                let Data::List {
+                    items,
+                    delimiter,
+                    mailbox,
+                } = item
+                else {
+                    unreachable!()
+                };
+                Data::Lsub {
+                    items,
+                    delimiter,
+                    mailbox,
+                }
+            } else {
+                item
+            }));
+        }
+        conn.push(&status(
+            Some(tag),
+            StatusKind::Ok,
+            None,
+            if lsub {
+                "LSUB completed"
+            } else {
+                "LIST completed"
+            },
+        ));
+    }
+
+    async fn status<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        mailbox: &Mailbox<'_>,
+        names: &[StatusDataItemName],
+    ) {
+        let r = self
+            .gw
+            .store
+            .mailboxes()
+            .status(v1::MailboxRequest {
+                user: self.user.clone(),
+                mailbox: mailbox_name(mailbox),
+            })
+            .await;
+        let info = match r {
+            Ok(r) => r.into_inner(),
+            Err(e) => return conn.push(&storage_failure(tag, &e)),
+        };
+        let nz = |v: u32| std::num::NonZeroU32::new(v.max(1)).expect("not zero");
+        let mut items = Vec::new();
+        for n in names {
+            items.push(match n {
+                StatusDataItemName::Messages => StatusDataItem::Messages(info.messages),
+                StatusDataItemName::Recent => StatusDataItem::Recent(0),
+                StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(info.uid_next)),
+                StatusDataItemName::UidValidity => {
+                    StatusDataItem::UidValidity(nz(info.uid_validity))
+                }
+                StatusDataItemName::Unseen => StatusDataItem::Unseen(info.unseen),
+                StatusDataItemName::Size => StatusDataItem::Size(info.size),
+                StatusDataItemName::HighestModSeq => {
+                    self.condstore = true;
+                    StatusDataItem::HighestModSeq(info.highest_modseq)
+                }
+                StatusDataItemName::Deleted | StatusDataItemName::DeletedStorage => continue,
+            });
+        }
+        conn.push(&Response::Data(Data::Status {
+            mailbox: mailbox.to_static(),
+            items: items.into(),
+        }));
+        conn.push(&status(Some(tag), StatusKind::Ok, None, "STATUS completed"));
+    }
+
+    async fn append<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        mailbox: &Mailbox<'_>,
+        flags: Vec<imap_codec::imap_types::flag::Flag<'_>>,
+        date: Option<imap_codec::imap_types::datetime::DateTime>,
+        message: Vec<u8>,
+    ) {
+        let name = mailbox_name(mailbox);
+        let r = self
+            .gw
+            .store
+            .mailboxes()
+            .append(v1::AppendRequest {
+                user: self.user.clone(),
+                mailbox: name.clone(),
+                message,
+                flags: flags.iter().map(selected::flag_string).collect(),
+                internal_date_ms: date.map(|d| d.as_ref().timestamp_millis()).unwrap_or(0),
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                let code_ = match (
+                    std::num::NonZeroU32::new(r.uid_validity),
+                    std::num::NonZeroU32::new(r.uid),
+                ) {
+                    (Some(uid_validity), Some(uid)) => Some(Code::AppendUid { uid_validity, uid }),
+                    _ => None,
+                };
+                if let Some(w) = &self.watcher {
+                    w.changes.mark(Some(&name));
+                }
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::Ok,
+                    code_,
+                    "APPEND completed",
+                ));
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::No,
+                    Some(Code::TryCreate),
+                    "No such mailbox",
+                ));
+            }
+            Err(e) => conn.push(&storage_failure(tag, &e)),
+        }
+    }
+
+    async fn quota<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+    ) {
+        let r = self
+            .gw
+            .store
+            .mailboxes()
+            .quota(self.user.clone().unwrap_or_default())
+            .await;
+        match r {
+            Ok(r) => {
+                let q = r.into_inner();
+                if q.limit_bytes > 0 {
+                    conn.push(&Response::Data(Data::Quota {
+                        root: imap_codec::imap_types::core::AString::try_from("").expect("string"),
+                        quotas: Vec1::from(QuotaGet {
+                            resource: Resource::Storage,
+                            usage: q.used_bytes.div_ceil(1024),
+                            limit: q.limit_bytes / 1024,
+                        }),
+                    }));
+                }
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::Ok,
+                    None,
+                    "GETQUOTA completed",
+                ));
+            }
+            Err(e) => conn.push(&storage_failure(tag, &e)),
+        }
+    }
+
+    async fn select<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        mailbox: &Mailbox<'_>,
+        read_only: bool,
+    ) {
+        // A failed SELECT leaves no mailbox selected (RFC 3501 §6.3.1).
+        if self.selected.take().is_some() {
+            conn.push(&status(
+                None,
+                StatusKind::Ok,
+                Some(code("CLOSED")),
+                "Previous mailbox closed",
+            ));
+        }
+        let name = mailbox_name(mailbox);
+        let user = self.user.clone().unwrap_or_default();
+        if let Some(w) = &self.watcher {
+            w.changes.take(&name);
+        }
+        match Selected::open(&self.gw, user, &name, read_only).await {
+            Ok(s) => {
+                s.greet(conn, self.condstore);
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::Ok,
+                    Some(if read_only {
+                        Code::ReadOnly
+                    } else {
+                        Code::ReadWrite
+                    }),
+                    "SELECT completed",
+                ));
+                self.selected = Some(s);
+            }
+            Err(e) => conn.push(&storage_failure(tag, &e)),
+        }
+    }
+
+    /// IDLE (RFC 2177): changes are announced as they happen until DONE.
+    async fn idle<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        shutdown: &Shutdown,
+    ) -> io::Result<Next> {
+        conn.push_raw(b"+ idling\r\n");
+        self.announce(conn, true).await;
+        conn.flush().await?;
+        let changes = self.watcher.as_ref().map(|w| w.changes.clone());
+        loop {
+            let input = conn
+                .read_message(
+                    self.gw.imap.idle_timeout,
+                    shutdown,
+                    changes.as_deref().map(|c| &c.notify),
+                )
+                .await?;
+            match input {
+                Input::Changed => {
+                    self.announce(conn, true).await;
+                    conn.flush().await?;
+                    if self.bye {
+                        return Ok(Next::Close);
+                    }
+                }
+                Input::End(text) => {
+                    if !text.is_empty() {
+                        conn.push(&bye(text));
+                        let _ = conn.flush().await;
+                    }
+                    return Ok(Next::Close);
+                }
+                Input::Message => {
+                    crate::metrics::command(PROTOCOL, "IDLE", true);
+                    match conn.frag.decode_message(&IdleDoneCodec::default()) {
+                        Ok(_) => {
+                            conn.push(&status(Some(tag), StatusKind::Ok, None, "IDLE terminated"))
+                        }
+                        Err(_) => {
+                            conn.push(&status(Some(tag), StatusKind::Bad, None, "Expected DONE"))
+                        }
+                    }
+                    return Ok(Next::Continue);
+                }
+            }
+        }
+    }
+
+    /// Announces other sessions' changes to the selected mailbox now.
+    async fn announce<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        expunges: bool,
+    ) {
+        let Some(selected) = self.selected.as_mut() else {
+            return;
+        };
+        let changed = self
+            .watcher
+            .as_ref()
+            .is_none_or(|w| w.changes.take(&selected.name));
+        if (changed || selected.pending_expunges())
+            && !selected
+                .refresh(&self.gw, conn, expunges, self.condstore)
+                .await
+        {
+            self.selected = None;
+            self.bye = true;
+        }
+    }
+
+    /// Like [`Self::announce`], but the untagged replies go before the tagged one the
+    /// command already pushed.
+    async fn announce_before_tag<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        expunges: bool,
+    ) {
+        if self.selected.is_none() {
+            return;
+        }
+        // Find the start of the last (tagged) line in the output and splice in front.
+        let tagged_at = last_line_start(&conn.out);
+        let tagged = conn.out.split_off(tagged_at);
+        self.announce(conn, expunges).await;
+        conn.out.extend_from_slice(&tagged);
+    }
+}
+
+/// Where the last line of `out` starts (the tagged reply just pushed).
+fn last_line_start(out: &[u8]) -> usize {
+    if out.len() < 2 {
+        return 0;
+    }
+    out[..out.len() - 2]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1)
+}
+
+/// RFC 3501 LIST matching: `*` matches anything, `%` anything but the delimiter;
+/// INBOX is case-insensitive.
+fn wildcard_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some(('*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some(('%', rest)) => {
+                let stop = n.iter().position(|&c| c == DELIMITER).unwrap_or(n.len());
+                (0..=stop).any(|i| go(rest, &n[i..]))
+            }
+            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+        }
+    }
+    let fold = |s: &str| -> Vec<char> {
+        if s.len() >= 5
+            && s[..5].eq_ignore_ascii_case("inbox")
+            && (s.len() == 5 || s[5..].starts_with(DELIMITER))
+        {
+            format!("INBOX{}", &s[5..]).chars().collect()
+        } else {
+            s.chars().collect()
+        }
+    };
+    go(&fold(pattern), &fold(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_wildcards() {
+        assert!(wildcard_match("*", "Archive/2024"));
+        assert!(!wildcard_match("%", "Archive/2024"));
+        assert!(wildcard_match("Archive/%", "Archive/2024"));
+        assert!(wildcard_match("inbox", "INBOX"));
+        assert!(!wildcard_match("Sent", "sent"));
+        assert!(wildcard_match("S%", "Sent"));
+    }
+
+    #[test]
+    fn tagged_line_is_found_for_splicing() {
+        assert_eq!(last_line_start(b"* 1 EXISTS\r\na OK done\r\n"), 12);
+        assert_eq!(last_line_start(b"a OK done\r\n"), 0);
+    }
+}

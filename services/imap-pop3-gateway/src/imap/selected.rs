@@ -1,0 +1,1111 @@
+//! The selected mailbox: the session's view of it (sequence numbers, UIDs, flags)
+//! and the commands that work on messages: FETCH, STORE, SEARCH, COPY, MOVE,
+//! EXPUNGE, CLOSE, UNSELECT.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::num::{NonZeroU32, NonZeroU64};
+
+use chrono::{DateTime, FixedOffset, Utc};
+use futures::StreamExt;
+use imap_codec::imap_types::IntoStatic;
+use imap_codec::imap_types::command::{CommandBody, FetchModifier, StoreModifier};
+use imap_codec::imap_types::core::{Atom, NString, Tag, Vec1};
+use imap_codec::imap_types::datetime::DateTime as ImapDateTime;
+use imap_codec::imap_types::extensions::uidplus::{UidElement, UidSet};
+use imap_codec::imap_types::fetch::{
+    MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName,
+};
+use imap_codec::imap_types::flag::{Flag, FlagFetch, FlagPerm, StoreResponse, StoreType};
+use imap_codec::imap_types::response::{Code, Data, Response, StatusKind};
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+use mailmesh_proto::v1;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::message::{Parsed, istring_bytes};
+use super::search::{Candidate, needs_content};
+use super::{Conn, Session, code, mailbox_name, status, storage_failure};
+use crate::Gateway;
+
+/// One message as the session sees it.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub uid: u32,
+    pub flags: Vec<String>,
+    pub size: u64,
+    pub internal_date_ms: i64,
+    pub modseq: u64,
+}
+
+impl From<v1::MessageInfo> for Msg {
+    fn from(m: v1::MessageInfo) -> Self {
+        Self {
+            uid: m.uid,
+            flags: m.flags,
+            size: m.size,
+            internal_date_ms: m.internal_date_ms,
+            modseq: m.modseq,
+        }
+    }
+}
+
+pub struct Selected {
+    pub name: String,
+    user: v1::UserRef,
+    read_only: bool,
+    uid_validity: u32,
+    messages: Vec<Msg>,
+    /// UIDs gone from storage but not yet announced (no EXPUNGE during FETCH,
+    /// STORE or SEARCH).
+    gone: HashSet<u32>,
+    /// Keywords seen in this mailbox, for FLAGS.
+    keywords: Vec<String>,
+}
+
+/// The flag in the storage's notation (`\Seen`, or a keyword).
+pub fn flag_string(f: &Flag<'_>) -> String {
+    f.to_string()
+}
+
+fn to_flag(s: &str) -> Option<Flag<'static>> {
+    match s.strip_prefix('\\') {
+        Some(system) => Atom::try_from(system.to_owned()).ok().map(Flag::system),
+        None => Atom::try_from(s.to_owned()).ok().map(Flag::Keyword),
+    }
+}
+
+fn ranges(uids: &[u32]) -> Vec<v1::UidRange> {
+    let mut out: Vec<v1::UidRange> = Vec::new();
+    for &uid in uids {
+        match out.last_mut() {
+            Some(r) if r.last + 1 == uid => r.last = uid,
+            _ => out.push(v1::UidRange {
+                first: uid,
+                last: uid,
+            }),
+        }
+    }
+    out
+}
+
+fn uid_set(uids: &[u32]) -> Option<UidSet> {
+    let elements: Vec<UidElement> = ranges(uids)
+        .into_iter()
+        .filter_map(|r| {
+            let first = NonZeroU32::new(r.first)?;
+            let last = NonZeroU32::new(r.last)?;
+            Some(if first == last {
+                UidElement::Single(first)
+            } else {
+                UidElement::Range(first, last)
+            })
+        })
+        .collect();
+    Vec1::try_from(elements).ok().map(UidSet)
+}
+
+fn nz(v: u32) -> NonZeroU32 {
+    NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN)
+}
+
+impl Selected {
+    pub async fn open(
+        gw: &Gateway,
+        user: v1::UserRef,
+        name: &str,
+        read_only: bool,
+    ) -> Result<Self, tonic::Status> {
+        let r = gw
+            .store
+            .mailboxes()
+            .list_messages(v1::MailboxRequest {
+                user: Some(user.clone()),
+                mailbox: name.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let mut messages: Vec<Msg> = r.messages.into_iter().map(Msg::from).collect();
+        messages.sort_by_key(|m| m.uid);
+        let mut s = Self {
+            name: name.to_owned(),
+            user,
+            read_only,
+            uid_validity: r.uid_validity,
+            messages,
+            gone: HashSet::new(),
+            keywords: Vec::new(),
+        };
+        s.learn_keywords();
+        Ok(s)
+    }
+
+    fn learn_keywords(&mut self) {
+        for m in &self.messages {
+            for f in &m.flags {
+                if !f.starts_with('\\') && !self.keywords.contains(f) {
+                    self.keywords.push(f.clone());
+                }
+            }
+        }
+    }
+
+    fn flags_response(&self) -> Response<'static> {
+        let mut flags: Vec<Flag<'static>> = vec![
+            Flag::Answered,
+            Flag::Flagged,
+            Flag::Deleted,
+            Flag::Seen,
+            Flag::Draft,
+        ];
+        flags.extend(self.keywords.iter().filter_map(|k| to_flag(k)));
+        Response::Data(Data::Flags(flags))
+    }
+
+    /// The untagged replies of SELECT / EXAMINE.
+    pub fn greet<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Conn<S>, condstore: bool) {
+        conn.push(&self.flags_response());
+        conn.push(&Response::Data(Data::Exists(self.messages.len() as u32)));
+        conn.push(&Response::Data(Data::Recent(0)));
+        if let Some(i) = self
+            .messages
+            .iter()
+            .position(|m| !m.flags.iter().any(|f| f == "\\Seen"))
+        {
+            conn.push(&status(
+                None,
+                StatusKind::Ok,
+                Some(Code::Unseen(nz(i as u32 + 1))),
+                "First unseen",
+            ));
+        }
+        conn.push(&status(
+            None,
+            StatusKind::Ok,
+            Some(Code::UidValidity(nz(self.uid_validity))),
+            "UIDs valid",
+        ));
+        let uid_next = self.messages.last().map_or(1, |m| m.uid + 1);
+        conn.push(&status(
+            None,
+            StatusKind::Ok,
+            Some(Code::UidNext(nz(uid_next))),
+            "Predicted next UID",
+        ));
+        let perm = if self.read_only {
+            vec![]
+        } else {
+            vec![
+                FlagPerm::Flag(Flag::Answered),
+                FlagPerm::Flag(Flag::Flagged),
+                FlagPerm::Flag(Flag::Deleted),
+                FlagPerm::Flag(Flag::Seen),
+                FlagPerm::Flag(Flag::Draft),
+                FlagPerm::Asterisk,
+            ]
+        };
+        conn.push(&status(
+            None,
+            StatusKind::Ok,
+            Some(Code::PermanentFlags(perm)),
+            "Flags permitted",
+        ));
+        let _ = condstore;
+        let highest = self.messages.iter().map(|m| m.modseq).max().unwrap_or(0);
+        match NonZeroU64::new(highest) {
+            Some(h) => conn.push(&status(
+                None,
+                StatusKind::Ok,
+                Some(Code::HighestModSeq(h)),
+                "Highest",
+            )),
+            None => conn.push(&status(
+                None,
+                StatusKind::Ok,
+                Some(Code::HighestModSeq(NonZeroU64::MIN)),
+                "Highest",
+            )),
+        }
+    }
+
+    pub fn pending_expunges(&self) -> bool {
+        !self.gone.is_empty()
+    }
+
+    /// Re-reads the mailbox and announces the differences: EXPUNGE (when allowed),
+    /// EXISTS, FETCH FLAGS. False when the mailbox is gone (deleted or renamed by
+    /// another session): the client was told BYE and the session must end.
+    pub async fn refresh<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        gw: &Gateway,
+        conn: &mut Conn<S>,
+        expunges: bool,
+        condstore: bool,
+    ) -> bool {
+        let r = gw
+            .store
+            .mailboxes()
+            .list_messages(v1::MailboxRequest {
+                user: Some(self.user.clone()),
+                mailbox: self.name.clone(),
+            })
+            .await;
+        let listed = match r {
+            Ok(r) => r.into_inner(),
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                // Deleted or renamed away under us.
+                conn.push(&Response::Status(
+                    imap_codec::imap_types::response::Status::Bye(
+                        imap_codec::imap_types::response::Bye {
+                            code: None,
+                            text: imap_codec::imap_types::core::Text::unvalidated(
+                                "Selected mailbox was removed",
+                            ),
+                        },
+                    ),
+                ));
+                return false;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "refreshing the selected mailbox");
+                return true;
+            }
+        };
+        let now: BTreeMap<u32, Msg> = listed
+            .messages
+            .into_iter()
+            .map(|m| (m.uid, Msg::from(m)))
+            .collect();
+        for m in &self.messages {
+            if !now.contains_key(&m.uid) {
+                self.gone.insert(m.uid);
+            }
+        }
+        if expunges && !self.gone.is_empty() {
+            // Highest first, so every number is right when the client applies it.
+            for i in (0..self.messages.len()).rev() {
+                if self.gone.contains(&self.messages[i].uid) {
+                    self.messages.remove(i);
+                    conn.push(&Response::Data(Data::Expunge(nz(i as u32 + 1))));
+                }
+            }
+            self.gone.clear();
+        }
+        let keywords_before = self.keywords.len();
+        let mut changed = Vec::new();
+        for (i, m) in self.messages.iter_mut().enumerate() {
+            if let Some(n) = now.get(&m.uid)
+                && (n.flags != m.flags || n.modseq != m.modseq)
+            {
+                m.flags = n.flags.clone();
+                m.modseq = n.modseq;
+                changed.push(i);
+            }
+        }
+        let last = self.messages.last().map_or(0, |m| m.uid);
+        let new: Vec<Msg> = now.range(last + 1..).map(|(_, m)| m.clone()).collect();
+        let grew = !new.is_empty();
+        self.messages.extend(new);
+        self.learn_keywords();
+        if self.keywords.len() != keywords_before {
+            conn.push(&self.flags_response());
+        }
+        if grew {
+            conn.push(&Response::Data(Data::Exists(self.messages.len() as u32)));
+        }
+        for i in changed {
+            let m = &self.messages[i];
+            let mut items = vec![
+                MessageDataItem::Uid(nz(m.uid)),
+                MessageDataItem::Flags(fetch_flags(&m.flags)),
+            ];
+            if condstore && let Some(modseq) = NonZeroU64::new(m.modseq) {
+                items.push(MessageDataItem::ModSeq(modseq));
+            }
+            conn.push(&Response::Data(Data::Fetch {
+                seq: nz(i as u32 + 1),
+                items: Vec1::try_from(items).expect("not empty"),
+            }));
+        }
+        true
+    }
+
+    fn resolve_bound(&self, v: &SeqOrUid, uid: bool) -> u32 {
+        match v {
+            SeqOrUid::Value(n) => n.get(),
+            SeqOrUid::Asterisk if uid => self.messages.last().map_or(0, |m| m.uid),
+            SeqOrUid::Asterisk => self.messages.len() as u32,
+        }
+    }
+
+    pub fn contains_seq(&self, set: &SequenceSet, seq: u32) -> bool {
+        set.0.as_ref().iter().any(|s| {
+            let (a, b) = self.bounds(s, false);
+            (a..=b).contains(&seq)
+        })
+    }
+
+    pub fn contains_uid(&self, set: &SequenceSet, uid: u32) -> bool {
+        set.0.as_ref().iter().any(|s| {
+            let (a, b) = self.bounds(s, true);
+            (a..=b).contains(&uid)
+        })
+    }
+
+    fn bounds(&self, s: &Sequence, uid: bool) -> (u32, u32) {
+        match s {
+            Sequence::Single(v) => {
+                let v = self.resolve_bound(v, uid);
+                (v, v)
+            }
+            Sequence::Range(a, b) => {
+                let (a, b) = (self.resolve_bound(a, uid), self.resolve_bound(b, uid));
+                (a.min(b), a.max(b))
+            }
+        }
+    }
+
+    /// Indexes into `messages` a sequence or UID set names, in order; `Err` for a
+    /// sequence number that does not exist (a client error).
+    fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<usize>, ()> {
+        let mut out = Vec::new();
+        if uid {
+            for (i, m) in self.messages.iter().enumerate() {
+                if self.contains_uid(set, m.uid) {
+                    out.push(i);
+                }
+            }
+            // "n:*" always includes the highest UID, even when n is above it.
+            if let Some(last) = self.messages.len().checked_sub(1)
+                && !out.contains(&last)
+                && set.0.as_ref().iter().any(|s| {
+                    matches!(
+                        s,
+                        Sequence::Range(_, SeqOrUid::Asterisk)
+                            | Sequence::Range(SeqOrUid::Asterisk, _)
+                            | Sequence::Single(SeqOrUid::Asterisk)
+                    )
+                })
+            {
+                out.push(last);
+            }
+            return Ok(out);
+        }
+        let n = self.messages.len() as u32;
+        for s in set.0.as_ref() {
+            let (a, b) = self.bounds(s, false);
+            if a == 0 || b > n {
+                return Err(());
+            }
+        }
+        for (i, _) in self.messages.iter().enumerate() {
+            if self.contains_seq(set, i as u32 + 1) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn fetch_flags(flags: &[String]) -> Vec<FlagFetch<'static>> {
+    flags
+        .iter()
+        .filter_map(|f| to_flag(f))
+        .map(FlagFetch::Flag)
+        .collect()
+}
+
+fn internal_date(ms: i64) -> ImapDateTime {
+    let utc = DateTime::<Utc>::from_timestamp_millis(ms - ms.rem_euclid(1000)).unwrap_or_default();
+    let fixed: DateTime<FixedOffset> = utc.fixed_offset();
+    ImapDateTime::try_from(fixed).unwrap_or_else(|_| {
+        ImapDateTime::try_from(DateTime::<Utc>::UNIX_EPOCH.fixed_offset()).expect("valid date")
+    })
+}
+
+/// A fetch item needs the message content (not only the index metadata).
+fn needs_body(item: &MessageDataItemName<'_>) -> bool {
+    !matches!(
+        item,
+        MessageDataItemName::Flags
+            | MessageDataItemName::InternalDate
+            | MessageDataItemName::Rfc822Size
+            | MessageDataItemName::Uid
+            | MessageDataItemName::ModSeq
+    )
+}
+
+/// A fetch item that sets \Seen (RFC 3501: BODY[...] without PEEK, RFC822, RFC822.TEXT).
+fn sets_seen(item: &MessageDataItemName<'_>) -> bool {
+    matches!(
+        item,
+        MessageDataItemName::BodyExt { peek: false, .. }
+            | MessageDataItemName::Rfc822
+            | MessageDataItemName::Rfc822Text
+            | MessageDataItemName::Binary { peek: false, .. }
+    )
+}
+
+impl Session {
+    pub(super) async fn selected_command<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        body: CommandBody<'static>,
+    ) -> io::Result<()> {
+        let gw = self.gw.clone();
+        let Some(sel) = self.selected.as_mut() else {
+            return Ok(());
+        };
+        let is_move = matches!(body, CommandBody::Move { .. });
+        match body {
+            CommandBody::Unselect => {
+                self.selected = None;
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::Ok,
+                    None,
+                    "UNSELECT completed",
+                ));
+            }
+            CommandBody::Close => {
+                if !sel.read_only {
+                    let deleted: Vec<u32> = sel
+                        .messages
+                        .iter()
+                        .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
+                        .map(|m| m.uid)
+                        .collect();
+                    if !deleted.is_empty() {
+                        let r = gw
+                            .store
+                            .mailboxes()
+                            .expunge(v1::ExpungeRequest {
+                                user: Some(sel.user.clone()),
+                                mailbox: sel.name.clone(),
+                                uids: ranges(&deleted),
+                            })
+                            .await;
+                        if let Err(e) = r {
+                            conn.push(&storage_failure(tag, &e));
+                            return Ok(());
+                        }
+                    }
+                }
+                self.selected = None;
+                conn.push(&status(Some(tag), StatusKind::Ok, None, "CLOSE completed"));
+            }
+            CommandBody::Expunge | CommandBody::ExpungeUid { .. } => {
+                if sel.read_only {
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::No,
+                        Some(code("READ-ONLY")),
+                        "Mailbox is read-only",
+                    ));
+                    return Ok(());
+                }
+                let limit = match &body {
+                    CommandBody::ExpungeUid { sequence_set } => Some(sequence_set.clone()),
+                    _ => None,
+                };
+                let uids: Vec<u32> = sel
+                    .messages
+                    .iter()
+                    .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
+                    .filter(|m| {
+                        limit
+                            .as_ref()
+                            .is_none_or(|set| sel.contains_uid(set, m.uid))
+                    })
+                    .map(|m| m.uid)
+                    .collect();
+                if !uids.is_empty() {
+                    let r = gw
+                        .store
+                        .mailboxes()
+                        .expunge(v1::ExpungeRequest {
+                            user: Some(sel.user.clone()),
+                            mailbox: sel.name.clone(),
+                            uids: ranges(&uids),
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => {
+                            let removed: HashSet<u32> = r.into_inner().uids.into_iter().collect();
+                            sel.gone.extend(removed);
+                        }
+                        Err(e) => {
+                            conn.push(&storage_failure(tag, &e));
+                            return Ok(());
+                        }
+                    }
+                }
+                // Announce exactly what is gone (ours and anyone's).
+                for i in (0..sel.messages.len()).rev() {
+                    if sel.gone.contains(&sel.messages[i].uid) {
+                        sel.messages.remove(i);
+                        conn.push(&Response::Data(Data::Expunge(nz(i as u32 + 1))));
+                    }
+                }
+                sel.gone.clear();
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::Ok,
+                    None,
+                    "EXPUNGE completed",
+                ));
+            }
+            CommandBody::Search {
+                charset,
+                criteria,
+                uid,
+            } => {
+                if let Some(c) = &charset {
+                    let c = c.as_ref().to_ascii_uppercase();
+                    if c != "UTF-8" && c != "US-ASCII" {
+                        conn.push(&status(
+                            Some(tag),
+                            StatusKind::No,
+                            Some(Code::BadCharset {
+                                allowed: vec![
+                                    imap_codec::imap_types::core::Charset::try_from("UTF-8")
+                                        .expect("charset"),
+                                    imap_codec::imap_types::core::Charset::try_from("US-ASCII")
+                                        .expect("charset"),
+                                ],
+                            }),
+                            "Unsupported charset",
+                        ));
+                        return Ok(());
+                    }
+                }
+                let key = match criteria.as_ref().len() {
+                    1 => criteria.as_ref()[0].clone(),
+                    _ => SearchKey::And(criteria.clone()),
+                };
+                let uses_modseq = search_uses_modseq(&key);
+                if uses_modseq {
+                    self.condstore = true;
+                }
+                let sel = self.selected.as_ref().expect("selected");
+                let content = needs_content(&key);
+                let mut hits = Vec::new();
+                let mut highest = 0;
+                for (i, m) in sel.messages.iter().enumerate() {
+                    let raw = if content {
+                        match fetch_message(&gw, sel, m.uid).await {
+                            Ok(raw) => Some(raw),
+                            Err(_) => continue,
+                        }
+                    } else {
+                        None
+                    };
+                    let parsed = raw.as_deref().map(Parsed::new);
+                    let headers = std::cell::OnceCell::new();
+                    let body_text = std::cell::OnceCell::new();
+                    let c = Candidate {
+                        seq: i as u32 + 1,
+                        msg: m,
+                        view: sel,
+                        content: parsed.as_ref(),
+                        headers: &headers,
+                        body: &body_text,
+                    };
+                    if c.matches(&key) {
+                        hits.push(nz(if uid { m.uid } else { i as u32 + 1 }));
+                        highest = highest.max(m.modseq);
+                    }
+                }
+                let modseq = if uses_modseq {
+                    NonZeroU64::new(highest)
+                } else {
+                    None
+                };
+                conn.push(&Response::Data(Data::Search(hits, modseq)));
+                conn.push(&status(Some(tag), StatusKind::Ok, None, "SEARCH completed"));
+            }
+            CommandBody::Fetch {
+                sequence_set,
+                macro_or_item_names,
+                uid,
+                modifiers,
+            } => {
+                let mut items = match macro_or_item_names {
+                    MacroOrMessageDataItemNames::Macro(m) => {
+                        m.expand().into_iter().map(|i| i.into_static()).collect()
+                    }
+                    MacroOrMessageDataItemNames::MessageDataItemNames(items) => items,
+                };
+                let mut changed_since = None;
+                for m in &modifiers {
+                    if let FetchModifier::ChangedSince(v) = m {
+                        changed_since = Some(v.get());
+                        self.condstore = true;
+                    }
+                }
+                if items
+                    .iter()
+                    .any(|i| matches!(i, MessageDataItemName::ModSeq))
+                {
+                    self.condstore = true;
+                }
+                if uid && !items.iter().any(|i| matches!(i, MessageDataItemName::Uid)) {
+                    items.insert(0, MessageDataItemName::Uid);
+                }
+                if self.condstore
+                    && changed_since.is_some()
+                    && !items
+                        .iter()
+                        .any(|i| matches!(i, MessageDataItemName::ModSeq))
+                {
+                    items.push(MessageDataItemName::ModSeq);
+                }
+                self.fetch(conn, tag, &sequence_set, uid, &items, changed_since)
+                    .await?;
+            }
+            CommandBody::Store {
+                sequence_set,
+                kind,
+                response,
+                flags,
+                uid,
+                modifiers,
+            } => {
+                if sel.read_only {
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::No,
+                        Some(code("READ-ONLY")),
+                        "Mailbox is read-only",
+                    ));
+                    return Ok(());
+                }
+                let Ok(indexes) = sel.resolve(&sequence_set, uid) else {
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::Bad,
+                        None,
+                        "Invalid sequence set",
+                    ));
+                    return Ok(());
+                };
+                let mut unchanged_since = None;
+                for m in &modifiers {
+                    let StoreModifier::UnchangedSince(v) = m;
+                    unchanged_since = Some(*v);
+                    self.condstore = true;
+                }
+                let condstore = self.condstore;
+                let sel = self.selected.as_mut().expect("selected");
+                let uids: Vec<u32> = indexes.iter().map(|&i| sel.messages[i].uid).collect();
+                if uids.is_empty() {
+                    conn.push(&status(Some(tag), StatusKind::Ok, None, "STORE completed"));
+                    return Ok(());
+                }
+                let action = match kind {
+                    StoreType::Add => v1::store_flags_request::Action::Add,
+                    StoreType::Remove => v1::store_flags_request::Action::Remove,
+                    StoreType::Replace => v1::store_flags_request::Action::Replace,
+                };
+                let r = gw
+                    .store
+                    .mailboxes()
+                    .store_flags(v1::StoreFlagsRequest {
+                        user: Some(sel.user.clone()),
+                        mailbox: sel.name.clone(),
+                        uids: ranges(&uids),
+                        action: action.into(),
+                        flags: flags.iter().map(flag_string).collect(),
+                        unchanged_since,
+                    })
+                    .await;
+                let r = match r {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => {
+                        conn.push(&storage_failure(tag, &e));
+                        return Ok(());
+                    }
+                };
+                let changed: BTreeMap<u32, v1::MessageInfo> =
+                    r.changed.into_iter().map(|m| (m.uid, m)).collect();
+                let keywords_before = sel.keywords.len();
+                for m in sel.messages.iter_mut() {
+                    if let Some(c) = changed.get(&m.uid) {
+                        m.flags = c.flags.clone();
+                        m.modseq = c.modseq;
+                    }
+                }
+                sel.learn_keywords();
+                if sel.keywords.len() != keywords_before {
+                    conn.push(&sel.flags_response());
+                }
+                for &i in &indexes {
+                    let m = &sel.messages[i];
+                    // .SILENT still reports MODSEQ changes under CONDSTORE (RFC 7162 §3.1.3).
+                    let report = match response {
+                        StoreResponse::Answer => {
+                            changed.contains_key(&m.uid) || unchanged_since.is_none()
+                        }
+                        StoreResponse::Silent => false,
+                    };
+                    if !report {
+                        continue;
+                    }
+                    let mut items = vec![MessageDataItem::Flags(fetch_flags(&m.flags))];
+                    if uid {
+                        items.insert(0, MessageDataItem::Uid(nz(m.uid)));
+                    }
+                    if condstore && let Some(modseq) = NonZeroU64::new(m.modseq) {
+                        items.push(MessageDataItem::ModSeq(modseq));
+                    }
+                    conn.push(&Response::Data(Data::Fetch {
+                        seq: nz(i as u32 + 1),
+                        items: Vec1::try_from(items).expect("not empty"),
+                    }));
+                }
+                if r.modified.is_empty() {
+                    conn.push(&status(Some(tag), StatusKind::Ok, None, "STORE completed"));
+                } else {
+                    let ids: Vec<NonZeroU32> = if uid {
+                        r.modified.iter().map(|&u| nz(u)).collect()
+                    } else {
+                        sel.messages
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, m)| r.modified.contains(&m.uid))
+                            .map(|(i, _)| nz(i as u32 + 1))
+                            .collect()
+                    };
+                    let set = SequenceSet::try_from(ids).ok();
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::Ok,
+                        set.map(Code::Modified),
+                        "Conditional STORE failed for some messages",
+                    ));
+                }
+            }
+            CommandBody::Copy {
+                sequence_set,
+                mailbox,
+                uid,
+            }
+            | CommandBody::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } => {
+                if is_move && sel.read_only {
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::No,
+                        Some(code("READ-ONLY")),
+                        "Mailbox is read-only",
+                    ));
+                    return Ok(());
+                }
+                let Ok(indexes) = sel.resolve(&sequence_set, uid) else {
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::Bad,
+                        None,
+                        "Invalid sequence set",
+                    ));
+                    return Ok(());
+                };
+                let uids: Vec<u32> = indexes.iter().map(|&i| sel.messages[i].uid).collect();
+                let name = if is_move { "MOVE" } else { "COPY" };
+                if uids.is_empty() {
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::Ok,
+                        None,
+                        &format!("{name} completed"),
+                    ));
+                    return Ok(());
+                }
+                let r = gw
+                    .store
+                    .mailboxes()
+                    .copy(v1::CopyRequest {
+                        user: Some(sel.user.clone()),
+                        from: sel.name.clone(),
+                        to: mailbox_name(&mailbox),
+                        uids: ranges(&uids),
+                        remove_source: is_move,
+                    })
+                    .await;
+                let r = match r {
+                    Ok(r) => r.into_inner(),
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        conn.push(&status(
+                            Some(tag),
+                            StatusKind::No,
+                            Some(Code::TryCreate),
+                            "No such mailbox",
+                        ));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        conn.push(&storage_failure(tag, &e));
+                        return Ok(());
+                    }
+                };
+                let copyuid = match (
+                    NonZeroU32::new(r.uid_validity),
+                    uid_set(&r.source_uids),
+                    uid_set(&r.destination_uids),
+                ) {
+                    (Some(uid_validity), Some(source), Some(destination)) => Some(Code::CopyUid {
+                        uid_validity,
+                        source,
+                        destination,
+                    }),
+                    _ => None,
+                };
+                if is_move {
+                    // RFC 6851: COPYUID in an untagged OK, then the EXPUNGEs.
+                    conn.push(&status(None, StatusKind::Ok, copyuid, "Moved"));
+                    let moved: HashSet<u32> = r.source_uids.into_iter().collect();
+                    for i in (0..sel.messages.len()).rev() {
+                        if moved.contains(&sel.messages[i].uid) {
+                            sel.messages.remove(i);
+                            conn.push(&Response::Data(Data::Expunge(nz(i as u32 + 1))));
+                        }
+                    }
+                    conn.push(&status(Some(tag), StatusKind::Ok, None, "MOVE completed"));
+                } else {
+                    conn.push(&status(
+                        Some(tag),
+                        StatusKind::Ok,
+                        copyuid,
+                        "COPY completed",
+                    ));
+                }
+            }
+            _ => conn.push(&status(
+                Some(tag),
+                StatusKind::Bad,
+                None,
+                "Command not supported",
+            )),
+        }
+        Ok(())
+    }
+
+    async fn fetch<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        tag: &Tag<'_>,
+        set: &SequenceSet,
+        uid: bool,
+        items: &[MessageDataItemName<'static>],
+        changed_since: Option<u64>,
+    ) -> io::Result<()> {
+        let gw = self.gw.clone();
+        let condstore = self.condstore;
+        let sel = self.selected.as_mut().expect("selected");
+        let Ok(indexes) = sel.resolve(set, uid) else {
+            conn.push(&status(
+                Some(tag),
+                StatusKind::Bad,
+                None,
+                "Invalid sequence set",
+            ));
+            return Ok(());
+        };
+        let content = items.iter().any(needs_body);
+        let mark_seen = !sel.read_only && items.iter().any(sets_seen);
+        let mut missing = false;
+        let mut to_mark = Vec::new();
+        for i in indexes {
+            let m = sel.messages[i].clone();
+            if changed_since.is_some_and(|c| m.modseq <= c) {
+                continue;
+            }
+            let raw = if content {
+                match fetch_message(&gw, sel, m.uid).await {
+                    Ok(raw) => Some(raw),
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        missing = true;
+                        continue;
+                    }
+                    Err(e) => {
+                        conn.push(&storage_failure(tag, &e));
+                        return Ok(());
+                    }
+                }
+            } else {
+                None
+            };
+            let parsed = raw.as_deref().map(Parsed::new);
+            let mut seen_now = false;
+            if mark_seen && !m.flags.iter().any(|f| f == "\\Seen") {
+                to_mark.push(m.uid);
+                seen_now = true;
+            }
+            let mut out = Vec::with_capacity(items.len() + 1);
+            for item in items {
+                let p = parsed.as_ref();
+                out.push(match item {
+                    MessageDataItemName::Uid => MessageDataItem::Uid(nz(m.uid)),
+                    MessageDataItemName::Flags => {
+                        let mut flags = fetch_flags(&m.flags);
+                        if seen_now {
+                            flags.push(FlagFetch::Flag(Flag::Seen));
+                        }
+                        MessageDataItem::Flags(flags)
+                    }
+                    MessageDataItemName::InternalDate => {
+                        MessageDataItem::InternalDate(internal_date(m.internal_date_ms))
+                    }
+                    MessageDataItemName::Rfc822Size => {
+                        MessageDataItem::Rfc822Size(u32::try_from(m.size).unwrap_or(u32::MAX))
+                    }
+                    MessageDataItemName::ModSeq => MessageDataItem::ModSeq(
+                        NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN),
+                    ),
+                    MessageDataItemName::Envelope => {
+                        MessageDataItem::Envelope(p.expect("content").envelope())
+                    }
+                    MessageDataItemName::BodyStructure => {
+                        MessageDataItem::BodyStructure(p.expect("content").body_structure(true))
+                    }
+                    MessageDataItemName::Body => {
+                        MessageDataItem::Body(p.expect("content").body_structure(false))
+                    }
+                    MessageDataItemName::Rfc822 => MessageDataItem::Rfc822(NString(Some(
+                        istring_bytes(raw.as_deref().unwrap_or_default()),
+                    ))),
+                    MessageDataItemName::Rfc822Header => MessageDataItem::Rfc822Header(NString(
+                        Some(istring_bytes(p.expect("content").header())),
+                    )),
+                    MessageDataItemName::Rfc822Text => MessageDataItem::Rfc822Text(NString(Some(
+                        istring_bytes(p.expect("content").text()),
+                    ))),
+                    MessageDataItemName::BodyExt {
+                        section, partial, ..
+                    } => {
+                        let bytes = p.expect("content").section(section.as_ref());
+                        let (data, origin) = match partial {
+                            Some((start, len)) => {
+                                let s = (*start as usize).min(bytes.len());
+                                let e = s.saturating_add(len.get() as usize).min(bytes.len());
+                                (&bytes[s..e], Some(*start))
+                            }
+                            None => (&bytes[..], None),
+                        };
+                        MessageDataItem::BodyExt {
+                            section: section.clone(),
+                            origin,
+                            data: NString(Some(istring_bytes(data))),
+                        }
+                    }
+                    MessageDataItemName::Binary { .. } | MessageDataItemName::BinarySize { .. } => {
+                        conn.push(&status(
+                            Some(tag),
+                            StatusKind::Bad,
+                            None,
+                            "BINARY is not supported",
+                        ));
+                        return Ok(());
+                    }
+                });
+            }
+            if seen_now
+                && !items
+                    .iter()
+                    .any(|i| matches!(i, MessageDataItemName::Flags))
+            {
+                // The implicit \Seen is reported even when FLAGS was not asked for.
+                let mut flags = fetch_flags(&m.flags);
+                flags.push(FlagFetch::Flag(Flag::Seen));
+                out.push(MessageDataItem::Flags(flags));
+            }
+            if condstore
+                && !items
+                    .iter()
+                    .any(|i| matches!(i, MessageDataItemName::ModSeq))
+                && changed_since.is_some()
+            {
+                out.push(MessageDataItem::ModSeq(
+                    NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN),
+                ));
+            }
+            conn.push(&Response::Data(Data::Fetch {
+                seq: nz(i as u32 + 1),
+                items: Vec1::try_from(out).expect("not empty"),
+            }));
+            // One message at a time on the wire: memory stays bounded by one message.
+            conn.flush().await?;
+        }
+        if !to_mark.is_empty() {
+            let r = gw
+                .store
+                .mailboxes()
+                .store_flags(v1::StoreFlagsRequest {
+                    user: Some(sel.user.clone()),
+                    mailbox: sel.name.clone(),
+                    uids: ranges(&to_mark),
+                    action: v1::store_flags_request::Action::Add.into(),
+                    flags: vec!["\\Seen".into()],
+                    unchanged_since: None,
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    for c in r.into_inner().changed {
+                        if let Some(m) = sel.messages.iter_mut().find(|m| m.uid == c.uid) {
+                            m.flags = c.flags;
+                            m.modseq = c.modseq;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "setting \\Seen after FETCH"),
+            }
+        }
+        if missing {
+            conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                Some(code("EXPUNGEISSUED")),
+                "Some messages were expunged",
+            ));
+        } else {
+            conn.push(&status(Some(tag), StatusKind::Ok, None, "FETCH completed"));
+        }
+        Ok(())
+    }
+}
+
+fn search_uses_modseq(key: &SearchKey<'_>) -> bool {
+    match key {
+        SearchKey::ModSequence { .. } => true,
+        SearchKey::And(keys) => keys.as_ref().iter().any(search_uses_modseq),
+        SearchKey::Not(k) => search_uses_modseq(k),
+        SearchKey::Or(a, b) => search_uses_modseq(a) || search_uses_modseq(b),
+        _ => false,
+    }
+}
+
+/// The whole stored message.
+async fn fetch_message(gw: &Gateway, sel: &Selected, uid: u32) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = gw
+        .store
+        .mailboxes()
+        .fetch(v1::FetchRequest {
+            user: Some(sel.user.clone()),
+            mailbox: sel.name.clone(),
+            uid,
+            start: 0,
+            end: 0,
+        })
+        .await?
+        .into_inner();
+    let mut message = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        message.extend_from_slice(&chunk?.data);
+    }
+    Ok(message)
+}

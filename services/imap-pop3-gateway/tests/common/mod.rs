@@ -1,0 +1,135 @@
+//! What the gateway tests share: storage served over gRPC on the embedded backends
+//! with alice@acme.test and three messages, gateway "pods", Python.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::Arc;
+
+use mailmesh_cache::Cache;
+use mailmesh_gateway::{Gateway, ImapConfig, Pop3Config, Store};
+use mailmesh_kit::Shutdown;
+use mailmesh_storage::engine::{Delivery, StorageEngine, UserRef};
+use mailmesh_types::ReversePath;
+
+pub struct Site {
+    pub engine: Arc<StorageEngine>,
+    pub alice: UserRef,
+    pub endpoint: String,
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The self-signed certificate (PEM), for clients that verify it.
+    pub cert: std::path::PathBuf,
+    pub shutdown: Shutdown,
+    _dir: tempfile::TempDir,
+}
+
+pub const MESSAGES: [&str; 3] = [
+    "Subject: one\r\nFrom: bob@example.org\r\n\r\nfirst\r\n.starts with a dot\r\n",
+    "Subject: two\r\nFrom: bob@example.org\r\n\r\nsecond line 1\r\nsecond line 2\r\n",
+    "Subject: three\r\nFrom: bob@example.org\r\n\r\nthird\r\n",
+];
+
+/// Storage (served over gRPC as in a cluster) with alice@acme.test and three
+/// messages in her INBOX.
+pub async fn site() -> Site {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = mailmesh_storage::testing::embedded(dir.path(), 2)
+        .await
+        .unwrap()
+        .engine;
+    let alice =
+        mailmesh_storage::testing::tenant_with_user(&engine, "acme", "alice@acme.test", "pw")
+            .await
+            .unwrap();
+    let from: ReversePath = "bob@example.org".parse().unwrap();
+    let to = "alice@acme.test".parse().unwrap();
+    for (i, m) in MESSAGES.iter().enumerate() {
+        engine
+            .deliver(
+                &alice,
+                Delivery {
+                    mailbox: "INBOX",
+                    return_path: &from,
+                    delivered_to: &to,
+                    message: m.as_bytes(),
+                    key: &format!("seed/{i}"),
+                    internal_date_ms: 1_795_752_725_000,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let shutdown = Shutdown::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(mailmesh_storage::server::serve_grpc(
+        engine.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let (cert, key) =
+        mailmesh_kit::tls::ensure_self_signed(&dir.path().join("tls"), &["localhost", "127.0.0.1"])
+            .unwrap();
+    let resolver = Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
+    let tls = mailmesh_kit::tls::server_config(resolver).unwrap();
+    Site {
+        engine,
+        alice,
+        endpoint,
+        tls,
+        cert,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+/// A gateway "pod"'s loopback ports.
+pub struct Pod {
+    pub pop3: u16,
+    pub pop3s: u16,
+    pub imap: u16,
+    pub imaps: u16,
+}
+
+/// A gateway "pod" serving POP3 and IMAP, each with STARTTLS and implicit TLS.
+pub async fn start(site: &Site, cache: Arc<dyn Cache>, pop3: Pop3Config, imap: ImapConfig) -> Pod {
+    let store = Store::new(&site.endpoint, 1 << 20).unwrap();
+    let gateway = Gateway::new(store, cache, site.tls.clone(), pop3, imap);
+    let mut ports = Vec::new();
+    for (is_imap, implicit) in [(false, false), (false, true), (true, false), (true, true)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        ports.push(listener.local_addr().unwrap().port());
+        let (gateway, shutdown) = (gateway.clone(), site.shutdown.clone());
+        if is_imap {
+            tokio::spawn(mailmesh_gateway::serve_imap(
+                gateway, listener, implicit, shutdown,
+            ));
+        } else {
+            tokio::spawn(mailmesh_gateway::serve_pop3(
+                gateway, listener, implicit, shutdown,
+            ));
+        }
+    }
+    Pod {
+        pop3: ports[0],
+        pop3s: ports[1],
+        imap: ports[2],
+        imaps: ports[3],
+    }
+}
+
+pub fn memory() -> Arc<dyn Cache> {
+    Arc::new(mailmesh_cache::memory::MemoryCache::new())
+}
+
+pub fn python(script: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -1,0 +1,610 @@
+//! IMAP against the real storage service (its gRPC API over the embedded backends),
+//! judged by clients written by others: Python's imaplib, curl and mbsync;
+//! transcripts for the edges; two gateway "pods" on one storage for IDLE.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Site, memory, python, site};
+use mailmesh_gateway::{ImapConfig, Pop3Config};
+use mailmesh_storage::engine::Delivery;
+use mailmesh_types::ReversePath;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+async fn pod(site: &Site, imap: ImapConfig) -> (u16, u16) {
+    let pod = common::start(site, memory(), Pop3Config::default(), imap).await;
+    (pod.imap, pod.imaps)
+}
+
+fn plaintext() -> ImapConfig {
+    ImapConfig {
+        allow_plaintext_auth: true,
+        ..ImapConfig::default()
+    }
+}
+
+async fn deliver(site: &Site, key: &str, message: &str) {
+    let from: ReversePath = "bob@example.org".parse().unwrap();
+    let to = "alice@acme.test".parse().unwrap();
+    site.engine
+        .deliver(
+            &site.alice,
+            Delivery {
+                mailbox: "INBOX",
+                return_path: &from,
+                delivered_to: &to,
+                message: message.as_bytes(),
+                key,
+                internal_date_ms: 1_795_752_725_000,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+const IMAPLIB_PRELUDE: &str = r#"
+import imaplib, ssl, sys, re
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+def ok(r):
+    typ, data = r
+    assert typ == 'OK', (typ, data)
+    return data
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imaplib_reads_searches_changes_and_moves_over_starttls() {
+    let site = site().await;
+    let (port, _) = pod(&site, ImapConfig::default()).await;
+    let script = format!(
+        r#"{IMAPLIB_PRELUDE}
+m = imaplib.IMAP4('127.0.0.1', {port})
+assert 'LOGINDISABLED' in m.capabilities, m.capabilities
+assert 'STARTTLS' in m.capabilities
+try:
+    m.login('alice@acme.test', 'pw')
+    raise SystemExit('login before TLS must fail')
+except imaplib.IMAP4.error:
+    pass
+ok(m.starttls(ssl_context=ctx))
+assert 'AUTH=PLAIN' in m.capabilities, m.capabilities
+try:
+    m.login('alice@acme.test', 'wrong')
+    raise SystemExit('a wrong password must fail')
+except imaplib.IMAP4.error as e:
+    assert 'AUTHENTICATIONFAILED' in str(e), e
+ok(m.login('alice@acme.test', 'pw'))
+for cap in ['IDLE', 'UIDPLUS', 'MOVE', 'CONDSTORE', 'SPECIAL-USE', 'NAMESPACE', 'LITERAL+']:
+    assert cap in m.capabilities or cap in str(ok(m.capability())), cap
+boxes = b' '.join(ok(m.list()))
+assert b'INBOX' in boxes and b'\\Sent' in boxes and b'\\Junk' in boxes, boxes
+print('exists', ok(m.select('INBOX'))[0].decode())
+print('all', ok(m.search(None, 'ALL'))[0].decode())
+print('subject', ok(m.search(None, 'SUBJECT', 'two'))[0].decode())
+print('body', ok(m.search(None, 'BODY', 'third'))[0].decode())
+print('or', ok(m.search(None, 'OR', 'SUBJECT', 'one', 'SUBJECT', 'three'))[0].decode())
+print('unseen', ok(m.search(None, 'UNSEEN'))[0].decode())
+data = ok(m.fetch('2', '(BODY.PEEK[] RFC822.SIZE FLAGS)'))
+print('peek', data[0][1].decode().replace('\r\n', '|'))
+assert str(len(data[0][1])) in data[0][0].decode(), data
+print('still unseen', ok(m.search(None, 'UNSEEN'))[0].decode())
+data = ok(m.fetch('1', '(BODY[TEXT])'))
+print('text', data[0][1].decode().replace('\r\n', '|'))
+data = ok(m.fetch('1', '(FLAGS)'))
+print('seen now', data[0].decode())
+data = ok(m.fetch('3', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)] ENVELOPE BODYSTRUCTURE INTERNALDATE)'))
+print('fields', data[0][1].decode().replace('\r\n', '|'))
+print('envelope', data[0][0].decode() + data[1].decode())
+ok(m.store('2', '+FLAGS', '(\\Flagged $Important)'))
+print('flagged', ok(m.search(None, 'FLAGGED'))[0].decode())
+print('keyword', ok(m.search(None, 'KEYWORD', '$Important'))[0].decode())
+ok(m.create('Archive/2026'))
+typ, data = m.uid('COPY', '1:2', 'Archive/2026')
+assert typ == 'OK', data
+print('copyuid', m.untagged_responses.get('COPYUID', data))
+typ, data = m.uid('MOVE', '3', 'Archive/2026')
+assert typ == 'OK', data
+print('status', ok(m.status('Archive/2026', '(MESSAGES UIDNEXT UNSEEN)'))[0].decode())
+print('after move', ok(m.search(None, 'ALL'))[0].decode())
+typ, data = m.copy('1', 'Nowhere')
+assert typ == 'NO' and 'TRYCREATE' in str(m.untagged_responses) + str(data), (typ, data)
+typ, data = m.append('Archive/2026', '(\\Seen)', imaplib.Time2Internaldate(1700000000), b'Subject: appended\r\n\r\nhello\r\n')
+assert typ == 'OK' and b'APPENDUID' in data[0], (typ, data)
+ok(m.store('1', '+FLAGS', '\\Deleted'))
+ok(m.expunge())
+print('after expunge', ok(m.search(None, 'ALL'))[0].decode())
+ok(m.select('Archive/2026', readonly=True))
+print('archive', ok(m.uid('SEARCH', None, 'ALL'))[0].decode())
+print('archive subjects', ok(m.uid('FETCH', '1:*', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')))
+typ, data = m.store('1', '+FLAGS', '\\Deleted')
+assert typ == 'NO', (typ, data)
+assert m.logout()[0] == 'BYE'
+"#
+    );
+    let out = tokio::task::spawn_blocking(move || python(&script))
+        .await
+        .unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    let line = |prefix: &str| -> &str {
+        lines
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{out}"))
+    };
+    assert_eq!(line("exists "), "exists 3");
+    assert_eq!(line("all "), "all 1 2 3");
+    assert_eq!(line("subject "), "subject 2");
+    assert_eq!(line("body "), "body 3");
+    assert_eq!(line("or "), "or 1 3");
+    assert_eq!(line("unseen "), "unseen 1 2 3");
+    assert!(
+        line("peek ").contains("|Subject: two|From: bob@example.org||second line 1|second line 2|"),
+        "{out}"
+    );
+    assert_eq!(line("still unseen "), "still unseen 1 2 3");
+    assert_eq!(line("text "), "text first|.starts with a dot|");
+    assert!(line("seen now ").contains("\\Seen"), "{out}");
+    assert_eq!(line("fields "), "fields Subject: three||");
+    let envelope = line("envelope ");
+    assert!(envelope.contains("\"three\""), "{envelope}");
+    assert!(
+        envelope.contains("((NIL NIL \"bob\" \"example.org\"))"),
+        "{envelope}"
+    );
+    assert!(
+        envelope.contains("BODYSTRUCTURE (\"TEXT\" \"PLAIN\""),
+        "{envelope}"
+    );
+    assert!(envelope.contains("INTERNALDATE \""), "{envelope}");
+    assert_eq!(line("flagged "), "flagged 2");
+    assert_eq!(line("keyword "), "keyword 2");
+    assert!(line("copyuid ").contains("1:2"), "{out}");
+    assert!(line("status ").contains("MESSAGES 3"), "{out}");
+    assert_eq!(line("after move "), "after move 1 2");
+    assert_eq!(line("after expunge "), "after expunge 1");
+    assert_eq!(line("archive "), "archive 1 2 3 4");
+    let subjects = line("archive subjects ");
+    for s in ["one", "two", "three", "appended"] {
+        assert!(subjects.contains(&format!("Subject: {s}")), "{subjects}");
+    }
+}
+
+/// A raw IMAP connection for transcripts.
+struct Raw {
+    r: BufReader<tokio::io::ReadHalf<TcpStream>>,
+    w: tokio::io::WriteHalf<TcpStream>,
+}
+
+impl Raw {
+    async fn connect(port: u16) -> Self {
+        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (r, w) = tokio::io::split(s);
+        let mut raw = Self {
+            r: BufReader::new(r),
+            w,
+        };
+        let greeting = raw.line().await;
+        assert!(
+            greeting.starts_with("* OK [CAPABILITY IMAP4REV1 "),
+            "{greeting}"
+        );
+        raw
+    }
+
+    async fn line(&mut self) -> String {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(10), self.r.read_line(&mut line))
+            .await
+            .expect("a reply within 10 s")
+            .unwrap();
+        line
+    }
+
+    async fn send(&mut self, raw: &str) {
+        self.w.write_all(raw.as_bytes()).await.unwrap();
+    }
+
+    /// Sends a command and collects lines until the one starting with `tag `.
+    async fn cmd(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(&format!("{tag} {command}\r\n")).await;
+        self.until(tag).await
+    }
+
+    async fn until(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await;
+            assert!(!line.is_empty(), "connection closed after {lines:?}");
+            let done = line.starts_with(&format!("{tag} "));
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    async fn login(port: u16) -> Self {
+        let mut raw = Self::connect(port).await;
+        let r = raw.cmd("l", "LOGIN alice@acme.test pw").await;
+        assert!(r.last().unwrap().starts_with("l OK"), "{r:?}");
+        raw
+    }
+}
+
+fn last(lines: &[String]) -> &str {
+    lines.last().map(String::as_str).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcripts_of_the_edges() {
+    let site = site().await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    let (strict, _) = pod(&site, ImapConfig::default()).await;
+
+    // Without TLS the strict pod refuses credentials, whatever the mechanism.
+    let mut c = Raw::connect(strict).await;
+    let r = c.cmd("a", "LOGIN alice@acme.test pw").await;
+    assert!(last(&r).starts_with("a NO [PRIVACYREQUIRED]"), "{r:?}");
+    let r = c
+        .cmd("b", "AUTHENTICATE PLAIN AGFsaWNlQGFjbWUudGVzdABwdw==")
+        .await;
+    assert!(last(&r).starts_with("b NO [PRIVACYREQUIRED]"), "{r:?}");
+    let r = c.cmd("c", "SELECT INBOX").await;
+    assert!(last(&r).starts_with("c BAD"), "{r:?}");
+
+    let mut c = Raw::connect(plain).await;
+    // Garbage, unknown commands, bad sequence sets, deep nesting: BAD, session lives.
+    let r = c.cmd("a", "FROBNICATE").await;
+    assert!(last(&r).starts_with("a BAD"), "{r:?}");
+    c.send("\r\n").await;
+    let r = c.line().await;
+    assert!(r.starts_with("* BAD"), "{r}");
+    // AUTHENTICATE PLAIN with a continuation, then SASL-IR.
+    c.send("b AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ \r\n");
+    let r = {
+        c.send("AGFsaWNlQGFjbWUudGVzdAB3cm9uZw==\r\n").await;
+        c.until("b").await
+    };
+    assert!(last(&r).starts_with("b NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    c.send("c AUTHENTICATE PLAIN\r\n").await;
+    assert_eq!(c.line().await, "+ \r\n");
+    c.send("*\r\n").await;
+    let r = c.until("c").await;
+    assert!(last(&r).starts_with("c BAD"), "{r:?}");
+    let r = c
+        .cmd("d", "AUTHENTICATE PLAIN AGFsaWNlQGFjbWUudGVzdABwdw==")
+        .await;
+    assert!(last(&r).starts_with("d OK [CAPABILITY IMAP4REV1 "), "{r:?}");
+    let r = c.cmd("e", "LOGIN alice@acme.test pw").await;
+    assert!(last(&r).starts_with("e BAD"), "{r:?}");
+    let r = c.cmd("f", "FETCH 1 FLAGS").await;
+    assert!(last(&r).starts_with("f BAD"), "no mailbox selected: {r:?}");
+    let r = c.cmd("g", "SELECT INBOX").await;
+    assert!(r.iter().any(|l| l == "* 3 EXISTS\r\n"), "{r:?}");
+    assert!(
+        r.iter().any(|l| l.starts_with("* OK [UIDVALIDITY ")),
+        "{r:?}"
+    );
+    assert!(r.iter().any(|l| l.starts_with("* OK [UIDNEXT 4]")), "{r:?}");
+    assert!(last(&r).starts_with("g OK [READ-WRITE]"), "{r:?}");
+    let r = c.cmd("h", "FETCH 9 FLAGS").await;
+    assert!(last(&r).starts_with("h BAD"), "{r:?}");
+    let r = c.cmd("i", "FETCH 0:2 FLAGS").await;
+    assert!(last(&r).starts_with("i BAD"), "{r:?}");
+    let nested = format!("j SEARCH {}ALL{}", "(".repeat(200), ")".repeat(200));
+    let r = c.cmd("j", &nested[2..]).await;
+    assert!(
+        last(&r).starts_with("j BAD") || last(&r).starts_with("j OK"),
+        "{r:?}"
+    );
+    let r = c.cmd("k", "UID FETCH 2:* (UID RFC822.SIZE)").await;
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert!(r[0].starts_with("* 2 FETCH (UID 2 RFC822.SIZE "), "{r:?}");
+    // Partial fetch: <start.length> of the body.
+    let r = c.cmd("l", "FETCH 1 BODY.PEEK[TEXT]<0.5>").await;
+    assert_eq!(r[0], "* 1 FETCH (BODY[TEXT]<0> \"first\")\r\n");
+    // A literal larger than allowed is refused before it is sent.
+    c.send("m APPEND INBOX {999999999}\r\n").await;
+    let r = c.line().await;
+    assert!(r.starts_with("m NO [TOOBIG]"), "{r}");
+    // LITERAL+: the client does not wait; the bytes are read and dropped.
+    let r = c.cmd("n", "APPEND INBOX {10+}\r\n0123456789").await;
+    assert!(last(&r).starts_with("n OK [APPENDUID "), "{r:?}");
+    assert!(
+        r.iter().any(|l| l == "* 4 EXISTS\r\n"),
+        "our own APPEND shows up: {r:?}"
+    );
+    // CONDSTORE: STORE ... UNCHANGEDSINCE and MODSEQ.
+    let r = c.cmd("o", "FETCH 1 (MODSEQ)").await;
+    let modseq: u64 = r[0]
+        .split("MODSEQ (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{r:?}"));
+    let r = c
+        .cmd(
+            "p",
+            &format!("STORE 1 (UNCHANGEDSINCE {modseq}) +FLAGS (\\Answered)"),
+        )
+        .await;
+    assert!(last(&r).starts_with("p OK"), "{r:?}");
+    let r = c
+        .cmd(
+            "q",
+            &format!("STORE 1 (UNCHANGEDSINCE {modseq}) +FLAGS (\\Draft)"),
+        )
+        .await;
+    assert!(last(&r).starts_with("q OK [MODIFIED 1]"), "{r:?}");
+    let r = c.cmd("r", "SEARCH CHARSET KOI8-R ALL").await;
+    assert!(last(&r).starts_with("r NO [BADCHARSET"), "{r:?}");
+    let r = c.cmd("s", "NAMESPACE").await;
+    assert_eq!(r[0], "* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n");
+    let r = c.cmd("t", "GETQUOTAROOT INBOX").await;
+    assert!(r[0].starts_with("* QUOTAROOT INBOX \"\""), "{r:?}");
+    let r = c.cmd("u", "STATUS INBOX (MESSAGES UNSEEN SIZE)").await;
+    assert!(
+        r[0].starts_with("* STATUS INBOX (MESSAGES 4 UNSEEN "),
+        "{r:?}"
+    );
+    // A message fetched without PEEK reports its new \Seen even without FLAGS.
+    let r = c.cmd("y1", "FETCH 3 BODY[TEXT]").await;
+    assert!(r.iter().any(|l| l.contains("FLAGS (\\Seen)")), "{r:?}");
+    let r = c.cmd("v", "CREATE INBOX").await;
+    assert!(last(&r).starts_with("v NO"), "{r:?}");
+    let r = c.cmd("w", "SELECT Nowhere").await;
+    assert!(last(&r).starts_with("w NO [NONEXISTENT]"), "{r:?}");
+    let r = c.cmd("x", "FETCH 1 FLAGS").await;
+    assert!(
+        last(&r).starts_with("x BAD"),
+        "a failed SELECT deselects: {r:?}"
+    );
+    let r = c.cmd("y", "LOGOUT").await;
+    assert!(r[0].starts_with("* BYE"), "{r:?}");
+
+    // A selected mailbox deleted by another session ends the session with BYE.
+    let mut c = Raw::login(plain).await;
+    let mut other = Raw::login(plain).await;
+    other.cmd("c", "CREATE Doomed").await;
+    c.cmd("s", "SELECT Doomed").await;
+    let r = other.cmd("d", "DELETE Doomed").await;
+    assert!(last(&r).starts_with("d OK"), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send("n NOOP\r\n").await;
+    let line = c.line().await;
+    assert!(line.starts_with("* BYE"), "{line}");
+    assert!(c.line().await.starts_with("n OK"));
+    assert_eq!(c.line().await, "", "and the connection closes");
+
+    // An endless line is cut off: memory stays bounded.
+    let mut c = Raw::connect(plain).await;
+    c.send(&format!("a LOGIN {}", "x".repeat(200_000))).await;
+    let line = c.line().await;
+    assert!(line.starts_with("* BYE"), "{line}");
+
+    // Too many errors end the session with BYE.
+    let mut c = Raw::connect(plain).await;
+    let mut bye = false;
+    for i in 0..30 {
+        c.send(&format!("e{i} NONSENSE\r\n")).await;
+        let line = c.line().await;
+        if line.starts_with("* BYE") {
+            bye = true;
+            break;
+        }
+    }
+    assert!(bye, "the session must close after too many errors");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_on_one_pod_sees_changes_made_through_another_and_new_mail() {
+    let site = site().await;
+    let (a, _) = pod(&site, plaintext()).await;
+    let (b, _) = pod(&site, plaintext()).await;
+    let mut watcher = Raw::login(b).await;
+    watcher.cmd("s", "SELECT INBOX").await;
+    watcher.send("i IDLE\r\n").await;
+    assert_eq!(watcher.line().await, "+ idling\r\n");
+
+    let mut changer = Raw::login(a).await;
+    changer.cmd("s", "SELECT INBOX").await;
+    let started = Instant::now();
+    let r = changer.cmd("f", "STORE 2 +FLAGS.SILENT (\\Flagged)").await;
+    assert!(last(&r).starts_with("f OK"), "{r:?}");
+    let line = watcher.line().await;
+    assert!(
+        line.starts_with("* 2 FETCH (UID 2 FLAGS (\\Flagged))"),
+        "{line}"
+    );
+    let flag_seen = started.elapsed();
+
+    deliver(&site, "idle/1", "Subject: four\r\n\r\nnew\r\n").await;
+    assert_eq!(watcher.line().await, "* 4 EXISTS\r\n");
+    let r = changer.cmd("x", "STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    assert!(last(&r).starts_with("x OK"), "{r:?}");
+    changer.cmd("y", "EXPUNGE").await;
+    // The flag change and then the expunge reach the idler.
+    let mut saw_expunge = false;
+    for _ in 0..3 {
+        let line = watcher.line().await;
+        if line == "* 1 EXPUNGE\r\n" {
+            saw_expunge = true;
+            break;
+        }
+    }
+    assert!(saw_expunge, "EXPUNGE from the other pod reaches IDLE");
+    watcher.send("DONE\r\n").await;
+    let r = watcher.until("i").await;
+    assert!(last(&r).starts_with("i OK"), "{r:?}");
+    let r = watcher.cmd("n", "SEARCH ALL").await;
+    assert_eq!(r[0], "* SEARCH 1 2 3\r\n");
+    println!("flag change seen through the other pod after {flag_seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_fetches_over_implicit_tls_and_starttls() {
+    let site = site().await;
+    let (plain, tls) = pod(&site, ImapConfig::default()).await;
+    let out = tokio::task::spawn_blocking(move || {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "-k", "--max-time", "20"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "curl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let user = ["-u", "alice@acme.test:pw"];
+        let one = run(&[
+            &format!("imaps://127.0.0.1:{tls}/INBOX;UID=1"),
+            user[0],
+            user[1],
+        ]);
+        let listing = run(&[&format!("imaps://127.0.0.1:{tls}/"), user[0], user[1]]);
+        let two = run(&[
+            "--ssl-reqd",
+            &format!("imap://127.0.0.1:{plain}/INBOX;UID=2"),
+            user[0],
+            user[1],
+        ]);
+        let search = run(&[
+            "--ssl-reqd",
+            &format!("imap://127.0.0.1:{plain}/INBOX"),
+            "-X",
+            "SEARCH SUBJECT three",
+            user[0],
+            user[1],
+        ]);
+        (one, listing, two, search)
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.0.contains("Subject: one") && out.0.contains("first"),
+        "{}",
+        out.0
+    );
+    assert!(
+        out.1.contains("INBOX") && out.1.contains("Sent"),
+        "{}",
+        out.1
+    );
+    assert!(out.2.contains("Subject: two"), "{}", out.2);
+    assert_eq!(out.3.trim(), "* SEARCH 3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mbsync_syncs_a_mailbox_both_ways() {
+    let site = site().await;
+    let (_, tls) = pod(&site, ImapConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("mail");
+    std::fs::create_dir_all(&local).unwrap();
+    let rc = dir.path().join("mbsyncrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "IMAPAccount acme\nHost 127.0.0.1\nPort {tls}\nUser alice@acme.test\nPass pw\n\
+             SSLType IMAPS\nCertificateFile {}\nSystemCertificates no\n\n\
+             IMAPStore remote\nAccount acme\n\n\
+             MaildirStore local\nPath {}/\nInbox {}/INBOX\n\n\
+             Channel inbox\nFar :remote:INBOX\nNear :local:INBOX\nCreate Near\nExpunge Both\nSyncState *\n",
+            site.cert.display(),
+            local.display(),
+            local.display()
+        ),
+    )
+    .unwrap();
+    let mbsync = |rc: std::path::PathBuf| {
+        let out = std::process::Command::new("mbsync")
+            .args(["-c", rc.to_str().unwrap(), "-a"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, log) = tokio::task::spawn_blocking({
+        let rc = rc.clone();
+        move || mbsync(rc)
+    })
+    .await
+    .unwrap();
+    assert!(ok, "mbsync pull: {log}");
+    let cur = local.join("INBOX").join("cur");
+    let new = local.join("INBOX").join("new");
+    let files = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    let pulled: Vec<_> = files(&cur).into_iter().chain(files(&new)).collect();
+    assert_eq!(pulled.len(), 3, "{log}");
+    let bodies: Vec<String> = pulled
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(
+        bodies.iter().any(|b| b.contains("Subject: two")),
+        "{bodies:?}"
+    );
+
+    // Push: a new local message goes up; a locally deleted one goes away remotely.
+    std::fs::write(
+        new.join("1700000000.local.host"),
+        "Subject: from mbsync\r\n\r\nlocal\r\n",
+    )
+    .unwrap();
+    let victim = pulled
+        .iter()
+        .find(|p| std::fs::read_to_string(p).unwrap().contains("Subject: one"))
+        .unwrap();
+    // Maildir flag T (trashed) = \Deleted; with Expunge Both it is removed everywhere.
+    let trashed = format!(
+        "{}{}",
+        victim.display(),
+        if victim.to_string_lossy().contains(":2,") {
+            "T"
+        } else {
+            ":2,T"
+        }
+    );
+    std::fs::rename(victim, &trashed).unwrap();
+    let (ok, log) = tokio::task::spawn_blocking(move || mbsync(rc))
+        .await
+        .unwrap();
+    assert!(ok, "mbsync push: {log}");
+    let remote = site
+        .engine
+        .read_index(&site.alice, |i| {
+            i.and_then(|i| i.mailbox("INBOX"))
+                .map(|m| m.messages.len())
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(remote, 3, "one pushed, one expunged: {log}");
+    let mut c = {
+        let (plain, _) = pod(&site, plaintext()).await;
+        Raw::login(plain).await
+    };
+    c.cmd("s", "SELECT INBOX").await;
+    let r = c.cmd("f", "SEARCH SUBJECT mbsync").await;
+    assert_eq!(r[0], "* SEARCH 3\r\n", "{r:?}");
+    let r = c.cmd("g", "SEARCH SUBJECT one").await;
+    assert_eq!(r[0], "* SEARCH\r\n", "{r:?}");
+}
