@@ -608,3 +608,88 @@ async fn mbsync_syncs_a_mailbox_both_ways() {
     let r = c.cmd("g", "SEARCH SUBJECT one").await;
     assert_eq!(r[0], "* SEARCH\r\n", "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcripts_of_esearch_list_extended_names_and_imap4rev2() {
+    let site = site().await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    let mut c = Raw::login(plain).await;
+    let r = c.cmd("a", "CAPABILITY").await;
+    for cap in ["ESEARCH", "LIST-EXTENDED", "LIST-STATUS", "IMAP4rev2"] {
+        assert!(r[0].contains(&format!(" {cap}")), "{cap}: {r:?}");
+    }
+    // A non-ASCII name from an IMAP4rev1 client is modified UTF-7 on the wire and
+    // UTF-8 in storage.
+    let r = c.cmd("b", "CREATE Entw&APw-rfe/2026").await;
+    assert!(last(&r).starts_with("b OK"), "{r:?}");
+    let names = site
+        .engine
+        .read_index(&site.alice, |i| {
+            i.map(|i| i.mailboxes().map(|m| m.name.clone()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap();
+    assert!(names.iter().any(|n| n == "Entwürfe/2026"), "{names:?}");
+    let r = c.cmd("c", "LIST \"\" \"Entw&APw-rfe/*\"").await;
+    assert_eq!(
+        r[0],
+        "* LIST (\\HasNoChildren \\Subscribed) \"/\" Entw&APw-rfe/2026\r\n"
+    );
+    let r = c.cmd("d", "UNSUBSCRIBE Entw&APw-rfe/2026").await;
+    assert!(last(&r).starts_with("d OK"), "{r:?}");
+    // LIST-EXTENDED selection and LIST-STATUS return options.
+    let r = c
+        .cmd(
+            "e",
+            "LIST (SUBSCRIBED) \"\" \"*\" RETURN (CHILDREN STATUS (MESSAGES UIDNEXT))",
+        )
+        .await;
+    let lists: Vec<&String> = r.iter().filter(|l| l.starts_with("* LIST")).collect();
+    assert!(
+        lists.iter().all(|l| l.contains("\\Subscribed")),
+        "only subscribed ones: {r:?}"
+    );
+    assert!(
+        r.iter()
+            .any(|l| l == "* STATUS INBOX (MESSAGES 3 UIDNEXT 4)\r\n"),
+        "{r:?}"
+    );
+    assert!(!r.iter().any(|l| l.contains("Entw")), "unsubscribed: {r:?}");
+    let r = c.cmd("f", "LIST (SPECIAL-USE) \"\" \"*\"").await;
+    assert!(
+        r.iter()
+            .filter(|l| l.starts_with("* LIST"))
+            .all(|l| l.contains("\\Sent")
+                || l.contains("\\Junk")
+                || l.contains("\\Trash")
+                || l.contains("\\Drafts")
+                || l.contains("\\Archive")),
+        "{r:?}"
+    );
+    assert!(!r.iter().any(|l| l.contains("INBOX")), "{r:?}");
+    // ESEARCH with RETURN options.
+    c.cmd("g", "SELECT INBOX").await;
+    c.cmd("h", "STORE 2 +FLAGS (\\Seen)").await;
+    let r = c.cmd("i", "SEARCH RETURN (MIN MAX COUNT) UNSEEN").await;
+    assert_eq!(r[0], "* ESEARCH (TAG \"i\") MIN 1 MAX 3 COUNT 2\r\n");
+    let r = c.cmd("j", "UID SEARCH RETURN () ALL").await;
+    assert_eq!(r[0], "* ESEARCH (TAG \"j\") UID ALL 1:3\r\n");
+    let r = c
+        .cmd("k", "SEARCH RETURN (COUNT) SUBJECT nothing-matches")
+        .await;
+    assert_eq!(r[0], "* ESEARCH (TAG \"k\") COUNT 0\r\n");
+    let r = c.cmd("l", "SEARCH UNSEEN").await;
+    assert_eq!(r[0], "* SEARCH 1 3\r\n");
+    // IMAP4rev2: ESEARCH for every SEARCH, no RECENT, UTF-8 names.
+    let r = c.cmd("m", "ENABLE IMAP4rev2").await;
+    assert_eq!(r[0], "* ENABLED IMAP4rev2\r\n");
+    let r = c.cmd("n", "SEARCH UNSEEN").await;
+    assert_eq!(r[0], "* ESEARCH (TAG \"n\") ALL 1,3\r\n");
+    let r = c.cmd("o", "SELECT INBOX").await;
+    assert!(!r.iter().any(|l| l.contains("RECENT")), "{r:?}");
+    let r = c.cmd("p", "LIST \"\" \"Entw*\"").await;
+    // UTF-8 goes out as a literal (valid in both revisions).
+    assert_eq!(r[0], "* LIST (\\HasNoChildren) \"/\" {14}\r\n");
+    assert_eq!(r[1], "Entwürfe/2026\r\n");
+}

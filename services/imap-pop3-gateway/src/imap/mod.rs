@@ -3,15 +3,20 @@
 //! bounded before anything is parsed) and parsed by its command codec; replies are
 //! encoded by its response codec.
 //!
-//! Extensions: STARTTLS, LOGINDISABLED, AUTH=PLAIN, SASL-IR, ENABLE, CONDSTORE,
-//! IDLE, UIDPLUS, MOVE, UNSELECT, LITERAL+, NAMESPACE, ID, SPECIAL-USE, QUOTA.
+//! Extensions: STARTTLS, LOGINDISABLED, AUTH=PLAIN, SASL-IR, ENABLE (CONDSTORE,
+//! IMAP4rev2), CONDSTORE, IDLE, UIDPLUS, MOVE, UNSELECT, LITERAL+, NAMESPACE, ID,
+//! SPECIAL-USE, QUOTA, STATUS=SIZE, ESEARCH, LIST-EXTENDED, LIST-STATUS. Mailbox
+//! names are modified UTF-7 on the wire for IMAP4rev1 clients, UTF-8 for IMAP4rev2
+//! ones and in storage.
 //!
 //! The session keeps only its view of the selected mailbox (sequence numbers to
 //! UIDs, flags); everything else is asked of the storage service. Changes made by
 //! other sessions, on any pod, arrive through the storage change stream and are
 //! announced as EXISTS / EXPUNGE / FETCH FLAGS after the next command or during IDLE.
 
+mod ext;
 mod message;
+mod mutf7;
 mod search;
 mod selected;
 
@@ -22,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use imap_codec::decode::Decoder;
 use imap_codec::encode::Encoder;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
@@ -290,6 +296,10 @@ pub(crate) struct Session {
     condstore: bool,
     /// The client was told BYE (its selected mailbox vanished): end the session.
     bye: bool,
+    /// ENABLE IMAP4rev2: RFC 9051 replies (ESEARCH, no RECENT, UTF-8 names).
+    rev2: bool,
+    /// Extension syntax cut out of the current command.
+    extras: ext::Extras,
 }
 
 /// Runs a session to its end; `tls` when the connection is already encrypted.
@@ -311,6 +321,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         selected: None,
         condstore: false,
         bye: false,
+        rev2: false,
+        extras: ext::Extras::default(),
     };
     let mut conn = Conn::new(stream, &gw.imap);
     let capabilities = session.capabilities();
@@ -377,16 +389,12 @@ fn code(name: &'static str) -> Code<'static> {
     Code::Other(CodeOther::unvalidated(name.as_bytes()))
 }
 
-/// The mailbox name as the storage service knows it.
-fn mailbox_name(m: &Mailbox<'_>) -> String {
+/// The mailbox name as the client wrote it.
+fn wire_name(m: &Mailbox<'_>) -> String {
     match m {
         Mailbox::Inbox => "INBOX".to_owned(),
         Mailbox::Other(o) => String::from_utf8_lossy(o.inner().as_ref()).into_owned(),
     }
-}
-
-fn to_mailbox(name: &str) -> Mailbox<'static> {
-    Mailbox::try_from(name.to_owned()).unwrap_or(Mailbox::Inbox)
 }
 
 /// How a storage error reads to an IMAP client.
@@ -436,6 +444,25 @@ fn storage_failure(tag: &Tag<'_>, e: &tonic::Status) -> Response<'static> {
 }
 
 impl Session {
+    /// The mailbox name as the storage service knows it (UTF-8).
+    fn mailbox_name(&self, m: &Mailbox<'_>) -> String {
+        let wire = wire_name(m);
+        if self.rev2 {
+            return wire;
+        }
+        mutf7::decode(&wire).unwrap_or(wire)
+    }
+
+    /// A storage mailbox name as this client reads it.
+    fn to_mailbox(&self, name: &str) -> Mailbox<'static> {
+        let wire = if self.rev2 {
+            name.to_owned()
+        } else {
+            mutf7::encode(name)
+        };
+        Mailbox::try_from(wire).unwrap_or(Mailbox::Inbox)
+    }
+
     fn capabilities(&self) -> Vec1<Capability<'static>> {
         let mut caps = vec![Capability::Imap4Rev1];
         if self.user.is_none() {
@@ -462,8 +489,16 @@ impl Session {
             Capability::Quota,
             Capability::StatusSize,
             Capability::QuotaRes(Resource::Storage),
-            Capability::from(Atom::try_from("SPECIAL-USE").expect("atom")),
         ]);
+        for other in [
+            "SPECIAL-USE",
+            "ESEARCH",
+            "LIST-EXTENDED",
+            "LIST-STATUS",
+            "IMAP4rev2",
+        ] {
+            caps.push(Capability::from(Atom::try_from(other).expect("atom")));
+        }
         Vec1::try_from(caps).expect("not empty")
     }
 
@@ -490,14 +525,22 @@ impl Session {
                     return Ok(Next::Close);
                 }
             }
-            let command = match conn.frag.decode_message(&CommandCodec::default()) {
-                Ok(c) => Ok(c.into_static()),
-                Err(e) => Err(matches!(
-                    e,
-                    imap_codec::fragmentizer::DecodeMessageError::MessageTooLong { .. }
-                        | imap_codec::fragmentizer::DecodeMessageError::MessagePoisoned { .. }
-                )),
-            };
+            let command =
+                if conn.frag.is_max_message_size_exceeded() || conn.frag.is_message_poisoned() {
+                    Err(true)
+                } else if let Some((bytes, extras)) = ext::rewrite(conn.frag.message_bytes()) {
+                    self.extras = extras;
+                    match CommandCodec::default().decode(&bytes) {
+                        Ok((&[], c)) => Ok(c.into_static()),
+                        _ => Err(false),
+                    }
+                } else {
+                    self.extras = ext::Extras::default();
+                    conn.frag
+                        .decode_message(&CommandCodec::default())
+                        .map(IntoStatic::into_static)
+                        .map_err(|_| false)
+                };
             let command = match command {
                 Ok(c) => c,
                 Err(too_long) => {
@@ -616,6 +659,9 @@ impl Session {
                     if matches!(c, CapabilityEnable::CondStore) {
                         self.condstore = true;
                         enabled.push(CapabilityEnable::CondStore);
+                    } else if c.to_string().eq_ignore_ascii_case("IMAP4rev2") {
+                        self.rev2 = true;
+                        enabled.push(c);
                     }
                 }
                 conn.push(&Response::Data(Data::Enabled {
@@ -651,7 +697,7 @@ impl Session {
                 ok(conn, "NAMESPACE completed");
             }
             CommandBody::Create { mailbox } => {
-                let name = mailbox_name(&mailbox);
+                let name = self.mailbox_name(&mailbox);
                 let name = name.trim_end_matches(DELIMITER).to_owned();
                 let r = self
                     .gw
@@ -668,7 +714,7 @@ impl Session {
                 }
             }
             CommandBody::Delete { mailbox } => {
-                let name = mailbox_name(&mailbox);
+                let name = self.mailbox_name(&mailbox);
                 if self
                     .selected
                     .as_ref()
@@ -697,8 +743,8 @@ impl Session {
                     .mailboxes()
                     .rename_mailbox(v1::RenameMailboxRequest {
                         user: self.user.clone(),
-                        from: mailbox_name(&from),
-                        to: mailbox_name(&to),
+                        from: self.mailbox_name(&from),
+                        to: self.mailbox_name(&to),
                     })
                     .await;
                 match r {
@@ -714,7 +760,7 @@ impl Session {
                     .mailboxes()
                     .subscribe(v1::SubscribeRequest {
                         user: self.user.clone(),
-                        mailbox: mailbox_name(&mailbox),
+                        mailbox: self.mailbox_name(&mailbox),
                         subscribed,
                     })
                     .await;
@@ -1010,18 +1056,26 @@ impl Session {
     ) {
         let reference = match reference {
             Mailbox::Inbox => "INBOX".to_owned(),
-            Mailbox::Other(_) => mailbox_name(reference),
+            Mailbox::Other(_) => self.mailbox_name(reference),
         };
         let pattern = match wildcard {
             ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
             ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
         };
+        let pattern = if self.rev2 {
+            pattern
+        } else {
+            mutf7::decode(&pattern).unwrap_or(pattern)
+        };
+        let extras = std::mem::take(&mut self.extras);
+        let only_subscribed = lsub || extras.list_select.iter().any(|o| o == "SUBSCRIBED");
+        let only_special = extras.list_select.iter().any(|o| o == "SPECIAL-USE");
         if pattern.is_empty() && !lsub {
             // The hierarchy delimiter and root name (RFC 3501 §6.3.8).
             conn.push(&Response::Data(Data::List {
                 items: vec![FlagNameAttribute::Noselect],
                 delimiter: QuotedChar::try_from(DELIMITER).ok(),
-                mailbox: to_mailbox(""),
+                mailbox: self.to_mailbox(""),
             }));
             conn.push(&status(Some(tag), StatusKind::Ok, None, "LIST completed"));
             return;
@@ -1039,7 +1093,7 @@ impl Session {
         };
         let names: HashSet<String> = mailboxes.iter().map(|m| m.name.clone()).collect();
         for m in &mailboxes {
-            if lsub && !m.subscribed {
+            if (only_subscribed && !m.subscribed) || (only_special && m.special_use.is_empty()) {
                 continue;
             }
             if !wildcard_match(&pattern, &m.name) {
@@ -1066,7 +1120,7 @@ impl Session {
             let item = Data::List {
                 items,
                 delimiter: QuotedChar::try_from(DELIMITER).ok(),
-                mailbox: to_mailbox(&m.name),
+                mailbox: self.to_mailbox(&m.name),
             };
             conn.push(&Response::Data(if lsub {
                 let Data::List {
@@ -1085,6 +1139,13 @@ impl Session {
             } else {
                 item
             }));
+            if let Some(names) = &extras.list_status {
+                // LIST-STATUS (RFC 5819): the STATUS of each listed mailbox follows it.
+                conn.push(&Response::Data(Data::Status {
+                    mailbox: self.to_mailbox(&m.name),
+                    items: status_items(m, names).into(),
+                }));
+            }
         }
         conn.push(&status(
             Some(tag),
@@ -1111,32 +1172,17 @@ impl Session {
             .mailboxes()
             .status(v1::MailboxRequest {
                 user: self.user.clone(),
-                mailbox: mailbox_name(mailbox),
+                mailbox: self.mailbox_name(mailbox),
             })
             .await;
         let info = match r {
             Ok(r) => r.into_inner(),
             Err(e) => return conn.push(&storage_failure(tag, &e)),
         };
-        let nz = |v: u32| std::num::NonZeroU32::new(v.max(1)).expect("not zero");
-        let mut items = Vec::new();
-        for n in names {
-            items.push(match n {
-                StatusDataItemName::Messages => StatusDataItem::Messages(info.messages),
-                StatusDataItemName::Recent => StatusDataItem::Recent(0),
-                StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(info.uid_next)),
-                StatusDataItemName::UidValidity => {
-                    StatusDataItem::UidValidity(nz(info.uid_validity))
-                }
-                StatusDataItemName::Unseen => StatusDataItem::Unseen(info.unseen),
-                StatusDataItemName::Size => StatusDataItem::Size(info.size),
-                StatusDataItemName::HighestModSeq => {
-                    self.condstore = true;
-                    StatusDataItem::HighestModSeq(info.highest_modseq)
-                }
-                StatusDataItemName::Deleted | StatusDataItemName::DeletedStorage => continue,
-            });
+        if names.contains(&StatusDataItemName::HighestModSeq) {
+            self.condstore = true;
         }
+        let items = status_items(&info, names);
         conn.push(&Response::Data(Data::Status {
             mailbox: mailbox.to_static(),
             items: items.into(),
@@ -1153,7 +1199,7 @@ impl Session {
         date: Option<imap_codec::imap_types::datetime::DateTime>,
         message: Vec<u8>,
     ) {
-        let name = mailbox_name(mailbox);
+        let name = self.mailbox_name(mailbox);
         let r = self
             .gw
             .store
@@ -1249,14 +1295,14 @@ impl Session {
                 "Previous mailbox closed",
             ));
         }
-        let name = mailbox_name(mailbox);
+        let name = self.mailbox_name(mailbox);
         let user = self.user.clone().unwrap_or_default();
         if let Some(w) = &self.watcher {
             w.changes.take(&name);
         }
         match Selected::open(&self.gw, user, &name, read_only).await {
             Ok(s) => {
-                s.greet(conn, self.condstore);
+                s.greet(conn, self.rev2);
                 conn.push(&status(
                     Some(tag),
                     StatusKind::Ok,
@@ -1364,6 +1410,30 @@ impl Session {
     }
 }
 
+/// STATUS data items from storage's view of a mailbox.
+fn status_items(info: &v1::MailboxInfo, names: &[StatusDataItemName]) -> Vec<StatusDataItem> {
+    let nz = |v: u32| std::num::NonZeroU32::new(v.max(1)).expect("not zero");
+    names
+        .iter()
+        .filter_map(|n| {
+            Some(match n {
+                StatusDataItemName::Messages => StatusDataItem::Messages(info.messages),
+                StatusDataItemName::Recent => StatusDataItem::Recent(0),
+                StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(info.uid_next)),
+                StatusDataItemName::UidValidity => {
+                    StatusDataItem::UidValidity(nz(info.uid_validity))
+                }
+                StatusDataItemName::Unseen => StatusDataItem::Unseen(info.unseen),
+                StatusDataItemName::Size => StatusDataItem::Size(info.size),
+                StatusDataItemName::HighestModSeq => {
+                    StatusDataItem::HighestModSeq(info.highest_modseq)
+                }
+                StatusDataItemName::Deleted | StatusDataItemName::DeletedStorage => return None,
+            })
+        })
+        .collect()
+}
+
 /// Where the last line of `out` starts (the tagged reply just pushed).
 fn last_line_start(out: &[u8]) -> usize {
     if out.len() < 2 {
@@ -1390,13 +1460,14 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
         }
     }
     let fold = |s: &str| -> Vec<char> {
-        if s.len() >= 5
-            && s[..5].eq_ignore_ascii_case("inbox")
-            && (s.len() == 5 || s[5..].starts_with(DELIMITER))
-        {
-            format!("INBOX{}", &s[5..]).chars().collect()
-        } else {
-            s.chars().collect()
+        match s.get(..5) {
+            Some(head)
+                if head.eq_ignore_ascii_case("inbox")
+                    && (s.len() == 5 || s[5..].starts_with(DELIMITER)) =>
+            {
+                format!("INBOX{}", &s[5..]).chars().collect()
+            }
+            _ => s.chars().collect(),
         }
     };
     go(&fold(pattern), &fold(name))
@@ -1414,6 +1485,8 @@ mod tests {
         assert!(wildcard_match("inbox", "INBOX"));
         assert!(!wildcard_match("Sent", "sent"));
         assert!(wildcard_match("S%", "Sent"));
+        assert!(wildcard_match("Entwü*", "Entwürfe/2026"));
+        assert!(!wildcard_match("Entwü%", "Entwürfe/2026"));
     }
 
     #[test]

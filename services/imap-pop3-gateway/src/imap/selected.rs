@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::message::{Parsed, istring_bytes};
 use super::search::{Candidate, needs_content};
-use super::{Conn, Session, code, mailbox_name, status, storage_failure};
+use super::{Conn, Session, code, status, storage_failure};
 use crate::Gateway;
 
 /// One message as the session sees it.
@@ -163,14 +163,18 @@ impl Selected {
     }
 
     /// The untagged replies of SELECT / EXAMINE.
-    pub fn greet<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Conn<S>, condstore: bool) {
+    pub fn greet<S: AsyncRead + AsyncWrite + Unpin>(&self, conn: &mut Conn<S>, rev2: bool) {
         conn.push(&self.flags_response());
         conn.push(&Response::Data(Data::Exists(self.messages.len() as u32)));
-        conn.push(&Response::Data(Data::Recent(0)));
+        // IMAP4rev2 has neither \Recent nor the UNSEEN code.
+        if !rev2 {
+            conn.push(&Response::Data(Data::Recent(0)));
+        }
         if let Some(i) = self
             .messages
             .iter()
             .position(|m| !m.flags.iter().any(|f| f == "\\Seen"))
+            && !rev2
         {
             conn.push(&status(
                 None,
@@ -210,7 +214,6 @@ impl Selected {
             Some(Code::PermanentFlags(perm)),
             "Flags permitted",
         ));
-        let _ = condstore;
         let highest = self.messages.iter().map(|m| m.modseq).max().unwrap_or(0);
         match NonZeroU64::new(highest) {
             Some(h) => conn.push(&status(
@@ -454,10 +457,17 @@ impl Session {
         body: CommandBody<'static>,
     ) -> io::Result<()> {
         let gw = self.gw.clone();
+        let is_move = matches!(body, CommandBody::Move { .. });
+        // The target of COPY/MOVE, named before the selected view is borrowed.
+        let target = match &body {
+            CommandBody::Copy { mailbox, .. } | CommandBody::Move { mailbox, .. } => {
+                self.mailbox_name(mailbox)
+            }
+            _ => String::new(),
+        };
         let Some(sel) = self.selected.as_mut() else {
             return Ok(());
         };
-        let is_move = matches!(body, CommandBody::Move { .. });
         match body {
             CommandBody::Unselect => {
                 self.selected = None;
@@ -622,7 +632,16 @@ impl Session {
                 } else {
                     None
                 };
-                conn.push(&Response::Data(Data::Search(hits, modseq)));
+                // ESEARCH when asked with RETURN, and always for IMAP4rev2 clients.
+                match self
+                    .extras
+                    .search_return
+                    .take()
+                    .or(self.rev2.then(Vec::new))
+                {
+                    Some(options) => conn.push_raw(&esearch(tag, uid, &options, &hits, modseq)),
+                    None => conn.push(&Response::Data(Data::Search(hits, modseq))),
+                }
                 conn.push(&status(Some(tag), StatusKind::Ok, None, "SEARCH completed"));
             }
             CommandBody::Fetch {
@@ -787,14 +806,10 @@ impl Session {
                 }
             }
             CommandBody::Copy {
-                sequence_set,
-                mailbox,
-                uid,
+                sequence_set, uid, ..
             }
             | CommandBody::Move {
-                sequence_set,
-                mailbox,
-                uid,
+                sequence_set, uid, ..
             } => {
                 if is_move && sel.read_only {
                     conn.push(&status(
@@ -831,7 +846,7 @@ impl Session {
                     .copy(v1::CopyRequest {
                         user: Some(sel.user.clone()),
                         from: sel.name.clone(),
-                        to: mailbox_name(&mailbox),
+                        to: target.clone(),
                         uids: ranges(&uids),
                         remove_source: is_move,
                     })
@@ -1077,6 +1092,52 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// The ESEARCH reply (RFC 4731 §3.1): MIN, MAX, COUNT, ALL as `options` ask (ALL when
+/// none is named), for `hits` in ascending order.
+fn esearch(
+    tag: &Tag<'_>,
+    uid: bool,
+    options: &[String],
+    hits: &[NonZeroU32],
+    modseq: Option<NonZeroU64>,
+) -> Vec<u8> {
+    use std::fmt::Write;
+    let all = options.is_empty() || options.iter().any(|o| o == "ALL");
+    let mut line = format!("* ESEARCH (TAG \"{}\")", tag.as_ref());
+    if uid {
+        line.push_str(" UID");
+    }
+    let wants = |o: &str| options.iter().any(|x| x == o);
+    if let (true, Some(min)) = (wants("MIN"), hits.first()) {
+        let _ = write!(line, " MIN {min}");
+    }
+    if let (true, Some(max)) = (wants("MAX"), hits.last()) {
+        let _ = write!(line, " MAX {max}");
+    }
+    if wants("COUNT") {
+        let _ = write!(line, " COUNT {}", hits.len());
+    }
+    if all && !hits.is_empty() {
+        let numbers: Vec<u32> = hits.iter().map(|h| h.get()).collect();
+        let set: Vec<String> = ranges(&numbers)
+            .iter()
+            .map(|r| {
+                if r.first == r.last {
+                    r.first.to_string()
+                } else {
+                    format!("{}:{}", r.first, r.last)
+                }
+            })
+            .collect();
+        let _ = write!(line, " ALL {}", set.join(","));
+    }
+    if let Some(m) = modseq {
+        let _ = write!(line, " MODSEQ {m}");
+    }
+    line.push_str("\r\n");
+    line.into_bytes()
 }
 
 fn search_uses_modseq(key: &SearchKey<'_>) -> bool {

@@ -1,0 +1,217 @@
+//! Command syntax the pinned `imap-codec` does not parse yet: `SEARCH RETURN (...)`
+//! (ESEARCH, RFC 4731 / RFC 9051) and LIST selection and return options
+//! (LIST-EXTENDED, RFC 5258; LIST-STATUS, RFC 5819). They are taken out of the command
+//! where the grammar puts them, on its first line (SEARCH, LIST selection) or at its
+//! end (LIST RETURN), and handed to the session; the rest goes to the codec as a
+//! plain IMAP4rev1 command. Anything else is left alone, so the codec judges it.
+
+use imap_codec::imap_types::status::StatusDataItemName;
+
+/// What was cut out of a command.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Extras {
+    /// `SEARCH RETURN (...)` options, upper-cased (empty list: ALL).
+    pub search_return: Option<Vec<String>>,
+    /// LIST selection options (SUBSCRIBED, SPECIAL-USE, RECURSIVEMATCH, REMOTE).
+    pub list_select: Vec<String>,
+    /// LIST return options (SUBSCRIBED, CHILDREN, SPECIAL-USE; STATUS separately).
+    pub list_return: Vec<String>,
+    /// `RETURN (STATUS (...))`.
+    pub list_status: Option<Vec<StatusDataItemName>>,
+}
+
+fn eq(a: &[u8], b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.as_bytes())
+}
+
+/// The index of the `)` closing the `(` at `open`, on one line, with no nesting
+/// deeper than `max_depth`.
+fn closing(bytes: &[u8], open: usize, max_depth: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, &b) in bytes.iter().enumerate().skip(open) {
+        match b {
+            b'(' => {
+                depth += 1;
+                if depth > max_depth {
+                    return None;
+                }
+            }
+            b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            b'\r' | b'\n' | b'"' | b'{' => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+fn words(bytes: &[u8]) -> Vec<String> {
+    bytes
+        .split(|&b| b == b' ')
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).to_ascii_uppercase())
+        .collect()
+}
+
+fn status_items(inner: &[u8]) -> Option<Vec<StatusDataItemName>> {
+    words(inner)
+        .iter()
+        .map(|w| {
+            Some(match w.as_str() {
+                "MESSAGES" => StatusDataItemName::Messages,
+                "RECENT" => StatusDataItemName::Recent,
+                "UIDNEXT" => StatusDataItemName::UidNext,
+                "UIDVALIDITY" => StatusDataItemName::UidValidity,
+                "UNSEEN" => StatusDataItemName::Unseen,
+                "DELETED" => StatusDataItemName::Deleted,
+                "SIZE" => StatusDataItemName::Size,
+                "HIGHESTMODSEQ" => StatusDataItemName::HighestModSeq,
+                _ => return None,
+            })
+        })
+        .collect()
+}
+
+/// The command with the extension syntax removed, and what it said; `None` when the
+/// command has none (the usual case: no copy is made).
+pub fn rewrite(message: &[u8]) -> Option<(Vec<u8>, Extras)> {
+    let mut parts = message.splitn(4, |&b| b == b' ');
+    let tag = parts.next()?;
+    let first = parts.next()?;
+    let mut extras = Extras::default();
+    // Where the command name ends, and the name.
+    let (name_end, name) = if eq(first, "UID") {
+        let second = parts.next()?;
+        (tag.len() + 1 + first.len() + 1 + second.len(), second)
+    } else {
+        (tag.len() + 1 + first.len(), first)
+    };
+    let rest = message.get(name_end..)?;
+    if eq(name, "SEARCH") {
+        let after = rest.strip_prefix(b" ")?;
+        let opts = after.get(..8)?;
+        if !eq(opts, "RETURN (") {
+            return None;
+        }
+        let open = name_end + 1 + 7;
+        let close = closing(message, open, 1)?;
+        extras.search_return = Some(words(&message[open + 1..close]));
+        let mut out = message[..name_end].to_vec();
+        out.extend_from_slice(&message[close + 1..]);
+        return Some((out, extras));
+    }
+    if !eq(name, "LIST") || name_end != tag.len() + 1 + first.len() {
+        return None;
+    }
+    let mut out = message.to_vec();
+    let mut changed = false;
+    // Selection options: LIST (SUBSCRIBED) "" "*"
+    if rest.starts_with(b" (") {
+        let open = name_end + 1;
+        let close = closing(message, open, 1)?;
+        extras.list_select = words(&message[open + 1..close]);
+        out = message[..name_end].to_vec();
+        out.extend_from_slice(&message[close + 1..]);
+        changed = true;
+    }
+    // Return options at the end: ... RETURN (CHILDREN STATUS (MESSAGES))
+    let end = out.len()
+        - out
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+    if end > 0 && out[end - 1] == b')' {
+        let mut depth = 0usize;
+        let mut open = None;
+        for i in (0..end).rev() {
+            match out[i] {
+                b')' => depth += 1,
+                b'(' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        open = Some(i);
+                        break;
+                    }
+                }
+                b'"' | b'}' => break,
+                _ => {}
+            }
+        }
+        if let Some(open) = open
+            && open >= 8
+            && eq(&out[open - 8..open], " RETURN ")
+        {
+            let inner = out[open + 1..end - 1].to_vec();
+            let mut i = 0;
+            while i < inner.len() {
+                let word_end = inner[i..]
+                    .iter()
+                    .position(|&b| b == b' ' || b == b'(')
+                    .map_or(inner.len(), |p| i + p);
+                let word = String::from_utf8_lossy(&inner[i..word_end]).to_ascii_uppercase();
+                i = word_end;
+                if word == "STATUS" {
+                    let start = inner[i..].iter().position(|&b| b == b'(')? + i;
+                    let stop = inner[start..].iter().position(|&b| b == b')')? + start;
+                    extras.list_status = Some(status_items(&inner[start + 1..stop])?);
+                    i = stop + 1;
+                } else if !word.is_empty() {
+                    extras.list_return.push(word);
+                }
+                while i < inner.len() && inner[i] == b' ' {
+                    i += 1;
+                }
+            }
+            let tail = out[end..].to_vec();
+            out.truncate(open - 8);
+            out.extend_from_slice(&tail);
+            changed = true;
+        }
+    }
+    changed.then_some((out, extras))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn search_return_is_cut_out() {
+        let (out, e) = rewrite(b"a UID SEARCH RETURN (MIN COUNT) UNSEEN\r\n").unwrap();
+        assert_eq!(out, b"a UID SEARCH UNSEEN\r\n");
+        assert_eq!(e.search_return, Some(vec!["MIN".into(), "COUNT".into()]));
+        let (out, e) = rewrite(b"b search return () ALL\r\n").unwrap();
+        assert_eq!(out, b"b search ALL\r\n");
+        assert_eq!(e.search_return, Some(vec![]));
+        assert!(rewrite(b"c SEARCH ALL\r\n").is_none());
+        assert!(rewrite(b"c SEARCH RETURN (PARTIAL (1:5)) ALL\r\n").is_none());
+    }
+
+    #[test]
+    fn list_options_are_cut_out() {
+        let (out, e) = rewrite(
+            b"a LIST (SUBSCRIBED) \"\" \"*\" RETURN (CHILDREN STATUS (MESSAGES UNSEEN))\r\n",
+        )
+        .unwrap();
+        assert_eq!(out, b"a LIST \"\" \"*\"\r\n");
+        assert_eq!(e.list_select, vec!["SUBSCRIBED".to_owned()]);
+        assert_eq!(e.list_return, vec!["CHILDREN".to_owned()]);
+        assert_eq!(
+            e.list_status,
+            Some(vec![
+                StatusDataItemName::Messages,
+                StatusDataItemName::Unseen
+            ])
+        );
+        let (out, e) = rewrite(b"b LIST \"\" % RETURN (SPECIAL-USE)\r\n").unwrap();
+        assert_eq!(out, b"b LIST \"\" %\r\n");
+        assert_eq!(e.list_return, vec!["SPECIAL-USE".to_owned()]);
+        assert!(rewrite(b"c LIST \"\" \"*\"\r\n").is_none());
+        assert!(rewrite(b"d FETCH 1 (FLAGS)\r\n").is_none());
+    }
+}
