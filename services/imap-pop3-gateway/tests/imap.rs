@@ -693,3 +693,80 @@ async fn transcripts_of_esearch_list_extended_names_and_imap4rev2() {
     assert_eq!(r[0], "* LIST (\\HasNoChildren) \"/\" {14}\r\n");
     assert_eq!(r[1], "Entwürfe/2026\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcripts_of_qresync() {
+    let site = site().await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    let mut fresh = Raw::login(plain).await;
+    let r = fresh.cmd("a", "SELECT INBOX (QRESYNC (1 1))").await;
+    assert!(
+        last(&r).starts_with("a BAD"),
+        "QRESYNC must be enabled first: {r:?}"
+    );
+
+    let mut c = Raw::login(plain).await;
+    let r = c.cmd("a", "ENABLE QRESYNC").await;
+    assert_eq!(r[0], "* ENABLED QRESYNC\r\n");
+    let r = c.cmd("b", "SELECT INBOX").await;
+    let code = |r: &[String], name: &str| -> u64 {
+        r.iter()
+            .find_map(|l| l.split(&format!("[{name} ")).nth(1))
+            .and_then(|s| s.split(']').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {r:?}"))
+    };
+    let validity = code(&r, "UIDVALIDITY");
+    let modseq = code(&r, "HIGHESTMODSEQ");
+    c.cmd("c", "STORE 1 +FLAGS.SILENT (\\Flagged)").await;
+    c.cmd("d", "STORE 3 +FLAGS.SILENT (\\Deleted)").await;
+    let r = c.cmd("e", "EXPUNGE").await;
+    assert_eq!(r[0], "* VANISHED 3\r\n", "VANISHED replaces EXPUNGE: {r:?}");
+    // Reconnecting with what the client knew: only the differences come back.
+    let r = c
+        .cmd(
+            "f",
+            &format!("SELECT INBOX (QRESYNC ({validity} {modseq} 1:3))"),
+        )
+        .await;
+    assert!(
+        r.iter().any(|l| l.starts_with("* OK [CLOSED]")),
+        "the previous mailbox is closed first: {r:?}"
+    );
+    assert!(r.iter().any(|l| l == "* VANISHED (EARLIER) 3\r\n"), "{r:?}");
+    assert!(
+        r.iter()
+            .any(|l| l.starts_with("* 1 FETCH (UID 1 FLAGS (\\Flagged) MODSEQ (")),
+        "{r:?}"
+    );
+    assert!(
+        !r.iter().any(|l| l.starts_with("* 2 FETCH")),
+        "unchanged messages are not sent: {r:?}"
+    );
+    let r = c
+        .cmd(
+            "g",
+            &format!("UID FETCH 1:* (FLAGS) (CHANGEDSINCE {modseq} VANISHED)"),
+        )
+        .await;
+    assert_eq!(r[0], "* VANISHED (EARLIER) 3\r\n", "{r:?}");
+    assert!(
+        r[1].starts_with("* 1 FETCH (UID 1 FLAGS (\\Flagged) MODSEQ ("),
+        "{r:?}"
+    );
+    assert!(last(&r).starts_with("g OK"), "{r:?}");
+    let r = c
+        .cmd(
+            "h",
+            &format!("FETCH 1:* (FLAGS) (CHANGEDSINCE {modseq} VANISHED)"),
+        )
+        .await;
+    assert!(
+        last(&r).starts_with("h BAD"),
+        "VANISHED needs UID FETCH: {r:?}"
+    );
+    // A different UIDVALIDITY: a plain SELECT, nothing resynchronised.
+    let r = c.cmd("i", "SELECT INBOX (QRESYNC (999 1))").await;
+    assert!(!r.iter().any(|l| l.contains("VANISHED")), "{r:?}");
+    assert!(last(&r).starts_with("i OK"), "{r:?}");
+}

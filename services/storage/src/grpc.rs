@@ -596,6 +596,8 @@ impl MailboxesApi for StorageService {
             .mailbox_view(&user, &r.mailbox, |m| v1::ListMessagesResponse {
                 uid_validity: m.uidvalidity,
                 messages: m.messages.values().map(message_info).collect(),
+                uid_next: m.uidnext,
+                highest_modseq: m.highest_modseq,
             })
             .await?;
         Ok(Response::new(response))
@@ -731,6 +733,26 @@ impl MailboxesApi for StorageService {
         };
         let uids = self.engine.expunge(&user, &r.mailbox, uids).await?;
         Ok(Response::new(v1::ExpungeResponse { uids }))
+    }
+
+    async fn vanished(&self, r: Request<v1::VanishedRequest>) -> Reply<v1::VanishedResponse> {
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        self.engine.sync_user(&user).await?;
+        let since = r.since_modseq;
+        let response = self
+            .mailbox_view(&user, &r.mailbox, |m| v1::VanishedResponse {
+                uid_validity: m.uidvalidity,
+                uids: m
+                    .expunged
+                    .iter()
+                    .filter(|(_, modseq)| **modseq > since)
+                    .map(|(uid, _)| *uid)
+                    .collect(),
+                complete: since >= m.vanished_floor,
+            })
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn search(&self, r: Request<v1::SearchRequest>) -> Reply<v1::SearchResponse> {

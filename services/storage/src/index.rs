@@ -211,6 +211,10 @@ pub struct Mailbox {
     pub messages: BTreeMap<Uid, Message>,
     /// Recently expunged UIDs and the MODSEQ of their expunge (QRESYNC).
     pub expunged: BTreeMap<Uid, ModSeq>,
+    /// The highest MODSEQ of an expunge dropped from `expunged` (the log is bounded):
+    /// a client asking for expunges since an older MODSEQ cannot get a complete list.
+    #[serde(default)]
+    pub vanished_floor: ModSeq,
 }
 
 impl Mailbox {
@@ -233,7 +237,9 @@ impl Mailbox {
     fn log_expunge(&mut self, uid: Uid, modseq: ModSeq, limit: usize) {
         self.expunged.insert(uid, modseq);
         while self.expunged.len() > limit {
-            self.expunged.pop_first();
+            if let Some((_, dropped)) = self.expunged.pop_first() {
+                self.vanished_floor = self.vanished_floor.max(dropped);
+            }
         }
     }
 }
@@ -506,6 +512,7 @@ impl UserIndex {
                 highest_modseq: 1,
                 messages: BTreeMap::new(),
                 expunged: BTreeMap::new(),
+                vanished_floor: 0,
             },
         );
         id
@@ -1161,6 +1168,23 @@ mod tests {
         assert_eq!(f.index.used_bytes(), 200);
         // UIDs are never reused.
         assert_eq!(f.uid(INBOX), 5);
+    }
+
+    #[test]
+    fn a_trimmed_expunge_log_raises_the_vanished_floor() {
+        let mut f = Fixture::new();
+        f.append(INBOX, 10, None, None).unwrap();
+        let mut mailbox = f.index.mailbox(INBOX).unwrap().clone();
+        assert_eq!(mailbox.vanished_floor, 0);
+        mailbox.log_expunge(5, 10, 2);
+        mailbox.log_expunge(6, 11, 2);
+        assert_eq!(mailbox.vanished_floor, 0, "nothing dropped yet");
+        mailbox.log_expunge(7, 12, 2);
+        assert_eq!(mailbox.expunged.keys().copied().collect::<Vec<_>>(), [6, 7]);
+        assert_eq!(
+            mailbox.vanished_floor, 10,
+            "a client behind MODSEQ 10 gets no complete list"
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ use imap_codec::decode::Decoder;
 use imap_codec::encode::Encoder;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
+use imap_codec::imap_types::command::SelectParameter;
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::{
     Atom, IString, LiteralMode, NString, QuotedChar, Tag, Text, Vec1,
@@ -44,6 +45,7 @@ use imap_codec::imap_types::response::{
     Bye, Capability, Code, CodeOther, CommandContinuationRequest, Data, Greeting, GreetingKind,
     Response, Status, StatusBody, StatusKind, Tagged,
 };
+use imap_codec::imap_types::sequence::SequenceSet;
 use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
 use imap_codec::imap_types::{IntoStatic, ToStatic};
 use imap_codec::{
@@ -298,6 +300,8 @@ pub(crate) struct Session {
     bye: bool,
     /// ENABLE IMAP4rev2: RFC 9051 replies (ESEARCH, no RECENT, UTF-8 names).
     rev2: bool,
+    /// ENABLE QRESYNC (RFC 7162): VANISHED instead of EXPUNGE, SELECT resyncs.
+    qresync: bool,
     /// Extension syntax cut out of the current command.
     extras: ext::Extras,
 }
@@ -322,6 +326,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         condstore: false,
         bye: false,
         rev2: false,
+        qresync: false,
         extras: ext::Extras::default(),
     };
     let mut conn = Conn::new(stream, &gw.imap);
@@ -486,6 +491,7 @@ impl Session {
             Capability::Namespace,
             Capability::Id,
             Capability::CondStore,
+            Capability::QResync,
             Capability::Quota,
             Capability::StatusSize,
             Capability::QuotaRes(Resource::Storage),
@@ -661,6 +667,11 @@ impl Session {
                         enabled.push(CapabilityEnable::CondStore);
                     } else if c.to_string().eq_ignore_ascii_case("IMAP4rev2") {
                         self.rev2 = true;
+                        enabled.push(c);
+                    } else if c.to_string().eq_ignore_ascii_case("QRESYNC") {
+                        // QRESYNC implies CONDSTORE (RFC 7162 §3.2.3).
+                        self.qresync = true;
+                        self.condstore = true;
                         enabled.push(c);
                     }
                 }
@@ -842,15 +853,31 @@ impl Session {
                 parameters,
             } => {
                 let read_only = name == "EXAMINE";
-                if parameters.iter().any(|p| {
-                    matches!(
-                        p,
-                        imap_codec::imap_types::command::SelectParameter::CondStore
-                    )
-                }) {
-                    self.condstore = true;
+                let mut resync = None;
+                for p in parameters {
+                    match p {
+                        SelectParameter::CondStore => self.condstore = true,
+                        SelectParameter::QResync {
+                            uid_validity,
+                            mod_sequence_value,
+                            known_uids,
+                            ..
+                        } => {
+                            resync =
+                                Some((uid_validity.get(), mod_sequence_value.get(), known_uids))
+                        }
+                    }
                 }
-                self.select(conn, &tag, &mailbox, read_only).await;
+                if resync.is_some() && !self.qresync {
+                    conn.push(&status(
+                        Some(&tag),
+                        StatusKind::Bad,
+                        None,
+                        "ENABLE QRESYNC first",
+                    ));
+                } else {
+                    self.select(conn, &tag, &mailbox, read_only, resync).await;
+                }
             }
             CommandBody::Idle => {
                 return self.idle(conn, &tag, shutdown).await;
@@ -1285,9 +1312,11 @@ impl Session {
         tag: &Tag<'_>,
         mailbox: &Mailbox<'_>,
         read_only: bool,
+        resync: Option<(u32, u64, Option<SequenceSet>)>,
     ) {
-        // A failed SELECT leaves no mailbox selected (RFC 3501 §6.3.1).
-        if self.selected.take().is_some() {
+        // A failed SELECT leaves no mailbox selected (RFC 3501 §6.3.1); QRESYNC
+        // clients are told where one mailbox's replies end (RFC 7162 §3.2.11).
+        if self.selected.take().is_some() && self.qresync {
             conn.push(&status(
                 None,
                 StatusKind::Ok,
@@ -1303,6 +1332,13 @@ impl Session {
         match Selected::open(&self.gw, user, &name, read_only).await {
             Ok(s) => {
                 s.greet(conn, self.rev2);
+                if let Some((uid_validity, since, known)) = resync
+                    && uid_validity == s.uid_validity()
+                    && let Err(e) = s.resync(&self.gw, conn, since, known.as_ref()).await
+                {
+                    conn.push(&storage_failure(tag, &e));
+                    return;
+                }
                 conn.push(&status(
                     Some(tag),
                     StatusKind::Ok,
@@ -1384,7 +1420,7 @@ impl Session {
             .is_none_or(|w| w.changes.take(&selected.name));
         if (changed || selected.pending_expunges())
             && !selected
-                .refresh(&self.gw, conn, expunges, self.condstore)
+                .refresh(&self.gw, conn, expunges, self.condstore, self.qresync)
                 .await
         {
             self.selected = None;

@@ -61,6 +61,8 @@ pub struct Selected {
     gone: HashSet<u32>,
     /// Keywords seen in this mailbox, for FLAGS.
     keywords: Vec<String>,
+    uid_next: u32,
+    highest_modseq: u64,
 }
 
 /// The flag in the storage's notation (`\Seen`, or a keyword).
@@ -135,6 +137,8 @@ impl Selected {
             messages,
             gone: HashSet::new(),
             keywords: Vec::new(),
+            uid_next: r.uid_next,
+            highest_modseq: r.highest_modseq,
         };
         s.learn_keywords();
         Ok(s)
@@ -189,7 +193,9 @@ impl Selected {
             Some(Code::UidValidity(nz(self.uid_validity))),
             "UIDs valid",
         ));
-        let uid_next = self.messages.last().map_or(1, |m| m.uid + 1);
+        let uid_next = self
+            .uid_next
+            .max(self.messages.last().map_or(1, |m| m.uid + 1));
         conn.push(&status(
             None,
             StatusKind::Ok,
@@ -214,7 +220,7 @@ impl Selected {
             Some(Code::PermanentFlags(perm)),
             "Flags permitted",
         ));
-        let highest = self.messages.iter().map(|m| m.modseq).max().unwrap_or(0);
+        let highest = self.highest_modseq;
         match NonZeroU64::new(highest) {
             Some(h) => conn.push(&status(
                 None,
@@ -231,6 +237,10 @@ impl Selected {
         }
     }
 
+    pub fn uid_validity(&self) -> u32 {
+        self.uid_validity
+    }
+
     pub fn pending_expunges(&self) -> bool {
         !self.gone.is_empty()
     }
@@ -244,6 +254,7 @@ impl Selected {
         conn: &mut Conn<S>,
         expunges: bool,
         condstore: bool,
+        qresync: bool,
     ) -> bool {
         let r = gw
             .store
@@ -284,15 +295,11 @@ impl Selected {
                 self.gone.insert(m.uid);
             }
         }
+        self.uid_next = self.uid_next.max(listed.uid_next);
+        self.highest_modseq = self.highest_modseq.max(listed.highest_modseq);
         if expunges && !self.gone.is_empty() {
-            // Highest first, so every number is right when the client applies it.
-            for i in (0..self.messages.len()).rev() {
-                if self.gone.contains(&self.messages[i].uid) {
-                    self.messages.remove(i);
-                    conn.push(&Response::Data(Data::Expunge(nz(i as u32 + 1))));
-                }
-            }
-            self.gone.clear();
+            let gone = std::mem::take(&mut self.gone);
+            self.remove(conn, &gone, qresync);
         }
         let keywords_before = self.keywords.len();
         let mut changed = Vec::new();
@@ -333,10 +340,128 @@ impl Selected {
         true
     }
 
+    /// Takes `uids` out of the view and tells the client: EXPUNGE with sequence
+    /// numbers, or VANISHED with UIDs once QRESYNC is enabled (RFC 7162 §3.2.10).
+    pub fn remove<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        uids: &HashSet<u32>,
+        qresync: bool,
+    ) {
+        let mut removed = Vec::new();
+        // Highest first, so every number is right when the client applies it.
+        for i in (0..self.messages.len()).rev() {
+            if uids.contains(&self.messages[i].uid) {
+                let m = self.messages.remove(i);
+                if !qresync {
+                    conn.push(&Response::Data(Data::Expunge(nz(i as u32 + 1))));
+                }
+                removed.push(nz(m.uid));
+            }
+        }
+        for uid in uids {
+            self.gone.remove(uid);
+        }
+        if qresync && !removed.is_empty() {
+            removed.reverse();
+            if let Ok(set) = SequenceSet::try_from(removed) {
+                conn.push(&Response::Data(Data::Vanished {
+                    earlier: false,
+                    known_uids: set,
+                }));
+            }
+        }
+    }
+
+    /// QRESYNC on SELECT (RFC 7162 §3.2.5): what changed since the client's MODSEQ,
+    /// as VANISHED (EARLIER) and FETCH replies. `known` limits the UIDs reported.
+    pub async fn resync<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        gw: &Gateway,
+        conn: &mut Conn<S>,
+        since: u64,
+        known: Option<&SequenceSet>,
+    ) -> Result<(), tonic::Status> {
+        self.vanished_earlier(gw, conn, since, known).await?;
+        for (i, m) in self.messages.iter().enumerate() {
+            if m.modseq > since {
+                conn.push(&Response::Data(Data::Fetch {
+                    seq: nz(i as u32 + 1),
+                    items: Vec1::try_from(vec![
+                        MessageDataItem::Uid(nz(m.uid)),
+                        MessageDataItem::Flags(fetch_flags(&m.flags)),
+                        MessageDataItem::ModSeq(
+                            NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN),
+                        ),
+                    ])
+                    .expect("not empty"),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// `* VANISHED (EARLIER)` for the UIDs (within `known`) expunged after `since`.
+    /// When storage's bounded log no longer reaches back that far, every known UID
+    /// that does not exist is reported (the client already forgot the rest).
+    async fn vanished_earlier<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        gw: &Gateway,
+        conn: &mut Conn<S>,
+        since: u64,
+        known: Option<&SequenceSet>,
+    ) -> Result<(), tonic::Status> {
+        let r = gw
+            .store
+            .mailboxes()
+            .vanished(v1::VanishedRequest {
+                user: Some(self.user.clone()),
+                mailbox: self.name.clone(),
+                since_modseq: since,
+            })
+            .await?
+            .into_inner();
+        let in_known = |uid: u32| known.is_none_or(|k| self.contains_uid(k, uid));
+        let uids: Vec<NonZeroU32> = if r.complete {
+            r.uids
+                .into_iter()
+                .filter(|&u| in_known(u))
+                .map(nz)
+                .collect()
+        } else {
+            let existing: HashSet<u32> = self.messages.iter().map(|m| m.uid).collect();
+            let upper = self.uid_next.saturating_sub(1);
+            match known {
+                // Bounded by what the client says it knows (never more than 2^20 UIDs
+                // are walked; beyond that, the whole range below UIDNEXT is sent).
+                Some(k) => (1..=upper.min(1 << 20))
+                    .filter(|u| self.contains_uid(k, *u) && !existing.contains(u))
+                    .map(nz)
+                    .collect(),
+                None => (1..=upper.min(1 << 20))
+                    .filter(|u| !existing.contains(u))
+                    .map(nz)
+                    .collect(),
+            }
+        };
+        if let Ok(set) = SequenceSet::try_from(uids) {
+            conn.push(&Response::Data(Data::Vanished {
+                earlier: true,
+                known_uids: set,
+            }));
+        }
+        Ok(())
+    }
+
     fn resolve_bound(&self, v: &SeqOrUid, uid: bool) -> u32 {
         match v {
             SeqOrUid::Value(n) => n.get(),
-            SeqOrUid::Asterisk if uid => self.messages.last().map_or(0, |m| m.uid),
+            // The highest UID ever assigned: "1:*" covers expunged ones too (VANISHED).
+            SeqOrUid::Asterisk if uid => self
+                .messages
+                .last()
+                .map_or(0, |m| m.uid)
+                .max(self.uid_next.saturating_sub(1)),
             SeqOrUid::Asterisk => self.messages.len() as u32,
         }
     }
@@ -458,6 +583,7 @@ impl Session {
     ) -> io::Result<()> {
         let gw = self.gw.clone();
         let is_move = matches!(body, CommandBody::Move { .. });
+        let qresync = self.qresync;
         // The target of COPY/MOVE, named before the selected view is borrowed.
         let target = match &body {
             CommandBody::Copy { mailbox, .. } | CommandBody::Move { mailbox, .. } => {
@@ -552,13 +678,8 @@ impl Session {
                     }
                 }
                 // Announce exactly what is gone (ours and anyone's).
-                for i in (0..sel.messages.len()).rev() {
-                    if sel.gone.contains(&sel.messages[i].uid) {
-                        sel.messages.remove(i);
-                        conn.push(&Response::Data(Data::Expunge(nz(i as u32 + 1))));
-                    }
-                }
-                sel.gone.clear();
+                let gone = std::mem::take(&mut sel.gone);
+                sel.remove(conn, &gone, qresync);
                 conn.push(&status(
                     Some(tag),
                     StatusKind::Ok,
@@ -657,10 +778,34 @@ impl Session {
                     MacroOrMessageDataItemNames::MessageDataItemNames(items) => items,
                 };
                 let mut changed_since = None;
+                let mut vanished = false;
                 for m in &modifiers {
-                    if let FetchModifier::ChangedSince(v) = m {
-                        changed_since = Some(v.get());
-                        self.condstore = true;
+                    match m {
+                        FetchModifier::ChangedSince(v) => {
+                            changed_since = Some(v.get());
+                            self.condstore = true;
+                        }
+                        FetchModifier::Vanished => vanished = true,
+                    }
+                }
+                if vanished {
+                    // RFC 7162 §3.2.6: only UID FETCH, with CHANGEDSINCE, once enabled.
+                    let (Some(since), true, true) = (changed_since, uid, self.qresync) else {
+                        conn.push(&status(
+                            Some(tag),
+                            StatusKind::Bad,
+                            None,
+                            "VANISHED needs UID FETCH, CHANGEDSINCE and ENABLE QRESYNC",
+                        ));
+                        return Ok(());
+                    };
+                    let sel = self.selected.as_ref().expect("selected");
+                    if let Err(e) = sel
+                        .vanished_earlier(&self.gw, conn, since, Some(&sequence_set))
+                        .await
+                    {
+                        conn.push(&storage_failure(tag, &e));
+                        return Ok(());
                     }
                 }
                 if items
@@ -883,12 +1028,7 @@ impl Session {
                     // RFC 6851: COPYUID in an untagged OK, then the EXPUNGEs.
                     conn.push(&status(None, StatusKind::Ok, copyuid, "Moved"));
                     let moved: HashSet<u32> = r.source_uids.into_iter().collect();
-                    for i in (0..sel.messages.len()).rev() {
-                        if moved.contains(&sel.messages[i].uid) {
-                            sel.messages.remove(i);
-                            conn.push(&Response::Data(Data::Expunge(nz(i as u32 + 1))));
-                        }
-                    }
+                    sel.remove(conn, &moved, qresync);
                     conn.push(&status(Some(tag), StatusKind::Ok, None, "MOVE completed"));
                 } else {
                     conn.push(&status(
