@@ -770,3 +770,43 @@ async fn transcripts_of_qresync() {
     assert!(!r.iter().any(|l| l.contains("VANISHED")), "{r:?}");
     assert!(last(&r).starts_with("i OK"), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcripts_of_binary() {
+    let site = site().await;
+    deliver(
+        &site,
+        "binary/1",
+        "Subject: bin\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\
+         Content-Type: text/plain\r\n\r\nhello\r\n--b\r\n\
+         Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+         AGFiYwA=\r\n--b\r\nContent-Transfer-Encoding: x-unknown\r\n\r\n???\r\n--b--\r\n",
+    )
+    .await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    let mut c = Raw::login(plain).await;
+    c.cmd("s", "SELECT INBOX").await;
+    let r = c.cmd("a", "FETCH 4 (BINARY.SIZE[2] BINARY.PEEK[1])").await;
+    assert_eq!(
+        r[0], "* 4 FETCH (BINARY.SIZE[2] 5 BINARY[1] \"hello\")\r\n",
+        "{r:?}"
+    );
+    // NUL bytes travel as a literal8.
+    c.send("b FETCH 4 BINARY.PEEK[2]\r\n").await;
+    let head = c.line().await;
+    assert_eq!(head, "* 4 FETCH (BINARY[2] ~{5}\r\n");
+    let mut body = [0u8; 7];
+    tokio::io::AsyncReadExt::read_exact(&mut c.r, &mut body)
+        .await
+        .unwrap();
+    assert_eq!(&body, b"\0abc\0)\r");
+    c.line().await;
+    let r = c.until("b").await;
+    assert!(last(&r).starts_with("b OK"), "{r:?}");
+    let r = c.cmd("c", "FETCH 4 BINARY.PEEK[3]").await;
+    assert!(last(&r).starts_with("c NO [UNKNOWN-CTE]"), "{r:?}");
+    // APPEND of a literal8 (binary content) is accepted.
+    c.send("d APPEND INBOX ~{7+}\r\nA\0\r\n\r\nx\r\n").await;
+    let r = c.until("d").await;
+    assert!(last(&r).starts_with("d OK [APPENDUID"), "{r:?}");
+}

@@ -32,7 +32,15 @@ struct Located<'m, 'a> {
     body: Range<usize>,
     /// The nested message, for message/rfc822 parts stored unencoded.
     nested: Option<(&'m Message<'a>, usize)>,
+    /// The part's Content-Transfer-Encoding, lower-case (`None`: 7bit).
+    encoding: Option<String>,
+    /// A multipart or message part (BINARY gives those as they are).
+    container: bool,
 }
+
+/// A part whose Content-Transfer-Encoding is not one BINARY can undo.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UnknownCte;
 
 impl<'a> Parsed<'a> {
     pub fn new(raw: &'a [u8]) -> Self {
@@ -77,6 +85,8 @@ impl<'a> Parsed<'a> {
             mime: 0..0,
             body: 0..raw.len(),
             nested: self.message.as_ref().map(|m| (m, 0)),
+            encoding: None,
+            container: true,
         };
         let part = |p: &Option<Part>| match p {
             None => Some(whole()),
@@ -112,6 +122,42 @@ impl<'a> Parsed<'a> {
         bytes.unwrap_or(Cow::Borrowed(&[]))
     }
 
+    /// BINARY[path] (RFC 3516): the part with its Content-Transfer-Encoding undone;
+    /// the whole message for an empty path; empty for a part that does not exist.
+    pub fn binary(&self, path: &[std::num::NonZeroU32]) -> Result<Cow<'a, [u8]>, UnknownCte> {
+        if path.is_empty() {
+            return Ok(Cow::Borrowed(self.raw));
+        }
+        let Some(l) = self.locate(path) else {
+            return Ok(Cow::Borrowed(&[]));
+        };
+        let body = &self.raw[l.body];
+        if l.container {
+            return Ok(Cow::Borrowed(body));
+        }
+        match l.encoding.as_deref() {
+            None | Some("7bit" | "8bit" | "binary") => Ok(Cow::Borrowed(body)),
+            Some("base64") => {
+                use base64::Engine;
+                let clean: Vec<u8> = body
+                    .iter()
+                    .copied()
+                    .filter(|b| !b.is_ascii_whitespace())
+                    .collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(clean.trim_ascii_end())
+                    .or_else(|_| {
+                        base64::engine::general_purpose::STANDARD_NO_PAD
+                            .decode(clean.trim_ascii_end().trim_ascii_end())
+                    })
+                    .map(Cow::Owned)
+                    .map_err(|_| UnknownCte)
+            }
+            Some("quoted-printable") => Ok(Cow::Owned(quoted_printable(body))),
+            Some(_) => Err(UnknownCte),
+        }
+    }
+
     /// Follows a part number path (`1.2.3`) from the top-level message.
     fn locate(&self, path: &[std::num::NonZeroU32]) -> Option<Located<'_, 'a>> {
         let mut message = self.message.as_ref()?;
@@ -139,6 +185,10 @@ impl<'a> Parsed<'a> {
                 mime: part.offset_header as usize..part.offset_body as usize,
                 body: part.offset_body as usize..part.offset_end as usize,
                 nested: None,
+                encoding: part
+                    .content_transfer_encoding()
+                    .map(|e| e.trim().to_ascii_lowercase()),
+                container: matches!(part.body, PartType::Multipart(_) | PartType::Message(_)),
             };
             if index == root && !matches!(top.body, PartType::Multipart(_)) {
                 // The body of a single-part message: its MIME header is the message's.
@@ -163,6 +213,38 @@ impl<'a> Parsed<'a> {
         l.mime.start = l.mime.start.min(l.mime.end);
         Some(l)
     }
+}
+
+/// Undoes quoted-printable (RFC 2045 §6.7): `=XX` escapes and soft line breaks; a
+/// malformed `=` stays as it is.
+fn quoted_printable(input: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        let b = input[i];
+        if b == b'=' {
+            if input[i + 1..].starts_with(b"\r\n") {
+                i += 3;
+                continue;
+            }
+            if input[i + 1..].starts_with(b"\n") {
+                i += 2;
+                continue;
+            }
+            if let (Some(h), Some(l)) = (
+                input.get(i + 1).and_then(|&c| hex(c)),
+                input.get(i + 2).and_then(|&c| hex(c)),
+            ) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    out
 }
 
 /// mail-parser parses an unencoded message/rfc822 part in place (offsets into the
@@ -727,6 +809,21 @@ inner body\r\n\
             panic!("single part expected");
         };
         assert!(matches!(body.specific, SpecificFields::Message { .. }));
+    }
+
+    #[test]
+    fn binary_undoes_the_transfer_encoding() {
+        let m = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\
+Content-Transfer-Encoding: base64\r\n\r\nAAEC/w==\r\n--b\r\n\
+Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9 =\r\nsoft\r\n--b\r\n\
+Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin\r\n--b--\r\n";
+        let p = Parsed::new(m);
+        let n = |v: u32| std::num::NonZeroU32::new(v).unwrap();
+        assert_eq!(&*p.binary(&[n(1)]).unwrap(), &[0, 1, 2, 255]);
+        assert_eq!(&*p.binary(&[n(2)]).unwrap(), "café soft".as_bytes());
+        assert_eq!(p.binary(&[n(3)]), Err(UnknownCte));
+        assert!(p.binary(&[n(4)]).unwrap().is_empty());
+        assert_eq!(&*p.binary(&[]).unwrap(), &m[..]);
     }
 
     #[test]

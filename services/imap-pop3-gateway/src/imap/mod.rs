@@ -494,6 +494,7 @@ impl Session {
             Capability::QResync,
             Capability::Quota,
             Capability::StatusSize,
+            Capability::Binary,
             Capability::QuotaRes(Resource::Storage),
         ]);
         for other in [

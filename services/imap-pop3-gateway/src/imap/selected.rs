@@ -10,8 +10,9 @@ use chrono::{DateTime, FixedOffset, Utc};
 use futures::StreamExt;
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::command::{CommandBody, FetchModifier, StoreModifier};
-use imap_codec::imap_types::core::{Atom, NString, Tag, Vec1};
+use imap_codec::imap_types::core::{Atom, LiteralMode, NString, NString8, Tag, Vec1};
 use imap_codec::imap_types::datetime::DateTime as ImapDateTime;
+use imap_codec::imap_types::extensions::binary::Literal8;
 use imap_codec::imap_types::extensions::uidplus::{UidElement, UidSet};
 use imap_codec::imap_types::fetch::{
     MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName,
@@ -549,6 +550,19 @@ fn internal_date(ms: i64) -> ImapDateTime {
     ImapDateTime::try_from(fixed).unwrap_or_else(|_| {
         ImapDateTime::try_from(DateTime::<Utc>::UNIX_EPOCH.fixed_offset()).expect("valid date")
     })
+}
+
+/// BINARY data: a string or literal when it can be one, a literal8 (`~{n}`) when
+/// it holds NUL bytes (RFC 3516 §4.2).
+fn binary_value(data: &[u8]) -> NString8<'static> {
+    if data.contains(&0) {
+        NString8::Literal8(Literal8 {
+            data: data.to_vec().into(),
+            mode: LiteralMode::Sync,
+        })
+    } else {
+        NString8::NString(NString(Some(istring_bytes(data))))
+    }
 }
 
 /// A fetch item needs the message content (not only the index metadata).
@@ -1157,14 +1171,49 @@ impl Session {
                             data: NString(Some(istring_bytes(data))),
                         }
                     }
-                    MessageDataItemName::Binary { .. } | MessageDataItemName::BinarySize { .. } => {
-                        conn.push(&status(
-                            Some(tag),
-                            StatusKind::Bad,
-                            None,
-                            "BINARY is not supported",
-                        ));
-                        return Ok(());
+                    MessageDataItemName::Binary {
+                        section, partial, ..
+                    } => match p.expect("content").binary(section) {
+                        Ok(bytes) => {
+                            let data = match partial {
+                                Some((start, len)) => {
+                                    let s = (*start as usize).min(bytes.len());
+                                    let e = s.saturating_add(len.get() as usize).min(bytes.len());
+                                    &bytes[s..e]
+                                }
+                                None => &bytes[..],
+                            };
+                            MessageDataItem::Binary {
+                                section: section.clone(),
+                                value: binary_value(data),
+                            }
+                        }
+                        Err(_) => {
+                            conn.push(&status(
+                                Some(tag),
+                                StatusKind::No,
+                                Some(Code::UnknownCte),
+                                "Unknown Content-Transfer-Encoding",
+                            ));
+                            return Ok(());
+                        }
+                    },
+                    MessageDataItemName::BinarySize { section } => {
+                        match p.expect("content").binary(section) {
+                            Ok(bytes) => MessageDataItem::BinarySize {
+                                section: section.clone(),
+                                size: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+                            },
+                            Err(_) => {
+                                conn.push(&status(
+                                    Some(tag),
+                                    StatusKind::No,
+                                    Some(Code::UnknownCte),
+                                    "Unknown Content-Transfer-Encoding",
+                                ));
+                                return Ok(());
+                            }
+                        }
                     }
                 });
             }
