@@ -615,7 +615,15 @@ async fn transcripts_of_esearch_list_extended_names_and_imap4rev2() {
     let (plain, _) = pod(&site, plaintext()).await;
     let mut c = Raw::login(plain).await;
     let r = c.cmd("a", "CAPABILITY").await;
-    for cap in ["ESEARCH", "LIST-EXTENDED", "LIST-STATUS", "IMAP4rev2"] {
+    for cap in [
+        "ESEARCH",
+        "SEARCHRES",
+        "LIST-EXTENDED",
+        "LIST-STATUS",
+        "IMAP4rev2",
+        "BINARY",
+        "QRESYNC",
+    ] {
         assert!(r[0].contains(&format!(" {cap}")), "{cap}: {r:?}");
     }
     // A non-ASCII name from an IMAP4rev1 client is modified UTF-7 on the wire and
@@ -681,6 +689,27 @@ async fn transcripts_of_esearch_list_extended_names_and_imap4rev2() {
     assert_eq!(r[0], "* ESEARCH (TAG \"k\") COUNT 0\r\n");
     let r = c.cmd("l", "SEARCH UNSEEN").await;
     assert_eq!(r[0], "* SEARCH 1 3\r\n");
+    // SEARCHRES: RETURN (SAVE) and `$`.
+    let r = c.cmd("q1", "SEARCH RETURN (SAVE) UNSEEN").await;
+    assert_eq!(
+        r,
+        ["q1 OK SEARCH completed\r\n"],
+        "SAVE alone answers nothing"
+    );
+    let r = c.cmd("q2", "FETCH $ (UID)").await;
+    assert_eq!(r[..2], ["* 1 FETCH (UID 1)\r\n", "* 3 FETCH (UID 3)\r\n"]);
+    let r = c.cmd("q3", "UID SEARCH UID $").await;
+    assert_eq!(r[0], "* SEARCH 1 3\r\n");
+    let r = c.cmd("q4", "SEARCH RETURN (SAVE MIN) ALL").await;
+    assert_eq!(r[0], "* ESEARCH (TAG \"q4\") MIN 1\r\n");
+    let r = c.cmd("q5", "UID FETCH $ (FLAGS)").await;
+    assert_eq!(r.len(), 2, "only the minimum was saved: {r:?}");
+    c.cmd("q6", "SEARCH RETURN (SAVE) SUBJECT nothing-matches")
+        .await;
+    let r = c.cmd("q7", "STORE $ +FLAGS (\\Flagged)").await;
+    assert_eq!(r, ["q7 OK No messages\r\n"]);
+    let r = c.cmd("q8", "SEARCH $").await;
+    assert_eq!(r[0], "* SEARCH\r\n");
     // IMAP4rev2: ESEARCH for every SEARCH, no RECENT, UTF-8 names.
     let r = c.cmd("m", "ENABLE IMAP4rev2").await;
     assert_eq!(r[0], "* ENABLED IMAP4rev2\r\n");

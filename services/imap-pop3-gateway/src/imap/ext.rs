@@ -1,6 +1,7 @@
 //! Command syntax the pinned `imap-codec` does not parse yet: `SEARCH RETURN (...)`
-//! (ESEARCH, RFC 4731 / RFC 9051) and LIST selection and return options
-//! (LIST-EXTENDED, RFC 5258; LIST-STATUS, RFC 5819). They are taken out of the command
+//! (ESEARCH, RFC 4731 / RFC 9051), LIST selection and return options
+//! (LIST-EXTENDED, RFC 5258; LIST-STATUS, RFC 5819) and the saved search result `$`
+//! (SEARCHRES, RFC 5182), which is replaced by the set it stands for. They are taken out of the command
 //! where the grammar puts them, on its first line (SEARCH, LIST selection) or at its
 //! end (LIST RETURN), and handed to the session; the rest goes to the codec as a
 //! plain IMAP4rev1 command. Anything else is left alone, so the codec judges it.
@@ -18,7 +19,17 @@ pub struct Extras {
     pub list_return: Vec<String>,
     /// `RETURN (STATUS (...))`.
     pub list_status: Option<Vec<StatusDataItemName>>,
+    /// The command used `$` while the saved result was empty: it acts on nothing.
+    pub saved_empty: bool,
 }
+
+/// What `$` stands for in a rewritten command: a UID set (`uid`) or a sequence set;
+/// `None` when the saved result is empty.
+pub type Saved<'a> = &'a dyn Fn(bool) -> Option<String>;
+
+/// A UID no mailbox reaches: `$` of an empty saved result becomes it, so the command
+/// still parses and matches nothing.
+const NO_MESSAGE: &str = "4294967295";
 
 fn eq(a: &[u8], b: &str) -> bool {
     a.eq_ignore_ascii_case(b.as_bytes())
@@ -76,9 +87,94 @@ fn status_items(inner: &[u8]) -> Option<Vec<StatusDataItemName>> {
         .collect()
 }
 
-/// The command with the extension syntax removed, and what it said; `None` when the
-/// command has none (the usual case: no copy is made).
-pub fn rewrite(message: &[u8]) -> Option<(Vec<u8>, Extras)> {
+/// The command with the extension syntax removed and `$` replaced, and what it said;
+/// `None` when the command has none (the usual case: no copy is made).
+pub fn rewrite(message: &[u8], saved: Saved<'_>) -> Option<(Vec<u8>, Extras)> {
+    let first = syntax(message);
+    let (bytes, mut extras) = match &first {
+        Some((b, e)) => (b.as_slice(), e.clone()),
+        None => (message, Extras::default()),
+    };
+    match substitute_saved(bytes, saved) {
+        Some((out, empty)) => {
+            extras.saved_empty = empty;
+            Some((out, extras))
+        }
+        None => first,
+    }
+}
+
+/// Replaces each `$` token on the command's first line (outside quoted strings) with
+/// the saved result: as UIDs where it is the set of a UID command or follows a
+/// `UID` search key, else as sequence numbers. `Some((bytes, empty))` when any was
+/// replaced.
+fn substitute_saved(message: &[u8], saved: Saved<'_>) -> Option<(Vec<u8>, bool)> {
+    let line_end = message
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n' || b == b'{' || b == b'~')
+        .unwrap_or(message.len());
+    let line = &message[..line_end];
+    if !line.contains(&b'$') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(message.len() + 32);
+    let mut in_quote = false;
+    let mut escaped = false;
+    let mut words: Vec<&[u8]> = Vec::new();
+    let mut word_start = 0;
+    let mut empty = false;
+    let mut replaced = false;
+    let uid_command = line
+        .split(|&b| b == b' ')
+        .nth(1)
+        .is_some_and(|w| eq(w, "UID"));
+    let first_argument = if uid_command { 3 } else { 2 };
+    for (i, &b) in line.iter().enumerate() {
+        if in_quote {
+            out.push(b);
+            match (escaped, b) {
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_quote = false,
+                _ => escaped = false,
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_quote = true;
+                out.push(b);
+            }
+            b'$' if matches!(line.get(i.wrapping_sub(1)), Some(b' ' | b'('))
+                && matches!(line.get(i + 1), None | Some(b' ' | b')')) =>
+            {
+                let index = words.len();
+                let command = words.get(first_argument - 1).copied().unwrap_or_default();
+                let uid = if index == first_argument && !eq(command, "SEARCH") {
+                    uid_command
+                } else {
+                    words.last().is_some_and(|w| eq(w, "UID"))
+                };
+                match saved(uid) {
+                    Some(set) => out.extend_from_slice(set.as_bytes()),
+                    None => {
+                        empty = true;
+                        out.extend_from_slice(NO_MESSAGE.as_bytes());
+                    }
+                }
+                replaced = true;
+            }
+            _ => out.push(b),
+        }
+        if b == b' ' {
+            words.push(&line[word_start..i]);
+            word_start = i + 1;
+        }
+    }
+    out.extend_from_slice(&message[line_end..]);
+    replaced.then_some((out, empty))
+}
+
+fn syntax(message: &[u8]) -> Option<(Vec<u8>, Extras)> {
     let mut parts = message.splitn(4, |&b| b == b' ');
     let tag = parts.next()?;
     let first = parts.next()?;
@@ -179,6 +275,52 @@ pub fn rewrite(message: &[u8]) -> Option<(Vec<u8>, Extras)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn none(_: bool) -> Option<String> {
+        Some("NONE".into())
+    }
+
+    fn rewrite(message: &[u8]) -> Option<(Vec<u8>, Extras)> {
+        super::rewrite(message, &none)
+    }
+
+    #[test]
+    fn saved_result_is_substituted_by_kind() {
+        let saved = |uid: bool| {
+            Some(if uid {
+                "10:12".to_owned()
+            } else {
+                "1:3".to_owned()
+            })
+        };
+        let r = |m: &[u8]| super::rewrite(m, &saved).map(|(b, _)| String::from_utf8(b).unwrap());
+        assert_eq!(r(b"a FETCH $ FLAGS\r\n").unwrap(), "a FETCH 1:3 FLAGS\r\n");
+        assert_eq!(
+            r(b"a UID FETCH $ FLAGS\r\n").unwrap(),
+            "a UID FETCH 10:12 FLAGS\r\n"
+        );
+        assert_eq!(
+            r(b"a UID SEARCH $ UNSEEN\r\n").unwrap(),
+            "a UID SEARCH 1:3 UNSEEN\r\n"
+        );
+        assert_eq!(
+            r(b"a SEARCH UID $ (OR $ SEEN)\r\n").unwrap(),
+            "a SEARCH UID 10:12 (OR 1:3 SEEN)\r\n"
+        );
+        assert_eq!(
+            r(b"a SEARCH RETURN (SAVE) SUBJECT \"$\" $\r\n").unwrap(),
+            "a SEARCH SUBJECT \"$\" 1:3\r\n"
+        );
+        assert_eq!(
+            r(b"a COPY $ Archive\r\n").unwrap(),
+            "a COPY 1:3 Archive\r\n"
+        );
+        assert!(r(b"a SEARCH SUBJECT a$b\r\n").is_none());
+        let empty = |_: bool| None;
+        let (b, e) = super::rewrite(b"a MOVE $ Trash\r\n", &empty).unwrap();
+        assert_eq!(b, b"a MOVE 4294967295 Trash\r\n");
+        assert!(e.saved_empty);
+    }
 
     #[test]
     fn search_return_is_cut_out() {

@@ -304,6 +304,8 @@ pub(crate) struct Session {
     qresync: bool,
     /// Extension syntax cut out of the current command.
     extras: ext::Extras,
+    /// SEARCHRES: the saved search result, as UIDs (RFC 5182).
+    saved: Vec<u32>,
 }
 
 /// Runs a session to its end; `tls` when the connection is already encrypted.
@@ -328,6 +330,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         rev2: false,
         qresync: false,
         extras: ext::Extras::default(),
+        saved: Vec::new(),
     };
     let mut conn = Conn::new(stream, &gw.imap);
     let capabilities = session.capabilities();
@@ -468,6 +471,17 @@ impl Session {
         Mailbox::try_from(wire).unwrap_or(Mailbox::Inbox)
     }
 
+    /// What `$` stands for now: the saved UIDs, or their sequence numbers.
+    fn saved_set(&self, uid: bool) -> Option<String> {
+        let mut uids = self.saved.clone();
+        uids.sort_unstable();
+        if uid {
+            selected::set_string(&uids)
+        } else {
+            self.selected.as_ref()?.seq_set_of(&uids)
+        }
+    }
+
     fn capabilities(&self) -> Vec1<Capability<'static>> {
         let mut caps = vec![Capability::Imap4Rev1];
         if self.user.is_none() {
@@ -500,6 +514,7 @@ impl Session {
         for other in [
             "SPECIAL-USE",
             "ESEARCH",
+            "SEARCHRES",
             "LIST-EXTENDED",
             "LIST-STATUS",
             "IMAP4rev2",
@@ -535,7 +550,9 @@ impl Session {
             let command =
                 if conn.frag.is_max_message_size_exceeded() || conn.frag.is_message_poisoned() {
                     Err(true)
-                } else if let Some((bytes, extras)) = ext::rewrite(conn.frag.message_bytes()) {
+                } else if let Some((bytes, extras)) =
+                    ext::rewrite(conn.frag.message_bytes(), &|uid| self.saved_set(uid))
+                {
                     self.extras = extras;
                     match CommandCodec::default().decode(&bytes) {
                         Ok((&[], c)) => Ok(c.into_static()),
@@ -1325,6 +1342,7 @@ impl Session {
                 "Previous mailbox closed",
             ));
         }
+        self.saved.clear();
         let name = self.mailbox_name(mailbox);
         let user = self.user.clone().unwrap_or_default();
         if let Some(w) = &self.watcher {

@@ -238,6 +238,19 @@ impl Selected {
         }
     }
 
+    /// The sequence numbers of `uids` still in the view, as a set string.
+    pub fn seq_set_of(&self, uids: &[u32]) -> Option<String> {
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let seqs: Vec<u32> = self
+            .messages
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| wanted.contains(&m.uid))
+            .map(|(i, _)| i as u32 + 1)
+            .collect();
+        set_string(&seqs)
+    }
+
     pub fn uid_validity(&self) -> u32 {
         self.uid_validity
     }
@@ -552,6 +565,21 @@ fn internal_date(ms: i64) -> ImapDateTime {
     })
 }
 
+/// `1:3,5` for ascending numbers; `None` for none.
+pub fn set_string(numbers: &[u32]) -> Option<String> {
+    let parts: Vec<String> = ranges(numbers)
+        .iter()
+        .map(|r| {
+            if r.first == r.last {
+                r.first.to_string()
+            } else {
+                format!("{}:{}", r.first, r.last)
+            }
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
 /// BINARY data: a string or literal when it can be one, a literal8 (`~{n}`) when
 /// it holds NUL bytes (RFC 3516 §4.2).
 fn binary_value(data: &[u8]) -> NString8<'static> {
@@ -605,12 +633,27 @@ impl Session {
             }
             _ => String::new(),
         };
+        if self.extras.saved_empty
+            && matches!(
+                body,
+                CommandBody::Fetch { .. }
+                    | CommandBody::Store { .. }
+                    | CommandBody::Copy { .. }
+                    | CommandBody::Move { .. }
+                    | CommandBody::ExpungeUid { .. }
+            )
+        {
+            // `$` of an empty saved result: nothing to act on (RFC 5182 §2.1).
+            conn.push(&status(Some(tag), StatusKind::Ok, None, "No messages"));
+            return Ok(());
+        }
         let Some(sel) = self.selected.as_mut() else {
             return Ok(());
         };
         match body {
             CommandBody::Unselect => {
                 self.selected = None;
+                self.saved.clear();
                 conn.push(&status(
                     Some(tag),
                     StatusKind::Ok,
@@ -643,6 +686,7 @@ impl Session {
                     }
                 }
                 self.selected = None;
+                self.saved.clear();
                 conn.push(&status(Some(tag), StatusKind::Ok, None, "CLOSE completed"));
             }
             CommandBody::Expunge | CommandBody::ExpungeUid { .. } => {
@@ -736,6 +780,7 @@ impl Session {
                 let sel = self.selected.as_ref().expect("selected");
                 let content = needs_content(&key);
                 let mut hits = Vec::new();
+                let mut hit_uids = Vec::new();
                 let mut highest = 0;
                 for (i, m) in sel.messages.iter().enumerate() {
                     let raw = if content {
@@ -759,6 +804,7 @@ impl Session {
                     };
                     if c.matches(&key) {
                         hits.push(nz(if uid { m.uid } else { i as u32 + 1 }));
+                        hit_uids.push(m.uid);
                         highest = highest.max(m.modseq);
                     }
                 }
@@ -774,7 +820,33 @@ impl Session {
                     .take()
                     .or(self.rev2.then(Vec::new))
                 {
-                    Some(options) => conn.push_raw(&esearch(tag, uid, &options, &hits, modseq)),
+                    Some(mut options) => {
+                        if let Some(at) = options.iter().position(|o| o == "SAVE") {
+                            // SEARCHRES (RFC 5182 §2.4): MIN and/or MAX alone save just
+                            // those; otherwise the whole result is saved.
+                            options.remove(at);
+                            let only_ends = !options.is_empty()
+                                && options.iter().all(|o| o == "MIN" || o == "MAX");
+                            self.saved = if only_ends {
+                                let mut ends = Vec::new();
+                                if options.iter().any(|o| o == "MIN") {
+                                    ends.extend(hit_uids.first());
+                                }
+                                if options.iter().any(|o| o == "MAX") {
+                                    ends.extend(hit_uids.last());
+                                }
+                                ends.dedup();
+                                ends
+                            } else {
+                                hit_uids
+                            };
+                            if !options.is_empty() {
+                                conn.push_raw(&esearch(tag, uid, &options, &hits, modseq));
+                            }
+                        } else {
+                            conn.push_raw(&esearch(tag, uid, &options, &hits, modseq));
+                        }
+                    }
                     None => conn.push(&Response::Data(Data::Search(hits, modseq))),
                 }
                 conn.push(&status(Some(tag), StatusKind::Ok, None, "SEARCH completed"));
@@ -1308,19 +1380,11 @@ fn esearch(
     if wants("COUNT") {
         let _ = write!(line, " COUNT {}", hits.len());
     }
-    if all && !hits.is_empty() {
+    if all {
         let numbers: Vec<u32> = hits.iter().map(|h| h.get()).collect();
-        let set: Vec<String> = ranges(&numbers)
-            .iter()
-            .map(|r| {
-                if r.first == r.last {
-                    r.first.to_string()
-                } else {
-                    format!("{}:{}", r.first, r.last)
-                }
-            })
-            .collect();
-        let _ = write!(line, " ALL {}", set.join(","));
+        if let Some(set) = set_string(&numbers) {
+            let _ = write!(line, " ALL {set}");
+        }
     }
     if let Some(m) = modseq {
         let _ = write!(line, " MODSEQ {m}");
