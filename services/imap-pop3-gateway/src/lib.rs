@@ -50,6 +50,10 @@ pub struct Pop3Config {
     pub max_auth_failures: u32,
     #[serde(with = "humantime_serde")]
     pub failure_window: Duration,
+    /// What a failed login costs the client before the answer (five times that for
+    /// an account with many recent failures).
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
     /// How long a maildrop lock lasts unless renewed; a live session renews it every
     /// third of this, so a crashed pod's lock frees itself after at most this long.
     #[serde(with = "humantime_serde")]
@@ -69,6 +73,7 @@ impl Default for Pop3Config {
             allow_plaintext_auth: false,
             max_auth_failures: 10,
             failure_window: Duration::from_secs(900),
+            failure_delay: Duration::from_secs(1),
             lock_ttl: Duration::from_secs(120),
             max_message_bytes: 64 << 20,
         }
@@ -136,6 +141,10 @@ pub struct ImapConfig {
     pub max_auth_failures: u32,
     #[serde(with = "humantime_serde")]
     pub failure_window: Duration,
+    /// What a failed login costs the client before the answer (five times that for
+    /// an account with many recent failures).
+    #[serde(with = "humantime_serde")]
+    pub failure_delay: Duration,
 }
 
 impl Default for ImapConfig {
@@ -151,6 +160,7 @@ impl Default for ImapConfig {
             allow_plaintext_auth: false,
             max_auth_failures: 10,
             failure_window: Duration::from_secs(900),
+            failure_delay: Duration::from_secs(1),
         }
     }
 }

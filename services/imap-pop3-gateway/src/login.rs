@@ -10,14 +10,12 @@ use mailmesh_proto::v1;
 
 use crate::Gateway;
 
-/// Every failed login costs the client this long before the answer.
-const FAILURE_DELAY: Duration = Duration::from_secs(1);
-/// Every login to an account with many recent failures waits this long first.
-const ACCOUNT_DELAY: Duration = Duration::from_secs(5);
-
 pub(crate) struct Limits {
     pub max_failures: u32,
     pub window: Duration,
+    /// Every failed login costs the client this long before the answer; a login to
+    /// an account with many recent failures waits five times as long first.
+    pub failure_delay: Duration,
 }
 
 pub(crate) enum Login {
@@ -49,14 +47,14 @@ pub(crate) async fn check(
     let failures = |key: String| async move { gw.cache.incr(&key, 0, window).await.unwrap_or(0) };
     if failures(by_ip.clone()).await >= limit {
         crate::metrics::event(protocol, "auth_throttled");
-        tokio::time::sleep(FAILURE_DELAY).await;
+        tokio::time::sleep(limits.failure_delay).await;
         return Login::Throttled;
     }
     if let Some(key) = &by_name
         && failures(key.clone()).await >= limit
     {
         crate::metrics::event(protocol, "auth_throttled");
-        tokio::time::sleep(ACCOUNT_DELAY).await;
+        tokio::time::sleep(limits.failure_delay * 5).await;
     }
     let user = match by_name {
         Some(_) => match gw.store.authenticate(&name, password).await {
@@ -75,7 +73,7 @@ pub(crate) async fn check(
             for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
                 let _ = gw.cache.incr(key, 1, window).await;
             }
-            tokio::time::sleep(FAILURE_DELAY).await;
+            tokio::time::sleep(limits.failure_delay).await;
             Login::Invalid
         }
     }
@@ -84,7 +82,8 @@ pub(crate) async fn check(
 /// What failure counts are kept under: the address, or its /64 for IPv6 (one
 /// subscriber's whole network).
 fn address_key(ip: IpAddr) -> String {
-    match ip {
+    // An IPv4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+    match ip.to_canonical() {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => {
             let s = v6.segments();

@@ -453,6 +453,7 @@ impl Session<'_> {
         let limits = crate::login::Limits {
             max_failures: self.gw.config.max_auth_failures,
             window: self.gw.config.failure_window,
+            failure_delay: self.gw.config.failure_delay,
         };
         let user = match crate::login::check(self.gw, PROTOCOL, self.peer, name, password, &limits)
             .await

@@ -839,3 +839,64 @@ async fn transcripts_of_binary() {
     let r = c.until("d").await;
     assert!(last(&r).starts_with("d OK [APPENDUID"), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renames_deletes_and_limits_before_login() {
+    let site = site().await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    // Before login, no command (APPEND included) may carry more than max_command_bytes.
+    let mut c = Raw::connect(plain).await;
+    c.send("a APPEND INBOX {100000}\r\n").await;
+    let r = c.line().await;
+    assert!(r.starts_with("a NO [TOOBIG]"), "{r}");
+
+    let mut c = Raw::login(plain).await;
+    c.cmd("a", "CREATE Projects").await;
+    c.cmd("a2", "SELECT INBOX").await;
+    let r = c.cmd("b", "COPY 1:2 Projects").await;
+    assert!(last(&r).starts_with("b OK [COPYUID "), "{r:?}");
+    let r = c.cmd("c", "SELECT Projects").await;
+    assert!(r.iter().any(|l| l == "* 2 EXISTS\r\n"), "{r:?}");
+    // Renaming the selected mailbox keeps the session on it.
+    let r = c.cmd("d", "RENAME Projects Archive/Projects").await;
+    assert!(last(&r).starts_with("d OK"), "{r:?}");
+    let r = c.cmd("e", "STORE 1 +FLAGS (\\Deleted)").await;
+    assert!(last(&r).starts_with("e OK"), "{r:?}");
+    let r = c.cmd("f", "NOOP").await;
+    assert!(!r.iter().any(|l| l.starts_with("* BYE")), "{r:?}");
+    let r = c
+        .cmd("g", "STATUS Archive/Projects (MESSAGES DELETED)")
+        .await;
+    assert_eq!(r[0], "* STATUS Archive/Projects (MESSAGES 2 DELETED 1)\r\n");
+    // A DELETE that fails changes nothing; one that succeeds deselects.
+    let r = c.cmd("h", "DELETE INBOX").await;
+    assert!(last(&r).starts_with("h NO"), "{r:?}");
+    let r = c.cmd("i", "FETCH 1 FLAGS").await;
+    assert!(last(&r).starts_with("i OK"), "still selected: {r:?}");
+    let r = c.cmd("j", "DELETE Archive/Projects").await;
+    assert!(last(&r).starts_with("j OK"), "{r:?}");
+    let r = c.cmd("k", "FETCH 1 FLAGS").await;
+    assert!(last(&r).starts_with("k BAD"), "deselected: {r:?}");
+
+    // Not logging in ends the session at the login deadline, whatever is sent.
+    let (quick, _) = pod(
+        &site,
+        ImapConfig {
+            login_timeout: Duration::from_millis(800),
+            ..plaintext()
+        },
+    )
+    .await;
+    let mut c = Raw::connect(quick).await;
+    let mut closed = false;
+    for i in 0..40 {
+        c.send(&format!("n{i} NOOP\r\n")).await;
+        let line = c.line().await;
+        if line.starts_with("* BYE") || line.is_empty() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(closed, "NOOPs do not keep a session that never logs in");
+}

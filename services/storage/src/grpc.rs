@@ -175,6 +175,7 @@ fn mailbox_info(m: &Mailbox) -> v1::MailboxInfo {
         subscribed: m.subscribed,
         messages: status.messages,
         unseen: status.unseen,
+        deleted: status.deleted,
         uid_next: status.uidnext,
         uid_validity: status.uidvalidity,
         highest_modseq: status.highest_modseq,

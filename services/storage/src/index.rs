@@ -222,6 +222,7 @@ impl Mailbox {
         MailboxStatus {
             messages: self.messages.len() as u32,
             unseen: self.messages.values().filter(|m| !m.flags.seen).count() as u32,
+            deleted: self.messages.values().filter(|m| m.flags.deleted).count() as u32,
             uidnext: self.uidnext,
             uidvalidity: self.uidvalidity,
             highest_modseq: self.highest_modseq,
@@ -248,6 +249,8 @@ impl Mailbox {
 pub struct MailboxStatus {
     pub messages: u32,
     pub unseen: u32,
+    #[serde(default)]
+    pub deleted: u32,
     pub uidnext: Uid,
     pub uidvalidity: u32,
     pub highest_modseq: ModSeq,

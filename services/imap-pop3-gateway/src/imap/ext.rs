@@ -117,6 +117,19 @@ fn substitute_saved(message: &[u8], saved: Saved<'_>) -> Option<(Vec<u8>, bool)>
     if !line.contains(&b'$') {
         return None;
     }
+    // Only commands that take a sequence set (never LOGIN's password or a name).
+    let mut head = line.split(|&b| b == b' ').skip(1);
+    let command = match head.next() {
+        Some(w) if eq(w, "UID") => head.next()?,
+        Some(w) => w,
+        None => return None,
+    };
+    if !["FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE"]
+        .iter()
+        .any(|c| eq(command, c))
+    {
+        return None;
+    }
     let mut out = Vec::with_capacity(message.len() + 32);
     let mut in_quote = false;
     let mut escaped = false;
@@ -316,6 +329,11 @@ mod tests {
             "a COPY 1:3 Archive\r\n"
         );
         assert!(r(b"a SEARCH SUBJECT a$b\r\n").is_none());
+        assert!(
+            r(b"a LOGIN alice $\r\n").is_none(),
+            "a password is never touched"
+        );
+        assert!(r(b"a CREATE $\r\n").is_none());
         let empty = |_: bool| None;
         let (b, e) = super::rewrite(b"a MOVE $ Trash\r\n", &empty).unwrap();
         assert_eq!(b, b"a MOVE 4294967295 Trash\r\n");

@@ -18,10 +18,11 @@ use mail_parser::{
     HeaderName, HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType,
 };
 
-/// A parsed message and the stored bytes it came from.
+/// A stored message, MIME-parsed on first need (BODY[] and the header/text
+/// sections of the top level are byte ranges and need no parse).
 pub struct Parsed<'a> {
     raw: &'a [u8],
-    message: Option<Message<'a>>,
+    parsed: std::cell::OnceCell<Option<Message<'a>>>,
 }
 
 /// Where a part lies in the stored message.
@@ -30,8 +31,11 @@ struct Located<'m, 'a> {
     mime: Range<usize>,
     /// The part's body (for message/rfc822, the whole nested message).
     body: Range<usize>,
-    /// The nested message, for message/rfc822 parts stored unencoded.
+    /// Where the next part number is looked up: the nested message (message/rfc822
+    /// parts stored unencoded) or the multipart itself.
     nested: Option<(&'m Message<'a>, usize)>,
+    /// A message/rfc822 part (or the top level): HEADER and TEXT apply to it.
+    is_message: bool,
     /// The part's Content-Transfer-Encoding, lower-case (`None`: 7bit).
     encoding: Option<String>,
     /// A multipart or message part (BINARY gives those as they are).
@@ -46,8 +50,14 @@ impl<'a> Parsed<'a> {
     pub fn new(raw: &'a [u8]) -> Self {
         Self {
             raw,
-            message: MessageParser::default().parse(raw),
+            parsed: std::cell::OnceCell::new(),
         }
+    }
+
+    fn message(&self) -> Option<&Message<'a>> {
+        self.parsed
+            .get_or_init(|| MessageParser::default().parse(self.raw))
+            .as_ref()
     }
 
     /// The header section of the top-level message, blank line included.
@@ -61,14 +71,14 @@ impl<'a> Parsed<'a> {
     }
 
     pub fn envelope(&self) -> Envelope<'static> {
-        match self.message.as_ref().and_then(|m| m.parts.first()) {
+        match self.message().and_then(|m| m.parts.first()) {
             Some(part) => envelope_of(part, Some(self.raw)),
             None => envelope(None),
         }
     }
 
     pub fn body_structure(&self, extensions: bool) -> BodyStructure<'static> {
-        match &self.message {
+        match self.message() {
             Some(m) => structure(self.raw, m, 0, extensions),
             None => fallback_structure(self.raw.len(), self.raw),
         }
@@ -81,20 +91,17 @@ impl<'a> Parsed<'a> {
         let Some(section) = section else {
             return Cow::Borrowed(raw);
         };
-        let whole = || Located {
-            mime: 0..0,
-            body: 0..raw.len(),
-            nested: self.message.as_ref().map(|m| (m, 0)),
-            encoding: None,
-            container: true,
+        // The top level needs no parse; a part's HEADER and TEXT apply only to the
+        // message/rfc822 it holds (empty for anything else).
+        let part = |p: &Option<Part>| -> Option<Range<usize>> {
+            match p {
+                None => Some(0..raw.len()),
+                Some(p) => self
+                    .locate(p.0.as_ref())
+                    .filter(|l| l.is_message)
+                    .map(|l| l.body),
+            }
         };
-        let part = |p: &Option<Part>| match p {
-            None => Some(whole()),
-            Some(p) => self.locate(p.0.as_ref()),
-        };
-        // HEADER and TEXT of a part apply to the message/rfc822 it holds.
-        let message_range =
-            |l: &Located| -> Option<Range<usize>> { l.nested.map(|_| l.body.clone()) };
         let bytes: Option<Cow<'a, [u8]>> = match section {
             Section::Part(p) => self
                 .locate(p.0.as_ref())
@@ -102,17 +109,17 @@ impl<'a> Parsed<'a> {
             Section::Mime(p) => self
                 .locate(p.0.as_ref())
                 .map(|l| Cow::Borrowed(&raw[l.mime])),
-            Section::Header(p) => part(p).and_then(|l| message_range(&l)).map(|r| {
+            Section::Header(p) => part(p).map(|r| {
                 let end = header_end(raw, r.clone());
                 Cow::Borrowed(&raw[r.start..end])
             }),
-            Section::Text(p) => part(p).and_then(|l| message_range(&l)).map(|r| {
+            Section::Text(p) => part(p).map(|r| {
                 let end = header_end(raw, r.clone());
                 Cow::Borrowed(&raw[end..r.end])
             }),
             Section::HeaderFields(p, names) | Section::HeaderFieldsNot(p, names) => {
                 let keep = matches!(section, Section::HeaderFields(..));
-                part(p).and_then(|l| message_range(&l)).map(|r| {
+                part(p).map(|r| {
                     let end = header_end(raw, r.clone());
                     let names: Vec<&[u8]> = names.as_ref().iter().map(|n| n.as_ref()).collect();
                     Cow::Owned(header_fields(&raw[r.start..end], &names, keep))
@@ -160,7 +167,7 @@ impl<'a> Parsed<'a> {
 
     /// Follows a part number path (`1.2.3`) from the top-level message.
     fn locate(&self, path: &[std::num::NonZeroU32]) -> Option<Located<'_, 'a>> {
-        let mut message = self.message.as_ref()?;
+        let mut message = self.message()?;
         let mut root = 0usize;
         let mut located = None;
         for (depth, n) in path.iter().enumerate() {
@@ -185,6 +192,7 @@ impl<'a> Parsed<'a> {
                 mime: part.offset_header as usize..part.offset_body as usize,
                 body: part.offset_body as usize..part.offset_end as usize,
                 nested: None,
+                is_message: false,
                 encoding: part
                     .content_transfer_encoding()
                     .map(|e| e.trim().to_ascii_lowercase()),
@@ -198,6 +206,7 @@ impl<'a> Parsed<'a> {
                 && same_bytes(inner, self.raw)
             {
                 l.nested = Some((inner, 0));
+                l.is_message = true;
             }
             // Multipart children are walked on the next step from this index.
             if let PartType::Multipart(_) = part.body {
@@ -563,10 +572,14 @@ fn structure(raw: &[u8], message: &Message<'_>, index: usize, ext: bool) -> Body
                 .map(str::to_ascii_uppercase)
                 .unwrap_or_else(|| "PLAIN".into()),
         ),
+        // multipart/digest's default (RFC 2046 §5.1.5), which mail-parser applies.
+        None if matches!(part.body, PartType::Message(_)) => {
+            ("MESSAGE".to_owned(), "RFC822".to_owned())
+        }
         None => ("TEXT".to_owned(), "PLAIN".to_owned()),
     };
     let mut parameter_list = params(ct);
-    if ct.is_none() {
+    if ct.is_none() && c_type == "TEXT" {
         parameter_list.push((istring("CHARSET"), istring("US-ASCII")));
     }
     let basic = BasicFields {
@@ -582,7 +595,7 @@ fn structure(raw: &[u8], message: &Message<'_>, index: usize, ext: bool) -> Body
         size: u32::try_from(body_bytes.len()).unwrap_or(u32::MAX),
     };
     let specific = match (&part.body, c_type.as_str()) {
-        (PartType::Message(inner), "MESSAGE") => {
+        (PartType::Message(inner), "MESSAGE") if c_subtype == "RFC822" => {
             let inner_raw: &[u8] = if same_bytes(inner, raw) {
                 raw
             } else {
@@ -597,6 +610,12 @@ fn structure(raw: &[u8], message: &Message<'_>, index: usize, ext: bool) -> Body
                 number_of_lines: lines(body_bytes),
             }
         }
+        // A message/rfc822 part mail-parser could not read as one: anything but the
+        // message form would break clients' parsers, so it is described as opaque.
+        (_, "MESSAGE") if c_subtype == "RFC822" => SpecificFields::Basic {
+            r#type: istring("APPLICATION"),
+            subtype: istring("OCTET-STREAM"),
+        },
         (_, "TEXT") => SpecificFields::Text {
             subtype: istring(&c_subtype),
             number_of_lines: lines(body_bytes),
@@ -653,7 +672,7 @@ pub fn header_text(p: &Parsed<'_>) -> Vec<(String, String)> {
         }
     }
     // Decoded forms too, so a search for a word of an encoded subject matches.
-    if let Some(m) = &p.message {
+    if let Some(m) = p.message() {
         for h in m
             .parts
             .first()
@@ -687,7 +706,7 @@ pub fn header_text(p: &Parsed<'_>) -> Vec<(String, String)> {
 
 /// The body as text for SEARCH BODY: decoded text parts when the message parses.
 pub fn body_text(p: &Parsed<'_>) -> String {
-    match &p.message {
+    match p.message() {
         Some(m) => {
             let mut s = String::new();
             for part in &m.parts {
@@ -707,7 +726,7 @@ pub fn body_text(p: &Parsed<'_>) -> String {
 
 /// The Date: header, for SENTBEFORE/SENTON/SENTSINCE.
 pub fn sent_date(p: &Parsed<'_>) -> Option<chrono::NaiveDate> {
-    let d = p.message.as_ref()?.date()?;
+    let d = p.message()?.date()?;
     chrono::NaiveDate::from_ymd_opt(i32::from(d.year), u32::from(d.month), u32::from(d.day))
 }
 

@@ -4,10 +4,10 @@
 //! encoded by its response codec.
 //!
 //! Extensions: STARTTLS, LOGINDISABLED, AUTH=PLAIN, SASL-IR, ENABLE (CONDSTORE,
-//! IMAP4rev2), CONDSTORE, IDLE, UIDPLUS, MOVE, UNSELECT, LITERAL+, NAMESPACE, ID,
-//! SPECIAL-USE, QUOTA, STATUS=SIZE, ESEARCH, LIST-EXTENDED, LIST-STATUS. Mailbox
-//! names are modified UTF-7 on the wire for IMAP4rev1 clients, UTF-8 for IMAP4rev2
-//! ones and in storage.
+//! QRESYNC, IMAP4rev2), CONDSTORE, QRESYNC, IDLE, UIDPLUS, MOVE, UNSELECT, LITERAL+,
+//! NAMESPACE, ID, SPECIAL-USE, QUOTA, STATUS=SIZE, BINARY, ESEARCH, SEARCHRES,
+//! LIST-EXTENDED, LIST-STATUS. Mailbox names are modified UTF-7 on the wire for
+//! IMAP4rev1 clients, UTF-8 for IMAP4rev2 ones and in storage.
 //!
 //! The session keeps only its view of the selected mailbox (sequence numbers to
 //! UIDs, flags); everything else is asked of the storage service. Changes made by
@@ -88,6 +88,8 @@ struct Conn<S> {
     out: Vec<u8>,
     max_command: usize,
     max_append: usize,
+    /// After login: only then may an APPEND carry `max_append` bytes.
+    authenticated: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -101,6 +103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             out: Vec::with_capacity(1024),
             max_command: config.max_command_bytes,
             max_append: config.max_message_bytes,
+            authenticated: false,
         }
     }
 
@@ -167,8 +170,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                             ));
                             self.flush().await?;
                         }
-                        // LITERAL+: the bytes come anyway; they are read and dropped,
-                        // and the command fails when it is complete.
+                        // LITERAL+: the bytes come anyway. An APPEND's are read and
+                        // dropped and the command fails with [TOOBIG] when complete;
+                        // any other command is cut off below (BYE).
                         (false, LiteralMode::NonSync) => self.frag.poison_message(),
                     }
                     continue;
@@ -177,8 +181,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Some(_) => continue,
                 None => {}
             }
-            // A command line (not an APPEND literal) longer than allowed: the client is
-            // not speaking IMAP; memory stays bounded by `max_command_bytes`.
+            // A command (not an APPEND) longer than allowed, an endless line or an
+            // oversized LITERAL+ literal alike: the session is closed, so memory stays
+            // bounded by `max_command_bytes`.
             if self.frag.message_bytes().len() > self.max_command && !self.is_append() {
                 return Ok(Input::End("Command line too long"));
             }
@@ -200,8 +205,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Whether the message being read is an APPEND (which may carry a large literal).
+    /// Whether the message being read is an APPEND (which may carry a large literal)
+    /// from a logged-in client; before login every command is held to
+    /// `max_command_bytes`.
     fn is_append(&self) -> bool {
+        if !self.authenticated {
+            return false;
+        }
         let bytes = self.frag.message_bytes();
         let mut words = bytes.split(|&b| b == b' ');
         let _tag = words.next();
@@ -252,9 +262,13 @@ impl Changes {
 /// Follows the storage change stream for `user` until the session ends; a broken
 /// stream is re-opened and everything is marked changed (nothing is missed).
 async fn watch_changes(gw: Arc<Gateway>, user: v1::UserRef, changes: Arc<Changes>) {
+    // While storage is unreachable, retries back off (to 30 s), so idling sessions
+    // do not all re-list their mailbox every second.
+    let mut backoff = Duration::from_secs(1);
     loop {
         match gw.store.mailboxes().watch(user.clone()).await {
             Ok(stream) => {
+                backoff = Duration::from_secs(1);
                 let mut stream = stream.into_inner();
                 changes.mark(None);
                 while let Some(change) = stream.next().await {
@@ -271,7 +285,8 @@ async fn watch_changes(gw: Arc<Gateway>, user: v1::UserRef, changes: Arc<Changes
             Err(e) => tracing::debug!(error = %e, "watching mailbox changes"),
         }
         changes.mark(None);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 
@@ -306,6 +321,8 @@ pub(crate) struct Session {
     extras: ext::Extras,
     /// SEARCHRES: the saved search result, as UIDs (RFC 5182).
     saved: Vec<u32>,
+    /// When a session that has not logged in is closed.
+    login_deadline: tokio::time::Instant,
 }
 
 /// Runs a session to its end; `tls` when the connection is already encrypted.
@@ -331,6 +348,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         qresync: false,
         extras: ext::Extras::default(),
         saved: Vec::new(),
+        login_deadline: tokio::time::Instant::now() + gw.imap.login_timeout,
     };
     let mut conn = Conn::new(stream, &gw.imap);
     let capabilities = session.capabilities();
@@ -531,10 +549,14 @@ impl Session {
     ) -> io::Result<Next> {
         loop {
             conn.flush().await?;
+            // Before login the whole conversation, not each read, is limited, so
+            // nobody holds a connection slot without logging in.
+            conn.authenticated = self.user.is_some();
             let timeout = if self.user.is_some() {
                 self.gw.imap.idle_timeout
             } else {
-                self.gw.imap.login_timeout
+                self.login_deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
             };
             match conn.read_message(timeout, shutdown, None).await? {
                 Input::Message => {}
@@ -744,40 +766,67 @@ impl Session {
             }
             CommandBody::Delete { mailbox } => {
                 let name = self.mailbox_name(&mailbox);
-                if self
-                    .selected
-                    .as_ref()
-                    .is_some_and(|s| s.name.eq_ignore_ascii_case(&name))
-                {
-                    self.selected = None;
-                }
                 let r = self
                     .gw
                     .store
                     .mailboxes()
                     .delete_mailbox(v1::MailboxRequest {
                         user: self.user.clone(),
-                        mailbox: name,
+                        mailbox: name.clone(),
                     })
                     .await;
                 match r {
-                    Ok(_) => ok(conn, "DELETE completed"),
+                    Ok(_) => {
+                        // Deleting the selected mailbox deselects it; a failed DELETE
+                        // changes nothing.
+                        if self
+                            .selected
+                            .as_ref()
+                            .is_some_and(|s| s.name.eq_ignore_ascii_case(&name))
+                        {
+                            self.selected = None;
+                            self.saved.clear();
+                            conn.push(&status(
+                                None,
+                                StatusKind::Ok,
+                                Some(code("CLOSED")),
+                                "Mailbox deleted",
+                            ));
+                        }
+                        ok(conn, "DELETE completed")
+                    }
                     Err(e) => conn.push(&storage_failure(&tag, &e)),
                 }
             }
             CommandBody::Rename { from, to } => {
+                let (from, to) = (self.mailbox_name(&from), self.mailbox_name(&to));
                 let r = self
                     .gw
                     .store
                     .mailboxes()
                     .rename_mailbox(v1::RenameMailboxRequest {
                         user: self.user.clone(),
-                        from: self.mailbox_name(&from),
-                        to: self.mailbox_name(&to),
+                        from: from.clone(),
+                        to: to.clone(),
                     })
                     .await;
                 match r {
-                    Ok(_) => ok(conn, "RENAME completed"),
+                    Ok(_) => {
+                        // The selected mailbox (or one under it) keeps being the
+                        // selected one under its new name. INBOX itself stays (its
+                        // messages move; RFC 3501 §6.3.5).
+                        if let Some(sel) = self.selected.as_mut()
+                            && !from.eq_ignore_ascii_case("INBOX")
+                        {
+                            let child = format!("{from}{DELIMITER}");
+                            if sel.name == from {
+                                sel.name = to.clone();
+                            } else if let Some(rest) = sel.name.strip_prefix(&child) {
+                                sel.name = format!("{to}{DELIMITER}{rest}");
+                            }
+                        }
+                        ok(conn, "RENAME completed")
+                    }
                     Err(e) => conn.push(&storage_failure(&tag, &e)),
                 }
             }
@@ -957,6 +1006,7 @@ impl Session {
         let limits = login::Limits {
             max_failures: self.gw.imap.max_auth_failures,
             window: self.gw.imap.failure_window,
+            failure_delay: self.gw.imap.failure_delay,
         };
         match login::check(&self.gw, PROTOCOL, self.peer, name, password, &limits).await {
             Login::Ok(user) => {
@@ -978,12 +1028,20 @@ impl Session {
                     "Logged in",
                 ));
             }
-            Login::Invalid => conn.push(&status(
-                Some(tag),
-                StatusKind::No,
-                Some(code("AUTHENTICATIONFAILED")),
-                "Invalid credentials",
-            )),
+            Login::Invalid => {
+                // Failed logins count as errors: a connection cannot guess for ever.
+                self.errors += 1;
+                if self.errors >= self.gw.imap.max_errors {
+                    self.bye = true;
+                    conn.push(&bye("Too many errors"));
+                }
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::No,
+                    Some(code("AUTHENTICATIONFAILED")),
+                    "Invalid credentials",
+                ));
+            }
             Login::Throttled => conn.push(&status(
                 Some(tag),
                 StatusKind::No,
@@ -1037,7 +1095,11 @@ impl Session {
                     .await?
                 {
                     Input::Message => {}
-                    _ => return Ok(()),
+                    _ => {
+                        conn.push(&bye("Authentication timed out"));
+                        self.bye = true;
+                        return Ok(());
+                    }
                 }
                 match conn.frag.decode_message(&AuthenticateDataCodec::default()) {
                     Ok(AuthenticateData::Continue(data)) => data.declassify().to_vec(),
@@ -1334,7 +1396,7 @@ impl Session {
     ) {
         // A failed SELECT leaves no mailbox selected (RFC 3501 §6.3.1); QRESYNC
         // clients are told where one mailbox's replies end (RFC 7162 §3.2.11).
-        if self.selected.take().is_some() && self.qresync {
+        if self.selected.take().is_some() && (self.qresync || self.rev2) {
             conn.push(&status(
                 None,
                 StatusKind::Ok,
@@ -1483,7 +1545,9 @@ fn status_items(info: &v1::MailboxInfo, names: &[StatusDataItemName]) -> Vec<Sta
                 StatusDataItemName::HighestModSeq => {
                     StatusDataItem::HighestModSeq(info.highest_modseq)
                 }
-                StatusDataItemName::Deleted | StatusDataItemName::DeletedStorage => return None,
+                StatusDataItemName::Deleted => StatusDataItem::Deleted(info.deleted),
+                // Storage does not keep the size of \Deleted messages apart.
+                StatusDataItemName::DeletedStorage => return None,
             })
         })
         .collect()

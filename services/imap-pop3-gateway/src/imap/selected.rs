@@ -435,30 +435,37 @@ impl Selected {
             })
             .await?
             .into_inner();
-        let in_known = |uid: u32| known.is_none_or(|k| self.contains_uid(k, uid));
-        let uids: Vec<NonZeroU32> = if r.complete {
+        // Here `*` is the highest UID ever assigned: "1:*" covers expunged ones too.
+        let star = self.uid_next.saturating_sub(1);
+        let mut gaps: Vec<(u32, u32)> = if r.complete {
             r.uids
                 .into_iter()
-                .filter(|&u| in_known(u))
-                .map(nz)
+                .filter(|&u| known.is_none_or(|k| contains(k, u, star)))
+                .map(|u| (u, u))
                 .collect()
         } else {
-            let existing: HashSet<u32> = self.messages.iter().map(|m| m.uid).collect();
-            let upper = self.uid_next.saturating_sub(1);
-            match known {
-                // Bounded by what the client says it knows (never more than 2^20 UIDs
-                // are walked; beyond that, the whole range below UIDNEXT is sent).
-                Some(k) => (1..=upper.min(1 << 20))
-                    .filter(|u| self.contains_uid(k, *u) && !existing.contains(u))
-                    .map(nz)
-                    .collect(),
-                None => (1..=upper.min(1 << 20))
-                    .filter(|u| !existing.contains(u))
-                    .map(nz)
-                    .collect(),
-            }
+            // The log no longer reaches back: every UID the client may know that
+            // does not exist now, as ranges (the gaps between existing UIDs).
+            let wanted: Vec<(u32, u32)> = match known {
+                Some(k) => k.0.as_ref().iter().map(|s| bounds(s, star)).collect(),
+                None => vec![(1, star)],
+            };
+            let existing: Vec<u32> = self.messages.iter().map(|m| m.uid).collect();
+            gaps(&existing, &wanted)
         };
-        if let Ok(set) = SequenceSet::try_from(uids) {
+        gaps.sort_unstable();
+        let sequences: Vec<Sequence> = gaps
+            .into_iter()
+            .filter(|(lo, hi)| *lo >= 1 && lo <= hi)
+            .map(|(lo, hi)| {
+                if lo == hi {
+                    Sequence::Single(SeqOrUid::Value(nz(lo)))
+                } else {
+                    Sequence::Range(SeqOrUid::Value(nz(lo)), SeqOrUid::Value(nz(hi)))
+                }
+            })
+            .collect();
+        if let Ok(set) = SequenceSet::try_from(sequences) {
             conn.push(&Response::Data(Data::Vanished {
                 earlier: true,
                 known_uids: set,
@@ -467,49 +474,66 @@ impl Selected {
         Ok(())
     }
 
-    fn resolve_bound(&self, v: &SeqOrUid, uid: bool) -> u32 {
-        match v {
-            SeqOrUid::Value(n) => n.get(),
-            // The highest UID ever assigned: "1:*" covers expunged ones too (VANISHED).
-            SeqOrUid::Asterisk if uid => self
-                .messages
-                .last()
-                .map_or(0, |m| m.uid)
-                .max(self.uid_next.saturating_sub(1)),
-            SeqOrUid::Asterisk => self.messages.len() as u32,
-        }
-    }
-
     pub fn contains_seq(&self, set: &SequenceSet, seq: u32) -> bool {
-        set.0.as_ref().iter().any(|s| {
-            let (a, b) = self.bounds(s, false);
-            (a..=b).contains(&seq)
-        })
+        contains(set, seq, self.messages.len() as u32)
     }
 
+    /// `*` is the highest UID in the mailbox, so "n:*" always includes it
+    /// (RFC 3501 §6.4.8).
     pub fn contains_uid(&self, set: &SequenceSet, uid: u32) -> bool {
-        set.0.as_ref().iter().any(|s| {
-            let (a, b) = self.bounds(s, true);
-            (a..=b).contains(&uid)
-        })
+        contains(set, uid, self.messages.last().map_or(0, |m| m.uid))
     }
 
-    fn bounds(&self, s: &Sequence, uid: bool) -> (u32, u32) {
-        match s {
-            Sequence::Single(v) => {
-                let v = self.resolve_bound(v, uid);
-                (v, v)
+    /// The UID ranges storage is asked about, in batches it accepts (at most
+    /// `MAX_RANGES` ranges and `MAX_BATCH` messages each). UIDs next to each other in
+    /// the view share a range: a gap below the highest UID seen holds no message
+    /// (UIDs only grow), so scattered sets stay compact.
+    fn batches(&self, uids: &[u32]) -> Vec<Vec<v1::UidRange>> {
+        const MAX_RANGES: usize = 1000;
+        const MAX_BATCH: usize = 5000;
+        let mut sorted = uids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut batches: Vec<Vec<v1::UidRange>> = Vec::new();
+        let mut current: Vec<v1::UidRange> = Vec::new();
+        let mut in_batch = 0;
+        let mut last_index: Option<usize> = None;
+        for uid in sorted {
+            let index = self.messages.binary_search_by_key(&uid, |m| m.uid).ok();
+            let adjacent = matches!((last_index, index), (Some(a), Some(b)) if b == a + 1);
+            if in_batch == MAX_BATCH || (!adjacent && current.len() == MAX_RANGES) {
+                batches.push(std::mem::take(&mut current));
+                in_batch = 0;
             }
-            Sequence::Range(a, b) => {
-                let (a, b) = (self.resolve_bound(a, uid), self.resolve_bound(b, uid));
-                (a.min(b), a.max(b))
+            match current.last_mut() {
+                Some(r) if adjacent && in_batch > 0 => r.last = uid,
+                _ => current.push(v1::UidRange {
+                    first: uid,
+                    last: uid,
+                }),
             }
+            in_batch += 1;
+            last_index = index;
         }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+        batches
     }
 
     /// Indexes into `messages` a sequence or UID set names, in order; `Err` for a
-    /// sequence number that does not exist (a client error).
+    /// sequence number that does not exist (a client error). `*` in an empty
+    /// mailbox names nothing.
     fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<usize>, ()> {
+        let star_only = |v: &SeqOrUid| matches!(v, SeqOrUid::Asterisk);
+        if self.messages.is_empty()
+            && set.0.as_ref().iter().all(|s| match s {
+                Sequence::Single(v) => star_only(v),
+                Sequence::Range(a, b) => star_only(a) || star_only(b),
+            })
+        {
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
         if uid {
             for (i, m) in self.messages.iter().enumerate() {
@@ -535,7 +559,7 @@ impl Selected {
         }
         let n = self.messages.len() as u32;
         for s in set.0.as_ref() {
-            let (a, b) = self.bounds(s, false);
+            let (a, b) = bounds(s, n);
             if a == 0 || b > n {
                 return Err(());
             }
@@ -547,6 +571,109 @@ impl Selected {
         }
         Ok(out)
     }
+}
+
+/// The UIDs in `wanted` (inclusive ranges) that are not in `existing` (ascending),
+/// as ranges.
+fn gaps(existing: &[u32], wanted: &[(u32, u32)]) -> Vec<(u32, u32)> {
+    let mut gaps = Vec::new();
+    for &(lo, hi) in wanted {
+        let lo = lo.max(1);
+        let mut next = lo;
+        let from = existing.partition_point(|&u| u < lo);
+        for &uid in existing[from..].iter().take_while(|&&u| u <= hi) {
+            if uid > next {
+                gaps.push((next, uid - 1));
+            }
+            next = uid + 1;
+        }
+        if next <= hi {
+            gaps.push((next, hi));
+        }
+    }
+    gaps
+}
+
+/// The range a sequence names, `*` being `star` (ranges may be written backwards).
+fn bounds(s: &Sequence, star: u32) -> (u32, u32) {
+    let value = |v: &SeqOrUid| match v {
+        SeqOrUid::Value(n) => n.get(),
+        SeqOrUid::Asterisk => star,
+    };
+    match s {
+        Sequence::Single(v) => (value(v), value(v)),
+        Sequence::Range(a, b) => {
+            let (a, b) = (value(a), value(b));
+            (a.min(b), a.max(b))
+        }
+    }
+}
+
+fn contains(set: &SequenceSet, n: u32, star: u32) -> bool {
+    set.0.as_ref().iter().any(|s| {
+        let (a, b) = bounds(s, star);
+        (a..=b).contains(&n)
+    })
+}
+
+/// STORE over batches of UIDs; the replies merged.
+async fn store_batched(
+    gw: &Gateway,
+    sel: &Selected,
+    uids: &[u32],
+    action: v1::store_flags_request::Action,
+    flags: Vec<String>,
+    unchanged_since: Option<u64>,
+) -> Result<v1::StoreFlagsResponse, tonic::Status> {
+    let mut all = v1::StoreFlagsResponse::default();
+    for batch in sel.batches(uids) {
+        let r = gw
+            .store
+            .mailboxes()
+            .store_flags(v1::StoreFlagsRequest {
+                user: Some(sel.user.clone()),
+                mailbox: sel.name.clone(),
+                uids: batch,
+                action: action.into(),
+                flags: flags.clone(),
+                unchanged_since,
+            })
+            .await?
+            .into_inner();
+        all.changed.extend(r.changed);
+        all.modified.extend(r.modified);
+    }
+    Ok(all)
+}
+
+/// COPY/MOVE over batches of UIDs; the replies merged (a failure part-way leaves
+/// the earlier batches done, as separate commands would).
+async fn copy_batched(
+    gw: &Gateway,
+    sel: &Selected,
+    uids: &[u32],
+    to: &str,
+    remove_source: bool,
+) -> Result<v1::CopyResponse, tonic::Status> {
+    let mut all = v1::CopyResponse::default();
+    for batch in sel.batches(uids) {
+        let r = gw
+            .store
+            .mailboxes()
+            .copy(v1::CopyRequest {
+                user: Some(sel.user.clone()),
+                from: sel.name.clone(),
+                to: to.to_owned(),
+                uids: batch,
+                remove_source,
+            })
+            .await?
+            .into_inner();
+        all.uid_validity = r.uid_validity;
+        all.source_uids.extend(r.source_uids);
+        all.destination_uids.extend(r.destination_uids);
+    }
+    Ok(all)
 }
 
 fn fetch_flags(flags: &[String]) -> Vec<FlagFetch<'static>> {
@@ -663,26 +790,19 @@ impl Session {
             }
             CommandBody::Close => {
                 if !sel.read_only {
-                    let deleted: Vec<u32> = sel
-                        .messages
-                        .iter()
-                        .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
-                        .map(|m| m.uid)
-                        .collect();
-                    if !deleted.is_empty() {
-                        let r = gw
-                            .store
-                            .mailboxes()
-                            .expunge(v1::ExpungeRequest {
-                                user: Some(sel.user.clone()),
-                                mailbox: sel.name.clone(),
-                                uids: ranges(&deleted),
-                            })
-                            .await;
-                        if let Err(e) = r {
-                            conn.push(&storage_failure(tag, &e));
-                            return Ok(());
-                        }
+                    // Every \Deleted message, whoever flagged it (RFC 3501 §6.4.2).
+                    let r = gw
+                        .store
+                        .mailboxes()
+                        .expunge(v1::ExpungeRequest {
+                            user: Some(sel.user.clone()),
+                            mailbox: sel.name.clone(),
+                            uids: Vec::new(),
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        conn.push(&storage_failure(tag, &e));
+                        return Ok(());
                     }
                 }
                 self.selected = None;
@@ -699,36 +819,37 @@ impl Session {
                     ));
                     return Ok(());
                 }
-                let limit = match &body {
-                    CommandBody::ExpungeUid { sequence_set } => Some(sequence_set.clone()),
-                    _ => None,
+                // EXPUNGE: every \Deleted message, whoever flagged it (RFC 3501
+                // §6.4.3); UID EXPUNGE: those of the set this session knows.
+                let batches = match &body {
+                    CommandBody::ExpungeUid { sequence_set } => {
+                        let uids: Vec<u32> = sel
+                            .messages
+                            .iter()
+                            .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
+                            .filter(|m| sel.contains_uid(sequence_set, m.uid))
+                            .map(|m| m.uid)
+                            .collect();
+                        if uids.is_empty() {
+                            Vec::new()
+                        } else {
+                            sel.batches(&uids)
+                        }
+                    }
+                    _ => vec![Vec::new()],
                 };
-                let uids: Vec<u32> = sel
-                    .messages
-                    .iter()
-                    .filter(|m| m.flags.iter().any(|f| f == "\\Deleted"))
-                    .filter(|m| {
-                        limit
-                            .as_ref()
-                            .is_none_or(|set| sel.contains_uid(set, m.uid))
-                    })
-                    .map(|m| m.uid)
-                    .collect();
-                if !uids.is_empty() {
+                for batch in batches {
                     let r = gw
                         .store
                         .mailboxes()
                         .expunge(v1::ExpungeRequest {
                             user: Some(sel.user.clone()),
                             mailbox: sel.name.clone(),
-                            uids: ranges(&uids),
+                            uids: batch,
                         })
                         .await;
                     match r {
-                        Ok(r) => {
-                            let removed: HashSet<u32> = r.into_inner().uids.into_iter().collect();
-                            sel.gone.extend(removed);
-                        }
+                        Ok(r) => sel.gone.extend(r.into_inner().uids),
                         Err(e) => {
                             conn.push(&storage_failure(tag, &e));
                             return Ok(());
@@ -958,20 +1079,17 @@ impl Session {
                     StoreType::Remove => v1::store_flags_request::Action::Remove,
                     StoreType::Replace => v1::store_flags_request::Action::Replace,
                 };
-                let r = gw
-                    .store
-                    .mailboxes()
-                    .store_flags(v1::StoreFlagsRequest {
-                        user: Some(sel.user.clone()),
-                        mailbox: sel.name.clone(),
-                        uids: ranges(&uids),
-                        action: action.into(),
-                        flags: flags.iter().map(flag_string).collect(),
-                        unchanged_since,
-                    })
-                    .await;
+                let r = store_batched(
+                    &gw,
+                    sel,
+                    &uids,
+                    action,
+                    flags.iter().map(flag_string).collect(),
+                    unchanged_since,
+                )
+                .await;
                 let r = match r {
-                    Ok(r) => r.into_inner(),
+                    Ok(r) => r,
                     Err(e) => {
                         conn.push(&storage_failure(tag, &e));
                         return Ok(());
@@ -993,16 +1111,21 @@ impl Session {
                 for &i in &indexes {
                     let m = &sel.messages[i];
                     // .SILENT still reports MODSEQ changes under CONDSTORE (RFC 7162 §3.1.3).
-                    let report = match response {
-                        StoreResponse::Answer => {
-                            changed.contains_key(&m.uid) || unchanged_since.is_none()
-                        }
-                        StoreResponse::Silent => false,
+                    let silent = matches!(response, StoreResponse::Silent);
+                    let report = if silent {
+                        // Under CONDSTORE a changed message's new MODSEQ is reported
+                        // even for .SILENT (RFC 7162 §3.1.4), without FLAGS.
+                        condstore && changed.contains_key(&m.uid)
+                    } else {
+                        changed.contains_key(&m.uid) || unchanged_since.is_none()
                     };
                     if !report {
                         continue;
                     }
-                    let mut items = vec![MessageDataItem::Flags(fetch_flags(&m.flags))];
+                    let mut items = Vec::new();
+                    if !silent {
+                        items.push(MessageDataItem::Flags(fetch_flags(&m.flags)));
+                    }
                     if uid {
                         items.insert(0, MessageDataItem::Uid(nz(m.uid)));
                     }
@@ -1071,19 +1194,9 @@ impl Session {
                     ));
                     return Ok(());
                 }
-                let r = gw
-                    .store
-                    .mailboxes()
-                    .copy(v1::CopyRequest {
-                        user: Some(sel.user.clone()),
-                        from: sel.name.clone(),
-                        to: target.clone(),
-                        uids: ranges(&uids),
-                        remove_source: is_move,
-                    })
-                    .await;
+                let r = copy_batched(&gw, sel, &uids, &target, is_move).await;
                 let r = match r {
-                    Ok(r) => r.into_inner(),
+                    Ok(r) => r,
                     Err(e) if e.code() == tonic::Code::NotFound => {
                         conn.push(&status(
                             Some(tag),
@@ -1110,6 +1223,10 @@ impl Session {
                     }),
                     _ => None,
                 };
+                // A copy into the selected mailbox itself shows up as EXISTS next.
+                if let Some(w) = &self.watcher {
+                    w.changes.mark(Some(&target));
+                }
                 if is_move {
                     // RFC 6851: COPYUID in an untagged OK, then the EXPUNGEs.
                     conn.push(&status(None, StatusKind::Ok, copyuid, "Moved"));
@@ -1317,21 +1434,18 @@ impl Session {
             conn.flush().await?;
         }
         if !to_mark.is_empty() {
-            let r = gw
-                .store
-                .mailboxes()
-                .store_flags(v1::StoreFlagsRequest {
-                    user: Some(sel.user.clone()),
-                    mailbox: sel.name.clone(),
-                    uids: ranges(&to_mark),
-                    action: v1::store_flags_request::Action::Add.into(),
-                    flags: vec!["\\Seen".into()],
-                    unchanged_since: None,
-                })
-                .await;
+            let r = store_batched(
+                &gw,
+                sel,
+                &to_mark,
+                v1::store_flags_request::Action::Add,
+                vec!["\\Seen".into()],
+                None,
+            )
+            .await;
             match r {
                 Ok(r) => {
-                    for c in r.into_inner().changed {
+                    for c in r.changed {
                         if let Some(m) = sel.messages.iter_mut().find(|m| m.uid == c.uid) {
                             m.flags = c.flags;
                             m.modseq = c.modseq;
@@ -1422,4 +1536,83 @@ async fn fetch_message(gw: &Gateway, sel: &Selected, uid: u32) -> Result<Vec<u8>
         message.extend_from_slice(&chunk?.data);
     }
     Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(uids: impl IntoIterator<Item = u32>) -> Selected {
+        Selected {
+            name: "INBOX".into(),
+            user: v1::UserRef::default(),
+            read_only: false,
+            uid_validity: 1,
+            messages: uids
+                .into_iter()
+                .map(|uid| Msg {
+                    uid,
+                    flags: vec![],
+                    size: 1,
+                    internal_date_ms: 0,
+                    modseq: 1,
+                })
+                .collect(),
+            gone: HashSet::new(),
+            keywords: vec![],
+            uid_next: 1,
+            highest_modseq: 1,
+        }
+    }
+
+    #[test]
+    fn scattered_uids_that_are_neighbours_in_the_view_share_a_range() {
+        let v = view((1..=1500).map(|i| i * 2));
+        let all: Vec<u32> = (1..=1500).map(|i| i * 2).collect();
+        let b = v.batches(&all);
+        assert_eq!(b.len(), 1);
+        assert_eq!(
+            b[0],
+            [v1::UidRange {
+                first: 2,
+                last: 3000
+            }]
+        );
+        // Every other message of the view: 750 ranges, one request.
+        let half: Vec<u32> = (0..750).map(|i| 2 + i * 4).collect();
+        let b = v.batches(&half);
+        assert_eq!((b.len(), b[0].len()), (1, 750));
+        // Over the range and message limits: split.
+        let big = view(1..=24_000);
+        let odd: Vec<u32> = (0..12_000).map(|i| 1 + i * 2).collect();
+        let b = big.batches(&odd);
+        assert!(b.iter().all(|r| r.len() <= 1000), "{}", b.len());
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 12_000);
+        let everything: Vec<u32> = (1..=24_000).collect();
+        let b = big.batches(&everything);
+        assert_eq!(b.len(), 5, "5000 messages per request at most");
+    }
+
+    #[test]
+    fn vanished_gaps_are_ranges_between_existing_uids() {
+        assert_eq!(gaps(&[2, 3, 7], &[(1, 10)]), [(1, 1), (4, 6), (8, 10)]);
+        assert_eq!(gaps(&[2, 3, 7], &[(3, 3), (5, 6)]), [(5, 6)]);
+        assert_eq!(gaps(&[], &[(1, 4_000_000_000)]), [(1, 4_000_000_000)]);
+    }
+
+    #[test]
+    fn star_is_the_highest_existing_uid_so_n_star_includes_it() {
+        let v = view([3, 8]);
+        let set = SequenceSet::try_from("20:*").unwrap();
+        assert!(v.contains_uid(&set, 8));
+        assert!(!v.contains_uid(&set, 3));
+        assert_eq!(
+            view([]).resolve(&SequenceSet::try_from("1:*").unwrap(), false),
+            Ok(vec![])
+        );
+        assert_eq!(
+            v.resolve(&SequenceSet::try_from("3").unwrap(), false),
+            Err(())
+        );
+    }
 }
