@@ -92,6 +92,7 @@ fn site() -> &'static Site {
                     idle_timeout: Duration::from_secs(2),
                     ..ImapConfig::default()
                 },
+                Default::default(),
             )
         });
         Site {

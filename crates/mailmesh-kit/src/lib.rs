@@ -1,11 +1,13 @@
 //! What every mailmesh service stands on: typed configuration, telemetry, the admin
-//! port (`/livez`, `/readyz`, `/metrics`), graceful shutdown and reloadable TLS.
+//! port (`/livez`, `/readyz`, `/metrics`), graceful shutdown, reloadable TLS and the
+//! PROXY protocol of the load balancers in front of the mail ports.
 
 pub mod admin;
 pub mod config;
 pub mod grpc;
 pub mod health;
 pub mod metrics;
+pub mod proxy;
 pub mod secret;
 pub mod service;
 pub mod shutdown;

@@ -26,6 +26,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+pub use mailmesh_kit::proxy::ProxyConfig;
 pub use store::Store;
 
 /// POP3 limits; every one has a default.
@@ -237,6 +238,9 @@ pub struct ServiceConfig {
     pub pop3: Pop3Config,
     #[serde(default)]
     pub imap: ImapConfig,
+    /// PROXY protocol from trusted load balancers, on all four ports (`[proxy]`).
+    #[serde(default)]
+    pub proxy: ProxyConfig,
     /// The certificate for STLS and the implicit-TLS port (reloaded when renewed).
     pub tls: mailmesh_kit::tls::TlsConfig,
     /// Maildrop locks and login-failure counters shared by the pods (Redis).
@@ -276,6 +280,7 @@ pub struct Gateway {
     pub(crate) tls: tokio_rustls::TlsAcceptor,
     pub(crate) config: Pop3Config,
     pub(crate) imap: ImapConfig,
+    pub(crate) proxy: ProxyConfig,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) imap_slots: Arc<Semaphore>,
 }
@@ -287,6 +292,7 @@ impl Gateway {
         tls: Arc<rustls::ServerConfig>,
         config: Pop3Config,
         imap: ImapConfig,
+        proxy: ProxyConfig,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
@@ -296,8 +302,15 @@ impl Gateway {
             imap_slots: Arc::new(Semaphore::new(imap.max_connections)),
             config,
             imap,
+            proxy,
         })
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Imap,
+    Pop3,
 }
 
 /// Accepts IMAP sessions until the shutdown closes; `implicit_tls` for the 993 port.
@@ -307,44 +320,7 @@ pub async fn serve_imap(
     implicit_tls: bool,
     shutdown: Shutdown,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.closing() => return,
-            a = listener.accept() => a,
-        };
-        let (mut stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = gateway.imap_slots.clone().try_acquire_owned() else {
-            crate::metrics::event("imap", "refused");
-            if !implicit_tls {
-                let _ = stream
-                    .write_all(b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n")
-                    .await;
-            }
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let gateway = gateway.clone();
-        let stop = shutdown.clone();
-        shutdown.spawn(async move {
-            if implicit_tls {
-                let timeout = gateway.imap.login_timeout;
-                match tokio::time::timeout(timeout, gateway.tls.accept(stream)).await {
-                    Ok(Ok(tls)) => imap::run(gateway.clone(), tls, peer, true, &stop).await,
-                    _ => crate::metrics::event("imap", "tls_failed"),
-                }
-            } else {
-                imap::run(gateway.clone(), stream, peer, false, &stop).await;
-            }
-            drop(slot);
-        });
-    }
+    serve(gateway, listener, implicit_tls, shutdown, Protocol::Imap).await;
 }
 
 /// Accepts POP3 sessions until the shutdown closes; `implicit_tls` for the 995 port.
@@ -354,6 +330,30 @@ pub async fn serve_pop3(
     implicit_tls: bool,
     shutdown: Shutdown,
 ) {
+    serve(gateway, listener, implicit_tls, shutdown, Protocol::Pop3).await;
+}
+
+async fn serve(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    implicit_tls: bool,
+    shutdown: Shutdown,
+    protocol: Protocol,
+) {
+    let (name, slots, refusal, handshake) = match protocol {
+        Protocol::Imap => (
+            "imap",
+            gateway.imap_slots.clone(),
+            &b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"[..],
+            gateway.imap.login_timeout,
+        ),
+        Protocol::Pop3 => (
+            "pop3",
+            gateway.slots.clone(),
+            &b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"[..],
+            gateway.config.idle_timeout,
+        ),
+    };
     loop {
         let accepted = tokio::select! {
             _ = shutdown.closing() => return,
@@ -367,26 +367,45 @@ pub async fn serve_pop3(
                 continue;
             }
         };
-        let Ok(slot) = gateway.slots.clone().try_acquire_owned() else {
-            crate::metrics::session_refused();
-            if !implicit_tls {
-                let _ = stream
-                    .write_all(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
-                    .await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            crate::metrics::event(name, "refused");
+            if !implicit_tls && !gateway.proxy.trusts(peer.ip()) {
+                let _ = stream.write_all(refusal).await;
             }
             continue;
         };
+        let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         let stop = shutdown.clone();
         shutdown.spawn(async move {
-            if implicit_tls {
-                let timeout = gateway.config.idle_timeout;
-                match tokio::time::timeout(timeout, gateway.tls.accept(stream)).await {
-                    Ok(Ok(tls)) => pop3::run(&gateway, tls, peer, true, &stop).await,
-                    _ => crate::metrics::tls_failed(),
+            // Behind a trusted load balancer the real client comes first, in a PROXY
+            // header; it is the address every limit and log line uses.
+            let client = if gateway.proxy.trusts(peer.ip()) {
+                let timeout = gateway.proxy.timeout.unwrap_or(Duration::from_secs(10));
+                match mailmesh_kit::proxy::read_header(&mut stream, peer, timeout).await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        crate::metrics::event(name, "proxy_header");
+                        tracing::warn!(%peer, error = %e, "closing a connection from a load balancer");
+                        return;
+                    }
                 }
             } else {
-                pop3::run(&gateway, stream, peer, false, &stop).await;
+                peer
+            };
+            if implicit_tls {
+                match tokio::time::timeout(handshake, gateway.tls.accept(stream)).await {
+                    Ok(Ok(tls)) => match protocol {
+                        Protocol::Imap => imap::run(gateway.clone(), tls, client, true, &stop).await,
+                        Protocol::Pop3 => pop3::run(&gateway, tls, client, true, &stop).await,
+                    },
+                    _ => crate::metrics::event(name, "tls_failed"),
+                }
+            } else {
+                match protocol {
+                    Protocol::Imap => imap::run(gateway.clone(), stream, client, false, &stop).await,
+                    Protocol::Pop3 => pop3::run(&gateway, stream, client, false, &stop).await,
+                }
             }
             drop(slot);
         });

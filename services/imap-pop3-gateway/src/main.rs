@@ -34,7 +34,7 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     service
         .health
         .add_check(Arc::new(mailmesh_cache::CacheReadiness(cache.clone())));
-    let gateway = Gateway::new(store, cache, tls, config.pop3, config.imap);
+    let gateway = Gateway::new(store, cache, tls, config.pop3, config.imap, config.proxy);
 
     let mut tasks = Vec::new();
     for (addr, implicit_tls) in [(config.pop3_listen, false), (config.pop3s_listen, true)] {

@@ -32,7 +32,7 @@ static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         IntCounterVec::new(
             Opts::new(
                 "gateway_events_total",
-                "auth_failed, auth_throttled, in_use, refused (too many sessions), tls_failed",
+                "auth_failed, auth_throttled, in_use, refused (too many sessions), tls_failed, proxy_header (a trusted balancer sent no valid PROXY header)",
             ),
             &["protocol", "event"],
         )
@@ -64,12 +64,4 @@ pub(crate) fn command(protocol: &str, command: &str, ok: bool) {
 
 pub(crate) fn event(protocol: &str, event: &str) {
     EVENTS.with_label_values(&[protocol, event]).inc();
-}
-
-pub(crate) fn session_refused() {
-    event("pop3", "refused");
-}
-
-pub(crate) fn tls_failed() {
-    event("pop3", "tls_failed");
 }

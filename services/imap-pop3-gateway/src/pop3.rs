@@ -140,7 +140,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
             }
-            _ => crate::metrics::tls_failed(),
+            _ => crate::metrics::event(PROTOCOL, "tls_failed"),
         }
     }
     session.release().await;

@@ -900,3 +900,75 @@ async fn renames_deletes_and_limits_before_login() {
     }
     assert!(closed, "NOOPs do not keep a session that never logs in");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_protocol_balancer_the_real_client_is_counted() {
+    let site = site().await;
+    let cache: std::sync::Arc<dyn mailmesh_cache::Cache> =
+        std::sync::Arc::new(mailmesh_cache::memory::MemoryCache::new());
+    let pod = common::start_with_proxy(
+        &site,
+        cache.clone(),
+        Pop3Config::default(),
+        plaintext(),
+        mailmesh_gateway::ProxyConfig {
+            trusted: vec!["127.0.0.0/8".parse().unwrap()],
+            timeout: Some(Duration::from_secs(2)),
+        },
+    )
+    .await;
+    // PROXY v1 naming the client, then IMAP: the failed login counts for it.
+    let s = TcpStream::connect(("127.0.0.1", pod.imap)).await.unwrap();
+    let (r, w) = tokio::io::split(s);
+    let mut c = Raw {
+        r: BufReader::new(r),
+        w,
+    };
+    c.send("PROXY TCP4 203.0.113.7 127.0.0.1 5555 143\r\n")
+        .await;
+    assert!(c.line().await.starts_with("* OK [CAPABILITY"));
+    let r = c.cmd("a", "LOGIN alice@acme.test wrong").await;
+    assert!(last(&r).starts_with("a NO [AUTHENTICATIONFAILED]"), "{r:?}");
+    let window = Duration::from_secs(900);
+    assert_eq!(
+        cache
+            .incr("gateway:authfail:ip:203.0.113.7", 0, window)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        cache
+            .incr("gateway:authfail:ip:127.0.0.1", 0, window)
+            .await
+            .unwrap(),
+        0,
+        "the balancer's own address is never blamed"
+    );
+    // Implicit TLS after the header (curl sends PROXY v1 with --haproxy-protocol).
+    let port = pod.imaps;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sS", "-k", "--max-time", "20", "--haproxy-protocol"])
+            .arg(format!("imaps://127.0.0.1:{port}/INBOX;UID=2"))
+            .args(["-u", "alice@acme.test:pw"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Subject: two"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A trusted peer that sends no header is closed without a word.
+    let mut s = TcpStream::connect(("127.0.0.1", pod.imap)).await.unwrap();
+    s.write_all(b"a LOGIN alice@acme.test pw\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // Closed with unread input, the socket may be reset rather than ended.
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await;
+    assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
+}

@@ -294,6 +294,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         mailmesh_kit::tls::server_config(resolver.clone())?,
         config.pop3.clone(),
         config.imap.clone(),
+        mailmesh_gateway::ProxyConfig::default(),
     );
     let mut gateway_tasks = Vec::new();
     for (port, implicit_tls) in [(config.ports.imap, false), (config.ports.imaps, true)] {

@@ -10,7 +10,7 @@
 //! clients.
 
 mod metrics;
-pub mod proxy;
+pub use mailmesh_kit::proxy;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -300,10 +300,10 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     shutdown: &Shutdown,
 ) {
     let proxy = &ingress.config.proxy;
-    let (client, early) = if proxy.trusts(peer.ip()) {
+    let client = if proxy.trusts(peer.ip()) {
         let timeout = proxy.timeout.unwrap_or(Duration::from_secs(10));
         match proxy::read_header(&mut stream, peer, timeout).await {
-            Ok(found) => found,
+            Ok(client) => client,
             Err(e) => {
                 crate::metrics::rejected("proxy_header");
                 tracing::warn!(%peer, error = %e, "closing a connection from a load balancer");
@@ -311,7 +311,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     } else {
-        (peer, Vec::new())
+        peer
     };
     if !ingress
         .within_limit(
@@ -326,7 +326,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             .await;
         return;
     }
-    let session = session::Session::new(ingress, client).with_input(early);
+    let session = session::Session::new(ingress, client);
     if let Err(e) = session.run(stream, shutdown).await {
         tracing::debug!(%client, error = %e, "session ended with an error");
     }

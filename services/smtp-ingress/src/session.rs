@@ -99,8 +99,6 @@ pub struct Session<'a> {
     tx: Option<Transaction>,
     errors: u32,
     tls: bool,
-    /// Bytes that arrived with a PROXY header, before the greeting.
-    early: Vec<u8>,
     /// auth-check's view of the client address, asked once per connection.
     client_verdict: Option<ClientVerdict>,
 }
@@ -143,15 +141,8 @@ impl<'a> Session<'a> {
             tx: None,
             errors: 0,
             tls: false,
-            early: Vec::new(),
             client_verdict: None,
         }
-    }
-
-    /// Input already read from the connection (after a PROXY header).
-    pub fn with_input(mut self, early: Vec<u8>) -> Self {
-        self.early = early;
-        self
     }
 
     /// Runs the session to its end, upgrading to TLS on STARTTLS when configured.
@@ -200,7 +191,7 @@ impl<'a> Session<'a> {
             out.flush().await?;
         }
 
-        let mut input: Vec<u8> = std::mem::take(&mut self.early);
+        let mut input: Vec<u8> = Vec::new();
         let mut receiver = RequestReceiver::default();
         let max_line = self.ingress.config.max_command_line;
         // Inside an over-long line: bytes are dropped up to its end.

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use mailmesh_cache::Cache;
-use mailmesh_gateway::{Gateway, ImapConfig, Pop3Config, Store};
+use mailmesh_gateway::{Gateway, ImapConfig, Pop3Config, ProxyConfig, Store};
 use mailmesh_kit::Shutdown;
 use mailmesh_storage::engine::{Delivery, StorageEngine, UserRef};
 use mailmesh_types::ReversePath;
@@ -92,8 +92,19 @@ pub struct Pod {
 
 /// A gateway "pod" serving POP3 and IMAP, each with STARTTLS and implicit TLS.
 pub async fn start(site: &Site, cache: Arc<dyn Cache>, pop3: Pop3Config, imap: ImapConfig) -> Pod {
+    start_with_proxy(site, cache, pop3, imap, ProxyConfig::default()).await
+}
+
+/// A pod behind a load balancer that speaks the PROXY protocol.
+pub async fn start_with_proxy(
+    site: &Site,
+    cache: Arc<dyn Cache>,
+    pop3: Pop3Config,
+    imap: ImapConfig,
+    proxy: ProxyConfig,
+) -> Pod {
     let store = Store::new(&site.endpoint, 1 << 20).unwrap();
-    let gateway = Gateway::new(store, cache, site.tls.clone(), pop3, imap);
+    let gateway = Gateway::new(store, cache, site.tls.clone(), pop3, imap, proxy);
     let mut ports = Vec::new();
     for (is_imap, implicit) in [(false, false), (false, true), (true, false), (true, true)] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

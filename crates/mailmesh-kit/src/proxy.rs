@@ -1,18 +1,21 @@
 //! PROXY protocol v1 and v2 (HAProxy) from trusted load balancers: the header that
-//! precedes the SMTP conversation carries the real client address, which then goes
-//! into Received headers, policy and logs. Connections from anywhere else are never
-//! trusted to say who they are.
+//! precedes a mail conversation carries the real client address, which then goes
+//! into Received headers, rate and login limits, policy and logs. Connections from
+//! anywhere else are never trusted to say who they are.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use ppp::{HeaderResult, PartialResult};
+use ppp::HeaderResult;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// The longest header accepted (v1 is at most 107 bytes; v2 with TLVs can be longer).
+/// The longest v2 address block accepted (TLVs included).
 const MAX_HEADER: usize = 1024;
+/// A v1 header's longest form, CRLF included.
+const V1_MAX: usize = 107;
+const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -41,39 +44,51 @@ pub enum ProxyError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads the PROXY header; returns the client it names (the peer itself for
-/// `LOCAL`/`UNKNOWN`, as health checks send) and any bytes read past the header.
+/// Reads the PROXY header, byte-exactly (nothing after it is consumed, so a TLS
+/// handshake or the client's first command follows untouched); returns the client it
+/// names (the peer itself for `LOCAL`/`UNKNOWN`, as health checks send).
 pub async fn read_header<R: AsyncRead + Unpin>(
     reader: &mut R,
     peer: SocketAddr,
     timeout: Duration,
-) -> Result<(SocketAddr, Vec<u8>), ProxyError> {
-    let mut buf = Vec::with_capacity(128);
+) -> Result<SocketAddr, ProxyError> {
     let read = async {
-        let mut chunk = [0u8; 256];
-        loop {
-            let parsed = HeaderResult::parse(&buf);
-            if !parsed.is_incomplete() {
-                let (client, used) = match parsed {
-                    HeaderResult::V1(Ok(h)) => (v1_client(&h.addresses, peer), h.header.len()),
-                    HeaderResult::V2(Ok(h)) => (v2_client(&h.addresses, peer), h.len()),
-                    _ => return Err(ProxyError::Invalid),
-                };
-                return Ok((client, buf[used..].to_vec()));
+        // v1 starts "PROXY " and ends at CRLF (at most 107 bytes); v2 starts with
+        // a 12-byte signature and says its own length in bytes 15-16.
+        let mut buf = vec![0u8; 5];
+        reader.read_exact(&mut buf).await?;
+        if buf == b"PROXY" {
+            while !buf.ends_with(b"\r\n") {
+                if buf.len() >= V1_MAX {
+                    return Err(ProxyError::Invalid);
+                }
+                buf.push(reader.read_u8().await?);
             }
-            if buf.len() >= MAX_HEADER {
+        } else if buf == V2_SIGNATURE[..5] {
+            buf.resize(16, 0);
+            reader.read_exact(&mut buf[5..]).await?;
+            let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+            if len > MAX_HEADER {
                 return Err(ProxyError::Invalid);
             }
-            let n = reader.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(ProxyError::Invalid);
-            }
-            buf.extend_from_slice(&chunk[..n]);
+            buf.resize(16 + len, 0);
+            reader.read_exact(&mut buf[16..]).await?;
+        } else {
+            return Err(ProxyError::Invalid);
+        }
+        match HeaderResult::parse(&buf) {
+            HeaderResult::V1(Ok(h)) => Ok(v1_client(&h.addresses, peer)),
+            HeaderResult::V2(Ok(h)) => Ok(v2_client(&h.addresses, peer)),
+            _ => Err(ProxyError::Invalid),
         }
     };
-    tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| ProxyError::Timeout)?
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Err(ProxyError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(ProxyError::Invalid)
+        }
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::Timeout),
+    }
 }
 
 fn v1_client(addresses: &ppp::v1::Addresses, peer: SocketAddr) -> SocketAddr {
@@ -103,11 +118,11 @@ mod tests {
     #[tokio::test]
     async fn v1_and_v2_headers_name_the_client() {
         let mut v1: &[u8] = b"PROXY TCP4 203.0.113.5 198.51.100.1 4567 25\r\nEHLO x\r\n";
-        let (client, rest) = read_header(&mut v1, peer(), Duration::from_secs(1))
+        let client = read_header(&mut v1, peer(), Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(client, "203.0.113.5:4567".parse().unwrap());
-        assert_eq!(rest, b"EHLO x\r\n");
+        assert_eq!(v1, b"EHLO x\r\n", "nothing after the header is consumed");
 
         let header = ppp::v2::Builder::with_addresses(
             ppp::v2::Version::Two | ppp::v2::Command::Proxy,
@@ -119,15 +134,17 @@ mod tests {
         )
         .build()
         .unwrap();
-        let mut v2: &[u8] = &header;
-        let (client, rest) = read_header(&mut v2, peer(), Duration::from_secs(1))
+        let mut with_tls = header.clone();
+        with_tls.extend_from_slice(b"\x16\x03\x01");
+        let mut v2: &[u8] = &with_tls;
+        let client = read_header(&mut v2, peer(), Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(client, "[2001:db8::7]:4000".parse().unwrap());
-        assert!(rest.is_empty());
+        assert_eq!(v2, b"\x16\x03\x01", "a TLS handshake after it is untouched");
 
         let mut local: &[u8] = b"PROXY UNKNOWN\r\n";
-        let (client, _) = read_header(&mut local, peer(), Duration::from_secs(1))
+        let client = read_header(&mut local, peer(), Duration::from_secs(1))
             .await
             .unwrap();
         assert_eq!(client, peer());
