@@ -19,6 +19,7 @@ fn the_rendered_gateway_config_loads() {
     assert_eq!(config.imap.hostname, "mail.example.com");
     assert_eq!(config.imap.max_message_bytes, 64 << 20);
     assert!(!config.imap.allow_plaintext_auth);
+    assert!(config.proxy.trusts("10.1.2.3".parse().unwrap()));
     assert_eq!(config.pop3_listen.port(), 1110);
     assert_eq!(config.pop3s_listen.port(), 1995);
     assert_eq!(config.pop3.hostname, "mail.example.com");

@@ -6,6 +6,9 @@
 //! one (and every worker, where the broker allows: see `ROLL_WORKERS` below). Every
 //! message answered `250` must land exactly once; the client may see `4xx` and retry,
 //! never `5xx`; the client address the MX records is the real one, not the balancer's.
+//! Then readers (Python's imaplib, from 127.0.0.2) go through the same balancer to two
+//! gateway processes while each gateway is restarted: every pass over the mailboxes
+//! sees every message, and a failed login is counted for the real client address.
 
 mod common;
 
@@ -13,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::processes::{
-    Process, acme_with_users, backends, spawn, spawn_storage, uuid_like, wait_for,
+    Process, acme_with_users, backends, spawn, spawn_storage, stateless, uuid_like, wait_for,
 };
 use futures::StreamExt;
 use mailmesh_proto::v1;
@@ -76,11 +79,38 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
     let mut workers: Vec<Process> = (0..2)
         .map(|_| spawn("delivery-worker", &worker_env()))
         .collect();
+    // Two gateways behind the same balancer, for the readers.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir.path(), &["localhost"]).unwrap();
+    let gateway_env = |imap: u16| {
+        let mut env = stateless(&run);
+        env.push(("MAILMESH_IMAP_LISTEN", format!("127.0.0.1:{imap}")));
+        for key in [
+            "MAILMESH_IMAPS_LISTEN",
+            "MAILMESH_POP3_LISTEN",
+            "MAILMESH_POP3S_LISTEN",
+        ] {
+            env.push((key, format!("127.0.0.1:{}", free_port())));
+        }
+        env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
+        env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
+        env.push(("MAILMESH_TLS__KEY_FILE", key.display().to_string()));
+        env.push(("MAILMESH_CACHE__REDIS__URL", backend_env("MMTEST_REDIS")));
+        env.push(("MAILMESH_CACHE__REDIS__KEY_PREFIX", format!("{run}:")));
+        env.push(("MAILMESH_PROXY__TRUSTED", "[\"127.0.0.1/32\"]".into()));
+        env.push(("MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH", "true".into()));
+        env
+    };
+    let imap_ports = [free_port(), free_port()];
+    let mut gateways: Vec<Process> = imap_ports
+        .iter()
+        .map(|&p| spawn("imap-pop3-gateway", &gateway_env(p)))
+        .collect();
 
     // HAProxy: round robin, PROXY v2 to the backends (and on its health checks),
     // a backend that stops answering is taken out within a check interval.
     let front = free_port();
-    let dir = tempfile::tempdir().unwrap();
+    let imap_front = free_port();
     let config = dir.path().join("haproxy.cfg");
     std::fs::write(
         &config,
@@ -90,8 +120,12 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
              frontend smtp\n  bind 127.0.0.1:{front}\n  default_backend ingress\n\
              backend ingress\n  balance roundrobin\n\
                server s1 127.0.0.1:{} send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 2\n\
-               server s2 127.0.0.1:{} send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 2\n",
-            ports[0], ports[1]
+               server s2 127.0.0.1:{} send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 2\n\
+             frontend imap\n  bind 127.0.0.1:{imap_front}\n  default_backend gateway\n\
+             backend gateway\n  balance leastconn\n\
+               server g1 127.0.0.1:{} send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 2\n\
+               server g2 127.0.0.1:{} send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 2\n",
+            ports[0], ports[1], imap_ports[0], imap_ports[1]
         ),
     )
     .unwrap();
@@ -113,7 +147,11 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
     let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
     let (channel, users) = acme_with_users(&storage, &endpoint, &addresses).await;
     let mailboxes = MailboxesClient::new(channel);
-    for port in ports.into_iter().chain([front]) {
+    for port in ports
+        .into_iter()
+        .chain([front, imap_front])
+        .chain(imap_ports)
+    {
         wait_for("the front doors listening", &[&haproxy], || async move {
             listening(port).then_some(())
         })
@@ -347,4 +385,101 @@ print(results['ok'], results['retries'], results['fatal'])
         seen_client.contains("(127.0.0.2)"),
         "the real client address, not the balancer's: {seen_client}"
     );
+
+    // The readers: IMAP through the balancer from 127.0.0.2 while each gateway is
+    // restarted in turn. Every pass over the mailboxes sees every message.
+    let expected: usize = accepted;
+    let script = format!(
+        r#"
+import imaplib, socket, time, os
+U, STOP, EXPECTED = {USERS}, {stop:?}, {expected}
+class FromClientAddress(imaplib.IMAP4):
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=('127.0.0.2', 0))
+stop = STOP + '.imap'
+retries, passes, bad = 0, 0, []
+def session():
+    global retries
+    while True:
+        try:
+            return FromClientAddress('127.0.0.1', {imap_front}, timeout=30)
+        except OSError:
+            retries += 1
+            time.sleep(0.1)
+m = session()
+try:
+    m.login('user0@acme.test', 'wrong')
+    bad.append('a wrong password was accepted')
+except imaplib.IMAP4.error:
+    pass
+while passes < 3 or not os.path.exists(stop):
+    total = 0
+    for u in range(U):
+        while True:
+            try:
+                m = session()
+                m.login('user%d@acme.test' % u, 'pw')
+                total += int(m.select('INBOX', readonly=True)[1][0])
+                m.logout()
+                break
+            except (OSError, imaplib.IMAP4.abort):
+                retries += 1
+                time.sleep(0.1)
+    if total != EXPECTED:
+        bad.append(total)
+    passes += 1
+print(passes, retries, bad)
+"#
+    );
+    let reader = Command::new("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for (i, port) in imap_ports.into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = gateways[i].terminate(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "gateway {i} exit: {status}\n{}",
+            gateways[i].log()
+        );
+        gateways[i] = spawn("imap-pop3-gateway", &gateway_env(port));
+        wait_for(
+            "a restarted gateway listening",
+            &[&gateways[i]],
+            || async move { listening(port).then_some(()) },
+        )
+        .await;
+    }
+    std::fs::write(format!("{stop}.imap"), b"").unwrap();
+    let out = tokio::task::spawn_blocking(move || reader.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.trim_end().ends_with("[]"),
+        "a reader pass missed messages or a wrong password got in: {said}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateways
+            .iter()
+            .map(|g| g.log())
+            .collect::<Vec<_>>()
+            .join("\n-----\n")
+    );
+    eprintln!("IMAP passes, retries: {said}");
+    // The failed login was counted for the real client, not the balancer.
+    let counted = Command::new("redis-cli")
+        .args([
+            "-u",
+            &backend_env("MMTEST_REDIS"),
+            "GET",
+            &format!("{run}:gateway:authfail:ip:127.0.0.2"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&counted.stdout).trim(), "1");
 }
