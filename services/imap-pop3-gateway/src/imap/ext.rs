@@ -269,7 +269,11 @@ fn syntax(message: &[u8]) -> Option<(Vec<u8>, Extras)> {
                     let stop = inner[start..].iter().position(|&b| b == b')')? + start;
                     extras.list_status = Some(status_items(&inner[start + 1..stop])?);
                     i = stop + 1;
-                } else if !word.is_empty() {
+                } else if word.is_empty() {
+                    // A parenthesis where an option belongs: not syntax this knows
+                    // (found by fuzzing: it used to spin here).
+                    return None;
+                } else {
                     extras.list_return.push(word);
                 }
                 while i < inner.len() && inner[i] == b' ' {
@@ -372,6 +376,8 @@ mod tests {
         assert_eq!(out, b"b LIST \"\" %\r\n");
         assert_eq!(e.list_return, vec!["SPECIAL-USE".to_owned()]);
         assert!(rewrite(b"c LIST \"\" \"*\"\r\n").is_none());
+        assert!(rewrite(b"e LIST \"\" x RETURN (()\r\n").is_none());
+        assert!(rewrite(b"e LIST \"\" x RETURN ((a) b)\r\n").is_none());
         assert!(rewrite(b"d FETCH 1 (FLAGS)\r\n").is_none());
     }
 }

@@ -1567,16 +1567,41 @@ fn last_line_start(out: &[u8]) -> usize {
 /// RFC 3501 LIST matching: `*` matches anything, `%` anything but the delimiter;
 /// INBOX is case-insensitive.
 fn wildcard_match(pattern: &str, name: &str) -> bool {
+    // Dynamic programming over (pattern, name) positions: linear in their product,
+    // whatever the client puts in the pattern (no backtracking blow-up).
     fn go(p: &[char], n: &[char]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some(('*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
-            Some(('%', rest)) => {
-                let stop = n.iter().position(|&c| c == DELIMITER).unwrap_or(n.len());
-                (0..=stop).any(|i| go(rest, &n[i..]))
+        // reach[j]: the pattern so far can match the first j characters of the name.
+        let mut reach = vec![false; n.len() + 1];
+        reach[0] = true;
+        for &c in p {
+            let mut next = vec![false; n.len() + 1];
+            match c {
+                '*' => {
+                    let mut on = false;
+                    for j in 0..=n.len() {
+                        on |= reach[j];
+                        next[j] = on;
+                    }
+                }
+                '%' => {
+                    let mut on = false;
+                    for j in 0..=n.len() {
+                        on |= reach[j];
+                        next[j] = on;
+                        if j < n.len() && n[j] == DELIMITER {
+                            on = false;
+                        }
+                    }
+                }
+                c => {
+                    for j in 0..n.len() {
+                        next[j + 1] = reach[j] && n[j] == c;
+                    }
+                }
             }
-            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
+            reach = next;
         }
+        reach[n.len()]
     }
     let fold = |s: &str| -> Vec<char> {
         match s.get(..5) {
@@ -1606,6 +1631,12 @@ mod tests {
         assert!(wildcard_match("S%", "Sent"));
         assert!(wildcard_match("Entwü*", "Entwürfe/2026"));
         assert!(!wildcard_match("Entwü%", "Entwürfe/2026"));
+        assert!(wildcard_match("a/%/c", "a/b/c"));
+        assert!(!wildcard_match("a/%", "a/b/c"));
+        assert!(wildcard_match("%/%", "a/b"));
+        // Linear, not exponential: this would never finish with backtracking.
+        let evil = format!("{}b", "*a".repeat(40));
+        assert!(!wildcard_match(&evil, &"a".repeat(200)));
     }
 
     #[test]
