@@ -5,7 +5,8 @@ settings), optional ClusterIP Service, PodDisruptionBudget and CPU HorizontalPod
 Parameters: root (the chart context), component, v (its values), binary, ports (list of
 {name, port, servicePort?, appProtocol?}), service (bool), serviceType (ClusterIP by
 default; a LoadBalancer keeps client addresses with externalTrafficPolicy Local), tls
-(mount the certificate Secret at /etc/mailmesh/tls), stateless (no Kafka/S3 credentials).
+(mount the certificate Secret at /etc/mailmesh/tls), stateless (no Kafka/S3 credentials),
+sessionsMetric (the custom metric autoscaling.sessionsPerPod scales on).
 */}}
 {{- define "mailmesh.workload" -}}
 {{- $root := .root -}}
@@ -208,6 +209,17 @@ spec:
         target:
           type: Utilization
           averageUtilization: {{ $v.autoscaling.targetCPUUtilizationPercentage }}
+    {{- if and $.sessionsMetric $v.autoscaling.sessionsPerPod }}
+    # Open sessions per pod, from Prometheus through an adapter (e.g.
+    # prometheus-adapter exposing this metric to the custom metrics API).
+    - type: Pods
+      pods:
+        metric:
+          name: {{ $.sessionsMetric }}
+        target:
+          type: AverageValue
+          averageValue: {{ $v.autoscaling.sessionsPerPod | quote }}
+    {{- end }}
 {{- end }}
 {{- end }}
 {{- end -}}
