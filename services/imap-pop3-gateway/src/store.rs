@@ -107,13 +107,13 @@ impl Store {
         Ok((r.uid_validity, messages))
     }
 
-    /// The whole message.
+    /// The whole message (NotFound when it was expunged meanwhile).
     pub async fn fetch(
         &self,
         user: &v1::UserRef,
         mailbox: &str,
         uid: u32,
-    ) -> Result<Vec<u8>, StoreError> {
+    ) -> Result<Vec<u8>, tonic::Status> {
         let mut stream = self
             .mailboxes
             .clone()

@@ -404,6 +404,16 @@ fn status(
     })
 }
 
+/// Credentials before TLS where that is not allowed (RFC 5530).
+fn privacy_required(tag: &Tag<'_>) -> Response<'static> {
+    status(
+        Some(tag),
+        StatusKind::No,
+        Some(code("PRIVACYREQUIRED")),
+        "Use STARTTLS first",
+    )
+}
+
 fn bye(text: &str) -> Response<'static> {
     Response::Status(Status::Bye(Bye {
         code: None,
@@ -670,12 +680,7 @@ impl Session {
             }
             CommandBody::Login { username, password } if !authed => {
                 if !self.tls && !self.gw.imap.allow_plaintext_auth {
-                    conn.push(&status(
-                        Some(&tag),
-                        StatusKind::No,
-                        Some(code("PRIVACYREQUIRED")),
-                        "Use STARTTLS first",
-                    ));
+                    conn.push(&privacy_required(&tag));
                 } else {
                     let user = String::from_utf8_lossy(username.as_ref()).into_owned();
                     let pass = String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
@@ -1075,12 +1080,7 @@ impl Session {
             return Ok(());
         }
         if !self.tls && !self.gw.imap.allow_plaintext_auth {
-            conn.push(&status(
-                Some(tag),
-                StatusKind::No,
-                Some(code("PRIVACYREQUIRED")),
-                "Use STARTTLS first",
-            ));
+            conn.push(&privacy_required(tag));
             return Ok(());
         }
         let response = match initial {

@@ -7,7 +7,6 @@ use std::io;
 use std::num::{NonZeroU32, NonZeroU64};
 
 use chrono::{DateTime, FixedOffset, Utc};
-use futures::StreamExt;
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::command::{CommandBody, FetchModifier, StoreModifier};
 use imap_codec::imap_types::core::{Atom, LiteralMode, NString, NString8, Tag, Vec1};
@@ -594,6 +593,19 @@ fn gaps(existing: &[u32], wanted: &[(u32, u32)]) -> Vec<(u32, u32)> {
     gaps
 }
 
+fn read_only(tag: &Tag<'_>) -> Response<'static> {
+    status(
+        Some(tag),
+        StatusKind::No,
+        Some(code("READ-ONLY")),
+        "Mailbox is read-only",
+    )
+}
+
+fn invalid_set(tag: &Tag<'_>) -> Response<'static> {
+    status(Some(tag), StatusKind::Bad, None, "Invalid sequence set")
+}
+
 /// The range a sequence names, `*` being `star` (ranges may be written backwards).
 fn bounds(s: &Sequence, star: u32) -> (u32, u32) {
     let value = |v: &SeqOrUid| match v {
@@ -811,12 +823,7 @@ impl Session {
             }
             CommandBody::Expunge | CommandBody::ExpungeUid { .. } => {
                 if sel.read_only {
-                    conn.push(&status(
-                        Some(tag),
-                        StatusKind::No,
-                        Some(code("READ-ONLY")),
-                        "Mailbox is read-only",
-                    ));
+                    conn.push(&read_only(tag));
                     return Ok(());
                 }
                 // EXPUNGE: every \Deleted message, whoever flagged it (RFC 3501
@@ -1044,21 +1051,11 @@ impl Session {
                 modifiers,
             } => {
                 if sel.read_only {
-                    conn.push(&status(
-                        Some(tag),
-                        StatusKind::No,
-                        Some(code("READ-ONLY")),
-                        "Mailbox is read-only",
-                    ));
+                    conn.push(&read_only(tag));
                     return Ok(());
                 }
                 let Ok(indexes) = sel.resolve(&sequence_set, uid) else {
-                    conn.push(&status(
-                        Some(tag),
-                        StatusKind::Bad,
-                        None,
-                        "Invalid sequence set",
-                    ));
+                    conn.push(&invalid_set(tag));
                     return Ok(());
                 };
                 let mut unchanged_since = None;
@@ -1166,21 +1163,11 @@ impl Session {
                 sequence_set, uid, ..
             } => {
                 if is_move && sel.read_only {
-                    conn.push(&status(
-                        Some(tag),
-                        StatusKind::No,
-                        Some(code("READ-ONLY")),
-                        "Mailbox is read-only",
-                    ));
+                    conn.push(&read_only(tag));
                     return Ok(());
                 }
                 let Ok(indexes) = sel.resolve(&sequence_set, uid) else {
-                    conn.push(&status(
-                        Some(tag),
-                        StatusKind::Bad,
-                        None,
-                        "Invalid sequence set",
-                    ));
+                    conn.push(&invalid_set(tag));
                     return Ok(());
                 };
                 let uids: Vec<u32> = indexes.iter().map(|&i| sel.messages[i].uid).collect();
@@ -1265,12 +1252,7 @@ impl Session {
         let condstore = self.condstore;
         let sel = self.selected.as_mut().expect("selected");
         let Ok(indexes) = sel.resolve(set, uid) else {
-            conn.push(&status(
-                Some(tag),
-                StatusKind::Bad,
-                None,
-                "Invalid sequence set",
-            ));
+            conn.push(&invalid_set(tag));
             return Ok(());
         };
         let content = items.iter().any(needs_body);
@@ -1519,23 +1501,7 @@ fn search_uses_modseq(key: &SearchKey<'_>) -> bool {
 
 /// The whole stored message.
 async fn fetch_message(gw: &Gateway, sel: &Selected, uid: u32) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = gw
-        .store
-        .mailboxes()
-        .fetch(v1::FetchRequest {
-            user: Some(sel.user.clone()),
-            mailbox: sel.name.clone(),
-            uid,
-            start: 0,
-            end: 0,
-        })
-        .await?
-        .into_inner();
-    let mut message = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        message.extend_from_slice(&chunk?.data);
-    }
-    Ok(message)
+    gw.store.fetch(&sel.user, &sel.name, uid).await
 }
 
 #[cfg(test)]
