@@ -6,7 +6,8 @@
 //! Authentication-Results headers; a DMARC p=reject forgery is refused and a
 //! p=quarantine one is filed in Junk; a second recipient reads the message over POP3
 //! (poplib, STLS) and deletes it, the first reads hers over IMAP (imaplib, implicit
-//! TLS) and finds the junked one in Junk.
+//! TLS) and finds the junked one in Junk; an IMAP IDLE started before the mail was
+//! sent is woken by its delivery.
 
 mod common;
 
@@ -97,6 +98,41 @@ async fn smtp_to_inbox_through_separate_processes() {
         std::net::TcpStream::connect(("127.0.0.1", auth_grpc)).ok()
     })
     .await;
+    // Carol idles on her empty INBOX through the gateway (imaplib over implicit TLS,
+    // IDLE by hand: Python 3.11's imaplib has no idle()); the mail sent below must
+    // wake her.
+    wait_for("the gateway listening", &logs, || async {
+        std::net::TcpStream::connect(("127.0.0.1", imaps)).ok()
+    })
+    .await;
+    let idle_script = format!(
+        r#"
+import imaplib, ssl, sys
+m = imaplib.IMAP4_SSL('127.0.0.1', {imaps}, ssl_context=ssl._create_unverified_context())
+m.login('carol@acme.test', 'pw')
+m.select('INBOX')
+m.send(b'i1 IDLE\r\n')
+print(m.readline().decode().strip(), flush=True)
+print(m.readline().decode().strip(), flush=True)
+m.send(b'DONE\r\n')
+print(m.readline().decode().strip(), flush=True)
+"#
+    );
+    let mut idler = Command::new("python3")
+        .args(["-c", &idle_script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut idle_out = std::io::BufReader::new(idler.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut idle_out, &mut first).unwrap();
+    assert_eq!(
+        first.trim(),
+        "+ idling",
+        "IDLE did not start: {}",
+        gateway.log()
+    );
     wait_for("smtp-ingress listening", &logs, || async {
         std::net::TcpStream::connect(("127.0.0.1", smtp)).ok()
     })
@@ -132,6 +168,21 @@ print('sent')
         "smtplib: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         ingress.log()
+    );
+
+    // The delivery woke carol's IDLE.
+    let woke = tokio::task::spawn_blocking(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut idle_out, &mut rest).unwrap();
+        let _ = idler.wait();
+        rest
+    })
+    .await
+    .unwrap();
+    assert!(
+        woke.starts_with("* 1 EXISTS\ni1 OK"),
+        "IDLE was not woken by the delivery: {woke:?}\n{}",
+        gateway.log()
     );
 
     let status = |user: &v1::UserRef, mailbox: &'static str| {
