@@ -43,6 +43,9 @@ struct DevConfig {
     /// SPF/DKIM/DMARC checks (`[auth]`; DNS from /etc/resolv.conf unless
     /// `auth.dns.servers` is set).
     auth: AuthConfig,
+    /// SMTP limits (`[smtp]`, as smtp-ingress has them; the topic is always the dev
+    /// queue's).
+    smtp: IngressConfig,
     /// POP3 limits (`[pop3]`).
     pop3: mailmesh_gateway::Pop3Config,
     /// IMAP limits (`[imap]`).
@@ -119,6 +122,7 @@ impl Default for DevConfig {
                 },
                 ..AuthConfig::default()
             },
+            smtp: IngressConfig::default(),
             pop3: mailmesh_gateway::Pop3Config::default(),
             imap: mailmesh_gateway::ImapConfig::default(),
             admin: AdminConfig {
@@ -143,6 +147,7 @@ impl Validate for DevConfig {
         self.shutdown.validate()?;
         self.storage.validate()?;
         self.auth.validate()?;
+        self.smtp.validate()?;
         self.pop3.validate()?;
         self.imap.validate()?;
         if let Some(tls) = &self.tls {
@@ -256,7 +261,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Arc::new(engine.clone()),
         IngressConfig {
             topic: MAIL_TOPIC.into(),
-            ..IngressConfig::default()
+            ..config.smtp.clone()
         },
         Some(mailmesh_kit::tls::server_config(resolver.clone())?),
         cache.clone(),

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# SMTP inbound, accepted and delivered, mailmesh beside Postfix on this machine, in
+# one run (these machines are noisy: never compare figures from different runs).
+#
+#   loadtest/smtp-inbound.sh [MESSAGES] [SESSIONS] [SIZE] [ROUNDS]
+#   (defaults 10000 20 10240 2: the reference workload of issue 8)
+#
+# The client for both is Postfix's own smtp-source, an independent load tool. Each
+# round runs it against Postfix (smtpd -> virtual(8) maildir delivery, queue fsynced)
+# and against `mailctl dev` (embedded queue fsynced before 250, auth-check doing SPF,
+# DKIM, DMARC and iprev against a local DNS server that answers at once, delivery into
+# maildir on the local object store), and measures until the last message is
+# *delivered*, not only accepted. Prints msgs/s for each and the ratio mailmesh/Postfix.
+# Needs: postfix (Debian), dnsmasq-base, a release build of mailctl (built here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-10000}
+S=${2:-20}
+L=${3:-10240}
+ROUNDS=${4:-2}
+# A fixed place: Postfix only runs a second instance from a configuration directory
+# the default main.cf lists in alternate_config_directories.
+WORK=/tmp/mailmesh-loadtest
+rm -rf "$WORK" && mkdir -p "$WORK"
+PF_PORT=${PF_PORT:-2626}
+MM_PORT=${MM_PORT:-2627}
+DNS_PORT=${DNS_PORT:-2653}
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/pf/etc/main.cf" ] && postfix -c "$WORK/pf/etc" stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+command -v smtp-source >/dev/null || {
+  echo "installing postfix (for smtpd and smtp-source)" >&2
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null
+}
+[ -x /usr/sbin/dnsmasq ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null
+# The distribution's own instance is not used; its main.cf (absent with "No
+# configuration") only authorises ours and lets it log to a file.
+postfix stop >/dev/null 2>&1 || true
+if ! grep -q "^alternate_config_directories = $WORK/pf/etc" /etc/postfix/main.cf 2>/dev/null; then
+  cat >>/etc/postfix/main.cf <<CF
+compatibility_level = 3.6
+alternate_config_directories = $WORK/pf/etc
+maillog_file_prefixes = /var, /dev/stdout, /tmp
+maillog_file = $WORK/postfix-default.log
+CF
+fi
+
+cargo build --release -q -p mailctl
+MAILCTL=$PWD/target/release/mailctl
+
+# A DNS server that answers every question at once (NXDOMAIN): the checks run, the
+# network is not what is measured.
+/usr/sbin/dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$DNS_PORT" \
+  --listen-address=127.0.0.1 --bind-interfaces --local=/#/ --pid-file="$WORK/dnsmasq.pid" &
+PIDS+=($!)
+
+# Postfix: a private instance on 127.0.0.1:$PF_PORT delivering acme.test to one maildir.
+setup_postfix() {
+  local etc=$WORK/pf/etc
+  mkdir -p "$etc" "$WORK/pf/spool" "$WORK/pf/data" "$WORK/pf/mail"
+  chown nobody:nogroup "$WORK/pf/mail"
+  chown postfix:postfix "$WORK/pf/data"
+  cp /etc/postfix/master.cf "$etc/master.cf"
+  sed -i 's/^smtp      inet/#smtp      inet/' "$etc/master.cf"
+  echo "127.0.0.1:$PF_PORT inet n - n - - smtpd" >>"$etc/master.cf"
+  cat >"$etc/main.cf" <<CF
+compatibility_level = 3.6
+config_directory = $etc
+queue_directory = $WORK/pf/spool
+data_directory = $WORK/pf/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.postfix.test
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+virtual_mailbox_domains = acme.test
+virtual_mailbox_base = $WORK/pf/mail
+virtual_mailbox_maps = static:alice/
+virtual_uid_maps = static:$(id -u nobody)
+virtual_gid_maps = static:$(getent group nogroup | cut -d: -f3)
+virtual_minimum_uid = 100
+virtual_mailbox_limit = 0
+message_size_limit = 67108864
+default_process_limit = 200
+maillog_file_prefixes = /var, /dev/stdout, /tmp
+maillog_file = $WORK/pf/maillog
+CF
+  postfix -c "$etc" check >/dev/null 2>&1 || true
+  postfix -c "$etc" start >/dev/null 2>&1 || {
+    echo "postfix did not start; see $WORK/pf/maillog" >&2
+    exit 1
+  }
+}
+
+delivered_postfix() {
+  { find "$WORK/pf/mail/alice/new" "$WORK/pf/mail/alice/cur" -type f 2>/dev/null || true; } | wc -l
+}
+
+start_mailmesh() {
+  local data=$WORK/mm-$1
+  MAILMESH_PORTS__SMTP=$MM_PORT MAILMESH_PORTS__STORAGE=$((MM_PORT + 1)) \
+  MAILMESH_PORTS__IMAP=$((MM_PORT + 2)) MAILMESH_PORTS__IMAPS=$((MM_PORT + 3)) \
+  MAILMESH_PORTS__POP3=$((MM_PORT + 4)) MAILMESH_PORTS__POP3S=$((MM_PORT + 5)) \
+  MAILMESH_PORTS__SUBMISSION=$((MM_PORT + 6)) MAILMESH_PORTS__SUBMISSIONS=$((MM_PORT + 7)) \
+  MAILMESH_AUTH__DNS__SERVERS="[\"127.0.0.1:$DNS_PORT\"]" \
+  MAILMESH_SMTP__CONNECTIONS_PER_IP_PER_MINUTE=0 \
+  MAILMESH_TELEMETRY__LOG_LEVEL=warn \
+    "$MAILCTL" dev --data-dir "$data" --admin-listen "127.0.0.1:$((MM_PORT + 8))" \
+    >"$WORK/mm-$1.log" 2>&1 &
+  MM_PID=$!
+  PIDS+=($MM_PID)
+  export MAILCTL_ENDPOINT=http://127.0.0.1:$((MM_PORT + 1))
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$((MM_PORT + 8))/readyz" >/dev/null && break
+    sleep 0.5
+  done
+  "$MAILCTL" tenant add acme >/dev/null
+  "$MAILCTL" domain add acme acme.test >/dev/null
+  echo pw | "$MAILCTL" user add alice@acme.test --password-stdin >/dev/null
+}
+
+delivered_mailmesh() {
+  "$MAILCTL" --json mailbox list alice@acme.test 2>/dev/null |
+    python3 -c 'import json,sys; print(next((m["messages"] for m in json.load(sys.stdin) if m["name"]=="INBOX"),0))' 2>/dev/null || echo 0
+}
+
+# Runs smtp-source against PORT and waits until COUNT_FN reports N more delivered;
+# prints "accept_seconds deliver_seconds".
+measure() {
+  local port=$1 count_fn=$2 before after t0 t1 t2
+  before=$($count_fn)
+  t0=$(date +%s.%N)
+  smtp-source -s "$S" -m "$N" -l "$L" -M client.example.org -f bench@example.org \
+    -t alice@acme.test "127.0.0.1:$port"
+  t1=$(date +%s.%N)
+  while :; do
+    after=$($count_fn)
+    [ "$((after - before))" -ge "$N" ] && break
+    if python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $t1 > 300 else 1)"; then
+      echo "only $((after - before)) of $N delivered after 300 s" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  t2=$(date +%s.%N)
+  python3 -c "print('%.3f %.3f' % ($t1 - $t0, $t2 - $t0))"
+}
+
+setup_postfix
+printf '%-6s %-9s %12s %12s %12s %12s %8s\n' round server accept_s deliver_s accept/s delivered/s rss_MB
+for round in $(seq 1 "$ROUNDS"); do
+  read -r pa pd < <(measure "$PF_PORT" delivered_postfix)
+  printf '%-6s %-9s %12s %12s %12.0f %12.0f %8s\n' "$round" postfix "$pa" "$pd" \
+    "$(python3 -c "print($N/$pa)")" "$(python3 -c "print($N/$pd)")" "-"
+  start_mailmesh "$round"
+  read -r ma md < <(measure "$MM_PORT" delivered_mailmesh)
+  rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$MM_PID/status")
+  printf '%-6s %-9s %12s %12s %12.0f %12.0f %8s\n' "$round" mailmesh "$ma" "$md" \
+    "$(python3 -c "print($N/$ma)")" "$(python3 -c "print($N/$md)")" "$rss"
+  kill "$MM_PID"; wait "$MM_PID" 2>/dev/null || true
+  python3 -c "print('round $round: mailmesh/postfix accepted %.2f, delivered %.2f' % ($pa/$ma, $pd/$md))"
+done
