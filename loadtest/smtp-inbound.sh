@@ -9,7 +9,8 @@
 # round runs it against Postfix (smtpd -> virtual(8) maildir delivery, queue fsynced)
 # and against `mailctl dev` (embedded queue fsynced before 250, auth-check doing SPF,
 # DKIM, DMARC and iprev against a local DNS server that answers at once, delivery into
-# maildir on the local object store), and measures until the last message is
+# maildir on the local object store, fsynced like virtual(8)'s maildir files), and
+# measures until the last message is
 # *delivered*, not only accepted. Prints msgs/s for each and the ratio mailmesh/Postfix.
 # Needs: postfix (Debian), dnsmasq-base, a release build of mailctl (built here).
 set -euo pipefail
@@ -29,6 +30,12 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$WORK/pf/etc/main.cf" ] && postfix -c "$WORK/pf/etc" stop >/dev/null 2>&1 || true
+  # Leave the machine's Postfix configuration as it was.
+  if [ -f "$WORK/main.cf.orig" ]; then
+    cp "$WORK/main.cf.orig" /etc/postfix/main.cf
+  elif [ -f "$WORK/main.cf.none" ]; then
+    rm -f /etc/postfix/main.cf
+  fi
 }
 trap cleanup EXIT
 
@@ -41,6 +48,7 @@ command -v smtp-source >/dev/null || {
 # The distribution's own instance is not used; its main.cf (absent with "No
 # configuration") only authorises ours and lets it log to a file.
 postfix stop >/dev/null 2>&1 || true
+if [ -f /etc/postfix/main.cf ]; then cp /etc/postfix/main.cf "$WORK/main.cf.orig"; else touch "$WORK/main.cf.none"; fi
 if ! grep -q "^alternate_config_directories = $WORK/pf/etc" /etc/postfix/main.cf 2>/dev/null; then
   cat >>/etc/postfix/main.cf <<CF
 compatibility_level = 3.6
@@ -156,15 +164,22 @@ measure() {
 
 setup_postfix
 printf '%-6s %-9s %12s %12s %12s %12s %8s\n' round server accept_s deliver_s accept/s delivered/s rss_MB
-for round in $(seq 1 "$ROUNDS"); do
+run_postfix() {
   read -r pa pd < <(measure "$PF_PORT" delivered_postfix)
   printf '%-6s %-9s %12s %12s %12.0f %12.0f %8s\n' "$round" postfix "$pa" "$pd" \
     "$(python3 -c "print($N/$pa)")" "$(python3 -c "print($N/$pd)")" "-"
+}
+run_mailmesh() {
   start_mailmesh "$round"
   read -r ma md < <(measure "$MM_PORT" delivered_mailmesh)
   rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$MM_PID/status")
   printf '%-6s %-9s %12s %12s %12.0f %12.0f %8s\n' "$round" mailmesh "$ma" "$md" \
     "$(python3 -c "print($N/$ma)")" "$(python3 -c "print($N/$md)")" "$rss"
   kill "$MM_PID"; wait "$MM_PID" 2>/dev/null || true
+}
+for round in $(seq 1 "$ROUNDS"); do
+  # Alternate who goes first: neither always gets the cooler machine.
+  if [ $((round % 2)) -eq 1 ]; then run_postfix; run_mailmesh; else run_mailmesh; run_postfix; fi
   python3 -c "print('round $round: mailmesh/postfix accepted %.2f, delivered %.2f' % ($pa/$ma, $pd/$md))"
 done
+

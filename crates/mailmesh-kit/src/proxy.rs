@@ -30,6 +30,8 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     pub fn trusts(&self, peer: IpAddr) -> bool {
+        // A dual-stack listener sees an IPv4 balancer as ::ffff:a.b.c.d.
+        let peer = peer.to_canonical();
         self.trusted.iter().any(|net| net.contains(&peer))
     }
 }
@@ -78,6 +80,8 @@ pub async fn read_header<R: AsyncRead + Unpin>(
         }
         match HeaderResult::parse(&buf) {
             HeaderResult::V1(Ok(h)) => Ok(v1_client(&h.addresses, peer)),
+            // LOCAL (the balancer's own health checks): its addresses mean nothing.
+            HeaderResult::V2(Ok(h)) if h.command == ppp::v2::Command::Local => Ok(peer),
             HeaderResult::V2(Ok(h)) => Ok(v2_client(&h.addresses, peer)),
             _ => Err(ProxyError::Invalid),
         }
@@ -180,6 +184,7 @@ mod tests {
         };
         assert!(config.trusts("10.1.2.3".parse().unwrap()));
         assert!(config.trusts("fd00::1".parse().unwrap()));
+        assert!(config.trusts("::ffff:10.1.2.3".parse().unwrap()));
         assert!(!config.trusts("192.0.2.1".parse().unwrap()));
     }
 }

@@ -99,7 +99,11 @@ pub fn open(config: &ObjectStoreConfig) -> Result<Arc<dyn ObjectStore>> {
                 source,
             })?;
             Ok(Arc::new(
-                LocalFileSystem::new_with_prefix(&c.dir)?.with_automatic_cleanup(true),
+                // fsync files and directories before a write returns: what S3 promises,
+                // and what a 250 that is then delivered relies on.
+                LocalFileSystem::new_with_prefix(&c.dir)?
+                    .with_automatic_cleanup(true)
+                    .with_fsync(true),
             ))
         }
     }

@@ -43,15 +43,20 @@ pub(crate) async fn check(
         && name.len() <= 320
         && !name.chars().any(|c| c.is_control() || c.is_whitespace()))
     .then(|| format!("gateway:authfail:user:{name}"));
-    // An unreachable cache does not stop logins; it only lifts the limits.
-    let failures = |key: String| async move { gw.cache.incr(&key, 0, window).await.unwrap_or(0) };
-    if failures(by_ip.clone()).await >= limit {
+    // Every attempt is counted before the password is checked (and given back when
+    // it was right), so parallel connections cannot try more than the limit. An
+    // unreachable cache does not stop logins; it only lifts the limits.
+    let count =
+        |key: String, by: i64| async move { gw.cache.incr(&key, by, window).await.unwrap_or(0) };
+    if count(by_ip.clone(), 1).await > limit {
         crate::metrics::event(protocol, "auth_throttled");
         tokio::time::sleep(limits.failure_delay).await;
         return Login::Throttled;
     }
+    // Too many on one account: slowed down, never locked out (anyone could lock a
+    // user out otherwise), and the same whether the account exists or not.
     if let Some(key) = &by_name
-        && failures(key.clone()).await >= limit
+        && count(key.clone(), 1).await > limit
     {
         crate::metrics::event(protocol, "auth_throttled");
         tokio::time::sleep(limits.failure_delay * 5).await;
@@ -67,12 +72,14 @@ pub(crate) async fn check(
         None => None,
     };
     match user {
-        Some(user) => Login::Ok(user),
+        Some(user) => {
+            for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
+                let _ = gw.cache.incr(key, -1, window).await;
+            }
+            Login::Ok(user)
+        }
         None => {
             crate::metrics::event(protocol, "auth_failed");
-            for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
-                let _ = gw.cache.incr(key, 1, window).await;
-            }
             tokio::time::sleep(limits.failure_delay).await;
             Login::Invalid
         }

@@ -108,8 +108,10 @@ async fn smtp_to_inbox_through_separate_processes() {
     let idle_script = format!(
         r#"
 import imaplib, ssl, sys
-m = imaplib.IMAP4_SSL('127.0.0.1', {imaps}, ssl_context=ssl._create_unverified_context())
+m = imaplib.IMAP4_SSL('127.0.0.1', {imaps}, ssl_context=ssl._create_unverified_context(), timeout=30)
 m.login('carol@acme.test', 'pw')
+# Never hang the test: a missing wake-up ends in a timeout, and the test says so.
+m.sock.settimeout(90)
 m.select('INBOX')
 m.send(b'i1 IDLE\r\n')
 print(m.readline().decode().strip(), flush=True)

@@ -741,6 +741,7 @@ impl MailboxesApi for StorageService {
         let user = user_ref(r.user)?;
         self.engine.sync_user(&user).await?;
         let since = r.since_modseq;
+        let limit = self.engine.config().index_limits.max_expunge_log;
         let response = self
             .mailbox_view(&user, &r.mailbox, |m| v1::VanishedResponse {
                 uid_validity: m.uidvalidity,
@@ -750,7 +751,7 @@ impl MailboxesApi for StorageService {
                     .filter(|(_, modseq)| **modseq > since)
                     .map(|(uid, _)| *uid)
                     .collect(),
-                complete: since >= m.vanished_floor,
+                complete: m.expunges_complete_since(since, limit),
             })
             .await?;
         Ok(Response::new(response))

@@ -211,10 +211,12 @@ pub struct Mailbox {
     pub messages: BTreeMap<Uid, Message>,
     /// Recently expunged UIDs and the MODSEQ of their expunge (QRESYNC).
     pub expunged: BTreeMap<Uid, ModSeq>,
-    /// The highest MODSEQ of an expunge dropped from `expunged` (the log is bounded):
-    /// a client asking for expunges since an older MODSEQ cannot get a complete list.
+    /// The highest MODSEQ of an expunge dropped from `expunged` (the log is bounded,
+    /// oldest expunges go first): a client asking for expunges since an older MODSEQ
+    /// cannot get a complete list. `None` in snapshots older than this field, whose
+    /// log may have been trimmed without a record of it.
     #[serde(default)]
-    pub vanished_floor: ModSeq,
+    pub vanished_floor: Option<ModSeq>,
 }
 
 impl Mailbox {
@@ -238,9 +240,23 @@ impl Mailbox {
     fn log_expunge(&mut self, uid: Uid, modseq: ModSeq, limit: usize) {
         self.expunged.insert(uid, modseq);
         while self.expunged.len() > limit {
-            if let Some((_, dropped)) = self.expunged.pop_first() {
-                self.vanished_floor = self.vanished_floor.max(dropped);
-            }
+            // The oldest expunge (lowest MODSEQ, then lowest UID: deterministic).
+            let Some((&oldest, &dropped)) = self.expunged.iter().min_by_key(|(u, m)| (**m, **u))
+            else {
+                break;
+            };
+            self.expunged.remove(&oldest);
+            self.vanished_floor = Some(self.vanished_floor.unwrap_or(0).max(dropped));
+        }
+    }
+
+    /// Whether `expunged` lists every expunge after `since`; `limit` is the log's
+    /// bound (for snapshots that predate `vanished_floor`).
+    pub fn expunges_complete_since(&self, since: ModSeq, limit: usize) -> bool {
+        match self.vanished_floor {
+            Some(floor) => since >= floor,
+            // Never trimmed if it never reached the bound; otherwise unknown.
+            None => self.expunged.len() < limit,
         }
     }
 }
@@ -515,7 +531,7 @@ impl UserIndex {
                 highest_modseq: 1,
                 messages: BTreeMap::new(),
                 expunged: BTreeMap::new(),
-                vanished_floor: 0,
+                vanished_floor: Some(0),
             },
         );
         id
@@ -1178,16 +1194,23 @@ mod tests {
         let mut f = Fixture::new();
         f.append(INBOX, 10, None, None).unwrap();
         let mut mailbox = f.index.mailbox(INBOX).unwrap().clone();
-        assert_eq!(mailbox.vanished_floor, 0);
+        assert_eq!(mailbox.vanished_floor, Some(0));
         mailbox.log_expunge(5, 10, 2);
         mailbox.log_expunge(6, 11, 2);
-        assert_eq!(mailbox.vanished_floor, 0, "nothing dropped yet");
-        mailbox.log_expunge(7, 12, 2);
-        assert_eq!(mailbox.expunged.keys().copied().collect::<Vec<_>>(), [6, 7]);
-        assert_eq!(
-            mailbox.vanished_floor, 10,
+        assert_eq!(mailbox.vanished_floor, Some(0), "nothing dropped yet");
+        // An old message (low UID) expunged last: the oldest *expunge* goes, not it.
+        mailbox.log_expunge(1, 12, 2);
+        assert_eq!(mailbox.expunged.keys().copied().collect::<Vec<_>>(), [1, 6]);
+        assert_eq!(mailbox.vanished_floor, Some(10));
+        assert!(mailbox.expunges_complete_since(10, 2));
+        assert!(
+            !mailbox.expunges_complete_since(9, 2),
             "a client behind MODSEQ 10 gets no complete list"
         );
+        // A snapshot from before the floor existed: complete only if never full.
+        mailbox.vanished_floor = None;
+        assert!(!mailbox.expunges_complete_since(50, 2));
+        assert!(mailbox.expunges_complete_since(50, 3));
     }
 
     #[test]
