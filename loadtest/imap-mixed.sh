@@ -37,6 +37,11 @@ python3 -c "import argon2" 2>/dev/null || pip install -q argon2-cffi
 cargo build --release -q -p mailctl -p mailmesh-loadtest
 MAILCTL=$PWD/target/release/mailctl
 LOAD=$PWD/target/release/imap-load
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
+DNS_PORT=${DNS_PORT:-2753}
+start_dns
+export MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH=true MAILMESH_IMAP__MAX_AUTH_FAILURES=1000000
 
 # The messages: plain and multipart, 2-12 KiB, from a fixed seed.
 python3 - "$WORK/seed" "$USERS" "$PER_USER" <<'PY'
@@ -116,26 +121,8 @@ CF
   dovecot -c "$d/dovecot.conf"
 }
 
-start_mailmesh() {
-  MAILMESH_PORTS__SMTP=$MM_PORT MAILMESH_PORTS__STORAGE=$((MM_PORT + 1)) \
-  MAILMESH_PORTS__IMAP=$((MM_PORT + 2)) MAILMESH_PORTS__IMAPS=$((MM_PORT + 3)) \
-  MAILMESH_PORTS__POP3=$((MM_PORT + 4)) MAILMESH_PORTS__POP3S=$((MM_PORT + 5)) \
-  MAILMESH_PORTS__SUBMISSION=$((MM_PORT + 6)) MAILMESH_PORTS__SUBMISSIONS=$((MM_PORT + 7)) \
-  MAILMESH_AUTH__DNS__SERVERS='["127.0.0.1:9"]' MAILMESH_AUTH__DNS__TIMEOUT=50ms \
-  MAILMESH_SMTP__CONNECTIONS_PER_IP_PER_MINUTE=0 \
-  MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH=true MAILMESH_IMAP__MAX_AUTH_FAILURES=1000000 \
-  MAILMESH_TELEMETRY__LOG_LEVEL=warn \
-    "$MAILCTL" dev --data-dir "$WORK/mm" --admin-listen "127.0.0.1:$((MM_PORT + 8))" \
-    >"$WORK/mm.log" 2>&1 &
-  MM_PID=$!
-  PIDS+=($MM_PID)
-  export MAILCTL_ENDPOINT=http://127.0.0.1:$((MM_PORT + 1))
-  for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$((MM_PORT + 8))/readyz" >/dev/null && break
-    sleep 0.5
-  done
-  "$MAILCTL" tenant add acme >/dev/null
-  "$MAILCTL" domain add acme acme.test >/dev/null
+seed_mailmesh() {
+  start_mailmesh "$WORK/mm"
   for u in $(seq 0 $((USERS - 1))); do
     echo pw | "$MAILCTL" user add "user$u@acme.test" --password-stdin >/dev/null
   done
@@ -151,15 +138,13 @@ s.quit()
 PY
   # Wait until every message is delivered.
   for _ in $(seq 1 300); do
-    n=$("$MAILCTL" --json mailbox list "user$((USERS - 1))@acme.test" |
-      python3 -c 'import json,sys; print(next(m["messages"] for m in json.load(sys.stdin) if m["name"]=="INBOX"))')
-    [ "$n" -ge "$PER_USER" ] && break
+    [ "$(inbox_count "user$((USERS - 1))@acme.test")" -ge "$PER_USER" ] && break
     sleep 0.2
   done
 }
 
 setup_dovecot
-start_mailmesh
+seed_mailmesh
 # Warm up both (Dovecot builds its index on first access).
 "$LOAD" --server "127.0.0.1:$DC_PORT" --connections 8 --seconds 3 >/dev/null
 "$LOAD" --server "127.0.0.1:$((MM_PORT + 2))" --connections 8 --seconds 3 >/dev/null

@@ -44,7 +44,6 @@ command -v smtp-source >/dev/null || {
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null
 }
-[ -x /usr/sbin/dnsmasq ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null
 # The distribution's own instance is not used; its main.cf (absent with "No
 # configuration") only authorises ours and lets it log to a file.
 postfix stop >/dev/null 2>&1 || true
@@ -60,12 +59,10 @@ fi
 
 cargo build --release -q -p mailctl
 MAILCTL=$PWD/target/release/mailctl
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
 
-# A DNS server that answers every question at once (NXDOMAIN): the checks run, the
-# network is not what is measured.
-/usr/sbin/dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$DNS_PORT" \
-  --listen-address=127.0.0.1 --bind-interfaces --local=/#/ --pid-file="$WORK/dnsmasq.pid" &
-PIDS+=($!)
+start_dns
 
 # Postfix: a private instance on 127.0.0.1:$PF_PORT delivering acme.test to one maildir.
 setup_postfix() {
@@ -112,32 +109,8 @@ delivered_postfix() {
   { find "$WORK/pf/mail/alice/new" "$WORK/pf/mail/alice/cur" -type f 2>/dev/null || true; } | wc -l
 }
 
-start_mailmesh() {
-  local data=$WORK/mm-$1
-  MAILMESH_PORTS__SMTP=$MM_PORT MAILMESH_PORTS__STORAGE=$((MM_PORT + 1)) \
-  MAILMESH_PORTS__IMAP=$((MM_PORT + 2)) MAILMESH_PORTS__IMAPS=$((MM_PORT + 3)) \
-  MAILMESH_PORTS__POP3=$((MM_PORT + 4)) MAILMESH_PORTS__POP3S=$((MM_PORT + 5)) \
-  MAILMESH_PORTS__SUBMISSION=$((MM_PORT + 6)) MAILMESH_PORTS__SUBMISSIONS=$((MM_PORT + 7)) \
-  MAILMESH_AUTH__DNS__SERVERS="[\"127.0.0.1:$DNS_PORT\"]" \
-  MAILMESH_SMTP__CONNECTIONS_PER_IP_PER_MINUTE=0 \
-  MAILMESH_TELEMETRY__LOG_LEVEL=warn \
-    "$MAILCTL" dev --data-dir "$data" --admin-listen "127.0.0.1:$((MM_PORT + 8))" \
-    >"$WORK/mm-$1.log" 2>&1 &
-  MM_PID=$!
-  PIDS+=($MM_PID)
-  export MAILCTL_ENDPOINT=http://127.0.0.1:$((MM_PORT + 1))
-  for _ in $(seq 1 120); do
-    curl -sf "http://127.0.0.1:$((MM_PORT + 8))/readyz" >/dev/null && break
-    sleep 0.5
-  done
-  "$MAILCTL" tenant add acme >/dev/null
-  "$MAILCTL" domain add acme acme.test >/dev/null
-  echo pw | "$MAILCTL" user add alice@acme.test --password-stdin >/dev/null
-}
-
 delivered_mailmesh() {
-  "$MAILCTL" --json mailbox list alice@acme.test 2>/dev/null |
-    python3 -c 'import json,sys; print(next((m["messages"] for m in json.load(sys.stdin) if m["name"]=="INBOX"),0))' 2>/dev/null || echo 0
+  inbox_count alice@acme.test
 }
 
 # Runs smtp-source against PORT and waits until COUNT_FN reports N more delivered;
@@ -170,7 +143,8 @@ run_postfix() {
     "$(python3 -c "print($N/$pa)")" "$(python3 -c "print($N/$pd)")" "-"
 }
 run_mailmesh() {
-  start_mailmesh "$round"
+  start_mailmesh "$WORK/mm-$round"
+  echo pw | "$MAILCTL" user add alice@acme.test --password-stdin >/dev/null
   read -r ma md < <(measure "$MM_PORT" delivered_mailmesh)
   rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$MM_PID/status")
   printf '%-6s %-9s %12s %12s %12.0f %12.0f %8s\n' "$round" mailmesh "$ma" "$md" \

@@ -1,0 +1,40 @@
+# Shared by the loadtest scripts (sourced): `mailctl dev` on MM_PORT.. (nine ports),
+# ready, with tenant acme and domain acme.test. Needs MAILCTL, WORK, PIDS; extra
+# settings come as MAILMESH_* variables exported by the caller.
+
+# start_mailmesh DATA_DIR: starts it; sets MM_PID and MAILCTL_ENDPOINT.
+start_mailmesh() {
+  MAILMESH_PORTS__SMTP=$MM_PORT MAILMESH_PORTS__STORAGE=$((MM_PORT + 1)) \
+  MAILMESH_PORTS__IMAP=$((MM_PORT + 2)) MAILMESH_PORTS__IMAPS=$((MM_PORT + 3)) \
+  MAILMESH_PORTS__POP3=$((MM_PORT + 4)) MAILMESH_PORTS__POP3S=$((MM_PORT + 5)) \
+  MAILMESH_PORTS__SUBMISSION=$((MM_PORT + 6)) MAILMESH_PORTS__SUBMISSIONS=$((MM_PORT + 7)) \
+  MAILMESH_SMTP__CONNECTIONS_PER_IP_PER_MINUTE=0 \
+  MAILMESH_TELEMETRY__LOG_LEVEL=warn \
+    "$MAILCTL" dev --data-dir "$1" --admin-listen "127.0.0.1:$((MM_PORT + 8))" \
+    >"$1.log" 2>&1 &
+  MM_PID=$!
+  PIDS+=("$MM_PID")
+  export MAILCTL_ENDPOINT=http://127.0.0.1:$((MM_PORT + 1))
+  for _ in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$((MM_PORT + 8))/readyz" >/dev/null && break
+    sleep 0.5
+  done
+  "$MAILCTL" tenant add acme >/dev/null
+  "$MAILCTL" domain add acme acme.test >/dev/null
+}
+
+# inbox_count ADDRESS: messages in the user's INBOX (0 when it cannot be read).
+inbox_count() {
+  "$MAILCTL" --json mailbox list "$1" 2>/dev/null |
+    python3 -c 'import json,sys; print(next((m["messages"] for m in json.load(sys.stdin) if m["name"]=="INBOX"),0))' 2>/dev/null || echo 0
+}
+
+# start_dns: a DNS server on 127.0.0.1:$DNS_PORT that answers every question at once
+# (NXDOMAIN), for auth-check: the checks run, the network is not what is measured.
+start_dns() {
+  [ -x /usr/sbin/dnsmasq ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null
+  /usr/sbin/dnsmasq --keep-in-foreground --no-resolv --no-hosts --port="$DNS_PORT" \
+    --listen-address=127.0.0.1 --bind-interfaces --local=/#/ --pid-file="$WORK/dnsmasq.pid" &
+  PIDS+=($!)
+  export MAILMESH_AUTH__DNS__SERVERS="[\"127.0.0.1:$DNS_PORT\"]"
+}
