@@ -18,7 +18,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bins \
  && mkdir /out \
- && for bin in storage auth-check delivery-worker smtp-ingress imap-pop3-gateway mailctl; do \
+ && for bin in storage auth-check delivery-worker smtp-ingress submission imap-pop3-gateway mailctl; do \
       cp "target/release/$bin" /out/; \
     done
 

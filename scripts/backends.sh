@@ -2,7 +2,7 @@
 # Installs (if missing) and starts (if not listening) the real backends the integration
 # tests run against: a Kafka-compatible broker (tansu), an S3 server (s3s-fs) and Redis.
 # Also installs the chart tools (helm, kubernetes-validate), dnsmasq (the tests' DNS
-# server), swaks, fetchmail, mbsync (isync) and haproxy.
+# server), swaks, fetchmail, mbsync (isync), haproxy and dkimpy (python3-dkim).
 #
 #   scripts/backends.sh install   # tools only
 #   scripts/backends.sh start     # install, then start what is not running
@@ -65,6 +65,8 @@ install_debian_tools() {
   [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
   command -v fetchmail >/dev/null 2>&1 || missing+=(fetchmail)
   command -v mbsync >/dev/null 2>&1 || missing+=(isync)
+  # dkimpy checks outgoing DKIM signatures (an independent verifier).
+  /usr/bin/python3 -c 'import dkim' >/dev/null 2>&1 || missing+=(python3 python3-dkim)
   if [ ${#missing[@]} -eq 0 ]; then return; fi
   log "installing ${missing[*]} from Debian"
   export DEBIAN_FRONTEND=noninteractive

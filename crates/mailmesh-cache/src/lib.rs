@@ -2,6 +2,7 @@
 //! `mailctl dev` and unit tests. Nothing here is the only copy of anything: losing the
 //! cache loses no mail and no account (DESIGN invariant 3), only warm state.
 
+pub mod login;
 pub mod memory;
 pub mod redis;
 

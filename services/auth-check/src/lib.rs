@@ -11,6 +11,7 @@
 pub mod checker;
 pub mod grpc;
 mod metrics;
+pub mod sign;
 pub mod verdict;
 
 use std::net::{IpAddr, SocketAddr};

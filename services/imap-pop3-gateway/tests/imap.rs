@@ -932,14 +932,14 @@ async fn behind_a_proxy_protocol_balancer_the_real_client_is_counted() {
     let window = Duration::from_secs(900);
     assert_eq!(
         cache
-            .incr("gateway:authfail:ip:203.0.113.7", 0, window)
+            .incr("authfail:ip:203.0.113.7", 0, window)
             .await
             .unwrap(),
         1
     );
     assert_eq!(
         cache
-            .incr("gateway:authfail:ip:127.0.0.1", 0, window)
+            .incr("authfail:ip:127.0.0.1", 0, window)
             .await
             .unwrap(),
         0,

@@ -97,6 +97,114 @@ pub enum DomainCommand {
 }
 
 #[derive(Subcommand)]
+pub enum DkimCommand {
+    /// Create a signing key for DOMAIN and print the DNS TXT record to publish. The
+    /// new key signs from now on; for a rotation, publish the new record first,
+    /// generate, and remove the old selector a few days later.
+    Generate {
+        domain: String,
+        /// DNS label(s) naming the key (default: made from the date).
+        #[arg(long)]
+        selector: Option<String>,
+        /// ed25519 (RFC 8463; small, but not every verifier knows it) or rsa
+        /// (2048 bits; understood everywhere). Sign with both by generating both,
+        /// rsa last if it should be the one in use.
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ed25519"])]
+        algorithm: String,
+    },
+    /// DOMAIN's keys and their DNS records; the last one signs.
+    List { domain: String },
+    /// Remove a key (its DNS record can go once no message signed with it is in
+    /// flight).
+    Remove { domain: String, selector: String },
+}
+
+fn dkim_json(k: &v1::DkimKeyInfo) -> serde_json::Value {
+    json!({
+        "domain": k.domain,
+        "selector": k.selector,
+        "algorithm": if k.algorithm == v1::DkimAlgorithm::Rsa2048 as i32 { "rsa" } else { "ed25519" },
+        "dns_name": k.dns_name,
+        "dns_record": k.dns_record,
+        "signing": k.signing,
+        "created_ms": k.created_ms,
+    })
+}
+
+fn print_dkim(k: &v1::DkimKeyInfo) {
+    println!(
+        "{}. IN TXT \"{}\"{}",
+        k.dns_name,
+        k.dns_record,
+        if k.signing { " ; signing" } else { "" }
+    );
+}
+
+pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
+    let mut client = directory(&target).await?;
+    match command {
+        DkimCommand::Generate {
+            domain,
+            selector,
+            algorithm,
+        } => {
+            let key = client
+                .add_dkim_key(v1::AddDkimKeyRequest {
+                    domain,
+                    selector: selector.unwrap_or_default(),
+                    algorithm: if algorithm == "ed25519" {
+                        v1::DkimAlgorithm::Ed25519
+                    } else {
+                        v1::DkimAlgorithm::Rsa2048
+                    } as i32,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if target.json {
+                println!("{}", dkim_json(&key));
+            } else {
+                println!(
+                    "; publish this record; {} mail is signed with it from now on",
+                    key.domain
+                );
+                print_dkim(&key);
+            }
+        }
+        DkimCommand::List { domain } => {
+            let keys = client
+                .list_dkim_keys(v1::DomainRequest {
+                    tenant: String::new(),
+                    domain,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .keys;
+            if target.json {
+                println!(
+                    "{}",
+                    serde_json::Value::from(keys.iter().map(dkim_json).collect::<Vec<_>>())
+                );
+            } else {
+                keys.iter().for_each(print_dkim);
+            }
+        }
+        DkimCommand::Remove { domain, selector } => {
+            client
+                .remove_dkim_key(v1::DkimKeyRequest {
+                    domain: domain.clone(),
+                    selector: selector.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("DKIM key {selector} of {domain} removed"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum UserCommand {
     /// Create a user (and their INBOX, Sent, Drafts, Trash, Junk, Archive).
     Add {

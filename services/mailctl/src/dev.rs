@@ -46,6 +46,8 @@ struct DevConfig {
     /// SMTP limits (`[smtp]`, as smtp-ingress has them; the topic is always the dev
     /// queue's).
     smtp: IngressConfig,
+    /// Submission (`[submission]`: login limits, privacy, send rates, DKIM signing).
+    submission: mailmesh_ingress::submit::SubmissionConfig,
     /// POP3 limits (`[pop3]`).
     pop3: mailmesh_gateway::Pop3Config,
     /// IMAP limits (`[imap]`).
@@ -123,6 +125,7 @@ impl Default for DevConfig {
                 ..AuthConfig::default()
             },
             smtp: IngressConfig::default(),
+            submission: Default::default(),
             pop3: mailmesh_gateway::Pop3Config::default(),
             imap: mailmesh_gateway::ImapConfig::default(),
             admin: AdminConfig {
@@ -148,6 +151,7 @@ impl Validate for DevConfig {
         self.storage.validate()?;
         self.auth.validate()?;
         self.smtp.validate()?;
+        self.submission.validate()?;
         self.pop3.validate()?;
         self.imap.validate()?;
         if let Some(tls) = &self.tls {
@@ -273,6 +277,44 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    // Submission (587-style STARTTLS and 465-style implicit TLS), same engine.
+    let submission = Ingress::submission(
+        queue.clone(),
+        objects.clone(),
+        Arc::new(engine.clone()),
+        IngressConfig {
+            topic: MAIL_TOPIC.into(),
+            ..config.smtp.clone()
+        },
+        config.submission.clone(),
+        Some(mailmesh_kit::tls::server_config(resolver.clone())?),
+        cache.clone(),
+    );
+    let mut submission_tasks = Vec::new();
+    for (port, implicit_tls) in [
+        (config.ports.submission, false),
+        (config.ports.submissions, true),
+    ] {
+        let addr = SocketAddr::new(config.bind, port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the submission port {addr}"))?;
+        let serve = if implicit_tls {
+            tokio::spawn(mailmesh_ingress::serve_implicit_tls(
+                submission.clone(),
+                listener,
+                shutdown.clone(),
+            ))
+        } else {
+            tokio::spawn(mailmesh_ingress::serve(
+                submission.clone(),
+                listener,
+                shutdown.clone(),
+            ))
+        };
+        submission_tasks.push(serve);
+    }
+
     // Local delivery straight into the engine, in this process.
     let worker = Worker::new(
         queue.clone(),
@@ -341,7 +383,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     mailmesh_kit::shutdown::signal().await;
     let clean = shutdown.drain(&health, &config.shutdown).await;
     smtp_task.await?;
-    for task in gateway_tasks {
+    for task in submission_tasks.into_iter().chain(gateway_tasks) {
         task.await?;
     }
     worker_task.await??;
@@ -401,8 +443,12 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bo
         "  pop3s        {}:{}  (implicit TLS)",
         config.bind, config.ports.pop3s
     );
-    println!("mail ports bound as their services are built (not yet):");
-    for (name, port) in config.ports.named().into_iter().skip(2).take(2) {
-        println!("  {name:<12} {}:{port}  not built yet", config.bind);
-    }
+    println!(
+        "  submission   {}:{}  (STARTTLS, then AUTH PLAIN/LOGIN; DKIM-signed with `mailctl dkim`)",
+        config.bind, config.ports.submission
+    );
+    println!(
+        "  submissions  {}:{}  (implicit TLS)",
+        config.bind, config.ports.submissions
+    );
 }

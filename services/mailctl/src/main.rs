@@ -32,6 +32,9 @@ enum Command {
     /// Domains: add, remove, catch-all.
     #[command(subcommand)]
     Domain(admin::DomainCommand),
+    /// DKIM signing keys: generate (prints the DNS record), list, remove.
+    #[command(subcommand)]
+    Dkim(admin::DkimCommand),
     /// Users: add, passwd, disable, enable, quota, remove, list.
     #[command(subcommand)]
     User(admin::UserCommand),
@@ -92,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Dev(args) => dev::run(args).await,
             Command::Tenant(c) => admin::tenant(target, c).await,
             Command::Domain(c) => admin::domain(target, c).await,
+            Command::Dkim(c) => admin::dkim(target, c).await,
             Command::User(c) => admin::user(target, c).await,
             Command::Alias(c) => admin::alias(target, c).await,
             Command::Quota(c) => admin::quota(target, c).await,

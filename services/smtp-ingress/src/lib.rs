@@ -12,6 +12,7 @@
 mod metrics;
 pub use mailmesh_kit::proxy;
 pub mod session;
+pub mod submit;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -204,6 +205,9 @@ pub struct Ingress {
     pub(crate) auth: Option<Arc<dyn AuthCheck>>,
     pub(crate) postmaster: EmailAddress,
     pub(crate) config: IngressConfig,
+    /// Set on the submission ports: AUTH, sender checks, header fix-ups, signing.
+    pub(crate) submission: Option<submit::SubmissionConfig>,
+    pub(crate) keys: submit::KeyCache,
 }
 
 impl Ingress {
@@ -228,6 +232,35 @@ impl Ingress {
             auth,
             postmaster,
             config,
+            submission: None,
+            keys: submit::KeyCache::default(),
+        })
+    }
+
+    /// The submission service (RFC 6409): same engine, authenticated users only.
+    pub fn submission(
+        queue: Arc<dyn Queue>,
+        objects: Arc<dyn ObjectStore>,
+        directory: Arc<dyn Mailstore>,
+        config: IngressConfig,
+        submission: submit::SubmissionConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        cache: Arc<dyn Cache>,
+    ) -> Arc<Self> {
+        let postmaster = config
+            .postmaster_address()
+            .expect("a validated configuration");
+        Arc::new(Self {
+            tls: tls.map(tokio_rustls::TlsAcceptor::from),
+            cache,
+            queue,
+            objects,
+            directory,
+            auth: None,
+            postmaster,
+            config,
+            submission: Some(submission),
+            keys: submit::KeyCache::default(),
         })
     }
 }
@@ -237,10 +270,15 @@ impl Ingress {
     /// within it. An unreachable cache lets everything through (limits are a
     /// courtesy; losing the cache must never lose mail).
     pub(crate) async fn within_limit(&self, key: &str, limit: u32) -> bool {
+        self.within(key, limit, Duration::from_secs(60)).await
+    }
+
+    /// Counts one event against `limit` per `window` (fixed windows in the cache).
+    pub(crate) async fn within(&self, key: &str, limit: u32, window: Duration) -> bool {
         if limit == 0 {
             return true;
         }
-        match self.cache.incr(key, 1, Duration::from_secs(60)).await {
+        match self.cache.incr(key, 1, window).await {
             Ok(n) => n <= i64::from(limit),
             Err(e) => {
                 tracing::warn!(error = %e, "rate-limit counter unavailable; not limiting");
@@ -253,6 +291,20 @@ impl Ingress {
 /// Accepts sessions until the shutdown closes; open sessions are tracked by it and
 /// end with `421` when they reach their next command after that.
 pub async fn serve(ingress: Arc<Ingress>, listener: TcpListener, shutdown: Shutdown) {
+    serve_port(ingress, listener, shutdown, false).await;
+}
+
+/// As [`serve`], with TLS from the first byte (submissions on 465, RFC 8314).
+pub async fn serve_implicit_tls(ingress: Arc<Ingress>, listener: TcpListener, shutdown: Shutdown) {
+    serve_port(ingress, listener, shutdown, true).await;
+}
+
+async fn serve_port(
+    ingress: Arc<Ingress>,
+    listener: TcpListener,
+    shutdown: Shutdown,
+    implicit_tls: bool,
+) {
     // The first message must not wait for the topic to be created by a publish.
     if let Err(e) = ingress
         .queue
@@ -285,7 +337,11 @@ pub async fn serve(ingress: Arc<Ingress>, listener: TcpListener, shutdown: Shutd
         let ingress = ingress.clone();
         let stop = shutdown.clone();
         shutdown.spawn(async move {
-            handle(&ingress, stream, peer, &stop).await;
+            if implicit_tls {
+                handle_implicit_tls(&ingress, stream, peer, &stop).await;
+            } else {
+                handle(&ingress, stream, peer, &stop).await;
+            }
             drop(slot);
         });
     }
@@ -299,15 +355,57 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     shutdown: &Shutdown,
 ) {
+    let Some(client) = admit(ingress, &mut stream, peer, true).await else {
+        return;
+    };
+    let session = session::Session::new(ingress, client);
+    if let Err(e) = session.run(stream, shutdown).await {
+        tracing::debug!(%client, error = %e, "session ended with an error");
+    }
+}
+
+/// One connection on an implicit-TLS port: PROXY header, handshake, then SMTP.
+pub async fn handle_implicit_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    ingress: &Ingress,
+    mut stream: S,
+    peer: SocketAddr,
+    shutdown: &Shutdown,
+) {
+    // Before the handshake a refusal cannot be said in a way the client reads.
+    let Some(client) = admit(ingress, &mut stream, peer, false).await else {
+        return;
+    };
+    let Some(acceptor) = ingress.tls.clone() else {
+        return;
+    };
+    let timeout = ingress.config.command_timeout;
+    let Ok(Ok(tls)) = tokio::time::timeout(timeout, acceptor.accept(stream)).await else {
+        crate::metrics::rejected("tls_handshake");
+        return;
+    };
+    let session = session::Session::new(ingress, client).over_tls();
+    if let Err(e) = session.run(tls, shutdown).await {
+        tracing::debug!(%client, error = %e, "session ended with an error");
+    }
+}
+
+/// The real client address (after a trusted balancer's PROXY header) if the
+/// connection may go on; refusals are answered here when `reply`.
+async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
+    ingress: &Ingress,
+    stream: &mut S,
+    peer: SocketAddr,
+    reply: bool,
+) -> Option<SocketAddr> {
     let proxy = &ingress.config.proxy;
     let client = if proxy.trusts(peer.ip()) {
         let timeout = proxy.timeout.unwrap_or(Duration::from_secs(10));
-        match proxy::read_header(&mut stream, peer, timeout).await {
+        match proxy::read_header(stream, peer, timeout).await {
             Ok(client) => client,
             Err(e) => {
                 crate::metrics::rejected("proxy_header");
                 tracing::warn!(%peer, error = %e, "closing a connection from a load balancer");
-                return;
+                return None;
             }
         }
     } else {
@@ -321,15 +419,14 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         .await
     {
         crate::metrics::rejected("connection_rate");
-        let _ = stream
-            .write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n")
-            .await;
-        return;
+        if reply {
+            let _ = stream
+                .write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n")
+                .await;
+        }
+        return None;
     }
-    let session = session::Session::new(ingress, client);
-    if let Err(e) = session.run(stream, shutdown).await {
-        tracing::debug!(%client, error = %e, "session ended with an error");
-    }
+    Some(client)
 }
 
 #[cfg(test)]

@@ -9,12 +9,13 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use mailmesh_auth::{ClientVerdict, DmarcPolicy, MessageFacts, MessageVerdict};
+use mailmesh_cache::login::Login;
 use mailmesh_kit::Shutdown;
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{ObjectStoreExt, PutPayload};
 use mailmesh_proto::encode_envelope;
 use mailmesh_queue::OutgoingRecord;
-use mailmesh_storage::client::DeliveryError;
+use mailmesh_storage::client::{Account, DeliveryError};
 use mailmesh_storage::directory::Lookup;
 use mailmesh_types::{
     BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, EmailAddress, Envelope, InboundPolicy,
@@ -41,7 +42,7 @@ enum Command {
     Help,
     Quit,
     StartTls,
-    Auth,
+    Auth { mechanism: u64, initial: String },
     Unsupported,
 }
 
@@ -66,7 +67,13 @@ impl From<Request<std::borrow::Cow<'_, str>>> for Command {
             Request::Help { .. } => Self::Help,
             Request::Quit => Self::Quit,
             Request::StartTls => Self::StartTls,
-            Request::Auth { .. } => Self::Auth,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => Self::Auth {
+                mechanism,
+                initial: initial_response.into_owned(),
+            },
             Request::Lhlo { .. }
             | Request::Expn { .. }
             | Request::Etrn { .. }
@@ -101,6 +108,8 @@ pub struct Session<'a> {
     tls: bool,
     /// auth-check's view of the client address, asked once per connection.
     client_verdict: Option<ClientVerdict>,
+    /// The user who authenticated (submission).
+    account: Option<Account>,
 }
 
 /// What the loop does after a reply.
@@ -142,7 +151,14 @@ impl<'a> Session<'a> {
             errors: 0,
             tls: false,
             client_verdict: None,
+            account: None,
         }
+    }
+
+    /// A session whose connection is TLS from the start (port 465).
+    pub fn over_tls(mut self) -> Self {
+        self.tls = true;
+        self
     }
 
     /// Runs the session to its end, upgrading to TLS on STARTTLS when configured.
@@ -358,16 +374,33 @@ impl<'a> Session<'a> {
                 } else {
                     ""
                 };
+                // RFC 4954 4: AUTH is offered only where it may be used.
+                let auth = match &self.ingress.submission {
+                    Some(s) if self.account.is_none() && (self.tls || s.allow_plaintext_auth) => {
+                        "250-AUTH PLAIN LOGIN\r\n"
+                    }
+                    _ => "",
+                };
                 format!(
                     "250-{} Hello {host}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
-                     250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n{starttls}250 DSN\r\n",
-                    config.hostname, config.max_message_bytes
+                     250-SIZE {}\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n{starttls}{auth}250 DSN\r\n",
+                    config.hostname,
+                    self.max_message_bytes()
                 )
             }
             Command::Helo(host) => {
                 self.helo = Some((host, false));
                 self.tx = None;
                 format!("250 {}\r\n", config.hostname)
+            }
+            Command::Mail(from) if self.ingress.submission.is_some() => {
+                match self.submitter(&from).await {
+                    Ok(()) => match self.mail(from) {
+                        Ok(reply) => reply,
+                        Err(reply) => return self.error(out, &reply).await,
+                    },
+                    Err(reply) => return self.error(out, &reply).await,
+                }
             }
             Command::Mail(from) => match self.mail(from) {
                 Ok(reply) => reply,
@@ -456,9 +489,9 @@ impl<'a> Session<'a> {
                 out.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
                 return Ok(Next::StartTls);
             }
-            Command::Auth => {
+            Command::Auth { mechanism, initial } => {
                 return self
-                    .error(out, "503 5.5.1 AUTH is not available on this port\r\n")
+                    .auth(mechanism, initial, reader, out, input, shutdown)
                     .await;
             }
             Command::Unsupported => {
@@ -496,14 +529,14 @@ impl<'a> Session<'a> {
             || from.trans_id.is_some()
             || from.solicit.is_some()
             || from.mtrk.is_some()
-            || from.auth.is_some()
+            || (from.auth.is_some() && self.ingress.submission.is_none())
         {
             return Err("555 5.5.4 Unsupported MAIL parameter\r\n".into());
         }
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return Err("555 5.5.4 BODY=BINARYMIME is not supported\r\n".into());
         }
-        let max = self.ingress.config.max_message_bytes;
+        let max = self.max_message_bytes();
         if from.size > max {
             crate::metrics::rejected("too_large");
             return Err(format!(
@@ -588,7 +621,34 @@ impl<'a> Session<'a> {
         } else {
             DsnNotify::DEFAULT
         };
-        let resolution = match self.ingress.directory.lookup(&address).await {
+        let recipient = Recipient {
+            address,
+            notify,
+            // The parser decodes ORCPT's xtext and drops its type, which RFC 3461
+            // limits to rfc822 (or utf-8) for SMTP.
+            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+        };
+        if let Some(account) = &self.account {
+            // Submission: anywhere, but local addresses must exist. The record
+            // belongs to the sender's tenant; workers deliver or relay each recipient.
+            return match self.ingress.directory.lookup(&recipient.address).await {
+                Ok(Lookup::Deliver(_) | Lookup::NotLocal) => {
+                    let tenant = account.user.tenant.clone();
+                    if let Some(tx) = self.tx.as_mut() {
+                        tx.recipients.push((recipient, tenant));
+                    }
+                    Ok("250 2.1.5 OK\r\n".into())
+                }
+                Ok(Lookup::Unknown) | Err(DeliveryError::Permanent { .. }) => {
+                    crate::metrics::rejected("unknown_user");
+                    Err("550 5.1.1 User unknown\r\n".into())
+                }
+                Err(DeliveryError::Temporary { .. }) => {
+                    Ok("451 4.3.0 Temporary failure, try again later\r\n".into())
+                }
+            };
+        }
+        let resolution = match self.ingress.directory.lookup(&recipient.address).await {
             Ok(Lookup::Deliver(resolution)) => resolution,
             Ok(Lookup::NotLocal) => {
                 crate::metrics::rejected("relay_denied");
@@ -623,18 +683,251 @@ impl<'a> Session<'a> {
                 self.peer.ip()
             ));
         }
-        let recipient = Recipient {
-            address,
-            notify,
-            // The parser decodes ORCPT's xtext and drops its type, which RFC 3461
-            // limits to rfc822 (or utf-8) for SMTP.
-            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
-        };
         if let Some(tx) = self.tx.as_mut() {
             tx.inbound = Some(resolution.inbound);
             tx.recipients.push((recipient, resolution.tenant));
         }
         Ok("250 2.1.5 OK\r\n".into())
+    }
+
+    /// The largest message this session takes: the port's limit, or the user's
+    /// tenant's if lower.
+    fn max_message_bytes(&self) -> usize {
+        let port = self.ingress.config.max_message_bytes;
+        self.account
+            .as_ref()
+            .and_then(|a| a.limits.max_message_bytes)
+            .map_or(port, |t| port.min(usize::try_from(t).unwrap_or(usize::MAX)))
+    }
+
+    /// Submission: MAIL needs a logged-in user sending as themselves, within the
+    /// send rates.
+    async fn submitter(&self, from: &smtp_proto::MailFrom<String>) -> Result<(), String> {
+        let Some(account) = &self.account else {
+            return Err("530 5.7.0 Authentication required\r\n".into());
+        };
+        if self.tx.is_some() {
+            return Err("503 5.5.1 Nested MAIL command\r\n".into());
+        }
+        // The null sender is allowed (read receipts, RFC 8098); anything else must
+        // reach this user (own address, a subaddress or an alias of theirs).
+        if !from.address.is_empty() {
+            let sender: EmailAddress = from
+                .address
+                .parse()
+                .map_err(|_| "501 5.1.7 Bad sender address syntax\r\n".to_owned())?;
+            match self.owns(account, &sender).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    crate::metrics::rejected("sender_mismatch");
+                    return Err(format!(
+                        "553 5.7.1 Sender address <{sender}> is not yours\r\n"
+                    ));
+                }
+                Err(()) => return Err("451 4.3.0 Temporary failure, try again later\r\n".into()),
+            }
+        }
+        let config = self.ingress.submission.as_ref().expect("submission port");
+        let hour = std::time::Duration::from_secs(3600);
+        let user_limit = config.messages_per_user_per_hour;
+        let tenant_limit = account.limits.send_rate_per_hour.unwrap_or(0);
+        if !self
+            .ingress
+            .within(
+                &format!("submission:user:{}", account.user.user),
+                user_limit,
+                hour,
+            )
+            .await
+            || !self
+                .ingress
+                .within(
+                    &format!("submission:tenant:{}", account.user.tenant),
+                    tenant_limit,
+                    hour,
+                )
+                .await
+        {
+            crate::metrics::rejected("send_rate");
+            return Err("450 4.7.1 Sending rate limit reached, try again later\r\n".into());
+        }
+        Ok(())
+    }
+
+    /// Whether mail to `address` reaches `account`'s own mailbox (so they may send
+    /// as it); `Err` when the directory cannot say.
+    async fn owns(&self, account: &Account, address: &EmailAddress) -> Result<bool, ()> {
+        if address == &account.address {
+            return Ok(true);
+        }
+        match self.ingress.directory.lookup(address).await {
+            Ok(Lookup::Deliver(r)) => Ok(r.users.iter().any(|(_, u)| *u == account.user.user)),
+            Ok(_) | Err(DeliveryError::Permanent { .. }) => Ok(false),
+            Err(DeliveryError::Temporary { .. }) => Err(()),
+        }
+    }
+
+    /// AUTH (RFC 4954) with PLAIN (RFC 4616) or LOGIN, on the submission ports only
+    /// and only over TLS; failures are limited like IMAP's and POP3's logins.
+    async fn auth<R, W>(
+        &mut self,
+        mechanism: u64,
+        initial: String,
+        reader: &mut R,
+        out: &mut W,
+        input: &mut Vec<u8>,
+        shutdown: &Shutdown,
+    ) -> io::Result<Next>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let Some(config) = self.ingress.submission.clone() else {
+            return self
+                .error(out, "503 5.5.1 AUTH is not available on this port\r\n")
+                .await;
+        };
+        if !self.tls && !config.allow_plaintext_auth {
+            return self
+                .error(
+                    out,
+                    "538 5.7.11 Encryption required for requested authentication mechanism\r\n",
+                )
+                .await;
+        }
+        if self.account.is_some() {
+            return self.error(out, "503 5.5.1 Already authenticated\r\n").await;
+        }
+        if self.helo.is_none() {
+            return self.error(out, "503 5.5.1 Send EHLO first\r\n").await;
+        }
+        if self.tx.is_some() {
+            return self
+                .error(
+                    out,
+                    "503 5.5.1 AUTH is not allowed during a mail transaction\r\n",
+                )
+                .await;
+        }
+        // `=` is an empty initial response (RFC 4954 4).
+        let initial = (!initial.is_empty()).then(|| {
+            if initial == "=" {
+                String::new()
+            } else {
+                initial
+            }
+        });
+        let credentials = match mechanism {
+            smtp_proto::AUTH_PLAIN => {
+                let response = match initial {
+                    Some(r) => Some(r),
+                    None => {
+                        self.challenge(b"334 \r\n", reader, out, input, shutdown)
+                            .await?
+                    }
+                };
+                response.map(|r| decode_plain(&r))
+            }
+            smtp_proto::AUTH_LOGIN => {
+                let user = match initial {
+                    Some(r) => Some(r),
+                    None => {
+                        self.challenge(b"334 VXNlcm5hbWU6\r\n", reader, out, input, shutdown)
+                            .await?
+                    }
+                };
+                match user {
+                    None => None,
+                    Some(user) => self
+                        .challenge(b"334 UGFzc3dvcmQ6\r\n", reader, out, input, shutdown)
+                        .await?
+                        .map(|password| decode_login(&user, &password)),
+                }
+            }
+            _ => {
+                return self
+                    .error(out, "504 5.5.4 Unrecognized authentication type\r\n")
+                    .await;
+            }
+        };
+        let (name, password) = match credentials {
+            // The client cancelled with `*` (or went away: the next read ends it).
+            None => {
+                return self
+                    .error(out, "501 5.7.0 Authentication canceled\r\n")
+                    .await;
+            }
+            Some(Err(reply)) => return self.error(out, reply).await,
+            Some(Ok(c)) => c,
+        };
+        let directory = self.ingress.directory.clone();
+        let login = mailmesh_cache::login::check(
+            &*self.ingress.cache,
+            self.peer.ip(),
+            &name,
+            &config.login_limits(),
+            |name| async move { directory.authenticate(&name, &password).await },
+        )
+        .await;
+        match login {
+            Login::Ok(account) => {
+                tracing::info!(user = %account.address, client = %self.peer.ip(), "authenticated");
+                self.account = Some(account);
+                out.write_all(b"235 2.7.0 Authentication successful\r\n")
+                    .await?;
+                Ok(Next::Continue)
+            }
+            Login::Invalid => {
+                crate::metrics::rejected("auth_failed");
+                self.error(out, "535 5.7.8 Authentication credentials invalid\r\n")
+                    .await
+            }
+            Login::Throttled => {
+                crate::metrics::rejected("auth_throttled");
+                out.write_all(b"421 4.7.0 Too many failed logins, try again later\r\n")
+                    .await?;
+                Ok(Next::Close)
+            }
+            Login::Unavailable => {
+                out.write_all(b"454 4.7.0 Temporary authentication failure\r\n")
+                    .await?;
+                Ok(Next::Continue)
+            }
+        }
+    }
+
+    /// Sends a `334` challenge and reads the client's line; `None` if it cancelled
+    /// (`*`), went away or timed out.
+    async fn challenge<R, W>(
+        &mut self,
+        prompt: &[u8],
+        reader: &mut R,
+        out: &mut W,
+        input: &mut Vec<u8>,
+        shutdown: &Shutdown,
+    ) -> io::Result<Option<String>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        out.write_all(prompt).await?;
+        out.flush().await?;
+        let timeout = self.ingress.config.command_timeout;
+        loop {
+            if let Some(end) = input.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = input.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+                return Ok((line != "*").then_some(line));
+            }
+            if input.len() > AUTH_LINE_MAX {
+                input.clear();
+                return Ok(None);
+            }
+            match self.read(reader, input, timeout, shutdown).await? {
+                Some(0) | None => return Ok(None),
+                Some(_) => {}
+            }
+        }
     }
 
     /// The block list naming the client, if any (asked once per connection).
@@ -673,7 +966,7 @@ impl<'a> Session<'a> {
         input: &mut Vec<u8>,
         shutdown: &Shutdown,
     ) -> io::Result<Option<Option<Vec<u8>>>> {
-        let max = self.ingress.config.max_message_bytes;
+        let max = self.max_message_bytes();
         let deadline = Instant::now() + self.ingress.config.max_data_duration;
         let mut data = DataReceiver::new();
         // The CRLF that ended the DATA command precedes the first line, so a lone
@@ -716,7 +1009,7 @@ impl<'a> Session<'a> {
         shutdown: &Shutdown,
         keep: bool,
     ) -> io::Result<Option<()>> {
-        let max = self.ingress.config.max_message_bytes;
+        let max = self.max_message_bytes();
         let deadline = Instant::now() + self.ingress.config.max_data_duration;
         let mut chunk = BdatReceiver::new(size, false);
         let mut received = Vec::new();
@@ -762,6 +1055,9 @@ impl<'a> Session<'a> {
         };
         // BDAT content may be binary (BINARYMIME is not offered, so it is not).
         let message = normalize_line_ends(message);
+        if let Some(account) = self.account.clone() {
+            return self.submit(tx, message, &account).await;
+        }
         let started = Instant::now();
         let mut by_tenant: BTreeMap<TenantId, Vec<Recipient>> = BTreeMap::new();
         let inbound = tx.inbound;
@@ -783,7 +1079,7 @@ impl<'a> Session<'a> {
             mailmesh_kit::telemetry::inject_context(&mut carrier);
             carrier
         };
-        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let (helo, _) = self.helo.clone().unwrap_or_default();
         let mut junk = false;
         let mut authentication_results = None;
         if let Some(auth) = &self.ingress.auth {
@@ -834,23 +1130,7 @@ impl<'a> Session<'a> {
             } else {
                 QueueId::generate()
             };
-            let single = (recipients.len() == 1).then(|| recipients[0].address.to_string());
-            let received = format!(
-                "Received: from {helo} ({ip})\r\n\tby {host} (mailmesh) with {proto} id {queue_id}{for_};\r\n\t{date}\r\n",
-                ip = self.peer.ip(),
-                host = self.ingress.config.hostname,
-                proto = match (esmtp, tx.smtputf8, self.tls) {
-                    (true, true, true) => "UTF8SMTPS",
-                    (true, true, false) => "UTF8SMTP",
-                    (true, false, true) => "ESMTPS",
-                    (true, false, false) => "ESMTP",
-                    (false, _, _) => "SMTP",
-                },
-                for_ = single
-                    .map(|a| format!("\r\n\tfor <{a}>"))
-                    .unwrap_or_default(),
-                date = rfc5322_date(received_at),
-            );
+            let received = self.received(queue_id, &recipients, tx.smtputf8, received_at);
             let header = authentication_results.as_deref().unwrap_or_default();
             let mut content = Vec::with_capacity(header.len() + received.len() + message.len());
             content.extend_from_slice(header.as_bytes());
@@ -884,26 +1164,182 @@ impl<'a> Session<'a> {
                 trace_context: trace_context.clone(),
                 body,
             };
-            let published = self
-                .ingress
-                .queue
-                .publish(OutgoingRecord {
-                    topic: self.ingress.config.topic.clone(),
-                    key: Bytes::from(queue_id.to_string()),
-                    payload: Bytes::from(encode_envelope(&envelope)),
-                    headers: envelope.trace_headers(),
-                    partition: None,
-                })
-                .await;
-            if let Err(e) = published {
-                tracing::warn!(error = %e, "queueing a message failed");
-                return "451 4.3.0 Queue unavailable, try again later\r\n".into();
+            if let Err(reply) = self.publish(&envelope).await {
+                return reply;
             }
             crate::metrics::accepted(tenant.as_str());
         }
         crate::metrics::queued(started.elapsed());
         tracing::info!(queue_id = %first_id, peer = %self.peer, "message queued");
         format!("250 2.0.0 Ok: queued as {first_id}\r\n")
+    }
+
+    /// The Received field (RFC 5321 4.4) this hop adds; RFC 3848 protocol names.
+    /// On submission with `hide_client` the client's name and address are left out.
+    fn received(
+        &self,
+        queue_id: QueueId,
+        recipients: &[Recipient],
+        smtputf8: bool,
+        at: SystemTime,
+    ) -> String {
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        let base = match (esmtp, smtputf8) {
+            (true, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            (false, _) => "SMTP",
+        };
+        let proto = format!(
+            "{base}{}{}",
+            if self.tls { "S" } else { "" },
+            if self.account.is_some() { "A" } else { "" }
+        );
+        let hide = self
+            .ingress
+            .submission
+            .as_ref()
+            .is_some_and(|s| s.hide_client);
+        let from = if hide {
+            String::new()
+        } else {
+            format!("from {helo} ({})\r\n\t", self.peer.ip())
+        };
+        let for_ = match recipients {
+            [only] => format!("\r\n\tfor <{}>", only.address),
+            _ => String::new(),
+        };
+        format!(
+            "Received: {from}by {host} (mailmesh) with {proto} id {queue_id}{for_};\r\n\t{date}\r\n",
+            host = self.ingress.config.hostname,
+            date = rfc5322_date(at),
+        )
+    }
+
+    /// Writes one record to the queue; the reply to give if that fails.
+    async fn publish(&self, envelope: &Envelope) -> Result<(), String> {
+        let published = self
+            .ingress
+            .queue
+            .publish(OutgoingRecord {
+                topic: self.ingress.config.topic.clone(),
+                key: Bytes::from(envelope.queue_id.to_string()),
+                payload: Bytes::from(encode_envelope(envelope)),
+                headers: envelope.trace_headers(),
+                partition: None,
+            })
+            .await;
+        published.map(drop).map_err(|e| {
+            tracing::warn!(error = %e, "queueing a message failed");
+            "451 4.3.0 Queue unavailable, try again later\r\n".to_owned()
+        })
+    }
+
+    /// Submission: completes, checks and signs the message, then queues one record
+    /// for the sender's tenant with every recipient (local ones are delivered, the
+    /// others relayed, by the workers).
+    async fn submit(&mut self, tx: Transaction, message: Vec<u8>, account: &Account) -> String {
+        let config = self.ingress.submission.clone().unwrap_or_default();
+        let queue_id = QueueId::generate();
+        let received_at = SystemTime::now();
+        let span = tracing::info_span!(
+            "smtp_submission",
+            queue_id = %queue_id,
+            user = %account.address,
+            recipients = tx.recipients.len()
+        );
+        let trace_context = {
+            let _entered = span.enter();
+            let mut carrier = BTreeMap::new();
+            mailmesh_kit::telemetry::inject_context(&mut carrier);
+            carrier
+        };
+        let completed = crate::submit::complete(
+            message,
+            &account.address,
+            &self.ingress.config.hostname,
+            queue_id,
+            received_at,
+        );
+        // Every From address must be the user's (RFC 6409 8.1 lets the MSA refuse).
+        if completed.from.is_empty() {
+            crate::metrics::rejected("sender_mismatch");
+            return "550 5.7.1 The From header cannot be read\r\n".into();
+        }
+        for from in &completed.from {
+            match self.owns(account, from).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    crate::metrics::rejected("sender_mismatch");
+                    return format!("550 5.7.1 From address <{from}> is not yours\r\n");
+                }
+                Err(()) => return "451 4.3.0 Temporary failure, try again later\r\n".into(),
+            }
+        }
+        let mut content = Vec::new();
+        let recipients: Vec<Recipient> = tx.recipients.into_iter().map(|(r, _)| r).collect();
+        content.extend_from_slice(
+            self.received(queue_id, &recipients, tx.smtputf8, received_at)
+                .as_bytes(),
+        );
+        if config.dkim_sign {
+            let domain = completed.from[0].domain();
+            match self
+                .ingress
+                .keys
+                .get(&*self.ingress.directory, domain, config.key_cache_ttl)
+                .await
+            {
+                Ok(Some(key)) => match crate::submit::sign(&key, &completed.message) {
+                    Ok(header) => content.extend_from_slice(header.as_bytes()),
+                    Err(e) => {
+                        tracing::error!(domain = %domain, error = %e, "DKIM signing failed");
+                        return "451 4.3.0 Cannot sign the message now, try again later\r\n".into();
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "DKIM keys unavailable");
+                    return "451 4.3.0 Temporary failure, try again later\r\n".into();
+                }
+            }
+        }
+        content.extend_from_slice(&completed.message);
+        let tenant = account.user.tenant.clone();
+        let body = match self.body(&tenant, queue_id, content).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "storing a message body failed");
+                return "451 4.3.0 Queue unavailable, try again later\r\n".into();
+            }
+        };
+        let (helo, _) = self.helo.clone().unwrap_or_default();
+        let envelope = Envelope {
+            queue_id,
+            tenant: tenant.clone(),
+            mail_from: tx.from,
+            recipients,
+            received_at,
+            body_type: tx.body_type,
+            smtputf8: tx.smtputf8,
+            dsn_ret: tx.ret,
+            dsn_envid: tx.envid,
+            client: Some(ClientInfo {
+                ip: self.peer.ip(),
+                helo,
+                tls: self.tls,
+                authenticated_as: Some(account.address.clone()),
+            }),
+            authentication_results: None,
+            junk: false,
+            trace_context,
+            body,
+        };
+        if let Err(reply) = self.publish(&envelope).instrument(span).await {
+            return reply;
+        }
+        crate::metrics::accepted(tenant.as_str());
+        tracing::info!(%queue_id, user = %account.address, "message submitted");
+        format!("250 2.0.0 Ok: queued as {queue_id}\r\n")
     }
 
     /// Small bodies travel in the record; large ones go to object storage first.
@@ -924,6 +1360,45 @@ impl<'a> Session<'a> {
             .await?;
         Ok(BodyRef::Object { key, size })
     }
+}
+
+/// RFC 4954 4: a client may send up to 12,288 octets in one AUTH line.
+const AUTH_LINE_MAX: usize = 12_288;
+
+/// `authzid NUL authcid NUL password`, base64 (RFC 4616); acting for someone else
+/// (an authzid other than the user) is not allowed.
+fn decode_plain(response: &str) -> Result<(String, String), &'static str> {
+    use base64::Engine as _;
+    const BAD: &str = "501 5.5.2 Cannot decode response\r\n";
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(response.trim())
+        .map_err(|_| BAD)?;
+    let mut parts = bytes.split(|b| *b == 0);
+    let (Some(authz), Some(user), Some(password), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(BAD);
+    };
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| BAD);
+    let (authz, user, password) = (text(authz)?, text(user)?, text(password)?);
+    if !authz.is_empty() && !authz.eq_ignore_ascii_case(&user) {
+        return Err("535 5.7.8 Authentication credentials invalid\r\n");
+    }
+    Ok((user, password))
+}
+
+/// LOGIN's user name and password lines, each base64.
+fn decode_login(user: &str, password: &str) -> Result<(String, String), &'static str> {
+    use base64::Engine as _;
+    const BAD: &str = "501 5.5.2 Cannot decode response\r\n";
+    let decode = |s: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(s.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or(BAD)
+    };
+    Ok((decode(user)?, decode(password)?))
 }
 
 /// auth-check did not answer (logged where it happened).
@@ -1010,24 +1485,7 @@ fn header_value(field: &str) -> String {
 /// arrived from outside, so they are forgeries (a sender vouching for itself);
 /// they are removed, every other header and the body stay byte for byte.
 pub fn strip_forged_results(message: Vec<u8>, authserv_id: &str) -> Vec<u8> {
-    // A message that starts with its blank line has no header section at all.
-    let headers_end = if message.starts_with(b"\r\n") {
-        0
-    } else {
-        find(&message, b"\r\n\r\n").map_or(message.len(), |i| i + 2)
-    };
-    let mut fields = Vec::new();
-    let mut start = 0;
-    while start < headers_end {
-        let mut end =
-            find(&message[start..headers_end], b"\r\n").map_or(headers_end, |i| start + i + 2);
-        // Continuation lines (leading WSP) belong to the same field.
-        while end < headers_end && matches!(message[end], b' ' | b'\t') {
-            end = find(&message[end..headers_end], b"\r\n").map_or(headers_end, |i| end + i + 2);
-        }
-        fields.push(start..end);
-        start = end;
-    }
+    let (fields, headers_end) = crate::submit::header_fields(&message);
     let forged = |field: &[u8]| {
         let Some(colon) = field.iter().position(|&b| b == b':') else {
             return false;
@@ -1079,10 +1537,6 @@ fn first_token(value: &str) -> Option<String> {
         }
     }
     (!token.is_empty()).then_some(token)
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Bare LF and bare CR become CRLF, so no later hop can read a line end (or the

@@ -481,7 +481,7 @@ print(passes, retries, bad)
             "-u",
             &backend_env("MMTEST_REDIS"),
             "GET",
-            &format!("{run}:gateway:authfail:ip:127.0.0.2"),
+            &format!("{run}:authfail:ip:127.0.0.2"),
         ])
         .output()
         .unwrap();

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use crate::directory::{Lookup, Resolution, UserId};
+use crate::directory::{DkimAlgorithm, Lookup, Resolution, TenantLimits, UserId};
 use crate::engine::{Delivery, StorageEngine, UserRef};
 use crate::{EngineError, StorageError};
 use async_trait::async_trait;
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
-use mailmesh_types::EmailAddress;
+use mailmesh_types::{Domain, EmailAddress};
 use tonic::transport::Channel;
 
 /// Why a delivery did not happen, as the sender must hear it.
@@ -100,14 +100,92 @@ impl From<tonic::Status> for DeliveryError {
     }
 }
 
+/// A user who proved their password (submission), with their tenant's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub user: UserRef,
+    pub address: EmailAddress,
+    pub limits: TenantLimits,
+}
+
+/// The key that signs a domain's outgoing mail.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    pub domain: Domain,
+    pub selector: String,
+    pub algorithm: DkimAlgorithm,
+    /// PKCS#8 DER.
+    pub pkcs8: Vec<u8>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("domain", &self.domain)
+            .field("selector", &self.selector)
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
 #[async_trait]
 pub trait Mailstore: Send + Sync {
     async fn lookup(&self, address: &EmailAddress) -> Result<Lookup, DeliveryError>;
     async fn deliver(&self, user: &UserRef, delivery: Delivery<'_>) -> Result<(), DeliveryError>;
+    /// The enabled user behind `address` and `password`; `None` when either is wrong
+    /// (which one is never said).
+    async fn authenticate(
+        &self,
+        address: &str,
+        password: &str,
+    ) -> Result<Option<Account>, DeliveryError>;
+    /// The key that signs mail from `domain`, if it has one.
+    async fn signing_key(&self, domain: &Domain) -> Result<Option<SigningKey>, DeliveryError>;
 }
 
 #[async_trait]
 impl Mailstore for Arc<StorageEngine> {
+    async fn authenticate(
+        &self,
+        address: &str,
+        password: &str,
+    ) -> Result<Option<Account>, DeliveryError> {
+        let Ok(address) = address.parse::<EmailAddress>() else {
+            return Ok(None);
+        };
+        let secret = mailmesh_kit::Secret::new(password.to_owned());
+        let Some(user) = StorageEngine::authenticate(self, &address, secret).await? else {
+            return Ok(None);
+        };
+        let limits = self
+            .directory(|d| d.tenant(&user.tenant).map(|t| t.limits.clone()))?
+            .unwrap_or_default();
+        Ok(Some(Account {
+            user: UserRef {
+                tenant: user.tenant,
+                user: user.id,
+            },
+            address: user.address,
+            limits,
+        }))
+    }
+
+    async fn signing_key(&self, domain: &Domain) -> Result<Option<SigningKey>, DeliveryError> {
+        use base64::Engine as _;
+        let Some(key) = self.dkim_keys(domain)?.pop() else {
+            return Ok(None);
+        };
+        let pkcs8 = base64::engine::general_purpose::STANDARD
+            .decode(&key.private_key)
+            .map_err(|_| DeliveryError::temporary("stored DKIM key is not base64"))?;
+        Ok(Some(SigningKey {
+            domain: key.domain,
+            selector: key.selector,
+            algorithm: key.algorithm,
+            pkcs8,
+        }))
+    }
+
     async fn lookup(&self, address: &EmailAddress) -> Result<Lookup, DeliveryError> {
         Ok(StorageEngine::lookup(self, address)?)
     }
@@ -156,6 +234,71 @@ fn user_ref(u: &v1::UserRef) -> Result<UserRef, DeliveryError> {
 
 #[async_trait]
 impl Mailstore for GrpcMailstore {
+    async fn authenticate(
+        &self,
+        address: &str,
+        password: &str,
+    ) -> Result<Option<Account>, DeliveryError> {
+        let r = self
+            .directory
+            .clone()
+            .authenticate(v1::AuthenticateRequest {
+                address: address.to_owned(),
+                password: password.to_owned(),
+            })
+            .await?
+            .into_inner();
+        let (true, Some(info)) = (r.ok, r.user) else {
+            return Ok(None);
+        };
+        if !info.enabled {
+            return Ok(None);
+        }
+        let user = info
+            .user
+            .as_ref()
+            .ok_or_else(|| DeliveryError::temporary("storage answered no user"))?;
+        let l = r.limits.unwrap_or_default();
+        Ok(Some(Account {
+            user: user_ref(user)?,
+            address: info
+                .address
+                .parse()
+                .map_err(|_| DeliveryError::temporary("storage answered a bad address"))?,
+            limits: TenantLimits {
+                max_users: (l.max_users != 0).then_some(l.max_users),
+                max_storage_bytes: (l.max_storage_bytes != 0).then_some(l.max_storage_bytes),
+                max_message_bytes: (l.max_message_bytes != 0).then_some(l.max_message_bytes),
+                send_rate_per_hour: (l.send_rate_per_hour != 0).then_some(l.send_rate_per_hour),
+            },
+        }))
+    }
+
+    async fn signing_key(&self, domain: &Domain) -> Result<Option<SigningKey>, DeliveryError> {
+        let r = self
+            .directory
+            .clone()
+            .get_signing_key(v1::DomainRequest {
+                tenant: String::new(),
+                domain: domain.to_string(),
+            })
+            .await?
+            .into_inner();
+        let Some(info) = r.key else {
+            return Ok(None);
+        };
+        let algorithm = match v1::DkimAlgorithm::try_from(info.algorithm) {
+            Ok(v1::DkimAlgorithm::Rsa2048) => DkimAlgorithm::Rsa2048,
+            _ => DkimAlgorithm::Ed25519,
+        };
+        Ok(Some(SigningKey {
+            domain: domain.clone(),
+            selector: info.selector,
+            algorithm,
+            pkcs8: r.private_key,
+        }))
+    }
+
     async fn lookup(&self, address: &EmailAddress) -> Result<Lookup, DeliveryError> {
         use v1::lookup_response::Result as R;
         let r = self

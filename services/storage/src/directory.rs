@@ -59,6 +59,96 @@ pub struct User {
     pub enabled: bool,
 }
 
+/// A DKIM signing key of a domain (RFC 6376, RFC 8463). The newest key of a domain
+/// signs; older ones stay listed until removed, so their DNS records can be kept
+/// until no message signed with them is still in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DkimKey {
+    pub domain: Domain,
+    pub selector: String,
+    pub algorithm: DkimAlgorithm,
+    /// PKCS#8 DER, base64.
+    pub private_key: String,
+    /// The `p=` value of the DNS record, base64.
+    pub public_key: String,
+    pub created_ms: i64,
+}
+
+impl DkimKey {
+    /// The TXT record to publish at `<selector>._domainkey.<domain>`.
+    pub fn dns_record(&self) -> String {
+        let k = match self.algorithm {
+            DkimAlgorithm::Ed25519 => "ed25519",
+            DkimAlgorithm::Rsa2048 => "rsa",
+        };
+        format!("v=DKIM1; k={k}; p={}", self.public_key)
+    }
+
+    pub fn dns_name(&self) -> String {
+        format!("{}._domainkey.{}", self.selector, self.domain)
+    }
+
+    /// A new key pair; RSA keys take a moment (call off the async threads).
+    pub fn generate(
+        domain: Domain,
+        selector: String,
+        algorithm: DkimAlgorithm,
+        created_ms: i64,
+    ) -> Result<Self> {
+        use base64::Engine as _;
+        use rcgen::PublicKeyData as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let failed = |e: rcgen::Error| invalid(format!("generating a DKIM key: {e}"));
+        let (pair, public) = match algorithm {
+            DkimAlgorithm::Ed25519 => {
+                let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(failed)?;
+                // RFC 8463 3: the bare 32-byte key.
+                let public = b64.encode(pair.public_key_raw());
+                (pair, public)
+            }
+            DkimAlgorithm::Rsa2048 => {
+                let pair = rcgen::KeyPair::generate_rsa_for(
+                    &rcgen::PKCS_RSA_SHA256,
+                    rcgen::RsaKeySize::_2048,
+                )
+                .map_err(failed)?;
+                // RFC 6376 3.6.1: SubjectPublicKeyInfo, as OpenDKIM publishes it.
+                let public = b64.encode(pair.subject_public_key_info());
+                (pair, public)
+            }
+        };
+        Ok(Self {
+            domain,
+            selector,
+            algorithm,
+            private_key: b64.encode(pair.serialized_der()),
+            public_key: public,
+            created_ms,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DkimAlgorithm {
+    Ed25519,
+    Rsa2048,
+}
+
+/// A DKIM selector: a dot-separated list of DNS labels (RFC 6376 3.1).
+pub fn valid_selector(selector: &str) -> bool {
+    !selector.is_empty()
+        && selector.len() <= 63
+        && selector.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 /// What an address delivers to, besides users: other addresses (local or remote).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alias {
@@ -128,6 +218,14 @@ pub enum DirectoryCommand {
         domain: Domain,
         target: Option<EmailAddress>,
     },
+    /// A new signing key for a local domain; it signs from now on.
+    AddDkimKey {
+        key: DkimKey,
+    },
+    RemoveDkimKey {
+        domain: Domain,
+        selector: String,
+    },
 }
 
 /// What a successful command produced.
@@ -186,6 +284,8 @@ pub struct Directory {
     user_by_address: BTreeMap<AddressKey, UserId>,
     aliases: BTreeMap<AddressKey, Alias>,
     catch_all: BTreeMap<Domain, EmailAddress>,
+    /// Signing keys per domain, oldest first (the last one signs).
+    dkim: BTreeMap<Domain, Vec<DkimKey>>,
     /// The separator of subaddresses (`user+tag@`), if any.
     recipient_delimiter: Option<char>,
 }
@@ -203,6 +303,9 @@ struct Snapshot {
     aliases: Vec<Alias>,
     catch_all: Vec<(Domain, EmailAddress)>,
     recipient_delimiter: Option<char>,
+    /// Absent from snapshots written before DKIM signing existed.
+    #[serde(default)]
+    dkim_keys: Vec<DkimKey>,
 }
 
 impl From<Directory> for Snapshot {
@@ -214,6 +317,7 @@ impl From<Directory> for Snapshot {
             aliases: d.aliases.into_values().collect(),
             catch_all: d.catch_all.into_iter().collect(),
             recipient_delimiter: d.recipient_delimiter,
+            dkim_keys: d.dkim.into_values().flatten().collect(),
         }
     }
 }
@@ -232,6 +336,10 @@ impl From<Snapshot> for Directory {
                 .collect(),
             catch_all: s.catch_all.into_iter().collect(),
             recipient_delimiter: s.recipient_delimiter,
+            dkim: s.dkim_keys.into_iter().fold(BTreeMap::new(), |mut m, k| {
+                m.entry(k.domain.clone()).or_insert_with(Vec::new).push(k);
+                m
+            }),
         }
     }
 }
@@ -250,6 +358,7 @@ impl Default for Directory {
             user_by_address: BTreeMap::new(),
             aliases: BTreeMap::new(),
             catch_all: BTreeMap::new(),
+            dkim: BTreeMap::new(),
             recipient_delimiter: default_delimiter(),
         }
     }
@@ -277,6 +386,11 @@ impl Directory {
 
     pub fn domain_owner(&self, domain: &Domain) -> Option<&TenantId> {
         self.domains.get(domain)
+    }
+
+    /// The domain's DKIM keys, oldest first; the last one signs.
+    pub fn dkim_keys(&self, domain: &Domain) -> &[DkimKey] {
+        self.dkim.get(domain).map_or(&[], Vec::as_slice)
     }
 
     pub fn user(&self, id: &UserId) -> Option<&User> {
@@ -391,6 +505,7 @@ impl Directory {
                 }
                 self.domains.remove(&domain);
                 self.catch_all.remove(&domain);
+                self.dkim.remove(&domain);
             }
             C::AddUser {
                 id,
@@ -488,6 +603,36 @@ impl Directory {
                     None => {
                         self.catch_all.remove(&domain);
                     }
+                }
+            }
+            C::AddDkimKey { key } => {
+                if !self.domains.contains_key(&key.domain) {
+                    return Err(StorageError::NotFound(format!("domain {}", key.domain)));
+                }
+                if !valid_selector(&key.selector) {
+                    return Err(invalid(format!("DKIM selector {:?}", key.selector)));
+                }
+                let keys = self.dkim.entry(key.domain.clone()).or_default();
+                if keys.iter().any(|k| k.selector == key.selector) {
+                    return Err(StorageError::AlreadyExists(format!(
+                        "DKIM selector {} of {}",
+                        key.selector, key.domain
+                    )));
+                }
+                keys.push(key);
+            }
+            C::RemoveDkimKey { domain, selector } => {
+                let keys = self.dkim.entry(domain.clone()).or_default();
+                let before = keys.len();
+                keys.retain(|k| k.selector != selector);
+                let removed = keys.len() < before;
+                if keys.is_empty() {
+                    self.dkim.remove(&domain);
+                }
+                if !removed {
+                    return Err(StorageError::NotFound(format!(
+                        "DKIM selector {selector} of {domain}"
+                    )));
                 }
             }
         }
@@ -658,6 +803,58 @@ mod tests {
         assert!(!err.to_string().contains("acme\u{20}"), "{err}");
         assert!(!err.to_string().contains("tenant acme"), "{err}");
         assert_eq!(dir.domain_owner(&d("acme.test")), Some(&t("acme")));
+    }
+
+    #[test]
+    fn dkim_keys_belong_to_local_domains_and_the_newest_signs() {
+        let mut dir = two_tenants();
+        let key = |domain: &str, selector: &str| {
+            DkimKey::generate(d(domain), selector.into(), DkimAlgorithm::Ed25519, 1).unwrap()
+        };
+        let add =
+            |dir: &mut Directory, k: DkimKey| dir.apply(DirectoryCommand::AddDkimKey { key: k });
+        assert!(matches!(
+            add(&mut dir, key("elsewhere.test", "s1")),
+            Err(StorageError::NotFound(_))
+        ));
+        assert!(matches!(
+            add(&mut dir, key("acme.test", "bad_selector")),
+            Err(StorageError::InvalidArgument(_))
+        ));
+        add(&mut dir, key("acme.test", "s1")).unwrap();
+        add(&mut dir, key("acme.test", "s2.rotated")).unwrap();
+        assert!(matches!(
+            add(&mut dir, key("acme.test", "s1")),
+            Err(StorageError::AlreadyExists(_))
+        ));
+        let keys = dir.dkim_keys(&d("acme.test"));
+        assert_eq!(keys.last().unwrap().selector, "s2.rotated");
+        assert!(keys[0].dns_record().starts_with("v=DKIM1; k=ed25519; p="));
+        assert_eq!(keys[0].dns_name(), "s1._domainkey.acme.test");
+        // Snapshots keep them.
+        let again: Directory = serde_json::from_str(&serde_json::to_string(&dir).unwrap()).unwrap();
+        assert_eq!(again, dir);
+        dir.apply(DirectoryCommand::RemoveDkimKey {
+            domain: d("acme.test"),
+            selector: "s2.rotated".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            dir.dkim_keys(&d("acme.test")).last().unwrap().selector,
+            "s1"
+        );
+        assert!(matches!(
+            dir.apply(DirectoryCommand::RemoveDkimKey {
+                domain: d("acme.test"),
+                selector: "s2.rotated".into(),
+            }),
+            Err(StorageError::NotFound(_))
+        ));
+        // A snapshot from before DKIM existed still loads.
+        let mut old: serde_json::Value = serde_json::to_value(&dir).unwrap();
+        old.as_object_mut().unwrap().remove("dkim_keys");
+        let old: Directory = serde_json::from_value(old).unwrap();
+        assert!(old.dkim_keys(&d("acme.test")).is_empty());
     }
 
     #[test]

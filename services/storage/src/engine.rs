@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OnceCell, broadcast};
 
 use crate::directory::{
-    Directory, DirectoryCommand, DirectoryOutcome, Lookup, TenantLimits, User, UserId,
-    hash_password, verify_password,
+    Directory, DirectoryCommand, DirectoryOutcome, DkimAlgorithm, DkimKey, Lookup, TenantLimits,
+    User, UserId, hash_password, verify_password,
 };
 use crate::index::{
     Change, Flags, INBOX, IndexCommand, IndexLimits, IndexOutcome, MailboxId, NewMessage,
@@ -491,6 +491,49 @@ impl StorageEngine {
         self.change_directory(DirectoryCommand::SetCatchAll { domain, target })
             .await
             .map(drop)
+    }
+
+    /// Creates a DKIM key for a local domain; it signs the domain's mail from now on.
+    /// Without a selector one is made from the date (`mm202611`…).
+    pub async fn add_dkim_key(
+        &self,
+        domain: Domain,
+        selector: Option<String>,
+        algorithm: DkimAlgorithm,
+    ) -> Result<DkimKey, EngineError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let selector = selector.unwrap_or_else(|| {
+            let alg = match algorithm {
+                DkimAlgorithm::Ed25519 => "ed",
+                DkimAlgorithm::Rsa2048 => "rsa",
+            };
+            format!("mm{alg}{}", now / 1000)
+        });
+        let key = tokio::task::spawn_blocking(move || {
+            DkimKey::generate(domain, selector, algorithm, now)
+        })
+        .await
+        .map_err(|e| EngineError::Unavailable(e.to_string()))??;
+        self.change_directory(DirectoryCommand::AddDkimKey { key: key.clone() })
+            .await?;
+        Ok(key)
+    }
+
+    pub async fn remove_dkim_key(
+        &self,
+        domain: Domain,
+        selector: String,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::RemoveDkimKey { domain, selector })
+            .await
+            .map(drop)
+    }
+
+    /// The domain's keys, oldest first (the last one signs).
+    pub fn dkim_keys(&self, domain: &Domain) -> Result<Vec<DkimKey>, EngineError> {
+        self.directory(|d| d.dkim_keys(domain).to_vec())
     }
 
     /// Who receives mail for `address`.

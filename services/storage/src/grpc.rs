@@ -16,7 +16,7 @@ use mailmesh_types::{Domain, EmailAddress, ReversePath, TenantId};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::directory::{Lookup, TenantLimits, User, UserId};
+use crate::directory::{DkimAlgorithm, DkimKey, Lookup, TenantLimits, User, UserId};
 use crate::engine::{Delivery, StorageEngine, UserRef};
 use crate::index::{Change, Flags, INBOX, Mailbox, Message, StoreAction, UidRange};
 use crate::{EngineError, StorageError};
@@ -137,6 +137,21 @@ fn proto_limits(l: &TenantLimits) -> v1::TenantLimits {
         max_storage_bytes: l.max_storage_bytes.unwrap_or(0),
         max_message_bytes: l.max_message_bytes.unwrap_or(0),
         send_rate_per_hour: l.send_rate_per_hour.unwrap_or(0),
+    }
+}
+
+fn dkim_info(key: &DkimKey, signing: bool) -> v1::DkimKeyInfo {
+    v1::DkimKeyInfo {
+        domain: key.domain.to_string(),
+        selector: key.selector.clone(),
+        algorithm: match key.algorithm {
+            DkimAlgorithm::Ed25519 => v1::DkimAlgorithm::Ed25519,
+            DkimAlgorithm::Rsa2048 => v1::DkimAlgorithm::Rsa2048,
+        } as i32,
+        dns_name: key.dns_name(),
+        dns_record: key.dns_record(),
+        created_ms: key.created_ms,
+        signing,
     }
 }
 
@@ -434,10 +449,7 @@ impl DirectoryApi for StorageService {
     ) -> Reply<v1::AuthenticateResponse> {
         let r = r.into_inner();
         if r.password.len() > MAX_PASSWORD {
-            return Ok(Response::new(v1::AuthenticateResponse {
-                ok: false,
-                user: None,
-            }));
+            return Ok(Response::new(v1::AuthenticateResponse::default()));
         }
         // A malformed address fails like a wrong password: nothing to learn.
         let user = match r.address.parse::<EmailAddress>() {
@@ -448,9 +460,75 @@ impl DirectoryApi for StorageService {
             }
             Err(_) => None,
         };
+        let limits = match &user {
+            Some(u) => self
+                .engine
+                .directory(|d| d.tenant(&u.tenant).map(|t| proto_limits(&t.limits)))?,
+            None => None,
+        };
         Ok(Response::new(v1::AuthenticateResponse {
             ok: user.is_some(),
             user: user.as_ref().map(user_info),
+            limits,
+        }))
+    }
+
+    async fn add_dkim_key(&self, r: Request<v1::AddDkimKeyRequest>) -> Reply<v1::DkimKeyInfo> {
+        let r = r.into_inner();
+        let algorithm = match v1::DkimAlgorithm::try_from(r.algorithm) {
+            Ok(v1::DkimAlgorithm::Rsa2048) => DkimAlgorithm::Rsa2048,
+            Ok(v1::DkimAlgorithm::Ed25519 | v1::DkimAlgorithm::Unspecified) => {
+                DkimAlgorithm::Ed25519
+            }
+            Err(_) => return Err(Status::invalid_argument("algorithm: unknown")),
+        };
+        let selector = (!r.selector.is_empty()).then_some(r.selector);
+        let key = self
+            .engine
+            .add_dkim_key(parse("domain", &r.domain)?, selector, algorithm)
+            .await?;
+        Ok(Response::new(dkim_info(&key, true)))
+    }
+
+    async fn remove_dkim_key(&self, r: Request<v1::DkimKeyRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .remove_dkim_key(parse("domain", &r.domain)?, r.selector)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn list_dkim_keys(
+        &self,
+        r: Request<v1::DomainRequest>,
+    ) -> Reply<v1::ListDkimKeysResponse> {
+        let domain: Domain = parse("domain", &r.into_inner().domain)?;
+        let keys = self.engine.dkim_keys(&domain)?;
+        let last = keys.len().saturating_sub(1);
+        Ok(Response::new(v1::ListDkimKeysResponse {
+            keys: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| dkim_info(k, i == last))
+                .collect(),
+        }))
+    }
+
+    async fn get_signing_key(
+        &self,
+        r: Request<v1::DomainRequest>,
+    ) -> Reply<v1::SigningKeyResponse> {
+        use base64::Engine as _;
+        let domain: Domain = parse("domain", &r.into_inner().domain)?;
+        let Some(key) = self.engine.dkim_keys(&domain)?.pop() else {
+            return Ok(Response::new(v1::SigningKeyResponse::default()));
+        };
+        let private_key = base64::engine::general_purpose::STANDARD
+            .decode(&key.private_key)
+            .map_err(|_| Status::internal("stored DKIM key is not base64"))?;
+        Ok(Response::new(v1::SigningKeyResponse {
+            key: Some(dkim_info(&key, true)),
+            private_key,
         }))
     }
 }

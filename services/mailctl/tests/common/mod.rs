@@ -13,6 +13,7 @@ pub struct Dev {
     pub smtp_port: String,
     pub pop3_port: String,
     pub imap_port: String,
+    pub submission_port: String,
     _dir: tempfile::TempDir,
     pub data: std::path::PathBuf,
 }
@@ -33,6 +34,7 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
     let smtp_port = free_port().to_string();
     let pop3_port = free_port().to_string();
     let imap_port = free_port().to_string();
+    let submission_port = free_port().to_string();
     let child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
         .args(["dev", "--data-dir"])
         .arg(&data)
@@ -43,6 +45,8 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
         .env("MAILMESH_PORTS__POP3S", free_port().to_string())
         .env("MAILMESH_PORTS__IMAP", &imap_port)
         .env("MAILMESH_PORTS__IMAPS", free_port().to_string())
+        .env("MAILMESH_PORTS__SUBMISSION", &submission_port)
+        .env("MAILMESH_PORTS__SUBMISSIONS", free_port().to_string())
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -55,6 +59,7 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
         smtp_port,
         pop3_port,
         imap_port,
+        submission_port,
         _dir: dir,
         data,
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod processes;
+pub mod session;
 
 use std::sync::Arc;
 

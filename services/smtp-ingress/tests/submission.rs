@@ -1,0 +1,314 @@
+//! The submission agent (RFC 6409) driven in memory: AUTH only over TLS, senders
+//! and From headers checked against the user's addresses, header fix-ups, limits,
+//! implicit TLS; DKIM signatures checked by an independent verifier (dkimpy).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::session::{Client, Server, body, open, open_implicit_tls, submission_server};
+use mailmesh_ingress::submit::SubmissionConfig;
+use mailmesh_kit::Shutdown;
+use mailmesh_storage::directory::DkimAlgorithm;
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// alice@acme.test (password `pw`) after STARTTLS and AUTH PLAIN.
+async fn logged_in(s: &Server) -> Client<tokio_rustls::client::TlsStream<tokio::io::DuplexStream>> {
+    let mut c = open(s, "192.0.2.7:40000", &Shutdown::new());
+    c.expect("220 mx.acme.test").await;
+    c.cmd("EHLO laptop", "250").await;
+    c.cmd("STARTTLS", "220").await;
+    let mut c = c.tls().await;
+    c.cmd("EHLO laptop", "250").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("\0alice@acme.test\0pw")),
+        "235 2.7.0",
+    )
+    .await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_authenticate_over_tls_and_send_only_as_themselves() {
+    let s = submission_server(SubmissionConfig::default()).await;
+    s.engine
+        .add_alias(
+            "team@acme.test".parse().unwrap(),
+            vec!["alice@acme.test".parse().unwrap()],
+        )
+        .await
+        .unwrap();
+    let mut c = open(&s, "192.0.2.7:40000", &Shutdown::new());
+    c.expect("220 mx.acme.test").await;
+    let ehlo = c.cmd("EHLO laptop", "250-").await;
+    assert!(
+        ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
+    // No password in clear text, no mail without a login (no open relay).
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("\0alice@acme.test\0pw")),
+        "538 5.7.11",
+    )
+    .await;
+    c.cmd("MAIL FROM:<alice@acme.test>", "530 5.7.0").await;
+    c.cmd("STARTTLS", "220").await;
+    let mut c = c.tls().await;
+    let ehlo = c.cmd("EHLO laptop", "250-").await;
+    assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+    c.cmd("MAIL FROM:<alice@acme.test>", "530 5.7.0").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("\0alice@acme.test\0wrong")),
+        "535 5.7.8",
+    )
+    .await;
+    // Same answer for a user that does not exist.
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("\0nobody@acme.test\0pw")),
+        "535 5.7.8",
+    )
+    .await;
+    // Acting for someone else is not allowed.
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("bob@acme.test\0alice@acme.test\0pw")),
+        "535 5.7.8",
+    )
+    .await;
+    c.cmd("AUTH CRAM-MD5", "504 5.5.4").await;
+    c.cmd("AUTH PLAIN !!!", "501 5.5.2").await;
+    // PLAIN without an initial response, cancelled.
+    c.cmd("AUTH PLAIN", "334").await;
+    c.cmd("*", "501 5.7.0").await;
+    // LOGIN, step by step.
+    c.cmd("AUTH LOGIN", "334 VXNlcm5hbWU6").await;
+    c.cmd(&b64("alice@acme.test"), "334 UGFzc3dvcmQ6").await;
+    c.cmd(&b64("pw"), "235 2.7.0").await;
+    c.cmd("AUTH LOGIN", "503 5.5.1").await;
+    let ehlo = c.cmd("EHLO laptop", "250-").await;
+    assert!(!ehlo.contains("AUTH"), "not offered once logged in: {ehlo}");
+
+    // Envelope senders: own address, alias and subaddress yes, others no.
+    c.cmd("MAIL FROM:<mallory@acme.test>", "553 5.7.1").await;
+    c.cmd("MAIL FROM:<bob@example.org>", "553 5.7.1").await;
+    for own in ["team@acme.test", "alice+lists@acme.test", ""] {
+        c.cmd(&format!("MAIL FROM:<{own}>"), "250").await;
+        c.cmd("RSET", "250").await;
+    }
+    c.cmd("MAIL FROM:<alice@acme.test> AUTH=<>", "250").await;
+    c.cmd("RCPT TO:<nobody@acme.test>", "550 5.1.1").await;
+    c.cmd("RCPT TO:<friend@remote.example>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("From: Mallory <mallory@acme.test>\r\nSubject: forged\r\n\r\nx\r\n.\r\n")
+        .await;
+    c.expect("550 5.7.1").await;
+    c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
+    c.cmd("RCPT TO:<friend@remote.example>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(
+        "From: Alice <alice@acme.test>, Team <team@acme.test>\r\nTo: friend@remote.example\r\n\
+         Bcc: alice@acme.test\r\nSubject: lunch\r\n\r\nAt noon?\r\n.\r\n",
+    )
+    .await;
+    c.expect("250 2.0.0 Ok: queued as").await;
+    c.cmd("QUIT", "221").await;
+
+    let queued = s.queued(1).await;
+    let e = &queued[0];
+    assert_eq!(e.tenant.as_str(), "acme");
+    assert_eq!(e.recipients.len(), 2);
+    let client = e.client.as_ref().unwrap();
+    assert_eq!(
+        client
+            .authenticated_as
+            .as_ref()
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("alice@acme.test")
+    );
+    assert!(e.authentication_results.is_none());
+    let text = body(&s, e).await;
+    assert!(
+        text.starts_with(
+            "Received: from laptop (192.0.2.7)\r\n\tby mx.acme.test (mailmesh) with ESMTPSA id "
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("Bcc"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "\r\nMessage-ID: <{}@mx.acme.test>\r\n",
+            e.queue_id
+        )),
+        "{text}"
+    );
+    assert!(text.contains("\r\nDate: "), "{text}");
+    assert!(
+        !text.contains("DKIM-Signature"),
+        "no key, no signature: {text}"
+    );
+    assert!(text.ends_with("\r\n\r\nAt noon?\r\n"), "{text}");
+}
+
+/// dkimpy (Debian python3-dkim) checks the signature with the published record.
+fn dkimpy_verifies(message: &str, record_name: &str, record: &str) -> bool {
+    let program = format!(
+        "import sys, dkim\n\
+         msg = sys.stdin.buffer.read()\n\
+         def dns(name, timeout=5):\n    return {record:?}.encode() if name.decode().rstrip('.') == {record_name:?} else None\n\
+         print(dkim.verify(msg, dnsfunc=dns))\n"
+    );
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", &program])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("Debian's python3 with python3-dkim");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(message.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "dkimpy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim() == "True"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_signed_with_the_domains_newest_key() {
+    let s = submission_server(SubmissionConfig {
+        key_cache_ttl: Duration::ZERO,
+        ..SubmissionConfig::default()
+    })
+    .await;
+    let domain: mailmesh_types::Domain = "acme.test".parse().unwrap();
+    let mut sent = Vec::new();
+    for (selector, algorithm) in [
+        ("s1", DkimAlgorithm::Rsa2048),
+        ("e1", DkimAlgorithm::Ed25519),
+    ] {
+        let key = s
+            .engine
+            .add_dkim_key(domain.clone(), Some(selector.into()), algorithm)
+            .await
+            .unwrap();
+        let mut c = logged_in(&s).await;
+        c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
+        c.cmd("RCPT TO:<friend@remote.example>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send("From: alice@acme.test\r\nTo: friend@remote.example\r\nSubject: signed\r\n\r\nBody  with  spaces \r\n\r\n.\r\n")
+            .await;
+        c.expect("250 2.0.0").await;
+        c.cmd("QUIT", "221").await;
+        sent.push(key);
+    }
+    let queued = s.queued(2).await;
+    for (envelope, key) in queued.iter().zip(&sent) {
+        let text = body(&s, envelope).await;
+        assert!(
+            text.contains(&format!("s={};", key.selector)),
+            "signed with {}: {text}",
+            key.selector
+        );
+        assert!(
+            dkimpy_verifies(&text, &key.dns_name(), &key.dns_record()),
+            "dkimpy rejects the {:?} signature: {text}",
+            key.algorithm
+        );
+        // Changed in transit, the signature no longer holds.
+        let tampered = text.replace("Subject: signed", "Subject: changed");
+        assert!(!dkimpy_verifies(
+            &tampered,
+            &key.dns_name(),
+            &key.dns_record()
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_failures_send_rates_and_implicit_tls() {
+    let s = submission_server(SubmissionConfig {
+        max_auth_failures: 2,
+        failure_delay: Duration::from_millis(10),
+        messages_per_user_per_hour: 1,
+        hide_client: true,
+        ..SubmissionConfig::default()
+    })
+    .await;
+    // Implicit TLS (465): greeting over TLS, AUTH offered at once.
+    let mut c = open_implicit_tls(&s, "192.0.2.8:40000").await;
+    c.expect("220 mx.acme.test").await;
+    let ehlo = c.cmd("EHLO laptop", "250-").await;
+    assert!(
+        ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"),
+        "{ehlo}"
+    );
+    c.cmd("STARTTLS", "503 5.5.1").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("\0alice@acme.test\0pw")),
+        "235",
+    )
+    .await;
+    c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("Subject: one\r\n\r\nx\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    // One message per hour for this user.
+    c.cmd("MAIL FROM:<alice@acme.test>", "450 4.7.1").await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    let text = body(&s, &queued[0]).await;
+    // hide_client: nothing about the client's name or address.
+    assert!(
+        text.starts_with("Received: by mx.acme.test (mailmesh) with ESMTPSA id "),
+        "{text}"
+    );
+    assert!(
+        !text.contains("192.0.2.8") && !text.contains("laptop"),
+        "{text}"
+    );
+    assert!(
+        text.contains("From: <alice@acme.test>\r\n"),
+        "From added: {text}"
+    );
+
+    // Failed logins from one address: two allowed, then the connection is refused.
+    let mut c = open_implicit_tls(&s, "192.0.2.9:40000").await;
+    c.expect("220").await;
+    c.cmd("EHLO x", "250").await;
+    for _ in 0..2 {
+        c.cmd(
+            &format!("AUTH PLAIN {}", b64("\0alice@acme.test\0guess")),
+            "535 5.7.8",
+        )
+        .await;
+    }
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("\0alice@acme.test\0pw")),
+        "421 4.7.0",
+    )
+    .await;
+    // Another address still gets in.
+    let mut c = open_implicit_tls(&s, "192.0.2.10:40000").await;
+    c.expect("220").await;
+    c.cmd("EHLO x", "250").await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64("\0alice@acme.test\0pw")),
+        "235",
+    )
+    .await;
+}
