@@ -2,6 +2,7 @@
 //! crates, so any of them can use it as a dev-dependency.
 
 pub mod dns;
+pub mod mx;
 pub mod tls;
 
 /// The value of one of the `MMTEST_*` variables that `scripts/backends.sh env` sets

@@ -21,7 +21,7 @@ const MAX_RETURNED_BYTES: usize = 64 << 10;
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub recipient: Recipient,
-    pub status: &'static str,
+    pub status: String,
     pub diagnostic: String,
 }
 
@@ -33,12 +33,49 @@ pub fn failure_report(
     failures: &[Failure],
     reporting_mta: &str,
 ) -> Option<Envelope> {
+    report(original, original_message, failures, reporting_mta, None)
+}
+
+/// A delay notice (RFC 3464 `Action: delayed`) for recipients still being retried,
+/// with the original's headers; `None` when none is due (null sender, or nobody
+/// asked with NOTIFY=DELAY or the default).
+pub fn delay_report(
+    original: &Envelope,
+    original_message: &[u8],
+    delayed: &[Failure],
+    reporting_mta: &str,
+    retry_until: SystemTime,
+) -> Option<Envelope> {
+    report(
+        original,
+        original_message,
+        delayed,
+        reporting_mta,
+        Some(retry_until),
+    )
+}
+
+/// A failure report, or a delay notice when `delayed_until` is given.
+fn report(
+    original: &Envelope,
+    original_message: &[u8],
+    failures: &[Failure],
+    reporting_mta: &str,
+    delayed_until: Option<SystemTime>,
+) -> Option<Envelope> {
     let ReversePath::Address(sender) = &original.mail_from else {
         return None;
     };
+    let delayed = delayed_until.is_some();
     let failures: Vec<&Failure> = failures
         .iter()
-        .filter(|f| f.recipient.notify.failure)
+        .filter(|f| {
+            if delayed {
+                f.recipient.notify.delay
+            } else {
+                f.recipient.notify.failure
+            }
+        })
         .collect();
     if failures.is_empty() {
         return None;
@@ -54,16 +91,29 @@ pub fn failure_report(
         .collect();
     failed.sort();
     failed.dedup();
+    let kind = if delayed { "delay" } else { "dsn" };
     let queue_id = original
         .queue_id
-        .derived(&format!("dsn/{}", failed.join(",")));
+        .derived(&format!("{kind}/{}", failed.join(",")));
+    let (subject, intro) = if delayed {
+        (
+            "Delayed Mail (still being retried)",
+            "Your message has not been delivered yet to these recipients; delivery\r\n\
+             will be tried again. No action is needed now:\r\n\r\n",
+        )
+    } else {
+        (
+            "Undelivered Mail Returned to Sender",
+            "Your message could not be delivered to these recipients:\r\n\r\n",
+        )
+    };
     let mut m = String::new();
     // Writing into a String cannot fail.
     let _ = write!(
         m,
         "From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\n\
          To: {sender}\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\n\
+         Subject: {subject}\r\n\
          Date: {date}\r\n\
          Message-ID: <{queue_id}@{reporting_mta}>\r\n\
          Auto-Submitted: auto-replied\r\n\
@@ -73,7 +123,7 @@ pub fn failure_report(
          --{boundary}\r\n\
          Content-Type: text/plain; charset=utf-8\r\n\
          \r\n\
-         Your message could not be delivered to these recipients:\r\n\r\n",
+         {intro}",
         date = rfc5322_date(SystemTime::now()),
     );
     for f in &failures {
@@ -103,7 +153,7 @@ pub fn failure_report(
         let _ = write!(
             m,
             "Final-Recipient: {}; {}\r\n\
-             Action: failed\r\n\
+             Action: {}\r\n\
              Status: {}\r\n\
              Diagnostic-Code: smtp; {}\r\n",
             if f.recipient.address.is_utf8() {
@@ -112,12 +162,18 @@ pub fn failure_report(
                 "rfc822"
             },
             f.recipient.address,
+            if delayed { "delayed" } else { "failed" },
             f.status,
             f.diagnostic.replace(['\r', '\n'], " ")
         );
+        if let Some(until) = delayed_until {
+            let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
+        }
     }
-    let headers_only =
-        original.dsn_ret == Some(DsnRet::Headers) || original_message.len() > MAX_RETURNED_BYTES;
+    // A delay notice returns the headers only: the message is still on its way.
+    let headers_only = delayed
+        || original.dsn_ret == Some(DsnRet::Headers)
+        || original_message.len() > MAX_RETURNED_BYTES;
     let returned = if headers_only {
         let end = find_header_end(original_message).unwrap_or(original_message.len());
         &original_message[..end.min(MAX_RETURNED_BYTES)]
@@ -209,7 +265,7 @@ mod tests {
                 notify,
                 orcpt: Some("rfc822;Ghost@acme.test".into()),
             },
-            status: "5.1.1",
+            status: "5.1.1".into(),
             diagnostic: "user unknown".into(),
         }
     }

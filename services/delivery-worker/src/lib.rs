@@ -1,9 +1,11 @@
-//! The delivery worker (local part): takes accepted mail off the queue and puts it in
-//! local mailboxes through the storage service, bouncing what cannot be delivered and
-//! handing remote recipients to the outbound path.
+//! The delivery worker: takes accepted mail off the queue and puts it in local
+//! mailboxes through the storage service, bouncing what cannot be delivered and
+//! handing remote recipients to the outbound path, which relays them to their MX
+//! hosts (`outbound`), retrying for days.
 
 pub mod dsn;
 mod metrics;
+pub mod outbound;
 pub mod worker;
 
 use mailmesh_kit::config::{AdminConfig, ConfigError, ShutdownConfig, Validate};
@@ -29,6 +31,12 @@ pub struct ServiceConfig {
     pub storage_endpoint: String,
     #[serde(default)]
     pub worker: worker::WorkerConfig,
+    /// Relaying to other domains (`[outbound]`).
+    #[serde(default)]
+    pub outbound: outbound::OutboundConfig,
+    /// Decides which worker re-queues a due retry (Redis). Without it an in-process
+    /// map is used: fine for one worker, duplicates retries with several.
+    pub cache: Option<mailmesh_cache::CacheConfig>,
 }
 
 impl Validate for ServiceConfig {
@@ -37,6 +45,7 @@ impl Validate for ServiceConfig {
         self.shutdown.validate()?;
         self.queue.validate()?;
         self.worker.validate()?;
+        self.outbound.validate()?;
         if !(self.storage_endpoint.starts_with("http://")
             || self.storage_endpoint.starts_with("https://"))
         {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use mailmesh_delivery::ServiceConfig;
+use mailmesh_delivery::outbound::Outbound;
 use mailmesh_delivery::worker::Worker;
 use mailmesh_kit::service::Service;
 use mailmesh_storage::client::GrpcMailstore;
@@ -21,9 +22,36 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .context("opening the object store")?;
     let store = GrpcMailstore::new(&config.storage_endpoint, config.worker.max_message_bytes)?;
 
+    let cache = match &config.cache {
+        Some(c) => mailmesh_cache::open(c)
+            .await
+            .context("connecting to the cache")?,
+        None => {
+            tracing::warn!("no [cache]: retries are re-queued by this worker alone");
+            mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?
+        }
+    };
+    let outbound = config
+        .outbound
+        .enabled
+        .then(|| {
+            Outbound::new(
+                queue.clone(),
+                objects.clone(),
+                cache,
+                config.outbound.clone(),
+                config.worker.clone(),
+            )
+        })
+        .transpose()?;
+
     let worker = Worker::new(queue, objects, Arc::new(store), config.worker);
     let mut consuming = tokio::spawn(worker.run(service.shutdown.clone()));
-    tracing::info!(admin = %config.admin.listen, "delivery-worker is consuming");
+    let mut relaying = match outbound {
+        Some(o) => tokio::spawn(o.run(service.shutdown.clone())),
+        None => tokio::spawn(std::future::pending()),
+    };
+    tracing::info!(admin = %config.admin.listen, outbound = config.outbound.enabled, "delivery-worker is consuming");
 
     tokio::select! {
         () = mailmesh_kit::shutdown::signal() => {}
@@ -32,8 +60,15 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
             ended??;
             anyhow::bail!("the consumer stopped");
         }
+        ended = &mut relaying => {
+            ended??;
+            anyhow::bail!("the outbound consumer stopped");
+        }
     }
     service.drain(&config.shutdown).await?;
     consuming.await??;
+    if config.outbound.enabled {
+        relaying.await??;
+    }
     Ok(())
 }

@@ -31,6 +31,23 @@ static SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     )
 });
 
+static RELAYED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "outbound_recipients_total",
+                "Outbound recipients by outcome: delivered, failed, deferred, expired",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn relayed(outcome: &str) {
+    RELAYED.with_label_values(&[outcome]).inc();
+}
+
 pub(crate) fn delivered(outcome: &str) {
     OUTCOMES.with_label_values(&[outcome]).inc();
 }

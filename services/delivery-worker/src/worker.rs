@@ -121,7 +121,7 @@ pub struct Worker {
 }
 
 /// Why a message body could not be read.
-enum BodyError {
+pub(crate) enum BodyError {
     /// The object is gone: retrying cannot help.
     Missing(String),
     Unavailable(String),
@@ -140,7 +140,30 @@ fn reply_code(status: &str) -> &'static str {
 /// tried again and its offset is not stored meanwhile.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-struct NotDone(String);
+pub(crate) struct NotDone(pub(crate) String);
+
+/// The message a queue record carries, from the record or from object storage.
+pub(crate) async fn read_body(
+    objects: &dyn ObjectStore,
+    envelope: &Envelope,
+) -> Result<Bytes, BodyError> {
+    use mailmesh_objstore::object_store::Error as E;
+    let key = match &envelope.body {
+        BodyRef::Inline(bytes) => return Ok(bytes.clone()),
+        BodyRef::Object { key, .. } => key,
+    };
+    let classify = |e: E| match e {
+        E::NotFound { .. } => BodyError::Missing(format!("message body {key} does not exist")),
+        other => BodyError::Unavailable(format!("reading the message body {key}: {other}")),
+    };
+    objects
+        .get(&Path::from(key.as_str()))
+        .await
+        .map_err(classify)?
+        .bytes()
+        .await
+        .map_err(classify)
+}
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -346,7 +369,7 @@ impl Worker {
                     crate::metrics::delivered("failed");
                     failures.push(Failure {
                         recipient: recipient.clone(),
-                        status: "4.4.7",
+                        status: "4.4.7".into(),
                         diagnostic: format!(
                             "{} {status} delivery time expired: {reason}",
                             reply_code(status)
@@ -358,7 +381,7 @@ impl Worker {
                     crate::metrics::delivered("failed");
                     failures.push(Failure {
                         recipient: recipient.clone(),
-                        status,
+                        status: status.into(),
                         diagnostic: format!("{} {status} {reason}", reply_code(status)),
                     });
                 }
@@ -449,36 +472,11 @@ impl Worker {
     }
 
     async fn message(&self, envelope: &Envelope) -> Result<Bytes, BodyError> {
-        use mailmesh_objstore::object_store::Error as E;
-        let key = match &envelope.body {
-            BodyRef::Inline(bytes) => return Ok(bytes.clone()),
-            BodyRef::Object { key, .. } => key,
-        };
-        let classify = |e: E| match e {
-            E::NotFound { .. } => BodyError::Missing(format!("message body {key} does not exist")),
-            other => BodyError::Unavailable(format!("reading the message body {key}: {other}")),
-        };
-        self.objects
-            .get(&Path::from(key.as_str()))
-            .await
-            .map_err(classify)?
-            .bytes()
-            .await
-            .map_err(classify)
+        read_body(&*self.objects, envelope).await
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), NotDone> {
-        self.queue
-            .publish(OutgoingRecord {
-                topic: topic.to_owned(),
-                key: Bytes::from(envelope.queue_id.to_string()),
-                payload: Bytes::from(encode_envelope(envelope)),
-                headers: envelope.trace_headers(),
-                partition: None,
-            })
-            .await
-            .map(drop)
-            .map_err(|e| NotDone(format!("publishing to {topic}: {e}")))
+        publish_envelope(&*self.queue, topic, envelope, Vec::new()).await
     }
 
     async fn publish(
@@ -488,20 +486,53 @@ impl Worker {
         payload: Bytes,
         reason: &str,
     ) -> Result<(), NotDone> {
-        let mut headers = Vec::new();
-        if !reason.is_empty() {
-            headers.push(("mailmesh-reason".to_owned(), Bytes::from(reason.to_owned())));
-        }
-        self.queue
-            .publish(OutgoingRecord {
-                topic: topic.to_owned(),
-                key,
-                payload,
-                headers,
-                partition: None,
-            })
-            .await
-            .map(drop)
-            .map_err(|e| NotDone(format!("publishing to {topic}: {e}")))
+        publish_raw(&*self.queue, topic, key, payload, reason).await
     }
+}
+
+/// Publishes a queue record (with its trace context and `headers`).
+pub(crate) async fn publish_envelope(
+    queue: &dyn Queue,
+    topic: &str,
+    envelope: &Envelope,
+    headers: Vec<(String, Bytes)>,
+) -> Result<(), NotDone> {
+    let mut all = envelope.trace_headers();
+    all.extend(headers);
+    queue
+        .publish(OutgoingRecord {
+            topic: topic.to_owned(),
+            key: Bytes::from(envelope.queue_id.to_string()),
+            payload: Bytes::from(encode_envelope(envelope)),
+            headers: all,
+            partition: None,
+        })
+        .await
+        .map(drop)
+        .map_err(|e| NotDone(format!("publishing to {topic}: {e}")))
+}
+
+/// Publishes raw bytes (a record that could not be decoded) with a reason header.
+pub(crate) async fn publish_raw(
+    queue: &dyn Queue,
+    topic: &str,
+    key: Bytes,
+    payload: Bytes,
+    reason: &str,
+) -> Result<(), NotDone> {
+    let mut headers = Vec::new();
+    if !reason.is_empty() {
+        headers.push(("mailmesh-reason".to_owned(), Bytes::from(reason.to_owned())));
+    }
+    queue
+        .publish(OutgoingRecord {
+            topic: topic.to_owned(),
+            key,
+            payload,
+            headers,
+            partition: None,
+        })
+        .await
+        .map(drop)
+        .map_err(|e| NotDone(format!("publishing to {topic}: {e}")))
 }

@@ -48,6 +48,8 @@ struct DevConfig {
     smtp: IngressConfig,
     /// Submission (`[submission]`: login limits, privacy, send rates, DKIM signing).
     submission: mailmesh_ingress::submit::SubmissionConfig,
+    /// Relaying to other domains (`[outbound]`: MX port, DNS servers, retries).
+    outbound: mailmesh_delivery::outbound::OutboundConfig,
     /// POP3 limits (`[pop3]`).
     pop3: mailmesh_gateway::Pop3Config,
     /// IMAP limits (`[imap]`).
@@ -126,6 +128,7 @@ impl Default for DevConfig {
             },
             smtp: IngressConfig::default(),
             submission: Default::default(),
+            outbound: Default::default(),
             pop3: mailmesh_gateway::Pop3Config::default(),
             imap: mailmesh_gateway::ImapConfig::default(),
             admin: AdminConfig {
@@ -152,6 +155,7 @@ impl Validate for DevConfig {
         self.auth.validate()?;
         self.smtp.validate()?;
         self.submission.validate()?;
+        self.outbound.validate()?;
         self.pop3.validate()?;
         self.imap.validate()?;
         if let Some(tls) = &self.tls {
@@ -322,10 +326,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Arc::new(engine),
         WorkerConfig {
             topic: MAIL_TOPIC.into(),
+            hostname: config.smtp.hostname.clone(),
             ..WorkerConfig::default()
         },
     );
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
+    // Outbound relay to other domains' MX hosts, retries in the local object store.
+    let outbound = mailmesh_delivery::outbound::Outbound::new(
+        queue.clone(),
+        objects.clone(),
+        cache.clone(),
+        config.outbound.clone(),
+        WorkerConfig {
+            topic: MAIL_TOPIC.into(),
+            hostname: config.smtp.hostname.clone(),
+            ..WorkerConfig::default()
+        },
+    )?;
+    let outbound_task = tokio::spawn(outbound.run(shutdown.clone()));
 
     // IMAP and POP3 (STARTTLS and implicit TLS), through the storage gRPC API above.
     let store = mailmesh_gateway::Store::new(
@@ -387,6 +405,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         task.await?;
     }
     worker_task.await??;
+    outbound_task.await??;
     // Open Watch streams do not end by themselves; they are cut here.
     if let Ok(served) = tokio::time::timeout(Duration::from_secs(5), storage_task).await {
         served??;
@@ -427,6 +446,11 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bo
     } else {
         println!("  auth-check   OFF (no DNS resolver configuration): mail is not checked");
     }
+    println!(
+        "  outbound     MX relay on port {}, retries in {}/objects/outbound/retry",
+        config.outbound.port,
+        config.data_dir.display()
+    );
     println!(
         "  imap         {}:{}  (STARTTLS; LOGIN and AUTHENTICATE PLAIN after it)",
         config.bind, config.ports.imap

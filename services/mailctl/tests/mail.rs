@@ -261,3 +261,123 @@ m.logout()
     ));
     assert_eq!(out, "1\n");
 }
+
+/// The issue's whole outbound path with clients written by others: Python's smtplib
+/// submits over STARTTLS with AUTH; the message is DKIM-signed with the key
+/// `mailctl dkim generate` made, relayed to the MX a real DNS server names (a test
+/// MX on loopback), and dkimpy verifies it with the record mailctl printed. A local
+/// recipient of the same message gets it in the INBOX; a forged sender is refused.
+#[tokio::test]
+async fn submitted_mail_is_signed_and_relayed_to_the_remote_mx() {
+    let mx = mailmesh_testkit::mx::TestMx::start(
+        None,
+        std::sync::Arc::new(|_, _| "250 2.1.5 ok".to_owned()),
+    );
+    let dns = mailmesh_testkit::dns::DnsServer::start(&[
+        "mx-host=remote.test,mx.remote.test,10".into(),
+        "host-record=mx.remote.test,127.0.0.1".into(),
+    ]);
+    let servers = format!("[\"{}\"]", dns.addr);
+    let port = mx.addr.port().to_string();
+    let dev = start(&[
+        ("MAILMESH_AUTH__DNS__SERVERS", &servers),
+        ("MAILMESH_OUTBOUND__DNS__SERVERS", &servers),
+        ("MAILMESH_OUTBOUND__PORT", &port),
+        ("MAILMESH_OUTBOUND__ALLOW_LOOPBACK", "true"),
+    ]);
+    wait_ready(&dev).await;
+    ok(&dev, &["tenant", "add", "acme"], "");
+    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
+    for user in ["alice@acme.test", "bob@acme.test"] {
+        ok(&dev, &["user", "add", user, "--password-stdin"], "pw\n");
+    }
+    let printed = ok(
+        &dev,
+        &["dkim", "generate", "acme.test", "--selector", "mm1"],
+        "",
+    );
+    let record_line = printed
+        .lines()
+        .find(|l| l.starts_with("mm1._domainkey.acme.test. IN TXT "))
+        .unwrap_or_else(|| panic!("no DNS record in {printed}"));
+    let record = record_line
+        .split('"')
+        .nth(1)
+        .expect("a quoted TXT value")
+        .to_owned();
+    assert!(record.starts_with("v=DKIM1; k=rsa; p="), "{record}");
+
+    let out = python(&format!(
+        r#"
+import smtplib, ssl
+s = smtplib.SMTP('127.0.0.1', {port}, timeout=30)
+s.ehlo('laptop')
+print('auth' in s.esmtp_features)
+s.starttls(context=ssl._create_unverified_context())
+s.ehlo('laptop')
+print('auth' in s.esmtp_features)
+s.login('alice@acme.test', 'pw')
+try:
+    s.sendmail('bob@acme.test', ['friend@remote.test'], b'Subject: x\r\n\r\nx\r\n')
+except smtplib.SMTPSenderRefused as e:
+    print('forged', e.smtp_code)
+refused = s.sendmail('alice@acme.test', ['friend@remote.test', 'bob@acme.test'],
+    b'From: Alice <alice@acme.test>\r\nTo: friend@remote.test\r\nSubject: signed and sent\r\n\r\nHello from mailmesh.\r\n')
+print('refused', refused)
+s.quit()
+"#,
+        port = dev.submission_port
+    ));
+    assert_eq!(out, "False\nTrue\nforged 553\nrefused {}\n");
+
+    let got = mx.wait_for(1, Duration::from_secs(60));
+    let relayed = String::from_utf8_lossy(&got[0].data).into_owned();
+    assert_eq!(got[0].mail_from, "alice@acme.test");
+    assert_eq!(got[0].recipients, ["friend@remote.test"]);
+    assert!(
+        relayed.contains("DKIM-Signature: v=1; a=rsa-sha256; s=mm1; d=acme.test;"),
+        "{relayed}"
+    );
+    assert!(relayed.contains("with ESMTPSA id"), "{relayed}");
+    assert!(relayed.contains("\r\nMessage-ID: <"), "{relayed}");
+    // dkimpy (Debian python3-dkim) checks it against the record mailctl printed.
+    let verify = format!(
+        "import sys, dkim\n\
+         msg = sys.stdin.buffer.read()\n\
+         dns = lambda name, timeout=5: {record:?}.encode() if name.decode().rstrip('.') == 'mm1._domainkey.acme.test' else None\n\
+         print(dkim.verify(msg, dnsfunc=dns))\n"
+    );
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", &verify])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(relayed.as_bytes())
+            .unwrap();
+    }
+    let verdict = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&verdict.stdout).trim(),
+        "True",
+        "{relayed}"
+    );
+
+    // The local copy of the same message.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while inbox_count(&dev, "bob@acme.test") < 1 {
+        assert!(Instant::now() < deadline, "bob never got the message");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = stored_with(&dev, "signed and sent");
+    assert!(
+        stored.iter().any(|m| m.contains("DKIM-Signature:")),
+        "{stored:?}"
+    );
+}

@@ -1,0 +1,339 @@
+//! Outbound relay against a test MX on loopback found through a real DNS server
+//! (dnsmasq MX and A records): STARTTLS, pipelined transactions, retries through
+//! the due-time index, failure and delay reports to the sender's INBOX, null MX and
+//! unknown domains, lifetimes, and no report ever for the null sender. The retry
+//! test also runs on the real Kafka + S3 + Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::{Setup, envelope, setup};
+use mailmesh_delivery::outbound::{Outbound, OutboundConfig, schedule};
+use mailmesh_kit::Shutdown;
+use mailmesh_proto::encode_envelope;
+use mailmesh_queue::OutgoingRecord;
+use mailmesh_testkit::dns::DnsServer;
+use mailmesh_testkit::mx::{Script, TestMx};
+use mailmesh_types::{BodyRef, Envelope};
+
+struct Remote {
+    mx: TestMx,
+    _dns: DnsServer,
+    config: OutboundConfig,
+}
+
+/// A test MX for `remote.test` (MX mx.remote.test → 127.0.0.1), `nomail.test`
+/// with a null MX, and DNS answering NXDOMAIN for everything else.
+fn remote(script: Arc<Script>, run: &str) -> Remote {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) =
+        mailmesh_kit::tls::ensure_self_signed(dir.path(), &["mx.remote.test"]).unwrap();
+    let resolver = Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
+    let tls = mailmesh_kit::tls::server_config(resolver).unwrap();
+    let mx = TestMx::start(Some(tls), script);
+    let dns = DnsServer::start(&[
+        "mx-host=remote.test,mx.remote.test,10".into(),
+        "host-record=mx.remote.test,127.0.0.1".into(),
+        "mx-host=nomail.test,,0".into(),
+    ]);
+    let config = OutboundConfig {
+        port: mx.addr.port(),
+        allow_loopback: true,
+        retry_schedule: vec![Duration::from_millis(500)],
+        retry_scan_interval: Duration::from_millis(200),
+        retry_prefix: format!("{run}/retry"),
+        connect_timeout: Duration::from_secs(5),
+        command_timeout: Duration::from_secs(10),
+        dns: mailmesh_delivery::outbound::route::DnsConfig {
+            servers: vec![dns.addr],
+            ..Default::default()
+        },
+        ..OutboundConfig::default()
+    };
+    Remote {
+        mx,
+        _dns: dns,
+        config,
+    }
+}
+
+fn accept_all() -> Arc<Script> {
+    Arc::new(|_, _| "250 2.1.5 ok".to_owned())
+}
+
+impl Setup {
+    fn start_outbound(
+        &self,
+        config: OutboundConfig,
+        cache: Arc<dyn mailmesh_cache::Cache>,
+    ) -> Shutdown {
+        let shutdown = Shutdown::new();
+        let outbound = Outbound::new(
+            self.queue.clone(),
+            self.objects.clone(),
+            cache,
+            config,
+            self.config.clone(),
+        )
+        .unwrap();
+        let s = shutdown.clone();
+        tokio::spawn(async move { outbound.run(s).await.unwrap() });
+        shutdown
+    }
+
+    async fn relay(&self, envelope: &Envelope) {
+        self.queue
+            .publish(OutgoingRecord {
+                topic: self.config.outbound_topic.clone(),
+                key: Bytes::from(envelope.queue_id.to_string()),
+                payload: Bytes::from(encode_envelope(envelope)),
+                headers: vec![],
+                partition: None,
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn memory_cache() -> Arc<dyn mailmesh_cache::Cache> {
+    Arc::new(mailmesh_cache::memory::MemoryCache::new())
+}
+
+fn run_id() -> String {
+    format!("o{}", uuid::Uuid::new_v4().simple())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_for_remote_domains_reaches_their_mx_over_tls() {
+    let s = setup(false).await;
+    let r = remote(accept_all(), &run_id());
+    let _outbound = s.start_outbound(r.config.clone(), memory_cache());
+    // Through the local path: a local user's message with remote recipients.
+    let (_stop, _task) = s.start();
+    let _alice = s.user("alice@acme.test").await;
+    let mut e = envelope(
+        "alice@acme.test",
+        &["bob@remote.test", "carol@Remote.Test"],
+        "hello",
+    );
+    e.body = BodyRef::Inline(Bytes::from_static(
+        b"Subject: hello\r\n\r\n.a line with a dot\r\n..two\r\nend\r\n",
+    ));
+    s.enqueue(&e).await;
+    let got = r.mx.wait_for(1, Duration::from_secs(30));
+    assert_eq!(got.len(), 1, "one transaction for both: {got:?}");
+    let m = &got[0];
+    assert!(m.tls, "STARTTLS was offered, so it was used");
+    assert_eq!(m.mail_from, "alice@acme.test");
+    assert_eq!(m.recipients, ["bob@remote.test", "carol@remote.test"]);
+    assert!(m.parameters.contains("SIZE="), "{}", m.parameters);
+    assert_eq!(
+        String::from_utf8_lossy(&m.data),
+        "Subject: hello\r\n\r\n.a line with a dot\r\n..two\r\nend\r\n"
+    );
+    // The next message to the same host reuses the connection.
+    s.relay(&envelope("alice@acme.test", &["dave@remote.test"], "again"))
+        .await;
+    let got = r.mx.wait_for(2, Duration::from_secs(30));
+    assert_eq!(got[1].earlier_on_connection, 1, "{got:?}");
+}
+
+async fn temporary_failures_are_retried_later(real: bool) {
+    let s = setup(real).await;
+    let run = run_id();
+    // The first RCPT for slow@ gets a 451; later ones are accepted.
+    let script: Arc<Script> = Arc::new(|rcpt, n| {
+        if rcpt.starts_with("slow@") && n == 1 {
+            "451 4.7.1 greylisted, try again".to_owned()
+        } else {
+            "250 2.1.5 ok".to_owned()
+        }
+    });
+    let r = remote(script, &run);
+    let cache: Arc<dyn mailmesh_cache::Cache> = if real {
+        Arc::new(
+            mailmesh_cache::redis::RedisCache::connect(&mailmesh_cache::redis::RedisConfig {
+                url: mailmesh_kit::Secret::new(mailmesh_testkit::backend_env("MMTEST_REDIS")),
+                key_prefix: format!("{run}:"),
+                command_timeout: Duration::from_secs(5),
+            })
+            .await
+            .unwrap(),
+        )
+    } else {
+        memory_cache()
+    };
+    let _outbound = s.start_outbound(r.config.clone(), cache);
+    s.relay(&envelope(
+        "alice@acme.test",
+        &["slow@remote.test", "fast@remote.test"],
+        "retry",
+    ))
+    .await;
+    let got = r.mx.wait_for(2, Duration::from_secs(60));
+    assert_eq!(got[0].recipients, ["fast@remote.test"]);
+    assert_eq!(got[1].recipients, ["slow@remote.test"], "{got:?}");
+    assert_eq!(
+        r.mx.attempts()
+            .iter()
+            .filter(|a| a.starts_with("slow@"))
+            .count(),
+        2
+    );
+    // Nothing is left waiting, and nothing is sent twice.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        schedule::list(&*s.objects, &r.config.retry_prefix)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(r.mx.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_failures_are_retried_later_embedded() {
+    temporary_failures_are_retried_later(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_failures_are_retried_later_on_kafka_s3_and_redis() {
+    temporary_failures_are_retried_later(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_bounce_to_the_sender_with_the_original_headers() {
+    let s = setup(false).await;
+    let script: Arc<Script> = Arc::new(|rcpt, _| {
+        if rcpt.starts_with("gone@") {
+            "550 5.1.1 <gone@remote.test>: no such user".to_owned()
+        } else {
+            "250 2.1.5 ok".to_owned()
+        }
+    });
+    let r = remote(script, &run_id());
+    let _outbound = s.start_outbound(r.config.clone(), memory_cache());
+    let (_stop, _task) = s.start();
+    let alice = s.user("alice@acme.test").await;
+    s.relay(&envelope(
+        "alice@acme.test",
+        &[
+            "gone@remote.test",
+            "ok@remote.test",
+            "x@nomail.test",
+            "y@nowhere.test",
+        ],
+        "lunch plans",
+    ))
+    .await;
+    let inbox = s.inbox(&alice, 1).await;
+    assert_eq!(inbox.len(), 1, "one report for all failures: {inbox:?}");
+    let report = &inbox[0];
+    for expected in [
+        "Subject: Undelivered Mail Returned to Sender",
+        "Content-Type: multipart/report; report-type=delivery-status",
+        "Final-Recipient: rfc822; gone@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n",
+        "550 5.1.1 <gone@remote.test>: no such user (from mx.remote.test[127.0.0.1])",
+        "Final-Recipient: rfc822; x@nomail.test\r\nAction: failed\r\nStatus: 5.1.10\r\n",
+        "Final-Recipient: rfc822; y@nowhere.test\r\nAction: failed\r\nStatus: 5.1.2\r\n",
+        // The original comes back.
+        "Subject: lunch plans\r\n",
+    ] {
+        assert!(
+            report.contains(expected),
+            "{expected:?} missing in {report}"
+        );
+    }
+    assert!(!report.contains("ok@remote.test"), "{report}");
+    assert_eq!(r.mx.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delays_are_reported_once_and_expired_mail_bounces() {
+    let s = setup(false).await;
+    let script: Arc<Script> = Arc::new(|_, _| "451 4.3.0 come back later".to_owned());
+    let r = remote(script, &run_id());
+    let config = OutboundConfig {
+        delay_notify_after: Duration::ZERO,
+        ..r.config.clone()
+    };
+    let _outbound = s.start_outbound(config, memory_cache());
+    let (_stop, _task) = s.start();
+    let alice = s.user("alice@acme.test").await;
+    s.relay(&envelope(
+        "alice@acme.test",
+        &["later@remote.test"],
+        "delayed",
+    ))
+    .await;
+    let inbox = s.inbox(&alice, 1).await;
+    assert!(inbox[0].contains("Subject: Delayed Mail"), "{}", inbox[0]);
+    assert!(
+        inbox[0].contains("Action: delayed\r\nStatus: 4.3.0\r\n"),
+        "{}",
+        inbox[0]
+    );
+    assert!(inbox[0].contains("Will-Retry-Until: "), "{}", inbox[0]);
+    assert!(inbox[0].contains("text/rfc822-headers"), "{}", inbox[0]);
+    // Retried a few more times, no second notice.
+    while r.mx.attempts().len() < 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.inbox(&alice, 1).await.len(), 1);
+    // Still waiting for the next attempt, visible in the index.
+    let waiting = schedule::list(&*s.objects, &r.config.retry_prefix)
+        .await
+        .unwrap();
+    assert!(
+        waiting.iter().all(|w| w.delay_notified && w.attempts >= 1),
+        "{waiting:?}"
+    );
+
+    // A message older than the lifetime (5 days) is not retried but returned.
+    let mut old = envelope("alice@acme.test", &["old@remote.test"], "ancient");
+    old.received_at = SystemTime::now() - Duration::from_secs(6 * 24 * 3600);
+    s.relay(&old).await;
+    let inbox = s.inbox(&alice, 2).await;
+    let expired = inbox
+        .iter()
+        .find(|m| m.contains("old@remote.test"))
+        .expect("a report for the expired message");
+    assert!(
+        expired.contains("Action: failed\r\nStatus: 4.4.7\r\n"),
+        "{expired}"
+    );
+    assert!(expired.contains("Subject: ancient"), "{expired}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounces_are_never_bounced() {
+    let s = setup(false).await;
+    let script: Arc<Script> = Arc::new(|_, _| "550 5.1.1 no such user".to_owned());
+    let r = remote(script, &run_id());
+    let _outbound = s.start_outbound(r.config.clone(), memory_cache());
+    let (_stop, _task) = s.start();
+    let alice = s.user("alice@acme.test").await;
+    // A report (null sender) that cannot be delivered, then a normal message whose
+    // report must arrive: the first one must not have produced anything.
+    s.relay(&envelope("", &["gone@remote.test"], "a bounce"))
+        .await;
+    while r.mx.attempts().is_empty() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.relay(&envelope(
+        "alice@acme.test",
+        &["gone2@remote.test"],
+        "normal",
+    ))
+    .await;
+    let inbox = s.inbox(&alice, 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let inbox_after = s.inbox(&alice, 1).await;
+    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox_after.len(), 1, "{inbox_after:?}");
+    assert!(inbox_after[0].contains("gone2@remote.test"));
+    assert!(!inbox_after[0].contains("a bounce"));
+}
