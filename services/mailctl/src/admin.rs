@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+use mailmesh_proto::v1::outbound_queue_client::OutboundQueueClient;
 use mailmesh_types::{InboundPolicy, PolicyAction};
 use serde_json::json;
 use tonic::transport::Channel;
@@ -205,6 +206,127 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
 }
 
 #[derive(Subcommand)]
+pub enum QueueCommand {
+    /// Outbound mail waiting for another delivery attempt, next due first.
+    List,
+    /// One waiting message: envelope, attempts, last error and headers.
+    Show { queue_id: String },
+    /// Try a waiting message again now.
+    Retry { queue_id: String },
+    /// Drop a waiting message (no report goes to the sender).
+    Delete { queue_id: String },
+}
+
+fn when(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    mailmesh_types::rfc5322_date(t)
+}
+
+fn waiting_json(m: &v1::WaitingMessage) -> serde_json::Value {
+    json!({
+        "queue_id": m.queue_id,
+        "tenant": m.tenant,
+        "sender": m.sender,
+        "recipients": m.recipients,
+        "attempts": m.attempts,
+        "due_ms": m.due_ms,
+        "received_at_ms": m.received_at_ms,
+        "last_error": m.last_error,
+        "size": m.size,
+        "delay_notified": m.delay_notified,
+    })
+}
+
+pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> {
+    let mut client = outbound_queue(&target).await?;
+    match command {
+        QueueCommand::List | QueueCommand::Show { .. } => {
+            let (queue_id, headers) = match &command {
+                QueueCommand::Show { queue_id } => (queue_id.clone(), true),
+                _ => (String::new(), false),
+            };
+            let messages = client
+                .list_waiting(v1::ListWaitingRequest {
+                    queue_id: queue_id.clone(),
+                    limit: 0,
+                    headers,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .messages;
+            if headers && messages.is_empty() {
+                anyhow::bail!("not found: no waiting message {queue_id}");
+            }
+            if target.json {
+                let list: Vec<_> = messages
+                    .iter()
+                    .map(|m| {
+                        let mut j = waiting_json(m);
+                        if headers {
+                            j["headers"] = json!(m.headers);
+                        }
+                        j
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::from(list));
+                return Ok(());
+            }
+            if messages.is_empty() {
+                println!("no outbound mail is waiting");
+            }
+            for m in &messages {
+                println!(
+                    "{}  {} bytes  from <{}>  attempts {}  next {}",
+                    m.queue_id,
+                    m.size,
+                    m.sender,
+                    m.attempts,
+                    when(m.due_ms)
+                );
+                for r in &m.recipients {
+                    println!("    to <{r}>");
+                }
+                println!("    last error: {}", m.last_error);
+                if headers {
+                    println!(
+                        "    tenant {}, received {}{}",
+                        m.tenant,
+                        when(m.received_at_ms),
+                        if m.delay_notified {
+                            ", sender told of the delay"
+                        } else {
+                            ""
+                        }
+                    );
+                    println!();
+                    print!("{}", m.headers);
+                }
+            }
+        }
+        QueueCommand::Retry { queue_id } => {
+            client
+                .retry_waiting(v1::QueueIdRequest {
+                    queue_id: queue_id.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("{queue_id} is due now"));
+        }
+        QueueCommand::Delete { queue_id } => {
+            client
+                .delete_waiting(v1::QueueIdRequest {
+                    queue_id: queue_id.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(&target, format!("{queue_id} deleted"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
 pub enum UserCommand {
     /// Create a user (and their INBOX, Sent, Drafts, Trash, Junk, Archive).
     Add {
@@ -291,6 +413,10 @@ async fn channel(target: &Target) -> anyhow::Result<Channel> {
 
 async fn directory(target: &Target) -> anyhow::Result<DirectoryClient<Channel>> {
     Ok(DirectoryClient::new(channel(target).await?))
+}
+
+async fn outbound_queue(target: &Target) -> anyhow::Result<OutboundQueueClient<Channel>> {
+    Ok(OutboundQueueClient::new(channel(target).await?))
 }
 
 async fn mailboxes(target: &Target) -> anyhow::Result<MailboxesClient<Channel>> {

@@ -35,6 +35,9 @@ enum Command {
     /// DKIM signing keys: generate (prints the DNS record), list, remove.
     #[command(subcommand)]
     Dkim(admin::DkimCommand),
+    /// Outbound mail waiting for a retry: list, show, retry, delete.
+    #[command(subcommand)]
+    Queue(admin::QueueCommand),
     /// Users: add, passwd, disable, enable, quota, remove, list.
     #[command(subcommand)]
     User(admin::UserCommand),
@@ -96,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Tenant(c) => admin::tenant(target, c).await,
             Command::Domain(c) => admin::domain(target, c).await,
             Command::Dkim(c) => admin::dkim(target, c).await,
+            Command::Queue(c) => admin::queue(target, c).await,
             Command::User(c) => admin::user(target, c).await,
             Command::Alias(c) => admin::alias(target, c).await,
             Command::Quota(c) => admin::quota(target, c).await,

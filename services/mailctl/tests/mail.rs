@@ -324,6 +324,7 @@ except smtplib.SMTPSenderRefused as e:
 refused = s.sendmail('alice@acme.test', ['friend@remote.test', 'bob@acme.test'],
     b'From: Alice <alice@acme.test>\r\nTo: friend@remote.test\r\nSubject: signed and sent\r\n\r\nHello from mailmesh.\r\n')
 print('refused', refused)
+s.sendmail('alice@acme.test', ['busy@remote.test'], b'Subject: wait for it\r\n\r\nlater\r\n')
 s.quit()
 "#,
         port = dev.submission_port

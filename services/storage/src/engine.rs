@@ -47,6 +47,9 @@ pub struct StorageConfig {
     /// Largest message stored, headers included.
     pub max_message_bytes: u64,
     pub index_limits: IndexLimits,
+    /// Where the delivery workers keep outbound mail waiting for a retry (their
+    /// `outbound.retry_prefix`), for `mailctl queue`.
+    pub outbound_retry_prefix: String,
 }
 
 impl Default for StorageConfig {
@@ -60,6 +63,7 @@ impl Default for StorageConfig {
             write_timeout: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
             index_limits: IndexLimits::default(),
+            outbound_retry_prefix: crate::retry_index::DEFAULT_PREFIX.into(),
         }
     }
 }
@@ -289,6 +293,11 @@ impl StorageEngine {
             partitions,
             mailboxes: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The object store (outbound retry index, message bodies).
+    pub fn objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.objects
     }
 
     pub fn config(&self) -> &StorageConfig {

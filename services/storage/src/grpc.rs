@@ -12,6 +12,7 @@ use mailmesh_kit::Secret;
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_server::{Directory as DirectoryApi, DirectoryServer};
 use mailmesh_proto::v1::mailboxes_server::{Mailboxes as MailboxesApi, MailboxesServer};
+use mailmesh_proto::v1::outbound_queue_server::{OutboundQueue, OutboundQueueServer};
 use mailmesh_types::{Domain, EmailAddress, ReversePath, TenantId};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -19,7 +20,7 @@ use tracing::Instrument;
 use crate::directory::{DkimAlgorithm, DkimKey, Lookup, TenantLimits, User, UserId};
 use crate::engine::{Delivery, StorageEngine, UserRef};
 use crate::index::{Change, Flags, INBOX, Mailbox, Message, StoreAction, UidRange};
-use crate::{EngineError, StorageError};
+use crate::{EngineError, StorageError, retry_index};
 
 /// Bytes per `FetchChunk`.
 const FETCH_CHUNK: usize = 64 << 10;
@@ -37,6 +38,10 @@ impl StorageService {
 
     pub fn directory_server(&self) -> DirectoryServer<Self> {
         DirectoryServer::new(self.clone())
+    }
+
+    pub fn outbound_queue_server(&self) -> OutboundQueueServer<Self> {
+        OutboundQueueServer::new(self.clone())
     }
 
     pub fn mailboxes_server(&self) -> MailboxesServer<Self> {
@@ -531,6 +536,118 @@ impl DirectoryApi for StorageService {
             private_key,
         }))
     }
+}
+
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl StorageService {
+    /// The waiting entries of `queue_id` (all when empty), in due order.
+    async fn waiting(&self, queue_id: &str) -> Result<Vec<retry_index::Waiting>, Status> {
+        let prefix = &self.engine.config().outbound_retry_prefix;
+        let all = retry_index::list(&**self.engine.objects(), prefix)
+            .await
+            .map_err(|e| Status::unavailable(format!("object store: {e}")))?;
+        Ok(all
+            .into_iter()
+            .filter(|w| queue_id.is_empty() || w.queue_id.to_string() == queue_id)
+            .collect())
+    }
+
+    async fn one_waiting(&self, queue_id: &str) -> Result<Vec<retry_index::Waiting>, Status> {
+        if queue_id.len() != 32 || !queue_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument("queue_id: 32 hex digits"));
+        }
+        let found = self.waiting(&queue_id.to_ascii_lowercase()).await?;
+        if found.is_empty() {
+            return Err(Status::not_found(format!("no waiting message {queue_id}")));
+        }
+        Ok(found)
+    }
+}
+
+#[tonic::async_trait]
+impl OutboundQueue for StorageService {
+    async fn list_waiting(
+        &self,
+        r: Request<v1::ListWaitingRequest>,
+    ) -> Reply<v1::ListWaitingResponse> {
+        let r = r.into_inner();
+        let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
+        let mut messages = Vec::new();
+        for w in self.waiting(&r.queue_id).await?.into_iter().take(limit) {
+            let headers = if r.headers {
+                match &w.envelope.body {
+                    mailmesh_types::BodyRef::Inline(b) => header_section(b),
+                    mailmesh_types::BodyRef::Object { key, .. } => {
+                        use mailmesh_objstore::object_store::ObjectStoreExt;
+                        let path = mailmesh_objstore::object_store::path::Path::from(key.as_str());
+                        match self.engine.objects().get(&path).await {
+                            Ok(got) => got
+                                .bytes()
+                                .await
+                                .map(|b| header_section(&b))
+                                .unwrap_or_default(),
+                            Err(e) => format!("(body unavailable: {e})"),
+                        }
+                    }
+                }
+            } else {
+                String::new()
+            };
+            messages.push(v1::WaitingMessage {
+                queue_id: w.queue_id.to_string(),
+                tenant: w.envelope.tenant.to_string(),
+                sender: w.envelope.mail_from.to_string(),
+                recipients: w
+                    .envelope
+                    .recipients
+                    .iter()
+                    .map(|r| r.address.to_string())
+                    .collect(),
+                attempts: w.attempts,
+                due_ms: ms(w.due),
+                received_at_ms: ms(w.envelope.received_at),
+                last_error: w.last_error.clone(),
+                size: w.envelope.body.size(),
+                delay_notified: w.delay_notified,
+                headers,
+            });
+        }
+        Ok(Response::new(v1::ListWaitingResponse { messages }))
+    }
+
+    async fn retry_waiting(&self, r: Request<v1::QueueIdRequest>) -> Reply<v1::Empty> {
+        let prefix = &self.engine.config().outbound_retry_prefix;
+        for w in self.one_waiting(&r.into_inner().queue_id).await? {
+            retry_index::due_now(&**self.engine.objects(), prefix, &w)
+                .await
+                .map_err(|e| Status::unavailable(format!("object store: {e}")))?;
+        }
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn delete_waiting(&self, r: Request<v1::QueueIdRequest>) -> Reply<v1::Empty> {
+        for w in self.one_waiting(&r.into_inner().queue_id).await? {
+            tracing::warn!(queue_id = %w.queue_id, recipients = w.envelope.recipients.len(), "deleting waiting outbound mail on request");
+            retry_index::remove(&**self.engine.objects(), &w.key)
+                .await
+                .map_err(|e| Status::unavailable(format!("object store: {e}")))?;
+        }
+        Ok(Response::new(v1::Empty {}))
+    }
+}
+
+/// The header section of a message (at most 16 KiB), as text.
+fn header_section(message: &[u8]) -> String {
+    let end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.len(), |p| p + 2)
+        .min(16 << 10);
+    String::from_utf8_lossy(&message[..end]).into_owned()
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

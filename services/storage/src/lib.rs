@@ -14,6 +14,7 @@ pub mod grpc;
 pub mod index;
 mod metrics;
 pub mod replica;
+pub mod retry_index;
 pub mod server;
 pub mod testing;
 

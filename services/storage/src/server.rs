@@ -57,6 +57,7 @@ pub async fn serve_grpc(
     let stopped = shutdown.stopped_token();
     tonic::transport::Server::builder()
         .add_service(service.directory_server())
+        .add_service(service.outbound_queue_server())
         .add_service(service.mailboxes_server())
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),

@@ -37,6 +37,7 @@ fn config(run: &str) -> StorageConfig {
         write_timeout: Duration::from_secs(30),
         max_message_bytes: 1 << 20,
         index_limits: IndexLimits::default(),
+        outbound_retry_prefix: format!("{run}/retry"),
     }
 }
 

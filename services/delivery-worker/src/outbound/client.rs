@@ -237,6 +237,14 @@ impl Connection {
         message: &[u8],
     ) -> Result<Vec<RecipientResult>, SessionError> {
         let ext = self.extensions.clone();
+        if envelope.smtputf8 && !ext.smtputf8 {
+            // RFC 6531 3.5: not without the extension; the sender hears why.
+            let reply = Reply {
+                code: 553,
+                text: "5.6.7 The destination does not support SMTPUTF8".into(),
+            };
+            return Ok(vec![RecipientResult::Failed(reply); recipients.len()]);
+        }
         let mut mail = format!("MAIL FROM:<{}>", sender(&envelope.mail_from));
         if ext.size.is_some() {
             mail.push_str(&format!(" SIZE={}", message.len()));

@@ -8,7 +8,7 @@
 
 pub mod client;
 pub mod route;
-pub mod schedule;
+pub use mailmesh_storage::retry_index as schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
