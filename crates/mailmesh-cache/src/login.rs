@@ -72,6 +72,10 @@ where
             Ok(user) => user,
             Err(e) => {
                 tracing::warn!(error = %e, "authentication unavailable");
+                // Not the client's failure: the attempt is given back.
+                for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
+                    let _ = cache.incr(key, -1, window).await;
+                }
                 return Login::Unavailable;
             }
         },

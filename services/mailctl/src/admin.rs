@@ -99,9 +99,9 @@ pub enum DomainCommand {
 
 #[derive(Subcommand)]
 pub enum DkimCommand {
-    /// Create a signing key for DOMAIN and print the DNS TXT record to publish. The
-    /// new key signs from now on; for a rotation, publish the new record first,
-    /// generate, and remove the old selector a few days later.
+    /// Create a signing key for DOMAIN and print the DNS TXT record to publish. A
+    /// domain's first key signs at once; a further one (a rotation) waits until
+    /// `dkim activate` (publish its record first), unless --activate is given.
     Generate {
         domain: String,
         /// DNS label(s) naming the key (default: made from the date).
@@ -112,7 +112,13 @@ pub enum DkimCommand {
         /// rsa last if it should be the one in use.
         #[arg(long, default_value = "rsa", value_parser = ["rsa", "ed25519"])]
         algorithm: String,
+        /// Sign with the new key at once.
+        #[arg(long)]
+        activate: bool,
     },
+    /// Sign DOMAIN's mail with the key SELECTOR from now on (once its DNS record is
+    /// published); the others stay valid for mail already sent.
+    Activate { domain: String, selector: String },
     /// DOMAIN's keys and their DNS records; the last one signs.
     List { domain: String },
     /// Remove a key (its DNS record can go once no message signed with it is in
@@ -148,6 +154,7 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
             domain,
             selector,
             algorithm,
+            activate,
         } => {
             let key = client
                 .add_dkim_key(v1::AddDkimKeyRequest {
@@ -158,19 +165,39 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
                     } else {
                         v1::DkimAlgorithm::Rsa2048
                     } as i32,
+                    activate,
                 })
                 .await
                 .map_err(refused)?
                 .into_inner();
             if target.json {
                 println!("{}", dkim_json(&key));
-            } else {
+            } else if key.signing {
                 println!(
                     "; publish this record; {} mail is signed with it from now on",
                     key.domain
                 );
                 print_dkim(&key);
+            } else {
+                println!(
+                    "; publish this record, then `mailctl dkim activate {} {}`",
+                    key.domain, key.selector
+                );
+                print_dkim(&key);
             }
+        }
+        DkimCommand::Activate { domain, selector } => {
+            client
+                .activate_dkim_key(v1::DkimKeyRequest {
+                    domain: domain.clone(),
+                    selector: selector.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            done(
+                &target,
+                format!("{domain} mail is signed with {selector} from now on"),
+            );
         }
         DkimCommand::List { domain } => {
             let keys = client

@@ -183,6 +183,7 @@ impl<'a> Session<'a> {
         self.tls = true;
         self.helo = None;
         self.tx = None;
+        self.account = None;
         self.converse(tls, shutdown, false).await.map(drop)
     }
 
@@ -209,11 +210,19 @@ impl<'a> Session<'a> {
 
         let mut input: Vec<u8> = Vec::new();
         let mut receiver = RequestReceiver::default();
-        let max_line = self.ingress.config.max_command_line;
+        let command_line = self.ingress.config.max_command_line;
+        let submission = self.ingress.submission.is_some();
         // Inside an over-long line: bytes are dropped up to its end.
         let mut skipping = false;
         loop {
             let newline = input.iter().position(|b| *b == b'\n');
+            // RFC 4954 4: an AUTH command with its initial response may be longer.
+            let max_line =
+                if submission && input.len() >= 5 && input[..5].eq_ignore_ascii_case(b"AUTH ") {
+                    command_line.max(AUTH_LINE_MAX)
+                } else {
+                    command_line
+                };
             if skipping
                 || newline.is_some_and(|p| p >= max_line)
                 || (newline.is_none() && input.len() > max_line)
@@ -756,15 +765,44 @@ impl<'a> Session<'a> {
 
     /// Whether mail to `address` reaches `account`'s own mailbox (so they may send
     /// as it); `Err` when the directory cannot say.
+    /// Own address and its subaddresses (`user+tag@`), and aliases that deliver to
+    /// this user alone. Not: aliases shared with others (a member of `all@` must not
+    /// speak for all), and nothing at a domain whose catch-all is this user (it would
+    /// make every unassigned address theirs).
     async fn owns(&self, account: &Account, address: &EmailAddress) -> Result<bool, ()> {
-        if address == &account.address {
+        let own = &account.address;
+        if address == own {
             return Ok(true);
         }
-        match self.ingress.directory.lookup(address).await {
-            Ok(Lookup::Deliver(r)) => Ok(r.users.iter().any(|(_, u)| *u == account.user.user)),
+        let local = address.local_part().to_lowercase();
+        let own_local = own.local_part().to_lowercase();
+        if address.domain() == own.domain()
+            && local
+                .strip_prefix(&own_local)
+                .is_some_and(|tag| tag.starts_with('+'))
+        {
+            return Ok(true);
+        }
+        let only_me = |lookup: Result<Lookup, DeliveryError>| match lookup {
+            Ok(Lookup::Deliver(r)) => Ok(r.remote.is_empty()
+                && !r.users.is_empty()
+                && r.users.iter().all(|(_, u)| *u == account.user.user)),
             Ok(_) | Err(DeliveryError::Permanent { .. }) => Ok(false),
             Err(DeliveryError::Temporary { .. }) => Err(()),
+        };
+        if !only_me(self.ingress.directory.lookup(address).await)? {
+            return Ok(false);
         }
+        // An address nobody has: if that reaches this user too, the domain's
+        // catch-all does, and the alias above may be nothing but the catch-all.
+        let probe: EmailAddress = format!(
+            "mailmesh-probe-{}@{}",
+            QueueId::generate(),
+            address.domain()
+        )
+        .parse()
+        .map_err(|_| ())?;
+        Ok(!only_me(self.ingress.directory.lookup(&probe).await)?)
     }
 
     /// AUTH (RFC 4954) with PLAIN (RFC 4616) or LOGIN, on the submission ports only

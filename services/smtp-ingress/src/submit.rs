@@ -190,8 +190,17 @@ pub(crate) fn complete(
     if !has(b"message-id") {
         added.push_str(&format!("Message-ID: <{queue_id}@{hostname}>\r\n"));
     }
+    let from_fields = fields
+        .iter()
+        .filter(|r| {
+            field_name(&message[(*r).clone()]).is_some_and(|n| n.eq_ignore_ascii_case(b"from"))
+        })
+        .count();
     let from = from_addresses(&message[..headers_end]);
-    let from = if has(b"from") {
+    let from = if from_fields > 1 {
+        // RFC 5322 3.6: one From field; several would let one hide behind another.
+        Vec::new()
+    } else if has(b"from") {
         from
     } else {
         added.push_str(&format!("From: <{user}>\r\n"));
@@ -204,11 +213,11 @@ pub(crate) fn complete(
             out.extend_from_slice(field);
         }
     }
-    out.extend_from_slice(added.as_bytes());
-    if headers_end == message.len() && !message.is_empty() && !message.ends_with(b"\r\n") {
-        // A header section without a final line end gets one.
+    if !out.is_empty() && !out.ends_with(b"\r\n") {
+        // The last field had no line end (a message that is all header section).
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(added.as_bytes());
     out.extend_from_slice(&message[headers_end..]);
     Completed { message: out, from }
 }
@@ -306,5 +315,15 @@ mod tests {
         assert_eq!(from, ["ann@acme.test"]);
         assert!(out.contains("From: <ann@acme.test>\r\n"), "{out}");
         assert!(out.ends_with("\r\n\r\nbody"), "{out}");
+        // Two From fields: refused (nothing readable).
+        assert!(
+            run("From: ann@acme.test\r\nFrom: boss@acme.test\r\n\r\nx")
+                .1
+                .is_empty()
+        );
+        // All header section, no final line end: the added fields stay separate.
+        let (out, from) = run("From: ann@acme.test");
+        assert_eq!(from, ["ann@acme.test"]);
+        assert!(out.starts_with("From: ann@acme.test\r\nDate: "), "{out}");
     }
 }

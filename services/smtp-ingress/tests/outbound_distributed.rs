@@ -90,6 +90,7 @@ async fn submitted_mail_is_signed_delivered_and_relayed_through_separate_process
             domain: "acme.test".into(),
             selector: "k1".into(),
             algorithm: v1::DkimAlgorithm::Ed25519 as i32,
+            activate: false,
         })
         .await
         .unwrap()

@@ -99,6 +99,27 @@ async fn users_authenticate_over_tls_and_send_only_as_themselves() {
         c.cmd(&format!("MAIL FROM:<{own}>"), "250").await;
         c.cmd("RSET", "250").await;
     }
+    // Not an alias shared with someone else, not an address only the catch-all
+    // gives her.
+    s.engine
+        .add_user(
+            "bob@acme.test".parse().unwrap(),
+            mailmesh_kit::Secret::new("pw".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    s.engine
+        .add_alias(
+            "all@acme.test".parse().unwrap(),
+            vec![
+                "alice@acme.test".parse().unwrap(),
+                "bob@acme.test".parse().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    c.cmd("MAIL FROM:<all@acme.test>", "553 5.7.1").await;
     c.cmd("MAIL FROM:<alice@acme.test> AUTH=<>", "250").await;
     c.cmd("RCPT TO:<nobody@acme.test>", "550 5.1.1").await;
     c.cmd("RCPT TO:<friend@remote.example>", "250").await;
@@ -117,6 +138,17 @@ async fn users_authenticate_over_tls_and_send_only_as_themselves() {
     )
     .await;
     c.expect("250 2.0.0 Ok: queued as").await;
+    // With alice as the domain's catch-all, unassigned addresses are still not hers.
+    s.engine
+        .set_catch_all(
+            "acme.test".parse().unwrap(),
+            Some("alice@acme.test".parse().unwrap()),
+        )
+        .await
+        .unwrap();
+    c.cmd("MAIL FROM:<security@acme.test>", "553 5.7.1").await;
+    c.cmd("MAIL FROM:<alice+still@acme.test>", "250").await;
+    c.cmd("RSET", "250").await;
     c.cmd("QUIT", "221").await;
 
     let queued = s.queued(1).await;
@@ -195,16 +227,7 @@ async fn messages_are_signed_with_the_domains_newest_key() {
     })
     .await;
     let domain: mailmesh_types::Domain = "acme.test".parse().unwrap();
-    let mut sent = Vec::new();
-    for (selector, algorithm) in [
-        ("s1", DkimAlgorithm::Rsa2048),
-        ("e1", DkimAlgorithm::Ed25519),
-    ] {
-        let key = s
-            .engine
-            .add_dkim_key(domain.clone(), Some(selector.into()), algorithm)
-            .await
-            .unwrap();
+    let send = || async {
         let mut c = logged_in(&s).await;
         c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
         c.cmd("RCPT TO:<friend@remote.example>", "250").await;
@@ -213,16 +236,42 @@ async fn messages_are_signed_with_the_domains_newest_key() {
             .await;
         c.expect("250 2.0.0").await;
         c.cmd("QUIT", "221").await;
-        sent.push(key);
-    }
-    let queued = s.queued(2).await;
-    for (envelope, key) in queued.iter().zip(&sent) {
-        let text = body(&s, envelope).await;
-        assert!(
-            text.contains(&format!("s={};", key.selector)),
-            "signed with {}: {text}",
-            key.selector
-        );
+    };
+    // The domain's first key signs at once.
+    let rsa = s
+        .engine
+        .add_dkim_key(
+            domain.clone(),
+            Some("s1".into()),
+            DkimAlgorithm::Rsa2048,
+            false,
+        )
+        .await
+        .unwrap();
+    send().await;
+    // A second one waits (its DNS record is not published yet) until activated.
+    let ed = s
+        .engine
+        .add_dkim_key(
+            domain.clone(),
+            Some("e1".into()),
+            DkimAlgorithm::Ed25519,
+            false,
+        )
+        .await
+        .unwrap();
+    send().await;
+    s.engine
+        .activate_dkim_key(domain.clone(), "e1".into())
+        .await
+        .unwrap();
+    send().await;
+    let mut selectors = Vec::new();
+    for envelope in s.queued(3).await {
+        let text = body(&s, &envelope).await;
+        let key = if text.contains("s=e1;") { &ed } else { &rsa };
+        assert!(text.contains(&format!("s={};", key.selector)), "{text}");
+        selectors.push(key.selector.clone());
         assert!(
             dkimpy_verifies(&text, &key.dns_name(), &key.dns_record()),
             "dkimpy rejects the {:?} signature: {text}",
@@ -236,6 +285,8 @@ async fn messages_are_signed_with_the_domains_newest_key() {
             &key.dns_record()
         ));
     }
+    selectors.sort();
+    assert_eq!(selectors, ["e1", "s1", "s1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

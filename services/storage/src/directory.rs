@@ -62,7 +62,7 @@ pub struct User {
 /// A DKIM signing key of a domain (RFC 6376, RFC 8463). The newest key of a domain
 /// signs; older ones stay listed until removed, so their DNS records can be kept
 /// until no message signed with them is still in flight.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DkimKey {
     pub domain: Domain,
     pub selector: String,
@@ -72,6 +72,17 @@ pub struct DkimKey {
     /// The `p=` value of the DNS record, base64.
     pub public_key: String,
     pub created_ms: i64,
+}
+
+impl std::fmt::Debug for DkimKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DkimKey")
+            .field("domain", &self.domain)
+            .field("selector", &self.selector)
+            .field("algorithm", &self.algorithm)
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DkimKey {
@@ -218,9 +229,18 @@ pub enum DirectoryCommand {
         domain: Domain,
         target: Option<EmailAddress>,
     },
-    /// A new signing key for a local domain; it signs from now on.
+    /// A new key for a local domain. It signs from now on when `activate` or when
+    /// the domain has no other key; otherwise it waits (its DNS record must be
+    /// published first) for `ActivateDkimKey`.
     AddDkimKey {
         key: DkimKey,
+        #[serde(default)]
+        activate: bool,
+    },
+    /// Makes a key the one that signs.
+    ActivateDkimKey {
+        domain: Domain,
+        selector: String,
     },
     RemoveDkimKey {
         domain: Domain,
@@ -388,7 +408,7 @@ impl Directory {
         self.domains.get(domain)
     }
 
-    /// The domain's DKIM keys, oldest first; the last one signs.
+    /// The domain's DKIM keys; the last one signs.
     pub fn dkim_keys(&self, domain: &Domain) -> &[DkimKey] {
         self.dkim.get(domain).map_or(&[], Vec::as_slice)
     }
@@ -605,7 +625,7 @@ impl Directory {
                     }
                 }
             }
-            C::AddDkimKey { key } => {
+            C::AddDkimKey { key, activate } => {
                 if !self.domains.contains_key(&key.domain) {
                     return Err(StorageError::NotFound(format!("domain {}", key.domain)));
                 }
@@ -619,6 +639,25 @@ impl Directory {
                         key.selector, key.domain
                     )));
                 }
+                if activate || keys.is_empty() {
+                    keys.push(key);
+                } else {
+                    // Before the signing key (the last): waiting to be activated.
+                    let at = keys.len() - 1;
+                    keys.insert(at, key);
+                }
+            }
+            C::ActivateDkimKey { domain, selector } => {
+                let keys = self.dkim.get_mut(&domain).ok_or_else(|| {
+                    StorageError::NotFound(format!("DKIM selector {selector} of {domain}"))
+                })?;
+                let at = keys
+                    .iter()
+                    .position(|k| k.selector == selector)
+                    .ok_or_else(|| {
+                        StorageError::NotFound(format!("DKIM selector {selector} of {domain}"))
+                    })?;
+                let key = keys.remove(at);
                 keys.push(key);
             }
             C::RemoveDkimKey { domain, selector } => {
@@ -811,8 +850,12 @@ mod tests {
         let key = |domain: &str, selector: &str| {
             DkimKey::generate(d(domain), selector.into(), DkimAlgorithm::Ed25519, 1).unwrap()
         };
-        let add =
-            |dir: &mut Directory, k: DkimKey| dir.apply(DirectoryCommand::AddDkimKey { key: k });
+        let add = |dir: &mut Directory, k: DkimKey| {
+            dir.apply(DirectoryCommand::AddDkimKey {
+                key: k,
+                activate: true,
+            })
+        };
         assert!(matches!(
             add(&mut dir, key("elsewhere.test", "s1")),
             Err(StorageError::NotFound(_))
@@ -842,6 +885,25 @@ mod tests {
         assert_eq!(
             dir.dkim_keys(&d("acme.test")).last().unwrap().selector,
             "s1"
+        );
+        // A rotation: the new key waits until it is activated.
+        dir.apply(DirectoryCommand::AddDkimKey {
+            key: key("acme.test", "s3"),
+            activate: false,
+        })
+        .unwrap();
+        assert_eq!(
+            dir.dkim_keys(&d("acme.test")).last().unwrap().selector,
+            "s1"
+        );
+        dir.apply(DirectoryCommand::ActivateDkimKey {
+            domain: d("acme.test"),
+            selector: "s3".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            dir.dkim_keys(&d("acme.test")).last().unwrap().selector,
+            "s3"
         );
         assert!(matches!(
             dir.apply(DirectoryCommand::RemoveDkimKey {

@@ -502,13 +502,15 @@ impl StorageEngine {
             .map(drop)
     }
 
-    /// Creates a DKIM key for a local domain; it signs the domain's mail from now on.
-    /// Without a selector one is made from the date (`mm202611`…).
+    /// Creates a DKIM key for a local domain. It signs the domain's mail from now on
+    /// when `activate` or when it is the domain's first key; otherwise after
+    /// [`Self::activate_dkim_key`]. Without a selector one is made from the time.
     pub async fn add_dkim_key(
         &self,
         domain: Domain,
         selector: Option<String>,
         algorithm: DkimAlgorithm,
+        activate: bool,
     ) -> Result<DkimKey, EngineError> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -525,9 +527,22 @@ impl StorageEngine {
         })
         .await
         .map_err(|e| EngineError::Unavailable(e.to_string()))??;
-        self.change_directory(DirectoryCommand::AddDkimKey { key: key.clone() })
-            .await?;
+        self.change_directory(DirectoryCommand::AddDkimKey {
+            key: key.clone(),
+            activate,
+        })
+        .await?;
         Ok(key)
+    }
+
+    pub async fn activate_dkim_key(
+        &self,
+        domain: Domain,
+        selector: String,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::ActivateDkimKey { domain, selector })
+            .await
+            .map(drop)
     }
 
     pub async fn remove_dkim_key(

@@ -488,11 +488,25 @@ impl DirectoryApi for StorageService {
             Err(_) => return Err(Status::invalid_argument("algorithm: unknown")),
         };
         let selector = (!r.selector.is_empty()).then_some(r.selector);
+        let domain: Domain = parse("domain", &r.domain)?;
         let key = self
             .engine
-            .add_dkim_key(parse("domain", &r.domain)?, selector, algorithm)
+            .add_dkim_key(domain.clone(), selector, algorithm, r.activate)
             .await?;
-        Ok(Response::new(dkim_info(&key, true)))
+        let signing = self
+            .engine
+            .dkim_keys(&domain)?
+            .last()
+            .is_some_and(|k| k.selector == key.selector);
+        Ok(Response::new(dkim_info(&key, signing)))
+    }
+
+    async fn activate_dkim_key(&self, r: Request<v1::DkimKeyRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .activate_dkim_key(parse("domain", &r.domain)?, r.selector)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
     }
 
     async fn remove_dkim_key(&self, r: Request<v1::DkimKeyRequest>) -> Reply<v1::Empty> {
