@@ -127,7 +127,12 @@ fn report(
         date = rfc5322_date(SystemTime::now()),
     );
     for f in &failures {
-        let _ = write!(m, "  {}: {}\r\n", f.recipient.address, f.diagnostic);
+        let _ = write!(
+            m,
+            "  {}: {}\r\n",
+            f.recipient.address,
+            printable(&f.diagnostic)
+        );
     }
     let _ = write!(
         m,
@@ -138,7 +143,7 @@ fn report(
         global = if global { "global-" } else { "" },
     );
     if let Some(envid) = &original.dsn_envid {
-        let _ = write!(m, "Original-Envelope-Id: {envid}\r\n");
+        let _ = write!(m, "Original-Envelope-Id: {}\r\n", printable(envid));
     }
     let _ = write!(
         m,
@@ -148,7 +153,7 @@ fn report(
     for f in &failures {
         let _ = write!(m, "\r\n");
         if let Some(orcpt) = &f.recipient.orcpt {
-            let _ = write!(m, "Original-Recipient: {orcpt}\r\n");
+            let _ = write!(m, "Original-Recipient: {}\r\n", printable(orcpt));
         }
         let _ = write!(
             m,
@@ -164,7 +169,7 @@ fn report(
             f.recipient.address,
             if delayed { "delayed" } else { "failed" },
             f.status,
-            f.diagnostic.replace(['\r', '\n'], " ")
+            printable(&f.diagnostic)
         );
         if let Some(until) = delayed_until {
             let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
@@ -221,6 +226,16 @@ fn report(
         trace_context: original.trace_context.clone(),
         body: BodyRef::Inline(Bytes::from(bytes)),
     })
+}
+
+/// A value for one line of the report: control characters (CR and LF from a
+/// remote reply or a decoded ENVID/ORCPT among them) become spaces, so nothing can
+/// start a field of its own.
+fn printable(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 fn find_header_end(message: &[u8]) -> Option<usize> {

@@ -283,7 +283,7 @@ async fn submitted_mail_is_signed_and_relayed_to_the_remote_mx() {
         ("MAILMESH_AUTH__DNS__SERVERS", &servers),
         ("MAILMESH_OUTBOUND__DNS__SERVERS", &servers),
         ("MAILMESH_OUTBOUND__PORT", &port),
-        ("MAILMESH_OUTBOUND__ALLOW_LOOPBACK", "true"),
+        ("MAILMESH_OUTBOUND__ALLOW_PRIVATE_DESTINATIONS", "true"),
     ]);
     wait_ready(&dev).await;
     ok(&dev, &["tenant", "add", "acme"], "");

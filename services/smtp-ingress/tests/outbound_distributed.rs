@@ -69,7 +69,10 @@ async fn submitted_mail_is_signed_delivered_and_relayed_through_separate_process
         format!("{run}.outbound-workers"),
     ));
     env.push(("MAILMESH_OUTBOUND__PORT", mx.addr.port().to_string()));
-    env.push(("MAILMESH_OUTBOUND__ALLOW_LOOPBACK", "true".into()));
+    env.push((
+        "MAILMESH_OUTBOUND__ALLOW_PRIVATE_DESTINATIONS",
+        "true".into(),
+    ));
     env.push((
         "MAILMESH_OUTBOUND__DNS__SERVERS",
         format!("[\"{}\"]", dns.addr),

@@ -558,23 +558,32 @@ fn ms(t: SystemTime) -> i64 {
 }
 
 impl StorageService {
-    /// The waiting entries of `queue_id` (all when empty), in due order.
-    async fn waiting(&self, queue_id: &str) -> Result<Vec<retry_index::Waiting>, Status> {
+    /// The waiting entries of `queue_id` (the first `limit` of all when empty), in
+    /// due order.
+    async fn waiting(
+        &self,
+        queue_id: &str,
+        limit: usize,
+    ) -> Result<Vec<retry_index::Waiting>, Status> {
         let prefix = &self.engine.config().outbound_retry_prefix;
-        let all = retry_index::list(&**self.engine.objects(), prefix)
-            .await
-            .map_err(|e| Status::unavailable(format!("object store: {e}")))?;
-        Ok(all
-            .into_iter()
-            .filter(|w| queue_id.is_empty() || w.queue_id.to_string() == queue_id)
-            .collect())
+        let objects = &**self.engine.objects();
+        let found = if queue_id.is_empty() {
+            retry_index::list(objects, prefix, limit).await
+        } else {
+            let id = queue_id
+                .to_ascii_lowercase()
+                .parse()
+                .map_err(|_| Status::invalid_argument("queue_id: 32 hex digits"))?;
+            retry_index::find(objects, prefix, id).await
+        };
+        found.map_err(|e| Status::unavailable(format!("object store: {e}")))
     }
 
     async fn one_waiting(&self, queue_id: &str) -> Result<Vec<retry_index::Waiting>, Status> {
-        if queue_id.len() != 32 || !queue_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if queue_id.is_empty() {
             return Err(Status::invalid_argument("queue_id: 32 hex digits"));
         }
-        let found = self.waiting(&queue_id.to_ascii_lowercase()).await?;
+        let found = self.waiting(queue_id, usize::MAX).await?;
         if found.is_empty() {
             return Err(Status::not_found(format!("no waiting message {queue_id}")));
         }
@@ -591,7 +600,12 @@ impl OutboundQueue for StorageService {
         let r = r.into_inner();
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
         let mut messages = Vec::new();
-        for w in self.waiting(&r.queue_id).await?.into_iter().take(limit) {
+        for w in self
+            .waiting(&r.queue_id, limit)
+            .await?
+            .into_iter()
+            .take(limit)
+        {
             let headers = if r.headers {
                 match &w.envelope.body {
                     mailmesh_types::BodyRef::Inline(b) => header_section(b),

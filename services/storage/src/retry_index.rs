@@ -91,7 +91,33 @@ pub async fn get(
         Err(E::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e),
     };
-    Ok(decode(key, &bytes))
+    let waiting = decode(key, &bytes);
+    if waiting.is_none() {
+        tracing::error!(%key, "a retry entry cannot be read; it stays for an operator");
+    }
+    Ok(waiting)
+}
+
+/// The entries of one message (usually one), without reading any other.
+pub async fn find(
+    objects: &dyn ObjectStore,
+    prefix: &str,
+    queue_id: QueueId,
+) -> Result<Vec<Waiting>, mailmesh_objstore::object_store::Error> {
+    let mut keys: Vec<String> = objects
+        .list(Some(&Path::from(prefix)))
+        .map_ok(|m| m.location.to_string())
+        .try_filter(|key| std::future::ready(parse_key(key).is_some_and(|(_, id)| id == queue_id)))
+        .try_collect()
+        .await?;
+    keys.sort();
+    let mut out = Vec::new();
+    for key in keys {
+        if let Some(w) = get(objects, &key).await? {
+            out.push(w);
+        }
+    }
+    Ok(out)
 }
 
 fn decode(key: &str, bytes: &Bytes) -> Option<Waiting> {
@@ -139,10 +165,11 @@ pub async fn due(
     Ok(keys)
 }
 
-/// Every waiting entry (for `mailctl queue`), in due order.
+/// The first `limit` waiting entries (for `mailctl queue`), in due order.
 pub async fn list(
     objects: &dyn ObjectStore,
     prefix: &str,
+    limit: usize,
 ) -> Result<Vec<Waiting>, mailmesh_objstore::object_store::Error> {
     let mut keys: Vec<String> = objects
         .list(Some(&Path::from(prefix)))
@@ -150,6 +177,7 @@ pub async fn list(
         .try_collect()
         .await?;
     keys.sort();
+    keys.truncate(limit);
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
         if let Some(w) = get(objects, &key).await? {

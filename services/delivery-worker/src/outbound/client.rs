@@ -28,11 +28,14 @@ impl Reply {
         self.code >= 500
     }
 
-    /// The RFC 3463 status the text starts with, or one made from the code.
+    /// The RFC 3463 status the text starts with (when its class agrees with the
+    /// code's), or one made from the code.
     pub fn status(&self) -> String {
         let first = self.text.split_whitespace().next().unwrap_or_default();
         let mut parts = first.split('.');
-        let valid = matches!(parts.next(), Some("2" | "4" | "5"))
+        let class = (self.code / 100).to_string();
+        let valid = parts.next() == Some(class.as_str())
+            && matches!(class.as_str(), "2" | "4" | "5")
             && parts.clone().count() == 2
             && parts
                 .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
@@ -113,6 +116,10 @@ pub enum SessionError {
     Tls(io::Error),
     #[error("malformed reply {0:?}")]
     Protocol(String),
+    /// The message was sent and the reply to it never came: it may have been
+    /// delivered, so it must not be sent again at once.
+    #[error("no reply after the message was sent ({0}); it may have been delivered")]
+    AfterData(Box<SessionError>),
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -125,6 +132,8 @@ pub struct Connection {
     pub tls: bool,
     pub peer: SocketAddr,
     config: Arc<ClientConfig>,
+    /// Out of step with the server (an RSET failed): not to be reused.
+    broken: bool,
 }
 
 /// How one recipient fared in a transaction.
@@ -136,6 +145,11 @@ pub enum RecipientResult {
 
 const MAX_REPLY_LINES: usize = 256;
 const MAX_LINE: usize = 4096;
+/// Reply text kept (for diagnostics and reports); the rest is dropped.
+const MAX_REPLY_TEXT: usize = 512;
+/// The message goes out in pieces this large, each within the command timeout
+/// (RFC 5321 4.5.3.2.5: a time limit per data block, not for the whole message).
+const DATA_CHUNK: usize = 64 << 10;
 
 impl Connection {
     /// Connects to `peer` (the MX `host`), reads the greeting, says EHLO and starts
@@ -156,6 +170,7 @@ impl Connection {
             tls: false,
             peer,
             config,
+            broken: false,
         };
         let greeting = conn.reply(conn.config.command_timeout).await?;
         if greeting.code != 220 {
@@ -204,6 +219,7 @@ impl Connection {
             tls: true,
             peer: self.peer,
             config: self.config,
+            broken: false,
         })
     }
 
@@ -302,7 +318,7 @@ impl Connection {
                 self.send(b".\r\n").await?;
                 self.reply(self.config.data_timeout).await?;
             }
-            self.rset().await?;
+            self.rset().await;
             return Ok(vec![RecipientResult::Failed(mail_reply); recipients.len()]);
         }
         let accepted = rcpt_replies.iter().filter(|r| r.is_ok()).count();
@@ -325,8 +341,14 @@ impl Connection {
                 self.reply(self.config.data_timeout).await?;
                 None
             } else {
-                self.send(&dot_stuff(message)).await?;
-                Some(self.reply(self.config.data_timeout).await?)
+                let sent = self.send_data(&dot_stuff(message)).await;
+                let reply = match sent {
+                    Ok(()) => self.reply(self.config.data_timeout).await,
+                    Err(e) => Err(e),
+                };
+                // From the first byte of the message on, a broken session may still
+                // have delivered it.
+                Some(reply.map_err(|e| SessionError::AfterData(Box::new(e)))?)
             }
         } else {
             None
@@ -341,9 +363,27 @@ impl Connection {
             });
         }
         if !final_reply.as_ref().is_some_and(Reply::is_ok) {
-            self.rset().await?;
+            self.rset().await;
         }
         Ok(results)
+    }
+
+    /// Fit for another transaction: in step with the server, nothing unread.
+    pub fn reusable(&self) -> bool {
+        !self.broken && self.io.buffer().is_empty()
+    }
+
+    async fn send_data(&mut self, data: &[u8]) -> Result<(), SessionError> {
+        for chunk in data.chunks(DATA_CHUNK) {
+            let write = self.io.get_mut().write_all(chunk);
+            tokio::time::timeout(self.config.command_timeout, write)
+                .await
+                .map_err(|_| SessionError::Timeout("sending the message"))??;
+        }
+        tokio::time::timeout(self.config.command_timeout, self.io.get_mut().flush())
+            .await
+            .map_err(|_| SessionError::Timeout("sending the message"))??;
+        Ok(())
     }
 
     /// Ends the session politely.
@@ -353,14 +393,17 @@ impl Connection {
         }
     }
 
-    async fn rset(&mut self) -> Result<(), SessionError> {
-        self.send(b"RSET\r\n").await?;
-        let reply = self.reply(self.config.command_timeout).await?;
-        if reply.is_ok() {
-            Ok(())
-        } else {
-            Err(SessionError::Refused(reply))
-        }
+    /// Resets the transaction; a connection where that fails is not reused (the
+    /// results already known stand).
+    async fn rset(&mut self) {
+        let ok = match self.send(b"RSET\r\n").await {
+            Ok(()) => self
+                .reply(self.config.command_timeout)
+                .await
+                .is_ok_and(|r| r.is_ok()),
+            Err(_) => false,
+        };
+        self.broken |= !ok;
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
@@ -414,7 +457,14 @@ impl Connection {
                     return Err(SessionError::Protocol("endless reply".into()));
                 }
             }
-            let text = lines.join(" ");
+            let mut text = lines.join(" ");
+            if text.len() > MAX_REPLY_TEXT {
+                let mut end = MAX_REPLY_TEXT;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+            }
             Ok((Reply { code, text }, lines))
         };
         tokio::time::timeout(timeout, read)
@@ -512,6 +562,7 @@ mod tests {
         assert_eq!(r(550, "5.1.1 no such user").status(), "5.1.1");
         assert_eq!(r(451, "try later").status(), "4.0.0");
         assert_eq!(r(550, "5.1 nope").status(), "5.0.0");
+        assert_eq!(r(550, "4.2.2 class disagrees").status(), "5.0.0");
         assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
     }
 }

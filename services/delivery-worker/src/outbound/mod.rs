@@ -69,9 +69,10 @@ pub struct OutboundConfig {
     /// How often the due-time index is looked at.
     #[serde(with = "humantime_serde")]
     pub retry_scan_interval: Duration,
-    /// Accept MX hosts on loopback addresses (tests; in production a sign of a
-    /// misconfiguration or a loop).
-    pub allow_loopback: bool,
+    /// Deliver to MX hosts on loopback, private, link-local and other non-public
+    /// addresses (tests, or a relay inside your network). Off: a domain's MX
+    /// cannot point the workers at internal services or back at this cluster.
+    pub allow_private_destinations: bool,
     pub dns: route::DnsConfig,
 }
 
@@ -94,7 +95,7 @@ impl Default for OutboundConfig {
             delay_notify_after: m(240),
             retry_prefix: schedule::DEFAULT_PREFIX.into(),
             retry_scan_interval: Duration::from_secs(5),
-            allow_loopback: false,
+            allow_private_destinations: false,
             dns: route::DnsConfig::default(),
         }
     }
@@ -137,6 +138,30 @@ fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D:
 /// Record headers of a message coming back from the due-time index.
 const ATTEMPTS: &str = "mailmesh-attempts";
 const DELAY_NOTIFIED: &str = "mailmesh-delay-notified";
+
+/// A record ready for its attempt.
+struct Job {
+    envelope: Envelope,
+    message: Bytes,
+    /// Attempts made before this one.
+    attempts: u32,
+    delay_notified: bool,
+}
+
+/// What an attempt leaves to make durable.
+struct Settled {
+    bounce: Option<Envelope>,
+    notice: Option<Envelope>,
+    again: Option<Again>,
+}
+
+struct Again {
+    envelope: Envelope,
+    due: SystemTime,
+    wait: Duration,
+    notified: bool,
+    last_error: String,
+}
 
 /// How one recipient fared.
 enum Outcome {
@@ -254,39 +279,63 @@ impl Outbound {
         consumer.close().await
     }
 
-    /// Handles a record until its outcomes are durable; false if the process stops
-    /// first (the record comes again).
+    /// Handles a record: one delivery attempt, then its outcomes made durable
+    /// (retried until they are, without sending again); false if the process stops
+    /// first (the record comes again, and recipients already done are skipped).
     async fn finish(&self, record: &Record, shutdown: &Shutdown) -> bool {
         let mut backoff = self.worker.retry_initial;
+        let mut pause = async |reason: String| {
+            tracing::warn!(%reason, retry_in = ?backoff, "outbound record not finished");
+            let stopped = tokio::select! {
+                _ = shutdown.stopped() => true,
+                _ = tokio::time::sleep(backoff) => false,
+            };
+            backoff = (backoff * 2).min(self.worker.retry_max);
+            stopped
+        };
+        let job = loop {
+            match self.prepare(record).await {
+                Ok(Some(job)) => break job,
+                Ok(None) => return true,
+                Err(NotDone(reason)) => {
+                    if pause(reason).await {
+                        return false;
+                    }
+                }
+            }
+        };
+        let outcomes = self.attempt_all(&job).await;
+        let settled = self.settle(&job, outcomes);
         loop {
-            match self.handle(record).await {
+            match self.persist(&job, &settled).await {
                 Ok(()) => return true,
                 Err(NotDone(reason)) => {
-                    tracing::warn!(%reason, retry_in = ?backoff, "outbound record not finished");
-                    tokio::select! {
-                        _ = shutdown.stopped() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if pause(reason).await {
+                        return false;
                     }
-                    backoff = (backoff * 2).min(self.worker.retry_max);
                 }
             }
         }
     }
 
-    async fn handle(&self, record: &Record) -> Result<(), NotDone> {
+    /// Decodes the record and reads its message; `None` when it was parked as
+    /// undeliverable (undecodable, or its body is gone).
+    async fn prepare(&self, record: &Record) -> Result<Option<Job>, NotDone> {
+        let park = async |reason: String| {
+            tracing::error!(%reason, "parking an outbound record");
+            publish_raw(
+                &*self.queue,
+                &self.worker.dead_letter_topic,
+                record.key.clone(),
+                record.payload.clone(),
+                &reason,
+            )
+            .await
+            .map(|()| None)
+        };
         let envelope = match decode_envelope(&record.payload, &self.limits) {
             Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "parking an outbound record that cannot be decoded");
-                return publish_raw(
-                    &*self.queue,
-                    &self.worker.dead_letter_topic,
-                    record.key.clone(),
-                    record.payload.clone(),
-                    &e.to_string(),
-                )
-                .await;
-            }
+            Err(e) => return park(e.to_string()).await,
         };
         let header = |name: &str| {
             record
@@ -297,50 +346,73 @@ impl Outbound {
         let delay_notified = header(DELAY_NOTIFIED).is_some_and(|v| v == "1");
         let message = match read_body(&*self.objects, &envelope).await {
             Ok(m) => m,
-            Err(BodyError::Missing(reason)) => {
-                tracing::error!(%reason, "parking an outbound record without a body");
-                return publish_raw(
-                    &*self.queue,
-                    &self.worker.dead_letter_topic,
-                    record.key.clone(),
-                    record.payload.clone(),
-                    &reason,
-                )
-                .await;
-            }
+            Err(BodyError::Missing(reason)) => return park(reason).await,
             Err(BodyError::Unavailable(reason)) => return Err(NotDone(reason)),
         };
-        self.relay(&envelope, &message, attempts, delay_notified)
-            .await
+        Ok(Some(Job {
+            envelope,
+            message,
+            attempts,
+            delay_notified,
+        }))
     }
 
-    /// One attempt for every recipient of `envelope`, then what follows from it.
-    async fn relay(
-        &self,
-        envelope: &Envelope,
-        message: &Bytes,
-        attempts: u32,
-        delay_notified: bool,
-    ) -> Result<(), NotDone> {
+    /// The cache key saying a recipient of a message needs nothing more.
+    fn done_key(envelope: &Envelope, recipient: &Recipient) -> String {
+        format!(
+            "outbound:done:{}:{}",
+            envelope.queue_id,
+            recipient.address.to_string().to_lowercase()
+        )
+    }
+
+    /// One attempt for every recipient not already done (a record seen again after
+    /// a crash or a redelivery), grouped by domain, the domains at once.
+    async fn attempt_all(&self, job: &Job) -> Vec<(Recipient, Outcome)> {
         let mut by_domain: BTreeMap<String, Vec<&Recipient>> = BTreeMap::new();
-        for r in &envelope.recipients {
+        for r in &job.envelope.recipients {
+            let key = Self::done_key(&job.envelope, r);
+            // An unreachable cache only means the check is skipped.
+            if matches!(self.cache.get(&key).await, Ok(Some(_))) {
+                tracing::info!(queue_id = %job.envelope.queue_id, recipient = %r.address, "already done; not sent again");
+                continue;
+            }
             by_domain
                 .entry(r.address.domain().as_str().to_ascii_lowercase())
                 .or_default()
                 .push(r);
         }
-        let attempts_here = by_domain
+        let per_domain = by_domain
             .iter()
-            .map(|(domain, rcpts)| self.deliver_domain(domain, rcpts, envelope, message));
-        let results = futures::future::join_all(attempts_here).await;
+            .map(|(domain, rcpts)| self.deliver_domain(domain, rcpts, &job.envelope, &job.message));
+        let outcomes: Vec<(Recipient, Outcome)> = futures::future::join_all(per_domain)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let remember = self.worker.max_lifetime + Duration::from_secs(24 * 3600);
+        for (r, outcome) in &outcomes {
+            if matches!(outcome, Outcome::Delivered | Outcome::Permanent { .. }) {
+                let key = Self::done_key(&job.envelope, r);
+                let _ = self
+                    .cache
+                    .set(&key, Bytes::from_static(b"1"), Some(remember))
+                    .await;
+            }
+        }
+        outcomes
+    }
 
+    /// What the outcomes mean: reports to send, and what waits for another attempt.
+    fn settle(&self, job: &Job, outcomes: Vec<(Recipient, Outcome)>) -> Settled {
+        let envelope = &job.envelope;
         let expired = envelope
             .received_at
             .elapsed()
             .is_ok_and(|age| age > self.worker.max_lifetime);
         let mut failures = Vec::new();
         let mut retry: Vec<Failure> = Vec::new();
-        for (recipient, outcome) in results.into_iter().flatten() {
+        for (recipient, outcome) in outcomes {
             match outcome {
                 Outcome::Delivered => crate::metrics::relayed("delivered"),
                 Outcome::Permanent { status, diagnostic } => {
@@ -370,47 +442,67 @@ impl Outbound {
             }
         }
         let mta = &self.worker.hostname;
-        if let Some(bounce) = failure_report(envelope, message, &failures, mta) {
-            publish_envelope(&*self.queue, &self.worker.topic, &bounce, Vec::new()).await?;
-        }
+        let bounce = failure_report(envelope, &job.message, &failures, mta);
         if retry.is_empty() {
-            return Ok(());
+            return Settled {
+                bounce,
+                notice: None,
+                again: None,
+            };
         }
-        let wait = self.config.retry_schedule
-            [(attempts as usize).min(self.config.retry_schedule.len() - 1)];
-        let due = SystemTime::now() + wait;
+        let schedule = &self.config.retry_schedule;
+        let wait = schedule[(job.attempts as usize).min(schedule.len() - 1)];
         let until = envelope.received_at + self.worker.max_lifetime;
-        let mut notified = delay_notified;
         let late = envelope
             .received_at
             .elapsed()
             .is_ok_and(|age| age >= self.config.delay_notify_after);
-        if late && !delay_notified {
-            if let Some(notice) = delay_report(envelope, message, &retry, mta, until) {
-                publish_envelope(&*self.queue, &self.worker.topic, &notice, Vec::new()).await?;
-            }
-            notified = true;
-        }
+        let notice = (late && !job.delay_notified)
+            .then(|| delay_report(envelope, &job.message, &retry, mta, until))
+            .flatten();
         let last_error = retry
             .first()
             .map(|f| f.diagnostic.clone())
             .unwrap_or_default();
-        let again = Envelope {
+        let due = (SystemTime::now() + wait).min(until.max(SystemTime::now()));
+        let waiting = Envelope {
             recipients: retry.into_iter().map(|f| f.recipient).collect(),
             ..envelope.clone()
+        };
+        Settled {
+            bounce,
+            notice,
+            again: Some(Again {
+                envelope: waiting,
+                due,
+                wait,
+                notified: job.delay_notified || late,
+                last_error,
+            }),
+        }
+    }
+
+    /// Makes the settled outcomes durable: reports queued, the rest in the index.
+    /// Safe to repeat (reports have derived queue ids, the index key is fixed).
+    async fn persist(&self, job: &Job, settled: &Settled) -> Result<(), NotDone> {
+        for report in settled.bounce.iter().chain(&settled.notice) {
+            publish_envelope(&*self.queue, &self.worker.topic, report, Vec::new()).await?;
+        }
+        let Some(again) = &settled.again else {
+            return Ok(());
         };
         schedule::put(
             &*self.objects,
             &self.config.retry_prefix,
-            due.min(until.max(SystemTime::now())),
-            &again,
-            attempts + 1,
-            notified,
-            &last_error,
+            again.due,
+            &again.envelope,
+            job.attempts + 1,
+            again.notified,
+            &again.last_error,
         )
         .await
         .map_err(|e| NotDone(format!("writing the retry entry: {e}")))?;
-        tracing::info!(queue_id = %envelope.queue_id, recipients = again.recipients.len(), retry_in = ?wait, %last_error, "delivery deferred");
+        tracing::info!(queue_id = %again.envelope.queue_id, recipients = again.envelope.recipients.len(), retry_in = ?again.wait, last_error = %again.last_error, "delivery deferred");
         Ok(())
     }
 
@@ -479,7 +571,12 @@ impl Outbound {
             anyhow::Ok(())
         }
         .await;
-        let _ = self.cache.unlock(&lock, &token).await;
+        // A failed removal keeps the lock until it expires, so the entry is not
+        // published again at the next scan (recipients already done are skipped
+        // after that anyway).
+        if result.is_ok() {
+            let _ = self.cache.unlock(&lock, &token).await;
+        }
         result
     }
 
@@ -531,6 +628,7 @@ impl Outbound {
                 });
             }
         };
+        let implicit = hosts.len() == 1 && hosts[0].eq_ignore_ascii_case(domain);
         let mut last = format!("no MX host of {domain} could be reached");
         for host in hosts.iter().take(self.config.max_mx_hosts) {
             let addresses = match self.router.addresses(host).await {
@@ -545,11 +643,19 @@ impl Outbound {
                 }
             };
             if addresses.is_empty() {
+                if implicit {
+                    // No MX and no address: nowhere to deliver, ever.
+                    return all(&|| Outcome::Permanent {
+                        status: "5.1.2".into(),
+                        diagnostic: format!("550 5.1.2 {domain} has no MX and no address"),
+                    });
+                }
                 last = format!("MX host {host} has no address");
             }
             for ip in addresses.into_iter().take(2) {
-                if !self.config.allow_loopback && (ip.is_loopback() || ip.is_unspecified()) {
-                    last = format!("MX host {host} points at a local address ({ip})");
+                let ip = ip.to_canonical();
+                if !self.config.allow_private_destinations && !public(ip) {
+                    last = format!("MX host {host} points at a non-public address ({ip})");
                     continue;
                 }
                 let peer = SocketAddr::new(ip, self.config.port);
@@ -563,6 +669,15 @@ impl Outbound {
                             .zip(results)
                             .map(|(r, result)| (Recipient::clone(r), outcome(host, peer, result)))
                             .collect();
+                    }
+                    Err(e @ SessionError::AfterData(_)) => {
+                        // Maybe delivered: not to another host now, later at most.
+                        tracing::warn!(%host, %peer, error = %e, "outcome unknown; deferring");
+                        let diagnostic = format!("{host}[{}]: {e}", peer.ip());
+                        return all(&|| Outcome::Temporary {
+                            status: "4.4.2".into(),
+                            diagnostic: diagnostic.clone(),
+                        });
                     }
                     Err(e) => {
                         tracing::info!(%host, %peer, error = %e, "MX host failed; trying the next");
@@ -587,13 +702,28 @@ impl Outbound {
         recipients: &[&Recipient],
         message: &[u8],
     ) -> Result<Vec<RecipientResult>, SessionError> {
-        if let Some(mut conn) = self.take_idle(peer)
-            && let Ok(results) = conn.transaction(envelope, recipients, message).await
-        {
-            self.put_idle(conn);
-            return Ok(results);
+        if let Some(mut conn) = self.take_idle(peer) {
+            match conn.transaction(envelope, recipients, message).await {
+                Ok(results) => {
+                    self.put_idle(conn);
+                    return Ok(results);
+                }
+                Err(e @ SessionError::AfterData(_)) => return Err(e),
+                // The server had closed the idle connection: a new one.
+                Err(_) => {}
+            }
         }
-        let mut conn = Connection::open(peer, host, self.client.clone(), Some(&self.tls)).await?;
+        let opened = Connection::open(peer, host, self.client.clone(), Some(&self.tls)).await;
+        let mut conn = match opened {
+            Err(SessionError::Tls(e)) => {
+                // Opportunistic TLS must not make mail undeliverable: a server whose
+                // TLS we cannot speak (old versions, broken certificates) gets it
+                // in clear, as it would from most MTAs.
+                tracing::info!(%host, %peer, error = %e, "STARTTLS failed; delivering without TLS");
+                Connection::open(peer, host, self.client.clone(), None).await?
+            }
+            other => other?,
+        };
         let results = conn.transaction(envelope, recipients, message).await?;
         self.put_idle(conn);
         Ok(results)
@@ -603,7 +733,7 @@ impl Outbound {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&peer)?;
         while let Some((since, conn)) = list.pop() {
-            if since.elapsed() < self.config.reuse_connections_for {
+            if since.elapsed() < self.config.reuse_connections_for && conn.reusable() {
                 return Some(conn);
             }
         }
@@ -611,7 +741,7 @@ impl Outbound {
     }
 
     fn put_idle(&self, conn: Connection) {
-        if self.config.reuse_connections_for.is_zero() {
+        if self.config.reuse_connections_for.is_zero() || !conn.reusable() {
             tokio::spawn(conn.quit());
             return;
         }
@@ -625,6 +755,36 @@ impl Outbound {
         let list = idle.entry(conn.peer).or_default();
         if list.len() < self.config.per_destination {
             list.push((Instant::now(), conn));
+        }
+    }
+}
+
+/// An address mail may be relayed to: not loopback, private, link-local, shared
+/// (CGNAT), multicast, documentation or otherwise reserved space.
+fn public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
         }
     }
 }
@@ -643,5 +803,38 @@ fn outcome(host: &str, peer: SocketAddr, result: RecipientResult) -> Outcome {
             status: reply.status(),
             diagnostic: format!("{reply} (from {host}[{}])", peer.ip()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::public;
+
+    #[test]
+    fn only_public_addresses_are_destinations() {
+        assert!(public("8.8.8.8".parse().unwrap()));
+        assert!(public("2a00:1450:4001::1".parse().unwrap()));
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "192.0.2.1",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "2001:db8::1",
+        ] {
+            assert!(!public(ip.parse().unwrap()), "{ip}");
+        }
+        // An IPv4 address written as IPv6 is judged as IPv4 (after to_canonical).
+        let mapped: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(!public(mapped.to_canonical()));
     }
 }

@@ -83,7 +83,7 @@ impl Router {
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         match self.resolver.mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
-                let mut mx: Vec<(u16, String, u64)> = lookup
+                let mut mx: Vec<(u16, u64, String)> = lookup
                     .answers()
                     .iter()
                     .filter_map(|r| match &r.data {
@@ -92,21 +92,23 @@ impl Router {
                     })
                     .map(|mx| {
                         let host = mx.exchange.to_ascii().trim_end_matches('.').to_owned();
-                        (mx.preference, host, rand_u64())
+                        (mx.preference, rand_u64(), host)
                     })
                     .collect();
-                if mx.len() == 1 && mx[0].1.is_empty() {
+                // RFC 7505: a null MX ("." as the exchange) means no mail, and
+                // never a fallback to the domain's address.
+                if mx.iter().any(|(_, _, host)| host.is_empty()) {
                     return Err(RouteError::Permanent {
                         status: "5.1.10",
                         reason: format!("{domain} does not accept mail (null MX)"),
                     });
                 }
-                mx.retain(|(_, host, _)| !host.is_empty());
                 if mx.is_empty() {
                     return Ok(vec![domain.to_owned()]);
                 }
+                // By preference; equal ones in random order (RFC 5321 5.1).
                 mx.sort();
-                Ok(mx.into_iter().map(|(_, host, _)| host).collect())
+                Ok(mx.into_iter().map(|(_, _, host)| host).collect())
             }
             Err(e) if e.is_nx_domain() => Err(RouteError::Permanent {
                 status: "5.1.2",
