@@ -57,6 +57,13 @@ pub enum TenantCommand {
         #[arg(long, value_name = "reject|junk|tag")]
         block_listed: Option<PolicyAction>,
     },
+    /// Leave the sender's client address and name out of the Received header of
+    /// the tenant's outgoing mail (on), or keep them (off).
+    HideClient {
+        tenant: String,
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
     /// Remove a tenant that owns no domains.
     Remove { tenant: String },
 }
@@ -547,6 +554,23 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                 ),
             );
         }
+        TenantCommand::HideClient { tenant, setting } => {
+            let hide_client = setting == "on";
+            client
+                .set_hide_client(v1::SetHideClientRequest {
+                    tenant: tenant.clone(),
+                    hide_client,
+                })
+                .await
+                .map_err(refused)?;
+            done(
+                &target,
+                format!(
+                    "tenant {tenant}: the sender's client is {} in Received headers",
+                    if hide_client { "left out" } else { "shown" }
+                ),
+            );
+        }
         TenantCommand::Remove { tenant } => {
             client
                 .remove_tenant(v1::TenantRequest {
@@ -583,7 +607,8 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                                 "dmarc_reject": p.dmarc_reject.to_string(),
                                 "dmarc_quarantine": p.dmarc_quarantine.to_string(),
                                 "block_listed": p.block_listed.to_string(),
-                            }
+                            },
+                            "hide_client": t.hide_client,
                         })
                     })
                     .collect();

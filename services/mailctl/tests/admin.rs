@@ -68,6 +68,9 @@ async fn tenant_domain_and_user_with_their_mailboxes() {
     assert_eq!(tenants[0]["domains"][0], "acme.test");
     assert_eq!(tenants[0]["users"], 1);
     assert_eq!(tenants[0]["limits"]["max_users"], 2);
+    assert_eq!(tenants[0]["hide_client"], false);
+    ok(&dev, &["tenant", "hide-client", "acme", "on"], "");
+    assert_eq!(json(&dev, &["tenant", "list"])[0]["hide_client"], true);
 
     let users = json(&dev, &["user", "list", "acme"]);
     assert_eq!(users[0]["address"], "alice@acme.test");

@@ -1236,7 +1236,8 @@ impl<'a> Session<'a> {
             .ingress
             .submission
             .as_ref()
-            .is_some_and(|s| s.hide_client);
+            .is_some_and(|s| s.hide_client)
+            || self.account.as_ref().is_some_and(|a| a.hide_client);
         let from = if hide {
             String::new()
         } else {

@@ -295,10 +295,14 @@ async fn login_failures_send_rates_and_implicit_tls() {
         max_auth_failures: 2,
         failure_delay: Duration::from_millis(10),
         messages_per_user_per_hour: 1,
-        hide_client: true,
         ..SubmissionConfig::default()
     })
     .await;
+    // The tenant asks for privacy: its users' clients stay out of Received.
+    s.engine
+        .set_hide_client("acme".parse().unwrap(), true)
+        .await
+        .unwrap();
     // Implicit TLS (465): greeting over TLS, AUTH offered at once.
     let mut c = open_implicit_tls(&s, "192.0.2.8:40000").await;
     c.expect("220 mx.acme.test").await;
@@ -323,7 +327,7 @@ async fn login_failures_send_rates_and_implicit_tls() {
     c.cmd("QUIT", "221").await;
     let queued = s.queued(1).await;
     let text = body(&s, &queued[0]).await;
-    // hide_client: nothing about the client's name or address.
+    // Tenant privacy: nothing about the client's name or address.
     assert!(
         text.starts_with("Received: by mx.acme.test (mailmesh) with ESMTPSA id "),
         "{text}"

@@ -106,6 +106,8 @@ pub struct Account {
     pub user: UserRef,
     pub address: EmailAddress,
     pub limits: TenantLimits,
+    /// The tenant wants the client left out of Received headers.
+    pub hide_client: bool,
 }
 
 /// The key that signs a domain's outgoing mail.
@@ -157,8 +159,11 @@ impl Mailstore for Arc<StorageEngine> {
         let Some(user) = StorageEngine::authenticate(self, &address, secret).await? else {
             return Ok(None);
         };
-        let limits = self
-            .directory(|d| d.tenant(&user.tenant).map(|t| t.limits.clone()))?
+        let (limits, hide_client) = self
+            .directory(|d| {
+                d.tenant(&user.tenant)
+                    .map(|t| (t.limits.clone(), t.hide_client))
+            })?
             .unwrap_or_default();
         Ok(Some(Account {
             user: UserRef {
@@ -167,6 +172,7 @@ impl Mailstore for Arc<StorageEngine> {
             },
             address: user.address,
             limits,
+            hide_client,
         }))
     }
 
@@ -271,6 +277,7 @@ impl Mailstore for GrpcMailstore {
                 max_message_bytes: (l.max_message_bytes != 0).then_some(l.max_message_bytes),
                 send_rate_per_hour: (l.send_rate_per_hour != 0).then_some(l.send_rate_per_hour),
             },
+            hide_client: r.hide_client,
         }))
     }
 

@@ -45,6 +45,10 @@ pub struct Tenant {
     /// Absent from snapshots written before policies existed.
     #[serde(default)]
     pub inbound: InboundPolicy,
+    /// Submission leaves the sender's client address and name out of the Received
+    /// header of this tenant's outgoing mail.
+    #[serde(default)]
+    pub hide_client: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,6 +186,10 @@ pub enum DirectoryCommand {
     SetInboundPolicy {
         tenant: TenantId,
         policy: InboundPolicy,
+    },
+    SetHideClient {
+        tenant: TenantId,
+        hide_client: bool,
     },
     RemoveTenant {
         tenant: TenantId,
@@ -463,6 +471,7 @@ impl Directory {
                         id: tenant,
                         limits,
                         inbound: InboundPolicy::default(),
+                        hide_client: false,
                     },
                 );
             }
@@ -479,6 +488,16 @@ impl Directory {
                     .get_mut(&tenant)
                     .ok_or_else(|| StorageError::NotFound(format!("tenant {tenant}")))?;
                 t.inbound = policy;
+            }
+            C::SetHideClient {
+                tenant,
+                hide_client,
+            } => {
+                let t = self
+                    .tenants
+                    .get_mut(&tenant)
+                    .ok_or_else(|| StorageError::NotFound(format!("tenant {tenant}")))?;
+                t.hide_client = hide_client;
             }
             C::RemoveTenant { tenant } => {
                 if !self.tenants.contains_key(&tenant) {

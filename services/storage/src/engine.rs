@@ -352,6 +352,20 @@ impl StorageEngine {
             .map(drop)
     }
 
+    /// Whether submission hides the sender's client in this tenant's mail.
+    pub async fn set_hide_client(
+        &self,
+        tenant: TenantId,
+        hide_client: bool,
+    ) -> Result<(), EngineError> {
+        self.change_directory(DirectoryCommand::SetHideClient {
+            tenant,
+            hide_client,
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn remove_tenant(&self, tenant: TenantId) -> Result<(), EngineError> {
         self.change_directory(DirectoryCommand::RemoveTenant { tenant })
             .await

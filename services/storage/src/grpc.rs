@@ -253,6 +253,14 @@ impl DirectoryApi for StorageService {
         Ok(Response::new(v1::Empty {}))
     }
 
+    async fn set_hide_client(&self, r: Request<v1::SetHideClientRequest>) -> Reply<v1::Empty> {
+        let r = r.into_inner();
+        self.engine
+            .set_hide_client(parse("tenant", &r.tenant)?, r.hide_client)
+            .await?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
     async fn remove_tenant(&self, r: Request<v1::TenantRequest>) -> Reply<v1::Empty> {
         self.engine
             .remove_tenant(parse("tenant", &r.into_inner().tenant)?)
@@ -270,6 +278,7 @@ impl DirectoryApi for StorageService {
                     domains: d.domains_of(&t.id).map(ToString::to_string).collect(),
                     users: d.users_of(&t.id).count() as u32,
                     inbound_policy: Some(t.inbound.into()),
+                    hide_client: t.hide_client,
                 })
                 .collect()
         })?;
@@ -465,16 +474,18 @@ impl DirectoryApi for StorageService {
             }
             Err(_) => None,
         };
-        let limits = match &user {
-            Some(u) => self
-                .engine
-                .directory(|d| d.tenant(&u.tenant).map(|t| proto_limits(&t.limits)))?,
+        let tenant = match &user {
+            Some(u) => self.engine.directory(|d| {
+                d.tenant(&u.tenant)
+                    .map(|t| (proto_limits(&t.limits), t.hide_client))
+            })?,
             None => None,
         };
         Ok(Response::new(v1::AuthenticateResponse {
             ok: user.is_some(),
             user: user.as_ref().map(user_info),
-            limits,
+            limits: tenant.as_ref().map(|(l, _)| *l),
+            hide_client: tenant.is_some_and(|(_, h)| h),
         }))
     }
 
