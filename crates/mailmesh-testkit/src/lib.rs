@@ -51,3 +51,35 @@ pub fn rendered_sets_env(name: &str) -> bool {
         .expect("k8s/mailmesh.yaml")
         .contains(&format!("name: {name}\n"))
 }
+
+/// Whether dkimpy (Debian's python3-dkim: a verifier written by others) accepts the
+/// DKIM signature of `message`, with `record` as the TXT record at `dns_name`.
+pub fn dkimpy_verifies(message: &[u8], dns_name: &str, record: &str) -> bool {
+    use std::io::Write;
+    let program = format!(
+        "import sys, dkim\n\
+         msg = sys.stdin.buffer.read()\n\
+         def dns(name, timeout=5):\n    return {record:?}.encode() if name.decode().rstrip('.') == {dns_name:?} else None\n\
+         print(dkim.verify(msg, dnsfunc=dns))\n"
+    );
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &program])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("Debian's python3 (scripts/backends.sh installs python3-dkim)");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(message)
+        .expect("python reads the message");
+    let out = child.wait_with_output().expect("python runs");
+    assert!(
+        out.status.success(),
+        "dkimpy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim() == "True"
+}

@@ -1,6 +1,6 @@
 //! DKIM signing of outgoing mail (RFC 6376, RFC 8463 Ed25519) with `mail-auth`.
 
-use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256, SigningKey};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{Canonicalization, DkimSigner};
 
@@ -50,29 +50,42 @@ pub fn dkim_signature(
         .map(|h| (*h).to_owned())
         .collect();
     let signature = match algorithm {
-        KeyAlgorithm::Ed25519 => {
-            DkimSigner::from_key(Ed25519Key::from_pkcs8_der(pkcs8).map_err(e)?)
-                .domain(domain)
-                .selector(selector)
-                .headers(headers)
-                .header_canonicalization(Canonicalization::Relaxed)
-                .body_canonicalization(Canonicalization::Relaxed)
-                .sign(message)
-                .map_err(e)?
-        }
+        KeyAlgorithm::Ed25519 => sign_with(
+            Ed25519Key::from_pkcs8_der(pkcs8).map_err(e)?,
+            domain,
+            selector,
+            headers,
+            message,
+        ),
         KeyAlgorithm::Rsa => {
             let der = rustls_pki_types::PrivateKeyDer::Pkcs8(pkcs8.to_vec().into());
-            DkimSigner::from_key(RsaKey::<Sha256>::from_key_der(der).map_err(e)?)
-                .domain(domain)
-                .selector(selector)
-                .headers(headers)
-                .header_canonicalization(Canonicalization::Relaxed)
-                .body_canonicalization(Canonicalization::Relaxed)
-                .sign(message)
-                .map_err(e)?
+            sign_with(
+                RsaKey::<Sha256>::from_key_der(der).map_err(e)?,
+                domain,
+                selector,
+                headers,
+                message,
+            )
         }
-    };
+    }
+    .map_err(e)?;
     Ok(signature.to_header())
+}
+
+fn sign_with<K: SigningKey>(
+    key: K,
+    domain: &str,
+    selector: &str,
+    headers: Vec<String>,
+    message: &[u8],
+) -> mail_auth::Result<mail_auth::dkim::Signature> {
+    DkimSigner::from_key(key)
+        .domain(domain)
+        .selector(selector)
+        .headers(headers)
+        .header_canonicalization(Canonicalization::Relaxed)
+        .body_canonicalization(Canonicalization::Relaxed)
+        .sign(message)
 }
 
 /// Names of the header fields in `message`.

@@ -142,6 +142,72 @@ fn reply_code(status: &str) -> &'static str {
 #[error("{0}")]
 pub(crate) struct NotDone(pub(crate) String);
 
+/// Consumes `topic` in `group` until the shutdown closes: `handle` runs for each
+/// record, `concurrency` at once, under the span `span` makes, which continues the
+/// message's trace (W3C context in the record headers); the record is acknowledged
+/// when `handle` says it is done. Records in flight finish (and store their
+/// offsets) before the consumer leaves the group; those still running when the
+/// drain ends stay unacknowledged and go to another worker.
+pub(crate) async fn consume<H, Fut>(
+    queue: &dyn Queue,
+    group: &str,
+    topic: &str,
+    concurrency: usize,
+    shutdown: &Shutdown,
+    span: impl Fn(&Record) -> tracing::Span,
+    handle: H,
+) -> Result<(), mailmesh_queue::QueueError>
+where
+    H: Fn(Record, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let mut consumer = queue.consumer(group, &[topic]).await?;
+    let slots = Arc::new(Semaphore::new(concurrency));
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.closing() => break,
+            d = consumer.recv() => d,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "receiving from the queue failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let span = span(&delivery.record);
+        // The parent must be set before the span is first entered.
+        let carrier: std::collections::BTreeMap<String, String> = delivery
+            .record
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.to_vec()).ok()?)))
+            .collect();
+        mailmesh_kit::telemetry::extract_context(&span, &carrier);
+        let done = handle(delivery.record, shutdown.clone());
+        let ack = delivery.ack;
+        shutdown.spawn(
+            async move {
+                if done.await {
+                    ack.done();
+                }
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+    let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    tokio::select! {
+        _ = slots.acquire_many(all) => {}
+        _ = shutdown.stopped() => {}
+    }
+    consumer.close().await
+}
+
 /// The message a queue record carries, from the record or from object storage.
 pub(crate) async fn read_body(
     objects: &dyn ObjectStore,
@@ -204,62 +270,20 @@ impl Worker {
                 .ensure_topic(topic, self.config.topic_partitions)
                 .await?;
         }
-        let mut consumer = self
-            .queue
-            .consumer(&self.config.group, &[&self.config.topic])
-            .await?;
-        let slots = Arc::new(Semaphore::new(self.config.concurrency));
-        loop {
-            let delivery = tokio::select! {
-                _ = shutdown.closing() => break,
-                d = consumer.recv() => d,
-            };
-            let delivery = match delivery {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "receiving from the queue failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            let worker = self.clone();
-            let stop = shutdown.clone();
-            let span = tracing::info_span!(
-                "deliver_record",
-                partition = delivery.record.partition,
-                offset = delivery.record.offset
-            );
-            // The message's trace continues here (W3C context in the record headers);
-            // the parent must be set before the span is first entered.
-            let carrier: std::collections::BTreeMap<String, String> = delivery
-                .record
-                .headers
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.to_vec()).ok()?)))
-                .collect();
-            mailmesh_kit::telemetry::extract_context(&span, &carrier);
-            shutdown.spawn(
-                async move {
-                    if worker.finish(&delivery.record, &stop).await {
-                        delivery.ack.done();
-                    }
-                    drop(slot);
-                }
-                .instrument(span),
-            );
-        }
-        // Records in flight finish (and store their offsets) before the consumer
-        // leaves the group; those still running when the drain ends stay
-        // unacknowledged and go to another worker.
-        let all = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
-        tokio::select! {
-            _ = slots.acquire_many(all) => {}
-            _ = shutdown.stopped() => {}
-        }
-        consumer.close().await
+        let worker = self.clone();
+        consume(
+            &*self.queue,
+            &self.config.group,
+            &self.config.topic,
+            self.config.concurrency,
+            &shutdown,
+            |r| tracing::info_span!("deliver_record", partition = r.partition, offset = r.offset),
+            move |record, stop| {
+                let worker = worker.clone();
+                async move { worker.finish(&record, &stop).await }
+            },
+        )
+        .await
     }
 
     /// Handles a record until every outcome is durable; false if the process stops

@@ -342,31 +342,8 @@ s.quit()
     assert!(relayed.contains("with ESMTPSA id"), "{relayed}");
     assert!(relayed.contains("\r\nMessage-ID: <"), "{relayed}");
     // dkimpy (Debian python3-dkim) checks it against the record mailctl printed.
-    let verify = format!(
-        "import sys, dkim\n\
-         msg = sys.stdin.buffer.read()\n\
-         dns = lambda name, timeout=5: {record:?}.encode() if name.decode().rstrip('.') == 'mm1._domainkey.acme.test' else None\n\
-         print(dkim.verify(msg, dnsfunc=dns))\n"
-    );
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", &verify])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(relayed.as_bytes())
-            .unwrap();
-    }
-    let verdict = child.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&verdict.stdout).trim(),
-        "True",
+    assert!(
+        mailmesh_testkit::dkimpy_verifies(relayed.as_bytes(), "mm1._domainkey.acme.test", &record),
         "{relayed}"
     );
 

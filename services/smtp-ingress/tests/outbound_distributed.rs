@@ -189,33 +189,8 @@ s.quit()
     );
     let text = String::from_utf8_lossy(&got.data).into_owned();
     assert!(text.contains("s=k1; d=acme.test;"), "{text}");
-    let verify = format!(
-        "import sys, dkim\n\
-         msg = sys.stdin.buffer.read()\n\
-         dns = lambda name, timeout=5: {record:?}.encode() if name.decode().rstrip('.') == {name:?} else None\n\
-         print(dkim.verify(msg, dnsfunc=dns))\n",
-        record = key.dns_record,
-        name = key.dns_name,
-    );
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", &verify])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let verdict = child.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&verdict.stdout).trim(),
-        "True",
+    assert!(
+        mailmesh_testkit::dkimpy_verifies(text.as_bytes(), &key.dns_name, &key.dns_record),
         "{text}"
     );
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -12,6 +11,7 @@ use common::session::{Client, Server, body, open, open_implicit_tls, submission_
 use mailmesh_ingress::submit::SubmissionConfig;
 use mailmesh_kit::Shutdown;
 use mailmesh_storage::directory::DkimAlgorithm;
+use mailmesh_testkit::dkimpy_verifies;
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -188,37 +188,6 @@ async fn users_authenticate_over_tls_and_send_only_as_themselves() {
     assert!(text.ends_with("\r\n\r\nAt noon?\r\n"), "{text}");
 }
 
-/// dkimpy (Debian python3-dkim) checks the signature with the published record.
-fn dkimpy_verifies(message: &str, record_name: &str, record: &str) -> bool {
-    let program = format!(
-        "import sys, dkim\n\
-         msg = sys.stdin.buffer.read()\n\
-         def dns(name, timeout=5):\n    return {record:?}.encode() if name.decode().rstrip('.') == {record_name:?} else None\n\
-         print(dkim.verify(msg, dnsfunc=dns))\n"
-    );
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", &program])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("Debian's python3 with python3-dkim");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "dkimpy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim() == "True"
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_signed_with_the_domains_newest_key() {
     let s = submission_server(SubmissionConfig {
@@ -273,14 +242,14 @@ async fn messages_are_signed_with_the_domains_newest_key() {
         assert!(text.contains(&format!("s={};", key.selector)), "{text}");
         selectors.push(key.selector.clone());
         assert!(
-            dkimpy_verifies(&text, &key.dns_name(), &key.dns_record()),
+            dkimpy_verifies(text.as_bytes(), &key.dns_name(), &key.dns_record()),
             "dkimpy rejects the {:?} signature: {text}",
             key.algorithm
         );
         // Changed in transit, the signature no longer holds.
         let tampered = text.replace("Subject: signed", "Subject: changed");
         assert!(!dkimpy_verifies(
-            &tampered,
+            tampered.as_bytes(),
             &key.dns_name(),
             &key.dns_record()
         ));

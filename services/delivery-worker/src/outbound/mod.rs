@@ -24,10 +24,11 @@ use mailmesh_queue::{Queue, Record};
 use mailmesh_types::{Envelope, EnvelopeLimits, Recipient};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
-use tracing::Instrument;
 
 use crate::dsn::{Failure, delay_report, failure_report};
-use crate::worker::{BodyError, NotDone, WorkerConfig, publish_envelope, publish_raw, read_body};
+use crate::worker::{
+    BodyError, NotDone, WorkerConfig, consume, publish_envelope, publish_raw, read_body,
+};
 use client::{ClientConfig, Connection, RecipientResult, SessionError};
 use route::{RouteError, Router};
 
@@ -228,55 +229,22 @@ impl Outbound {
                 .await?;
         }
         let scanner = tokio::spawn(self.clone().scan(shutdown.clone()));
-        let mut consumer = self.queue.consumer(&self.config.group, &[&topic]).await?;
-        let slots = Arc::new(Semaphore::new(self.config.concurrency));
-        loop {
-            let delivery = tokio::select! {
-                _ = shutdown.closing() => break,
-                d = consumer.recv() => d,
-            };
-            let delivery = match delivery {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "receiving from the outbound topic failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                break;
-            };
-            let this = self.clone();
-            let stop = shutdown.clone();
-            let span = tracing::info_span!(
-                "relay_record",
-                partition = delivery.record.partition,
-                offset = delivery.record.offset
-            );
-            let carrier: BTreeMap<String, String> = delivery
-                .record
-                .headers
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.to_vec()).ok()?)))
-                .collect();
-            mailmesh_kit::telemetry::extract_context(&span, &carrier);
-            shutdown.spawn(
-                async move {
-                    if this.finish(&delivery.record, &stop).await {
-                        delivery.ack.done();
-                    }
-                    drop(slot);
-                }
-                .instrument(span),
-            );
-        }
-        let all = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
-        tokio::select! {
-            _ = slots.acquire_many(all) => {}
-            _ = shutdown.stopped() => {}
-        }
+        let this = self.clone();
+        let consumed = consume(
+            &*self.queue,
+            &self.config.group,
+            &topic,
+            self.config.concurrency,
+            &shutdown,
+            |r| tracing::info_span!("relay_record", partition = r.partition, offset = r.offset),
+            move |record, stop| {
+                let this = this.clone();
+                async move { this.finish(&record, &stop).await }
+            },
+        )
+        .await;
         scanner.abort();
-        consumer.close().await
+        consumed
     }
 
     /// Handles a record: one delivery attempt, then its outcomes made durable
