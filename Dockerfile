@@ -5,12 +5,12 @@
 #   docker build -t ghcr.io/mailmesh/mailmesh:dev .
 #
 # Build stage: the same toolchain as CI (rust-toolchain is the machine's 1.95), plus
-# what the C parts need: librdkafka (make, gcc, zlib) and aws-lc (cmake).
+# what the C parts need: librdkafka (make, gcc, zlib, OpenSSL) and aws-lc (cmake).
 FROM rust:1.95-bookworm AS build
 # Debian stable's build tools are not pinned: point releases carry security fixes.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake build-essential pkg-config \
+ && apt-get install -y --no-install-recommends cmake build-essential pkg-config libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

@@ -67,6 +67,9 @@ install_debian_tools() {
   command -v mbsync >/dev/null 2>&1 || missing+=(isync)
   # dkimpy checks outgoing DKIM signatures (an independent verifier).
   /usr/bin/python3 -c 'import dkim' >/dev/null 2>&1 || missing+=(python3 python3-dkim)
+  # librdkafka's TLS (the rdkafka crate's ssl feature) links the system OpenSSL.
+  [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
   if [ ${#missing[@]} -eq 0 ]; then return; fi
   log "installing ${missing[*]} from Debian"
   export DEBIAN_FRONTEND=noninteractive

@@ -269,3 +269,41 @@ async fn kafka_ping_and_unreachable_broker() {
     assert!(matches!(err, QueueError::Kafka(_)), "{err}");
     assert!(unreachable.ping().await.is_err());
 }
+
+/// The chart's production settings (SASL over TLS): the client is built with TLS and
+/// SCRAM support and speaks TLS to the broker. Here the "broker" is a listener that
+/// records the first bytes it gets: a TLS handshake record (0x16 0x03 …), not Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_over_sasl_ssl_speaks_tls() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let first_bytes = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 3];
+        stream.read_exact(&mut buf).await.unwrap();
+        buf
+    });
+    let properties = [
+        ("security.protocol", "SASL_SSL"),
+        ("sasl.mechanism", "SCRAM-SHA-512"),
+        ("sasl.username", "mailmesh"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let queue = KafkaQueue::connect(&KafkaConfig {
+        brokers: addr.to_string(),
+        properties,
+        sasl_password: Some(mailmesh_kit::Secret::new("secret".into())),
+        publish_timeout: Duration::from_secs(2),
+        replication_factor: 3,
+        session_timeout: Duration::from_secs(10),
+    })
+    .expect("librdkafka built with TLS and SASL/SCRAM");
+    let publish = queue.publish(record("mail.queue", "k", "m".into()));
+    let (published, seen) = tokio::join!(publish, first_bytes);
+    assert!(published.is_err(), "no broker behind the listener");
+    let seen = seen.unwrap();
+    assert_eq!(&seen[..2], &[0x16, 0x03], "a TLS handshake, got {seen:?}");
+}
