@@ -50,6 +50,11 @@ pub struct StorageConfig {
     /// Where the delivery workers keep outbound mail waiting for a retry (their
     /// `outbound.retry_prefix`), for `mailctl queue`.
     pub outbound_retry_prefix: String,
+    /// Password hashes computed at once (each Argon2id run takes 19 MiB); default
+    /// the number of CPUs.
+    pub password_threads: usize,
+    /// Logins waiting for a password thread; more are refused as temporary failures.
+    pub password_queue: usize,
 }
 
 impl Default for StorageConfig {
@@ -64,6 +69,8 @@ impl Default for StorageConfig {
             max_message_bytes: 64 << 20,
             index_limits: IndexLimits::default(),
             outbound_retry_prefix: crate::retry_index::DEFAULT_PREFIX.into(),
+            password_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            password_queue: 1024,
         }
     }
 }
@@ -71,6 +78,12 @@ impl Default for StorageConfig {
 impl mailmesh_kit::config::Validate for StorageConfig {
     fn validate(&self) -> Result<(), mailmesh_kit::ConfigError> {
         use mailmesh_kit::ConfigError;
+        if !(1..=64).contains(&self.password_threads) || self.password_queue == 0 {
+            return Err(ConfigError::invalid(
+                "storage.password_threads",
+                "password_threads must be 1 to 64 and password_queue above zero",
+            ));
+        }
         if !(1..=4096).contains(&self.mailbox_partitions) {
             return Err(ConfigError::invalid(
                 "storage.mailbox_partitions",
@@ -258,6 +271,8 @@ pub struct StorageEngine {
     directory: Arc<Replica<Directory>>,
     partitions: i32,
     mailboxes: Mutex<HashMap<i32, Arc<OnceCell<MailboxReplica>>>>,
+    /// Argon2 runs here, a few at a time (memory), never on the async threads.
+    passwords: crate::passwords::PasswordPool,
 }
 
 impl StorageEngine {
@@ -285,12 +300,15 @@ impl StorageEngine {
             },
         )
         .await?;
+        let passwords =
+            crate::passwords::PasswordPool::new(config.password_threads, config.password_queue);
         Ok(Arc::new(Self {
             queue,
             objects,
             config,
             directory,
             partitions,
+            passwords,
             mailboxes: Mutex::new(HashMap::new()),
         }))
     }
@@ -384,8 +402,9 @@ impl StorageEngine {
             .map(drop)
     }
 
-    async fn hash(password: Secret<String>) -> Result<String, EngineError> {
-        tokio::task::spawn_blocking(move || hash_password(password.expose()))
+    async fn hash(&self, password: Secret<String>) -> Result<String, EngineError> {
+        self.passwords
+            .run(move || hash_password(password.expose()))
             .await
             .map_err(|e| EngineError::Unavailable(e.to_string()))?
             .map_err(EngineError::from)
@@ -398,7 +417,7 @@ impl StorageEngine {
         password: Secret<String>,
         quota_bytes: Option<u64>,
     ) -> Result<UserRef, EngineError> {
-        let password_hash = Self::hash(password).await?;
+        let password_hash = self.hash(password).await?;
         let outcome = self
             .change_directory(DirectoryCommand::AddUser {
                 id: UserId::generate(),
@@ -425,7 +444,7 @@ impl StorageEngine {
         address: EmailAddress,
         password: Secret<String>,
     ) -> Result<(), EngineError> {
-        let password_hash = Self::hash(password).await?;
+        let password_hash = self.hash(password).await?;
         self.change_directory(DirectoryCommand::SetPassword {
             address,
             password_hash,
@@ -590,9 +609,11 @@ impl StorageEngine {
         let hash = user
             .as_ref()
             .map_or_else(|| DUMMY_HASH.clone(), |u| u.password_hash.clone());
-        let ok = tokio::task::spawn_blocking(move || verify_password(password.expose(), &hash))
+        let ok = self
+            .passwords
+            .run(move || verify_password(password.expose(), &hash))
             .await
-            .unwrap_or(false);
+            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         Ok(user.filter(|u| ok && u.enabled))
     }
 

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod grpc;
 pub mod index;
 mod metrics;
+pub mod passwords;
 pub mod replica;
 pub mod retry_index;
 pub mod server;

@@ -38,6 +38,7 @@ fn config(run: &str) -> StorageConfig {
         max_message_bytes: 1 << 20,
         index_limits: IndexLimits::default(),
         outbound_retry_prefix: format!("{run}/retry"),
+        ..StorageConfig::default()
     }
 }
 
