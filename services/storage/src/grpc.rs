@@ -1108,23 +1108,42 @@ async fn to_proto_change(
             kind: Kind::Exists as i32,
             mailbox: name(*mailbox).await,
             uid: *uid,
-            modseq: 0,
+            ..Default::default()
         },
         Change::Flags {
             mailbox,
             uid,
             modseq,
-        } => v1::MailboxChange {
-            kind: Kind::Flags as i32,
-            mailbox: name(*mailbox).await,
-            uid: *uid,
-            modseq: *modseq,
-        },
+        } => {
+            // The message as it is now (its latest flags and MODSEQ, which may be
+            // past this change's: a later change event follows then anyway).
+            let now = engine
+                .read_index(user, |i| {
+                    i.and_then(|i| i.mailbox_by_id(*mailbox))
+                        .and_then(|m| m.messages.get(uid))
+                        .map(|msg| (msg.flags.names(), msg.modseq))
+                })
+                .await
+                .ok()
+                .flatten();
+            let (flags, has_flags, modseq) = match now {
+                Some((flags, current)) => (flags, true, current.max(*modseq)),
+                None => (Vec::new(), false, *modseq),
+            };
+            v1::MailboxChange {
+                kind: Kind::Flags as i32,
+                mailbox: name(*mailbox).await,
+                uid: *uid,
+                modseq,
+                flags,
+                has_flags,
+            }
+        }
         Change::Expunge { mailbox, uid } => v1::MailboxChange {
             kind: Kind::Expunge as i32,
             mailbox: name(*mailbox).await,
             uid: *uid,
-            modseq: 0,
+            ..Default::default()
         },
     }
 }

@@ -20,7 +20,7 @@ mod mutf7;
 mod search;
 mod selected;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -222,7 +222,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 }
 
 /// Change notifications for the logged-in user, from the storage change stream:
-/// mailbox names that changed (`None` = everything must be rechecked).
+/// mailbox names that must be listed again (`all` = everything must be rechecked),
+/// and flag changes that carry their new flags (applied without a listing).
 #[derive(Default)]
 pub(crate) struct Changes {
     notify: Notify,
@@ -233,6 +234,19 @@ pub(crate) struct Changes {
 struct Dirty {
     all: bool,
     mailboxes: HashSet<String>,
+    /// Per mailbox (lower-cased): uid → (modseq, flags), the latest seen.
+    flags: HashMap<String, BTreeMap<u32, (u64, Vec<String>)>>,
+}
+
+/// Flag changes kept per session before a listing is cheaper.
+const MAX_FLAG_UPDATES: usize = 1000;
+
+/// What changed in one mailbox since the last look.
+pub(crate) enum Pending {
+    Nothing,
+    Flags(BTreeMap<u32, (u64, Vec<String>)>),
+    /// Listing again is needed (new or expunged messages, or too much to carry).
+    Refresh,
 }
 
 impl Changes {
@@ -249,13 +263,35 @@ impl Changes {
         self.notify.notify_one();
     }
 
-    /// Whether `mailbox` changed since the last call (and forgets it).
-    fn take(&self, mailbox: &str) -> bool {
+    fn flags(&self, mailbox: &str, uid: u32, modseq: u64, flags: Vec<String>) {
+        {
+            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            let key = mailbox.to_ascii_lowercase();
+            let updates = d.flags.entry(key.clone()).or_default();
+            if updates.len() >= MAX_FLAG_UPDATES {
+                d.flags.remove(&key);
+                d.mailboxes.insert(key);
+            } else if updates.get(&uid).is_none_or(|(m, _)| *m < modseq) {
+                updates.insert(uid, (modseq, flags));
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// What changed in `mailbox` since the last call (everything is forgotten).
+    fn take(&self, mailbox: &str) -> Pending {
         let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        let hit = d.all || d.mailboxes.contains(&mailbox.to_ascii_lowercase());
+        let key = mailbox.to_ascii_lowercase();
+        let refresh = d.all || d.mailboxes.contains(&key);
+        let flags = d.flags.remove(&key);
         d.all = false;
         d.mailboxes.clear();
-        hit
+        d.flags.clear();
+        match (refresh, flags) {
+            (true, _) => Pending::Refresh,
+            (false, Some(f)) if !f.is_empty() => Pending::Flags(f),
+            _ => Pending::Nothing,
+        }
     }
 }
 
@@ -272,8 +308,12 @@ async fn watch_changes(gw: Arc<Gateway>, user: v1::UserRef, changes: Arc<Changes
                 let mut stream = stream.into_inner();
                 changes.mark(None);
                 while let Some(change) = stream.next().await {
+                    use v1::mailbox_change::Kind;
                     match change {
                         Ok(c) if c.mailbox.is_empty() => changes.mark(None),
+                        Ok(c) if c.kind == Kind::Flags as i32 && c.has_flags => {
+                            changes.flags(&c.mailbox, c.uid, c.modseq, c.flags)
+                        }
                         Ok(c) => changes.mark(Some(&c.mailbox)),
                         Err(_) => {
                             changes.mark(None);
@@ -1495,11 +1535,19 @@ impl Session {
         let Some(selected) = self.selected.as_mut() else {
             return;
         };
-        let changed = self
+        let pending = self
             .watcher
             .as_ref()
-            .is_none_or(|w| w.changes.take(&selected.name));
-        if (changed || selected.pending_expunges())
+            .map_or(Pending::Refresh, |w| w.changes.take(&selected.name));
+        let refresh = match pending {
+            Pending::Refresh => true,
+            Pending::Flags(updates) => {
+                selected.apply_flags(conn, updates, self.condstore);
+                false
+            }
+            Pending::Nothing => false,
+        };
+        if (refresh || selected.pending_expunges())
             && !selected
                 .refresh(&self.gw, conn, expunges, self.condstore, self.qresync)
                 .await

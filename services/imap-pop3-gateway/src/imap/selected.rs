@@ -353,6 +353,48 @@ impl Selected {
         true
     }
 
+    /// Applies flag changes that came with their flags (no listing): each one newer
+    /// than what the view has is taken and announced as FETCH FLAGS.
+    pub fn apply_flags<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        updates: BTreeMap<u32, (u64, Vec<String>)>,
+        condstore: bool,
+    ) {
+        let keywords_before = self.keywords.len();
+        let mut changed = Vec::new();
+        for (uid, (modseq, flags)) in updates {
+            let Ok(i) = self.messages.binary_search_by_key(&uid, |m| m.uid) else {
+                continue;
+            };
+            let m = &mut self.messages[i];
+            if modseq > m.modseq {
+                m.flags = flags;
+                m.modseq = modseq;
+                self.highest_modseq = self.highest_modseq.max(modseq);
+                changed.push(i);
+            }
+        }
+        self.learn_keywords();
+        if self.keywords.len() != keywords_before {
+            conn.push(&self.flags_response());
+        }
+        for i in changed {
+            let m = &self.messages[i];
+            let mut items = vec![
+                MessageDataItem::Uid(nz(m.uid)),
+                MessageDataItem::Flags(fetch_flags(&m.flags)),
+            ];
+            if condstore && let Some(modseq) = NonZeroU64::new(m.modseq) {
+                items.push(MessageDataItem::ModSeq(modseq));
+            }
+            conn.push(&Response::Data(Data::Fetch {
+                seq: nz(i as u32 + 1),
+                items: Vec1::try_from(items).expect("not empty"),
+            }));
+        }
+    }
+
     /// Takes `uids` out of the view and tells the client: EXPUNGE with sequence
     /// numbers, or VANISHED with UIDs once QRESYNC is enabled (RFC 7162 §3.2.10).
     pub fn remove<S: AsyncRead + AsyncWrite + Unpin>(
