@@ -336,6 +336,17 @@ impl Selected {
         if grew {
             conn.push(&Response::Data(Data::Exists(self.messages.len() as u32)));
         }
+        self.announce_flags(conn, changed, condstore);
+        true
+    }
+
+    /// FETCH (UID FLAGS [MODSEQ]) for the messages at these view positions.
+    fn announce_flags<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut Conn<S>,
+        changed: Vec<usize>,
+        condstore: bool,
+    ) {
         for i in changed {
             let m = &self.messages[i];
             let mut items = vec![
@@ -350,7 +361,6 @@ impl Selected {
                 items: Vec1::try_from(items).expect("not empty"),
             }));
         }
-        true
     }
 
     /// Applies flag changes that came with their flags (no listing): each one newer
@@ -379,20 +389,7 @@ impl Selected {
         if self.keywords.len() != keywords_before {
             conn.push(&self.flags_response());
         }
-        for i in changed {
-            let m = &self.messages[i];
-            let mut items = vec![
-                MessageDataItem::Uid(nz(m.uid)),
-                MessageDataItem::Flags(fetch_flags(&m.flags)),
-            ];
-            if condstore && let Some(modseq) = NonZeroU64::new(m.modseq) {
-                items.push(MessageDataItem::ModSeq(modseq));
-            }
-            conn.push(&Response::Data(Data::Fetch {
-                seq: nz(i as u32 + 1),
-                items: Vec1::try_from(items).expect("not empty"),
-            }));
-        }
+        self.announce_flags(conn, changed, condstore);
     }
 
     /// Takes `uids` out of the view and tells the client: EXPUNGE with sequence
