@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dns;
 pub mod grpc;
 pub mod health;
 pub mod metrics;

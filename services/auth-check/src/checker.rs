@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::common::resolver::ToReverseName;
 use mail_auth::dmarc::Policy;
@@ -180,28 +179,13 @@ impl Checker {
     }
 
     pub fn new(config: AuthConfig) -> anyhow::Result<Self> {
-        let (resolver, mut options) = if config.dns.servers.is_empty() {
-            hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| anyhow::anyhow!("reading /etc/resolv.conf: {e}"))?
-        } else {
-            let mut servers = Vec::new();
-            for addr in &config.dns.servers {
-                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                for connection in &mut server.connections {
-                    connection.port = addr.port();
-                }
-                servers.push(server);
-            }
-            (
-                ResolverConfig::from_name_servers(servers),
-                ResolverOpts::default(),
-            )
-        };
-        options.timeout = config.dns.timeout;
-        options.attempts = config.dns.attempts;
+        let (resolver, mut options) = mailmesh_kit::dns::resolver_setup(
+            &config.dns.servers,
+            config.dns.timeout,
+            config.dns.attempts,
+        )
+        .map_err(anyhow::Error::msg)?;
         options.cache_size = config.dns.cache_entries;
-        // Names are always absolute here; never append a search domain.
-        options.ndots = 0;
         let dns = MessageAuthenticator::new(resolver, options)
             .map_err(|e| anyhow::anyhow!("building the DNS resolver: {e}"))?;
         Ok(Self {

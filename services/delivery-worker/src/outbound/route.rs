@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use serde::Deserialize;
 
 /// `[outbound.dns]`
@@ -48,26 +47,9 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: &DnsConfig) -> anyhow::Result<Self> {
-        let (resolver_config, mut options) = if config.servers.is_empty() {
-            hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| anyhow::anyhow!("reading /etc/resolv.conf: {e}"))?
-        } else {
-            let mut servers = Vec::new();
-            for addr in &config.servers {
-                let mut server = NameServerConfig::udp_and_tcp(addr.ip());
-                for connection in &mut server.connections {
-                    connection.port = addr.port();
-                }
-                servers.push(server);
-            }
-            (
-                ResolverConfig::from_name_servers(servers),
-                ResolverOpts::default(),
-            )
-        };
-        options.timeout = config.timeout;
-        options.attempts = config.attempts;
-        options.ndots = 0;
+        let (resolver_config, options) =
+            mailmesh_kit::dns::resolver_setup(&config.servers, config.timeout, config.attempts)
+                .map_err(anyhow::Error::msg)?;
         let resolver = TokioResolver::builder_with_config(
             resolver_config,
             hickory_resolver::net::runtime::TokioRuntimeProvider::default(),

@@ -279,16 +279,11 @@ pub async fn open_implicit_tls(
     tokio::spawn(async move {
         mailmesh_ingress::handle_implicit_tls(&ingress, server_side, peer, &shutdown).await;
     });
-    let config = mailmesh_testkit::tls::insecure_client_config();
-    let io = tokio_rustls::TlsConnector::from(config)
-        .connect(
-            rustls::pki_types::ServerName::try_from("mx.acme.test").unwrap(),
-            client,
-        )
-        .await
-        .unwrap();
+    // The handshake comes first here, as after `220` to STARTTLS.
     Client {
-        io,
+        io: client,
         pending: Vec::new(),
     }
+    .tls()
+    .await
 }
