@@ -17,12 +17,49 @@ pub fn backend_env(name: &str) -> String {
     })
 }
 
-/// A loopback TCP port that was free a moment ago.
+/// A loopback TCP port for a server a test starts, free now and handed to no other
+/// test on this machine for the next ten minutes.
+///
+/// Not `bind(0)`: the kernel takes those from the ephemeral range, which outgoing
+/// connections (every test's clients) use as source ports too, and a port released
+/// by one test process can be handed to the next at once — a server then fails to
+/// bind, or a client reaches another test's server. Ports here come from below the
+/// ephemeral range, and a claim file per port in the system temporary directory keeps
+/// concurrently running test processes (nextest runs each test in its own) apart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::time::{Duration, SystemTime};
+    const FIRST: u16 = 20_000;
+    const COUNT: u32 = 12_000; // up to 31999, below Linux's default 32768..60999
+    const CLAIM_LIFETIME: Duration = Duration::from_secs(600);
+    let claims = std::env::temp_dir().join("mailmesh-test-ports");
+    std::fs::create_dir_all(&claims).expect("a directory for port claims");
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos()
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    for step in 0..COUNT {
+        let port = FIRST + ((seed.wrapping_add(step.wrapping_mul(7_919))) % COUNT) as u16;
+        let claim = claims.join(port.to_string());
+        let stale = std::fs::metadata(&claim)
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().unwrap_or_default() > CLAIM_LIFETIME);
+        if stale {
+            let _ = std::fs::remove_file(&claim);
+        }
+        let claimed = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&claim)
+            .is_ok();
+        if claimed && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port in {FIRST}..{}",
+        u32::from(FIRST) + COUNT
+    );
 }
 
 /// The body of the `key: |` block of the ConfigMap in `k8s/mailmesh.yaml` (the chart
