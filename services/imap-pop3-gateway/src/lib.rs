@@ -283,6 +283,8 @@ pub struct Gateway {
     pub(crate) proxy: ProxyConfig,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) imap_slots: Arc<Semaphore>,
+    /// Storage change streams, one per user with IMAP sessions here.
+    pub(crate) watches: Arc<imap::Watches>,
 }
 
 impl Gateway {
@@ -300,6 +302,7 @@ impl Gateway {
             tls: tokio_rustls::TlsAcceptor::from(tls),
             slots: Arc::new(Semaphore::new(config.max_connections)),
             imap_slots: Arc::new(Semaphore::new(imap.max_connections)),
+            watches: Arc::default(),
             config,
             imap,
             proxy,
@@ -393,18 +396,29 @@ async fn serve(
             } else {
                 peer
             };
+            // Each session's future is boxed on its own: one inline here would make
+            // every connection as large as the largest protocol's and TLS variant's.
             if implicit_tls {
-                match tokio::time::timeout(handshake, gateway.tls.accept(stream)).await {
+                let accept = Box::pin(gateway.tls.accept(stream));
+                match tokio::time::timeout(handshake, accept).await {
                     Ok(Ok(tls)) => match protocol {
-                        Protocol::Imap => imap::run(gateway.clone(), tls, client, true, &stop).await,
-                        Protocol::Pop3 => pop3::run(&gateway, tls, client, true, &stop).await,
+                        Protocol::Imap => {
+                            Box::pin(imap::run(gateway.clone(), tls, client, true, &stop)).await
+                        }
+                        Protocol::Pop3 => {
+                            Box::pin(pop3::run(&gateway, tls, client, true, &stop)).await
+                        }
                     },
                     _ => crate::metrics::event(name, "tls_failed"),
                 }
             } else {
                 match protocol {
-                    Protocol::Imap => imap::run(gateway.clone(), stream, client, false, &stop).await,
-                    Protocol::Pop3 => pop3::run(&gateway, stream, client, false, &stop).await,
+                    Protocol::Imap => {
+                        Box::pin(imap::run(gateway.clone(), stream, client, false, &stop)).await
+                    }
+                    Protocol::Pop3 => {
+                        Box::pin(pop3::run(&gateway, stream, client, false, &stop)).await
+                    }
                 }
             }
             drop(slot);

@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 static SESSIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     mailmesh_kit::metrics::register(
@@ -39,6 +39,20 @@ static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("valid metric"),
     )
 });
+
+static WATCH_STREAMS: LazyLock<IntGauge> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntGauge::new(
+            "gateway_watch_streams",
+            "Storage change streams followed: one per user with IMAP sessions on this gateway",
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn watch_streams(n: usize) {
+    WATCH_STREAMS.set(i64::try_from(n).unwrap_or(i64::MAX));
+}
 
 /// Counts a session while it lives.
 pub(crate) struct SessionGauge(&'static str);

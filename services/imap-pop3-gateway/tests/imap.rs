@@ -445,6 +445,64 @@ async fn idle_on_one_pod_sees_changes_made_through_another_and_new_mail() {
     println!("flag change seen through the other pod after {flag_seen:?}");
 }
 
+/// `mailmesh_gateway_watch_streams` of this process's registry (one pod per test).
+fn watch_streams() -> String {
+    mailmesh_kit::metrics::render()
+        .lines()
+        .find(|l| l.starts_with("mailmesh_gateway_watch_streams "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_of_one_user_share_one_change_stream() {
+    let site = site().await;
+    let (a, _) = pod(&site, plaintext()).await;
+    let mut idlers = Vec::new();
+    for i in 0..3 {
+        let mut c = Raw::login(a).await;
+        c.cmd("s", "SELECT INBOX").await;
+        c.send(&format!("i{i} IDLE\r\n")).await;
+        assert_eq!(c.line().await, "+ idling\r\n");
+        idlers.push(c);
+    }
+    assert_eq!(watch_streams(), "mailmesh_gateway_watch_streams 1");
+    deliver(&site, "shared/1", "Subject: four\r\n\r\nnew\r\n").await;
+    for c in &mut idlers {
+        assert_eq!(c.line().await, "* 4 EXISTS\r\n");
+    }
+    // One leaves; the others are still told, through the same stream.
+    let mut gone = idlers.remove(0);
+    gone.send("DONE\r\n").await;
+    let r = gone.until("i0").await;
+    assert!(last(&r).starts_with("i0 OK"), "{r:?}");
+    gone.cmd("l", "LOGOUT").await;
+    drop(gone);
+    deliver(&site, "shared/2", "Subject: five\r\n\r\nnew\r\n").await;
+    for c in &mut idlers {
+        assert_eq!(c.line().await, "* 5 EXISTS\r\n");
+    }
+    // When the last session of the user ends, the stream is closed.
+    for (i, mut c) in idlers.into_iter().enumerate() {
+        c.send("DONE\r\n").await;
+        c.until(&format!("i{}", i + 1)).await;
+        c.cmd("l", "LOGOUT").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watch_streams() != "mailmesh_gateway_watch_streams 0" {
+        assert!(Instant::now() < deadline, "{}", watch_streams());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new session starts a new stream and is told of new mail again.
+    let mut c = Raw::login(a).await;
+    c.cmd("s", "SELECT INBOX").await;
+    c.send("i IDLE\r\n").await;
+    assert_eq!(c.line().await, "+ idling\r\n");
+    deliver(&site, "shared/3", "Subject: six\r\n\r\nnew\r\n").await;
+    assert_eq!(c.line().await, "* 6 EXISTS\r\n");
+    assert_eq!(watch_streams(), "mailmesh_gateway_watch_streams 1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_fetches_over_implicit_tls_and_starttls() {
     let site = site().await;

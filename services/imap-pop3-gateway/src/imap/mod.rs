@@ -19,14 +19,17 @@ mod message;
 mod mutf7;
 mod search;
 mod selected;
+mod watch;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub(crate) use watch::Watches;
+use watch::{Pending, Watcher};
+
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use imap_codec::decode::Decoder;
 use imap_codec::encode::Encoder;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
@@ -82,9 +85,16 @@ enum Input {
 }
 
 /// The connection: the stream, the framing state and the replies not yet written.
+/// Bytes read from the client at a time.
+const READ_BUFFER: usize = 4096;
+
 struct Conn<S> {
     stream: S,
     frag: Fragmentizer,
+    /// Where reads land before the fragmentizer takes them. On the heap, once per
+    /// connection: in the read future it would be copied into every future that
+    /// awaits it (the session's, IDLE's), making each idle session's state triple.
+    read_buf: Box<[u8]>,
     out: Vec<u8>,
     max_command: usize,
     max_append: usize,
@@ -100,6 +110,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Self {
             stream,
             frag: Fragmentizer::new(u32::try_from(total).unwrap_or(u32::MAX)),
+            read_buf: vec![0; READ_BUFFER].into_boxed_slice(),
             out: Vec::with_capacity(1024),
             max_command: config.max_command_bytes,
             max_append: config.max_message_bytes,
@@ -135,7 +146,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         shutdown: &Shutdown,
         changes: Option<&Notify>,
     ) -> io::Result<Input> {
-        let mut buf = [0u8; 8192];
         loop {
             match self.frag.progress() {
                 Some(FragmentInfo::Line {
@@ -187,7 +197,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if self.frag.message_bytes().len() > self.max_command && !self.is_append() {
                 return Ok(Input::End("Command line too long"));
             }
-            let read = self.stream.read(&mut buf);
+            let read = self.stream.read(&mut self.read_buf);
             let n = tokio::select! {
                 _ = shutdown.closing() => return Ok(Input::End("Server shutting down")),
                 _ = async { match changes { Some(n) => n.notified().await, None => std::future::pending().await } } => {
@@ -201,7 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if n == 0 {
                 return Ok(Input::End(""));
             }
-            self.frag.enqueue_bytes(&buf[..n]);
+            self.frag.enqueue_bytes(&self.read_buf[..n]);
         }
     }
 
@@ -218,126 +228,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         words
             .next()
             .is_some_and(|w| w.eq_ignore_ascii_case(b"APPEND"))
-    }
-}
-
-/// Change notifications for the logged-in user, from the storage change stream:
-/// mailbox names that must be listed again (`all` = everything must be rechecked),
-/// and flag changes that carry their new flags (applied without a listing).
-#[derive(Default)]
-pub(crate) struct Changes {
-    notify: Notify,
-    dirty: Mutex<Dirty>,
-}
-
-#[derive(Default)]
-struct Dirty {
-    all: bool,
-    mailboxes: HashSet<String>,
-    /// Per mailbox (lower-cased): uid → (modseq, flags), the latest seen.
-    flags: HashMap<String, BTreeMap<u32, (u64, Vec<String>)>>,
-}
-
-/// Flag changes kept per session before a listing is cheaper.
-const MAX_FLAG_UPDATES: usize = 1000;
-
-/// What changed in one mailbox since the last look.
-pub(crate) enum Pending {
-    Nothing,
-    Flags(BTreeMap<u32, (u64, Vec<String>)>),
-    /// Listing again is needed (new or expunged messages, or too much to carry).
-    Refresh,
-}
-
-impl Changes {
-    fn mark(&self, mailbox: Option<&str>) {
-        {
-            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-            match mailbox {
-                Some(m) => {
-                    d.mailboxes.insert(m.to_ascii_lowercase());
-                }
-                None => d.all = true,
-            }
-        }
-        self.notify.notify_one();
-    }
-
-    fn flags(&self, mailbox: &str, uid: u32, modseq: u64, flags: Vec<String>) {
-        {
-            let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-            let key = mailbox.to_ascii_lowercase();
-            let updates = d.flags.entry(key.clone()).or_default();
-            if updates.len() >= MAX_FLAG_UPDATES {
-                d.flags.remove(&key);
-                d.mailboxes.insert(key);
-            } else if updates.get(&uid).is_none_or(|(m, _)| *m < modseq) {
-                updates.insert(uid, (modseq, flags));
-            }
-        }
-        self.notify.notify_one();
-    }
-
-    /// What changed in `mailbox` since the last call (everything is forgotten).
-    fn take(&self, mailbox: &str) -> Pending {
-        let mut d = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        let key = mailbox.to_ascii_lowercase();
-        let refresh = d.all || d.mailboxes.contains(&key);
-        let flags = d.flags.remove(&key);
-        d.all = false;
-        d.mailboxes.clear();
-        d.flags.clear();
-        match (refresh, flags) {
-            (true, _) => Pending::Refresh,
-            (false, Some(f)) if !f.is_empty() => Pending::Flags(f),
-            _ => Pending::Nothing,
-        }
-    }
-}
-
-/// Follows the storage change stream for `user` until the session ends; a broken
-/// stream is re-opened and everything is marked changed (nothing is missed).
-async fn watch_changes(gw: Arc<Gateway>, user: v1::UserRef, changes: Arc<Changes>) {
-    // While storage is unreachable, retries back off (to 30 s), so idling sessions
-    // do not all re-list their mailbox every second.
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match gw.store.mailboxes().watch(user.clone()).await {
-            Ok(stream) => {
-                backoff = Duration::from_secs(1);
-                let mut stream = stream.into_inner();
-                changes.mark(None);
-                while let Some(change) = stream.next().await {
-                    use v1::mailbox_change::Kind;
-                    match change {
-                        Ok(c) if c.mailbox.is_empty() => changes.mark(None),
-                        Ok(c) if c.kind == Kind::Flags as i32 && c.has_flags => {
-                            changes.flags(&c.mailbox, c.uid, c.modseq, c.flags)
-                        }
-                        Ok(c) => changes.mark(Some(&c.mailbox)),
-                        Err(_) => {
-                            changes.mark(None);
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "watching mailbox changes"),
-        }
-        changes.mark(None);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
-    }
-}
-
-struct Watcher {
-    changes: Arc<Changes>,
-    task: tokio::task::AbortHandle,
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -404,11 +294,14 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             // Whatever the client sent after STARTTLS, before the handshake, is dropped
             // with the fragmentizer (RFC 3501 §6.2.1: no plaintext command injection).
             let stream = conn.stream;
-            match tokio::time::timeout(gw.imap.login_timeout, gw.tls.accept(stream)).await {
+            // Boxed: the handshake's and the encrypted session's state are held only by
+            // the sessions that use them, not reserved in every session's future.
+            let handshake = Box::pin(gw.tls.accept(stream));
+            match tokio::time::timeout(gw.imap.login_timeout, handshake).await {
                 Ok(Ok(tls)) => {
                     session.tls = true;
                     let mut conn = Conn::new(tls, &gw.imap);
-                    if let Err(e) = session.converse(&mut conn, shutdown).await {
+                    if let Err(e) = Box::pin(session.converse(&mut conn, shutdown)).await {
                         tracing::debug!(%peer, error = %e, "imap session ended with an error");
                     }
                     let _ = conn.stream.shutdown().await;
@@ -657,7 +550,15 @@ impl Session {
                     continue;
                 }
             };
-            let next = self.command(conn, command, shutdown).await?;
+            // A command's future is as large as the largest command's, so it is boxed and
+            // lives only while the command runs; IDLE, which may last for hours in
+            // thousands of sessions at once, runs outside it with its own small state.
+            let next = match command.body {
+                CommandBody::Idle if self.user.is_some() => {
+                    self.idle(conn, &command.tag, shutdown).await?
+                }
+                _ => Box::pin(self.command(conn, command, shutdown)).await?,
+            };
             if self.bye {
                 conn.flush().await?;
                 return Ok(Next::Close);
@@ -1055,16 +956,7 @@ impl Session {
         };
         match login::check(&self.gw, PROTOCOL, self.peer, name, password, &limits).await {
             Login::Ok(user) => {
-                let changes = Arc::new(Changes::default());
-                let task = tokio::spawn(watch_changes(
-                    self.gw.clone(),
-                    user.clone(),
-                    changes.clone(),
-                ));
-                self.watcher = Some(Watcher {
-                    changes,
-                    task: task.abort_handle(),
-                });
+                self.watcher = Some(self.gw.watches.join(&self.gw, &user));
                 self.user = Some(user);
                 conn.push(&status(
                     Some(tag),
@@ -1484,7 +1376,7 @@ impl Session {
         shutdown: &Shutdown,
     ) -> io::Result<Next> {
         conn.push_raw(b"+ idling\r\n");
-        self.announce(conn, true).await;
+        Box::pin(self.announce(conn, true)).await;
         conn.flush().await?;
         let changes = self.watcher.as_ref().map(|w| w.changes.clone());
         loop {
@@ -1497,7 +1389,7 @@ impl Session {
                 .await?;
             match input {
                 Input::Changed => {
-                    self.announce(conn, true).await;
+                    Box::pin(self.announce(conn, true)).await;
                     conn.flush().await?;
                     if self.bye {
                         return Ok(Next::Close);
