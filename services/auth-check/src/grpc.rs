@@ -85,10 +85,9 @@ pub async fn serve(
     let stopped = shutdown.stopped_token();
     tonic::transport::Server::builder()
         .add_service(AuthCheckServer::new(Service(checker)).max_decoding_message_size(limit))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async move { stopped.cancelled().await },
-        )
+        .serve_with_incoming_shutdown(mailmesh_kit::grpc::incoming(listener), async move {
+            stopped.cancelled().await
+        })
         .await
 }
 

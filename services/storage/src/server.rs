@@ -59,9 +59,8 @@ pub async fn serve_grpc(
         .add_service(service.directory_server())
         .add_service(service.outbound_queue_server())
         .add_service(service.mailboxes_server())
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            async move { stopped.cancelled().await },
-        )
+        .serve_with_incoming_shutdown(mailmesh_kit::grpc::incoming(listener), async move {
+            stopped.cancelled().await
+        })
         .await
 }
