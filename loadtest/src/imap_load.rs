@@ -1,15 +1,27 @@
-//! An IMAP load generator: C connections, each logging in, selecting INBOX and
-//! running a mix of FETCH, SEARCH, STORE and NOOP, logging out after every
-//! `--ops-per-login` operations, for `--seconds`. Reports operations and logins per
-//! second, p50/p99 latency per operation and errors. Plain IMAP on loopback (the
-//! servers under test allow LOGIN without TLS there), so TLS cost is not measured.
+//! An IMAP load generator with two scenarios.
+//!
+//! - **mixed** (default): C connections, each logging in, selecting INBOX and running
+//!   a mix of FETCH, SEARCH, STORE and NOOP, logging out after every
+//!   `--ops-per-login` operations, for `--seconds`. Reports operations and logins per
+//!   second, p50/p99 latency per operation and errors.
+//! - **idle** (`--idle K`): K connections log in (at most `--setup-concurrency` at
+//!   once), select INBOX and enter IDLE; once all are idling it prints `idling K`, holds
+//!   them for `--hold` seconds, counting the connections that were told of a new
+//!   message (`* N EXISTS`) meanwhile, then ends IDLE and logs out of each. The caller
+//!   measures the server's memory during the hold and delivers a message to see the
+//!   pushes arrive.
+//!
+//! Plain IMAP on loopback (the servers under test allow LOGIN without TLS there), so
+//! TLS cost is not measured.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use mailmesh_loadtest::{Lines, Recorder, Rng};
+use tokio::io::AsyncReadExt;
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -29,10 +41,19 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 20)]
     ops_per_login: usize,
+    /// The idle scenario with this many connections (instead of the mixed one).
+    #[arg(long)]
+    idle: Option<usize>,
+    /// Seconds the idle connections are held once all are idling.
+    #[arg(long, default_value_t = 30)]
+    hold: u64,
+    /// Idle connections being set up at once.
+    #[arg(long, default_value_t = 64)]
+    setup_concurrency: usize,
 }
 
-/// The operations, in the order of the report.
-const OPS: [&str; 8] = [
+/// The operations of the mixed scenario, in the order of the report.
+const OPS: &[&str] = &[
     "login",
     "select",
     "fetch_flags",
@@ -43,50 +64,38 @@ const OPS: [&str; 8] = [
     "logout",
 ];
 
-#[derive(Default)]
-struct Stats {
-    latencies: Vec<Vec<u32>>,
-    errors: u64,
-}
-
 struct Conn {
-    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    w: tokio::net::tcp::OwnedWriteHalf,
+    io: Lines,
     next: u32,
 }
 
 impl Conn {
     async fn open(server: &str) -> anyhow::Result<Self> {
-        let s = TcpStream::connect(server).await?;
-        s.set_nodelay(true)?;
-        let (r, w) = s.into_split();
-        let mut c = Self {
-            r: BufReader::new(r),
-            w,
-            next: 0,
-        };
-        let mut greeting = String::new();
-        c.r.read_line(&mut greeting).await?;
+        let mut io = Lines::connect(server).await?;
+        let greeting = io.line().await?;
         if !greeting.starts_with("* OK") {
             bail!("greeting: {greeting}");
         }
-        Ok(c)
+        Ok(Self { io, next: 0 })
+    }
+
+    fn tag(&mut self) -> String {
+        self.next += 1;
+        format!("t{}", self.next)
     }
 
     /// Sends a command and reads to its tagged reply (literals included); returns
     /// the untagged lines. A NO or BAD is an error.
     async fn cmd(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
-        self.next += 1;
-        let tag = format!("t{}", self.next);
-        self.w
-            .write_all(format!("{tag} {command}\r\n").as_bytes())
-            .await?;
+        let tag = self.tag();
+        self.io.send(&format!("{tag} {command}")).await?;
+        self.until(&tag, command).await
+    }
+
+    async fn until(&mut self, tag: &str, command: &str) -> anyhow::Result<Vec<String>> {
         let mut lines = Vec::new();
         loop {
-            let mut line = String::new();
-            if self.r.read_line(&mut line).await? == 0 {
-                bail!("connection closed during {command}");
-            }
+            let line = self.io.line().await?;
             // A literal: {n} at the end of the line, then n bytes.
             if let Some(n) = line
                 .trim_end()
@@ -95,9 +104,9 @@ impl Conn {
                 .and_then(|(_, n)| n.parse::<usize>().ok())
             {
                 let mut body = vec![0; n];
-                self.r.read_exact(&mut body).await?;
+                self.io.r.read_exact(&mut body).await?;
             }
-            if let Some(rest) = line.strip_prefix(&format!("{tag} ")) {
+            if let Some(rest) = line.strip_prefix(tag).and_then(|l| l.strip_prefix(' ')) {
                 if rest.starts_with("OK") {
                     return Ok(lines);
                 }
@@ -106,37 +115,39 @@ impl Conn {
             lines.push(line);
         }
     }
+
+    async fn login_and_select(&mut self, user: &str, password: &str) -> anyhow::Result<u64> {
+        self.cmd(&format!("LOGIN {user} {password}")).await?;
+        let selected = self.cmd("SELECT INBOX").await?;
+        selected
+            .iter()
+            .find_map(|l| {
+                l.strip_prefix("* ")?
+                    .strip_suffix(" EXISTS\r\n")?
+                    .parse()
+                    .ok()
+            })
+            .context("no EXISTS")
+    }
 }
 
-async fn worker(args: Args, id: usize, deadline: Instant) -> Stats {
-    let mut stats = Stats {
-        latencies: vec![Vec::new(); OPS.len()],
-        errors: 0,
-    };
-    let mut rng = (id as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut random = move |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n.max(1)
-    };
+fn user(args: &Args, n: usize) -> String {
+    format!("user{}@{}", n % args.users, args.domain)
+}
+
+async fn mixed_worker(args: Args, id: usize, deadline: Instant) -> Recorder {
+    let mut stats = Recorder::new(OPS);
+    let mut random = Rng::new(id as u64);
     while Instant::now() < deadline {
-        let user = format!(
-            "user{}@{}",
-            (id + random(args.users as u64) as usize) % args.users,
-            args.domain
-        );
+        let user = user(&args, id + random.below(args.users as u64) as usize);
         let session = async {
             let mut c = Conn::open(&args.server).await?;
-            let timed = |op: usize, started: Instant, stats: &mut Stats| {
-                stats.latencies[op].push(started.elapsed().as_micros() as u32);
-            };
             let t = Instant::now();
             c.cmd(&format!("LOGIN {user} {}", args.password)).await?;
-            timed(0, t, &mut stats);
+            stats.done(0, t);
             let t = Instant::now();
             let selected = c.cmd("SELECT INBOX").await?;
-            timed(1, t, &mut stats);
+            stats.done(1, t);
             let exists: u64 = selected
                 .iter()
                 .find_map(|l| {
@@ -150,8 +161,8 @@ async fn worker(args: Args, id: usize, deadline: Instant) -> Stats {
                 if Instant::now() >= deadline {
                     break;
                 }
-                let n = 1 + random(exists);
-                let (op, command) = match random(10) {
+                let n = 1 + random.below(exists);
+                let (op, command) = match random.below(10) {
                     0..=2 => (2, "FETCH 1:* (UID FLAGS)".to_owned()),
                     3..=5 => (3, format!("FETCH {n} (BODY.PEEK[] RFC822.SIZE)")),
                     6 => (4, "SEARCH UNSEEN SINCE 1-Jan-2020".to_owned()),
@@ -159,18 +170,18 @@ async fn worker(args: Args, id: usize, deadline: Instant) -> Stats {
                         5,
                         format!(
                             "STORE {n} {}FLAGS.SILENT (\\Seen)",
-                            if random(2) == 0 { "+" } else { "-" }
+                            if random.below(2) == 0 { "+" } else { "-" }
                         ),
                     ),
                     _ => (6, "NOOP".to_owned()),
                 };
                 let t = Instant::now();
                 c.cmd(&command).await?;
-                timed(op, t, &mut stats);
+                stats.done(op, t);
             }
             let t = Instant::now();
             c.cmd("LOGOUT").await.ok();
-            timed(7, t, &mut stats);
+            stats.done(7, t);
             anyhow::Ok(())
         };
         if let Err(e) = session.await {
@@ -184,51 +195,148 @@ async fn worker(args: Args, id: usize, deadline: Instant) -> Stats {
     stats
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+async fn mixed(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let workers: Vec<_> = (0..args.connections)
+        .map(|id| tokio::spawn(mixed_worker(args.clone(), id, deadline)))
+        .collect();
+    let mut all = Recorder::new(OPS);
+    for w in workers {
+        all.merge(w.await?);
     }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
+    all.report(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Counters of the idle scenario, shared by its connections.
+#[derive(Default)]
+struct Idle {
+    idling: AtomicU64,
+    /// Connections that failed before idling.
+    failed: AtomicU64,
+    pushed: AtomicU64,
+    /// Connections dropped while idling, or that failed to end IDLE and log out.
+    release_failed: AtomicU64,
+}
+
+/// One idle connection: set up, reports itself idling, waits for `release` while
+/// counting a push, then ends IDLE and logs out.
+async fn idle_connection(
+    args: Arc<Args>,
+    id: usize,
+    setup: Arc<tokio::sync::Semaphore>,
+    counters: Arc<Idle>,
+    mut release: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let permit = setup.acquire().await?;
+    let mut c = Conn::open(&args.server).await?;
+    c.login_and_select(&user(&args, id), &args.password).await?;
+    let tag = c.tag();
+    c.io.send(&format!("{tag} IDLE")).await?;
+    loop {
+        let line = c.io.line().await?;
+        if line.starts_with('+') {
+            break;
+        }
+        if line.starts_with(&tag) {
+            bail!("IDLE refused: {}", line.trim_end());
+        }
+    }
+    drop(permit);
+    counters.idling.fetch_add(1, Ordering::Relaxed);
+    let release_failed = || {
+        counters.release_failed.fetch_add(1, Ordering::Relaxed);
+    };
+    let mut pushed = false;
+    loop {
+        tokio::select! {
+            _ = release.changed() => break,
+            line = c.io.line() => {
+                // Dropped by the server while idling.
+                let Ok(line) = line else {
+                    release_failed();
+                    return Ok(());
+                };
+                if !pushed && line.starts_with("* ") && line.trim_end().ends_with(" EXISTS") {
+                    pushed = true;
+                    counters.pushed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    let end = async {
+        c.io.send("DONE").await?;
+        c.until(&tag, "IDLE").await?;
+        c.cmd("LOGOUT").await
+    };
+    if let Err(e) = end.await
+        && counters.release_failed.fetch_add(1, Ordering::Relaxed) < 3
+    {
+        eprintln!("connection {id} after the hold: {e:#}");
+    }
+    Ok(())
+}
+
+async fn idle(args: Args, connections: usize) -> anyhow::Result<()> {
+    let args = Arc::new(args);
+    let setup = Arc::new(tokio::sync::Semaphore::new(args.setup_concurrency.max(1)));
+    let counters = Arc::new(Idle::default());
+    let (release, released) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|id| {
+            let (args, setup, counters) = (args.clone(), setup.clone(), counters.clone());
+            let released = released.clone();
+            tokio::spawn(async move {
+                let result = idle_connection(args, id, setup, counters.clone(), released).await;
+                if let Err(e) = result
+                    && counters.failed.fetch_add(1, Ordering::Relaxed) < 3
+                {
+                    eprintln!("connection {id}: {e:#}");
+                }
+            })
+        })
+        .collect();
+    // Until every connection is idling or has failed.
+    loop {
+        let (idling, failed) = (
+            counters.idling.load(Ordering::Relaxed),
+            counters.failed.load(Ordering::Relaxed),
+        );
+        if (idling + failed) as usize >= connections {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let set_up = started.elapsed().as_secs_f64();
+    println!(
+        "idling {} failed {} setup_seconds {set_up:.1}",
+        counters.idling.load(Ordering::Relaxed),
+        counters.failed.load(Ordering::Relaxed)
+    );
+    tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    let pushed = counters.pushed.load(Ordering::Relaxed);
+    release.send(true)?;
+    for t in tasks {
+        t.await?;
+    }
+    println!(
+        "pushed {pushed} dropped_or_failed_after_idling {} total_seconds {:.1}",
+        counters.release_failed.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    use std::io::Write;
     let args = Args::parse();
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.seconds);
-    let workers: Vec<_> = (0..args.connections)
-        .map(|id| tokio::spawn(worker(args.clone(), id, deadline)))
-        .collect();
-    let mut all = Stats {
-        latencies: vec![Vec::new(); OPS.len()],
-        errors: 0,
-    };
-    for w in workers {
-        let s = w.await?;
-        all.errors += s.errors;
-        for (i, l) in s.latencies.into_iter().enumerate() {
-            all.latencies[i].extend(l);
-        }
+    match args.idle {
+        Some(n) => idle(args, n).await?,
+        None => mixed(args).await?,
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let total: usize = all.latencies.iter().map(Vec::len).sum();
-    println!(
-        "ops/s {:.0} logins/s {:.1} errors {} seconds {:.1}",
-        total as f64 / elapsed,
-        all.latencies[0].len() as f64 / elapsed,
-        all.errors,
-        elapsed
-    );
-    for (i, mut l) in all.latencies.into_iter().enumerate() {
-        l.sort_unstable();
-        println!(
-            "{:<12} n {:>7} p50_ms {:>8.2} p99_ms {:>8.2}",
-            OPS[i],
-            l.len(),
-            percentile(&l, 0.5),
-            percentile(&l, 0.99)
-        );
-    }
+    std::io::stdout().flush()?;
     Ok(())
 }

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# POP3, mailmesh's gateway beside Dovecot on this machine, in one run (compare ratios
+# from one run only).
+#
+#   loadtest/pop3-mixed.sh [CONNECTIONS=8] [SECONDS=20] [ROUNDS=2]
+#
+# Both serve the same mail (loadtest/mailboxes.sh): 8 users with 200 messages each,
+# the same Argon2id password hashes. The client is `pop3-load`
+# (loadtest/src/pop3_load.rs): connection i works on user i mod 8 (one session per
+# maildrop, as POP3 locks it); it logs in, runs STAT and UIDL, 20 operations (50% RETR,
+# 20% LIST, 10% TOP n 10, 20% DELE), RSET and QUIT, for SECONDS. Prints ops/s and
+# logins/s of each and mailmesh/Dovecot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+C=${1:-8}
+SECS=${2:-20}
+ROUNDS=${3:-2}
+WORK=/tmp/mailmesh-loadtest-pop3
+DC_PORT=${DC_PORT:-2643}
+DC_POP3_PORT=${DC_POP3_PORT:-2644}
+MM_PORT=${MM_PORT:-2727}
+rm -rf "$WORK" && mkdir -p "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/dovecot/dovecot.conf" ] && doveadm -c "$WORK/dovecot/dovecot.conf" stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+cargo build --release -q -p mailctl -p mailmesh-loadtest
+MAILCTL=$PWD/target/release/mailctl
+LOAD=$PWD/target/release/pop3-load
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
+# shellcheck source=loadtest/mailboxes.sh
+. loadtest/mailboxes.sh
+DNS_PORT=${DNS_PORT:-2753}
+start_dns
+export MAILMESH_POP3__ALLOW_PLAINTEXT_AUTH=true MAILMESH_POP3__MAX_AUTH_FAILURES=1000000
+mailboxes_up
+MM_POP3=$((MM_PORT + 4))
+# Warm up both (Dovecot builds its index on first access).
+"$LOAD" --server "127.0.0.1:$DC_POP3_PORT" --connections 8 --seconds 3 >/dev/null
+"$LOAD" --server "127.0.0.1:$MM_POP3" --connections 8 --seconds 3 >/dev/null
+for round in $(seq 1 "$ROUNDS"); do
+  echo "== round $round: Dovecot"
+  "$LOAD" --server "127.0.0.1:$DC_POP3_PORT" --connections "$C" --seconds "$SECS" | tee "$WORK/dc-$round"
+  echo "== round $round: mailmesh"
+  "$LOAD" --server "127.0.0.1:$MM_POP3" --connections "$C" --seconds "$SECS" | tee "$WORK/mm-$round"
+  ratio "$WORK/dc-$round" "$WORK/mm-$round"
+done
+echo "mailmesh peak RSS (all of mailctl dev): $(awk '/VmHWM/ {print int($2/1024)}' "/proc/$MM_PID/status") MB"
