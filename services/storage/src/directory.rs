@@ -794,12 +794,58 @@ pub fn hash_password(password: &str) -> Result<String> {
         .map_err(|e| invalid(format!("hashing the password: {e}")))
 }
 
-/// Checks a password against a stored hash in constant time.
+/// Checks a password against a stored hash (compared in constant time).
+///
+/// The Argon2 working memory (19 MiB with our parameters) is kept per thread and
+/// reused: allocated per check, the allocator hands it back to the kernel and the next
+/// check faults every page in again — a tenth of a login's CPU in `perf`
+/// (`PERF=1 loadtest/imap-mixed.sh`). Password checks run on a few dedicated threads
+/// (`passwords::PasswordPool`), so this costs those threads' worth of memory at most.
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    use argon2::PasswordVerifier;
-    argon2::Argon2::default()
-        .verify_password(password.as_bytes(), hash)
-        .is_ok()
+    use argon2::password_hash::phc::Output;
+    use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
+    /// Working memory beyond this (hashes made with other parameters) is not kept.
+    const MAX_KEPT_BLOCKS: usize = 64 << 10; // 64 MiB
+    thread_local! {
+        static MEMORY: std::cell::RefCell<Vec<Block>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm.as_str()) else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let mut out = vec![0u8; expected.as_bytes().len()];
+    let argon2 = Argon2::new(algorithm, version, params);
+    let computed = if blocks <= MAX_KEPT_BLOCKS {
+        MEMORY.with_borrow_mut(|memory| {
+            if memory.len() < blocks {
+                memory.resize(blocks, Block::default());
+            }
+            argon2.hash_password_into_with_memory(
+                password.as_bytes(),
+                salt,
+                &mut out,
+                &mut memory[..blocks],
+            )
+        })
+    } else {
+        argon2.hash_password_into(password.as_bytes(), salt, &mut out)
+    };
+    // `Output`'s equality is constant-time.
+    computed.is_ok() && Output::new(&out).is_ok_and(|o| &o == expected)
 }
 
 #[cfg(test)]
@@ -1208,6 +1254,22 @@ mod tests {
         assert!(verify_password("correct horse", &hash));
         assert!(!verify_password("wrong", &hash));
         assert!(!verify_password("correct horse", "not a hash"));
+        // Hashes made elsewhere, with other parameters (Python's argon2-cffi): each
+        // check sizes the reused working memory to its own parameters.
+        for other in [
+            "$argon2id$v=19$m=4096,t=3,p=2$e3T7khqUO7AV+qONGHvULA$axIrSFYtGq0MNTVvbjujBLTgnQZiTmI3kZrbRNtq/Tk",
+            "$argon2i$v=19$m=8192,t=1,p=1$8IhAxIHZf0Xuf1lAz6N5Dg$+ZH248jFq/L3cTiuqgL80FcyAV9jHPNcW43p21IFMR0",
+        ] {
+            assert!(verify_password("correct horse", other), "{other}");
+            assert!(!verify_password("correct horsf", other), "{other}");
+            assert!(verify_password("correct horse", &hash));
+        }
+        // A hash cut short or with its output altered never matches.
+        assert!(!verify_password("correct horse", &hash[..hash.len() - 4]));
+        let mut altered = hash.clone();
+        let last = altered.pop().unwrap();
+        altered.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(!verify_password("correct horse", &altered));
         assert!(hash_password("").is_err());
     }
 }
