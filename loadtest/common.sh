@@ -38,3 +38,22 @@ start_dns() {
   PIDS+=($!)
   export MAILMESH_AUTH__DNS__SERVERS="[\"127.0.0.1:$DNS_PORT\"]"
 }
+
+# With PERF=1: profile_start and profile_stop NAME wrap a mailmesh round in
+# `perf record` (sampling `mailctl dev` at 499 Hz with call graphs) and write the
+# hottest functions, flat, to $WORK/perf-NAME.txt (the data stays in $WORK/perf.data).
+profile_start() {
+  [ -n "${PERF:-}" ] || return 0
+  command -v perf >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends linux-perf >/dev/null
+  perf record -q -F 499 -g -o "$WORK/perf.data" -p "$MM_PID" >/dev/null 2>&1 &
+  PERF_PID=$!
+}
+profile_stop() {
+  [ -n "${PERF:-}" ] || return 0
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+  { perf report -i "$WORK/perf.data" --no-children --sort symbol -g none --stdio 2>/dev/null |
+    grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' |
+    cut -c1-160 | head -40 >"$WORK/perf-$1.txt"; } || true
+  echo "hottest functions (perf): $WORK/perf-$1.txt"
+}

@@ -12,6 +12,7 @@
 # mailmesh's gateway reads through the storage service (`mailctl dev`: embedded log,
 # local object store). Prints ops/s and logins/s of each and mailmesh/Dovecot.
 # Needs: dovecot-imapd (Debian), python3 with argon2-cffi (installed here).
+# PERF=1 also profiles each mailmesh round (loadtest/common.sh: profile_start).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 C=${1:-16}
@@ -47,7 +48,9 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round: Dovecot"
   "$LOAD" --server "127.0.0.1:$DC_PORT" --connections "$C" --seconds "$SECS" | tee "$WORK/dc-$round"
   echo "== round $round: mailmesh"
+  profile_start
   "$LOAD" --server "127.0.0.1:$((MM_PORT + 2))" --connections "$C" --seconds "$SECS" | tee "$WORK/mm-$round"
+  profile_stop "imap-$round"
   ratio "$WORK/dc-$round" "$WORK/mm-$round"
 done
 echo "mailmesh peak RSS (all of mailctl dev): $(awk '/VmHWM/ {print int($2/1024)}' "/proc/$MM_PID/status") MB"

@@ -9,7 +9,7 @@
 # (loadtest/src/pop3_load.rs): connection i works on user i mod 8 (one session per
 # maildrop, as POP3 locks it); it logs in, runs STAT and UIDL, 20 operations (50% RETR,
 # 20% LIST, 10% TOP n 10, 20% DELE), RSET and QUIT, for SECONDS. Prints ops/s and
-# logins/s of each and mailmesh/Dovecot.
+# logins/s of each and mailmesh/Dovecot. PERF=1 also profiles each mailmesh round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 C=${1:-8}
@@ -46,7 +46,9 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round: Dovecot"
   "$LOAD" --server "127.0.0.1:$DC_POP3_PORT" --connections "$C" --seconds "$SECS" | tee "$WORK/dc-$round"
   echo "== round $round: mailmesh"
+  profile_start
   "$LOAD" --server "127.0.0.1:$MM_POP3" --connections "$C" --seconds "$SECS" | tee "$WORK/mm-$round"
+  profile_stop "pop3-$round"
   ratio "$WORK/dc-$round" "$WORK/mm-$round"
 done
 echo "mailmesh peak RSS (all of mailctl dev): $(awk '/VmHWM/ {print int($2/1024)}' "/proc/$MM_PID/status") MB"

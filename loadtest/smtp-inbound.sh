@@ -13,6 +13,7 @@
 # measures until the last message is
 # *delivered*, not only accepted. Prints msgs/s for each and the ratio mailmesh/Postfix.
 # Needs: postfix (Debian), dnsmasq-base, a release build of mailctl (built here).
+# PERF=1 also profiles each mailmesh round (loadtest/common.sh: profile_start).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}
@@ -145,7 +146,9 @@ run_postfix() {
 run_mailmesh() {
   start_mailmesh "$WORK/mm-$round"
   echo pw | "$MAILCTL" user add alice@acme.test --password-stdin >/dev/null
+  profile_start
   read -r ma md < <(measure "$MM_PORT" delivered_mailmesh)
+  profile_stop "smtp-$round" >&2
   rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$MM_PID/status")
   printf '%-6s %-9s %12s %12s %12.0f %12.0f %8s\n' "$round" mailmesh "$ma" "$md" \
     "$(python3 -c "print($N/$ma)")" "$(python3 -c "print($N/$md)")" "$rss"

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# SMTP inbound in distributed mode: storage, auth-check, smtp-ingress and
+# delivery-worker as separate processes (release builds) on the real backends that
+# scripts/backends.sh runs (tansu for Kafka, s3s-fs for S3, Redis), as a cluster runs
+# them, one of each.
+#
+#   loadtest/smtp-distributed.sh [MESSAGES=10000] [SESSIONS=20] [SIZE=10240]
+#
+# Postfix's `smtp-source` sends the messages to one mailbox; time runs until the last
+# is delivered. Prints accepted/s and delivered/s, then where the time went: CPU
+# seconds and peak RSS of each mailmesh process and of each backend over the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-10000}
+S=${2:-20}
+L=${3:-10240}
+WORK=/tmp/mailmesh-loadtest-dist
+BASE=${BASE_PORT:-2900}
+DNS_PORT=${DNS_PORT:-2953}
+rm -rf "$WORK" && mkdir -p "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+command -v smtp-source >/dev/null || {
+  echo "installing postfix (for smtp-source)" >&2
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null
+}
+scripts/backends.sh start >/dev/null
+eval "$(scripts/backends.sh env)"
+cargo build --release -q -p mailmesh-storage -p mailmesh-auth -p mailmesh-ingress \
+  -p mailmesh-delivery -p mailctl
+BIN=$PWD/target/release
+MAILCTL=$BIN/mailctl
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
+start_dns
+
+RUN=lt$(date +%s)
+STORAGE=$BASE SMTP=$((BASE + 1)) AUTH=$((BASE + 2))
+common_env() {
+  echo MAILMESH_TELEMETRY__LOG_LEVEL=warn MAILMESH_ADMIN__LISTEN=127.0.0.1:$1 \
+    MAILMESH_QUEUE__KAFKA__BROKERS="$MMTEST_KAFKA" MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR=1 \
+    MAILMESH_OBJECT_STORE__S3__BUCKET="$MMTEST_S3_BUCKET" MAILMESH_OBJECT_STORE__S3__ENDPOINT="$MMTEST_S3" \
+    MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID="$MMTEST_S3_ACCESS_KEY" \
+    MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY="$MMTEST_S3_SECRET_KEY"
+}
+# start NAME ADMIN_PORT VAR=VALUE...: a service with the backends' settings.
+start() {
+  local name=$1 admin=$2
+  shift 2
+  # shellcheck disable=SC2046
+  env -i PATH="$PATH" $(common_env "$admin") "$@" "$BIN/$name" >"$WORK/$name.log" 2>&1 &
+  PIDS+=($!)
+  eval "PID_${name//-/_}=$!"
+  for _ in $(seq 1 240); do
+    curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && return 0
+    kill -0 "$!" 2>/dev/null || break
+    sleep 0.5
+  done
+  echo "$name did not become ready:" >&2
+  tail -20 "$WORK/$name.log" >&2
+  exit 1
+}
+
+start storage $((BASE + 10)) MAILMESH_GRPC_LISTEN=127.0.0.1:$STORAGE \
+  MAILMESH_STORAGE__DIRECTORY_TOPIC=$RUN.directory MAILMESH_STORAGE__MAILBOX_TOPIC=$RUN.mailboxes
+export MAILCTL_ENDPOINT=http://127.0.0.1:$STORAGE
+"$MAILCTL" tenant add acme >/dev/null
+"$MAILCTL" domain add acme acme.test >/dev/null
+echo pw | "$MAILCTL" user add alice@acme.test --password-stdin >/dev/null
+start auth-check $((BASE + 11)) MAILMESH_GRPC_LISTEN=127.0.0.1:$AUTH \
+  MAILMESH_AUTH__AUTHSERV_ID=mx.acme.test MAILMESH_AUTH__DNS__SERVERS="[\"127.0.0.1:$DNS_PORT\"]"
+start smtp-ingress $((BASE + 12)) MAILMESH_LISTEN=127.0.0.1:$SMTP \
+  MAILMESH_STORAGE_ENDPOINT=http://127.0.0.1:$STORAGE MAILMESH_AUTH_CHECK_ENDPOINT=http://127.0.0.1:$AUTH \
+  MAILMESH_SMTP__TOPIC=$RUN.mail MAILMESH_SMTP__HOSTNAME=mx.acme.test \
+  MAILMESH_SMTP__CONNECTIONS_PER_IP_PER_MINUTE=0 \
+  MAILMESH_CACHE__REDIS__URL="$MMTEST_REDIS" MAILMESH_CACHE__REDIS__KEY_PREFIX=$RUN:
+start delivery-worker $((BASE + 13)) MAILMESH_STORAGE_ENDPOINT=http://127.0.0.1:$STORAGE \
+  MAILMESH_WORKER__TOPIC=$RUN.mail MAILMESH_WORKER__GROUP=$RUN.workers MAILMESH_WORKER__HOSTNAME=mx.acme.test
+
+# CPU seconds (user + system) of a process so far.
+cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
+declare -A PROCS=(
+  [storage]=$PID_storage [auth-check]=$PID_auth_check [smtp-ingress]=$PID_smtp_ingress
+  [delivery-worker]=$PID_delivery_worker
+  [tansu]=$(pgrep -x tansu | head -1) [s3s-fs]=$(pgrep -x s3s-fs | head -1)
+  [redis]=$(pgrep -x redis-server | head -1)
+)
+declare -A CPU0
+for p in "${!PROCS[@]}"; do CPU0[$p]=$(cpu "${PROCS[$p]}"); done
+
+t0=$(date +%s.%N)
+smtp-source -s "$S" -m "$N" -l "$L" -M client.example.org -f bench@example.org \
+  -t alice@acme.test "127.0.0.1:$SMTP"
+t1=$(date +%s.%N)
+for _ in $(seq 1 3000); do
+  [ "$(inbox_count alice@acme.test)" -ge "$N" ] && break
+  sleep 0.2
+done
+t2=$(date +%s.%N)
+got=$(inbox_count alice@acme.test)
+python3 -c "print('accepted/s %.0f  delivered/s %.0f  (%d of %d delivered in %.1f s)' % ($N / ($t1 - $t0), $N / ($t2 - $t0), $got, $N, $t2 - $t0))"
+printf '%-16s %10s %14s %10s\n' process cpu_s cpu_ms/msg peak_rss_MB
+for p in storage auth-check smtp-ingress delivery-worker tansu s3s-fs redis; do
+  pid=${PROCS[$p]}
+  used=$(python3 -c "print('%.2f' % ($(cpu "$pid") - ${CPU0[$p]}))")
+  printf '%-16s %10s %14s %10s\n' "$p" "$used" "$(python3 -c "print('%.3f' % ($used * 1000 / $N))")" \
+    "$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$pid/status")"
+done
+python3 -c "print('wall seconds %.1f on 2 cores: %.1f CPU-seconds available' % ($t2 - $t0, 2 * ($t2 - $t0)))"
