@@ -41,9 +41,12 @@ start_dns
 
 RUN=lt$(date +%s)
 STORAGE=$BASE SMTP=$((BASE + 1)) AUTH=$((BASE + 2))
+# common_env ADMIN_PORT: every service's settings; those of the queue and the object
+# store unless the service is auth-check (which keeps no state).
 common_env() {
-  echo MAILMESH_TELEMETRY__LOG_LEVEL=warn MAILMESH_ADMIN__LISTEN=127.0.0.1:$1 \
-    MAILMESH_QUEUE__KAFKA__BROKERS="$MMTEST_KAFKA" MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR=1 \
+  echo MAILMESH_TELEMETRY__LOG_LEVEL=warn MAILMESH_ADMIN__LISTEN=127.0.0.1:$1
+  [ "$2" = auth-check ] && return 0
+  echo MAILMESH_QUEUE__KAFKA__BROKERS="$MMTEST_KAFKA" MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR=1 \
     MAILMESH_OBJECT_STORE__S3__BUCKET="$MMTEST_S3_BUCKET" MAILMESH_OBJECT_STORE__S3__ENDPOINT="$MMTEST_S3" \
     MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID="$MMTEST_S3_ACCESS_KEY" \
     MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY="$MMTEST_S3_SECRET_KEY"
@@ -53,7 +56,7 @@ start() {
   local name=$1 admin=$2
   shift 2
   # shellcheck disable=SC2046
-  env -i PATH="$PATH" $(common_env "$admin") "$@" "$BIN/$name" >"$WORK/$name.log" 2>&1 &
+  env -i PATH="$PATH" $(common_env "$admin" "$name") "$@" "$BIN/$name" >"$WORK/$name.log" 2>&1 &
   PIDS+=($!)
   eval "PID_${name//-/_}=$!"
   for _ in $(seq 1 240); do

@@ -53,6 +53,7 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     match health.readiness(CHECK_TIMEOUT).await {
         Readiness::Ready => (StatusCode::OK, "ready\n".to_string()),
         Readiness::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string()),
+        Readiness::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_string()),
         Readiness::Unavailable(failing) => {
             let body: String = failing
                 .iter()

@@ -1,5 +1,6 @@
 //! Liveness and readiness. Liveness is the process answering; readiness is "send me
-//! traffic": false while draining and while any dependency check fails.
+//! traffic": false while starting (until the service's listeners are open), while
+//! draining and while any dependency check fails.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,7 @@ pub struct Health {
 
 #[derive(Default)]
 struct Inner {
+    starting: AtomicBool,
     draining: AtomicBool,
     checks: std::sync::RwLock<Vec<Arc<dyn ReadinessCheck>>>,
 }
@@ -32,6 +34,8 @@ struct Inner {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
     Ready,
+    /// Not serving yet (storage replays its logs before it listens, for example).
+    Starting,
     Draining,
     /// Names and errors of the failing dependencies.
     Unavailable(Vec<(String, String)>),
@@ -50,6 +54,16 @@ impl Health {
             .push(check);
     }
 
+    /// Not ready until [`Self::set_started`]: `Service::start` sets this, and the
+    /// service's `wait_and_drain` ends it once the listeners are open.
+    pub fn set_starting(&self) {
+        self.inner.starting.store(true, Ordering::SeqCst);
+    }
+
+    pub fn set_started(&self) {
+        self.inner.starting.store(false, Ordering::SeqCst);
+    }
+
     pub fn set_draining(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
     }
@@ -62,6 +76,9 @@ impl Health {
     pub async fn readiness(&self, timeout: Duration) -> Readiness {
         if self.is_draining() {
             return Readiness::Draining;
+        }
+        if self.inner.starting.load(Ordering::SeqCst) {
+            return Readiness::Starting;
         }
         let checks = self
             .inner
@@ -140,6 +157,22 @@ mod tests {
         assert_eq!(
             health.readiness(Duration::from_secs(1)).await,
             Readiness::Draining
+        );
+    }
+
+    #[tokio::test]
+    async fn not_ready_while_starting() {
+        let health = Health::new();
+        health.add_check(Arc::new(Fixed("queue", Ok(()))));
+        health.set_starting();
+        assert_eq!(
+            health.readiness(Duration::from_secs(1)).await,
+            Readiness::Starting
+        );
+        health.set_started();
+        assert_eq!(
+            health.readiness(Duration::from_secs(1)).await,
+            Readiness::Ready
         );
     }
 }

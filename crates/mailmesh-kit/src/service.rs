@@ -42,6 +42,9 @@ impl Service {
         let guard = crate::telemetry::init(name, telemetry)?;
         let shutdown = Shutdown::new();
         let health = Health::new();
+        // Live at once, ready only when `run` reaches `wait_and_drain` (its listeners
+        // are open by then): a pod gets no traffic while it loads its state.
+        health.set_starting();
         let server = AdminServer::bind(admin.listen, health.clone())
             .await
             .map_err(|source| ServiceError::Admin {
@@ -60,12 +63,14 @@ impl Service {
     /// Waits for SIGTERM/SIGINT, then drains (readiness off, listeners closed,
     /// sessions finished or cut) and closes the admin port.
     pub async fn wait_and_drain(self, config: &ShutdownConfig) -> Result<(), ServiceError> {
+        self.health.set_started();
         crate::shutdown::signal().await;
         self.drain(config).await
     }
 
     /// Drains now (see [`Self::wait_and_drain`]).
     pub async fn drain(self, config: &ShutdownConfig) -> Result<(), ServiceError> {
+        self.health.set_started();
         self.shutdown.drain(&self.health, config).await;
         match self.admin.await {
             Ok(served) => served.map_err(ServiceError::AdminServe),

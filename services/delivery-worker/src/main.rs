@@ -52,6 +52,7 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         None => tokio::spawn(std::future::pending()),
     };
     tracing::info!(admin = %config.admin.listen, outbound = config.outbound.enabled, "delivery-worker is consuming");
+    service.health.set_started();
 
     tokio::select! {
         () = mailmesh_kit::shutdown::signal() => {}
