@@ -19,26 +19,9 @@ C=${1:-16}
 SECS=${2:-20}
 ROUNDS=${3:-2}
 WORK=/tmp/mailmesh-loadtest-imap
-DC_PORT=${DC_PORT:-2643}
-DC_POP3_PORT=${DC_POP3_PORT:-2644}
-MM_PORT=${MM_PORT:-2727}
-rm -rf "$WORK" && mkdir -p "$WORK"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/dovecot/dovecot.conf" ] && doveadm -c "$WORK/dovecot/dovecot.conf" stop >/dev/null 2>&1 || true
-}
-trap cleanup EXIT
-
-cargo build --release -q -p mailctl -p mailmesh-loadtest
-MAILCTL=$PWD/target/release/mailctl
-LOAD=$PWD/target/release/imap-load
-# shellcheck source=loadtest/common.sh
-. loadtest/common.sh
+LOAD_BIN=imap-load
 # shellcheck source=loadtest/mailboxes.sh
 . loadtest/mailboxes.sh
-DNS_PORT=${DNS_PORT:-2753}
-start_dns
 export MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH=true MAILMESH_IMAP__MAX_AUTH_FAILURES=1000000
 mailboxes_up
 # Warm up both (Dovecot builds its index on first access).

@@ -1,9 +1,28 @@
-# Shared by the mailbox-reading benchmarks (sourced after common.sh): the same mail in
-# Dovecot and in `mailctl dev`. 8 users (user0..7@acme.test, password `pw` hashed with
-# Argon2id m=19456,t=2,p=1 on both sides) with PER_USER messages each, plain and
-# multipart, 2-12 KiB, from a fixed seed. Needs WORK, PIDS, MAILCTL, MM_PORT, DC_PORT,
-# DC_POP3_PORT; dovecot-imapd/dovecot-pop3d (Debian) and python3 with argon2-cffi,
-# installed here when missing.
+# Shared by the mailbox-reading benchmarks (sourced by them with WORK and LOAD_BIN
+# set): the same mail in Dovecot and in `mailctl dev`. 8 users (user0..7@acme.test,
+# password `pw` hashed with Argon2id m=19456,t=2,p=1 on both sides) with PER_USER
+# messages each, plain and multipart, 2-12 KiB, from a fixed seed. Sets up WORK, the
+# cleanup, the release builds (MAILCTL, LOAD) and the DNS server; installs
+# dovecot-imapd/dovecot-pop3d (Debian) and python3's argon2-cffi when missing.
+# Ports: DC_PORT, DC_POP3_PORT (Dovecot), MM_PORT.. (mailctl dev), DNS_PORT.
+
+DC_PORT=${DC_PORT:-2643}
+DC_POP3_PORT=${DC_POP3_PORT:-2644}
+MM_PORT=${MM_PORT:-2727}
+DNS_PORT=${DNS_PORT:-2753}
+rm -rf "$WORK" && mkdir -p "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/dovecot/dovecot.conf" ] && doveadm -c "$WORK/dovecot/dovecot.conf" stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+cargo build --release -q -p mailctl -p mailmesh-loadtest
+MAILCTL=$PWD/target/release/mailctl
+LOAD=$PWD/target/release/$LOAD_BIN
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
+start_dns
 
 USERS=8
 PER_USER=${PER_USER:-200}

@@ -118,17 +118,21 @@ impl Conn {
 
     async fn login_and_select(&mut self, user: &str, password: &str) -> anyhow::Result<u64> {
         self.cmd(&format!("LOGIN {user} {password}")).await?;
-        let selected = self.cmd("SELECT INBOX").await?;
-        selected
-            .iter()
-            .find_map(|l| {
-                l.strip_prefix("* ")?
-                    .strip_suffix(" EXISTS\r\n")?
-                    .parse()
-                    .ok()
-            })
-            .context("no EXISTS")
+        exists(&self.cmd("SELECT INBOX").await?)
     }
+}
+
+/// The message count of a SELECT's untagged replies.
+fn exists(selected: &[String]) -> anyhow::Result<u64> {
+    selected
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("* ")?
+                .strip_suffix(" EXISTS\r\n")?
+                .parse()
+                .ok()
+        })
+        .context("no EXISTS")
 }
 
 fn user(args: &Args, n: usize) -> String {
@@ -146,17 +150,8 @@ async fn mixed_worker(args: Args, id: usize, deadline: Instant) -> Recorder {
             c.cmd(&format!("LOGIN {user} {}", args.password)).await?;
             stats.done(0, t);
             let t = Instant::now();
-            let selected = c.cmd("SELECT INBOX").await?;
+            let exists = exists(&c.cmd("SELECT INBOX").await?)?;
             stats.done(1, t);
-            let exists: u64 = selected
-                .iter()
-                .find_map(|l| {
-                    l.strip_prefix("* ")?
-                        .strip_suffix(" EXISTS\r\n")?
-                        .parse()
-                        .ok()
-                })
-                .context("no EXISTS")?;
             for _ in 0..args.ops_per_login {
                 if Instant::now() >= deadline {
                     break;
@@ -196,17 +191,11 @@ async fn mixed_worker(args: Args, id: usize, deadline: Instant) -> Recorder {
 }
 
 async fn mixed(args: Args) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.seconds);
-    let workers: Vec<_> = (0..args.connections)
-        .map(|id| tokio::spawn(mixed_worker(args.clone(), id, deadline)))
-        .collect();
-    let mut all = Recorder::new(OPS);
-    for w in workers {
-        all.merge(w.await?);
-    }
-    all.report(started.elapsed().as_secs_f64());
-    Ok(())
+    let (connections, seconds) = (args.connections, args.seconds);
+    mailmesh_loadtest::run_for(OPS, connections, seconds, |id, deadline| {
+        mixed_worker(args.clone(), id, deadline)
+    })
+    .await
 }
 
 /// Counters of the idle scenario, shared by its connections.

@@ -66,6 +66,31 @@ impl Recorder {
     }
 }
 
+/// Runs `worker(id, deadline)` on `connections` tasks until `seconds` have passed,
+/// merges what they recorded and prints the report.
+pub async fn run_for<F, Fut>(
+    names: &'static [&'static str],
+    connections: usize,
+    seconds: u64,
+    worker: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = Recorder> + Send + 'static,
+{
+    let started = Instant::now();
+    let deadline = started + std::time::Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..connections)
+        .map(|id| tokio::spawn(worker(id, deadline)))
+        .collect();
+    let mut all = Recorder::new(names);
+    for w in workers {
+        all.merge(w.await?);
+    }
+    all.report(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// The `p` quantile of sorted microsecond values, in milliseconds.
 pub fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {

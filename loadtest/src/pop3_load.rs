@@ -122,15 +122,9 @@ async fn worker(args: Args, id: usize, deadline: Instant) -> Recorder {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.seconds);
-    let workers: Vec<_> = (0..args.connections)
-        .map(|id| tokio::spawn(worker(args.clone(), id, deadline)))
-        .collect();
-    let mut all = Recorder::new(OPS);
-    for w in workers {
-        all.merge(w.await?);
-    }
-    all.report(started.elapsed().as_secs_f64());
-    Ok(())
+    let (connections, seconds) = (args.connections, args.seconds);
+    mailmesh_loadtest::run_for(OPS, connections, seconds, |id, deadline| {
+        worker(args.clone(), id, deadline)
+    })
+    .await
 }

@@ -75,6 +75,11 @@ pub struct IndexLimits {
     pub max_expunge_log: usize,
     /// How long a delivery key is remembered (redelivery within it stores nothing).
     pub delivery_key_ttl_ms: i64,
+    /// At most this many delivery keys are kept per user (the newest), however many
+    /// arrived within the TTL: a busy mailbox would otherwise hold every key of two
+    /// weeks in memory (`loadtest/smtp-soak.sh` grew by 0.3 KB per message). A
+    /// redelivery comes within minutes of the first, far inside this bound.
+    pub max_delivery_keys: usize,
 }
 
 impl Default for IndexLimits {
@@ -86,6 +91,7 @@ impl Default for IndexLimits {
             max_keyword_bytes: 100,
             max_expunge_log: 10_000,
             delivery_key_ttl_ms: 14 * 24 * 3600 * 1000,
+            max_delivery_keys: 65_536,
         }
     }
 }
@@ -741,8 +747,17 @@ impl UserIndex {
     ) -> Result<IndexOutcome> {
         // Forget delivery keys past their time; the map is ordered by key, so prune
         // by scanning only when it has grown (deterministic: time is the command's).
-        if self.deliveries.len() > 1024 && self.deliveries.len().is_power_of_two() {
-            let horizon = at_ms - limits.delivery_key_ttl_ms;
+        let held = self.deliveries.len();
+        if held > 1024 && held.is_power_of_two() {
+            let mut horizon = at_ms - limits.delivery_key_ttl_ms;
+            if held >= limits.max_delivery_keys {
+                // Too many even within the TTL: keep the newest half of the bound, so
+                // the next prune comes after as many deliveries again.
+                let keep = (limits.max_delivery_keys / 2).max(1024);
+                let mut times: Vec<i64> = self.deliveries.values().map(|d| d.at_ms).collect();
+                let (_, newest_dropped, _) = times.select_nth_unstable(held - keep);
+                horizon = horizon.max(*newest_dropped + 1);
+            }
             self.deliveries.retain(|_, d| d.at_ms >= horizon);
         }
         if let Some(key) = &delivery_key
@@ -1254,6 +1269,29 @@ mod tests {
         assert_eq!(u1, u2);
         assert_eq!(f.index.mailbox(INBOX).unwrap().messages.len(), 1);
         assert_eq!(f.index.used_bytes(), 100);
+    }
+
+    #[test]
+    fn delivery_keys_are_bounded_in_number_as_well_as_time() {
+        let mut f = Fixture::new();
+        f.limits.max_delivery_keys = 2048;
+        let duplicate =
+            |o: IndexOutcome| matches!(o, IndexOutcome::Appended { duplicate, .. } if duplicate);
+        for i in 0..5000 {
+            f.append(INBOX, 1, Some(&format!("q{i}/alice")), None)
+                .unwrap();
+            assert!(f.index.deliveries.len() <= 2048, "after {i}");
+        }
+        // The newest keys still catch a redelivery; the oldest are forgotten.
+        assert!(duplicate(
+            f.append(INBOX, 1, Some("q4999/alice"), None).unwrap()
+        ));
+        assert!(duplicate(
+            f.append(INBOX, 1, Some("q4000/alice"), None).unwrap()
+        ));
+        assert!(!duplicate(
+            f.append(INBOX, 1, Some("q0/alice"), None).unwrap()
+        ));
     }
 
     #[test]
