@@ -15,6 +15,7 @@ use std::process::Command;
 
 use common::processes::{
     acme_with_users, backends, spawn, spawn_storage, stateless, uuid_like, wait_for,
+    wait_for_messages,
 };
 use futures::StreamExt;
 use mailmesh_proto::v1;
@@ -187,33 +188,9 @@ print('sent')
         gateway.log()
     );
 
-    let status = |user: &v1::UserRef, mailbox: &'static str| {
-        let mailboxes = mailboxes.clone();
-        let user = user.clone();
-        move || {
-            let mut mailboxes = mailboxes.clone();
-            let user = user.clone();
-            async move {
-                let s = mailboxes
-                    .status(v1::MailboxRequest {
-                        user: Some(user),
-                        mailbox: mailbox.into(),
-                    })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (s.messages == 1).then_some(s)
-            }
-        }
-    };
-    let inbox = wait_for("the message in the INBOX", &logs, status(&alice, "INBOX")).await;
+    let inbox = wait_for_messages(&logs, &mailboxes, &alice, "INBOX", 1).await;
     // The second recipient has it once too.
-    let other = wait_for(
-        "the message in carol's INBOX",
-        &logs,
-        status(&carol, "INBOX"),
-    )
-    .await;
+    let other = wait_for_messages(&logs, &mailboxes, &carol, "INBOX", 1).await;
     assert_eq!(other.messages, 1);
     assert_eq!(inbox.uid_next, 2);
     let mut stream = mailboxes
@@ -233,12 +210,8 @@ print('sent')
         message.extend(chunk.unwrap().data);
     }
     let message = String::from_utf8(message).unwrap();
-    let junk = wait_for(
-        "the quarantined message in Junk",
-        &logs,
-        status(&alice, "Junk"),
-    )
-    .await;
+    // The quarantined message.
+    let junk = wait_for_messages(&logs, &mailboxes, &alice, "Junk", 1).await;
     assert_eq!(junk.messages, 1);
     // The connection was counted in Redis (the per-IP limit is cluster-wide).
     let counted = Command::new("redis-cli")
@@ -309,21 +282,7 @@ m.logout()
         String::from_utf8_lossy(&out.stderr),
         gateway.log()
     );
-    let gone = wait_for("carol's POP3 deletion", &logs, || {
-        let mut mailboxes = mailboxes.clone();
-        let carol = carol.clone();
-        async move {
-            let s = mailboxes
-                .status(v1::MailboxRequest {
-                    user: Some(carol),
-                    mailbox: "INBOX".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (s.messages == 0).then_some(s)
-        }
-    })
-    .await;
+    // Carol's POP3 deletion.
+    let gone = wait_for_messages(&logs, &mailboxes, &carol, "INBOX", 0).await;
     assert_eq!(gone.messages, 0);
 }

@@ -11,7 +11,9 @@ mod common;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::processes::{acme_with_users, backends, spawn, spawn_storage, uuid_like, wait_for};
+use common::processes::{
+    acme_with_users, backends, spawn, spawn_storage, uuid_like, wait_for, wait_for_messages,
+};
 use mailmesh_proto::v1;
 use mailmesh_testkit::mx::TestMx;
 use mailmesh_testkit::{backend_env, free_port};
@@ -148,22 +150,7 @@ s.quit()
 
     // Carol has hers.
     let mut mailboxes = v1::mailboxes_client::MailboxesClient::new(channel);
-    wait_for("the message in carol's INBOX", &logs, || {
-        let mut mailboxes = mailboxes.clone();
-        let carol = carol.clone();
-        async move {
-            let s = mailboxes
-                .status(v1::MailboxRequest {
-                    user: Some(carol),
-                    mailbox: "INBOX".into(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (s.messages == 1).then_some(())
-        }
-    })
-    .await;
+    wait_for_messages(&logs, &mailboxes, &carol, "INBOX", 1).await;
     let listed = mailboxes
         .list_messages(v1::MailboxRequest {
             user: Some(carol.clone()),

@@ -101,6 +101,32 @@ pub async fn wait_for<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
+/// Waits until `user`'s `mailbox` holds `messages` messages; returns its status.
+pub async fn wait_for_messages(
+    logs: &[&Process],
+    mailboxes: &mailmesh_proto::v1::mailboxes_client::MailboxesClient<tonic::transport::Channel>,
+    user: &mailmesh_proto::v1::UserRef,
+    mailbox: &str,
+    messages: u32,
+) -> mailmesh_proto::v1::MailboxInfo {
+    let what = format!(
+        "{messages} message(s) in {mailbox} of user {}",
+        user.user_id
+    );
+    wait_for(&what, logs, || {
+        let mut mailboxes = mailboxes.clone();
+        let request = mailmesh_proto::v1::MailboxRequest {
+            user: Some(user.clone()),
+            mailbox: mailbox.into(),
+        };
+        async move {
+            let s = mailboxes.status(request).await.ok()?.into_inner();
+            (s.messages == messages).then_some(s)
+        }
+    })
+    .await
+}
+
 /// The variables of a service that keeps no state (no queue, no object store).
 pub fn stateless(run: &str) -> Vec<(&'static str, String)> {
     backends(run)
