@@ -10,6 +10,7 @@ mod date;
 mod envelope;
 mod ids;
 mod policy;
+pub mod wire;
 
 pub use address::{Domain, EmailAddress, ReversePath};
 pub use date::rfc5322_date;

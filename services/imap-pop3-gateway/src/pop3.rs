@@ -549,7 +549,7 @@ impl Session<'_> {
         };
         let mut out = Vec::with_capacity(part.len() + part.len() / 50 + 32);
         out.extend_from_slice(format!("+OK {} octets\r\n", listed.size).as_bytes());
-        dot_stuff(part, &mut out);
+        mailmesh_types::wire::dot_stuff(part, &mut out);
         out.extend_from_slice(b".\r\n");
         io.get_mut().write_all(&out).await?;
         io.get_mut().flush().await?;
@@ -695,31 +695,12 @@ fn top(message: &[u8], lines: usize) -> &[u8] {
     &message[..end]
 }
 
-/// Appends `message` with every line that starts with `.` given another one
-/// (RFC 1939 §3), ending in CRLF, before the terminating `.`.
-fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
-    let mut line_start = true;
-    for &b in message {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
-    }
-    if !message.is_empty() && !message.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn dot_stuffing_and_top() {
-        let mut out = Vec::new();
-        dot_stuff(b"Subject: x\r\n\r\n.hidden\r\n..two\r\nend", &mut out);
-        assert_eq!(out, b"Subject: x\r\n\r\n..hidden\r\n...two\r\nend\r\n");
+    fn top_keeps_the_headers_and_n_lines() {
         let m = b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\nl3\r\n";
         assert_eq!(top(m, 0), b"A: 1\r\nB: 2\r\n\r\n");
         assert_eq!(top(m, 2), b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\n");

@@ -524,18 +524,8 @@ fn xtext(value: &str) -> String {
 
 /// The message as DATA sends it: leading dots doubled, CRLF at the end, `.` line.
 pub fn dot_stuff(message: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(message.len() + message.len() / 64 + 5);
-    let mut line_start = true;
-    for &b in message {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
+    let mut out = Vec::new();
+    mailmesh_types::wire::dot_stuff(message, &mut out);
     out.extend_from_slice(b".\r\n");
     out
 }
