@@ -2,6 +2,15 @@
 # ready, with tenant acme and domain acme.test. Needs MAILCTL, WORK, PIDS; extra
 # settings come as MAILMESH_* variables exported by the caller.
 
+# need_postfix: Debian's postfix (smtpd, virtual(8), smtp-source), installed when
+# missing without configuring the distribution's own instance.
+need_postfix() {
+  command -v smtp-source >/dev/null && return 0
+  echo "installing postfix (for smtpd and smtp-source)" >&2
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null
+}
+
 # start_mailmesh DATA_DIR: starts it; sets MM_PID and MAILCTL_ENDPOINT.
 start_mailmesh() {
   MAILMESH_PORTS__SMTP=$MM_PORT MAILMESH_PORTS__STORAGE=$((MM_PORT + 1)) \

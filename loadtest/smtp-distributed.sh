@@ -24,19 +24,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v smtp-source >/dev/null || {
-  echo "installing postfix (for smtp-source)" >&2
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null
-}
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
+need_postfix
 scripts/backends.sh start >/dev/null
 eval "$(scripts/backends.sh env)"
 cargo build --release -q -p mailmesh-storage -p mailmesh-auth -p mailmesh-ingress \
   -p mailmesh-delivery -p mailctl
 BIN=$PWD/target/release
 MAILCTL=$BIN/mailctl
-# shellcheck source=loadtest/common.sh
-. loadtest/common.sh
 start_dns
 
 RUN=lt$(date +%s)

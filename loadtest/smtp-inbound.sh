@@ -40,11 +40,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v smtp-source >/dev/null || {
-  echo "installing postfix (for smtpd and smtp-source)" >&2
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null
-}
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
+need_postfix
 # The distribution's own instance is not used; its main.cf (absent with "No
 # configuration") only authorises ours and lets it log to a file.
 postfix stop >/dev/null 2>&1 || true
@@ -60,8 +58,6 @@ fi
 
 cargo build --release -q -p mailctl
 MAILCTL=$PWD/target/release/mailctl
-# shellcheck source=loadtest/common.sh
-. loadtest/common.sh
 
 start_dns
 

@@ -29,16 +29,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v smtp-source >/dev/null || {
-  echo "installing postfix (for smtp-source)" >&2
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null
-}
+# shellcheck source=loadtest/common.sh
+. loadtest/common.sh
+need_postfix
 ulimit -n "$(ulimit -Hn)"
 cargo build --release -q -p mailctl
 MAILCTL=$PWD/target/release/mailctl
-# shellcheck source=loadtest/common.sh
-. loadtest/common.sh
 start_dns
 export MAILMESH_SMTP__MAX_CONNECTIONS=$((K + S + 100))
 export MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH=true

@@ -180,11 +180,7 @@ async fn mixed_worker(args: Args, id: usize, deadline: Instant) -> Recorder {
             anyhow::Ok(())
         };
         if let Err(e) = session.await {
-            stats.errors += 1;
-            if stats.errors <= 3 {
-                eprintln!("worker {id}: {e:#}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            stats.failed(id, &e).await;
         }
     }
     stats

@@ -29,6 +29,16 @@ impl Recorder {
         self.latencies[op].push(started.elapsed().as_micros().min(u32::MAX as u128) as u32);
     }
 
+    /// Counts a failed session of connection `id` (printing its first three) and
+    /// pauses a moment before the connection tries again.
+    pub async fn failed(&mut self, id: usize, error: &anyhow::Error) {
+        self.errors += 1;
+        if self.errors <= 3 {
+            eprintln!("connection {id}: {error:#}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     pub fn merge(&mut self, other: Recorder) {
         self.errors += other.errors;
         for (mine, theirs) in self.latencies.iter_mut().zip(other.latencies) {

@@ -5,7 +5,7 @@
 //! (so the maildrop stays as it was) and QUIT, for `--seconds`. Reports operations and
 //! logins per second, p50/p99 per operation and errors. Plain POP3 on loopback.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -109,11 +109,7 @@ async fn worker(args: Args, id: usize, deadline: Instant) -> Recorder {
             anyhow::Ok(())
         };
         if let Err(e) = session.await {
-            stats.errors += 1;
-            if stats.errors <= 3 {
-                eprintln!("worker {id}: {e:#}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            stats.failed(id, &e).await;
         }
     }
     stats
