@@ -22,17 +22,17 @@ WORK=/tmp/mailmesh-loadtest-imap
 LOAD_BIN=imap-load
 # shellcheck source=loadtest/mailboxes.sh
 . loadtest/mailboxes.sh
-export MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH=true MAILMESH_IMAP__MAX_AUTH_FAILURES=1000000
+export MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH=true
 mailboxes_up
 # Warm up both (Dovecot builds its index on first access).
 "$LOAD" --server "127.0.0.1:$DC_PORT" --connections 8 --seconds 3 >/dev/null
 "$LOAD" --server "127.0.0.1:$((MM_PORT + 2))" --connections 8 --seconds 3 >/dev/null
 for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round: Dovecot"
-  "$LOAD" --server "127.0.0.1:$DC_PORT" --connections "$C" --seconds "$SECS" | tee "$WORK/dc-$round"
+  "$LOAD" --server "127.0.0.1:$DC_PORT" --connections "$C" --seconds "$SECS" --sample-pid "$DC_PID" | tee "$WORK/dc-$round"
   echo "== round $round: mailmesh"
   profile_start
-  "$LOAD" --server "127.0.0.1:$((MM_PORT + 2))" --connections "$C" --seconds "$SECS" | tee "$WORK/mm-$round"
+  "$LOAD" --server "127.0.0.1:$((MM_PORT + 2))" --connections "$C" --seconds "$SECS" --sample-pid "$MM_PID" | tee "$WORK/mm-$round"
   profile_stop "imap-$round"
   ratio "$WORK/dc-$round" "$WORK/mm-$round"
 done

@@ -27,8 +27,8 @@ start_dns
 USERS=8
 PER_USER=${PER_USER:-200}
 
-command -v dovecot >/dev/null && [ -e /usr/lib/dovecot/pop3 ] ||
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dovecot-imapd dovecot-pop3d >/dev/null
+command -v dovecot >/dev/null && [ -e /usr/lib/dovecot/pop3 ] && [ -e /usr/lib/dovecot/modules/auth/libdriver_sqlite.so ] ||
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dovecot-imapd dovecot-pop3d dovecot-sqlite >/dev/null
 # The distribution's own instance is not used.
 service dovecot stop >/dev/null 2>&1 || true
 python3 -c "import argon2" 2>/dev/null || pip install -q argon2-cffi
@@ -60,14 +60,14 @@ PY
 }
 
 # setup_dovecot: IMAP on DC_PORT and POP3 on DC_POP3_PORT from a maildir under
-# $WORK/dovecot/home, passwd-file with the same Argon2id hash. Idle IMAP sessions are
+# $WORK/dovecot/home, users in SQLite with the same Argon2id hash (dovecot_users). Idle IMAP sessions are
 # handed to imap-hibernate after a second (Dovecot's way of holding many IDLEs).
 setup_dovecot() {
   local d=$WORK/dovecot
   mkdir -p "$d/run" "$d/home"
-  : >"$d/users"
+  local users=()
   for u in $(seq 0 $((USERS - 1))); do
-    echo "user$u@acme.test:{ARGON2ID}$HASH" >>"$d/users"
+    users+=("user$u@acme.test")
     local md=$d/home/user$u@acme.test/Maildir
     mkdir -p "$md/cur" "$md/new" "$md/tmp"
     for f in "$WORK/seed/$u"/*.eml; do
@@ -75,6 +75,7 @@ setup_dovecot() {
     done
   done
   chown -R nobody:nogroup "$d/home"
+  dovecot_users "$d" "${users[@]}"
   cat >"$d/dovecot.conf" <<CF
 base_dir = $d/run
 state_dir = $d/run
@@ -91,8 +92,8 @@ default_client_limit = 20000
 imap_hibernate_timeout = 1s
 pop3_uidl_format = %f
 passdb {
-  driver = passwd-file
-  args = $d/users
+  driver = sql
+  args = $d/sql.conf.ext
 }
 userdb {
   driver = static

@@ -19,7 +19,7 @@ WORK=/tmp/mailmesh-loadtest-pop3
 LOAD_BIN=pop3-load
 # shellcheck source=loadtest/mailboxes.sh
 . loadtest/mailboxes.sh
-export MAILMESH_POP3__ALLOW_PLAINTEXT_AUTH=true MAILMESH_POP3__MAX_AUTH_FAILURES=1000000
+export MAILMESH_POP3__ALLOW_PLAINTEXT_AUTH=true
 mailboxes_up
 MM_POP3=$((MM_PORT + 4))
 # Warm up both (Dovecot builds its index on first access).
@@ -27,10 +27,10 @@ MM_POP3=$((MM_PORT + 4))
 "$LOAD" --server "127.0.0.1:$MM_POP3" --connections 8 --seconds 3 >/dev/null
 for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round: Dovecot"
-  "$LOAD" --server "127.0.0.1:$DC_POP3_PORT" --connections "$C" --seconds "$SECS" | tee "$WORK/dc-$round"
+  "$LOAD" --server "127.0.0.1:$DC_POP3_PORT" --connections "$C" --seconds "$SECS" --sample-pid "$DC_PID" | tee "$WORK/dc-$round"
   echo "== round $round: mailmesh"
   profile_start
-  "$LOAD" --server "127.0.0.1:$MM_POP3" --connections "$C" --seconds "$SECS" | tee "$WORK/mm-$round"
+  "$LOAD" --server "127.0.0.1:$MM_POP3" --connections "$C" --seconds "$SECS" --sample-pid "$MM_PID" | tee "$WORK/mm-$round"
   profile_stop "pop3-$round"
   ratio "$WORK/dc-$round" "$WORK/mm-$round"
 done

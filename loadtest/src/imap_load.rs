@@ -50,6 +50,10 @@ struct Args {
     /// Idle connections being set up at once.
     #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
+    /// Processes whose CPU and memory (with their descendants') are sampled during
+    /// the run and reported after it (repeatable).
+    #[arg(long)]
+    sample_pid: Vec<u32>,
 }
 
 /// The operations of the mixed scenario, in the order of the report.
@@ -187,8 +191,8 @@ async fn mixed_worker(args: Args, id: usize, deadline: Instant) -> Recorder {
 }
 
 async fn mixed(args: Args) -> anyhow::Result<()> {
-    let (connections, seconds) = (args.connections, args.seconds);
-    mailmesh_loadtest::run_for(OPS, connections, seconds, |id, deadline| {
+    let (connections, seconds, sample) = (args.connections, args.seconds, args.sample_pid.clone());
+    mailmesh_loadtest::run_for(OPS, connections, seconds, &sample, |id, deadline| {
         mixed_worker(args.clone(), id, deadline)
     })
     .await

@@ -28,6 +28,10 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 20)]
     ops_per_login: usize,
+    /// Processes whose CPU and memory (with their descendants') are sampled during
+    /// the run and reported after it (repeatable).
+    #[arg(long)]
+    sample_pid: Vec<u32>,
 }
 
 const OPS: &[&str] = &[
@@ -118,8 +122,8 @@ async fn worker(args: Args, id: usize, deadline: Instant) -> Recorder {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (connections, seconds) = (args.connections, args.seconds);
-    mailmesh_loadtest::run_for(OPS, connections, seconds, |id, deadline| {
+    let (connections, seconds, sample) = (args.connections, args.seconds, args.sample_pid.clone());
+    mailmesh_loadtest::run_for(OPS, connections, seconds, &sample, |id, deadline| {
         worker(args.clone(), id, deadline)
     })
     .await

@@ -17,6 +17,9 @@ pub struct LoginLimits {
     /// Every failed login costs the client this long before the answer; a login to
     /// an account with many recent failures waits five times as long first.
     pub failure_delay: Duration,
+    /// Logins being checked at once for one client address (a webmail server or a
+    /// NAT logs many users in together); more are told to come back later.
+    pub max_parallel: u32,
 }
 
 #[derive(Debug)]
@@ -25,14 +28,18 @@ pub enum Login<U> {
     Invalid,
     /// Too many failures from this client address.
     Throttled,
+    /// Too many logins from this client address being checked at once.
+    Busy,
     /// The password could not be checked.
     Unavailable,
 }
 
 /// Checks `name`'s password with `verify` (given the lower-cased name) within the
-/// limits. Every attempt is counted before the password is checked (and given back
-/// when it was right), so parallel connections cannot try more than the limit. An
-/// unreachable cache does not stop logins; it only lifts the limits.
+/// limits. Only failures count against an address or an account; logins in flight
+/// are counted apart and bounded by `max_parallel`, so parallel connections can try
+/// at most `max_failures - 1 + max_parallel` wrong passwords in a window, while right
+/// ones at any rate never lock anyone out. An unreachable cache does not stop
+/// logins; it only lifts the limits.
 pub async fn check<U, E, F, Fut>(
     cache: &dyn Cache,
     client: IpAddr,
@@ -48,51 +55,54 @@ where
     let name = name.trim().to_ascii_lowercase();
     let window = limits.window;
     let limit = i64::from(limits.max_failures);
-    let by_ip = format!("authfail:ip:{}", address_key(client));
+    let address = address_key(client);
+    let by_ip = format!("authfail:ip:{address}");
+    let in_flight = format!("authtry:ip:{address}");
     let by_name = (!name.is_empty()
         && name.len() <= 320
         && !name.chars().any(|c| c.is_control() || c.is_whitespace()))
     .then(|| format!("authfail:user:{name}"));
-    let count =
-        |key: String, by: i64| async move { cache.incr(&key, by, window).await.unwrap_or(0) };
-    if count(by_ip.clone(), 1).await > limit {
+    if count(cache, &by_ip, 0, window).await >= limit {
         tokio::time::sleep(limits.failure_delay).await;
         return Login::Throttled;
+    }
+    if count(cache, &in_flight, 1, window).await > i64::from(limits.max_parallel) {
+        count(cache, &in_flight, -1, window).await;
+        return Login::Busy;
     }
     // Too many on one account: slowed down, never locked out, and the same whether
     // the account exists or not.
     if let Some(key) = &by_name
-        && count(key.clone(), 1).await > limit
+        && count(cache, key, 0, window).await >= limit
     {
         tracing::info!(%client, "slowing down logins to an account with many failures");
         tokio::time::sleep(limits.failure_delay * 5).await;
     }
-    let user = match by_name {
-        Some(_) => match verify(name).await {
-            Ok(user) => user,
-            Err(e) => {
-                tracing::warn!(error = %e, "authentication unavailable");
-                // Not the client's failure: the attempt is given back.
-                for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
-                    let _ = cache.incr(key, -1, window).await;
-                }
-                return Login::Unavailable;
-            }
-        },
-        None => None,
+    let verified = match by_name {
+        Some(_) => verify(name).await,
+        None => Ok(None),
     };
-    match user {
-        Some(user) => {
+    count(cache, &in_flight, -1, window).await;
+    match verified {
+        Ok(Some(user)) => Login::Ok(user),
+        Ok(None) => {
             for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
-                let _ = cache.incr(key, -1, window).await;
+                count(cache, key, 1, window).await;
             }
-            Login::Ok(user)
-        }
-        None => {
             tokio::time::sleep(limits.failure_delay).await;
             Login::Invalid
         }
+        Err(e) => {
+            // Not the client's failure: nothing is counted.
+            tracing::warn!(error = %e, "authentication unavailable");
+            Login::Unavailable
+        }
     }
+}
+
+/// A counter's value after adding `by` (0 when the cache cannot be reached).
+async fn count(cache: &dyn Cache, key: &str, by: i64, window: Duration) -> i64 {
+    cache.incr(key, by, window).await.unwrap_or(0)
 }
 
 /// What failure counts are kept under: the address, or its /64 for IPv6 (one
@@ -105,5 +115,156 @@ pub fn address_key(ip: IpAddr) -> String {
             let s = v6.segments();
             format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::memory::MemoryCache;
+
+    const LIMITS: LoginLimits = LoginLimits {
+        max_failures: 3,
+        window: Duration::from_secs(60),
+        failure_delay: Duration::ZERO,
+        max_parallel: 4,
+    };
+
+    async fn login(cache: &MemoryCache, ip: &str, name: &str, right: bool) -> Login<()> {
+        check(cache, ip.parse().unwrap(), name, &LIMITS, |_| async move {
+            Ok::<_, String>(right.then_some(()))
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn right_passwords_never_count_and_wrong_ones_refuse_the_address() {
+        let cache = MemoryCache::new();
+        for _ in 0..20 {
+            assert!(matches!(
+                login(&cache, "192.0.2.1", "a@x", true).await,
+                Login::Ok(())
+            ));
+        }
+        for _ in 0..3 {
+            assert!(matches!(
+                login(&cache, "192.0.2.1", "a@x", false).await,
+                Login::Invalid
+            ));
+        }
+        // Refused now, even with the right password; another address is not.
+        assert!(matches!(
+            login(&cache, "192.0.2.1", "a@x", true).await,
+            Login::Throttled
+        ));
+        assert!(matches!(
+            login(&cache, "192.0.2.2", "a@x", true).await,
+            Login::Ok(())
+        ));
+        // The IPv4-mapped form is the same client.
+        assert!(matches!(
+            login(&cache, "::ffff:192.0.2.1", "b@x", true).await,
+            Login::Throttled
+        ));
+    }
+
+    /// Many right logins at once from one address (a webmail server) all succeed up
+    /// to max_parallel; the one over it is told to come back, and nothing is left
+    /// counted against the address afterwards.
+    #[tokio::test]
+    async fn parallel_logins_are_bounded_but_never_counted_as_failures() {
+        let cache = Arc::new(MemoryCache::new());
+        // Held while the logins are checked: they all wait inside `verify`.
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let held = gate.clone().write_owned().await;
+        let entered = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..LIMITS.max_parallel {
+            let (cache, gate, entered) = (cache.clone(), gate.clone(), entered.clone());
+            tasks.push(tokio::spawn(async move {
+                check(
+                    &*cache,
+                    "192.0.2.9".parse().unwrap(),
+                    &format!("u{i}@x"),
+                    &LIMITS,
+                    |_| async move {
+                        entered.fetch_add(1, Ordering::SeqCst);
+                        drop(gate.read().await);
+                        Ok::<_, String>(Some(()))
+                    },
+                )
+                .await
+            }));
+        }
+        while entered.load(Ordering::SeqCst) < LIMITS.max_parallel {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(
+            login(&cache, "192.0.2.9", "late@x", true).await,
+            Login::Busy
+        ));
+        drop(held);
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Login::Ok(())));
+        }
+        assert_eq!(
+            cache
+                .incr("authtry:ip:192.0.2.9", 0, LIMITS.window)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            cache
+                .incr("authfail:ip:192.0.2.9", 0, LIMITS.window)
+                .await
+                .unwrap(),
+            0
+        );
+        assert!(matches!(
+            login(&cache, "192.0.2.9", "late@x", true).await,
+            Login::Ok(())
+        ));
+    }
+
+    /// An account with many failures is slowed down, not locked: its owner still
+    /// gets in from another address.
+    #[tokio::test]
+    async fn an_account_is_never_locked_out_by_strangers() {
+        let cache = MemoryCache::new();
+        for i in 0..5 {
+            let ip = format!("198.51.100.{i}");
+            assert!(matches!(
+                login(&cache, &ip, "victim@x", false).await,
+                Login::Invalid
+            ));
+        }
+        assert!(matches!(
+            login(&cache, "203.0.113.1", "victim@x", true).await,
+            Login::Ok(())
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_directory_counts_nothing() {
+        let cache = MemoryCache::new();
+        for _ in 0..5 {
+            let r = check(
+                &cache,
+                "192.0.2.3".parse().unwrap(),
+                "a@x",
+                &LIMITS,
+                |_| async { Err::<Option<()>, _>("down") },
+            )
+            .await;
+            assert!(matches!(r, Login::Unavailable));
+        }
+        assert!(matches!(
+            login(&cache, "192.0.2.3", "a@x", true).await,
+            Login::Ok(())
+        ));
     }
 }

@@ -341,6 +341,26 @@ impl ConsumerContext for GroupContext {
             }
         }
     }
+
+    /// Says when the group has settled with this member in it (rolling restarts wait
+    /// for it before stopping the next member: see the rolling test).
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                tracing::info!(
+                    partitions = partitions.count(),
+                    "consumer group settled: partitions assigned"
+                );
+            }
+            Rebalance::Revoke(partitions) => {
+                tracing::info!(
+                    partitions = partitions.count(),
+                    "consumer group rebalancing: partitions revoked"
+                );
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance failed"),
+        }
+    }
 }
 
 struct KafkaReader {

@@ -55,6 +55,9 @@ pub struct Pop3Config {
     /// an account with many recent failures).
     #[serde(with = "humantime_serde")]
     pub failure_delay: Duration,
+    /// Logins checked at once for one client address (webmail servers and NATs log
+    /// many users in together); more are asked to try again shortly.
+    pub max_parallel_logins: u32,
     /// How long a maildrop lock lasts unless renewed; a live session renews it every
     /// third of this, so a crashed pod's lock frees itself after at most this long.
     #[serde(with = "humantime_serde")]
@@ -75,6 +78,7 @@ impl Default for Pop3Config {
             max_auth_failures: 10,
             failure_window: Duration::from_secs(900),
             failure_delay: Duration::from_secs(1),
+            max_parallel_logins: 64,
             lock_ttl: Duration::from_secs(120),
             max_message_bytes: 64 << 20,
         }
@@ -101,10 +105,14 @@ impl Validate for Pop3Config {
                 "at least 300ms (it is renewed every third of it)",
             ));
         }
-        if self.max_errors == 0 || self.max_connections == 0 || self.max_auth_failures == 0 {
+        if self.max_errors == 0
+            || self.max_connections == 0
+            || self.max_auth_failures == 0
+            || self.max_parallel_logins == 0
+        {
             return Err(ConfigError::invalid(
                 "pop3",
-                "max_errors, max_connections and max_auth_failures must be above zero",
+                "max_errors, max_connections, max_auth_failures and max_parallel_logins must be above zero",
             ));
         }
         if self.hostname.is_empty() || self.hostname.chars().any(char::is_whitespace) {
@@ -146,6 +154,9 @@ pub struct ImapConfig {
     /// an account with many recent failures).
     #[serde(with = "humantime_serde")]
     pub failure_delay: Duration,
+    /// Logins checked at once for one client address (webmail servers and NATs log
+    /// many users in together); more are asked to try again shortly.
+    pub max_parallel_logins: u32,
 }
 
 impl Default for ImapConfig {
@@ -162,6 +173,7 @@ impl Default for ImapConfig {
             max_auth_failures: 10,
             failure_window: Duration::from_secs(900),
             failure_delay: Duration::from_secs(1),
+            max_parallel_logins: 64,
         }
     }
 }
@@ -186,10 +198,14 @@ impl Validate for ImapConfig {
                 "between 1 KiB and 2 GiB",
             ));
         }
-        if self.max_errors == 0 || self.max_connections == 0 || self.max_auth_failures == 0 {
+        if self.max_errors == 0
+            || self.max_connections == 0
+            || self.max_auth_failures == 0
+            || self.max_parallel_logins == 0
+        {
             return Err(ConfigError::invalid(
                 "imap",
-                "max_errors, max_connections and max_auth_failures must be above zero",
+                "max_errors, max_connections, max_auth_failures and max_parallel_logins must be above zero",
             ));
         }
         if self.login_timeout.is_zero() {

@@ -23,6 +23,7 @@ pub(crate) async fn check(
         .await;
     match login {
         Login::Throttled => crate::metrics::event(protocol, "auth_throttled"),
+        Login::Busy => crate::metrics::event(protocol, "auth_busy"),
         Login::Invalid => crate::metrics::event(protocol, "auth_failed"),
         Login::Ok(_) | Login::Unavailable => {}
     }

@@ -454,6 +454,7 @@ impl Session<'_> {
             max_failures: self.gw.config.max_auth_failures,
             window: self.gw.config.failure_window,
             failure_delay: self.gw.config.failure_delay,
+            max_parallel: self.gw.config.max_parallel_logins,
         };
         let user = match crate::login::check(self.gw, PROTOCOL, self.peer, name, password, &limits)
             .await
@@ -462,6 +463,10 @@ impl Session<'_> {
             Login::Invalid => return "-ERR [AUTH] Invalid login\r\n".into(),
             Login::Throttled => {
                 return "-ERR [AUTH] Too many failed logins, try again later\r\n".into();
+            }
+            Login::Busy => {
+                return "-ERR [SYS/TEMP] Too many logins at once from your address, try again later\r\n"
+                    .into();
             }
             Login::Unavailable => return "-ERR [SYS/TEMP] Try again later\r\n".into(),
         };

@@ -928,6 +928,14 @@ impl<'a> Session<'a> {
                     .await?;
                 Ok(Next::Close)
             }
+            Login::Busy => {
+                crate::metrics::rejected("auth_busy");
+                out.write_all(
+                    b"454 4.7.0 Too many logins at once from your address, try again later\r\n",
+                )
+                .await?;
+                Ok(Next::Continue)
+            }
             Login::Unavailable => {
                 out.write_all(b"454 4.7.0 Temporary authentication failure\r\n")
                     .await?;

@@ -29,6 +29,9 @@ pub struct SubmissionConfig {
     pub failure_window: Duration,
     #[serde(with = "humantime_serde")]
     pub failure_delay: Duration,
+    /// Logins checked at once for one client address (webmail servers and NATs log
+    /// many users in together); more get `454` and may try again shortly.
+    pub max_parallel_logins: u32,
     /// Leave the client's address and name out of the Received header (the header
     /// still says which server took the message, when, and that it was submitted).
     pub hide_client: bool,
@@ -49,6 +52,7 @@ impl Default for SubmissionConfig {
             max_auth_failures: 10,
             failure_window: Duration::from_secs(600),
             failure_delay: Duration::from_secs(1),
+            max_parallel_logins: 64,
             hide_client: false,
             messages_per_user_per_hour: 1000,
             dkim_sign: true,
@@ -59,10 +63,13 @@ impl Default for SubmissionConfig {
 
 impl Validate for SubmissionConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.max_auth_failures == 0 || self.failure_window.is_zero() {
+        if self.max_auth_failures == 0
+            || self.failure_window.is_zero()
+            || self.max_parallel_logins == 0
+        {
             return Err(ConfigError::invalid(
                 "submission.max_auth_failures",
-                "max_auth_failures and failure_window must be above zero",
+                "max_auth_failures, failure_window and max_parallel_logins must be above zero",
             ));
         }
         Ok(())
@@ -75,6 +82,7 @@ impl SubmissionConfig {
             max_failures: self.max_auth_failures,
             window: self.failure_window,
             failure_delay: self.failure_delay,
+            max_parallel: self.max_parallel_logins,
         }
     }
 }

@@ -2,8 +2,8 @@
 //! smtp-ingress and two delivery-worker processes on the real Kafka, S3 and Redis,
 //! HAProxy in front sending PROXY protocol v2, and a client (Python's smtplib, four
 //! connections from 127.0.0.2) sending messages (at least two thousand, to eight
-//! mailboxes) for as long as every ingress is being restarted with SIGTERM, one by
-//! one (and every worker, where the broker allows: see `ROLL_WORKERS` below). Every
+//! mailboxes) for as long as every ingress and then every delivery worker is being
+//! restarted with SIGTERM, one by one (a worker once the group has settled). Every
 //! message answered `250` must land exactly once; the client may see `4xx` and retry,
 //! never `5xx`; the client address the MX records is the real one, not the balancer's.
 //! Then readers (Python's imaplib, from 127.0.0.2) go through the same balancer to two
@@ -254,12 +254,20 @@ print(results['ok'], results['retries'], results['fatal'])
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut retired = Vec::new();
-    // Off by default: on tansu (the CI broker) a consumer group whose leader leaves
-    // never settles again (JoinGroup keeps naming the departed leader, SyncGroup then
-    // fails for ever), so the workers' part only runs against a real Kafka:
-    // ROLL_WORKERS=1 (ROLL_KAFKA_DEBUG=cgrp shows the group protocol).
-    let roll_workers = std::env::var("ROLL_WORKERS").is_ok_and(|v| v == "1");
-    for (i, worker) in workers.iter_mut().enumerate().filter(|_| roll_workers) {
+    // Each worker is stopped only once the group has settled with every current
+    // member in it, as a Deployment waits for the new pod to be ready: tansu (the CI
+    // broker) never recovers a group whose leader leaves mid-rebalance (it keeps
+    // naming the departed leader; ROLL_KAFKA_DEBUG=cgrp shows the group protocol).
+    let settled = |w: &Process| w.log().contains("consumer group settled");
+    for i in 0..workers.len() {
+        let all = &workers;
+        wait_for(
+            "the consumer group settled",
+            &all.iter().collect::<Vec<_>>(),
+            || async move { all.iter().all(settled).then_some(()) },
+        )
+        .await;
+        let worker = &mut workers[i];
         let status = worker.terminate(Duration::from_secs(150));
         assert!(
             status.success(),
@@ -268,7 +276,6 @@ print(results['ok'], results['retries'], results['fatal'])
         );
         let old = std::mem::replace(worker, spawn("delivery-worker", &worker_env()));
         retired.push(old);
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let rolled = started.elapsed();
     std::fs::write(&stop, b"").unwrap();

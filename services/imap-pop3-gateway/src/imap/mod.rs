@@ -953,6 +953,7 @@ impl Session {
             max_failures: self.gw.imap.max_auth_failures,
             window: self.gw.imap.failure_window,
             failure_delay: self.gw.imap.failure_delay,
+            max_parallel: self.gw.imap.max_parallel_logins,
         };
         match login::check(&self.gw, PROTOCOL, self.peer, name, password, &limits).await {
             Login::Ok(user) => {
@@ -984,6 +985,12 @@ impl Session {
                 StatusKind::No,
                 Some(code("UNAVAILABLE")),
                 "Too many failed logins, try again later",
+            )),
+            Login::Busy => conn.push(&status(
+                Some(tag),
+                StatusKind::No,
+                Some(code("UNAVAILABLE")),
+                "Too many logins at once from your address, try again later",
             )),
             Login::Unavailable => conn.push(&status(
                 Some(tag),
