@@ -34,6 +34,33 @@ password_query = SELECT userid AS user, password FROM users WHERE userid = '%u'
 CF
 }
 
+# postfix_alternate: lets a private Postfix instance run from $WORK/pf/etc (WORK must
+# be a fixed place: Postfix only starts a second instance from a directory the
+# default main.cf lists in alternate_config_directories). The distribution's own
+# instance is stopped and not used; its main.cf (absent with "No configuration") only
+# authorises ours and lets it log to a file. postfix_restore (in the caller's
+# cleanup) stops ours and puts the machine's main.cf back as it was.
+postfix_alternate() {
+  postfix stop >/dev/null 2>&1 || true
+  if [ -f /etc/postfix/main.cf ]; then cp /etc/postfix/main.cf "$WORK/main.cf.orig"; else touch "$WORK/main.cf.none"; fi
+  if ! grep -q "^alternate_config_directories = $WORK/pf/etc" /etc/postfix/main.cf 2>/dev/null; then
+    cat >>/etc/postfix/main.cf <<CF
+compatibility_level = 3.6
+alternate_config_directories = $WORK/pf/etc
+maillog_file_prefixes = /var, /dev/stdout, /tmp
+maillog_file = $WORK/postfix-default.log
+CF
+  fi
+}
+postfix_restore() {
+  [ -f "$WORK/pf/etc/main.cf" ] && postfix -c "$WORK/pf/etc" stop >/dev/null 2>&1 || true
+  if [ -f "$WORK/main.cf.orig" ]; then
+    cp "$WORK/main.cf.orig" /etc/postfix/main.cf
+  elif [ -f "$WORK/main.cf.none" ]; then
+    rm -f /etc/postfix/main.cf
+  fi
+}
+
 # start_mailmesh DATA_DIR: starts it; sets MM_PID and MAILCTL_ENDPOINT.
 start_mailmesh() {
   MAILMESH_PORTS__SMTP=$MM_PORT MAILMESH_PORTS__STORAGE=$((MM_PORT + 1)) \

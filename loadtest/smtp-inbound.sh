@@ -30,31 +30,14 @@ DNS_PORT=${DNS_PORT:-2653}
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/pf/etc/main.cf" ] && postfix -c "$WORK/pf/etc" stop >/dev/null 2>&1 || true
-  # Leave the machine's Postfix configuration as it was.
-  if [ -f "$WORK/main.cf.orig" ]; then
-    cp "$WORK/main.cf.orig" /etc/postfix/main.cf
-  elif [ -f "$WORK/main.cf.none" ]; then
-    rm -f /etc/postfix/main.cf
-  fi
+  postfix_restore
 }
 trap cleanup EXIT
 
 # shellcheck source=loadtest/common.sh
 . loadtest/common.sh
 need_postfix
-# The distribution's own instance is not used; its main.cf (absent with "No
-# configuration") only authorises ours and lets it log to a file.
-postfix stop >/dev/null 2>&1 || true
-if [ -f /etc/postfix/main.cf ]; then cp /etc/postfix/main.cf "$WORK/main.cf.orig"; else touch "$WORK/main.cf.none"; fi
-if ! grep -q "^alternate_config_directories = $WORK/pf/etc" /etc/postfix/main.cf 2>/dev/null; then
-  cat >>/etc/postfix/main.cf <<CF
-compatibility_level = 3.6
-alternate_config_directories = $WORK/pf/etc
-maillog_file_prefixes = /var, /dev/stdout, /tmp
-maillog_file = $WORK/postfix-default.log
-CF
-fi
+postfix_alternate
 
 cargo build --release -q -p mailctl
 MAILCTL=$PWD/target/release/mailctl

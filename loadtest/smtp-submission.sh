@@ -40,12 +40,7 @@ AUTH_PORT=${AUTH_PORT:-2641}
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/pf/etc/main.cf" ] && postfix -c "$WORK/pf/etc" stop >/dev/null 2>&1 || true
-  if [ -f "$WORK/main.cf.orig" ]; then
-    cp "$WORK/main.cf.orig" /etc/postfix/main.cf
-  elif [ -f "$WORK/main.cf.none" ]; then
-    rm -f /etc/postfix/main.cf
-  fi
+  postfix_restore
 }
 trap cleanup EXIT
 
@@ -58,16 +53,7 @@ command -v dovecot >/dev/null && command -v opendkim >/dev/null && command -v op
 python3 -c "import argon2" 2>/dev/null || pip install -q argon2-cffi
 service dovecot stop >/dev/null 2>&1 || true
 service opendkim stop >/dev/null 2>&1 || true
-postfix stop >/dev/null 2>&1 || true
-if [ -f /etc/postfix/main.cf ]; then cp /etc/postfix/main.cf "$WORK/main.cf.orig"; else touch "$WORK/main.cf.none"; fi
-if ! grep -q "^alternate_config_directories = $WORK/pf/etc" /etc/postfix/main.cf 2>/dev/null; then
-  cat >>/etc/postfix/main.cf <<CF
-compatibility_level = 3.6
-alternate_config_directories = $WORK/pf/etc
-maillog_file_prefixes = /var, /dev/stdout, /tmp
-maillog_file = $WORK/postfix-default.log
-CF
-fi
+postfix_alternate
 
 cargo build --release -q -p mailctl -p mailmesh-loadtest
 MAILCTL=$PWD/target/release/mailctl
