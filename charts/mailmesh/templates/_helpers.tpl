@@ -119,3 +119,14 @@ path_style = {{ .Values.s3.pathStyle }}
 endpoint = {{ . | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* [cache.redis.sentinel] when redis.sentinel.master is set. */}}
+{{- define "mailmesh.redisSentinel" -}}
+{{- with .Values.redis.sentinel }}
+{{- if .master -}}
+[cache.redis.sentinel]
+master = {{ .master | quote }}
+nodes = [{{ range $i, $n := .nodes }}{{ if $i }}, {{ end }}{{ printf "redis://%s" $n | quote }}{{ end }}]
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -19,6 +19,7 @@ async fn redis() -> Arc<dyn Cache> {
             // Each run in its own key space, so runs never see each other's keys.
             key_prefix: format!("test-{}:", uuid::Uuid::new_v4().simple()),
             command_timeout: Duration::from_secs(2),
+            sentinel: None,
         })
         .await
         .unwrap(),

@@ -245,6 +245,7 @@ async fn client_verdicts_are_shared_between_pods_through_redis() {
             url: mailmesh_kit::Secret::new(mailmesh_testkit::backend_env("MMTEST_REDIS")),
             key_prefix: format!("authtest-{}:", std::process::id()),
             command_timeout: std::time::Duration::from_secs(2),
+            sentinel: None,
         })
         .await
         .unwrap(),

@@ -172,6 +172,7 @@ async fn temporary_failures_are_retried_later(real: bool) {
                 url: mailmesh_kit::Secret::new(mailmesh_testkit::backend_env("MMTEST_REDIS")),
                 key_prefix: format!("{run}:"),
                 command_timeout: Duration::from_secs(5),
+                sentinel: None,
             })
             .await
             .unwrap(),

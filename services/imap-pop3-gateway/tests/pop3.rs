@@ -217,6 +217,7 @@ async fn pods_share_the_maildrop_lock_and_failure_limits_in_redis() {
                 url: Secret::new(mailmesh_testkit::backend_env("MMTEST_REDIS")),
                 key_prefix: format!("pop3test-{}:", std::process::id()),
                 command_timeout: Duration::from_secs(2),
+                sentinel: None,
             })
             .await
             .unwrap(),
