@@ -211,6 +211,7 @@ impl Queue for KafkaQueue {
         }));
         let context = GroupContext {
             tracker: tracker.clone(),
+            group: group.to_owned(),
         };
         let consumer: StreamConsumer<GroupContext> = self
             .config
@@ -324,6 +325,7 @@ impl Queue for KafkaQueue {
 /// Forgets revoked partitions so late acks of their records store nothing.
 struct GroupContext {
     tracker: Arc<OffsetTracker>,
+    group: String,
 }
 
 impl rdkafka::ClientContext for GroupContext {}
@@ -345,20 +347,21 @@ impl ConsumerContext for GroupContext {
     /// Says when the group has settled with this member in it (rolling restarts wait
     /// for it before stopping the next member: see the rolling test).
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let group = self.group.as_str();
         match rebalance {
-            Rebalance::Assign(partitions) => {
-                tracing::info!(
-                    partitions = partitions.count(),
-                    "consumer group settled: partitions assigned"
-                );
+            Rebalance::Assign(partitions) => tracing::info!(
+                group,
+                partitions = partitions.count(),
+                "consumer group settled: partitions assigned"
+            ),
+            Rebalance::Revoke(partitions) => tracing::info!(
+                group,
+                partitions = partitions.count(),
+                "consumer group rebalancing: partitions revoked"
+            ),
+            Rebalance::Error(e) => {
+                tracing::warn!(group, error = %e, "consumer group rebalance failed")
             }
-            Rebalance::Revoke(partitions) => {
-                tracing::info!(
-                    partitions = partitions.count(),
-                    "consumer group rebalancing: partitions revoked"
-                );
-            }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "consumer group rebalance failed"),
         }
     }
 }

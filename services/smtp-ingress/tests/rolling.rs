@@ -2,8 +2,8 @@
 //! smtp-ingress and two delivery-worker processes on the real Kafka, S3 and Redis,
 //! HAProxy in front sending PROXY protocol v2, and a client (Python's smtplib, four
 //! connections from 127.0.0.2) sending messages (at least two thousand, to eight
-//! mailboxes) for as long as every ingress is being restarted with SIGTERM, one by
-//! one (and every worker with `ROLL_WORKERS=1`: see below). Every
+//! mailboxes) for as long as every ingress and then every delivery worker is being
+//! restarted with SIGTERM, one by one (a worker once its groups have settled). Every
 //! message answered `250` must land exactly once; the client may see `4xx` and retry,
 //! never `5xx`; the client address the MX records is the real one, not the balancer's.
 //! Then readers (Python's imaplib, from 127.0.0.2) go through the same balancer to two
@@ -27,6 +27,25 @@ use mailmesh_testkit::{backend_env, free_port};
 const AT_LEAST: usize = 2000;
 const CONNECTIONS: usize = 4;
 const USERS: usize = 8;
+
+/// Whether a worker's log shows `groups` consumer groups, each settled since its
+/// last rebalance began (the workers log both with `group=`).
+fn groups_settled(log: &str, groups: usize) -> bool {
+    let mut last = std::collections::HashMap::new();
+    for line in log.lines() {
+        let settled = line.contains("consumer group settled");
+        if !settled && !line.contains("consumer group rebalancing") {
+            continue;
+        }
+        if let Some(group) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("group="))
+        {
+            last.insert(group.trim_matches('"').to_owned(), settled);
+        }
+    }
+    last.len() >= groups && last.values().all(|&s| s)
+}
 
 fn listening(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -258,11 +277,9 @@ print(results['ok'], results['retries'], results['fatal'])
     // member in it, as a Deployment waits for the new pod to be ready: tansu (the CI
     // broker) never recovers a group whose leader leaves mid-rebalance (it keeps
     // naming the departed leader; ROLL_KAFKA_DEBUG=cgrp shows the group protocol).
-    // Opt-in (ROLL_WORKERS=1): with that wait it passed locally and in one CI run,
-    // and in another delivery stalled (814 of 2,000) with both new workers assigned.
-    let roll_workers = std::env::var("ROLL_WORKERS").is_ok_and(|v| v == "1");
-    let settled = |w: &Process| w.log().contains("consumer group settled");
-    for i in (0..workers.len()).filter(|_| roll_workers) {
+    // A worker is in two groups (local delivery and outbound); both must have settled.
+    let settled = |w: &Process| groups_settled(&w.log(), 2);
+    for i in 0..workers.len() {
         let all = &workers;
         wait_for(
             "the consumer group settled",
