@@ -1,6 +1,7 @@
 //! The queue on Kafka (or any Kafka-compatible broker) through rdkafka.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -130,6 +131,9 @@ impl KafkaConfig {
 pub struct KafkaQueue {
     config: KafkaConfig,
     producer: FutureProducer,
+    /// This process's consumers by group, each settled or rebalancing (a consumer
+    /// that is gone leaves a dead link, skipped).
+    memberships: std::sync::Mutex<Vec<(String, Weak<AtomicBool>)>>,
 }
 
 impl KafkaQueue {
@@ -147,6 +151,7 @@ impl KafkaQueue {
         Ok(Self {
             config: config.clone(),
             producer,
+            memberships: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -209,9 +214,17 @@ impl Queue for KafkaQueue {
                 }
             }
         }));
+        // Not settled until the group's first assignment.
+        let settled = Arc::new(AtomicBool::new(false));
+        {
+            let mut memberships = self.memberships.lock().unwrap_or_else(|e| e.into_inner());
+            memberships.retain(|(_, s)| s.strong_count() > 0);
+            memberships.push((group.to_owned(), Arc::downgrade(&settled)));
+        }
         let context = GroupContext {
             tracker: tracker.clone(),
             group: group.to_owned(),
+            settled,
         };
         let consumer: StreamConsumer<GroupContext> = self
             .config
@@ -308,6 +321,15 @@ impl Queue for KafkaQueue {
         Ok(())
     }
 
+    fn unsettled_groups(&self) -> Vec<String> {
+        let memberships = self.memberships.lock().unwrap_or_else(|e| e.into_inner());
+        memberships
+            .iter()
+            .filter(|(_, s)| s.upgrade().is_some_and(|s| !s.load(Ordering::Acquire)))
+            .map(|(group, _)| group.clone())
+            .collect()
+    }
+
     async fn ping(&self) -> Result<()> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || {
@@ -326,6 +348,7 @@ impl Queue for KafkaQueue {
 struct GroupContext {
     tracker: Arc<OffsetTracker>,
     group: String,
+    settled: Arc<AtomicBool>,
 }
 
 impl rdkafka::ClientContext for GroupContext {}
@@ -348,6 +371,8 @@ impl ConsumerContext for GroupContext {
     /// for it before stopping the next member: see the rolling test).
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let group = self.group.as_str();
+        self.settled
+            .store(matches!(rebalance, Rebalance::Assign(_)), Ordering::Release);
         match rebalance {
             Rebalance::Assign(partitions) => tracing::info!(
                 group,

@@ -128,6 +128,13 @@ pub trait Queue: Send + Sync {
 
     /// Succeeds when the queue can take records (for `/readyz`).
     async fn ping(&self) -> Result<()>;
+
+    /// The consumer groups this process is in that have not settled: not yet joined,
+    /// or rebalancing. `/readyz` fails while there are any, so a rolling restart waits
+    /// for the groups before it stops the next member.
+    fn unsettled_groups(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 #[async_trait]
@@ -211,7 +218,16 @@ impl mailmesh_kit::ReadinessCheck for QueueReadiness {
     }
 
     async fn check(&self) -> Result<(), String> {
-        self.0.ping().await.map_err(|e| e.to_string())
+        self.0.ping().await.map_err(|e| e.to_string())?;
+        let unsettled = self.0.unsettled_groups();
+        if unsettled.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "consumer group not settled: {}",
+                unsettled.join(", ")
+            ))
+        }
     }
 }
 

@@ -307,3 +307,31 @@ async fn kafka_over_sasl_ssl_speaks_tls() {
     let seen = seen.unwrap();
     assert_eq!(&seen[..2], &[0x16, 0x03], "a TLS handshake, got {seen:?}");
 }
+
+/// `/readyz` of a process with a group consumer fails until the group has settled
+/// with it (its first assignment), so a rolling restart waits for the group; a
+/// closed consumer no longer counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_readiness_waits_for_the_group_to_settle() {
+    use mailmesh_kit::ReadinessCheck;
+    let queue = kafka();
+    let topic = unique("settle");
+    queue.ensure_topic(&topic, 2).await.unwrap();
+    queue
+        .publish(record(&topic, "k", "m".into()))
+        .await
+        .unwrap();
+    let group = unique("g");
+    let readiness = mailmesh_queue::QueueReadiness(queue.clone());
+    readiness.check().await.unwrap();
+    let mut c = queue.consumer(&group, &[&topic]).await.unwrap();
+    assert_eq!(queue.unsettled_groups(), vec![group.clone()]);
+    let err = readiness.check().await.unwrap_err();
+    assert!(err.contains(&group), "{err}");
+    // The group is joined while the consumer polls; a record comes once assigned.
+    assert_eq!(text(&recv(&mut c).await), "m");
+    assert!(queue.unsettled_groups().is_empty());
+    readiness.check().await.unwrap();
+    c.close().await.unwrap();
+    assert!(queue.unsettled_groups().is_empty());
+}
