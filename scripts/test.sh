@@ -22,4 +22,7 @@ cargo test --workspace --locked --doc -q
 echo "== chart"
 scripts/chart-check.sh
 
+echo "== runtime image dependencies"
+scripts/image-deps.sh
+
 echo "all checks passed"
