@@ -182,6 +182,11 @@ struct Run {
     server_name: ServerName<'static>,
     /// The message after its headers: lines of text, ending in CRLF.
     body: Vec<u8>,
+    /// The envelope commands, the same for every message: MAIL, each RCPT, and all of
+    /// them with DATA in one batch for PIPELINING.
+    mail: String,
+    rcpts: Vec<String>,
+    pipelined: String,
     budget: Budget,
 }
 
@@ -271,26 +276,16 @@ async fn transaction(
     id: usize,
     n: u64,
 ) -> anyhow::Result<()> {
-    let args = &run.args;
-    let mail = format!("MAIL FROM:<{}>\r\n", args.from);
-    let rcpts: Vec<String> = args
-        .to
-        .iter()
-        .map(|r| format!("RCPT TO:<{r}>\r\n"))
-        .collect();
     if pipelining {
-        let mut batch = mail;
-        rcpts.iter().for_each(|r| batch.push_str(r));
-        batch.push_str("DATA\r\n");
-        s.send(batch.as_bytes()).await?;
+        s.send(run.pipelined.as_bytes()).await?;
         s.expect("MAIL", 2).await?;
-        for _ in &rcpts {
+        for _ in &run.rcpts {
             s.expect("RCPT", 2).await?;
         }
     } else {
-        s.send(mail.as_bytes()).await?;
+        s.send(run.mail.as_bytes()).await?;
         s.expect("MAIL", 2).await?;
-        for r in &rcpts {
+        for r in &run.rcpts {
             s.send(r.as_bytes()).await?;
             s.expect("RCPT", 2).await?;
         }
@@ -321,7 +316,17 @@ async fn main() -> anyhow::Result<()> {
         .map_or(args.server.as_str(), |(h, _)| h)
         .trim_matches(['[', ']']);
     let server_name = ServerName::try_from(host.to_owned()).context("--server host")?;
+    let mail = format!("MAIL FROM:<{}>\r\n", args.from);
+    let rcpts: Vec<String> = args
+        .to
+        .iter()
+        .map(|r| format!("RCPT TO:<{r}>\r\n"))
+        .collect();
+    let pipelined = format!("{mail}{}DATA\r\n", rcpts.concat());
     let run = Arc::new(Run {
+        mail,
+        rcpts,
+        pipelined,
         tls: TlsConnector::from(mailmesh_kit::tls::opportunistic_client_config()),
         server_name,
         body: body(args.size.saturating_sub(200)),

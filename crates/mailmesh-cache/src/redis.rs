@@ -16,7 +16,7 @@ use futures::StreamExt;
 use mailmesh_kit::Secret;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{ConnectionAddr, ErrorKind, IntoConnectionInfo, ServerErrorKind, TlsMode};
+use redis::{ErrorKind, IntoConnectionInfo, ServerErrorKind};
 use serde::Deserialize;
 
 use crate::{Cache, LockToken, Result, Subscription, validate_key};
@@ -102,15 +102,8 @@ impl RedisCache {
             Some(s) => {
                 let master = config.url.expose().as_str().into_connection_info()?;
                 let nodes: Vec<String> = s.nodes.iter().map(|n| n.expose().clone()).collect();
-                let mut node_info = SentinelNodeConnectionInfo::default()
+                let node_info = SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(master.redis_settings().clone());
-                if let ConnectionAddr::TcpTls { insecure, .. } = master.addr() {
-                    node_info = node_info.set_tls_mode(if *insecure {
-                        TlsMode::Insecure
-                    } else {
-                        TlsMode::Secure
-                    });
-                }
                 let mut sentinel = SentinelClient::build(
                     nodes,
                     s.master.clone(),

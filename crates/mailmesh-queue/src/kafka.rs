@@ -367,8 +367,8 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    /// Says when the group has settled with this member in it (rolling restarts wait
-    /// for it before stopping the next member: see the rolling test).
+    /// Marks the group settled (assigned) or rebalancing (revoked) for readiness
+    /// (`Queue::unsettled_groups`) and logs it with the group's name.
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let group = self.group.as_str();
         self.settled

@@ -3,7 +3,7 @@
 //! HAProxy in front sending PROXY protocol v2, and a client (Python's smtplib, four
 //! connections from 127.0.0.2) sending messages (at least two thousand, to eight
 //! mailboxes) for as long as every ingress and then every delivery worker is being
-//! restarted with SIGTERM, one by one (a worker once its groups have settled). Every
+//! restarted with SIGTERM, one by one (a worker once every worker is ready). Every
 //! message answered `250` must land exactly once; the client may see `4xx` and retry,
 //! never `5xx`; the client address the MX records is the real one, not the balancer's.
 //! Then readers (Python's imaplib, from 127.0.0.2) go through the same balancer to two
@@ -28,23 +28,25 @@ const AT_LEAST: usize = 2000;
 const CONNECTIONS: usize = 4;
 const USERS: usize = 8;
 
-/// Whether a worker's log shows `groups` consumer groups, each settled since its
-/// last rebalance began (the workers log both with `group=`).
-fn groups_settled(log: &str, groups: usize) -> bool {
-    let mut last = std::collections::HashMap::new();
-    for line in log.lines() {
-        let settled = line.contains("consumer group settled");
-        if !settled && !line.contains("consumer group rebalancing") {
-            continue;
-        }
-        if let Some(group) = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("group="))
-        {
-            last.insert(group.trim_matches('"').to_owned(), settled);
-        }
-    }
-    last.len() >= groups && last.values().all(|&s| s)
+/// The admin address a process was given (`MAILMESH_ADMIN__LISTEN`).
+fn admin_of(env: &[(&str, String)]) -> String {
+    env.iter()
+        .find(|(k, _)| *k == "MAILMESH_ADMIN__LISTEN")
+        .map(|(_, v)| v.clone())
+        .expect("an admin address")
+}
+
+/// Whether `/readyz` on `admin` answers 200 (what a readiness probe asks).
+fn ready(admin: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(admin) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut head = [0u8; 12];
+    s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").is_ok()
+        && s.read_exact(&mut head).is_ok()
+        && head.ends_with(b" 200")
 }
 
 fn listening(port: u16) -> bool {
@@ -95,8 +97,11 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
         .iter()
         .map(|&p| spawn("smtp-ingress", &ingress_env(p)))
         .collect();
-    let mut workers: Vec<Process> = (0..2)
-        .map(|_| spawn("delivery-worker", &worker_env()))
+    let worker_envs: Vec<_> = (0..2).map(|_| worker_env()).collect();
+    let mut worker_admins: Vec<String> = worker_envs.iter().map(|e| admin_of(e)).collect();
+    let mut workers: Vec<Process> = worker_envs
+        .iter()
+        .map(|e| spawn("delivery-worker", e))
         .collect();
     // Two gateways behind the same balancer, for the readers.
     let dir = tempfile::tempdir().unwrap();
@@ -273,18 +278,17 @@ print(results['ok'], results['retries'], results['fatal'])
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut retired = Vec::new();
-    // Each worker is stopped only once the group has settled with every current
-    // member in it, as a Deployment waits for the new pod to be ready: tansu (the CI
-    // broker) never recovers a group whose leader leaves mid-rebalance (it keeps
+    // Each worker is stopped only once every current worker is ready, as a Deployment
+    // waits for readiness: a worker's /readyz fails until both of its consumer groups
+    // (local delivery and outbound) have settled and while they rebalance. tansu (the
+    // CI broker) never recovers a group whose leader leaves mid-rebalance (it keeps
     // naming the departed leader; ROLL_KAFKA_DEBUG=cgrp shows the group protocol).
-    // A worker is in two groups (local delivery and outbound); both must have settled.
-    let settled = |w: &Process| groups_settled(&w.log(), 2);
     for i in 0..workers.len() {
-        let all = &workers;
+        let admins = &worker_admins;
         wait_for(
-            "the consumer group settled",
-            &all.iter().collect::<Vec<_>>(),
-            || async move { all.iter().all(settled).then_some(()) },
+            "every worker ready (consumer groups settled)",
+            &workers.iter().collect::<Vec<_>>(),
+            || async move { admins.iter().all(|a| ready(a)).then_some(()) },
         )
         .await;
         let worker = &mut workers[i];
@@ -294,7 +298,9 @@ print(results['ok'], results['retries'], results['fatal'])
             "worker {i} exit: {status}\n{}",
             worker.log()
         );
-        let old = std::mem::replace(worker, spawn("delivery-worker", &worker_env()));
+        let env = worker_env();
+        worker_admins[i] = admin_of(&env);
+        let old = std::mem::replace(worker, spawn("delivery-worker", &env));
         retired.push(old);
     }
     let rolled = started.elapsed();
