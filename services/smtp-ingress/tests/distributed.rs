@@ -69,6 +69,8 @@ async fn smtp_to_inbox_through_separate_processes() {
     env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
     env.push(("MAILMESH_WORKER__TOPIC", topic.clone()));
     env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
+    // Not the default outbound group, which other tests' workers share.
+    env.push(("MAILMESH_OUTBOUND__GROUP", format!("{run}.outbound")));
     env.push(("MAILMESH_WORKER__HOSTNAME", "mx.acme.test".into()));
     let worker = spawn("delivery-worker", &env);
     // The gateway reads what was delivered: POP3 with STLS, locks in Redis.

@@ -36,6 +36,26 @@ fn admin_of(env: &[(&str, String)]) -> String {
         .expect("an admin address")
 }
 
+/// Whether a worker's log shows `groups` consumer groups, each settled since its
+/// last rebalance began (workers log both with `group=`). Readiness alone can answer
+/// 200 in the moment after start-up before the consumers exist.
+fn groups_settled(log: &str, groups: usize) -> bool {
+    let mut last = std::collections::HashMap::new();
+    for line in log.lines() {
+        let settled = line.contains("consumer group settled");
+        if !settled && !line.contains("consumer group rebalancing") {
+            continue;
+        }
+        if let Some(group) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("group="))
+        {
+            last.insert(group.trim_matches('"').to_owned(), settled);
+        }
+    }
+    last.len() >= groups && last.values().all(|&s| s)
+}
+
 /// Whether `/readyz` on `admin` answers 200 (what a readiness probe asks).
 fn ready(admin: &str) -> bool {
     use std::io::{Read, Write};
@@ -82,6 +102,10 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
         env.push(("MAILMESH_WORKER__TOPIC", topic.clone()));
         env.push(("MAILMESH_WORKER__TOPIC_PARTITIONS", "4".into()));
         env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
+        // Its own outbound group too: the default name is shared with every other
+        // test's workers on the same broker, whose comings and goings would rebalance
+        // (and, on tansu, can wedge) this test's group.
+        env.push(("MAILMESH_OUTBOUND__GROUP", format!("{run}.outbound")));
         env.push(("MAILMESH_WORKER__HOSTNAME", "mx.acme.test".into()));
         if let Ok(debug) = std::env::var("ROLL_KAFKA_DEBUG") {
             env.push(("MAILMESH_QUEUE__KAFKA__PROPERTIES__DEBUG", debug));
@@ -284,11 +308,14 @@ print(results['ok'], results['retries'], results['fatal'])
     // CI broker) never recovers a group whose leader leaves mid-rebalance (it keeps
     // naming the departed leader; ROLL_KAFKA_DEBUG=cgrp shows the group protocol).
     for i in 0..workers.len() {
-        let admins = &worker_admins;
+        let (admins, all) = (&worker_admins, &workers);
         wait_for(
             "every worker ready (consumer groups settled)",
             &workers.iter().collect::<Vec<_>>(),
-            || async move { admins.iter().all(|a| ready(a)).then_some(()) },
+            || async move {
+                let settled = all.iter().all(|w| groups_settled(&w.log(), 2));
+                (settled && admins.iter().all(|a| ready(a))).then_some(())
+            },
         )
         .await;
         let worker = &mut workers[i];
