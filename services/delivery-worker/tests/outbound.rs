@@ -45,6 +45,9 @@ fn remote(script: Arc<Script>, run: &str) -> Remote {
         retry_schedule: vec![Duration::from_millis(500)],
         retry_scan_interval: Duration::from_millis(200),
         retry_prefix: format!("{run}/retry"),
+        // Each test its own group: a shared one is rebalanced by every other test
+        // consuming at the same time (and one wedged on tansu stays wedged).
+        group: format!("{run}.outbound"),
         connect_timeout: Duration::from_secs(5),
         command_timeout: Duration::from_secs(10),
         dns: mailmesh_delivery::outbound::route::DnsConfig {
