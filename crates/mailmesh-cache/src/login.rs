@@ -6,6 +6,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Cache;
@@ -41,7 +42,7 @@ pub enum Login<U> {
 /// ones at any rate never lock anyone out. An unreachable cache does not stop
 /// logins; it only lifts the limits.
 pub async fn check<U, E, F, Fut>(
-    cache: &dyn Cache,
+    cache: &Arc<dyn Cache>,
     client: IpAddr,
     name: &str,
     limits: &LoginLimits,
@@ -62,18 +63,26 @@ where
         && name.len() <= 320
         && !name.chars().any(|c| c.is_control() || c.is_whitespace()))
     .then(|| format!("authfail:user:{name}"));
-    if count(cache, &by_ip, 0, window).await >= limit {
+    if count(&**cache, &by_ip, 0, window).await >= limit {
         tokio::time::sleep(limits.failure_delay).await;
         return Login::Throttled;
     }
-    if count(cache, &in_flight, 1, window).await > i64::from(limits.max_parallel) {
-        count(cache, &in_flight, -1, window).await;
+    let counted = count(&**cache, &in_flight, 1, window).await;
+    // Given back when the check ends, even if the caller drops it midway (a session
+    // deadline, a closed connection, shutdown).
+    let in_flight = InFlight {
+        cache: Some(cache.clone()),
+        key: in_flight,
+        window,
+    };
+    if counted > i64::from(limits.max_parallel) {
+        in_flight.release().await;
         return Login::Busy;
     }
     // Too many on one account: slowed down, never locked out, and the same whether
     // the account exists or not.
     if let Some(key) = &by_name
-        && count(cache, key, 0, window).await >= limit
+        && count(&**cache, key, 0, window).await >= limit
     {
         tracing::info!(%client, "slowing down logins to an account with many failures");
         tokio::time::sleep(limits.failure_delay * 5).await;
@@ -82,12 +91,12 @@ where
         Some(_) => verify(name).await,
         None => Ok(None),
     };
-    count(cache, &in_flight, -1, window).await;
+    in_flight.release().await;
     match verified {
         Ok(Some(user)) => Login::Ok(user),
         Ok(None) => {
             for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
-                count(cache, key, 1, window).await;
+                count(&**cache, key, 1, window).await;
             }
             tokio::time::sleep(limits.failure_delay).await;
             Login::Invalid
@@ -96,6 +105,35 @@ where
             // Not the client's failure: nothing is counted.
             tracing::warn!(error = %e, "authentication unavailable");
             Login::Unavailable
+        }
+    }
+}
+
+/// One login being checked, counted under `key` until released or dropped.
+struct InFlight {
+    cache: Option<Arc<dyn Cache>>,
+    key: String,
+    window: Duration,
+}
+
+impl InFlight {
+    async fn release(mut self) {
+        if let Some(cache) = self.cache.take() {
+            count(&*cache, &self.key, -1, self.window).await;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(cache) = self.cache.take() else {
+            return;
+        };
+        let (key, window) = (std::mem::take(&mut self.key), self.window);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                count(&*cache, &key, -1, window).await;
+            });
         }
     }
 }
@@ -133,7 +171,7 @@ mod tests {
         max_parallel: 4,
     };
 
-    async fn login(cache: &MemoryCache, ip: &str, name: &str, right: bool) -> Login<()> {
+    async fn login(cache: &Arc<dyn Cache>, ip: &str, name: &str, right: bool) -> Login<()> {
         check(cache, ip.parse().unwrap(), name, &LIMITS, |_| async move {
             Ok::<_, String>(right.then_some(()))
         })
@@ -142,7 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn right_passwords_never_count_and_wrong_ones_refuse_the_address() {
-        let cache = MemoryCache::new();
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
         for _ in 0..20 {
             assert!(matches!(
                 login(&cache, "192.0.2.1", "a@x", true).await,
@@ -176,7 +214,7 @@ mod tests {
     /// counted against the address afterwards.
     #[tokio::test]
     async fn parallel_logins_are_bounded_but_never_counted_as_failures() {
-        let cache = Arc::new(MemoryCache::new());
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
         // Held while the logins are checked: they all wait inside `verify`.
         let gate = Arc::new(tokio::sync::RwLock::new(()));
         let held = gate.clone().write_owned().await;
@@ -186,7 +224,7 @@ mod tests {
             let (cache, gate, entered) = (cache.clone(), gate.clone(), entered.clone());
             tasks.push(tokio::spawn(async move {
                 check(
-                    &*cache,
+                    &cache,
                     "192.0.2.9".parse().unwrap(),
                     &format!("u{i}@x"),
                     &LIMITS,
@@ -234,7 +272,7 @@ mod tests {
     /// gets in from another address.
     #[tokio::test]
     async fn an_account_is_never_locked_out_by_strangers() {
-        let cache = MemoryCache::new();
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
         for i in 0..5 {
             let ip = format!("198.51.100.{i}");
             assert!(matches!(
@@ -250,7 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unavailable_directory_counts_nothing() {
-        let cache = MemoryCache::new();
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
         for _ in 0..5 {
             let r = check(
                 &cache,
@@ -266,5 +304,26 @@ mod tests {
             login(&cache, "192.0.2.3", "a@x", true).await,
             Login::Ok(())
         ));
+    }
+
+    /// A login dropped while its password is checked (the session's deadline, a
+    /// closed connection) gives its in-flight count back.
+    #[tokio::test]
+    async fn a_dropped_login_is_not_left_in_flight() {
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
+        let key = "authtry:ip:192.0.2.7";
+        let stuck = check(&cache, "192.0.2.7".parse().unwrap(), "a@x", &LIMITS, |_| {
+            std::future::pending::<Result<Option<()>, String>>()
+        });
+        let cut = tokio::time::timeout(Duration::from_millis(50), stuck).await;
+        assert!(cut.is_err(), "the check cannot end on its own");
+        // The drop hands the decrement to a task.
+        for _ in 0..100 {
+            if cache.incr(key, 0, LIMITS.window).await.unwrap() == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the dropped login is still counted in flight");
     }
 }

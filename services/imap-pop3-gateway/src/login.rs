@@ -17,7 +17,7 @@ pub(crate) async fn check(
     limits: &Limits,
 ) -> Login<v1::UserRef> {
     let login =
-        mailmesh_cache::login::check(&*gw.cache, peer.ip(), name, limits, |name| async move {
+        mailmesh_cache::login::check(&gw.cache, peer.ip(), name, limits, |name| async move {
             gw.store.authenticate(&name, password).await
         })
         .await;

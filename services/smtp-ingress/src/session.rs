@@ -902,7 +902,7 @@ impl<'a> Session<'a> {
         };
         let directory = self.ingress.directory.clone();
         let login = mailmesh_cache::login::check(
-            &*self.ingress.cache,
+            &self.ingress.cache,
             self.peer.ip(),
             &name,
             &config.login_limits(),
