@@ -371,6 +371,53 @@ mod tests {
     }
 }
 
+/// The client side of authenticated TLS (MTA-STS MX hosts and policy servers): the
+/// server's certificate must chain to a trust anchor, be valid now and name the
+/// host (RFC 6125). The anchors are the system's (`/etc/ssl/certs`, or
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR`) and the PEM files in `extra_ca_files`.
+pub fn verified_client_config(
+    extra_ca_files: &[PathBuf],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        tracing::warn!(%error, "reading the system's trust anchors");
+    }
+    let (_, unusable) = roots.add_parsable_certificates(native.certs);
+    if unusable > 0 {
+        tracing::debug!(unusable, "system trust anchors rustls cannot use");
+    }
+    for path in extra_ca_files {
+        let pem = std::fs::read(path).map_err(|e| TlsError::Pem {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let bad = |reason: String| TlsError::Pem {
+            path: path.clone(),
+            reason,
+        };
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no certificate in the file".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    if roots.is_empty() {
+        tracing::warn!("no trust anchors: authenticated TLS (MTA-STS) will fail");
+    }
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("the default provider supports the default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// The client side of opportunistic TLS between MTAs (RFC 7435, RFC 3207): the
 /// connection is encrypted, the server is not authenticated (most MX certificates
 /// would not pass: self-signed, or named for another host). Handshake signatures

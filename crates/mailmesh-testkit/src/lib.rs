@@ -2,6 +2,7 @@
 //! crates, so any of them can use it as a dev-dependency.
 
 pub mod dns;
+pub mod https;
 pub mod mx;
 pub mod tls;
 

@@ -46,24 +46,40 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .transpose()?;
 
     let worker = Worker::new(queue, objects, Arc::new(store), config.worker);
+    // Ready only once both group consumers exist: from then on the queue's
+    // readiness check follows their assignments (a probe in between saw 200).
+    let local_joined = worker.subscribed();
+    let relay_joined = outbound.as_ref().map(|o| o.subscribed());
+    let mut joined = std::pin::pin!(async move {
+        let _ = local_joined.await;
+        if let Some(relay) = relay_joined {
+            let _ = relay.await;
+        }
+    });
     let mut consuming = tokio::spawn(worker.run(service.shutdown.clone()));
     let mut relaying = match outbound {
         Some(o) => tokio::spawn(o.run(service.shutdown.clone())),
         None => tokio::spawn(std::future::pending()),
     };
-    tracing::info!(admin = %config.admin.listen, outbound = config.outbound.enabled, "delivery-worker is consuming");
-    service.health.set_started();
 
-    tokio::select! {
-        () = mailmesh_kit::shutdown::signal() => {}
-        // A worker that stops consuming must not look healthy: exit, get restarted.
-        ended = &mut consuming => {
-            ended??;
-            anyhow::bail!("the consumer stopped");
-        }
-        ended = &mut relaying => {
-            ended??;
-            anyhow::bail!("the outbound consumer stopped");
+    let mut started = false;
+    loop {
+        tokio::select! {
+            () = &mut joined, if !started => {
+                started = true;
+                service.health.set_started();
+                tracing::info!(admin = %config.admin.listen, outbound = config.outbound.enabled, "delivery-worker is consuming");
+            }
+            () = mailmesh_kit::shutdown::signal() => break,
+            // A worker that stops consuming must not look healthy: exit, get restarted.
+            ended = &mut consuming => {
+                ended??;
+                anyhow::bail!("the consumer stopped");
+            }
+            ended = &mut relaying => {
+                ended??;
+                anyhow::bail!("the outbound consumer stopped");
+            }
         }
     }
     service.drain(&config.shutdown).await?;

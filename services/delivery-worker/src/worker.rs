@@ -118,6 +118,28 @@ pub struct Worker {
     store: Arc<dyn Mailstore>,
     config: WorkerConfig,
     limits: EnvelopeLimits,
+    subscribed: Subscribed,
+}
+
+/// Tells, once, that a consumer has joined its group (the process may then say it
+/// is ready: from then on the queue's readiness follows the group's assignments).
+#[derive(Default)]
+pub(crate) struct Subscribed(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+
+impl Subscribed {
+    /// A receiver completed when the consumer has been created (or dropped if it
+    /// never is). A second call replaces the first.
+    pub(crate) fn receiver(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    fn fire(&self) {
+        if let Some(tx) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 /// Why a message body could not be read.
@@ -142,6 +164,14 @@ fn reply_code(status: &str) -> &'static str {
 #[error("{0}")]
 pub(crate) struct NotDone(pub(crate) String);
 
+/// Where [`consume`] reads: `topic` in `group`, telling `subscribed` once joined.
+pub(crate) struct Source<'a> {
+    pub(crate) queue: &'a dyn Queue,
+    pub(crate) subscribed: &'a Subscribed,
+    pub(crate) group: &'a str,
+    pub(crate) topic: &'a str,
+}
+
 /// Consumes `topic` in `group` until the shutdown closes: `handle` runs for each
 /// record, `concurrency` at once, under the span `span` makes, which continues the
 /// message's trace (W3C context in the record headers); the record is acknowledged
@@ -149,9 +179,12 @@ pub(crate) struct NotDone(pub(crate) String);
 /// offsets) before the consumer leaves the group; those still running when the
 /// drain ends stay unacknowledged and go to another worker.
 pub(crate) async fn consume<H, Fut>(
-    queue: &dyn Queue,
-    group: &str,
-    topic: &str,
+    Source {
+        queue,
+        subscribed,
+        group,
+        topic,
+    }: Source<'_>,
     concurrency: usize,
     shutdown: &Shutdown,
     span: impl Fn(&Record) -> tracing::Span,
@@ -162,6 +195,7 @@ where
     Fut: std::future::Future<Output = bool> + Send + 'static,
 {
     let mut consumer = queue.consumer(group, &[topic]).await?;
+    subscribed.fire();
     let slots = Arc::new(Semaphore::new(concurrency));
     loop {
         let delivery = tokio::select! {
@@ -250,7 +284,13 @@ impl Worker {
             store,
             config,
             limits: EnvelopeLimits::default(),
+            subscribed: Subscribed::default(),
         })
+    }
+
+    /// Completes once [`Self::run`] has created its group consumer.
+    pub fn subscribed(&self) -> tokio::sync::oneshot::Receiver<()> {
+        self.subscribed.receiver()
     }
 
     /// Consumes until the shutdown closes; records in flight then finish within the
@@ -272,9 +312,12 @@ impl Worker {
         }
         let worker = self.clone();
         consume(
-            &*self.queue,
-            &self.config.group,
-            &self.config.topic,
+            Source {
+                queue: &*self.queue,
+                subscribed: &self.subscribed,
+                group: &self.config.group,
+                topic: &self.config.topic,
+            },
             self.config.concurrency,
             &shutdown,
             |r| tracing::info_span!("deliver_record", partition = r.partition, offset = r.offset),

@@ -114,6 +114,9 @@ pub enum SessionError {
     Refused(Reply),
     #[error("TLS handshake failed: {0}")]
     Tls(io::Error),
+    /// Authenticated TLS was required (MTA-STS) and the server cannot give it.
+    #[error("TLS required: {0}")]
+    TlsRequired(String),
     #[error("malformed reply {0:?}")]
     Protocol(String),
     /// The message was sent and the reply to it never came: it may have been
@@ -125,11 +128,25 @@ pub enum SessionError {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// How a connection uses STARTTLS.
+#[derive(Clone, Copy)]
+pub enum Tls<'a> {
+    /// Clear text.
+    Off,
+    /// When offered (and `opportunistic_tls` is on); the server is not authenticated.
+    Opportunistic(&'a Arc<rustls::ClientConfig>),
+    /// Always; the configuration must verify the certificate, which must name the
+    /// MX host (not its address). No clear-text fallback.
+    Authenticated(&'a Arc<rustls::ClientConfig>),
+}
+
 /// An open SMTP session, ready for a transaction.
 pub struct Connection {
     io: BufReader<Box<dyn Stream>>,
     pub extensions: Extensions,
     pub tls: bool,
+    /// The MX host name the server's certificate was verified for.
+    pub authenticated: Option<String>,
     pub peer: SocketAddr,
     config: Arc<ClientConfig>,
     /// Out of step with the server (an RSET failed): not to be reused.
@@ -153,12 +170,12 @@ const DATA_CHUNK: usize = 64 << 10;
 
 impl Connection {
     /// Connects to `peer` (the MX `host`), reads the greeting, says EHLO and starts
-    /// TLS when offered and `tls` is allowed.
+    /// TLS as `tls` says.
     pub async fn open(
         peer: SocketAddr,
         host: &str,
         config: Arc<ClientConfig>,
-        tls: Option<&Arc<rustls::ClientConfig>>,
+        tls: Tls<'_>,
     ) -> Result<Self, SessionError> {
         let tcp = tokio::time::timeout(config.connect_timeout, TcpStream::connect(peer))
             .await
@@ -168,6 +185,7 @@ impl Connection {
             io: BufReader::new(Box::new(tcp) as Box<dyn Stream>),
             extensions: Extensions::default(),
             tls: false,
+            authenticated: None,
             peer,
             config,
             broken: false,
@@ -177,28 +195,58 @@ impl Connection {
             return Err(SessionError::Refused(greeting));
         }
         conn.hello().await?;
-        if let Some(tls) = tls
-            && conn.extensions.starttls
-            && conn.config.opportunistic_tls
-        {
-            conn.send(b"STARTTLS\r\n").await?;
-            let reply = conn.reply(conn.config.command_timeout).await?;
-            if reply.code == 220 {
-                conn = conn.start_tls(host, tls.clone()).await?;
+        match tls {
+            Tls::Opportunistic(tls)
+                if conn.extensions.starttls && conn.config.opportunistic_tls =>
+            {
+                conn.send(b"STARTTLS\r\n").await?;
+                let reply = conn.reply(conn.config.command_timeout).await?;
+                if reply.code == 220 {
+                    conn = conn.start_tls(host, tls.clone(), false).await?;
+                    conn.hello().await?;
+                }
+            }
+            Tls::Off | Tls::Opportunistic(_) => {}
+            Tls::Authenticated(tls) => {
+                if !conn.extensions.starttls {
+                    return Err(SessionError::TlsRequired("STARTTLS not offered".into()));
+                }
+                conn.send(b"STARTTLS\r\n").await?;
+                let reply = conn.reply(conn.config.command_timeout).await?;
+                if reply.code != 220 {
+                    return Err(SessionError::TlsRequired(format!(
+                        "STARTTLS refused: {reply}"
+                    )));
+                }
+                conn = conn.start_tls(host, tls.clone(), true).await?;
+                conn.authenticated = Some(host.trim_end_matches('.').to_ascii_lowercase());
                 conn.hello().await?;
             }
         }
         Ok(conn)
     }
 
+    /// `by_name`: the certificate is checked against the host name only (an address
+    /// is never a valid name then).
     async fn start_tls(
         self,
         host: &str,
         tls: Arc<rustls::ClientConfig>,
+        by_name: bool,
     ) -> Result<Self, SessionError> {
-        let name = rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_owned())
-            .or_else(|_| rustls::pki_types::ServerName::try_from(self.peer.ip().to_string()))
-            .map_err(|e| SessionError::Tls(io::Error::other(e)))?;
+        let by_host =
+            rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_owned());
+        let name = match by_host {
+            Ok(name @ rustls::pki_types::ServerName::DnsName(_)) => name,
+            _ if by_name => {
+                return Err(SessionError::TlsRequired(format!(
+                    "{host} is not a host name"
+                )));
+            }
+            Ok(name) => name,
+            Err(_) => rustls::pki_types::ServerName::try_from(self.peer.ip().to_string())
+                .map_err(|e| SessionError::Tls(io::Error::other(e)))?,
+        };
         // Nothing the server sent before its 220 may be kept (RFC 3207 4.2 / 6).
         if !self.io.buffer().is_empty() {
             return Err(SessionError::Protocol(
@@ -217,6 +265,7 @@ impl Connection {
             io: BufReader::new(Box::new(stream) as Box<dyn Stream>),
             extensions: Extensions::default(),
             tls: true,
+            authenticated: None,
             peer: self.peer,
             config: self.config,
             broken: false,

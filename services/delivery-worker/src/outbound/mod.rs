@@ -4,14 +4,18 @@
 //! object storage (`schedule`) and lets the partition move on; a scanner publishes
 //! due entries again. Permanent failures, and temporary ones past the lifetime, go
 //! back to the sender as RFC 3464 reports; a delay notice goes out once after
-//! `delay_notify_after`. Null senders never get either.
+//! `delay_notify_after`. Null senders never get either. Domains with an MTA-STS
+//! policy in `enforce` mode get their mail only over authenticated TLS to the MX
+//! hosts the policy names (`mta_sts`).
 
 pub mod client;
+pub mod mta_sts;
 pub mod route;
 pub use mailmesh_storage::retry_index as schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,9 +31,11 @@ use tokio::sync::Semaphore;
 
 use crate::dsn::{Failure, delay_report, failure_report};
 use crate::worker::{
-    BodyError, NotDone, WorkerConfig, consume, publish_envelope, publish_raw, read_body,
+    BodyError, NotDone, Source, Subscribed, WorkerConfig, consume, publish_envelope, publish_raw,
+    read_body,
 };
-use client::{ClientConfig, Connection, RecipientResult, SessionError};
+use client::{ClientConfig, Connection, RecipientResult, SessionError, Tls};
+use mta_sts::{Mode, MtaSts, Policy};
 use route::{RouteError, Router};
 
 /// `[outbound]`: relaying to other domains' MX hosts.
@@ -74,7 +80,11 @@ pub struct OutboundConfig {
     /// addresses (tests, or a relay inside your network). Off: a domain's MX
     /// cannot point the workers at internal services or back at this cluster.
     pub allow_private_destinations: bool,
+    /// PEM files of trust anchors for authenticated TLS (MTA-STS policy and MX
+    /// hosts), in addition to the system's.
+    pub tls_ca_files: Vec<PathBuf>,
     pub dns: route::DnsConfig,
+    pub mta_sts: mta_sts::MtaStsConfig,
 }
 
 impl Default for OutboundConfig {
@@ -97,7 +107,9 @@ impl Default for OutboundConfig {
             retry_prefix: schedule::DEFAULT_PREFIX.into(),
             retry_scan_interval: Duration::from_secs(5),
             allow_private_destinations: false,
+            tls_ca_files: Vec::new(),
             dns: route::DnsConfig::default(),
+            mta_sts: mta_sts::MtaStsConfig::default(),
         }
     }
 }
@@ -177,12 +189,16 @@ pub struct Outbound {
     cache: Arc<dyn Cache>,
     config: OutboundConfig,
     worker: WorkerConfig,
-    router: Router,
+    router: Arc<Router>,
     client: Arc<ClientConfig>,
     tls: Arc<rustls::ClientConfig>,
+    /// Verifies certificates (MTA-STS).
+    verified: Arc<rustls::ClientConfig>,
+    mta_sts: MtaSts,
     idle: Mutex<HashMap<SocketAddr, Vec<(Instant, Connection)>>>,
     destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
     limits: EnvelopeLimits,
+    subscribed: Subscribed,
 }
 
 impl Outbound {
@@ -193,7 +209,15 @@ impl Outbound {
         config: OutboundConfig,
         worker: WorkerConfig,
     ) -> anyhow::Result<Arc<Self>> {
-        let router = Router::new(&config.dns)?;
+        let router = Arc::new(Router::new(&config.dns)?);
+        let verified = mailmesh_kit::tls::verified_client_config(&config.tls_ca_files)?;
+        let mta_sts = MtaSts::new(
+            config.mta_sts.clone(),
+            cache.clone(),
+            router.clone(),
+            &verified,
+            config.allow_private_destinations,
+        )?;
         let client = Arc::new(ClientConfig {
             hostname: worker.hostname.clone(),
             connect_timeout: config.connect_timeout,
@@ -210,10 +234,18 @@ impl Outbound {
             router,
             client,
             tls: mailmesh_kit::tls::opportunistic_client_config(),
+            verified,
+            mta_sts,
             idle: Mutex::new(HashMap::new()),
             destinations: Mutex::new(HashMap::new()),
             limits: EnvelopeLimits::default(),
+            subscribed: Subscribed::default(),
         }))
+    }
+
+    /// Completes once [`Self::run`] has created its group consumer.
+    pub fn subscribed(&self) -> tokio::sync::oneshot::Receiver<()> {
+        self.subscribed.receiver()
     }
 
     /// Consumes the outbound topic and scans the due-time index until the shutdown
@@ -231,9 +263,12 @@ impl Outbound {
         let scanner = tokio::spawn(self.clone().scan(shutdown.clone()));
         let this = self.clone();
         let consumed = consume(
-            &*self.queue,
-            &self.config.group,
-            &topic,
+            Source {
+                queue: &*self.queue,
+                subscribed: &self.subscribed,
+                group: &self.config.group,
+                topic: &topic,
+            },
             self.config.concurrency,
             &shutdown,
             |r| tracing::info_span!("relay_record", partition = r.partition, offset = r.offset),
@@ -597,8 +632,23 @@ impl Outbound {
             }
         };
         let implicit = hosts.len() == 1 && hosts[0].eq_ignore_ascii_case(domain);
+        let policy = self.mta_sts.policy(domain).await;
         let mut last = format!("no MX host of {domain} could be reached");
+        // 4.7.5 when the policy ruled out every host (RFC 8461 5: never a bounce
+        // before the policy has been looked up again, so a temporary failure).
+        let mut refused_by_policy = false;
         for host in hosts.iter().take(self.config.max_mx_hosts) {
+            if let Some(p) = &policy
+                && !p.allows(host)
+            {
+                if p.mode == Mode::Enforce {
+                    tracing::warn!(%domain, %host, "MX host not in the domain's MTA-STS policy; skipped");
+                    last = format!("MX host {host} is not in {domain}'s MTA-STS policy");
+                    refused_by_policy = true;
+                    continue;
+                }
+                tracing::warn!(%domain, %host, "MTA-STS testing: MX host not in the policy");
+            }
             let addresses = match self.router.addresses(host).await {
                 Ok(a) => a,
                 Err(RouteError::Temporary(reason)) => {
@@ -628,7 +678,7 @@ impl Outbound {
                 }
                 let peer = SocketAddr::new(ip, self.config.port);
                 match self
-                    .attempt(peer, host, envelope, recipients, message)
+                    .attempt(peer, host, policy.as_ref(), envelope, recipients, message)
                     .await
                 {
                     Ok(results) => {
@@ -649,28 +699,37 @@ impl Outbound {
                     }
                     Err(e) => {
                         tracing::info!(%host, %peer, error = %e, "MX host failed; trying the next");
+                        refused_by_policy = matches!(e, SessionError::TlsRequired(_))
+                            || (matches!(e, SessionError::Tls(_)) && policy.is_some());
                         last = format!("{host}[{}]: {e}", peer.ip());
+                        if refused_by_policy {
+                            last.push_str(&format!(" (MTA-STS policy of {domain})"));
+                        }
                     }
                 }
             }
         }
+        let status = if refused_by_policy { "4.7.5" } else { "4.4.1" };
         all(&|| Outcome::Temporary {
-            status: "4.4.1".into(),
+            status: status.into(),
             diagnostic: last.clone(),
         })
     }
 
     /// One transaction with `peer`, on an idle connection if there is one (a
-    /// connection that fails then is replaced by a new one once).
+    /// connection that fails then is replaced by a new one once). Under an MTA-STS
+    /// policy the connection must be authenticated as `host`; in `testing` mode a
+    /// failure to authenticate is logged and the delivery goes on as usual.
     async fn attempt(
         &self,
         peer: SocketAddr,
         host: &str,
+        policy: Option<&Policy>,
         envelope: &Envelope,
         recipients: &[&Recipient],
         message: &[u8],
     ) -> Result<Vec<RecipientResult>, SessionError> {
-        if let Some(mut conn) = self.take_idle(peer) {
+        if let Some(mut conn) = self.take_idle(peer, policy.is_some().then_some(host)) {
             match conn.transaction(envelope, recipients, message).await {
                 Ok(results) => {
                     self.put_idle(conn);
@@ -681,14 +740,42 @@ impl Outbound {
                 Err(_) => {}
             }
         }
-        let opened = Connection::open(peer, host, self.client.clone(), Some(&self.tls)).await;
+        if let Some(p) = policy {
+            let opened = Connection::open(
+                peer,
+                host,
+                self.client.clone(),
+                Tls::Authenticated(&self.verified),
+            )
+            .await;
+            match opened {
+                Err(e @ (SessionError::Tls(_) | SessionError::TlsRequired(_)))
+                    if p.mode == Mode::Testing =>
+                {
+                    tracing::warn!(%host, %peer, error = %e, "MTA-STS testing: no authenticated TLS; delivering as usual");
+                }
+                opened => {
+                    let mut conn = opened?;
+                    let results = conn.transaction(envelope, recipients, message).await?;
+                    self.put_idle(conn);
+                    return Ok(results);
+                }
+            }
+        }
+        let opened = Connection::open(
+            peer,
+            host,
+            self.client.clone(),
+            Tls::Opportunistic(&self.tls),
+        )
+        .await;
         let mut conn = match opened {
             Err(SessionError::Tls(e)) => {
                 // Opportunistic TLS must not make mail undeliverable: a server whose
                 // TLS we cannot speak (old versions, broken certificates) gets it
                 // in clear, as it would from most MTAs.
                 tracing::info!(%host, %peer, error = %e, "STARTTLS failed; delivering without TLS");
-                Connection::open(peer, host, self.client.clone(), None).await?
+                Connection::open(peer, host, self.client.clone(), Tls::Off).await?
             }
             other => other?,
         };
@@ -697,15 +784,19 @@ impl Outbound {
         Ok(results)
     }
 
-    fn take_idle(&self, peer: SocketAddr) -> Option<Connection> {
+    /// An idle connection to `peer`; with `authenticated_as`, only one whose
+    /// certificate was verified for that host (others stay for other mail).
+    fn take_idle(&self, peer: SocketAddr, authenticated_as: Option<&str>) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&peer)?;
-        while let Some((since, conn)) = list.pop() {
-            if since.elapsed() < self.config.reuse_connections_for && conn.reusable() {
-                return Some(conn);
-            }
-        }
-        None
+        let fresh = self.config.reuse_connections_for;
+        list.retain(|(since, conn)| since.elapsed() < fresh && conn.reusable());
+        let wanted = authenticated_as.map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+        let at = list.iter().rposition(|(_, conn)| match &wanted {
+            Some(host) => conn.authenticated.as_deref() == Some(host.as_str()),
+            None => true,
+        })?;
+        Some(list.remove(at).1)
     }
 
     fn put_idle(&self, conn: Connection) {

@@ -104,6 +104,30 @@ impl Router {
         }
     }
 
+    /// The TXT records at `name`, each record's strings joined; empty when none.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, RouteError> {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        match self.resolver.txt_lookup(fqdn.as_str()).await {
+            Ok(lookup) => Ok(lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    hickory_resolver::proto::rr::RData::TXT(txt) => Some(
+                        txt.txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s))
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => Ok(Vec::new()),
+            Err(e) => Err(RouteError::Temporary(format!(
+                "TXT lookup for {name} failed: {e}"
+            ))),
+        }
+    }
+
     /// The addresses of `host`; empty when it has none.
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, RouteError> {
         let fqdn = format!("{}.", host.trim_end_matches('.'));
