@@ -79,7 +79,7 @@ export MAILMESH_AUTH__DNS__SERVERS="[\"127.0.0.1:$DNS_PORT\"]"
 export MAILMESH_OUTBOUND__DNS__SERVERS="[\"127.0.0.1:$DNS_PORT\"]"
 export MAILMESH_OUTBOUND__PORT=$SINK_PORT MAILMESH_OUTBOUND__ALLOW_PRIVATE_DESTINATIONS=true
 # Postfix has no per-user hourly send limit; mailmesh's default (1,000) is lifted.
-export MAILMESH_SUBMISSION__MESSAGES_PER_USER_PER_HOUR=0
+export MAILMESH_SUBMISSION__RECIPIENTS_PER_USER_PER_HOUR=0
 
 # Dovecot: only its auth service, for Postfix's SASL, on a TCP port.
 setup_dovecot_auth() {

@@ -63,7 +63,14 @@ where
         && name.len() <= 320
         && !name.chars().any(|c| c.is_control() || c.is_whitespace()))
     .then(|| format!("authfail:user:{name}"));
+    // Only a name fit for a key goes into the log (no control characters).
+    let account = if by_name.is_some() {
+        name.clone()
+    } else {
+        "-".to_owned()
+    };
     if count(&**cache, &by_ip, 0, window).await >= limit {
+        tracing::warn!(%client, %account, "login refused: too many failures from this address");
         tokio::time::sleep(limits.failure_delay).await;
         return Login::Throttled;
     }
@@ -84,7 +91,7 @@ where
     if let Some(key) = &by_name
         && count(&**cache, key, 0, window).await >= limit
     {
-        tracing::info!(%client, "slowing down logins to an account with many failures");
+        tracing::info!(%client, %account, "slowing down logins to an account with many failures");
         tokio::time::sleep(limits.failure_delay * 5).await;
     }
     let verified = match by_name {
@@ -95,6 +102,7 @@ where
     match verified {
         Ok(Some(user)) => Login::Ok(user),
         Ok(None) => {
+            tracing::info!(%client, %account, "login failed");
             for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
                 count(&**cache, key, 1, window).await;
             }

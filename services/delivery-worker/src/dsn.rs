@@ -23,6 +23,8 @@ pub struct Failure {
     pub recipient: Recipient,
     pub status: String,
     pub diagnostic: String,
+    /// The host whose reply `diagnostic` is (`Remote-MTA`); none for local causes.
+    pub remote_mta: Option<String>,
 }
 
 /// The bounce for `failures`, or `None` when none is due: the sender is null, or no
@@ -127,12 +129,11 @@ fn report(
         date = rfc5322_date(SystemTime::now()),
     );
     for f in &failures {
-        let _ = write!(
-            m,
-            "  {}: {}\r\n",
-            f.recipient.address,
-            printable(&f.diagnostic)
-        );
+        let _ = write!(m, "  {}: {}", f.recipient.address, printable(&f.diagnostic));
+        if let Some(remote) = &f.remote_mta {
+            let _ = write!(m, " (from {})", printable(remote));
+        }
+        let _ = write!(m, "\r\n");
     }
     let _ = write!(
         m,
@@ -171,6 +172,9 @@ fn report(
             f.status,
             printable(&f.diagnostic)
         );
+        if let Some(remote) = &f.remote_mta {
+            let _ = write!(m, "Remote-MTA: dns; {}\r\n", printable(remote));
+        }
         if let Some(until) = delayed_until {
             let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
         }
@@ -282,6 +286,7 @@ mod tests {
             },
             status: "5.1.1".into(),
             diagnostic: "user unknown".into(),
+            remote_mta: None,
         }
     }
 

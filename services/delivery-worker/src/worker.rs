@@ -441,6 +441,7 @@ impl Worker {
                             "{} {status} delivery time expired: {reason}",
                             reply_code(status)
                         ),
+                        remote_mta: None,
                     });
                 }
                 Err(DeliveryError::Temporary { .. }) => retry.push(recipient.clone()),
@@ -450,6 +451,7 @@ impl Worker {
                         recipient: recipient.clone(),
                         status: status.into(),
                         diagnostic: format!("{} {status} {reason}", reply_code(status)),
+                        remote_mta: None,
                     });
                 }
             }

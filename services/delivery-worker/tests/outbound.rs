@@ -253,7 +253,9 @@ async fn permanent_failures_bounce_to_the_sender_with_the_original_headers() {
         "Subject: Undelivered Mail Returned to Sender",
         "Content-Type: multipart/report; report-type=delivery-status",
         "Final-Recipient: rfc822; gone@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\n",
-        "550 5.1.1 <gone@remote.test>: no such user (from mx.remote.test[127.0.0.1])",
+        // The remote reply as it came, and who gave it.
+        "Diagnostic-Code: smtp; 550 5.1.1 <gone@remote.test>: no such user\r\nRemote-MTA: dns; mx.remote.test\r\n",
+        "gone@remote.test: 550 5.1.1 <gone@remote.test>: no such user (from mx.remote.test)\r\n",
         "Final-Recipient: rfc822; x@nomail.test\r\nAction: failed\r\nStatus: 5.1.10\r\n",
         "Final-Recipient: rfc822; y@nowhere.test\r\nAction: failed\r\nStatus: 5.1.2\r\n",
         // The original comes back.

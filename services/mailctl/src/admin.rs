@@ -2,6 +2,19 @@
 
 use std::io::BufRead;
 
+/// `println!` that ends the program quietly when stdout is closed (`mailctl … | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*)
+            && e.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            std::process::exit(0);
+        }
+    }};
+}
+
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use mailmesh_proto::v1;
@@ -76,6 +89,7 @@ pub struct LimitArgs {
     max_storage_bytes: Option<u64>,
     #[arg(long)]
     max_message_bytes: Option<u64>,
+    /// Recipients the tenant's users may send to per hour, together.
     #[arg(long)]
     send_rate_per_hour: Option<u32>,
 }
@@ -146,12 +160,23 @@ fn dkim_json(k: &v1::DkimKeyInfo) -> serde_json::Value {
 }
 
 fn print_dkim(k: &v1::DkimKeyInfo) {
-    println!(
-        "{}. IN TXT \"{}\"{}",
+    out!(
+        "{}. IN TXT {}{}",
         k.dns_name,
-        k.dns_record,
+        zone_strings(&k.dns_record),
         if k.signing { " ; signing" } else { "" }
     );
+}
+
+/// A TXT value as zone-file character-strings: quoted pieces of at most 255 octets
+/// (RFC 1035 3.3; an RSA-2048 DKIM record is about 410), which resolvers join.
+fn zone_strings(value: &str) -> String {
+    value
+        .as_bytes()
+        .chunks(255)
+        .map(|piece| format!("\"{}\"", String::from_utf8_lossy(piece)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
@@ -178,17 +203,18 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
                 .map_err(refused)?
                 .into_inner();
             if target.json {
-                println!("{}", dkim_json(&key));
+                out!("{}", dkim_json(&key));
             } else if key.signing {
-                println!(
+                out!(
                     "; publish this record; {} mail is signed with it from now on",
                     key.domain
                 );
                 print_dkim(&key);
             } else {
-                println!(
+                out!(
                     "; publish this record, then `mailctl dkim activate {} {}`",
-                    key.domain, key.selector
+                    key.domain,
+                    key.selector
                 );
                 print_dkim(&key);
             }
@@ -217,7 +243,7 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
                 .into_inner()
                 .keys;
             if target.json {
-                println!(
+                out!(
                     "{}",
                     serde_json::Value::from(keys.iter().map(dkim_json).collect::<Vec<_>>())
                 );
@@ -303,14 +329,14 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                         j
                     })
                     .collect();
-                println!("{}", serde_json::Value::from(list));
+                out!("{}", serde_json::Value::from(list));
                 return Ok(());
             }
             if messages.is_empty() {
-                println!("no outbound mail is waiting");
+                out!("no outbound mail is waiting");
             }
             for m in &messages {
-                println!(
+                out!(
                     "{}  {} bytes  from <{}>  attempts {}  next {}",
                     m.queue_id,
                     m.size,
@@ -319,11 +345,11 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                     when(m.due_ms)
                 );
                 for r in &m.recipients {
-                    println!("    to <{r}>");
+                    out!("    to <{r}>");
                 }
-                println!("    last error: {}", m.last_error);
+                out!("    last error: {}", m.last_error);
                 if headers {
-                    println!(
+                    out!(
                         "    tenant {}, received {}{}",
                         m.tenant,
                         when(m.received_at_ms),
@@ -333,7 +359,7 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                             ""
                         }
                     );
-                    println!();
+                    out!();
                     print!("{}", m.headers);
                 }
             }
@@ -486,9 +512,9 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 fn done(target: &Target, what: String) {
     if target.json {
-        println!("{}", json!({ "ok": true }));
+        out!("{}", json!({ "ok": true }));
     } else {
-        println!("{what}");
+        out!("{what}");
     }
 }
 
@@ -612,10 +638,10 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                         })
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(list));
+                out!("{}", serde_json::Value::Array(list));
             } else {
                 for t in tenants {
-                    println!(
+                    out!(
                         "{:<24} users {:<6} domains {}",
                         t.tenant,
                         t.users,
@@ -684,9 +710,9 @@ pub async fn user(target: Target, command: UserCommand) -> anyhow::Result<()> {
                 .map_err(refused)?
                 .into_inner();
             if target.json {
-                println!("{}", user_json(&info));
+                out!("{}", user_json(&info));
             } else {
-                println!("user {} added", info.address);
+                out!("user {} added", info.address);
             }
         }
         UserCommand::Passwd { address, .. } => {
@@ -747,7 +773,7 @@ pub async fn user(target: Target, command: UserCommand) -> anyhow::Result<()> {
                 .into_inner()
                 .users;
             if target.json {
-                println!(
+                out!(
                     "{}",
                     serde_json::Value::Array(users.iter().map(user_json).collect())
                 );
@@ -758,7 +784,7 @@ pub async fn user(target: Target, command: UserCommand) -> anyhow::Result<()> {
                         q => format!("{q} bytes"),
                     };
                     let state = if u.enabled { "enabled" } else { "disabled" };
-                    println!("{:<40} {state:<9} quota {quota}", u.address);
+                    out!("{:<40} {state:<9} quota {quota}", u.address);
                 }
             }
         }
@@ -800,10 +826,10 @@ pub async fn alias(target: Target, command: AliasCommand) -> anyhow::Result<()> 
                     .iter()
                     .map(|a| json!({ "address": a.address, "targets": a.targets }))
                     .collect();
-                println!("{}", serde_json::Value::Array(list));
+                out!("{}", serde_json::Value::Array(list));
             } else {
                 for a in aliases {
-                    println!("{:<40} -> {}", a.address, a.targets.join(", "));
+                    out!("{:<40} -> {}", a.address, a.targets.join(", "));
                 }
             }
         }
@@ -848,12 +874,16 @@ pub async fn mailbox(target: Target, command: MailboxCommand) -> anyhow::Result<
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(list));
+        out!("{}", serde_json::Value::Array(list));
     } else {
         for m in list {
-            println!(
+            out!(
                 "{:<24} {:<10} messages {:<6} unseen {:<6} bytes {}",
-                m.name, m.special_use, m.messages, m.unseen, m.size
+                m.name,
+                m.special_use,
+                m.messages,
+                m.unseen,
+                m.size
             );
         }
     }
@@ -871,15 +901,31 @@ pub async fn quota(target: Target, command: QuotaCommand) -> anyhow::Result<()> 
         .into_inner();
     let limit = (quota.limit_bytes != 0).then_some(quota.limit_bytes);
     if target.json {
-        println!(
+        out!(
             "{}",
             json!({ "address": address, "used_bytes": quota.used_bytes, "limit_bytes": limit })
         );
     } else {
         match limit {
-            Some(l) => println!("{address}: {} of {l} bytes used", quota.used_bytes),
-            None => println!("{address}: {} bytes used (no quota)", quota.used_bytes),
+            Some(l) => out!("{address}: {} of {l} bytes used", quota.used_bytes),
+            None => out!("{address}: {} bytes used (no quota)", quota.used_bytes),
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zone_strings;
+
+    #[test]
+    fn long_txt_values_are_split_into_character_strings() {
+        assert_eq!(zone_strings("v=DKIM1; p=abc"), "\"v=DKIM1; p=abc\"");
+        let long = format!("v=DKIM1; k=rsa; p={}", "A".repeat(400));
+        let split = zone_strings(&long);
+        let pieces: Vec<&str> = split.split('"').skip(1).step_by(2).collect();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0].len(), 255);
+        assert_eq!(pieces.concat(), long);
+    }
 }

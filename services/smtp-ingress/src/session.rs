@@ -632,7 +632,7 @@ impl<'a> Session<'a> {
         } else {
             DsnNotify::DEFAULT
         };
-        let recipient = Recipient {
+        let mut recipient = Recipient {
             address,
             notify,
             // The parser decodes ORCPT's xtext and drops its type, which RFC 3461
@@ -642,8 +642,15 @@ impl<'a> Session<'a> {
         if let Some(account) = &self.account {
             // Submission: anywhere, but local addresses must exist. The record
             // belongs to the sender's tenant; workers deliver or relay each recipient.
-            return match self.ingress.directory.lookup(&recipient.address).await {
+            return match self.lookup_recipient(&mut recipient).await {
                 Ok(Lookup::Deliver(_) | Lookup::NotLocal) => {
+                    if !self.within_send_rates(account).await {
+                        crate::metrics::rejected("send_rate");
+                        tracing::info!(user = %account.address, "send rate reached");
+                        return Ok(
+                            "450 4.7.1 Sending rate limit reached, try again later\r\n".into()
+                        );
+                    }
                     let tenant = account.user.tenant.clone();
                     if let Some(tx) = self.tx.as_mut() {
                         tx.recipients.push((recipient, tenant));
@@ -659,7 +666,7 @@ impl<'a> Session<'a> {
                 }
             };
         }
-        let resolution = match self.ingress.directory.lookup(&recipient.address).await {
+        let resolution = match self.lookup_recipient(&mut recipient).await {
             Ok(Lookup::Deliver(resolution)) => resolution,
             Ok(Lookup::NotLocal) => {
                 crate::metrics::rejected("relay_denied");
@@ -701,6 +708,28 @@ impl<'a> Session<'a> {
         Ok("250 2.1.5 OK\r\n".into())
     }
 
+    /// Looks `recipient` up. RFC 5321 4.5.1: every domain taking mail has a
+    /// postmaster; at a local domain without one of its own, `postmaster@` becomes
+    /// the deployment's postmaster (the original address kept as ORCPT).
+    async fn lookup_recipient(&self, recipient: &mut Recipient) -> Result<Lookup, DeliveryError> {
+        let found = self.ingress.directory.lookup(&recipient.address).await;
+        let postmaster = &self.ingress.postmaster;
+        if matches!(found, Ok(Lookup::Unknown))
+            && recipient
+                .address
+                .local_part()
+                .eq_ignore_ascii_case("postmaster")
+            && recipient.address != *postmaster
+        {
+            if recipient.orcpt.is_none() && !recipient.address.is_utf8() {
+                recipient.orcpt = Some(format!("rfc822;{}", recipient.address));
+            }
+            recipient.address = postmaster.clone();
+            return self.ingress.directory.lookup(postmaster).await;
+        }
+        found
+    }
+
     /// The largest message this session takes: the port's limit, or the user's
     /// tenant's if lower.
     fn max_message_bytes(&self) -> usize {
@@ -711,8 +740,7 @@ impl<'a> Session<'a> {
             .map_or(port, |t| port.min(usize::try_from(t).unwrap_or(usize::MAX)))
     }
 
-    /// Submission: MAIL needs a logged-in user sending as themselves, within the
-    /// send rates.
+    /// Submission: MAIL needs a logged-in user sending as themselves.
     async fn submitter(&self, from: &smtp_proto::MailFrom<String>) -> Result<(), String> {
         let Some(account) = &self.account else {
             return Err("530 5.7.0 Authentication required\r\n".into());
@@ -738,19 +766,24 @@ impl<'a> Session<'a> {
                 Err(()) => return Err("451 4.3.0 Temporary failure, try again later\r\n".into()),
             }
         }
+        Ok(())
+    }
+
+    /// Submission: one more recipient within the user's and the tenant's hourly
+    /// send rates (counted per recipient, so a message to many costs many).
+    async fn within_send_rates(&self, account: &Account) -> bool {
         let config = self.ingress.submission.as_ref().expect("submission port");
         let hour = std::time::Duration::from_secs(3600);
-        let user_limit = config.messages_per_user_per_hour;
+        let user_limit = config.recipients_per_user_per_hour;
         let tenant_limit = account.limits.send_rate_per_hour.unwrap_or(0);
-        if !self
-            .ingress
+        self.ingress
             .within(
                 &format!("submission:user:{}", account.user.user),
                 user_limit,
                 hour,
             )
             .await
-            || !self
+            && self
                 .ingress
                 .within(
                     &format!("submission:tenant:{}", account.user.tenant),
@@ -758,11 +791,6 @@ impl<'a> Session<'a> {
                     hour,
                 )
                 .await
-        {
-            crate::metrics::rejected("send_rate");
-            return Err("450 4.7.1 Sending rate limit reached, try again later\r\n".into());
-        }
-        Ok(())
     }
 
     /// Whether mail to `address` reaches `account`'s own mailbox (so they may send
@@ -1309,17 +1337,22 @@ impl<'a> Session<'a> {
             queue_id,
             received_at,
         );
-        // Every From address must be the user's (RFC 6409 8.1 lets the MSA refuse).
-        if completed.from.is_empty() {
-            crate::metrics::rejected("sender_mismatch");
-            return "550 5.7.1 The From header cannot be read\r\n".into();
-        }
-        for from in &completed.from {
-            match self.owns(account, from).await {
+        // Every From and Sender address must be the user's (RFC 6409 8.1 lets the
+        // MSA refuse).
+        let authors = match &completed.authors {
+            Ok(authors) => authors,
+            Err(reply) => {
+                crate::metrics::rejected("sender_mismatch");
+                return (*reply).into();
+            }
+        };
+        for author in authors {
+            match self.owns(account, author).await {
                 Ok(true) => {}
                 Ok(false) => {
                     crate::metrics::rejected("sender_mismatch");
-                    return format!("550 5.7.1 From address <{from}> is not yours\r\n");
+                    tracing::info!(user = %account.address, %author, "message from another author refused");
+                    return format!("550 5.7.1 Author address <{author}> is not yours\r\n");
                 }
                 Err(()) => return "451 4.3.0 Temporary failure, try again later\r\n".into(),
             }
@@ -1331,7 +1364,8 @@ impl<'a> Session<'a> {
                 .as_bytes(),
         );
         if config.dkim_sign {
-            let domain = completed.from[0].domain();
+            // The From domain signs (authors[0]: From comes first).
+            let domain = authors[0].domain();
             match self
                 .ingress
                 .keys

@@ -35,9 +35,11 @@ pub struct SubmissionConfig {
     /// Leave the client's address and name out of the Received header (the header
     /// still says which server took the message, when, and that it was submitted).
     pub hide_client: bool,
-    /// Messages one user may submit per hour, across pods; 0 is no limit. A tenant's
+    /// Recipients one user may send to per hour, across pods (each accepted RCPT
+    /// counts, so one message to 100 people counts 100); 0 is no limit. A tenant's
     /// own `send_rate_per_hour` limits all its users together on top.
-    pub messages_per_user_per_hour: u32,
+    #[serde(alias = "messages_per_user_per_hour")]
+    pub recipients_per_user_per_hour: u32,
     /// DKIM-sign with the From domain's key when it has one.
     pub dkim_sign: bool,
     /// How long a domain's signing key (or its absence) is remembered.
@@ -54,7 +56,7 @@ impl Default for SubmissionConfig {
             failure_delay: Duration::from_secs(1),
             max_parallel_logins: 64,
             hide_client: false,
-            messages_per_user_per_hour: 1000,
+            recipients_per_user_per_hour: 1000,
             dkim_sign: true,
             key_cache_ttl: Duration::from_secs(60),
         }
@@ -172,12 +174,14 @@ pub(crate) fn field_name(field: &[u8]) -> Option<&[u8]> {
 /// A submitted message as it will be queued.
 pub(crate) struct Completed {
     pub message: Vec<u8>,
-    /// Addresses in From (all of them must belong to the sender).
-    pub from: Vec<EmailAddress>,
+    /// Addresses in From and Sender, all of which must belong to the user; or the
+    /// reply refusing a message whose author fields cannot be read.
+    pub authors: Result<Vec<EmailAddress>, &'static str>,
 }
 
 /// RFC 6409 8: adds Date and Message-ID when missing, a From with the user's
-/// address when there is none; removes Bcc (its recipients are in the envelope).
+/// address when there is none; removes Bcc and Resent-Bcc (their recipients are in
+/// the envelope).
 pub(crate) fn complete(
     message: Vec<u8>,
     user: &EmailAddress,
@@ -198,26 +202,49 @@ pub(crate) fn complete(
     if !has(b"message-id") {
         added.push_str(&format!("Message-ID: <{queue_id}@{hostname}>\r\n"));
     }
-    let from_fields = fields
-        .iter()
-        .filter(|r| {
-            field_name(&message[(*r).clone()]).is_some_and(|n| n.eq_ignore_ascii_case(b"from"))
-        })
-        .count();
-    let from = from_addresses(&message[..headers_end]);
-    let from = if from_fields > 1 {
-        // RFC 5322 3.6: one From field; several would let one hide behind another.
-        Vec::new()
-    } else if has(b"from") {
-        from
+    let count = |name: &[u8]| {
+        fields
+            .iter()
+            .filter(|r| {
+                field_name(&message[(*r).clone()]).is_some_and(|n| n.eq_ignore_ascii_case(name))
+            })
+            .count()
+    };
+    let headers = &message[..headers_end];
+    // RFC 5322 3.6: one From and at most one Sender; more would let one hide
+    // behind another.
+    let authors = if count(b"from") > 1 {
+        Err("550 5.7.1 Only one From field is allowed\r\n")
+    } else if count(b"sender") > 1 {
+        Err("550 5.7.1 Only one Sender field is allowed\r\n")
     } else {
-        added.push_str(&format!("From: <{user}>\r\n"));
-        vec![user.clone()]
+        let from = if has(b"from") {
+            addresses(headers, &mail_parser::HeaderName::From)
+                .filter(|a| !a.is_empty())
+                .ok_or("550 5.7.1 The From header cannot be read\r\n")
+        } else {
+            added.push_str(&format!("From: <{user}>\r\n"));
+            Ok(vec![user.clone()])
+        };
+        let sender = if has(b"sender") {
+            addresses(headers, &mail_parser::HeaderName::Sender)
+                .filter(|a| a.len() == 1)
+                .ok_or("550 5.7.1 The Sender header cannot be read\r\n")
+        } else {
+            Ok(Vec::new())
+        };
+        from.and_then(|mut from| {
+            from.extend(sender?);
+            Ok(from)
+        })
     };
     let mut out = Vec::with_capacity(message.len() + added.len());
     for range in &fields {
         let field = &message[range.clone()];
-        if !field_name(field).is_some_and(|n| n.eq_ignore_ascii_case(b"bcc")) {
+        let blind = field_name(field).is_some_and(|n| {
+            n.eq_ignore_ascii_case(b"bcc") || n.eq_ignore_ascii_case(b"resent-bcc")
+        });
+        if !blind {
             out.extend_from_slice(field);
         }
     }
@@ -227,24 +254,25 @@ pub(crate) fn complete(
     }
     out.extend_from_slice(added.as_bytes());
     out.extend_from_slice(&message[headers_end..]);
-    Completed { message: out, from }
+    Completed {
+        message: out,
+        authors,
+    }
 }
 
-/// The mailbox addresses of every From field (group syntax included); unparsable
-/// ones are left out, so a From nobody can read fails the ownership check.
-fn from_addresses(headers: &[u8]) -> Vec<EmailAddress> {
+/// The mailbox addresses of every `name` field (group syntax included); `None`
+/// when one of them cannot be read (the caller refuses the message).
+fn addresses(headers: &[u8], name: &mail_parser::HeaderName<'_>) -> Option<Vec<EmailAddress>> {
     let mut section = headers.to_vec();
     section.extend_from_slice(b"\r\n");
-    let Some(parsed) = mail_parser::MessageParser::new().parse_headers(&section) else {
-        return Vec::new();
-    };
+    let parsed = mail_parser::MessageParser::new().parse_headers(&section)?;
     let mut out = Vec::new();
     for header in parsed.headers() {
-        if !matches!(header.name, mail_parser::HeaderName::From) {
+        if &header.name != name {
             continue;
         }
         let Some(address) = header.value().as_address() else {
-            // A From that is not an address list.
+            // Not an address list.
             out.push(None);
             continue;
         };
@@ -252,11 +280,7 @@ fn from_addresses(headers: &[u8]) -> Vec<EmailAddress> {
             out.push(a.address().and_then(|a| a.parse::<EmailAddress>().ok()));
         }
     }
-    if out.iter().any(Option::is_none) {
-        // Something unreadable: the caller refuses the message.
-        return vec![];
-    }
-    out.into_iter().flatten().collect()
+    out.into_iter().collect()
 }
 
 #[cfg(test)]
@@ -275,7 +299,10 @@ mod tests {
         );
         (
             String::from_utf8(done.message).unwrap(),
-            done.from.iter().map(ToString::to_string).collect(),
+            // Refused: nothing the ownership check could pass.
+            done.authors
+                .map(|a| a.iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
         )
     }
 
@@ -333,5 +360,22 @@ mod tests {
         let (out, from) = run("From: ann@acme.test");
         assert_eq!(from, ["ann@acme.test"]);
         assert!(out.starts_with("From: ann@acme.test\r\nDate: "), "{out}");
+    }
+
+    #[test]
+    fn sender_counts_as_an_author_and_resent_bcc_goes() {
+        let (out, authors) = run(
+            "From: ann@acme.test\r\nSender: Boss <boss@acme.test>\r\nResent-Bcc: hidden@c.test\r\n\r\nx",
+        );
+        assert_eq!(authors, ["ann@acme.test", "boss@acme.test"]);
+        assert!(!out.contains("hidden@c.test"), "{out}");
+        // Two Sender fields, a Sender list or an unreadable one: refused.
+        for bad in [
+            "From: ann@acme.test\r\nSender: ann@acme.test\r\nSender: boss@acme.test\r\n\r\nx",
+            "From: ann@acme.test\r\nSender: ann@acme.test, boss@acme.test\r\n\r\nx",
+            "From: ann@acme.test\r\nSender: nobody at all\r\n\r\nx",
+        ] {
+            assert!(run(bad).1.is_empty(), "{bad}");
+        }
     }
 }

@@ -263,7 +263,7 @@ async fn login_failures_send_rates_and_implicit_tls() {
     let s = submission_server(SubmissionConfig {
         max_auth_failures: 2,
         failure_delay: Duration::from_millis(10),
-        messages_per_user_per_hour: 1,
+        recipients_per_user_per_hour: 2,
         ..SubmissionConfig::default()
     })
     .await;
@@ -291,8 +291,13 @@ async fn login_failures_send_rates_and_implicit_tls() {
     c.cmd("DATA", "354").await;
     c.send("Subject: one\r\n\r\nx\r\n.\r\n").await;
     c.expect("250 2.0.0").await;
-    // One message per hour for this user.
-    c.cmd("MAIL FROM:<alice@acme.test>", "450 4.7.1").await;
+    // Two recipients per hour for this user: one more, then no more.
+    c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
+    c.cmd("RCPT TO:<someone@remote.test>", "250").await;
+    c.cmd("RCPT TO:<other@remote.test>", "450 4.7.1").await;
+    c.cmd("RSET", "250").await;
+    c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "450 4.7.1").await;
     c.cmd("QUIT", "221").await;
     let queued = s.queued(1).await;
     let text = body(&s, &queued[0]).await;

@@ -650,13 +650,25 @@ async fn postmaster_without_a_domain_is_accepted() {
     c.hello().await;
     c.cmd("MAIL FROM:<bob@example.org>", "250").await;
     c.cmd("RCPT TO:<Postmaster>", "250 2.1.5").await;
+    // A local domain without a postmaster of its own: the deployment's (RFC 5321
+    // 4.5.1); an unknown user there or a foreign postmaster still not.
+    c.cmd("RCPT TO:<PostMaster@acme.test>", "250 2.1.5").await;
+    c.cmd("RCPT TO:<postmistress@acme.test>", "550 5.1.1").await;
+    c.cmd("RCPT TO:<postmaster@example.org>", "550 5.7.1").await;
     c.cmd("DATA", "354").await;
     c.send("Subject: abuse report\r\n\r\nx\r\n.\r\n").await;
     c.expect("250 2.0.0").await;
     let queued = s.queued(1).await;
+    let recipients = &queued[0].recipients;
+    assert_eq!(recipients.len(), 2);
+    assert!(
+        recipients
+            .iter()
+            .all(|r| r.address.to_string() == "alice@acme.test")
+    );
     assert_eq!(
-        queued[0].recipients[0].address.to_string(),
-        "alice@acme.test"
+        recipients[1].orcpt.as_deref(),
+        Some("rfc822;PostMaster@acme.test")
     );
 }
 

@@ -35,6 +35,7 @@ pub struct TenantLimits {
     pub max_users: Option<u32>,
     pub max_storage_bytes: Option<u64>,
     pub max_message_bytes: Option<u64>,
+    /// Recipients per hour, all the tenant's users together (submission).
     pub send_rate_per_hour: Option<u32>,
 }
 
@@ -680,17 +681,24 @@ impl Directory {
                 keys.push(key);
             }
             C::RemoveDkimKey { domain, selector } => {
-                let keys = self.dkim.entry(domain.clone()).or_default();
-                let before = keys.len();
-                keys.retain(|k| k.selector != selector);
-                let removed = keys.len() < before;
+                let missing =
+                    || StorageError::NotFound(format!("DKIM selector {selector} of {domain}"));
+                let keys = self.dkim.get_mut(&domain).ok_or_else(missing)?;
+                let at = keys
+                    .iter()
+                    .position(|k| k.selector == selector)
+                    .ok_or_else(missing)?;
+                // Removing the signing key must not make another one sign unasked: a
+                // key waiting for activation may not be in DNS yet.
+                if at + 1 == keys.len() && keys.len() > 1 {
+                    return Err(invalid(format!(
+                        "{selector} is the key that signs for {domain}: activate another \
+                         one first, or remove the others"
+                    )));
+                }
+                keys.remove(at);
                 if keys.is_empty() {
                     self.dkim.remove(&domain);
-                }
-                if !removed {
-                    return Err(StorageError::NotFound(format!(
-                        "DKIM selector {selector} of {domain}"
-                    )));
                 }
             }
         }
@@ -942,6 +950,19 @@ mod tests {
         // Snapshots keep them.
         let again: Directory = serde_json::from_str(&serde_json::to_string(&dir).unwrap()).unwrap();
         assert_eq!(again, dir);
+        // The signing key cannot be removed while another key would take over.
+        assert!(matches!(
+            dir.apply(DirectoryCommand::RemoveDkimKey {
+                domain: d("acme.test"),
+                selector: "s2.rotated".into(),
+            }),
+            Err(StorageError::InvalidArgument(_))
+        ));
+        dir.apply(DirectoryCommand::ActivateDkimKey {
+            domain: d("acme.test"),
+            selector: "s1".into(),
+        })
+        .unwrap();
         dir.apply(DirectoryCommand::RemoveDkimKey {
             domain: d("acme.test"),
             selector: "s2.rotated".into(),

@@ -178,9 +178,19 @@ struct Again {
 
 /// How one recipient fared.
 enum Outcome {
-    Delivered,
-    Temporary { status: String, diagnostic: String },
-    Permanent { status: String, diagnostic: String },
+    /// With the MX host, its address and its reply, for the log.
+    Delivered { via: String },
+    /// `remote`: the MX host whose reply `diagnostic` is (none for local causes).
+    Temporary {
+        status: String,
+        diagnostic: String,
+        remote: Option<String>,
+    },
+    Permanent {
+        status: String,
+        diagnostic: String,
+        remote: Option<String>,
+    },
 }
 
 pub struct Outbound {
@@ -395,7 +405,10 @@ impl Outbound {
             .collect();
         let remember = self.worker.max_lifetime + Duration::from_secs(24 * 3600);
         for (r, outcome) in &outcomes {
-            if matches!(outcome, Outcome::Delivered | Outcome::Permanent { .. }) {
+            if matches!(
+                outcome,
+                Outcome::Delivered { .. } | Outcome::Permanent { .. }
+            ) {
                 let key = Self::done_key(&job.envelope, r);
                 let _ = self
                     .cache
@@ -415,31 +428,51 @@ impl Outbound {
             .is_ok_and(|age| age > self.worker.max_lifetime);
         let mut failures = Vec::new();
         let mut retry: Vec<Failure> = Vec::new();
+        let queue_id = &envelope.queue_id;
         for (recipient, outcome) in outcomes {
+            let address = &recipient.address;
             match outcome {
-                Outcome::Delivered => crate::metrics::relayed("delivered"),
-                Outcome::Permanent { status, diagnostic } => {
+                Outcome::Delivered { via } => {
+                    crate::metrics::relayed("delivered");
+                    tracing::info!(%queue_id, recipient = %address, %via, "relayed");
+                }
+                Outcome::Permanent {
+                    status,
+                    diagnostic,
+                    remote,
+                } => {
                     crate::metrics::relayed("failed");
+                    tracing::warn!(%queue_id, recipient = %address, %status, %diagnostic, remote = remote.as_deref().unwrap_or("-"), "relay failed");
                     failures.push(Failure {
                         recipient,
                         status,
                         diagnostic,
+                        remote_mta: remote,
                     });
                 }
-                Outcome::Temporary { diagnostic, .. } if expired => {
+                Outcome::Temporary {
+                    diagnostic, remote, ..
+                } if expired => {
                     crate::metrics::relayed("expired");
+                    tracing::warn!(%queue_id, recipient = %address, %diagnostic, "delivery time expired");
                     failures.push(Failure {
                         recipient,
                         status: "4.4.7".into(),
                         diagnostic: format!("delivery time expired; last error: {diagnostic}"),
+                        remote_mta: remote,
                     });
                 }
-                Outcome::Temporary { status, diagnostic } => {
+                Outcome::Temporary {
+                    status,
+                    diagnostic,
+                    remote,
+                } => {
                     crate::metrics::relayed("deferred");
                     retry.push(Failure {
                         recipient,
                         status,
                         diagnostic,
+                        remote_mta: remote,
                     });
                 }
             }
@@ -465,7 +498,10 @@ impl Outbound {
             .flatten();
         let last_error = retry
             .first()
-            .map(|f| f.diagnostic.clone())
+            .map(|f| match &f.remote_mta {
+                Some(host) => format!("{} (from {host})", f.diagnostic),
+                None => f.diagnostic.clone(),
+            })
             .unwrap_or_default();
         let due = (SystemTime::now() + wait).min(until.max(SystemTime::now()));
         let waiting = Envelope {
@@ -490,6 +526,12 @@ impl Outbound {
     async fn persist(&self, job: &Job, settled: &Settled) -> Result<(), NotDone> {
         for report in settled.bounce.iter().chain(&settled.notice) {
             publish_envelope(&*self.queue, &self.worker.topic, report, Vec::new()).await?;
+            tracing::info!(
+                queue_id = %job.envelope.queue_id,
+                report = %report.queue_id,
+                to = %report.recipients.first().map(|r| r.address.to_string()).unwrap_or_default(),
+                "delivery report queued"
+            );
         }
         let Some(again) = &settled.again else {
             return Ok(());
@@ -614,6 +656,7 @@ impl Outbound {
             return all(&|| Outcome::Temporary {
                 status: "4.3.0".into(),
                 diagnostic: "shutting down".into(),
+                remote: None,
             });
         };
         let hosts = match self.router.hosts(domain).await {
@@ -622,12 +665,14 @@ impl Outbound {
                 return all(&|| Outcome::Permanent {
                     status: status.into(),
                     diagnostic: format!("550 {status} {reason}"),
+                    remote: None,
                 });
             }
             Err(RouteError::Temporary(reason)) => {
                 return all(&|| Outcome::Temporary {
                     status: "4.4.3".into(),
                     diagnostic: reason.clone(),
+                    remote: None,
                 });
             }
         };
@@ -666,6 +711,7 @@ impl Outbound {
                     return all(&|| Outcome::Permanent {
                         status: "5.1.2".into(),
                         diagnostic: format!("550 5.1.2 {domain} has no MX and no address"),
+                        remote: None,
                     });
                 }
                 last = format!("MX host {host} has no address");
@@ -695,6 +741,7 @@ impl Outbound {
                         return all(&|| Outcome::Temporary {
                             status: "4.4.2".into(),
                             diagnostic: diagnostic.clone(),
+                            remote: Some(host.clone()),
                         });
                     }
                     Err(e) => {
@@ -713,6 +760,7 @@ impl Outbound {
         all(&|| Outcome::Temporary {
             status: status.into(),
             diagnostic: last.clone(),
+            remote: None,
         })
     }
 
@@ -850,17 +898,18 @@ fn public(ip: std::net::IpAddr) -> bool {
 
 fn outcome(host: &str, peer: SocketAddr, result: RecipientResult) -> Outcome {
     match result {
-        RecipientResult::Delivered(reply) => {
-            tracing::info!(%host, %peer, %reply, "relayed");
-            Outcome::Delivered
-        }
+        RecipientResult::Delivered(reply) => Outcome::Delivered {
+            via: format!("{host}[{}]: {reply}", peer.ip()),
+        },
         RecipientResult::Failed(reply) if reply.is_permanent() => Outcome::Permanent {
             status: reply.status(),
-            diagnostic: format!("{reply} (from {host}[{}])", peer.ip()),
+            diagnostic: reply.to_string(),
+            remote: Some(host.to_owned()),
         },
         RecipientResult::Failed(reply) => Outcome::Temporary {
             status: reply.status(),
-            diagnostic: format!("{reply} (from {host}[{}])", peer.ip()),
+            diagnostic: reply.to_string(),
+            remote: Some(host.to_owned()),
         },
     }
 }
