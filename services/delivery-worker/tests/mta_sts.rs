@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Setup, envelope, setup};
-use mailmesh_delivery::outbound::{Outbound, OutboundConfig, schedule};
+use mailmesh_delivery::outbound::{OutboundConfig, schedule};
 use mailmesh_kit::Shutdown;
 use mailmesh_testkit::dns::DnsServer;
 use mailmesh_testkit::https::HttpsServer;
@@ -90,44 +90,11 @@ fn world(mx_tls: MxTls, policy: (String, String, Vec<u8>)) -> World {
 }
 
 fn start(s: &Setup, config: OutboundConfig) -> Shutdown {
-    start_with(
-        s,
-        config,
-        Arc::new(mailmesh_cache::memory::MemoryCache::new()),
-    )
-}
-
-fn start_with(
-    s: &Setup,
-    config: OutboundConfig,
-    cache: Arc<dyn mailmesh_cache::Cache>,
-) -> Shutdown {
-    let shutdown = Shutdown::new();
-    let outbound = Outbound::new(
-        s.queue.clone(),
-        s.objects.clone(),
-        cache,
-        config,
-        s.config.clone(),
-    )
-    .unwrap();
-    let stop = shutdown.clone();
-    tokio::spawn(async move { outbound.run(stop).await.unwrap() });
-    shutdown
+    s.start_outbound(config, Arc::new(mailmesh_cache::memory::MemoryCache::new()))
 }
 
 async fn relay(s: &Setup, to: &str, subject: &str) {
-    let e = envelope("alice@acme.test", &[to], subject);
-    s.queue
-        .publish(mailmesh_queue::OutgoingRecord {
-            topic: s.config.outbound_topic.clone(),
-            key: bytes::Bytes::from(e.queue_id.to_string()),
-            payload: bytes::Bytes::from(mailmesh_proto::encode_envelope(&e)),
-            headers: vec![],
-            partition: None,
-        })
-        .await
-        .unwrap();
+    s.relay(&envelope("alice@acme.test", &[to], subject)).await;
 }
 
 /// Waits until the message is in the due-time index and returns its last error.
@@ -206,7 +173,7 @@ async fn a_cached_policy_outlives_its_record() {
     let w = world(MxTls::Trusted, policy_body("enforce", "mx.secure.test"));
     let cache: Arc<dyn mailmesh_cache::Cache> =
         Arc::new(mailmesh_cache::memory::MemoryCache::new());
-    let _first = start_with(&s, w.config.clone(), cache.clone());
+    let _first = s.start_outbound(w.config.clone(), cache.clone());
     relay(&s, "bob@secure.test", "one").await;
     w.mx.wait_for(1, Duration::from_secs(30));
 
@@ -225,7 +192,7 @@ async fn a_cached_policy_outlives_its_record() {
     config.dns.servers = vec![dns.addr];
     config.retry_prefix = format!("{}-second", w.config.retry_prefix);
     config.group = format!("{}-second", w.config.group);
-    let _stop = start_with(&s, config.clone(), cache);
+    let _stop = s.start_outbound(config.clone(), cache);
     relay(&s, "carol@secure.test", "two").await;
     let second = World {
         mx: rogue,

@@ -10,14 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use common::{Setup, envelope, setup};
-use mailmesh_delivery::outbound::{Outbound, OutboundConfig, schedule};
-use mailmesh_kit::Shutdown;
-use mailmesh_proto::encode_envelope;
-use mailmesh_queue::OutgoingRecord;
+use common::{envelope, setup};
+use mailmesh_delivery::outbound::{OutboundConfig, schedule};
 use mailmesh_testkit::dns::DnsServer;
 use mailmesh_testkit::mx::{Script, TestMx};
-use mailmesh_types::{BodyRef, Envelope};
+use mailmesh_types::BodyRef;
 
 struct Remote {
     mx: TestMx,
@@ -67,40 +64,6 @@ fn accept_all() -> Arc<Script> {
     Arc::new(|_, _| "250 2.1.5 ok".to_owned())
 }
 
-impl Setup {
-    fn start_outbound(
-        &self,
-        config: OutboundConfig,
-        cache: Arc<dyn mailmesh_cache::Cache>,
-    ) -> Shutdown {
-        let shutdown = Shutdown::new();
-        let outbound = Outbound::new(
-            self.queue.clone(),
-            self.objects.clone(),
-            cache,
-            config,
-            self.config.clone(),
-        )
-        .unwrap();
-        let s = shutdown.clone();
-        tokio::spawn(async move { outbound.run(s).await.unwrap() });
-        shutdown
-    }
-
-    async fn relay(&self, envelope: &Envelope) {
-        self.queue
-            .publish(OutgoingRecord {
-                topic: self.config.outbound_topic.clone(),
-                key: Bytes::from(envelope.queue_id.to_string()),
-                payload: Bytes::from(encode_envelope(envelope)),
-                headers: vec![],
-                partition: None,
-            })
-            .await
-            .unwrap();
-    }
-}
-
 fn memory_cache() -> Arc<dyn mailmesh_cache::Cache> {
     Arc::new(mailmesh_cache::memory::MemoryCache::new())
 }
@@ -133,15 +96,23 @@ async fn mail_for_remote_domains_reaches_their_mx_over_tls() {
     assert_eq!(m.mail_from, "alice@acme.test");
     assert_eq!(m.recipients, ["bob@remote.test", "carol@remote.test"]);
     assert!(m.parameters.contains("SIZE="), "{}", m.parameters);
+    assert!(!m.parameters.contains("BODY="), "7-bit: {}", m.parameters);
     assert_eq!(
         String::from_utf8_lossy(&m.data),
         "Subject: hello\r\n\r\n.a line with a dot\r\n..two\r\nend\r\n"
     );
-    // The next message to the same host reuses the connection.
-    s.relay(&envelope("alice@acme.test", &["dave@remote.test"], "again"))
-        .await;
+    // The next message to the same host reuses the connection. Its 8-bit text was
+    // not declared (the envelope says 7-bit); the relay declares it.
+    let mut again = envelope("alice@acme.test", &["dave@remote.test"], "again");
+    again.body = BodyRef::Inline(Bytes::from("Subject: café\r\n\r\nnaïve\r\n"));
+    s.relay(&again).await;
     let got = r.mx.wait_for(2, Duration::from_secs(30));
     assert_eq!(got[1].earlier_on_connection, 1, "{got:?}");
+    assert!(
+        got[1].parameters.contains("BODY=8BITMIME"),
+        "{}",
+        got[1].parameters
+    );
     // The first record once more (a redelivery after a crash, or an alias's
     // forward handed over again): its recipients are done, nothing is resent.
     s.relay(&e).await;

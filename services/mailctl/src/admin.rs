@@ -271,8 +271,15 @@ pub enum QueueCommand {
     List,
     /// One waiting message: envelope, attempts, last error and headers.
     Show { queue_id: String },
-    /// Try a waiting message again now.
-    Retry { queue_id: String },
+    /// Try waiting mail again now: one message, every one (`--all`), or those with
+    /// a recipient at `--domain` (after the destination was fixed).
+    Retry {
+        queue_id: Option<String>,
+        #[arg(long, conflicts_with_all = ["queue_id", "domain"])]
+        all: bool,
+        #[arg(long, conflicts_with = "queue_id")]
+        domain: Option<String>,
+    },
     /// Drop a waiting message (no report goes to the sender).
     Delete { queue_id: String },
 }
@@ -364,7 +371,10 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                 }
             }
         }
-        QueueCommand::Retry { queue_id } => {
+        QueueCommand::Retry {
+            queue_id: Some(queue_id),
+            ..
+        } => {
             client
                 .retry_waiting(v1::QueueIdRequest {
                     queue_id: queue_id.clone(),
@@ -372,6 +382,50 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                 .await
                 .map_err(refused)?;
             done(&target, format!("{queue_id} is due now"));
+        }
+        QueueCommand::Retry {
+            queue_id: None,
+            all,
+            domain,
+        } => {
+            if !all && domain.is_none() {
+                anyhow::bail!("name a queue id, --all or --domain DOMAIN");
+            }
+            let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+            let waiting = client
+                .list_waiting(v1::ListWaitingRequest {
+                    queue_id: String::new(),
+                    limit: 0,
+                    headers: false,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .messages;
+            let mut due = 0;
+            for m in waiting {
+                let wanted = domain.as_ref().is_none_or(|d| {
+                    m.recipients.iter().any(|r| {
+                        r.rsplit_once('@')
+                            .is_some_and(|(_, at)| at.eq_ignore_ascii_case(d))
+                    })
+                });
+                if !wanted {
+                    continue;
+                }
+                match client
+                    .retry_waiting(v1::QueueIdRequest {
+                        queue_id: m.queue_id.clone(),
+                    })
+                    .await
+                {
+                    Ok(_) => due += 1,
+                    // Taken by a worker since the listing: already being tried.
+                    Err(status) if status.code() == tonic::Code::NotFound => {}
+                    Err(status) => return Err(refused(status)),
+                }
+            }
+            done(&target, format!("{due} waiting message(s) due now"));
         }
         QueueCommand::Delete { queue_id } => {
             client

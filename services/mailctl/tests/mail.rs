@@ -42,6 +42,21 @@ fn python(program: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `mailctl --json queue list` once it shows `n` waiting messages.
+async fn waiting_until(dev: &Dev, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&ok(dev, &["--json", "queue", "list"], "")).unwrap();
+        let list = list.as_array().unwrap().clone();
+        if list.len() == n {
+            return list;
+        }
+        assert!(Instant::now() < deadline, "waiting for {n}: {list:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn inbox_count(dev: &Dev, address: &str) -> u64 {
     count(dev, address, "INBOX")
 }
@@ -269,9 +284,19 @@ m.logout()
 /// recipient of the same message gets it in the INBOX; a forged sender is refused.
 #[tokio::test]
 async fn submitted_mail_is_signed_and_relayed_to_the_remote_mx() {
+    // busy@ and stay@ are deferred until the test lets them through.
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opened = open.clone();
     let mx = mailmesh_testkit::mx::TestMx::start(
         None,
-        std::sync::Arc::new(|_, _| "250 2.1.5 ok".to_owned()),
+        std::sync::Arc::new(move |rcpt: &str, _| {
+            let held = rcpt.starts_with("busy@") || rcpt.starts_with("stay@");
+            if held && !opened.load(std::sync::atomic::Ordering::SeqCst) {
+                "452 4.2.2 mailbox busy, try later".to_owned()
+            } else {
+                "250 2.1.5 ok".to_owned()
+            }
+        }),
     );
     let dns = mailmesh_testkit::dns::DnsServer::start(&[
         "mx-host=remote.test,mx.remote.test,10".into(),
@@ -327,14 +352,14 @@ refused = s.sendmail('alice@acme.test', ['friend@remote.test', 'bob@acme.test'],
     b'From: Alice <alice@acme.test>\r\nTo: friend@remote.test\r\nSubject: signed and sent\r\n\r\nHello from mailmesh.\r\n')
 print('refused', refused)
 s.sendmail('alice@acme.test', ['busy@remote.test'], b'Subject: wait for it\r\n\r\nlater\r\n')
+s.sendmail('alice@acme.test', ['stay@remote.test'], b'Subject: never mind\r\n\r\ndrop me\r\n')
 s.quit()
 "#,
         port = dev.submission_port
     ));
     assert_eq!(out, "False\nTrue\nforged 553\nrefused {}\n");
 
-    // Both messages are relayed, in either order.
-    let got = mx.wait_for(2, Duration::from_secs(60));
+    let got = mx.wait_for(1, Duration::from_secs(60));
     let sent = got
         .iter()
         .find(|m| m.recipients == ["friend@remote.test"])
@@ -351,6 +376,75 @@ s.quit()
     assert!(
         mailmesh_testkit::dkimpy_verifies(relayed.as_bytes(), "mm1._domainkey.acme.test", &record),
         "{relayed}"
+    );
+
+    // The two deferred messages wait in the queue, due in 5 minutes.
+    let waiting = waiting_until(&dev, 2).await;
+    let id_of = |rcpt: &str| {
+        waiting
+            .iter()
+            .find(|m| m["recipients"][0] == rcpt)
+            .unwrap_or_else(|| panic!("{rcpt} not waiting: {waiting:?}"))["queue_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (busy, stay) = (id_of("busy@remote.test"), id_of("stay@remote.test"));
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for m in &waiting {
+        assert_eq!(m["attempts"], 1, "{m}");
+        assert_eq!(m["sender"], "alice@acme.test", "{m}");
+        assert!(m["due_ms"].as_i64().unwrap() > now_ms + 60_000, "{m}");
+        let error = m["last_error"].as_str().unwrap();
+        assert!(
+            error.contains("452 4.2.2 mailbox busy") && error.contains("mx.remote.test"),
+            "{error}"
+        );
+    }
+    let shown = ok(&dev, &["queue", "show", &busy], "");
+    assert!(
+        shown.contains("to <busy@remote.test>") && shown.contains("attempts 1"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("Subject: wait for it"),
+        "headers shown: {shown}"
+    );
+    assert!(
+        !mailctl(
+            &dev,
+            &["queue", "show", "0190a4d1c0de7000800000000000abcd"],
+            ""
+        )
+        .status
+        .success()
+    );
+    // Deleted: it is gone and never sent.
+    ok(&dev, &["queue", "delete", &stay], "");
+    let waiting = waiting_until(&dev, 1).await;
+    assert_eq!(waiting[0]["queue_id"], busy.as_str());
+    // The destination is fixed: retrying its domain sends the waiting message now.
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    let retried = ok(&dev, &["queue", "retry", "--domain", "Remote.Test"], "");
+    assert!(
+        retried.contains("1 waiting message(s) due now"),
+        "{retried}"
+    );
+    let got = mx.wait_for(2, Duration::from_secs(60));
+    assert_eq!(got[1].recipients, ["busy@remote.test"]);
+    waiting_until(&dev, 0).await;
+    let stay_tries = mx
+        .attempts()
+        .iter()
+        .filter(|a| a.starts_with("stay@"))
+        .count();
+    assert_eq!(stay_tries, 1, "the deleted message was never tried again");
+    assert!(
+        !mailctl(&dev, &["queue", "retry"], "").status.success(),
+        "an id, --all or --domain"
     );
 
     // The local copy of the same message.

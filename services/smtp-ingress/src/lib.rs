@@ -59,6 +59,10 @@ pub struct IngressConfig {
     /// RFC 5321 4.5.3.2: 5 minutes per command.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// The whole TLS handshake (implicit TLS and after STARTTLS); a client that
+    /// connects and says nothing must not hold a session for a command timeout.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
     /// RFC 5321 4.5.3.2 "data block": the longest wait for more message data.
     #[serde(with = "humantime_serde")]
     pub data_timeout: Duration,
@@ -91,6 +95,7 @@ impl Default for IngressConfig {
             max_connections: 1000,
             inline_body_bytes: 256 << 10,
             command_timeout: Duration::from_secs(300),
+            tls_handshake_timeout: Duration::from_secs(30),
             data_timeout: Duration::from_secs(180),
             // 25 MiB at 256 kbit/s takes about 14 minutes.
             max_data_duration: Duration::from_secs(1800),
@@ -144,6 +149,12 @@ impl Validate for IngressConfig {
         }
         if self.hostname.is_empty() || self.hostname.chars().any(|c| c.is_whitespace()) {
             return Err(ConfigError::invalid("smtp.hostname", "must be a host name"));
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "smtp.tls_handshake_timeout",
+                "must be above zero",
+            ));
         }
         self.postmaster_address()?;
         Ok(())
@@ -382,7 +393,7 @@ pub async fn handle_implicit_tls<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(acceptor) = ingress.tls.clone() else {
         return;
     };
-    let timeout = ingress.config.command_timeout;
+    let timeout = ingress.config.tls_handshake_timeout;
     let Ok(Ok(tls)) = tokio::time::timeout(timeout, acceptor.accept(stream)).await else {
         crate::metrics::rejected("tls_handshake");
         return;

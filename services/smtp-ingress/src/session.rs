@@ -174,7 +174,7 @@ impl<'a> Session<'a> {
         let Some(acceptor) = self.ingress.tls.clone() else {
             return Ok(());
         };
-        let timeout = self.ingress.config.command_timeout;
+        let timeout = self.ingress.config.tls_handshake_timeout;
         let Ok(Ok(tls)) = tokio::time::timeout(timeout, acceptor.accept(stream)).await else {
             crate::metrics::rejected("tls_handshake");
             return Ok(());

@@ -17,7 +17,7 @@ use mailmesh_testkit::dns::DnsServer;
 use mailmesh_types::{BodyRef, InboundPolicy, PolicyAction};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::session::{Client, body, open, server, server_with, server_with_tls};
+use common::session::{Client, body, open, server, server_with, server_with_tls, test_tls};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_is_queued_then_delivered() {
@@ -232,14 +232,32 @@ async fn bdat_chunks_and_too_many_recipients() {
     );
 }
 
+/// A client that asks for STARTTLS and then never starts the handshake is dropped
+/// after `tls_handshake_timeout`, not after a command timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_tls_handshake_is_cut_short() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = test_tls(dir.path());
+    let config = IngressConfig {
+        tls_handshake_timeout: Duration::from_millis(300),
+        ..IngressConfig::default()
+    };
+    let s = server_with_tls(config, Some(tls)).await;
+    let mut c = Client::connect(&s).await;
+    c.cmd("EHLO client.example.org", "250-").await;
+    c.cmd("STARTTLS", "220 2.0.0").await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), c.io.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "{closed:?} {rest:?}");
+}
+
 /// STARTTLS (RFC 3207): commands sent before the handshake are thrown away, the
 /// session starts afresh over TLS, and the message records that it came over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn starttls_discards_injected_commands() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir.path(), &["mx.acme.test"]).unwrap();
-    let resolver = Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
-    let tls = mailmesh_kit::tls::server_config(resolver).unwrap();
+    let tls = test_tls(dir.path());
     let s = server_with_tls(IngressConfig::default(), Some(tls)).await;
     let mut c = Client::connect(&s).await;
     let ehlo = c.cmd("EHLO client.example.org", "250-").await;

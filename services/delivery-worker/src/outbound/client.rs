@@ -314,7 +314,9 @@ impl Connection {
         if ext.size.is_some() {
             mail.push_str(&format!(" SIZE={}", message.len()));
         }
-        if ext.eightbitmime && envelope.body_type != BodyType::SevenBit {
+        // Declared, or found: clients often send 8-bit text without saying so.
+        let eight_bit = envelope.body_type != BodyType::SevenBit || !message.is_ascii();
+        if ext.eightbitmime && eight_bit {
             mail.push_str(" BODY=8BITMIME");
         }
         if envelope.smtputf8 {

@@ -196,3 +196,40 @@ pub fn envelope(from: &str, to: &[&str], body: &str) -> Envelope {
         body: BodyRef::Inline(Bytes::from(format!("Subject: {body}\r\n\r\n{body}\r\n"))),
     }
 }
+
+/// The outbound side (relaying to MX hosts).
+impl Setup {
+    /// Starts an outbound relay on this platform's queue with `config`.
+    pub fn start_outbound(
+        &self,
+        config: mailmesh_delivery::outbound::OutboundConfig,
+        cache: Arc<dyn mailmesh_cache::Cache>,
+    ) -> Shutdown {
+        let shutdown = Shutdown::new();
+        let outbound = mailmesh_delivery::outbound::Outbound::new(
+            self.queue.clone(),
+            self.objects.clone(),
+            cache,
+            config,
+            self.config.clone(),
+        )
+        .unwrap();
+        let s = shutdown.clone();
+        tokio::spawn(async move { outbound.run(s).await.unwrap() });
+        shutdown
+    }
+
+    /// Hands `envelope` to the outbound topic, as the local path does.
+    pub async fn relay(&self, envelope: &Envelope) {
+        self.queue
+            .publish(OutgoingRecord {
+                topic: self.config.outbound_topic.clone(),
+                key: Bytes::from(envelope.queue_id.to_string()),
+                payload: Bytes::from(encode_envelope(envelope)),
+                headers: vec![],
+                partition: None,
+            })
+            .await
+            .unwrap();
+    }
+}

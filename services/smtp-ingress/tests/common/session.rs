@@ -235,6 +235,14 @@ pub async fn body(server: &Server, envelope: &Envelope) -> String {
 
 /// The submission service on the test platform, with a self-signed certificate for
 /// `mx.acme.test`.
+/// A server TLS configuration with a self-signed certificate for mx.acme.test (the
+/// directory holds the files and must outlive the server's use of them).
+pub fn test_tls(dir: &std::path::Path) -> Arc<rustls::ServerConfig> {
+    let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir, &["mx.acme.test"]).unwrap();
+    let resolver = Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
+    mailmesh_kit::tls::server_config(resolver).unwrap()
+}
+
 pub async fn submission_server(submission: mailmesh_ingress::submit::SubmissionConfig) -> Server {
     let super::Platform {
         queue,
@@ -243,9 +251,7 @@ pub async fn submission_server(submission: mailmesh_ingress::submit::SubmissionC
         dir,
         ..
     } = super::platform().await;
-    let (cert, key) =
-        mailmesh_kit::tls::ensure_self_signed(&dir.path().join("tls"), &["mx.acme.test"]).unwrap();
-    let resolver = Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
+    let tls = test_tls(&dir.path().join("tls"));
     let ingress = Ingress::submission(
         queue.clone(),
         objects.clone(),
@@ -255,7 +261,7 @@ pub async fn submission_server(submission: mailmesh_ingress::submit::SubmissionC
             ..IngressConfig::default()
         },
         submission,
-        Some(mailmesh_kit::tls::server_config(resolver).unwrap()),
+        Some(tls),
         Arc::new(mailmesh_cache::memory::MemoryCache::new()),
     );
     Server {
