@@ -30,6 +30,7 @@ pub struct TestMx {
     received: Arc<Mutex<Vec<Received>>>,
     seen: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
+    dsn: Arc<AtomicBool>,
 }
 
 impl TestMx {
@@ -40,7 +41,8 @@ impl TestMx {
         let received = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s, st) = (received.clone(), seen.clone(), stop.clone());
+        let dsn = Arc::new(AtomicBool::new(true));
+        let (r, s, st, d) = (received.clone(), seen.clone(), stop.clone(), dsn.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if st.load(Ordering::SeqCst) {
@@ -48,8 +50,9 @@ impl TestMx {
                 }
                 let Ok(stream) = stream else { continue };
                 let (r, s, tls, script) = (r.clone(), s.clone(), tls.clone(), script.clone());
+                let offers_dsn = d.load(Ordering::SeqCst);
                 std::thread::spawn(move || {
-                    let _ = serve(stream, tls, &*script, &r, &s);
+                    let _ = serve(stream, tls, offers_dsn, &*script, &r, &s);
                 });
             }
         });
@@ -58,7 +61,13 @@ impl TestMx {
             received,
             seen,
             stop,
+            dsn,
         }
+    }
+
+    /// Whether connections from now on are offered DSN (RFC 3461; on by default).
+    pub fn offer_dsn(&self, offered: bool) {
+        self.dsn.store(offered, Ordering::SeqCst);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -103,6 +112,7 @@ impl<T: Read + Write> Io for T {}
 fn serve(
     stream: TcpStream,
     tls: Option<Arc<rustls::ServerConfig>>,
+    offers_dsn: bool,
     script: &Script,
     received: &Mutex<Vec<Received>>,
     seen: &Mutex<Vec<String>>,
@@ -128,8 +138,9 @@ fn serve(
             } else {
                 ""
             };
+            let dsn = if offers_dsn { "250-DSN\r\n" } else { "" };
             format!(
-                "250-mx.remote.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 10000000\r\n{starttls}250 DSN\r\n"
+                "250-mx.remote.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n{starttls}{dsn}250 SIZE 10000000\r\n"
             )
         } else if upper.starts_with("HELO") {
             "250 mx.remote.test\r\n".into()

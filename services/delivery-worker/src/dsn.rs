@@ -1,5 +1,7 @@
-//! Delivery status notifications (RFC 3464) for recipients that cannot be delivered:
-//! a `multipart/report` to the envelope sender, from the null sender so it can never
+//! Delivery status notifications (RFC 3464): failures, delays, and the success
+//! notices RFC 3461 asks for with `NOTIFY=SUCCESS` (delivered to a mailbox, expanded
+//! by an alias, or relayed to a server that sends no notices of its own). Each is a
+//! `multipart/report` to the envelope sender, from the null sender so it can never
 //! cause another bounce (RFC 5321 §4.5.5). Mail that travelled with SMTPUTF8 gets
 //! the internationalized parts of RFC 6533 (`message/global-delivery-status`,
 //! `message/global`, `message/global-headers`, `utf-8` address types).
@@ -17,7 +19,8 @@ use mailmesh_types::{
 /// the headers of large messages).
 const MAX_RETURNED_BYTES: usize = 64 << 10;
 
-/// A recipient that failed for good, with its RFC 3463 status.
+/// One recipient's line in a report (a failure, a delay or a success), with its
+/// RFC 3463 status.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub recipient: Recipient,
@@ -35,7 +38,50 @@ pub fn failure_report(
     failures: &[Failure],
     reporting_mta: &str,
 ) -> Option<Envelope> {
-    report(original, original_message, failures, reporting_mta, None)
+    report(
+        original,
+        original_message,
+        failures,
+        reporting_mta,
+        Kind::Failed,
+    )
+}
+
+/// What a success notice says happened (RFC 3464 2.3.3 `Action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Success {
+    /// Stored in the recipient's mailbox.
+    Delivered,
+    /// An alias passed it on to other addresses.
+    Expanded,
+    /// Handed to a server that sends no delivery notices itself.
+    Relayed,
+}
+
+/// A success notice for recipients that asked for one (NOTIFY=SUCCESS), with the
+/// original's headers; `None` when nobody asked or the sender is null.
+pub fn success_report(
+    original: &Envelope,
+    original_message: &[u8],
+    done: &[Failure],
+    reporting_mta: &str,
+    what: Success,
+) -> Option<Envelope> {
+    report(
+        original,
+        original_message,
+        done,
+        reporting_mta,
+        Kind::Success(what),
+    )
+}
+
+/// Which report.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Failed,
+    Delayed(SystemTime),
+    Success(Success),
 }
 
 /// A delay notice (RFC 3464 `Action: delayed`) for recipients still being retried,
@@ -53,30 +99,26 @@ pub fn delay_report(
         original_message,
         delayed,
         reporting_mta,
-        Some(retry_until),
+        Kind::Delayed(retry_until),
     )
 }
 
-/// A failure report, or a delay notice when `delayed_until` is given.
 fn report(
     original: &Envelope,
     original_message: &[u8],
     failures: &[Failure],
     reporting_mta: &str,
-    delayed_until: Option<SystemTime>,
+    kind: Kind,
 ) -> Option<Envelope> {
     let ReversePath::Address(sender) = &original.mail_from else {
         return None;
     };
-    let delayed = delayed_until.is_some();
     let failures: Vec<&Failure> = failures
         .iter()
-        .filter(|f| {
-            if delayed {
-                f.recipient.notify.delay
-            } else {
-                f.recipient.notify.failure
-            }
+        .filter(|f| match kind {
+            Kind::Failed => f.recipient.notify.failure,
+            Kind::Delayed(_) => f.recipient.notify.delay,
+            Kind::Success(_) => f.recipient.notify.success,
         })
         .collect();
     if failures.is_empty() {
@@ -93,22 +135,44 @@ fn report(
         .collect();
     failed.sort();
     failed.dedup();
-    let kind = if delayed { "delay" } else { "dsn" };
-    let queue_id = original
-        .queue_id
-        .derived(&format!("{kind}/{}", failed.join(",")));
-    let (subject, intro) = if delayed {
-        (
+    let (label, action, subject, intro) = match kind {
+        Kind::Failed => (
+            "dsn",
+            "failed",
+            "Undelivered Mail Returned to Sender",
+            "Your message could not be delivered to these recipients:\r\n\r\n",
+        ),
+        Kind::Delayed(_) => (
+            "delay",
+            "delayed",
             "Delayed Mail (still being retried)",
             "Your message has not been delivered yet to these recipients; delivery\r\n\
              will be tried again. No action is needed now:\r\n\r\n",
-        )
-    } else {
-        (
-            "Undelivered Mail Returned to Sender",
-            "Your message could not be delivered to these recipients:\r\n\r\n",
-        )
+        ),
+        Kind::Success(Success::Delivered) => (
+            "delivered",
+            "delivered",
+            "Successful Mail Delivery Report",
+            "Your message was delivered to these recipients' mailboxes:\r\n\r\n",
+        ),
+        Kind::Success(Success::Expanded) => (
+            "expanded",
+            "expanded",
+            "Successful Mail Delivery Report",
+            "Your message was passed on by these addresses to the addresses they\r\n\
+             forward to:\r\n\r\n",
+        ),
+        Kind::Success(Success::Relayed) => (
+            "relayed",
+            "relayed",
+            "Successful Mail Delivery Report",
+            "Your message was handed to these recipients' mail servers, which send no\r\n\
+             delivery notices; no further notice will come:\r\n\r\n",
+        ),
     };
+    let queue_id = original
+        .queue_id
+        .derived(&format!("{label}/{}", failed.join(",")));
     let mut m = String::new();
     // Writing into a String cannot fail.
     let _ = write!(
@@ -168,19 +232,20 @@ fn report(
                 "rfc822"
             },
             f.recipient.address,
-            if delayed { "delayed" } else { "failed" },
+            action,
             f.status,
             printable(&f.diagnostic)
         );
         if let Some(remote) = &f.remote_mta {
             let _ = write!(m, "Remote-MTA: dns; {}\r\n", printable(remote));
         }
-        if let Some(until) = delayed_until {
+        if let Kind::Delayed(until) = kind {
             let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
         }
     }
-    // A delay notice returns the headers only: the message is still on its way.
-    let headers_only = delayed
+    // Delay and success notices return the headers only (RFC 3461 4.3: RET is for
+    // failures; the message is on its way or arrived).
+    let headers_only = !matches!(kind, Kind::Failed)
         || original.dsn_ret == Some(DsnRet::Headers)
         || original_message.len() > MAX_RETURNED_BYTES;
     let returned = if headers_only {
@@ -328,6 +393,50 @@ mod tests {
             assert!(text.contains(needed), "missing {needed:?} in\n{text}");
         }
         assert!(text.ends_with("--\r\n"));
+    }
+
+    /// RFC 3461: a success notice only for recipients that asked (NOTIFY=SUCCESS; the
+    /// default is failures only), with the headers only even under RET=FULL.
+    #[test]
+    fn success_notices_only_when_asked() {
+        let original = envelope("a@example.org", Some(DsnRet::Full));
+        let asked = DsnNotify {
+            success: true,
+            failure: true,
+            delay: false,
+        };
+        let done = |address: &str, notify| Failure {
+            status: "2.0.0".into(),
+            diagnostic: "250 2.0.0 ok".into(),
+            remote_mta: Some("mx.example.net".into()),
+            ..failure(address, notify)
+        };
+        let list = [
+            done("yes@acme.test", asked),
+            done("no@acme.test", DsnNotify::DEFAULT),
+        ];
+        let dsn = success_report(&original, MESSAGE, &list, "mx", Success::Relayed).unwrap();
+        assert_eq!(dsn.mail_from, ReversePath::Null);
+        let BodyRef::Inline(body) = &dsn.body else {
+            panic!()
+        };
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        for needed in [
+            "Subject: Successful Mail Delivery Report\r\n",
+            "Final-Recipient: rfc822; yes@acme.test\r\nAction: relayed\r\nStatus: 2.0.0\r\n",
+            "Remote-MTA: dns; mx.example.net\r\n",
+            "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello",
+        ] {
+            assert!(text.contains(needed), "missing {needed:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("no@acme.test") && !text.contains("the body"),
+            "{text}"
+        );
+        // Nobody asked, or a null sender: no notice.
+        assert!(success_report(&original, MESSAGE, &list[1..], "mx", Success::Delivered).is_none());
+        let null = envelope("", None);
+        assert!(success_report(&null, MESSAGE, &list, "mx", Success::Delivered).is_none());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::dsn::{Failure, failure_report};
+use crate::dsn::{Failure, Success, failure_report, success_report};
 use mailmesh_storage::client::{DeliveryError, Mailstore};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -389,7 +389,10 @@ impl Worker {
         let mut remote: Vec<mailmesh_types::Recipient> = Vec::new();
         let mut retry = Vec::new();
         let mut stored = HashSet::new();
+        // For success notices (NOTIFY=SUCCESS): in a mailbox, or only forwarded.
+        let (mut delivered, mut expanded) = (Vec::new(), Vec::new());
         for recipient in &envelope.recipients {
+            let mut mailboxes = false;
             let outcome = match self.store.lookup(&recipient.address).await {
                 Ok(Lookup::NotLocal) => {
                     remote.push(recipient.clone());
@@ -400,6 +403,7 @@ impl Worker {
                     reason: "no such user here".into(),
                 }),
                 Ok(Lookup::Deliver(resolution)) => {
+                    mailboxes = !resolution.users.is_empty();
                     for forward in resolution.remote {
                         if !remote.iter().any(|r| r.address == forward) {
                             remote.push(mailmesh_types::Recipient::new(forward));
@@ -428,7 +432,19 @@ impl Worker {
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(()) => {}
+                Ok(()) => {
+                    let done = |diagnostic: &str| Failure {
+                        recipient: recipient.clone(),
+                        status: "2.0.0".into(),
+                        diagnostic: diagnostic.into(),
+                        remote_mta: None,
+                    };
+                    if mailboxes {
+                        delivered.push(done("250 2.0.0 delivered to the mailbox"));
+                    } else {
+                        expanded.push(done("250 2.0.0 forwarded by the alias"));
+                    }
+                }
                 Err(DeliveryError::Temporary { .. }) if shutdown.is_stopped() => {
                     return Err(NotDone("stopping".into()));
                 }
@@ -472,6 +488,16 @@ impl Worker {
         {
             self.publish_envelope(&self.config.topic, &bounce).await?;
             crate::metrics::delivered("bounced");
+        }
+        for (done, what) in [
+            (&delivered, Success::Delivered),
+            (&expanded, Success::Expanded),
+        ] {
+            if let Some(notice) =
+                success_report(&envelope, &message, done, &self.config.hostname, what)
+            {
+                self.publish_envelope(&self.config.topic, &notice).await?;
+            }
         }
         if !retry.is_empty() {
             // Only the recipients still failing go round again, to the end of the

@@ -14,7 +14,7 @@ use common::{envelope, setup};
 use mailmesh_delivery::outbound::{OutboundConfig, schedule};
 use mailmesh_testkit::dns::DnsServer;
 use mailmesh_testkit::mx::{Script, TestMx};
-use mailmesh_types::BodyRef;
+use mailmesh_types::{BodyRef, DsnNotify};
 
 struct Remote {
     mx: TestMx,
@@ -190,6 +190,62 @@ async fn temporary_failures_are_retried_later_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn temporary_failures_are_retried_later_on_kafka_s3_and_redis() {
     temporary_failures_are_retried_later(true).await;
+}
+
+/// RFC 3461: NOTIFY=SUCCESS mail to a server that takes DSN is left to it (the
+/// parameters go along); to one without DSN, the sender hears "relayed" from us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_notices_for_servers_without_dsn() {
+    let s = setup(false).await;
+    let r = remote(accept_all(), &run_id());
+    // Each message on a new connection, which sees what the MX offers then.
+    let config = OutboundConfig {
+        reuse_connections_for: Duration::ZERO,
+        ..r.config.clone()
+    };
+    let _outbound = s.start_outbound(config, memory_cache());
+    let (_stop, _task) = s.start();
+    let alice = s.user("alice@acme.test").await;
+    let asked = DsnNotify {
+        success: true,
+        failure: true,
+        delay: false,
+    };
+    let mut e = envelope("alice@acme.test", &["bob@remote.test"], "with dsn");
+    e.recipients[0].notify = asked;
+    s.relay(&e).await;
+    r.mx.wait_for(1, Duration::from_secs(30));
+    r.mx.offer_dsn(false);
+    let mut e = envelope(
+        "alice@acme.test",
+        &["carol@remote.test", "dave@remote.test"],
+        "no dsn",
+    );
+    e.recipients[0].notify = asked;
+    s.relay(&e).await;
+    r.mx.wait_for(2, Duration::from_secs(30));
+    s.inbox(&alice, 1).await;
+    // Time for a wrong notice about the first message to arrive too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let inbox = s.inbox(&alice, 1).await;
+    assert_eq!(
+        inbox.len(),
+        1,
+        "one notice, for the server without DSN: {inbox:?}"
+    );
+    let notice = &inbox[0];
+    for needed in [
+        "Subject: Successful Mail Delivery Report",
+        "Final-Recipient: rfc822; carol@remote.test\r\nAction: relayed\r\nStatus: 2.0.0\r\n",
+        "Remote-MTA: dns; mx.remote.test\r\n",
+        "Subject: no dsn\r\n",
+    ] {
+        assert!(notice.contains(needed), "{needed:?} missing in {notice}");
+    }
+    assert!(
+        !notice.contains("dave@remote.test"),
+        "dave did not ask: {notice}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,6 +127,40 @@ async fn bounces_and_remote_recipients(real: bool) {
     s.stop(shutdown, task).await;
 }
 
+/// RFC 3461: a recipient that asked (NOTIFY=SUCCESS) is reported delivered to the
+/// sender; one that did not is not mentioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_notices_when_asked() {
+    let s = setup(false).await;
+    let carol = s.user("carol@acme.test").await;
+    let dave = s.user("dave@acme.test").await;
+    let _erin = s.user("erin@acme.test").await;
+    let (shutdown, task) = s.start();
+    let mut e = envelope(
+        "carol@acme.test",
+        &["dave@acme.test", "erin@acme.test"],
+        "tell me",
+    );
+    e.recipients[0].notify = DsnNotify {
+        success: true,
+        failure: true,
+        delay: false,
+    };
+    s.enqueue(&e).await;
+    s.inbox(&dave, 1).await;
+    let inbox = s.inbox(&carol, 1).await;
+    let notice = &inbox[0];
+    for needed in [
+        "Subject: Successful Mail Delivery Report",
+        "Final-Recipient: rfc822; dave@acme.test\r\nAction: delivered\r\nStatus: 2.0.0\r\n",
+        "Subject: tell me\r\n",
+    ] {
+        assert!(notice.contains(needed), "missing {needed:?} in\n{notice}");
+    }
+    assert!(!notice.contains("erin@acme.test"), "{notice}");
+    s.stop(shutdown, task).await;
+}
+
 /// Bodies stored in object storage by the front door are delivered too; undecodable
 /// records are parked, not retried forever and not lost.
 async fn large_bodies_and_bad_records(real: bool) {

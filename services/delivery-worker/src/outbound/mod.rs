@@ -29,7 +29,7 @@ use mailmesh_types::{Envelope, EnvelopeLimits, Recipient};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::dsn::{Failure, delay_report, failure_report};
+use crate::dsn::{Failure, Success, delay_report, failure_report, success_report};
 use crate::worker::{
     BodyError, NotDone, Source, Subscribed, WorkerConfig, consume, publish_envelope, publish_raw,
     read_body,
@@ -165,6 +165,8 @@ struct Job {
 struct Settled {
     bounce: Option<Envelope>,
     notice: Option<Envelope>,
+    /// "Relayed" notices for NOTIFY=SUCCESS to servers without DSN.
+    relayed: Option<Envelope>,
     again: Option<Again>,
 }
 
@@ -178,8 +180,14 @@ struct Again {
 
 /// How one recipient fared.
 enum Outcome {
-    /// With the MX host, its address and its reply, for the log.
-    Delivered { via: String },
+    /// `via`: the MX host, its address and its reply, for the log; `notifies`:
+    /// whether that server takes over delivery notices (DSN).
+    Delivered {
+        via: String,
+        reply: String,
+        host: String,
+        notifies: bool,
+    },
     /// `remote`: the MX host whose reply `diagnostic` is (none for local causes).
     Temporary {
         status: String,
@@ -428,13 +436,29 @@ impl Outbound {
             .is_ok_and(|age| age > self.worker.max_lifetime);
         let mut failures = Vec::new();
         let mut retry: Vec<Failure> = Vec::new();
+        let mut relayed = Vec::new();
         let queue_id = &envelope.queue_id;
         for (recipient, outcome) in outcomes {
             let address = &recipient.address;
             match outcome {
-                Outcome::Delivered { via } => {
+                Outcome::Delivered {
+                    via,
+                    reply,
+                    host,
+                    notifies,
+                } => {
                     crate::metrics::relayed("delivered");
                     tracing::info!(%queue_id, recipient = %address, %via, "relayed");
+                    // RFC 3461 6.2.7.4: a server without DSN cannot tell the sender
+                    // of the delivery, so this one says it relayed the message.
+                    if !notifies {
+                        relayed.push(Failure {
+                            recipient,
+                            status: "2.0.0".into(),
+                            diagnostic: reply,
+                            remote_mta: Some(host),
+                        });
+                    }
                 }
                 Outcome::Permanent {
                     status,
@@ -479,10 +503,12 @@ impl Outbound {
         }
         let mta = &self.worker.hostname;
         let bounce = failure_report(envelope, &job.message, &failures, mta);
+        let relayed = success_report(envelope, &job.message, &relayed, mta, Success::Relayed);
         if retry.is_empty() {
             return Settled {
                 bounce,
                 notice: None,
+                relayed,
                 again: None,
             };
         }
@@ -511,6 +537,7 @@ impl Outbound {
         Settled {
             bounce,
             notice,
+            relayed,
             again: Some(Again {
                 envelope: waiting,
                 due,
@@ -524,7 +551,12 @@ impl Outbound {
     /// Makes the settled outcomes durable: reports queued, the rest in the index.
     /// Safe to repeat (reports have derived queue ids, the index key is fixed).
     async fn persist(&self, job: &Job, settled: &Settled) -> Result<(), NotDone> {
-        for report in settled.bounce.iter().chain(&settled.notice) {
+        for report in settled
+            .bounce
+            .iter()
+            .chain(&settled.notice)
+            .chain(&settled.relayed)
+        {
             publish_envelope(&*self.queue, &self.worker.topic, report, Vec::new()).await?;
             tracing::info!(
                 queue_id = %job.envelope.queue_id,
@@ -727,11 +759,13 @@ impl Outbound {
                     .attempt(peer, host, policy.as_ref(), envelope, recipients, message)
                     .await
                 {
-                    Ok(results) => {
+                    Ok((results, notifies)) => {
                         return recipients
                             .iter()
                             .zip(results)
-                            .map(|(r, result)| (Recipient::clone(r), outcome(host, peer, result)))
+                            .map(|(r, result)| {
+                                (Recipient::clone(r), outcome(host, peer, result, notifies))
+                            })
                             .collect();
                     }
                     Err(e @ SessionError::AfterData(_)) => {
@@ -767,7 +801,8 @@ impl Outbound {
     /// One transaction with `peer`, on an idle connection if there is one (a
     /// connection that fails then is replaced by a new one once). Under an MTA-STS
     /// policy the connection must be authenticated as `host`; in `testing` mode a
-    /// failure to authenticate is logged and the delivery goes on as usual.
+    /// failure to authenticate is logged and the delivery goes on as usual. With the
+    /// results: whether the server takes DSN requests (it then sends the notices).
     async fn attempt(
         &self,
         peer: SocketAddr,
@@ -776,12 +811,13 @@ impl Outbound {
         envelope: &Envelope,
         recipients: &[&Recipient],
         message: &[u8],
-    ) -> Result<Vec<RecipientResult>, SessionError> {
+    ) -> Result<(Vec<RecipientResult>, bool), SessionError> {
         if let Some(mut conn) = self.take_idle(peer, policy.is_some().then_some(host)) {
             match conn.transaction(envelope, recipients, message).await {
                 Ok(results) => {
+                    let notifies = conn.extensions.dsn;
                     self.put_idle(conn);
-                    return Ok(results);
+                    return Ok((results, notifies));
                 }
                 Err(e @ SessionError::AfterData(_)) => return Err(e),
                 // The server had closed the idle connection: a new one.
@@ -802,12 +838,7 @@ impl Outbound {
                 {
                     tracing::warn!(%host, %peer, error = %e, "MTA-STS testing: no authenticated TLS; delivering as usual");
                 }
-                opened => {
-                    let mut conn = opened?;
-                    let results = conn.transaction(envelope, recipients, message).await?;
-                    self.put_idle(conn);
-                    return Ok(results);
-                }
+                opened => return self.send_on(opened?, envelope, recipients, message).await,
             }
         }
         let opened = Connection::open(
@@ -817,7 +848,7 @@ impl Outbound {
             Tls::Opportunistic(&self.tls),
         )
         .await;
-        let mut conn = match opened {
+        let conn = match opened {
             Err(SessionError::Tls(e)) => {
                 // Opportunistic TLS must not make mail undeliverable: a server whose
                 // TLS we cannot speak (old versions, broken certificates) gets it
@@ -827,9 +858,21 @@ impl Outbound {
             }
             other => other?,
         };
+        self.send_on(conn, envelope, recipients, message).await
+    }
+
+    /// One transaction on a new connection, kept for reuse afterwards.
+    async fn send_on(
+        &self,
+        mut conn: Connection,
+        envelope: &Envelope,
+        recipients: &[&Recipient],
+        message: &[u8],
+    ) -> Result<(Vec<RecipientResult>, bool), SessionError> {
         let results = conn.transaction(envelope, recipients, message).await?;
+        let notifies = conn.extensions.dsn;
         self.put_idle(conn);
-        Ok(results)
+        Ok((results, notifies))
     }
 
     /// An idle connection to `peer`; with `authenticated_as`, only one whose
@@ -896,10 +939,14 @@ fn public(ip: std::net::IpAddr) -> bool {
     }
 }
 
-fn outcome(host: &str, peer: SocketAddr, result: RecipientResult) -> Outcome {
+/// `notifies`: the server took the DSN parameters (its notices are its own).
+fn outcome(host: &str, peer: SocketAddr, result: RecipientResult, notifies: bool) -> Outcome {
     match result {
         RecipientResult::Delivered(reply) => Outcome::Delivered {
             via: format!("{host}[{}]: {reply}", peer.ip()),
+            reply: reply.to_string(),
+            host: host.to_owned(),
+            notifies,
         },
         RecipientResult::Failed(reply) if reply.is_permanent() => Outcome::Permanent {
             status: reply.status(),
