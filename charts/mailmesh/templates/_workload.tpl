@@ -80,6 +80,14 @@ spec:
             {{- if not $.stateless }}
             {{- include "mailmesh.backendEnv" . | nindent 12 }}
             {{- end }}
+            {{- if and (eq $component "storage") .Values.storage.dkimKeySecret }}
+            # Seals DKIM private keys in the directory log and snapshots.
+            - name: MAILMESH_STORAGE__DKIM_KEY_SECRET
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .Values.storage.dkimKeySecret }}
+                  key: key
+            {{- end }}
             {{- if $.redis }}
             - name: MAILMESH_CACHE__REDIS__URL
               valueFrom:

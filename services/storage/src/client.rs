@@ -177,13 +177,9 @@ impl Mailstore for Arc<StorageEngine> {
     }
 
     async fn signing_key(&self, domain: &Domain) -> Result<Option<SigningKey>, DeliveryError> {
-        use base64::Engine as _;
-        let Some(key) = self.dkim_keys(domain)?.pop() else {
+        let Some((key, pkcs8)) = StorageEngine::signing_key(self, domain)? else {
             return Ok(None);
         };
-        let pkcs8 = base64::engine::general_purpose::STANDARD
-            .decode(&key.private_key)
-            .map_err(|_| DeliveryError::temporary("stored DKIM key is not base64"))?;
         Ok(Some(SigningKey {
             domain: key.domain,
             selector: key.selector,

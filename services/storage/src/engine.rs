@@ -55,6 +55,10 @@ pub struct StorageConfig {
     pub password_threads: usize,
     /// Logins waiting for a password thread; more are refused as temporary failures.
     pub password_queue: usize,
+    /// 32 bytes, base64: DKIM private keys made from now on are sealed with it
+    /// (AES-256-GCM) in the directory log and snapshots. Without it they are kept
+    /// plain. Keep it with the deployment's other secrets: losing it loses the keys.
+    pub dkim_key_secret: Option<mailmesh_kit::Secret<String>>,
 }
 
 impl Default for StorageConfig {
@@ -71,6 +75,7 @@ impl Default for StorageConfig {
             outbound_retry_prefix: crate::retry_index::DEFAULT_PREFIX.into(),
             password_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             password_queue: 1024,
+            dkim_key_secret: None,
         }
     }
 }
@@ -101,6 +106,10 @@ impl mailmesh_kit::config::Validate for StorageConfig {
                 "storage.max_message_bytes",
                 "must be at least 1",
             ));
+        }
+        if let Some(secret) = &self.dkim_key_secret {
+            crate::sealed::Seal::new(secret.expose())
+                .map_err(|e| ConfigError::invalid("storage.dkim_key_secret", e.to_string()))?;
         }
         Ok(())
     }
@@ -273,6 +282,8 @@ pub struct StorageEngine {
     mailboxes: Mutex<HashMap<i32, Arc<OnceCell<MailboxReplica>>>>,
     /// Argon2 runs here, a few at a time (memory), never on the async threads.
     passwords: crate::passwords::PasswordPool,
+    /// Seals new DKIM keys and opens sealed ones (`dkim_key_secret`).
+    seal: Option<crate::sealed::Seal>,
 }
 
 impl StorageEngine {
@@ -302,6 +313,13 @@ impl StorageEngine {
         .await?;
         let passwords =
             crate::passwords::PasswordPool::new(config.password_threads, config.password_queue);
+        let seal = match &config.dkim_key_secret {
+            Some(secret) => Some(
+                crate::sealed::Seal::new(secret.expose())
+                    .map_err(|e| EngineError::Unavailable(e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(Arc::new(Self {
             queue,
             objects,
@@ -309,6 +327,7 @@ impl StorageEngine {
             directory,
             partitions,
             passwords,
+            seal,
             mailboxes: Mutex::new(HashMap::new()),
         }))
     }
@@ -555,11 +574,16 @@ impl StorageEngine {
             };
             format!("mm{alg}{}", now / 1000)
         });
-        let key = tokio::task::spawn_blocking(move || {
+        let mut key = tokio::task::spawn_blocking(move || {
             DkimKey::generate(domain, selector, algorithm, now)
         })
         .await
         .map_err(|e| EngineError::Unavailable(e.to_string()))??;
+        if let Some(seal) = &self.seal {
+            let plain = crate::sealed::open(&key.private_key, &key.dns_name(), None)
+                .map_err(|e| EngineError::Codec(e.to_string()))?;
+            key.private_key = seal.seal(&plain, &key.dns_name());
+        }
         self.change_directory(DirectoryCommand::AddDkimKey {
             key: key.clone(),
             activate,
@@ -591,6 +615,16 @@ impl StorageEngine {
     /// The domain's keys, oldest first (the last one signs).
     pub fn dkim_keys(&self, domain: &Domain) -> Result<Vec<DkimKey>, EngineError> {
         self.directory(|d| d.dkim_keys(domain).to_vec())
+    }
+
+    /// The key that signs for `domain` and its private key (PKCS#8 DER), opened.
+    pub fn signing_key(&self, domain: &Domain) -> Result<Option<(DkimKey, Vec<u8>)>, EngineError> {
+        let Some(key) = self.dkim_keys(domain)?.pop() else {
+            return Ok(None);
+        };
+        let pkcs8 = crate::sealed::open(&key.private_key, &key.dns_name(), self.seal.as_ref())
+            .map_err(|e| EngineError::Unavailable(format!("DKIM key {}: {e}", key.dns_name())))?;
+        Ok(Some((key, pkcs8)))
     }
 
     /// Who receives mail for `address`.

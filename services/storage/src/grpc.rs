@@ -548,14 +548,10 @@ impl DirectoryApi for StorageService {
         &self,
         r: Request<v1::DomainRequest>,
     ) -> Reply<v1::SigningKeyResponse> {
-        use base64::Engine as _;
         let domain: Domain = parse("domain", &r.into_inner().domain)?;
-        let Some(key) = self.engine.dkim_keys(&domain)?.pop() else {
+        let Some((key, private_key)) = self.engine.signing_key(&domain)? else {
             return Ok(Response::new(v1::SigningKeyResponse::default()));
         };
-        let private_key = base64::engine::general_purpose::STANDARD
-            .decode(&key.private_key)
-            .map_err(|_| Status::internal("stored DKIM key is not base64"))?;
         Ok(Response::new(v1::SigningKeyResponse {
             key: Some(dkim_info(&key, true)),
             private_key,

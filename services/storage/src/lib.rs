@@ -16,6 +16,7 @@ mod metrics;
 pub mod passwords;
 pub mod replica;
 pub mod retry_index;
+pub mod sealed;
 pub mod server;
 pub mod testing;
 

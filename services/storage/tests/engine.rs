@@ -775,3 +775,59 @@ impl Queue for LosesFirstRecord {
         self.0.ping().await
     }
 }
+
+/// With `dkim_key_secret`, a DKIM private key is sealed in the directory log and its
+/// snapshots (nothing in the queue's files or the bucket shows it); only an engine
+/// with the same secret can sign with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dkim_keys_are_sealed_at_rest() {
+    use base64::Engine as _;
+    let mut b = embedded().await;
+    b.config.snapshot_every = 1;
+    b.config.dkim_key_secret = Some(Secret::new(
+        base64::engine::general_purpose::STANDARD.encode([42u8; 32]),
+    ));
+    let engine = b.engine().await;
+    tenant_with_user(&engine, "acme", "ann@acme.test", None).await;
+    let domain: mailmesh_types::Domain = "acme.test".parse().unwrap();
+    let key = engine
+        .add_dkim_key(
+            domain.clone(),
+            Some("s1".into()),
+            mailmesh_storage::directory::DkimAlgorithm::Ed25519,
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(key.private_key.starts_with("sealed:v1:"), "{key:?}");
+    let (_, pkcs8) = engine.signing_key(&domain).unwrap().unwrap();
+    let plain = base64::engine::general_purpose::STANDARD.encode(&pkcs8);
+    // Everything written to disk: the embedded log and the snapshots in the bucket.
+    let mut files = vec![b._dir.as_ref().unwrap().path().to_path_buf()];
+    let (mut seen, mut sealed) = (0, false);
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(&plain), "the plain key is in {path:?}");
+        seen += 1;
+        sealed |= text.contains("sealed:v1:");
+    }
+    assert!(
+        seen > 2 && sealed,
+        "{seen} files, sealed key seen: {sealed}"
+    );
+
+    // Another replica with the secret signs; one without it cannot read the key.
+    let same = b.other_replica().await;
+    same.sync_directory().await.unwrap();
+    assert_eq!(same.signing_key(&domain).unwrap().unwrap().1, pkcs8);
+    b.config.dkim_key_secret = None;
+    let without = b.other_replica().await;
+    without.sync_directory().await.unwrap();
+    let err = without.signing_key(&domain).unwrap_err().to_string();
+    assert!(err.contains("no dkim_key_secret"), "{err}");
+}
