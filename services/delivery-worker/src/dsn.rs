@@ -52,7 +52,7 @@ pub fn failure_report(
 pub enum Success {
     /// Stored in the recipient's mailbox.
     Delivered,
-    /// An alias passed it on to other addresses.
+    /// An alias passed it on to several other addresses.
     Expanded,
     /// Handed to a server that sends no delivery notices itself.
     Relayed,

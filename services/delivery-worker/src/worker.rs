@@ -392,7 +392,8 @@ impl Worker {
         // For success notices (NOTIFY=SUCCESS): in a mailbox, or only forwarded.
         let (mut delivered, mut expanded) = (Vec::new(), Vec::new());
         for recipient in &envelope.recipients {
-            let mut mailboxes = false;
+            // Stored in a mailbox; or forwarded (to how many addresses).
+            let (mut mailboxes, mut forwards) = (false, 0);
             let outcome = match self.store.lookup(&recipient.address).await {
                 Ok(Lookup::NotLocal) => {
                     remote.push(recipient.clone());
@@ -404,9 +405,21 @@ impl Worker {
                 }),
                 Ok(Lookup::Deliver(resolution)) => {
                     mailboxes = !resolution.users.is_empty();
+                    forwards = resolution.remote.len();
+                    // RFC 3461 6.2.7.3: a one-to-one forward passes the DSN request
+                    // on (the next hop reports); a list expands and reports here.
+                    let one_to_one = !mailboxes && forwards == 1;
                     for forward in resolution.remote {
                         if !remote.iter().any(|r| r.address == forward) {
-                            remote.push(mailmesh_types::Recipient::new(forward));
+                            let mut next = mailmesh_types::Recipient::new(forward);
+                            if one_to_one {
+                                next.notify = recipient.notify;
+                                next.orcpt = recipient.orcpt.clone().or_else(|| {
+                                    (!recipient.address.is_utf8())
+                                        .then(|| format!("rfc822;{}", recipient.address))
+                                });
+                            }
+                            remote.push(next);
                         }
                     }
                     let mut outcome = Ok(());
@@ -441,7 +454,7 @@ impl Worker {
                     };
                     if mailboxes {
                         delivered.push(done("250 2.0.0 delivered to the mailbox"));
-                    } else {
+                    } else if forwards > 1 {
                         expanded.push(done("250 2.0.0 forwarded by the alias"));
                     }
                 }

@@ -367,7 +367,7 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                         }
                     );
                     out!();
-                    print!("{}", m.headers);
+                    out!("{}", m.headers.trim_end_matches("\r\n"));
                 }
             }
         }
@@ -402,6 +402,8 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                 .map_err(refused)?
                 .into_inner()
                 .messages;
+            // The storage service lists at most this many at once (next due first).
+            let listed = waiting.len();
             let mut due = 0;
             for m in waiting {
                 let wanted = domain.as_ref().is_none_or(|d| {
@@ -425,7 +427,12 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                     Err(status) => return Err(refused(status)),
                 }
             }
-            done(&target, format!("{due} waiting message(s) due now"));
+            let more = if listed >= 1000 {
+                " (of the first 1000 listed: run it again for the rest once they are sent)"
+            } else {
+                ""
+            };
+            done(&target, format!("{due} waiting message(s) due now{more}"));
         }
         QueueCommand::Delete { queue_id } => {
             client

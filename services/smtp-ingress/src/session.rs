@@ -776,21 +776,19 @@ impl<'a> Session<'a> {
         let hour = std::time::Duration::from_secs(3600);
         let user_limit = config.recipients_per_user_per_hour;
         let tenant_limit = account.limits.send_rate_per_hour.unwrap_or(0);
-        self.ingress
-            .within(
-                &format!("submission:user:{}", account.user.user),
-                user_limit,
-                hour,
-            )
-            .await
-            && self
-                .ingress
-                .within(
-                    &format!("submission:tenant:{}", account.user.tenant),
-                    tenant_limit,
-                    hour,
-                )
-                .await
+        let user_key = format!("submission:user:{}", account.user.user);
+        if !self.ingress.within(&user_key, user_limit, hour).await {
+            return false;
+        }
+        let tenant_key = format!("submission:tenant:{}", account.user.tenant);
+        if !self.ingress.within(&tenant_key, tenant_limit, hour).await {
+            // Not sent, so not counted against the user either.
+            if user_limit != 0 {
+                let _ = self.ingress.cache.incr(&user_key, -1, hour).await;
+            }
+            return false;
+        }
+        true
     }
 
     /// Whether mail to `address` reaches `account`'s own mailbox (so they may send

@@ -607,6 +607,8 @@ impl StorageEngine {
         domain: Domain,
         selector: String,
     ) -> Result<(), EngineError> {
+        self.sync_directory().await?;
+        self.directory(|d| d.check_dkim_removal(&domain, &selector))??;
         self.change_directory(DirectoryCommand::RemoveDkimKey { domain, selector })
             .await
             .map(drop)

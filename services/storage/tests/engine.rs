@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mailmesh_kit::Secret;
-use mailmesh_objstore::object_store::ObjectStore;
 use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt};
 use mailmesh_objstore::{LocalConfig, ObjectStoreConfig};
 use mailmesh_queue::Queue;
 use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
@@ -802,6 +802,35 @@ async fn dkim_keys_are_sealed_at_rest() {
     assert!(key.private_key.starts_with("sealed:v1:"), "{key:?}");
     let (_, pkcs8) = engine.signing_key(&domain).unwrap().unwrap();
     let plain = base64::engine::general_purpose::STANDARD.encode(&pkcs8);
+    // Snapshots are written after the answer: wait for one that holds the key.
+    let snapshots = Path::from(format!("index/{}", b.config.directory_topic));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed: Vec<_> =
+            futures::TryStreamExt::try_collect::<Vec<_>>(b.objects.list(Some(&snapshots)))
+                .await
+                .unwrap();
+        let mut holds_key = false;
+        for meta in &listed {
+            let bytes = b
+                .objects
+                .get(&meta.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            holds_key |= String::from_utf8_lossy(&bytes).contains("sealed:v1:");
+        }
+        if holds_key {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot with the key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Everything written to disk: the embedded log and the snapshots in the bucket.
     let mut files = vec![b._dir.as_ref().unwrap().path().to_path_buf()];
     let (mut seen, mut sealed) = (0, false);

@@ -326,10 +326,20 @@ impl Outbound {
             }
         };
         let outcomes = self.attempt_all(&job).await;
+        // Failed for good: remembered only once the report is durable, so a record
+        // that comes back before then is tried (and reported) again.
+        let failed: Vec<Recipient> = outcomes
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Permanent { .. }))
+            .map(|(r, _)| r.clone())
+            .collect();
         let settled = self.settle(&job, outcomes);
         loop {
             match self.persist(&job, &settled).await {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.mark_done(&job.envelope, failed.iter()).await;
+                    return true;
+                }
                 Err(NotDone(reason)) => {
                     if pause(reason).await {
                         return false;
@@ -411,20 +421,26 @@ impl Outbound {
             .into_iter()
             .flatten()
             .collect();
-        let remember = self.worker.max_lifetime + Duration::from_secs(24 * 3600);
-        for (r, outcome) in &outcomes {
-            if matches!(
-                outcome,
-                Outcome::Delivered { .. } | Outcome::Permanent { .. }
-            ) {
-                let key = Self::done_key(&job.envelope, r);
-                let _ = self
-                    .cache
-                    .set(&key, Bytes::from_static(b"1"), Some(remember))
-                    .await;
-            }
-        }
+        // Sent: never again, even if the record comes back before its outcomes
+        // are durable (a notice may then be lost, never a message sent twice).
+        let sent = outcomes
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Delivered { .. }))
+            .map(|(r, _)| r);
+        self.mark_done(&job.envelope, sent).await;
         outcomes
+    }
+
+    /// Remembers recipients with a final outcome for the message's lifetime.
+    async fn mark_done<'a>(&self, envelope: &Envelope, done: impl Iterator<Item = &'a Recipient>) {
+        let remember = self.worker.max_lifetime + Duration::from_secs(24 * 3600);
+        for r in done {
+            let key = Self::done_key(envelope, r);
+            let _ = self
+                .cache
+                .set(&key, Bytes::from_static(b"1"), Some(remember))
+                .await;
+        }
     }
 
     /// What the outcomes mean: reports to send, and what waits for another attempt.
@@ -714,18 +730,25 @@ impl Outbound {
         // 4.7.5 when the policy ruled out every host (RFC 8461 5: never a bounce
         // before the policy has been looked up again, so a temporary failure).
         let mut refused_by_policy = false;
-        for host in hosts.iter().take(self.config.max_mx_hosts) {
-            if let Some(p) = &policy
-                && !p.allows(host)
-            {
-                if p.mode == Mode::Enforce {
-                    tracing::warn!(%domain, %host, "MX host not in the domain's MTA-STS policy; skipped");
-                    last = format!("MX host {host} is not in {domain}'s MTA-STS policy");
-                    refused_by_policy = true;
-                    continue;
+        // Hosts an enforced policy does not list are never tried (nor counted
+        // against max_mx_hosts).
+        let listed: Vec<&String> = hosts
+            .iter()
+            .filter(|host| match &policy {
+                Some(p) if !p.allows(host) => {
+                    if p.mode == Mode::Enforce {
+                        tracing::warn!(%domain, %host, "MX host not in the domain's MTA-STS policy; skipped");
+                        last = format!("MX host {host} is not in {domain}'s MTA-STS policy");
+                        refused_by_policy = true;
+                        return false;
+                    }
+                    tracing::warn!(%domain, %host, "MTA-STS testing: MX host not in the policy");
+                    true
                 }
-                tracing::warn!(%domain, %host, "MTA-STS testing: MX host not in the policy");
-            }
+                _ => true,
+            })
+            .collect();
+        for host in listed.into_iter().take(self.config.max_mx_hosts) {
             let addresses = match self.router.addresses(host).await {
                 Ok(a) => a,
                 Err(RouteError::Temporary(reason)) => {
@@ -780,10 +803,11 @@ impl Outbound {
                     }
                     Err(e) => {
                         tracing::info!(%host, %peer, error = %e, "MX host failed; trying the next");
-                        refused_by_policy = matches!(e, SessionError::TlsRequired(_))
+                        let by_policy = matches!(e, SessionError::TlsRequired(_))
                             || (matches!(e, SessionError::Tls(_)) && policy.is_some());
+                        refused_by_policy |= by_policy;
                         last = format!("{host}[{}]: {e}", peer.ip());
-                        if refused_by_policy {
+                        if by_policy {
                             last.push_str(&format!(" (MTA-STS policy of {domain})"));
                         }
                     }
@@ -903,8 +927,18 @@ impl Outbound {
             !list.is_empty()
         });
         let list = idle.entry(conn.peer).or_default();
+        if list.len() >= self.config.per_destination && conn.authenticated.is_some() {
+            // Many domains share large providers' MX hosts: an authenticated
+            // connection (only MTA-STS mail may use it) takes the place of a plain one.
+            if let Some(at) = list.iter().position(|(_, c)| c.authenticated.is_none()) {
+                let (_, plain) = list.remove(at);
+                tokio::spawn(plain.quit());
+            }
+        }
         if list.len() < self.config.per_destination {
             list.push((Instant::now(), conn));
+        } else {
+            tokio::spawn(conn.quit());
         }
     }
 }

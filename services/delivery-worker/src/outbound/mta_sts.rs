@@ -8,7 +8,8 @@
 //! HTTPS gives a live policy, an unexpired cached one still applies (RFC 8461 5.1),
 //! so an attacker who blocks the lookups cannot turn the policy off.
 //!
-//! Not built: TLS reporting (RFC 8460), proactive refresh before expiry.
+//! A policy in the second half of its `max_age` is fetched again (the record
+//! unchanged), so a policy in use does not lapse. Not built: TLS reporting (RFC 8460).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -120,9 +121,10 @@ pub fn parse_policy(body: &str, id: &str, now: u64) -> Result<Policy, String> {
             return Err(format!("malformed line {line:?}"));
         };
         let value = value.trim();
+        // RFC 8461 3.2: of a repeated field other than mx, the first one counts.
         match key.trim() {
-            "version" => version = Some(value.to_owned()),
-            "mode" => {
+            "version" if version.is_none() => version = Some(value.to_owned()),
+            "mode" if mode.is_none() => {
                 mode = Some(match value {
                     "enforce" => Mode::Enforce,
                     "testing" => Mode::Testing,
@@ -130,7 +132,7 @@ pub fn parse_policy(body: &str, id: &str, now: u64) -> Result<Policy, String> {
                     other => return Err(format!("unknown mode {other:?}")),
                 })
             }
-            "max_age" => {
+            "max_age" if max_age.is_none() => {
                 let age = (!value.is_empty()
                     && value.len() <= 10
                     && value.bytes().all(|b| b.is_ascii_digit()))
@@ -235,7 +237,13 @@ impl MtaSts {
             }
         };
         let policy = match (live, cached) {
-            (Some(id), Some(cached)) if cached.id == id => Some(cached),
+            // Current, and not yet in the second half of its life (then it is
+            // fetched again, so a policy in use does not lapse; RFC 8461 5.1).
+            (Some(id), Some(cached))
+                if cached.id == id && cached.expires.saturating_sub(now) > cached.max_age / 2 =>
+            {
+                Some(cached)
+            }
             (Some(id), cached) => match self.fetch(&domain, &id, now).await {
                 Some(fresh) => {
                     let ttl = Duration::from_secs(fresh.max_age.max(1));
@@ -390,6 +398,14 @@ mod tests {
         .unwrap();
         assert_eq!((p.mode, p.max_age), (Mode::Testing, MAX_AGE_LIMIT));
         assert!(parse_policy("version: STSv1\nmode: none\nmax_age: 1\n", "i", 0).is_ok());
+        // Repeated fields: the first counts (mx lines add up).
+        let p = parse_policy(
+            "version: STSv1\nmode: testing\nmode: enforce\nmx: a\nmx: b\nmax_age: 5\nmax_age: 9\n",
+            "i",
+            0,
+        )
+        .unwrap();
+        assert_eq!((p.mode, p.max_age, p.mx.len()), (Mode::Testing, 5, 2));
         for bad in [
             "mode: enforce\nmx: a\nmax_age: 1\n",
             "version: STSv2\nmode: enforce\nmx: a\nmax_age: 1\n",
