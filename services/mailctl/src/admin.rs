@@ -129,8 +129,7 @@ pub enum DkimCommand {
         #[arg(long)]
         selector: Option<String>,
         /// ed25519 (RFC 8463; small, but not every verifier knows it) or rsa
-        /// (2048 bits; understood everywhere). Sign with both by generating both,
-        /// rsa last if it should be the one in use.
+        /// (2048 bits; understood everywhere). One key signs at a time: prefer rsa.
         #[arg(long, default_value = "rsa", value_parser = ["rsa", "ed25519"])]
         algorithm: String,
         /// Sign with the new key at once.
@@ -391,7 +390,14 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
             if !all && domain.is_none() {
                 anyhow::bail!("name a queue id, --all or --domain DOMAIN");
             }
-            let domain = domain.map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+            let domain = domain
+                .map(|d| {
+                    d.trim_end_matches('.')
+                        .parse::<mailmesh_types::Domain>()
+                        .map(|d| d.as_str().to_ascii_lowercase())
+                        .map_err(|_| anyhow::anyhow!("not a domain: {d:?}"))
+                })
+                .transpose()?;
             let waiting = client
                 .list_waiting(v1::ListWaitingRequest {
                     queue_id: String::new(),

@@ -721,11 +721,17 @@ impl<'a> Session<'a> {
                 .eq_ignore_ascii_case("postmaster")
             && recipient.address != *postmaster
         {
+            let deployment = self.ingress.directory.lookup(postmaster).await;
+            if !matches!(deployment, Ok(Lookup::Deliver(_))) {
+                tracing::warn!(%postmaster, rcpt = %recipient.address,
+                    "postmaster mail refused: the deployment's postmaster is not a local address (create it, or set [smtp] postmaster)");
+                return found;
+            }
             if recipient.orcpt.is_none() && !recipient.address.is_utf8() {
                 recipient.orcpt = Some(format!("rfc822;{}", recipient.address));
             }
             recipient.address = postmaster.clone();
-            return self.ingress.directory.lookup(postmaster).await;
+            return deployment;
         }
         found
     }

@@ -688,6 +688,14 @@ async fn postmaster_without_a_domain_is_accepted() {
         recipients[1].orcpt.as_deref(),
         Some("rfc822;PostMaster@acme.test")
     );
+
+    // A deployment postmaster that is not a local address (the default,
+    // postmaster@<hostname>, before anyone created it): unknown user, not "relaying".
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<postmaster@acme.test>", "550 5.1.1").await;
 }
 
 /// The fuzz target's seeds and every input it ever found a fault with

@@ -230,7 +230,13 @@ impl MtaSts {
             }
         };
         let live = match self.router.txt(&format!("_mta-sts.{domain}")).await {
-            Ok(records) => record_id(&records),
+            Ok(records) => {
+                let id = record_id(&records);
+                if id.is_none() && records.iter().any(|r| r.starts_with("v=STSv1")) {
+                    tracing::info!(%domain, ?records, "MTA-STS record unusable (several, or a bad id); no policy from it");
+                }
+                id
+            }
             Err(RouteError::Temporary(reason) | RouteError::Permanent { reason, .. }) => {
                 tracing::info!(%domain, %reason, "MTA-STS record lookup failed");
                 None
@@ -297,7 +303,17 @@ impl MtaSts {
     }
 
     async fn download(&self, url: &str) -> Result<String, String> {
-        let mut response = self.http.get(url).send().await.map_err(|e| e.to_string())?;
+        let mut response = self.http.get(url).send().await.map_err(|e| {
+            // The cause (a certificate that does not verify, a refused connection)
+            // is in the chain, not in reqwest's own message.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        })?;
         if response.status() != reqwest::StatusCode::OK {
             return Err(format!("HTTP status {}", response.status()));
         }
