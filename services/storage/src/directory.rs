@@ -151,6 +151,10 @@ pub enum DkimAlgorithm {
     Rsa2048,
 }
 
+fn no_selector(domain: &Domain, selector: &str) -> StorageError {
+    StorageError::NotFound(format!("DKIM selector {selector} of {domain}"))
+}
+
 /// A DKIM selector: a dot-separated list of DNS labels (RFC 6376 3.1).
 pub fn valid_selector(selector: &str) -> bool {
     !selector.is_empty()
@@ -424,9 +428,7 @@ impl Directory {
         let at = keys
             .iter()
             .position(|k| k.selector == selector)
-            .ok_or_else(|| {
-                StorageError::NotFound(format!("DKIM selector {selector} of {domain}"))
-            })?;
+            .ok_or_else(|| no_selector(domain, selector))?;
         if at + 1 == keys.len() && keys.len() > 1 {
             return Err(invalid(format!(
                 "{selector} is the key that signs for {domain}: activate another one \
@@ -687,15 +689,14 @@ impl Directory {
                 }
             }
             C::ActivateDkimKey { domain, selector } => {
-                let keys = self.dkim.get_mut(&domain).ok_or_else(|| {
-                    StorageError::NotFound(format!("DKIM selector {selector} of {domain}"))
-                })?;
+                let keys = self
+                    .dkim
+                    .get_mut(&domain)
+                    .ok_or_else(|| no_selector(&domain, &selector))?;
                 let at = keys
                     .iter()
                     .position(|k| k.selector == selector)
-                    .ok_or_else(|| {
-                        StorageError::NotFound(format!("DKIM selector {selector} of {domain}"))
-                    })?;
+                    .ok_or_else(|| no_selector(&domain, &selector))?;
                 let key = keys.remove(at);
                 keys.push(key);
             }
@@ -711,9 +712,7 @@ impl Directory {
                     self.dkim.remove(&domain);
                 }
                 if !removed {
-                    return Err(StorageError::NotFound(format!(
-                        "DKIM selector {selector} of {domain}"
-                    )));
+                    return Err(no_selector(&domain, &selector));
                 }
             }
         }
