@@ -225,7 +225,7 @@ fn report(
             "Final-Recipient: {}; {}\r\n\
              Action: {}\r\n\
              Status: {}\r\n\
-             Diagnostic-Code: smtp; {}\r\n",
+             Diagnostic-Code: {}; {}\r\n",
             if f.recipient.address.is_utf8() {
                 "utf-8"
             } else {
@@ -234,6 +234,12 @@ fn report(
             f.recipient.address,
             action,
             f.status,
+            // An SMTP reply ("550 5.1.1 ..."), or a local cause in our own words.
+            if is_smtp_reply(&f.diagnostic) {
+                "smtp"
+            } else {
+                "X-mailmesh"
+            },
             printable(&f.diagnostic)
         );
         if let Some(remote) = &f.remote_mta {
@@ -305,6 +311,15 @@ fn printable(value: &str) -> String {
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// Whether a diagnostic starts as an SMTP reply: three digits, then a space or end.
+fn is_smtp_reply(diagnostic: &str) -> bool {
+    let b = diagnostic.as_bytes();
+    b.len() >= 3
+        && b[..3].iter().all(u8::is_ascii_digit)
+        && matches!(b[0], b'2'..=b'5')
+        && b.get(3).is_none_or(|c| *c == b' ')
 }
 
 fn find_header_end(message: &[u8]) -> Option<usize> {
@@ -387,6 +402,8 @@ mod tests {
             "Final-Recipient: rfc822; ghost@acme.test\r\n",
             "Action: failed\r\n",
             "Status: 5.1.1\r\n",
+            // Not an SMTP reply: a local cause, in its own type.
+            "Diagnostic-Code: X-mailmesh; user unknown\r\n",
             "Content-Type: message/rfc822\r\n\r\nSubject: hello",
             "the body\r\n--dsn-",
         ] {
@@ -425,6 +442,7 @@ mod tests {
             "Subject: Successful Mail Delivery Report\r\n",
             "Final-Recipient: rfc822; yes@acme.test\r\nAction: relayed\r\nStatus: 2.0.0\r\n",
             "Remote-MTA: dns; mx.example.net\r\n",
+            "Diagnostic-Code: smtp; 250 2.0.0 ok\r\n",
             "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello",
         ] {
             assert!(text.contains(needed), "missing {needed:?} in\n{text}");

@@ -392,8 +392,8 @@ impl Worker {
         // For success notices (NOTIFY=SUCCESS): in a mailbox, or only forwarded.
         let (mut delivered, mut expanded) = (Vec::new(), Vec::new());
         for recipient in &envelope.recipients {
-            // Stored in a mailbox; or forwarded (to how many addresses).
-            let (mut mailboxes, mut forwards) = (false, 0);
+            // Stored in a mailbox; and to how many addresses it went.
+            let (mut mailboxes, mut targets) = (false, 0);
             let outcome = match self.store.lookup(&recipient.address).await {
                 Ok(Lookup::NotLocal) => {
                     remote.push(recipient.clone());
@@ -405,7 +405,9 @@ impl Worker {
                 }),
                 Ok(Lookup::Deliver(resolution)) => {
                     mailboxes = !resolution.users.is_empty();
-                    forwards = resolution.remote.len();
+                    let forwards = resolution.remote.len();
+                    // An alias to several addresses, local or not, is "expanded".
+                    targets = resolution.users.len() + forwards;
                     // RFC 3461 6.2.7.3: a one-to-one forward passes the DSN request
                     // on (the next hop reports); a list expands and reports here.
                     let one_to_one = !mailboxes && forwards == 1;
@@ -452,10 +454,10 @@ impl Worker {
                         diagnostic: diagnostic.into(),
                         remote_mta: None,
                     };
-                    if mailboxes {
+                    if targets > 1 {
+                        expanded.push(done("250 2.0.0 expanded by the alias"));
+                    } else if mailboxes {
                         delivered.push(done("250 2.0.0 delivered to the mailbox"));
-                    } else if forwards > 1 {
-                        expanded.push(done("250 2.0.0 forwarded by the alias"));
                     }
                 }
                 Err(DeliveryError::Temporary { .. }) if shutdown.is_stopped() => {

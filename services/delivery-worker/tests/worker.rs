@@ -141,11 +141,7 @@ async fn success_notices_when_asked() {
         &["dave@acme.test", "erin@acme.test"],
         "tell me",
     );
-    e.recipients[0].notify = DsnNotify {
-        success: true,
-        failure: true,
-        delay: false,
-    };
+    e.recipients[0].notify = asked_for_success();
     s.enqueue(&e).await;
     s.inbox(&dave, 1).await;
     let inbox = s.inbox(&carol, 1).await;
@@ -158,7 +154,39 @@ async fn success_notices_when_asked() {
         assert!(notice.contains(needed), "missing {needed:?} in\n{notice}");
     }
     assert!(!notice.contains("erin@acme.test"), "{notice}");
+
+    // An alias to two mailboxes: "expanded" (RFC 3461 6.2.7.3).
+    s.engine
+        .add_alias(
+            "team@acme.test".parse().unwrap(),
+            vec![
+                "dave@acme.test".parse().unwrap(),
+                "erin@acme.test".parse().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut e = envelope("carol@acme.test", &["team@acme.test"], "to the team");
+    e.recipients[0].notify = asked_for_success();
+    s.enqueue(&e).await;
+    let inbox = s.inbox(&carol, 2).await;
+    let notice = inbox
+        .iter()
+        .find(|m| m.contains("Subject: to the team"))
+        .unwrap_or_else(|| panic!("no notice for the alias: {inbox:?}"));
+    assert!(
+        notice.contains("Final-Recipient: rfc822; team@acme.test\r\nAction: expanded\r\n"),
+        "{notice}"
+    );
     s.stop(shutdown, task).await;
+}
+
+fn asked_for_success() -> DsnNotify {
+    DsnNotify {
+        success: true,
+        failure: true,
+        delay: false,
+    }
 }
 
 /// Bodies stored in object storage by the front door are delivered too; undecodable

@@ -246,6 +246,8 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
                     "{}",
                     serde_json::Value::from(keys.iter().map(dkim_json).collect::<Vec<_>>())
                 );
+            } else if keys.is_empty() {
+                out!("no DKIM keys: `mailctl dkim generate DOMAIN` makes one");
             } else {
                 keys.iter().for_each(print_dkim);
             }
@@ -708,11 +710,27 @@ pub async fn tenant(target: Target, command: TenantCommand) -> anyhow::Result<()
                 out!("{}", serde_json::Value::Array(list));
             } else {
                 for t in tenants {
+                    let l = t.limits.unwrap_or_default();
+                    let limit = |name: &str, v: u64| (v != 0).then(|| format!(" {name} {v}"));
+                    let limits: String = [
+                        limit("max-users", l.max_users.into()),
+                        limit("max-storage-bytes", l.max_storage_bytes),
+                        limit("max-message-bytes", l.max_message_bytes),
+                        limit("send-rate-per-hour", l.send_rate_per_hour.into()),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
                     out!(
-                        "{:<24} users {:<6} domains {}",
+                        "{:<24} users {:<6} domains {}{}",
                         t.tenant,
                         t.users,
-                        t.domains.join(",")
+                        t.domains.join(","),
+                        if limits.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  limits:{limits}")
+                        }
                     );
                 }
             }
