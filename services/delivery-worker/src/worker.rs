@@ -447,6 +447,8 @@ impl Worker {
                 Err(e) => Err(e),
             };
             match outcome {
+                // Success notices only for those who asked (most do not).
+                Ok(()) if !recipient.notify.success => {}
                 Ok(()) => {
                     let done = |diagnostic: &str| Failure {
                         recipient: recipient.clone(),

@@ -315,8 +315,8 @@ impl Connection {
             mail.push_str(&format!(" SIZE={}", message.len()));
         }
         // Declared, or found: clients often send 8-bit text without saying so.
-        let eight_bit = envelope.body_type != BodyType::SevenBit || !message.is_ascii();
-        if ext.eightbitmime && eight_bit {
+        // (The message is scanned only when it says 7-bit and the server could be told.)
+        if ext.eightbitmime && (envelope.body_type != BodyType::SevenBit || !message.is_ascii()) {
             mail.push_str(" BODY=8BITMIME");
         }
         if envelope.smtputf8 {

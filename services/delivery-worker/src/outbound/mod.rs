@@ -180,12 +180,12 @@ struct Again {
 
 /// How one recipient fared.
 enum Outcome {
-    /// `via`: the MX host, its address and its reply, for the log; `notifies`:
-    /// whether that server takes over delivery notices (DSN).
+    /// The MX host, its address and its reply; `notifies`: whether that server
+    /// takes over delivery notices (DSN).
     Delivered {
-        via: String,
         reply: String,
         host: String,
+        ip: std::net::IpAddr,
         notifies: bool,
     },
     /// `remote`: the MX host whose reply `diagnostic` is (none for local causes).
@@ -458,16 +458,16 @@ impl Outbound {
             let address = &recipient.address;
             match outcome {
                 Outcome::Delivered {
-                    via,
                     reply,
                     host,
+                    ip,
                     notifies,
                 } => {
                     crate::metrics::relayed("delivered");
-                    tracing::info!(%queue_id, recipient = %address, %via, "relayed");
+                    tracing::info!(%queue_id, recipient = %address, %host, %ip, %reply, "relayed");
                     // RFC 3461 6.2.7.4: a server without DSN cannot tell the sender
                     // of the delivery, so this one says it relayed the message.
-                    if !notifies {
+                    if !notifies && recipient.notify.success {
                         relayed.push(Failure {
                             recipient,
                             status: "2.0.0".into(),
@@ -977,9 +977,9 @@ fn public(ip: std::net::IpAddr) -> bool {
 fn outcome(host: &str, peer: SocketAddr, result: RecipientResult, notifies: bool) -> Outcome {
     match result {
         RecipientResult::Delivered(reply) => Outcome::Delivered {
-            via: format!("{host}[{}]: {reply}", peer.ip()),
             reply: reply.to_string(),
             host: host.to_owned(),
+            ip: peer.ip(),
             notifies,
         },
         RecipientResult::Failed(reply) if reply.is_permanent() => Outcome::Permanent {
