@@ -61,7 +61,8 @@ postfix_restore() {
   fi
 }
 
-# start_mailmesh DATA_DIR: starts it; sets MM_PID and MAILCTL_ENDPOINT.
+# start_mailmesh DATA_DIR: starts it; sets MM_PID, MAILCTL_ENDPOINT and MAILCTL_PKI_DIR
+# (the dev platform's admin identity).
 start_mailmesh() {
   MAILMESH_PORTS__SMTP=$MM_PORT MAILMESH_PORTS__STORAGE=$((MM_PORT + 1)) \
   MAILMESH_PORTS__IMAP=$((MM_PORT + 2)) MAILMESH_PORTS__IMAPS=$((MM_PORT + 3)) \
@@ -73,7 +74,7 @@ start_mailmesh() {
     >"$1.log" 2>&1 &
   MM_PID=$!
   PIDS+=("$MM_PID")
-  export MAILCTL_ENDPOINT=http://127.0.0.1:$((MM_PORT + 1))
+  export MAILCTL_ENDPOINT=https://127.0.0.1:$((MM_PORT + 1)) MAILCTL_PKI_DIR=$1/pki
   for _ in $(seq 1 120); do
     curl -sf "http://127.0.0.1:$((MM_PORT + 8))/readyz" >/dev/null && break
     sleep 0.5

@@ -37,10 +37,15 @@ start_dns
 
 RUN=lt$(date +%s)
 STORAGE=$BASE SMTP=$((BASE + 1)) AUTH=$((BASE + 2))
-# common_env ADMIN_PORT: every service's settings; those of the queue and the object
-# store unless the service is auth-check (which keeps no state).
+# Mutual TLS between the services (ADR 0006): a CA and a certificate per role.
+PKI=$WORK/pki
+"$MAILCTL" pki init "$PKI" >/dev/null
+# common_env ADMIN_PORT NAME: every service's settings (its internal identity); those
+# of the queue and the object store unless the service is auth-check (no state).
 common_env() {
   echo MAILMESH_TELEMETRY__LOG_LEVEL=warn MAILMESH_ADMIN__LISTEN=127.0.0.1:$1
+  echo MAILMESH_INTERNAL_TLS__CERT_FILE="$PKI/$2.crt" MAILMESH_INTERNAL_TLS__KEY_FILE="$PKI/$2.key" \
+    MAILMESH_INTERNAL_TLS__CA_FILE="$PKI/ca.crt"
   [ "$2" = auth-check ] && return 0
   echo MAILMESH_QUEUE__KAFKA__BROKERS="$MMTEST_KAFKA" MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR=1 \
     MAILMESH_OBJECT_STORE__S3__BUCKET="$MMTEST_S3_BUCKET" MAILMESH_OBJECT_STORE__S3__ENDPOINT="$MMTEST_S3" \
@@ -67,7 +72,7 @@ start() {
 
 start storage $((BASE + 10)) MAILMESH_GRPC_LISTEN=127.0.0.1:$STORAGE \
   MAILMESH_STORAGE__DIRECTORY_TOPIC=$RUN.directory MAILMESH_STORAGE__MAILBOX_TOPIC=$RUN.mailboxes
-export MAILCTL_ENDPOINT=http://127.0.0.1:$STORAGE
+export MAILCTL_ENDPOINT=https://127.0.0.1:$STORAGE MAILCTL_PKI_DIR=$PKI
 "$MAILCTL" tenant add acme >/dev/null
 "$MAILCTL" domain add acme acme.test >/dev/null
 echo pw | "$MAILCTL" user add alice@acme.test --password-stdin >/dev/null

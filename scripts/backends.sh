@@ -62,6 +62,9 @@ install_debian_tools() {
   local missing=()
   [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
   command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+  # swaks --tls needs Net::SSLeay (only a Recommends of the package).
+  perl -MNet::SSLeay -MIO::Socket::SSL -e 1 >/dev/null 2>&1 ||
+    missing+=(libnet-ssleay-perl libio-socket-ssl-perl)
   [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
   command -v fetchmail >/dev/null 2>&1 || missing+=(fetchmail)
   command -v mbsync >/dev/null 2>&1 || missing+=(isync)

@@ -60,6 +60,26 @@ helm template mailmesh "$CHART" --set kafka.brokers=kafka:9092 --set s3.bucket=m
   --set redis.urlSecret=redis --set tls.secretName=mail-tls >"$work/minimal.yaml"
 kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/minimal.yaml"
 
+echo "== the generated internal certificates chain to the CA and name one role each"
+mkdir "$work/pki"
+python3 - "$work/minimal.yaml" "$work/pki" <<'PY'
+import base64, sys, yaml
+rendered, out = sys.argv[1], sys.argv[2]
+for doc in yaml.safe_load_all(open(rendered)):
+    name = (doc or {}).get("metadata", {}).get("name", "")
+    if doc and doc["kind"] == "Secret" and name.startswith("mailmesh-internal-") and name != "mailmesh-internal-ca":
+        role = name[len("mailmesh-internal-"):]
+        for key, file in (("tls.crt", f"{role}.crt"), ("tls.key", f"{role}.key"), ("ca.crt", "ca.crt")):
+            open(f"{out}/{file}", "wb").write(base64.b64decode(doc["data"][key]))
+PY
+for role in storage auth-check smtp-ingress submission delivery-worker gateway admin; do
+  for purpose in sslclient sslserver; do
+    openssl verify -CAfile "$work/pki/ca.crt" -purpose "$purpose" "$work/pki/$role.crt" >/dev/null
+  done
+  openssl x509 -in "$work/pki/$role.crt" -noout -ext subjectAltName | grep -qx "    DNS:$role.mailmesh.internal" ||
+    { echo "$role.crt does not name $role.mailmesh.internal" >&2; exit 1; }
+done
+
 echo "== k8s/ is in sync with the chart"
 if ! diff -u "$RENDERED" "$work/rendered.yaml"; then
   echo "k8s/ is stale: run scripts/chart-check.sh --update" >&2

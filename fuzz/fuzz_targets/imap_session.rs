@@ -65,20 +65,19 @@ fn site() -> &'static Site {
                     .await
                     .unwrap();
             }
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let endpoint = format!("http://{}", listener.local_addr().unwrap());
-            tokio::spawn(mailmesh_storage::server::serve_grpc(
-                engine,
-                listener,
-                Shutdown::new(),
-            ));
+            let endpoint = mailmesh_storage::testing::serve(engine, Shutdown::new()).await;
             let (cert, key) =
                 mailmesh_kit::tls::ensure_self_signed(&dir.path().join("tls"), &["localhost"])
                     .unwrap();
             let resolver =
                 Arc::new(mailmesh_kit::tls::ReloadingCertResolver::load(&cert, &key).unwrap());
             Gateway::new(
-                Store::new(&endpoint, 1 << 20).unwrap(),
+                Store::new(
+                    &endpoint,
+                    1 << 20,
+                    &mailmesh_kit::internal::testing::tls(mailmesh_kit::internal::Role::Gateway),
+                )
+                .unwrap(),
                 Arc::new(mailmesh_cache::memory::MemoryCache::new()),
                 mailmesh_kit::tls::server_config(resolver).unwrap(),
                 Pop3Config::default(),

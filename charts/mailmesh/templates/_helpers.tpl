@@ -130,3 +130,18 @@ nodes = [{{ range $i, $n := .nodes }}{{ if $i }}, {{ end }}{{ printf "redis://%s
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* [internal_tls]: the workload's certificate for mutual TLS between the services,
+mounted from its Secret at /etc/mailmesh/internal-tls (ADR 0006). */}}
+{{- define "mailmesh.internalTlsConfig" -}}
+[internal_tls]
+cert_file = "/etc/mailmesh/internal-tls/tls.crt"
+key_file = "/etc/mailmesh/internal-tls/tls.key"
+ca_file = "/etc/mailmesh/internal-tls/ca.crt"
+reload_interval = {{ .Values.internalTls.reloadInterval | quote }}
+{{- end -}}
+
+{{/* The Secret with the session-token key storage signs with. */}}
+{{- define "mailmesh.sessionSecretName" -}}
+{{- .Values.storage.sessionSecret | default (printf "%s-session" (include "mailmesh.fullname" .)) -}}
+{{- end -}}

@@ -6,7 +6,8 @@ Parameters: root (the chart context), component, v (its values), binary, ports (
 {name, port, servicePort?, appProtocol?}), service (bool), serviceType (ClusterIP by
 default; a LoadBalancer keeps client addresses with externalTrafficPolicy Local), tls
 (mount the certificate Secret at /etc/mailmesh/tls), stateless (no Kafka/S3 credentials),
-sessionsMetric (the custom metric autoscaling.sessionsPerPod scales on).
+sessionsMetric (the custom metric autoscaling.sessionsPerPod scales on), role (the
+internal identity: its certificate is mounted at /etc/mailmesh/internal-tls).
 */}}
 {{- define "mailmesh.workload" -}}
 {{- $root := .root -}}
@@ -80,6 +81,14 @@ spec:
             {{- if not $.stateless }}
             {{- include "mailmesh.backendEnv" . | nindent 12 }}
             {{- end }}
+            {{- if eq $component "storage" }}
+            # Signs the session tokens of logged-in users (ADR 0006).
+            - name: MAILMESH_STORAGE__SESSION_SECRET
+              valueFrom:
+                secretKeyRef:
+                  name: {{ include "mailmesh.sessionSecretName" . }}
+                  key: key
+            {{- end }}
             {{- if and (eq $component "storage") .Values.storage.dkimKeySecret }}
             # Seals DKIM private keys in the directory log and snapshots.
             - name: MAILMESH_STORAGE__DKIM_KEY_SECRET
@@ -135,6 +144,10 @@ spec:
               mountPath: /etc/mailmesh/tls
               readOnly: true
             {{- end }}
+            # This workload's identity between the services (renewals reloaded too).
+            - name: internal-tls
+              mountPath: /etc/mailmesh/internal-tls
+              readOnly: true
       volumes:
         - name: config
           configMap:
@@ -147,6 +160,9 @@ spec:
           secret:
             secretName: {{ include "mailmesh.tlsSecretName" $root }}
         {{- end }}
+        - name: internal-tls
+          secret:
+            secretName: {{ include "mailmesh.fullname" . }}-internal-{{ required "role" $.role }}
 {{- if $.service }}
 ---
 apiVersion: v1

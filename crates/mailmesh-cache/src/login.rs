@@ -36,13 +36,40 @@ pub enum Login<U> {
 }
 
 /// Checks `name`'s password with `verify` (given the lower-cased name) within the
-/// limits. Only failures count against an address or an account; logins in flight
-/// are counted apart and bounded by `max_parallel`, so parallel connections can try
-/// at most `max_failures - 1 + max_parallel` wrong passwords in a window, while right
-/// ones at any rate never lock anyone out. An unreachable cache does not stop
-/// logins; it only lifts the limits.
+/// limits, counted under the front doors' keys (IMAP, POP3 and submission share
+/// them). See [`check_in`].
 pub async fn check<U, E, F, Fut>(
     cache: &Arc<dyn Cache>,
+    client: IpAddr,
+    name: &str,
+    limits: &LoginLimits,
+    verify: F,
+) -> Login<U>
+where
+    E: Display,
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = Result<Option<U>, E>>,
+{
+    check_in(cache, "", client, name, limits, verify).await
+}
+
+/// Checks a password within the limits, with the counters under `scope` (the
+/// storage service counts its own, apart from the front doors'):
+///
+/// - a client address (IPv6: its /64) with `max_failures` failures in the window is
+///   refused; logins being checked count against what is left of that budget, so
+///   parallel connections cannot guess more than `max_failures` passwords in a
+///   window either (the ones over it are told to come back: `Busy`);
+/// - at most `max_parallel` logins from one address are checked at once;
+/// - an account with `max_failures` failures is slowed down (never locked: a
+///   stranger must not lock a user out), but only for addresses that have failed
+///   themselves: the owner's right password from a clean address goes through at
+///   once;
+/// - only failures count; right passwords never lock anyone out, and an unreachable
+///   cache lifts the limits rather than stopping logins.
+pub async fn check_in<U, E, F, Fut>(
+    cache: &Arc<dyn Cache>,
+    scope: &str,
     client: IpAddr,
     name: &str,
     limits: &LoginLimits,
@@ -57,38 +84,58 @@ where
     let window = limits.window;
     let limit = i64::from(limits.max_failures);
     let address = address_key(client);
-    let by_ip = format!("authfail:ip:{address}");
-    let in_flight = format!("authtry:ip:{address}");
+    let by_ip = format!("{scope}authfail:ip:{address}");
+    let in_flight_key = format!("{scope}authtry:ip:{address}");
     let by_name = (!name.is_empty()
         && name.len() <= 320
         && !name.chars().any(|c| c.is_control() || c.is_whitespace()))
-    .then(|| format!("authfail:user:{name}"));
+    .then(|| format!("{scope}authfail:user:{name}"));
     // Only a name fit for a key goes into the log (no control characters).
     let account = if by_name.is_some() {
         name.clone()
     } else {
         "-".to_owned()
     };
-    if count(&**cache, &by_ip, 0, window).await >= limit {
-        tracing::warn!(%client, %account, "login refused: too many failures from this address");
-        tokio::time::sleep(limits.failure_delay).await;
-        return Login::Throttled;
-    }
-    let counted = count(&**cache, &in_flight, 1, window).await;
-    // Given back when the check ends, even if the caller drops it midway (a session
-    // deadline, a closed connection, shutdown).
-    let in_flight = InFlight {
-        cache: Some(cache.clone()),
-        key: in_flight,
-        window,
-    };
-    if counted > i64::from(limits.max_parallel) {
+    // A login in flight is counted before the address's failures are read, and a
+    // failure is counted before its login leaves the flight: whatever the
+    // interleaving, failures plus logins in flight never pass the limit unseen.
+    let mut waited = 0;
+    let (in_flight, failures) = loop {
+        let counted = count(&**cache, &in_flight_key, 1, window).await;
+        // Given back when the check ends, even if the caller drops it midway (a
+        // session deadline, a closed connection, shutdown).
+        let in_flight = InFlight {
+            cache: Some(cache.clone()),
+            key: in_flight_key.clone(),
+            window,
+        };
+        let failures = count(&**cache, &by_ip, 0, window).await;
+        if failures >= limit {
+            in_flight.release().await;
+            tracing::warn!(%client, %account, "login refused: too many failures from this address");
+            tokio::time::sleep(limits.failure_delay).await;
+            return Login::Throttled;
+        }
+        if counted > i64::from(limits.max_parallel) {
+            in_flight.release().await;
+            return Login::Busy;
+        }
+        if failures + counted <= limit {
+            break (in_flight, failures);
+        }
+        // More logins in flight than failures left: wait a little for them.
         in_flight.release().await;
-        return Login::Busy;
-    }
-    // Too many on one account: slowed down, never locked out, and the same whether
-    // the account exists or not.
-    if let Some(key) = &by_name
+        waited += 1;
+        if waited > 3 {
+            tracing::info!(%client, %account, "login deferred: the address's remaining failures are in flight");
+            return Login::Busy;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Too many failures on the account: slowed down, never locked out, the same
+    // whether the account exists or not — and only for addresses that failed too.
+    if failures > 0
+        && let Some(key) = &by_name
         && count(&**cache, key, 0, window).await >= limit
     {
         tracing::info!(%client, %account, "slowing down logins to an account with many failures");
@@ -98,18 +145,22 @@ where
         Some(_) => verify(name).await,
         None => Ok(None),
     };
-    in_flight.release().await;
     match verified {
-        Ok(Some(user)) => Login::Ok(user),
+        Ok(Some(user)) => {
+            in_flight.release().await;
+            Login::Ok(user)
+        }
         Ok(None) => {
             tracing::info!(%client, %account, "login failed");
             for key in std::iter::once(&by_ip).chain(by_name.as_ref()) {
                 count(&**cache, key, 1, window).await;
             }
+            in_flight.release().await;
             tokio::time::sleep(limits.failure_delay).await;
             Login::Invalid
         }
         Err(e) => {
+            in_flight.release().await;
             // Not the client's failure: nothing is counted.
             tracing::warn!(error = %e, "authentication unavailable");
             Login::Unavailable
@@ -222,6 +273,10 @@ mod tests {
     /// counted against the address afterwards.
     #[tokio::test]
     async fn parallel_logins_are_bounded_but_never_counted_as_failures() {
+        const LIMITS: LoginLimits = LoginLimits {
+            max_failures: 10,
+            ..super::tests::LIMITS
+        };
         let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
         // Held while the logins are checked: they all wait inside `verify`.
         let gate = Arc::new(tokio::sync::RwLock::new(()));
@@ -248,10 +303,15 @@ mod tests {
         while entered.load(Ordering::SeqCst) < LIMITS.max_parallel {
             tokio::task::yield_now().await;
         }
-        assert!(matches!(
-            login(&cache, "192.0.2.9", "late@x", true).await,
-            Login::Busy
-        ));
+        let late = check(
+            &cache,
+            "192.0.2.9".parse().unwrap(),
+            "late@x",
+            &LIMITS,
+            |_| async { Ok::<_, String>(Some(())) },
+        )
+        .await;
+        assert!(matches!(late, Login::Busy));
         drop(held);
         for t in tasks {
             assert!(matches!(t.await.unwrap(), Login::Ok(())));
@@ -274,6 +334,101 @@ mod tests {
             login(&cache, "192.0.2.9", "late@x", true).await,
             Login::Ok(())
         ));
+    }
+
+    /// A burst of parallel connections from one address guesses at most
+    /// `max_failures` passwords in a window: the attempts in flight count against
+    /// what is left (73 guesses got through before).
+    #[tokio::test(start_paused = true)]
+    async fn parallel_guesses_stay_within_the_failure_limit() {
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
+        let limits = LoginLimits {
+            max_failures: 3,
+            window: Duration::from_secs(600),
+            failure_delay: Duration::from_secs(1),
+            max_parallel: 64,
+        };
+        let guessed = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let (cache, limits, guessed) = (cache.clone(), limits.clone(), guessed.clone());
+            tasks.push(tokio::spawn(async move {
+                check(
+                    &cache,
+                    "192.0.2.66".parse().unwrap(),
+                    &format!("victim{}@x", i % 3),
+                    &limits,
+                    |_| async move {
+                        guessed.fetch_add(1, Ordering::SeqCst);
+                        // An Argon2 check takes a while: every connection is in flight.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok::<Option<()>, String>(None)
+                    },
+                )
+                .await
+            }));
+        }
+        let mut invalid = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Login::Invalid => invalid += 1,
+                Login::Busy | Login::Throttled => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(guessed.load(Ordering::SeqCst), 3, "passwords checked");
+        assert_eq!(invalid, 3);
+        // And the address is refused for the rest of the window.
+        let after = check(
+            &cache,
+            "192.0.2.66".parse().unwrap(),
+            "victim0@x",
+            &limits,
+            |_| async { Ok::<_, String>(Some(())) },
+        )
+        .await;
+        assert!(matches!(after, Login::Throttled));
+    }
+
+    /// Strangers who fail on an account slow down their own further attempts on it,
+    /// but the owner's right password from an address with no failures goes through
+    /// without the penalty (an attacker could add 5 s to every login before).
+    #[tokio::test(start_paused = true)]
+    async fn the_account_penalty_spares_clean_addresses() {
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
+        let limits = LoginLimits {
+            max_failures: 3,
+            window: Duration::from_secs(600),
+            failure_delay: Duration::from_secs(1),
+            max_parallel: 4,
+        };
+        let attempt = |ip: &'static str, right: bool| {
+            let (cache, limits) = (cache.clone(), limits.clone());
+            async move {
+                let started = tokio::time::Instant::now();
+                let login = check(
+                    &cache,
+                    ip.parse().unwrap(),
+                    "victim@x",
+                    &limits,
+                    |_| async move { Ok::<_, String>(right.then_some(())) },
+                )
+                .await;
+                (login, started.elapsed())
+            }
+        };
+        for ip in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+            assert!(matches!(attempt(ip, false).await.0, Login::Invalid));
+        }
+        // The account is over the limit now. An address that failed before waits
+        // 5 s before its password is even checked, plus the 1 s of a failure.
+        let (login, took) = attempt("198.51.100.1", false).await;
+        assert!(matches!(login, Login::Invalid));
+        assert_eq!(took, Duration::from_secs(6));
+        // The owner, from a clean address: at once.
+        let (login, took) = attempt("203.0.113.7", true).await;
+        assert!(matches!(login, Login::Ok(())));
+        assert_eq!(took, Duration::ZERO);
     }
 
     /// An account with many failures is slowed down, not locked: its owner still

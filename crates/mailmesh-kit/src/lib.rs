@@ -7,6 +7,7 @@ pub mod config;
 pub mod dns;
 pub mod grpc;
 pub mod health;
+pub mod internal;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;

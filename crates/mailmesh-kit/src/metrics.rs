@@ -47,3 +47,34 @@ pub fn render() -> String {
     let _ = TextEncoder::new().encode(&REGISTRY.gather(), &mut buf);
     String::from_utf8(buf).unwrap_or_default()
 }
+
+static INTERNAL_TLS_REFUSED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    register(
+        prometheus::IntCounter::new(
+            "internal_tls_refused_total",
+            "Internal (mutual TLS) connections refused: no valid client certificate, or no handshake in time",
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn internal_tls_refused() {
+    INTERNAL_TLS_REFUSED.inc();
+}
+
+static INTERNAL_CALLS_REFUSED: LazyLock<prometheus::IntCounterVec> = LazyLock::new(|| {
+    register(
+        prometheus::IntCounterVec::new(
+            Opts::new(
+                "internal_calls_refused_total",
+                "Internal gRPC calls refused because the caller's role may not make them",
+            ),
+            &["role"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn internal_call_refused(role: &str) {
+    INTERNAL_CALLS_REFUSED.with_label_values(&[role]).inc();
+}

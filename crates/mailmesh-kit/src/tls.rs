@@ -234,7 +234,7 @@ pub fn self_signed_pem(names: &[&str]) -> Result<(String, String), TlsError> {
     Ok((generated.cert.pem(), generated.signing_key.serialize_pem()))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);

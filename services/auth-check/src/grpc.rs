@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use mailmesh_kit::Shutdown;
+use mailmesh_kit::internal::{AuthorizeLayer, InternalTls, Role};
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::auth_check_client::AuthCheckClient;
 use mailmesh_proto::v1::auth_check_server::{AuthCheck as AuthCheckRpc, AuthCheckServer};
@@ -72,10 +73,25 @@ impl AuthCheckRpc for Service {
     }
 }
 
-/// Serves auth-check on `listener` until the shutdown stops.
+/// Who may call auth-check (ADR 0006): the MX front door, for its clients and
+/// messages.
+pub fn policy(service: &str, method: &str, role: Role) -> bool {
+    matches!(
+        (service, method, role),
+        (
+            "AuthCheck",
+            "CheckClient" | "CheckMessage",
+            Role::SmtpIngress
+        )
+    )
+}
+
+/// Serves auth-check on `listener` (mutual TLS, callers authorised by
+/// [`policy`]) until the shutdown stops.
 pub async fn serve(
     checker: Arc<Checker>,
     listener: TcpListener,
+    tls: InternalTls,
     shutdown: Shutdown,
 ) -> Result<(), tonic::transport::Error> {
     let limit = checker
@@ -84,8 +100,9 @@ pub async fn serve(
         .saturating_add(ENVELOPE_SLACK);
     let stopped = shutdown.stopped_token();
     tonic::transport::Server::builder()
+        .layer(AuthorizeLayer::new(policy))
         .add_service(AuthCheckServer::new(Service(checker)).max_decoding_message_size(limit))
-        .serve_with_incoming_shutdown(mailmesh_kit::grpc::incoming(listener), async move {
+        .serve_with_incoming_shutdown(tls.incoming(listener, &shutdown), async move {
             stopped.cancelled().await
         })
         .await
@@ -96,13 +113,18 @@ pub async fn serve(
 pub struct GrpcAuthCheck(AuthCheckClient<Channel>);
 
 impl GrpcAuthCheck {
-    /// Connects lazily: the first call reaches the service.
-    pub fn new(endpoint: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
+    /// Connects lazily (mutual TLS as `tls`'s role): the first call reaches the
+    /// service.
+    pub fn new(
+        endpoint: &str,
+        max_message_bytes: usize,
+        tls: &InternalTls,
+    ) -> anyhow::Result<Self> {
         // A check that takes longer is answered 451 by the caller, not waited for.
-        let channel = Channel::from_shared(endpoint.to_owned())?
+        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
+            .timeout(CALL_TIMEOUT);
+        let channel = tls.channel(endpoint, Role::AuthCheck);
         Ok(Self(
             AuthCheckClient::new(channel)
                 .max_encoding_message_size(max_message_bytes.saturating_add(ENVELOPE_SLACK)),

@@ -66,6 +66,9 @@ pub struct ServiceConfig {
     /// Where client verdicts are shared between pods (Redis); in-process by default.
     #[serde(default = "memory_cache")]
     pub cache: mailmesh_cache::CacheConfig,
+    /// This pod's certificate (role `auth-check`) and the internal CA: callers
+    /// must present a certificate from it (ADR 0006).
+    pub internal_tls: mailmesh_kit::internal::InternalTlsConfig,
 }
 
 fn memory_cache() -> mailmesh_cache::CacheConfig {
@@ -80,6 +83,7 @@ impl Validate for ServiceConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
         self.shutdown.validate()?;
+        self.internal_tls.validate()?;
         self.auth.validate()
     }
 }

@@ -21,13 +21,20 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
             .context("starting the checks")?
             .with_cache(cache),
     );
+    let tls = mailmesh_kit::internal::InternalTls::load(
+        &config.internal_tls,
+        mailmesh_kit::internal::Role::AuthCheck,
+    )
+    .context("loading the internal TLS certificate")?;
+    tls.spawn_reloader(config.internal_tls.reload_interval, &service.shutdown);
     let listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding the gRPC port {}", config.grpc_listen))?;
-    tracing::info!(grpc = %config.grpc_listen, "auth-check is serving");
+    tracing::info!(grpc = %config.grpc_listen, "auth-check is serving (mutual TLS)");
     let grpc = tokio::spawn(mailmesh_auth::grpc::serve(
         checker,
         listener,
+        tls,
         service.shutdown.clone(),
     ));
     service.wait_and_drain(&config.shutdown).await?;

@@ -12,6 +12,7 @@ use mailmesh_auth::grpc::GrpcAuthCheck;
 use mailmesh_auth::{
     AuthCheck, AuthConfig, AuthResult, Checker, DmarcPolicy, DnsConfig, MessageFacts,
 };
+use mailmesh_kit::internal::{Role, testing};
 use mailmesh_testkit::dns::DnsServer;
 
 /// Authorised by example.test's SPF record, with matching forward and reverse DNS.
@@ -207,9 +208,10 @@ async fn verdicts_cross_grpc_unchanged() {
     tokio::spawn(mailmesh_auth::grpc::serve(
         site.checker.clone(),
         listener,
+        testing::tls(Role::AuthCheck),
         shutdown.clone(),
     ));
-    let client = GrpcAuthCheck::new(&endpoint, 1 << 20).unwrap();
+    let client = GrpcAuthCheck::new(&endpoint, 1 << 20, &testing::tls(Role::SmtpIngress)).unwrap();
     let message = signed(&site.key, MESSAGE);
     let local = site
         .checker
@@ -225,13 +227,32 @@ async fn verdicts_cross_grpc_unchanged() {
     assert_eq!(client_verdict.blocked_by(), Some("bl.test"));
     // A message above the configured limit is refused by the server, not buffered.
     let big = vec![b'x'; (25 << 20) + (128 << 10)];
-    let big_client = GrpcAuthCheck::new(&endpoint, 64 << 20).unwrap();
+    let big_client =
+        GrpcAuthCheck::new(&endpoint, 64 << 20, &testing::tls(Role::SmtpIngress)).unwrap();
     assert!(
         big_client
             .check_message(facts(GOOD_IP, &big))
             .await
             .is_err()
     );
+    // Only the MX front door may ask (ADR 0006): the gateway's identity is refused,
+    // and a client without a certificate from the internal CA never gets through.
+    for role in [Role::Gateway, Role::Submission, Role::Admin] {
+        let other = GrpcAuthCheck::new(&endpoint, 1 << 20, &testing::tls(role)).unwrap();
+        let refused = other
+            .check_client(BAD_IP.parse().unwrap())
+            .await
+            .unwrap_err();
+        assert!(refused.0.contains("may not call"), "{role}: {}", refused.0);
+    }
+    let plain = mailmesh_proto::v1::auth_check_client::AuthCheckClient::new(
+        tonic::transport::Channel::from_shared(endpoint.clone())
+            .unwrap()
+            .connect_lazy(),
+    )
+    .check_client(mailmesh_proto::v1::CheckClientRequest { ip: BAD_IP.into() })
+    .await;
+    assert!(plain.is_err(), "{plain:?}");
 }
 
 /// Client verdicts (iprev, DNS lists) are shared through the real Redis: a second

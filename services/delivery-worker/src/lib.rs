@@ -29,6 +29,9 @@ pub struct ServiceConfig {
     pub object_store: ObjectStoreConfig,
     /// The storage service's gRPC endpoint, e.g. `http://mailmesh-storage:7001`.
     pub storage_endpoint: String,
+    /// This workload's certificate and the internal CA, for the storage and
+    /// auth-check services (mutual TLS, ADR 0006).
+    pub internal_tls: mailmesh_kit::internal::InternalTlsConfig,
     #[serde(default)]
     pub worker: worker::WorkerConfig,
     /// Relaying to other domains (`[outbound]`).
@@ -46,6 +49,7 @@ impl Validate for ServiceConfig {
         self.queue.validate()?;
         self.worker.validate()?;
         self.outbound.validate()?;
+        self.internal_tls.validate()?;
         if !(self.storage_endpoint.starts_with("http://")
             || self.storage_endpoint.starts_with("https://"))
         {

@@ -20,7 +20,17 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .context("opening the queue")?;
     let objects = mailmesh_objstore::open_checked(&config.object_store, &service.health)
         .context("opening the object store")?;
-    let store = GrpcMailstore::new(&config.storage_endpoint, config.worker.max_message_bytes)?;
+    let tls = mailmesh_kit::internal::InternalTls::load(
+        &config.internal_tls,
+        mailmesh_kit::internal::Role::DeliveryWorker,
+    )
+    .context("loading the internal TLS certificate")?;
+    tls.spawn_reloader(config.internal_tls.reload_interval, &service.shutdown);
+    let store = GrpcMailstore::new(
+        &config.storage_endpoint,
+        config.worker.max_message_bytes,
+        &tls,
+    )?;
 
     let cache = match &config.cache {
         Some(c) => mailmesh_cache::open(c)

@@ -23,7 +23,7 @@ fn the_rendered_worker_config_loads() {
         .with_var("MAILMESH_CACHE__REDIS__URL", "redis://redis:6379/0")
         .load()
         .unwrap();
-    assert_eq!(config.storage_endpoint, "http://mailmesh-storage:7001");
+    assert_eq!(config.storage_endpoint, "https://mailmesh-storage:7001");
     assert_eq!(config.worker.topic, "mail.queue");
     assert_eq!(config.worker.hostname, "mx.example.com");
     assert_eq!(

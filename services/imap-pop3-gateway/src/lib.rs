@@ -250,6 +250,9 @@ pub struct ServiceConfig {
     pub imaps_listen: SocketAddr,
     /// The storage service's gRPC endpoint.
     pub storage_endpoint: String,
+    /// This pod's certificate (role `gateway`) and the internal CA, for storage
+    /// (mutual TLS, ADR 0006).
+    pub internal_tls: mailmesh_kit::internal::InternalTlsConfig,
     #[serde(default)]
     pub pop3: Pop3Config,
     #[serde(default)]
@@ -284,6 +287,7 @@ impl Validate for ServiceConfig {
         self.telemetry.validate()?;
         self.shutdown.validate()?;
         self.tls.validate()?;
+        self.internal_tls.validate()?;
         self.imap.validate()?;
         self.pop3.validate()
     }

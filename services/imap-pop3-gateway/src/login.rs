@@ -3,10 +3,9 @@
 
 use std::net::SocketAddr;
 
-pub(crate) use mailmesh_cache::login::{Login, LoginLimits as Limits};
-use mailmesh_proto::v1;
-
 use crate::Gateway;
+use crate::store::LoggedIn;
+pub(crate) use mailmesh_cache::login::{Login, LoginLimits as Limits};
 
 pub(crate) async fn check(
     gw: &Gateway,
@@ -15,10 +14,10 @@ pub(crate) async fn check(
     name: &str,
     password: &str,
     limits: &Limits,
-) -> Login<v1::UserRef> {
+) -> Login<LoggedIn> {
     let login =
         mailmesh_cache::login::check(&gw.cache, peer.ip(), name, limits, |name| async move {
-            gw.store.authenticate(&name, password).await
+            gw.store.authenticate(&name, password, peer.ip()).await
         })
         .await;
     match login {

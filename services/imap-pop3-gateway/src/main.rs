@@ -13,12 +13,19 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let service = Service::start("imap-pop3-gateway", &config.admin, &config.telemetry).await?;
+    let internal = mailmesh_kit::internal::InternalTls::load(
+        &config.internal_tls,
+        mailmesh_kit::internal::Role::Gateway,
+    )
+    .context("loading the internal TLS certificate")?;
+    internal.spawn_reloader(config.internal_tls.reload_interval, &service.shutdown);
     let store = Store::new(
         &config.storage_endpoint,
         config
             .pop3
             .max_message_bytes
             .max(config.imap.max_message_bytes),
+        &internal,
     )?;
     let resolver = Arc::new(
         ReloadingCertResolver::load(&config.tls.cert_file, &config.tls.key_file)

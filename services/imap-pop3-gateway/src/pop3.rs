@@ -43,7 +43,9 @@ enum Line {
 
 /// A logged-in user's view of the maildrop.
 struct Maildrop {
+    /// With the storage session token, renewed from `renew_at_ms` on.
     user: v1::UserRef,
+    renew_at_ms: i64,
     lock_key: String,
     token: LockToken,
     /// Set by the renewal task when the lock can no longer be confirmed.
@@ -227,6 +229,10 @@ impl Session<'_> {
                 | "RSET"
         );
         let name = if known { keyword.as_str() } else { "unknown" };
+        if !self.renew_session().await {
+            send(io, "-ERR [AUTH] Session ended, log in again\r\n").await?;
+            return Ok(Next::Close);
+        }
         let (next, ok) = match (keyword.as_str(), self.maildrop.is_some()) {
             ("CAPA", _) => {
                 send(io, &self.capabilities()).await?;
@@ -447,6 +453,30 @@ impl Session<'_> {
         Ok(self.login(authcid, password).await)
     }
 
+    /// Renews the storage session token once half its life is gone (ADR 0006);
+    /// false when storage has ended the session (the account was disabled or
+    /// removed). A storage that does not answer is tried again at the next command.
+    async fn renew_session(&mut self) -> bool {
+        let Some(m) = self.maildrop.as_mut() else {
+            return true;
+        };
+        if crate::store::now_ms() < m.renew_at_ms {
+            return true;
+        }
+        match self.gw.store.refresh(&m.user).await {
+            Ok(Some(renewed)) => {
+                m.user = renewed.user;
+                m.renew_at_ms = renewed.renew_at_ms;
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the storage session");
+                true
+            }
+        }
+    }
+
     /// Checks the credentials (with cluster-wide failure limits), takes the maildrop
     /// lock and lists the maildrop. The reply never tells whether the user exists.
     async fn login(&mut self, name: &str, password: &str) -> String {
@@ -459,7 +489,7 @@ impl Session<'_> {
         let user = match crate::login::check(self.gw, PROTOCOL, self.peer, name, password, &limits)
             .await
         {
-            Login::Ok(user) => user,
+            Login::Ok(logged_in) => logged_in,
             Login::Invalid => return "-ERR [AUTH] Invalid login\r\n".into(),
             Login::Throttled => {
                 return "-ERR [AUTH] Too many failed logins, try again later\r\n".into();
@@ -470,6 +500,8 @@ impl Session<'_> {
             }
             Login::Unavailable => return "-ERR [SYS/TEMP] Try again later\r\n".into(),
         };
+        let renew_at_ms = user.renew_at_ms;
+        let user = user.user;
         let lock_key = format!("pop3:lock:{}:{}", user.tenant, user.user_id);
         let ttl = self.gw.config.lock_ttl;
         let token = match self.gw.cache.try_lock(&lock_key, ttl).await {
@@ -502,6 +534,7 @@ impl Session<'_> {
                 .abort_handle();
                 self.maildrop = Some(Maildrop {
                     user,
+                    renew_at_ms,
                     lock_key,
                     lost,
                     renewal,

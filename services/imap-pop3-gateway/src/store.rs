@@ -30,6 +30,27 @@ pub struct Listed {
     pub flags: Vec<String>,
 }
 
+/// A user logged in through this gateway: their reference carries the session
+/// token storage gave (every mailbox call needs it, ADR 0006), renewed from
+/// `renew_at_ms` on.
+#[derive(Debug, Clone)]
+pub struct LoggedIn {
+    pub user: v1::UserRef,
+    pub renew_at_ms: i64,
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn renew_at(expires_ms: i64) -> i64 {
+    let now = now_ms();
+    now + expires_ms.saturating_sub(now) / 2
+}
+
 #[derive(Clone)]
 pub struct Store {
     directory: DirectoryClient<Channel>,
@@ -37,14 +58,19 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects lazily: the first call reaches the service.
-    pub fn new(endpoint: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
+    /// Connects lazily (mutual TLS, as the `gateway` role): the first call reaches
+    /// the service.
+    pub fn new(
+        endpoint: &str,
+        max_message_bytes: usize,
+        tls: &mailmesh_kit::internal::InternalTls,
+    ) -> anyhow::Result<Self> {
         // A call that takes longer fails (the client hears [SYS/TEMP]); for Fetch the
         // limit covers the start of the stream.
-        let channel = Channel::from_shared(endpoint.to_owned())?
+        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect_lazy();
+            .timeout(Duration::from_secs(30));
+        let channel = tls.channel(endpoint, mailmesh_kit::internal::Role::Storage);
         Ok(Self {
             directory: DirectoryClient::new(channel.clone()),
             mailboxes: MailboxesClient::new(channel)
@@ -58,25 +84,47 @@ impl Store {
     }
 
     /// The user behind `address` and `password`, `None` when either is wrong (which
-    /// one is never said). Disabled users cannot log in.
+    /// one is never said). Disabled users cannot log in. `client` is the address
+    /// the user connects from (storage counts failures by it too).
     pub async fn authenticate(
         &self,
         address: &str,
         password: &str,
-    ) -> Result<Option<v1::UserRef>, StoreError> {
+        client: std::net::IpAddr,
+    ) -> Result<Option<LoggedIn>, StoreError> {
         let r = self
             .directory
             .clone()
             .authenticate(v1::AuthenticateRequest {
                 address: address.to_owned(),
                 password: password.to_owned(),
+                client_ip: client.to_string(),
             })
             .await?
             .into_inner();
         Ok(match (r.ok, r.user) {
-            (true, Some(info)) if info.enabled => info.user,
+            (true, Some(info)) if info.enabled => info.user.map(|user| LoggedIn {
+                user,
+                renew_at_ms: renew_at(r.session_expires_ms),
+            }),
             _ => None,
         })
+    }
+
+    /// A new session token for `user`; `None` when storage has ended the session
+    /// (the account was disabled or removed, or the token expired).
+    pub async fn refresh(&self, user: &v1::UserRef) -> Result<Option<LoggedIn>, StoreError> {
+        match self.directory.clone().refresh_session(user.clone()).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(r.user.map(|user| LoggedIn {
+                    user,
+                    renew_at_ms: renew_at(r.expires_ms),
+                }))
+            }
+            Err(s) if s.code() == tonic::Code::Unauthenticated => Ok(None),
+            Err(s) => Err(s.into()),
+        }
     }
 
     /// The messages of `mailbox`, by UID, with its UIDVALIDITY.

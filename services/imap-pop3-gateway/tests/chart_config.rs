@@ -24,7 +24,7 @@ fn the_rendered_gateway_config_loads() {
     assert_eq!(config.pop3s_listen.port(), 1995);
     assert_eq!(config.pop3.hostname, "mail.example.com");
     assert!(!config.pop3.allow_plaintext_auth);
-    assert_eq!(config.storage_endpoint, "http://mailmesh-storage:7001");
+    assert_eq!(config.storage_endpoint, "https://mailmesh-storage:7001");
     assert!(matches!(
         config.cache,
         mailmesh_cache::CacheConfig::Redis(_)

@@ -1030,3 +1030,40 @@ async fn behind_a_proxy_protocol_balancer_the_real_client_is_counted() {
     let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await;
     assert!(buf.is_empty(), "{}", String::from_utf8_lossy(&buf));
 }
+
+/// The gateway acts for a user only with the session token storage gave at login
+/// (ADR 0006): it renews the token at commands once half its life is gone, so a
+/// long session keeps working past the first token's expiry, and a disabled account
+/// ends the session at the next renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_renew_their_token_and_end_with_the_account() {
+    let site = common::site_with(mailmesh_storage::engine::StorageConfig {
+        mailbox_partitions: 2,
+        session_ttl: Duration::from_secs(10),
+        ..Default::default()
+    })
+    .await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    let mut c = Raw::connect(plain).await;
+    let r = c.cmd("a", "LOGIN alice@acme.test pw").await;
+    assert!(last(&r).starts_with("a OK"), "{r:?}");
+    let r = c.cmd("b", "SELECT INBOX").await;
+    assert!(last(&r).starts_with("b OK"), "{r:?}");
+    // Past half the token's life: this command renews it…
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let r = c.cmd("c", "NOOP").await;
+    assert!(last(&r).starts_with("c OK"), "{r:?}");
+    // …so past the first token's expiry, reads still work.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let r = c.cmd("d", "FETCH 1 (FLAGS)").await;
+    assert!(last(&r).starts_with("d OK"), "{r:?}");
+    // The account is disabled: the next renewal fails and the session ends.
+    site.engine
+        .set_enabled("alice@acme.test".parse().unwrap(), false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    c.send("e NOOP\r\n").await;
+    let bye = c.line().await;
+    assert!(bye.starts_with("* BYE Session ended"), "{bye}");
+}

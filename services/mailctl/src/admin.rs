@@ -27,17 +27,52 @@ use tonic::transport::Channel;
 
 #[derive(Args)]
 pub struct Target {
-    /// The storage service's gRPC endpoint.
+    /// The storage service's gRPC endpoint (always mutual TLS, whatever the scheme).
     #[arg(
         long,
         global = true,
         env = "MAILCTL_ENDPOINT",
-        default_value = "http://127.0.0.1:7001"
+        default_value = "https://127.0.0.1:7001"
     )]
     endpoint: String,
+    /// A directory with the admin identity: `admin.crt`, `admin.key` and the
+    /// internal CA's `ca.crt` (`mailctl dev` writes them to `mailmesh-data/pki`).
+    #[arg(
+        long,
+        global = true,
+        env = "MAILCTL_PKI_DIR",
+        default_value = "mailmesh-data/pki"
+    )]
+    pki_dir: std::path::PathBuf,
+    /// The admin certificate (PEM), instead of the one in --pki-dir.
+    #[arg(long, global = true, env = "MAILCTL_CERT", requires_all = ["key", "ca"])]
+    cert: Option<std::path::PathBuf>,
+    /// The admin certificate's private key (PEM).
+    #[arg(long, global = true, env = "MAILCTL_KEY", requires_all = ["cert", "ca"])]
+    key: Option<std::path::PathBuf>,
+    /// The internal CA certificate (PEM) that storage's certificate must chain to.
+    #[arg(long, global = true, env = "MAILCTL_CA", requires_all = ["cert", "key"])]
+    ca: Option<std::path::PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+}
+
+impl Target {
+    /// The admin identity's files.
+    fn tls_config(&self) -> mailmesh_kit::internal::InternalTlsConfig {
+        use mailmesh_kit::internal::{InternalTlsConfig, Role};
+        let in_dir = InternalTlsConfig::in_dir(&self.pki_dir, Role::Admin);
+        match (&self.cert, &self.key, &self.ca) {
+            (Some(cert), Some(key), Some(ca)) => InternalTlsConfig {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                ca_file: ca.clone(),
+                ..in_dir
+            },
+            _ => in_dir,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -236,6 +271,7 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
                 .list_dkim_keys(v1::DomainRequest {
                     tenant: String::new(),
                     domain,
+                    user: None,
                 })
                 .await
                 .map_err(refused)?
@@ -522,19 +558,30 @@ pub enum MailboxCommand {
 }
 
 async fn channel(target: &Target) -> anyhow::Result<Channel> {
+    use mailmesh_kit::internal::{InternalTls, Role};
     let url = &target.endpoint;
     let endpoint = Some(url)
         .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
-        .and_then(|u| Channel::from_shared(u.clone()).ok())
+        .and_then(|u| tonic::transport::Endpoint::from_shared(u.clone()).ok())
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "--endpoint {:?} is not a URL such as http://127.0.0.1:7001",
+                "--endpoint {:?} is not a URL such as https://127.0.0.1:7001",
                 target.endpoint
             )
-        })?;
-    endpoint.connect().await.with_context(|| {
+        })?
+        .connect_timeout(std::time::Duration::from_secs(10));
+    let config = target.tls_config();
+    let tls = InternalTls::load(&config, Role::Admin).with_context(|| {
         format!(
-            "connecting to {} (is `mailctl dev` running?)",
+            "loading the admin identity ({}, {}, {}); give --pki-dir, or --cert, --key and --ca (MAILCTL_PKI_DIR, MAILCTL_CERT …); `mailctl dev` writes one to mailmesh-data/pki",
+            config.cert_file.display(),
+            config.key_file.display(),
+            config.ca_file.display()
+        )
+    })?;
+    tls.connect(endpoint, Role::Storage).await.with_context(|| {
+        format!(
+            "connecting to {} (is `mailctl dev` running? is the admin certificate from its CA?)",
             target.endpoint
         )
     })
@@ -747,6 +794,7 @@ pub async fn domain(target: Target, command: DomainCommand) -> anyhow::Result<()
                 .add_domain(v1::DomainRequest {
                     tenant: tenant.clone(),
                     domain: domain.clone(),
+                    user: None,
                 })
                 .await
                 .map_err(refused)?;
@@ -757,6 +805,7 @@ pub async fn domain(target: Target, command: DomainCommand) -> anyhow::Result<()
                 .remove_domain(v1::DomainRequest {
                     tenant,
                     domain: domain.clone(),
+                    user: None,
                 })
                 .await
                 .map_err(refused)?;

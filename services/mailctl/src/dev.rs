@@ -214,6 +214,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     .context("opening the local object store")?;
     health.add_check(Arc::new(ObjectStoreReadiness(objects.clone())));
 
+    // Mutual TLS between the services, as deployed: a dev CA and a certificate per
+    // role, made once; `mailctl` commands use the admin one from here.
+    let pki = config.data_dir.join("pki");
+    mailmesh_kit::internal::ensure_pki(&pki)
+        .with_context(|| format!("writing the dev certificates to {}", pki.display()))?;
+    let internal = |role| {
+        mailmesh_kit::internal::InternalTls::load(
+            &mailmesh_kit::internal::InternalTlsConfig::in_dir(&pki, role),
+            role,
+        )
+        .with_context(|| {
+            format!(
+                "loading the dev certificate of {role} from {}",
+                pki.display()
+            )
+        })
+    };
+    let storage_tls = internal(mailmesh_kit::internal::Role::Storage)?;
+    let gateway_tls = internal(mailmesh_kit::internal::Role::Gateway)?;
+
     let engine = StorageEngine::open(queue.clone(), objects.clone(), config.storage.clone())
         .await
         .context("starting storage")?;
@@ -221,11 +241,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let storage_listener = tokio::net::TcpListener::bind(storage_addr)
         .await
         .with_context(|| format!("binding the storage gRPC port {storage_addr}"))?;
-    let storage_task = tokio::spawn(serve_grpc(
-        engine.clone(),
-        storage_listener,
-        shutdown.clone(),
-    ));
+    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
+    // One storage: without a configured session secret it makes its own at start.
+    let storage_service = mailmesh_storage::server::service(engine.clone(), cache.clone(), true)?;
+    let storage_task = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            serve_grpc(storage_service, storage_listener, &storage_tls, shutdown).await
+        })
+    };
 
     let tls = match &config.tls {
         Some(tls) => tls.clone(),
@@ -248,7 +272,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     resolver.spawn_reloader(tls.reload_interval, &shutdown);
 
     // The MX front door, checking recipients against the engine in this process.
-    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory).await?;
     // auth-check in this process. Without a usable resolver configuration mail still
     // flows, unchecked, and the banner says so.
     let auth = match Checker::new(config.auth.clone()) {
@@ -347,11 +370,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     // IMAP and POP3 (STARTTLS and implicit TLS), through the storage gRPC API above.
     let store = mailmesh_gateway::Store::new(
-        &format!("http://{storage_addr}"),
+        &format!("https://{storage_addr}"),
         config
             .pop3
             .max_message_bytes
             .max(config.imap.max_message_bytes),
+        &gateway_tls,
     )?;
     let gateway = mailmesh_gateway::Gateway::new(
         store,
@@ -422,8 +446,10 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bo
     println!("  tls          {}", tls.cert_file.display());
     println!("  queue        embedded log, topic {MAIL_TOPIC} (a delivery worker consumes it)");
     println!(
-        "  storage      http://{}:{}  (gRPC; `mailctl tenant|domain|user|alias|quota` talk to it)",
-        config.bind, config.ports.storage
+        "  storage      https://{}:{}  (gRPC, mutual TLS; `mailctl tenant|domain|user|alias|quota` talk to it with {}/pki/admin.crt)",
+        config.bind,
+        config.ports.storage,
+        config.data_dir.display()
     );
     println!(
         "  smtp         {}:{}  (MX, STARTTLS with the certificate above)",

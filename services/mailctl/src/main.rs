@@ -50,6 +50,23 @@ enum Command {
     /// A user's mailboxes.
     #[command(subcommand)]
     Mailbox(admin::MailboxCommand),
+    /// Certificates for mutual TLS between the services (without cert-manager or
+    /// the chart): an internal CA and one certificate per role.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Write a new internal CA (`ca.crt`, `ca.key`) and a certificate for each role
+    /// (`<role>.crt`, `<role>.key`: admin, storage, auth-check, smtp-ingress,
+    /// submission, delivery-worker, gateway) into DIR.
+    Init {
+        dir: PathBuf,
+        /// Replace a CA already in DIR (every service then needs the new files).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -88,6 +105,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn pki_init(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    if dir.join("ca.crt").exists() && !force {
+        anyhow::bail!(
+            "{} already holds a CA; --force replaces it (and every certificate)",
+            dir.display()
+        );
+    }
+    mailmesh_kit::internal::write_pki(dir)?;
+    println!(
+        "wrote an internal CA and certificates for {} to {}",
+        mailmesh_kit::internal::Role::ALL
+            .map(|r| r.name())
+            .join(", "),
+        dir.display()
+    );
+    println!("keep ca.key offline; each service needs its <role>.crt, <role>.key and ca.crt");
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -104,6 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Alias(c) => admin::alias(target, c).await,
             Command::Quota(c) => admin::quota(target, c).await,
             Command::Mailbox(c) => admin::mailbox(target, c).await,
+            Command::Pki(PkiCommand::Init { dir, force }) => pki_init(&dir, force),
         }
     })
 }

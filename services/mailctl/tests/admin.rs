@@ -146,13 +146,16 @@ async fn refusals_are_clear_and_isolate_tenants() {
 
 #[test]
 fn an_unreachable_endpoint_is_reported() {
+    let pki = mailmesh_kit::internal::testing::pki();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailctl"))
         .args([
             "--endpoint",
-            &format!("http://127.0.0.1:{}", common::free_port()),
+            &format!("https://127.0.0.1:{}", common::free_port()),
             "tenant",
             "list",
         ])
+        .arg("--pki-dir")
+        .arg(&pki)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -169,5 +172,58 @@ fn an_unreachable_endpoint_is_reported() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("is not a URL such as http://"), "{stderr}");
+    assert!(stderr.contains("is not a URL such as https://"), "{stderr}");
+}
+
+/// mailctl proves it is the admin (ADR 0006): without the admin identity it says
+/// where to get one; with a certificate of another CA, or of another role, the dev
+/// platform's storage does not serve it.
+#[tokio::test]
+async fn only_the_admin_identity_administers() {
+    let dev = common::start(&[]);
+    common::wait_ready(&dev).await;
+    let run = |extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mailctl"))
+            .args(["--endpoint", &dev.storage])
+            .args(extra)
+            .args(["tenant", "list"])
+            .output()
+            .unwrap()
+    };
+    let empty = tempfile::tempdir().unwrap();
+    let out = run(&["--pki-dir".as_ref(), empty.path().as_os_str()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("loading the admin identity") && stderr.contains("--pki-dir"),
+        "{stderr}"
+    );
+    // Another CA's admin certificate.
+    let stranger = mailmesh_kit::internal::testing::pki();
+    let out = run(&["--pki-dir".as_ref(), stranger.as_os_str()]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The dev platform's own gateway certificate, posing as the admin.
+    let pki = dev.data.join("pki");
+    let out = run(&[
+        "--cert".as_ref(),
+        pki.join("gateway.crt").as_os_str(),
+        "--key".as_ref(),
+        pki.join("gateway.key").as_os_str(),
+        "--ca".as_ref(),
+        pki.join("ca.crt").as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("gateway.mailmesh.internal"), "{stderr}");
+    // And the admin's own works.
+    let out = run(&["--pki-dir".as_ref(), pki.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

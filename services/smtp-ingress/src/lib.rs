@@ -178,6 +178,9 @@ pub struct ServiceConfig {
     pub object_store: ObjectStoreConfig,
     /// The storage service's gRPC endpoint (recipient lookups).
     pub storage_endpoint: String,
+    /// This workload's certificate and the internal CA, for the storage and
+    /// auth-check services (mutual TLS, ADR 0006).
+    pub internal_tls: mailmesh_kit::internal::InternalTlsConfig,
     /// The auth-check service's gRPC endpoint. Without it no SPF/DKIM/DMARC checks
     /// run, no Authentication-Results header is added and no policy applies.
     pub auth_check_endpoint: Option<String>,

@@ -20,7 +20,13 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .context("opening the queue")?;
     let objects = mailmesh_objstore::open_checked(&config.object_store, &service.health)
         .context("opening the object store")?;
-    let directory = GrpcMailstore::new(&config.storage_endpoint, 1 << 20)?;
+    let internal = mailmesh_kit::internal::InternalTls::load(
+        &config.internal_tls,
+        mailmesh_kit::internal::Role::SmtpIngress,
+    )
+    .context("loading the internal TLS certificate")?;
+    internal.spawn_reloader(config.internal_tls.reload_interval, &service.shutdown);
+    let directory = GrpcMailstore::new(&config.storage_endpoint, 1 << 20, &internal)?;
     let tls = match &config.tls {
         Some(tls) => {
             let resolver = Arc::new(
@@ -40,6 +46,7 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         Some(endpoint) => Some(Arc::new(GrpcAuthCheck::new(
             endpoint,
             config.smtp.max_message_bytes,
+            &internal,
         )?) as Arc<dyn mailmesh_auth::AuthCheck>),
         None => {
             tracing::warn!(

@@ -747,7 +747,26 @@ impl<'a> Session<'a> {
     }
 
     /// Submission: MAIL needs a logged-in user sending as themselves.
-    async fn submitter(&self, from: &smtp_proto::MailFrom<String>) -> Result<(), String> {
+    async fn submitter(&mut self, from: &smtp_proto::MailFrom<String>) -> Result<(), String> {
+        let Some(account) = self.account.as_mut() else {
+            return Err("530 5.7.0 Authentication required\r\n".into());
+        };
+        // A long session renews its storage session token between messages; an
+        // account disabled meanwhile ends here.
+        if account.session_renewal_due() {
+            match self.ingress.directory.refresh(account).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(user = %account.address, "session ended by storage; login required again");
+                    self.account = None;
+                    return Err("530 5.7.0 Authentication required\r\n".into());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the session");
+                    return Err("451 4.3.0 Temporary failure, try again later\r\n".into());
+                }
+            }
+        }
         let Some(account) = &self.account else {
             return Err("530 5.7.0 Authentication required\r\n".into());
         };
@@ -933,12 +952,13 @@ impl<'a> Session<'a> {
             Some(Ok(c)) => c,
         };
         let directory = self.ingress.directory.clone();
+        let client = self.peer.ip();
         let login = mailmesh_cache::login::check(
             &self.ingress.cache,
-            self.peer.ip(),
+            client,
             &name,
             &config.login_limits(),
-            |name| async move { directory.authenticate(&name, &password).await },
+            |name| async move { directory.authenticate(&name, &password, client).await },
         )
         .await;
         match login {
@@ -1373,7 +1393,12 @@ impl<'a> Session<'a> {
             match self
                 .ingress
                 .keys
-                .get(&*self.ingress.directory, domain, config.key_cache_ttl)
+                .get(
+                    &*self.ingress.directory,
+                    account,
+                    domain,
+                    config.key_cache_ttl,
+                )
                 .await
             {
                 Ok(Some(key)) => match crate::submit::sign(&key, &completed.message) {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use mailmesh_auth::sign::{KeyAlgorithm, dkim_signature};
 use mailmesh_cache::login::LoginLimits;
 use mailmesh_kit::config::{ConfigError, Validate};
-use mailmesh_storage::client::{DeliveryError, Mailstore, SigningKey};
+use mailmesh_storage::client::{Account, DeliveryError, Mailstore, SigningKey};
 use mailmesh_storage::directory::DkimAlgorithm;
 use mailmesh_types::{Domain, EmailAddress, QueueId, rfc5322_date};
 use serde::Deserialize;
@@ -96,9 +96,12 @@ pub(crate) struct KeyCache {
 }
 
 impl KeyCache {
+    /// The key for `domain`, which `account` (a user of the domain's tenant, else
+    /// no key) signs with.
     pub(crate) async fn get(
         &self,
         directory: &dyn Mailstore,
+        account: &Account,
         domain: &Domain,
         ttl: Duration,
     ) -> Result<Option<SigningKey>, DeliveryError> {
@@ -107,7 +110,7 @@ impl KeyCache {
         {
             return Ok(key.clone());
         }
-        let key = directory.signing_key(domain).await?;
+        let key = directory.signing_key(account, domain).await?;
         let mut keys = self.lock();
         if keys.len() > 10_000 {
             keys.clear();

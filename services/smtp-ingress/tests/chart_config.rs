@@ -22,7 +22,7 @@ fn the_rendered_ingress_config_loads() {
     assert_eq!(config.smtp.max_message_bytes, 26_214_400);
     assert_eq!(
         config.auth_check_endpoint.as_deref(),
-        Some("http://mailmesh-auth-check:7002")
+        Some("https://mailmesh-auth-check:7002")
     );
     assert!(config.smtp.proxy.trusts("10.1.2.3".parse().unwrap()));
     assert!(rendered_sets_env("MAILMESH_CACHE__REDIS__URL"));

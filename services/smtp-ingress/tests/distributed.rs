@@ -92,7 +92,7 @@ async fn smtp_to_inbox_through_separate_processes() {
     let gateway = spawn("imap-pop3-gateway", &env);
     let logs = [&storage, &auth, &ingress, &worker, &gateway];
 
-    let (channel, users) =
+    let (channel, users, _) =
         acme_with_users(&storage, &endpoint, &["alice@acme.test", "carol@acme.test"]).await;
     let (alice, carol) = (users[0].clone(), users[1].clone());
     let mailboxes = MailboxesClient::new(channel);

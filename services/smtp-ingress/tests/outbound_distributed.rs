@@ -86,10 +86,10 @@ async fn submitted_mail_is_signed_delivered_and_relayed_through_separate_process
     let worker = spawn("delivery-worker", &env);
     let logs = [&storage, &submission, &worker];
 
-    let (channel, users) =
+    let (channel, users, admin) =
         acme_with_users(&storage, &endpoint, &["alice@acme.test", "carol@acme.test"]).await;
     let carol = users[1].clone();
-    let mut directory = v1::directory_client::DirectoryClient::new(channel.clone());
+    let mut directory = v1::directory_client::DirectoryClient::new(admin);
     let key = directory
         .add_dkim_key(v1::AddDkimKeyRequest {
             domain: "acme.test".into(),

@@ -193,7 +193,7 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
     // Several mailboxes, so deliveries spread over the storage log's partitions.
     let addresses: Vec<String> = (0..USERS).map(|u| format!("user{u}@acme.test")).collect();
     let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
-    let (channel, users) = acme_with_users(&storage, &endpoint, &addresses).await;
+    let (channel, users, _) = acme_with_users(&storage, &endpoint, &addresses).await;
     let mailboxes = MailboxesClient::new(channel);
     for port in ports
         .into_iter()

@@ -14,6 +14,7 @@ use fake_opentelemetry_collector::FakeCollectorServer;
 use mailmesh_delivery::worker::{Worker, WorkerConfig};
 use mailmesh_ingress::{Ingress, IngressConfig};
 use mailmesh_kit::Shutdown;
+use mailmesh_kit::internal::Role;
 use mailmesh_kit::telemetry::{self, LogFormat, TelemetryConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -52,9 +53,15 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
     tokio::spawn(mailmesh_auth::grpc::serve(
         Arc::new(checker),
         listener,
+        mailmesh_kit::internal::testing::tls(Role::AuthCheck),
         auth_shutdown.clone(),
     ));
-    let auth = mailmesh_auth::grpc::GrpcAuthCheck::new(&auth_endpoint, 1 << 20).unwrap();
+    let auth = mailmesh_auth::grpc::GrpcAuthCheck::new(
+        &auth_endpoint,
+        1 << 20,
+        &mailmesh_kit::internal::testing::tls(Role::SmtpIngress),
+    )
+    .unwrap();
     let ingress = Ingress::new(
         queue.clone(),
         objects.clone(),
@@ -66,17 +73,19 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
     );
     let shutdown = Shutdown::new();
     // The worker reaches storage over gRPC, as in a cluster.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let storage_endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(mailmesh_storage::server::serve_grpc(
-        engine.clone(),
-        listener,
-        auth_shutdown.clone(),
-    ));
+    let storage_endpoint =
+        mailmesh_storage::testing::serve(engine.clone(), auth_shutdown.clone()).await;
     let worker = Worker::new(
         queue.clone(),
         objects.clone(),
-        Arc::new(mailmesh_storage::client::GrpcMailstore::new(&storage_endpoint, 1 << 20).unwrap()),
+        Arc::new(
+            mailmesh_storage::client::GrpcMailstore::new(
+                &storage_endpoint,
+                1 << 20,
+                &mailmesh_kit::internal::testing::tls(Role::DeliveryWorker),
+            )
+            .unwrap(),
+        ),
         WorkerConfig::default(),
     );
     tokio::spawn(worker.run(shutdown.clone()));

@@ -610,9 +610,12 @@ async fn authentication_results_and_the_tenants_inbound_policy() {
 async fn one_policy_per_transaction_and_auth_check_outages_defer() {
     // auth-check that never answers: mail is deferred, never accepted unchecked.
     let port = mailmesh_testkit::free_port();
-    let gone =
-        mailmesh_auth::grpc::GrpcAuthCheck::new(&format!("http://127.0.0.1:{port}"), 1 << 20)
-            .unwrap();
+    let gone = mailmesh_auth::grpc::GrpcAuthCheck::new(
+        &format!("http://127.0.0.1:{port}"),
+        1 << 20,
+        &mailmesh_kit::internal::testing::tls(mailmesh_kit::internal::Role::SmtpIngress),
+    )
+    .unwrap();
     let s = server_with(IngressConfig::default(), None, Some(Arc::new(gone))).await;
     s.engine
         .add_tenant("beta".parse().unwrap(), Default::default())

@@ -101,13 +101,58 @@ impl From<tonic::Status> for DeliveryError {
 }
 
 /// A user who proved their password (submission), with their tenant's limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Account {
     pub user: UserRef,
     pub address: EmailAddress,
     pub limits: TenantLimits,
     /// The tenant wants the client left out of Received headers.
     pub hide_client: bool,
+    /// The session token storage gave for this login (empty in process), for the
+    /// calls made for this user; and when it expires (ms since the epoch).
+    pub session: String,
+    pub session_expires_ms: i64,
+    /// Half way to the expiry, as seen when the token came: renew from then on.
+    pub session_renew_at_ms: i64,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("user", &self.user)
+            .field("address", &self.address)
+            .field("limits", &self.limits)
+            .field("hide_client", &self.hide_client)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// When a token expiring at `expires_ms` should be renewed: half way there.
+pub fn renew_at(expires_ms: i64) -> i64 {
+    let now = now_ms();
+    now + expires_ms.saturating_sub(now) / 2
+}
+
+impl Account {
+    /// Whether the session token should be renewed now (half its life is gone).
+    pub fn session_renewal_due(&self) -> bool {
+        !self.session.is_empty() && now_ms() >= self.session_renew_at_ms
+    }
+
+    fn proto_user(&self) -> v1::UserRef {
+        v1::UserRef {
+            tenant: self.user.tenant.to_string(),
+            user_id: self.user.user.to_string(),
+            session: self.session.clone(),
+        }
+    }
 }
 
 /// The key that signs a domain's outgoing mail.
@@ -140,9 +185,17 @@ pub trait Mailstore: Send + Sync {
         &self,
         address: &str,
         password: &str,
+        client: std::net::IpAddr,
     ) -> Result<Option<Account>, DeliveryError>;
-    /// The key that signs mail from `domain`, if it has one.
-    async fn signing_key(&self, domain: &Domain) -> Result<Option<SigningKey>, DeliveryError>;
+    /// The key that signs mail from `domain` (of `account`'s tenant), if it has one.
+    async fn signing_key(
+        &self,
+        account: &Account,
+        domain: &Domain,
+    ) -> Result<Option<SigningKey>, DeliveryError>;
+    /// Renews the account's session token; `false` when the session has ended (the
+    /// account was disabled or removed, or the token expired).
+    async fn refresh(&self, account: &mut Account) -> Result<bool, DeliveryError>;
 }
 
 #[async_trait]
@@ -151,6 +204,7 @@ impl Mailstore for Arc<StorageEngine> {
         &self,
         address: &str,
         password: &str,
+        _client: std::net::IpAddr,
     ) -> Result<Option<Account>, DeliveryError> {
         let Ok(address) = address.parse::<EmailAddress>() else {
             return Ok(None);
@@ -173,10 +227,21 @@ impl Mailstore for Arc<StorageEngine> {
             address: user.address,
             limits,
             hide_client,
+            session: String::new(),
+            session_expires_ms: 0,
+            session_renew_at_ms: 0,
         }))
     }
 
-    async fn signing_key(&self, domain: &Domain) -> Result<Option<SigningKey>, DeliveryError> {
+    async fn signing_key(
+        &self,
+        account: &Account,
+        domain: &Domain,
+    ) -> Result<Option<SigningKey>, DeliveryError> {
+        let owner = self.directory(|d| d.domain_owner(domain).cloned())?;
+        if owner.as_ref() != Some(&account.user.tenant) {
+            return Ok(None);
+        }
         let Some((key, pkcs8)) = StorageEngine::signing_key(self, domain)? else {
             return Ok(None);
         };
@@ -186,6 +251,11 @@ impl Mailstore for Arc<StorageEngine> {
             algorithm: key.algorithm,
             pkcs8,
         }))
+    }
+
+    async fn refresh(&self, account: &mut Account) -> Result<bool, DeliveryError> {
+        let enabled = self.directory(|d| d.user(&account.user.user).map(|u| u.enabled))?;
+        Ok(enabled == Some(true))
     }
 
     async fn lookup(&self, address: &EmailAddress) -> Result<Lookup, DeliveryError> {
@@ -206,13 +276,18 @@ pub struct GrpcMailstore {
 }
 
 impl GrpcMailstore {
-    /// Connects lazily: the first call reaches the service.
-    pub fn new(endpoint: &str, max_message_bytes: usize) -> anyhow::Result<Self> {
+    /// Connects lazily (mutual TLS, as `tls`'s role): the first call reaches the
+    /// service.
+    pub fn new(
+        endpoint: &str,
+        max_message_bytes: usize,
+        tls: &mailmesh_kit::internal::InternalTls,
+    ) -> anyhow::Result<Self> {
         // A call that takes longer fails as a temporary error (451 / retried).
-        let channel = Channel::from_shared(endpoint.to_owned())?
+        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .connect_timeout(std::time::Duration::from_secs(5))
-            .timeout(std::time::Duration::from_secs(120))
-            .connect_lazy();
+            .timeout(std::time::Duration::from_secs(120));
+        let channel = tls.channel(endpoint, mailmesh_kit::internal::Role::Storage);
         Ok(Self {
             directory: DirectoryClient::new(channel.clone()),
             mailboxes: MailboxesClient::new(channel)
@@ -240,6 +315,7 @@ impl Mailstore for GrpcMailstore {
         &self,
         address: &str,
         password: &str,
+        client: std::net::IpAddr,
     ) -> Result<Option<Account>, DeliveryError> {
         let r = self
             .directory
@@ -247,6 +323,7 @@ impl Mailstore for GrpcMailstore {
             .authenticate(v1::AuthenticateRequest {
                 address: address.to_owned(),
                 password: password.to_owned(),
+                client_ip: client.to_string(),
             })
             .await?
             .into_inner();
@@ -274,16 +351,24 @@ impl Mailstore for GrpcMailstore {
                 send_rate_per_hour: (l.send_rate_per_hour != 0).then_some(l.send_rate_per_hour),
             },
             hide_client: r.hide_client,
+            session: user.session.clone(),
+            session_expires_ms: r.session_expires_ms,
+            session_renew_at_ms: renew_at(r.session_expires_ms),
         }))
     }
 
-    async fn signing_key(&self, domain: &Domain) -> Result<Option<SigningKey>, DeliveryError> {
+    async fn signing_key(
+        &self,
+        account: &Account,
+        domain: &Domain,
+    ) -> Result<Option<SigningKey>, DeliveryError> {
         let r = self
             .directory
             .clone()
             .get_signing_key(v1::DomainRequest {
                 tenant: String::new(),
                 domain: domain.to_string(),
+                user: Some(account.proto_user()),
             })
             .await?
             .into_inner();
@@ -300,6 +385,25 @@ impl Mailstore for GrpcMailstore {
             algorithm,
             pkcs8: r.private_key,
         }))
+    }
+
+    async fn refresh(&self, account: &mut Account) -> Result<bool, DeliveryError> {
+        match self
+            .directory
+            .clone()
+            .refresh_session(account.proto_user())
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                account.session = r.user.map(|u| u.session).unwrap_or_default();
+                account.session_expires_ms = r.expires_ms;
+                account.session_renew_at_ms = renew_at(r.expires_ms);
+                Ok(true)
+            }
+            Err(s) if s.code() == tonic::Code::Unauthenticated => Ok(false),
+            Err(s) => Err(s.into()),
+        }
     }
 
     async fn lookup(&self, address: &EmailAddress) -> Result<Lookup, DeliveryError> {
@@ -340,6 +444,7 @@ impl Mailstore for GrpcMailstore {
                 user: Some(v1::UserRef {
                     tenant: user.tenant.to_string(),
                     user_id: user.user.to_string(),
+                    session: String::new(),
                 }),
                 mailbox: d.mailbox.to_owned(),
                 return_path: d.return_path.to_string(),

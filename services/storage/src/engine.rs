@@ -59,6 +59,27 @@ pub struct StorageConfig {
     /// (AES-256-GCM) in the directory log and snapshots. Without it they are kept
     /// plain. Keep it with the deployment's other secrets: losing it loses the keys.
     pub dkim_key_secret: Option<mailmesh_kit::Secret<String>>,
+    /// 32 bytes, base64, the same on every replica: signs the session tokens that
+    /// `Authenticate` gives the front doors (ADR 0006). Without it each replica
+    /// makes a random one, and a token works only on the replica that made it
+    /// (fine for one replica, as in `mailctl dev`).
+    pub session_secret: Option<mailmesh_kit::Secret<String>>,
+    /// The secret before a rotation: its tokens are still accepted, none are made.
+    pub session_secret_previous: Option<mailmesh_kit::Secret<String>>,
+    /// How long a session token is valid; front doors renew it once half is gone.
+    /// Keep it at least twice the gateway's `imap.idle_timeout`. A disabled account
+    /// loses its sessions within half of it.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Failed `Authenticate` calls counted per client address (as the caller
+    /// reports it) and per account, apart from the front doors' own counters and
+    /// above their limits: storage is no free password oracle for a caller that
+    /// skips the front door's checks.
+    pub login_max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub login_failure_window: Duration,
+    /// Logins from one client address checked at once.
+    pub login_max_parallel: u32,
 }
 
 impl Default for StorageConfig {
@@ -76,6 +97,14 @@ impl Default for StorageConfig {
             password_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             password_queue: 1024,
             dkim_key_secret: None,
+            session_secret: None,
+            session_secret_previous: None,
+            // Twice the IMAP idle timeout: a session renews at its commands once
+            // half is gone, so its token never expires in use.
+            session_ttl: Duration::from_secs(60 * 60),
+            login_max_failures: 20,
+            login_failure_window: Duration::from_secs(15 * 60),
+            login_max_parallel: 64,
         }
     }
 }
@@ -105,6 +134,30 @@ impl mailmesh_kit::config::Validate for StorageConfig {
             return Err(ConfigError::invalid(
                 "storage.max_message_bytes",
                 "must be at least 1",
+            ));
+        }
+        for (key, secret) in [
+            ("storage.session_secret", &self.session_secret),
+            (
+                "storage.session_secret_previous",
+                &self.session_secret_previous,
+            ),
+        ] {
+            if let Some(secret) = secret {
+                crate::session::SessionKeys::new(secret.expose(), None, self.session_ttl)
+                    .map_err(|e| ConfigError::invalid(key, e.to_string()))?;
+            }
+        }
+        if self.session_ttl < Duration::from_secs(10) {
+            return Err(ConfigError::invalid(
+                "storage.session_ttl",
+                "must be at least 10s (and twice the gateway's idle timeout)",
+            ));
+        }
+        if self.login_max_failures == 0 || self.login_max_parallel == 0 {
+            return Err(ConfigError::invalid(
+                "storage.login_max_failures",
+                "login_max_failures and login_max_parallel must be above zero",
             ));
         }
         if let Some(secret) = &self.dkim_key_secret {

@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use mailmesh_kit::Secret;
+use mailmesh_kit::internal::{Peer, Role, caller};
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_server::{Directory as DirectoryApi, DirectoryServer};
 use mailmesh_proto::v1::mailboxes_server::{Mailboxes as MailboxesApi, MailboxesServer};
@@ -20,20 +21,72 @@ use tracing::Instrument;
 use crate::directory::{DkimAlgorithm, DkimKey, Lookup, TenantLimits, User, UserId};
 use crate::engine::{Delivery, StorageEngine, UserRef};
 use crate::index::{Change, Flags, INBOX, Mailbox, Message, StoreAction, UidRange};
+use crate::session::{SessionError, SessionKeys};
 use crate::{EngineError, StorageError, retry_index};
 
 /// Bytes per `FetchChunk`.
 const FETCH_CHUNK: usize = 64 << 10;
 
-/// Both gRPC services of storage, over one engine.
+/// The gRPC services of storage, over one engine.
 #[derive(Clone)]
 pub struct StorageService {
     engine: Arc<StorageEngine>,
+    sessions: Arc<SessionKeys>,
+    /// Login failure counters (`Authenticate`).
+    cache: Arc<dyn mailmesh_cache::Cache>,
+}
+
+/// Who may call what (ADR 0006), by the role in the caller's certificate. Calls for
+/// a user from a front door must also carry that user's session token, checked by
+/// the handler ([`StorageService::user_for`]). Anything not listed is refused.
+pub fn policy(service: &str, method: &str, role: Role) -> bool {
+    use Role::*;
+    match (service, method) {
+        ("Directory", "Lookup") => {
+            matches!(role, Admin | SmtpIngress | Submission | DeliveryWorker)
+        }
+        ("Directory", "Authenticate" | "RefreshSession") => matches!(role, Submission | Gateway),
+        // Private keys leave storage only to sign a logged-in user's mail.
+        ("Directory", "GetSigningKey") => role == Submission,
+        // Every other directory call changes or lists accounts, keys and limits.
+        ("Directory", _) => role == Admin,
+        ("OutboundQueue", _) => role == Admin,
+        ("Mailboxes", "Deliver") => role == DeliveryWorker,
+        // Operators see counts and quotas, never content.
+        ("Mailboxes", "ListMailboxes" | "Status" | "Quota") => matches!(role, Admin | Gateway),
+        ("Mailboxes", _) => role == Gateway,
+        _ => false,
+    }
 }
 
 impl StorageService {
-    pub fn new(engine: Arc<StorageEngine>) -> Self {
-        Self { engine }
+    pub fn new(
+        engine: Arc<StorageEngine>,
+        sessions: Arc<SessionKeys>,
+        cache: Arc<dyn mailmesh_cache::Cache>,
+    ) -> Self {
+        Self {
+            engine,
+            sessions,
+            cache,
+        }
+    }
+
+    /// The user a call names, which `caller` may act for: the admin and the
+    /// delivery worker for any user (the policy limits what they may call), a front
+    /// door only with the user's session token.
+    fn user_for(&self, caller: &Peer, user: Option<v1::UserRef>) -> Result<UserRef, Status> {
+        let token = user.as_ref().map(|u| u.session.clone()).unwrap_or_default();
+        let parsed = user_ref(user)?;
+        match caller.role {
+            Role::Admin | Role::DeliveryWorker => Ok(parsed),
+            role => {
+                self.sessions
+                    .verify(&token, &parsed, role)
+                    .map_err(session_refused)?;
+                Ok(parsed)
+            }
+        }
     }
 
     pub fn directory_server(&self) -> DirectoryServer<Self> {
@@ -109,7 +162,12 @@ fn proto_user(user: &UserRef) -> v1::UserRef {
     v1::UserRef {
         tenant: user.tenant.to_string(),
         user_id: user.user.to_string(),
+        session: String::new(),
     }
+}
+
+fn session_refused(e: SessionError) -> Status {
+    Status::unauthenticated(e.to_string())
 }
 
 fn user_info(user: &User) -> v1::UserInfo {
@@ -461,31 +519,104 @@ impl DirectoryApi for StorageService {
         &self,
         r: Request<v1::AuthenticateRequest>,
     ) -> Reply<v1::AuthenticateResponse> {
+        use mailmesh_cache::login::{Login, LoginLimits, check_in};
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        if r.password.len() > MAX_PASSWORD {
-            return Ok(Response::new(v1::AuthenticateResponse::default()));
-        }
-        // A malformed address fails like a wrong password: nothing to learn.
-        let user = match r.address.parse::<EmailAddress>() {
-            Ok(address) => {
-                self.engine
-                    .authenticate(&address, Secret::new(r.password))
-                    .await?
+        // The front door's client; a caller that does not say is counted itself.
+        let client = r
+            .client_ip
+            .parse::<std::net::IpAddr>()
+            .unwrap_or(caller.addr.ip());
+        let config = self.engine.config();
+        let limits = LoginLimits {
+            max_failures: config.login_max_failures,
+            window: config.login_failure_window,
+            // The front door makes its client wait; storage only counts.
+            failure_delay: std::time::Duration::ZERO,
+            max_parallel: config.login_max_parallel,
+        };
+        let engine = &self.engine;
+        let password = r.password;
+        let login = check_in(
+            &self.cache,
+            "storage:",
+            client,
+            &r.address,
+            &limits,
+            |name| async move {
+                // A malformed address or an oversized password fails like a wrong
+                // password: nothing to learn.
+                match name.parse::<EmailAddress>() {
+                    Ok(address) if password.len() <= MAX_PASSWORD => engine
+                        .authenticate(&address, Secret::new(password))
+                        .await
+                        .map(|u| u.filter(|u| u.enabled)),
+                    _ => Ok(None),
+                }
+            },
+        )
+        .await;
+        let user = match login {
+            Login::Ok(user) => user,
+            Login::Invalid => return Ok(Response::new(v1::AuthenticateResponse::default())),
+            Login::Throttled => {
+                return Err(Status::resource_exhausted(
+                    "too many failed logins from this client address",
+                ));
             }
-            Err(_) => None,
+            Login::Busy => {
+                return Err(Status::unavailable(
+                    "too many logins from this client address at once",
+                ));
+            }
+            Login::Unavailable => {
+                return Err(Status::unavailable("passwords cannot be checked now"));
+            }
         };
-        let tenant = match &user {
-            Some(u) => self.engine.directory(|d| {
-                d.tenant(&u.tenant)
+        let (limits, hide_client) = self
+            .engine
+            .directory(|d| {
+                d.tenant(&user.tenant)
                     .map(|t| (proto_limits(&t.limits), t.hide_client))
-            })?,
-            None => None,
+            })?
+            .unwrap_or_default();
+        let user_ref = UserRef {
+            tenant: user.tenant.clone(),
+            user: user.id,
         };
+        let (token, expires_ms) = self.sessions.issue(&user_ref, caller.role);
+        let mut info = user_info(&user);
+        if let Some(u) = info.user.as_mut() {
+            u.session = token;
+        }
         Ok(Response::new(v1::AuthenticateResponse {
-            ok: user.is_some(),
-            user: user.as_ref().map(user_info),
-            limits: tenant.as_ref().map(|(l, _)| *l),
-            hide_client: tenant.is_some_and(|(_, h)| h),
+            ok: true,
+            user: Some(info),
+            limits: Some(limits),
+            hide_client,
+            session_expires_ms: expires_ms,
+        }))
+    }
+
+    async fn refresh_session(&self, r: Request<v1::UserRef>) -> Reply<v1::SessionResponse> {
+        let caller = caller(&r)?;
+        let user = self.user_for(&caller, Some(r.into_inner()))?;
+        let enabled = self.engine.directory(|d| {
+            d.user(&user.user)
+                .filter(|u| u.tenant == user.tenant)
+                .map(|u| u.enabled)
+        })?;
+        if enabled != Some(true) {
+            return Err(Status::unauthenticated(
+                "the account is disabled or no longer exists",
+            ));
+        }
+        let (token, expires_ms) = self.sessions.issue(&user, caller.role);
+        let mut refreshed = proto_user(&user);
+        refreshed.session = token;
+        Ok(Response::new(v1::SessionResponse {
+            user: Some(refreshed),
+            expires_ms,
         }))
     }
 
@@ -548,7 +679,19 @@ impl DirectoryApi for StorageService {
         &self,
         r: Request<v1::DomainRequest>,
     ) -> Reply<v1::SigningKeyResponse> {
-        let domain: Domain = parse("domain", &r.into_inner().domain)?;
+        let caller = caller(&r)?;
+        let r = r.into_inner();
+        let user = self.user_for(&caller, r.user)?;
+        let domain: Domain = parse("domain", &r.domain)?;
+        let owner = self
+            .engine
+            .directory(|d| d.domain_owner(&domain).cloned())?;
+        if owner.as_ref() != Some(&user.tenant) {
+            tracing::warn!(%domain, tenant = %user.tenant, role = %caller.role, "signing key asked for another tenant's domain");
+            return Err(Status::permission_denied(
+                "the domain does not belong to the user's tenant",
+            ));
+        }
         let Some((key, private_key)) = self.engine.signing_key(&domain)? else {
             return Ok(Response::new(v1::SigningKeyResponse::default()));
         };
@@ -688,8 +831,12 @@ fn header_section(message: &[u8]) -> String {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl StorageService {
-    async fn deliver_traced(&self, r: v1::DeliverRequest) -> Reply<v1::AppendResponse> {
-        let user = user_ref(r.user)?;
+    async fn deliver_traced(
+        &self,
+        caller: Peer,
+        r: v1::DeliverRequest,
+    ) -> Reply<v1::AppendResponse> {
+        let user = self.user_for(&caller, r.user)?;
         let return_path: ReversePath = parse("return_path", &r.return_path)?;
         let delivered_to: EmailAddress = parse("delivered_to", &r.delivered_to)?;
         if r.delivery_key.is_empty() || r.delivery_key.len() > 512 {
@@ -743,7 +890,8 @@ impl StorageService {
 #[tonic::async_trait]
 impl MailboxesApi for StorageService {
     async fn list_mailboxes(&self, r: Request<v1::UserRef>) -> Reply<v1::ListMailboxesResponse> {
-        let user = user_ref(Some(r.into_inner()))?;
+        let caller = caller(&r)?;
+        let user = self.user_for(&caller, Some(r.into_inner()))?;
         self.engine.sync_user(&user).await?;
         let mailboxes = self
             .engine
@@ -756,8 +904,9 @@ impl MailboxesApi for StorageService {
     }
 
     async fn create_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         self.engine
             .index(
                 &user,
@@ -771,8 +920,9 @@ impl MailboxesApi for StorageService {
     }
 
     async fn rename_mailbox(&self, r: Request<v1::RenameMailboxRequest>) -> Reply<v1::Empty> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         self.engine
             .index(
                 &user,
@@ -786,15 +936,17 @@ impl MailboxesApi for StorageService {
     }
 
     async fn delete_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         self.engine.delete_mailbox(&user, &r.mailbox).await?;
         Ok(Response::new(v1::Empty {}))
     }
 
     async fn subscribe(&self, r: Request<v1::SubscribeRequest>) -> Reply<v1::Empty> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         self.engine
             .index(
                 &user,
@@ -808,8 +960,9 @@ impl MailboxesApi for StorageService {
     }
 
     async fn status(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::MailboxInfo> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         self.engine.sync_user(&user).await?;
         Ok(Response::new(
             self.mailbox_view(&user, &r.mailbox, mailbox_info).await?,
@@ -820,8 +973,9 @@ impl MailboxesApi for StorageService {
         &self,
         r: Request<v1::MailboxRequest>,
     ) -> Reply<v1::ListMessagesResponse> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         self.engine.sync_user(&user).await?;
         let response = self
             .mailbox_view(&user, &r.mailbox, |m| v1::ListMessagesResponse {
@@ -838,12 +992,16 @@ impl MailboxesApi for StorageService {
         // The message's trace continues here from the delivery worker.
         let span = tracing::info_span!("storage.deliver");
         mailmesh_kit::grpc::follow(&r, &span);
-        self.deliver_traced(r.into_inner()).instrument(span).await
+        let caller = caller(&r)?;
+        self.deliver_traced(caller, r.into_inner())
+            .instrument(span)
+            .await
     }
 
     async fn append(&self, r: Request<v1::AppendRequest>) -> Reply<v1::AppendResponse> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         let flags = flags(&self.engine, &r.flags)?;
         let date = if r.internal_date_ms == 0 {
             now_ms()
@@ -864,8 +1022,9 @@ impl MailboxesApi for StorageService {
     type FetchStream = BoxStream<v1::FetchChunk>;
 
     async fn fetch(&self, r: Request<v1::FetchRequest>) -> Reply<Self::FetchStream> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         let range = match (r.start, r.end) {
             (0, 0) => None,
             (start, 0) => Some(start..u64::MAX),
@@ -902,8 +1061,9 @@ impl MailboxesApi for StorageService {
         &self,
         r: Request<v1::StoreFlagsRequest>,
     ) -> Reply<v1::StoreFlagsResponse> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         use v1::store_flags_request::Action;
         let action = match Action::try_from(r.action) {
             Ok(Action::Add) => StoreAction::Add,
@@ -941,8 +1101,9 @@ impl MailboxesApi for StorageService {
     }
 
     async fn copy(&self, r: Request<v1::CopyRequest>) -> Reply<v1::CopyResponse> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         let (uidvalidity, mapping) = self
             .engine
             .copy(&user, &r.from, &r.to, ranges(&r.uids)?, r.remove_source)
@@ -955,8 +1116,9 @@ impl MailboxesApi for StorageService {
     }
 
     async fn expunge(&self, r: Request<v1::ExpungeRequest>) -> Reply<v1::ExpungeResponse> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         let uids = if r.uids.is_empty() {
             None
         } else {
@@ -967,8 +1129,9 @@ impl MailboxesApi for StorageService {
     }
 
     async fn vanished(&self, r: Request<v1::VanishedRequest>) -> Reply<v1::VanishedResponse> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user)?;
+        let user = self.user_for(&caller, r.user)?;
         self.engine.sync_user(&user).await?;
         let since = r.since_modseq;
         let limit = self.engine.config().index_limits.max_expunge_log;
@@ -988,8 +1151,9 @@ impl MailboxesApi for StorageService {
     }
 
     async fn search(&self, r: Request<v1::SearchRequest>) -> Reply<v1::SearchResponse> {
+        let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = user_ref(r.user.clone())?;
+        let user = self.user_for(&caller, r.user.clone())?;
         let has = flags(&self.engine, &r.has_flags)?;
         let lacks = flags(&self.engine, &r.lacks_flags)?;
         let uid_ranges = ranges(&r.uids)?;
@@ -1038,7 +1202,8 @@ impl MailboxesApi for StorageService {
     }
 
     async fn quota(&self, r: Request<v1::UserRef>) -> Reply<v1::QuotaResponse> {
-        let user = user_ref(Some(r.into_inner()))?;
+        let caller = caller(&r)?;
+        let user = self.user_for(&caller, Some(r.into_inner()))?;
         let (used, limit) = self.engine.quota(&user).await?;
         Ok(Response::new(v1::QuotaResponse {
             used_bytes: used,
@@ -1049,7 +1214,8 @@ impl MailboxesApi for StorageService {
     type WatchStream = BoxStream<v1::MailboxChange>;
 
     async fn watch(&self, r: Request<v1::UserRef>) -> Reply<Self::WatchStream> {
-        let user = user_ref(Some(r.into_inner()))?;
+        let caller = caller(&r)?;
+        let user = self.user_for(&caller, Some(r.into_inner()))?;
         let events = self.engine.subscribe(&user).await?;
         let engine = self.engine.clone();
         let stream = futures::stream::unfold(

@@ -1,6 +1,7 @@
 //! The `storage` service binary.
 
 use anyhow::Context;
+use mailmesh_kit::internal::{InternalTls, Role};
 use mailmesh_kit::service::Service;
 use mailmesh_storage::engine::StorageEngine;
 use mailmesh_storage::server::{ServiceConfig, serve_grpc};
@@ -20,11 +21,21 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .await
         .context("loading the directory")?;
 
+    let tls = InternalTls::load(&config.internal_tls, Role::Storage)
+        .context("loading the internal TLS certificate")?;
+    tls.spawn_reloader(config.internal_tls.reload_interval, &service.shutdown);
+    let cache = mailmesh_cache::open(&config.cache)
+        .await
+        .context("connecting to the cache")?;
+    let grpc_service = mailmesh_storage::server::service(engine, cache, false)?;
+
     let listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding the gRPC port {}", config.grpc_listen))?;
-    tracing::info!(grpc = %config.grpc_listen, admin = %config.admin.listen, "storage is serving");
-    let grpc = tokio::spawn(serve_grpc(engine, listener, service.shutdown.clone()));
+    tracing::info!(grpc = %config.grpc_listen, admin = %config.admin.listen, "storage is serving (mutual TLS)");
+    let shutdown = service.shutdown.clone();
+    let grpc =
+        tokio::spawn(async move { serve_grpc(grpc_service, listener, &tls, shutdown).await });
 
     service.wait_and_drain(&config.shutdown).await?;
     // Open Watch streams do not end by themselves; they are cut here.

@@ -25,20 +25,24 @@ pub struct Embedded {
 
 /// Opens (or reopens) the platform kept under `dir`.
 pub async fn embedded(dir: &Path, mailbox_partitions: i32) -> anyhow::Result<Embedded> {
-    let queue: Arc<dyn Queue> =
-        Arc::new(EmbeddedLog::open(&EmbeddedConfig::new(dir.join("queue"))).await?);
-    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
-        dir: dir.join("objects"),
-    }))?;
-    let engine = StorageEngine::open(
-        queue.clone(),
-        objects.clone(),
+    embedded_with(
+        dir,
         StorageConfig {
             mailbox_partitions,
             ..StorageConfig::default()
         },
     )
-    .await?;
+    .await
+}
+
+/// Like [`embedded`], with the storage configuration given.
+pub async fn embedded_with(dir: &Path, config: StorageConfig) -> anyhow::Result<Embedded> {
+    let queue: Arc<dyn Queue> =
+        Arc::new(EmbeddedLog::open(&EmbeddedConfig::new(dir.join("queue"))).await?);
+    let objects = mailmesh_objstore::open(&ObjectStoreConfig::Local(LocalConfig {
+        dir: dir.join("objects"),
+    }))?;
+    let engine = StorageEngine::open(queue.clone(), objects.clone(), config).await?;
     Ok(Embedded {
         queue,
         objects,
@@ -97,4 +101,20 @@ pub fn real_objects() -> Arc<dyn ObjectStore> {
         store,
         format!("run-{}", uuid::Uuid::new_v4().simple()),
     ))
+}
+
+/// Serves `engine` over gRPC on a loopback port with the storage identity of the
+/// test PKI (mutual TLS, as in a cluster) until `shutdown`; returns the endpoint.
+pub async fn serve(engine: Arc<StorageEngine>, shutdown: mailmesh_kit::Shutdown) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let endpoint = format!("https://{}", listener.local_addr().expect("bound"));
+    let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory)
+        .await
+        .expect("an in-process cache");
+    let service = crate::server::service(engine, cache, true).expect("the storage service");
+    let tls = mailmesh_kit::internal::testing::tls(mailmesh_kit::internal::Role::Storage);
+    tokio::spawn(async move { crate::server::serve_grpc(service, listener, &tls, shutdown).await });
+    endpoint
 }

@@ -18,6 +18,8 @@ fn the_rendered_storage_config_loads() {
         "MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID",
         "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY",
         "MAILMESH_QUEUE__KAFKA__SASL_PASSWORD",
+        "MAILMESH_STORAGE__SESSION_SECRET",
+        "MAILMESH_CACHE__REDIS__URL",
     ] {
         assert!(rendered_sets_env(var), "{var} not set by the chart");
     }
@@ -26,6 +28,11 @@ fn the_rendered_storage_config_loads() {
         .with_var("MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID", "id")
         .with_var("MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY", "secret")
         .with_var("MAILMESH_QUEUE__KAFKA__SASL_PASSWORD", "pw")
+        .with_var("MAILMESH_CACHE__REDIS__URL", "redis://redis:6379/0")
+        .with_var(
+            "MAILMESH_STORAGE__SESSION_SECRET",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
         .load()
         .unwrap();
     let QueueConfig::Kafka(kafka) = &config.queue else {
@@ -40,4 +47,14 @@ fn the_rendered_storage_config_loads() {
     assert_eq!(s3.bucket, "mailmesh");
     assert_eq!(config.storage.mailbox_partitions, 64);
     assert_eq!(config.grpc_listen.port(), 7001);
+    // Its identity between the services, from the mounted Secret (ADR 0006).
+    assert_eq!(
+        config.internal_tls.cert_file,
+        std::path::Path::new("/etc/mailmesh/internal-tls/tls.crt")
+    );
+    assert_eq!(
+        config.internal_tls.ca_file,
+        std::path::Path::new("/etc/mailmesh/internal-tls/ca.crt")
+    );
+    assert!(config.storage.session_secret.is_some());
 }

@@ -5,11 +5,15 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use mailmesh_kit::internal::{Role, testing};
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
 use mailmesh_testkit::{backend_env, free_port};
 use tonic::transport::Channel;
+
+/// The session secret both replicas share (tokens from one work on the other).
+const SESSION_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 
 struct Storage {
     child: Child,
@@ -25,10 +29,16 @@ impl Drop for Storage {
 }
 
 fn start(run: &str) -> Storage {
+    start_with(run, &[])
+}
+
+fn start_with(run: &str, env: &[(&str, &str)]) -> Storage {
     let grpc = free_port();
     let log = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_storage"))
         .env_clear()
+        .envs(testing::env(Role::Storage))
+        .env("MAILMESH_STORAGE__SESSION_SECRET", SESSION_SECRET)
         .env("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
         .env(
             "MAILMESH_ADMIN__LISTEN",
@@ -67,6 +77,7 @@ fn start(run: &str) -> Storage {
         )
         .env("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4")
         .env("MAILMESH_STORAGE__MAX_MESSAGE_BYTES", "100000")
+        .envs(env.iter().copied())
         .stdout(log.reopen().unwrap())
         .stderr(log.reopen().unwrap())
         .spawn()
@@ -78,14 +89,13 @@ fn start(run: &str) -> Storage {
     }
 }
 
-async fn channel(storage: &Storage) -> Channel {
+/// A channel to `storage` with `role`'s identity (mutual TLS).
+async fn channel(storage: &Storage, role: Role) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let tls = testing::tls(role);
     loop {
-        if let Ok(channel) = Channel::from_shared(storage.endpoint.clone())
-            .unwrap()
-            .connect()
-            .await
-        {
+        let endpoint = tonic::transport::Endpoint::from_shared(storage.endpoint.clone()).unwrap();
+        if let Ok(channel) = tls.connect(endpoint, Role::Storage).await {
             return channel;
         }
         assert!(
@@ -101,11 +111,17 @@ async fn channel(storage: &Storage) -> Channel {
 async fn two_replicas_share_one_state_and_stream_changes() {
     let run = format!("svc{}", uuid::Uuid::new_v4().simple());
     let (one, two) = (start(&run), start(&run));
-    let (c1, c2) = (channel(&one).await, channel(&two).await);
-    let mut dir1 = DirectoryClient::new(c1.clone());
-    let mut dir2 = DirectoryClient::new(c2.clone());
-    let mut mb1 = MailboxesClient::new(c1);
-    let mut mb2 = MailboxesClient::new(c2);
+    // The admin sets up; the delivery worker delivers; the gateway logs in and reads.
+    let mut dir1 = DirectoryClient::new(channel(&one, Role::Admin).await);
+    let mut lookup2 = DirectoryClient::new(channel(&two, Role::SmtpIngress).await);
+    let (g1, g2) = (
+        channel(&one, Role::Gateway).await,
+        channel(&two, Role::Gateway).await,
+    );
+    let mut dir2 = DirectoryClient::new(g2.clone());
+    let mut deliver1 = MailboxesClient::new(channel(&one, Role::DeliveryWorker).await);
+    let mut mb1 = MailboxesClient::new(g1);
+    let mut mb2 = MailboxesClient::new(g2);
 
     dir1.add_tenant(v1::AddTenantRequest {
         tenant: "acme".into(),
@@ -116,6 +132,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
     dir1.add_domain(v1::DomainRequest {
         tenant: "acme".into(),
         domain: "acme.test".into(),
+        user: None,
     })
     .await
     .unwrap();
@@ -132,7 +149,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
         .unwrap();
 
     // Replica two sees the user (its reads sync with the log first).
-    let lookup = dir2
+    let lookup = lookup2
         .lookup(v1::AddressRequest {
             address: "Alice@ACME.test".into(),
         })
@@ -145,6 +162,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
         .authenticate(v1::AuthenticateRequest {
             address: "alice@acme.test".into(),
             password: "s3cret".into(),
+            client_ip: "192.0.2.10".into(),
         })
         .await
         .unwrap()
@@ -154,17 +172,22 @@ async fn two_replicas_share_one_state_and_stream_changes() {
         .authenticate(v1::AuthenticateRequest {
             address: "nobody@acme.test".into(),
             password: "s3cret".into(),
+            client_ip: "192.0.2.10".into(),
         })
         .await
         .unwrap()
         .into_inner();
     assert!(!bad.ok && bad.user.is_none());
+    // Logged in through replica two; the token opens alice's mailboxes on both.
+    let delivered_to = alice.clone();
+    let alice = auth.user.unwrap().user.unwrap();
+    assert!(!alice.session.is_empty());
 
     let mut watch = mb2.watch(alice.clone()).await.unwrap().into_inner();
 
-    let delivered = mb1
+    let delivered = deliver1
         .deliver(v1::DeliverRequest {
-            user: Some(alice.clone()),
+            user: Some(delivered_to.clone()),
             mailbox: String::new(),
             return_path: "bob@example.org".into(),
             delivered_to: "alice@acme.test".into(),
@@ -244,11 +267,12 @@ async fn two_replicas_share_one_state_and_stream_changes() {
     assert_eq!(seen.uids, [1]);
 
     // Bad input: the field is named; limits map to codes the front doors use.
-    let err = mb1
+    let err = deliver1
         .deliver(v1::DeliverRequest {
             user: Some(v1::UserRef {
                 tenant: "acme".into(),
                 user_id: "../../etc".into(),
+                session: String::new(),
             }),
             ..Default::default()
         })
@@ -288,7 +312,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
     // all there. Redis plays no part in storage, so flushing it cannot matter.
     drop((one, two));
     let three = start(&run);
-    let c3 = channel(&three).await;
+    let c3 = channel(&three, Role::Gateway).await;
     let status = MailboxesClient::new(c3.clone())
         .status(v1::MailboxRequest {
             user: Some(alice.clone()),
@@ -302,9 +326,340 @@ async fn two_replicas_share_one_state_and_stream_changes() {
         .authenticate(v1::AuthenticateRequest {
             address: "alice@acme.test".into(),
             password: "s3cret".into(),
+            client_ip: String::new(),
         })
         .await
         .unwrap()
         .into_inner();
     assert!(auth.ok);
+}
+
+/// ADR 0006 against the real binary: nobody without a certificate from the
+/// internal CA gets in; each role reaches only its calls; a front door acts for a
+/// user only with that user's session token, so a compromised gateway cannot walk
+/// other users' mail, reset passwords or read DKIM keys; storage counts password
+/// failures itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_known_roles_reach_their_calls_and_users_need_their_session() {
+    let run = format!("authz{}", uuid::Uuid::new_v4().simple());
+    let storage = start_with(&run, &[("MAILMESH_STORAGE__LOGIN_MAX_FAILURES", "5")]);
+    let admin = channel(&storage, Role::Admin).await;
+    let mut directory = DirectoryClient::new(admin.clone());
+    directory
+        .add_tenant(v1::AddTenantRequest {
+            tenant: "acme".into(),
+            limits: None,
+        })
+        .await
+        .unwrap();
+    directory
+        .add_domain(v1::DomainRequest {
+            tenant: "acme".into(),
+            domain: "acme.test".into(),
+            user: None,
+        })
+        .await
+        .unwrap();
+    let mut users = Vec::new();
+    for address in ["alice@acme.test", "bob@acme.test"] {
+        users.push(
+            directory
+                .add_user(v1::AddUserRequest {
+                    address: address.into(),
+                    password: "s3cret".into(),
+                    quota_bytes: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap(),
+        );
+    }
+    let bob = users[1].clone();
+    directory
+        .add_dkim_key(v1::AddDkimKeyRequest {
+            domain: "acme.test".into(),
+            selector: "k1".into(),
+            algorithm: v1::DkimAlgorithm::Ed25519 as i32,
+            activate: true,
+        })
+        .await
+        .unwrap();
+
+    // No certificate at all, or one from another CA: no connection.
+    let plain = Channel::from_shared(storage.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match plain {
+        Err(_) => true,
+        Ok(c) => DirectoryClient::new(c)
+            .list_tenants(v1::Empty {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a plaintext client was served");
+    let strange = tempfile::tempdir().unwrap();
+    mailmesh_kit::internal::write_pki(strange.path()).unwrap();
+    let stranger = mailmesh_kit::internal::InternalTls::load(
+        &mailmesh_kit::internal::InternalTlsConfig::in_dir(strange.path(), Role::Admin),
+        Role::Admin,
+    )
+    .unwrap();
+    let endpoint = tonic::transport::Endpoint::from_shared(storage.endpoint.clone()).unwrap();
+    assert!(stranger.connect(endpoint, Role::Storage).await.is_err());
+
+    // A gateway: logs alice in; everything else it tries is refused.
+    let gateway = channel(&storage, Role::Gateway).await;
+    let mut gw_dir = DirectoryClient::new(gateway.clone());
+    let mut gw_mb = MailboxesClient::new(gateway.clone());
+    let login = gw_dir
+        .authenticate(v1::AuthenticateRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            client_ip: "198.51.100.7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let alice = login.user.unwrap().user.unwrap();
+    assert!(login.session_expires_ms > 0);
+    let denied = |r: Result<_, tonic::Status>, code: tonic::Code, what: &str| match r {
+        Err(s) if s.code() == code => {}
+        other => panic!("{what}: expected {code:?}, got {other:?}"),
+    };
+    denied(
+        gw_dir.list_tenants(v1::Empty {}).await.map(drop),
+        tonic::Code::PermissionDenied,
+        "listing tenants",
+    );
+    denied(
+        gw_dir
+            .set_password(v1::SetPasswordRequest {
+                address: "bob@acme.test".into(),
+                password: "taken-over".into(),
+            })
+            .await
+            .map(drop),
+        tonic::Code::PermissionDenied,
+        "resetting a password",
+    );
+    denied(
+        gw_dir
+            .get_signing_key(v1::DomainRequest {
+                tenant: String::new(),
+                domain: "acme.test".into(),
+                user: Some(alice.clone()),
+            })
+            .await
+            .map(drop),
+        tonic::Code::PermissionDenied,
+        "reading a DKIM key",
+    );
+    let inbox = |user: &v1::UserRef| v1::MailboxRequest {
+        user: Some(user.clone()),
+        mailbox: "INBOX".into(),
+    };
+    // Alice's own mailbox opens with her token…
+    gw_mb.list_messages(inbox(&alice)).await.unwrap();
+    // …bob's does not, with no token, with alice's, or with a forged one.
+    let mut with_alices = bob.clone();
+    with_alices.session = alice.session.clone();
+    let mut forged = bob.clone();
+    forged.session = format!("v1.{}.AAAA", i64::MAX);
+    for (user, what) in [
+        (&bob, "no token"),
+        (&with_alices, "alice's token"),
+        (&forged, "a forged token"),
+    ] {
+        denied(
+            gw_mb.list_messages(inbox(user)).await.map(drop),
+            tonic::Code::Unauthenticated,
+            what,
+        );
+        denied(
+            gw_mb
+                .append(v1::AppendRequest {
+                    user: Some(user.clone()),
+                    mailbox: "INBOX".into(),
+                    message: b"Subject: planted\r\n\r\nx\r\n".to_vec(),
+                    flags: vec![],
+                    internal_date_ms: 0,
+                })
+                .await
+                .map(drop),
+            tonic::Code::Unauthenticated,
+            what,
+        );
+    }
+    denied(
+        gw_mb
+            .deliver(v1::DeliverRequest {
+                user: Some(bob.clone()),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        tonic::Code::PermissionDenied,
+        "delivering as the gateway",
+    );
+    // The admin sees counts, not content; the MX front door only looks addresses up.
+    let mut admin_mb = MailboxesClient::new(admin.clone());
+    admin_mb.status(inbox(&bob)).await.unwrap();
+    denied(
+        admin_mb
+            .fetch(v1::FetchRequest {
+                user: Some(bob.clone()),
+                mailbox: "INBOX".into(),
+                uid: 1,
+                start: 0,
+                end: 0,
+            })
+            .await
+            .map(drop),
+        tonic::Code::PermissionDenied,
+        "the admin reading mail",
+    );
+    let ingress = channel(&storage, Role::SmtpIngress).await;
+    denied(
+        MailboxesClient::new(ingress.clone())
+            .list_mailboxes(bob.clone())
+            .await
+            .map(drop),
+        tonic::Code::PermissionDenied,
+        "the MX listing mailboxes",
+    );
+    denied(
+        DirectoryClient::new(ingress)
+            .authenticate(v1::AuthenticateRequest {
+                address: "bob@acme.test".into(),
+                password: "guess".into(),
+                client_ip: String::new(),
+            })
+            .await
+            .map(drop),
+        tonic::Code::PermissionDenied,
+        "the MX checking passwords",
+    );
+
+    // Submission gets the signing key of its user's own domain only.
+    let submission = channel(&storage, Role::Submission).await;
+    let mut sub_dir = DirectoryClient::new(submission);
+    let sub_login = sub_dir
+        .authenticate(v1::AuthenticateRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            client_ip: "198.51.100.7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sub_alice = sub_login.user.unwrap().user.unwrap();
+    let key = sub_dir
+        .get_signing_key(v1::DomainRequest {
+            tenant: String::new(),
+            domain: "acme.test".into(),
+            user: Some(sub_alice.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!key.private_key.is_empty());
+    // The gateway's token is not submission's.
+    denied(
+        sub_dir
+            .get_signing_key(v1::DomainRequest {
+                tenant: String::new(),
+                domain: "acme.test".into(),
+                user: Some(alice.clone()),
+            })
+            .await
+            .map(drop),
+        tonic::Code::Unauthenticated,
+        "a gateway token at submission",
+    );
+    directory
+        .add_tenant(v1::AddTenantRequest {
+            tenant: "other".into(),
+            limits: None,
+        })
+        .await
+        .unwrap();
+    directory
+        .add_domain(v1::DomainRequest {
+            tenant: "other".into(),
+            domain: "other.test".into(),
+            user: None,
+        })
+        .await
+        .unwrap();
+    denied(
+        sub_dir
+            .get_signing_key(v1::DomainRequest {
+                tenant: String::new(),
+                domain: "other.test".into(),
+                user: Some(sub_alice),
+            })
+            .await
+            .map(drop),
+        tonic::Code::PermissionDenied,
+        "another tenant's key",
+    );
+
+    // Renewal: a fresh token while the account is enabled; none once disabled.
+    let renewed = gw_dir
+        .refresh_session(alice.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let renewed_alice = renewed.user.unwrap();
+    gw_mb.list_messages(inbox(&renewed_alice)).await.unwrap();
+    directory
+        .set_enabled(v1::SetEnabledRequest {
+            address: "alice@acme.test".into(),
+            enabled: false,
+        })
+        .await
+        .unwrap();
+    denied(
+        gw_dir.refresh_session(renewed_alice).await.map(drop),
+        tonic::Code::Unauthenticated,
+        "renewing a disabled account's session",
+    );
+
+    // Password guessing straight at storage (a caller that skips the front door's
+    // limits) is counted per client address: refused after login_max_failures.
+    let mut refused_at = None;
+    for attempt in 1..=10 {
+        let r = gw_dir
+            .authenticate(v1::AuthenticateRequest {
+                address: "bob@acme.test".into(),
+                password: format!("guess{attempt}"),
+                client_ip: "203.0.113.99".into(),
+            })
+            .await;
+        match r {
+            Ok(r) => assert!(!r.into_inner().ok),
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                refused_at = Some(attempt);
+                break;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+    assert_eq!(refused_at, Some(6), "refused after login_max_failures (5)");
+    // Bob himself, from elsewhere, still gets in.
+    let bob_in = gw_dir
+        .authenticate(v1::AuthenticateRequest {
+            address: "bob@acme.test".into(),
+            password: "s3cret".into(),
+            client_ip: "192.0.2.200".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(bob_in.ok);
+    let log = std::fs::read_to_string(storage.log.path()).unwrap_or_default();
+    assert!(log.contains("internal call refused"), "{log}");
 }

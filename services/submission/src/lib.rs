@@ -35,6 +35,9 @@ pub struct ServiceConfig {
     pub object_store: ObjectStoreConfig,
     /// The storage service's gRPC endpoint (logins, addresses, DKIM keys).
     pub storage_endpoint: String,
+    /// This workload's certificate and the internal CA, for the storage and
+    /// auth-check services (mutual TLS, ADR 0006).
+    pub internal_tls: mailmesh_kit::internal::InternalTlsConfig,
     /// Names and limits of the SMTP engine (hostname, size, recipients, timeouts,
     /// PROXY protocol from balancers …), as for smtp-ingress.
     #[serde(default)]
@@ -59,6 +62,7 @@ impl Validate for ServiceConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.telemetry.validate()?;
         self.shutdown.validate()?;
+        self.internal_tls.validate()?;
         self.queue.validate()?;
         self.tls.validate()?;
         self.smtp.validate()?;

@@ -20,7 +20,13 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         .context("opening the queue")?;
     let objects = mailmesh_objstore::open_checked(&config.object_store, &service.health)
         .context("opening the object store")?;
-    let directory = GrpcMailstore::new(&config.storage_endpoint, 1 << 20)?;
+    let internal = mailmesh_kit::internal::InternalTls::load(
+        &config.internal_tls,
+        mailmesh_kit::internal::Role::Submission,
+    )
+    .context("loading the internal TLS certificate")?;
+    internal.spawn_reloader(config.internal_tls.reload_interval, &service.shutdown);
+    let directory = GrpcMailstore::new(&config.storage_endpoint, 1 << 20, &internal)?;
     let resolver = Arc::new(
         ReloadingCertResolver::load(&config.tls.cert_file, &config.tls.key_file)
             .context("loading the TLS certificate")?,

@@ -20,7 +20,7 @@ fn the_rendered_submission_config_loads() {
     assert_eq!(config.listen.port(), 2587);
     assert_eq!(config.listen_tls.port(), 2465);
     assert_eq!(config.smtp.hostname, "smtp.example.com");
-    assert_eq!(config.storage_endpoint, "http://mailmesh-storage:7001");
+    assert_eq!(config.storage_endpoint, "https://mailmesh-storage:7001");
     assert!(config.submission.dkim_sign && config.submission.hide_client);
     assert!(!config.submission.allow_plaintext_auth);
     assert_eq!(config.submission.max_auth_failures, 10);

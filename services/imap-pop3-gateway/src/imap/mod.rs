@@ -236,7 +236,10 @@ pub(crate) struct Session {
     peer: SocketAddr,
     tls: bool,
     errors: u32,
+    /// The logged-in user, with the storage session token every mailbox call
+    /// carries; renewed from `renew_at_ms` on (ADR 0006).
     user: Option<v1::UserRef>,
+    renew_at_ms: i64,
     watcher: Option<Watcher>,
     selected: Option<Selected>,
     /// ENABLE CONDSTORE (or a CONDSTORE-using command): MODSEQ in FETCH replies.
@@ -270,6 +273,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         tls,
         errors: 0,
         user: None,
+        renew_at_ms: 0,
         watcher: None,
         selected: None,
         condstore: false,
@@ -550,6 +554,11 @@ impl Session {
                     continue;
                 }
             };
+            if !self.renew_session().await {
+                conn.push(&bye("Session ended, log in again"));
+                conn.flush().await?;
+                return Ok(Next::Close);
+            }
             // A command's future is as large as the largest command's, so it is boxed and
             // lives only while the command runs; IDLE, which may last for hours in
             // thousands of sessions at once, runs outside it with its own small state.
@@ -569,6 +578,41 @@ impl Session {
                     conn.flush().await?;
                     return Ok(other);
                 }
+            }
+        }
+    }
+
+    /// Renews the storage session token once half its life is gone: at each
+    /// command, and before announcing changes during IDLE, so with a token lifetime
+    /// of at least twice the idle timeout it never expires in use. False when
+    /// storage has ended the session (the account was disabled or removed); a
+    /// storage that does not answer is tried again next time.
+    async fn renew_session(&mut self) -> bool {
+        let Some(user) = &self.user else {
+            return true;
+        };
+        if crate::store::now_ms() < self.renew_at_ms {
+            return true;
+        }
+        match self.gw.store.refresh(user).await {
+            Ok(Some(renewed)) => {
+                if let Some(selected) = self.selected.as_mut() {
+                    selected.renewed(&renewed.user);
+                }
+                if let Some(watcher) = &self.watcher {
+                    watcher.renewed(&renewed.user);
+                }
+                self.user = Some(renewed.user);
+                self.renew_at_ms = renewed.renew_at_ms;
+                true
+            }
+            Ok(None) => {
+                tracing::info!(peer = %self.peer, "storage ended the session");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the storage session");
+                true
             }
         }
     }
@@ -956,9 +1000,10 @@ impl Session {
             max_parallel: self.gw.imap.max_parallel_logins,
         };
         match login::check(&self.gw, PROTOCOL, self.peer, name, password, &limits).await {
-            Login::Ok(user) => {
-                self.watcher = Some(self.gw.watches.join(&self.gw, &user));
-                self.user = Some(user);
+            Login::Ok(logged_in) => {
+                self.watcher = Some(self.gw.watches.join(&self.gw, &logged_in.user));
+                self.user = Some(logged_in.user);
+                self.renew_at_ms = logged_in.renew_at_ms;
                 conn.push(&status(
                     Some(tag),
                     StatusKind::Ok,
@@ -1396,6 +1441,11 @@ impl Session {
                 .await?;
             match input {
                 Input::Changed => {
+                    if !self.renew_session().await {
+                        conn.push(&bye("Session ended, log in again"));
+                        conn.flush().await?;
+                        return Ok(Next::Close);
+                    }
                     Box::pin(self.announce(conn, true)).await;
                     conn.flush().await?;
                     if self.bye {

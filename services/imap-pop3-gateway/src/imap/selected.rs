@@ -65,6 +65,13 @@ pub struct Selected {
     highest_modseq: u64,
 }
 
+impl Selected {
+    /// The user's renewed session token, for the calls from now on.
+    pub(crate) fn renewed(&mut self, user: &v1::UserRef) {
+        self.user = user.clone();
+    }
+}
+
 /// The flag in the storage's notation (`\Seen`, or a keyword).
 pub fn flag_string(f: &Flag<'_>) -> String {
     f.to_string()

@@ -100,6 +100,9 @@ pub(crate) struct Watches {
 struct UserWatch {
     sessions: Mutex<Vec<Arc<Changes>>>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The user with the latest session token any of their sessions holds, for
+    /// re-opening the stream.
+    user: Mutex<v1::UserRef>,
 }
 
 impl UserWatch {
@@ -127,8 +130,11 @@ impl Watches {
         let watch = users
             .entry(key(user))
             .or_insert_with(|| {
-                let watch = Arc::new(UserWatch::default());
-                let task = tokio::spawn(follow(gw.clone(), user.clone(), Arc::downgrade(&watch)));
+                let watch = Arc::new(UserWatch {
+                    user: Mutex::new(user.clone()),
+                    ..UserWatch::default()
+                });
+                let task = tokio::spawn(follow(gw.clone(), Arc::downgrade(&watch)));
                 *watch.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
                 watch
             })
@@ -155,6 +161,13 @@ pub(crate) struct Watcher {
     user: (String, String),
     watch: Arc<UserWatch>,
     watches: Arc<Watches>,
+}
+
+impl Watcher {
+    /// A session of the user renewed its token: the stream re-opens with it.
+    pub(crate) fn renewed(&self, user: &v1::UserRef) {
+        *self.watch.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
+    }
 }
 
 impl Drop for Watcher {
@@ -192,7 +205,7 @@ impl Drop for Watcher {
 /// Follows the storage change stream for `user` while any session of theirs is
 /// here; a broken stream is re-opened and everything is marked changed (nothing is
 /// missed).
-async fn follow(gw: Arc<Gateway>, user: v1::UserRef, watch: Weak<UserWatch>) {
+async fn follow(gw: Arc<Gateway>, watch: Weak<UserWatch>) {
     let each = |f: &dyn Fn(&Changes)| {
         if let Some(w) = watch.upgrade() {
             w.each(f);
@@ -202,7 +215,13 @@ async fn follow(gw: Arc<Gateway>, user: v1::UserRef, watch: Weak<UserWatch>) {
     // do not all re-list their mailbox every second.
     let mut backoff = Duration::from_secs(1);
     loop {
-        match gw.store.mailboxes().watch(user.clone()).await {
+        let Some(user) = watch
+            .upgrade()
+            .map(|w| w.user.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        else {
+            return;
+        };
+        match gw.store.mailboxes().watch(user).await {
             Ok(stream) => {
                 backoff = Duration::from_secs(1);
                 let mut stream = stream.into_inner();

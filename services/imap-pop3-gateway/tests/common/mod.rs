@@ -31,8 +31,17 @@ pub const MESSAGES: [&str; 3] = [
 /// Storage (served over gRPC as in a cluster) with alice@acme.test and three
 /// messages in her INBOX.
 pub async fn site() -> Site {
+    site_with(mailmesh_storage::engine::StorageConfig {
+        mailbox_partitions: 2,
+        ..Default::default()
+    })
+    .await
+}
+
+/// [`site`] with storage configured as given.
+pub async fn site_with(config: mailmesh_storage::engine::StorageConfig) -> Site {
     let dir = tempfile::tempdir().unwrap();
-    let engine = mailmesh_storage::testing::embedded(dir.path(), 2)
+    let engine = mailmesh_storage::testing::embedded_with(dir.path(), config)
         .await
         .unwrap()
         .engine;
@@ -59,13 +68,7 @@ pub async fn site() -> Site {
             .unwrap();
     }
     let shutdown = Shutdown::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(mailmesh_storage::server::serve_grpc(
-        engine.clone(),
-        listener,
-        shutdown.clone(),
-    ));
+    let endpoint = mailmesh_storage::testing::serve(engine.clone(), shutdown.clone()).await;
     let (cert, key) =
         mailmesh_kit::tls::ensure_self_signed(&dir.path().join("tls"), &["localhost", "127.0.0.1"])
             .unwrap();
@@ -103,7 +106,12 @@ pub async fn start_with_proxy(
     imap: ImapConfig,
     proxy: ProxyConfig,
 ) -> Pod {
-    let store = Store::new(&site.endpoint, 1 << 20).unwrap();
+    let store = Store::new(
+        &site.endpoint,
+        1 << 20,
+        &mailmesh_kit::internal::testing::tls(mailmesh_kit::internal::Role::Gateway),
+    )
+    .unwrap();
     let gateway = Gateway::new(store, cache, site.tls.clone(), pop3, imap, proxy);
     let mut ports = Vec::new();
     for (is_imap, implicit) in [(false, false), (false, true), (true, false), (true, true)] {

@@ -55,7 +55,7 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
     Dev {
         child,
         admin: format!("http://{admin}"),
-        storage: format!("http://127.0.0.1:{storage_port}"),
+        storage: format!("https://127.0.0.1:{storage_port}"),
         smtp_port,
         pop3_port,
         imap_port,
@@ -87,6 +87,8 @@ pub fn mailctl(dev: &Dev, args: &[&str], stdin: &str) -> Output {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_mailctl"))
         .args(["--endpoint", &dev.storage])
+        .arg("--pki-dir")
+        .arg(dev.data.join("pki"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mailmesh_kit::internal::Role;
 use mailmesh_testkit::{backend_env, free_port};
 
 /// A binary of the workspace, built next to this package's.
@@ -34,10 +35,21 @@ impl Process {
     }
 }
 
+/// The role a service binary's certificate names (ADR 0006).
+fn role_of(binary: &str) -> Role {
+    match binary {
+        "imap-pop3-gateway" => Role::Gateway,
+        other => other.parse().unwrap_or_else(|e| panic!("{e}")),
+    }
+}
+
+/// Spawns a service with `env`, and its identity from the test PKI.
 pub fn spawn(name: &str, env: &[(&str, String)]) -> Process {
     let log = tempfile::NamedTempFile::new().unwrap();
+    let identity = mailmesh_kit::internal::testing::env(role_of(name));
     let child = Command::new(binary(name))
         .env_clear()
+        .envs(identity.iter().map(|(k, v)| (*k, v.as_str())))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(log.reopen().unwrap())
         .stderr(log.reopen().unwrap())
@@ -181,23 +193,40 @@ pub fn spawn_storage(run: &str, port: u16) -> Process {
     spawn("storage", &env)
 }
 
+/// A channel to storage with `role`'s identity from the test PKI, once it answers.
+pub async fn channel_as(
+    storage: &Process,
+    endpoint: &str,
+    role: Role,
+) -> tonic::transport::Channel {
+    let tls = mailmesh_kit::internal::testing::tls(role);
+    wait_for("storage listening", &[storage], || {
+        let tls = tls.clone();
+        async move {
+            let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned()).unwrap();
+            tls.connect(endpoint, Role::Storage).await.ok()
+        }
+    })
+    .await
+}
+
 /// Tenant `acme` with domain `acme.test` and the users `addresses` (password `pw`),
-/// created through the storage gRPC API once it answers.
+/// created through the storage gRPC API (as the admin) once it answers. Returns a
+/// channel with the gateway's identity and the users as it knows them after their
+/// login (with session tokens), for reading their mailboxes as the gateway does, and
+/// the admin's channel.
 pub async fn acme_with_users(
     storage: &Process,
     endpoint: &str,
     addresses: &[&str],
-) -> (tonic::transport::Channel, Vec<mailmesh_proto::v1::UserRef>) {
+) -> (
+    tonic::transport::Channel,
+    Vec<mailmesh_proto::v1::UserRef>,
+    tonic::transport::Channel,
+) {
     use mailmesh_proto::v1;
-    let channel = wait_for("storage listening", &[storage], || async move {
-        tonic::transport::Channel::from_shared(endpoint.to_owned())
-            .unwrap()
-            .connect()
-            .await
-            .ok()
-    })
-    .await;
-    let mut directory = v1::directory_client::DirectoryClient::new(channel.clone());
+    let admin = channel_as(storage, endpoint, Role::Admin).await;
+    let mut directory = v1::directory_client::DirectoryClient::new(admin.clone());
     directory
         .add_tenant(v1::AddTenantRequest {
             tenant: "acme".into(),
@@ -209,24 +238,44 @@ pub async fn acme_with_users(
         .add_domain(v1::DomainRequest {
             tenant: "acme".into(),
             domain: "acme.test".into(),
+            user: None,
         })
         .await
         .unwrap();
+    for address in addresses {
+        directory
+            .add_user(v1::AddUserRequest {
+                address: (*address).to_owned(),
+                password: "pw".into(),
+                quota_bytes: 0,
+            })
+            .await
+            .unwrap();
+    }
+    let reader = channel_as(storage, endpoint, Role::Gateway).await;
     let mut users = Vec::new();
     for address in addresses {
-        users.push(
-            directory
-                .add_user(v1::AddUserRequest {
-                    address: (*address).to_owned(),
-                    password: "pw".into(),
-                    quota_bytes: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .user
-                .unwrap(),
-        );
+        users.push(login(&reader, address).await);
     }
-    (channel, users)
+    (reader, users, admin)
+}
+
+/// `address` (password `pw`) logged in through `gateway` (a channel with the
+/// gateway's identity): the user with a session token.
+pub async fn login(
+    gateway: &tonic::transport::Channel,
+    address: &str,
+) -> mailmesh_proto::v1::UserRef {
+    use mailmesh_proto::v1;
+    let r = v1::directory_client::DirectoryClient::new(gateway.clone())
+        .authenticate(v1::AuthenticateRequest {
+            address: address.to_owned(),
+            password: "pw".into(),
+            client_ip: "127.0.0.1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.ok, "{address} logs in");
+    r.user.unwrap().user.unwrap()
 }
