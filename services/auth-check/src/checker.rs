@@ -312,6 +312,25 @@ fn iprev_result(r: &IprevResult) -> AuthResult {
     }
 }
 
+/// How many From fields the header section of `message` has (names compared
+/// without case; folded lines belong to their field).
+fn from_fields(message: &[u8]) -> usize {
+    let header_end = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(message.len(), |p| p + 2);
+    message[..header_end]
+        .split(|&b| b == b'\n')
+        .filter(|line| {
+            line.iter()
+                .position(|&b| b == b':')
+                .is_some_and(|colon| line[..colon].trim_ascii().eq_ignore_ascii_case(b"from"))
+                && !line.starts_with(b" ")
+                && !line.starts_with(b"\t")
+        })
+        .count()
+}
+
 #[async_trait]
 impl AuthCheck for Checker {
     async fn check_client(&self, ip: IpAddr) -> Result<ClientVerdict, Unavailable> {
@@ -376,17 +395,17 @@ impl AuthCheck for Checker {
             spf_helo: spf_helo.map_or(AuthResult::None, |o| spf_result(o.result())),
             ..MessageVerdict::default()
         };
+        // RFC 7489 §6.6.1: without exactly one From field there is no author
+        // domain to evaluate; such a message is handled as failing DMARC with
+        // p=reject (the tenant's policy for that decides), and its
+        // Authentication-Results says why instead of an empty header.from.
+        let single_from = from_fields(facts.message) == 1;
         if let Some(message) = &message {
             let (dkim, arc) =
                 tokio::join!(self.dns.verify_dkim(message), self.dns.verify_arc(message));
-            let dmarc = self
-                .dns
-                .verify_dmarc(DmarcParameters::new(message, &dkim, &spf_domain, &spf))
-                .await;
             header = header
                 .with_dkim_results(&dkim, message.from.first().map_or("", String::as_str))
-                .with_arc_result(&arc, facts.ip)
-                .with_dmarc_result(&dmarc);
+                .with_arc_result(&arc, facts.ip);
             verdict.dkim = if dkim.iter().any(|d| d.result() == &DkimResult::Pass) {
                 AuthResult::Pass
             } else {
@@ -394,15 +413,33 @@ impl AuthCheck for Checker {
                     .map_or(AuthResult::None, |d| dkim_result(d.result()))
             };
             verdict.arc = dkim_result(arc.result());
-            verdict.dmarc = dmarc_result(&dmarc.result());
-            verdict.dmarc_policy = match dmarc.policy() {
-                Policy::Reject => DmarcPolicy::Reject,
-                Policy::Quarantine => DmarcPolicy::Quarantine,
-                _ => DmarcPolicy::None,
-            };
-            verdict.dmarc_domain = dmarc.domain().to_owned();
+            if single_from {
+                let dmarc = self
+                    .dns
+                    .verify_dmarc(DmarcParameters::new(message, &dkim, &spf_domain, &spf))
+                    .await;
+                header = header.with_dmarc_result(&dmarc);
+                verdict.dmarc = dmarc_result(&dmarc.result());
+                verdict.dmarc_policy = match dmarc.policy() {
+                    Policy::Reject => DmarcPolicy::Reject,
+                    Policy::Quarantine => DmarcPolicy::Quarantine,
+                    _ => DmarcPolicy::None,
+                };
+                verdict.dmarc_domain = dmarc.domain().to_owned();
+            }
+        }
+        if !single_from {
+            verdict.dmarc = AuthResult::Fail;
+            verdict.dmarc_policy = DmarcPolicy::Reject;
+            verdict.dmarc_domain = String::new();
         }
         verdict.authentication_results = header.to_header();
+        if !single_from {
+            let end = verdict.authentication_results.len() - 2;
+            verdict
+                .authentication_results
+                .insert_str(end, ";\r\n\tdmarc=permerror (not exactly one From field)");
+        }
         if verdict.dkim == AuthResult::None {
             // RFC 8601 2.7.1: say there was no signature rather than nothing.
             verdict.authentication_results =

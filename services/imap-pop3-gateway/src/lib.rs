@@ -157,6 +157,28 @@ pub struct ImapConfig {
     /// Logins checked at once for one client address (webmail servers and NATs log
     /// many users in together); more are asked to try again shortly.
     pub max_parallel_logins: u32,
+    /// MIME nesting described by BODYSTRUCTURE and addressable by part numbers;
+    /// deeper parts are opaque leaves.
+    pub max_mime_depth: usize,
+    /// MIME containers and boundary lines a message may have to be parsed at all;
+    /// a message with more is served as one opaque part.
+    pub max_mime_parts: usize,
+    /// Bytes one message's FETCH reply may carry (identical items count once);
+    /// beyond it the command ends with `NO [LIMIT]`. At least `max_message_bytes`.
+    pub max_fetch_response_bytes: usize,
+}
+
+/// The deepest MIME nesting `imap.max_mime_depth` may allow: BODYSTRUCTURE is
+/// built and encoded by recursion, and this many levels fit a worker thread's stack.
+pub const MAX_MIME_DEPTH: usize = 200;
+
+impl ImapConfig {
+    pub(crate) fn mime_limits(&self) -> imap::message::MimeLimits {
+        imap::message::MimeLimits {
+            max_depth: self.max_mime_depth,
+            max_parts: self.max_mime_parts,
+        }
+    }
 }
 
 impl Default for ImapConfig {
@@ -174,6 +196,9 @@ impl Default for ImapConfig {
             failure_window: Duration::from_secs(900),
             failure_delay: Duration::from_secs(1),
             max_parallel_logins: 64,
+            max_mime_depth: 100,
+            max_mime_parts: 10_000,
+            max_fetch_response_bytes: 128 << 20,
         }
     }
 }
@@ -190,6 +215,20 @@ impl Validate for ImapConfig {
             return Err(ConfigError::invalid(
                 "imap.max_command_bytes",
                 "at least 1024",
+            ));
+        }
+        if self.max_fetch_response_bytes < self.max_message_bytes {
+            return Err(ConfigError::invalid(
+                "imap.max_fetch_response_bytes",
+                "must be at least imap.max_message_bytes (a whole message must fit)",
+            ));
+        }
+        if !(1..=MAX_MIME_DEPTH).contains(&self.max_mime_depth) || self.max_mime_parts == 0 {
+            return Err(ConfigError::invalid(
+                "imap.max_mime_depth",
+                format!(
+                    "max_mime_depth must be 1 to {MAX_MIME_DEPTH} (deeper structure costs stack) and max_mime_parts above zero"
+                ),
             ));
         }
         if self.max_message_bytes < 1024 || self.max_message_bytes > u32::MAX as usize / 2 {

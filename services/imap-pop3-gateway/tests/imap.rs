@@ -1067,3 +1067,47 @@ async fn sessions_renew_their_token_and_end_with_the_account() {
     let bye = c.line().await;
     assert!(bye.starts_with("* BYE Session ended"), "{bye}");
 }
+
+/// Issue 16 §3: the gateway deleted NUL bytes when serving BODY[], so a stored
+/// `From\0:` reached the reader as `From:`. Stored bytes go out as stored (a NUL is
+/// not allowed in a literal, and never altered either); BINARY uses literal8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_bytes_are_served_as_stored() {
+    let site = site().await;
+    let stored = "From\0: alice@acme.test\r\nSubject: nul\r\n\r\nbody \0 here\r\n";
+    deliver(&site, "nul", stored).await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    let mut c = Raw::login(plain).await;
+    let r = c.cmd("s", "SELECT INBOX").await;
+    assert!(last(&r).starts_with("s OK"), "{r:?}");
+    // Storage adds Return-Path and Delivered-To above what was delivered.
+    let whole = site
+        .engine
+        .fetch(&site.alice, "INBOX", 4, None)
+        .await
+        .unwrap();
+    assert!(whole.ends_with(stored.as_bytes()));
+    for (item, expected) in [
+        ("BODY.PEEK[]", &whole[..]),
+        ("RFC822", &whole[..]),
+        ("BODY.PEEK[TEXT]", b"body \0 here\r\n".as_slice()),
+    ] {
+        let r = c.cmd("f", &format!("FETCH 4 ({item})")).await;
+        let served = r.concat();
+        let literal = format!("{{{}}}\r\n", expected.len());
+        let at = served.find(&literal).unwrap_or_else(|| {
+            panic!(
+                "{item}: no literal of {} bytes in {served:?}",
+                expected.len()
+            )
+        }) + literal.len();
+        assert_eq!(
+            &served.as_bytes()[at..at + expected.len()],
+            expected,
+            "{item} altered the stored bytes"
+        );
+        assert!(last(&r).starts_with("f OK"), "{r:?}");
+    }
+    let r = c.cmd("b", "FETCH 4 (BINARY.PEEK[1])").await;
+    assert!(r.concat().contains("~{13}\r\nbody \0 here\r\n"), "{r:?}");
+}

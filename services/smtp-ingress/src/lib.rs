@@ -80,6 +80,10 @@ pub struct IngressConfig {
     /// Where `RCPT TO:<Postmaster>` (RFC 5321 4.5.1) delivers; it must be a local
     /// address. Default `postmaster@<hostname>`.
     pub postmaster: Option<String>,
+    /// The authserv-id this deployment's Authentication-Results carry (auth-check's
+    /// `authserv_id`, the MX name); fields from outside that claim it are removed
+    /// on both ports. Default: `hostname`.
+    pub authserv_id: Option<String>,
 }
 
 impl Default for IngressConfig {
@@ -103,6 +107,7 @@ impl Default for IngressConfig {
             connections_per_ip_per_minute: 120,
             messages_per_tenant_per_minute: 0,
             postmaster: None,
+            authserv_id: None,
         }
     }
 }

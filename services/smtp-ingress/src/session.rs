@@ -17,11 +17,12 @@ use mailmesh_proto::encode_envelope;
 use mailmesh_queue::OutgoingRecord;
 use mailmesh_storage::client::{Account, DeliveryError};
 use mailmesh_storage::directory::Lookup;
+use mailmesh_types::wire::DotReader;
 use mailmesh_types::{
     BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, EmailAddress, Envelope, InboundPolicy,
     PolicyAction, QueueId, Recipient, ReversePath, TenantId, rfc5322_date,
 };
-use smtp_proto::request::receiver::{BdatReceiver, DataReceiver, RequestReceiver};
+use smtp_proto::request::receiver::{BdatReceiver, RequestReceiver};
 use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tracing::Instrument;
@@ -1068,17 +1069,16 @@ impl<'a> Session<'a> {
     ) -> io::Result<Option<Option<Vec<u8>>>> {
         let max = self.max_message_bytes();
         let deadline = Instant::now() + self.ingress.config.max_data_duration;
-        let mut data = DataReceiver::new();
-        // The CRLF that ended the DATA command precedes the first line, so a lone
-        // "." there ends the message and a leading ".." is unstuffed.
-        let _ = data.ingest(&mut b"\r\n".iter(), &mut Vec::new());
+        // Ends exactly at <CRLF>.<CRLF> (the CRLF that ended the DATA command
+        // precedes the first line): nothing else a receiver might take for the end
+        // ends a message here.
+        let mut data = DotReader::new();
         let mut message = Vec::new();
         let mut too_big = false;
         loop {
-            let (done, consumed) = {
-                let mut iter = input.iter();
-                let done = data.ingest(&mut iter, &mut message);
-                (done, input.len() - iter.as_slice().len())
+            let (done, consumed) = match data.ingest(input, &mut message) {
+                Some(n) => (true, n),
+                None => (false, input.len()),
             };
             input.drain(..consumed);
             if message.len() > max {
@@ -1155,6 +1155,18 @@ impl<'a> Session<'a> {
         };
         // BDAT content may be binary (BINARYMIME is not offered, so it is not).
         let message = normalize_line_ends(message);
+        if let Some(reply) = refused_content(&message) {
+            crate::metrics::rejected("malformed");
+            tracing::info!(peer = %self.peer, reply = reply.trim_end(), "message refused");
+            return reply.into();
+        }
+        // Results that claim to be ours, on both ports (a user's own message must
+        // not vouch for itself to a local recipient either).
+        let config = &self.ingress.config;
+        let message = strip_forged_results(
+            message,
+            &[config.authserv_id.as_deref().unwrap_or(&config.hostname)],
+        );
         if let Some(account) = self.account.clone() {
             return self.submit(tx, message, &account).await;
         }
@@ -1208,7 +1220,7 @@ impl<'a> Session<'a> {
             authentication_results = Some(verdict.authentication_results);
         }
         let message = match &authentication_results {
-            Some(header) => strip_forged_results(message, &authserv_id(header)),
+            Some(header) => strip_forged_results(message, &[&authserv_id(header)]),
             None => message,
         };
         let received_at = SystemTime::now();
@@ -1538,6 +1550,10 @@ impl Failure {
 
     fn reply(self, verdict: &MessageVerdict, ip: std::net::IpAddr) -> String {
         match self {
+            // No author domain: not exactly one From field (RFC 7489 §6.6.1).
+            Self::Dmarc if verdict.dmarc_domain.is_empty() => {
+                "550 5.7.1 A message must have exactly one From field\r\n".into()
+            }
             Self::Dmarc => format!(
                 "550 5.7.1 Rejected by the DMARC policy of {}\r\n",
                 verdict.dmarc_domain
@@ -1596,20 +1612,33 @@ fn header_value(field: &str) -> String {
         .to_owned()
 }
 
-/// RFC 8601 §5: `Authentication-Results` fields that claim our own authserv-id
-/// arrived from outside, so they are forgeries (a sender vouching for itself);
-/// they are removed, every other header and the body stay byte for byte.
-pub fn strip_forged_results(message: Vec<u8>, authserv_id: &str) -> Vec<u8> {
+/// RFC 8601 §5: `Authentication-Results` fields that claim one of our own
+/// authserv-ids arrived from outside, so they are forgeries (a sender vouching for
+/// itself); so are `ARC-Authentication-Results` fields that claim it (we have sealed
+/// nothing yet). They are removed, whatever the spelling of the id (case, quotes,
+/// comments, a trailing dot, backslash escapes); every other header and the body
+/// stay byte for byte.
+pub fn strip_forged_results(message: Vec<u8>, ours: &[&str]) -> Vec<u8> {
     let (fields, headers_end) = crate::submit::header_fields(&message);
+    let ours: Vec<String> = ours.iter().map(|id| normalize_id(id)).collect();
     let forged = |field: &[u8]| {
         let Some(colon) = field.iter().position(|&b| b == b':') else {
             return false;
         };
         let (name, value) = field.split_at(colon);
-        name.trim_ascii()
-            .eq_ignore_ascii_case(b"authentication-results")
-            && first_token(&String::from_utf8_lossy(&value[1..]))
-                .is_some_and(|id| id.eq_ignore_ascii_case(authserv_id))
+        let name = name.trim_ascii();
+        let value = String::from_utf8_lossy(&value[1..]);
+        let claimed = if name.eq_ignore_ascii_case(b"authentication-results") {
+            first_token(&value)
+        } else if name.eq_ignore_ascii_case(b"arc-authentication-results") {
+            // `i=N; authserv-id; ...` (RFC 8617 §4.1.1).
+            value
+                .split_once(';')
+                .and_then(|(_, rest)| first_token(rest))
+        } else {
+            return false;
+        };
+        claimed.is_some_and(|id| ours.contains(&normalize_id(&id)))
     };
     if !fields.iter().any(|r| forged(&message[r.clone()])) {
         return message;
@@ -1624,15 +1653,33 @@ pub fn strip_forged_results(message: Vec<u8>, authserv_id: &str) -> Vec<u8> {
     out
 }
 
+/// An authserv-id as receivers compare it: without backslash escapes, a trailing
+/// dot (the root) or case.
+fn normalize_id(id: &str) -> String {
+    id.replace('\\', "")
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
 /// The authserv-id of an Authentication-Results value: the first token after any
 /// folding whitespace and (nested) comments, without quotes (RFC 8601 2.2 allows
-/// CFWS and a quoted-string there).
+/// CFWS and a quoted-string there). A backslash escapes the next character, so
+/// `localhost\;` is the token `localhost;`.
 fn first_token(value: &str) -> Option<String> {
     let mut depth = 0usize;
     let mut token = String::new();
     let mut quoted = false;
+    let mut escaped = false;
     for c in value.chars() {
+        if escaped {
+            escaped = false;
+            if depth == 0 && c != ';' {
+                token.push(c);
+            }
+            continue;
+        }
         match c {
+            '\\' => escaped = true,
             '"' if depth == 0 => {
                 if quoted {
                     return Some(token);
@@ -1652,6 +1699,31 @@ fn first_token(value: &str) -> Option<String> {
         }
     }
     (!token.is_empty()).then_some(token)
+}
+
+/// What no message may hold, on either port, because receivers after us would read
+/// it differently from us: NUL bytes (RFC 5322 §2.3; a receiver that drops them
+/// before looking for the end of data, or for a header name, sees another message
+/// or another field: `From\0:` passed DMARC and the From check) and header field
+/// names with anything but printable ASCII (RFC 5322 §3.6.8 ftext; whitespace only
+/// before the colon, as the obsolete syntax allows).
+pub fn refused_content(message: &[u8]) -> Option<&'static str> {
+    if memchr::memchr(0, message).is_some() {
+        return Some("550 5.6.0 NUL characters are not allowed in a message\r\n");
+    }
+    let (fields, _) = crate::submit::header_fields(message);
+    for range in fields {
+        let field = &message[range];
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = field[..colon].trim_ascii_end();
+        let ftext = |b: &u8| (33..=126).contains(b) && *b != b':';
+        if name.is_empty() || !name.iter().all(ftext) {
+            return Some("550 5.6.0 Malformed header field name\r\n");
+        }
+    }
+    None
 }
 
 /// Bare LF and bare CR become CRLF, so no later hop can read a line end (or the
@@ -1724,7 +1796,7 @@ mod tests {
             Authentication-Results: mx.acme.test.evil; spf=pass\r\n\
             Subject: hi\r\n\r\nAuthentication-Results: mx.acme.test; in the body\r\n"
             .to_vec();
-        let kept = String::from_utf8(strip_forged_results(message, "mx.acme.test")).unwrap();
+        let kept = String::from_utf8(strip_forged_results(message, &["mx.acme.test"])).unwrap();
         assert_eq!(
             kept,
             "Authentication-Results: other.example; spf=pass\r\n\
@@ -1733,7 +1805,28 @@ mod tests {
         );
         // No header section: the body is left alone.
         let bare = b"\r\nAuthentication-Results: mx.acme.test; x\r\n".to_vec();
-        assert_eq!(strip_forged_results(bare.clone(), "mx.acme.test"), bare);
+        assert_eq!(strip_forged_results(bare.clone(), &["mx.acme.test"]), bare);
+        // The spellings a trial slipped past: a trailing dot, an escaped separator,
+        // ARC-Authentication-Results claiming us (and other ids we go by).
+        let message = b"Authentication-Results: localhost.; dmarc=pass\r\n\
+            Authentication-Results: localhost\\; dmarc=pass\r\n\
+            Authentication-Results: lo\\calhost; dmarc=pass\r\n\
+            ARC-Authentication-Results: i=1; localhost; dmarc=pass\r\n\
+            ARC-Authentication-Results: i=1; LOCALHOST.; dmarc=pass\r\n\
+            Authentication-Results: mx.acme.test; spf=pass\r\n\
+            ARC-Authentication-Results: i=1; lists.example; dmarc=pass\r\n\
+            Subject: hi\r\n\r\nbody\r\n"
+            .to_vec();
+        let kept = String::from_utf8(strip_forged_results(
+            message,
+            &["localhost", "mx.acme.test"],
+        ))
+        .unwrap();
+        assert_eq!(
+            kept,
+            "ARC-Authentication-Results: i=1; lists.example; dmarc=pass\r\n\
+             Subject: hi\r\n\r\nbody\r\n"
+        );
     }
 
     #[test]

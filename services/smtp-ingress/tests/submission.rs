@@ -341,3 +341,40 @@ async fn login_failures_send_rates_and_implicit_tls() {
     )
     .await;
 }
+
+/// Issue 16 §3 and §7 on the submission port: `From\0:` passed the "From must be
+/// yours" check; Authentication-Results claiming our authserv-id were passed on in
+/// submitted mail (to a local recipient, a forged "dmarc=pass" from us).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_header_names_and_our_forged_results_do_not_pass_submission() {
+    let s = submission_server(SubmissionConfig::default()).await;
+    let mut c = logged_in(&s).await;
+    for data in [
+        "From\0: ceo@other.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n",
+        "From: alice@acme.test\r\nFr\0om: ceo@other.test\r\n\r\nhi\r\n.\r\n",
+        "From: alice@acme.test\r\n\r\nNUL \0 here\r\n.\r\n",
+    ] {
+        c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
+        c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(data).await;
+        c.expect("550 5.6.0").await;
+    }
+    c.cmd("MAIL FROM:<alice@acme.test>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(
+        "Authentication-Results: mx.acme.test; dmarc=pass header.from=bank.test\r\n\
+         Authentication-Results: mx.acme.test.; dkim=pass\r\n\
+         ARC-Authentication-Results: i=1; MX.ACME.TEST; spf=pass\r\n\
+         Authentication-Results: elsewhere.example; spf=none\r\n\
+         From: alice@acme.test\r\nSubject: hi\r\n\r\nbody\r\n.\r\n",
+    )
+    .await;
+    c.expect("250 2.0.0").await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    let text = body(&s, &queued[0]).await;
+    assert!(!text.contains("=pass"), "{text}");
+    assert!(text.contains("elsewhere.example; spf=none"), "{text}");
+}

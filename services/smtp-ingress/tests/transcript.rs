@@ -742,3 +742,134 @@ async fn fuzz_seeds_and_regressions_replay_cleanly() {
     }
     assert!(replayed >= 2, "the seeds are missing");
 }
+
+/// Issue 16 §3: `From\0:` (and `Fr\0om:`, `\0From:`) passed the MX's DMARC check and
+/// reached the reader as `From:`. NUL bytes and header names that are not printable
+/// ASCII are refused at the end of the data, before any `250`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_bytes_and_odd_header_names_are_refused() {
+    let (_dns, auth) = checker();
+    let s = server_with(IngressConfig::default(), None, Some(auth)).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    for (data, reply) in [
+        (
+            "From\0: ceo@forged.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n",
+            "550 5.6.0",
+        ),
+        ("Fr\0om: ceo@forged.test\r\n\r\nhi\r\n.\r\n", "550 5.6.0"),
+        ("\0From: ceo@forged.test\r\n\r\nhi\r\n.\r\n", "550 5.6.0"),
+        (
+            "From: bob@example.org\r\n\r\nNUL \0 in the body\r\n.\r\n",
+            "550 5.6.0 NUL",
+        ),
+        (
+            "Fr\x01om: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.6.0 Malformed header",
+        ),
+        (
+            "Fr om: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.6.0 Malformed header",
+        ),
+        (
+            "Fr\u{e9}om: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.6.0 Malformed header",
+        ),
+    ] {
+        c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+        c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(data).await;
+        c.expect(reply).await;
+    }
+    // The obsolete space before the colon is still a header name.
+    c.message("From : bob@example.org\r\nSubject: old style\r\n\r\nok\r\n.\r\n")
+        .await;
+    c.cmd("QUIT", "221").await;
+    assert_eq!(s.queued(1).await.len(), 1);
+}
+
+/// RFC 7489 §6.6.1: a message without exactly one From field has no author domain
+/// for DMARC; it is handled as failing with p=reject (the tenant decides: reject by
+/// default, Junk if asked), and Authentication-Results never carries an empty
+/// `header.from=`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_single_from_fails_dmarc_handling() {
+    let (_dns, auth) = checker();
+    let s = server_with(IngressConfig::default(), None, Some(auth)).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    for data in [
+        "Subject: no author\r\n\r\nhi\r\n.\r\n",
+        "From: bob@example.org\r\nFrom: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+        "From: bob@example.org\r\nfrom: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+    ] {
+        c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+        c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send(data).await;
+        c.expect("550 5.7.1 A message must have exactly one From field")
+            .await;
+    }
+    // A tenant that files DMARC failures as Junk gets it, marked so.
+    s.engine
+        .set_inbound_policy(
+            "acme".parse().unwrap(),
+            InboundPolicy {
+                dmarc_reject: PolicyAction::Junk,
+                ..InboundPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    c.message("Subject: no author\r\n\r\nto junk\r\n.\r\n")
+        .await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    assert!(queued[0].junk);
+    let text = body(&s, &queued[0]).await;
+    assert!(
+        text.contains("dmarc=permerror (not exactly one From field)"),
+        "{text}"
+    );
+    assert!(!text.contains("header.from=;"), "{text}");
+    assert!(!text.contains("header.from=\r\n"), "{text}");
+}
+
+/// Issue 16 §7: `<CRLF>.<CR><CR><LF>` ended the data; only `<CRLF>.<CRLF>` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_crlf_dot_crlf_ends_the_data() {
+    let s = server(IngressConfig::default()).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.message(
+        "Subject: one\r\n\r\nfirst\r\n.\r\r\nMAIL FROM:<admin@acme.test>\r\nRCPT TO:<alice@acme.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\n",
+    )
+    .await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    assert_eq!(queued[0].mail_from.to_string(), "bob@example.org");
+    assert!(body(&s, &queued[0]).await.contains("Subject: smuggled"));
+}
+
+/// Issue 16 §7: `localhost.`, `localhost\;` and ARC-Authentication-Results claiming
+/// our authserv-id survived on the MX; they are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spelling_of_our_results_is_removed() {
+    let (_dns, auth) = checker();
+    let s = server_with(IngressConfig::default(), None, Some(auth)).await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    c.message(
+        "Authentication-Results: mx.acme.test.; dmarc=pass\r\n\
+         Authentication-Results: mx.acme.test\\; dmarc=pass\r\n\
+         ARC-Authentication-Results: i=1; mx.acme.test; dmarc=pass\r\n\
+         From: Bob <bob@example.org>\r\nSubject: hi\r\n\r\nbody\r\n.\r\n",
+    )
+    .await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    let text = body(&s, &queued[0]).await;
+    assert_eq!(text.matches("dmarc=pass").count(), 0, "{text}");
+    assert!(text.contains("From: Bob"), "{text}");
+}

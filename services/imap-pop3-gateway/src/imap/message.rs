@@ -3,6 +3,11 @@
 //!
 //! Sections are byte ranges of the stored message, never re-encoded: a client that
 //! asks for `BODY[1.2.MIME]` gets exactly the bytes of that part's header.
+//!
+//! Hostile structure is bounded before it reaches a parser or a recursion: a message
+//! with more MIME containers or boundary lines than `max_parts` is not parsed at all
+//! (it is described as one opaque part), parts deeper than `max_depth` are opaque
+//! leaves, and the parsed tree is taken apart without recursion.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -18,11 +23,79 @@ use mail_parser::{
     HeaderName, HeaderValue, Message, MessageParser, MessagePart, MimeHeaders, PartType,
 };
 
+/// How much MIME structure a message may have before it is treated as opaque.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MimeLimits {
+    /// Nesting below which parts are opaque leaves (BODYSTRUCTURE, sections).
+    pub max_depth: usize,
+    /// Containers (multipart, message parts) and boundary lines; a message with
+    /// more is not parsed (its parser state would be larger than the message).
+    pub max_parts: usize,
+}
+
+impl Default for MimeLimits {
+    fn default() -> Self {
+        Self {
+            max_depth: 100,
+            max_parts: 10_000,
+        }
+    }
+}
+
 /// A stored message, MIME-parsed on first need (BODY[] and the header/text
 /// sections of the top level are byte ranges and need no parse).
 pub struct Parsed<'a> {
     raw: &'a [u8],
+    limits: MimeLimits,
     parsed: std::cell::OnceCell<Option<Message<'a>>>,
+}
+
+impl Drop for Parsed<'_> {
+    fn drop(&mut self) {
+        if let Some(Some(message)) = self.parsed.take() {
+            drop_flat(message);
+        }
+    }
+}
+
+/// Drops a message whose message/rfc822 parts nest others, one level at a time: the
+/// derived drop would recurse once per level.
+fn drop_flat(message: Message<'_>) {
+    let mut pending = vec![message];
+    while let Some(mut m) = pending.pop() {
+        for part in &mut m.parts {
+            if let PartType::Message(inner) = &mut part.body {
+                pending.push(std::mem::take(inner));
+            }
+        }
+    }
+}
+
+/// Whether `raw` has more MIME structure than `max_parts` allows: counted as
+/// `multipart/` and `message/` media types plus lines starting with `--` (every
+/// boundary line does), an upper bound that needs no parse.
+fn too_structured(raw: &[u8], max_parts: usize) -> bool {
+    let mut count = 0usize;
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if at_line_start && raw[i..].starts_with(b"--") {
+            count += 1;
+        }
+        if (b == b'/' && i >= 9)
+            && (raw[i - 9..i].eq_ignore_ascii_case(b"multipart")
+                || raw[i - 7..i].eq_ignore_ascii_case(b"message"))
+        {
+            count += 1;
+        }
+        if count > max_parts {
+            return true;
+        }
+        at_line_start = b == b'\n';
+        i += 1;
+    }
+    false
 }
 
 /// Where a part lies in the stored message.
@@ -47,16 +120,25 @@ struct Located<'m, 'a> {
 pub struct UnknownCte;
 
 impl<'a> Parsed<'a> {
-    pub fn new(raw: &'a [u8]) -> Self {
+    pub fn new(raw: &'a [u8], limits: MimeLimits) -> Self {
         Self {
             raw,
+            limits,
             parsed: std::cell::OnceCell::new(),
         }
     }
 
+    /// The MIME structure; `None` when the message has none worth parsing (no
+    /// header) or more than the limits allow.
     fn message(&self) -> Option<&Message<'a>> {
         self.parsed
-            .get_or_init(|| MessageParser::default().parse(self.raw))
+            .get_or_init(|| {
+                if too_structured(self.raw, self.limits.max_parts) {
+                    crate::metrics::event("imap", "mime_opaque");
+                    return None;
+                }
+                MessageParser::default().parse(self.raw)
+            })
             .as_ref()
     }
 
@@ -79,7 +161,16 @@ impl<'a> Parsed<'a> {
 
     pub fn body_structure(&self, extensions: bool) -> BodyStructure<'static> {
         match self.message() {
-            Some(m) => structure(self.raw, m, 0, extensions),
+            Some(m) => structure(
+                &Walk {
+                    ext: extensions,
+                    max_depth: self.limits.max_depth,
+                },
+                self.raw,
+                m,
+                0,
+                0,
+            ),
             None => fallback_structure(self.raw.len(), self.raw),
         }
     }
@@ -129,6 +220,11 @@ impl<'a> Parsed<'a> {
         bytes.unwrap_or(Cow::Borrowed(&[]))
     }
 
+    /// How many bytes `section` holds (what FETCH would send, before any partial).
+    pub fn section_len(&self, section: Option<&Section<'_>>) -> usize {
+        self.section(section).len()
+    }
+
     /// BINARY[path] (RFC 3516): the part with its Content-Transfer-Encoding undone;
     /// the whole message for an empty path; empty for a part that does not exist.
     pub fn binary(&self, path: &[std::num::NonZeroU32]) -> Result<Cow<'a, [u8]>, UnknownCte> {
@@ -167,6 +263,10 @@ impl<'a> Parsed<'a> {
 
     /// Follows a part number path (`1.2.3`) from the top-level message.
     fn locate(&self, path: &[std::num::NonZeroU32]) -> Option<Located<'_, 'a>> {
+        // Below the depth limit parts are opaque: they have no numbers of their own.
+        if path.len() > self.limits.max_depth {
+            return None;
+        }
         let mut message = self.message()?;
         let mut root = 0usize;
         let mut located = None;
@@ -535,7 +635,41 @@ fn lines(bytes: &[u8]) -> u32 {
     u32::try_from(n + partial).unwrap_or(u32::MAX)
 }
 
-fn structure(raw: &[u8], message: &Message<'_>, index: usize, ext: bool) -> BodyStructure<'static> {
+/// What BODYSTRUCTURE is asked for: extension data, and how deep parts are
+/// described before the rest is one opaque leaf.
+struct Walk {
+    ext: bool,
+    max_depth: usize,
+}
+
+/// A part below the depth limit: its bytes, as one opaque application part.
+fn opaque(size: usize) -> BodyStructure<'static> {
+    BodyStructure::Single {
+        body: Body {
+            basic: BasicFields {
+                parameter_list: Vec::new(),
+                id: NString(None),
+                description: NString(None),
+                content_transfer_encoding: istring("7BIT"),
+                size: u32::try_from(size).unwrap_or(u32::MAX),
+            },
+            specific: SpecificFields::Basic {
+                r#type: istring("APPLICATION"),
+                subtype: istring("OCTET-STREAM"),
+            },
+        },
+        extension_data: None,
+    }
+}
+
+fn structure(
+    walk: &Walk,
+    raw: &[u8],
+    message: &Message<'_>,
+    index: usize,
+    depth: usize,
+) -> BodyStructure<'static> {
+    let ext = walk.ext;
     let Some(part) = message.parts.get(index) else {
         return fallback_structure(raw.len(), raw);
     };
@@ -543,10 +677,13 @@ fn structure(raw: &[u8], message: &Message<'_>, index: usize, ext: bool) -> Body
     let body_bytes = raw
         .get(part.offset_body as usize..part.offset_end as usize)
         .unwrap_or_default();
+    if depth >= walk.max_depth {
+        return opaque(body_bytes.len());
+    }
     if let PartType::Multipart(children) = &part.body {
         let bodies: Vec<BodyStructure<'static>> = children
             .iter()
-            .map(|&c| structure(raw, message, c as usize, ext))
+            .map(|&c| structure(walk, raw, message, c as usize, depth + 1))
             .collect();
         let subtype = ct
             .and_then(|c| c.c_subtype.as_deref())
@@ -606,7 +743,7 @@ fn structure(raw: &[u8], message: &Message<'_>, index: usize, ext: bool) -> Body
                     Some(p) => envelope_of(p, Some(inner_raw)),
                     None => envelope(None),
                 }),
-                body_structure: Box::new(structure(inner_raw, inner, 0, ext)),
+                body_structure: Box::new(structure(walk, inner_raw, inner, 0, depth + 1)),
                 number_of_lines: lines(body_bytes),
             }
         }
@@ -730,10 +867,178 @@ pub fn sent_date(p: &Parsed<'_>) -> Option<chrono::NaiveDate> {
     chrono::NaiveDate::from_ymd_opt(i32::from(d.year), u32::from(d.month), u32::from(d.day))
 }
 
+/// Messages with hostile MIME structure, for tests and the fuzz target.
+pub mod hostile {
+    /// `levels` multipart/mixed parts, each the only child of the one above.
+    pub fn nested_multipart(levels: usize) -> Vec<u8> {
+        let mut m = b"From: a@example.org\r\nSubject: deep\r\n".to_vec();
+        for i in 0..levels {
+            m.extend_from_slice(
+                format!("Content-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n--b{i}\r\n")
+                    .as_bytes(),
+            );
+        }
+        m.extend_from_slice(b"Content-Type: text/plain\r\n\r\nleaf\r\n");
+        for i in (0..levels).rev() {
+            m.extend_from_slice(format!("--b{i}--\r\n").as_bytes());
+        }
+        m
+    }
+
+    /// `levels` message/rfc822 bodies, each holding the next message.
+    pub fn nested_messages(levels: usize) -> Vec<u8> {
+        let mut m = b"From: a@example.org\r\nSubject: deep\r\n".to_vec();
+        for _ in 0..levels {
+            m.extend_from_slice(b"Content-Type: message/rfc822\r\n\r\nSubject: in\r\n");
+        }
+        m.extend_from_slice(b"\r\nleaf\r\n");
+        m
+    }
+
+    /// One multipart with `parts` tiny children.
+    pub fn wide(parts: usize) -> Vec<u8> {
+        let mut m =
+            b"From: a@example.org\r\nContent-Type: multipart/mixed; boundary=w\r\n\r\n".to_vec();
+        for _ in 0..parts {
+            m.extend_from_slice(b"--w\r\n\r\nx\r\n");
+        }
+        m.extend_from_slice(b"--w--\r\n");
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use imap_codec::imap_types::core::AString;
+
+    /// A FETCH response carrying `structure`, as the session encodes it.
+    fn encoded(structure: BodyStructure<'static>) -> Vec<u8> {
+        use imap_codec::ResponseCodec;
+        use imap_codec::encode::Encoder;
+        use imap_codec::imap_types::fetch::MessageDataItem;
+        use imap_codec::imap_types::response::{Data, Response};
+        let response = Response::Data(Data::Fetch {
+            seq: std::num::NonZeroU32::new(1).unwrap(),
+            items: Vec1::from(MessageDataItem::BodyStructure(structure)),
+        });
+        ResponseCodec::default().encode(&response).dump()
+    }
+
+    fn depth_of(s: &BodyStructure<'_>) -> usize {
+        let mut depth = 0;
+        let mut at: &BodyStructure<'_> = s;
+        loop {
+            match at {
+                BodyStructure::Multi { bodies, .. } => {
+                    depth += 1;
+                    at = &bodies.as_ref()[0];
+                }
+                BodyStructure::Single {
+                    body:
+                        Body {
+                            specific: SpecificFields::Message { body_structure, .. },
+                            ..
+                        },
+                    ..
+                } => {
+                    depth += 1;
+                    at = body_structure;
+                }
+                BodyStructure::Single { .. } => return depth,
+            }
+        }
+    }
+
+    /// 2,500 nested multiparts (a few hundred KB, accepted on port 25) overflowed the
+    /// gateway's stack at BODYSTRUCTURE: now the first 100 levels are described and
+    /// the rest is one opaque part; deep section numbers name nothing.
+    #[test]
+    fn deep_nesting_is_cut_at_the_depth_limit() {
+        let limits = MimeLimits::default();
+        for raw in [
+            hostile::nested_multipart(2_500),
+            hostile::nested_messages(5_000),
+        ] {
+            let p = Parsed::new(&raw, limits);
+            let s = p.body_structure(true);
+            assert_eq!(depth_of(&s), limits.max_depth, "cut at the limit");
+            let bytes = encoded(s);
+            let leaf: &[u8] = b"\"APPLICATION\" \"OCTET-STREAM\"";
+            assert!(bytes.windows(leaf.len()).any(|w| w == leaf));
+            let _ = p.envelope();
+            let one = std::num::NonZeroU32::new(1).unwrap();
+            let deep = Part(Vec1::try_from(vec![one; 150]).unwrap());
+            assert!(p.section(Some(&Section::Part(deep))).is_empty());
+            let shallow = Part(Vec1::try_from(vec![one; 3]).unwrap());
+            assert!(!p.section(Some(&Section::Mime(shallow))).is_empty());
+            assert!(p.binary(&[one; 150]).unwrap().is_empty());
+            let _ = body_text(&p);
+            let _ = header_text(&p);
+        }
+        // The largest depth the configuration allows fits a tokio worker's 2 MiB
+        // stack, in this unoptimised build too.
+        let raw: &'static [u8] = hostile::nested_multipart(2_500).leak();
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let limits = MimeLimits {
+                    max_depth: crate::MAX_MIME_DEPTH,
+                    max_parts: 10_000,
+                };
+                let s = Parsed::new(raw, limits).body_structure(true);
+                assert_eq!(depth_of(&s), crate::MAX_MIME_DEPTH);
+                encoded(s).len()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// More containers or boundary lines than max_parts: not parsed at all (its parser
+    /// state would outgrow the message), served as one opaque body.
+    #[test]
+    fn too_much_structure_is_served_opaque() {
+        let limits = MimeLimits {
+            max_depth: 100,
+            max_parts: 1_000,
+        };
+        for raw in [
+            hostile::wide(5_000),
+            hostile::nested_messages(2_000),
+            hostile::nested_multipart(1_000),
+        ] {
+            let p = Parsed::new(&raw, limits);
+            assert!(p.message().is_none());
+            assert!(matches!(
+                p.body_structure(false),
+                BodyStructure::Single { .. }
+            ));
+        }
+        // Under the limit it is parsed as usual.
+        let raw = hostile::wide(400);
+        let p = Parsed::new(&raw, limits);
+        let BodyStructure::Multi { bodies, .. } = p.body_structure(false) else {
+            panic!("multipart expected");
+        };
+        assert_eq!(bodies.as_ref().len(), 400);
+    }
+
+    /// The parsed tree of a deep message/rfc822 chain is taken apart without
+    /// recursion (the derived drop recursed once per level).
+    #[test]
+    fn a_deep_chain_of_messages_drops_without_recursion() {
+        let raw: &'static [u8] = hostile::nested_messages(9_000).leak();
+        let p = Parsed::new(raw, MimeLimits::default());
+        assert!(p.message().is_some());
+        // Dropped on a small stack: 9,000 levels of derived drop would not fit.
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || drop(p))
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 
     const MULTI: &[u8] = b"From: Alice <alice@example.org>\r\n\
 To: bob@example.com, \"Carol\" <carol@example.com>\r\n\
@@ -757,7 +1062,7 @@ inner body\r\n\
 
     #[test]
     fn sections_are_byte_ranges_of_the_stored_message() {
-        let p = Parsed::new(MULTI);
+        let p = Parsed::new(MULTI, MimeLimits::default());
         let one = std::num::NonZeroU32::new(1).unwrap();
         let two = std::num::NonZeroU32::new(2).unwrap();
         let part = |v: Vec<std::num::NonZeroU32>| Part(Vec1::try_from(v).unwrap());
@@ -795,7 +1100,7 @@ inner body\r\n\
 
     #[test]
     fn envelope_keeps_raw_subject_and_splits_addresses() {
-        let e = Parsed::new(MULTI).envelope();
+        let e = Parsed::new(MULTI, MimeLimits::default()).envelope();
         assert_eq!(
             e.subject.into_option().unwrap().as_ref(),
             b"=?utf-8?q?h=C3=A9llo?="
@@ -814,7 +1119,7 @@ inner body\r\n\
 
     #[test]
     fn body_structure_of_a_multipart_with_a_nested_message() {
-        let s = Parsed::new(MULTI).body_structure(true);
+        let s = Parsed::new(MULTI, MimeLimits::default()).body_structure(true);
         let BodyStructure::Multi {
             bodies, subtype, ..
         } = s
@@ -836,7 +1141,7 @@ inner body\r\n\
 Content-Transfer-Encoding: base64\r\n\r\nAAEC/w==\r\n--b\r\n\
 Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9 =\r\nsoft\r\n--b\r\n\
 Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin\r\n--b--\r\n";
-        let p = Parsed::new(m);
+        let p = Parsed::new(m, MimeLimits::default());
         let n = |v: u32| std::num::NonZeroU32::new(v).unwrap();
         assert_eq!(&*p.binary(&[n(1)]).unwrap(), &[0, 1, 2, 255]);
         assert_eq!(&*p.binary(&[n(2)]).unwrap(), "café soft".as_bytes());

@@ -15,7 +15,7 @@
 //! announced as EXISTS / EXPUNGE / FETCH FLAGS after the next command or during IDLE.
 
 mod ext;
-mod message;
+pub mod message;
 mod mutf7;
 mod search;
 mod selected;
@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use imap_codec::decode::Decoder;
-use imap_codec::encode::Encoder;
+use imap_codec::encode::{Encoder, Fragment};
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::auth::{AuthMechanism, AuthenticateData};
 use imap_codec::imap_types::command::SelectParameter;
@@ -121,6 +121,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn push(&mut self, response: &Response<'_>) {
         self.out
             .extend(ResponseCodec::default().encode(response).dump());
+    }
+
+    /// Pushes `response`, writing each of its literals whose bytes are a placeholder
+    /// for one of `verbatim` (in order: the same bytes with NUL as 0x01) as the
+    /// stored bytes themselves.
+    fn push_verbatim(&mut self, response: &Response<'_>, verbatim: &[&[u8]]) {
+        if verbatim.is_empty() {
+            return self.push(response);
+        }
+        let mut pending = verbatim.iter().peekable();
+        for fragment in ResponseCodec::default().encode(response) {
+            match fragment {
+                Fragment::Line { data } => self.out.extend_from_slice(&data),
+                Fragment::Literal { data, .. } => {
+                    let original = pending.next_if(|o| {
+                        o.len() == data.len()
+                            && o.iter()
+                                .zip(&data)
+                                .all(|(&o, &d)| d == if o == 0 { 1 } else { o })
+                    });
+                    self.out
+                        .extend_from_slice(original.copied().unwrap_or(&data));
+                }
+            }
+        }
     }
 
     fn push_raw(&mut self, bytes: &[u8]) {

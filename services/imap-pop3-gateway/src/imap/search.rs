@@ -29,11 +29,11 @@ pub fn needs_content(key: &SearchKey<'_>) -> bool {
 }
 
 /// What one message is matched against.
-pub struct Candidate<'a> {
+pub struct Candidate<'a, 'm> {
     pub seq: u32,
     pub msg: &'a Msg,
     pub view: &'a Selected,
-    pub content: Option<&'a Parsed<'a>>,
+    pub content: Option<&'a Parsed<'m>>,
     /// Decoded header fields and body text, computed once per message on demand.
     pub headers: &'a std::cell::OnceCell<Vec<(String, String)>>,
     pub body: &'a std::cell::OnceCell<String>,
@@ -44,7 +44,7 @@ fn contains(haystack: &str, needle: &[u8]) -> bool {
     needle.is_empty() || haystack.to_lowercase().contains(&needle)
 }
 
-impl Candidate<'_> {
+impl Candidate<'_, '_> {
     fn has(&self, flag: &str) -> bool {
         self.msg.flags.iter().any(|f| f.eq_ignore_ascii_case(flag))
     }

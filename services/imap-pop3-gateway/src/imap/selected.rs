@@ -9,7 +9,7 @@ use std::num::{NonZeroU32, NonZeroU64};
 use chrono::{DateTime, FixedOffset, Utc};
 use imap_codec::imap_types::IntoStatic;
 use imap_codec::imap_types::command::{CommandBody, FetchModifier, StoreModifier};
-use imap_codec::imap_types::core::{Atom, LiteralMode, NString, NString8, Tag, Vec1};
+use imap_codec::imap_types::core::{Atom, IString, LiteralMode, NString, NString8, Tag, Vec1};
 use imap_codec::imap_types::datetime::DateTime as ImapDateTime;
 use imap_codec::imap_types::extensions::binary::Literal8;
 use imap_codec::imap_types::extensions::uidplus::{UidElement, UidSet};
@@ -765,6 +765,22 @@ pub fn set_string(numbers: &[u32]) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(","))
 }
 
+/// Stored bytes for a non-BINARY item: a string or literal as usual; bytes that hold
+/// NUL (which an IMAP literal may not) become a placeholder literal of the same
+/// length, replaced on the wire by the bytes themselves (`Conn::push_verbatim`):
+/// the message is served as stored, never altered.
+fn stored<'r>(data: &'r [u8], verbatim: &mut Vec<&'r [u8]>) -> IString<'static> {
+    if !data.contains(&0) {
+        return istring_bytes(data);
+    }
+    verbatim.push(data);
+    let placeholder: Vec<u8> = data.iter().map(|&b| if b == 0 { 1 } else { b }).collect();
+    IString::Literal(
+        imap_codec::imap_types::core::Literal::try_from(placeholder)
+            .expect("no NUL left in the placeholder"),
+    )
+}
+
 /// BINARY data: a string or literal when it can be one, a literal8 (`~{n}`) when
 /// it holds NUL bytes (RFC 3516 §4.2).
 fn binary_value(data: &[u8]) -> NString8<'static> {
@@ -965,7 +981,9 @@ impl Session {
                     } else {
                         None
                     };
-                    let parsed = raw.as_deref().map(Parsed::new);
+                    let parsed = raw
+                        .as_deref()
+                        .map(|r| Parsed::new(r, gw.imap.mime_limits()));
                     let headers = std::cell::OnceCell::new();
                     let body_text = std::cell::OnceCell::new();
                     let c = Candidate {
@@ -1301,8 +1319,18 @@ impl Session {
             conn.push(&invalid_set(tag));
             return Ok(());
         };
-        let content = items.iter().any(needs_body);
-        let mark_seen = !sel.read_only && items.iter().any(sets_seen);
+        // The same item named twice is answered once (FETCH 1 (BODY[] BODY[] …) asked
+        // for 4,000 copies of a message in one reply).
+        let mut unique: Vec<&MessageDataItemName<'static>> = Vec::with_capacity(items.len());
+        for item in items {
+            if !unique.contains(&item) {
+                unique.push(item);
+            }
+        }
+        let items = unique;
+        let budget = gw.imap.max_fetch_response_bytes;
+        let content = items.iter().copied().any(needs_body);
+        let mark_seen = !sel.read_only && items.iter().copied().any(sets_seen);
         let mut missing = false;
         let mut to_mark = Vec::new();
         for i in indexes {
@@ -1325,15 +1353,49 @@ impl Session {
             } else {
                 None
             };
-            let parsed = raw.as_deref().map(Parsed::new);
+            let parsed = raw
+                .as_deref()
+                .map(|r| Parsed::new(r, gw.imap.mime_limits()));
             let mut seen_now = false;
             if mark_seen && !m.flags.iter().any(|f| f == "\\Seen") {
                 to_mark.push(m.uid);
                 seen_now = true;
             }
             let mut out = Vec::with_capacity(items.len() + 1);
-            for item in items {
+            // Stored bytes go out as stored: literals holding NUL (not allowed in an
+            // IMAP literal, so never altered either) are written verbatim.
+            let mut verbatim: Vec<&[u8]> = Vec::new();
+            // What this message's reply carries, checked before each copy is made.
+            let mut size = 0usize;
+            let mut over_budget = false;
+            let mut charge = |bytes: usize| {
+                size = size.saturating_add(bytes);
+                over_budget |= size > budget;
+                !over_budget
+            };
+            for &item in &items {
                 let p = parsed.as_ref();
+                let item_bytes = match item {
+                    MessageDataItemName::Rfc822 => raw.as_deref().map_or(0, <[u8]>::len),
+                    MessageDataItemName::Rfc822Header => p.map_or(0, |p| p.header().len()),
+                    MessageDataItemName::Rfc822Text => p.map_or(0, |p| p.text().len()),
+                    MessageDataItemName::BodyExt {
+                        section, partial, ..
+                    } => {
+                        let len = p.map_or(0, |p| p.section_len(section.as_ref()));
+                        partial.map_or(len, |(start, n)| {
+                            len.saturating_sub(start as usize).min(n.get() as usize)
+                        })
+                    }
+                    MessageDataItemName::Binary { partial, .. } => {
+                        let len = raw.as_deref().map_or(0, <[u8]>::len);
+                        partial.map_or(len, |(_, n)| len.min(n.get() as usize))
+                    }
+                    _ => 0,
+                };
+                if !charge(item_bytes) {
+                    break;
+                }
                 out.push(match item {
                     MessageDataItemName::Uid => MessageDataItem::Uid(nz(m.uid)),
                     MessageDataItemName::Flags => {
@@ -1361,31 +1423,38 @@ impl Session {
                     MessageDataItemName::Body => {
                         MessageDataItem::Body(p.expect("content").body_structure(false))
                     }
-                    MessageDataItemName::Rfc822 => MessageDataItem::Rfc822(NString(Some(
-                        istring_bytes(raw.as_deref().unwrap_or_default()),
-                    ))),
+                    MessageDataItemName::Rfc822 => MessageDataItem::Rfc822(NString(Some(stored(
+                        raw.as_deref().unwrap_or_default(),
+                        &mut verbatim,
+                    )))),
                     MessageDataItemName::Rfc822Header => MessageDataItem::Rfc822Header(NString(
-                        Some(istring_bytes(p.expect("content").header())),
+                        Some(stored(p.expect("content").header(), &mut verbatim)),
                     )),
                     MessageDataItemName::Rfc822Text => MessageDataItem::Rfc822Text(NString(Some(
-                        istring_bytes(p.expect("content").text()),
+                        stored(p.expect("content").text(), &mut verbatim),
                     ))),
                     MessageDataItemName::BodyExt {
                         section, partial, ..
                     } => {
                         let bytes = p.expect("content").section(section.as_ref());
-                        let (data, origin) = match partial {
+                        let (range, origin) = match partial {
                             Some((start, len)) => {
                                 let s = (*start as usize).min(bytes.len());
                                 let e = s.saturating_add(len.get() as usize).min(bytes.len());
-                                (&bytes[s..e], Some(*start))
+                                (s..e, Some(*start))
                             }
-                            None => (&bytes[..], None),
+                            None => (0..bytes.len(), None),
+                        };
+                        let data = match bytes {
+                            // A piece of the stored message: verbatim if it must be.
+                            std::borrow::Cow::Borrowed(b) => stored(&b[range], &mut verbatim),
+                            // HEADER.FIELDS: lines picked from it.
+                            std::borrow::Cow::Owned(o) => istring_bytes(&o[range]),
                         };
                         MessageDataItem::BodyExt {
                             section: section.clone(),
                             origin,
-                            data: NString(Some(istring_bytes(data))),
+                            data: NString(Some(data)),
                         }
                     }
                     MessageDataItemName::Binary {
@@ -1454,10 +1523,24 @@ impl Session {
                     NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN),
                 ));
             }
-            conn.push(&Response::Data(Data::Fetch {
-                seq: nz(i as u32 + 1),
-                items: Vec1::try_from(out).expect("not empty"),
-            }));
+            if over_budget {
+                // Nothing of this message's reply was made beyond the budget.
+                crate::metrics::event(super::PROTOCOL, "fetch_over_limit");
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::No,
+                    Some(code("LIMIT")),
+                    "FETCH reply too large; ask for fewer or smaller items",
+                ));
+                return Ok(());
+            }
+            conn.push_verbatim(
+                &Response::Data(Data::Fetch {
+                    seq: nz(i as u32 + 1),
+                    items: Vec1::try_from(out).expect("not empty"),
+                }),
+                &verbatim,
+            );
             // One message at a time on the wire: memory stays bounded by one message.
             conn.flush().await?;
         }
