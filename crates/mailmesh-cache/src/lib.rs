@@ -5,6 +5,7 @@
 pub mod login;
 pub mod memory;
 pub mod redis;
+pub mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +71,21 @@ pub trait Cache: Send + Sync {
     async fn subscribe(&self, channel: &str) -> Result<Subscription>;
 
     async fn ping(&self) -> Result<()>;
+
+    /// Takes (or renews) `holder`'s slot under `key` for `ttl`, unless `limit` other
+    /// unexpired slots are held there: a gauge shared by every pod (connections per
+    /// client address), whose slots lapse by themselves when a holder dies. True when
+    /// the slot is held now.
+    async fn acquire_slot(
+        &self,
+        key: &str,
+        holder: &str,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<bool>;
+
+    /// Gives `holder`'s slot under `key` back.
+    async fn release_slot(&self, key: &str, holder: &str) -> Result<()>;
 }
 
 #[derive(Debug, Clone, Deserialize)]

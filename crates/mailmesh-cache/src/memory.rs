@@ -30,6 +30,8 @@ impl Entry {
 pub struct MemoryCache {
     entries: Mutex<HashMap<String, Entry>>,
     channels: Mutex<HashMap<String, broadcast::Sender<Bytes>>>,
+    /// key → holder → expiry.
+    slots: Mutex<HashMap<String, HashMap<String, Instant>>>,
 }
 
 impl MemoryCache {
@@ -51,6 +53,37 @@ impl MemoryCache {
 
 #[async_trait]
 impl Cache for MemoryCache {
+    async fn acquire_slot(
+        &self,
+        key: &str,
+        holder: &str,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<bool> {
+        validate_key(key)?;
+        let now = Instant::now();
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let held = slots.entry(key.to_owned()).or_default();
+        held.retain(|_, expires| *expires > now);
+        if !held.contains_key(holder) && held.len() >= limit as usize {
+            return Ok(false);
+        }
+        held.insert(holder.to_owned(), now + ttl);
+        Ok(true)
+    }
+
+    async fn release_slot(&self, key: &str, holder: &str) -> Result<()> {
+        validate_key(key)?;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = slots.get_mut(key) {
+            held.remove(holder);
+            if held.is_empty() {
+                slots.remove(key);
+            }
+        }
+        Ok(())
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
         validate_key(key)?;
         Ok(self.with_entries(|m, now| m.get(key).filter(|e| e.live(now)).map(|e| e.value.clone())))

@@ -88,6 +88,21 @@ end
 return 0
 "#;
 
+/// A slot in a sorted set scored by expiry (the server's clock): expired slots go,
+/// a new one is taken only below the limit, and the key lives while slots are
+/// renewed.
+const ACQUIRE_SLOT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+    return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -280,6 +295,36 @@ impl Cache for RedisCache {
             .into_on_message()
             .map(|m| Bytes::copy_from_slice(m.get_payload_bytes()))
             .boxed())
+    }
+
+    async fn acquire_slot(
+        &self,
+        key: &str,
+        holder: &str,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let n: i64 = self.check(
+            redis::Script::new(ACQUIRE_SLOT)
+                .key(self.key(key)?)
+                .arg(holder)
+                .arg(limit)
+                .arg(millis(ttl))
+                .invoke_async(&mut self.conn())
+                .await,
+        )?;
+        Ok(n > 0)
+    }
+
+    async fn release_slot(&self, key: &str, holder: &str) -> Result<()> {
+        self.check(
+            redis::cmd("ZREM")
+                .arg(self.key(key)?)
+                .arg(holder)
+                .query_async::<i64>(&mut self.conn())
+                .await,
+        )?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<()> {

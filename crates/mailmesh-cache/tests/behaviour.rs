@@ -197,6 +197,72 @@ async fn pub_sub(cache: Arc<dyn Cache>) {
     cache.ping().await.unwrap();
 }
 
+/// Slots: at most `limit` holders at once, many pods racing for them; a holder
+/// renews without being refused, gives back, and lapses when it stops renewing.
+async fn slots(cache: Arc<dyn Cache>) {
+    let ttl = Duration::from_secs(30);
+    let taken = futures::future::join_all((0..20).map(|i| {
+        let cache = cache.clone();
+        async move {
+            cache
+                .acquire_slot("conns:imap:192.0.2.1", &format!("h{i}"), 5, ttl)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert_eq!(taken.iter().filter(|t| **t).count(), 5, "{taken:?}");
+    let holder = format!("h{}", taken.iter().position(|t| *t).unwrap());
+    assert!(
+        cache
+            .acquire_slot("conns:imap:192.0.2.1", &holder, 5, ttl)
+            .await
+            .unwrap(),
+        "renewing a held slot"
+    );
+    assert!(
+        !cache
+            .acquire_slot("conns:imap:192.0.2.1", "new", 5, ttl)
+            .await
+            .unwrap()
+    );
+    cache
+        .release_slot("conns:imap:192.0.2.1", &holder)
+        .await
+        .unwrap();
+    assert!(
+        cache
+            .acquire_slot("conns:imap:192.0.2.1", "new", 5, ttl)
+            .await
+            .unwrap()
+    );
+    // A holder that stops renewing (its pod died) lapses.
+    assert!(
+        cache
+            .acquire_slot(
+                "conns:pop3:192.0.2.2",
+                "dead",
+                1,
+                Duration::from_millis(100)
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !cache
+            .acquire_slot("conns:pop3:192.0.2.2", "alive", 1, ttl)
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        cache
+            .acquire_slot("conns:pop3:192.0.2.2", "alive", 1, ttl)
+            .await
+            .unwrap()
+    );
+}
+
 macro_rules! behaviour {
     ($($name:ident),*) => {
         mod memory {
@@ -216,4 +282,4 @@ macro_rules! behaviour {
     };
 }
 
-behaviour!(values_and_expiry, atomic_counter, locks, pub_sub);
+behaviour!(values_and_expiry, atomic_counter, locks, pub_sub, slots);

@@ -64,6 +64,19 @@ pub struct Pop3Config {
     pub lock_ttl: Duration,
     /// Largest message the gateway will hand out.
     pub max_message_bytes: usize,
+    /// The time a connection has to log in (TLS handshake included), however it
+    /// spends it.
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
+    /// The longest a command line may take to arrive once begun.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// New connections one client address may open per minute, across all pods;
+    /// 0 is no limit.
+    pub connections_per_ip_per_minute: u32,
+    /// Connections one client address (IPv6: its /64) may hold open at once, across
+    /// all pods; 0 is no limit.
+    pub max_connections_per_ip: u32,
 }
 
 impl Default for Pop3Config {
@@ -81,6 +94,10 @@ impl Default for Pop3Config {
             max_parallel_logins: 64,
             lock_ttl: Duration::from_secs(120),
             max_message_bytes: 64 << 20,
+            login_timeout: Duration::from_secs(60),
+            command_timeout: Duration::from_secs(60),
+            connections_per_ip_per_minute: 120,
+            max_connections_per_ip: 50,
         }
     }
 }
@@ -97,6 +114,12 @@ impl Validate for Pop3Config {
             return Err(ConfigError::invalid(
                 "pop3.idle_timeout",
                 "RFC 1939 requires at least 10 minutes",
+            ));
+        }
+        if self.login_timeout.is_zero() || self.command_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                "pop3.login_timeout",
+                "login_timeout and command_timeout must be above zero",
             ));
         }
         if self.lock_ttl < Duration::from_millis(300) {
@@ -166,6 +189,24 @@ pub struct ImapConfig {
     /// Bytes one message's FETCH reply may carry (identical items count once);
     /// beyond it the command ends with `NO [LIMIT]`. At least `max_message_bytes`.
     pub max_fetch_response_bytes: usize,
+    /// Characters a LIST pattern (reference included) may have; longer: `BAD`.
+    pub max_list_pattern_chars: usize,
+    /// The longest a command may take to arrive once it has begun (and an APPEND
+    /// literal before `min_append_rate` applies): trickling cannot extend it.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Bytes per second an APPEND literal must keep arriving at after
+    /// `command_timeout`.
+    pub min_append_rate: u64,
+    /// Sessions one user may hold at once on this pod; more logins are refused
+    /// with `NO [UNAVAILABLE]`.
+    pub max_sessions_per_user: usize,
+    /// New connections one client address may open per minute, across all pods;
+    /// 0 is no limit.
+    pub connections_per_ip_per_minute: u32,
+    /// Connections one client address (IPv6: its /64) may hold open at once, across
+    /// all pods; 0 is no limit (a few addresses trickling bytes took every slot).
+    pub max_connections_per_ip: u32,
 }
 
 /// The deepest MIME nesting `imap.max_mime_depth` may allow: BODYSTRUCTURE is
@@ -199,6 +240,12 @@ impl Default for ImapConfig {
             max_mime_depth: 100,
             max_mime_parts: 10_000,
             max_fetch_response_bytes: 128 << 20,
+            max_list_pattern_chars: 1024,
+            command_timeout: Duration::from_secs(60),
+            min_append_rate: 8 << 10,
+            max_sessions_per_user: 50,
+            connections_per_ip_per_minute: 120,
+            max_connections_per_ip: 100,
         }
     }
 }
@@ -215,6 +262,16 @@ impl Validate for ImapConfig {
             return Err(ConfigError::invalid(
                 "imap.max_command_bytes",
                 "at least 1024",
+            ));
+        }
+        if self.command_timeout.is_zero()
+            || self.min_append_rate == 0
+            || self.max_sessions_per_user == 0
+            || self.max_list_pattern_chars < 16
+        {
+            return Err(ConfigError::invalid(
+                "imap",
+                "command_timeout, min_append_rate and max_sessions_per_user must be above zero, max_list_pattern_chars at least 16",
             ));
         }
         if self.max_fetch_response_bytes < self.max_message_bytes {
@@ -402,18 +459,20 @@ async fn serve(
     shutdown: Shutdown,
     protocol: Protocol,
 ) {
-    let (name, slots, refusal, handshake) = match protocol {
+    let (name, slots, refusal, per_ip_refusal, handshake) = match protocol {
         Protocol::Imap => (
             "imap",
             gateway.imap_slots.clone(),
             &b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"[..],
+            &b"* BYE [UNAVAILABLE] Too many connections from your address, try again later\r\n"[..],
             gateway.imap.login_timeout,
         ),
         Protocol::Pop3 => (
             "pop3",
             gateway.slots.clone(),
             &b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"[..],
-            gateway.config.idle_timeout,
+            &b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"[..],
+            gateway.config.login_timeout,
         ),
     };
     loop {
@@ -454,6 +513,42 @@ async fn serve(
                 }
             } else {
                 peer
+            };
+            // Per client address, across every pod: new connections per minute and
+            // connections held at once.
+            let (per_minute, per_ip) = match protocol {
+                Protocol::Imap => (
+                    gateway.imap.connections_per_ip_per_minute,
+                    gateway.imap.max_connections_per_ip,
+                ),
+                Protocol::Pop3 => (
+                    gateway.config.connections_per_ip_per_minute,
+                    gateway.config.max_connections_per_ip,
+                ),
+            };
+            let key = format!(
+                "{name}:conn:{}",
+                mailmesh_cache::login::address_key(client.ip())
+            );
+            let rate_ok = per_minute == 0
+                || gateway
+                    .cache
+                    .incr(&key, 1, Duration::from_secs(60))
+                    .await
+                    .map_or(true, |n| n <= i64::from(per_minute));
+            let address_slot = if rate_ok {
+                mailmesh_cache::slots::connection_slot(&gateway.cache, name, client.ip(), per_ip)
+                    .await
+            } else {
+                None
+            };
+            let Some(_address_slot) = address_slot else {
+                crate::metrics::event(name, "refused_per_ip");
+                tracing::info!(%client, protocol = name, "too many connections from this address");
+                if !implicit_tls {
+                    let _ = stream.write_all(per_ip_refusal).await;
+                }
+                return;
             };
             // Each session's future is boxed on its own: one inline here would make
             // every connection as large as the largest protocol's and TLS variant's.

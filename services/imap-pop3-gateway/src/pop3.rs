@@ -92,6 +92,8 @@ struct Session<'a> {
     /// The name given with USER, waiting for PASS.
     user_name: Option<String>,
     maildrop: Option<Maildrop>,
+    /// When a session that has not logged in is closed.
+    login_deadline: tokio::time::Instant,
 }
 
 /// Runs a session to its end; `tls` when the connection is already encrypted.
@@ -110,6 +112,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         errors: 0,
         user_name: None,
         maildrop: None,
+        login_deadline: tokio::time::Instant::now() + gw.config.login_timeout,
     };
     let mut io = BufReader::new(stream);
     let greeting = format!("+OK {} POP3 (mailmesh) ready\r\n", gw.config.hostname);
@@ -128,7 +131,10 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // Whatever the client sent after STLS, before the handshake, is dropped with
         // the buffer (RFC 2595 §4: no plaintext command injection).
         let stream = io.into_inner();
-        match tokio::time::timeout(gw.config.idle_timeout, gw.tls.accept(stream)).await {
+        let left = session
+            .login_deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, gw.tls.accept(stream)).await {
             Ok(Ok(tls)) => {
                 session.tls = true;
                 let mut io = BufReader::new(tls);
@@ -164,8 +170,15 @@ impl Session<'_> {
                 send(io, "-ERR [IN-USE] Maildrop lock lost, closing\r\n").await?;
                 return Ok(Next::Close);
             }
+            // Before login the whole conversation, not each line, is limited.
+            let wait = if self.maildrop.is_some() {
+                self.gw.config.idle_timeout
+            } else {
+                self.login_deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+            };
             let line = tokio::select! {
-                line = read_line(io, self.gw.config.max_line, self.gw.config.idle_timeout) => line?,
+                line = read_line(io, self.gw.config.max_line, wait, self.gw.config.command_timeout) => line?,
                 _ = shutdown.closing() => {
                     send(io, "-ERR [SYS/TEMP] Server shutting down\r\n").await?;
                     return Ok(Next::Close);
@@ -421,7 +434,17 @@ impl Session<'_> {
             Some(ir) => ir.to_owned(),
             None => {
                 send(io, "+ \r\n").await?;
-                match read_line(io, self.gw.config.max_line, self.gw.config.idle_timeout).await? {
+                let wait = self
+                    .login_deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                match read_line(
+                    io,
+                    self.gw.config.max_line,
+                    wait,
+                    self.gw.config.command_timeout,
+                )
+                .await?
+                {
                     Line::Text(line) => line,
                     Line::TooLong => return Ok("-ERR Line too long\r\n".into()),
                     Line::End => return Ok("-ERR Authentication cancelled\r\n".into()),
@@ -671,18 +694,28 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// One command line without its line end, read within `idle` and at most `max`
 /// bytes kept (a longer line is consumed and reported, never buffered whole).
+/// Reads one command line: the client has `wait` to begin it and `line_timeout`
+/// from its first byte to end it, however slowly it trickles in.
 async fn read_line<S: AsyncRead + Unpin>(
     io: &mut BufReader<S>,
     max: usize,
-    idle: Duration,
+    wait: Duration,
+    line_timeout: Duration,
 ) -> io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
+    let wait_until = tokio::time::Instant::now() + wait;
+    let mut deadline = wait_until;
+    let mut started = false;
     loop {
-        let available = match tokio::time::timeout(idle, io.fill_buf()).await {
+        let available = match tokio::time::timeout_at(deadline, io.fill_buf()).await {
             Ok(read) => read?,
             Err(_) => return Ok(Line::End),
         };
+        if !started {
+            started = true;
+            deadline = wait_until.min(tokio::time::Instant::now() + line_timeout);
+        }
         if available.is_empty() {
             return Ok(Line::End);
         }

@@ -55,6 +55,8 @@ fn renew_at(expires_ms: i64) -> i64 {
 pub struct Store {
     directory: DirectoryClient<Channel>,
     mailboxes: MailboxesClient<Channel>,
+    /// For uploads that take as long as the client takes (no call timeout).
+    uploads: MailboxesClient<Channel>,
 }
 
 impl Store {
@@ -67,20 +69,50 @@ impl Store {
     ) -> anyhow::Result<Self> {
         // A call that takes longer fails (the client hears [SYS/TEMP]); for Fetch the
         // limit covers the start of the stream.
-        let endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30));
-        let channel = tls.channel(endpoint, mailmesh_kit::internal::Role::Storage);
+        let base = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = tls.channel(
+            base.clone().timeout(Duration::from_secs(30)),
+            mailmesh_kit::internal::Role::Storage,
+        );
+        let uploads =
+            MailboxesClient::new(tls.channel(base, mailmesh_kit::internal::Role::Storage));
         Ok(Self {
             directory: DirectoryClient::new(channel.clone()),
             mailboxes: MailboxesClient::new(channel)
                 .max_decoding_message_size(max_message_bytes.saturating_add(64 << 10)),
+            uploads,
         })
     }
 
     /// The mailbox API, for the IMAP session's many calls.
     pub(crate) fn mailboxes(&self) -> MailboxesClient<Channel> {
         self.mailboxes.clone()
+    }
+
+    /// An APPEND streamed to storage: chunks go into the sender (after `start`,
+    /// which is sent here), the last one marked `end`; the task answers once storage
+    /// has stored it (or refused). Dropping the sender without `end` stores nothing.
+    pub(crate) fn append_stream(
+        &self,
+        start: v1::AppendStart,
+    ) -> (
+        tokio::sync::mpsc::Sender<v1::AppendChunk>,
+        tokio::task::JoinHandle<Result<tonic::Response<v1::AppendResponse>, tonic::Status>>,
+    ) {
+        // A few chunks in flight: the client's speed and storage's pace the copy.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let first = v1::AppendChunk {
+            start: Some(start),
+            ..Default::default()
+        };
+        let chunks = futures::stream::once(async move { first })
+            .chain(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|c| (c, rx))
+            }));
+        let mut client = self.uploads.clone();
+        let call = tokio::spawn(async move { client.append_stream(chunks).await });
+        (tx, call)
     }
 
     /// The user behind `address` and `password`, `None` when either is wrong (which

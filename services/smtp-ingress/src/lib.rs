@@ -75,6 +75,10 @@ pub struct IngressConfig {
     /// New connections one client address may open per minute, across all pods
     /// (counted in the cache); 0 turns the limit off.
     pub connections_per_ip_per_minute: u32,
+    /// Connections one client address (IPv6: its /64) may hold open at once, across
+    /// all pods (counted in the cache); 0 turns the limit off. Slow clients from a
+    /// few addresses took every connection slot before.
+    pub max_connections_per_ip: u32,
     /// Messages one tenant may receive per minute, across all pods; 0 is no limit.
     pub messages_per_tenant_per_minute: u32,
     /// Where `RCPT TO:<Postmaster>` (RFC 5321 4.5.1) delivers; it must be a local
@@ -108,6 +112,7 @@ impl Default for IngressConfig {
             messages_per_tenant_per_minute: 0,
             postmaster: None,
             authserv_id: None,
+            max_connections_per_ip: 50,
         }
     }
 }
@@ -378,7 +383,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
     shutdown: &Shutdown,
 ) {
-    let Some(client) = admit(ingress, &mut stream, peer, true).await else {
+    let Some((client, _slot)) = admit(ingress, &mut stream, peer, true).await else {
         return;
     };
     let session = session::Session::new(ingress, client);
@@ -395,7 +400,7 @@ pub async fn handle_implicit_tls<S: AsyncRead + AsyncWrite + Unpin>(
     shutdown: &Shutdown,
 ) {
     // Before the handshake a refusal cannot be said in a way the client reads.
-    let Some(client) = admit(ingress, &mut stream, peer, false).await else {
+    let Some((client, _slot)) = admit(ingress, &mut stream, peer, false).await else {
         return;
     };
     let Some(acceptor) = ingress.tls.clone() else {
@@ -412,14 +417,15 @@ pub async fn handle_implicit_tls<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The real client address (after a trusted balancer's PROXY header) if the
-/// connection may go on; refusals are answered here when `reply`.
+/// The real client address (after a trusted balancer's PROXY header) and its
+/// connection slot if the connection may go on; refusals are answered here when
+/// `reply`.
 async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
     ingress: &Ingress,
     stream: &mut S,
     peer: SocketAddr,
     reply: bool,
-) -> Option<SocketAddr> {
+) -> Option<(SocketAddr, mailmesh_cache::slots::Slot)> {
     let proxy = &ingress.config.proxy;
     let client = if proxy.trusts(peer.ip()) {
         let timeout = proxy.timeout.unwrap_or(Duration::from_secs(10));
@@ -449,7 +455,29 @@ async fn admit<S: AsyncRead + AsyncWrite + Unpin>(
         }
         return None;
     }
-    Some(client)
+    let scope = if ingress.submission.is_some() {
+        "submission"
+    } else {
+        "smtp"
+    };
+    let Some(slot) = mailmesh_cache::slots::connection_slot(
+        &ingress.cache,
+        scope,
+        client.ip(),
+        ingress.config.max_connections_per_ip,
+    )
+    .await
+    else {
+        crate::metrics::rejected("connections_per_ip");
+        tracing::info!(%client, "too many connections from this address");
+        if reply {
+            let _ = stream
+                .write_all(b"421 4.7.0 Too many connections from your address, try again later\r\n")
+                .await;
+        }
+        return None;
+    };
+    Some((client, slot))
 }
 
 #[cfg(test)]

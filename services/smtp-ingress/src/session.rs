@@ -215,6 +215,15 @@ impl<'a> Session<'a> {
         let submission = self.ingress.submission.is_some();
         // Inside an over-long line: bytes are dropped up to its end.
         let mut skipping = false;
+        // When the line being read began to arrive: it must be complete within
+        // `command_timeout` of that, however slowly it trickles in.
+        let mut line_started: Option<tokio::time::Instant> = None;
+        // Submission: the time allowed before a login, whatever the client does.
+        let login_deadline = self
+            .ingress
+            .submission
+            .as_ref()
+            .map(|s| tokio::time::Instant::now() + s.login_timeout);
         loop {
             let newline = input.iter().position(|b| *b == b'\n');
             // RFC 4954 4: an AUTH command with its initial response may be longer.
@@ -261,13 +270,26 @@ impl<'a> Session<'a> {
                 _ => (Err(ParseError::NeedsMoreData { bytes_left: 0 }), 0),
             };
             input.drain(..consumed);
+            if consumed > 0 {
+                line_started = None;
+            }
             let next = match parsed {
                 Err(ParseError::NeedsMoreData { .. }) => {
                     // The client waits for our replies before it sends more; one that
                     // never reads them cannot hold the session.
-                    let timeout = self.ingress.config.command_timeout;
+                    let mut timeout = self.ingress.config.command_timeout;
                     if tokio::time::timeout(timeout, out.flush()).await.is_err() {
                         return Ok(Upgrade::Ended);
+                    }
+                    let now = tokio::time::Instant::now();
+                    if !input.is_empty() || skipping {
+                        let started = *line_started.get_or_insert(now);
+                        timeout = (started + timeout).saturating_duration_since(now);
+                    }
+                    if let Some(deadline) = login_deadline
+                        && self.account.is_none()
+                    {
+                        timeout = timeout.min(deadline.saturating_duration_since(now));
                     }
                     match self
                         .read(&mut reader, &mut input, timeout, shutdown)

@@ -45,6 +45,10 @@ pub struct SubmissionConfig {
     /// How long a domain's signing key (or its absence) is remembered.
     #[serde(with = "humantime_serde")]
     pub key_cache_ttl: Duration,
+    /// The time a connection has to log in, however it spends it (a client that
+    /// trickles commands cannot hold a session without logging in).
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
 }
 
 impl Default for SubmissionConfig {
@@ -59,6 +63,7 @@ impl Default for SubmissionConfig {
             recipients_per_user_per_hour: 1000,
             dkim_sign: true,
             key_cache_ttl: Duration::from_secs(60),
+            login_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -68,10 +73,11 @@ impl Validate for SubmissionConfig {
         if self.max_auth_failures == 0
             || self.failure_window.is_zero()
             || self.max_parallel_logins == 0
+            || self.login_timeout.is_zero()
         {
             return Err(ConfigError::invalid(
                 "submission.max_auth_failures",
-                "max_auth_failures, failure_window and max_parallel_logins must be above zero",
+                "max_auth_failures, failure_window, max_parallel_logins and login_timeout must be above zero",
             ));
         }
         Ok(())

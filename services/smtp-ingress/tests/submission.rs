@@ -378,3 +378,28 @@ async fn odd_header_names_and_our_forged_results_do_not_pass_submission() {
     assert!(!text.contains("=pass"), "{text}");
     assert!(text.contains("elsewhere.example; spf=none"), "{text}");
 }
+
+/// Issue 16 §6 on submission: a client that never logs in cannot hold a session by
+/// sending a command now and then; it has `login_timeout` in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_does_not_log_in_is_closed() {
+    let s = submission_server(SubmissionConfig {
+        login_timeout: Duration::from_secs(2),
+        ..SubmissionConfig::default()
+    })
+    .await;
+    let mut c = open(&s, "192.0.2.7:40000", &Shutdown::new());
+    c.expect("220").await;
+    let mut last = String::new();
+    for _ in 0..20 {
+        // The 421 may come while we wait; a write after it finds the door shut.
+        use tokio::io::AsyncWriteExt;
+        let _ = c.io.write_all(b"NOOP\r\n").await;
+        last = c.reply().await;
+        if !last.starts_with("250") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert!(last.starts_with("421 4.4.2"), "{last:?}");
+}

@@ -108,7 +108,7 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
         seen.extend_from_slice(&buf[..n]);
     }
     client
-        .write_all(b"Subject: traced\r\n\r\nx\r\n.\r\nQUIT\r\n")
+        .write_all(b"From: b@example.org\r\nSubject: traced\r\n\r\nx\r\n.\r\nQUIT\r\n")
         .await
         .unwrap();
     let mut rest = String::new();

@@ -873,3 +873,65 @@ async fn every_spelling_of_our_results_is_removed() {
     assert_eq!(text.matches("dmarc=pass").count(), 0, "{text}");
     assert!(text.contains("From: Bob"), "{text}");
 }
+
+/// Issue 16 §6 on port 25: a byte every few hundred milliseconds kept a session
+/// alive, and a few addresses took every connection slot. A command line must be
+/// complete within `command_timeout` of its first byte; each address (counted
+/// across pods in the cache) holds at most `max_connections_per_ip`; another address
+/// is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_clients_neither_last_nor_take_every_slot() {
+    let s = server(IngressConfig {
+        command_timeout: Duration::from_secs(2),
+        max_connections_per_ip: 3,
+        ..IngressConfig::default()
+    })
+    .await;
+    let shutdown = Shutdown::new();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut c = open(&s, &format!("192.0.2.50:{}", 40_000 + i), &shutdown);
+        c.expect("220").await;
+        held.push(c);
+    }
+    let mut fourth = open(&s, "192.0.2.50:40010", &shutdown);
+    fourth
+        .expect("421 4.7.0 Too many connections from your address")
+        .await;
+    let mut other = open(&s, "192.0.2.51:40000", &shutdown);
+    other.expect("220").await;
+    other.cmd("EHLO other.example", "250").await;
+    // One byte every 300 ms: the line's deadline cuts it off after 2 s.
+    let c = &mut held[0];
+    let started = std::time::Instant::now();
+    for b in b"NOOP and a very long trickle of a command line" {
+        if c.io.write_all(&[*b]).await.is_err() {
+            break;
+        }
+        if c.complete_reply().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut buf = [0u8; 256];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), c.io.read(&mut buf)).await
+        {
+            c.pending.extend_from_slice(&buf[..n]);
+        }
+    }
+    let reply = c.reply().await;
+    assert!(reply.starts_with("421 4.4.2"), "{reply:?}");
+    assert!(started.elapsed() < Duration::from_secs(12));
+    // Its slot is given back: the address may connect again.
+    drop(held);
+    let mut again = None;
+    for _ in 0..50 {
+        let mut c = open(&s, "192.0.2.50:40020", &shutdown);
+        let reply = c.reply().await;
+        if reply.starts_with("220") {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(again.is_some(), "the address never got a slot back");
+}

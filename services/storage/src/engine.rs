@@ -841,25 +841,24 @@ impl StorageEngine {
         }
     }
 
-    async fn append_object(&self, user: &UserRef, new: NewObject) -> Result<Appended, EngineError> {
-        let NewObject {
-            mailbox_name,
-            mailbox,
-            name,
-            body,
-            flags,
-            internal_date_ms,
-            delivery_key,
-        } = new;
-        let size = body.len() as u64;
-        self.check_tenant_storage(&user.tenant, size).await?;
+    /// The largest message `user` may store: the service's limit, or the tenant's
+    /// when lower.
+    fn message_limit(&self, user: &UserRef) -> Result<u64, EngineError> {
         let tenant_limit = self.directory(|d| {
             d.tenant(&user.tenant)
                 .and_then(|t| t.limits.max_message_bytes)
         })?;
-        let limit = tenant_limit.map_or(self.config.max_message_bytes, |t| {
+        Ok(tenant_limit.map_or(self.config.max_message_bytes, |t| {
             t.min(self.config.max_message_bytes)
-        });
+        }))
+    }
+
+    /// Whether `size` more bytes may be stored for `user`: the message limit, the
+    /// tenant's storage, and (checked here before any upload, exactly again when the
+    /// index applies the append) the user's quota.
+    async fn check_room(&self, user: &UserRef, size: u64) -> Result<(), EngineError> {
+        self.check_tenant_storage(&user.tenant, size).await?;
+        let limit = self.message_limit(user)?;
         if size > limit {
             return Err(StorageError::OverQuota {
                 reason: format!("message exceeds {limit} bytes"),
@@ -867,10 +866,38 @@ impl StorageEngine {
             }
             .into());
         }
+        Ok(())
+    }
+
+    async fn append_object(&self, user: &UserRef, new: NewObject) -> Result<Appended, EngineError> {
+        let size = new.body.len() as u64;
+        self.check_room(user, size).await?;
+        let path = Self::object_path(user, &Self::object_key(new.mailbox, &new.name));
+        // The object is durable before the index refers to it.
+        self.objects
+            .put(&path, PutPayload::from(new.body.clone()))
+            .await?;
+        self.index_object(user, new, size).await
+    }
+
+    /// Makes the index refer to `new`'s object, already stored (`size` bytes).
+    async fn index_object(
+        &self,
+        user: &UserRef,
+        new: NewObject,
+        size: u64,
+    ) -> Result<Appended, EngineError> {
+        let NewObject {
+            mailbox_name,
+            mailbox,
+            name,
+            flags,
+            internal_date_ms,
+            delivery_key,
+            ..
+        } = new;
         let key = Self::object_key(mailbox, &name);
         let path = Self::object_path(user, &key);
-        // The object is durable before the index refers to it.
-        self.objects.put(&path, PutPayload::from(body)).await?;
         let outcome = self
             .index(
                 user,
@@ -911,6 +938,67 @@ impl StorageEngine {
             // and refer to the object, so it stays (a sweep removes true orphans).
             Err(e) => Err(e),
         }
+    }
+
+    /// IMAP APPEND of a message that arrives in chunks, never held whole: `size`
+    /// (announced by the client) is checked against the limits and the quota first,
+    /// the bytes go to the object store as they come (multipart), and only a body of
+    /// exactly `size` bytes is indexed; anything else stores nothing.
+    pub async fn append_stream<S>(
+        &self,
+        user: &UserRef,
+        mailbox: &str,
+        size: u64,
+        body: S,
+        flags: Flags,
+        internal_date_ms: i64,
+    ) -> Result<Appended, EngineError>
+    where
+        S: futures::Stream<Item = std::io::Result<Bytes>> + Unpin,
+    {
+        let id = self
+            .mailbox_id(user, mailbox)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(format!("mailbox {mailbox} (trycreate)")))?;
+        self.check_room(user, size).await?;
+        let (used, quota) = self.quota(user).await?;
+        if let Some(quota) = quota
+            && used.saturating_add(size) > quota
+        {
+            return Err(StorageError::OverQuota {
+                reason: format!("{size} more bytes exceed the quota of {quota}"),
+                permanent: size > quota,
+            }
+            .into());
+        }
+        let new = NewObject {
+            mailbox_name: mailbox.to_owned(),
+            mailbox: id,
+            name: uuid::Uuid::now_v7().simple().to_string(),
+            body: Bytes::new(),
+            flags,
+            internal_date_ms,
+            delivery_key: None,
+        };
+        let path = Self::object_path(user, &Self::object_key(id, &new.name));
+        let written = mailmesh_objstore::put_stream(
+            &*self.objects,
+            &path,
+            body,
+            mailmesh_objstore::DEFAULT_PART_SIZE,
+            size,
+        )
+        .await?;
+        if written != size {
+            if let Err(e) = self.objects.delete(&path).await {
+                tracing::warn!(%path, error = %e, "removing a short APPEND body");
+            }
+            return Err(StorageError::InvalidArgument(format!(
+                "{written} bytes arrived of {size} announced"
+            ))
+            .into());
+        }
+        self.index_object(user, new, size).await
     }
 
     /// Delivers a message as an MDA does: adds `Return-Path` and `Delivered-To`,

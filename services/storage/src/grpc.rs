@@ -1019,6 +1019,76 @@ impl MailboxesApi for StorageService {
         }))
     }
 
+    async fn append_stream(
+        &self,
+        r: Request<tonic::Streaming<v1::AppendChunk>>,
+    ) -> Reply<v1::AppendResponse> {
+        let caller = caller(&r)?;
+        let mut chunks = r.into_inner();
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("no chunk"))?;
+        let start = first
+            .start
+            .ok_or_else(|| Status::invalid_argument("start: missing from the first chunk"))?;
+        let user = self.user_for(&caller, start.user)?;
+        let flags = flags(&self.engine, &start.flags)?;
+        let date = if start.internal_date_ms == 0 {
+            now_ms()
+        } else {
+            start.internal_date_ms
+        };
+        // The message bytes, chunk by chunk, until the one marked `end`; a stream
+        // that stops before it is an abandoned APPEND (an error, so nothing is kept).
+        enum State {
+            First(Bytes, bool),
+            More,
+            Done,
+        }
+        let body = futures::stream::unfold(
+            (State::First(Bytes::from(first.data), first.end), chunks),
+            |(state, mut chunks)| async move {
+                match state {
+                    State::Done => None,
+                    State::First(data, end) => Some((
+                        Ok(data),
+                        (if end { State::Done } else { State::More }, chunks),
+                    )),
+                    State::More => match chunks.message().await {
+                        Ok(Some(c)) => {
+                            let next = if c.end { State::Done } else { State::More };
+                            Some((Ok(Bytes::from(c.data)), (next, chunks)))
+                        }
+                        Ok(None) => Some((
+                            Err(std::io::Error::other(
+                                "the APPEND stream ended before its end",
+                            )),
+                            (State::Done, chunks),
+                        )),
+                        Err(e) => Some((Err(std::io::Error::other(e)), (State::Done, chunks))),
+                    },
+                }
+            },
+        );
+        let appended = self
+            .engine
+            .append_stream(
+                &user,
+                &start.mailbox,
+                start.size,
+                Box::pin(body),
+                flags,
+                date,
+            )
+            .await?;
+        Ok(Response::new(v1::AppendResponse {
+            uid_validity: appended.uidvalidity,
+            uid: appended.uid,
+            duplicate: appended.duplicate,
+        }))
+    }
+
     type FetchStream = BoxStream<v1::FetchChunk>;
 
     async fn fetch(&self, r: Request<v1::FetchRequest>) -> Reply<Self::FetchStream> {

@@ -124,9 +124,20 @@ fn key(user: &v1::UserRef) -> (String, String) {
 }
 
 impl Watches {
-    /// Registers a session of `user`, starting the user's stream if it is the first.
-    pub(crate) fn join(self: &Arc<Self>, gw: &Arc<Gateway>, user: &v1::UserRef) -> Watcher {
+    /// Registers a session of `user`, starting the user's stream if it is the first;
+    /// `None` when the user already has `max_sessions` sessions on this pod.
+    pub(crate) fn join(
+        self: &Arc<Self>,
+        gw: &Arc<Gateway>,
+        user: &v1::UserRef,
+        max_sessions: usize,
+    ) -> Option<Watcher> {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if users.get(&key(user)).is_some_and(|w| {
+            w.sessions.lock().unwrap_or_else(|e| e.into_inner()).len() >= max_sessions
+        }) {
+            return None;
+        }
         let watch = users
             .entry(key(user))
             .or_insert_with(|| {
@@ -146,12 +157,12 @@ impl Watches {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(changes.clone());
-        Watcher {
+        Some(Watcher {
             changes,
             user: key(user),
             watch,
             watches: self.clone(),
-        }
+        })
     }
 }
 
