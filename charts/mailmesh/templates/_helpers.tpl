@@ -145,3 +145,8 @@ reload_interval = {{ .Values.internalTls.reloadInterval | quote }}
 {{- define "mailmesh.sessionSecretName" -}}
 {{- .Values.storage.sessionSecret | default (printf "%s-session" (include "mailmesh.fullname" .)) -}}
 {{- end -}}
+
+{{/* The Secret with the SRS key smtp-ingress and the delivery worker share. */}}
+{{- define "mailmesh.srsSecretName" -}}
+{{- .Values.srs.secretName | default (printf "%s-srs" (include "mailmesh.fullname" .)) -}}
+{{- end -}}

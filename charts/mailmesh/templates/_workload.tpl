@@ -89,6 +89,14 @@ spec:
                   name: {{ include "mailmesh.sessionSecretName" . }}
                   key: key
             {{- end }}
+            {{- if or (eq $component "smtp-ingress") (eq $component "delivery-worker") }}
+            # Rewrites forwarded senders (worker) and takes bounces to them back (MX).
+            - name: {{ if eq $component "smtp-ingress" }}MAILMESH_SMTP__SRS__SECRET{{ else }}MAILMESH_WORKER__SRS__SECRET{{ end }}
+              valueFrom:
+                secretKeyRef:
+                  name: {{ include "mailmesh.srsSecretName" . }}
+                  key: key
+            {{- end }}
             {{- if and (eq $component "storage") .Values.storage.dkimKeySecret }}
             # Seals DKIM private keys in the directory log and snapshots.
             - name: MAILMESH_STORAGE__DKIM_KEY_SECRET
@@ -148,6 +156,11 @@ spec:
             - name: internal-tls
               mountPath: /etc/mailmesh/internal-tls
               readOnly: true
+            {{- if and (eq $component "auth-check") .Values.authCheck.arcSeal.secretName }}
+            - name: arc-seal
+              mountPath: /etc/mailmesh/arc
+              readOnly: true
+            {{- end }}
       volumes:
         - name: config
           configMap:
@@ -163,6 +176,11 @@ spec:
         - name: internal-tls
           secret:
             secretName: {{ include "mailmesh.fullname" . }}-internal-{{ required "role" $.role }}
+        {{- if and (eq $component "auth-check") .Values.authCheck.arcSeal.secretName }}
+        - name: arc-seal
+          secret:
+            secretName: {{ .Values.authCheck.arcSeal.secretName }}
+        {{- end }}
 {{- if $.service }}
 ---
 apiVersion: v1

@@ -35,6 +35,31 @@ impl<T> From<T> for Secret<T> {
     }
 }
 
+/// 32 random bytes from the system's source, base64: a fresh key for the secrets
+/// that take one (`openssl rand -base64 32` does the same).
+pub fn random_base64() -> String {
+    use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the system's random source");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The secret kept in `path`, made (and kept, owner-readable only) on first use.
+pub fn ensure_secret_file(path: &std::path::Path) -> std::io::Result<Secret<String>> {
+    if let Ok(existing) = std::fs::read_to_string(path)
+        && !existing.trim().is_empty()
+    {
+        return Ok(Secret::new(existing.trim().to_owned()));
+    }
+    let fresh = random_base64();
+    crate::tls::write_private(path, fresh.as_bytes())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(Secret::new(fresh))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

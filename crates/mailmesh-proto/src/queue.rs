@@ -144,6 +144,8 @@ impl TryFrom<v1::QueueRecord> for Envelope {
             client: r.client.map(ClientInfo::try_from).transpose()?,
             authentication_results: non_empty(r.authentication_results),
             junk: r.junk,
+            arc_set: non_empty(r.arc_set),
+            dmarc_reject_failure: r.dmarc_reject_failure,
             trace_context: r.trace_context.into_iter().collect(),
             body,
         };
@@ -187,6 +189,8 @@ impl From<&Envelope> for v1::QueueRecord {
             }),
             authentication_results: e.authentication_results.clone().unwrap_or_default(),
             junk: e.junk,
+            arc_set: e.arc_set.clone().unwrap_or_default(),
+            dmarc_reject_failure: e.dmarc_reject_failure,
             trace_context: e.trace_context.clone().into_iter().collect(),
             body: Some(v1::Body {
                 location: Some(match &e.body {
@@ -250,6 +254,10 @@ mod tests {
             }),
             authentication_results: Some("mx.acme.test; spf=pass".into()),
             junk: true,
+            arc_set: Some(
+                "ARC-Seal: i=1; a=ed25519-sha256; cv=none; d=mx.test; s=a; b=x\r\n".into(),
+            ),
+            dmarc_reject_failure: true,
             trace_context: BTreeMap::from([(
                 "traceparent".into(),
                 "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),

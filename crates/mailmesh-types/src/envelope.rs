@@ -129,6 +129,12 @@ pub struct Envelope {
     pub authentication_results: Option<String>,
     /// The recipient tenant's policy files this message in the Junk mailbox.
     pub junk: bool,
+    /// The ARC set auth-check made (headers, folded, CRLF) for copies forwarded to
+    /// other domains.
+    pub arc_set: Option<String>,
+    /// The message failed DMARC where its author domain asks for reject (its
+    /// tenant took it anyway): it is never forwarded to other domains.
+    pub dmarc_reject_failure: bool,
     /// W3C trace context (`traceparent`, `tracestate`) of the span that accepted it.
     pub trace_context: BTreeMap<String, String>,
     pub body: BodyRef,
@@ -194,6 +200,8 @@ mod tests {
             client: None,
             authentication_results: None,
             junk: false,
+            arc_set: None,
+            dmarc_reject_failure: false,
             trace_context: BTreeMap::new(),
             body: BodyRef::Inline(bytes::Bytes::from_static(b"Subject: hi\r\n\r\nhello\r\n")),
         }

@@ -43,6 +43,9 @@ pub struct AuthConfig {
     /// every pod through the cache (Redis) when there is one. 0 turns it off.
     #[serde(with = "humantime_serde")]
     pub client_cache_ttl: Duration,
+    /// The key that seals messages forwarded to other domains (ARC); without it
+    /// forwarded copies are not sealed.
+    pub arc_seal: Option<crate::sign::ArcSealConfig>,
 }
 
 impl Default for AuthConfig {
@@ -54,6 +57,7 @@ impl Default for AuthConfig {
             allow_lists: Vec::new(),
             max_message_bytes: 25 << 20,
             client_cache_ttl: Duration::from_secs(300),
+            arc_seal: None,
         }
     }
 }
@@ -134,6 +138,7 @@ impl Default for DnsConfig {
 pub struct Checker {
     dns: MessageAuthenticator,
     config: AuthConfig,
+    arc_seal: Option<crate::sign::ArcSealKey>,
     /// Client verdicts shared between pods; losing it only costs lookups.
     cache: Option<Arc<dyn Cache>>,
 }
@@ -188,9 +193,16 @@ impl Checker {
         options.cache_size = config.dns.cache_entries;
         let dns = MessageAuthenticator::new(resolver, options)
             .map_err(|e| anyhow::anyhow!("building the DNS resolver: {e}"))?;
+        let arc_seal = config
+            .arc_seal
+            .as_ref()
+            .map(crate::sign::ArcSealKey::load)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("loading the ARC sealing key: {e}"))?;
         Ok(Self {
             dns,
             config,
+            arc_seal,
             cache: None,
         })
     }
@@ -413,6 +425,25 @@ impl AuthCheck for Checker {
                     .map_or(AuthResult::None, |d| dkim_result(d.result()))
             };
             verdict.arc = dkim_result(arc.result());
+            // A copy goes to another domain: sealed with what this hop found (RFC
+            // 8617 §5.1), when the chain so far allows it (cv is none or pass).
+            if facts.arc_seal
+                && let Some(key) = &self.arc_seal
+            {
+                let mut results = header.clone();
+                if single_from {
+                    // The DMARC result belongs in the seal's results too.
+                    let dmarc = self
+                        .dns
+                        .verify_dmarc(DmarcParameters::new(message, &dkim, &spf_domain, &spf))
+                        .await;
+                    results = results.with_dmarc_result(&dmarc);
+                }
+                match key.seal(message, facts.message, &results, &arc) {
+                    Ok(set) => verdict.arc_set = Some(set),
+                    Err(e) => tracing::info!(error = %e, "not ARC-sealing a message to forward"),
+                }
+            }
             if single_from {
                 let dmarc = self
                     .dns

@@ -62,6 +62,7 @@ impl AuthCheckRpc for Service {
             helo: &r.helo,
             mail_from: &r.mail_from,
             message: &r.message,
+            arc_seal: r.arc_seal,
         };
         let verdict = self
             .0
@@ -151,6 +152,7 @@ impl AuthCheck for GrpcAuthCheck {
             helo: facts.helo.to_owned(),
             mail_from: facts.mail_from.to_owned(),
             message: facts.message.to_vec(),
+            arc_seal: facts.arc_seal,
         });
         let verdict = self
             .0

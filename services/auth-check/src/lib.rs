@@ -12,6 +12,7 @@ pub mod checker;
 pub mod grpc;
 mod metrics;
 pub mod sign;
+pub mod srs;
 pub mod verdict;
 
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +34,8 @@ pub struct MessageFacts<'a> {
     pub mail_from: &'a str,
     /// Headers and body as received, CRLF line ends.
     pub message: &'a [u8],
+    /// Seal the message (ARC) for forwarding: some recipient forwards it.
+    pub arc_seal: bool,
 }
 
 /// auth-check did not answer; the caller defers the mail (`451`).

@@ -105,3 +105,102 @@ fn present_headers(message: &[u8]) -> Vec<String> {
     }
     names
 }
+
+/// `[auth.arc_seal]`: the key mail forwarded to other domains is ARC-sealed with
+/// (RFC 8617), so receivers can trust the results this deployment recorded
+/// before the forward changed the envelope. Publish its public key as
+/// `<selector>._domainkey.<domain> TXT "v=DKIM1; k=…; p=…"`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArcSealConfig {
+    /// PKCS#8 PEM private key, RSA (2048 bits or more) or Ed25519
+    /// (`openssl genpkey -algorithm ed25519`).
+    pub key_file: std::path::PathBuf,
+    pub domain: String,
+    pub selector: String,
+}
+
+/// A loaded sealing key.
+pub struct ArcSealKey {
+    algorithm: KeyAlgorithm,
+    pkcs8: Vec<u8>,
+    domain: String,
+    selector: String,
+}
+
+impl std::fmt::Debug for ArcSealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArcSealKey")
+            .field("domain", &self.domain)
+            .field("selector", &self.selector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ArcSealKey {
+    pub fn load(config: &ArcSealConfig) -> Result<Self, SignError> {
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(&config.key_file)
+            .map_err(|e| SignError(format!("{}: {e}", config.key_file.display())))?;
+        let pkcs8 = der.secret_pkcs8_der().to_vec();
+        let algorithm = if Ed25519Key::from_pkcs8_der(&pkcs8).is_ok() {
+            KeyAlgorithm::Ed25519
+        } else {
+            let der = rustls_pki_types::PrivateKeyDer::Pkcs8(pkcs8.clone().into());
+            RsaKey::<Sha256>::from_key_der(der).map_err(|e| {
+                SignError(format!(
+                    "{}: neither Ed25519 nor RSA: {e}",
+                    config.key_file.display()
+                ))
+            })?;
+            KeyAlgorithm::Rsa
+        };
+        Ok(Self {
+            algorithm,
+            pkcs8,
+            domain: config.domain.clone(),
+            selector: config.selector.clone(),
+        })
+    }
+
+    /// The ARC set (three header fields, folded, CRLF) sealing `message` with the
+    /// results this hop found (`results`) and the chain it verified (`arc`).
+    pub fn seal(
+        &self,
+        message: &mail_auth::AuthenticatedMessage<'_>,
+        raw: &[u8],
+        results: &mail_auth::AuthenticationResults<'_>,
+        arc: &mail_auth::ArcOutput<'_>,
+    ) -> Result<String, SignError> {
+        use mail_auth::arc::ArcSealer;
+        let e = |e: mail_auth::Error| SignError(e.to_string());
+        let present = present_headers(raw);
+        let headers: Vec<String> = SIGNED
+            .iter()
+            .filter(|h| **h == "From" || present.iter().any(|p| p.eq_ignore_ascii_case(h)))
+            .map(|h| (*h).to_owned())
+            .collect();
+        let set = match self.algorithm {
+            KeyAlgorithm::Ed25519 => {
+                ArcSealer::from_key(Ed25519Key::from_pkcs8_der(&self.pkcs8).map_err(e)?)
+                    .domain(self.domain.as_str())
+                    .selector(self.selector.as_str())
+                    .headers(headers)
+                    .seal(message, results, arc)
+                    .map_err(e)?
+                    .to_header()
+            }
+            KeyAlgorithm::Rsa => {
+                let der = rustls_pki_types::PrivateKeyDer::Pkcs8(self.pkcs8.clone().into());
+                ArcSealer::from_key(RsaKey::<Sha256>::from_key_der(der).map_err(e)?)
+                    .domain(self.domain.as_str())
+                    .selector(self.selector.as_str())
+                    .headers(headers)
+                    .seal(message, results, arc)
+                    .map_err(e)?
+                    .to_header()
+            }
+        };
+        Ok(set)
+    }
+}

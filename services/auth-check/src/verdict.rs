@@ -79,6 +79,8 @@ pub struct MessageVerdict {
     pub dmarc_domain: String,
     /// The whole `Authentication-Results` field, name included, ending in CRLF.
     pub authentication_results: String,
+    /// The ARC set for forwarded copies (asked for, and a sealing key configured).
+    pub arc_set: Option<String>,
 }
 
 impl MessageVerdict {
@@ -154,6 +156,7 @@ impl From<MessageVerdict> for v1::MessageVerdict {
             .into(),
             dmarc_domain: m.dmarc_domain,
             authentication_results: m.authentication_results,
+            arc_set: m.arc_set.unwrap_or_default(),
         }
     }
 }
@@ -174,6 +177,7 @@ impl From<v1::MessageVerdict> for MessageVerdict {
             },
             dmarc_domain: m.dmarc_domain,
             authentication_results: m.authentication_results,
+            arc_set: (!m.arc_set.is_empty()).then_some(m.arc_set),
         }
     }
 }
@@ -199,6 +203,7 @@ mod tests {
             dmarc_policy: DmarcPolicy::Quarantine,
             dmarc_domain: "example.test".into(),
             authentication_results: "Authentication-Results: mx; none\r\n".into(),
+            arc_set: Some("ARC-Seal: i=1; cv=none\r\n".into()),
         };
         let back = MessageVerdict::from(v1::MessageVerdict::from(verdict.clone()));
         assert_eq!(back, verdict);

@@ -21,6 +21,14 @@ fn the_rendered_auth_check_config_loads() {
     assert_eq!(config.auth.block_lists, vec!["zen.spamhaus.org".to_owned()]);
     assert_eq!(config.auth.dns.servers[0].to_string(), "10.96.0.53:53");
     assert_eq!(config.auth.max_message_bytes, 26_214_400);
+    let seal = config
+        .auth
+        .arc_seal
+        .as_ref()
+        .expect("the chart seals forwarded mail");
+    assert_eq!(seal.key_file.to_str(), Some("/etc/mailmesh/arc/key.pem"));
+    assert_eq!(seal.domain, "example.com");
+    assert!(!seal.selector.is_empty());
     assert!(matches!(
         config.cache,
         mailmesh_cache::CacheConfig::Redis(_)

@@ -85,6 +85,7 @@ fn facts<'a>(ip: &str, message: &'a [u8]) -> MessageFacts<'a> {
         helo: "mx.example.test",
         mail_from: "alice@example.test",
         message,
+        arc_seal: false,
     }
 }
 
@@ -375,4 +376,67 @@ async fn an_arc_sealed_forward_verifies_its_chain() {
         "{}",
         v.authentication_results
     );
+}
+
+/// Issue 16 §4: mail an alias forwards to another domain is ARC-sealed with what
+/// this hop found; a receiver verifies the chain (here another checker, over the
+/// same DNS) and sees this hop's results even once the forward broke SPF.
+#[tokio::test]
+async fn forwarded_mail_is_sealed_and_the_seal_verifies() {
+    let site = site();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("arc.pem");
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&site.key)
+    );
+    std::fs::write(&key_file, pem).unwrap();
+    let sealer = Checker::new(AuthConfig {
+        authserv_id: "lists.test".into(),
+        dns: DnsConfig {
+            servers: vec![site._dns.addr],
+            ..DnsConfig::default()
+        },
+        arc_seal: Some(mailmesh_auth::sign::ArcSealConfig {
+            key_file,
+            domain: "lists.test".into(),
+            selector: "arc".into(),
+        }),
+        ..AuthConfig::default()
+    })
+    .unwrap();
+    let message = signed(&site.key, MESSAGE);
+    // Only when asked (a recipient forwards).
+    let plain = sealer
+        .check_message(facts(GOOD_IP, &message))
+        .await
+        .unwrap();
+    assert!(plain.arc_set.is_none());
+    let v = sealer
+        .check_message(MessageFacts {
+            arc_seal: true,
+            ..facts(GOOD_IP, &message)
+        })
+        .await
+        .unwrap();
+    let set = v.arc_set.expect("a seal");
+    assert!(set.contains("ARC-Seal: i=1;"), "{set}");
+    assert!(set.contains("cv=none"), "{set}");
+    assert!(
+        set.contains("ARC-Authentication-Results: i=1; lists.test;"),
+        "{set}"
+    );
+    assert!(set.contains("spf=pass"), "{set}");
+    // The forwarded copy, from the forwarder's address (SPF fails there now).
+    let mut forwarded = set.into_bytes();
+    forwarded.extend_from_slice(&message);
+    let received = site
+        .checker
+        .check_message(MessageFacts {
+            mail_from: "SRS0=abcdefgh=aa=example.test=alice@lists.test",
+            ..facts(BAD_IP, &forwarded)
+        })
+        .await
+        .unwrap();
+    assert_eq!(received.arc, AuthResult::Pass, "{received:?}");
 }

@@ -298,6 +298,8 @@ fn report(
         client: None,
         authentication_results: None,
         junk: false,
+        arc_set: None,
+        dmarc_reject_failure: false,
         trace_context: original.trace_context.clone(),
         body: BodyRef::Inline(Bytes::from(bytes)),
     })
@@ -352,6 +354,8 @@ mod tests {
             client: None,
             authentication_results: None,
             junk: false,
+            arc_set: None,
+            dmarc_reject_failure: false,
             trace_context: BTreeMap::new(),
             body: BodyRef::Inline(Bytes::new()),
         }

@@ -6,7 +6,7 @@
 //! mail topic. Records are handled concurrently, so a slow one (a storage outage being
 //! retried) does not hold up the others.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,7 +19,7 @@ use mailmesh_queue::{OutgoingRecord, Queue, Record};
 use mailmesh_storage::directory::Lookup;
 use mailmesh_storage::engine::{Delivery, UserRef};
 use mailmesh_storage::index::{INBOX, JUNK};
-use mailmesh_types::{BodyRef, Envelope, EnvelopeLimits};
+use mailmesh_types::{BodyRef, Domain, Envelope, EnvelopeLimits, ReversePath};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -60,6 +60,15 @@ pub struct WorkerConfig {
     pub max_lifetime: Duration,
     /// Largest message sent to the storage service.
     pub max_message_bytes: usize,
+    /// `[worker.srs]`: the envelope sender of mail an alias forwards to another
+    /// domain is rewritten to an address of the alias's domain (SRS), so the
+    /// platform's addresses never vouch (SPF) for a stranger's sender; bounces to it
+    /// come back through smtp-ingress (the same secret as `[smtp.srs]`). Without it
+    /// forwarded mail keeps its sender (and forwarding launders SPF).
+    pub srs: Option<mailmesh_auth::srs::SrsConfig>,
+    /// Forwarded copies up to this size travel inside the queue record; larger ones
+    /// (with their ARC seal added) go to object storage first.
+    pub inline_body_bytes: usize,
 }
 
 impl Default for WorkerConfig {
@@ -77,6 +86,8 @@ impl Default for WorkerConfig {
             hostname: "localhost".into(),
             max_lifetime: Duration::from_secs(5 * 24 * 3600),
             max_message_bytes: 64 << 20,
+            srs: None,
+            inline_body_bytes: 256 << 10,
         }
     }
 }
@@ -102,6 +113,10 @@ impl mailmesh_kit::config::Validate for WorkerConfig {
                 "must be at most 10 days (mailboxes remember delivery keys for 14)",
             ));
         }
+        if let Some(srs) = &self.srs {
+            srs.build()
+                .map_err(|e| ConfigError::invalid("worker.srs.secret", e.to_string()))?;
+        }
         if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return Err(ConfigError::invalid(
                 "worker.retry_max",
@@ -119,6 +134,7 @@ pub struct Worker {
     config: WorkerConfig,
     limits: EnvelopeLimits,
     subscribed: Subscribed,
+    srs: Option<mailmesh_auth::srs::Srs>,
 }
 
 /// Tells, once, that a consumer has joined its group (the process may then say it
@@ -278,6 +294,15 @@ impl Worker {
         store: Arc<dyn Mailstore>,
         config: WorkerConfig,
     ) -> Arc<Self> {
+        let srs = config
+            .srs
+            .as_ref()
+            .map(|c| c.build().expect("a validated configuration"));
+        if srs.is_none() {
+            tracing::warn!(
+                "no [worker.srs]: forwarded mail keeps its sender, and the platform's addresses vouch for it (SPF)"
+            );
+        }
         Arc::new(Self {
             queue,
             objects,
@@ -285,6 +310,7 @@ impl Worker {
             config,
             limits: EnvelopeLimits::default(),
             subscribed: Subscribed::default(),
+            srs,
         })
     }
 
@@ -364,6 +390,71 @@ impl Worker {
         Ok(())
     }
 
+    /// Hands the copies aliases forward to other domains to the outbound path: the
+    /// envelope sender rewritten (SRS) to an address of the alias's domain, the
+    /// message with the ARC set auth-check made on top. Mail that failed DMARC where
+    /// its author domain asks for reject is never forwarded (the platform would vouch
+    /// for a forgery); it is dropped with a log line, no report (its sender is most
+    /// likely forged).
+    async fn forward(
+        &self,
+        envelope: &Envelope,
+        message: &[u8],
+        forwards: BTreeMap<Domain, Vec<mailmesh_types::Recipient>>,
+    ) -> Result<(), NotDone> {
+        if forwards.is_empty() {
+            return Ok(());
+        }
+        if envelope.dmarc_reject_failure {
+            let targets: usize = forwards.values().map(Vec::len).sum();
+            tracing::warn!(queue_id = %envelope.queue_id, targets, "not forwarding mail that failed DMARC with p=reject");
+            crate::metrics::delivered("forward_refused_dmarc");
+            return Ok(());
+        }
+        let body = match &envelope.arc_set {
+            None => envelope.body.clone(),
+            Some(set) => {
+                let mut sealed = Vec::with_capacity(set.len() + message.len());
+                sealed.extend_from_slice(set.as_bytes());
+                sealed.extend_from_slice(message);
+                if sealed.len() <= self.config.inline_body_bytes {
+                    BodyRef::Inline(bytes::Bytes::from(sealed))
+                } else {
+                    let key = format!("t/{}/queue/{}-forward", envelope.tenant, envelope.queue_id);
+                    let size = sealed.len() as u64;
+                    self.objects
+                        .put(
+                            &mailmesh_objstore::object_store::path::Path::from(key.as_str()),
+                            mailmesh_objstore::object_store::PutPayload::from(sealed),
+                        )
+                        .await
+                        .map_err(|e| NotDone(format!("storing a forwarded copy: {e}")))?;
+                    BodyRef::Object { key, size }
+                }
+            }
+        };
+        for (domain, recipients) in forwards {
+            let mail_from = match (&self.srs, &envelope.mail_from) {
+                (Some(srs), ReversePath::Address(sender)) => srs
+                    .forward(sender, &domain)
+                    .map_or_else(|| envelope.mail_from.clone(), ReversePath::Address),
+                _ => envelope.mail_from.clone(),
+            };
+            let copy = Envelope {
+                recipients,
+                mail_from,
+                body: body.clone(),
+                // The seal is in the body now.
+                arc_set: None,
+                ..envelope.clone()
+            };
+            self.publish_envelope(&self.config.outbound_topic, &copy)
+                .await?;
+            crate::metrics::delivered("forwarded");
+        }
+        Ok(())
+    }
+
     /// Every recipient gets an outcome: stored, failed (bounced), remote (handed to
     /// outbound) or still failing temporarily (requeued). `NotDone` only when one of
     /// those could not be made durable.
@@ -387,6 +478,8 @@ impl Worker {
 
         let mut failures = Vec::new();
         let mut remote: Vec<mailmesh_types::Recipient> = Vec::new();
+        // Copies aliases forward to other domains, by the alias's domain.
+        let mut forwarded: BTreeMap<Domain, Vec<mailmesh_types::Recipient>> = BTreeMap::new();
         let mut retry = Vec::new();
         let mut stored = HashSet::new();
         // For success notices (NOTIFY=SUCCESS): in a mailbox, or only forwarded.
@@ -412,7 +505,11 @@ impl Worker {
                     // on (the next hop reports); a list expands and reports here.
                     let one_to_one = !mailboxes && forwards == 1;
                     for forward in resolution.remote {
-                        if !remote.iter().any(|r| r.address == forward) {
+                        let known = remote
+                            .iter()
+                            .chain(forwarded.values().flatten())
+                            .any(|r| r.address == forward);
+                        if !known {
                             let mut next = mailmesh_types::Recipient::new(forward);
                             if one_to_one {
                                 next.notify = recipient.notify;
@@ -421,7 +518,10 @@ impl Worker {
                                         .then(|| format!("rfc822;{}", recipient.address))
                                 });
                             }
-                            remote.push(next);
+                            forwarded
+                                .entry(recipient.address.domain().clone())
+                                .or_default()
+                                .push(next);
                         }
                     }
                     let mut outcome = Ok(());
@@ -501,6 +601,7 @@ impl Worker {
                 .await?;
             crate::metrics::delivered("outbound");
         }
+        self.forward(&envelope, &message, forwarded).await?;
         if let Some(bounce) = failure_report(&envelope, &message, &failures, &self.config.hostname)
         {
             self.publish_envelope(&self.config.topic, &bounce).await?;

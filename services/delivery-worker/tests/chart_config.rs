@@ -15,14 +15,23 @@ fn the_rendered_worker_config_loads() {
     assert!(rendered_sets_env(
         "MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY"
     ));
+    assert!(rendered_sets_env("MAILMESH_WORKER__SRS__SECRET"));
     let config: ServiceConfig = ConfigSource::default()
         .with_file(&file)
         .with_var("MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID", "id")
         .with_var("MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY", "secret")
         .with_var("MAILMESH_QUEUE__KAFKA__SASL_PASSWORD", "pw")
         .with_var("MAILMESH_CACHE__REDIS__URL", "redis://redis:6379/0")
+        .with_var(
+            "MAILMESH_WORKER__SRS__SECRET",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
         .load()
         .unwrap();
+    assert!(
+        config.worker.srs.is_some(),
+        "forwarded senders are rewritten"
+    );
     assert_eq!(config.storage_endpoint, "https://mailmesh-storage:7001");
     assert_eq!(config.worker.topic, "mail.queue");
     assert_eq!(config.worker.hostname, "mx.example.com");

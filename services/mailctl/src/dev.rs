@@ -231,6 +231,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             )
         })
     };
+    // Forwarded mail's senders are rewritten (SRS) with a secret kept in the data
+    // directory, so bounces to them are taken back after a restart too.
+    let srs = match config.smtp.srs.clone() {
+        Some(srs) => srs,
+        None => mailmesh_auth::srs::SrsConfig {
+            secret: mailmesh_kit::secret::ensure_secret_file(&config.data_dir.join("srs.secret"))
+                .context("writing the SRS secret")?,
+            previous_secrets: Vec::new(),
+            max_age: Duration::from_secs(21 * 86_400),
+        },
+    };
     let storage_tls = internal(mailmesh_kit::internal::Role::Storage)?;
     let gateway_tls = internal(mailmesh_kit::internal::Role::Gateway)?;
 
@@ -292,6 +303,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Arc::new(engine.clone()),
         IngressConfig {
             topic: MAIL_TOPIC.into(),
+            srs: Some(srs.clone()),
             ..config.smtp.clone()
         },
         Some(mailmesh_kit::tls::server_config(resolver.clone())?),
@@ -350,6 +362,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         WorkerConfig {
             topic: MAIL_TOPIC.into(),
             hostname: config.smtp.hostname.clone(),
+            srs: Some(srs.clone()),
             ..WorkerConfig::default()
         },
     );

@@ -88,6 +88,11 @@ pub struct IngressConfig {
     /// `authserv_id`, the MX name); fields from outside that claim it are removed
     /// on both ports. Default: `hostname`.
     pub authserv_id: Option<String>,
+    /// `[smtp.srs]`: bounces to the addresses the delivery workers rewrite forwarded
+    /// senders to (the same secret as `[worker.srs]`) are taken and sent back to the
+    /// original sender; forged or expired ones are refused. Without it, such
+    /// addresses are unknown users.
+    pub srs: Option<mailmesh_auth::srs::SrsConfig>,
 }
 
 impl Default for IngressConfig {
@@ -113,6 +118,7 @@ impl Default for IngressConfig {
             postmaster: None,
             authserv_id: None,
             max_connections_per_ip: 50,
+            srs: None,
         }
     }
 }
@@ -131,6 +137,10 @@ impl IngressConfig {
 
 impl Validate for IngressConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(srs) = &self.srs {
+            srs.build()
+                .map_err(|e| ConfigError::invalid("smtp.srs.secret", e.to_string()))?;
+        }
         if self.max_recipients < 100 {
             return Err(ConfigError::invalid(
                 "smtp.max_recipients",
@@ -232,6 +242,8 @@ pub struct Ingress {
     /// Set on the submission ports: AUTH, sender checks, header fix-ups, signing.
     pub(crate) submission: Option<submit::SubmissionConfig>,
     pub(crate) keys: submit::KeyCache,
+    /// Decodes bounces to rewritten (SRS) senders.
+    pub(crate) srs: Option<mailmesh_auth::srs::Srs>,
 }
 
 impl Ingress {
@@ -255,6 +267,10 @@ impl Ingress {
             directory,
             auth,
             postmaster,
+            srs: config
+                .srs
+                .as_ref()
+                .map(|c| c.build().expect("a validated configuration")),
             config,
             submission: None,
             keys: submit::KeyCache::default(),
@@ -282,6 +298,7 @@ impl Ingress {
             directory,
             auth: None,
             postmaster,
+            srs: None,
             config,
             submission: Some(submission),
             keys: submit::KeyCache::default(),

@@ -98,6 +98,9 @@ struct Transaction {
     chunks: Option<Vec<u8>>,
     /// BDAT has been used: DATA is no longer allowed (RFC 3030).
     bdat: bool,
+    /// A recipient is an alias that forwards to another domain: the message is
+    /// ARC-sealed for those copies.
+    forwards: bool,
 }
 
 pub struct Session<'a> {
@@ -605,6 +608,7 @@ impl<'a> Session<'a> {
             inbound: None,
             chunks: Some(Vec::new()),
             bdat: false,
+            forwards: false,
         });
         Ok("250 2.1.0 OK\r\n".into())
     }
@@ -689,7 +693,15 @@ impl<'a> Session<'a> {
                 }
             };
         }
-        let resolution = match self.lookup_recipient(&mut recipient).await {
+        let resolution = match self.srs_bounce(&mut recipient).await {
+            Some(Ok(resolution)) => Ok(Lookup::Deliver(resolution)),
+            Some(Err(reply)) => {
+                crate::metrics::rejected("srs");
+                return Err(reply);
+            }
+            None => self.lookup_recipient(&mut recipient).await,
+        };
+        let resolution = match resolution {
             Ok(Lookup::Deliver(resolution)) => resolution,
             Ok(Lookup::NotLocal) => {
                 crate::metrics::rejected("relay_denied");
@@ -726,9 +738,59 @@ impl<'a> Session<'a> {
         }
         if let Some(tx) = self.tx.as_mut() {
             tx.inbound = Some(resolution.inbound);
+            tx.forwards |= !resolution.remote.is_empty();
             tx.recipients.push((recipient, resolution.tenant));
         }
         Ok("250 2.1.5 OK\r\n".into())
+    }
+
+    /// A bounce to an address the delivery workers made for a forwarded message
+    /// (SRS): `None` when the address is not one (or SRS is off); else the original
+    /// sender as the recipient, in the forwarding domain's tenant, or the refusal of
+    /// a forged or expired address.
+    async fn srs_bounce(
+        &self,
+        recipient: &mut Recipient,
+    ) -> Option<Result<mailmesh_storage::directory::Resolution, String>> {
+        let srs = self.ingress.srs.as_ref()?;
+        if !mailmesh_auth::srs::is_srs(&recipient.address) {
+            return None;
+        }
+        let local = match self
+            .ingress
+            .directory
+            .local_domain(recipient.address.domain())
+            .await
+        {
+            Ok(Some(local)) => local,
+            Ok(None) => return None,
+            Err(_) => {
+                return Some(Err(
+                    "451 4.3.0 Temporary failure, try again later\r\n".into()
+                ));
+            }
+        };
+        match srs.reverse(&recipient.address) {
+            Ok(original) => {
+                tracing::info!(srs = %recipient.address, to = %original, "a bounce to a forwarded sender is sent back");
+                if recipient.orcpt.is_none() && !recipient.address.is_utf8() {
+                    recipient.orcpt = Some(format!("rfc822;{}", recipient.address));
+                }
+                recipient.address = original;
+                let (tenant, inbound) = local;
+                // The worker relays it (the recipient is remote now): no forward.
+                Some(Ok(mailmesh_storage::directory::Resolution {
+                    tenant,
+                    users: Vec::new(),
+                    remote: Vec::new(),
+                    inbound,
+                }))
+            }
+            Err(e) => {
+                tracing::info!(srs = %recipient.address, error = %e, "bounce to an SRS address refused");
+                Some(Err(format!("550 5.1.1 {e}\r\n")))
+            }
+        }
     }
 
     /// Looks `recipient` up. RFC 5321 4.5.1: every domain taking mail has a
@@ -1216,12 +1278,15 @@ impl<'a> Session<'a> {
         let (helo, _) = self.helo.clone().unwrap_or_default();
         let mut junk = false;
         let mut authentication_results = None;
+        let mut arc_set = None;
+        let mut dmarc_reject_failure = false;
         if let Some(auth) = &self.ingress.auth {
             let facts = MessageFacts {
                 ip: self.peer.ip(),
                 helo: &helo,
                 mail_from: &tx.from.to_string(),
                 message: &message,
+                arc_seal: tx.forwards,
             };
             let verdict = match auth.check_message(facts).instrument(span.clone()).await {
                 Ok(v) => v,
@@ -1239,6 +1304,8 @@ impl<'a> Session<'a> {
                 Some((PolicyAction::Junk, _)) => junk = true,
                 Some((PolicyAction::Tag, _)) | None => {}
             }
+            dmarc_reject_failure = verdict.dmarc_failure() == Some(DmarcPolicy::Reject);
+            arc_set = verdict.arc_set;
             authentication_results = Some(verdict.authentication_results);
         }
         let message = match &authentication_results {
@@ -1295,6 +1362,8 @@ impl<'a> Session<'a> {
                 }),
                 authentication_results: authentication_results.as_deref().map(header_value),
                 junk,
+                arc_set: arc_set.clone(),
+                dmarc_reject_failure,
                 trace_context: trace_context.clone(),
                 body,
             };
@@ -1477,6 +1546,9 @@ impl<'a> Session<'a> {
             }),
             authentication_results: None,
             junk: false,
+            // A user's own mail: nothing to seal, nothing failed.
+            arc_set: None,
+            dmarc_reject_failure: false,
             trace_context,
             body,
         };

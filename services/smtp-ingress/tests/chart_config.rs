@@ -15,8 +15,17 @@ fn the_rendered_ingress_config_loads() {
         .with_var("MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY", "secret")
         .with_var("MAILMESH_QUEUE__KAFKA__SASL_PASSWORD", "pw")
         .with_var("MAILMESH_CACHE__REDIS__URL", "redis://redis:6379/0")
+        .with_var(
+            "MAILMESH_SMTP__SRS__SECRET",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        )
         .load()
         .unwrap();
+    assert!(rendered_sets_env("MAILMESH_SMTP__SRS__SECRET"));
+    assert!(
+        config.smtp.srs.is_some(),
+        "bounces to forwarded senders come back"
+    );
     assert_eq!(config.listen.port(), 2525);
     assert_eq!(config.smtp.hostname, "mx.example.com");
     assert_eq!(config.smtp.max_message_bytes, 26_214_400);

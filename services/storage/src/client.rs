@@ -196,6 +196,11 @@ pub trait Mailstore: Send + Sync {
     /// Renews the account's session token; `false` when the session has ended (the
     /// account was disabled or removed, or the token expired).
     async fn refresh(&self, account: &mut Account) -> Result<bool, DeliveryError>;
+    /// The tenant owning `domain` and its inbound policy; `None` when not local.
+    async fn local_domain(
+        &self,
+        domain: &Domain,
+    ) -> Result<Option<(mailmesh_types::TenantId, mailmesh_types::InboundPolicy)>, DeliveryError>;
 }
 
 #[async_trait]
@@ -260,6 +265,18 @@ impl Mailstore for Arc<StorageEngine> {
 
     async fn lookup(&self, address: &EmailAddress) -> Result<Lookup, DeliveryError> {
         Ok(StorageEngine::lookup(self, address)?)
+    }
+
+    async fn local_domain(
+        &self,
+        domain: &Domain,
+    ) -> Result<Option<(mailmesh_types::TenantId, mailmesh_types::InboundPolicy)>, DeliveryError>
+    {
+        Ok(self.directory(|d| {
+            let tenant = d.domain_owner(domain)?.clone();
+            let inbound = d.tenant(&tenant).map(|t| t.inbound).unwrap_or_default();
+            Some((tenant, inbound))
+        })?)
     }
 
     async fn deliver(&self, user: &UserRef, delivery: Delivery<'_>) -> Result<(), DeliveryError> {
@@ -403,6 +420,36 @@ impl Mailstore for GrpcMailstore {
             }
             Err(s) if s.code() == tonic::Code::Unauthenticated => Ok(false),
             Err(s) => Err(s.into()),
+        }
+    }
+
+    async fn local_domain(
+        &self,
+        domain: &Domain,
+    ) -> Result<Option<(mailmesh_types::TenantId, mailmesh_types::InboundPolicy)>, DeliveryError>
+    {
+        use v1::lookup_response::Result as R;
+        let r = self
+            .directory
+            .clone()
+            .lookup_domain(v1::DomainRequest {
+                tenant: String::new(),
+                domain: domain.to_string(),
+                user: None,
+            })
+            .await?
+            .into_inner();
+        match R::try_from(r.result) {
+            Ok(R::Deliver) => Ok(Some((
+                r.tenant.parse().map_err(|e| {
+                    DeliveryError::temporary(format!("storage answered a bad tenant: {e}"))
+                })?,
+                r.inbound_policy.unwrap_or_default().into(),
+            ))),
+            Ok(R::NotLocal) => Ok(None),
+            _ => Err(DeliveryError::temporary(
+                "storage answered an unknown lookup result",
+            )),
         }
     }
 

@@ -515,6 +515,28 @@ impl DirectoryApi for StorageService {
         Ok(Response::new(response))
     }
 
+    async fn lookup_domain(&self, r: Request<v1::DomainRequest>) -> Reply<v1::LookupResponse> {
+        let domain: Domain = parse("domain", &r.into_inner().domain)?;
+        use v1::lookup_response::Result as R;
+        let found = self.engine.directory(|d| {
+            let tenant = d.domain_owner(&domain)?.clone();
+            let inbound = d.tenant(&tenant).map(|t| t.inbound).unwrap_or_default();
+            Some((tenant, inbound))
+        })?;
+        Ok(Response::new(match found {
+            Some((tenant, inbound)) => v1::LookupResponse {
+                result: R::Deliver as i32,
+                tenant: tenant.to_string(),
+                inbound_policy: Some(inbound.into()),
+                ..Default::default()
+            },
+            None => v1::LookupResponse {
+                result: R::NotLocal as i32,
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn authenticate(
         &self,
         r: Request<v1::AuthenticateRequest>,

@@ -192,6 +192,8 @@ pub fn envelope(from: &str, to: &[&str], body: &str) -> Envelope {
         client: None,
         authentication_results: None,
         junk: false,
+        arc_set: None,
+        dmarc_reject_failure: false,
         trace_context: BTreeMap::new(),
         body: BodyRef::Inline(Bytes::from(format!("Subject: {body}\r\n\r\n{body}\r\n"))),
     }
