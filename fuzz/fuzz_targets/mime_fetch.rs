@@ -32,7 +32,11 @@ fn generate(ops: &[u8]) -> Vec<u8> {
             0 => {
                 // A multipart; its boundary may repeat an outer one.
                 let boundary = if arg % 7 == 0 {
-                    open.iter().flatten().next().cloned().unwrap_or_else(|| "b".into())
+                    open.iter()
+                        .flatten()
+                        .next()
+                        .cloned()
+                        .unwrap_or_else(|| "b".into())
                 } else {
                     format!("b{}x{}", open.len(), arg)
                 };
@@ -49,7 +53,14 @@ fn generate(ops: &[u8]) -> Vec<u8> {
             2 | 6 | 3 => {
                 let (cte, body): (&str, &[u8]) = match op % 9 {
                     2 => ("7bit", b"text line\r\n"),
-                    3 => ("base64", if arg % 2 == 0 { b"aGVsbG8=\r\n" } else { b"!!not base64\r\n" }),
+                    3 => (
+                        "base64",
+                        if arg % 2 == 0 {
+                            b"aGVsbG8=\r\n"
+                        } else {
+                            b"!!not base64\r\n"
+                        },
+                    ),
                     _ => ("quoted-printable", b"a=3Db =\r\nsoft=\r\n= \r\n"),
                 };
                 out.extend_from_slice(
@@ -62,7 +73,7 @@ fn generate(ops: &[u8]) -> Vec<u8> {
                     && arg % 3 != 0
                 {
                     out.extend_from_slice(format!("--{b}\r\n").as_bytes());
-                    }
+                }
             }
             4 => {
                 // Close the innermost container, with or without its delimiter.
@@ -144,7 +155,10 @@ fuzz_target!(|data: &[u8]| {
     for a in 1..=3u32 {
         paths.push(vec![NonZeroU32::new(a).unwrap()]);
         for b in 1..=3u32 {
-            paths.push(vec![NonZeroU32::new(a).unwrap(), NonZeroU32::new(b).unwrap()]);
+            paths.push(vec![
+                NonZeroU32::new(a).unwrap(),
+                NonZeroU32::new(b).unwrap(),
+            ]);
             for c in 1..=3u32 {
                 paths.push(vec![
                     NonZeroU32::new(a).unwrap(),
@@ -167,7 +181,10 @@ fuzz_target!(|data: &[u8]| {
             Section::HeaderFieldsNot(Some(part.clone()), names.clone()),
         ] {
             let got = p.section(Some(&section));
-            assert!(piece_of(&raw, &got), "{section:?} is not a piece of the message");
+            assert!(
+                piece_of(&raw, &got),
+                "{section:?} is not a piece of the message"
+            );
         }
         let _ = p.binary(path);
     }

@@ -42,7 +42,9 @@ pub struct StorageService {
 pub fn policy(service: &str, method: &str, role: Role) -> bool {
     use Role::*;
     match (service, method) {
-        ("Directory", "Lookup") => {
+        // Recipients and domains: the front doors route mail and decode SRS bounces,
+        // the delivery worker expands aliases and forwards.
+        ("Directory", "Lookup" | "LookupDomain") => {
             matches!(role, Admin | SmtpIngress | Submission | DeliveryWorker)
         }
         ("Directory", "Authenticate" | "RefreshSession") => matches!(role, Submission | Gateway),
@@ -1399,5 +1401,54 @@ async fn to_proto_change(
             uid: *uid,
             ..Default::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::policy;
+    use mailmesh_kit::internal::Role::{self, *};
+
+    /// Every call a workload's client code makes (`client.rs` for the front doors
+    /// and the worker, the gateway's `store.rs`, mailctl's `admin.rs`) is allowed to
+    /// it, and the calls that would let a compromised pod walk accounts, keys or mail
+    /// are not.
+    #[test]
+    fn each_role_reaches_the_calls_it_makes_and_no_others() {
+        let made: &[(&str, &str, &[Role])] = &[
+            (
+                "Directory",
+                "Lookup",
+                &[Admin, SmtpIngress, Submission, DeliveryWorker],
+            ),
+            (
+                "Directory",
+                "LookupDomain",
+                &[Admin, SmtpIngress, Submission, DeliveryWorker],
+            ),
+            ("Directory", "Authenticate", &[Submission, Gateway]),
+            ("Directory", "RefreshSession", &[Submission, Gateway]),
+            ("Directory", "GetSigningKey", &[Submission]),
+            ("Directory", "SetPassword", &[Admin]),
+            ("Directory", "AddAlias", &[Admin]),
+            ("Directory", "ListUsers", &[Admin]),
+            ("OutboundQueue", "ListWaiting", &[Admin]),
+            ("Mailboxes", "Deliver", &[DeliveryWorker]),
+            ("Mailboxes", "ListMailboxes", &[Admin, Gateway]),
+            ("Mailboxes", "Status", &[Admin, Gateway]),
+            ("Mailboxes", "Fetch", &[Gateway]),
+            ("Mailboxes", "AppendStream", &[Gateway]),
+            ("Mailboxes", "Watch", &[Gateway]),
+        ];
+        for (service, method, allowed) in made {
+            for role in Role::ALL {
+                assert_eq!(
+                    policy(service, method, role),
+                    allowed.contains(&role),
+                    "{service}/{method} for {role}"
+                );
+            }
+        }
+        assert!(!policy("Unknown", "Lookup", Admin));
     }
 }
