@@ -424,19 +424,27 @@ fn code<T>(r: Result<T, tonic::Status>) -> Result<T, tonic::Code> {
 
 async fn grpc_plaintext(ctx: Arc<Ctx>) -> anyhow::Result<String> {
     let url = ctx.args.storage.replace("https://", "http://");
+    let channel = Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    list_tenants_refused(channel.map_err(Into::into), "a plaintext client").await
+}
+
+/// Lists the tenants over `channel`: refused is the verdict wanted.
+async fn list_tenants_refused(
+    channel: anyhow::Result<Channel>,
+    who: &str,
+) -> anyhow::Result<String> {
     let attempt = async {
-        let channel = Endpoint::from_shared(url)?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await?;
-        DirectoryClient::new(channel)
+        DirectoryClient::new(channel?)
             .list_tenants(v1::Empty {})
             .await?;
         anyhow::Ok(())
     };
     match attempt.await {
-        Ok(()) => bail!("a plaintext client listed the tenants"),
+        Ok(()) => bail!("{who} listed the tenants"),
         Err(e) => Ok(format!("refused ({})", first_line(&format!("{e:#}")))),
     }
 }
@@ -448,22 +456,17 @@ async fn grpc_strange_ca(ctx: Arc<Ctx>) -> anyhow::Result<String> {
         &InternalTlsConfig::in_dir(dir.path(), Role::Admin),
         Role::Admin,
     )?;
-    let attempt = async {
-        let channel = tls
-            .connect(
-                Endpoint::from_shared(ctx.args.storage.clone())?,
-                Role::Storage,
-            )
-            .await?;
-        DirectoryClient::new(channel)
-            .list_tenants(v1::Empty {})
-            .await?;
-        anyhow::Ok(())
-    };
-    match attempt.await {
-        Ok(()) => bail!("an admin certificate from a foreign CA listed the tenants"),
-        Err(e) => Ok(format!("refused ({})", first_line(&format!("{e:#}")))),
-    }
+    let channel = tls
+        .connect(
+            Endpoint::from_shared(ctx.args.storage.clone())?,
+            Role::Storage,
+        )
+        .await;
+    list_tenants_refused(
+        channel.map_err(Into::into),
+        "an admin certificate from a foreign CA",
+    )
+    .await
 }
 
 async fn grpc_ingress_set_password(ctx: Arc<Ctx>) -> anyhow::Result<String> {

@@ -406,24 +406,11 @@ impl InternalTls {
     pub fn spawn_reloader(&self, interval: Duration, shutdown: &Shutdown) {
         self.certs.spawn_reloader(interval, shutdown);
         let roots = self.roots.clone();
-        let stopped = shutdown.stopped_token();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stopped.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                match roots.reload() {
-                    Ok(true) => {
-                        tracing::info!(ca = %roots.ca_file.display(), "internal CA reloaded")
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "internal CA reload failed, keeping the previous one")
-                    }
-                }
+        crate::tls::every(interval, shutdown, move || match roots.reload() {
+            Ok(true) => tracing::info!(ca = %roots.ca_file.display(), "internal CA reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "internal CA reload failed, keeping the previous one")
             }
         });
     }

@@ -163,27 +163,33 @@ impl ReloadingCertResolver {
     /// Reloads every `interval` until the shutdown stops.
     pub fn spawn_reloader(self: &Arc<Self>, interval: Duration, shutdown: &Shutdown) {
         let resolver = Arc::clone(self);
-        let stopped = shutdown.stopped_token();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stopped.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                match resolver.reload() {
-                    Ok(true) => {
-                        tracing::info!(cert = %resolver.cert_file.display(), "tls certificate reloaded")
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "tls certificate reload failed, keeping the previous one")
-                    }
-                }
+        every(interval, shutdown, move || match resolver.reload() {
+            Ok(true) => {
+                tracing::info!(cert = %resolver.cert_file.display(), "tls certificate reloaded")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "tls certificate reload failed, keeping the previous one")
             }
         });
     }
+}
+
+/// Runs `f` every `interval` (the first time after one interval) until the shutdown
+/// stops: the reloaders' loop.
+pub(crate) fn every(interval: Duration, shutdown: &Shutdown, mut f: impl FnMut() + Send + 'static) {
+    let stopped = shutdown.stopped_token();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopped.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            f();
+        }
+    });
 }
 
 impl ResolvesServerCert for ReloadingCertResolver {

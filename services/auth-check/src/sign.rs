@@ -43,12 +43,7 @@ pub fn dkim_signature(
     message: &[u8],
 ) -> Result<String, SignError> {
     let e = |e: mail_auth::Error| SignError(e.to_string());
-    let present = present_headers(message);
-    let headers: Vec<String> = SIGNED
-        .iter()
-        .filter(|h| **h == "From" || present.iter().any(|p| p.eq_ignore_ascii_case(h)))
-        .map(|h| (*h).to_owned())
-        .collect();
+    let headers = signed_headers(message);
     let signature = match algorithm {
         KeyAlgorithm::Ed25519 => sign_with(
             Ed25519Key::from_pkcs8_der(pkcs8).map_err(e)?,
@@ -86,6 +81,17 @@ fn sign_with<K: SigningKey>(
         .header_canonicalization(Canonicalization::Relaxed)
         .body_canonicalization(Canonicalization::Relaxed)
         .sign(message)
+}
+
+/// The fields of [`SIGNED`] that `message` has (From always, even when absent, as
+/// RFC 6376 §5.4 requires), in that order.
+fn signed_headers(message: &[u8]) -> Vec<String> {
+    let present = present_headers(message);
+    SIGNED
+        .iter()
+        .filter(|h| **h == "From" || present.iter().any(|p| p.eq_ignore_ascii_case(h)))
+        .map(|h| (*h).to_owned())
+        .collect()
 }
 
 /// Names of the header fields in `message`.
@@ -174,12 +180,7 @@ impl ArcSealKey {
     ) -> Result<String, SignError> {
         use mail_auth::arc::ArcSealer;
         let e = |e: mail_auth::Error| SignError(e.to_string());
-        let present = present_headers(raw);
-        let headers: Vec<String> = SIGNED
-            .iter()
-            .filter(|h| **h == "From" || present.iter().any(|p| p.eq_ignore_ascii_case(h)))
-            .map(|h| (*h).to_owned())
-            .collect();
+        let headers = signed_headers(raw);
         let set = match self.algorithm {
             KeyAlgorithm::Ed25519 => {
                 ArcSealer::from_key(Ed25519Key::from_pkcs8_der(&self.pkcs8).map_err(e)?)

@@ -107,6 +107,25 @@ async fn channel(storage: &Storage, role: Role) -> Channel {
     }
 }
 
+/// Creates `tenant` owning `domain`, as the admin.
+async fn tenant_with_domain(directory: &mut DirectoryClient<Channel>, tenant: &str, domain: &str) {
+    directory
+        .add_tenant(v1::AddTenantRequest {
+            tenant: tenant.into(),
+            limits: None,
+        })
+        .await
+        .unwrap();
+    directory
+        .add_domain(v1::DomainRequest {
+            tenant: tenant.into(),
+            domain: domain.into(),
+            user: None,
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_state_and_stream_changes() {
     let run = format!("svc{}", uuid::Uuid::new_v4().simple());
@@ -123,19 +142,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
     let mut mb1 = MailboxesClient::new(g1);
     let mut mb2 = MailboxesClient::new(g2);
 
-    dir1.add_tenant(v1::AddTenantRequest {
-        tenant: "acme".into(),
-        limits: None,
-    })
-    .await
-    .unwrap();
-    dir1.add_domain(v1::DomainRequest {
-        tenant: "acme".into(),
-        domain: "acme.test".into(),
-        user: None,
-    })
-    .await
-    .unwrap();
+    tenant_with_domain(&mut dir1, "acme", "acme.test").await;
     let alice = dir1
         .add_user(v1::AddUserRequest {
             address: "alice@acme.test".into(),
@@ -345,21 +352,7 @@ async fn only_known_roles_reach_their_calls_and_users_need_their_session() {
     let storage = start_with(&run, &[("MAILMESH_STORAGE__LOGIN_MAX_FAILURES", "5")]);
     let admin = channel(&storage, Role::Admin).await;
     let mut directory = DirectoryClient::new(admin.clone());
-    directory
-        .add_tenant(v1::AddTenantRequest {
-            tenant: "acme".into(),
-            limits: None,
-        })
-        .await
-        .unwrap();
-    directory
-        .add_domain(v1::DomainRequest {
-            tenant: "acme".into(),
-            domain: "acme.test".into(),
-            user: None,
-        })
-        .await
-        .unwrap();
+    tenant_with_domain(&mut directory, "acme", "acme.test").await;
     let mut users = Vec::new();
     for address in ["alice@acme.test", "bob@acme.test"] {
         users.push(
@@ -579,21 +572,7 @@ async fn only_known_roles_reach_their_calls_and_users_need_their_session() {
         tonic::Code::Unauthenticated,
         "a gateway token at submission",
     );
-    directory
-        .add_tenant(v1::AddTenantRequest {
-            tenant: "other".into(),
-            limits: None,
-        })
-        .await
-        .unwrap();
-    directory
-        .add_domain(v1::DomainRequest {
-            tenant: "other".into(),
-            domain: "other.test".into(),
-            user: None,
-        })
-        .await
-        .unwrap();
+    tenant_with_domain(&mut directory, "other", "other.test").await;
     denied(
         sub_dir
             .get_signing_key(v1::DomainRequest {

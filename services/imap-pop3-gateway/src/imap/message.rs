@@ -165,6 +165,7 @@ impl<'a> Parsed<'a> {
                 &Walk {
                     ext: extensions,
                     max_depth: self.limits.max_depth,
+                    seen: Default::default(),
                 },
                 self.raw,
                 m,
@@ -640,6 +641,12 @@ fn lines(bytes: &[u8]) -> u32 {
 struct Walk {
     ext: bool,
     max_depth: usize,
+    /// The parts described so far, as (message, part index). On broken boundaries
+    /// mail-parser can list a part under two multiparts, or under itself or its own
+    /// parent: followed naively that is a cycle or a DAG whose walk doubles at every
+    /// level (a 5 KB message took 4 GB within the depth limit). Each part is
+    /// described once; a second mention is an opaque leaf.
+    seen: std::cell::RefCell<std::collections::HashSet<(usize, usize)>>,
 }
 
 /// A part below the depth limit: its bytes, as one opaque application part.
@@ -677,7 +684,11 @@ fn structure(
     let body_bytes = raw
         .get(part.offset_body as usize..part.offset_end as usize)
         .unwrap_or_default();
-    if depth >= walk.max_depth {
+    let first_visit = walk
+        .seen
+        .borrow_mut()
+        .insert((std::ptr::from_ref(message) as usize, index));
+    if depth >= walk.max_depth || !first_visit {
         return opaque(body_bytes.len());
     }
     if let PartType::Multipart(children) = &part.body {
@@ -1115,6 +1126,39 @@ inner body\r\n\
             e.message_id.into_option().unwrap().as_ref(),
             b"<id1@example.org>"
         );
+    }
+
+    /// Found by the `mime_fetch` fuzz target: on this message mail-parser lists part
+    /// 1 as a child of itself and of the root, and BODYSTRUCTURE grew by two at every
+    /// level down to the depth limit (out of memory).
+    #[test]
+    fn parts_listed_twice_are_described_once() {
+        let raw = include_bytes!("../../tests/data/mime-cycle.eml");
+        let m = MessageParser::default().parse(&raw[..]).unwrap();
+        let cyclic = m.parts.iter().enumerate().any(|(i, p)| {
+            matches!(&p.body, PartType::Multipart(c) if c.iter().any(|&c| c as usize <= i))
+        });
+        assert!(
+            cyclic,
+            "the premise: a part listed under itself or its parent"
+        );
+        let limits = MimeLimits {
+            max_depth: 64,
+            max_parts: 8129,
+        };
+        fn nodes(s: &BodyStructure<'_>) -> usize {
+            match s {
+                BodyStructure::Single { body, .. } => match &body.specific {
+                    SpecificFields::Message { body_structure, .. } => 1 + nodes(body_structure),
+                    _ => 1,
+                },
+                BodyStructure::Multi { bodies, .. } => {
+                    1 + bodies.as_ref().iter().map(nodes).sum::<usize>()
+                }
+            }
+        }
+        let s = Parsed::new(raw, limits).body_structure(true);
+        assert!(nodes(&s) <= 2 * m.parts.len() + 2, "{} nodes", nodes(&s));
     }
 
     #[test]
