@@ -159,6 +159,11 @@ async fn main() -> anyhow::Result<()> {
             deep_mime
         ),
         attack!(
+            "2.2",
+            "a message whose parts mail-parser lists under themselves (found by fuzzing)",
+            mime_cycle
+        ),
+        attack!(
             "3.1",
             "NUL in a header name on the MX (3 spellings)",
             nul_header_mx
@@ -739,6 +744,49 @@ async fn deep_mime(ctx: Arc<Ctx>) -> anyhow::Result<String> {
     other.ok("LOGIN bob@acme.test bob-pw").await?;
     other.ok("NOOP").await?;
     Ok(format!("{} ; the gateway still serves", replies.join(", ")))
+}
+
+/// The `mime_fetch` fuzzer's find: on broken boundaries mail-parser lists a part
+/// under itself and under the root, and BODYSTRUCTURE grew by two at every level
+/// (5 KB, 4 GB). Its NULs become spaces (the MX refuses NUL); the cycle stays
+/// (checked with mail-parser).
+async fn mime_cycle(ctx: Arc<Ctx>) -> anyhow::Result<String> {
+    let fuzzed = include_bytes!("../../services/imap-pop3-gateway/tests/data/mime-cycle.eml");
+    let subject = format!("mime-cycle-{}", ctx.nonce);
+    let mut m = format!("Subject: {subject}\r\nTo: alice@acme.test\r\n").into_bytes();
+    // The fuzzer's first line has junk before its From field; the rest is kept.
+    let from = fuzzed
+        .windows(5)
+        .position(|w| w == b"From:")
+        .context("the fixture's From field")?;
+    m.extend(
+        fuzzed[from..]
+            .iter()
+            .map(|&b| if b == 0 { b' ' } else { b }),
+    );
+    let mut c = ctx.mx_session(ctx.fresh_ip()).await?;
+    let reply = c
+        .transaction("someone@example.org", &["alice@acme.test"], &m, "")
+        .await?;
+    if !reply.starts_with("250") {
+        return Ok(format!("not accepted: {}", first_line(&reply)));
+    }
+    let (mut s, uids) = ctx
+        .wait_for("alice@acme.test", "alice-pw", &subject)
+        .await?;
+    let started = Instant::now();
+    let (tagged, bytes) = s
+        .command(&format!("UID FETCH {} (BODYSTRUCTURE BODY)", uids[0]))
+        .await?;
+    if !tagged.contains(" OK ") {
+        bail!("{}", tagged.trim_end());
+    }
+    let mut other = Imap::connect(ctx.fresh_ip(), ctx.args.imaps).await?;
+    other.ok("LOGIN bob@acme.test bob-pw").await?;
+    Ok(format!(
+        "BODYSTRUCTURE and BODY: {bytes} B in {} ms; the gateway still serves",
+        started.elapsed().as_millis()
+    ))
 }
 
 // ---------------------------------------------------------------- 3: NUL, From
