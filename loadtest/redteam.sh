@@ -124,7 +124,7 @@ if [ "$MODE" = dev ] || [ "$MODE" = both ]; then
   "$BIN/redteam" --label dev --net 1 --smtp 127.0.0.1:$P --submissions 127.0.0.1:$((P + 7)) \
     --imaps 127.0.0.1:$((P + 3)) --pop3s 127.0.0.1:$((P + 5)) --storage "$MAILCTL_ENDPOINT" \
     --pki "$WORK/dev/pki" --mx 127.0.0.1:$MX_PORT --authserv-id localhost --deadline "$DEADLINE" \
-    --pid "mailctl dev=$DEV" || STATUS=1
+    --pid "mailctl dev=$DEV" --imap-pid "$DEV" || STATUS=1
   kill "$DEV" 2>/dev/null || true
 fi
 
@@ -187,7 +187,7 @@ if [ "$MODE" = distributed ] || [ "$MODE" = both ]; then
     --imaps 127.0.0.1:$IMAPS --pop3s 127.0.0.1:$POP3S --storage "$MAILCTL_ENDPOINT" \
     --auth-check https://127.0.0.1:$AUTH --pki "$PKI" --mx 127.0.0.1:$MX_PORT \
     --authserv-id mx.acme.test --deadline "$DEADLINE" \
-    --pid "storage=$PID_storage" --pid "imap-pop3-gateway=$PID_imap_pop3_gateway" \
+    --pid "storage=$PID_storage" --pid "imap-pop3-gateway=$PID_imap_pop3_gateway" --imap-pid "$PID_imap_pop3_gateway" \
     --pid "smtp-ingress=$PID_smtp_ingress" || STATUS=1
 fi
 exit $STATUS

@@ -85,6 +85,12 @@ struct Args {
     /// Process ids whose peak memory to report (name=pid).
     #[arg(long)]
     pid: Vec<String>,
+    /// The process serving IMAP, whose memory 5.6 samples.
+    #[arg(long)]
+    imap_pid: Option<u32>,
+    /// imap.max_fetch_memory (MiB).
+    #[arg(long, default_value_t = 256)]
+    fetch_memory_mib: u64,
     /// Only attacks whose id starts with this.
     #[arg(long)]
     only: Option<String>,
@@ -222,6 +228,11 @@ async fn main() -> anyhow::Result<()> {
             "5.5",
             "more sessions for one user than allowed",
             sessions_per_user
+        ),
+        attack!(
+            "5.6",
+            "20 sessions at once FETCH two distinct items of a 10 MB message",
+            fetch_memory
         ),
         attack!(
             "6.1",
@@ -1162,6 +1173,102 @@ async fn sessions_per_user(ctx: Arc<Ctx>) -> anyhow::Result<String> {
     Ok(format!(
         "{max} sessions held, the next: {}",
         tagged.trim_end()
+    ))
+}
+
+async fn fetch_memory(ctx: Arc<Ctx>) -> anyhow::Result<String> {
+    const SESSIONS: usize = 20;
+    let subject = format!("huge-{}", ctx.nonce);
+    let mut m =
+        format!("From: someone@example.org\r\nTo: bob@acme.test\r\nSubject: {subject}\r\n\r\n");
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    m.push_str(&line.repeat(10_000_000 / line.len()));
+    let mut c = ctx.mx_session(ctx.fresh_ip()).await?;
+    c.transaction(
+        "someone@example.org",
+        &["bob@acme.test"],
+        m.as_bytes(),
+        "250",
+    )
+    .await?;
+    let (_, uids) = ctx.wait_for("bob@acme.test", "bob-pw", &subject).await?;
+    let uid = uids[0];
+    let rss = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+    };
+    let baseline = ctx.args.imap_pid.and_then(rss);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = ctx.args.imap_pid.map(|pid| {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(kb) = rss(pid) {
+                    peak.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    });
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        let mut s = Imap::connect(ctx.fresh_ip(), ctx.args.imaps).await?;
+        s.ok("LOGIN bob@acme.test bob-pw").await?;
+        s.ok("SELECT INBOX").await?;
+        sessions.push(s);
+    }
+    let started = Instant::now();
+    let fetches = sessions.into_iter().map(|mut s| {
+        tokio::spawn(async move {
+            s.command(&format!("UID FETCH {uid} (BODY.PEEK[] BODY.PEEK[TEXT])"))
+                .await
+        })
+    });
+    let mut total = 0;
+    for f in fetches {
+        let (tagged, bytes) = f.await??;
+        if !tagged.contains(" OK ") {
+            bail!("{}", tagged.trim_end());
+        }
+        if bytes < 2 * m.len() - 1000 {
+            bail!(
+                "a reply of {bytes} bytes for two items of {} bytes",
+                m.len()
+            );
+        }
+        total += bytes;
+    }
+    let took = started.elapsed();
+    if let Some(s) = sampler {
+        s.abort();
+    }
+    let memory = match baseline {
+        Some(base) => {
+            let grown_mib = peak
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(base)
+                / 1024;
+            // Before: every session held the message and both copies, 20 × 30 MB.
+            if grown_mib > ctx.args.fetch_memory_mib + 128 {
+                bail!("the IMAP process grew by {grown_mib} MiB");
+            }
+            format!(
+                ", the IMAP process grew by {grown_mib} MiB at most (budget {} MiB)",
+                ctx.args.fetch_memory_mib
+            )
+        }
+        None => String::new(),
+    };
+    Ok(format!(
+        "{} MB served in {:.1} s, every reply whole{memory}",
+        total / 1_000_000,
+        took.as_secs_f64()
     ))
 }
 

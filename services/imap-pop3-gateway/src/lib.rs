@@ -191,6 +191,11 @@ pub struct ImapConfig {
     pub max_fetch_response_bytes: usize,
     /// Characters a LIST pattern (reference included) may have; longer: `BAD`.
     pub max_list_pattern_chars: usize,
+    /// Bytes of messages all IMAP sessions of the process may hold in memory at once
+    /// for FETCH and SEARCH (a message counts twice in FETCH: its stored bytes and
+    /// the literal being written). Sessions beyond it wait their turn: many sessions
+    /// fetching large messages slow down instead of growing the process.
+    pub max_fetch_memory: usize,
     /// The longest a command may take to arrive once it has begun (and an APPEND
     /// literal before `min_append_rate` applies): trickling cannot extend it.
     #[serde(with = "humantime_serde")]
@@ -241,6 +246,7 @@ impl Default for ImapConfig {
             max_mime_parts: 10_000,
             max_fetch_response_bytes: 128 << 20,
             max_list_pattern_chars: 1024,
+            max_fetch_memory: 256 << 20,
             command_timeout: Duration::from_secs(60),
             min_append_rate: 8 << 10,
             max_sessions_per_user: 50,
@@ -272,6 +278,12 @@ impl Validate for ImapConfig {
             return Err(ConfigError::invalid(
                 "imap",
                 "command_timeout, min_append_rate and max_sessions_per_user must be above zero, max_list_pattern_chars at least 16",
+            ));
+        }
+        if self.max_fetch_memory < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "imap.max_fetch_memory",
+                "at least 1 MiB",
             ));
         }
         if self.max_fetch_response_bytes < self.max_message_bytes {
@@ -399,6 +411,9 @@ pub struct Gateway {
     pub(crate) proxy: ProxyConfig,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) imap_slots: Arc<Semaphore>,
+    /// `imap.max_fetch_memory` in KiB permits.
+    pub(crate) fetch_memory: Arc<Semaphore>,
+    pub(crate) fetch_memory_kib: u32,
     /// Storage change streams, one per user with IMAP sessions here.
     pub(crate) watches: Arc<imap::Watches>,
 }
@@ -418,12 +433,21 @@ impl Gateway {
             tls: tokio_rustls::TlsAcceptor::from(tls),
             slots: Arc::new(Semaphore::new(config.max_connections)),
             imap_slots: Arc::new(Semaphore::new(imap.max_connections)),
+            fetch_memory: Arc::new(Semaphore::new(fetch_memory_kib(&imap) as usize)),
+            fetch_memory_kib: fetch_memory_kib(&imap),
             watches: Arc::default(),
             config,
             imap,
             proxy,
         })
     }
+}
+
+fn fetch_memory_kib(imap: &ImapConfig) -> u32 {
+    u32::try_from(imap.max_fetch_memory / 1024)
+        .unwrap_or(u32::MAX)
+        .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX))
+        .max(1)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -406,3 +406,71 @@ async fn trickling_clients_neither_last_nor_take_every_slot() {
         );
     }
 }
+
+/// Sessions fetching large messages each held the message and every item copied
+/// from it: many of them grew the process without bound. The process now holds at
+/// most `imap.max_fetch_memory` of messages for FETCH (each counted three times: the
+/// stored bytes, one item, its encoding), items are written one at a time, and
+/// sessions beyond the budget wait their turn; every reply is still whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_share_a_memory_budget() {
+    let site = site().await;
+    // 8 MB: a FETCH of two items of it is a 16 MB reply, more than the sockets
+    // buffer, so a client that does not read keeps its FETCH (and its share of the
+    // budget) going.
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        "0123456789abcdef0123456789abcde\r\n".repeat(250_000)
+    );
+    deliver(&site, "big", big.as_bytes()).await;
+    // 32 MiB: one FETCH of the message holds 24 MiB, so two never fit at once.
+    let port = pod(
+        &site,
+        ImapConfig {
+            max_fetch_memory: 32 << 20,
+            ..plaintext()
+        },
+    )
+    .await;
+    let waits = || {
+        mailmesh_kit::metrics::render()
+            .lines()
+            .filter(|l| l.contains("fetch_memory_wait"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = waits();
+    let mut a = Client::login(port).await;
+    assert!(a.cmd("s", "SELECT INBOX").await.contains("s OK"));
+    let mut b = Client::login(port).await;
+    assert!(b.cmd("s", "SELECT INBOX").await.contains("s OK"));
+    // A asks and does not read yet; B's FETCH then waits for A's share.
+    a.send(b"f FETCH 4 (BODY.PEEK[] BODY.PEEK[TEXT] RFC822.SIZE)\r\n")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.send(b"g FETCH 4 (BODY.PEEK[HEADER] RFC822.SIZE)\r\n")
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while waits() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B did not wait for the memory A holds"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A reads: its reply is whole, one FETCH closed once; then B gets its turn.
+    let r = a.until("f").await;
+    let reply = String::from_utf8_lossy(&r);
+    assert!(reply.contains("f OK"), "{}", &reply[reply.len() - 200..]);
+    assert!(r.len() > 2 * big.len(), "{} bytes", r.len());
+    assert!(reply.starts_with("* 4 FETCH (BODY[] {"), "{}", &reply[..80]);
+    let tail = &reply[reply.rfind(" RFC822.SIZE ").expect("size")..];
+    assert!(tail.contains(")\r\nf OK"), "{tail}");
+    assert_eq!(reply.matches(" FETCH (").count(), 1);
+    let r = b.until("g").await;
+    let reply = String::from_utf8_lossy(&r);
+    assert!(
+        reply.contains("BODY[HEADER] {") && reply.contains("g OK"),
+        "{reply}"
+    );
+}

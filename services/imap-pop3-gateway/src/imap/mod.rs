@@ -27,6 +27,7 @@ use watch::{Pending, Watcher};
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ use imap_codec::imap_types::core::{
 use imap_codec::imap_types::extensions::enable::CapabilityEnable;
 use imap_codec::imap_types::extensions::namespace::Namespace;
 use imap_codec::imap_types::extensions::quota::{QuotaGet, Resource};
+use imap_codec::imap_types::fetch::MessageDataItem;
 use imap_codec::imap_types::flag::FlagNameAttribute;
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_codec::imap_types::response::{
@@ -99,6 +101,8 @@ struct Conn<S> {
     /// awaits it (the session's, IDLE's), making each idle session's state triple.
     read_buf: Box<[u8]>,
     out: Vec<u8>,
+    /// Items written so far of the FETCH reply being written.
+    fetch_items: usize,
     /// Bytes read but not yet handed to the fragmentizer: it gets a line at a time
     /// (a literal at once), so what follows an APPEND's literal announcement stays
     /// here for the session to stream.
@@ -123,6 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             frag: Fragmentizer::new(u32::try_from(total).unwrap_or(u32::MAX)),
             read_buf: vec![0; READ_BUFFER].into_boxed_slice(),
             out: Vec::with_capacity(1024),
+            fetch_items: 0,
             pending: Vec::new(),
             literal_left: 0,
             started: None,
@@ -137,29 +142,79 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             .extend(ResponseCodec::default().encode(response).dump());
     }
 
-    /// Pushes `response`, writing each of its literals whose bytes are a placeholder
-    /// for one of `verbatim` (in order: the same bytes with NUL as 0x01) as the
-    /// stored bytes themselves.
-    fn push_verbatim(&mut self, response: &Response<'_>, verbatim: &[&[u8]]) {
-        if verbatim.is_empty() {
-            return self.push(response);
+    /// Starts a FETCH reply, `* seq FETCH (`: [`Self::fetch_item`] writes its items,
+    /// [`Self::end_fetch`] closes it.
+    fn begin_fetch(&mut self, seq: NonZeroU32) {
+        self.fetch_items = 0;
+        self.out
+            .extend_from_slice(format!("* {seq} FETCH (").as_bytes());
+    }
+
+    /// Encodes one item of the FETCH reply begun for `seq` and writes it, so the
+    /// reply never holds more than one item's copy. Literals whose bytes are a
+    /// placeholder for one of `verbatim` (in order: the same bytes with NUL as 0x01)
+    /// go out as the stored bytes themselves.
+    async fn fetch_item(
+        &mut self,
+        seq: NonZeroU32,
+        item: MessageDataItem<'_>,
+        verbatim: &[&[u8]],
+    ) -> io::Result<()> {
+        const DIRECT: usize = 64 << 10;
+        if self.fetch_items > 0 {
+            self.out.push(b' ');
         }
+        self.fetch_items += 1;
+        // Encoded as a reply of its own, `* seq FETCH (` item `)` CRLF, and written
+        // without that frame.
+        let one = Response::Data(Data::Fetch {
+            seq,
+            items: Vec1::from(item),
+        });
+        let fragments: Vec<Fragment> = ResponseCodec::default().encode(&one).collect();
+        drop(one);
+        let prefix = format!("* {seq} FETCH (");
+        let last = fragments.len().saturating_sub(1);
         let mut pending = verbatim.iter().peekable();
-        for fragment in ResponseCodec::default().encode(response) {
-            match fragment {
-                Fragment::Line { data } => self.out.extend_from_slice(&data),
-                Fragment::Literal { data, .. } => {
-                    let original = pending.next_if(|o| {
-                        o.len() == data.len()
-                            && o.iter()
-                                .zip(&data)
-                                .all(|(&o, &d)| d == if o == 0 { 1 } else { o })
-                    });
-                    self.out
-                        .extend_from_slice(original.copied().unwrap_or(&data));
+        for (n, fragment) in fragments.into_iter().enumerate() {
+            let (data, literal) = match fragment {
+                Fragment::Line { data } => (data, false),
+                Fragment::Literal { data, .. } => (data, true),
+            };
+            let mut bytes: &[u8] = &data;
+            if n == 0 {
+                bytes = bytes.strip_prefix(prefix.as_bytes()).unwrap_or(bytes);
+            }
+            if n == last {
+                bytes = bytes.strip_suffix(b")\r\n").unwrap_or(bytes);
+            }
+            if literal {
+                let original = pending.next_if(|o| {
+                    o.len() == bytes.len()
+                        && o.iter()
+                            .zip(bytes)
+                            .all(|(&o, &d)| d == if o == 0 { 1 } else { o })
+                });
+                if let Some(original) = original {
+                    bytes = original;
                 }
             }
+            if bytes.len() >= DIRECT {
+                // Large literals go straight to the connection, not through `out`.
+                self.stream.write_all(&self.out).await?;
+                self.out.clear();
+                self.stream.write_all(bytes).await?;
+            } else {
+                self.out.extend_from_slice(bytes);
+            }
         }
+        Ok(())
+    }
+
+    /// Closes the FETCH reply and sends it.
+    async fn end_fetch(&mut self) -> io::Result<()> {
+        self.out.extend_from_slice(b")\r\n");
+        self.flush().await
     }
 
     fn push_raw(&mut self, bytes: &[u8]) {

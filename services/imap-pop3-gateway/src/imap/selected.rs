@@ -767,7 +767,7 @@ pub fn set_string(numbers: &[u32]) -> Option<String> {
 
 /// Stored bytes for a non-BINARY item: a string or literal as usual; bytes that hold
 /// NUL (which an IMAP literal may not) become a placeholder literal of the same
-/// length, replaced on the wire by the bytes themselves (`Conn::push_verbatim`):
+/// length, replaced on the wire by the bytes themselves (`Conn::fetch_item`):
 /// the message is served as stored, never altered.
 fn stored<'r>(data: &'r [u8], verbatim: &mut Vec<&'r [u8]>) -> IString<'static> {
     if !data.contains(&0) {
@@ -791,6 +791,121 @@ fn binary_value(data: &[u8]) -> NString8<'static> {
         })
     } else {
         NString8::NString(NString(Some(istring_bytes(data))))
+    }
+}
+
+/// The bytes `item` puts on the wire for a message (its literal; 0 for the small
+/// items), before any copy is made.
+fn item_bytes(item: &MessageDataItemName<'_>, raw: Option<&[u8]>, p: Option<&Parsed<'_>>) -> usize {
+    match item {
+        MessageDataItemName::Rfc822 => raw.map_or(0, <[u8]>::len),
+        MessageDataItemName::Rfc822Header => p.map_or(0, |p| p.header().len()),
+        MessageDataItemName::Rfc822Text => p.map_or(0, |p| p.text().len()),
+        MessageDataItemName::BodyExt {
+            section, partial, ..
+        } => {
+            let len = p.map_or(0, |p| p.section_len(section.as_ref()));
+            partial.map_or(len, |(start, n)| {
+                len.saturating_sub(start as usize).min(n.get() as usize)
+            })
+        }
+        MessageDataItemName::Binary { partial, .. } => {
+            let len = raw.map_or(0, <[u8]>::len);
+            partial.map_or(len, |(_, n)| len.min(n.get() as usize))
+        }
+        _ => 0,
+    }
+}
+
+/// One FETCH item of message `m` (content items need `raw` and `p`; BINARY's
+/// transfer encoding is known to be one we undo).
+fn fetch_item<'r>(
+    item: &MessageDataItemName<'static>,
+    m: &Msg,
+    seen_now: bool,
+    raw: Option<&'r [u8]>,
+    p: Option<&Parsed<'r>>,
+    verbatim: &mut Vec<&'r [u8]>,
+) -> MessageDataItem<'static> {
+    let content = || p.expect("content");
+    match item {
+        MessageDataItemName::Uid => MessageDataItem::Uid(nz(m.uid)),
+        MessageDataItemName::Flags => {
+            let mut flags = fetch_flags(&m.flags);
+            if seen_now {
+                flags.push(FlagFetch::Flag(Flag::Seen));
+            }
+            MessageDataItem::Flags(flags)
+        }
+        MessageDataItemName::InternalDate => {
+            MessageDataItem::InternalDate(internal_date(m.internal_date_ms))
+        }
+        MessageDataItemName::Rfc822Size => {
+            MessageDataItem::Rfc822Size(u32::try_from(m.size).unwrap_or(u32::MAX))
+        }
+        MessageDataItemName::ModSeq => {
+            MessageDataItem::ModSeq(NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN))
+        }
+        MessageDataItemName::Envelope => MessageDataItem::Envelope(content().envelope()),
+        MessageDataItemName::BodyStructure => {
+            MessageDataItem::BodyStructure(content().body_structure(true))
+        }
+        MessageDataItemName::Body => MessageDataItem::Body(content().body_structure(false)),
+        MessageDataItemName::Rfc822 => {
+            MessageDataItem::Rfc822(NString(Some(stored(raw.unwrap_or_default(), verbatim))))
+        }
+        MessageDataItemName::Rfc822Header => {
+            MessageDataItem::Rfc822Header(NString(Some(stored(content().header(), verbatim))))
+        }
+        MessageDataItemName::Rfc822Text => {
+            MessageDataItem::Rfc822Text(NString(Some(stored(content().text(), verbatim))))
+        }
+        MessageDataItemName::BodyExt {
+            section, partial, ..
+        } => {
+            let bytes = content().section(section.as_ref());
+            let (range, origin) = match partial {
+                Some((start, len)) => {
+                    let s = (*start as usize).min(bytes.len());
+                    let e = s.saturating_add(len.get() as usize).min(bytes.len());
+                    (s..e, Some(*start))
+                }
+                None => (0..bytes.len(), None),
+            };
+            let data = match bytes {
+                // A piece of the stored message: verbatim if it must be.
+                std::borrow::Cow::Borrowed(b) => stored(&b[range], verbatim),
+                // HEADER.FIELDS: lines picked from it.
+                std::borrow::Cow::Owned(o) => istring_bytes(&o[range]),
+            };
+            MessageDataItem::BodyExt {
+                section: section.clone(),
+                origin,
+                data: NString(Some(data)),
+            }
+        }
+        MessageDataItemName::Binary {
+            section, partial, ..
+        } => {
+            let bytes = content().binary(section).unwrap_or_default();
+            let data = match partial {
+                Some((start, len)) => {
+                    let s = (*start as usize).min(bytes.len());
+                    let e = s.saturating_add(len.get() as usize).min(bytes.len());
+                    &bytes[s..e]
+                }
+                None => &bytes[..],
+            };
+            MessageDataItem::Binary {
+                section: section.clone(),
+                value: binary_value(data),
+            }
+        }
+        MessageDataItemName::BinarySize { section } => MessageDataItem::BinarySize {
+            section: section.clone(),
+            size: u32::try_from(content().binary(section).map_or(0, |b| b.len()))
+                .unwrap_or(u32::MAX),
+        },
     }
 }
 
@@ -973,6 +1088,11 @@ impl Session {
                 let mut hit_uids = Vec::new();
                 let mut highest = 0;
                 for (i, m) in sel.messages.iter().enumerate() {
+                    // The stored bytes and their decoded text.
+                    let _memory = match content {
+                        true => Some(hold_memory(&gw, m.size.saturating_mul(2)).await),
+                        false => None,
+                    };
                     let raw = if content {
                         match fetch_message(&gw, sel, m.uid).await {
                             Ok(raw) => Some(raw),
@@ -1338,6 +1458,12 @@ impl Session {
             if changed_since.is_some_and(|c| m.modseq <= c) {
                 continue;
             }
+            // The stored bytes, one item made of them and its encoding, until the
+            // reply is on the wire.
+            let _memory = match content {
+                true => Some(hold_memory(&gw, m.size.saturating_mul(3)).await),
+                false => None,
+            };
             let raw = if content {
                 match fetch_message(&gw, sel, m.uid).await {
                     Ok(raw) => Some(raw),
@@ -1361,170 +1487,13 @@ impl Session {
                 to_mark.push(m.uid);
                 seen_now = true;
             }
-            let mut out = Vec::with_capacity(items.len() + 1);
-            // Stored bytes go out as stored: literals holding NUL (not allowed in an
-            // IMAP literal, so never altered either) are written verbatim.
-            let mut verbatim: Vec<&[u8]> = Vec::new();
-            // What this message's reply carries, checked before each copy is made.
-            let mut size = 0usize;
-            let mut over_budget = false;
-            let mut charge = |bytes: usize| {
-                size = size.saturating_add(bytes);
-                over_budget |= size > budget;
-                !over_budget
-            };
-            for &item in &items {
-                let p = parsed.as_ref();
-                let item_bytes = match item {
-                    MessageDataItemName::Rfc822 => raw.as_deref().map_or(0, <[u8]>::len),
-                    MessageDataItemName::Rfc822Header => p.map_or(0, |p| p.header().len()),
-                    MessageDataItemName::Rfc822Text => p.map_or(0, |p| p.text().len()),
-                    MessageDataItemName::BodyExt {
-                        section, partial, ..
-                    } => {
-                        let len = p.map_or(0, |p| p.section_len(section.as_ref()));
-                        partial.map_or(len, |(start, n)| {
-                            len.saturating_sub(start as usize).min(n.get() as usize)
-                        })
-                    }
-                    MessageDataItemName::Binary { partial, .. } => {
-                        let len = raw.as_deref().map_or(0, <[u8]>::len);
-                        partial.map_or(len, |(_, n)| len.min(n.get() as usize))
-                    }
-                    _ => 0,
-                };
-                if !charge(item_bytes) {
-                    break;
-                }
-                out.push(match item {
-                    MessageDataItemName::Uid => MessageDataItem::Uid(nz(m.uid)),
-                    MessageDataItemName::Flags => {
-                        let mut flags = fetch_flags(&m.flags);
-                        if seen_now {
-                            flags.push(FlagFetch::Flag(Flag::Seen));
-                        }
-                        MessageDataItem::Flags(flags)
-                    }
-                    MessageDataItemName::InternalDate => {
-                        MessageDataItem::InternalDate(internal_date(m.internal_date_ms))
-                    }
-                    MessageDataItemName::Rfc822Size => {
-                        MessageDataItem::Rfc822Size(u32::try_from(m.size).unwrap_or(u32::MAX))
-                    }
-                    MessageDataItemName::ModSeq => MessageDataItem::ModSeq(
-                        NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN),
-                    ),
-                    MessageDataItemName::Envelope => {
-                        MessageDataItem::Envelope(p.expect("content").envelope())
-                    }
-                    MessageDataItemName::BodyStructure => {
-                        MessageDataItem::BodyStructure(p.expect("content").body_structure(true))
-                    }
-                    MessageDataItemName::Body => {
-                        MessageDataItem::Body(p.expect("content").body_structure(false))
-                    }
-                    MessageDataItemName::Rfc822 => MessageDataItem::Rfc822(NString(Some(stored(
-                        raw.as_deref().unwrap_or_default(),
-                        &mut verbatim,
-                    )))),
-                    MessageDataItemName::Rfc822Header => MessageDataItem::Rfc822Header(NString(
-                        Some(stored(p.expect("content").header(), &mut verbatim)),
-                    )),
-                    MessageDataItemName::Rfc822Text => MessageDataItem::Rfc822Text(NString(Some(
-                        stored(p.expect("content").text(), &mut verbatim),
-                    ))),
-                    MessageDataItemName::BodyExt {
-                        section, partial, ..
-                    } => {
-                        let bytes = p.expect("content").section(section.as_ref());
-                        let (range, origin) = match partial {
-                            Some((start, len)) => {
-                                let s = (*start as usize).min(bytes.len());
-                                let e = s.saturating_add(len.get() as usize).min(bytes.len());
-                                (s..e, Some(*start))
-                            }
-                            None => (0..bytes.len(), None),
-                        };
-                        let data = match bytes {
-                            // A piece of the stored message: verbatim if it must be.
-                            std::borrow::Cow::Borrowed(b) => stored(&b[range], &mut verbatim),
-                            // HEADER.FIELDS: lines picked from it.
-                            std::borrow::Cow::Owned(o) => istring_bytes(&o[range]),
-                        };
-                        MessageDataItem::BodyExt {
-                            section: section.clone(),
-                            origin,
-                            data: NString(Some(data)),
-                        }
-                    }
-                    MessageDataItemName::Binary {
-                        section, partial, ..
-                    } => match p.expect("content").binary(section) {
-                        Ok(bytes) => {
-                            let data = match partial {
-                                Some((start, len)) => {
-                                    let s = (*start as usize).min(bytes.len());
-                                    let e = s.saturating_add(len.get() as usize).min(bytes.len());
-                                    &bytes[s..e]
-                                }
-                                None => &bytes[..],
-                            };
-                            MessageDataItem::Binary {
-                                section: section.clone(),
-                                value: binary_value(data),
-                            }
-                        }
-                        Err(_) => {
-                            conn.push(&status(
-                                Some(tag),
-                                StatusKind::No,
-                                Some(Code::UnknownCte),
-                                "Unknown Content-Transfer-Encoding",
-                            ));
-                            return Ok(());
-                        }
-                    },
-                    MessageDataItemName::BinarySize { section } => {
-                        match p.expect("content").binary(section) {
-                            Ok(bytes) => MessageDataItem::BinarySize {
-                                section: section.clone(),
-                                size: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
-                            },
-                            Err(_) => {
-                                conn.push(&status(
-                                    Some(tag),
-                                    StatusKind::No,
-                                    Some(Code::UnknownCte),
-                                    "Unknown Content-Transfer-Encoding",
-                                ));
-                                return Ok(());
-                            }
-                        }
-                    }
-                });
-            }
-            if seen_now
-                && !items
-                    .iter()
-                    .any(|i| matches!(i, MessageDataItemName::Flags))
-            {
-                // The implicit \Seen is reported even when FLAGS was not asked for.
-                let mut flags = fetch_flags(&m.flags);
-                flags.push(FlagFetch::Flag(Flag::Seen));
-                out.push(MessageDataItem::Flags(flags));
-            }
-            if condstore
-                && !items
-                    .iter()
-                    .any(|i| matches!(i, MessageDataItemName::ModSeq))
-                && changed_since.is_some()
-            {
-                out.push(MessageDataItem::ModSeq(
-                    NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN),
-                ));
-            }
-            if over_budget {
-                // Nothing of this message's reply was made beyond the budget.
+            // What this message's reply carries, counted before anything is made:
+            // over the budget, or BINARY of an unknown transfer encoding, and nothing
+            // of it is sent.
+            let size = items.iter().fold(0usize, |size, &item| {
+                size.saturating_add(item_bytes(item, raw.as_deref(), parsed.as_ref()))
+            });
+            if size > budget {
                 crate::metrics::event(super::PROTOCOL, "fetch_over_limit");
                 conn.push(&status(
                     Some(tag),
@@ -1534,15 +1503,62 @@ impl Session {
                 ));
                 return Ok(());
             }
-            conn.push_verbatim(
-                &Response::Data(Data::Fetch {
-                    seq: nz(i as u32 + 1),
-                    items: Vec1::try_from(out).expect("not empty"),
-                }),
-                &verbatim,
-            );
-            // One message at a time on the wire: memory stays bounded by one message.
-            conn.flush().await?;
+            let unknown_cte = items.iter().any(|item| match item {
+                MessageDataItemName::Binary { section, .. }
+                | MessageDataItemName::BinarySize { section } => {
+                    parsed.as_ref().is_some_and(|p| p.binary(section).is_err())
+                }
+                _ => false,
+            });
+            if unknown_cte {
+                conn.push(&status(
+                    Some(tag),
+                    StatusKind::No,
+                    Some(Code::UnknownCte),
+                    "Unknown Content-Transfer-Encoding",
+                ));
+                return Ok(());
+            }
+            // One item at a time on the wire: memory holds the message and one copy
+            // of one item, whatever was asked for.
+            let seq = nz(i as u32 + 1);
+            conn.begin_fetch(seq);
+            for &item in &items {
+                // Stored bytes go out as stored: literals holding NUL (not allowed in
+                // an IMAP literal, so never altered either) are written verbatim.
+                let mut verbatim: Vec<&[u8]> = Vec::new();
+                let built = fetch_item(
+                    item,
+                    &m,
+                    seen_now,
+                    raw.as_deref(),
+                    parsed.as_ref(),
+                    &mut verbatim,
+                );
+                conn.fetch_item(seq, built, &verbatim).await?;
+            }
+            if seen_now
+                && !items
+                    .iter()
+                    .any(|i| matches!(i, MessageDataItemName::Flags))
+            {
+                // The implicit \Seen is reported even when FLAGS was not asked for.
+                let mut flags = fetch_flags(&m.flags);
+                flags.push(FlagFetch::Flag(Flag::Seen));
+                conn.fetch_item(seq, MessageDataItem::Flags(flags), &[])
+                    .await?;
+            }
+            if condstore
+                && !items
+                    .iter()
+                    .any(|i| matches!(i, MessageDataItemName::ModSeq))
+                && changed_since.is_some()
+            {
+                let modseq = NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN);
+                conn.fetch_item(seq, MessageDataItem::ModSeq(modseq), &[])
+                    .await?;
+            }
+            conn.end_fetch().await?;
         }
         if !to_mark.is_empty() {
             let r = store_batched(
@@ -1631,6 +1647,26 @@ fn search_uses_modseq(key: &SearchKey<'_>) -> bool {
 /// The whole stored message.
 async fn fetch_message(gw: &Gateway, sel: &Selected, uid: u32) -> Result<Vec<u8>, tonic::Status> {
     gw.store.fetch(&sel.user, &sel.name, uid).await
+}
+
+/// Holds `bytes` of `imap.max_fetch_memory` while a message is in memory; waits
+/// while other sessions hold it all. A session holds one at a time, so no session
+/// waits on itself.
+async fn hold_memory(gw: &Gateway, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+    let kib = u32::try_from(bytes.div_ceil(1024))
+        .unwrap_or(u32::MAX)
+        .clamp(1, gw.fetch_memory_kib);
+    match gw.fetch_memory.clone().try_acquire_many_owned(kib) {
+        Ok(permit) => permit,
+        Err(_) => {
+            crate::metrics::event(super::PROTOCOL, "fetch_memory_wait");
+            gw.fetch_memory
+                .clone()
+                .acquire_many_owned(kib)
+                .await
+                .expect("the semaphore is never closed")
+        }
+    }
 }
 
 #[cfg(test)]
