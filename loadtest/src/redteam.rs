@@ -1006,32 +1006,45 @@ async fn srs_bounces(ctx: Arc<Ctx>) -> anyhow::Result<String> {
 /// Delivers a 200 KB message to bob (once per run); its UID.
 async fn big_message(ctx: &Ctx) -> anyhow::Result<(Imap, u32, usize)> {
     let subject = format!("big-{}", ctx.nonce);
-    let mut m =
-        format!("From: someone@example.org\r\nTo: bob@acme.test\r\nSubject: {subject}\r\n\r\n");
-    while m.len() < 200_000 {
-        m.push_str("0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n");
-    }
+    let m = filler(&subject, 200_000);
     let (s, uids) = match ctx
         .wait_for_quick("bob@acme.test", "bob-pw", &subject)
         .await?
     {
         Some(found) => found,
-        None => {
-            let mut c = ctx.mx_session(ctx.fresh_ip()).await?;
-            c.transaction(
-                "someone@example.org",
-                &["bob@acme.test"],
-                m.as_bytes(),
-                "250",
-            )
-            .await?;
-            ctx.wait_for("bob@acme.test", "bob-pw", &subject).await?
-        }
+        None => ctx.deliver_to_bob(&subject, &m).await?,
     };
     Ok((s, uids[0], m.len()))
 }
 
+/// A message to bob of at least `bytes` bytes of plain lines.
+fn filler(subject: &str, bytes: usize) -> String {
+    let mut m =
+        format!("From: someone@example.org\r\nTo: bob@acme.test\r\nSubject: {subject}\r\n\r\n");
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    m.push_str(&line.repeat(bytes.saturating_sub(m.len()).div_ceil(line.len())));
+    m
+}
+
 impl Ctx {
+    /// Sends `message` to bob through the MX from a stranger and waits until it is
+    /// in his INBOX.
+    async fn deliver_to_bob(
+        &self,
+        subject: &str,
+        message: &str,
+    ) -> anyhow::Result<(Imap, Vec<u32>)> {
+        let mut c = self.mx_session(self.fresh_ip()).await?;
+        c.transaction(
+            "someone@example.org",
+            &["bob@acme.test"],
+            message.as_bytes(),
+            "250",
+        )
+        .await?;
+        self.wait_for("bob@acme.test", "bob-pw", subject).await
+    }
+
     async fn wait_for_quick(
         &self,
         user: &str,
@@ -1179,19 +1192,8 @@ async fn sessions_per_user(ctx: Arc<Ctx>) -> anyhow::Result<String> {
 async fn fetch_memory(ctx: Arc<Ctx>) -> anyhow::Result<String> {
     const SESSIONS: usize = 20;
     let subject = format!("huge-{}", ctx.nonce);
-    let mut m =
-        format!("From: someone@example.org\r\nTo: bob@acme.test\r\nSubject: {subject}\r\n\r\n");
-    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
-    m.push_str(&line.repeat(10_000_000 / line.len()));
-    let mut c = ctx.mx_session(ctx.fresh_ip()).await?;
-    c.transaction(
-        "someone@example.org",
-        &["bob@acme.test"],
-        m.as_bytes(),
-        "250",
-    )
-    .await?;
-    let (_, uids) = ctx.wait_for("bob@acme.test", "bob-pw", &subject).await?;
+    let m = filler(&subject, 10_000_000);
+    let (_, uids) = ctx.deliver_to_bob(&subject, &m).await?;
     let uid = uids[0];
     let rss = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
