@@ -327,10 +327,15 @@ fn iprev_result(r: &IprevResult) -> AuthResult {
 /// How many From fields the header section of `message` has (names compared
 /// without case; folded lines belong to their field).
 fn from_fields(message: &[u8]) -> usize {
-    let header_end = message
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(message.len(), |p| p + 2);
+    // A message that starts with its blank line has no header section at all.
+    let header_end = if message.starts_with(b"\r\n") {
+        0
+    } else {
+        message
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(message.len(), |p| p + 2)
+    };
     message[..header_end]
         .split(|&b| b == b'\n')
         .filter(|line| {
@@ -341,6 +346,28 @@ fn from_fields(message: &[u8]) -> usize {
                 && !line.starts_with(b"\t")
         })
         .count()
+}
+
+/// RFC 7489 §6.6.1: DMARC evaluates one author domain, so a message needs exactly
+/// one From field whose addresses, as mail-auth reads them (the check and this rule
+/// must agree: mail-auth skips DMARC for a From it cannot reduce to one domain),
+/// share one domain. Not so for no From, two, a group or a mailbox without an
+/// address, or authors of several domains.
+fn one_author(raw: &[u8], message: Option<&AuthenticatedMessage<'_>>) -> bool {
+    let Some(message) = message else {
+        return false;
+    };
+    if from_fields(raw) != 1 {
+        return false;
+    }
+    let mut domains = message
+        .from
+        .iter()
+        .map(|a| a.rsplit_once('@').map(|(_, d)| d));
+    match domains.next() {
+        Some(Some(first)) if !first.is_empty() => domains.all(|d| d == Some(first)),
+        _ => false,
+    }
 }
 
 #[async_trait]
@@ -411,7 +438,7 @@ impl AuthCheck for Checker {
         // domain to evaluate; such a message is handled as failing DMARC with
         // p=reject (the tenant's policy for that decides), and its
         // Authentication-Results says why instead of an empty header.from.
-        let single_from = from_fields(facts.message) == 1;
+        let single_from = one_author(facts.message, message.as_ref());
         if let Some(message) = &message {
             let (dkim, arc) =
                 tokio::join!(self.dns.verify_dkim(message), self.dns.verify_arc(message));
@@ -425,25 +452,6 @@ impl AuthCheck for Checker {
                     .map_or(AuthResult::None, |d| dkim_result(d.result()))
             };
             verdict.arc = dkim_result(arc.result());
-            // A copy goes to another domain: sealed with what this hop found (RFC
-            // 8617 §5.1), when the chain so far allows it (cv is none or pass).
-            if facts.arc_seal
-                && let Some(key) = &self.arc_seal
-            {
-                let mut results = header.clone();
-                if single_from {
-                    // The DMARC result belongs in the seal's results too.
-                    let dmarc = self
-                        .dns
-                        .verify_dmarc(DmarcParameters::new(message, &dkim, &spf_domain, &spf))
-                        .await;
-                    results = results.with_dmarc_result(&dmarc);
-                }
-                match key.seal(message, facts.message, &results, &arc) {
-                    Ok(set) => verdict.arc_set = Some(set),
-                    Err(e) => tracing::info!(error = %e, "not ARC-sealing a message to forward"),
-                }
-            }
             if single_from {
                 let dmarc = self
                     .dns
@@ -457,6 +465,22 @@ impl AuthCheck for Checker {
                     _ => DmarcPolicy::None,
                 };
                 verdict.dmarc_domain = dmarc.domain().to_owned();
+            }
+            // A copy goes to another domain: sealed with what this hop found (RFC
+            // 8617 §5.1), DMARC included, when the chain so far allows it (cv is
+            // none or pass). Mail that fails DMARC under p=reject is not forwarded,
+            // so it is not sealed either.
+            let forwarded = single_from
+                && !(verdict.dmarc == AuthResult::Fail
+                    && verdict.dmarc_policy == DmarcPolicy::Reject);
+            if facts.arc_seal
+                && forwarded
+                && let Some(key) = &self.arc_seal
+            {
+                match key.seal(message, facts.message, &header, &arc) {
+                    Ok(set) => verdict.arc_set = Some(set),
+                    Err(e) => tracing::info!(error = %e, "not ARC-sealing a message to forward"),
+                }
             }
         }
         if !single_from {

@@ -178,30 +178,41 @@ impl ArcSealKey {
         results: &mail_auth::AuthenticationResults<'_>,
         arc: &mail_auth::ArcOutput<'_>,
     ) -> Result<String, SignError> {
-        use mail_auth::arc::ArcSealer;
         let e = |e: mail_auth::Error| SignError(e.to_string());
         let headers = signed_headers(raw);
-        let set = match self.algorithm {
-            KeyAlgorithm::Ed25519 => {
-                ArcSealer::from_key(Ed25519Key::from_pkcs8_der(&self.pkcs8).map_err(e)?)
-                    .domain(self.domain.as_str())
-                    .selector(self.selector.as_str())
-                    .headers(headers)
-                    .seal(message, results, arc)
-                    .map_err(e)?
-                    .to_header()
-            }
+        match self.algorithm {
+            KeyAlgorithm::Ed25519 => self.seal_with(
+                Ed25519Key::from_pkcs8_der(&self.pkcs8).map_err(e)?,
+                headers,
+                (message, results, arc),
+            ),
             KeyAlgorithm::Rsa => {
                 let der = rustls_pki_types::PrivateKeyDer::Pkcs8(self.pkcs8.clone().into());
-                ArcSealer::from_key(RsaKey::<Sha256>::from_key_der(der).map_err(e)?)
-                    .domain(self.domain.as_str())
-                    .selector(self.selector.as_str())
-                    .headers(headers)
-                    .seal(message, results, arc)
-                    .map_err(e)?
-                    .to_header()
+                self.seal_with(
+                    RsaKey::<Sha256>::from_key_der(der).map_err(e)?,
+                    headers,
+                    (message, results, arc),
+                )
             }
-        };
-        Ok(set)
+        }
+        .map_err(e)
+    }
+
+    fn seal_with<K: SigningKey<Hasher = Sha256>>(
+        &self,
+        key: K,
+        headers: Vec<String>,
+        (message, results, arc): (
+            &mail_auth::AuthenticatedMessage<'_>,
+            &mail_auth::AuthenticationResults<'_>,
+            &mail_auth::ArcOutput<'_>,
+        ),
+    ) -> mail_auth::Result<String> {
+        Ok(mail_auth::arc::ArcSealer::from_key(key)
+            .domain(self.domain.as_str())
+            .selector(self.selector.as_str())
+            .headers(headers)
+            .seal(message, results, arc)?
+            .to_header())
     }
 }

@@ -93,6 +93,9 @@ pub struct IngressConfig {
     /// original sender; forged or expired ones are refused. Without it, such
     /// addresses are unknown users.
     pub srs: Option<mailmesh_auth::srs::SrsConfig>,
+    /// Received fields a message may carry; more are refused with `554 5.4.6` as a
+    /// mail loop (RFC 5321 §6.3), so a forwarding loop ends instead of growing.
+    pub max_received_fields: usize,
 }
 
 impl Default for IngressConfig {
@@ -119,6 +122,7 @@ impl Default for IngressConfig {
             authserv_id: None,
             max_connections_per_ip: 50,
             srs: None,
+            max_received_fields: 100,
         }
     }
 }

@@ -1239,7 +1239,7 @@ impl<'a> Session<'a> {
         };
         // BDAT content may be binary (BINARYMIME is not offered, so it is not).
         let message = normalize_line_ends(message);
-        if let Some(reply) = refused_content(&message) {
+        if let Some(reply) = refused_content(&message, self.ingress.config.max_received_fields) {
             crate::metrics::rejected("malformed");
             tracing::info!(peer = %self.peer, reply = reply.trim_end(), "message refused");
             return reply.into();
@@ -1725,10 +1725,14 @@ pub fn strip_forged_results(message: Vec<u8>, ours: &[&str]) -> Vec<u8> {
         let claimed = if name.eq_ignore_ascii_case(b"authentication-results") {
             first_token(&value)
         } else if name.eq_ignore_ascii_case(b"arc-authentication-results") {
-            // `i=N; authserv-id; ...` (RFC 8617 §4.1.1).
-            value
-                .split_once(';')
-                .and_then(|(_, rest)| first_token(rest))
+            // `i=N; authserv-id; ...` (RFC 8617 §4.1.1); either of the first two
+            // parts, as a lenient reader might take the other order.
+            let parts = split_outside_comments(&value);
+            return parts
+                .iter()
+                .take(2)
+                .filter_map(|p| first_token(p))
+                .any(|id| ours.contains(&normalize_id(&id)));
         } else {
             return false;
         };
@@ -1745,6 +1749,32 @@ pub fn strip_forged_results(message: Vec<u8>, ours: &[&str]) -> Vec<u8> {
     }
     out.extend_from_slice(&message[headers_end..]);
     out
+}
+
+/// `value` split at the semicolons outside comments, quoted strings and escapes
+/// (`i=1 (a;b); localhost; …` is three parts, not four).
+fn split_outside_comments(value: &str) -> Vec<&str> {
+    let (mut parts, mut start, mut depth) = (Vec::new(), 0, 0usize);
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in value.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' => escaped = true,
+            '"' if depth == 0 => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => depth = depth.saturating_sub(1),
+            ';' if !quoted && depth == 0 => {
+                parts.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&value[start..]);
+    parts
 }
 
 /// An authserv-id as receivers compare it: without backslash escapes, a trailing
@@ -1799,22 +1829,33 @@ fn first_token(value: &str) -> Option<String> {
 /// it differently from us: NUL bytes (RFC 5322 §2.3; a receiver that drops them
 /// before looking for the end of data, or for a header name, sees another message
 /// or another field: `From\0:` passed DMARC and the From check) and header field
-/// names with anything but printable ASCII (RFC 5322 §3.6.8 ftext; whitespace only
-/// before the colon, as the obsolete syntax allows).
-pub fn refused_content(message: &[u8]) -> Option<&'static str> {
+/// names with anything but printable ASCII (RFC 5322 §3.6.8 ftext). Lines of the
+/// header section without a colon and whitespace before the colon (the obsolete
+/// syntax) are refused too: mail-auth ends the header section at the first and
+/// drops fields with the second, while mail clients show them, so `From : ceo@…`
+/// or a junk line before the From had DMARC look at no From at all. More than
+/// `max_received` Received fields is a loop.
+pub fn refused_content(message: &[u8], max_received: usize) -> Option<&'static str> {
     if memchr::memchr(0, message).is_some() {
         return Some("550 5.6.0 NUL characters are not allowed in a message\r\n");
     }
     let (fields, _) = crate::submit::header_fields(message);
+    let mut received = 0;
     for range in fields {
         let field = &message[range];
-        let Some(colon) = field.iter().position(|&b| b == b':') else {
-            continue;
+        let Some(colon) = memchr::memchr(b':', field) else {
+            return Some("550 5.6.0 Malformed header field (no colon)\r\n");
         };
-        let name = field[..colon].trim_ascii_end();
+        let name = &field[..colon];
         let ftext = |b: &u8| (33..=126).contains(b) && *b != b':';
         if name.is_empty() || !name.iter().all(ftext) {
             return Some("550 5.6.0 Malformed header field name\r\n");
+        }
+        if name.eq_ignore_ascii_case(b"received") {
+            received += 1;
+            if received > max_received {
+                return Some("554 5.4.6 Too many Received fields: a mail loop?\r\n");
+            }
         }
     }
     None

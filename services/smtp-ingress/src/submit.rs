@@ -171,7 +171,7 @@ pub fn header_fields(message: &[u8]) -> (Vec<Range<usize>>, usize) {
 }
 
 pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// The name of a header field, if it has one.

@@ -286,8 +286,9 @@ async fn edge_transcripts() {
     let s = server(IngressConfig::default()).await;
     let mut c = Client::connect(&s).await;
     c.hello().await;
-    // A message whose first line is dot-stuffed, and an empty one.
-    c.message("..first\r\n.\r\n").await;
+    // A message whose first line is dot-stuffed (a header field: a line without a
+    // colon is no header, and is refused), and an empty one.
+    c.message("..first: line\r\n\r\nbody\r\n.\r\n").await;
     c.message(".\r\n").await;
     // DATA after BDAT is refused.
     c.cmd("MAIL FROM:<bob@example.org>", "250").await;
@@ -307,7 +308,7 @@ async fn edge_transcripts() {
     let queued = s.queued(2).await;
     let texts = [body(&s, &queued[0]).await, body(&s, &queued[1]).await];
     assert!(
-        texts.iter().any(|t| t.ends_with("\r\n.first\r\n")),
+        texts.iter().any(|t| t.ends_with("\r\n.first: line\r\n\r\nbody\r\n")),
         "{texts:?}"
     );
 
@@ -775,6 +776,20 @@ async fn nul_bytes_and_odd_header_names_are_refused() {
             "Fr\u{e9}om: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
             "550 5.6.0 Malformed header",
         ),
+        // mail-auth drops a field with space before the colon and ends the header
+        // section at a line without one: DMARC saw no From while clients show it.
+        (
+            "From : ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.6.0 Malformed header field name",
+        ),
+        (
+            "junk\r\nFrom: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.6.0 Malformed header field (no colon)",
+        ),
+        (
+            " folded: first\r\nFrom: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+            "550 5.6.0 Malformed header",
+        ),
     ] {
         c.cmd("MAIL FROM:<bob@example.org>", "250").await;
         c.cmd("RCPT TO:<alice@acme.test>", "250").await;
@@ -782,8 +797,8 @@ async fn nul_bytes_and_odd_header_names_are_refused() {
         c.send(data).await;
         c.expect(reply).await;
     }
-    // The obsolete space before the colon is still a header name.
-    c.message("From : bob@example.org\r\nSubject: old style\r\n\r\nok\r\n.\r\n")
+    // Folded fields and every printable name are fine.
+    c.message("From: bob@example.org\r\nX-Odd_Name!: a\r\n\tfolded\r\n\r\nok\r\n.\r\n")
         .await;
     c.cmd("QUIT", "221").await;
     assert_eq!(s.queued(1).await.len(), 1);
@@ -803,6 +818,12 @@ async fn no_single_from_fails_dmarc_handling() {
         "Subject: no author\r\n\r\nhi\r\n.\r\n",
         "From: bob@example.org\r\nFrom: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
         "From: bob@example.org\r\nfrom: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+        // One field, but no single author domain mail-auth would evaluate.
+        "From: bob@example.org, ceo@forged.test\r\n\r\nhi\r\n.\r\n",
+        "From: undisclosed-recipients:;\r\n\r\nhi\r\n.\r\n",
+        "From: \"ceo@forged.test\" <>\r\n\r\nhi\r\n.\r\n",
+        // A blank first line: no header section, the From is in the body.
+        "\r\nFrom: ceo@forged.test\r\n\r\nhi\r\n.\r\n",
     ] {
         c.cmd("MAIL FROM:<bob@example.org>", "250").await;
         c.cmd("RCPT TO:<alice@acme.test>", "250").await;
@@ -836,6 +857,36 @@ async fn no_single_from_fails_dmarc_handling() {
     assert!(!text.contains("header.from=\r\n"), "{text}");
 }
 
+/// A forwarding loop grew each pass (ARC set, Received, results) for ever: more
+/// than `max_received_fields` Received fields is refused as a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_loop_ends_at_the_received_limit() {
+    let s = server(IngressConfig {
+        max_received_fields: 5,
+        ..IngressConfig::default()
+    })
+    .await;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    let hops = |n: usize| "Received: from a by b; Mon, 7 Dec 2026 00:00:00 +0000\r\n".repeat(n);
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(&format!(
+        "{}From: bob@example.org\r\n\r\nloop\r\n.\r\n",
+        hops(6)
+    ))
+    .await;
+    c.expect("554 5.4.6").await;
+    c.message(&format!(
+        "{}From: bob@example.org\r\n\r\nfine\r\n.\r\n",
+        hops(5)
+    ))
+    .await;
+    c.cmd("QUIT", "221").await;
+    assert_eq!(s.queued(1).await.len(), 1);
+}
+
 /// Issue 16 §7: `<CRLF>.<CR><CR><LF>` ended the data; only `<CRLF>.<CRLF>` does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_crlf_dot_crlf_ends_the_data() {
@@ -864,6 +915,8 @@ async fn every_spelling_of_our_results_is_removed() {
         "Authentication-Results: mx.acme.test.; dmarc=pass\r\n\
          Authentication-Results: mx.acme.test\\; dmarc=pass\r\n\
          ARC-Authentication-Results: i=1; mx.acme.test; dmarc=pass\r\n\
+         ARC-Authentication-Results: i=1 (a;b); mx.acme.test; dmarc=pass\r\n\
+         ARC-Authentication-Results: mx.acme.test; i=1; dmarc=pass\r\n\
          From: Bob <bob@example.org>\r\nSubject: hi\r\n\r\nbody\r\n.\r\n",
     )
     .await;
