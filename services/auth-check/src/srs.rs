@@ -10,9 +10,11 @@
 //!   `SRS1=HHHHHHHH=first.forwarder==HHHHHHHH=TT=orig.domain=orig-local@forwarding.domain`
 //!
 //! `HHHHHHHH` is a keyed hash (HMAC-SHA256, 40 bits in base32, so the case a
-//! receiver may change does not matter) and `TT` the day it was made (base32, mod
-//! 1024): only addresses this deployment made, and not older than `max_age`, are
-//! decoded when a bounce comes back to them; forged or expired ones are refused.
+//! receiver may change does not matter) over the parts and the forwarding domain
+//! (an address made for one of our domains is no good at another), and `TT` the day
+//! it was made (base32, mod 1024): only addresses this deployment made, and not
+//! older than `max_age`, are decoded when a bounce comes back to them; forged or
+//! expired ones are refused.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +36,8 @@ pub enum SrsError {
     BadHash,
     #[error("the SRS address has expired")]
     Expired,
+    #[error("the sender cannot be rewritten (too long, or a malformed SRS address)")]
+    Unwritable,
 }
 
 /// Rewrites senders and decodes rewritten ones with the deployment's secrets.
@@ -108,7 +112,14 @@ impl Srs {
 
     fn check(&self, hash: &str, parts: &[&str]) -> Result<(), SrsError> {
         let hash = hash.to_ascii_lowercase();
-        if self.keys.iter().any(|k| Self::hash_with(k, parts) == hash) {
+        let matches = |k| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(
+                Self::hash_with(k, parts).as_bytes(),
+                hash.as_bytes(),
+            )
+            .is_ok()
+        };
+        if self.keys.iter().any(matches) {
             Ok(())
         } else {
             Err(SrsError::BadHash)
@@ -117,24 +128,33 @@ impl Srs {
 
     /// The envelope sender for `sender`'s mail forwarded through `forwarder` (a
     /// local domain); `None` when it needs no rewriting (a sender of that domain).
-    pub fn forward(&self, sender: &EmailAddress, forwarder: &Domain) -> Option<EmailAddress> {
+    /// An error when it cannot be rewritten: the caller must not fall back to the
+    /// original sender (that is the SPF laundering SRS exists to stop).
+    pub fn forward(
+        &self,
+        sender: &EmailAddress,
+        forwarder: &Domain,
+    ) -> Result<Option<EmailAddress>, SrsError> {
         if sender.domain() == forwarder {
-            return None;
+            return Ok(None);
         }
         let local = sender.local_part();
         let host = sender.domain().as_str();
+        let fwd = forwarder.as_str();
         let rewritten = match srs_tag(local) {
             // Already rewritten once: SRS1 keeps the first forwarder and its tail.
             Some(("SRS0", tail)) => {
                 let tail = format!("={tail}");
-                format!("SRS1={}={host}={tail}", self.hash(&[host, &tail]))
+                format!("SRS1={}={host}={tail}", self.hash(&[host, &tail, fwd]))
             }
             Some(("SRS1", rest)) => {
                 // `HHHH=first==tail`: the first forwarder and tail stay as they are.
-                let (_, first_and_tail) = rest.split_once('=')?;
-                let (first, tail) = first_and_tail.split_once("==")?;
+                let (_, first_and_tail) = rest.split_once('=').ok_or(SrsError::Unwritable)?;
+                let (first, tail) = first_and_tail
+                    .split_once("==")
+                    .ok_or(SrsError::Unwritable)?;
                 let tail = format!("={tail}");
-                format!("SRS1={}={first}={tail}", self.hash(&[first, &tail]))
+                format!("SRS1={}={first}={tail}", self.hash(&[first, &tail, fwd]))
             }
             _ => {
                 let stamp = today() % DAYS;
@@ -144,17 +164,21 @@ impl Srs {
                     .collect();
                 format!(
                     "SRS0={}={tt}={host}={local}",
-                    self.hash(&[&tt, host, local])
+                    self.hash(&[&tt, host, local, fwd])
                 )
             }
         };
-        format!("{rewritten}@{forwarder}").parse().ok()
+        format!("{rewritten}@{forwarder}")
+            .parse()
+            .map(Some)
+            .map_err(|_| SrsError::Unwritable)
     }
 
     /// The address a bounce to `address` goes back to: the original sender for an
     /// SRS0 address, the first forwarder's SRS0 address for an SRS1 one.
     pub fn reverse(&self, address: &EmailAddress) -> Result<EmailAddress, SrsError> {
         let (tag, rest) = srs_tag(address.local_part()).ok_or(SrsError::NotSrs)?;
+        let fwd = address.domain().as_str();
         let original = if tag == "SRS0" {
             let mut parts = rest.splitn(4, '=');
             let (Some(hash), Some(tt), Some(host), Some(local)) =
@@ -165,7 +189,7 @@ impl Srs {
             if tt.len() != 2 || local.is_empty() || host.is_empty() {
                 return Err(SrsError::Malformed);
             }
-            self.check(hash, &[tt, host, local])?;
+            self.check(hash, &[tt, host, local, fwd])?;
             let stamp = tt.bytes().try_fold(0u64, |acc, c| {
                 let v = BASE32
                     .iter()
@@ -182,7 +206,7 @@ impl Srs {
             let (hash, first_and_tail) = rest.split_once('=').ok_or(SrsError::Malformed)?;
             let (first, tail) = first_and_tail.split_once("==").ok_or(SrsError::Malformed)?;
             let tail = format!("={tail}");
-            self.check(hash, &[first, &tail])?;
+            self.check(hash, &[first, &tail, fwd])?;
             format!("SRS0{tail}@{first}")
         };
         original.parse().map_err(|_| SrsError::Malformed)
@@ -226,7 +250,7 @@ mod tests {
         let srs = srs();
         let forwarder: Domain = "evil.test".parse().unwrap();
         let ceo = a("ceo@corp.test");
-        let rewritten = srs.forward(&ceo, &forwarder).unwrap();
+        let rewritten = srs.forward(&ceo, &forwarder).unwrap().unwrap();
         assert_eq!(rewritten.domain(), &forwarder);
         assert!(rewritten.local_part().starts_with("SRS0="), "{rewritten}");
         assert!(rewritten.local_part().ends_with("=corp.test=ceo"));
@@ -239,22 +263,39 @@ mod tests {
         );
         // Forwarded again by another of our domains: SRS1 back to the first forwarder.
         let second: Domain = "relay.test".parse().unwrap();
-        let twice = srs.forward(&rewritten, &second).unwrap();
+        let twice = srs.forward(&rewritten, &second).unwrap().unwrap();
         assert!(twice.local_part().starts_with("SRS1="), "{twice}");
         assert_eq!(srs.reverse(&twice), Ok(rewritten.clone()));
         // A third time it stays SRS1 with the first forwarder.
-        let thrice = srs.forward(&twice, &"third.test".parse().unwrap()).unwrap();
+        let thrice = srs
+            .forward(&twice, &"third.test".parse().unwrap())
+            .unwrap()
+            .unwrap();
         assert!(thrice.local_part().starts_with("SRS1="));
         assert_eq!(srs.reverse(&thrice), Ok(rewritten));
         // Senders of the forwarding domain itself need nothing.
-        assert_eq!(srs.forward(&a("x@evil.test"), &forwarder), None);
+        assert_eq!(srs.forward(&a("x@evil.test"), &forwarder), Ok(None));
+        // A malformed SRS1 sender or one too long to rewrite is an error, never
+        // the original sender again.
+        assert_eq!(
+            srs.forward(&a("SRS1=x@hosted.test"), &forwarder),
+            Err(SrsError::Unwritable)
+        );
+        let long = a(&format!("{}@corp.test", "l".repeat(190)));
+        assert_eq!(srs.forward(&long, &forwarder), Err(SrsError::Unwritable));
     }
 
     #[test]
     fn forged_and_expired_addresses_are_refused() {
         let srs = srs();
         let forwarder: Domain = "evil.test".parse().unwrap();
-        let rewritten = srs.forward(&a("ceo@corp.test"), &forwarder).unwrap();
+        let rewritten = srs
+            .forward(&a("ceo@corp.test"), &forwarder)
+            .unwrap()
+            .unwrap();
+        // The same address at another of our domains.
+        let moved = a(&rewritten.to_string().replace("@evil.test", "@good.test"));
+        assert_eq!(srs.reverse(&moved), Err(SrsError::BadHash));
         // Another target for the bounce, with the same hash.
         let forged = a(&rewritten
             .to_string()
@@ -284,7 +325,7 @@ mod tests {
             .collect();
         let old = a(&format!(
             "SRS0={}={tt}=corp.test=ceo@evil.test",
-            srs.hash(&[&tt, "corp.test", "ceo"])
+            srs.hash(&[&tt, "corp.test", "ceo", "evil.test"])
         ));
         assert_eq!(srs.reverse(&old), Err(SrsError::Expired));
         assert_eq!(srs.reverse(&a("ceo@corp.test")), Err(SrsError::NotSrs));

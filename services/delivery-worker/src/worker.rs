@@ -435,9 +435,17 @@ impl Worker {
         };
         for (domain, recipients) in forwards {
             let mail_from = match (&self.srs, &envelope.mail_from) {
-                (Some(srs), ReversePath::Address(sender)) => srs
-                    .forward(sender, &domain)
-                    .map_or_else(|| envelope.mail_from.clone(), ReversePath::Address),
+                (Some(srs), ReversePath::Address(sender)) => match srs.forward(sender, &domain) {
+                    Ok(Some(rewritten)) => ReversePath::Address(rewritten),
+                    Ok(None) => envelope.mail_from.clone(),
+                    // Never the original sender from our addresses: the null one
+                    // (its bounces are lost, no domain's SPF is borrowed).
+                    Err(e) => {
+                        tracing::info!(queue_id = %envelope.queue_id, %sender, error = %e, "forwarding with the null sender");
+                        crate::metrics::delivered("forward_null_sender");
+                        ReversePath::Null
+                    }
+                },
                 _ => envelope.mail_from.clone(),
             };
             let copy = Envelope {

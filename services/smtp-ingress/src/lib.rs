@@ -93,6 +93,11 @@ pub struct IngressConfig {
     /// original sender; forged or expired ones are refused. Without it, such
     /// addresses are unknown users.
     pub srs: Option<mailmesh_auth::srs::SrsConfig>,
+    /// Bounces one original sender may receive through its SRS addresses per
+    /// minute, across all pods (more wait with `450 4.7.1`); 0 is no limit. A valid
+    /// SRS address stays valid for days, so it must not become a relay to its
+    /// original sender.
+    pub max_srs_bounces_per_minute: u32,
     /// Received fields a message may carry; more are refused with `554 5.4.6` as a
     /// mail loop (RFC 5321 §6.3), so a forwarding loop ends instead of growing.
     pub max_received_fields: usize,
@@ -122,6 +127,7 @@ impl Default for IngressConfig {
             authserv_id: None,
             max_connections_per_ip: 50,
             srs: None,
+            max_srs_bounces_per_minute: 30,
             max_received_fields: 100,
         }
     }

@@ -85,6 +85,14 @@ impl From<Request<std::borrow::Cow<'_, str>>> for Command {
 }
 
 /// A mail transaction: from MAIL to the end of the message.
+/// Where a bounce to an SRS address goes, once decoded.
+enum SrsBounce {
+    /// The original sender is at a local domain: looked up like any recipient.
+    Local,
+    /// Relayed back in the forwarding domain's tenant.
+    Remote(mailmesh_storage::directory::Resolution),
+}
+
 struct Transaction {
     from: ReversePath,
     body_type: BodyType,
@@ -101,6 +109,9 @@ struct Transaction {
     /// A recipient is an alias that forwards to another domain: the message is
     /// ARC-sealed for those copies.
     forwards: bool,
+    /// The recipient is an SRS address (a bounce back to a forwarded sender): it is
+    /// the transaction's only recipient.
+    srs_bounce: bool,
 }
 
 pub struct Session<'a> {
@@ -609,6 +620,7 @@ impl<'a> Session<'a> {
             chunks: Some(Vec::new()),
             bdat: false,
             forwards: false,
+            srs_bounce: false,
         });
         Ok("250 2.1.0 OK\r\n".into())
     }
@@ -693,13 +705,17 @@ impl<'a> Session<'a> {
                 }
             };
         }
-        let resolution = match self.srs_bounce(&mut recipient).await {
-            Some(Ok(resolution)) => Ok(Lookup::Deliver(resolution)),
-            Some(Err(reply)) => {
+        let srs_bounce = match self.srs_bounce(tx, &mut recipient).await {
+            Ok(found) => found,
+            Err(reply) => {
                 crate::metrics::rejected("srs");
-                return Err(reply);
+                return reply;
             }
-            None => self.lookup_recipient(&mut recipient).await,
+        };
+        let is_srs_bounce = srs_bounce.is_some();
+        let resolution = match srs_bounce {
+            Some(SrsBounce::Remote(resolution)) => Ok(Lookup::Deliver(resolution)),
+            Some(SrsBounce::Local) | None => self.lookup_recipient(&mut recipient).await,
         };
         let resolution = match resolution {
             Ok(Lookup::Deliver(resolution)) => resolution,
@@ -738,6 +754,7 @@ impl<'a> Session<'a> {
         }
         if let Some(tx) = self.tx.as_mut() {
             tx.inbound = Some(resolution.inbound);
+            tx.srs_bounce |= is_srs_bounce;
             tx.forwards |= !resolution.remote.is_empty();
             tx.recipients.push((recipient, resolution.tenant));
         }
@@ -745,52 +762,90 @@ impl<'a> Session<'a> {
     }
 
     /// A bounce to an address the delivery workers made for a forwarded message
-    /// (SRS): `None` when the address is not one (or SRS is off); else the original
-    /// sender as the recipient, in the forwarding domain's tenant, or the refusal of
-    /// a forged or expired address.
+    /// (SRS): `Ok(None)` when the address is not one (or SRS is off); else the
+    /// original sender becomes the recipient, delivered here when it is local or
+    /// sent back in the forwarding domain's tenant. A valid SRS address is a
+    /// standing relay to its original sender for days, so it takes only bounces
+    /// (`MAIL FROM:<>`), as the one recipient of its transaction, at most
+    /// `max_srs_bounces_per_minute` per original sender; forged or expired
+    /// addresses are refused.
     async fn srs_bounce(
         &self,
+        tx: &Transaction,
         recipient: &mut Recipient,
-    ) -> Option<Result<mailmesh_storage::directory::Resolution, String>> {
-        let srs = self.ingress.srs.as_ref()?;
-        if !mailmesh_auth::srs::is_srs(&recipient.address) {
-            return None;
+    ) -> Result<Option<SrsBounce>, Result<String, String>> {
+        const UNAVAILABLE: &str = "451 4.3.0 Temporary failure, try again later\r\n";
+        let Some(srs) = self.ingress.srs.as_ref() else {
+            return Ok(None);
+        };
+        let mut address = recipient.address.clone();
+        let mut forwarder = None;
+        // SRS1 decodes to the first forwarder's SRS0 address; when that is ours
+        // too, it decodes once more.
+        for _ in 0..2 {
+            if !mailmesh_auth::srs::is_srs(&address) {
+                break;
+            }
+            let local = match self.ingress.directory.local_domain(address.domain()).await {
+                Ok(Some(local)) => local,
+                Ok(None) => break,
+                Err(_) => return Err(Ok(UNAVAILABLE.into())),
+            };
+            address = match srs.reverse(&address) {
+                Ok(original) => original,
+                Err(e) => {
+                    tracing::info!(srs = %recipient.address, error = %e, "bounce to an SRS address refused");
+                    return Err(Err(format!("550 5.1.1 {e}\r\n")));
+                }
+            };
+            forwarder.get_or_insert(local);
         }
-        let local = match self
+        let Some((tenant, inbound)) = forwarder else {
+            return Ok(None);
+        };
+        if tx.from.address().is_some() {
+            return Err(Err(
+                "550 5.7.1 This address only takes delivery status notifications\r\n".into(),
+            ));
+        }
+        if !tx.recipients.is_empty() || tx.srs_bounce {
+            return Err(Ok(
+                "452 4.5.3 A bounce to a forwarded sender needs a transaction of its own\r\n"
+                    .into(),
+            ));
+        }
+        let key = format!("smtp:srs:{}", address.to_string().to_lowercase());
+        if !self
             .ingress
-            .directory
-            .local_domain(recipient.address.domain())
+            .within_limit(&key, self.ingress.config.max_srs_bounces_per_minute)
             .await
         {
-            Ok(Some(local)) => local,
-            Ok(None) => return None,
-            Err(_) => {
-                return Some(Err(
-                    "451 4.3.0 Temporary failure, try again later\r\n".into()
-                ));
-            }
-        };
-        match srs.reverse(&recipient.address) {
-            Ok(original) => {
-                tracing::info!(srs = %recipient.address, to = %original, "a bounce to a forwarded sender is sent back");
-                if recipient.orcpt.is_none() && !recipient.address.is_utf8() {
-                    recipient.orcpt = Some(format!("rfc822;{}", recipient.address));
-                }
-                recipient.address = original;
-                let (tenant, inbound) = local;
-                // The worker relays it (the recipient is remote now): no forward.
-                Some(Ok(mailmesh_storage::directory::Resolution {
-                    tenant,
-                    users: Vec::new(),
-                    remote: Vec::new(),
-                    inbound,
-                }))
-            }
-            Err(e) => {
-                tracing::info!(srs = %recipient.address, error = %e, "bounce to an SRS address refused");
-                Some(Err(format!("550 5.1.1 {e}\r\n")))
-            }
+            tracing::info!(srs = %recipient.address, to = %address, "SRS bounce rate reached");
+            return Err(Ok(
+                "450 4.7.1 Too many bounces to this sender right now, try again later\r\n".into(),
+            ));
         }
+        tracing::info!(srs = %recipient.address, to = %address, "a bounce to a forwarded sender is sent back");
+        if recipient.orcpt.is_none() && !recipient.address.is_utf8() {
+            recipient.orcpt = Some(format!("rfc822;{}", recipient.address));
+        }
+        let local = match self.ingress.directory.local_domain(address.domain()).await {
+            Ok(local) => local.is_some(),
+            Err(_) => return Err(Ok(UNAVAILABLE.into())),
+        };
+        recipient.address = address;
+        if local {
+            return Ok(Some(SrsBounce::Local));
+        }
+        // The worker relays it (the recipient is remote): no forward.
+        Ok(Some(SrsBounce::Remote(
+            mailmesh_storage::directory::Resolution {
+                tenant,
+                users: Vec::new(),
+                remote: Vec::new(),
+                inbound,
+            },
+        )))
     }
 
     /// Looks `recipient` up. RFC 5321 4.5.1: every domain taking mail has a
@@ -1305,6 +1360,12 @@ impl<'a> Session<'a> {
                 Some((PolicyAction::Tag, _)) | None => {}
             }
             dmarc_reject_failure = verdict.dmarc_failure() == Some(DmarcPolicy::Reject);
+            if dmarc_reject_failure && tx.srs_bounce {
+                // Sent on from our addresses to the forwarded sender, whatever the
+                // tenant accepts for itself: a forgery is not passed on.
+                crate::metrics::rejected("dmarc");
+                return "550 5.7.1 A bounce failing its author domain's DMARC policy is not passed on\r\n".into();
+            }
             arc_set = verdict.arc_set;
             authentication_results = Some(verdict.authentication_results);
         }

@@ -117,6 +117,7 @@ async fn forwarded_mail_no_longer_passes_as_the_forged_domain() {
         IngressConfig {
             hostname: "mx.acme.test".into(),
             srs: Some(srs()),
+            max_srs_bounces_per_minute: 2,
             ..IngressConfig::default()
         },
         None,
@@ -227,6 +228,7 @@ async fn forwarded_mail_no_longer_passes_as_the_forged_domain() {
             &"evil.test".parse().unwrap(),
         )
         .unwrap()
+        .unwrap()
         .to_string();
     let after = receiver
         .check_message(MessageFacts {
@@ -254,14 +256,21 @@ async fn forwarded_mail_no_longer_passes_as_the_forged_domain() {
     assert_eq!(honest_received.arc, AuthResult::Pass, "{honest_received:?}");
 
     // A bounce to the rewritten sender comes back to our MX and goes on to the
-    // original sender; a forged or tampered SRS address is refused.
+    // original sender; a forged or tampered SRS address is refused, and a valid
+    // one is no relay: it takes bounces only, one per transaction, a few a minute.
     let mut b = open(&server, "198.51.100.5:40000", &Shutdown::new());
     b.expect("220").await;
     b.cmd("EHLO mx.remote.test", "250").await;
+    b.cmd("MAIL FROM:<spammer@remote.test>", "250").await;
+    b.cmd(&format!("RCPT TO:<{}>", forwarded.mail_from), "550 5.7.1")
+        .await;
+    b.cmd("RSET", "250").await;
     b.cmd("MAIL FROM:<>", "250").await;
     let tampered = forwarded.mail_from.replace("=bob", "=boss");
     b.cmd(&format!("RCPT TO:<{tampered}>"), "550 5.1.1").await;
     b.cmd(&format!("RCPT TO:<{}>", forwarded.mail_from), "250")
+        .await;
+    b.cmd(&format!("RCPT TO:<{}>", forwarded.mail_from), "452 4.5.3")
         .await;
     b.cmd("DATA", "354").await;
     b.send(
@@ -273,6 +282,19 @@ async fn forwarded_mail_no_longer_passes_as_the_forged_domain() {
     let bounce = &got[1];
     assert_eq!(bounce.recipients, ["bob@example.org"]);
     assert_eq!(bounce.mail_from, "", "a bounce stays a bounce");
+    // A forged author whose domain rejects DMARC failures is not passed on, even
+    // though the forwarding tenant tags such mail for itself.
+    b.cmd("MAIL FROM:<>", "250").await;
+    b.cmd(&format!("RCPT TO:<{}>", forwarded.mail_from), "250")
+        .await;
+    b.cmd("DATA", "354").await;
+    b.send("From: security@corp.test\r\nSubject: reset\r\n\r\nclick\r\n.\r\n")
+        .await;
+    b.expect("550 5.7.1").await;
+    // The third bounce to bob this minute waits.
+    b.cmd("MAIL FROM:<>", "250").await;
+    b.cmd(&format!("RCPT TO:<{}>", forwarded.mail_from), "450 4.7.1")
+        .await;
     shutdown.stopped_token().cancel();
 }
 

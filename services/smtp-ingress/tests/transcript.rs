@@ -308,7 +308,9 @@ async fn edge_transcripts() {
     let queued = s.queued(2).await;
     let texts = [body(&s, &queued[0]).await, body(&s, &queued[1]).await];
     assert!(
-        texts.iter().any(|t| t.ends_with("\r\n.first: line\r\n\r\nbody\r\n")),
+        texts
+            .iter()
+            .any(|t| t.ends_with("\r\n.first: line\r\n\r\nbody\r\n")),
         "{texts:?}"
     );
 
