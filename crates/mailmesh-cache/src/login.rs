@@ -101,13 +101,13 @@ where
     // interleaving, failures plus logins in flight never pass the limit unseen.
     let mut waited = 0;
     let (in_flight, failures) = loop {
-        let counted = count(&**cache, &in_flight_key, 1, window).await;
+        let counted = count(&**cache, &in_flight_key, 1, IN_FLIGHT_TTL).await;
         // Given back when the check ends, even if the caller drops it midway (a
         // session deadline, a closed connection, shutdown).
         let in_flight = InFlight {
             cache: Some(cache.clone()),
             key: in_flight_key.clone(),
-            window,
+            window: IN_FLIGHT_TTL,
         };
         let failures = count(&**cache, &by_ip, 0, window).await;
         if failures >= limit {
@@ -196,6 +196,12 @@ impl Drop for InFlight {
         }
     }
 }
+
+/// How long the count of an address's logins in flight outlives its last change
+/// began: a check takes seconds, so counts a crashed process never gave back are
+/// gone within a minute (they held the address's parallel logins and failure
+/// budget for the whole failure window before).
+const IN_FLIGHT_TTL: Duration = Duration::from_secs(60);
 
 /// A counter's value after adding `by` (0 when the cache cannot be reached).
 async fn count(cache: &dyn Cache, key: &str, by: i64, window: Duration) -> i64 {

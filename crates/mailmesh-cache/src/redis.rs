@@ -91,6 +91,19 @@ return 0
 /// A slot in a sorted set scored by expiry (the server's clock): expired slots go,
 /// a new one is taken only below the limit, and the key lives while slots are
 /// renewed.
+/// The scripts, hashed once.
+static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(|| Scripts {
+    unlock: redis::Script::new(UNLOCK),
+    extend: redis::Script::new(EXTEND),
+    acquire_slot: redis::Script::new(ACQUIRE_SLOT),
+});
+
+struct Scripts {
+    unlock: redis::Script,
+    extend: redis::Script,
+    acquire_slot: redis::Script,
+}
+
 const ACQUIRE_SLOT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -256,7 +269,8 @@ impl Cache for RedisCache {
 
     async fn unlock(&self, key: &str, token: &LockToken) -> Result<bool> {
         let n: i64 = self.check(
-            redis::Script::new(UNLOCK)
+            SCRIPTS
+                .unlock
                 .key(self.key(key)?)
                 .arg(&token.0)
                 .invoke_async(&mut self.conn())
@@ -267,7 +281,8 @@ impl Cache for RedisCache {
 
     async fn extend_lock(&self, key: &str, token: &LockToken, ttl: Duration) -> Result<bool> {
         let n: i64 = self.check(
-            redis::Script::new(EXTEND)
+            SCRIPTS
+                .extend
                 .key(self.key(key)?)
                 .arg(&token.0)
                 .arg(millis(ttl))
@@ -305,7 +320,8 @@ impl Cache for RedisCache {
         ttl: Duration,
     ) -> Result<bool> {
         let n: i64 = self.check(
-            redis::Script::new(ACQUIRE_SLOT)
+            SCRIPTS
+                .acquire_slot
                 .key(self.key(key)?)
                 .arg(holder)
                 .arg(limit)

@@ -8,6 +8,7 @@ pub mod dns;
 pub mod grpc;
 pub mod health;
 pub mod internal;
+pub mod io;
 pub mod metrics;
 pub mod proxy;
 pub mod secret;

@@ -71,6 +71,11 @@ pub struct Pop3Config {
     /// The longest a command line may take to arrive once begun.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// How long a reply may wait for the client to take any of it; then the session
+    /// is closed (a client that stops reading held its session and the message
+    /// being sent before). A slow client that keeps reading is never cut off.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// New connections one client address may open per minute, across all pods;
     /// 0 is no limit.
     pub connections_per_ip_per_minute: u32,
@@ -96,6 +101,7 @@ impl Default for Pop3Config {
             max_message_bytes: 64 << 20,
             login_timeout: Duration::from_secs(60),
             command_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(120),
             connections_per_ip_per_minute: 120,
             max_connections_per_ip: 50,
         }
@@ -116,10 +122,13 @@ impl Validate for Pop3Config {
                 "RFC 1939 requires at least 10 minutes",
             ));
         }
-        if self.login_timeout.is_zero() || self.command_timeout.is_zero() {
+        if self.login_timeout.is_zero()
+            || self.command_timeout.is_zero()
+            || self.write_timeout.is_zero()
+        {
             return Err(ConfigError::invalid(
                 "pop3.login_timeout",
-                "login_timeout and command_timeout must be above zero",
+                "login_timeout, command_timeout and write_timeout must be above zero",
             ));
         }
         if self.lock_ttl < Duration::from_millis(300) {
@@ -162,6 +171,11 @@ pub struct ImapConfig {
     /// Time allowed before login (and for the TLS handshake).
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
+    /// How long a reply may wait for the client to take any of it; then the session
+    /// is closed (a client that stops reading held its session and the message
+    /// being sent before). A slow client that keeps reading is never cut off.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// Protocol errors before the session is closed.
     pub max_errors: u32,
     /// Concurrent sessions per process (both IMAP ports together).
@@ -235,6 +249,7 @@ impl Default for ImapConfig {
             max_message_bytes: 64 << 20,
             idle_timeout: Duration::from_secs(30 * 60),
             login_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(120),
             max_errors: 20,
             max_connections: 10_000,
             allow_plaintext_auth: false,
@@ -316,10 +331,10 @@ impl Validate for ImapConfig {
                 "max_errors, max_connections, max_auth_failures and max_parallel_logins must be above zero",
             ));
         }
-        if self.login_timeout.is_zero() {
+        if self.login_timeout.is_zero() || self.write_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "imap.login_timeout",
-                "must be above zero",
+                "login_timeout and write_timeout must be above zero",
             ));
         }
         if self.hostname.is_empty()
@@ -574,6 +589,11 @@ async fn serve(
                 }
                 return;
             };
+            let write_timeout = match protocol {
+                Protocol::Imap => gateway.imap.write_timeout,
+                Protocol::Pop3 => gateway.config.write_timeout,
+            };
+            let stream = mailmesh_kit::io::WriteStall::new(stream, write_timeout);
             // Each session's future is boxed on its own: one inline here would make
             // every connection as large as the largest protocol's and TLS variant's.
             if implicit_tls {

@@ -174,8 +174,14 @@ impl Session<'_> {
             let wait = if self.maildrop.is_some() {
                 self.gw.config.idle_timeout
             } else {
-                self.login_deadline
-                    .saturating_duration_since(tokio::time::Instant::now())
+                let left = self
+                    .login_deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    // Commands pipelined before the deadline are not read after it.
+                    return Ok(Next::Close);
+                }
+                left
             };
             let line = tokio::select! {
                 line = read_line(io, self.gw.config.max_line, wait, self.gw.config.command_timeout) => line?,

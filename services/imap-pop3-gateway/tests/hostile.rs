@@ -99,6 +99,16 @@ impl Client {
         }
     }
 
+    /// Everything until the server closes the connection.
+    async fn until_closed(&mut self) -> Vec<u8> {
+        let mut all = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), self.r.read_to_end(&mut all))
+            .await
+            .expect("closed within 20 s")
+            .unwrap();
+        all
+    }
+
     async fn cmd(&mut self, tag: &str, command: &str) -> String {
         self.send(format!("{tag} {command}\r\n").as_bytes()).await;
         String::from_utf8_lossy(&self.until(tag).await).into_owned()
@@ -302,6 +312,22 @@ async fn append_is_checked_when_announced_and_streamed() {
         .await
         .unwrap();
     assert_eq!(before, after);
+
+    // MULTIAPPEND is not offered: a second literal after the message would have its
+    // bytes read as commands, so the session ends there and nothing is stored.
+    let mut multi = Client::login(port).await;
+    multi
+        .send(b"g APPEND INBOX {5+}\r\nfirst INBOX {23+}\r\nh LOGOUT\r\nx DELETE Y\r\n")
+        .await;
+    let rest = String::from_utf8_lossy(&multi.until_closed().await).into_owned();
+    assert!(rest.contains("* BYE Unexpected data"), "{rest}");
+    assert!(!rest.contains("h OK") && !rest.contains("x "), "{rest:?}");
+    let last = site
+        .engine
+        .read_index(&site.alice, |i| i.map(|i| i.used_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(before, last);
 }
 
 /// A user's sessions on one pod are capped: the one over the cap is refused and
@@ -473,4 +499,72 @@ async fn fetches_share_a_memory_budget() {
         reply.contains("BODY[HEADER] {") && reply.contains("g OK"),
         "{reply}"
     );
+}
+
+/// A client that asks for a large FETCH and stops reading held its session, the
+/// message and its share of the FETCH memory for as long as it liked: the write
+/// now gives up after `write_timeout` without progress, and the next FETCH runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let site = site().await;
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        "0123456789abcdef0123456789abcde\r\n".repeat(250_000)
+    );
+    deliver(&site, "big", big.as_bytes()).await;
+    let port = pod(
+        &site,
+        ImapConfig {
+            max_fetch_memory: 32 << 20,
+            write_timeout: Duration::from_secs(1),
+            ..plaintext()
+        },
+    )
+    .await;
+    let mut a = Client::login(port).await;
+    assert!(a.cmd("s", "SELECT INBOX").await.contains("s OK"));
+    let mut b = Client::login(port).await;
+    assert!(b.cmd("s", "SELECT INBOX").await.contains("s OK"));
+    a.send(b"f FETCH 4 (BODY.PEEK[] BODY.PEEK[TEXT])\r\n").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B's FETCH needs A's share of the memory; A never reads again.
+    let r = b.cmd("g", "FETCH 4 (BODY.PEEK[TEXT])").await;
+    assert!(r.contains("g OK"), "{}", &r[r.len().saturating_sub(200)..]);
+    // A's session was closed: what it reads now ends before its FETCH does.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), a.r.read_to_end(&mut rest))
+        .await
+        .expect("A's connection closed")
+        .unwrap();
+    assert!(rest.len() < 2 * big.len(), "{} bytes", rest.len());
+    assert!(!String::from_utf8_lossy(&rest).contains("f OK"));
+}
+
+/// A FETCH that stops at a message over the reply limit still sets \Seen on the
+/// messages it sent (it returned before storing them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seen_is_kept_for_what_a_refused_fetch_sent() {
+    let site = site().await;
+    let big = format!("Subject: big\r\n\r\n{}", "0123456789\r\n".repeat(200_000));
+    deliver(&site, "big", big.as_bytes()).await;
+    let port = pod(
+        &site,
+        ImapConfig {
+            max_fetch_response_bytes: 1 << 20,
+            ..plaintext()
+        },
+    )
+    .await;
+    let mut c = Client::login(port).await;
+    assert!(c.cmd("s", "SELECT INBOX").await.contains("s OK"));
+    let r = c.cmd("a", "FETCH 3 FLAGS").await;
+    assert!(!r.contains("\\Seen"), "{r}");
+    let r = c.cmd("f", "FETCH 3:4 BODY[]").await;
+    assert!(
+        r.contains("* 3 FETCH (") && r.contains("f NO [LIMIT]"),
+        "{r}"
+    );
+    assert!(!r.contains("* 4 FETCH ("), "{r}");
+    let r = c.cmd("b", "FETCH 3 FLAGS").await;
+    assert!(r.contains("\\Seen"), "{r}");
 }

@@ -83,11 +83,16 @@ fn too_structured(raw: &[u8], max_parts: usize) -> bool {
         if at_line_start && raw[i..].starts_with(b"--") {
             count += 1;
         }
-        if (b == b'/' && i >= 9)
-            && (raw[i - 9..i].eq_ignore_ascii_case(b"multipart")
-                || raw[i - 7..i].eq_ignore_ascii_case(b"message"))
-        {
-            count += 1;
+        if b == b'/' {
+            // The type may be folded or spaced from its slash (`message /rfc822`).
+            let before = raw[..i].trim_ascii_end();
+            let ends = |word: &[u8]| {
+                before.len() >= word.len()
+                    && before[before.len() - word.len()..].eq_ignore_ascii_case(word)
+            };
+            if ends(b"multipart") || ends(b"message") {
+                count += 1;
+            }
         }
         if count > max_parts {
             return true;
@@ -1018,6 +1023,15 @@ mod tests {
             hostile::wide(5_000),
             hostile::nested_messages(2_000),
             hostile::nested_multipart(1_000),
+            // The type spaced or folded from its slash (mail-parser reads both).
+            String::from_utf8(hostile::nested_messages(2_000))
+                .unwrap()
+                .replace("message/rfc822", "message\r\n /rfc822")
+                .into_bytes(),
+            String::from_utf8(hostile::nested_messages(2_000))
+                .unwrap()
+                .replace("message/rfc822", "Message /rfc822")
+                .into_bytes(),
         ] {
             let p = Parsed::new(&raw, limits);
             assert!(p.message().is_none());

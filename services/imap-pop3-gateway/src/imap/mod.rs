@@ -92,6 +92,10 @@ enum Input {
 /// The connection: the stream, the framing state and the replies not yet written.
 /// Bytes read from the client at a time.
 const READ_BUFFER: usize = 4096;
+/// An APPEND literal goes to storage in pieces of about this size.
+const APPEND_CHUNK: usize = 32 << 10;
+/// How long storage has to answer an APPEND once the whole message was sent.
+const APPEND_ANSWER: Duration = Duration::from_secs(60);
 
 struct Conn<S> {
     stream: S,
@@ -776,8 +780,16 @@ impl Session {
             let timeout = if self.user.is_some() {
                 self.gw.imap.idle_timeout
             } else {
-                self.login_deadline
-                    .saturating_duration_since(tokio::time::Instant::now())
+                let left = self
+                    .login_deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    // Commands pipelined before the deadline are not read after it.
+                    conn.push(&bye("Autologout; idle for too long"));
+                    let _ = conn.flush().await;
+                    return Ok(Next::Close);
+                }
+                left
             };
             match conn.read_message(timeout, shutdown, None).await? {
                 Input::Message => {}
@@ -796,6 +808,8 @@ impl Session {
                         return Ok(Next::Close);
                     }
                     if !Box::pin(self.append_streamed(conn, length, sync, shutdown)).await? {
+                        // Its BYE, if the client is still there to read it.
+                        let _ = conn.flush().await;
                         return Ok(Next::Close);
                     }
                     continue;
@@ -1372,10 +1386,11 @@ impl Session {
                     CommandContinuationRequest::Base64(Vec::new().into()),
                 ));
                 conn.flush().await?;
-                match conn
-                    .read_message(self.gw.imap.login_timeout, shutdown, None)
-                    .await?
-                {
+                // The answer counts against the login deadline like any command.
+                let left = self
+                    .login_deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                match conn.read_message(left, shutdown, None).await? {
                     Input::Message => {}
                     _ => {
                         conn.push(&bye("Authentication timed out"));
@@ -1695,6 +1710,8 @@ impl Session {
         });
         let mut upload = Some(upload);
         let mut left = length;
+        // Reads come a socket buffer at a time; storage gets them in larger pieces.
+        let mut batch = Vec::new();
         while left > 0 {
             let deadline = literal_deadline(started, length - left, &self.gw.imap);
             let Some(chunk) = conn
@@ -1707,12 +1724,21 @@ impl Session {
                 return Ok(false);
             };
             left -= chunk.len();
+            if batch.is_empty() {
+                batch = chunk;
+            } else {
+                batch.extend_from_slice(&chunk);
+            }
+            if batch.len() < APPEND_CHUNK && left > 0 {
+                continue;
+            }
+            let data = std::mem::take(&mut batch);
             // A storage that refused already (its answer comes below) gets no more;
             // the client's bytes are still read to keep in step.
             if let Some(tx) = &upload
                 && tx
                     .send(v1::AppendChunk {
-                        data: chunk,
+                        data,
                         ..Default::default()
                     })
                     .await
@@ -1732,14 +1758,11 @@ impl Session {
         };
         if !rest.is_empty() {
             // MULTIAPPEND, CATENATE and the like are not offered: nothing is stored.
+            // What follows may announce literals of its own, whose bytes would then
+            // be read as commands: the session ends instead.
             call.abort();
-            conn.push(&status(
-                Some(&tag),
-                StatusKind::Bad,
-                None,
-                "Unexpected data after the message",
-            ));
-            return Ok(true);
+            conn.push(&bye("Unexpected data after the message"));
+            return Ok(false);
         }
         if let Some(tx) = upload.take() {
             let _ = tx
@@ -1749,9 +1772,16 @@ impl Session {
                 })
                 .await;
         }
-        let result = match call.await {
-            Ok(r) => r,
-            Err(_) => Err(tonic::Status::unavailable("the upload was cut off")),
+        // The upload's call has no timeout of its own (it lasts as long as the
+        // client sends); once the message is whole, storage answers in time or not.
+        let mut call = call;
+        let result = match tokio::time::timeout(APPEND_ANSWER, &mut call).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(tonic::Status::unavailable("the upload was cut off")),
+            Err(_) => {
+                call.abort();
+                Err(tonic::Status::unavailable("storage did not answer in time"))
+            }
         };
         crate::metrics::command(PROTOCOL, "APPEND", result.is_ok());
         self.appended(conn, &tag, &name, result);

@@ -2,7 +2,7 @@
 //! and the commands that work on messages: FETCH, STORE, SEARCH, COPY, MOVE,
 //! EXPUNGE, CLOSE, UNSELECT.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::num::{NonZeroU32, NonZeroU64};
 
@@ -794,9 +794,17 @@ fn binary_value(data: &[u8]) -> NString8<'static> {
     }
 }
 
+/// BINARY sections of one message, decoded.
+type Binaries<'s, 'r> = HashMap<&'s [NonZeroU32], std::borrow::Cow<'r, [u8]>>;
+
 /// The bytes `item` puts on the wire for a message (its literal; 0 for the small
 /// items), before any copy is made.
-fn item_bytes(item: &MessageDataItemName<'_>, raw: Option<&[u8]>, p: Option<&Parsed<'_>>) -> usize {
+fn item_bytes(
+    item: &MessageDataItemName<'_>,
+    raw: Option<&[u8]>,
+    p: Option<&Parsed<'_>>,
+    binaries: &Binaries<'_, '_>,
+) -> usize {
     match item {
         MessageDataItemName::Rfc822 => raw.map_or(0, <[u8]>::len),
         MessageDataItemName::Rfc822Header => p.map_or(0, |p| p.header().len()),
@@ -809,9 +817,13 @@ fn item_bytes(item: &MessageDataItemName<'_>, raw: Option<&[u8]>, p: Option<&Par
                 len.saturating_sub(start as usize).min(n.get() as usize)
             })
         }
-        MessageDataItemName::Binary { partial, .. } => {
-            let len = raw.map_or(0, <[u8]>::len);
-            partial.map_or(len, |(_, n)| len.min(n.get() as usize))
+        MessageDataItemName::Binary {
+            section, partial, ..
+        } => {
+            let len = binaries.get(section.as_slice()).map_or(0, |b| b.len());
+            partial.map_or(len, |(start, n)| {
+                len.saturating_sub(start as usize).min(n.get() as usize)
+            })
         }
         _ => 0,
     }
@@ -825,6 +837,7 @@ fn fetch_item<'r>(
     seen_now: bool,
     raw: Option<&'r [u8]>,
     p: Option<&Parsed<'r>>,
+    binaries: &Binaries<'_, 'r>,
     verbatim: &mut Vec<&'r [u8]>,
 ) -> MessageDataItem<'static> {
     let content = || p.expect("content");
@@ -887,14 +900,16 @@ fn fetch_item<'r>(
         MessageDataItemName::Binary {
             section, partial, ..
         } => {
-            let bytes = content().binary(section).unwrap_or_default();
+            let bytes = binaries
+                .get(section.as_slice())
+                .map_or(&[][..], |b| b.as_ref());
             let data = match partial {
                 Some((start, len)) => {
                     let s = (*start as usize).min(bytes.len());
                     let e = s.saturating_add(len.get() as usize).min(bytes.len());
                     &bytes[s..e]
                 }
-                None => &bytes[..],
+                None => bytes,
             };
             MessageDataItem::Binary {
                 section: section.clone(),
@@ -903,7 +918,7 @@ fn fetch_item<'r>(
         }
         MessageDataItemName::BinarySize { section } => MessageDataItem::BinarySize {
             section: section.clone(),
-            size: u32::try_from(content().binary(section).map_or(0, |b| b.len()))
+            size: u32::try_from(binaries.get(section.as_slice()).map_or(0, |b| b.len()))
                 .unwrap_or(u32::MAX),
         },
     }
@@ -1441,18 +1456,19 @@ impl Session {
         };
         // The same item named twice is answered once (FETCH 1 (BODY[] BODY[] …) asked
         // for 4,000 copies of a message in one reply).
-        let mut unique: Vec<&MessageDataItemName<'static>> = Vec::with_capacity(items.len());
-        for item in items {
-            if !unique.contains(&item) {
-                unique.push(item);
-            }
-        }
-        let items = unique;
+        let mut seen_items = std::collections::HashSet::with_capacity(items.len());
+        let items: Vec<&MessageDataItemName<'static>> = items
+            .iter()
+            .filter(|&item| seen_items.insert(item))
+            .collect();
         let budget = gw.imap.max_fetch_response_bytes;
         let content = items.iter().copied().any(needs_body);
         let mark_seen = !sel.read_only && items.iter().copied().any(sets_seen);
         let mut missing = false;
         let mut to_mark = Vec::new();
+        // A message that cannot be sent ends the reply; \Seen is still set on the
+        // ones that were.
+        let mut refused = None;
         for i in indexes {
             let m = sel.messages[i].clone();
             if changed_since.is_some_and(|c| m.modseq <= c) {
@@ -1482,42 +1498,57 @@ impl Session {
             let parsed = raw
                 .as_deref()
                 .map(|r| Parsed::new(r, gw.imap.mime_limits()));
-            let mut seen_now = false;
-            if mark_seen && !m.flags.iter().any(|f| f == "\\Seen") {
-                to_mark.push(m.uid);
-                seen_now = true;
+            // Each BINARY section is decoded once, however many items (partials,
+            // BINARY.SIZE) name it: they asked for one decode per item before.
+            let mut binaries = HashMap::new();
+            let mut unknown_cte = false;
+            if let Some(p) = parsed.as_ref() {
+                for &item in &items {
+                    if let MessageDataItemName::Binary { section, .. }
+                    | MessageDataItemName::BinarySize { section } = item
+                        && !binaries.contains_key(section.as_slice())
+                    {
+                        match p.binary(section) {
+                            Ok(bytes) => {
+                                binaries.insert(section.as_slice(), bytes);
+                            }
+                            Err(_) => {
+                                unknown_cte = true;
+                                break;
+                            }
+                        }
+                    }
+                }
             }
             // What this message's reply carries, counted before anything is made:
             // over the budget, or BINARY of an unknown transfer encoding, and nothing
             // of it is sent.
             let size = items.iter().fold(0usize, |size, &item| {
-                size.saturating_add(item_bytes(item, raw.as_deref(), parsed.as_ref()))
+                size.saturating_add(item_bytes(item, raw.as_deref(), parsed.as_ref(), &binaries))
             });
             if size > budget {
                 crate::metrics::event(super::PROTOCOL, "fetch_over_limit");
-                conn.push(&status(
+                refused = Some(status(
                     Some(tag),
                     StatusKind::No,
                     Some(code("LIMIT")),
                     "FETCH reply too large; ask for fewer or smaller items",
                 ));
-                return Ok(());
+                break;
             }
-            let unknown_cte = items.iter().any(|item| match item {
-                MessageDataItemName::Binary { section, .. }
-                | MessageDataItemName::BinarySize { section } => {
-                    parsed.as_ref().is_some_and(|p| p.binary(section).is_err())
-                }
-                _ => false,
-            });
             if unknown_cte {
-                conn.push(&status(
+                refused = Some(status(
                     Some(tag),
                     StatusKind::No,
                     Some(Code::UnknownCte),
                     "Unknown Content-Transfer-Encoding",
                 ));
-                return Ok(());
+                break;
+            }
+            let mut seen_now = false;
+            if mark_seen && !m.flags.iter().any(|f| f == "\\Seen") {
+                to_mark.push(m.uid);
+                seen_now = true;
             }
             // One item at a time on the wire: memory holds the message and one copy
             // of one item, whatever was asked for.
@@ -1533,6 +1564,7 @@ impl Session {
                     seen_now,
                     raw.as_deref(),
                     parsed.as_ref(),
+                    &binaries,
                     &mut verbatim,
                 );
                 conn.fetch_item(seq, built, &verbatim).await?;
@@ -1582,7 +1614,9 @@ impl Session {
                 Err(e) => tracing::warn!(error = %e, "setting \\Seen after FETCH"),
             }
         }
-        if missing {
+        if let Some(refused) = refused {
+            conn.push(&refused);
+        } else if missing {
             conn.push(&status(
                 Some(tag),
                 StatusKind::No,
