@@ -88,6 +88,13 @@ spec:
                 secretKeyRef:
                   name: {{ include "mailmesh.sessionSecretName" . }}
                   key: key
+            # During a rotation: the secret before, still accepted (key `previous`).
+            - name: MAILMESH_STORAGE__SESSION_SECRET_PREVIOUS
+              valueFrom:
+                secretKeyRef:
+                  name: {{ include "mailmesh.sessionSecretName" . }}
+                  key: previous
+                  optional: true
             {{- end }}
             {{- if or (eq $component "smtp-ingress") (eq $component "delivery-worker") }}
             # Rewrites forwarded senders (worker) and takes bounces to them back (MX).

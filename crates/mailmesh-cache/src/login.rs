@@ -21,6 +21,13 @@ pub struct LoginLimits {
     /// Logins being checked at once for one client address (a webmail server or a
     /// NAT logs many users in together); more are told to come back later.
     pub max_parallel: u32,
+    /// Once an account has `max_failures` failures in the window, at most one of
+    /// its passwords is checked per this long, whoever asks and from whatever
+    /// address: for storage, whose callers name the client address themselves (a
+    /// compromised front door could name a new one per guess). The owner may be
+    /// told to come back a few seconds later, never locked out. `None` at the front
+    /// doors, which slow such logins down instead.
+    pub account_pace: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -141,6 +148,14 @@ where
         tracing::info!(%client, %account, "slowing down logins to an account with many failures");
         tokio::time::sleep(limits.failure_delay * 5).await;
     }
+    if let (Some(pace), Some(key)) = (limits.account_pace, &by_name)
+        && count(&**cache, key, 0, window).await >= limit
+        && count(&**cache, &format!("{key}:pace"), 1, pace).await > 1
+    {
+        in_flight.release().await;
+        tracing::info!(%client, %account, "login deferred: the account's many failures are paced");
+        return Login::Busy;
+    }
     let verified = match by_name {
         Some(_) => verify(name).await,
         None => Ok(None),
@@ -234,6 +249,7 @@ mod tests {
         window: Duration::from_secs(60),
         failure_delay: Duration::ZERO,
         max_parallel: 4,
+        account_pace: None,
     };
 
     async fn login(cache: &Arc<dyn Cache>, ip: &str, name: &str, right: bool) -> Login<()> {
@@ -353,6 +369,7 @@ mod tests {
             window: Duration::from_secs(600),
             failure_delay: Duration::from_secs(1),
             max_parallel: 64,
+            account_pace: None,
         };
         let guessed = Arc::new(AtomicU32::new(0));
         let mut tasks = Vec::new();
@@ -407,6 +424,7 @@ mod tests {
             window: Duration::from_secs(600),
             failure_delay: Duration::from_secs(1),
             max_parallel: 4,
+            account_pace: None,
         };
         let attempt = |ip: &'static str, right: bool| {
             let (cache, limits) = (cache.clone(), limits.clone());
@@ -453,6 +471,53 @@ mod tests {
             login(&cache, "203.0.113.1", "victim@x", true).await,
             Login::Ok(())
         ));
+    }
+
+    /// Storage's callers name the client address: one naming a new address per
+    /// guess escapes every address limit, so an account past its failures gets one
+    /// check per pace, whatever the address; the owner gets in once the pace
+    /// allows.
+    #[tokio::test]
+    async fn an_account_past_its_failures_is_paced_across_addresses() {
+        let cache: Arc<dyn Cache> = Arc::new(MemoryCache::new());
+        let limits = LoginLimits {
+            account_pace: Some(Duration::from_secs(2)),
+            ..LIMITS
+        };
+        let checked = Arc::new(AtomicU32::new(0));
+        let attempt = |i: u32, right: bool| {
+            let (cache, limits, checked) = (cache.clone(), limits.clone(), checked.clone());
+            async move {
+                check(
+                    &cache,
+                    format!("198.51.100.{i}").parse().unwrap(),
+                    "victim@x",
+                    &limits,
+                    |_| async move {
+                        checked.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, String>(right.then_some(()))
+                    },
+                )
+                .await
+            }
+        };
+        for i in 0..3 {
+            assert!(matches!(attempt(i, false).await, Login::Invalid));
+        }
+        // 100 guesses from 100 new addresses: one is checked.
+        let mut busy = 0;
+        for i in 10..110 {
+            match attempt(i, false).await {
+                Login::Busy => busy += 1,
+                Login::Invalid => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((busy, checked.load(Ordering::SeqCst)), (99, 4));
+        // The owner: told to come back, then in.
+        assert!(matches!(attempt(200, true).await, Login::Busy));
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(matches!(attempt(200, true).await, Login::Ok(())));
     }
 
     #[tokio::test]

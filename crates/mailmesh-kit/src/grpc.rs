@@ -32,12 +32,3 @@ pub fn follow<T>(request: &tonic::Request<T>, span: &tracing::Span) {
         crate::telemetry::extract_context(span, &carrier);
     }
 }
-
-/// The connections a gRPC server accepts on `listener`, with Nagle's algorithm off.
-/// With it on (tonic's default for an incoming stream), a reply written in two parts
-/// — headers, then the message — waits for the client's delayed ACK: 40 ms on
-/// Linux, which was the p99 of every message body the gateway fetched from storage
-/// (`loadtest/pop3-mixed.sh`: RETR p99 48 ms).
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
-}

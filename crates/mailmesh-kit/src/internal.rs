@@ -133,7 +133,8 @@ fn default_reload_interval() -> Duration {
 }
 
 fn default_handshake_timeout() -> Duration {
-    Duration::from_secs(10)
+    // Peers are in the cluster: a handshake takes milliseconds.
+    Duration::from_secs(3)
 }
 
 impl InternalTlsConfig {
@@ -423,6 +424,10 @@ impl InternalTls {
             .with_client_cert_verifier(self.roots.clone())
             .with_cert_resolver(self.certs.clone());
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // Every connection shows its certificate: a resumed session would carry the
+        // identity of a certificate since replaced, or of a CA no longer trusted.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Arc::new(config)
     }
 
@@ -479,11 +484,18 @@ impl InternalTls {
         shutdown: &Shutdown,
     ) -> impl futures::Stream<Item = Result<PeerConn, std::io::Error>> + Send + 'static {
         const MAX_HANDSHAKES: usize = 256;
+        // One address (a compromised pod) cannot take every handshake slot.
+        const MAX_HANDSHAKES_PER_ADDRESS: usize = 32;
         let acceptor = tokio_rustls::TlsAcceptor::from(self.server_config());
         let timeout = self.handshake_timeout;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let stopped = shutdown.stopped_token();
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+            Arc::default();
+        // Refusals are counted in a metric and logged at most once a second: a
+        // flood of bad handshakes must not flood the logs too.
+        let log = Arc::new(LogPace::default());
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -499,13 +511,25 @@ impl InternalTls {
                     }
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!(%addr, "too many internal TLS handshakes at once; connection dropped");
+                    crate::metrics::internal_tls_refused();
+                    if log.allows() {
+                        tracing::warn!(%addr, "too many internal TLS handshakes at once; connection dropped");
+                    }
+                    continue;
+                };
+                let Some(source) =
+                    AddressSlot::take(&per_address, addr.ip(), MAX_HANDSHAKES_PER_ADDRESS)
+                else {
+                    crate::metrics::internal_tls_refused();
+                    if log.allows() {
+                        tracing::warn!(%addr, "too many internal TLS handshakes from this address at once; connection dropped");
+                    }
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx, log) = (acceptor.clone(), tx.clone(), log.clone());
                 tokio::spawn(async move {
-                    let _slot = slot;
+                    let _slot = (slot, source);
                     match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(tls)) => {
                             let role = tls
@@ -528,17 +552,84 @@ impl InternalTls {
                         }
                         Ok(Err(e)) => {
                             crate::metrics::internal_tls_refused();
-                            tracing::warn!(%addr, error = %e, "internal TLS handshake refused");
+                            if log.allows() {
+                                tracing::warn!(%addr, error = %e, "internal TLS handshake refused");
+                            }
                         }
                         Err(_) => {
                             crate::metrics::internal_tls_refused();
-                            tracing::warn!(%addr, "internal TLS handshake timed out");
+                            if log.allows() {
+                                tracing::warn!(%addr, "internal TLS handshake timed out");
+                            }
                         }
                     }
                 });
             }
         });
         tokio_stream_from(rx)
+    }
+}
+
+/// How long an internal connection lives: then it closes (gracefully, calls in
+/// flight get [`CONNECTION_GRACE`]) and the client connects again, showing its
+/// current certificate, checked against the current CA.
+pub const CONNECTION_AGE: Duration = Duration::from_secs(60 * 60);
+/// Time calls on a connection past [`CONNECTION_AGE`] have to finish.
+pub const CONNECTION_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// One handshake from an address, counted until dropped.
+struct AddressSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+        max: usize,
+    ) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Allows one log line per second.
+#[derive(Default)]
+struct LogPace(std::sync::atomic::AtomicU64);
+
+impl LogPace {
+    fn allows(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.0.load(Ordering::Relaxed);
+        now > last
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -990,6 +1081,81 @@ mod tests {
             let err = InternalTls::load(&config, Role::Admin).unwrap_err();
             assert!(matches!(err, InternalTlsError::WrongRole { .. }), "{err}");
         }
+    }
+
+    /// Every connection shows its certificate (a resumed session would keep the
+    /// identity of one since replaced), and one address that opens connections
+    /// and never handshakes does not take the slots of the others.
+    #[tokio::test]
+    async fn no_resumption_and_no_address_takes_every_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        write_pki(dir.path()).unwrap();
+        let storage = load(dir.path(), Role::Storage);
+        let admin = load(dir.path(), Role::Admin);
+        let shutdown = Shutdown::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(storage.incoming(listener, &shutdown));
+        tokio::spawn(async move {
+            while let Some(Ok(mut conn)) = incoming.next().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1];
+                    while conn.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        let _ = conn.write_all(&buf).await;
+                    }
+                });
+            }
+        });
+        let connector = tokio_rustls::TlsConnector::from(admin.client_config());
+        let handshake = |source: &'static str| {
+            let connector = connector.clone();
+            async move {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket
+                    .bind(SocketAddr::new(source.parse().unwrap(), 0))
+                    .unwrap();
+                let tcp = socket.connect(addr).await.unwrap();
+                let mut tls = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    connector.connect(Role::Storage.server_name(), tcp),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                // The server's tickets (if any) arrive with its first data.
+                tls.write_all(b"x").await.ok()?;
+                let mut buf = [0u8; 1];
+                tls.read_exact(&mut buf).await.ok()?;
+                Some(tls.get_ref().1.handshake_kind())
+            }
+        };
+        for _ in 0..2 {
+            assert_eq!(
+                handshake("127.0.0.1").await,
+                Some(Some(rustls::HandshakeKind::Full))
+            );
+        }
+        // 40 silent connections from 127.0.0.3: 32 wait for their handshake, the
+        // rest are dropped; another address still gets through.
+        let mut silent = Vec::new();
+        for _ in 0..40 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+            silent.push(socket.connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut dropped = 0;
+        for s in &mut silent {
+            let mut buf = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await
+            {
+                dropped += 1;
+            }
+        }
+        assert_eq!(dropped, 40 - 32);
+        assert!(handshake("127.0.0.4").await.is_some());
+        shutdown.stopped_token().cancel();
     }
 
     #[tokio::test]

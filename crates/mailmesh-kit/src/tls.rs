@@ -180,7 +180,7 @@ impl ReloadingCertResolver {
 pub(crate) fn every(interval: Duration, shutdown: &Shutdown, mut f: impl FnMut() + Send + 'static) {
     let stopped = shutdown.stopped_token();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

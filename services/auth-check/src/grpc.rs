@@ -101,6 +101,8 @@ pub async fn serve(
         .saturating_add(ENVELOPE_SLACK);
     let stopped = shutdown.stopped_token();
     tonic::transport::Server::builder()
+        .max_connection_age(mailmesh_kit::internal::CONNECTION_AGE)
+        .max_connection_age_grace(mailmesh_kit::internal::CONNECTION_GRACE)
         .layer(AuthorizeLayer::new(policy))
         .add_service(AuthCheckServer::new(Service(checker)).max_decoding_message_size(limit))
         .serve_with_incoming_shutdown(tls.incoming(listener, &shutdown), async move {

@@ -514,6 +514,7 @@ impl Session<'_> {
             window: self.gw.config.failure_window,
             failure_delay: self.gw.config.failure_delay,
             max_parallel: self.gw.config.max_parallel_logins,
+            account_pace: None,
         };
         let user = match crate::login::check(self.gw, PROTOCOL, self.peer, name, password, &limits)
             .await

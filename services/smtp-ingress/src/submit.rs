@@ -91,6 +91,7 @@ impl SubmissionConfig {
             window: self.failure_window,
             failure_delay: self.failure_delay,
             max_parallel: self.max_parallel_logins,
+            account_pace: None,
         }
     }
 }

@@ -259,7 +259,12 @@ impl Mailstore for Arc<StorageEngine> {
     }
 
     async fn refresh(&self, account: &mut Account) -> Result<bool, DeliveryError> {
-        let enabled = self.directory(|d| d.user(&account.user.user).map(|u| u.enabled))?;
+        // As over gRPC: the same user, still in the tenant it logged in to.
+        let enabled = self.directory(|d| {
+            d.user(&account.user.user)
+                .filter(|u| u.tenant == account.user.tenant)
+                .map(|u| u.enabled)
+        })?;
         Ok(enabled == Some(true))
     }
 

@@ -80,6 +80,12 @@ pub struct StorageConfig {
     pub login_failure_window: Duration,
     /// Logins from one client address checked at once.
     pub login_max_parallel: u32,
+    /// An account with `login_max_failures` failures in the window gets at most
+    /// one password check per this long, from any caller and any client address
+    /// (callers name the address: a compromised front door could name a new one
+    /// per guess). Its owner may be asked to retry, never locked out.
+    #[serde(with = "humantime_serde")]
+    pub login_account_pace: Duration,
 }
 
 impl Default for StorageConfig {
@@ -105,6 +111,7 @@ impl Default for StorageConfig {
             login_max_failures: 20,
             login_failure_window: Duration::from_secs(15 * 60),
             login_max_parallel: 64,
+            login_account_pace: Duration::from_secs(5),
         }
     }
 }

@@ -78,15 +78,26 @@ impl StorageService {
     /// delivery worker for any user (the policy limits what they may call), a front
     /// door only with the user's session token.
     fn user_for(&self, caller: &Peer, user: Option<v1::UserRef>) -> Result<UserRef, Status> {
+        self.user_session(caller, user).map(|(user, _)| user)
+    }
+
+    /// The user a call acts for, and when the caller's session for it expires
+    /// (ms; `None` for the roles that need none).
+    fn user_session(
+        &self,
+        caller: &Peer,
+        user: Option<v1::UserRef>,
+    ) -> Result<(UserRef, Option<i64>), Status> {
         let token = user.as_ref().map(|u| u.session.clone()).unwrap_or_default();
         let parsed = user_ref(user)?;
         match caller.role {
-            Role::Admin | Role::DeliveryWorker => Ok(parsed),
+            Role::Admin | Role::DeliveryWorker => Ok((parsed, None)),
             role => {
-                self.sessions
+                let expires_ms = self
+                    .sessions
                     .verify(&token, &parsed, role)
                     .map_err(session_refused)?;
-                Ok(parsed)
+                Ok((parsed, Some(expires_ms)))
             }
         }
     }
@@ -273,11 +284,7 @@ fn message_info(m: &Message) -> v1::MessageInfo {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::client::now_ms;
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -558,6 +565,7 @@ impl DirectoryApi for StorageService {
             // The front door makes its client wait; storage only counts.
             failure_delay: std::time::Duration::ZERO,
             max_parallel: config.login_max_parallel,
+            account_pace: Some(config.login_account_pace),
         };
         let engine = &self.engine;
         let password = r.password;
@@ -590,7 +598,7 @@ impl DirectoryApi for StorageService {
             }
             Login::Busy => {
                 return Err(Status::unavailable(
-                    "too many logins from this client address at once",
+                    "too many logins for this client address or account right now",
                 ));
             }
             Login::Unavailable => {
@@ -1309,9 +1317,20 @@ impl MailboxesApi for StorageService {
 
     async fn watch(&self, r: Request<v1::UserRef>) -> Reply<Self::WatchStream> {
         let caller = caller(&r)?;
-        let user = self.user_for(&caller, Some(r.into_inner()))?;
+        let (user, expires_ms) = self.user_session(&caller, Some(r.into_inner()))?;
         let events = self.engine.subscribe(&user).await?;
         let engine = self.engine.clone();
+        // The stream lasts as long as the session it was opened with: the caller
+        // watches again with a renewed token (refused once the account is
+        // disabled), so a revoked session does not follow the mailbox for ever.
+        let left = expires_ms
+            .map(|ms| std::time::Duration::from_millis(u64::try_from(ms - now_ms()).unwrap_or(0)));
+        let ends = async move {
+            match left {
+                Some(left) => tokio::time::sleep(left).await,
+                None => futures::future::pending().await,
+            }
+        };
         let stream = futures::stream::unfold(
             (events, engine, user),
             |(mut events, engine, user)| async move {
@@ -1334,7 +1353,8 @@ impl MailboxesApi for StorageService {
                     }
                 }
             },
-        );
+        )
+        .take_until(ends);
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -93,11 +93,7 @@ pub struct Replica<S: StateMachine> {
     failed: Mutex<Option<String>>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::client::now_ms;
 
 fn snapshot_prefix(config: &ReplicaConfig) -> Path {
     Path::from(format!("index/{}/{}", config.topic, config.partition))

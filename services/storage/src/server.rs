@@ -70,6 +70,8 @@ pub async fn serve_grpc(
     let stopped = shutdown.stopped_token();
     let incoming = tls.incoming(listener, &shutdown);
     tonic::transport::Server::builder()
+        .max_connection_age(mailmesh_kit::internal::CONNECTION_AGE)
+        .max_connection_age_grace(mailmesh_kit::internal::CONNECTION_GRACE)
         .layer(AuthorizeLayer::new(crate::grpc::policy))
         .add_service(service.directory_server())
         .add_service(service.outbound_queue_server())

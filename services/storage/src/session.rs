@@ -11,7 +11,7 @@
 //! Wire form: `v1.<expires_ms>.<mac>` with the MAC, base64url, over the tenant, the
 //! user id, the role and the expiry.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -63,11 +63,7 @@ fn key(secret: &str) -> Result<hmac::Key, BadSecret> {
     Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+use crate::client::now_ms;
 
 impl SessionKeys {
     /// From the configured secrets (base64, 32 bytes each).

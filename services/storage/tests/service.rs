@@ -639,6 +639,68 @@ async fn only_known_roles_reach_their_calls_and_users_need_their_session() {
         .unwrap()
         .into_inner();
     assert!(bob_in.ok);
+    // The client address is the caller's word: a guess naming yet another one
+    // meets the account's pace (one check per login_account_pace once it has
+    // login_max_failures failures), not a fresh budget.
+    let r = gw_dir
+        .authenticate(v1::AuthenticateRequest {
+            address: "bob@acme.test".into(),
+            password: "guess-from-a-new-address".into(),
+            client_ip: "192.0.2.201".into(),
+        })
+        .await;
+    assert_eq!(
+        r.map(|r| r.into_inner().ok).map_err(|s| s.code()),
+        Err(tonic::Code::Unavailable)
+    );
     let log = std::fs::read_to_string(storage.log.path()).unwrap_or_default();
     assert!(log.contains("internal call refused"), "{log}");
+}
+
+/// A Watch opened with a session lasts as long as the session: the gateway
+/// watches again with a renewed token (refused once the account is disabled), so a
+/// revoked session no longer follows the mailbox for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_with_its_session() {
+    let run = format!("watch{}", uuid::Uuid::new_v4().simple());
+    let storage = start_with(&run, &[("MAILMESH_STORAGE__SESSION_TTL", "10s")]);
+    let mut directory = DirectoryClient::new(channel(&storage, Role::Admin).await);
+    tenant_with_domain(&mut directory, "acme", "acme.test").await;
+    directory
+        .add_user(v1::AddUserRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            quota_bytes: 0,
+        })
+        .await
+        .unwrap();
+    let gateway = channel(&storage, Role::Gateway).await;
+    let login = DirectoryClient::new(gateway.clone())
+        .authenticate(v1::AuthenticateRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            client_ip: "198.51.100.7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let alice = login.user.unwrap().user.unwrap();
+    let started = Instant::now();
+    let mut watch = MailboxesClient::new(gateway)
+        .watch(alice)
+        .await
+        .unwrap()
+        .into_inner();
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(change) = watch.next().await {
+            change.unwrap();
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the watch outlived its session");
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
 }

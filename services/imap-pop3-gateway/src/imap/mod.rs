@@ -1297,6 +1297,7 @@ impl Session {
             window: self.gw.imap.failure_window,
             failure_delay: self.gw.imap.failure_delay,
             max_parallel: self.gw.imap.max_parallel_logins,
+            account_pace: None,
         };
         match login::check(&self.gw, PROTOCOL, self.peer, name, password, &limits).await {
             Login::Ok(logged_in) => {
