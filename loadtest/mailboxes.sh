@@ -17,14 +17,15 @@ cleanup() {
   [ -f "$WORK/dovecot/dovecot.conf" ] && doveadm -c "$WORK/dovecot/dovecot.conf" stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p mailctl -p mailmesh-loadtest
-MAILCTL=$PWD/target/release/mailctl
-LOAD=$PWD/target/release/$LOAD_BIN
+MAILCTL=$CARGO_TARGET_DIR/release/mailctl
+LOAD=$CARGO_TARGET_DIR/release/$LOAD_BIN
 # shellcheck source=loadtest/common.sh
 . loadtest/common.sh
 start_dns
 
-USERS=8
+USERS=${USERS:-8}
 PER_USER=${PER_USER:-200}
 
 command -v dovecot >/dev/null && [ -e /usr/lib/dovecot/pop3 ] && [ -e /usr/lib/dovecot/modules/auth/libdriver_sqlite.so ] ||

@@ -92,6 +92,8 @@ enum Input {
 /// The connection: the stream, the framing state and the replies not yet written.
 /// Bytes read from the client at a time.
 const READ_BUFFER: usize = 4096;
+/// Replies of many lines are written in pieces of about this size.
+const WRITE_BATCH: usize = 32 << 10;
 /// An APPEND literal goes to storage in pieces of about this size.
 const APPEND_CHUNK: usize = 32 << 10;
 /// How long storage has to answer an APPEND once the whole message was sent.
@@ -215,10 +217,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
-    /// Closes the FETCH reply and sends it.
+    /// Closes the FETCH reply. It is sent once [`WRITE_BATCH`] bytes wait (the
+    /// command's end sends the rest): one write per message made `FETCH 1:*
+    /// (FLAGS)` on 50,000 messages 50,000 writes and TLS records.
     async fn end_fetch(&mut self) -> io::Result<()> {
         self.out.extend_from_slice(b")\r\n");
-        self.flush().await
+        if self.out.len() >= WRITE_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     fn push_raw(&mut self, bytes: &[u8]) {
