@@ -31,7 +31,7 @@ scripts/backends.sh start >/dev/null
 eval "$(scripts/backends.sh env)"
 cargo build --release -q -p mailmesh-storage -p mailmesh-auth -p mailmesh-ingress \
   -p mailmesh-delivery -p mailctl
-BIN=$PWD/target/release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 MAILCTL=$BIN/mailctl
 start_dns
 

@@ -61,3 +61,42 @@ pub(crate) fn snapshot(log: &str, ok: bool) {
         .with_label_values(&[log, if ok { "ok" } else { "failed" }])
         .inc();
 }
+
+static PUBLISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "storage_records_published_total",
+                "Log records this replica produced, by kind: `command` (a change) or \
+                 `barrier` (written by a read to see every earlier change)",
+            ),
+            &["log", "kind"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+static APPLIED_AT_ACK: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "storage_applied_at_ack_total",
+                "Records this replica applied as soon as the broker acknowledged them \
+                 (they landed right after everything applied here), without waiting to \
+                 read them back",
+            ),
+            &["log"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn published(log: &str, barrier: bool) {
+    PUBLISHED
+        .with_label_values(&[log, if barrier { "barrier" } else { "command" }])
+        .inc();
+}
+
+pub(crate) fn applied_at_ack(log: &str) {
+    APPLIED_AT_ACK.with_label_values(&[log]).inc();
+}

@@ -2,10 +2,15 @@
 //!
 //! Every replica reads the partition from its latest snapshot and applies each
 //! command in log order, so all replicas hold the same state. A write publishes a
-//! command and waits until this replica has applied it; the outcome is computed by
-//! the apply, not by the writer (docs/adr/0001-mailbox-index.md).
+//! command and gets the outcome of applying it; the outcome is computed by the
+//! apply, not by the writer (docs/adr/0001-mailbox-index.md). When the produce ack
+//! shows the record landed right after everything this replica has applied, the
+//! writer applies it at once (the same outcome the log order gives, without waiting
+//! for the reader to fetch it back: ~250 ms on tansu); else the reader applies it
+//! (docs/adr/0005-storage-v2.md, §2).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -61,6 +66,17 @@ pub struct ReplicaConfig {
     pub write_timeout: Duration,
 }
 
+/// What became of a record offered to [`Replica::apply_at`].
+enum Applied {
+    /// Applied now.
+    Now,
+    /// Applied already (by a writer at its ack, or before the snapshot).
+    Before,
+    /// Records before it were never applied: the next expected offset.
+    Gap(i64),
+    Unreadable(String),
+}
+
 /// Gets the outcome of a command, or `None` when a barrier is reached.
 type Waiter<O> = oneshot::Sender<Option<Result<O, StorageError>>>;
 
@@ -91,6 +107,12 @@ pub struct Replica<S: StateMachine> {
     changes: broadcast::Sender<S::Change>,
     /// Set when the log cannot be applied any more; every call then fails.
     failed: Mutex<Option<String>>,
+    /// Held while a record is applied and `applied` moved on (by the reader or by a
+    /// writer that applies its own record), and while a snapshot is taken: the
+    /// state and its offset always agree.
+    apply_lock: Mutex<()>,
+    /// Records applied since the last snapshot.
+    since_snapshot: AtomicU64,
 }
 
 use crate::client::now_ms;
@@ -120,14 +142,15 @@ impl<S: StateMachine> Replica<S> {
             waiters: Mutex::new(HashMap::new()),
             changes: broadcast::channel(4096).0,
             failed: Mutex::new(None),
+            apply_lock: Mutex::new(()),
+            since_snapshot: AtomicU64::new(0),
         });
-        tokio::spawn(Arc::clone(&replica).run(reader, offset));
+        tokio::spawn(Arc::clone(&replica).run(reader));
         replica.sync().await?;
         Ok(replica)
     }
 
-    async fn run(self: Arc<Self>, mut reader: Box<dyn PartitionReader>, mut next: i64) {
-        let mut since_snapshot = 0u64;
+    async fn run(self: Arc<Self>, mut reader: Box<dyn PartitionReader>) {
         let mut tick = tokio::time::interval(self.config.snapshot_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -139,8 +162,8 @@ impl<S: StateMachine> Replica<S> {
                 _ = tick.tick() => {
                     // Snapshots also go out on time, so a quiet log (the directory)
                     // is covered long before the broker's retention removes it.
-                    if since_snapshot > 0 && self.snapshot(next).await {
-                        since_snapshot = 0;
+                    if self.since_snapshot.load(Ordering::Relaxed) > 0 {
+                        self.snapshot().await;
                     }
                     continue;
                 }
@@ -153,50 +176,66 @@ impl<S: StateMachine> Replica<S> {
                     continue;
                 }
             };
-            if record.offset < next {
-                continue;
+            let applied = {
+                let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+                self.apply_at(record.offset, &record.payload)
+            };
+            match applied {
+                Applied::Now | Applied::Before => {}
+                Applied::Gap(next) => {
+                    // Records between the snapshot and here are gone (retention shorter
+                    // than the snapshot interval, or a truncated log): the state cannot be
+                    // rebuilt, and serving it would hand out wrong UIDs.
+                    let reason = format!(
+                        "{}/{}: records {next} to {} are missing from the log; restore a newer snapshot",
+                        self.config.topic,
+                        self.config.partition,
+                        record.offset - 1
+                    );
+                    self.fail(reason);
+                    return;
+                }
+                Applied::Unreadable(reason) => {
+                    // A record this version cannot read (written by a newer one?):
+                    // skipping it would fork this replica from the others, so it
+                    // stops instead.
+                    self.fail(format!(
+                        "{}/{} offset {}: {reason}",
+                        self.config.topic, self.config.partition, record.offset
+                    ));
+                    return;
+                }
             }
-            if record.offset > next {
-                // Records between the snapshot and here are gone (retention shorter
-                // than the snapshot interval, or a truncated log): the state cannot be
-                // rebuilt, and serving it would hand out wrong UIDs.
-                let reason = format!(
-                    "{}/{}: records {next} to {} are missing from the log; restore a newer snapshot",
-                    self.config.topic,
-                    self.config.partition,
-                    record.offset - 1
-                );
-                self.fail(reason);
-                return;
-            }
-            if let Err(reason) = self.apply_record(&record.payload) {
-                // A record this version cannot read (written by a newer one?): skipping
-                // it would fork this replica from the others, so it stops instead.
-                self.fail(format!(
-                    "{}/{} offset {}: {reason}",
-                    self.config.topic, self.config.partition, record.offset
-                ));
-                return;
-            }
-            next = record.offset + 1;
-            self.applied.send_replace(next);
-            since_snapshot += 1;
-            if since_snapshot >= self.config.snapshot_every && self.snapshot(next).await {
-                since_snapshot = 0;
+            if self.since_snapshot.load(Ordering::Relaxed) >= self.config.snapshot_every {
+                self.snapshot().await;
             }
         }
     }
 
-    /// Writes a snapshot; false when it failed (it is retried at the next occasion).
-    async fn snapshot(&self, next: i64) -> bool {
-        let written = self.write_snapshot(next).await;
+    /// Applies the record at `offset` if it is the next one; the caller holds
+    /// `apply_lock`.
+    fn apply_at(&self, offset: i64, payload: &[u8]) -> Applied {
+        let next = self.applied();
+        if offset < next {
+            return Applied::Before;
+        }
+        if offset > next {
+            return Applied::Gap(next);
+        }
+        if let Err(reason) = self.apply_record(payload) {
+            return Applied::Unreadable(reason);
+        }
+        self.applied.send_replace(offset + 1);
+        self.since_snapshot.fetch_add(1, Ordering::Relaxed);
+        Applied::Now
+    }
+
+    /// Writes a snapshot (retried at the next occasion when it fails).
+    async fn snapshot(&self) {
+        let written = self.write_snapshot().await;
         crate::metrics::snapshot(self.config.log, written.is_ok());
-        match written {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(topic = %self.config.topic, partition = self.config.partition, error = %e, "writing an index snapshot failed");
-                false
-            }
+        if let Err(e) = written {
+            tracing::warn!(topic = %self.config.topic, partition = self.config.partition, error = %e, "writing an index snapshot failed");
         }
     }
 
@@ -257,6 +296,7 @@ impl<S: StateMachine> Replica<S> {
         command: Option<S::Command>,
     ) -> Result<Pending<'_, S::Outcome>, EngineError> {
         self.check_failed()?;
+        crate::metrics::published(self.config.log, command.is_none());
         let entry = Entry {
             id: uuid::Uuid::new_v4(),
             at_ms: now_ms(),
@@ -275,17 +315,25 @@ impl<S: StateMachine> Replica<S> {
             id: entry.id,
             rx: Some(rx),
         };
-        let published = self
+        let payload = Bytes::from(payload);
+        let position = self
             .queue
             .publish(OutgoingRecord {
                 topic: self.config.topic.clone(),
                 key: Bytes::new(),
-                payload: Bytes::from(payload),
+                payload: payload.clone(),
                 headers: Vec::new(),
                 partition: Some(self.config.partition),
             })
-            .await;
-        published?;
+            .await?;
+        // Right after everything applied here: its outcome is decided now (the
+        // reader skips it when it comes by); otherwise the reader applies it in turn.
+        if position.partition == self.config.partition {
+            let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+            if let Applied::Now = self.apply_at(position.offset, &payload) {
+                crate::metrics::applied_at_ack(self.config.log);
+            }
+        }
         Ok(pending)
     }
 
@@ -345,10 +393,16 @@ impl<S: StateMachine> Replica<S> {
         *self.applied.borrow()
     }
 
-    async fn write_snapshot(&self, next: i64) -> Result<(), EngineError> {
-        let body = {
+    async fn write_snapshot(&self) -> Result<(), EngineError> {
+        let (body, next) = {
+            let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
             let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            serde_json::to_vec(&*state).map_err(|e| EngineError::Codec(e.to_string()))?
+            let body =
+                serde_json::to_vec(&*state).map_err(|e| EngineError::Codec(e.to_string()))?;
+            // Counted from here: what is applied while the snapshot is written goes
+            // into the next one.
+            self.since_snapshot.store(0, Ordering::Relaxed);
+            (body, self.applied())
         };
         let prefix = snapshot_prefix(&self.config);
         // Zero-padded, so names sort by offset.

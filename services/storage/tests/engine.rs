@@ -478,11 +478,32 @@ async fn restart_replays_to_the_same_state(b: Backends) {
             .unwrap();
         (frank, state)
     };
-    let snapshots: Vec<_> =
-        futures::TryStreamExt::try_collect::<Vec<_>>(b.objects.list(Some(&Path::from("index"))))
-            .await
-            .unwrap();
-    assert!(!snapshots.is_empty(), "snapshots were written");
+    // One writer: its records land right after what it applied, so their outcomes
+    // are decided at the produce ack, not after reading them back.
+    let at_ack: f64 = mailmesh_kit::metrics::render()
+        .lines()
+        .filter(|l| l.starts_with("mailmesh_storage_applied_at_ack_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(at_ack >= 20.0, "applied at the ack: {at_ack}");
+    // Snapshots are written by the log reader, which may come by the records after
+    // their writers had their outcomes (applied at the produce ack).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let snapshots: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(
+            b.objects.list(Some(&Path::from("index"))),
+        )
+        .await
+        .unwrap();
+        if !snapshots.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot was written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     let engine = b.engine().await;
     let (frank, state) = before;
