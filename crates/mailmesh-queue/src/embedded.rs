@@ -746,6 +746,19 @@ impl Queue for EmbeddedLog {
             .len() as i32)
     }
 
+    /// Exact: a record is in the index only once it is fsynced and acknowledged.
+    async fn end_offset(&self, name: &str, partition: i32) -> Result<Option<i64>> {
+        let topic = self.topic(name, self.inner.config.partitions)?;
+        let p = usize::try_from(partition)
+            .ok()
+            .and_then(|p| topic.partitions.get(p))
+            .ok_or_else(|| QueueError::NoPartition {
+                topic: name.to_owned(),
+                partition,
+            })?;
+        Ok(Some(p.len()))
+    }
+
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
         let log = self.clone();
         let topic = topic.to_owned();

@@ -126,6 +126,15 @@ pub trait Queue: Send + Sync {
     /// How many partitions `topic` has.
     async fn partition_count(&self, topic: &str) -> Result<i32>;
 
+    /// The offset the next record of `partition` will get, when this queue knows it
+    /// exactly: every record acknowledged before the call lies below it. `None` when
+    /// it cannot be trusted (Kafka-compatible brokers differ: tansu's high watermark
+    /// moves before the record is stored), and readers that need everything written
+    /// so far must write a barrier record instead.
+    async fn end_offset(&self, _topic: &str, _partition: i32) -> Result<Option<i64>> {
+        Ok(None)
+    }
+
     /// Succeeds when the queue can take records (for `/readyz`).
     async fn ping(&self) -> Result<()>;
 

@@ -370,8 +370,33 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
-    /// Returns once every command written before the call is applied here.
+    /// Returns once every command written before the call is applied here: by
+    /// waiting for the log's end where the queue knows it exactly (the embedded log:
+    /// a read writes nothing), else through a barrier record.
     pub async fn sync(&self) -> Result<(), EngineError> {
+        self.check_failed()?;
+        if let Some(end) = self
+            .queue
+            .end_offset(&self.config.topic, self.config.partition)
+            .await?
+        {
+            let mut applied = self.applied.subscribe();
+            let reached = tokio::time::timeout(
+                self.config.write_timeout,
+                applied.wait_for(|&next| next >= end),
+            )
+            .await;
+            return match reached {
+                Ok(Ok(_)) => self.check_failed(),
+                Ok(Err(_)) | Err(_) => {
+                    self.check_failed()
+                        .and(Err(EngineError::Unavailable(format!(
+                            "{}/{} not applied up to offset {end} within {:?}",
+                            self.config.topic, self.config.partition, self.config.write_timeout
+                        ))))
+                }
+            };
+        }
         let pending = self.publish(None).await?;
         self.wait(pending).await?;
         Ok(())

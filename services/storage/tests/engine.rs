@@ -486,6 +486,35 @@ async fn restart_replays_to_the_same_state(b: Backends) {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(at_ack >= 20.0, "applied at the ack: {at_ack}");
+    // A read that must see every earlier change: where the log's end is known
+    // exactly (the embedded log) it writes nothing; on Kafka, one barrier record.
+    let barriers = || {
+        mailmesh_kit::metrics::render()
+            .lines()
+            .filter(|l| {
+                l.starts_with("mailmesh_storage_records_published_total")
+                    && l.contains("kind=\"barrier\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let exact = b
+        .queue
+        .end_offset(&b.config.mailbox_topic, 0)
+        .await
+        .unwrap()
+        .is_some();
+    let before_sync = barriers();
+    let engine = b.engine().await;
+    let frank = before.0.clone();
+    engine.sync_user(&frank).await.unwrap();
+    let written = barriers() - before_sync;
+    drop(engine);
+    if exact {
+        assert_eq!(written, 0.0, "the embedded log's end is exact");
+    } else {
+        assert!(written >= 1.0, "Kafka: a barrier ({written})");
+    }
     // Snapshots are written by the log reader, which may come by the records after
     // their writers had their outcomes (applied at the produce ack).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
