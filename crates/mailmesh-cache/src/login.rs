@@ -139,17 +139,22 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The account's failures, read once: only when they can matter (this address
+    // failed too, or the account is paced).
+    let account_over = match &by_name {
+        Some(key) if failures > 0 || limits.account_pace.is_some() => {
+            count(&**cache, key, 0, window).await >= limit
+        }
+        _ => false,
+    };
     // Too many failures on the account: slowed down, never locked out, the same
     // whether the account exists or not — and only for addresses that failed too.
-    if failures > 0
-        && let Some(key) = &by_name
-        && count(&**cache, key, 0, window).await >= limit
-    {
+    if failures > 0 && account_over {
         tracing::info!(%client, %account, "slowing down logins to an account with many failures");
         tokio::time::sleep(limits.failure_delay * 5).await;
     }
     if let (Some(pace), Some(key)) = (limits.account_pace, &by_name)
-        && count(&**cache, key, 0, window).await >= limit
+        && account_over
         && count(&**cache, &format!("{key}:pace"), 1, pace).await > 1
     {
         in_flight.release().await;

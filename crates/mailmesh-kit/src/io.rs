@@ -17,8 +17,10 @@ use tokio::time::{Instant, Sleep};
 pub struct WriteStall<S> {
     inner: S,
     limit: Duration,
-    /// Armed while a write waits for the peer; reset by any progress.
-    stall: Option<Pin<Box<Sleep>>>,
+    /// Made once per connection, re-armed each time a write starts waiting.
+    timer: Pin<Box<Sleep>>,
+    /// The timer runs: a write is waiting for the peer since it was armed.
+    armed: bool,
 }
 
 impl<S> WriteStall<S> {
@@ -26,7 +28,8 @@ impl<S> WriteStall<S> {
         Self {
             inner,
             limit,
-            stall: None,
+            timer: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
         }
     }
 
@@ -38,33 +41,27 @@ impl<S> WriteStall<S> {
         &mut self.inner
     }
 
-    /// `Pending` from the inner stream: waits on the stall timer (armed now if the
-    /// previous attempt made progress), `TimedOut` once it fires.
-    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let limit = self.limit;
-        let timer = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + limit)));
-        ready!(timer.as_mut().poll(cx));
-        self.stall = None;
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the peer took no data for {limit:?}"),
-        )))
-    }
-
+    /// Keeps the inner stream's answer: progress disarms the timer; `Pending` arms it
+    /// (unless already running) and becomes `TimedOut` once it fires.
     fn progressed<T>(
         &mut self,
         result: Poll<io::Result<T>>,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<T>> {
-        match result {
-            Poll::Ready(r) => {
-                self.stall = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => self.stalled(cx),
+        if result.is_ready() {
+            self.armed = false;
+            return result;
         }
+        if !self.armed {
+            self.timer.as_mut().reset(Instant::now() + self.limit);
+            self.armed = true;
+        }
+        ready!(self.timer.as_mut().poll(cx));
+        self.armed = false;
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took no data for {:?}", self.limit),
+        )))
     }
 }
 

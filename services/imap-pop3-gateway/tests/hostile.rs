@@ -129,6 +129,16 @@ async fn pod(site: &Site, imap: ImapConfig) -> u16 {
         .imap
 }
 
+/// Delivers a message of `lines` 33-byte lines (key `big`) and returns it.
+async fn deliver_big(site: &Site, lines: usize) -> String {
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        "0123456789abcdef0123456789abcde\r\n".repeat(lines)
+    );
+    deliver(site, "big", big.as_bytes()).await;
+    big
+}
+
 async fn deliver(site: &Site, key: &str, message: &[u8]) {
     site.engine
         .deliver(
@@ -152,11 +162,7 @@ async fn deliver(site: &Site, key: &str, message: &[u8]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_reply_is_bounded() {
     let site = site().await;
-    let big = format!(
-        "Subject: big\r\n\r\n{}",
-        "0123456789abcdef0123456789abcde\r\n".repeat(6_400)
-    );
-    deliver(&site, "big", big.as_bytes()).await;
+    let big = deliver_big(&site, 6_400).await;
     let port = pod(
         &site,
         ImapConfig {
@@ -444,11 +450,7 @@ async fn fetches_share_a_memory_budget() {
     // 8 MB: a FETCH of two items of it is a 16 MB reply, more than the sockets
     // buffer, so a client that does not read keeps its FETCH (and its share of the
     // budget) going.
-    let big = format!(
-        "Subject: big\r\n\r\n{}",
-        "0123456789abcdef0123456789abcde\r\n".repeat(250_000)
-    );
-    deliver(&site, "big", big.as_bytes()).await;
+    let big = deliver_big(&site, 250_000).await;
     // 32 MiB: one FETCH of the message holds 24 MiB, so two never fit at once.
     let port = pod(
         &site,
@@ -507,11 +509,7 @@ async fn fetches_share_a_memory_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off() {
     let site = site().await;
-    let big = format!(
-        "Subject: big\r\n\r\n{}",
-        "0123456789abcdef0123456789abcde\r\n".repeat(250_000)
-    );
-    deliver(&site, "big", big.as_bytes()).await;
+    let big = deliver_big(&site, 250_000).await;
     let port = pod(
         &site,
         ImapConfig {
@@ -545,8 +543,7 @@ async fn a_client_that_stops_reading_is_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seen_is_kept_for_what_a_refused_fetch_sent() {
     let site = site().await;
-    let big = format!("Subject: big\r\n\r\n{}", "0123456789\r\n".repeat(200_000));
-    deliver(&site, "big", big.as_bytes()).await;
+    deliver_big(&site, 75_000).await;
     let port = pod(
         &site,
         ImapConfig {
