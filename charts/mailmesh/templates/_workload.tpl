@@ -153,6 +153,10 @@ spec:
               readOnly: true
             - name: tmp
               mountPath: /tmp
+            {{- if eq $component "storage" }}
+            - name: index
+              mountPath: /var/lib/mailmesh/index
+            {{- end }}
             {{- if $.tls }}
             # A projected Secret: cert-manager renewals appear here and are reloaded.
             - name: tls
@@ -175,6 +179,11 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 64Mi
+        {{- if eq $component "storage" }}
+        - name: index
+          emptyDir:
+            sizeLimit: {{ .Values.storage.indexVolumeSize }}
+        {{- end }}
         {{- if $.tls }}
         - name: tls
           secret:

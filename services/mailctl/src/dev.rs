@@ -245,7 +245,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let storage_tls = internal(mailmesh_kit::internal::Role::Storage)?;
     let gateway_tls = internal(mailmesh_kit::internal::Role::Gateway)?;
 
-    let engine = StorageEngine::open(queue.clone(), objects.clone(), config.storage.clone())
+    let mut storage = config.storage.clone();
+    // The index beside the log, so a restart replays only what came after its last
+    // write-back.
+    storage
+        .index_dir
+        .get_or_insert_with(|| config.data_dir.join("index"));
+    let engine = StorageEngine::open(queue.clone(), objects.clone(), storage)
         .await
         .context("starting storage")?;
     let storage_addr = SocketAddr::new(config.bind, config.ports.storage);

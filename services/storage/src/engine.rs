@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
 use mailmesh_kit::Secret;
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{
@@ -26,7 +27,8 @@ use crate::index::{
     Change, Flags, INBOX, IndexCommand, IndexLimits, IndexOutcome, MailboxId, NewMessage,
     StoreAction, Uid, UidRange, UserIndex,
 };
-use crate::replica::{Replica, ReplicaConfig, StateMachine};
+use crate::index_store::{IndexDb, PartitionIndex};
+use crate::replica::{JsonState, Replica, ReplicaConfig, StateMachine};
 use crate::{EngineError, StorageError};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +40,19 @@ pub struct StorageConfig {
     /// it afterwards (users are placed by `hash % partitions`).
     pub mailbox_partitions: i32,
     pub snapshot_every: u64,
+    /// Where this replica keeps the mailbox index (a fjall database; one per
+    /// replica, never shared). Without it a temporary directory is used and every
+    /// start restores from the checkpoints in object storage.
+    pub index_dir: Option<std::path::PathBuf>,
+    /// Memory for users' indexes held by this replica (all partitions together);
+    /// the rest stays on disk. Dirty users are written back when a quarter of it
+    /// is dirty. One user larger than this is still held while in use.
+    pub index_cache_bytes: u64,
+    /// A changed user's index is written back to disk this long after its first
+    /// change at the latest (earlier under memory pressure). A restart replays the
+    /// log from the oldest change not written back.
+    #[serde(with = "humantime_serde")]
+    pub index_writeback_delay: Duration,
     /// Snapshot at least this often while anything changes. Keep the broker's
     /// retention of the storage topics far above it (days).
     #[serde(with = "humantime_serde")]
@@ -95,6 +110,9 @@ impl Default for StorageConfig {
             mailbox_topic: "storage.mailboxes".into(),
             mailbox_partitions: 64,
             snapshot_every: 10_000,
+            index_dir: None,
+            index_cache_bytes: 256 << 20,
+            index_writeback_delay: Duration::from_secs(30),
             snapshot_interval: Duration::from_secs(300),
             write_timeout: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
@@ -129,6 +147,12 @@ impl mailmesh_kit::config::Validate for StorageConfig {
             return Err(ConfigError::invalid(
                 "storage.mailbox_partitions",
                 "must be 1 to 4096",
+            ));
+        }
+        if self.index_cache_bytes < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "storage.index_cache_bytes",
+                "must be at least 1 MiB",
             ));
         }
         if self.snapshot_every == 0 {
@@ -183,7 +207,8 @@ pub struct UserRef {
 }
 
 impl UserRef {
-    fn key(&self) -> String {
+    /// The user's key in the mailbox log and index (`<tenant>/<user>`).
+    pub fn key(&self) -> String {
         format!("{}/{}", self.tenant, self.user)
     }
 
@@ -215,70 +240,40 @@ pub enum PartitionCommand {
     Forget { user: UserRef },
 }
 
-/// The indexes of every user in one partition of the mailbox log.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct PartitionIndex {
-    users: BTreeMap<String, UserIndex>,
-    /// Bytes stored per tenant in this partition, kept in step by `apply`; a tenant's
-    /// total is the sum over partitions (for the tenant storage limit).
-    #[serde(default)]
-    tenant_bytes: BTreeMap<TenantId, u64>,
-}
-
-impl StateMachine for PartitionIndex {
-    type Command = PartitionCommand;
-    type Outcome = IndexOutcome;
-    type Change = MailboxEvent;
-
-    fn apply(
-        &mut self,
-        command: PartitionCommand,
-        at_ms: i64,
-        changes: &mut Vec<MailboxEvent>,
-    ) -> Result<IndexOutcome, StorageError> {
-        match command {
-            PartitionCommand::User {
-                user,
-                limits,
-                command,
-            } => {
-                let mut raw = Vec::new();
-                let index = self.users.entry(user.key()).or_default();
-                let before = index.used_bytes();
-                let outcome = index.apply(command, at_ms, &limits, &mut raw);
-                let after = index.used_bytes();
-                let total = self.tenant_bytes.entry(user.tenant.clone()).or_default();
-                *total = total.saturating_add(after).saturating_sub(before);
-                changes.extend(raw.into_iter().map(|change| MailboxEvent {
-                    user: user.clone(),
-                    change,
-                }));
-                outcome
-            }
-            PartitionCommand::Forget { user } => {
-                if let Some(index) = self.users.remove(&user.key())
-                    && let Some(total) = self.tenant_bytes.get_mut(&user.tenant)
-                {
-                    *total = total.saturating_sub(index.used_bytes());
-                }
-                Ok(IndexOutcome::Done)
-            }
-        }
-    }
-}
+impl JsonState for Directory {}
 
 impl StateMachine for Directory {
     type Command = DirectoryCommand;
     type Outcome = DirectoryOutcome;
     type Change = ();
+    type Store = ();
 
     fn apply(
         &mut self,
         command: DirectoryCommand,
         _at_ms: i64,
+        _offset: i64,
         _changes: &mut Vec<()>,
-    ) -> Result<DirectoryOutcome, StorageError> {
-        Directory::apply(self, command)
+    ) -> Result<Result<DirectoryOutcome, StorageError>, EngineError> {
+        Ok(Directory::apply(self, command))
+    }
+
+    async fn restore(
+        _store: &(),
+        objects: &Arc<dyn ObjectStore>,
+        _config: &ReplicaConfig,
+        prefix: &Path,
+    ) -> Result<(Self, i64), EngineError> {
+        crate::replica::restore_json(objects, prefix).await
+    }
+
+    fn checkpoint(
+        &mut self,
+        next: i64,
+        objects: Arc<dyn ObjectStore>,
+        prefix: Path,
+    ) -> Result<BoxFuture<'static, Result<(), EngineError>>, EngineError> {
+        crate::replica::checkpoint_json(self, next, objects, prefix)
     }
 }
 
@@ -340,6 +335,8 @@ pub struct StorageEngine {
     directory: Arc<Replica<Directory>>,
     partitions: i32,
     mailboxes: Mutex<HashMap<i32, Arc<OnceCell<MailboxReplica>>>>,
+    /// The mailbox index on this replica's disk, shared by its partitions.
+    index_db: Arc<IndexDb>,
     /// Argon2 runs here, a few at a time (memory), never on the async threads.
     passwords: crate::passwords::PasswordPool,
     /// Seals new DKIM keys and opens sealed ones (`dkim_key_secret`).
@@ -369,8 +366,14 @@ impl StorageEngine {
                 snapshot_interval: config.snapshot_interval,
                 write_timeout: config.write_timeout,
             },
+            &(),
         )
         .await?;
+        let index_db = IndexDb::open(
+            config.index_dir.as_deref(),
+            config.index_cache_bytes,
+            config.index_writeback_delay,
+        )?;
         let passwords =
             crate::passwords::PasswordPool::new(config.password_threads, config.password_queue);
         let seal = match &config.dkim_key_secret {
@@ -389,6 +392,7 @@ impl StorageEngine {
             passwords,
             seal,
             mailboxes: Mutex::new(HashMap::new()),
+            index_db,
         }))
     }
 
@@ -741,6 +745,7 @@ impl StorageEngine {
                     snapshot_interval: self.config.snapshot_interval,
                     write_timeout: self.config.write_timeout,
                 },
+                &self.index_db,
             )
         })
         .await
@@ -772,7 +777,9 @@ impl StorageEngine {
     ) -> Result<R, EngineError> {
         self.ensure_user(user)?;
         let replica = self.mailbox_replica(user).await?;
-        replica.read(|p| f(p.users.get(&user.key())))
+        // `f` runs under the state's read lock, as the user is held: a write waits
+        // for it rather than copy the user.
+        replica.read(|p| p.user(&user.key()).map(|index| f(index.as_deref())))?
     }
 
     /// Waits until every change to the user's mailboxes made anywhere before the
@@ -1304,9 +1311,7 @@ impl StorageEngine {
         let mut total = 0u64;
         for partition in 0..self.partitions {
             let replica = self.partition_replica(partition).await?;
-            total = total.saturating_add(
-                replica.read(|p| p.tenant_bytes.get(tenant).copied().unwrap_or(0))?,
-            );
+            total = total.saturating_add(replica.read(|p| p.tenant_bytes(tenant))?);
         }
         Ok(total)
     }

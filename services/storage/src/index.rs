@@ -497,6 +497,26 @@ impl UserIndex {
         self.used_bytes
     }
 
+    /// About how much memory this index holds, for the replica's cache budget.
+    /// An estimate from counts (exact accounting would walk every message): a
+    /// message costs its struct, its object name and a B-tree slot.
+    pub fn approx_heap_bytes(&self) -> usize {
+        const MESSAGE: usize = std::mem::size_of::<Message>() + 16 + 56;
+        const EXPUNGED: usize = 32;
+        const DELIVERY: usize = std::mem::size_of::<Delivered>() + 64 + 32;
+        let mailboxes: usize = self
+            .mailboxes
+            .values()
+            .map(|m| {
+                std::mem::size_of::<Mailbox>()
+                    + m.name.len()
+                    + m.messages.len() * MESSAGE
+                    + m.expunged.len() * EXPUNGED
+            })
+            .sum();
+        std::mem::size_of::<Self>() + mailboxes + self.deliveries.len() * DELIVERY
+    }
+
     pub fn mailboxes(&self) -> impl Iterator<Item = &Mailbox> {
         self.mailboxes.values()
     }

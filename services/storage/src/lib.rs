@@ -12,6 +12,7 @@ pub mod directory;
 pub mod engine;
 pub mod grpc;
 pub mod index;
+pub mod index_store;
 mod metrics;
 pub mod passwords;
 pub mod replica;

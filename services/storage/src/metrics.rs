@@ -100,3 +100,26 @@ pub(crate) fn published(log: &str, barrier: bool) {
 pub(crate) fn applied_at_ack(log: &str) {
     APPLIED_AT_ACK.with_label_values(&[log]).inc();
 }
+
+static INDEX_BYTES: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        prometheus::IntGaugeVec::new(
+            Opts::new(
+                "storage_index_bytes",
+                "The mailbox index on this replica: `cached` (users held in memory, \
+                 bounded by storage.index_cache_bytes) and `disk` (its database)",
+            ),
+            &["where"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn index_bytes(cached: usize, disk: u64) {
+    INDEX_BYTES
+        .with_label_values(&["cached"])
+        .set(i64::try_from(cached).unwrap_or(i64::MAX));
+    INDEX_BYTES
+        .with_label_values(&["disk"])
+        .set(i64::try_from(disk).unwrap_or(i64::MAX));
+}

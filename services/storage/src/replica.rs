@@ -10,12 +10,13 @@
 //! (docs/adr/0005-storage-v2.md, §2).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use futures::future::BoxFuture;
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use mailmesh_queue::{OutgoingRecord, PartitionReader, Queue};
@@ -26,18 +27,92 @@ use tokio::sync::{broadcast, oneshot, watch};
 use crate::{EngineError, StorageError};
 
 /// State that a command log drives.
-pub trait StateMachine: Default + Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait StateMachine: Send + Sync + Sized + 'static {
     type Command: Serialize + DeserializeOwned + Send + Sync;
     type Outcome: Send + 'static;
     type Change: Clone + Send + 'static;
+    /// Where the state is kept besides object storage (the replica's index
+    /// database), or `()`.
+    type Store: Send + Sync + 'static;
 
-    /// Deterministic: the same state, command and time give the same result.
+    /// Deterministic: the same state, command and time give the same result. The
+    /// outer error is a local failure (the disk): the command was not applied, and
+    /// the partition stops rather than fork.
+    /// `offset` is the record's place in the log.
     fn apply(
         &mut self,
         command: Self::Command,
         at_ms: i64,
+        offset: i64,
         changes: &mut Vec<Self::Change>,
-    ) -> Result<Self::Outcome, StorageError>;
+    ) -> Result<Result<Self::Outcome, StorageError>, EngineError>;
+
+    /// After every applied record (barriers too), with the apply lock held:
+    /// everything before `next` is applied.
+    fn applied(&mut self, _next: i64) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// Every second or so, with the apply lock held, whether records came or not
+    /// (time-based write-back).
+    fn maintain(&mut self, _next: i64) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    /// The newest state kept, and the first offset to apply to it.
+    fn restore(
+        store: &Self::Store,
+        objects: &Arc<dyn ObjectStore>,
+        config: &ReplicaConfig,
+        prefix: &Path,
+    ) -> impl std::future::Future<Output = Result<(Self, i64), EngineError>> + Send;
+
+    /// Called with the apply lock held: prepares a checkpoint of the state as of
+    /// `next` and returns the work that writes it, run without the lock.
+    fn checkpoint(
+        &mut self,
+        next: i64,
+        objects: Arc<dyn ObjectStore>,
+        prefix: Path,
+    ) -> Result<BoxFuture<'static, Result<(), EngineError>>, EngineError>;
+}
+
+/// A state kept whole as one JSON snapshot in object storage (ADR 0001): for small
+/// states (the directory).
+pub trait JsonState: Default + Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+/// Loads the newest JSON snapshot (for [`StateMachine::restore`]).
+pub async fn restore_json<S: JsonState>(
+    objects: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+) -> Result<(S, i64), EngineError> {
+    load_snapshot::<S>(&**objects, prefix).await
+}
+
+/// Serialises the state now and returns the upload (for
+/// [`StateMachine::checkpoint`]).
+pub fn checkpoint_json<S: JsonState>(
+    state: &S,
+    next: i64,
+    objects: Arc<dyn ObjectStore>,
+    prefix: Path,
+) -> Result<BoxFuture<'static, Result<(), EngineError>>, EngineError> {
+    let body = serde_json::to_vec(state).map_err(|e| EngineError::Codec(e.to_string()))?;
+    Ok(Box::pin(async move {
+        // Zero-padded, so names sort by offset.
+        let path = prefix.clone().join(format!("{next:020}.json"));
+        objects.put(&path, PutPayload::from(body)).await?;
+        let older: Vec<Path> = objects
+            .list(Some(&prefix))
+            .map_ok(|m| m.location)
+            .try_filter(|l| futures::future::ready(*l < path))
+            .try_collect()
+            .await?;
+        for old in older {
+            objects.delete(&old).await?;
+        }
+        Ok(())
+    }))
 }
 
 /// One log record.
@@ -74,7 +149,9 @@ enum Applied {
     Before,
     /// Records before it were never applied: the next expected offset.
     Gap(i64),
-    Unreadable(String),
+    /// Not applied: unreadable, a local failure, or the replica failed already
+    /// (`fail` has the reason).
+    Failed,
 }
 
 /// Gets the outcome of a command, or `None` when a barrier is reached.
@@ -113,6 +190,8 @@ pub struct Replica<S: StateMachine> {
     apply_lock: Mutex<()>,
     /// Records applied since the last snapshot.
     since_snapshot: AtomicU64,
+    /// A checkpoint is being written (in the background).
+    checkpointing: Arc<AtomicBool>,
 }
 
 use crate::client::now_ms;
@@ -128,8 +207,10 @@ impl<S: StateMachine> Replica<S> {
         queue: Arc<dyn Queue>,
         objects: Arc<dyn ObjectStore>,
         config: ReplicaConfig,
+        store: &S::Store,
     ) -> Result<Arc<Self>, EngineError> {
-        let (state, offset) = load_snapshot::<S>(&*objects, &config).await?;
+        let (state, offset) =
+            S::restore(store, &objects, &config, &snapshot_prefix(&config)).await?;
         let reader = queue
             .reader(&config.topic, config.partition, offset)
             .await?;
@@ -144,6 +225,7 @@ impl<S: StateMachine> Replica<S> {
             failed: Mutex::new(None),
             apply_lock: Mutex::new(()),
             since_snapshot: AtomicU64::new(0),
+            checkpointing: Arc::new(AtomicBool::new(false)),
         });
         tokio::spawn(Arc::clone(&replica).run(reader));
         replica.sync().await?;
@@ -154,16 +236,33 @@ impl<S: StateMachine> Replica<S> {
         let mut tick = tokio::time::interval(self.config.snapshot_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        let mut maintain = tokio::time::interval(Duration::from_secs(1));
+        maintain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // Both branches are cancel-safe: a reader hands out a record only when
+            // Every branch is cancel-safe: a reader hands out a record only when
             // its future completes.
             let received = tokio::select! {
                 r = reader.recv() => r,
+                _ = maintain.tick() => {
+                    let done = {
+                        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+                        state.maintain(self.applied())
+                    };
+                    if let Err(e) = done {
+                        self.fail(format!(
+                            "{}/{}: writing the index back: {e}",
+                            self.config.topic, self.config.partition
+                        ));
+                        return;
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {
                     // Snapshots also go out on time, so a quiet log (the directory)
                     // is covered long before the broker's retention removes it.
                     if self.since_snapshot.load(Ordering::Relaxed) > 0 {
-                        self.snapshot().await;
+                        self.snapshot();
                     }
                     continue;
                 }
@@ -195,19 +294,15 @@ impl<S: StateMachine> Replica<S> {
                     self.fail(reason);
                     return;
                 }
-                Applied::Unreadable(reason) => {
-                    // A record this version cannot read (written by a newer one?):
-                    // skipping it would fork this replica from the others, so it
-                    // stops instead.
-                    self.fail(format!(
-                        "{}/{} offset {}: {reason}",
-                        self.config.topic, self.config.partition, record.offset
-                    ));
+                Applied::Failed => {
+                    // A record this version cannot read (written by a newer one?),
+                    // or a local failure: skipping it would fork this replica from
+                    // the others, so it stops (`apply_at` failed it).
                     return;
                 }
             }
             if self.since_snapshot.load(Ordering::Relaxed) >= self.config.snapshot_every {
-                self.snapshot().await;
+                self.snapshot();
             }
         }
     }
@@ -215,6 +310,14 @@ impl<S: StateMachine> Replica<S> {
     /// Applies the record at `offset` if it is the next one; the caller holds
     /// `apply_lock`.
     fn apply_at(&self, offset: i64, payload: &[u8]) -> Applied {
+        if self
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return Applied::Failed;
+        }
         let next = self.applied();
         if offset < next {
             return Applied::Before;
@@ -222,20 +325,87 @@ impl<S: StateMachine> Replica<S> {
         if offset > next {
             return Applied::Gap(next);
         }
-        if let Err(reason) = self.apply_record(payload) {
-            return Applied::Unreadable(reason);
+        if let Err(reason) = self.apply_record(offset, payload) {
+            // The state may be half changed (a write-back failed): nothing may be
+            // applied or served from it any more, by the reader or a writer.
+            let reason = format!(
+                "{}/{} offset {offset}: {reason}",
+                self.config.topic, self.config.partition
+            );
+            self.fail(reason);
+            return Applied::Failed;
         }
         self.applied.send_replace(offset + 1);
         self.since_snapshot.fetch_add(1, Ordering::Relaxed);
         Applied::Now
     }
 
-    /// Writes a snapshot (retried at the next occasion when it fails).
-    async fn snapshot(&self) {
-        let written = self.write_snapshot().await;
-        crate::metrics::snapshot(self.config.log, written.is_ok());
-        if let Err(e) = written {
-            tracing::warn!(topic = %self.config.topic, partition = self.config.partition, error = %e, "writing an index snapshot failed");
+    /// Prepares a checkpoint unless one is being written; the returned work writes
+    /// it and clears the flag. A state that cannot be written back fails the
+    /// replica: serving it on would lose the guarantee that a restart finds what
+    /// was applied.
+    fn begin_checkpoint(
+        &self,
+    ) -> Result<Option<BoxFuture<'static, Result<(), EngineError>>>, EngineError> {
+        if self.checkpointing.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        let job = {
+            let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+            // Counted from here: what is applied while the checkpoint is written
+            // goes into the next one.
+            self.since_snapshot.store(0, Ordering::Relaxed);
+            state.checkpoint(
+                self.applied(),
+                self.objects.clone(),
+                snapshot_prefix(&self.config),
+            )
+        };
+        let log = self.config.log;
+        let busy = self.checkpointing.clone();
+        match job {
+            Ok(job) => Ok(Some(Box::pin(async move {
+                let written = job.await;
+                busy.store(false, Ordering::Release);
+                crate::metrics::snapshot(log, written.is_ok());
+                written
+            }))),
+            Err(e) => {
+                busy.store(false, Ordering::Release);
+                crate::metrics::snapshot(log, false);
+                self.fail(format!(
+                    "{}/{}: checkpoint: {e}",
+                    self.config.topic, self.config.partition
+                ));
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a checkpoint in the background (retried at the next occasion when it
+    /// fails).
+    fn snapshot(&self) {
+        if let Ok(Some(job)) = self.begin_checkpoint() {
+            let topic = self.config.topic.clone();
+            let partition = self.config.partition;
+            tokio::spawn(async move {
+                if let Err(e) = job.await {
+                    tracing::warn!(%topic, partition, error = %e, "writing an index checkpoint failed");
+                }
+            });
+        }
+    }
+
+    /// Writes a checkpoint now and returns once it is stored (tools and tests; the
+    /// replica writes its own every `snapshot_every` records or
+    /// `snapshot_interval`).
+    pub async fn checkpoint(&self) -> Result<(), EngineError> {
+        match self.begin_checkpoint()? {
+            Some(job) => job.await,
+            None => Err(EngineError::Unavailable(
+                "a checkpoint is being written".into(),
+            )),
         }
     }
 
@@ -256,21 +426,29 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
-    fn apply_record(&self, payload: &[u8]) -> Result<(), String> {
+    fn apply_record(&self, offset: i64, payload: &[u8]) -> Result<(), String> {
         let entry: Entry<S::Command> =
             serde_json::from_slice(payload).map_err(|e| format!("undecodable record: {e}"))?;
-        let outcome = entry.command.map(|command| {
-            let mut changes = Vec::new();
-            let outcome = self.state.write().unwrap_or_else(|e| e.into_inner()).apply(
-                command,
-                entry.at_ms,
-                &mut changes,
-            );
-            for change in changes {
-                let _ = self.changes.send(change);
-            }
+        let outcome = {
+            let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+            let outcome = match entry.command {
+                None => None,
+                Some(command) => {
+                    let mut changes = Vec::new();
+                    let outcome = state
+                        .apply(command, entry.at_ms, offset, &mut changes)
+                        .map_err(|e| format!("applying: {e}"))?;
+                    for change in changes {
+                        let _ = self.changes.send(change);
+                    }
+                    Some(outcome)
+                }
+            };
+            state
+                .applied(offset + 1)
+                .map_err(|e| format!("after applying: {e}"))?;
             outcome
-        });
+        };
         crate::metrics::applied(
             self.config.log,
             match &outcome {
@@ -326,15 +504,31 @@ impl<S: StateMachine> Replica<S> {
                 partition: Some(self.config.partition),
             })
             .await?;
-        // Right after everything applied here: its outcome is decided now (the
-        // reader skips it when it comes by); otherwise the reader applies it in turn.
         if position.partition == self.config.partition {
-            let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-            if let Applied::Now = self.apply_at(position.offset, &payload) {
-                crate::metrics::applied_at_ack(self.config.log);
-            }
+            self.apply_in_turn(position.offset, &payload).await;
         }
         Ok(pending)
+    }
+
+    /// Applies a record this replica produced as soon as everything before it is
+    /// applied: at once when it landed right after, else when the writers (or the
+    /// reader) before it are done. Records produced back to back are applied in
+    /// ack order without waiting to read them back (group commit); the reader skips
+    /// them when it comes by. A record of another writer in between is applied by
+    /// the reader first. Gives up after `write_timeout` (the reader applies it).
+    async fn apply_in_turn(&self, offset: i64, payload: &[u8]) {
+        let mut applied = self.applied.subscribe();
+        let turn = applied.wait_for(|&next| next >= offset);
+        if !matches!(
+            tokio::time::timeout(self.config.write_timeout, turn).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Applied::Now = self.apply_at(offset, payload) {
+            crate::metrics::applied_at_ack(self.config.log);
+        }
     }
 
     async fn wait(
@@ -417,45 +611,17 @@ impl<S: StateMachine> Replica<S> {
     pub fn applied(&self) -> i64 {
         *self.applied.borrow()
     }
-
-    async fn write_snapshot(&self) -> Result<(), EngineError> {
-        let (body, next) = {
-            let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            let body =
-                serde_json::to_vec(&*state).map_err(|e| EngineError::Codec(e.to_string()))?;
-            // Counted from here: what is applied while the snapshot is written goes
-            // into the next one.
-            self.since_snapshot.store(0, Ordering::Relaxed);
-            (body, self.applied())
-        };
-        let prefix = snapshot_prefix(&self.config);
-        // Zero-padded, so names sort by offset.
-        let path = prefix.clone().join(format!("{next:020}.json"));
-        self.objects.put(&path, PutPayload::from(body)).await?;
-        let older: Vec<Path> = self
-            .objects
-            .list(Some(&prefix))
-            .map_ok(|m| m.location)
-            .try_filter(|l| futures::future::ready(*l < path))
-            .try_collect()
-            .await?;
-        for old in older {
-            self.objects.delete(&old).await?;
-        }
-        Ok(())
-    }
 }
 
 /// Loads the newest snapshot. Another replica may replace it (and delete this one)
 /// between the listing and the read, so a vanished snapshot means: list again.
-async fn load_snapshot<S: StateMachine>(
+async fn load_snapshot<S: JsonState>(
     objects: &dyn ObjectStore,
-    config: &ReplicaConfig,
+    prefix: &Path,
 ) -> Result<(S, i64), EngineError> {
     let mut attempts = 0;
     loop {
-        match try_load_snapshot(objects, config).await {
+        match try_load_snapshot(objects, prefix).await {
             Err(EngineError::Objects(mailmesh_objstore::object_store::Error::NotFound {
                 ..
             })) if attempts < 5 => {
@@ -466,13 +632,12 @@ async fn load_snapshot<S: StateMachine>(
     }
 }
 
-async fn try_load_snapshot<S: StateMachine>(
+async fn try_load_snapshot<S: JsonState>(
     objects: &dyn ObjectStore,
-    config: &ReplicaConfig,
+    prefix: &Path,
 ) -> Result<(S, i64), EngineError> {
-    let prefix = snapshot_prefix(config);
     let newest = objects
-        .list(Some(&prefix))
+        .list(Some(prefix))
         .map_ok(|m| m.location)
         .try_fold(None::<Path>, |best, p| async move {
             Ok(match best {

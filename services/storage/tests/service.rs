@@ -155,14 +155,24 @@ async fn two_replicas_share_one_state_and_stream_changes() {
         .user
         .unwrap();
 
-    // Replica two sees the user (its reads sync with the log first).
-    let lookup = lookup2
-        .lookup(v1::AddressRequest {
-            address: "Alice@ACME.test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // Replica two sees the user once its reader has applied the change: the
+    // SMTP lookup is served from the tailed directory without a barrier (a new
+    // user may be unknown to other replicas for the tailing lag).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let lookup = loop {
+        let lookup = lookup2
+            .lookup(v1::AddressRequest {
+                address: "Alice@ACME.test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if lookup.result != v1::lookup_response::Result::Unknown as i32 || Instant::now() > deadline
+        {
+            break lookup;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(lookup.result, v1::lookup_response::Result::Deliver as i32);
     assert_eq!(lookup.users, std::slice::from_ref(&alice));
     let auth = dir2

@@ -1,0 +1,383 @@
+//! The mailbox index tier at scale: fills partitions of the mailbox log with users
+//! and messages, through the same replicas, log and object store the storage
+//! service uses, and prints what a provider sizes pods by.
+//!
+//! Index only: message bodies are not written (their objects are named, as a
+//! delivery names them), and users are not created in the directory (no Argon2 per
+//! user); everything else is the real path: each command is produced to the log
+//! (embedded, or Kafka-compatible with `--backend real`), applied at its ack,
+//! cached within `--cache-bytes`, written back to the replica's fjall database,
+//! checkpointed to object storage and restored from it by a new replica.
+//!
+//! Prints: fill rate and write latency; RSS, cached, on-disk and checkpoint bytes
+//! per message; checkpoint time and the write latency while it runs (the stall);
+//! the time a replica with an empty disk takes to serve every partition (restore
+//! and log tail: a takeover without a standby); read latency of a user's INBOX
+//! status from the cache and from disk.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use mailmesh_objstore::object_store::ObjectStore;
+use mailmesh_queue::Queue;
+use mailmesh_storage::directory::UserId;
+use mailmesh_storage::engine::{PartitionCommand, UserRef};
+use mailmesh_storage::index::{Flags, INBOX, IndexCommand, IndexLimits, NewMessage};
+use mailmesh_storage::index_store::{IndexDb, PartitionIndex};
+use mailmesh_storage::replica::{Replica, ReplicaConfig};
+
+#[derive(Parser)]
+struct Args {
+    /// `embedded` (the log and object store of `mailctl dev`, under --dir) or
+    /// `real` (the broker and S3 server named by MMTEST_KAFKA, MMTEST_S3*).
+    #[arg(long, default_value = "embedded")]
+    backend: String,
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    #[arg(long, default_value_t = 16)]
+    partitions: i32,
+    /// Commands in flight.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 256 << 20)]
+    cache_bytes: u64,
+    /// Work directory: the embedded log and objects, and the replica's index.
+    #[arg(long, default_value = "/tmp/mailmesh-storage-scale")]
+    dir: std::path::PathBuf,
+}
+
+type Partition = Arc<Replica<PartitionIndex>>;
+
+/// The storage service's default `index_writeback_delay`.
+const WRITEBACK_DELAY: Duration = Duration::from_secs(30);
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn user(i: u64) -> UserRef {
+    UserRef {
+        tenant: "bench".parse().expect("valid tenant"),
+        user: UserId(uuid::Uuid::from_u128(u128::from(i) + 1)),
+    }
+}
+
+/// Messages appended so far: each gets its own delivery key.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn append(i: u64, users: u64) -> (u64, PartitionCommand) {
+    let u = i % users;
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    (
+        u,
+        PartitionCommand::User {
+            user: user(u),
+            limits: IndexLimits::default(),
+            command: IndexCommand::Append {
+                mailbox: INBOX.into(),
+                message: NewMessage {
+                    object: format!("1/cur/{:032x}", uuid::Uuid::new_v4().as_u128()),
+                    size: 2048,
+                    internal_date_ms: 1_780_000_000_000,
+                    flags: Flags::default(),
+                },
+                delivery_key: Some(format!("{seq}:{u}")),
+                quota_bytes: None,
+            },
+        },
+    )
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+async fn open_partitions(
+    queue: &Arc<dyn Queue>,
+    objects: &Arc<dyn ObjectStore>,
+    topic: &str,
+    partitions: i32,
+    db: &Arc<IndexDb>,
+) -> anyhow::Result<Vec<Partition>> {
+    let mut opened = Vec::new();
+    for partition in 0..partitions {
+        opened.push(
+            Replica::start(
+                queue.clone(),
+                objects.clone(),
+                ReplicaConfig {
+                    log: "mailboxes",
+                    topic: topic.into(),
+                    partition,
+                    // Checkpoints are taken by this tool, when it measures them.
+                    snapshot_every: u64::MAX,
+                    snapshot_interval: Duration::from_secs(24 * 3600),
+                    write_timeout: Duration::from_secs(60),
+                },
+                db,
+            )
+            .await?,
+        );
+    }
+    Ok(opened)
+}
+
+/// Runs `count` commands from `make` with `concurrency` in flight; returns the
+/// latencies.
+async fn drive(
+    partitions: &[Partition],
+    count: u64,
+    concurrency: usize,
+    make: impl Fn(u64) -> (u64, PartitionCommand) + Send + Sync + 'static,
+) -> anyhow::Result<Vec<Duration>> {
+    let next = Arc::new(AtomicU64::new(0));
+    let make = Arc::new(make);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (next, make, partitions) = (next.clone(), make.clone(), partitions.to_vec());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    return anyhow::Ok(latencies);
+                }
+                let (u, command) = make(i);
+                let partition = &partitions[(u % partitions.len() as u64) as usize];
+                let started = Instant::now();
+                partition.submit(command).await?;
+                latencies.push(started.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    all.sort();
+    Ok(all)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir)?;
+    let (queue, objects): (Arc<dyn Queue>, Arc<dyn ObjectStore>) = match args.backend.as_str() {
+        "embedded" => {
+            use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
+            let queue = EmbeddedLog::open(&EmbeddedConfig::new(args.dir.join("queue"))).await?;
+            let objects = mailmesh_objstore::open(&mailmesh_objstore::ObjectStoreConfig::Local(
+                mailmesh_objstore::LocalConfig {
+                    dir: args.dir.join("objects"),
+                },
+            ))?;
+            (Arc::new(queue), objects)
+        }
+        "real" => (
+            mailmesh_storage::testing::real_queue(),
+            mailmesh_storage::testing::real_objects(),
+        ),
+        other => anyhow::bail!("--backend embedded or real, not {other}"),
+    };
+    let topic = format!("scale{}.mailboxes", uuid::Uuid::new_v4().simple());
+    queue.ensure_topic(&topic, args.partitions).await?;
+    let rss_start = rss_bytes();
+    let index_dir = args.dir.join("index");
+    let db = IndexDb::open(Some(&index_dir), args.cache_bytes, WRITEBACK_DELAY)?;
+    let partitions = open_partitions(&queue, &objects, &topic, args.partitions, &db).await?;
+    println!(
+        "storage-scale: {} backend, {} users, {} messages, {} partitions, cache {} MiB, {} in flight",
+        args.backend,
+        args.users,
+        args.messages,
+        args.partitions,
+        args.cache_bytes >> 20,
+        args.concurrency
+    );
+
+    let users = args.users;
+    drive(&partitions, users, args.concurrency, move |u| {
+        (
+            u,
+            PartitionCommand::User {
+                user: user(u),
+                limits: IndexLimits::default(),
+                command: IndexCommand::Init,
+            },
+        )
+    })
+    .await
+    .context("creating users")?;
+
+    let started = Instant::now();
+    let mut filled = 0u64;
+    let mut latencies = Vec::new();
+    // In tenths, printing the memory as it grows.
+    for step in 1..=10u64 {
+        let upto = args.messages * step / 10;
+        let from = filled;
+        latencies.extend(
+            drive(&partitions, upto - from, args.concurrency, move |i| {
+                append(from + i, users)
+            })
+            .await?,
+        );
+        filled = upto;
+        println!(
+            "  {filled:>9} messages  {:>7.0}/s  RSS {:>5} MiB  cached {:>5} MiB  index on disk {:>5} MiB",
+            filled as f64 / started.elapsed().as_secs_f64(),
+            rss_bytes() >> 20,
+            db.cached_bytes() >> 20,
+            dir_bytes(&index_dir) >> 20
+        );
+    }
+    let fill = started.elapsed();
+    latencies.sort();
+    let messages = args.messages.max(1) as f64;
+    println!(
+        "fill: {:.0} messages/s; write latency p50 {} p99 {} max {}",
+        messages / fill.as_secs_f64(),
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        ms(percentile(&latencies, 1.0))
+    );
+
+    // Checkpoint every partition while writes go on.
+    let stall_load = {
+        let partitions = partitions.clone();
+        let from = args.messages;
+        let concurrency = args.concurrency;
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            while Instant::now() < deadline {
+                let batch = drive(&partitions, 2000, concurrency, move |i| {
+                    append(from + i, users)
+                })
+                .await?;
+                all.extend(batch);
+                if STOP.load(Ordering::Relaxed) == 1 {
+                    break;
+                }
+            }
+            all.sort();
+            anyhow::Ok(all)
+        })
+    };
+    let started = Instant::now();
+    for partition in &partitions {
+        partition.checkpoint().await?;
+    }
+    let checkpoint = started.elapsed();
+    STOP.store(1, Ordering::Relaxed);
+    let during = stall_load.await??;
+    let checkpoint_bytes: u64 = {
+        use futures::TryStreamExt;
+        objects
+            .list(None)
+            .try_fold(0u64, |n, m| async move { Ok(n + m.size) })
+            .await?
+    };
+    let rss = rss_bytes();
+    let disk = dir_bytes(&index_dir);
+    println!(
+        "checkpoint of {} partitions: {:.1} s; writes meanwhile ({}): p50 {} p99 {} max {}",
+        args.partitions,
+        checkpoint.as_secs_f64(),
+        during.len(),
+        ms(percentile(&during, 0.5)),
+        ms(percentile(&during, 0.99)),
+        ms(percentile(&during, 1.0))
+    );
+    println!(
+        "per message: RSS {:.0} B (process {} MiB, {} MiB at start), index on disk {:.0} B, checkpoint {:.0} B",
+        rss.saturating_sub(rss_start) as f64 / messages,
+        rss >> 20,
+        rss_start >> 20,
+        disk as f64 / messages,
+        checkpoint_bytes as f64 / messages
+    );
+
+    // Reads: a user's INBOX status, from the cache and from disk.
+    let read = |partitions: &[Partition], u: u64| -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let key = user(u);
+        let partition = &partitions[(u % partitions.len() as u64) as usize];
+        let exists = partition.read(|p| {
+            p.user(&key.key())
+                .map(|i| i.and_then(|i| i.mailbox(INBOX).map(|m| m.status().messages)))
+        })??;
+        anyhow::ensure!(exists.is_some(), "user {u} has no INBOX");
+        Ok(started.elapsed())
+    };
+    let mut warm = Vec::new();
+    for _ in 0..3 {
+        for u in 0..100.min(users) {
+            warm.push(read(&partitions, u)?);
+        }
+    }
+    warm.sort();
+    drop(partitions);
+    drop(db);
+
+    // A new replica with an empty disk: restore every partition and serve.
+    let started = Instant::now();
+    let fresh = IndexDb::open(None, args.cache_bytes, WRITEBACK_DELAY)?;
+    let partitions = open_partitions(&queue, &objects, &topic, args.partitions, &fresh).await?;
+    let takeover = started.elapsed();
+    let mut cold = Vec::new();
+    for u in 0..1000.min(users) {
+        cold.push(read(&partitions, u)?);
+    }
+    cold.sort();
+    println!(
+        "restore on an empty disk (checkpoints + log tail), {} partitions: {:.1} s",
+        args.partitions,
+        takeover.as_secs_f64()
+    );
+    println!(
+        "INBOX status read: cached p50 {} p99 {}; from disk p50 {} p99 {}",
+        ms(percentile(&warm, 0.5)),
+        ms(percentile(&warm, 0.99)),
+        ms(percentile(&cold, 0.5)),
+        ms(percentile(&cold, 0.99))
+    );
+    Ok(())
+}
+
+static STOP: AtomicU64 = AtomicU64::new(0);

@@ -1,0 +1,1246 @@
+//! The mailbox index on the replica's disk (docs/adr/0005-storage-v2.md, §4–§5).
+//!
+//! One fjall database per replica holds a keyspace per mailbox-log partition. A
+//! user's index is one value (`u/<tenant>/<user>`) together with the offset of the
+//! last command applied to it; a tenant's stored bytes in the partition is another
+//! (`t/<tenant>`), and `P` says from which offset the log must be replayed. Resident
+//! memory is a cache of users shared by every partition, bounded by
+//! `index_cache_bytes`: idle users and idle partitions cost only disk.
+//!
+//! Applying a command changes the cached user and marks it dirty. Dirty users are
+//! written back on their own schedule (after `index_writeback_delay`, under memory
+//! pressure, or when the replay distance grows), each with its offset, so a user
+//! changed many times is written once, and nothing waits for the others. `P` is the
+//! first offset of the oldest change not yet written back; a restart replays the
+//! log from `P` and skips each record its user already holds (the user's offset is
+//! at or after it). A tenant's stored total on disk is always the sum over the users
+//! as written back, so replaying their changes makes it current again.
+//!
+//! Checkpoints in object storage are a stream of the keyspace read from an engine
+//! snapshot (`index/<topic>/<partition>/<P>.ckpt`), taken in microseconds and written
+//! in the background while the partition keeps applying; a replica without a local
+//! store (a new pod) restores the newest and replays the log from its `P`. v1's JSON
+//! snapshots (`<offset>.json`, ADR 0001) are read the same way, which migrates them.
+//! The log is the source of truth, so the engine's journal is not synced at writes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use mailmesh_objstore::object_store::path::Path;
+use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt};
+use mailmesh_types::TenantId;
+use serde::{Deserialize, Serialize};
+
+use crate::EngineError;
+use crate::StorageError;
+use crate::engine::{MailboxEvent, PartitionCommand};
+use crate::index::{IndexOutcome, UserIndex};
+use crate::replica::{ReplicaConfig, StateMachine};
+
+const META: &[u8] = b"P";
+const USER: &[u8] = b"u/";
+const TENANT: &[u8] = b"t/";
+/// The first byte of every user value: the encoding's version.
+const USER_FORMAT: u8 = 1;
+/// Checkpoint streams start with this line.
+const CHECKPOINT_MAGIC: &[u8] = b"mailmesh-index-checkpoint 1\n";
+/// A key length that ends the stream: a count and a CRC-32 follow.
+const END_OF_FRAMES: u32 = u32::MAX;
+/// Users are written back early when the log to replay after a restart grows
+/// past this many records.
+const MAX_REPLAY: i64 = 100_000;
+/// Checkpoint chunks handed from the engine's reader to the uploader.
+const CHUNK: usize = 1 << 20;
+
+fn disk(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(format!("index store: {e}"))
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Meta {
+    /// The log is replayed from here: every change before it is written back.
+    replay_from: i64,
+}
+
+/// A user as written back.
+#[derive(Serialize, Deserialize)]
+struct StoredUser<I> {
+    /// The offset of the last command applied to it.
+    applied: i64,
+    /// `None`: the user was forgotten (kept so a replay cannot bring it back).
+    index: Option<I>,
+}
+
+fn user_key(key: &str) -> Vec<u8> {
+    [USER, key.as_bytes()].concat()
+}
+
+fn tenant_key(tenant: &TenantId) -> Vec<u8> {
+    [TENANT, tenant.to_string().as_bytes()].concat()
+}
+
+fn encode_user(applied: i64, index: Option<&UserIndex>) -> Result<Vec<u8>, EngineError> {
+    postcard::to_extend(&StoredUser { applied, index }, vec![USER_FORMAT])
+        .map_err(|e| EngineError::Codec(format!("user index: {e}")))
+}
+
+fn decode_user(bytes: &[u8]) -> Result<StoredUser<UserIndex>, EngineError> {
+    match bytes.split_first() {
+        Some((&USER_FORMAT, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| EngineError::Codec(format!("user index: {e}")))
+        }
+        _ => Err(EngineError::Codec(
+            "user index: unknown format (written by a newer version?)".into(),
+        )),
+    }
+}
+
+/// A user held in memory.
+#[derive(Clone)]
+struct Cached {
+    /// `None`: forgotten.
+    index: Option<Arc<UserIndex>>,
+    /// The offset of the last command applied to it (-1: none).
+    applied: i64,
+    /// Its stored bytes as last written back (for the tenant's total on disk).
+    persisted_used: u64,
+    bytes: usize,
+    /// Its place in the LRU order.
+    tick: u64,
+    /// Changed since written back: never evicted.
+    dirty: bool,
+}
+
+impl Cached {
+    fn used(&self) -> u64 {
+        self.index.as_ref().map_or(0, |i| i.used_bytes())
+    }
+}
+
+type CacheKey = (i32, String);
+
+/// The users every partition of this replica holds in memory, least recently used
+/// first out once over budget.
+#[derive(Default)]
+struct Cache {
+    users: HashMap<CacheKey, Cached>,
+    lru: BTreeMap<u64, CacheKey>,
+    tick: u64,
+    bytes: usize,
+    dirty_bytes: usize,
+    budget: usize,
+}
+
+impl Cache {
+    fn get(&mut self, key: &CacheKey) -> Option<&Cached> {
+        let entry = self.users.get_mut(key)?;
+        self.lru.remove(&entry.tick);
+        self.tick += 1;
+        entry.tick = self.tick;
+        self.lru.insert(self.tick, key.clone());
+        Some(entry)
+    }
+
+    fn insert(&mut self, key: CacheKey, mut entry: Cached) {
+        self.remove(&key);
+        entry.bytes = entry.index.as_ref().map_or(64, |i| i.approx_heap_bytes());
+        self.tick += 1;
+        entry.tick = self.tick;
+        self.lru.insert(self.tick, key.clone());
+        self.bytes += entry.bytes;
+        if entry.dirty {
+            self.dirty_bytes += entry.bytes;
+        }
+        self.users.insert(key, entry);
+        self.evict();
+    }
+
+    fn remove(&mut self, key: &CacheKey) -> Option<Cached> {
+        let entry = self.users.remove(key)?;
+        self.lru.remove(&entry.tick);
+        self.bytes -= entry.bytes;
+        if entry.dirty {
+            self.dirty_bytes -= entry.bytes;
+        }
+        Some(entry)
+    }
+
+    fn mark_clean(&mut self, key: &CacheKey, persisted_used: u64) {
+        if let Some(entry) = self.users.get_mut(key) {
+            if entry.dirty {
+                self.dirty_bytes -= entry.bytes;
+            }
+            entry.dirty = false;
+            entry.persisted_used = persisted_used;
+        }
+    }
+
+    /// Drops clean users, oldest first, until within budget.
+    fn evict(&mut self) {
+        if self.bytes <= self.budget {
+            return;
+        }
+        let mut victims = Vec::new();
+        let mut freed = 0;
+        for key in self.lru.values() {
+            if self.bytes - freed <= self.budget {
+                break;
+            }
+            if let Some(entry) = self.users.get(key)
+                && !entry.dirty
+            {
+                freed += entry.bytes;
+                victims.push(key.clone());
+            }
+        }
+        for key in victims {
+            self.remove(&key);
+        }
+    }
+}
+
+/// The replica's index database; shared by its partitions.
+pub struct IndexDb {
+    db: Database,
+    cache: Mutex<Cache>,
+    budget: usize,
+    /// A changed user is written back this long after its first change at the
+    /// latest (so a busy user is written once per period, not once per command).
+    writeback_delay: Duration,
+}
+
+impl IndexDb {
+    /// Opens (or creates) the database in `dir`; without one, in a temporary
+    /// directory removed when it closes (tests, and a replica that restores from
+    /// object storage at every start).
+    pub fn open(
+        dir: Option<&FsPath>,
+        cache_bytes: u64,
+        writeback_delay: Duration,
+    ) -> Result<Arc<Self>, EngineError> {
+        let budget = usize::try_from(cache_bytes).unwrap_or(usize::MAX);
+        let (path, temporary): (PathBuf, bool) = match dir {
+            Some(dir) => (dir.to_path_buf(), false),
+            None => (
+                std::env::temp_dir().join(format!("mailmesh-index-{}", uuid::Uuid::new_v4())),
+                true,
+            ),
+        };
+        let db = Database::builder(&path)
+            .temporary(temporary)
+            // Beside the user cache: the engine's block cache (an eighth of the
+            // budget) and a memtable of at most 4 MiB per partition written to;
+            // the journal is cut at 128 MiB (older memtables are flushed then).
+            .cache_size((cache_bytes / 8).max(1 << 20))
+            .max_journaling_size(128 << 20)
+            .open()
+            .map_err(|e| disk(format!("opening {}: {e}", path.display())))?;
+        Ok(Arc::new(Self {
+            db,
+            cache: Mutex::new(Cache {
+                budget,
+                ..Cache::default()
+            }),
+            budget,
+            writeback_delay,
+        }))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes of users held in memory (all partitions), for metrics and tests.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache().bytes
+    }
+
+    /// Bytes on disk (journal and tables).
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    fn keyspace(&self, config: &ReplicaConfig) -> Result<Keyspace, EngineError> {
+        let name = format!("{}#{}", config.topic, config.partition);
+        self.db
+            .keyspace(&name, || {
+                // Large users (50k messages: MBs) are kept apart from the keys.
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(4 << 20)
+                    .with_kv_separation(Some(fjall::KvSeparationOptions::default()))
+            })
+            .map_err(disk)
+    }
+}
+
+/// A user changed since it was last written back.
+struct Dirty {
+    /// The offset of its first change since then: the log must be kept from here.
+    since: i64,
+    at: Instant,
+    tenant: TenantId,
+}
+
+/// The indexes of every user in one partition of the mailbox log.
+pub struct PartitionIndex {
+    db: Arc<IndexDb>,
+    keyspace: Keyspace,
+    partition: i32,
+    /// Bytes stored per tenant in this partition, kept in step by `apply`; a tenant's
+    /// total is the sum over partitions (for the tenant storage limit).
+    tenant_bytes: BTreeMap<TenantId, u64>,
+    /// The same, over the users as written back (what the keyspace holds).
+    tenant_persisted: BTreeMap<TenantId, u64>,
+    dirty: HashMap<String, Dirty>,
+    /// `(since, key)` of the dirty users, oldest change first.
+    dirty_order: BTreeSet<(i64, String)>,
+    /// The offset of the record being applied (from the replica).
+    next: i64,
+}
+
+impl PartitionIndex {
+    /// A user's index as applied here (`None` before their first use).
+    pub fn user(&self, key: &str) -> Result<Option<Arc<UserIndex>>, EngineError> {
+        let cache_key = (self.partition, key.to_owned());
+        if let Some(entry) = self.db.cache().get(&cache_key) {
+            return Ok(entry.index.clone());
+        }
+        // Not dirty (dirty users are pinned), so the keyspace has it as applied.
+        let Some(entry) = self.load(key)? else {
+            return Ok(None);
+        };
+        let index = entry.index.clone();
+        let mut cache = self.db.cache();
+        // Readers hold the state's read lock and writers its write lock, so no
+        // writer put a newer one in meanwhile; another reader may have.
+        if let Some(current) = cache.get(&cache_key) {
+            return Ok(current.index.clone());
+        }
+        cache.insert(cache_key, entry);
+        Ok(index)
+    }
+
+    pub fn tenant_bytes(&self, tenant: &TenantId) -> u64 {
+        self.tenant_bytes.get(tenant).copied().unwrap_or(0)
+    }
+
+    fn load(&self, key: &str) -> Result<Option<Cached>, EngineError> {
+        let Some(bytes) = self.keyspace.get(user_key(key)).map_err(disk)? else {
+            return Ok(None);
+        };
+        let stored = decode_user(&bytes)?;
+        let index = stored.index.map(Arc::new);
+        Ok(Some(Cached {
+            persisted_used: index.as_ref().map_or(0, |i| i.used_bytes()),
+            index,
+            applied: stored.applied,
+            bytes: 0,
+            tick: 0,
+            dirty: false,
+        }))
+    }
+
+    /// Takes a user out of the cache for a change (so the change does not copy it).
+    fn take(&mut self, key: &str) -> Result<Cached, EngineError> {
+        if let Some(entry) = self.db.cache().remove(&(self.partition, key.to_owned())) {
+            return Ok(entry);
+        }
+        Ok(self.load(key)?.unwrap_or(Cached {
+            index: None,
+            applied: -1,
+            persisted_used: 0,
+            bytes: 0,
+            tick: 0,
+            dirty: false,
+        }))
+    }
+
+    /// Puts a user back after a command at `offset` changed it.
+    fn put_changed(&mut self, key: String, tenant: &TenantId, mut entry: Cached, offset: i64) {
+        entry.applied = offset;
+        entry.dirty = true;
+        if !self.dirty.contains_key(&key) {
+            self.dirty.insert(
+                key.clone(),
+                Dirty {
+                    since: offset,
+                    at: Instant::now(),
+                    tenant: tenant.clone(),
+                },
+            );
+            self.dirty_order.insert((offset, key.clone()));
+        }
+        self.db.cache().insert((self.partition, key), entry);
+    }
+
+    /// The offset a restart must replay from.
+    fn replay_from(&self, next: i64) -> i64 {
+        self.dirty_order.first().map_or(next, |(since, _)| *since)
+    }
+
+    /// Writes back the dirty users `pick` selects (all when `None`), with the new
+    /// `P`, in one batch.
+    fn write_back(
+        &mut self,
+        next: i64,
+        pick: Option<&dyn Fn(&Dirty) -> bool>,
+    ) -> Result<(), EngineError> {
+        let keys: Vec<String> = self
+            .dirty
+            .iter()
+            .filter(|(_, d)| pick.is_none_or(|pick| pick(d)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.db.batch();
+        let mut tenants = BTreeSet::new();
+        let mut written = Vec::with_capacity(keys.len());
+        {
+            let cache = self.db.cache();
+            for key in &keys {
+                let Some(entry) = cache.users.get(&(self.partition, key.clone())) else {
+                    return Err(disk(format!("dirty user {key} left the cache")));
+                };
+                batch.insert(
+                    &self.keyspace,
+                    user_key(key),
+                    encode_user(entry.applied, entry.index.as_deref())?,
+                );
+                let tenant = &self.dirty[key].tenant;
+                let total = self.tenant_persisted.entry(tenant.clone()).or_default();
+                *total = total
+                    .saturating_add(entry.used())
+                    .saturating_sub(entry.persisted_used);
+                tenants.insert(tenant.clone());
+                written.push((key.clone(), entry.used()));
+            }
+        }
+        for tenant in &tenants {
+            let total = self.tenant_persisted.get(tenant).copied().unwrap_or(0);
+            batch.insert(
+                &self.keyspace,
+                tenant_key(tenant),
+                total.to_be_bytes().to_vec(),
+            );
+        }
+        for key in &keys {
+            if let Some(d) = self.dirty.remove(key) {
+                self.dirty_order.remove(&(d.since, key.clone()));
+            }
+        }
+        let meta = Meta {
+            replay_from: self.replay_from(next),
+        };
+        let meta = postcard::to_allocvec(&meta).map_err(|e| disk(e.to_string()))?;
+        batch.insert(&self.keyspace, META, meta);
+        batch.commit().map_err(disk)?;
+        let mut cache = self.db.cache();
+        for (key, used) in written {
+            cache.mark_clean(&(self.partition, key), used);
+        }
+        cache.evict();
+        let cached = cache.bytes;
+        drop(cache);
+        crate::metrics::index_bytes(cached, self.db.disk_bytes());
+        Ok(())
+    }
+
+    /// Writes back what is due: users changed `writeback_delay` ago, the oldest
+    /// changes when the replay distance is over `MAX_REPLAY`, and all of this
+    /// partition's when dirty users hold half the cache.
+    fn write_back_due(&mut self, next: i64) -> Result<(), EngineError> {
+        let pressure = {
+            let cache = self.db.cache();
+            cache.dirty_bytes > self.db.budget / 2
+        };
+        if pressure {
+            return self.write_back(next, None);
+        }
+        if next - self.replay_from(next) > MAX_REPLAY {
+            let horizon = next - MAX_REPLAY / 2;
+            return self.write_back(next, Some(&|d: &Dirty| d.since < horizon));
+        }
+        let delay = self.db.writeback_delay;
+        if let Some((_, key)) = self.dirty_order.first()
+            && self.dirty[key].at.elapsed() >= delay
+        {
+            return self.write_back(next, Some(&|d: &Dirty| d.at.elapsed() >= delay));
+        }
+        Ok(())
+    }
+
+    fn read_meta(keyspace: &Keyspace) -> Result<Option<Meta>, EngineError> {
+        keyspace
+            .get(META)
+            .map_err(disk)?
+            .map(|bytes| postcard::from_bytes(&bytes).map_err(|e| disk(format!("P: {e}"))))
+            .transpose()
+    }
+
+    fn load_tenants(keyspace: &Keyspace) -> Result<BTreeMap<TenantId, u64>, EngineError> {
+        let mut tenants = BTreeMap::new();
+        for item in keyspace.prefix(TENANT) {
+            let (key, value) = item.into_inner().map_err(disk)?;
+            let name = std::str::from_utf8(&key[TENANT.len()..])
+                .map_err(|e| EngineError::Codec(format!("tenant key: {e}")))?;
+            let tenant: TenantId = name
+                .parse()
+                .map_err(|_| EngineError::Codec(format!("tenant key {name:?}")))?;
+            let bytes: [u8; 8] = value
+                .as_ref()
+                .try_into()
+                .map_err(|_| EngineError::Codec("tenant bytes".into()))?;
+            tenants.insert(tenant, u64::from_be_bytes(bytes));
+        }
+        Ok(tenants)
+    }
+}
+
+/// Where a checkpoint or a v1 snapshot of a partition lies, and its offset.
+fn parse_name(path: &Path) -> Option<(i64, Kind)> {
+    let name = path.filename()?;
+    if let Some(n) = name.strip_suffix(".ckpt") {
+        return n.parse().ok().map(|o| (o, Kind::Checkpoint));
+    }
+    name.strip_suffix(".json")
+        .and_then(|n| n.parse().ok())
+        .map(|o| (o, Kind::V1))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Checkpoint,
+    V1,
+}
+
+async fn newest(
+    objects: &dyn ObjectStore,
+    prefix: &Path,
+) -> Result<Option<(i64, Kind, Path)>, EngineError> {
+    let mut listing = objects.list(Some(prefix));
+    let mut best: Option<(i64, Kind, Path)> = None;
+    while let Some(meta) = listing.next().await {
+        let meta = meta?;
+        if let Some((offset, kind)) = parse_name(&meta.location)
+            // At one offset a v2 checkpoint wins over a v1 snapshot.
+            && best.as_ref().is_none_or(|(o, k, _)| {
+                offset > *o || (offset == *o && kind == Kind::Checkpoint && *k == Kind::V1)
+            })
+        {
+            best = Some((offset, kind, meta.location));
+        }
+    }
+    Ok(best)
+}
+
+/// v1's snapshot of a partition (ADR 0001): every user in one JSON object.
+#[derive(Deserialize)]
+struct V1Partition {
+    users: BTreeMap<String, UserIndex>,
+    #[serde(default)]
+    tenant_bytes: BTreeMap<TenantId, u64>,
+}
+
+/// Streams a checkpoint into an empty keyspace; returns its `P`.
+async fn import_checkpoint(
+    objects: &dyn ObjectStore,
+    path: &Path,
+    db: &Database,
+    keyspace: &Keyspace,
+) -> Result<Meta, EngineError> {
+    let bad = |why: &str| EngineError::Codec(format!("checkpoint {path}: {why}"));
+    let mut stream = objects.get(path).await?.into_stream();
+    let mut buf = BytesMut::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut header = false;
+    let mut count = 0u64;
+    let mut batch = db.batch();
+    let mut batch_bytes = 0usize;
+    let mut meta = None;
+    loop {
+        // Take every complete frame in the buffer.
+        loop {
+            if !header {
+                if buf.len() < CHECKPOINT_MAGIC.len() {
+                    break;
+                }
+                if &buf[..CHECKPOINT_MAGIC.len()] != CHECKPOINT_MAGIC {
+                    return Err(bad("not a checkpoint (or a newer format)"));
+                }
+                crc.update(&buf[..CHECKPOINT_MAGIC.len()]);
+                buf.advance(CHECKPOINT_MAGIC.len());
+                header = true;
+                continue;
+            }
+            if buf.len() < 4 {
+                break;
+            }
+            let key_len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            if key_len == END_OF_FRAMES {
+                if buf.len() < 16 {
+                    break;
+                }
+                let expected_count = u64::from_be_bytes(buf[4..12].try_into().unwrap_or_default());
+                let expected_crc = u32::from_be_bytes(buf[12..16].try_into().unwrap_or_default());
+                if expected_count != count || expected_crc != crc.clone().finalize() {
+                    return Err(bad("damaged (count or checksum differs)"));
+                }
+                batch.commit().map_err(disk)?;
+                return meta.ok_or_else(|| bad("no P record"));
+            }
+            let key_len = key_len as usize;
+            if buf.len() < 4 + key_len + 4 {
+                break;
+            }
+            let value_len =
+                u32::from_be_bytes(buf[4 + key_len..8 + key_len].try_into().unwrap_or_default())
+                    as usize;
+            let frame = 8 + key_len + value_len;
+            if buf.len() < frame {
+                break;
+            }
+            let frame = buf.split_to(frame).freeze();
+            crc.update(&frame);
+            count += 1;
+            let key = frame.slice(4..4 + key_len);
+            let value = frame.slice(8 + key_len..);
+            if key.as_ref() == META {
+                meta = Some(
+                    postcard::from_bytes::<Meta>(&value).map_err(|e| bad(&format!("P: {e}")))?,
+                );
+            }
+            batch_bytes += frame.len();
+            batch.insert(keyspace, key.to_vec(), value.to_vec());
+            if batch_bytes >= 4 * CHUNK {
+                std::mem::replace(&mut batch, db.batch())
+                    .commit()
+                    .map_err(disk)?;
+                batch_bytes = 0;
+            }
+        }
+        match stream.next().await {
+            Some(chunk) => buf.extend_from_slice(&chunk?),
+            None => return Err(bad("truncated")),
+        }
+    }
+}
+
+/// Writes a v1 snapshot's users into an empty keyspace as the state at `next`.
+async fn import_v1(
+    objects: &dyn ObjectStore,
+    path: &Path,
+    next: i64,
+    db: &Database,
+    keyspace: &Keyspace,
+) -> Result<Meta, EngineError> {
+    let bytes = objects.get(path).await?.bytes().await?;
+    let v1: V1Partition = serde_json::from_slice(&bytes)
+        .map_err(|e| EngineError::Codec(format!("snapshot {path}: {e}")))?;
+    drop(bytes);
+    let mut batch = db.batch();
+    for (key, index) in &v1.users {
+        // The snapshot holds every record before `next`.
+        batch.insert(keyspace, user_key(key), encode_user(next - 1, Some(index))?);
+    }
+    for (tenant, bytes) in &v1.tenant_bytes {
+        batch.insert(keyspace, tenant_key(tenant), bytes.to_be_bytes().to_vec());
+    }
+    let meta = Meta { replay_from: next };
+    let encoded = postcard::to_allocvec(&meta).map_err(|e| disk(e.to_string()))?;
+    batch.insert(keyspace, META, encoded);
+    batch.commit().map_err(disk)?;
+    tracing::info!(%path, users = v1.users.len(), "index: v1 snapshot imported");
+    Ok(meta)
+}
+
+/// Reads the keyspace as of `snapshot` into checkpoint chunks, on a blocking thread.
+fn export(
+    snapshot: fjall::Snapshot,
+    keyspace: Keyspace,
+    chunks: tokio::sync::mpsc::Sender<Bytes>,
+) -> Result<(), EngineError> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = BytesMut::with_capacity(CHUNK + 1024);
+    buf.extend_from_slice(CHECKPOINT_MAGIC);
+    let mut count = 0u64;
+    for item in snapshot.iter(&keyspace) {
+        let (key, value) = item.into_inner().map_err(disk)?;
+        let (Ok(key_len), Ok(value_len)) = (u32::try_from(key.len()), u32::try_from(value.len()))
+        else {
+            return Err(disk("a value over 4 GiB"));
+        };
+        buf.extend_from_slice(&key_len.to_be_bytes());
+        buf.extend_from_slice(&key);
+        buf.extend_from_slice(&value_len.to_be_bytes());
+        buf.extend_from_slice(&value);
+        count += 1;
+        if buf.len() >= CHUNK {
+            let chunk = buf.split().freeze();
+            crc.update(&chunk);
+            if chunks.blocking_send(chunk).is_err() {
+                return Err(disk("checkpoint upload ended early"));
+            }
+        }
+    }
+    crc.update(&buf);
+    buf.extend_from_slice(&END_OF_FRAMES.to_be_bytes());
+    buf.extend_from_slice(&count.to_be_bytes());
+    buf.extend_from_slice(&crc.finalize().to_be_bytes());
+    chunks
+        .blocking_send(buf.freeze())
+        .map_err(|_| disk("checkpoint upload ended early"))
+}
+
+/// Uploads a checkpoint of the keyspace as `snapshot` has it, named after its
+/// `P`, then deletes older ones.
+async fn write_checkpoint(
+    snapshot: fjall::Snapshot,
+    keyspace: Keyspace,
+    objects: Arc<dyn ObjectStore>,
+    prefix: Path,
+) -> Result<(), EngineError> {
+    let Some(meta) = snapshot
+        .get(&keyspace, META)
+        .map_err(disk)?
+        .map(|b| postcard::from_bytes::<Meta>(&b).map_err(|e| disk(format!("P: {e}"))))
+        .transpose()?
+    else {
+        // Nothing written back yet: the log itself is the whole state.
+        return Ok(());
+    };
+    let next = meta.replay_from;
+    // Zero-padded, so names sort by offset.
+    let path = prefix.clone().join(format!("{next:020}.ckpt"));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let reader = tokio::task::spawn_blocking(move || export(snapshot, keyspace, tx));
+    let mut upload =
+        mailmesh_objstore::object_store::buffered::BufWriter::new(objects.clone(), path.clone());
+    let mut uploaded = Ok(());
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = upload.put(chunk).await {
+            uploaded = Err(EngineError::from(e));
+            break;
+        }
+    }
+    drop(rx);
+    let read = reader
+        .await
+        .map_err(|e| disk(format!("checkpoint reader: {e}")))?;
+    if read.is_err() || uploaded.is_err() {
+        let _ = upload.abort().await;
+        read?;
+        uploaded?;
+    }
+    tokio::io::AsyncWriteExt::shutdown(&mut upload)
+        .await
+        .map_err(|e| disk(format!("checkpoint upload: {e}")))?;
+    let mut listing = objects.list(Some(&prefix));
+    let mut older = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta?;
+        if parse_name(&meta.location).is_some_and(|(offset, _)| offset <= next)
+            && meta.location != path
+        {
+            older.push(meta.location);
+        }
+    }
+    for old in older {
+        objects.delete(&old).await?;
+    }
+    Ok(())
+}
+
+impl StateMachine for PartitionIndex {
+    type Command = PartitionCommand;
+    type Outcome = IndexOutcome;
+    type Change = MailboxEvent;
+    type Store = Arc<IndexDb>;
+
+    fn apply(
+        &mut self,
+        command: PartitionCommand,
+        at_ms: i64,
+        offset: i64,
+        changes: &mut Vec<MailboxEvent>,
+    ) -> Result<Result<IndexOutcome, StorageError>, EngineError> {
+        let (user, command) = match command {
+            PartitionCommand::User {
+                user,
+                limits,
+                command,
+            } => (user, Some((limits, command))),
+            PartitionCommand::Forget { user } => (user, None),
+        };
+        let key = user.key();
+        let mut entry = self.take(&key)?;
+        if entry.applied >= offset {
+            // Replayed after a restart: the user as written back has it already.
+            self.db.cache().insert((self.partition, key), entry);
+            return Ok(Ok(IndexOutcome::Done));
+        }
+        let before = entry.used();
+        let outcome = match command {
+            Some((limits, command)) => {
+                let mut index = entry
+                    .index
+                    .take()
+                    .map(|i| Arc::try_unwrap(i).unwrap_or_else(|shared| (*shared).clone()))
+                    .unwrap_or_default();
+                let mut raw = Vec::new();
+                let outcome = index.apply(command, at_ms, &limits, &mut raw);
+                changes.extend(raw.into_iter().map(|change| MailboxEvent {
+                    user: user.clone(),
+                    change,
+                }));
+                // A refused command changed nothing: a user it would have created
+                // stays absent.
+                if outcome.is_ok() || entry.applied >= 0 {
+                    entry.index = Some(Arc::new(index));
+                }
+                outcome
+            }
+            None => {
+                entry.index = None;
+                Ok(IndexOutcome::Done)
+            }
+        };
+        let after = entry.used();
+        if after != before {
+            let total = self.tenant_bytes.entry(user.tenant.clone()).or_default();
+            *total = total.saturating_add(after).saturating_sub(before);
+        }
+        if outcome.is_ok() {
+            self.put_changed(key, &user.tenant, entry, offset);
+        } else if entry.applied >= 0 || entry.dirty {
+            self.db.cache().insert((self.partition, key), entry);
+        }
+        Ok(outcome)
+    }
+
+    fn applied(&mut self, next: i64) -> Result<(), EngineError> {
+        self.next = next;
+        self.write_back_due(next)
+    }
+
+    fn maintain(&mut self, next: i64) -> Result<(), EngineError> {
+        self.next = next;
+        self.write_back_due(next)
+    }
+
+    async fn restore(
+        db: &Arc<IndexDb>,
+        objects: &Arc<dyn ObjectStore>,
+        config: &ReplicaConfig,
+        prefix: &Path,
+    ) -> Result<(Self, i64), EngineError> {
+        // Another replica may replace the newest checkpoint (and delete this one)
+        // between the listing and the read: then list again.
+        let mut attempts = 0;
+        loop {
+            match Self::try_restore(db, objects, config, prefix).await {
+                Err(EngineError::Objects(mailmesh_objstore::object_store::Error::NotFound {
+                    ..
+                })) if attempts < 5 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn checkpoint(
+        &mut self,
+        _next: i64,
+        objects: Arc<dyn ObjectStore>,
+        prefix: Path,
+    ) -> Result<BoxFuture<'static, Result<(), EngineError>>, EngineError> {
+        // What is written back, with its `P`: dirty users stay in the cache and the
+        // log from `P` has their changes. Nothing is written here, so no request
+        // waits.
+        let snapshot = self.db.db.snapshot();
+        let keyspace = self.keyspace.clone();
+        Ok(Box::pin(write_checkpoint(
+            snapshot, keyspace, objects, prefix,
+        )))
+    }
+}
+
+impl PartitionIndex {
+    async fn try_restore(
+        db: &Arc<IndexDb>,
+        objects: &Arc<dyn ObjectStore>,
+        config: &ReplicaConfig,
+        prefix: &Path,
+    ) -> Result<(Self, i64), EngineError> {
+        let keyspace = db.keyspace(config)?;
+        let local = Self::read_meta(&keyspace)?;
+        let stored = newest(&**objects, prefix).await?;
+        // The local store, when it is as new as object storage or newer: the log
+        // is replayed from it.
+        let local = local.filter(|l| stored.as_ref().is_none_or(|(o, ..)| *o <= l.replay_from));
+        let meta = match (local, stored) {
+            (Some(local), _) => local,
+            (None, Some((offset, kind, path))) => {
+                keyspace.clear().map_err(disk)?;
+                let started = std::time::Instant::now();
+                let meta = match kind {
+                    Kind::Checkpoint => {
+                        import_checkpoint(&**objects, &path, &db.db, &keyspace).await?
+                    }
+                    Kind::V1 => import_v1(&**objects, &path, offset, &db.db, &keyspace).await?,
+                };
+                if meta.replay_from != offset {
+                    return Err(EngineError::Codec(format!(
+                        "checkpoint {path} replays from {} (its name says {offset})",
+                        meta.replay_from
+                    )));
+                }
+                tracing::info!(%path, seconds = started.elapsed().as_secs_f64(), "index: checkpoint restored");
+                meta
+            }
+            (None, None) => Meta { replay_from: 0 },
+        };
+        let tenant_bytes = Self::load_tenants(&keyspace)?;
+        Ok((
+            Self {
+                db: db.clone(),
+                keyspace,
+                partition: config.partition,
+                tenant_persisted: tenant_bytes.clone(),
+                tenant_bytes,
+                dirty: HashMap::new(),
+                dirty_order: BTreeSet::new(),
+                next: meta.replay_from,
+            },
+            meta.replay_from,
+        ))
+    }
+}
+
+impl Drop for PartitionIndex {
+    fn drop(&mut self) {
+        let mut cache = self.db.cache();
+        let mine: Vec<CacheKey> = cache
+            .users
+            .keys()
+            .filter(|(p, _)| *p == self.partition)
+            .cloned()
+            .collect();
+        for key in mine {
+            cache.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::UserId;
+    use crate::engine::UserRef;
+    use crate::index::{Flags, IndexCommand, IndexLimits, NewMessage};
+
+    const T0: i64 = 1_780_000_000_000;
+    /// Longer than any test: write-backs come from memory pressure and the tests.
+    const DELAY: Duration = Duration::from_secs(3600);
+
+    fn config() -> ReplicaConfig {
+        ReplicaConfig {
+            log: "mailboxes",
+            topic: "test.mailboxes".into(),
+            partition: 3,
+            snapshot_every: 1000,
+            snapshot_interval: std::time::Duration::from_secs(60),
+            write_timeout: std::time::Duration::from_secs(5),
+        }
+    }
+
+    fn prefix() -> Path {
+        Path::from("index/test.mailboxes/3")
+    }
+
+    fn objects(dir: &FsPath) -> Arc<dyn ObjectStore> {
+        mailmesh_objstore::open(&mailmesh_objstore::ObjectStoreConfig::Local(
+            mailmesh_objstore::LocalConfig {
+                dir: dir.join("objects"),
+            },
+        ))
+        .unwrap()
+    }
+
+    async fn open(db: &Arc<IndexDb>, objects: &Arc<dyn ObjectStore>) -> (PartitionIndex, i64) {
+        PartitionIndex::restore(db, objects, &config(), &prefix())
+            .await
+            .unwrap()
+    }
+
+    /// The commands of a small workload: users in two tenants, messages, flag
+    /// changes, an expunge and a forgotten user.
+    fn workload(users: &[UserRef], messages: usize) -> Vec<PartitionCommand> {
+        let limits = IndexLimits::default();
+        let user = |user: &UserRef, command| PartitionCommand::User {
+            user: user.clone(),
+            limits,
+            command,
+        };
+        let mut commands = Vec::new();
+        for u in users {
+            commands.push(user(u, IndexCommand::Init));
+        }
+        for i in 0..messages {
+            for (n, u) in users.iter().enumerate() {
+                commands.push(user(
+                    u,
+                    IndexCommand::Append {
+                        mailbox: crate::index::INBOX.into(),
+                        message: NewMessage {
+                            object: format!("1/cur/{n}-{i}-a-rather-long-object-name"),
+                            size: 1000 + i as u64,
+                            internal_date_ms: T0,
+                            flags: Flags::default(),
+                        },
+                        delivery_key: Some(format!("q{i}:{n}")),
+                        quota_bytes: None,
+                    },
+                ));
+            }
+        }
+        for u in users {
+            commands.push(user(
+                u,
+                IndexCommand::Store {
+                    mailbox: crate::index::INBOX.into(),
+                    uids: vec![crate::index::UidRange { first: 1, last: 2 }],
+                    action: crate::index::StoreAction::Add,
+                    flags: Flags {
+                        deleted: true,
+                        ..Flags::default()
+                    },
+                    unchanged_since: None,
+                },
+            ));
+            commands.push(user(
+                u,
+                IndexCommand::Expunge {
+                    mailbox: crate::index::INBOX.into(),
+                    uids: None,
+                },
+            ));
+        }
+        commands.push(PartitionCommand::Forget {
+            user: users[0].clone(),
+        });
+        commands
+    }
+
+    fn users(n: usize) -> Vec<UserRef> {
+        (0..n)
+            .map(|i| UserRef {
+                tenant: if i % 2 == 0 { "acme" } else { "globex" }.parse().unwrap(),
+                user: UserId(uuid::Uuid::from_u128(i as u128 + 1)),
+            })
+            .collect()
+    }
+
+    /// What every user's index must be: the commands applied to plain maps.
+    fn oracle(commands: &[PartitionCommand]) -> BTreeMap<String, UserIndex> {
+        let mut users: BTreeMap<String, UserIndex> = BTreeMap::new();
+        for (i, command) in commands.iter().enumerate() {
+            match command.clone() {
+                PartitionCommand::User {
+                    user,
+                    limits,
+                    command,
+                } => {
+                    let _ = users.entry(user.key()).or_default().apply(
+                        command,
+                        T0 + i as i64,
+                        &limits,
+                        &mut Vec::new(),
+                    );
+                }
+                PartitionCommand::Forget { user } => {
+                    users.remove(&user.key());
+                }
+            }
+        }
+        users
+    }
+
+    /// Applies `commands[from..]` as the records at their index in the log.
+    fn apply_all(index: &mut PartitionIndex, commands: &[PartitionCommand], from: usize) {
+        for (i, command) in commands.iter().enumerate().skip(from) {
+            index
+                .apply(command.clone(), T0 + i as i64, i as i64, &mut Vec::new())
+                .unwrap()
+                .ok();
+            index.applied(i as i64 + 1).unwrap();
+        }
+    }
+
+    fn assert_same(
+        index: &PartitionIndex,
+        users: &[UserRef],
+        oracle: &BTreeMap<String, UserIndex>,
+    ) {
+        for u in users {
+            let key = u.key();
+            assert_eq!(
+                index.user(&key).unwrap().as_deref(),
+                oracle.get(&key),
+                "user {key}"
+            );
+        }
+        for tenant in ["acme", "globex"] {
+            let tenant: TenantId = tenant.parse().unwrap();
+            let expected: u64 = users
+                .iter()
+                .filter(|u| u.tenant == tenant)
+                .filter_map(|u| oracle.get(&u.key()))
+                .map(UserIndex::used_bytes)
+                .sum();
+            assert_eq!(index.tenant_bytes(&tenant), expected, "{tenant}");
+        }
+    }
+
+    /// With a cache far smaller than the index, every user reads back as the
+    /// commands made them, and memory stays within the budget.
+    #[tokio::test]
+    async fn a_small_cache_gives_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = objects(dir.path());
+        let budget = 1 << 20;
+        let db = IndexDb::open(Some(&dir.path().join("index")), budget, DELAY).unwrap();
+        let (mut index, next) = open(&db, &objects).await;
+        assert_eq!(next, 0);
+        let users = users(150);
+        let commands = workload(&users, 80);
+        apply_all(&mut index, &commands, 0);
+        let oracle = oracle(&commands);
+        let total: usize = oracle.values().map(UserIndex::approx_heap_bytes).sum();
+        assert!(
+            total > 2 * budget as usize,
+            "the index ({total} B) outgrows the cache"
+        );
+        assert_same(&index, &users, &oracle);
+        assert!(
+            db.cached_bytes() <= budget as usize,
+            "{} B cached over a {budget} B budget",
+            db.cached_bytes()
+        );
+        assert!(index.user(&users[0].key()).unwrap().is_none(), "forgotten");
+    }
+
+    /// A restart replays the log from the local store's `P`, and each user skips
+    /// what it holds already; a new replica (no local store) restores the
+    /// checkpoint taken while the partition kept applying; a damaged checkpoint is
+    /// refused; a v1 JSON snapshot is imported.
+    #[tokio::test]
+    async fn restart_checkpoint_and_v1_import() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = objects(dir.path());
+        let users = users(20);
+        let first = workload(&users, 30);
+        // The whole log: `first`, then more for every user.
+        let mut log = first.clone();
+        log.extend(workload(&users, 5).into_iter().filter(|c| {
+            !matches!(
+                c,
+                PartitionCommand::Forget { .. }
+                    | PartitionCommand::User {
+                        command: IndexCommand::Init,
+                        ..
+                    }
+            )
+        }));
+        let n = first.len() as i64;
+        let local = dir.path().join("index");
+        {
+            let db = IndexDb::open(Some(&local), 1 << 20, DELAY).unwrap();
+            let (mut index, _) = open(&db, &objects).await;
+            apply_all(&mut index, &log[..first.len()], 0);
+            index.write_back(n, None).unwrap();
+            // A checkpoint at `n`, taken while the partition goes on.
+            let job = index.checkpoint(n, objects.clone(), prefix()).unwrap();
+            apply_all(&mut index, &log, first.len());
+            job.await.unwrap();
+            // Only acme's users are written back before the crash: `P` stays at
+            // globex's first change after `n`.
+            let acme: TenantId = "acme".parse().unwrap();
+            index
+                .write_back(log.len() as i64, Some(&|d: &Dirty| d.tenant == acme))
+                .unwrap();
+        }
+        // Restart on the same disk: replay from `P`; acme's users skip it.
+        let db = IndexDb::open(Some(&local), 1 << 20, DELAY).unwrap();
+        let (mut index, next) = open(&db, &objects).await;
+        assert!(next >= n && next < log.len() as i64, "replays from {next}");
+        apply_all(&mut index, &log, next as usize);
+        assert_same(&index, &users, &oracle(&log));
+        drop(index);
+        drop(db);
+
+        // A new pod: the checkpoint at `n`, then the log after it.
+        let db = IndexDb::open(None, 1 << 20, DELAY).unwrap();
+        let (mut index, next) = open(&db, &objects).await;
+        assert_eq!(next, n);
+        assert_same(&index, &users, &oracle(&first));
+        apply_all(&mut index, &log, next as usize);
+        assert_same(&index, &users, &oracle(&log));
+        let listed: Vec<_> =
+            futures::TryStreamExt::try_collect::<Vec<_>>(objects.list(Some(&prefix())))
+                .await
+                .unwrap();
+        assert_eq!(listed.len(), 1, "older checkpoints are deleted");
+        drop(index);
+
+        // A damaged checkpoint is refused, never half loaded.
+        let path = prefix().join(format!("{n:020}.ckpt"));
+        let mut bytes = objects
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        objects.put(&path, bytes.into()).await.unwrap();
+        let db = IndexDb::open(None, 1 << 20, DELAY).unwrap();
+        let refused = PartitionIndex::restore(&db, &objects, &config(), &prefix()).await;
+        assert!(
+            matches!(refused, Err(EngineError::Codec(_))),
+            "damaged checkpoint loaded"
+        );
+        objects.delete(&path).await.unwrap();
+
+        // v1: the whole partition as JSON at offset `half`.
+        let half = first.len() / 2;
+        let v1_state = oracle(&first[..half]);
+        let mut tenant_bytes: BTreeMap<String, u64> = BTreeMap::new();
+        for u in &users {
+            if let Some(i) = v1_state.get(&u.key()) {
+                *tenant_bytes.entry(u.tenant.to_string()).or_default() += i.used_bytes();
+            }
+        }
+        let v1 = serde_json::json!({ "users": v1_state, "tenant_bytes": tenant_bytes });
+        objects
+            .put(
+                &prefix().join(format!("{half:020}.json")),
+                serde_json::to_vec(&v1).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let db = IndexDb::open(None, 1 << 20, DELAY).unwrap();
+        let (mut index, next) = open(&db, &objects).await;
+        assert_eq!(next, half as i64);
+        apply_all(&mut index, &log, half);
+        assert_same(&index, &users, &oracle(&log));
+    }
+}
