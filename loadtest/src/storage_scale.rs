@@ -67,6 +67,10 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
 fn dir_bytes(path: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else {
         return 0;
@@ -219,6 +223,8 @@ async fn main() -> anyhow::Result<()> {
     let rss_start = rss_bytes();
     let index_dir = args.dir.join("index");
     let db = IndexDb::open(Some(&index_dir), args.cache_bytes, WRITEBACK_DELAY)?;
+    let threads_before = threads();
+    let started = Instant::now();
     let partitions = open_partitions(&queue, &objects, &topic, args.partitions, &db).await?;
     println!(
         "storage-scale: {} backend, {} users, {} messages, {} partitions, cache {} MiB, {} in flight",
@@ -228,6 +234,13 @@ async fn main() -> anyhow::Result<()> {
         args.partitions,
         args.cache_bytes >> 20,
         args.concurrency
+    );
+    println!(
+        "  {} partitions opened in {:.2} s; threads {} -> {}",
+        args.partitions,
+        started.elapsed().as_secs_f64(),
+        threads_before,
+        threads()
     );
 
     let users = args.users;

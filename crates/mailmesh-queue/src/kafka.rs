@@ -131,6 +131,8 @@ impl KafkaConfig {
 pub struct KafkaQueue {
     config: KafkaConfig,
     producer: FutureProducer,
+    /// The consumer every partition reader of this queue shares while any is open.
+    readers: std::sync::Mutex<Weak<SharedReaders>>,
     /// This process's consumers by group, each settled or rebalancing (a consumer
     /// that is gone leaves a dead link, skipped).
     memberships: std::sync::Mutex<Vec<(String, Weak<AtomicBool>)>>,
@@ -151,8 +153,151 @@ impl KafkaQueue {
         Ok(Self {
             config: config.clone(),
             producer,
+            readers: std::sync::Mutex::new(Weak::new()),
             memberships: std::sync::Mutex::new(Vec::new()),
         })
+    }
+}
+
+impl KafkaQueue {
+    /// A consumer for partition readers: assigned by hand, never commits.
+    fn reader_consumer(&self) -> Result<StreamConsumer> {
+        // A group id is required by librdkafka but unused: nothing is committed.
+        Ok(self
+            .config
+            .client_config()
+            .set(
+                "group.id",
+                format!("mailmesh-reader-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Readers tail logs other replicas write: a short long-poll bounds how
+            // late they see a record (some brokers, tansu among them, hold a fetch
+            // for part of this even when data is there), and a partition added to
+            // the shared consumer joins the next fetch soon. One consumer per
+            // process keeps the idle polls cheap.
+            .set("fetch.wait.max.ms", "50")
+            .create()?)
+    }
+}
+
+/// One consumer serving many partition readers, each through its own partition
+/// queue (`split_partition_queue`): librdkafka's threads and broker connections do
+/// not grow with the partitions read (storage reads every partition it serves).
+struct SharedReaders {
+    consumer: Arc<StreamConsumer>,
+    open: std::sync::Mutex<std::collections::HashSet<(String, i32)>>,
+    /// Serves the consumer's events; no record arrives on its own queue, since every
+    /// partition is split off before it is assigned.
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl SharedReaders {
+    fn new(consumer: StreamConsumer) -> Arc<Self> {
+        let consumer = Arc::new(consumer);
+        let events = consumer.clone();
+        let poller = tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(m) => tracing::error!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "a record reached the shared reader's main queue; its partition reader will see a gap"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "partition readers' consumer");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        Arc::new(Self {
+            consumer,
+            open: std::sync::Mutex::new(Default::default()),
+            poller,
+        })
+    }
+
+    /// A reader of `topic`/`partition` from `offset`, or `None` when this consumer
+    /// reads that partition already.
+    fn open(
+        self: &Arc<Self>,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Option<SharedReader>> {
+        let key = (topic.to_owned(), partition);
+        if !self
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone())
+        {
+            return Ok(None);
+        }
+        let reader = SharedReader {
+            // Split off before it is assigned, so no record of it is fetched into
+            // the main queue.
+            queue: self.consumer.split_partition_queue(topic, partition),
+            shared: self.clone(),
+            key,
+        };
+        if reader.queue.is_none() {
+            return Err(QueueError::NoPartition {
+                topic: topic.to_owned(),
+                partition,
+            });
+        }
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        self.consumer.incremental_assign(&assignment)?;
+        Ok(Some(reader))
+    }
+}
+
+impl Drop for SharedReaders {
+    fn drop(&mut self) {
+        self.poller.abort();
+    }
+}
+
+struct SharedReader {
+    queue: Option<
+        rdkafka::consumer::stream_consumer::StreamPartitionQueue<
+            rdkafka::consumer::DefaultConsumerContext,
+        >,
+    >,
+    shared: Arc<SharedReaders>,
+    key: (String, i32),
+}
+
+#[async_trait]
+impl PartitionReader for SharedReader {
+    async fn recv(&mut self) -> Result<Record> {
+        let queue = self.queue.as_ref().ok_or(QueueError::Closed)?;
+        let message = queue.recv().await?;
+        Ok(detach(&message))
+    }
+}
+
+impl Drop for SharedReader {
+    fn drop(&mut self) {
+        let (topic, partition) = &self.key;
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition(topic, *partition);
+        if let Err(e) = self.shared.consumer.incremental_unassign(&assignment) {
+            tracing::debug!(topic, partition, error = %e, "unassigning a closed reader");
+        }
+        // The queue goes before the partition can be split again.
+        self.queue = None;
+        self.shared
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -254,18 +399,23 @@ impl Queue for KafkaQueue {
         offset: i64,
     ) -> Result<Box<dyn PartitionReader>> {
         validate_topic(topic)?;
-        // A group id is required by librdkafka but unused: nothing is committed.
-        let consumer: StreamConsumer = self
-            .config
-            .client_config()
-            .set(
-                "group.id",
-                format!("mailmesh-reader-{}", std::process::id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()?;
+        let shared = {
+            let mut slot = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.upgrade() {
+                Some(shared) => shared,
+                None => {
+                    let shared = SharedReaders::new(self.reader_consumer()?);
+                    *slot = Arc::downgrade(&shared);
+                    shared
+                }
+            }
+        };
+        if let Some(reader) = shared.open(topic, partition, offset)? {
+            return Ok(Box::new(reader));
+        }
+        // The shared consumer reads this partition already (from another offset):
+        // a consumer of its own.
+        let consumer = self.reader_consumer()?;
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(topic, partition, Offset::Offset(offset))?;
         consumer.assign(&assignment)?;

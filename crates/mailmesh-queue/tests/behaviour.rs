@@ -207,6 +207,52 @@ async fn kafka_readers() {
     readers_see_every_record_from_their_offset(kafka()).await;
 }
 
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+/// Readers of many partitions share one consumer: librdkafka's threads (and broker
+/// connections) do not grow with the partitions read; each reader still sees only
+/// its partition, from its offset, and a partition closed and opened again reads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_readers_share_one_consumer() {
+    let queue = kafka();
+    let topic = unique("log");
+    let partitions = 16;
+    queue.ensure_topic(&topic, partitions).await.unwrap();
+    for p in 0..partitions {
+        for i in 0..2 {
+            let mut r = record(&topic, "any", format!("p{p}-{i}"));
+            r.partition = Some(p);
+            queue.publish(r).await.unwrap();
+        }
+    }
+    let before = threads();
+    let mut readers = Vec::new();
+    for p in 0..partitions {
+        // Odd partitions from their second record.
+        let mut reader = queue.reader(&topic, p, i64::from(p % 2)).await.unwrap();
+        let first = p % 2;
+        assert_eq!(
+            next(&mut reader).await,
+            (i64::from(first), format!("p{p}-{first}"))
+        );
+        readers.push(reader);
+    }
+    let grown = threads() - before;
+    // A consumer of its own per reader would take at least 3 threads each (48).
+    assert!(grown < 12, "{grown} threads for {partitions} readers");
+    let mut r = record(&topic, "any", "p3-2".into());
+    r.partition = Some(3);
+    queue.publish(r).await.unwrap();
+    assert_eq!(next(&mut readers[3]).await, (2, "p3-2".into()));
+    // Closed and opened again on the same consumer.
+    drop(readers.remove(5));
+    let mut again = queue.reader(&topic, 5, 0).await.unwrap();
+    assert_eq!(next(&mut again).await, (0, "p5-0".into()));
+    assert_eq!(next(&mut again).await, (1, "p5-1".into()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_resume() {
     let dir = tempfile::tempdir().unwrap();

@@ -209,6 +209,8 @@ impl Cache {
 pub struct IndexDb {
     db: Database,
     cache: Mutex<Cache>,
+    /// Partitions with a live `PartitionIndex`: one at a time each.
+    open: Mutex<BTreeSet<String>>,
     budget: usize,
     /// A changed user is written back this long after its first change at the
     /// latest (so a busy user is written once per period, not once per command).
@@ -249,6 +251,7 @@ impl IndexDb {
             }),
             budget,
             writeback_delay,
+            open: Mutex::new(BTreeSet::new()),
         }))
     }
 
@@ -266,8 +269,12 @@ impl IndexDb {
         self.db.disk_space().unwrap_or(0)
     }
 
+    fn keyspace_name(config: &ReplicaConfig) -> String {
+        format!("{}#{}", config.topic, config.partition)
+    }
+
     fn keyspace(&self, config: &ReplicaConfig) -> Result<Keyspace, EngineError> {
-        let name = format!("{}#{}", config.topic, config.partition);
+        let name = Self::keyspace_name(config);
         self.db
             .keyspace(&name, || {
                 // Large users (50k messages: MBs) are kept apart from the keys.
@@ -302,6 +309,26 @@ pub struct PartitionIndex {
     dirty_order: BTreeSet<(i64, String)>,
     /// The offset of the record being applied (from the replica).
     next: i64,
+    /// `P` as written.
+    persisted_from: i64,
+    /// Declared last: released after `Drop` has cleared this partition's users.
+    _claim: Claim,
+}
+
+/// A partition's place in `IndexDb::open`, given back when dropped.
+struct Claim {
+    db: Arc<IndexDb>,
+    name: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.db
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
 }
 
 impl PartitionIndex {
@@ -385,66 +412,80 @@ impl PartitionIndex {
     }
 
     /// Writes back the dirty users `pick` selects (all when `None`), with the new
-    /// `P`, in one batch.
+    /// `P`, in one batch. Memory changes only once the batch is committed.
     fn write_back(
         &mut self,
         next: i64,
         pick: Option<&dyn Fn(&Dirty) -> bool>,
     ) -> Result<(), EngineError> {
-        let keys: Vec<String> = self
+        let keys: BTreeSet<String> = self
             .dirty
             .iter()
             .filter(|(_, d)| pick.is_none_or(|pick| pick(d)))
             .map(|(k, _)| k.clone())
             .collect();
-        if keys.is_empty() {
+        let replay_from = self
+            .dirty_order
+            .iter()
+            .find(|(_, key)| !keys.contains(key))
+            .map_or(next, |(since, _)| *since);
+        if keys.is_empty() && replay_from <= self.persisted_from {
             return Ok(());
         }
-        let mut batch = self.db.db.batch();
-        let mut tenants = BTreeSet::new();
-        let mut written = Vec::with_capacity(keys.len());
+        // The users as they are now; encoded outside the cache's lock.
+        let mut taken = Vec::with_capacity(keys.len());
         {
             let cache = self.db.cache();
             for key in &keys {
                 let Some(entry) = cache.users.get(&(self.partition, key.clone())) else {
                     return Err(disk(format!("dirty user {key} left the cache")));
                 };
-                batch.insert(
-                    &self.keyspace,
-                    user_key(key),
-                    encode_user(entry.applied, entry.index.as_deref())?,
-                );
-                let tenant = &self.dirty[key].tenant;
-                let total = self.tenant_persisted.entry(tenant.clone()).or_default();
-                *total = total
-                    .saturating_add(entry.used())
-                    .saturating_sub(entry.persisted_used);
-                tenants.insert(tenant.clone());
-                written.push((key.clone(), entry.used()));
+                taken.push((
+                    key.clone(),
+                    entry.applied,
+                    entry.index.clone(),
+                    entry.persisted_used,
+                ));
             }
         }
+        let mut batch = self.db.db.batch();
+        let mut persisted = self.tenant_persisted.clone();
+        let mut tenants = BTreeSet::new();
+        for (key, applied, index, persisted_used) in &taken {
+            batch.insert(
+                &self.keyspace,
+                user_key(key),
+                encode_user(*applied, index.as_deref())?,
+            );
+            let used = index.as_ref().map_or(0, |i| i.used_bytes());
+            let tenant = &self.dirty[key].tenant;
+            let total = persisted.entry(tenant.clone()).or_default();
+            *total = total.saturating_add(used).saturating_sub(*persisted_used);
+            tenants.insert(tenant.clone());
+        }
         for tenant in &tenants {
-            let total = self.tenant_persisted.get(tenant).copied().unwrap_or(0);
+            let total = persisted.get(tenant).copied().unwrap_or(0);
             batch.insert(
                 &self.keyspace,
                 tenant_key(tenant),
                 total.to_be_bytes().to_vec(),
             );
         }
-        for key in &keys {
-            if let Some(d) = self.dirty.remove(key) {
-                self.dirty_order.remove(&(d.since, key.clone()));
-            }
-        }
-        let meta = Meta {
-            replay_from: self.replay_from(next),
-        };
-        let meta = postcard::to_allocvec(&meta).map_err(|e| disk(e.to_string()))?;
+        let meta = postcard::to_allocvec(&Meta { replay_from }).map_err(|e| disk(e.to_string()))?;
         batch.insert(&self.keyspace, META, meta);
         batch.commit().map_err(disk)?;
+        // Committed: now memory follows.
+        self.tenant_persisted = persisted;
+        self.persisted_from = replay_from;
         let mut cache = self.db.cache();
-        for (key, used) in written {
-            cache.mark_clean(&(self.partition, key), used);
+        for (key, _, index, _) in taken {
+            if let Some(d) = self.dirty.remove(&key) {
+                self.dirty_order.remove(&(d.since, key.clone()));
+            }
+            cache.mark_clean(
+                &(self.partition, key),
+                index.as_ref().map_or(0, |i| i.used_bytes()),
+            );
         }
         cache.evict();
         let cached = cache.bytes;
@@ -545,8 +586,6 @@ async fn newest(
 #[derive(Deserialize)]
 struct V1Partition {
     users: BTreeMap<String, UserIndex>,
-    #[serde(default)]
-    tenant_bytes: BTreeMap<TenantId, u64>,
 }
 
 /// Streams a checkpoint into an empty keyspace; returns its `P`.
@@ -593,8 +632,11 @@ async fn import_checkpoint(
                 if expected_count != count || expected_crc != crc.clone().finalize() {
                     return Err(bad("damaged (count or checksum differs)"));
                 }
+                let meta = meta.ok_or_else(|| bad("no P record"))?;
+                let encoded = postcard::to_allocvec(&meta).map_err(|e| disk(e.to_string()))?;
+                batch.insert(keyspace, META, encoded);
                 batch.commit().map_err(disk)?;
-                return meta.ok_or_else(|| bad("no P record"));
+                return Ok(meta);
             }
             let key_len = key_len as usize;
             if buf.len() < 4 + key_len + 4 {
@@ -613,9 +655,12 @@ async fn import_checkpoint(
             let key = frame.slice(4..4 + key_len);
             let value = frame.slice(8 + key_len..);
             if key.as_ref() == META {
+                // Written last, once the whole stream checked out: a keyspace
+                // without `P` is never taken for a restored one.
                 meta = Some(
                     postcard::from_bytes::<Meta>(&value).map_err(|e| bad(&format!("P: {e}")))?,
                 );
+                continue;
             }
             batch_bytes += frame.len();
             batch.insert(keyspace, key.to_vec(), value.to_vec());
@@ -650,7 +695,16 @@ async fn import_v1(
         // The snapshot holds every record before `next`.
         batch.insert(keyspace, user_key(key), encode_user(next - 1, Some(index))?);
     }
-    for (tenant, bytes) in &v1.tenant_bytes {
+    // Recomputed from the users (older snapshots lack the totals).
+    let mut tenants: BTreeMap<TenantId, u64> = BTreeMap::new();
+    for (key, index) in &v1.users {
+        let tenant = key
+            .split_once('/')
+            .and_then(|(t, _)| t.parse::<TenantId>().ok())
+            .ok_or_else(|| EngineError::Codec(format!("snapshot {path}: user key {key:?}")))?;
+        *tenants.entry(tenant).or_default() += index.used_bytes();
+    }
+    for (tenant, bytes) in &tenants {
         batch.insert(keyspace, tenant_key(tenant), bytes.to_be_bytes().to_vec());
     }
     let meta = Meta { replay_from: next };
@@ -787,6 +841,7 @@ impl StateMachine for PartitionIndex {
             return Ok(Ok(IndexOutcome::Done));
         }
         let before = entry.used();
+        let had_index = entry.index.is_some();
         let outcome = match command {
             Some((limits, command)) => {
                 let mut index = entry
@@ -800,9 +855,10 @@ impl StateMachine for PartitionIndex {
                     user: user.clone(),
                     change,
                 }));
-                // A refused command changed nothing: a user it would have created
-                // stays absent.
-                if outcome.is_ok() || entry.applied >= 0 {
+                // A refused command may still have tidied an existing user (expired
+                // delivery keys): kept, as every replica keeps it. A user it would
+                // have created (or brought back after Forget) stays absent.
+                if outcome.is_ok() || had_index {
                     entry.index = Some(Arc::new(index));
                 }
                 outcome
@@ -817,9 +873,10 @@ impl StateMachine for PartitionIndex {
             let total = self.tenant_bytes.entry(user.tenant.clone()).or_default();
             *total = total.saturating_add(after).saturating_sub(before);
         }
-        if outcome.is_ok() {
+        if outcome.is_ok() || had_index {
             self.put_changed(key, &user.tenant, entry, offset);
         } else if entry.applied >= 0 || entry.dirty {
+            // A forgotten user's marker, unchanged.
             self.db.cache().insert((self.partition, key), entry);
         }
         Ok(outcome)
@@ -832,6 +889,11 @@ impl StateMachine for PartitionIndex {
 
     fn maintain(&mut self, next: i64) -> Result<(), EngineError> {
         self.next = next;
+        if self.dirty.is_empty() {
+            // Barriers and refused commands move `P` too, so the log to replay
+            // (and to retain) stays short on a partition without changes.
+            return self.write_back(next, None);
+        }
         self.write_back_due(next)
     }
 
@@ -878,22 +940,51 @@ impl PartitionIndex {
         config: &ReplicaConfig,
         prefix: &Path,
     ) -> Result<(Self, i64), EngineError> {
+        let name = IndexDb::keyspace_name(config);
+        if !db
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone())
+        {
+            // A replica that failed to start may still be winding down.
+            return Err(EngineError::Unavailable(format!(
+                "index partition {name} is still open; retry"
+            )));
+        }
+        let claim = Claim {
+            db: db.clone(),
+            name,
+        };
         let keyspace = db.keyspace(config)?;
         let local = Self::read_meta(&keyspace)?;
         let stored = newest(&**objects, prefix).await?;
-        // The local store, when it is as new as object storage or newer: the log
-        // is replayed from it.
-        let local = local.filter(|l| stored.as_ref().is_none_or(|(o, ..)| *o <= l.replay_from));
+        // The local store, unless a checkpoint is more than `MAX_REPLAY` ahead of
+        // it (replaying that much is cheaper than a download, and the log from the
+        // local `P` is still retained: it is younger than a checkpoint interval).
+        let local = local.filter(|l| {
+            stored
+                .as_ref()
+                .is_none_or(|(o, ..)| *o <= l.replay_from + MAX_REPLAY)
+        });
         let meta = match (local, stored) {
             (Some(local), _) => local,
             (None, Some((offset, kind, path))) => {
                 keyspace.clear().map_err(disk)?;
                 let started = std::time::Instant::now();
-                let meta = match kind {
+                let imported = match kind {
                     Kind::Checkpoint => {
-                        import_checkpoint(&**objects, &path, &db.db, &keyspace).await?
+                        import_checkpoint(&**objects, &path, &db.db, &keyspace).await
                     }
-                    Kind::V1 => import_v1(&**objects, &path, offset, &db.db, &keyspace).await?,
+                    Kind::V1 => import_v1(&**objects, &path, offset, &db.db, &keyspace).await,
+                };
+                let meta = match imported {
+                    Ok(meta) => meta,
+                    Err(e) => {
+                        // No `P` was written; leave nothing half imported either.
+                        keyspace.clear().map_err(disk)?;
+                        return Err(e);
+                    }
                 };
                 if meta.replay_from != offset {
                     return Err(EngineError::Codec(format!(
@@ -917,6 +1008,8 @@ impl PartitionIndex {
                 dirty: HashMap::new(),
                 dirty_order: BTreeSet::new(),
                 next: meta.replay_from,
+                persisted_from: meta.replay_from,
+                _claim: claim,
             },
             meta.replay_from,
         ))
@@ -1182,6 +1275,22 @@ mod tests {
         assert!(next >= n && next < log.len() as i64, "replays from {next}");
         apply_all(&mut index, &log, next as usize);
         assert_same(&index, &users, &oracle(&log));
+        // A partition has one live index at a time.
+        assert!(
+            PartitionIndex::restore(&db, &objects, &config(), &prefix())
+                .await
+                .is_err()
+        );
+        // With nothing dirty, `P` follows the log (barriers, refusals) on its own.
+        index.write_back(log.len() as i64, None).unwrap();
+        index.maintain(log.len() as i64 + 5).unwrap();
+        assert_eq!(
+            PartitionIndex::read_meta(&index.keyspace)
+                .unwrap()
+                .unwrap()
+                .replay_from,
+            log.len() as i64 + 5
+        );
         drop(index);
         drop(db);
 
@@ -1218,6 +1327,10 @@ mod tests {
             matches!(refused, Err(EngineError::Codec(_))),
             "damaged checkpoint loaded"
         );
+        // Nothing half imported is left to be taken for a restored store.
+        let keyspace = db.keyspace(&config()).unwrap();
+        assert!(PartitionIndex::read_meta(&keyspace).unwrap().is_none());
+        assert!(keyspace.is_empty().unwrap());
         objects.delete(&path).await.unwrap();
 
         // v1: the whole partition as JSON at offset `half`.

@@ -227,8 +227,13 @@ impl<S: StateMachine> Replica<S> {
             since_snapshot: AtomicU64::new(0),
             checkpointing: Arc::new(AtomicBool::new(false)),
         });
-        tokio::spawn(Arc::clone(&replica).run(reader));
-        replica.sync().await?;
+        let run = tokio::spawn(Arc::clone(&replica).run(reader));
+        if let Err(e) = replica.sync().await {
+            // Not handed out: stop applying, so a retry is the only copy of this
+            // partition's state.
+            run.abort();
+            return Err(e);
+        }
         Ok(replica)
     }
 
@@ -244,12 +249,15 @@ impl<S: StateMachine> Replica<S> {
             let received = tokio::select! {
                 r = reader.recv() => r,
                 _ = maintain.tick() => {
-                    let done = {
-                        let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-                        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-                        state.maintain(self.applied())
-                    };
+                    let _applying = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+                    let done = self
+                        .state
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .maintain(self.applied());
                     if let Err(e) = done {
+                        // Under the apply lock: no writer applies on the state
+                        // the failure left.
                         self.fail(format!(
                             "{}/{}: writing the index back: {e}",
                             self.config.topic, self.config.partition
