@@ -411,35 +411,33 @@ impl PartitionIndex {
         self.dirty_order.first().map_or(next, |(since, _)| *since)
     }
 
-    /// Writes back the dirty users `pick` selects (all when `None`), with the new
-    /// `P`, in one batch. Memory changes only once the batch is committed.
+    /// Writes back the dirty users `pick` selects (all when `None`), oldest change
+    /// first, up to about `limit` bytes of them, with the new `P`, in one batch.
+    /// Memory changes only once the batch is committed.
     fn write_back(
         &mut self,
         next: i64,
         pick: Option<&dyn Fn(&Dirty) -> bool>,
+        limit: usize,
     ) -> Result<(), EngineError> {
-        let keys: BTreeSet<String> = self
-            .dirty
-            .iter()
-            .filter(|(_, d)| pick.is_none_or(|pick| pick(d)))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let replay_from = self
-            .dirty_order
-            .iter()
-            .find(|(_, key)| !keys.contains(key))
-            .map_or(next, |(since, _)| *since);
-        if keys.is_empty() && replay_from <= self.persisted_from {
-            return Ok(());
-        }
         // The users as they are now; encoded outside the cache's lock.
-        let mut taken = Vec::with_capacity(keys.len());
+        let mut keys = BTreeSet::new();
+        let mut taken = Vec::new();
         {
             let cache = self.db.cache();
-            for key in &keys {
+            let mut bytes = 0usize;
+            for (_, key) in &self.dirty_order {
+                if bytes >= limit {
+                    break;
+                }
+                if !pick.is_none_or(|pick| pick(&self.dirty[key])) {
+                    continue;
+                }
                 let Some(entry) = cache.users.get(&(self.partition, key.clone())) else {
                     return Err(disk(format!("dirty user {key} left the cache")));
                 };
+                bytes += entry.bytes;
+                keys.insert(key.clone());
                 taken.push((
                     key.clone(),
                     entry.applied,
@@ -447,6 +445,14 @@ impl PartitionIndex {
                     entry.persisted_used,
                 ));
             }
+        }
+        let replay_from = self
+            .dirty_order
+            .iter()
+            .find(|(_, key)| !keys.contains(key))
+            .map_or(next, |(since, _)| *since);
+        if keys.is_empty() && replay_from <= self.persisted_from {
+            return Ok(());
         }
         let mut batch = self.db.db.batch();
         let mut persisted = self.tenant_persisted.clone();
@@ -502,18 +508,21 @@ impl PartitionIndex {
             let cache = self.db.cache();
             cache.dirty_bytes > self.db.budget / 2
         };
+        // One batch at a time (the apply lock is held meanwhile): the rest goes at
+        // the next records or the next second.
+        let batch = (self.db.budget / 64).max(2 << 20);
         if pressure {
-            return self.write_back(next, None);
+            return self.write_back(next, None, batch);
         }
         if next - self.replay_from(next) > MAX_REPLAY {
             let horizon = next - MAX_REPLAY / 2;
-            return self.write_back(next, Some(&|d: &Dirty| d.since < horizon));
+            return self.write_back(next, Some(&|d: &Dirty| d.since < horizon), batch);
         }
         let delay = self.db.writeback_delay;
         if let Some((_, key)) = self.dirty_order.first()
             && self.dirty[key].at.elapsed() >= delay
         {
-            return self.write_back(next, Some(&|d: &Dirty| d.at.elapsed() >= delay));
+            return self.write_back(next, Some(&|d: &Dirty| d.at.elapsed() >= delay), batch);
         }
         Ok(())
     }
@@ -892,7 +901,7 @@ impl StateMachine for PartitionIndex {
         if self.dirty.is_empty() {
             // Barriers and refused commands move `P` too, so the log to replay
             // (and to retain) stays short on a partition without changes.
-            return self.write_back(next, None);
+            return self.write_back(next, None, 0);
         }
         self.write_back_due(next)
     }
@@ -1257,7 +1266,7 @@ mod tests {
             let db = IndexDb::open(Some(&local), 1 << 20, DELAY).unwrap();
             let (mut index, _) = open(&db, &objects).await;
             apply_all(&mut index, &log[..first.len()], 0);
-            index.write_back(n, None).unwrap();
+            index.write_back(n, None, usize::MAX).unwrap();
             // A checkpoint at `n`, taken while the partition goes on.
             let job = index.checkpoint(n, objects.clone(), prefix()).unwrap();
             apply_all(&mut index, &log, first.len());
@@ -1266,7 +1275,11 @@ mod tests {
             // globex's first change after `n`.
             let acme: TenantId = "acme".parse().unwrap();
             index
-                .write_back(log.len() as i64, Some(&|d: &Dirty| d.tenant == acme))
+                .write_back(
+                    log.len() as i64,
+                    Some(&|d: &Dirty| d.tenant == acme),
+                    usize::MAX,
+                )
                 .unwrap();
         }
         // Restart on the same disk: replay from `P`; acme's users skip it.
@@ -1282,7 +1295,9 @@ mod tests {
                 .is_err()
         );
         // With nothing dirty, `P` follows the log (barriers, refusals) on its own.
-        index.write_back(log.len() as i64, None).unwrap();
+        index
+            .write_back(log.len() as i64, None, usize::MAX)
+            .unwrap();
         index.maintain(log.len() as i64 + 5).unwrap();
         assert_eq!(
             PartitionIndex::read_meta(&index.keyspace)
