@@ -365,6 +365,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     warm.sort();
+    // What a read that must see every earlier write pays before it reads: on the
+    // embedded log a wait for its end, on Kafka a barrier record.
+    let mut syncs = Vec::new();
+    for i in 0..200 {
+        let started = Instant::now();
+        partitions[i % partitions.len()].sync().await?;
+        syncs.push(started.elapsed());
+    }
+    syncs.sort();
+    println!(
+        "read barrier (sync), idle partitions: p50 {} p99 {}",
+        ms(percentile(&syncs, 0.5)),
+        ms(percentile(&syncs, 0.99))
+    );
     drop(partitions);
     drop(db);
 
