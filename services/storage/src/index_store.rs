@@ -55,6 +55,8 @@ const END_OF_FRAMES: u32 = u32::MAX;
 /// Users are written back early when the log to replay after a restart grows
 /// past this many records.
 const MAX_REPLAY: i64 = 100_000;
+/// The longest key fjall takes.
+const MAX_KEY: usize = 1 << 16;
 /// Checkpoint chunks handed from the engine's reader to the uploader.
 const CHUNK: usize = 1 << 20;
 
@@ -307,8 +309,6 @@ pub struct PartitionIndex {
     dirty: HashMap<String, Dirty>,
     /// `(since, key)` of the dirty users, oldest change first.
     dirty_order: BTreeSet<(i64, String)>,
-    /// The offset of the record being applied (from the replica).
-    next: i64,
     /// `P` as written.
     persisted_from: i64,
     /// Declared last: released after `Drop` has cleared this partition's users.
@@ -648,6 +648,11 @@ async fn import_checkpoint(
                 return Ok(meta);
             }
             let key_len = key_len as usize;
+            // fjall keys are at most 64 KiB: a longer one is damage, and waiting
+            // for it would buffer the rest of the stream.
+            if key_len > MAX_KEY {
+                return Err(bad("damaged (key length)"));
+            }
             if buf.len() < 4 + key_len + 4 {
                 break;
             }
@@ -892,12 +897,10 @@ impl StateMachine for PartitionIndex {
     }
 
     fn applied(&mut self, next: i64) -> Result<(), EngineError> {
-        self.next = next;
         self.write_back_due(next)
     }
 
     fn maintain(&mut self, next: i64) -> Result<(), EngineError> {
-        self.next = next;
         if self.dirty.is_empty() {
             // Barriers and refused commands move `P` too, so the log to replay
             // (and to retain) stays short on a partition without changes.
@@ -1016,7 +1019,6 @@ impl PartitionIndex {
                 tenant_bytes,
                 dirty: HashMap::new(),
                 dirty_order: BTreeSet::new(),
-                next: meta.replay_from,
                 persisted_from: meta.replay_from,
                 _claim: claim,
             },
@@ -1346,6 +1348,16 @@ mod tests {
         let keyspace = db.keyspace(&config()).unwrap();
         assert!(PartitionIndex::read_meta(&keyspace).unwrap().is_none());
         assert!(keyspace.is_empty().unwrap());
+        // A frame claiming a 4 GiB key is refused at once, not buffered for.
+        let mut forged = CHECKPOINT_MAGIC.to_vec();
+        forged.extend_from_slice(&(u32::MAX - 1).to_be_bytes());
+        forged.extend_from_slice(&[0; 64]);
+        objects.put(&path, forged.into()).await.unwrap();
+        let refused = PartitionIndex::restore(&db, &objects, &config(), &prefix()).await;
+        assert!(
+            matches!(&refused, Err(EngineError::Codec(m)) if m.contains("key length")),
+            "forged key length"
+        );
         objects.delete(&path).await.unwrap();
 
         // v1: the whole partition as JSON at offset `half`.

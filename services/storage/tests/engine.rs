@@ -511,22 +511,7 @@ async fn restart_replays_to_the_same_state(mut b: Backends) {
     }
     // Snapshots are written by the log reader, which may come by the records after
     // their writers had their outcomes (applied at the produce ack).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let snapshots: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(
-            b.objects.list(Some(&Path::from("index"))),
-        )
-        .await
-        .unwrap();
-        if !snapshots.is_empty() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no snapshot was written"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_objects(&b.objects, "index", "no snapshot was written").await;
 
     let engine = b.engine().await;
     let (frank, state) = before;
@@ -728,21 +713,27 @@ async fn quiet_logs_are_snapshotted_on_time() {
     b.config.snapshot_interval = Duration::from_millis(1000);
     let engine = b.engine().await;
     tenant_with_user(&engine, "acme", "quiet@acme.test", None).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    wait_for_objects(
+        &b.objects,
+        &format!("index/{}", b.config.directory_topic),
+        "no directory snapshot was written",
+    )
+    .await;
+}
+
+/// Waits (30 s at most) until something is stored under `prefix`.
+async fn wait_for_objects(objects: &Arc<dyn ObjectStore>, prefix: &str, missing: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let snapshots: Vec<_> = futures::TryStreamExt::try_collect::<Vec<_>>(b.objects.list(Some(
-            &Path::from(format!("index/{}", b.config.directory_topic)),
-        )))
-        .await
-        .unwrap();
-        if !snapshots.is_empty() {
-            break;
+        let stored: Vec<_> =
+            futures::TryStreamExt::try_collect::<Vec<_>>(objects.list(Some(&Path::from(prefix))))
+                .await
+                .unwrap();
+        if !stored.is_empty() {
+            return;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no directory snapshot was written"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(std::time::Instant::now() < deadline, "{missing}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
