@@ -10,6 +10,11 @@ pub mod v1 {
     tonic::include_proto!("mailmesh.v1");
 }
 
+/// Response metadata of the storage service's mailbox calls: `<user id> <position>`,
+/// how far the answering replica had applied that user's log. Callers send the
+/// highest they have seen back in `UserRef.position`.
+pub const POSITION_METADATA: &str = "mailmesh-position";
+
 mod policy;
 mod queue;
 

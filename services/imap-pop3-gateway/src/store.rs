@@ -2,13 +2,112 @@
 //! connection shared by every session (any pod serves any user; storage is the only
 //! state).
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::StreamExt;
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_client::DirectoryClient;
 use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+use tonic::codegen::{Service, http};
 use tonic::transport::Channel;
+
+/// Users whose log positions a gateway keeps: those used within the last two
+/// generations of this many (a user with a session here is used on every call).
+const POSITIONS_PER_GENERATION: usize = 50_000;
+
+/// How far storage had applied each user's log in the latest reply this gateway got
+/// for them (a reply's `mailmesh-position`, a change's `position`). Every call for
+/// the user carries it back (`UserRef.position`), so whichever storage replica
+/// answers has applied at least that much: a session sees its own writes and never
+/// an older state than it has shown its client, and no read writes to the log.
+#[derive(Clone, Default)]
+pub(crate) struct Positions(Arc<Mutex<Generations>>);
+
+#[derive(Default)]
+struct Generations {
+    current: HashMap<String, u64>,
+    previous: HashMap<String, u64>,
+}
+
+impl Positions {
+    pub(crate) fn advance(&self, user_id: &str, position: u64) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let known = g.previous.remove(user_id).unwrap_or(0);
+        let slot = g.current.entry(user_id.to_owned()).or_insert(known);
+        *slot = (*slot).max(position);
+        if g.current.len() >= POSITIONS_PER_GENERATION {
+            g.previous = std::mem::take(&mut g.current);
+        }
+    }
+
+    fn of(&self, user_id: &str) -> u64 {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.current
+            .get(user_id)
+            .or_else(|| g.previous.get(user_id))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Takes the position a storage reply carries (`<user id> <position>`).
+    fn note(&self, headers: &http::HeaderMap) {
+        let seen = headers
+            .get(mailmesh_proto::POSITION_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .and_then(|(user, at)| Some((user, at.parse().ok()?)));
+        if let Some((user, at)) = seen {
+            self.advance(user, at);
+        }
+    }
+}
+
+/// The storage channel, noting the position every reply carries.
+#[derive(Clone)]
+pub(crate) struct Tracked {
+    inner: Channel,
+    positions: Positions,
+}
+
+impl<B> Service<http::Request<B>> for Tracked
+where
+    Channel: Service<http::Request<B>>,
+    <Channel as Service<http::Request<B>>>::Response: HasHeaders,
+    <Channel as Service<http::Request<B>>>::Future: Send + 'static,
+{
+    type Response = <Channel as Service<http::Request<B>>>::Response;
+    type Error = <Channel as Service<http::Request<B>>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<http::Request<B>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let positions = self.positions.clone();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await?;
+            positions.note(response.headers());
+            Ok(response)
+        })
+    }
+}
+
+pub(crate) trait HasHeaders {
+    fn headers(&self) -> &http::HeaderMap;
+}
+
+impl<T> HasHeaders for http::Response<T> {
+    fn headers(&self) -> &http::HeaderMap {
+        http::Response::headers(self)
+    }
+}
 
 /// Storage did not answer, or answered something unusable; the client hears a
 /// temporary error.
@@ -54,9 +153,10 @@ fn renew_at(expires_ms: i64) -> i64 {
 #[derive(Clone)]
 pub struct Store {
     directory: DirectoryClient<Channel>,
-    mailboxes: MailboxesClient<Channel>,
+    mailboxes: MailboxesClient<Tracked>,
     /// For uploads that take as long as the client takes (no call timeout).
-    uploads: MailboxesClient<Channel>,
+    uploads: MailboxesClient<Tracked>,
+    positions: Positions,
 }
 
 impl Store {
@@ -75,19 +175,41 @@ impl Store {
             base.clone().timeout(Duration::from_secs(30)),
             mailmesh_kit::internal::Role::Storage,
         );
-        let uploads =
-            MailboxesClient::new(tls.channel(base, mailmesh_kit::internal::Role::Storage));
+        let positions = Positions::default();
+        let tracked = |inner| Tracked {
+            inner,
+            positions: positions.clone(),
+        };
+        let uploads = MailboxesClient::new(tracked(
+            tls.channel(base, mailmesh_kit::internal::Role::Storage),
+        ));
         Ok(Self {
             directory: DirectoryClient::new(channel.clone()),
-            mailboxes: MailboxesClient::new(channel)
+            mailboxes: MailboxesClient::new(tracked(channel))
                 .max_decoding_message_size(max_message_bytes.saturating_add(64 << 10)),
             uploads,
+            positions,
         })
     }
 
-    /// The mailbox API, for the IMAP session's many calls.
-    pub(crate) fn mailboxes(&self) -> MailboxesClient<Channel> {
+    /// The mailbox API, for the IMAP session's many calls. Give each the user
+    /// through [`Self::at`].
+    pub(crate) fn mailboxes(&self) -> MailboxesClient<Tracked> {
         self.mailboxes.clone()
+    }
+
+    /// `user` for a mailbox call: with the position of their log the latest reply
+    /// gave, which the answering replica must have applied.
+    pub(crate) fn at(&self, user: &v1::UserRef) -> v1::UserRef {
+        v1::UserRef {
+            position: self.positions.of(&user.user_id).max(user.position),
+            ..user.clone()
+        }
+    }
+
+    /// A change storage announced: calls for the user wait until it is applied.
+    pub(crate) fn advance(&self, user: &v1::UserRef, position: u64) {
+        self.positions.advance(&user.user_id, position);
     }
 
     /// An APPEND streamed to storage: chunks go into the sender (after `start`,
@@ -169,7 +291,7 @@ impl Store {
             .mailboxes
             .clone()
             .list_messages(v1::MailboxRequest {
-                user: Some(user.clone()),
+                user: Some(self.at(user)),
                 mailbox: mailbox.to_owned(),
             })
             .await?
@@ -198,7 +320,7 @@ impl Store {
             .mailboxes
             .clone()
             .fetch(v1::FetchRequest {
-                user: Some(user.clone()),
+                user: Some(self.at(user)),
                 mailbox: mailbox.to_owned(),
                 uid,
                 start: 0,
@@ -233,7 +355,7 @@ impl Store {
         self.mailboxes
             .clone()
             .store_flags(v1::StoreFlagsRequest {
-                user: Some(user.clone()),
+                user: Some(self.at(user)),
                 mailbox: mailbox.to_owned(),
                 uids: ranges.clone(),
                 action: v1::store_flags_request::Action::Add.into(),
@@ -244,7 +366,7 @@ impl Store {
         self.mailboxes
             .clone()
             .expunge(v1::ExpungeRequest {
-                user: Some(user.clone()),
+                user: Some(self.at(user)),
                 mailbox: mailbox.to_owned(),
                 uids: ranges,
             })

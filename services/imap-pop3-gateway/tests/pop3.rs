@@ -328,6 +328,62 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         self.send(&format!("{line}\r\n")).await;
         self.expect(prefix).await
     }
+
+    /// A command with a multi-line `+OK` answer: its lines up to the final `.`.
+    async fn lines(&mut self, line: &str) -> Vec<String> {
+        self.cmd(line, "+OK").await;
+        let mut lines = Vec::new();
+        loop {
+            match self.line().await {
+                end if end == "." => return lines,
+                l => lines.push(l),
+            }
+        }
+    }
+}
+
+fn records_published() -> f64 {
+    mailmesh_kit::metrics::render()
+        .lines()
+        .filter(|l| l.starts_with("mailmesh_storage_records_published_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A POP3 session that deletes nothing writes nothing to storage's log (a record
+/// counter of storage says so), on the embedded log and on real Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_sessions_write_no_log_records() {
+    for site in [site().await, common::real_site().await] {
+        let (_, tls_port) = pod(&site, memory(), Pop3Config::default()).await;
+        let before = records_published();
+        let mut c = Client::tls(tls_port).await;
+        c.expect("+OK").await;
+        c.cmd("USER alice@acme.test", "+OK").await;
+        c.cmd("PASS pw", "+OK Logged in, 3 messages").await;
+        c.cmd("STAT", "+OK 3 ").await;
+        assert_eq!(c.lines("LIST").await.len(), 3);
+        assert_eq!(c.lines("UIDL").await.len(), 3);
+        assert!(
+            c.lines("RETR 2")
+                .await
+                .contains(&"second line 2".to_owned())
+        );
+        assert!(
+            c.lines("TOP 3 0")
+                .await
+                .contains(&"Subject: three".to_owned())
+        );
+        c.cmd("NOOP", "+OK").await;
+        c.cmd("RSET", "+OK").await;
+        c.cmd("QUIT", "+OK").await;
+        assert_eq!(
+            records_published() - before,
+            0.0,
+            "records written by reads"
+        );
+        assert_eq!(inbox_uids(&site).await, vec![1, 2, 3]);
+    }
 }
 
 /// fetchmail (Debian) downloads the maildrop over STLS and, not told to keep it,

@@ -151,6 +151,7 @@ impl Account {
             tenant: self.user.tenant.to_string(),
             user_id: self.user.user.to_string(),
             session: self.session.clone(),
+            position: 0,
         }
     }
 }
@@ -497,6 +498,7 @@ impl Mailstore for GrpcMailstore {
                     tenant: user.tenant.to_string(),
                     user_id: user.user.to_string(),
                     session: String::new(),
+                    position: 0,
                 }),
                 mailbox: d.mailbox.to_owned(),
                 return_path: d.return_path.to_string(),

@@ -223,6 +223,9 @@ impl UserRef {
 pub struct MailboxEvent {
     pub user: UserRef,
     pub change: Change,
+    /// The position of the user's log just after the change: a read that must
+    /// see it (on any replica) carries at least this.
+    pub position: i64,
 }
 
 /// The commands of one mailbox-log partition.
@@ -783,9 +786,28 @@ impl StorageEngine {
     }
 
     /// Waits until every change to the user's mailboxes made anywhere before the
-    /// call is visible here (read-your-writes across replicas).
+    /// call is visible here (linearizable; on Kafka it writes a barrier record:
+    /// for tests and admin tools, never for a client's reads, which use
+    /// [`Self::reach_user`]).
     pub async fn sync_user(&self, user: &UserRef) -> Result<(), EngineError> {
         self.mailbox_replica(user).await?.sync().await
+    }
+
+    /// Waits until this replica has applied the user's log up to `position` (from
+    /// an earlier reply of any replica, 0 for none): a session sees its own writes
+    /// and never goes back in time, and a read writes nothing to the log.
+    pub async fn reach_user(&self, user: &UserRef, position: u64) -> Result<(), EngineError> {
+        let replica = self.mailbox_replica(user).await?;
+        replica
+            .reach(i64::try_from(position).unwrap_or(i64::MAX))
+            .await
+    }
+
+    /// How far this replica has applied the user's log: what a reply tells the
+    /// client to carry into its next call.
+    pub async fn position(&self, user: &UserRef) -> Result<u64, EngineError> {
+        let replica = self.mailbox_replica(user).await?;
+        Ok(u64::try_from(replica.applied()).unwrap_or(0))
     }
 
     /// Changes to the mailboxes of every user placed with `user`; filter by user.
@@ -1224,8 +1246,9 @@ impl StorageEngine {
         let limits = &self.config.index_limits;
         let from_c = crate::index::canonical_name(from, limits)?;
         let to_c = crate::index::canonical_name(to, limits)?;
-        // Plan on everything written before the request, through any replica.
-        self.sync_user(user).await?;
+        // Planned on what this replica has applied: a remote caller's call waits
+        // first for the position it carries (what it has seen), and the copy takes
+        // the messages that exist when it is applied.
         let plan = self
             .read_index(user, |i| {
                 let i = i?;

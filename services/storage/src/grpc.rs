@@ -176,6 +176,7 @@ fn proto_user(user: &UserRef) -> v1::UserRef {
         tenant: user.tenant.to_string(),
         user_id: user.user.to_string(),
         session: String::new(),
+        position: 0,
     }
 }
 
@@ -917,14 +918,37 @@ impl StorageService {
             .await?
             .ok_or_else(|| Status::not_found(format!("mailbox {canonical}")))
     }
+
+    /// The user a mailbox call acts for, once this replica has applied their log up
+    /// to the position the call carries (read-your-writes without writing to the
+    /// log; `UNAVAILABLE` if it does not get there within the write timeout).
+    async fn user_at(&self, caller: &Peer, user: Option<v1::UserRef>) -> Result<UserRef, Status> {
+        let position = user.as_ref().map_or(0, |u| u.position);
+        let user = self.user_for(caller, user)?;
+        self.engine.reach_user(&user, position).await?;
+        Ok(user)
+    }
+
+    /// A mailbox call's answer, with how far this replica had applied the user's log
+    /// when it was made (`POSITION_METADATA`), for the caller to carry on.
+    async fn answer<T>(&self, user: &UserRef, body: T) -> Reply<T> {
+        let mut response = Response::new(body);
+        if let Ok(position) = self.engine.position(user).await
+            && let Ok(value) = format!("{} {position}", user.user).parse()
+        {
+            response
+                .metadata_mut()
+                .insert(mailmesh_proto::POSITION_METADATA, value);
+        }
+        Ok(response)
+    }
 }
 
 #[tonic::async_trait]
 impl MailboxesApi for StorageService {
     async fn list_mailboxes(&self, r: Request<v1::UserRef>) -> Reply<v1::ListMailboxesResponse> {
         let caller = caller(&r)?;
-        let user = self.user_for(&caller, Some(r.into_inner()))?;
-        self.engine.sync_user(&user).await?;
+        let user = self.user_at(&caller, Some(r.into_inner())).await?;
         let mailboxes = self
             .engine
             .read_index(&user, |i| {
@@ -932,13 +956,14 @@ impl MailboxesApi for StorageService {
             })
             .await?
             .unwrap_or_default();
-        Ok(Response::new(v1::ListMailboxesResponse { mailboxes }))
+        self.answer(&user, v1::ListMailboxesResponse { mailboxes })
+            .await
     }
 
     async fn create_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         self.engine
             .index(
                 &user,
@@ -948,13 +973,13 @@ impl MailboxesApi for StorageService {
                 },
             )
             .await?;
-        Ok(Response::new(v1::Empty {}))
+        self.answer(&user, v1::Empty {}).await
     }
 
     async fn rename_mailbox(&self, r: Request<v1::RenameMailboxRequest>) -> Reply<v1::Empty> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         self.engine
             .index(
                 &user,
@@ -964,21 +989,21 @@ impl MailboxesApi for StorageService {
                 },
             )
             .await?;
-        Ok(Response::new(v1::Empty {}))
+        self.answer(&user, v1::Empty {}).await
     }
 
     async fn delete_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         self.engine.delete_mailbox(&user, &r.mailbox).await?;
-        Ok(Response::new(v1::Empty {}))
+        self.answer(&user, v1::Empty {}).await
     }
 
     async fn subscribe(&self, r: Request<v1::SubscribeRequest>) -> Reply<v1::Empty> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         self.engine
             .index(
                 &user,
@@ -988,17 +1013,18 @@ impl MailboxesApi for StorageService {
                 },
             )
             .await?;
-        Ok(Response::new(v1::Empty {}))
+        self.answer(&user, v1::Empty {}).await
     }
 
     async fn status(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::MailboxInfo> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
-        self.engine.sync_user(&user).await?;
-        Ok(Response::new(
+        let user = self.user_at(&caller, r.user).await?;
+        self.answer(
+            &user,
             self.mailbox_view(&user, &r.mailbox, mailbox_info).await?,
-        ))
+        )
+        .await
     }
 
     async fn list_messages(
@@ -1007,8 +1033,7 @@ impl MailboxesApi for StorageService {
     ) -> Reply<v1::ListMessagesResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
-        self.engine.sync_user(&user).await?;
+        let user = self.user_at(&caller, r.user).await?;
         let response = self
             .mailbox_view(&user, &r.mailbox, |m| v1::ListMessagesResponse {
                 uid_validity: m.uidvalidity,
@@ -1017,7 +1042,7 @@ impl MailboxesApi for StorageService {
                 highest_modseq: m.highest_modseq,
             })
             .await?;
-        Ok(Response::new(response))
+        self.answer(&user, response).await
     }
 
     async fn deliver(&self, r: Request<v1::DeliverRequest>) -> Reply<v1::AppendResponse> {
@@ -1033,7 +1058,7 @@ impl MailboxesApi for StorageService {
     async fn append(&self, r: Request<v1::AppendRequest>) -> Reply<v1::AppendResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         let flags = flags(&self.engine, &r.flags)?;
         let date = if r.internal_date_ms == 0 {
             now_ms()
@@ -1044,11 +1069,15 @@ impl MailboxesApi for StorageService {
             .engine
             .append(&user, &r.mailbox, Bytes::from(r.message), flags, date)
             .await?;
-        Ok(Response::new(v1::AppendResponse {
-            uid_validity: appended.uidvalidity,
-            uid: appended.uid,
-            duplicate: appended.duplicate,
-        }))
+        self.answer(
+            &user,
+            v1::AppendResponse {
+                uid_validity: appended.uidvalidity,
+                uid: appended.uid,
+                duplicate: appended.duplicate,
+            },
+        )
+        .await
     }
 
     async fn append_stream(
@@ -1064,7 +1093,7 @@ impl MailboxesApi for StorageService {
         let start = first
             .start
             .ok_or_else(|| Status::invalid_argument("start: missing from the first chunk"))?;
-        let user = self.user_for(&caller, start.user)?;
+        let user = self.user_at(&caller, start.user).await?;
         let flags = flags(&self.engine, &start.flags)?;
         let date = if start.internal_date_ms == 0 {
             now_ms()
@@ -1114,11 +1143,15 @@ impl MailboxesApi for StorageService {
                 date,
             )
             .await?;
-        Ok(Response::new(v1::AppendResponse {
-            uid_validity: appended.uidvalidity,
-            uid: appended.uid,
-            duplicate: appended.duplicate,
-        }))
+        self.answer(
+            &user,
+            v1::AppendResponse {
+                uid_validity: appended.uidvalidity,
+                uid: appended.uid,
+                duplicate: appended.duplicate,
+            },
+        )
+        .await
     }
 
     type FetchStream = BoxStream<v1::FetchChunk>;
@@ -1126,7 +1159,7 @@ impl MailboxesApi for StorageService {
     async fn fetch(&self, r: Request<v1::FetchRequest>) -> Reply<Self::FetchStream> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         let range = match (r.start, r.end) {
             (0, 0) => None,
             (start, 0) => Some(start..u64::MAX),
@@ -1156,7 +1189,8 @@ impl MailboxesApi for StorageService {
             };
             futures::stream::iter(out)
         });
-        Ok(Response::new(Box::pin(chunks)))
+        let chunks: Self::FetchStream = Box::pin(chunks);
+        self.answer(&user, chunks).await
     }
 
     async fn store_flags(
@@ -1165,7 +1199,7 @@ impl MailboxesApi for StorageService {
     ) -> Reply<v1::StoreFlagsResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         use v1::store_flags_request::Action;
         let action = match Action::try_from(r.action) {
             Ok(Action::Add) => StoreAction::Add,
@@ -1188,53 +1222,60 @@ impl MailboxesApi for StorageService {
         let crate::index::IndexOutcome::Stored { changed, modified } = outcome else {
             return Err(Status::internal("unexpected outcome"));
         };
-        Ok(Response::new(v1::StoreFlagsResponse {
-            changed: changed
-                .into_iter()
-                .map(|(uid, flags, modseq)| v1::MessageInfo {
-                    uid,
-                    flags: flags.names(),
-                    modseq,
-                    ..Default::default()
-                })
-                .collect(),
-            modified,
-        }))
+        self.answer(
+            &user,
+            v1::StoreFlagsResponse {
+                changed: changed
+                    .into_iter()
+                    .map(|(uid, flags, modseq)| v1::MessageInfo {
+                        uid,
+                        flags: flags.names(),
+                        modseq,
+                        ..Default::default()
+                    })
+                    .collect(),
+                modified,
+            },
+        )
+        .await
     }
 
     async fn copy(&self, r: Request<v1::CopyRequest>) -> Reply<v1::CopyResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         let (uidvalidity, mapping) = self
             .engine
             .copy(&user, &r.from, &r.to, ranges(&r.uids)?, r.remove_source)
             .await?;
-        Ok(Response::new(v1::CopyResponse {
-            uid_validity: uidvalidity,
-            source_uids: mapping.iter().map(|m| m.0).collect(),
-            destination_uids: mapping.iter().map(|m| m.1).collect(),
-        }))
+        self.answer(
+            &user,
+            v1::CopyResponse {
+                uid_validity: uidvalidity,
+                source_uids: mapping.iter().map(|m| m.0).collect(),
+                destination_uids: mapping.iter().map(|m| m.1).collect(),
+            },
+        )
+        .await
     }
 
     async fn expunge(&self, r: Request<v1::ExpungeRequest>) -> Reply<v1::ExpungeResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
+        let user = self.user_at(&caller, r.user).await?;
         let uids = if r.uids.is_empty() {
             None
         } else {
             Some(ranges(&r.uids)?)
         };
         let uids = self.engine.expunge(&user, &r.mailbox, uids).await?;
-        Ok(Response::new(v1::ExpungeResponse { uids }))
+        self.answer(&user, v1::ExpungeResponse { uids }).await
     }
 
     async fn vanished(&self, r: Request<v1::VanishedRequest>) -> Reply<v1::VanishedResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user)?;
-        self.engine.sync_user(&user).await?;
+        let user = self.user_at(&caller, r.user).await?;
         let since = r.since_modseq;
         let limit = self.engine.config().index_limits.max_expunge_log;
         let response = self
@@ -1249,17 +1290,16 @@ impl MailboxesApi for StorageService {
                 complete: m.expunges_complete_since(since, limit),
             })
             .await?;
-        Ok(Response::new(response))
+        self.answer(&user, response).await
     }
 
     async fn search(&self, r: Request<v1::SearchRequest>) -> Reply<v1::SearchResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
-        let user = self.user_for(&caller, r.user.clone())?;
+        let user = self.user_at(&caller, r.user.clone()).await?;
         let has = flags(&self.engine, &r.has_flags)?;
         let lacks = flags(&self.engine, &r.lacks_flags)?;
         let uid_ranges = ranges(&r.uids)?;
-        self.engine.sync_user(&user).await?;
         let response = self
             .mailbox_view(&user, &r.mailbox, |m| {
                 let matches = |msg: &Message| {
@@ -1300,17 +1340,21 @@ impl MailboxesApi for StorageService {
                 }
             })
             .await?;
-        Ok(Response::new(response))
+        self.answer(&user, response).await
     }
 
     async fn quota(&self, r: Request<v1::UserRef>) -> Reply<v1::QuotaResponse> {
         let caller = caller(&r)?;
-        let user = self.user_for(&caller, Some(r.into_inner()))?;
+        let user = self.user_at(&caller, Some(r.into_inner())).await?;
         let (used, limit) = self.engine.quota(&user).await?;
-        Ok(Response::new(v1::QuotaResponse {
-            used_bytes: used,
-            limit_bytes: limit.unwrap_or(0),
-        }))
+        self.answer(
+            &user,
+            v1::QuotaResponse {
+                used_bytes: used,
+                limit_bytes: limit.unwrap_or(0),
+            },
+        )
+        .await
     }
 
     type WatchStream = BoxStream<v1::MailboxChange>;
@@ -1338,7 +1382,10 @@ impl MailboxesApi for StorageService {
                 loop {
                     match events.recv().await {
                         Ok(event) if event.user == user => {
-                            let change = to_proto_change(&engine, &user, &event.change).await;
+                            let mut change = to_proto_change(&engine, &user, &event.change).await;
+                            // Flags are read as they are now, maybe past the event.
+                            let now = engine.position(&user).await.unwrap_or(0);
+                            change.position = u64::try_from(event.position).unwrap_or(0).max(now);
                             return Some((Ok(change), (events, engine, user)));
                         }
                         Ok(_) => {}
@@ -1413,6 +1460,7 @@ async fn to_proto_change(
                 modseq,
                 flags,
                 has_flags,
+                position: 0,
             }
         }
         Change::Expunge { mailbox, uid } => v1::MailboxChange {

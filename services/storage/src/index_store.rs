@@ -868,6 +868,7 @@ impl StateMachine for PartitionIndex {
                 changes.extend(raw.into_iter().map(|change| MailboxEvent {
                     user: user.clone(),
                     change,
+                    position: offset + 1,
                 }));
                 // A refused command may still have tidied an existing user (expired
                 // delivery keys): kept, as every replica keeps it. A user it would

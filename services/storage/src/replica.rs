@@ -574,7 +574,9 @@ impl<S: StateMachine> Replica<S> {
 
     /// Returns once every command written before the call is applied here: by
     /// waiting for the log's end where the queue knows it exactly (the embedded log:
-    /// a read writes nothing), else through a barrier record.
+    /// a read writes nothing), else through a barrier record. Client reads do not
+    /// use this (they wait for the position they carry, [`Self::reach`]); admin
+    /// reads and tests do.
     pub async fn sync(&self) -> Result<(), EngineError> {
         self.check_failed()?;
         if let Some(end) = self
@@ -582,26 +584,36 @@ impl<S: StateMachine> Replica<S> {
             .end_offset(&self.config.topic, self.config.partition)
             .await?
         {
-            let mut applied = self.applied.subscribe();
-            let reached = tokio::time::timeout(
-                self.config.write_timeout,
-                applied.wait_for(|&next| next >= end),
-            )
-            .await;
-            return match reached {
-                Ok(Ok(_)) => self.check_failed(),
-                Ok(Err(_)) | Err(_) => {
-                    self.check_failed()
-                        .and(Err(EngineError::Unavailable(format!(
-                            "{}/{} not applied up to offset {end} within {:?}",
-                            self.config.topic, self.config.partition, self.config.write_timeout
-                        ))))
-                }
-            };
+            return self.reach(end).await;
         }
         let pending = self.publish(None).await?;
         self.wait(pending).await?;
         Ok(())
+    }
+
+    /// Returns once every record below `position` is applied here (at once when it
+    /// is already): the read-your-writes wait for a position a client carries from
+    /// an earlier reply, possibly of another replica. Fails after `write_timeout`.
+    pub async fn reach(&self, position: i64) -> Result<(), EngineError> {
+        self.check_failed()?;
+        let mut applied = self.applied.subscribe();
+        if *applied.borrow() >= position {
+            return Ok(());
+        }
+        let reached = tokio::time::timeout(
+            self.config.write_timeout,
+            applied.wait_for(|&next| next >= position),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => self.check_failed(),
+            Ok(Err(_)) | Err(_) => self
+                .check_failed()
+                .and(Err(EngineError::Unavailable(format!(
+                    "{}/{} not applied up to offset {position} within {:?}",
+                    self.config.topic, self.config.partition, self.config.write_timeout
+                )))),
+        }
     }
 
     /// Reads the current state.

@@ -1003,3 +1003,150 @@ async fn writes_complete_at_the_ack_while_the_reader_lags() {
         .unwrap();
     assert_eq!(format!("{here:?}"), format!("{replayed:?}"));
 }
+
+/// The position a storage reply carries for its user (`mailmesh-position`).
+fn position<T>(reply: &tonic::Response<T>) -> u64 {
+    reply
+        .metadata()
+        .get(mailmesh_proto::POSITION_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .and_then(|(_, at)| at.parse().ok())
+        .expect("a position on the reply")
+}
+
+fn records_published() -> f64 {
+    mailmesh_kit::metrics::render()
+        .lines()
+        .filter(|l| l.starts_with("mailmesh_storage_records_published_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Read-your-writes across replicas, without a read writing to the log: a change
+/// made through one replica is seen through another that lags, because the call
+/// carries the position the first one's reply gave (`UserRef.position`) and the
+/// lagging replica waits until it has applied that far. Without the position it
+/// answers its older state at once (so the lag is real). Over gRPC, on real Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_give_read_your_writes_across_replicas() {
+    use mailmesh_kit::internal::Role;
+    use mailmesh_proto::v1;
+    use mailmesh_proto::v1::directory_client::DirectoryClient;
+    use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut b = real();
+    b.config.session_secret = Some(Secret::new(
+        "jQpa+PkbjW8SvMBelsouArxupJFAlsmPnW7j4NCEG9g=".into(),
+    ));
+    let one = b.engine().await;
+    tenant_with_user(&one, "acme", "heidi@acme.test", None).await;
+    let (open, gate) = tokio::sync::watch::channel(true);
+    let lagging: Arc<dyn Queue> = Arc::new(LaggingReaders {
+        inner: mailmesh_storage::testing::real_queue(),
+        open: gate,
+    });
+    let two = StorageEngine::open(lagging, b.objects.clone(), b.config.clone())
+        .await
+        .unwrap();
+    two.sync_directory().await.unwrap();
+    let shutdown = mailmesh_kit::Shutdown::new();
+    let connect = |engine: Arc<StorageEngine>| {
+        let shutdown = shutdown.clone();
+        async move {
+            let endpoint = mailmesh_storage::testing::serve(engine, shutdown).await;
+            let channel = mailmesh_kit::internal::testing::tls(Role::Gateway)
+                .connect(
+                    tonic::transport::Endpoint::from_shared(endpoint).unwrap(),
+                    Role::Storage,
+                )
+                .await
+                .unwrap();
+            (
+                DirectoryClient::new(channel.clone()),
+                MailboxesClient::new(channel),
+            )
+        }
+    };
+    let (mut directory, mut via_one) = connect(one.clone()).await;
+    let (_, mut via_two) = connect(two.clone()).await;
+    let login = directory
+        .authenticate(v1::AuthenticateRequest {
+            address: "heidi@acme.test".into(),
+            password: "s3cret!".into(),
+            client_ip: "127.0.0.1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(login.ok);
+    let heidi = login.user.unwrap().user.unwrap();
+    let at = |position: u64| v1::UserRef {
+        position,
+        ..heidi.clone()
+    };
+    let inbox = |position: u64| v1::MailboxRequest {
+        user: Some(at(position)),
+        mailbox: INBOX.into(),
+    };
+    let append = |text: &str| v1::AppendRequest {
+        user: Some(at(0)),
+        mailbox: INBOX.into(),
+        message: text.as_bytes().to_vec(),
+        ..Default::default()
+    };
+
+    // The lagging replica has heidi's partition open and current.
+    let listed = via_two.list_messages(inbox(0)).await.unwrap();
+    assert!(listed.get_ref().messages.is_empty());
+    open.send_replace(false);
+    // A read already waiting for the next record takes it past the closed gate: let
+    // it be this one.
+    let first = via_one
+        .append(append("Subject: 1\r\n\r\n1\r\n"))
+        .await
+        .unwrap();
+    let listed = via_two
+        .list_messages(inbox(position(&first)))
+        .await
+        .unwrap();
+    assert_eq!(listed.get_ref().messages.len(), 1);
+    let second = via_one
+        .append(append("Subject: 2\r\n\r\n2\r\n"))
+        .await
+        .unwrap();
+    assert!(position(&second) > position(&first));
+
+    let before = records_published();
+    let stale = via_two.list_messages(inbox(0)).await.unwrap();
+    assert_eq!(stale.get_ref().messages.len(), 1, "the replica lags");
+    assert!(position(&stale) < position(&second));
+    let opened = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let opened = opened.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            opened.store(true, Ordering::SeqCst);
+            open.send_replace(true);
+        })
+    };
+    let fresh = via_two
+        .list_messages(inbox(position(&second)))
+        .await
+        .unwrap();
+    assert!(
+        opened.load(Ordering::SeqCst),
+        "answered before the replica could have applied the write"
+    );
+    assert_eq!(fresh.get_ref().messages.len(), 2);
+    assert!(position(&fresh) >= position(&second));
+    let status = via_two.status(inbox(position(&fresh))).await.unwrap();
+    assert_eq!(status.get_ref().messages, 2);
+    assert_eq!(
+        records_published() - before,
+        0.0,
+        "records written by reads"
+    );
+    opener.await.unwrap();
+}

@@ -290,6 +290,7 @@ async fn two_replicas_share_one_state_and_stream_changes() {
                 tenant: "acme".into(),
                 user_id: "../../etc".into(),
                 session: String::new(),
+                position: 0,
             }),
             ..Default::default()
         })

@@ -702,6 +702,11 @@ fn storage_failure(tag: &Tag<'_>, e: &tonic::Status) -> Response<'static> {
 }
 
 impl Session {
+    /// The logged-in user for a storage call, with the position storage must reach.
+    fn user_at(&self) -> Option<v1::UserRef> {
+        self.user.as_ref().map(|u| self.gw.store.at(u))
+    }
+
     /// The mailbox name as the storage service knows it (UTF-8).
     fn mailbox_name(&self, m: &Mailbox<'_>) -> String {
         let wire = wire_name(m);
@@ -1051,7 +1056,7 @@ impl Session {
                     .store
                     .mailboxes()
                     .create_mailbox(v1::MailboxRequest {
-                        user: self.user.clone(),
+                        user: self.user_at(),
                         mailbox: name,
                     })
                     .await;
@@ -1067,7 +1072,7 @@ impl Session {
                     .store
                     .mailboxes()
                     .delete_mailbox(v1::MailboxRequest {
-                        user: self.user.clone(),
+                        user: self.user_at(),
                         mailbox: name.clone(),
                     })
                     .await;
@@ -1101,7 +1106,7 @@ impl Session {
                     .store
                     .mailboxes()
                     .rename_mailbox(v1::RenameMailboxRequest {
-                        user: self.user.clone(),
+                        user: self.user_at(),
                         from: from.clone(),
                         to: to.clone(),
                     })
@@ -1133,7 +1138,7 @@ impl Session {
                     .store
                     .mailboxes()
                     .subscribe(v1::SubscribeRequest {
-                        user: self.user.clone(),
+                        user: self.user_at(),
                         mailbox: self.mailbox_name(&mailbox),
                         subscribed,
                     })
@@ -1506,7 +1511,7 @@ impl Session {
             .gw
             .store
             .mailboxes()
-            .list_mailboxes(self.user.clone().unwrap_or_default())
+            .list_mailboxes(self.user_at().unwrap_or_default())
             .await;
         let mailboxes = match r {
             Ok(r) => r.into_inner().mailboxes,
@@ -1599,7 +1604,7 @@ impl Session {
             .store
             .mailboxes()
             .status(v1::MailboxRequest {
-                user: self.user.clone(),
+                user: self.user_at(),
                 mailbox: self.mailbox_name(mailbox),
             })
             .await;
@@ -1633,7 +1638,7 @@ impl Session {
             .store
             .mailboxes()
             .append(v1::AppendRequest {
-                user: self.user.clone(),
+                user: self.user_at(),
                 mailbox: name.clone(),
                 message,
                 flags: flags.iter().map(selected::flag_string).collect(),
@@ -1670,7 +1675,7 @@ impl Session {
             return Ok(sync || discard(conn, length, started, &self.gw.imap, shutdown).await?);
         };
         let name = self.mailbox_name(&mailbox);
-        let user = self.user.clone().unwrap_or_default();
+        let user = self.user_at().unwrap_or_default();
         let refusal = if length > self.gw.imap.max_message_bytes {
             Some((Code::TooBig, "Message too large".to_owned()))
         } else {
@@ -1847,7 +1852,7 @@ impl Session {
             .gw
             .store
             .mailboxes()
-            .quota(self.user.clone().unwrap_or_default())
+            .quota(self.user_at().unwrap_or_default())
             .await;
         match r {
             Ok(r) => {

@@ -129,7 +129,7 @@ impl Selected {
             .store
             .mailboxes()
             .list_messages(v1::MailboxRequest {
-                user: Some(user.clone()),
+                user: Some(gw.store.at(&user)),
                 mailbox: name.to_owned(),
             })
             .await?
@@ -280,7 +280,7 @@ impl Selected {
             .store
             .mailboxes()
             .list_messages(v1::MailboxRequest {
-                user: Some(self.user.clone()),
+                user: Some(gw.store.at(&self.user)),
                 mailbox: self.name.clone(),
             })
             .await;
@@ -474,7 +474,7 @@ impl Selected {
             .store
             .mailboxes()
             .vanished(v1::VanishedRequest {
-                user: Some(self.user.clone()),
+                user: Some(gw.store.at(&self.user)),
                 mailbox: self.name.clone(),
                 since_modseq: since,
             })
@@ -689,7 +689,7 @@ async fn store_batched(
             .store
             .mailboxes()
             .store_flags(v1::StoreFlagsRequest {
-                user: Some(sel.user.clone()),
+                user: Some(gw.store.at(&sel.user)),
                 mailbox: sel.name.clone(),
                 uids: batch,
                 action: action.into(),
@@ -719,7 +719,7 @@ async fn copy_batched(
             .store
             .mailboxes()
             .copy(v1::CopyRequest {
-                user: Some(sel.user.clone()),
+                user: Some(gw.store.at(&sel.user)),
                 from: sel.name.clone(),
                 to: to.to_owned(),
                 uids: batch,
@@ -999,7 +999,7 @@ impl Session {
                         .store
                         .mailboxes()
                         .expunge(v1::ExpungeRequest {
-                            user: Some(sel.user.clone()),
+                            user: Some(gw.store.at(&sel.user)),
                             mailbox: sel.name.clone(),
                             uids: Vec::new(),
                         })
@@ -1042,7 +1042,7 @@ impl Session {
                         .store
                         .mailboxes()
                         .expunge(v1::ExpungeRequest {
-                            user: Some(sel.user.clone()),
+                            user: Some(gw.store.at(&sel.user)),
                             mailbox: sel.name.clone(),
                             uids: batch,
                         })

@@ -232,6 +232,7 @@ async fn follow(gw: Arc<Gateway>, watch: Weak<UserWatch>) {
         else {
             return;
         };
+        let user_ref = user.clone();
         match gw.store.mailboxes().watch(user).await {
             Ok(stream) => {
                 backoff = Duration::from_secs(1);
@@ -239,6 +240,9 @@ async fn follow(gw: Arc<Gateway>, watch: Weak<UserWatch>) {
                 each(&|c| c.mark(None));
                 while let Some(change) = stream.next().await {
                     use v1::mailbox_change::Kind;
+                    if let Ok(c) = &change {
+                        gw.store.advance(&user_ref, c.position);
+                    }
                     match change {
                         Ok(c) if c.mailbox.is_empty() => each(&|s| s.mark(None)),
                         Ok(c) if c.kind == Kind::Flags as i32 && c.has_flags => {

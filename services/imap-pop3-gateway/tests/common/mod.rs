@@ -45,6 +45,32 @@ pub async fn site_with(config: mailmesh_storage::engine::StorageConfig) -> Site 
         .await
         .unwrap()
         .engine;
+    populate(engine, dir).await
+}
+
+/// [`site`] on the real broker and S3 server of the tests (`MMTEST_*`), in topics
+/// and a prefix of its own.
+pub async fn real_site() -> Site {
+    let run = format!("gw{}", uuid::Uuid::new_v4().simple());
+    let config = mailmesh_storage::engine::StorageConfig {
+        directory_topic: format!("{run}.directory"),
+        mailbox_topic: format!("{run}.mailboxes"),
+        outbound_retry_prefix: format!("{run}/retry"),
+        mailbox_partitions: 2,
+        ..Default::default()
+    };
+    let engine = mailmesh_storage::engine::StorageEngine::open(
+        mailmesh_storage::testing::real_queue(),
+        mailmesh_storage::testing::real_objects(),
+        config,
+    )
+    .await
+    .unwrap();
+    populate(engine, tempfile::tempdir().unwrap()).await
+}
+
+/// alice@acme.test with [`MESSAGES`] in her INBOX, storage served over gRPC.
+async fn populate(engine: Arc<StorageEngine>, dir: tempfile::TempDir) -> Site {
     let alice =
         mailmesh_storage::testing::tenant_with_user(&engine, "acme", "alice@acme.test", "pw")
             .await
