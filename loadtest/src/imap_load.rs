@@ -4,6 +4,10 @@
 //!   a mix of FETCH, SEARCH, STORE and NOOP, logging out after every
 //!   `--ops-per-login` operations, for `--seconds`. Reports operations and logins per
 //!   second, p50/p99 latency per operation and errors.
+//! - **commands** (`--commands`): C connections, each logged in once (connection N
+//!   as user N), running SELECT, FETCH, SEARCH, STORE, APPEND, EXPUNGE and NOOP for
+//!   `--seconds`: what each command costs without logins. CPU per operation is per
+//!   command.
 //! - **idle** (`--idle K`): K connections log in (at most `--setup-concurrency` at
 //!   once), select INBOX and enter IDLE; once all are idling it prints `idling K`, holds
 //!   them for `--hold` seconds, counting the connections that were told of a new
@@ -41,6 +45,10 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 20)]
     ops_per_login: usize,
+    /// The commands scenario (instead of the mixed one): each connection logs in
+    /// once, as user N for connection N, and runs commands until the end.
+    #[arg(long)]
+    commands: bool,
     /// The idle scenario with this many connections (instead of the mixed one).
     #[arg(long)]
     idle: Option<usize>,
@@ -120,6 +128,20 @@ impl Conn {
         }
     }
 
+    /// APPEND with a synchronising literal (the server's `+` first).
+    async fn append(&mut self, mailbox: &str, message: &str) -> anyhow::Result<Vec<String>> {
+        let tag = self.tag();
+        self.io
+            .send(&format!("{tag} APPEND {mailbox} {{{}}}", message.len()))
+            .await?;
+        let go = self.io.line().await?;
+        if !go.starts_with('+') {
+            bail!("APPEND: {}", go.trim_end());
+        }
+        self.io.send(message).await?;
+        self.until(&tag, "APPEND").await
+    }
+
     async fn login_and_select(&mut self, user: &str, password: &str) -> anyhow::Result<u64> {
         self.cmd(&format!("LOGIN {user} {password}")).await?;
         exists(&self.cmd("SELECT INBOX").await?)
@@ -195,6 +217,120 @@ async fn mixed(args: Args) -> anyhow::Result<()> {
     mailmesh_loadtest::run_for(OPS, connections, seconds, &sample, |id, deadline| {
         mixed_worker(args.clone(), id, deadline)
     })
+    .await
+}
+
+/// The operations of the commands scenario, in the order of the report.
+const COMMAND_OPS: &[&str] = &[
+    "select",
+    "fetch_flags",
+    "fetch_body",
+    "search",
+    "store",
+    "append",
+    "expunge",
+    "noop",
+];
+
+/// A message of about 3 KiB for APPEND.
+fn appended(id: usize, n: u64) -> String {
+    let mut m = format!(
+        "From: Bob <bob@example.org>\r\nTo: user@acme.test\r\nSubject: appended {id}.{n}\r\n\
+         Date: Fri, 27 Nov 2026 10:00:00 +0000\r\nMessage-ID: <a{id}.{n}@example.org>\r\n\r\n"
+    );
+    for line in 0..40 {
+        m.push_str(&format!(
+            "line {line} of an appended message {}\r\n",
+            "y".repeat(50)
+        ));
+    }
+    m
+}
+
+/// Follows the message count through a command's untagged replies.
+fn track(exists: &mut u64, lines: &[String]) {
+    for l in lines {
+        let Some(rest) = l.strip_prefix("* ") else {
+            continue;
+        };
+        if let Some(n) = rest
+            .strip_suffix(" EXISTS\r\n")
+            .and_then(|n| n.parse().ok())
+        {
+            *exists = n;
+        } else if rest.ends_with(" EXPUNGE\r\n") {
+            *exists = exists.saturating_sub(1);
+        }
+    }
+}
+
+/// One connection of the commands scenario: logs in once as its own user, then runs
+/// commands until the deadline (per 20: 2 SELECT, 4 FETCH 1:* FLAGS, 4 FETCH of one
+/// body, 2 SEARCH, 3 STORE, 2 APPEND, 2 EXPUNGE of one message, 1 NOOP), so the
+/// mailbox stays about its size.
+async fn commands_worker(args: Args, id: usize, deadline: Instant) -> Recorder {
+    let mut stats = Recorder::new(COMMAND_OPS);
+    let mut random = Rng::new(id as u64);
+    let user = user(&args, id);
+    let session = async {
+        let mut c = Conn::open(&args.server).await?;
+        c.cmd(&format!("LOGIN {user} {}", args.password)).await?;
+        let mut exists = exists(&c.cmd("SELECT INBOX").await?)?;
+        let mut appends = 0;
+        while Instant::now() < deadline {
+            let n = 1 + random.below(exists.max(1));
+            let t = Instant::now();
+            let (op, lines) = match random.below(20) {
+                0 | 1 => (0, c.cmd("SELECT INBOX").await?),
+                2..=5 => (1, c.cmd("FETCH 1:* (UID FLAGS)").await?),
+                6..=9 => (
+                    2,
+                    c.cmd(&format!("FETCH {n} (BODY.PEEK[] RFC822.SIZE)"))
+                        .await?,
+                ),
+                10 | 11 => (3, c.cmd("SEARCH UNSEEN SINCE 1-Jan-2020").await?),
+                12..=14 => {
+                    let sign = if random.below(2) == 0 { "+" } else { "-" };
+                    (
+                        4,
+                        c.cmd(&format!("STORE {n} {sign}FLAGS.SILENT (\\Seen)"))
+                            .await?,
+                    )
+                }
+                15 | 16 => {
+                    appends += 1;
+                    (5, c.append("INBOX", &appended(id, appends)).await?)
+                }
+                17 | 18 if exists > 1 => {
+                    let mut lines = c
+                        .cmd(&format!("STORE {n} +FLAGS.SILENT (\\Deleted)"))
+                        .await?;
+                    lines.extend(c.cmd("EXPUNGE").await?);
+                    (6, lines)
+                }
+                _ => (7, c.cmd("NOOP").await?),
+            };
+            stats.done(op, t);
+            track(&mut exists, &lines);
+        }
+        c.cmd("LOGOUT").await.ok();
+        anyhow::Ok(())
+    };
+    if let Err(e) = session.await {
+        stats.failed(id, &e).await;
+    }
+    stats
+}
+
+async fn commands(args: Args) -> anyhow::Result<()> {
+    let (connections, seconds, sample) = (args.connections, args.seconds, args.sample_pid.clone());
+    mailmesh_loadtest::run_for_each_op(
+        COMMAND_OPS,
+        connections,
+        seconds,
+        &sample,
+        |id, deadline| commands_worker(args.clone(), id, deadline),
+    )
     .await
 }
 
@@ -324,6 +460,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.idle {
         Some(n) => idle(args, n).await?,
+        None if args.commands => commands(args).await?,
         None => mixed(args).await?,
     }
     std::io::stdout().flush()?;

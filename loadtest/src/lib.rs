@@ -103,6 +103,27 @@ where
     Ok(())
 }
 
+/// [`run_for`] with the sampled CPU reported per operation of any kind (not per
+/// operation of the first kind).
+pub async fn run_for_each_op<F, Fut>(
+    names: &'static [&'static str],
+    connections: usize,
+    seconds: u64,
+    sample: &[u32],
+    worker: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = Recorder> + Send + 'static,
+{
+    let sampler = Sampler::start(sample);
+    let (mut all, elapsed) = run_workers(names, connections, seconds, worker).await?;
+    let per = all.latencies.iter().map(Vec::len).sum();
+    all.report(elapsed);
+    sampler.report(elapsed, per).await;
+    Ok(())
+}
+
 /// Runs `worker(id, deadline)` on `connections` tasks until `seconds` have passed (or
 /// every worker has returned); returns what they recorded, merged, and the seconds
 /// it took.
