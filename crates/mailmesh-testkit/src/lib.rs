@@ -63,11 +63,20 @@ pub fn free_port() -> u16 {
     );
 }
 
+/// `k8s/mailmesh.yaml`, found from the test crate's directory when the test runs
+/// (cargo and nextest set `CARGO_MANIFEST_DIR` then; every test crate sits two levels
+/// down). Not the directory this crate was compiled in: a build cache shared by
+/// checkouts at other paths reuses the compiled crate.
+fn rendered_chart() -> String {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let path = std::path::Path::new(&dir).join("../../k8s/mailmesh.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// The body of the `key: |` block of the ConfigMap in `k8s/mailmesh.yaml` (the chart
 /// rendered with its CI values): the configuration file a service gets in a cluster.
 pub fn rendered_config(key: &str) -> String {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../k8s/mailmesh.yaml");
-    let rendered = std::fs::read_to_string(path).expect("k8s/mailmesh.yaml");
+    let rendered = rendered_chart();
     let header = format!("  {key}: |");
     let start = rendered
         .lines()
@@ -84,10 +93,7 @@ pub fn rendered_config(key: &str) -> String {
 
 /// Whether the rendered chart sets environment variable `name` on some container.
 pub fn rendered_sets_env(name: &str) -> bool {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../k8s/mailmesh.yaml");
-    std::fs::read_to_string(path)
-        .expect("k8s/mailmesh.yaml")
-        .contains(&format!("name: {name}\n"))
+    rendered_chart().contains(&format!("name: {name}\n"))
 }
 
 /// Whether dkimpy (Debian's python3-dkim: a verifier written by others) accepts the

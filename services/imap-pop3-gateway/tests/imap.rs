@@ -443,6 +443,19 @@ async fn idle_on_one_pod_sees_changes_made_through_another_and_new_mail() {
     let r = watcher.cmd("n", "SEARCH ALL").await;
     assert_eq!(r[0], "* SEARCH 1 2 3\r\n");
     println!("flag change seen through the other pod after {flag_seen:?}");
+    // The sessions caught up from the changes since their view, never by listing
+    // the mailbox again.
+    assert!(refreshes("refresh_changes") >= 2.0);
+    assert_eq!(refreshes("refresh_listing"), 0.0);
+}
+
+/// How often this process's IMAP sessions caught up with their mailbox one way.
+fn refreshes(how: &str) -> f64 {
+    mailmesh_kit::metrics::render()
+        .lines()
+        .filter(|l| l.starts_with("mailmesh_gateway_events_total") && l.contains(how))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// `mailmesh_gateway_watch_streams` of this process's registry (one pod per test).

@@ -716,9 +716,12 @@ async fn fuzz_seeds_and_regressions_replay_cleanly() {
         ..IngressConfig::default()
     })
     .await;
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/smtp_session");
+    // Read when the test runs (a shared build cache may hold a binary compiled in
+    // another checkout).
+    let dir = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap())
+        .join("../../fuzz/seeds/smtp_session");
     let mut replayed = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
+    for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let input = std::fs::read(&path).unwrap();
         let shutdown = Shutdown::new();

@@ -1272,6 +1272,42 @@ impl MailboxesApi for StorageService {
         self.answer(&user, v1::ExpungeResponse { uids }).await
     }
 
+    async fn list_changes(&self, r: Request<v1::ChangesRequest>) -> Reply<v1::ChangesResponse> {
+        let caller = caller(&r)?;
+        let r = r.into_inner();
+        let user = self.user_at(&caller, r.user).await?;
+        let since = r.since_modseq;
+        let limit = self.engine.config().index_limits.max_expunge_log;
+        let response = self
+            .mailbox_view(&user, &r.mailbox, |m| {
+                let complete = m.expunges_complete_since(since, limit);
+                v1::ChangesResponse {
+                    uid_validity: m.uidvalidity,
+                    // Nothing is sent when it could not be used.
+                    changed: if complete {
+                        m.messages
+                            .values()
+                            .filter(|msg| msg.modseq > since)
+                            .map(message_info)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                    vanished: m
+                        .expunged
+                        .iter()
+                        .filter(|(_, modseq)| complete && **modseq > since)
+                        .map(|(uid, _)| *uid)
+                        .collect(),
+                    complete,
+                    uid_next: m.uidnext,
+                    highest_modseq: m.highest_modseq,
+                }
+            })
+            .await?;
+        self.answer(&user, response).await
+    }
+
     async fn vanished(&self, r: Request<v1::VanishedRequest>) -> Reply<v1::VanishedResponse> {
         let caller = caller(&r)?;
         let r = r.into_inner();
@@ -1507,6 +1543,7 @@ mod tests {
             ("Mailboxes", "Fetch", &[Gateway]),
             ("Mailboxes", "AppendStream", &[Gateway]),
             ("Mailboxes", "Watch", &[Gateway]),
+            ("Mailboxes", "ListChanges", &[Gateway]),
         ];
         for (service, method, allowed) in made {
             for role in Role::ALL {

@@ -50,6 +50,15 @@ impl From<v1::MessageInfo> for Msg {
     }
 }
 
+/// A refresh's read of the mailbox: every message (`vanished` is `None`), or the
+/// messages changed since the view's listing and the UIDs expunged since.
+struct Listing {
+    messages: Vec<v1::MessageInfo>,
+    vanished: Option<Vec<u32>>,
+    uid_next: u32,
+    highest_modseq: u64,
+}
+
 pub struct Selected {
     pub name: String,
     user: v1::UserRef,
@@ -63,6 +72,9 @@ pub struct Selected {
     keywords: Vec<String>,
     uid_next: u32,
     highest_modseq: u64,
+    /// The HIGHESTMODSEQ of the latest listing or change list: the view holds every
+    /// change up to it (`highest_modseq` may be ahead, from single flag changes).
+    listed_modseq: u64,
 }
 
 impl Selected {
@@ -146,6 +158,7 @@ impl Selected {
             keywords: Vec::new(),
             uid_next: r.uid_next,
             highest_modseq: r.highest_modseq,
+            listed_modseq: r.highest_modseq,
         };
         s.learn_keywords();
         Ok(s)
@@ -276,16 +289,8 @@ impl Selected {
         condstore: bool,
         qresync: bool,
     ) -> bool {
-        let r = gw
-            .store
-            .mailboxes()
-            .list_messages(v1::MailboxRequest {
-                user: Some(gw.store.at(&self.user)),
-                mailbox: self.name.clone(),
-            })
-            .await;
-        let listed = match r {
-            Ok(r) => r.into_inner(),
+        let listed = match self.changes(gw).await {
+            Ok(listed) => listed,
             Err(e) if e.code() == tonic::Code::NotFound => {
                 // Deleted or renamed away under us.
                 conn.push(&Response::Status(
@@ -310,13 +315,26 @@ impl Selected {
             .into_iter()
             .map(|m| (m.uid, Msg::from(m)))
             .collect();
-        for m in &self.messages {
-            if !now.contains_key(&m.uid) {
-                self.gone.insert(m.uid);
+        match &listed.vanished {
+            // Changes only: what is not listed did not change.
+            Some(vanished) => {
+                for uid in vanished {
+                    if self.messages.binary_search_by_key(uid, |m| m.uid).is_ok() {
+                        self.gone.insert(*uid);
+                    }
+                }
+            }
+            None => {
+                for m in &self.messages {
+                    if !now.contains_key(&m.uid) {
+                        self.gone.insert(m.uid);
+                    }
+                }
             }
         }
         self.uid_next = self.uid_next.max(listed.uid_next);
         self.highest_modseq = self.highest_modseq.max(listed.highest_modseq);
+        self.listed_modseq = listed.highest_modseq;
         if expunges && !self.gone.is_empty() {
             let gone = std::mem::take(&mut self.gone);
             self.remove(conn, &gone, qresync);
@@ -345,6 +363,49 @@ impl Selected {
         }
         self.announce_flags(conn, changed, condstore);
         true
+    }
+
+    /// What changed since the view's last listing, read at one state of the
+    /// mailbox: only the changes when storage still knows every expunge since
+    /// then (`vanished` is `Some`), else the whole mailbox.
+    async fn changes(&self, gw: &Gateway) -> Result<Listing, tonic::Status> {
+        if self.listed_modseq > 0 {
+            let r = gw
+                .store
+                .mailboxes()
+                .list_changes(v1::ChangesRequest {
+                    user: Some(gw.store.at(&self.user)),
+                    mailbox: self.name.clone(),
+                    since_modseq: self.listed_modseq,
+                })
+                .await?
+                .into_inner();
+            if r.complete && r.uid_validity == self.uid_validity {
+                crate::metrics::event(super::PROTOCOL, "refresh_changes");
+                return Ok(Listing {
+                    messages: r.changed,
+                    vanished: Some(r.vanished),
+                    uid_next: r.uid_next,
+                    highest_modseq: r.highest_modseq,
+                });
+            }
+        }
+        crate::metrics::event(super::PROTOCOL, "refresh_listing");
+        let r = gw
+            .store
+            .mailboxes()
+            .list_messages(v1::MailboxRequest {
+                user: Some(gw.store.at(&self.user)),
+                mailbox: self.name.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(Listing {
+            messages: r.messages,
+            vanished: None,
+            uid_next: r.uid_next,
+            highest_modseq: r.highest_modseq,
+        })
     }
 
     /// FETCH (UID FLAGS [MODSEQ]) for the messages at these view positions.
@@ -1727,6 +1788,7 @@ mod tests {
             keywords: vec![],
             uid_next: 1,
             highest_modseq: 1,
+            listed_modseq: 1,
         }
     }
 
