@@ -9,6 +9,12 @@
 # Postfix's `smtp-source` sends the messages to one mailbox; time runs until the last
 # is delivered. Prints accepted/s and delivered/s, then where the time went: CPU
 # seconds and peak RSS of each mailmesh process and of each backend over the run.
+#
+# IMAP=1 then also starts an imap-pop3-gateway on that storage and measures IMAP
+# commands on the full mailbox (loadtest/imap_bigmailbox.py: SELECT, STATUS, FETCH
+# 1:* FLAGS, UID FETCH of the last 100, UID SEARCH UNSEEN, NOOP; latency and CPU of
+# storage + gateway per command), and how many log records storage produced
+# meanwhile (read-only commands: none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}
@@ -30,7 +36,7 @@ need_postfix
 scripts/backends.sh start >/dev/null
 eval "$(scripts/backends.sh env)"
 cargo build --release -q -p mailmesh-storage -p mailmesh-auth -p mailmesh-ingress \
-  -p mailmesh-delivery -p mailctl
+  -p mailmesh-delivery -p mailctl ${IMAP:+-p mailmesh-gateway}
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 MAILCTL=$BIN/mailctl
 start_dns
@@ -46,7 +52,7 @@ common_env() {
   echo MAILMESH_TELEMETRY__LOG_LEVEL=warn MAILMESH_ADMIN__LISTEN=127.0.0.1:$1
   echo MAILMESH_INTERNAL_TLS__CERT_FILE="$PKI/$2.crt" MAILMESH_INTERNAL_TLS__KEY_FILE="$PKI/$2.key" \
     MAILMESH_INTERNAL_TLS__CA_FILE="$PKI/ca.crt"
-  [ "$2" = auth-check ] && return 0
+  [ "$2" = auth-check ] || [ "$2" = gateway ] && return 0
   echo MAILMESH_QUEUE__KAFKA__BROKERS="$MMTEST_KAFKA" MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR=1 \
     MAILMESH_OBJECT_STORE__S3__BUCKET="$MMTEST_S3_BUCKET" MAILMESH_OBJECT_STORE__S3__ENDPOINT="$MMTEST_S3" \
     MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID="$MMTEST_S3_ACCESS_KEY" \
@@ -57,7 +63,7 @@ start() {
   local name=$1 admin=$2
   shift 2
   # shellcheck disable=SC2046
-  env -i PATH="$PATH" $(common_env "$admin" "$name") "$@" "$BIN/$name" >"$WORK/$name.log" 2>&1 &
+  env -i PATH="$PATH" $(common_env "$admin" "${name/imap-pop3-gateway/gateway}") "$@" "$BIN/$name" >"$WORK/$name.log" 2>&1 &
   PIDS+=($!)
   eval "PID_${name//-/_}=$!"
   for _ in $(seq 1 240); do
@@ -116,3 +122,23 @@ for p in storage auth-check smtp-ingress delivery-worker tansu s3s-fs redis; do
     "$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$pid/status")"
 done
 python3 -c "print('wall seconds %.1f on 2 cores: %.1f CPU-seconds available' % ($t2 - $t0, 2 * ($t2 - $t0)))"
+
+[ -n "${IMAP:-}" ] || exit 0
+IMAP_PORT=$((BASE + 3))
+openssl req -x509 -newkey rsa:2048 -nodes -subj /CN=localhost -days 2 \
+  -keyout "$WORK/gateway.key" -out "$WORK/gateway.crt" 2>/dev/null
+start imap-pop3-gateway $((BASE + 14)) MAILMESH_STORAGE_ENDPOINT=https://127.0.0.1:$STORAGE \
+  MAILMESH_IMAP_LISTEN=127.0.0.1:$IMAP_PORT MAILMESH_IMAPS_LISTEN=127.0.0.1:$((BASE + 4)) \
+  MAILMESH_POP3_LISTEN=127.0.0.1:$((BASE + 5)) MAILMESH_POP3S_LISTEN=127.0.0.1:$((BASE + 6)) \
+  MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH=true MAILMESH_IMAP__CONNECTIONS_PER_IP_PER_MINUTE=0 \
+  MAILMESH_TLS__CERT_FILE="$WORK/gateway.crt" MAILMESH_TLS__KEY_FILE="$WORK/gateway.key" \
+  MAILMESH_CACHE__REDIS__URL="$MMTEST_REDIS" MAILMESH_CACHE__REDIS__KEY_PREFIX=$RUN:
+# Records storage produced, by kind (its metrics).
+records() {
+  curl -sf "http://127.0.0.1:$((BASE + 10))/metrics" |
+    awk '/^mailmesh_storage_records_published_total/ {s += $2} END {printf "%d", s}'
+}
+before=$(records)
+IMAP_USER=alice@acme.test python3 loadtest/imap_bigmailbox.py distributed "$IMAP_PORT" \
+  "$PID_storage" "$PID_imap_pop3_gateway" "${REPEAT:-20}"
+echo "storage log records produced during the IMAP commands: $(($(records) - before))"

@@ -210,6 +210,11 @@ pub struct ImapConfig {
     /// the literal being written). Sessions beyond it wait their turn: many sessions
     /// fetching large messages slow down instead of growing the process.
     pub max_fetch_memory: usize,
+    /// Bytes of recently read messages this pod keeps for FETCH and SEARCH (stored
+    /// messages never change: a client that fetches a message's headers, then its
+    /// structure, then its parts reads it from storage once); 0 keeps none. A
+    /// message larger than 1/64 of it is never kept.
+    pub message_cache_bytes: usize,
     /// The longest a command may take to arrive once it has begun (and an APPEND
     /// literal before `min_append_rate` applies): trickling cannot extend it.
     #[serde(with = "humantime_serde")]
@@ -262,6 +267,7 @@ impl Default for ImapConfig {
             max_fetch_response_bytes: 128 << 20,
             max_list_pattern_chars: 1024,
             max_fetch_memory: 256 << 20,
+            message_cache_bytes: 64 << 20,
             command_timeout: Duration::from_secs(60),
             min_append_rate: 8 << 10,
             max_sessions_per_user: 50,
@@ -431,6 +437,8 @@ pub struct Gateway {
     pub(crate) fetch_memory_kib: u32,
     /// Storage change streams, one per user with IMAP sessions here.
     pub(crate) watches: Arc<imap::Watches>,
+    /// Recently read messages (`imap.message_cache_bytes`).
+    pub(crate) messages: imap::MessageCache,
 }
 
 impl Gateway {
@@ -451,6 +459,7 @@ impl Gateway {
             fetch_memory: Arc::new(Semaphore::new(fetch_memory_kib(&imap) as usize)),
             fetch_memory_kib: fetch_memory_kib(&imap),
             watches: Arc::default(),
+            messages: imap::MessageCache::new(imap.message_cache_bytes),
             config,
             imap,
             proxy,

@@ -14,6 +14,7 @@
 //! other sessions, on any pod, arrive through the storage change stream and are
 //! announced as EXISTS / EXPUNGE / FETCH FLAGS after the next command or during IDLE.
 
+mod cache;
 mod ext;
 pub mod message;
 mod mutf7;
@@ -21,6 +22,7 @@ mod search;
 mod selected;
 mod watch;
 
+pub(crate) use cache::MessageCache;
 pub(crate) use watch::Watches;
 use watch::{Pending, Watcher};
 

@@ -1585,7 +1585,12 @@ impl Session {
             // over the budget, or BINARY of an unknown transfer encoding, and nothing
             // of it is sent.
             let size = items.iter().fold(0usize, |size, &item| {
-                size.saturating_add(item_bytes(item, raw.as_deref(), parsed.as_ref(), &binaries))
+                size.saturating_add(item_bytes(
+                    item,
+                    raw.as_deref().map(Vec::as_slice),
+                    parsed.as_ref(),
+                    &binaries,
+                ))
             });
             if size > budget {
                 crate::metrics::event(super::PROTOCOL, "fetch_over_limit");
@@ -1623,7 +1628,7 @@ impl Session {
                     item,
                     &m,
                     seen_now,
-                    raw.as_deref(),
+                    raw.as_deref().map(Vec::as_slice),
                     parsed.as_ref(),
                     &binaries,
                     &mut verbatim,
@@ -1739,9 +1744,20 @@ fn search_uses_modseq(key: &SearchKey<'_>) -> bool {
     }
 }
 
-/// The whole stored message.
-async fn fetch_message(gw: &Gateway, sel: &Selected, uid: u32) -> Result<Vec<u8>, tonic::Status> {
-    gw.store.fetch(&sel.user, &sel.name, uid).await
+/// The whole stored message: from the pod's message cache, else from storage (and
+/// kept there).
+async fn fetch_message(
+    gw: &Gateway,
+    sel: &Selected,
+    uid: u32,
+) -> Result<std::sync::Arc<Vec<u8>>, tonic::Status> {
+    if let Some(message) = gw.messages.get(&sel.user, &sel.name, sel.uid_validity, uid) {
+        return Ok(message);
+    }
+    let message = std::sync::Arc::new(gw.store.fetch(&sel.user, &sel.name, uid).await?);
+    gw.messages
+        .put(&sel.user, &sel.name, sel.uid_validity, uid, &message);
+    Ok(message)
 }
 
 /// Holds `bytes` of `imap.max_fetch_memory` while a message is in memory; waits
