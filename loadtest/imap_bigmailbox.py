@@ -3,7 +3,7 @@
     python3 loadtest/imap_bigmailbox.py NAME PORT PID... REPEAT
 
 Logs in as $IMAP_USER (user0@acme.test) with $IMAP_PASSWORD (pw), selects INBOX,
-then runs each command REPEAT times (after one warm-up): SELECT INBOX, STATUS,
+then runs each command REPEAT times (after one warm-up): SELECT INBOX, STATUS, LIST,
 FETCH 1:* (FLAGS), UID FETCH of the last 100, UID SEARCH UNSEEN, NOOP. Prints per
 command the median and p90 latency and the CPU the PIDs (and their children) used
 per command. Used by imap-bigmailbox.sh and smtp-distributed.sh (IMAP=1).
@@ -37,6 +37,7 @@ last = b"%s:%s" % (uids[max(0, len(uids) - 100)], uids[-1])
 commands = [
     ("SELECT", lambda: c.select("INBOX")),
     ("STATUS", lambda: c.status("INBOX", "(MESSAGES UIDNEXT UNSEEN)")),
+    ("LIST", lambda: c.list('""', "*")),
     ("FETCH 1:* FLAGS", lambda: c.fetch("1:*", "(FLAGS)")),
     ("UID FETCH last 100", lambda: c.uid("FETCH", last, "(FLAGS INTERNALDATE RFC822.SIZE)")),
     ("UID SEARCH UNSEEN", lambda: c.uid("SEARCH", None, "UNSEEN")),

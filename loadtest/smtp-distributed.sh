@@ -11,7 +11,7 @@
 # seconds and peak RSS of each mailmesh process and of each backend over the run.
 #
 # IMAP=1 then also starts an imap-pop3-gateway on that storage and measures IMAP
-# commands on the full mailbox (loadtest/imap_bigmailbox.py: SELECT, STATUS, FETCH
+# commands on the full mailbox (loadtest/imap_bigmailbox.py: SELECT, STATUS, LIST, FETCH
 # 1:* FLAGS, UID FETCH of the last 100, UID SEARCH UNSEEN, NOOP; latency and CPU of
 # storage + gateway per command), and how many log records storage produced
 # meanwhile (read-only commands: none).
