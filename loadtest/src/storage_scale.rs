@@ -137,9 +137,11 @@ async fn open_partitions(
     partitions: i32,
     db: &Arc<IndexDb>,
 ) -> anyhow::Result<Vec<Partition>> {
-    let mut opened = Vec::new();
-    for partition in 0..partitions {
-        opened.push(
+    // 16 at a time, as a replica's first requests open them: each open waits for
+    // its log's end, and those waits overlap (all at once overran s3s-fs).
+    use futures::{StreamExt, TryStreamExt};
+    let opened: Vec<Partition> = futures::stream::iter(0..partitions)
+        .map(|partition| {
             Replica::start(
                 queue.clone(),
                 objects.clone(),
@@ -154,9 +156,10 @@ async fn open_partitions(
                 },
                 db,
             )
-            .await?,
-        );
-    }
+        })
+        .buffered(16)
+        .try_collect()
+        .await?;
     Ok(opened)
 }
 
