@@ -1167,3 +1167,55 @@ async fn read_only_commands_write_no_log_records() {
         assert!(r.concat().contains("\\Flagged"), "{r:?}");
     }
 }
+
+/// A session whose view cannot be refreshed (storage unreachable from its pod after
+/// retries) ends with `BYE [UNAVAILABLE]` instead of answering commands against a
+/// view it knows is stale: before, the failure was logged at debug level and a
+/// later `UID STORE` on a message the view never learned of answered OK for
+/// nothing. The client reconnects and sees everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_storage_cannot_refresh_ends_the_session() {
+    let site = site().await;
+    let link = common::Link::to(&site.endpoint).await;
+    let pod = common::start_at(
+        &site,
+        &link.endpoint,
+        memory(),
+        Pop3Config::default(),
+        plaintext(),
+        mailmesh_gateway::ProxyConfig::default(),
+    )
+    .await;
+    let mut c = Raw::login(pod.imap).await;
+    let r = c.cmd("s", "SELECT INBOX").await;
+    assert!(last(&r).starts_with("s OK"), "{r:?}");
+    link.cut();
+    // New mail the session has not seen; its change stream broke with the link, so
+    // the next command must read the mailbox again, and cannot.
+    deliver(&site, "cut/1", "Subject: four\r\n\r\nnew\r\n").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.send("n NOOP\r\n").await;
+    let mut lines = Vec::new();
+    loop {
+        let line = c.line().await;
+        if line.is_empty() || line.starts_with("n ") {
+            lines.push(line);
+            break;
+        }
+        lines.push(line);
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("* BYE [UNAVAILABLE]")),
+        "{lines:?}"
+    );
+    // NOOP itself did what it says; then the session is over: no later command
+    // runs on the stale view.
+    if !last(&lines).is_empty() {
+        assert_eq!(c.line().await, "", "the session goes on after BYE");
+    }
+    // Once storage is reachable again, a new session sees the new mail.
+    link.mend();
+    let mut again = Raw::login(pod.imap).await;
+    let r = again.cmd("s", "SELECT INBOX").await;
+    assert!(r.iter().any(|l| l == "* 4 EXISTS\r\n"), "{r:?}");
+}

@@ -50,6 +50,14 @@ impl From<v1::MessageInfo> for Msg {
     }
 }
 
+/// Pauses before reading the mailbox again when a refresh's read failed (a storage
+/// replica restarting, a balancer moving the connection); then the session ends.
+const REFRESH_RETRIES: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(100),
+    std::time::Duration::from_millis(400),
+    std::time::Duration::from_millis(1500),
+];
+
 /// A refresh's read of the mailbox: every message (`vanished` is `None`), or the
 /// messages changed since the view's listing and the UIDs expunged since.
 struct Listing {
@@ -279,8 +287,12 @@ impl Selected {
     }
 
     /// Re-reads the mailbox and announces the differences: EXPUNGE (when allowed),
-    /// EXISTS, FETCH FLAGS. False when the mailbox is gone (deleted or renamed by
-    /// another session): the client was told BYE and the session must end.
+    /// EXISTS, FETCH FLAGS. False when the session must end, the client told BYE:
+    /// the mailbox is gone (deleted or renamed by another session), or storage
+    /// could not be read even after retries — the changes that asked for this
+    /// refresh are taken, so the view would stay stale and commands on it (a UID
+    /// STORE of a message it never learned of) would answer OK for nothing; the
+    /// client reconnects and resynchronises instead.
     pub async fn refresh<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         gw: &Gateway,
@@ -289,7 +301,18 @@ impl Selected {
         condstore: bool,
         qresync: bool,
     ) -> bool {
-        let listed = match self.changes(gw).await {
+        let mut read = self.changes(gw).await;
+        for pause in REFRESH_RETRIES {
+            match &read {
+                Err(e) if e.code() != tonic::Code::NotFound => {
+                    tracing::info!(error = %e, retry_in = ?pause, "refreshing the selected mailbox");
+                    tokio::time::sleep(pause).await;
+                    read = self.changes(gw).await;
+                }
+                _ => break,
+            }
+        }
+        let listed = match read {
             Ok(listed) => listed,
             Err(e) if e.code() == tonic::Code::NotFound => {
                 // Deleted or renamed away under us.
@@ -306,8 +329,19 @@ impl Selected {
                 return false;
             }
             Err(e) => {
-                tracing::debug!(error = %e, "refreshing the selected mailbox");
-                return true;
+                tracing::warn!(error = %e, "the selected mailbox could not be refreshed; ending the session");
+                crate::metrics::event(super::PROTOCOL, "refresh_failed");
+                conn.push(&Response::Status(
+                    imap_codec::imap_types::response::Status::Bye(
+                        imap_codec::imap_types::response::Bye {
+                            code: Some(code("UNAVAILABLE")),
+                            text: imap_codec::imap_types::core::Text::unvalidated(
+                                "Mail storage is unavailable; reconnect to resynchronise",
+                            ),
+                        },
+                    ),
+                ));
+                return false;
             }
         };
         let now: BTreeMap<u32, Msg> = listed

@@ -132,8 +132,20 @@ pub async fn start_with_proxy(
     imap: ImapConfig,
     proxy: ProxyConfig,
 ) -> Pod {
+    start_at(site, &site.endpoint, cache, pop3, imap, proxy).await
+}
+
+/// A pod reaching storage at `endpoint` (a [`Link`] to the site's).
+pub async fn start_at(
+    site: &Site,
+    endpoint: &str,
+    cache: Arc<dyn Cache>,
+    pop3: Pop3Config,
+    imap: ImapConfig,
+    proxy: ProxyConfig,
+) -> Pod {
     let store = Store::new(
-        &site.endpoint,
+        endpoint,
         1 << 20,
         &mailmesh_kit::internal::testing::tls(mailmesh_kit::internal::Role::Gateway),
     )
@@ -177,4 +189,51 @@ pub fn python(script: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A TCP link to storage that a test cuts (every connection through it dropped,
+/// new ones closed at once) and mends: storage unreachable from one gateway.
+pub struct Link {
+    pub endpoint: String,
+    up: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Link {
+    pub async fn to(endpoint: &str) -> Self {
+        let target = endpoint.trim_start_matches("https://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(tokio::sync::watch::channel(true).0);
+        let state = up.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut watch = state.subscribe();
+                if !*watch.borrow() {
+                    continue;
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            endpoint: format!("https://127.0.0.1:{port}"),
+            up,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn mend(&self) {
+        self.up.send_replace(true);
+    }
 }
