@@ -95,12 +95,10 @@ where
     F: Fn(usize, Instant) -> Fut,
     Fut: std::future::Future<Output = Recorder> + Send + 'static,
 {
-    let sampler = Sampler::start(sample);
-    let (mut all, elapsed) = run_workers(names, connections, seconds, worker).await?;
-    let per = all.count(0);
-    all.report(elapsed);
-    sampler.report(elapsed, per).await;
-    Ok(())
+    run_and_report(names, connections, seconds, sample, worker, |all| {
+        all.count(0)
+    })
+    .await
 }
 
 /// [`run_for`] with the sampled CPU reported per operation of any kind (not per
@@ -116,9 +114,27 @@ where
     F: Fn(usize, Instant) -> Fut,
     Fut: std::future::Future<Output = Recorder> + Send + 'static,
 {
+    run_and_report(names, connections, seconds, sample, worker, |all| {
+        all.latencies.iter().map(Vec::len).sum()
+    })
+    .await
+}
+
+async fn run_and_report<F, Fut>(
+    names: &'static [&'static str],
+    connections: usize,
+    seconds: u64,
+    sample: &[u32],
+    worker: F,
+    per_op: impl Fn(&Recorder) -> usize,
+) -> anyhow::Result<()>
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = Recorder> + Send + 'static,
+{
     let sampler = Sampler::start(sample);
     let (mut all, elapsed) = run_workers(names, connections, seconds, worker).await?;
-    let per = all.latencies.iter().map(Vec::len).sum();
+    let per = per_op(&all);
     all.report(elapsed);
     sampler.report(elapsed, per).await;
     Ok(())

@@ -1133,13 +1133,7 @@ async fn read_only_commands_write_no_log_records() {
     for site in [common::site().await, common::real_site().await] {
         deliver(&site, "r1", "Subject: one\r\n\r\nbody\r\n").await;
         let (port, _) = pod(&site, plaintext()).await;
-        let records = || {
-            mailmesh_kit::metrics::render()
-                .lines()
-                .filter(|l| l.starts_with("mailmesh_storage_records_published_total"))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        };
+        let records = mailmesh_storage::testing::records_published;
         let mut c = Raw::login(port).await;
         let before = records();
         for (tag, command) in [

@@ -342,21 +342,13 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
     }
 }
 
-fn records_published() -> f64 {
-    mailmesh_kit::metrics::render()
-        .lines()
-        .filter(|l| l.starts_with("mailmesh_storage_records_published_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A POP3 session that deletes nothing writes nothing to storage's log (a record
 /// counter of storage says so), on the embedded log and on real Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_sessions_write_no_log_records() {
     for site in [site().await, common::real_site().await] {
         let (_, tls_port) = pod(&site, memory(), Pop3Config::default()).await;
-        let before = records_published();
+        let before = mailmesh_storage::testing::records_published();
         let mut c = Client::tls(tls_port).await;
         c.expect("+OK").await;
         c.cmd("USER alice@acme.test", "+OK").await;
@@ -378,7 +370,7 @@ async fn reading_sessions_write_no_log_records() {
         c.cmd("RSET", "+OK").await;
         c.cmd("QUIT", "+OK").await;
         assert_eq!(
-            records_published() - before,
+            mailmesh_storage::testing::records_published() - before,
             0.0,
             "records written by reads"
         );

@@ -171,6 +171,14 @@ fn user_ref(user: Option<v1::UserRef>) -> Result<UserRef, Status> {
     })
 }
 
+fn append_response(appended: &crate::engine::Appended) -> v1::AppendResponse {
+    v1::AppendResponse {
+        uid_validity: appended.uidvalidity,
+        uid: appended.uid,
+        duplicate: appended.duplicate,
+    }
+}
+
 fn proto_user(user: &UserRef) -> v1::UserRef {
     v1::UserRef {
         tenant: user.tenant.to_string(),
@@ -898,11 +906,7 @@ impl StorageService {
                 },
             )
             .await?;
-        Ok(Response::new(v1::AppendResponse {
-            uid_validity: appended.uidvalidity,
-            uid: appended.uid,
-            duplicate: appended.duplicate,
-        }))
+        Ok(Response::new(append_response(&appended)))
     }
 
     async fn mailbox_view<R>(
@@ -1069,15 +1073,7 @@ impl MailboxesApi for StorageService {
             .engine
             .append(&user, &r.mailbox, Bytes::from(r.message), flags, date)
             .await?;
-        self.answer(
-            &user,
-            v1::AppendResponse {
-                uid_validity: appended.uidvalidity,
-                uid: appended.uid,
-                duplicate: appended.duplicate,
-            },
-        )
-        .await
+        self.answer(&user, append_response(&appended)).await
     }
 
     async fn append_stream(
@@ -1143,15 +1139,7 @@ impl MailboxesApi for StorageService {
                 date,
             )
             .await?;
-        self.answer(
-            &user,
-            v1::AppendResponse {
-                uid_validity: appended.uidvalidity,
-                uid: appended.uid,
-                duplicate: appended.duplicate,
-            },
-        )
-        .await
+        self.answer(&user, append_response(&appended)).await
     }
 
     type FetchStream = BoxStream<v1::FetchChunk>;

@@ -118,3 +118,13 @@ pub async fn serve(engine: Arc<StorageEngine>, shutdown: mailmesh_kit::Shutdown)
     tokio::spawn(async move { crate::server::serve_grpc(service, listener, &tls, shutdown).await });
     endpoint
 }
+
+/// Log records this process's storage replicas have produced so far, of every kind
+/// (`storage_records_published_total`): a read that writes nothing leaves it as is.
+pub fn records_published() -> f64 {
+    mailmesh_kit::metrics::render()
+        .lines()
+        .filter(|l| l.starts_with("mailmesh_storage_records_published_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

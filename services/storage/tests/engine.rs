@@ -1015,14 +1015,6 @@ fn position<T>(reply: &tonic::Response<T>) -> u64 {
         .expect("a position on the reply")
 }
 
-fn records_published() -> f64 {
-    mailmesh_kit::metrics::render()
-        .lines()
-        .filter(|l| l.starts_with("mailmesh_storage_records_published_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Read-your-writes across replicas, without a read writing to the log: a change
 /// made through one replica is seen through another that lags, because the call
 /// carries the position the first one's reply gave (`UserRef.position`) and the
@@ -1118,7 +1110,7 @@ async fn positions_give_read_your_writes_across_replicas() {
         .unwrap();
     assert!(position(&second) > position(&first));
 
-    let before = records_published();
+    let before = mailmesh_storage::testing::records_published();
     let stale = via_two.list_messages(inbox(0)).await.unwrap();
     assert_eq!(stale.get_ref().messages.len(), 1, "the replica lags");
     assert!(position(&stale) < position(&second));
@@ -1144,7 +1136,7 @@ async fn positions_give_read_your_writes_across_replicas() {
     let status = via_two.status(inbox(position(&fresh))).await.unwrap();
     assert_eq!(status.get_ref().messages, 2);
     assert_eq!(
-        records_published() - before,
+        mailmesh_storage::testing::records_published() - before,
         0.0,
         "records written by reads"
     );
