@@ -522,7 +522,9 @@ impl Session<'_> {
             Login::Ok(logged_in) => logged_in,
             Login::Invalid => return "-ERR [AUTH] Invalid login\r\n".into(),
             Login::Throttled => {
-                return "-ERR [AUTH] Too many failed logins, try again later\r\n".into();
+                // RFC 3206: [AUTH] would tell the client its password is wrong (and
+                // make it ask again); the refusal is temporary and not about it.
+                return "-ERR [SYS/TEMP] Too many failed logins, try again later\r\n".into();
             }
             Login::Busy => {
                 return "-ERR [SYS/TEMP] Too many logins at once from your address, try again later\r\n"

@@ -266,7 +266,8 @@ async fn pods_share_the_maildrop_lock_and_failure_limits_in_redis() {
     let mut c = Client::plain(two).await;
     c.expect("+OK").await;
     c.cmd("USER carol@acme.test", "+OK").await;
-    c.cmd("PASS nope", "-ERR [AUTH] Too many failed logins")
+    // Not [AUTH] (RFC 3206: that says the password is wrong): a temporary refusal.
+    c.cmd("PASS nope", "-ERR [SYS/TEMP] Too many failed logins")
         .await;
 }
 

@@ -36,14 +36,22 @@ enum Command {
     Mail(smtp_proto::MailFrom<String>),
     Rcpt(smtp_proto::RcptTo<String>),
     Data,
-    Bdat { size: usize, last: bool },
+    Bdat {
+        size: usize,
+        last: bool,
+    },
     Rset,
     Noop,
     Vrfy,
     Help,
     Quit,
     StartTls,
-    Auth { mechanism: u64, initial: String },
+    /// STARTTLS with parameters, which it has none of (smtp-proto skips them).
+    StartTlsWithParameters,
+    Auth {
+        mechanism: u64,
+        initial: String,
+    },
     Unsupported,
 }
 
@@ -278,7 +286,12 @@ impl<'a> Session<'a> {
                 Some(end) if !skipping => {
                     let line = &input[..=end];
                     let mut iter = line.iter();
-                    let parsed = receiver.ingest(&mut iter).map(Command::from);
+                    let parsed = match receiver.ingest(&mut iter).map(Command::from) {
+                        Ok(Command::StartTls) if !bare_verb(line) => {
+                            Ok(Command::StartTlsWithParameters)
+                        }
+                        other => other,
+                    };
                     (parsed, line.len() - iter.as_slice().len())
                 }
                 _ => (Err(ParseError::NeedsMoreData { bytes_left: 0 }), 0),
@@ -545,6 +558,12 @@ impl<'a> Session<'a> {
             Command::Unsupported => {
                 return self
                     .error(out, "502 5.5.1 Command not implemented\r\n")
+                    .await;
+            }
+            // RFC 3207 §4: "STARTTLS" with a parameter is answered 501.
+            Command::StartTlsWithParameters => {
+                return self
+                    .error(out, "501 5.5.4 STARTTLS takes no parameters\r\n")
                     .await;
             }
         };
@@ -1639,6 +1658,12 @@ impl<'a> Session<'a> {
             .await?;
         Ok(BodyRef::Object { key, size })
     }
+}
+
+/// Whether a command line is its verb alone (trailing spaces aside).
+fn bare_verb(line: &[u8]) -> bool {
+    let line = line.trim_ascii_end();
+    !line.contains(&b' ') && !line.contains(&b'\t')
 }
 
 /// RFC 4954 4: a client may send up to 12,288 octets in one AUTH line.

@@ -252,6 +252,19 @@ async fn a_silent_tls_handshake_is_cut_short() {
     assert!(matches!(closed, Ok(Ok(0))), "{closed:?} {rest:?}");
 }
 
+/// RFC 3207 §4: STARTTLS with a parameter is a syntax error (501), and the session
+/// stays in the clear, still able to start TLS properly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_with_a_parameter_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = test_tls(dir.path());
+    let s = server_with_tls(IngressConfig::default(), Some(tls)).await;
+    let mut c = Client::connect(&s).await;
+    c.cmd("EHLO client.example.org", "250-").await;
+    c.cmd("STARTTLS junk", "501 5.5.4").await;
+    c.cmd("STARTTLS   ", "220 2.0.0").await;
+}
+
 /// STARTTLS (RFC 3207): commands sent before the handshake are thrown away, the
 /// session starts afresh over TLS, and the message records that it came over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
