@@ -888,7 +888,13 @@ pub async fn user(target: Target, command: UserCommand) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(refused)?;
-            done(&target, format!("quota of {address} set"));
+            done(
+                &target,
+                match bytes {
+                    Some(bytes) => format!("quota of {address} set to {bytes} bytes"),
+                    None => format!("quota of {address} removed"),
+                },
+            );
         }
         UserCommand::Remove { address } => {
             client

@@ -80,6 +80,19 @@ async fn tenant_domain_and_user_with_their_mailboxes() {
     let quota = json(&dev, &["quota", "show", "alice@acme.test"]);
     assert_eq!(quota["used_bytes"], 0);
     assert_eq!(quota["limit_bytes"], 1_000_000);
+    // Without a size the quota goes, and the answer says so (it said "set").
+    assert_eq!(
+        ok(&dev, &["user", "quota", "alice@acme.test"], ""),
+        "quota of alice@acme.test removed\n"
+    );
+    let quota = json(&dev, &["quota", "show", "alice@acme.test"]);
+    assert_eq!(quota["limit_bytes"], serde_json::Value::Null);
+    assert_eq!(
+        ok(&dev, &["user", "quota", "alice@acme.test", "1000000"], ""),
+        "quota of alice@acme.test set to 1000000 bytes\n"
+    );
+    // JSON answers end their line.
+    assert!(ok(&dev, &["--json", "quota", "show", "alice@acme.test"], "").ends_with("}\n"));
 
     ok(
         &dev,
