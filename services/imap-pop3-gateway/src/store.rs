@@ -74,21 +74,16 @@ pub(crate) struct Tracked {
     positions: Positions,
 }
 
-impl<B> Service<http::Request<B>> for Tracked
-where
-    Channel: Service<http::Request<B>>,
-    <Channel as Service<http::Request<B>>>::Response: HasHeaders,
-    <Channel as Service<http::Request<B>>>::Future: Send + 'static,
-{
-    type Response = <Channel as Service<http::Request<B>>>::Response;
-    type Error = <Channel as Service<http::Request<B>>>::Error;
+impl Service<http::Request<tonic::body::Body>> for Tracked {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::<http::Request<B>>::poll_ready(&mut self.inner, cx)
+        self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let positions = self.positions.clone();
         let call = self.inner.call(request);
         Box::pin(async move {
@@ -96,16 +91,6 @@ where
             positions.note(response.headers());
             Ok(response)
         })
-    }
-}
-
-pub(crate) trait HasHeaders {
-    fn headers(&self) -> &http::HeaderMap;
-}
-
-impl<T> HasHeaders for http::Response<T> {
-    fn headers(&self) -> &http::HeaderMap {
-        http::Response::headers(self)
     }
 }
 

@@ -1268,29 +1268,24 @@ impl MailboxesApi for StorageService {
         let limit = self.engine.config().index_limits.max_expunge_log;
         let response = self
             .mailbox_view(&user, &r.mailbox, |m| {
-                let complete = m.expunges_complete_since(since, limit);
-                v1::ChangesResponse {
+                let mut response = v1::ChangesResponse {
                     uid_validity: m.uidvalidity,
-                    // Nothing is sent when it could not be used.
-                    changed: if complete {
-                        m.messages
-                            .values()
-                            .filter(|msg| msg.modseq > since)
-                            .map(message_info)
-                            .collect()
-                    } else {
-                        Vec::new()
-                    },
-                    vanished: m
-                        .expunged
-                        .iter()
-                        .filter(|(_, modseq)| complete && **modseq > since)
-                        .map(|(uid, _)| *uid)
-                        .collect(),
-                    complete,
+                    complete: m.expunges_complete_since(since, limit),
                     uid_next: m.uidnext,
                     highest_modseq: m.highest_modseq,
+                    ..Default::default()
+                };
+                // Nothing else is sent when it could not be used.
+                if response.complete {
+                    response.changed = m
+                        .messages
+                        .values()
+                        .filter(|msg| msg.modseq > since)
+                        .map(message_info)
+                        .collect();
+                    response.vanished = m.expunged_since(since);
                 }
+                response
             })
             .await?;
         self.answer(&user, response).await
@@ -1305,12 +1300,7 @@ impl MailboxesApi for StorageService {
         let response = self
             .mailbox_view(&user, &r.mailbox, |m| v1::VanishedResponse {
                 uid_validity: m.uidvalidity,
-                uids: m
-                    .expunged
-                    .iter()
-                    .filter(|(_, modseq)| **modseq > since)
-                    .map(|(uid, _)| *uid)
-                    .collect(),
+                uids: m.expunged_since(since),
                 complete: m.expunges_complete_since(since, limit),
             })
             .await?;

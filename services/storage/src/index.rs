@@ -256,6 +256,16 @@ impl Mailbox {
         }
     }
 
+    /// The UIDs expunged after `since` that the expunge log still holds (all of them
+    /// when [`Self::expunges_complete_since`]).
+    pub fn expunged_since(&self, since: ModSeq) -> Vec<Uid> {
+        self.expunged
+            .iter()
+            .filter(|(_, modseq)| **modseq > since)
+            .map(|(uid, _)| *uid)
+            .collect()
+    }
+
     /// Whether `expunged` lists every expunge after `since`; `limit` is the log's
     /// bound (for snapshots that predate `vanished_floor`).
     pub fn expunges_complete_since(&self, since: ModSeq, limit: usize) -> bool {
