@@ -82,6 +82,12 @@ spec:
             {{- include "mailmesh.backendEnv" . | nindent 12 }}
             {{- end }}
             {{- if eq $component "storage" }}
+            # Other replicas forward calls for the partitions this one owns to
+            # this address (ADR 0005).
+            - name: MAILMESH_STORAGE__ADVERTISE_HOST
+              valueFrom:
+                fieldRef:
+                  fieldPath: status.podIP
             # Signs the session tokens of logged-in users (ADR 0006).
             - name: MAILMESH_STORAGE__SESSION_SECRET
               valueFrom:

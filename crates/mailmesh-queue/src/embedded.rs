@@ -739,6 +739,19 @@ impl Queue for EmbeddedLog {
         }))
     }
 
+    /// One process uses the log: it is assigned every partition.
+    async fn membership(&self, group: &str, topic: &str) -> Result<crate::Membership> {
+        if group.is_empty() {
+            return Err(QueueError::InvalidGroup(group.to_owned()));
+        }
+        let count = self.partition_count(topic).await?;
+        let (tx, rx) = tokio::sync::watch::channel(crate::Assignment {
+            partitions: (0..count).collect(),
+            joined: true,
+        });
+        Ok(crate::Membership::new(rx, tx))
+    }
+
     async fn partition_count(&self, topic: &str) -> Result<i32> {
         Ok(self
             .topic(topic, self.inner.config.partitions)?

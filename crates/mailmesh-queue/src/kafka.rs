@@ -422,6 +422,48 @@ impl Queue for KafkaQueue {
         Ok(Box::new(KafkaReader { consumer }))
     }
 
+    async fn membership(&self, group: &str, topic: &str) -> Result<crate::Membership> {
+        validate_topic(topic)?;
+        if group.is_empty() {
+            return Err(QueueError::InvalidGroup(group.to_owned()));
+        }
+        let (tx, rx) = tokio::sync::watch::channel(crate::Assignment::default());
+        let consumer: StreamConsumer<MemberContext> = self
+            .config
+            .client_config()
+            .set("group.id", group)
+            // Partitions move one at a time, and only those that must.
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .set(
+                "session.timeout.ms",
+                self.config.session_timeout.as_millis().to_string(),
+            )
+            // A rebalance waits for every member's next heartbeat (twice: the
+            // cooperative protocol revokes, then assigns).
+            .set("heartbeat.interval.ms", "1000")
+            .create_with_context(MemberContext {
+                group: group.to_owned(),
+                assignment: tx,
+            })?;
+        consumer.subscribe(&[topic])?;
+        let consumer = Arc::new(consumer);
+        // Polling serves the group's callbacks and heartbeats; the topic carries no
+        // records (nobody writes it), so nothing else comes.
+        let polled = consumer.clone();
+        let poller = tokio::spawn(async move {
+            loop {
+                if let Err(e) = polled.recv().await {
+                    tracing::warn!(error = %e, "partition owners' group consumer");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        });
+        Ok(crate::Membership::new(rx, Member { consumer, poller }))
+    }
+
     async fn partition_count(&self, topic: &str) -> Result<i32> {
         let producer = self.producer.clone();
         let name = topic.to_owned();
@@ -536,6 +578,69 @@ impl ConsumerContext for GroupContext {
             ),
             Rebalance::Error(e) => {
                 tracing::warn!(group, error = %e, "consumer group rebalance failed")
+            }
+        }
+    }
+}
+
+/// A group member that only owns partitions (`Queue::membership`).
+struct Member {
+    consumer: Arc<StreamConsumer<MemberContext>>,
+    poller: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.poller.abort();
+        // Leave the group now, so the partitions move without waiting for the
+        // session to time out (the consumer closes when its last handle goes).
+        self.consumer.unsubscribe();
+    }
+}
+
+/// Keeps the member's assignment: revoked partitions leave it before the group
+/// may hand them on, assigned ones join it.
+struct MemberContext {
+    group: String,
+    assignment: tokio::sync::watch::Sender<crate::Assignment>,
+}
+
+impl rdkafka::ClientContext for MemberContext {}
+
+impl ConsumerContext for MemberContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            let revoked: Vec<i32> = partitions
+                .elements()
+                .iter()
+                .map(|p| p.partition())
+                .collect();
+            tracing::info!(group = %self.group, ?revoked, "partitions revoked");
+            self.assignment.send_modify(|a| {
+                for p in &revoked {
+                    a.partitions.remove(p);
+                }
+            });
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(partitions) => {
+                let assigned: Vec<i32> = partitions
+                    .elements()
+                    .iter()
+                    .map(|p| p.partition())
+                    .collect();
+                tracing::info!(group = %self.group, ?assigned, "partitions assigned");
+                self.assignment.send_modify(|a| {
+                    a.partitions.extend(assigned);
+                    a.joined = true;
+                });
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "partition owners' rebalance failed")
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod kafka;
 mod metrics;
 mod tracker;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +95,36 @@ impl Record {
     }
 }
 
+/// The partitions of a topic a consumer group has assigned to this member.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Assignment {
+    pub partitions: BTreeSet<i32>,
+    /// The group has given this member its first assignment (possibly empty).
+    pub joined: bool,
+}
+
+/// Membership of a consumer group that consumes nothing: the group's assignment
+/// says which partitions this process owns (storage's partition owners). Leaves
+/// the group when dropped.
+pub struct Membership {
+    /// Partitions leave it before the group hands them to another member
+    /// (the revoke callback), and join it once assigned here.
+    pub assignment: tokio::sync::watch::Receiver<Assignment>,
+    _member: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Membership {
+    pub fn new(
+        assignment: tokio::sync::watch::Receiver<Assignment>,
+        member: impl std::any::Any + Send + Sync,
+    ) -> Self {
+        Self {
+            assignment,
+            _member: Box::new(member),
+        }
+    }
+}
+
 /// A consumed record and the handle that marks its outcome durable.
 #[derive(Debug)]
 pub struct Delivery {
@@ -119,6 +150,11 @@ pub trait Queue: Send + Sync {
         partition: i32,
         offset: i64,
     ) -> Result<Box<dyn PartitionReader>>;
+
+    /// Joins `group` as a member that is assigned partitions of `topic` (balanced
+    /// over the members, moved as few as possible when members come and go) and
+    /// reads none of their records.
+    async fn membership(&self, group: &str, topic: &str) -> Result<Membership>;
 
     /// Creates a topic if it does not exist.
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()>;

@@ -381,3 +381,77 @@ async fn kafka_readiness_waits_for_the_group_to_settle() {
     c.close().await.unwrap();
     assert!(queue.unsettled_groups().is_empty());
 }
+
+async fn assignment_where(
+    member: &mut mailmesh_queue::Membership,
+    what: &str,
+    done: impl FnMut(&mailmesh_queue::Assignment) -> bool,
+) -> std::collections::BTreeSet<i32> {
+    tokio::time::timeout(RECV_TIMEOUT, member.assignment.wait_for(done))
+        .await
+        .unwrap_or_else(|_| panic!("{what} within {RECV_TIMEOUT:?}"))
+        .expect("the member is alive")
+        .partitions
+        .clone()
+}
+
+/// Members of one group share a topic's partitions between them, each partition
+/// with exactly one member; when a member leaves, the others take its partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_members_split_partitions_and_take_over_a_leaver() {
+    let topic = unique("owners");
+    let group = unique("g");
+    let (one, two) = (kafka(), kafka());
+    one.ensure_topic(&topic, 6).await.unwrap();
+    let mut a = one.membership(&group, &topic).await.unwrap();
+    let all: std::collections::BTreeSet<i32> = (0..6).collect();
+    let alone = assignment_where(&mut a, "the first member owns every partition", |x| {
+        x.joined && x.partitions.len() == 6
+    })
+    .await;
+    assert_eq!(alone, all);
+    let mut b = two.membership(&group, &topic).await.unwrap();
+    let theirs = assignment_where(&mut b, "the second member is given partitions", |x| {
+        x.joined && !x.partitions.is_empty()
+    })
+    .await;
+    let mine = assignment_where(&mut a, "the first member gives them up", |x| {
+        x.partitions.is_disjoint(&theirs)
+    })
+    .await;
+    assert!(
+        !mine.is_empty() && !theirs.is_empty(),
+        "{mine:?} / {theirs:?}"
+    );
+    // Sticky: whatever the second member has come from the first, and between them
+    // they own everything once the move is done.
+    let mine = assignment_where(&mut a, "every partition owned by one member", |x| {
+        x.partitions.len() + b.assignment.borrow().partitions.len() == 6
+    })
+    .await;
+    let theirs = b.assignment.borrow().partitions.clone();
+    assert!(mine.is_disjoint(&theirs));
+    assert_eq!(
+        mine.union(&theirs)
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        all
+    );
+    drop(b);
+    let back = assignment_where(&mut a, "the leaver's partitions come back", |x| {
+        x.partitions.len() == 6
+    })
+    .await;
+    assert_eq!(back, all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_member_owns_every_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = embedded(dir.path()).await;
+    queue.ensure_topic("owners", 5).await.unwrap();
+    let member = queue.membership("g", "owners").await.unwrap();
+    let assignment = member.assignment.borrow().clone();
+    assert!(assignment.joined);
+    assert_eq!(assignment.partitions, (0..5).collect());
+}

@@ -28,6 +28,7 @@ use crate::index::{
     StoreAction, Uid, UidRange, UserIndex,
 };
 use crate::index_store::{IndexDb, PartitionIndex};
+use crate::owners::{Owners, Route};
 use crate::replica::{JsonState, Replica, ReplicaConfig, StateMachine};
 use crate::{EngineError, StorageError};
 
@@ -65,6 +66,16 @@ pub struct StorageConfig {
     /// Largest message stored, headers included.
     pub max_message_bytes: u64,
     pub index_limits: IndexLimits,
+    /// Each mailbox partition is applied by one replica, its owner, chosen by a
+    /// consumer group; the others forward calls for it there (ADR 0005 §1), so
+    /// the data and its memory are spread over the replicas. Off: every replica
+    /// opens every partition it is asked about (all replicas of a deployment
+    /// must agree).
+    pub owned_partitions: bool,
+    /// The host (name or IP address) other replicas forward calls to, on the
+    /// gRPC port; the chart gives the pod's IP address. Without it, the gRPC
+    /// listener's address when it names one.
+    pub advertise_host: Option<String>,
     /// Where the delivery workers keep outbound mail waiting for a retry (their
     /// `outbound.retry_prefix`), for `mailctl queue`.
     pub outbound_retry_prefix: String,
@@ -121,6 +132,8 @@ impl Default for StorageConfig {
             max_message_bytes: 64 << 20,
             index_limits: IndexLimits::default(),
             outbound_retry_prefix: crate::retry_index::DEFAULT_PREFIX.into(),
+            owned_partitions: true,
+            advertise_host: None,
             password_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             password_queue: 1024,
             dkim_key_secret: None,
@@ -347,6 +360,40 @@ pub struct StorageEngine {
     passwords: crate::passwords::PasswordPool,
     /// Seals new DKIM keys and opens sealed ones (`dkim_key_secret`).
     seal: Option<crate::sealed::Seal>,
+    /// Which mailbox partitions this replica owns (`owned_partitions`); `None`:
+    /// every one it is asked about.
+    owners: Option<Arc<Owners>>,
+    /// The task that follows the assignment (it holds the membership: stopped
+    /// with the engine, which leaves the group).
+    owning: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Mailbox partitions open here.
+    open: std::sync::atomic::AtomicUsize,
+    /// The other replicas, for what is summed over partitions.
+    peers: std::sync::OnceLock<Arc<dyn Peers>>,
+    /// Tenants' bytes in other replicas' partitions, and when asked.
+    remote_usage: Mutex<HashMap<TenantId, (u64, std::time::Instant)>>,
+}
+
+/// How long another replica's answer on a tenant's usage is used.
+const REMOTE_USAGE_TTL: Duration = Duration::from_secs(5);
+
+/// Calls to other storage replicas.
+pub trait Peers: Send + Sync {
+    /// The bytes `tenant` stores in the partitions `owner` owns, and those
+    /// partitions.
+    fn tenant_usage(
+        &self,
+        owner: crate::owners::Owner,
+        tenant: TenantId,
+    ) -> BoxFuture<'static, Result<(u64, Vec<i32>), EngineError>>;
+}
+
+impl Drop for StorageEngine {
+    fn drop(&mut self) {
+        if let Some(task) = self.owning.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
 }
 
 impl StorageEngine {
@@ -389,7 +436,20 @@ impl StorageEngine {
             ),
             None => None,
         };
-        Ok(Arc::new(Self {
+        let owners = if config.owned_partitions {
+            Some(
+                Owners::join(
+                    queue.clone(),
+                    &config.mailbox_topic,
+                    partitions,
+                    config.write_timeout,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let engine = Arc::new(Self {
             queue,
             objects,
             config,
@@ -399,7 +459,104 @@ impl StorageEngine {
             seal,
             mailboxes: Mutex::new(HashMap::new()),
             index_db,
-        }))
+            owners,
+            owning: Mutex::new(None),
+            open: std::sync::atomic::AtomicUsize::new(0),
+            peers: std::sync::OnceLock::new(),
+            remote_usage: Mutex::new(HashMap::new()),
+        });
+        if let Some(owners) = &engine.owners {
+            let task = tokio::spawn(own(Arc::downgrade(&engine), owners.clone()));
+            *engine.owning.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
+        }
+        Ok(engine)
+    }
+
+    /// Leaves the partition owners' group (at shutdown, once calls are drained):
+    /// the partitions move to the other replicas without waiting for the session
+    /// timeout.
+    pub fn leave(&self) {
+        if let Some(owners) = &self.owners {
+            owners.leave();
+        }
+    }
+
+    /// Whether this replica owns `user`'s partition now (always, without owners).
+    pub fn owns(&self, user: &UserRef) -> bool {
+        self.owners
+            .as_ref()
+            .is_none_or(|o| o.owns(self.partition_of(user)))
+    }
+
+    /// The bytes a tenant stores in the partitions this replica owns and has open,
+    /// and those partitions.
+    pub fn owned_tenant_usage(&self, tenant: &TenantId) -> (u64, Vec<i32>) {
+        let open: Vec<(i32, MailboxReplica)> = self
+            .mailboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(p, c)| c.get().map(|r| (*p, r.clone())))
+            .collect();
+        let mut total = 0u64;
+        let mut counted = Vec::new();
+        for (partition, replica) in open {
+            if let Ok(bytes) = replica.read(|p| p.tenant_bytes(tenant)) {
+                total = total.saturating_add(bytes);
+                counted.push(partition);
+            }
+        }
+        (total, counted)
+    }
+
+    /// How this replica asks the others (set by the gRPC service).
+    pub fn set_peers(&self, peers: Arc<dyn Peers>) {
+        let _ = self.peers.set(peers);
+    }
+
+    /// Sets the address other replicas forward calls to: `advertise_host` on the
+    /// port the gRPC listener is `bound` to, else the bound address itself (`None`
+    /// when that names no host: every address).
+    pub fn advertise(&self, bound: std::net::SocketAddr) -> Option<String> {
+        let addr = match &self.config.advertise_host {
+            Some(host) => match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => std::net::SocketAddr::new(ip, bound.port()).to_string(),
+                Err(_) => format!("{host}:{}", bound.port()),
+            },
+            None if bound.ip().is_unspecified() => return None,
+            None => bound.to_string(),
+        };
+        if let Some(owners) = &self.owners {
+            owners.advertise(addr.clone());
+        }
+        Some(addr)
+    }
+
+    /// Where a call for `user` is served: here, or at the replica that owns the
+    /// user's partition (skipping `refused`, which said it does not own it).
+    pub async fn route(
+        &self,
+        user: &UserRef,
+        refused: Option<&crate::owners::Owner>,
+    ) -> Result<Route, EngineError> {
+        match &self.owners {
+            None => Ok(Route::Here),
+            Some(owners) => owners.route(self.partition_of(user), refused).await,
+        }
+    }
+
+    /// Stops serving a partition another replica owns now.
+    fn close_partition(&self, partition: i32) {
+        let cell = self
+            .mailboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&partition);
+        if let Some(replica) = cell.as_ref().and_then(|c| c.get()) {
+            replica.close();
+            let open = self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) - 1;
+            crate::metrics::partitions("open", open);
+        }
     }
 
     /// The object store (outbound retry index, message bodies).
@@ -524,8 +681,35 @@ impl StorageEngine {
             .directory(|d| d.user(&id).map(|u| u.tenant.clone()))?
             .ok_or_else(|| EngineError::Unavailable("user vanished after creation".into()))?;
         let user = UserRef { tenant, user: id };
-        self.index(&user, IndexCommand::Init).await?;
+        self.command_anywhere(PartitionCommand::User {
+            user: user.clone(),
+            limits: self.config.index_limits,
+            command: IndexCommand::Init,
+        })
+        .await?;
         Ok(user)
+    }
+
+    /// A partition command whose outcome the caller does not need (it cannot be
+    /// refused): applied here when this replica owns the partition, else only
+    /// appended to its log, for the owner to apply.
+    async fn command_anywhere(&self, command: PartitionCommand) -> Result<(), EngineError> {
+        let user = match &command {
+            PartitionCommand::User { user, .. } | PartitionCommand::Forget { user } => user.clone(),
+        };
+        if self.owns(&user) {
+            self.mailbox_replica(&user).await?.submit(command).await?;
+        } else {
+            crate::metrics::published("mailboxes", false);
+            crate::replica::append_only(
+                &*self.queue,
+                &self.config.mailbox_topic,
+                self.partition_of(&user),
+                command,
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     pub async fn set_password(
@@ -575,9 +759,7 @@ impl StorageEngine {
             .await?;
         if let DirectoryOutcome::UserRemoved(id) = outcome {
             let user = UserRef { tenant, user: id };
-            self.mailbox_replica(&user)
-                .await?
-                .submit(PartitionCommand::Forget { user: user.clone() })
+            self.command_anywhere(PartitionCommand::Forget { user: user.clone() })
                 .await?;
             self.delete_prefix(&user.prefix()).await?;
         }
@@ -723,6 +905,11 @@ impl StorageEngine {
         Ok(user.filter(|u| ok && u.enabled))
     }
 
+    /// The mailbox partition that holds `user`.
+    pub fn partition(&self, user: &UserRef) -> i32 {
+        self.partition_of(user)
+    }
+
     fn partition_of(&self, user: &UserRef) -> i32 {
         (fnv1a(user.key().as_bytes()) % self.partitions as u64) as i32
     }
@@ -732,6 +919,9 @@ impl StorageEngine {
     }
 
     async fn partition_replica(&self, partition: i32) -> Result<MailboxReplica, EngineError> {
+        if let Some(owners) = &self.owners {
+            owners.owned(partition).await?;
+        }
         let cell = self
             .mailboxes
             .lock()
@@ -739,7 +929,7 @@ impl StorageEngine {
             .entry(partition)
             .or_default()
             .clone();
-        cell.get_or_try_init(|| {
+        cell.get_or_try_init(|| async {
             Replica::start(
                 self.queue.clone(),
                 self.objects.clone(),
@@ -753,9 +943,23 @@ impl StorageEngine {
                 },
                 &self.index_db,
             )
+            .await
+            .inspect(|_| {
+                let open = self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                crate::metrics::partitions("open", open);
+            })
         })
         .await
         .cloned()
+        .and_then(|replica| match &self.owners {
+            // Revoked while it opened: the owner task may have missed it.
+            Some(owners) if !owners.owns(partition) => {
+                self.close_partition(partition);
+                replica.close();
+                Err(EngineError::NotOwner(partition))
+            }
+            _ => Ok(replica),
+        })
     }
 
     /// Applies an index command for `user` and returns its outcome.
@@ -1331,9 +1535,58 @@ impl StorageEngine {
         }
     }
 
-    /// Bytes a tenant stores, summed over every mailbox partition as this replica has
-    /// them (all partitions are loaded for it).
+    /// Bytes a tenant stores, summed over every mailbox partition: with owned
+    /// partitions, this replica's own as applied and the others' as their owners
+    /// answer (asked at most every few seconds per tenant); else all partitions are
+    /// opened here.
     pub async fn tenant_usage(&self, tenant: &TenantId) -> Result<u64, EngineError> {
+        if let Some(owners) = &self.owners {
+            let (mine, counted) = self.owned_tenant_usage(tenant);
+            let cached = self
+                .remote_usage
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(tenant)
+                .filter(|(_, at)| at.elapsed() < REMOTE_USAGE_TTL)
+                .map(|(bytes, _)| *bytes);
+            let remote = match (cached, self.peers.get()) {
+                (Some(bytes), _) => bytes,
+                (None, None) => 0,
+                (None, Some(peers)) => {
+                    let asked = futures::future::join_all(
+                        owners
+                            .others()
+                            .into_keys()
+                            .map(|owner| peers.tenant_usage(owner, tenant.clone())),
+                    )
+                    .await;
+                    let mut bytes = 0u64;
+                    for answer in asked {
+                        match answer {
+                            // A partition counted twice (moving) counts once.
+                            Ok((b, partitions))
+                                if partitions.iter().all(|p| !counted.contains(p)) =>
+                            {
+                                bytes = bytes.saturating_add(b)
+                            }
+                            Ok(_) => {}
+                            // An owner that cannot answer now counts as nothing (the
+                            // limit is a soft one; its partitions' users are
+                            // unavailable anyway).
+                            Err(e) => {
+                                tracing::debug!(error = %e, "tenant usage of another replica")
+                            }
+                        }
+                    }
+                    self.remote_usage
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(tenant.clone(), (bytes, std::time::Instant::now()));
+                    bytes
+                }
+            };
+            return Ok(mine.saturating_add(remote));
+        }
         // Partitions not yet open here are opened 16 at a time: each open waits for
         // its log's end (on tansu ~0.35 s; one after another 64 took 22 s), and all
         // at once overran the test S3 server with listings.
@@ -1376,5 +1629,72 @@ impl StorageEngine {
             .read_index(user, |i| i.map_or(0, UserIndex::used_bytes))
             .await?;
         Ok((used, self.quota_of(user)?))
+    }
+}
+
+/// Follows this replica's assignment: opens and announces the partitions it is
+/// given, and closes those taken away.
+async fn own(engine: std::sync::Weak<StorageEngine>, owners: Arc<Owners>) {
+    use std::collections::BTreeSet;
+    let mut assignment = owners.assignment();
+    let mut advertised = owners.advertised();
+    let mut serving = BTreeSet::new();
+    let mut announced: Option<String> = None;
+    loop {
+        let now = assignment.borrow_and_update().partitions.clone();
+        let addr = advertised.borrow_and_update().clone();
+        let Some(this) = engine.upgrade() else {
+            return;
+        };
+        for gone in serving.difference(&now) {
+            tracing::info!(
+                partition = gone,
+                "mailbox partition moved to another replica"
+            );
+            this.close_partition(*gone);
+        }
+        let added: Vec<i32> = if announced != addr {
+            // A new address: every partition is announced again.
+            now.iter().copied().collect()
+        } else {
+            now.difference(&serving).copied().collect()
+        };
+        let fresh: Vec<i32> = now.difference(&serving).copied().collect();
+        serving = now;
+        crate::metrics::partitions("owned", serving.len());
+        announced.clone_from(&addr);
+        if !added.is_empty() || !fresh.is_empty() {
+            let this = this.clone();
+            let owners = owners.clone();
+            tokio::spawn(async move {
+                // Announced first: calls forwarded here wait for the opening
+                // rather than for the announcement.
+                if let Some(addr) = addr {
+                    for partition in &added {
+                        if let Err(e) = owners.announce(*partition, addr.clone()).await {
+                            tracing::warn!(partition, error = %e, "announcing a partition owner");
+                        }
+                    }
+                }
+                use futures::StreamExt;
+                futures::stream::iter(fresh)
+                    .for_each_concurrent(OPENING_AT_ONCE, |partition| {
+                        let this = this.clone();
+                        async move {
+                            match this.partition_replica(partition).await {
+                                Ok(_) => tracing::info!(partition, "mailbox partition served here"),
+                                Err(EngineError::NotOwner(_)) => {}
+                                Err(e) => tracing::warn!(partition, error = %e, "opening an owned mailbox partition (retried at its next call)"),
+                            }
+                        }
+                    })
+                    .await;
+            });
+        }
+        drop(this);
+        tokio::select! {
+            changed = assignment.changed() => if changed.is_err() { return },
+            changed = advertised.changed() => if changed.is_err() { return },
+        }
     }
 }

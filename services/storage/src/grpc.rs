@@ -12,7 +12,7 @@ use mailmesh_kit::Secret;
 use mailmesh_kit::internal::{Peer, Role, caller};
 use mailmesh_proto::v1;
 use mailmesh_proto::v1::directory_server::{Directory as DirectoryApi, DirectoryServer};
-use mailmesh_proto::v1::mailboxes_server::{Mailboxes as MailboxesApi, MailboxesServer};
+use mailmesh_proto::v1::mailboxes_server::Mailboxes as MailboxesApi;
 use mailmesh_proto::v1::outbound_queue_server::{OutboundQueue, OutboundQueueServer};
 use mailmesh_types::{Domain, EmailAddress, ReversePath, TenantId};
 use tonic::{Request, Response, Status};
@@ -42,6 +42,10 @@ pub struct StorageService {
 pub fn policy(service: &str, method: &str, role: Role) -> bool {
     use Role::*;
     match (service, method) {
+        // Another replica forwards a mailbox call to the partition's owner, naming
+        // the role it acts for, whose policy it has applied (`crate::forward`).
+        ("Mailboxes", _) if role == Storage => true,
+        ("Mailboxes", "TenantUsage") => false,
         // Recipients and domains: the front doors route mail and decode SRS bounces,
         // the delivery worker expands aliases and forwards.
         ("Directory", "Lookup" | "LookupDomain") => {
@@ -110,15 +114,21 @@ impl StorageService {
         OutboundQueueServer::new(self.clone())
     }
 
-    pub fn mailboxes_server(&self) -> MailboxesServer<Self> {
-        let max = usize::try_from(self.engine.config().max_message_bytes).unwrap_or(usize::MAX);
-        // Room for the message plus the request's other fields.
-        MailboxesServer::new(self.clone()).max_decoding_message_size(max.saturating_add(64 << 10))
+    pub fn engine(&self) -> &Arc<StorageEngine> {
+        &self.engine
     }
 }
 
 /// Marks an over-quota refusal that no retry can fix (SMTP `552`, not `452`).
 pub const PERMANENT_METADATA: &str = "mailmesh-permanent";
+
+/// Marks a refusal from a replica that does not own the call's mailbox partition
+/// (the caller routes it again).
+pub const NOT_OWNER_METADATA: &str = "mailmesh-not-owner";
+
+fn e_not_owner(partition: i32) -> String {
+    EngineError::NotOwner(partition).to_string()
+}
 
 impl From<EngineError> for Status {
     fn from(e: EngineError) -> Self {
@@ -140,6 +150,13 @@ impl From<EngineError> for Status {
                 status
             }
             EngineError::Codec(m) => Status::internal(m),
+            EngineError::NotOwner(partition) => {
+                let mut status = Status::unavailable(e_not_owner(partition));
+                if let Ok(value) = partition.to_string().parse() {
+                    status.metadata_mut().insert(NOT_OWNER_METADATA, value);
+                }
+                status
+            }
             // The index names an object the store does not have: not worth retrying.
             EngineError::Objects(mailmesh_objstore::object_store::Error::NotFound { .. }) => {
                 Status::not_found("message content not found")
@@ -161,7 +178,7 @@ where
         .map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
-fn user_ref(user: Option<v1::UserRef>) -> Result<UserRef, Status> {
+pub(crate) fn user_ref(user: Option<v1::UserRef>) -> Result<UserRef, Status> {
     let user = user.ok_or_else(|| Status::invalid_argument("user: missing"))?;
     let id = uuid::Uuid::try_parse(&user.user_id)
         .map_err(|_| Status::invalid_argument("user.user_id: expected 32 hex digits"))?;
@@ -295,7 +312,7 @@ fn message_info(m: &Message) -> v1::MessageInfo {
 
 use crate::client::now_ms;
 
-type Reply<T> = Result<Response<T>, Status>;
+pub(crate) type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl DirectoryApi for StorageService {
@@ -869,7 +886,7 @@ fn header_section(message: &[u8]) -> String {
     String::from_utf8_lossy(&message[..end]).into_owned()
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 impl StorageService {
     async fn deliver_traced(
@@ -945,6 +962,72 @@ impl StorageService {
                 .insert(mailmesh_proto::POSITION_METADATA, value);
         }
         Ok(response)
+    }
+}
+
+impl StorageService {
+    /// An APPEND from its first chunk and the rest of the stream (the router reads
+    /// the first to find the user's partition).
+    pub(crate) async fn append_chunks(
+        &self,
+        caller: &Peer,
+        first: v1::AppendChunk,
+        chunks: BoxStream<v1::AppendChunk>,
+    ) -> Reply<v1::AppendResponse> {
+        let start = first
+            .start
+            .ok_or_else(|| Status::invalid_argument("start: missing from the first chunk"))?;
+        let user = self.user_at(caller, start.user).await?;
+        let flags = flags(&self.engine, &start.flags)?;
+        let date = if start.internal_date_ms == 0 {
+            now_ms()
+        } else {
+            start.internal_date_ms
+        };
+        // The message bytes, chunk by chunk, until the one marked `end`; a stream
+        // that stops before it is an abandoned APPEND (an error, so nothing is kept).
+        enum State {
+            First(Bytes, bool),
+            More,
+            Done,
+        }
+        let body = futures::stream::unfold(
+            (State::First(Bytes::from(first.data), first.end), chunks),
+            |(state, mut chunks)| async move {
+                match state {
+                    State::Done => None,
+                    State::First(data, end) => Some((
+                        Ok(data),
+                        (if end { State::Done } else { State::More }, chunks),
+                    )),
+                    State::More => match chunks.next().await.transpose() {
+                        Ok(Some(c)) => {
+                            let next = if c.end { State::Done } else { State::More };
+                            Some((Ok(Bytes::from(c.data)), (next, chunks)))
+                        }
+                        Ok(None) => Some((
+                            Err(std::io::Error::other(
+                                "the APPEND stream ended before its end",
+                            )),
+                            (State::Done, chunks),
+                        )),
+                        Err(e) => Some((Err(std::io::Error::other(e)), (State::Done, chunks))),
+                    },
+                }
+            },
+        );
+        let appended = self
+            .engine
+            .append_stream(
+                &user,
+                &start.mailbox,
+                start.size,
+                Box::pin(body),
+                flags,
+                date,
+            )
+            .await?;
+        self.answer(&user, append_response(&appended)).await
     }
 }
 
@@ -1086,60 +1169,7 @@ impl MailboxesApi for StorageService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("no chunk"))?;
-        let start = first
-            .start
-            .ok_or_else(|| Status::invalid_argument("start: missing from the first chunk"))?;
-        let user = self.user_at(&caller, start.user).await?;
-        let flags = flags(&self.engine, &start.flags)?;
-        let date = if start.internal_date_ms == 0 {
-            now_ms()
-        } else {
-            start.internal_date_ms
-        };
-        // The message bytes, chunk by chunk, until the one marked `end`; a stream
-        // that stops before it is an abandoned APPEND (an error, so nothing is kept).
-        enum State {
-            First(Bytes, bool),
-            More,
-            Done,
-        }
-        let body = futures::stream::unfold(
-            (State::First(Bytes::from(first.data), first.end), chunks),
-            |(state, mut chunks)| async move {
-                match state {
-                    State::Done => None,
-                    State::First(data, end) => Some((
-                        Ok(data),
-                        (if end { State::Done } else { State::More }, chunks),
-                    )),
-                    State::More => match chunks.message().await {
-                        Ok(Some(c)) => {
-                            let next = if c.end { State::Done } else { State::More };
-                            Some((Ok(Bytes::from(c.data)), (next, chunks)))
-                        }
-                        Ok(None) => Some((
-                            Err(std::io::Error::other(
-                                "the APPEND stream ended before its end",
-                            )),
-                            (State::Done, chunks),
-                        )),
-                        Err(e) => Some((Err(std::io::Error::other(e)), (State::Done, chunks))),
-                    },
-                }
-            },
-        );
-        let appended = self
-            .engine
-            .append_stream(
-                &user,
-                &start.mailbox,
-                start.size,
-                Box::pin(body),
-                flags,
-                date,
-            )
-            .await?;
-        self.answer(&user, append_response(&appended)).await
+        self.append_chunks(&caller, first, Box::pin(chunks)).await
     }
 
     type FetchStream = BoxStream<v1::FetchChunk>;
@@ -1373,6 +1403,15 @@ impl MailboxesApi for StorageService {
 
     type WatchStream = BoxStream<v1::MailboxChange>;
 
+    async fn tenant_usage(
+        &self,
+        r: Request<v1::TenantUsageRequest>,
+    ) -> Reply<v1::TenantUsageResponse> {
+        let tenant: TenantId = parse("tenant", &r.into_inner().tenant)?;
+        let (bytes, partitions) = self.engine.owned_tenant_usage(&tenant);
+        Ok(Response::new(v1::TenantUsageResponse { bytes, partitions }))
+    }
+
     async fn watch(&self, r: Request<v1::UserRef>) -> Reply<Self::WatchStream> {
         let caller = caller(&r)?;
         let (user, expires_ms) = self.user_session(&caller, Some(r.into_inner()))?;
@@ -1515,13 +1554,14 @@ mod tests {
             ("Directory", "AddAlias", &[Admin]),
             ("Directory", "ListUsers", &[Admin]),
             ("OutboundQueue", "ListWaiting", &[Admin]),
-            ("Mailboxes", "Deliver", &[DeliveryWorker]),
-            ("Mailboxes", "ListMailboxes", &[Admin, Gateway]),
-            ("Mailboxes", "Status", &[Admin, Gateway]),
-            ("Mailboxes", "Fetch", &[Gateway]),
-            ("Mailboxes", "AppendStream", &[Gateway]),
-            ("Mailboxes", "Watch", &[Gateway]),
-            ("Mailboxes", "ListChanges", &[Gateway]),
+            ("Mailboxes", "Deliver", &[DeliveryWorker, Storage]),
+            ("Mailboxes", "ListMailboxes", &[Admin, Gateway, Storage]),
+            ("Mailboxes", "Status", &[Admin, Gateway, Storage]),
+            ("Mailboxes", "Fetch", &[Gateway, Storage]),
+            ("Mailboxes", "AppendStream", &[Gateway, Storage]),
+            ("Mailboxes", "Watch", &[Gateway, Storage]),
+            ("Mailboxes", "ListChanges", &[Gateway, Storage]),
+            ("Mailboxes", "TenantUsage", &[Storage]),
         ];
         for (service, method, allowed) in made {
             for role in Role::ALL {

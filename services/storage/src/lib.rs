@@ -10,10 +10,12 @@
 pub mod client;
 pub mod directory;
 pub mod engine;
+pub mod forward;
 pub mod grpc;
 pub mod index;
 pub mod index_store;
 mod metrics;
+pub mod owners;
 pub mod passwords;
 pub mod replica;
 pub mod retry_index;
@@ -58,4 +60,8 @@ pub enum EngineError {
     Unavailable(String),
     #[error("undecodable stored data: {0}")]
     Codec(String),
+    /// Another replica applies this mailbox partition (ADR 0005 §1): the call is
+    /// routed there.
+    #[error("mailbox partition {0} is served by another replica")]
+    NotOwner(i32),
 }

@@ -27,17 +27,28 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
     let cache = mailmesh_cache::open(&config.cache)
         .await
         .context("connecting to the cache")?;
-    let grpc_service = mailmesh_storage::server::service(engine, cache, false)?;
+    let grpc_service = mailmesh_storage::server::service(engine.clone(), cache, false)?;
 
     let listener = tokio::net::TcpListener::bind(config.grpc_listen)
         .await
         .with_context(|| format!("binding the gRPC port {}", config.grpc_listen))?;
+    // Other replicas forward calls for this one's partitions here.
+    match engine.advertise(listener.local_addr()?) {
+        Some(addr) => {
+            tracing::info!(%addr, "other replicas forward calls for this replica's partitions here")
+        }
+        None if config.storage.owned_partitions => tracing::warn!(
+            "storage.advertise_host is not set and the gRPC port listens on every address: other replicas cannot forward calls for this replica's partitions"
+        ),
+        None => {}
+    }
     tracing::info!(grpc = %config.grpc_listen, admin = %config.admin.listen, "storage is serving (mutual TLS)");
     let shutdown = service.shutdown.clone();
     let grpc =
         tokio::spawn(async move { serve_grpc(grpc_service, listener, &tls, shutdown).await });
 
     service.wait_and_drain(&config.shutdown).await?;
+    engine.leave();
     // Open Watch streams do not end by themselves; they are cut here.
     match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
         Ok(served) => served??,

@@ -123,3 +123,42 @@ pub(crate) fn index_bytes(cached: usize, disk: u64) {
         .with_label_values(&["disk"])
         .set(i64::try_from(disk).unwrap_or(i64::MAX));
 }
+
+static PARTITIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        prometheus::IntGaugeVec::new(
+            Opts::new(
+                "storage_mailbox_partitions",
+                "Mailbox partitions of this replica: `owned` (assigned to it by the \
+                 owners' group) and `open` (applied here)",
+            ),
+            &["state"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn partitions(state: &str, count: usize) {
+    PARTITIONS
+        .with_label_values(&[state])
+        .set(i64::try_from(count).unwrap_or(i64::MAX));
+}
+
+static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "storage_calls_forwarded_total",
+                "Mailbox calls this replica sent to the owner of their partition, by \
+                 outcome: `answered` (whatever the answer) or `rerouted` (the target \
+                 was not the owner, or could not be reached, and the call went again)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn forwarded(outcome: &str) {
+    FORWARDED.with_label_values(&[outcome]).inc();
+}

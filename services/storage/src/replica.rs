@@ -126,6 +126,33 @@ struct Entry<C> {
     command: Option<C>,
 }
 
+/// Appends `command` to a partition's log without applying it here: for a replica
+/// that does not apply that partition (its owner does, with the outcome every
+/// replica would compute). Returns once the record is durable, with its offset.
+pub async fn append_only<C: Serialize>(
+    queue: &dyn Queue,
+    topic: &str,
+    partition: i32,
+    command: C,
+) -> Result<i64, EngineError> {
+    let entry = Entry {
+        id: uuid::Uuid::new_v4(),
+        at_ms: now_ms(),
+        command: Some(command),
+    };
+    let payload = serde_json::to_vec(&entry).map_err(|e| EngineError::Codec(e.to_string()))?;
+    let position = queue
+        .publish(OutgoingRecord {
+            topic: topic.to_owned(),
+            key: Bytes::new(),
+            payload: Bytes::from(payload),
+            headers: Vec::new(),
+            partition: Some(partition),
+        })
+        .await?;
+    Ok(position.offset)
+}
+
 /// Where a replica's log lives and how often it snapshots.
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
@@ -192,6 +219,11 @@ pub struct Replica<S: StateMachine> {
     since_snapshot: AtomicU64,
     /// A checkpoint is being written (in the background).
     checkpointing: Arc<AtomicBool>,
+    /// Set once another replica owns the partition: every call is refused with
+    /// `NotOwner` and the log is no longer applied here.
+    closed: AtomicBool,
+    /// Stops the task that applies the log.
+    runner: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 use crate::client::now_ms;
@@ -226,8 +258,11 @@ impl<S: StateMachine> Replica<S> {
             apply_lock: Mutex::new(()),
             since_snapshot: AtomicU64::new(0),
             checkpointing: Arc::new(AtomicBool::new(false)),
+            closed: AtomicBool::new(false),
+            runner: Mutex::new(None),
         });
         let run = tokio::spawn(Arc::clone(&replica).run(reader));
+        *replica.runner.lock().unwrap_or_else(|e| e.into_inner()) = Some(run.abort_handle());
         if let Err(e) = replica.sync().await {
             // Not handed out: stop applying, so a retry is the only copy of this
             // partition's state.
@@ -427,7 +462,25 @@ impl<S: StateMachine> Replica<S> {
             .clear();
     }
 
+    /// Stops applying the log (the partition moved to another replica): calls in
+    /// flight and to come are refused with `NotOwner`, and the state is released
+    /// with the last handle (what it had not written back is replayed by whoever
+    /// opens the partition here again).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        if let Some(run) = self.runner.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            run.abort();
+        }
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     fn check_failed(&self) -> Result<(), EngineError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::NotOwner(self.config.partition));
+        }
         match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(reason) => Err(EngineError::Unavailable(reason.clone())),
             None => Ok(()),
@@ -549,12 +602,19 @@ impl<S: StateMachine> Replica<S> {
             .expect("a pending write is waited for once");
         match tokio::time::timeout(self.config.write_timeout, rx).await {
             Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(_)) | Err(_) => self
-                .check_failed()
-                .and(Err(EngineError::Unavailable(format!(
+            Ok(Err(_)) | Err(_) => match self.check_failed() {
+                // The record is in the log and its new owner applies it: the
+                // outcome is unknown here, and the call must not be routed again
+                // as if it had not happened.
+                Err(EngineError::NotOwner(p)) => Err(EngineError::Unavailable(format!(
+                    "{}/{p} moved to another replica before this write's outcome was known",
+                    self.config.topic
+                ))),
+                failed => failed.and(Err(EngineError::Unavailable(format!(
                     "no outcome from {}/{} within {:?}",
                     self.config.topic, self.config.partition, self.config.write_timeout
                 )))),
+            },
         }
     }
 

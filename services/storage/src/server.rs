@@ -75,7 +75,10 @@ pub async fn serve_grpc(
         .layer(AuthorizeLayer::new(crate::grpc::policy))
         .add_service(service.directory_server())
         .add_service(service.outbound_queue_server())
-        .add_service(service.mailboxes_server())
+        .add_service(
+            crate::forward::Routed::new(service.clone(), service.engine().clone(), tls.clone())
+                .server(),
+        )
         .serve_with_incoming_shutdown(incoming, async move { stopped.cancelled().await })
         .await
 }

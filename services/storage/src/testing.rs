@@ -109,7 +109,9 @@ pub async fn serve(engine: Arc<StorageEngine>, shutdown: mailmesh_kit::Shutdown)
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a loopback port");
-    let endpoint = format!("https://{}", listener.local_addr().expect("bound"));
+    let addr = listener.local_addr().expect("bound");
+    let endpoint = format!("https://{addr}");
+    engine.advertise(addr);
     let cache = mailmesh_cache::open(&mailmesh_cache::CacheConfig::Memory)
         .await
         .expect("an in-process cache");

@@ -18,6 +18,7 @@ const SESSION_SECRET: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 struct Storage {
     child: Child,
     endpoint: String,
+    admin: u16,
     log: tempfile::NamedTempFile,
 }
 
@@ -34,16 +35,14 @@ fn start(run: &str) -> Storage {
 
 fn start_with(run: &str, env: &[(&str, &str)]) -> Storage {
     let grpc = free_port();
+    let admin = free_port();
     let log = tempfile::NamedTempFile::new().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_storage"))
         .env_clear()
         .envs(testing::env(Role::Storage))
         .env("MAILMESH_STORAGE__SESSION_SECRET", SESSION_SECRET)
         .env("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
-        .env(
-            "MAILMESH_ADMIN__LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
+        .env("MAILMESH_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
         .env("MAILMESH_TELEMETRY__LOG_FORMAT", "text")
         .env("MAILMESH_SHUTDOWN__READINESS_GRACE", "0s")
         .env(
@@ -85,6 +84,7 @@ fn start_with(run: &str, env: &[(&str, &str)]) -> Storage {
     Storage {
         child,
         endpoint: format!("http://127.0.0.1:{grpc}"),
+        admin,
         log,
     }
 }
@@ -714,4 +714,292 @@ async fn a_watch_ends_with_its_session() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A gauge or counter from a replica's `/metrics` (summed over the series that
+/// contain `labels`), 0 when absent or unreachable.
+async fn metric(storage: &Storage, name: &str, labels: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(("127.0.0.1", storage.admin)).await else {
+        return 0.0;
+    };
+    let _ = tcp
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await;
+    let mut body = String::new();
+    let _ = tcp.read_to_string(&mut body).await;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Messages in a user's INBOX as the admin sees them through `storage`.
+async fn inbox_count(mailboxes: &mut MailboxesClient<Channel>, user: &v1::UserRef) -> Option<u32> {
+    mailboxes
+        .status(v1::MailboxRequest {
+            user: Some(user.clone()),
+            mailbox: "INBOX".into(),
+        })
+        .await
+        .ok()
+        .map(|r| r.into_inner().messages)
+}
+
+/// Each partition is applied by one replica (ADR 0005 §1): two replicas split the
+/// partitions, every call reaches the owner through either of them, and when one
+/// is killed the other takes its partitions over with nothing acknowledged lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
+    const PARTITIONS: f64 = 4.0;
+    let run = format!("own{}", uuid::Uuid::new_v4().simple());
+    let started = Instant::now();
+    let (one, mut two) = (start(&run), start(&run));
+    let mut dir1 = DirectoryClient::new(channel(&one, Role::Admin).await);
+    tenant_with_domain(&mut dir1, "acme", "acme.test").await;
+    let mut users = Vec::new();
+    for i in 0..12 {
+        let user = dir1
+            .add_user(v1::AddUserRequest {
+                address: format!("user{i}@acme.test"),
+                password: "s3cret-passphrase".into(),
+                quota_bytes: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        users.push(user);
+    }
+    // The group gives each replica a share, and each opens only its own.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (a, b) = (
+            metric(
+                &one,
+                "mailmesh_storage_mailbox_partitions",
+                "state=\"owned\"",
+            )
+            .await,
+            metric(
+                &two,
+                "mailmesh_storage_mailbox_partitions",
+                "state=\"owned\"",
+            )
+            .await,
+        );
+        if a >= 1.0 && b >= 1.0 && a + b == PARTITIONS {
+            eprintln!(
+                "partitions split {a} + {b} {:?} after the start",
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "owned partitions {a} + {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Deliveries through one replica, reads through the other: every call for a
+    // partition the receiving replica does not own is forwarded to its owner.
+    let mut deliver1 = MailboxesClient::new(channel(&one, Role::DeliveryWorker).await);
+    let mut admin2 = MailboxesClient::new(channel(&two, Role::Admin).await);
+    for (i, user) in users.iter().enumerate() {
+        deliver1
+            .deliver(v1::DeliverRequest {
+                user: Some(user.clone()),
+                message: format!("Subject: first {i}\r\n\r\nbody\r\n").into_bytes(),
+                delivered_to: format!("user{i}@acme.test"),
+                delivery_key: format!("q1/{i}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for user in &users {
+        // Read at the owner: the delivery is there at once, wherever it came in.
+        assert_eq!(inbox_count(&mut admin2, user).await, Some(1), "{user:?}");
+    }
+    let forwarded = metric(&one, "mailmesh_storage_calls_forwarded_total", "answered").await
+        + metric(&two, "mailmesh_storage_calls_forwarded_total", "answered").await;
+    assert!(forwarded >= 1.0, "no call was forwarded");
+    for replica in [&one, &two] {
+        let owned = metric(
+            replica,
+            "mailmesh_storage_mailbox_partitions",
+            "state=\"owned\"",
+        )
+        .await;
+        let open = metric(
+            replica,
+            "mailmesh_storage_mailbox_partitions",
+            "state=\"open\"",
+        )
+        .await;
+        assert!(
+            open <= owned,
+            "a replica applies only what it owns: {open} open, {owned} owned"
+        );
+    }
+
+    // SIGKILL: no leave, the group notices when the session times out.
+    let _ = two.child.kill();
+    let _ = two.child.wait();
+    let killed = Instant::now();
+    let mut admin1 = MailboxesClient::new(channel(&one, Role::Admin).await);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let owned = metric(
+            &one,
+            "mailmesh_storage_mailbox_partitions",
+            "state=\"owned\"",
+        )
+        .await;
+        if owned == PARTITIONS {
+            eprintln!(
+                "the survivor owns every partition {:?} after the kill",
+                killed.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the survivor owns {owned} partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, user) in users.iter().enumerate() {
+        assert_eq!(
+            inbox_count(&mut admin1, user).await,
+            Some(1),
+            "{user:?} after the takeover"
+        );
+        // A replay of an acknowledged delivery stores nothing new; a new one lands.
+        for key in [format!("q1/{i}"), format!("q2/{i}")] {
+            deliver1
+                .deliver(v1::DeliverRequest {
+                    user: Some(user.clone()),
+                    message: format!("Subject: {key}\r\n\r\nbody\r\n").into_bytes(),
+                    delivered_to: format!("user{i}@acme.test"),
+                    delivery_key: key,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(inbox_count(&mut admin1, user).await, Some(2), "{user:?}");
+    }
+}
+
+/// The tenant storage limit counts the tenant's mail in every partition, whichever
+/// replica owns it: an owner asks the others (their answer is used for a few
+/// seconds), it does not open their partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenant_storage_limit_counts_every_owners_partitions() {
+    const LIMIT: u64 = 10_000;
+    const SIZE: usize = 500;
+    let run = format!("lim{}", uuid::Uuid::new_v4().simple());
+    let (one, two) = (start(&run), start(&run));
+    let mut dir1 = DirectoryClient::new(channel(&one, Role::Admin).await);
+    dir1.add_tenant(v1::AddTenantRequest {
+        tenant: "acme".into(),
+        limits: Some(v1::TenantLimits {
+            max_storage_bytes: LIMIT,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    dir1.add_domain(v1::DomainRequest {
+        tenant: "acme".into(),
+        domain: "acme.test".into(),
+        user: None,
+    })
+    .await
+    .unwrap();
+    // Enough users that both replicas own some of them (one side only: 2^-23).
+    let mut users = Vec::new();
+    for i in 0..24 {
+        users.push(
+            dir1.add_user(v1::AddUserRequest {
+                address: format!("user{i}@acme.test"),
+                password: "s3cret-passphrase".into(),
+                quota_bytes: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap(),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while metric(
+        &one,
+        "mailmesh_storage_mailbox_partitions",
+        "state=\"owned\"",
+    )
+    .await
+        < 1.0
+        || metric(
+            &two,
+            "mailmesh_storage_mailbox_partitions",
+            "state=\"owned\"",
+        )
+        .await
+            < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the replicas never split the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut deliver = MailboxesClient::new(channel(&one, Role::DeliveryWorker).await);
+    let message = |key: &str| {
+        let head = format!("Subject: {key}\r\n\r\n");
+        let mut m = head.into_bytes();
+        m.resize(SIZE, b'x');
+        m
+    };
+    let mut accepted = 0u64;
+    for (i, user) in users.iter().enumerate() {
+        let key = format!("q/{i}");
+        match deliver
+            .deliver(v1::DeliverRequest {
+                user: Some(user.clone()),
+                message: message(&key),
+                delivered_to: format!("user{i}@acme.test"),
+                delivery_key: key,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(_) => accepted += 1,
+            Err(s) => assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}"),
+        }
+    }
+    // Each owner refuses only once what it knows of exceeds the limit, so at least
+    // the limit's worth went in (more when an owner's view of the other was old).
+    assert!(accepted * SIZE as u64 >= LIMIT, "{accepted} accepted");
+    // Once the answers of the other owner are fresh again, no owner takes more:
+    // its own partitions alone hold well under the limit.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for (i, user) in users.iter().enumerate() {
+        let key = format!("late/{i}");
+        let refused = deliver
+            .deliver(v1::DeliverRequest {
+                user: Some(user.clone()),
+                message: message(&key),
+                delivered_to: format!("user{i}@acme.test"),
+                delivery_key: key,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+    }
 }
