@@ -11,6 +11,7 @@
 //!
 //! Prints: fill rate and write latency; RSS, cached, on-disk and checkpoint bytes
 //! per message; checkpoint time and the write latency while it runs (the stall);
+//! the next checkpoint's time and size after 1 % of the users changed (a delta);
 //! the time a replica with an empty disk takes to serve every partition (restore
 //! and log tail: a takeover without a standby); read latency of a user's INBOX
 //! status from the cache and from disk.
@@ -347,6 +348,68 @@ async fn main() -> anyhow::Result<()> {
         rss_start >> 20,
         disk as f64 / messages,
         checkpoint_bytes as f64 / messages
+    );
+
+    // An incremental checkpoint: 1 % of the users get a message each; once they
+    // are written back (the write-back delay), the next checkpoint of each
+    // partition carries those users only (a delta after the base above).
+    // First the users the writes during the base checkpoint changed go out (a
+    // delta that large makes the next checkpoint a base again).
+    let stored = async || -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        use futures::TryStreamExt;
+        Ok(objects
+            .list(None)
+            .map_ok(|m| (m.location.to_string(), m.size))
+            .try_collect()
+            .await?)
+    };
+    // Twice, with a message between (a checkpoint is skipped while `P` stays).
+    for _ in 0..2 {
+        let settled = Instant::now() + Duration::from_secs(600);
+        while db.dirty_bytes() > 0 && Instant::now() < settled {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for partition in &partitions {
+            partition.checkpoint().await?;
+        }
+        // One message per partition (user u lives in partition u % partitions).
+        let each = partitions.len() as u64;
+        drive(&partitions, each, 1, move |i| append(i, each)).await?;
+    }
+    let before = stored().await?;
+    let changed = (users / 100).max(1);
+    drive(&partitions, changed, args.concurrency, move |i| {
+        append(i, changed)
+    })
+    .await?;
+    let settled = Instant::now() + Duration::from_secs(600);
+    while db.dirty_bytes() > 0 && Instant::now() < settled {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let started = Instant::now();
+    for partition in &partitions {
+        partition.checkpoint().await?;
+    }
+    let delta = started.elapsed();
+    let after = stored().await?;
+    let base_bytes: u64 = after
+        .iter()
+        .filter(|(n, _)| n.ends_with(".ckpt"))
+        .map(|(_, b)| b)
+        .sum();
+    let written: Vec<(String, u64)> = after
+        .into_iter()
+        .filter(|(name, _)| !before.contains_key(name))
+        .collect();
+    let kinds = |suffix: &str| written.iter().filter(|(n, _)| n.ends_with(suffix)).count();
+    let bytes: u64 = written.iter().map(|(_, b)| b).sum();
+    println!(
+        "next checkpoint after {changed} users changed: {:.2} s, {} deltas and {} bases, {} KiB ({:.2} % of a base)",
+        delta.as_secs_f64(),
+        kinds(".delta"),
+        kinds(".ckpt"),
+        bytes >> 10,
+        bytes as f64 * 100.0 / base_bytes.max(1) as f64
     );
 
     // Reads: a user's INBOX status, from the cache and from disk.

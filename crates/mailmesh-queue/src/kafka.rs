@@ -490,13 +490,44 @@ impl Queue for KafkaQueue {
     }
 
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()> {
+        self.ensure_topic_with(topic, partitions, &[]).await
+    }
+
+    async fn retention(&self, topic: &str) -> Result<Option<Duration>> {
         validate_topic(topic)?;
         let admin: AdminClient<DefaultClientContext> = self.config.client_config().create()?;
-        let new = NewTopic::new(
+        let described = admin
+            .describe_configs(
+                [&rdkafka::admin::ResourceSpecifier::Topic(topic)],
+                &AdminOptions::new().request_timeout(Some(Timeout::After(Duration::from_secs(10)))),
+            )
+            .await?;
+        let ms = described.into_iter().filter_map(|r| r.ok()).find_map(|r| {
+            r.get("retention.ms")
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.parse::<i64>().ok())
+        });
+        Ok(ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis))
+    }
+
+    async fn ensure_topic_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        settings: &[(&str, String)],
+    ) -> Result<()> {
+        validate_topic(topic)?;
+        let admin: AdminClient<DefaultClientContext> = self.config.client_config().create()?;
+        let mut new = NewTopic::new(
             topic,
             partitions,
             TopicReplication::Fixed(self.config.replication_factor),
         );
+        for (key, value) in settings {
+            new = new.set(key, value.as_str());
+        }
         let results = admin
             .create_topics(
                 [&new],

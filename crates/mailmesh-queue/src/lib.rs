@@ -159,6 +159,24 @@ pub trait Queue: Send + Sync {
     /// Creates a topic if it does not exist.
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()>;
 
+    /// Creates a topic with broker settings (`retention.ms`, `cleanup.policy`) if it
+    /// does not exist; an existing topic keeps its own. The embedded log keeps
+    /// everything and takes none.
+    async fn ensure_topic_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        _settings: &[(&str, String)],
+    ) -> Result<()> {
+        self.ensure_topic(topic, partitions).await
+    }
+
+    /// How long the broker keeps `topic`'s records (`None`: for ever, or not
+    /// known).
+    async fn retention(&self, _topic: &str) -> Result<Option<Duration>> {
+        Ok(None)
+    }
+
     /// How many partitions `topic` has.
     async fn partition_count(&self, topic: &str) -> Result<i32>;
 

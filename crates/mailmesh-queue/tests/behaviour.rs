@@ -455,3 +455,24 @@ async fn embedded_member_owns_every_partition() {
     assert!(assignment.joined);
     assert_eq!(assignment.partitions, (0..5).collect());
 }
+
+/// A topic made with a retention keeps it, and the queue reads it back; the
+/// embedded log keeps everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_topic_retention_is_set_and_read() {
+    let queue = kafka();
+    let topic = unique("retained");
+    let week = Duration::from_secs(7 * 24 * 3600);
+    queue
+        .ensure_topic_with(&topic, 1, &[("retention.ms", week.as_millis().to_string())])
+        .await
+        .unwrap();
+    assert_eq!(queue.retention(&topic).await.unwrap(), Some(week));
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = embedded(dir.path()).await;
+    embedded
+        .ensure_topic_with("kept", 1, &[("retention.ms", "1000".into())])
+        .await
+        .unwrap();
+    assert_eq!(embedded.retention("kept").await.unwrap(), None);
+}

@@ -61,6 +61,13 @@ pub struct StorageConfig {
     /// retention of the storage topics far above it (days).
     #[serde(with = "humantime_serde")]
     pub snapshot_interval: Duration,
+    /// How long the broker keeps the storage logs' records: set on the topics this
+    /// service creates, and checked at start on existing ones (a replica refuses
+    /// to start on a log kept shorter than `min_log_retention`, which would lose
+    /// records no checkpoint holds yet). Cover object-store outages: checkpoints
+    /// wait for the bucket meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub log_retention: Duration,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Largest message stored, headers included.
@@ -128,6 +135,7 @@ impl Default for StorageConfig {
             index_cache_bytes: 256 << 20,
             index_writeback_delay: Duration::from_secs(30),
             snapshot_interval: Duration::from_secs(300),
+            log_retention: Duration::from_secs(7 * 24 * 3600),
             write_timeout: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
             index_limits: IndexLimits::default(),
@@ -171,6 +179,15 @@ impl mailmesh_kit::config::Validate for StorageConfig {
                 "must be at least 1 MiB",
             ));
         }
+        if self.log_retention < self.min_log_retention() {
+            return Err(ConfigError::invalid(
+                "storage.log_retention",
+                format!(
+                    "must be at least {} (1 h, and 4 times snapshot_interval plus index_writeback_delay)",
+                    humantime_serde::re::humantime::format_duration(self.min_log_retention())
+                ),
+            ));
+        }
         if self.snapshot_every == 0 {
             return Err(ConfigError::invalid(
                 "storage.snapshot_every",
@@ -212,6 +229,14 @@ impl mailmesh_kit::config::Validate for StorageConfig {
                 .map_err(|e| ConfigError::invalid("storage.dkim_key_secret", e.to_string()))?;
         }
         Ok(())
+    }
+}
+
+impl StorageConfig {
+    /// The shortest retention of the storage logs that keeps every record no
+    /// checkpoint holds yet, with room for a few failed checkpoints.
+    pub fn min_log_retention(&self) -> Duration {
+        ((self.snapshot_interval + self.index_writeback_delay) * 4).max(Duration::from_secs(3600))
     }
 }
 
@@ -374,6 +399,24 @@ pub struct StorageEngine {
     remote_usage: Mutex<HashMap<TenantId, (u64, std::time::Instant)>>,
 }
 
+/// Refuses a log whose records go sooner than `min` (an existing topic made with
+/// a short retention): a restore would find records missing and refuse anyway,
+/// later and partition by partition. A broker that does not say is trusted.
+async fn check_retention(queue: &dyn Queue, topic: &str, min: Duration) -> Result<(), EngineError> {
+    match queue.retention(topic).await {
+        Ok(Some(kept)) if kept < min => Err(EngineError::Unavailable(format!(
+            "the broker keeps {topic}'s records for {}, less than the {} storage needs              (checkpoint interval and write-back delay, four times over): raise the topic's              retention.ms",
+            humantime_serde::re::humantime::format_duration(kept),
+            humantime_serde::re::humantime::format_duration(min)
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "the log's retention could not be read; not checked");
+            Ok(())
+        }
+    }
+}
+
 /// How long another replica's answer on a tenant's usage is used.
 const REMOTE_USAGE_TTL: Duration = Duration::from_secs(5);
 
@@ -389,10 +432,23 @@ pub trait Peers: Send + Sync {
 }
 
 impl Drop for StorageEngine {
+    /// Stops following the log: nothing of a dropped engine goes on applying (or
+    /// writing checkpoints) in the background.
     fn drop(&mut self) {
         if let Some(task) = self.owning.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
+        for cell in self
+            .mailboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            if let Some(replica) = cell.get() {
+                replica.close();
+            }
+        }
+        self.directory.close();
     }
 }
 
@@ -403,10 +459,16 @@ impl StorageEngine {
         objects: Arc<dyn ObjectStore>,
         config: StorageConfig,
     ) -> Result<Arc<Self>, EngineError> {
-        queue.ensure_topic(&config.directory_topic, 1).await?;
+        let retention = [("retention.ms", config.log_retention.as_millis().to_string())];
         queue
-            .ensure_topic(&config.mailbox_topic, config.mailbox_partitions)
+            .ensure_topic_with(&config.directory_topic, 1, &retention)
             .await?;
+        queue
+            .ensure_topic_with(&config.mailbox_topic, config.mailbox_partitions, &retention)
+            .await?;
+        for topic in [&config.directory_topic, &config.mailbox_topic] {
+            check_retention(&*queue, topic, config.min_log_retention()).await?;
+        }
         let partitions = queue.partition_count(&config.mailbox_topic).await?;
         let directory = Replica::start(
             queue.clone(),

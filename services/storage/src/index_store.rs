@@ -50,6 +50,11 @@ const TENANT: &[u8] = b"t/";
 const USER_FORMAT: u8 = 1;
 /// Checkpoint streams start with this line.
 const CHECKPOINT_MAGIC: &[u8] = b"mailmesh-index-checkpoint 1\n";
+/// Delta checkpoint streams start with this line.
+const DELTA_MAGIC: &[u8] = b"mailmesh-index-delta 1\n";
+/// Deltas after a base before the next checkpoint is a new base (also when the
+/// deltas reach a quarter of the base's size).
+const MAX_DELTAS: u32 = 16;
 /// A key length that ends the stream: a count and a CRC-32 follow.
 const END_OF_FRAMES: u32 = u32::MAX;
 /// Users are written back early when the log to replay after a restart grows
@@ -266,6 +271,11 @@ impl IndexDb {
         self.cache().bytes
     }
 
+    /// Bytes of changed users not yet written back (all partitions).
+    pub fn dirty_bytes(&self) -> usize {
+        self.cache().dirty_bytes
+    }
+
     /// Bytes on disk (journal and tables).
     pub fn disk_bytes(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
@@ -311,8 +321,32 @@ pub struct PartitionIndex {
     dirty_order: BTreeSet<(i64, String)>,
     /// `P` as written.
     persisted_from: i64,
+    /// Keys written back since the last checkpoint's snapshot: what the next
+    /// delta carries.
+    changed: BTreeSet<Vec<u8>>,
+    /// The checkpoints in object storage this replica's next one builds on.
+    chain: Arc<Mutex<Chain>>,
     /// Declared last: released after `Drop` has cleared this partition's users.
     _claim: Claim,
+}
+
+/// A base checkpoint and the deltas after it, as this replica knows them.
+#[derive(Debug, Default, Clone)]
+struct Chain {
+    /// `P` of the last checkpoint of the chain; `None`: the next one is a base
+    /// (nothing known, or the keyspace may differ from what the bucket holds).
+    end: Option<i64>,
+    base_bytes: u64,
+    delta_bytes: u64,
+    deltas: u32,
+}
+
+/// What a checkpoint uploads.
+enum Upload {
+    /// The whole keyspace; older checkpoints are deleted after it.
+    Base,
+    /// The keys written back since the checkpoint at `from`, and `P`.
+    Delta { from: i64, keys: Vec<Vec<u8>> },
 }
 
 /// A partition's place in `IndexDb::open`, given back when dropped.
@@ -481,6 +515,9 @@ impl PartitionIndex {
         batch.insert(&self.keyspace, META, meta);
         batch.commit().map_err(disk)?;
         // Committed: now memory follows.
+        self.changed
+            .extend(taken.iter().map(|(key, ..)| user_key(key)));
+        self.changed.extend(tenants.iter().map(tenant_key));
         self.tenant_persisted = persisted;
         self.persisted_from = replay_from;
         let mut cache = self.db.cache();
@@ -560,6 +597,15 @@ fn parse_name(path: &Path) -> Option<(i64, Kind)> {
     if let Some(n) = name.strip_suffix(".ckpt") {
         return n.parse().ok().map(|o| (o, Kind::Checkpoint));
     }
+    if let Some(n) = name.strip_suffix(".delta") {
+        let (to, from) = n.split_once('.')?;
+        return Some((
+            to.parse().ok()?,
+            Kind::Delta {
+                from: from.parse().ok()?,
+            },
+        ));
+    }
     name.strip_suffix(".json")
         .and_then(|n| n.parse().ok())
         .map(|o| (o, Kind::V1))
@@ -568,27 +614,60 @@ fn parse_name(path: &Path) -> Option<(i64, Kind)> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Checkpoint,
+    /// The keys changed since the checkpoint at `from`.
+    Delta {
+        from: i64,
+    },
     V1,
 }
 
+/// An object of a restore: its offset, kind, path and size.
+type Stored = (i64, Kind, Path, u64);
+
+/// What a new replica restores: the newest base (a checkpoint or a v1 snapshot)
+/// and the deltas that follow it, each from where the one before ends.
 async fn newest(
     objects: &dyn ObjectStore,
     prefix: &Path,
-) -> Result<Option<(i64, Kind, Path)>, EngineError> {
+) -> Result<Option<(Stored, Vec<Stored>)>, EngineError> {
     let mut listing = objects.list(Some(prefix));
-    let mut best: Option<(i64, Kind, Path)> = None;
+    let mut best: Option<Stored> = None;
+    let mut deltas: HashMap<i64, Vec<Stored>> = HashMap::new();
     while let Some(meta) = listing.next().await {
         let meta = meta?;
-        if let Some((offset, kind)) = parse_name(&meta.location)
+        let Some((offset, kind)) = parse_name(&meta.location) else {
+            continue;
+        };
+        let stored = (offset, kind, meta.location, meta.size);
+        match kind {
+            Kind::Delta { from } => deltas.entry(from).or_default().push(stored),
             // At one offset a v2 checkpoint wins over a v1 snapshot.
-            && best.as_ref().is_none_or(|(o, k, _)| {
+            _ if best.as_ref().is_none_or(|(o, k, ..)| {
                 offset > *o || (offset == *o && kind == Kind::Checkpoint && *k == Kind::V1)
-            })
-        {
-            best = Some((offset, kind, meta.location));
+            }) =>
+            {
+                best = Some(stored)
+            }
+            _ => {}
         }
     }
-    Ok(best)
+    let Some(base) = best else {
+        return Ok(None);
+    };
+    let mut chain = Vec::new();
+    if base.1 == Kind::Checkpoint {
+        let mut end = base.0;
+        // Two writers (a replica that lost the partition) may have left two
+        // deltas from one checkpoint: the one that goes furthest.
+        while let Some(next) = deltas
+            .remove(&end)
+            .and_then(|d| d.into_iter().filter(|d| d.0 > end).max_by_key(|d| d.0))
+        {
+            end = next.0;
+            chain.push(next);
+        }
+    }
+    Ok(Some((base, chain)))
 }
 
 /// v1's snapshot of a partition (ADR 0001): every user in one JSON object.
@@ -597,12 +676,14 @@ struct V1Partition {
     users: BTreeMap<String, UserIndex>,
 }
 
-/// Streams a checkpoint into an empty keyspace; returns its `P`.
+/// Streams a checkpoint into an empty keyspace (a base), or over the state of the
+/// checkpoint it follows (a delta, `magic` says which); returns its `P`.
 async fn import_checkpoint(
     objects: &dyn ObjectStore,
     path: &Path,
     db: &Database,
     keyspace: &Keyspace,
+    magic: &[u8],
 ) -> Result<Meta, EngineError> {
     let bad = |why: &str| EngineError::Codec(format!("checkpoint {path}: {why}"));
     let mut stream = objects.get(path).await?.into_stream();
@@ -617,14 +698,14 @@ async fn import_checkpoint(
         // Take every complete frame in the buffer.
         loop {
             if !header {
-                if buf.len() < CHECKPOINT_MAGIC.len() {
+                if buf.len() < magic.len() {
                     break;
                 }
-                if &buf[..CHECKPOINT_MAGIC.len()] != CHECKPOINT_MAGIC {
-                    return Err(bad("not a checkpoint (or a newer format)"));
+                if &buf[..magic.len()] != magic {
+                    return Err(bad("not a checkpoint of this kind (or a newer format)"));
                 }
-                crc.update(&buf[..CHECKPOINT_MAGIC.len()]);
-                buf.advance(CHECKPOINT_MAGIC.len());
+                crc.update(&buf[..magic.len()]);
+                buf.advance(magic.len());
                 header = true;
                 continue;
             }
@@ -729,18 +810,41 @@ async fn import_v1(
     Ok(meta)
 }
 
-/// Reads the keyspace as of `snapshot` into checkpoint chunks, on a blocking thread.
+/// Reads the keyspace as of `snapshot` (all of it, or `keys` and `P`) into
+/// checkpoint chunks, on a blocking thread.
 fn export(
     snapshot: fjall::Snapshot,
     keyspace: Keyspace,
+    keys: Option<Vec<Vec<u8>>>,
     chunks: tokio::sync::mpsc::Sender<Bytes>,
 ) -> Result<(), EngineError> {
     let mut crc = crc32fast::Hasher::new();
     let mut buf = BytesMut::with_capacity(CHUNK + 1024);
-    buf.extend_from_slice(CHECKPOINT_MAGIC);
+    buf.extend_from_slice(if keys.is_some() {
+        DELTA_MAGIC
+    } else {
+        CHECKPOINT_MAGIC
+    });
     let mut count = 0u64;
-    for item in snapshot.iter(&keyspace) {
-        let (key, value) = item.into_inner().map_err(disk)?;
+    let items: Box<dyn Iterator<Item = Result<(fjall::Slice, fjall::Slice), EngineError>>> =
+        match keys {
+            None => Box::new(
+                snapshot
+                    .iter(&keyspace)
+                    .map(|item| item.into_inner().map_err(disk)),
+            ),
+            Some(keys) => Box::new(
+                keys.into_iter()
+                    .chain(std::iter::once(META.to_vec()))
+                    .filter_map(|key| match snapshot.get(&keyspace, &key) {
+                        Ok(Some(value)) => Some(Ok((fjall::Slice::from(key), value))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(disk(e))),
+                    }),
+            ),
+        };
+    for item in items {
+        let (key, value) = item?;
         let (Ok(key_len), Ok(value_len)) = (u32::try_from(key.len()), u32::try_from(value.len()))
         else {
             return Err(disk("a value over 4 GiB"));
@@ -768,31 +872,42 @@ fn export(
 }
 
 /// Uploads a checkpoint of the keyspace as `snapshot` has it, named after its
-/// `P`, then deletes older ones.
+/// `P` (and, for a delta, the checkpoint it follows); after a base, deletes older
+/// checkpoints. Returns `P` and the bytes uploaded, or `None` when nothing was
+/// ever written back (the log is the whole state).
 async fn write_checkpoint(
     snapshot: fjall::Snapshot,
     keyspace: Keyspace,
+    upload_kind: Upload,
     objects: Arc<dyn ObjectStore>,
     prefix: Path,
-) -> Result<(), EngineError> {
+) -> Result<Option<(i64, u64)>, EngineError> {
     let Some(meta) = snapshot
         .get(&keyspace, META)
         .map_err(disk)?
         .map(|b| postcard::from_bytes::<Meta>(&b).map_err(|e| disk(format!("P: {e}"))))
         .transpose()?
     else {
-        // Nothing written back yet: the log itself is the whole state.
-        return Ok(());
+        return Ok(None);
     };
     let next = meta.replay_from;
     // Zero-padded, so names sort by offset.
-    let path = prefix.clone().join(format!("{next:020}.ckpt"));
+    let (path, keys) = match upload_kind {
+        Upload::Base => (prefix.clone().join(format!("{next:020}.ckpt")), None),
+        Upload::Delta { from, keys } => (
+            prefix.clone().join(format!("{next:020}.{from:020}.delta")),
+            Some(keys),
+        ),
+    };
+    let base = keys.is_none();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let reader = tokio::task::spawn_blocking(move || export(snapshot, keyspace, tx));
+    let reader = tokio::task::spawn_blocking(move || export(snapshot, keyspace, keys, tx));
     let mut upload =
         mailmesh_objstore::object_store::buffered::BufWriter::new(objects.clone(), path.clone());
     let mut uploaded = Ok(());
+    let mut bytes = 0u64;
     while let Some(chunk) = rx.recv().await {
+        bytes += chunk.len() as u64;
         if let Err(e) = upload.put(chunk).await {
             uploaded = Err(EngineError::from(e));
             break;
@@ -810,20 +925,86 @@ async fn write_checkpoint(
     tokio::io::AsyncWriteExt::shutdown(&mut upload)
         .await
         .map_err(|e| disk(format!("checkpoint upload: {e}")))?;
-    let mut listing = objects.list(Some(&prefix));
-    let mut older = Vec::new();
-    while let Some(meta) = listing.next().await {
-        let meta = meta?;
-        if parse_name(&meta.location).is_some_and(|(offset, _)| offset <= next)
-            && meta.location != path
-        {
-            older.push(meta.location);
+    if base {
+        let mut listing = objects.list(Some(&prefix));
+        let mut older = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta?;
+            if parse_name(&meta.location).is_some_and(|(offset, _)| offset <= next)
+                && meta.location != path
+            {
+                older.push(meta.location);
+            }
+        }
+        for old in older {
+            objects.delete(&old).await?;
         }
     }
-    for old in older {
-        objects.delete(&old).await?;
+    Ok(Some((next, bytes)))
+}
+
+/// Imports a base and the deltas after it into an emptied keyspace. A delta that
+/// cannot be read ends the chain before it (the log from the checkpoint before it
+/// is replayed instead); a base that cannot be read fails the restore. Returns
+/// `P` and the chain the next checkpoint builds on.
+async fn restore_chain(
+    objects: &Arc<dyn ObjectStore>,
+    db: &Arc<IndexDb>,
+    keyspace: &Keyspace,
+    base: Stored,
+    mut deltas: Vec<Stored>,
+) -> Result<(Meta, Chain), EngineError> {
+    loop {
+        keyspace.clear().map_err(disk)?;
+        let (offset, kind, path, size) = &base;
+        let imported = match kind {
+            Kind::V1 => import_v1(&**objects, path, *offset, &db.db, keyspace).await,
+            _ => import_checkpoint(&**objects, path, &db.db, keyspace, CHECKPOINT_MAGIC).await,
+        };
+        let mut meta = match imported {
+            Ok(meta) => meta,
+            Err(e) => {
+                // No `P` was written; leave nothing half imported either.
+                keyspace.clear().map_err(disk)?;
+                return Err(e);
+            }
+        };
+        if meta.replay_from != *offset {
+            keyspace.clear().map_err(disk)?;
+            return Err(EngineError::Codec(format!(
+                "checkpoint {path} replays from {} (its name says {offset})",
+                meta.replay_from
+            )));
+        }
+        let mut chain = Chain {
+            // A v1 snapshot is followed by a v2 base.
+            end: (*kind == Kind::Checkpoint).then_some(*offset),
+            base_bytes: *size,
+            delta_bytes: 0,
+            deltas: 0,
+        };
+        let mut broken = None;
+        for (i, (to, _, path, size)) in deltas.iter().enumerate() {
+            match import_checkpoint(&**objects, path, &db.db, keyspace, DELTA_MAGIC).await {
+                Ok(m) if m.replay_from == *to => {
+                    meta = m;
+                    chain.end = Some(*to);
+                    chain.delta_bytes += size;
+                    chain.deltas += 1;
+                }
+                outcome => {
+                    tracing::warn!(%path, error = ?outcome.err(), "index: a checkpoint delta cannot be read; the log is replayed from the one before");
+                    broken = Some(i);
+                    break;
+                }
+            }
+        }
+        match broken {
+            // Half a delta may be in the keyspace: again, without it.
+            Some(i) => deltas.truncate(i),
+            None => return Ok((meta, chain)),
+        }
     }
-    Ok(())
 }
 
 impl StateMachine for PartitionIndex {
@@ -937,12 +1118,54 @@ impl StateMachine for PartitionIndex {
     ) -> Result<BoxFuture<'static, Result<(), EngineError>>, EngineError> {
         // What is written back, with its `P`: dirty users stay in the cache and the
         // log from `P` has their changes. Nothing is written here, so no request
-        // waits.
+        // waits. A delta carries the keys written back since the last checkpoint;
+        // a base (the first after a start, after a failed upload, or when the
+        // deltas grow) everything.
+        let chain = self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let upload = match chain.end {
+            // `P` has not moved: the next checkpoint takes these changes too.
+            Some(end) if end == self.persisted_from => return Ok(Box::pin(async { Ok(()) })),
+            Some(from)
+                if chain.deltas < MAX_DELTAS
+                    && chain.delta_bytes.saturating_mul(4) < chain.base_bytes =>
+            {
+                Upload::Delta {
+                    from,
+                    keys: std::mem::take(&mut self.changed).into_iter().collect(),
+                }
+            }
+            _ => {
+                self.changed.clear();
+                Upload::Base
+            }
+        };
         let snapshot = self.db.db.snapshot();
         let keyspace = self.keyspace.clone();
-        Ok(Box::pin(write_checkpoint(
-            snapshot, keyspace, objects, prefix,
-        )))
+        let shared = self.chain.clone();
+        Ok(Box::pin(async move {
+            let delta = matches!(upload, Upload::Delta { .. });
+            let written = write_checkpoint(snapshot, keyspace, upload, objects, prefix).await;
+            let mut chain = shared.lock().unwrap_or_else(|e| e.into_inner());
+            match &written {
+                Ok(Some((end, bytes))) if delta => {
+                    chain.end = Some(*end);
+                    chain.delta_bytes += bytes;
+                    chain.deltas += 1;
+                }
+                Ok(Some((end, bytes))) => {
+                    *chain = Chain {
+                        end: Some(*end),
+                        base_bytes: *bytes,
+                        delta_bytes: 0,
+                        deltas: 0,
+                    }
+                }
+                Ok(None) => {}
+                // The changes it carried are in no checkpoint: the next is a base.
+                Err(_) => *chain = Chain::default(),
+            }
+            written.map(|_| ())
+        }))
     }
 }
 
@@ -972,40 +1195,27 @@ impl PartitionIndex {
         let keyspace = db.keyspace(config)?;
         let local = Self::read_meta(&keyspace)?;
         let stored = newest(&**objects, prefix).await?;
+        let stored_end = stored
+            .as_ref()
+            .map(|(base, deltas)| deltas.last().map_or(base.0, |d| d.0));
         // The local store, unless a checkpoint is more than `MAX_REPLAY` ahead of
         // it (replaying that much is cheaper than a download, and the log from the
         // local `P` is still retained: it is younger than a checkpoint interval).
-        let local = local.filter(|l| {
-            stored
-                .as_ref()
-                .is_none_or(|(o, ..)| *o <= l.replay_from + MAX_REPLAY)
-        });
+        let local =
+            local.filter(|l| stored_end.is_none_or(|end| end <= l.replay_from + MAX_REPLAY));
+        let mut chain = Chain::default();
         let meta = match (local, stored) {
             (Some(local), _) => local,
-            (None, Some((offset, kind, path))) => {
-                keyspace.clear().map_err(disk)?;
+            (None, Some((base, deltas))) => {
                 let started = std::time::Instant::now();
-                let imported = match kind {
-                    Kind::Checkpoint => {
-                        import_checkpoint(&**objects, &path, &db.db, &keyspace).await
-                    }
-                    Kind::V1 => import_v1(&**objects, &path, offset, &db.db, &keyspace).await,
-                };
-                let meta = match imported {
-                    Ok(meta) => meta,
-                    Err(e) => {
-                        // No `P` was written; leave nothing half imported either.
-                        keyspace.clear().map_err(disk)?;
-                        return Err(e);
-                    }
-                };
-                if meta.replay_from != offset {
-                    return Err(EngineError::Codec(format!(
-                        "checkpoint {path} replays from {} (its name says {offset})",
-                        meta.replay_from
-                    )));
-                }
-                tracing::info!(%path, seconds = started.elapsed().as_secs_f64(), "index: checkpoint restored");
+                let (meta, restored) = restore_chain(objects, db, &keyspace, base, deltas).await?;
+                tracing::info!(
+                    checkpoints = restored.deltas + 1,
+                    replay_from = meta.replay_from,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "index: checkpoint restored"
+                );
+                chain = restored;
                 meta
             }
             (None, None) => Meta { replay_from: 0 },
@@ -1021,6 +1231,8 @@ impl PartitionIndex {
                 dirty: HashMap::new(),
                 dirty_order: BTreeSet::new(),
                 persisted_from: meta.replay_from,
+                changed: BTreeSet::new(),
+                chain: Arc::new(Mutex::new(chain)),
                 _claim: claim,
             },
             meta.replay_from,
@@ -1383,5 +1595,151 @@ mod tests {
         assert_eq!(next, half as i64);
         apply_all(&mut index, &log, half);
         assert_same(&index, &users, &oracle(&log));
+    }
+
+    async fn listed(objects: &Arc<dyn ObjectStore>) -> Vec<(String, u64)> {
+        let mut listed: Vec<(String, u64)> =
+            futures::TryStreamExt::try_collect::<Vec<_>>(objects.list(Some(&prefix())))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.location.filename().unwrap_or_default().to_owned(), m.size))
+                .collect();
+        listed.sort();
+        listed
+    }
+
+    /// Checkpoints after the first carry only the users written back since the one
+    /// before (deltas); a new replica restores the base and the deltas in order; a
+    /// missing or damaged delta ends the chain before it and the log is replayed
+    /// from there; a replica that starts on its own disk writes a base again, which
+    /// replaces the chain.
+    #[tokio::test]
+    async fn incremental_checkpoints_restore_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = objects(dir.path());
+        let users = users(40);
+        let mut log = workload(&users, 20);
+        let local = dir.path().join("index");
+        let db = IndexDb::open(Some(&local), 1 << 20, DELAY).unwrap();
+        let (mut index, _) = open(&db, &objects).await;
+        // Applies the log up to `to`, writes everything back and checkpoints.
+        let mut done = 0;
+        let mut step = async |index: &mut PartitionIndex, log: &[PartitionCommand], to: usize| {
+            apply_all(index, &log[..to], done);
+            done = to;
+            index.write_back(to as i64, None, usize::MAX).unwrap();
+            index
+                .checkpoint(to as i64, objects.clone(), prefix())
+                .unwrap()
+                .await
+                .unwrap();
+        };
+        let base_at = log.len();
+        step(&mut index, &log, base_at).await;
+        // Then two users change, then one.
+        let more = |u: &UserRef, i: usize| PartitionCommand::User {
+            user: u.clone(),
+            limits: IndexLimits::default(),
+            command: IndexCommand::Append {
+                mailbox: crate::index::INBOX.into(),
+                message: NewMessage {
+                    object: format!("1/cur/late-{i}"),
+                    size: 10,
+                    internal_date_ms: T0,
+                    flags: Flags::default(),
+                },
+                delivery_key: None,
+                quota_bytes: None,
+            },
+        };
+        for i in 0..10 {
+            log.push(more(&users[1 + i % 2], i));
+        }
+        let first_delta = log.len();
+        step(&mut index, &log, first_delta).await;
+        for i in 10..15 {
+            log.push(more(&users[3], i));
+        }
+        let second_delta = log.len();
+        step(&mut index, &log, second_delta).await;
+        // Nothing new: no checkpoint is written.
+        step(&mut index, &log, second_delta).await;
+        drop(index);
+        let objects_now = listed(&objects).await;
+        let names: Vec<&str> = objects_now.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                format!("{base_at:020}.ckpt"),
+                format!("{first_delta:020}.{base_at:020}.delta"),
+                format!("{second_delta:020}.{first_delta:020}.delta"),
+            ],
+            "a base and two deltas"
+        );
+        let (base_size, delta_size) = (objects_now[0].1, objects_now[1].1);
+        assert!(
+            delta_size * 10 < base_size,
+            "a delta of two users ({delta_size} B) is a fraction of the base ({base_size} B)"
+        );
+        // The rest of the log, for every replay below.
+        for i in 15..20 {
+            log.push(more(&users[5], i));
+        }
+        let expected = oracle(&log);
+
+        // A new pod: base, both deltas, the log after the last.
+        let fresh = async |log: &[PartitionCommand]| {
+            let db = IndexDb::open(None, 1 << 20, DELAY).unwrap();
+            let (mut index, next) = open(&db, &objects).await;
+            apply_all(&mut index, log, next as usize);
+            (index, next)
+        };
+        let (index, next) = fresh(&log).await;
+        assert_eq!(next, second_delta as i64);
+        assert_same(&index, &users, &expected);
+        drop(index);
+        // The last delta lost: the chain ends at the first.
+        let last = prefix().join(format!("{second_delta:020}.{first_delta:020}.delta"));
+        let kept = objects.get(&last).await.unwrap().bytes().await.unwrap();
+        objects.delete(&last).await.unwrap();
+        let (index, next) = fresh(&log).await;
+        assert_eq!(next, first_delta as i64);
+        assert_same(&index, &users, &expected);
+        drop(index);
+        // The first damaged: only the base is used.
+        objects.put(&last, kept.into()).await.unwrap();
+        let first = prefix().join(format!("{first_delta:020}.{base_at:020}.delta"));
+        let mut bytes = objects
+            .get(&first)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 1;
+        objects.put(&first, bytes.into()).await.unwrap();
+        let (index, next) = fresh(&log).await;
+        assert_eq!(next, base_at as i64);
+        assert_same(&index, &users, &expected);
+        drop(index);
+
+        // The first replica again, on its disk: its next checkpoint is a base,
+        // and the chain before it goes.
+        let (mut index, next) = open(&db, &objects).await;
+        apply_all(&mut index, &log, next as usize);
+        index
+            .write_back(log.len() as i64, None, usize::MAX)
+            .unwrap();
+        index
+            .checkpoint(log.len() as i64, objects.clone(), prefix())
+            .unwrap()
+            .await
+            .unwrap();
+        let names: Vec<String> = listed(&objects).await.into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, [format!("{:020}.ckpt", log.len())]);
+        assert_same(&index, &users, &expected);
     }
 }

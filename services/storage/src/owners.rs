@@ -99,7 +99,10 @@ impl Owners {
         let members = members_topic(mailbox_topic);
         let topic = owners_topic(mailbox_topic);
         queue.ensure_topic(&members, partitions).await?;
-        queue.ensure_topic(&topic, 1).await?;
+        // Only the latest announcement per partition matters (key: the partition).
+        queue
+            .ensure_topic_with(&topic, 1, &[("cleanup.policy", "compact".to_owned())])
+            .await?;
         if queue.partition_count(&members).await? != partitions {
             return Err(EngineError::Unavailable(format!(
                 "{members} must have as many partitions as {mailbox_topic} ({partitions})"

@@ -460,6 +460,8 @@ impl<S: StateMachine> Replica<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        // And waiting readers at once (`reach`), not at their timeout.
+        self.applied.send_modify(|_| {});
     }
 
     /// Stops applying the log (the partition moved to another replica): calls in
@@ -475,6 +477,16 @@ impl<S: StateMachine> Replica<S> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.applied.send_modify(|_| {});
+    }
+
+    fn has_failed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+            || self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
     }
 
     fn check_failed(&self) -> Result<(), EngineError> {
@@ -579,7 +591,7 @@ impl<S: StateMachine> Replica<S> {
     /// the reader first. Gives up after `write_timeout` (the reader applies it).
     async fn apply_in_turn(&self, offset: i64, payload: &[u8]) {
         let mut applied = self.applied.subscribe();
-        let turn = applied.wait_for(|&next| next >= offset);
+        let turn = applied.wait_for(|&next| next >= offset || self.has_failed());
         if !matches!(
             tokio::time::timeout(self.config.write_timeout, turn).await,
             Ok(Ok(_))
@@ -664,7 +676,7 @@ impl<S: StateMachine> Replica<S> {
         let mut applied = self.applied.subscribe();
         let reached = tokio::time::timeout(
             self.config.write_timeout,
-            applied.wait_for(|&next| next >= position),
+            applied.wait_for(|&next| next >= position || self.has_failed()),
         )
         .await;
         match reached {

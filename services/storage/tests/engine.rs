@@ -704,7 +704,8 @@ on_both!(
     tenants_are_isolated,
     restart_replays_to_the_same_state,
     rename_inbox_and_delete_mailbox,
-    tenant_storage_limit
+    tenant_storage_limit,
+    the_log_before_a_checkpoint_may_go
 );
 
 /// Snapshots go out on time too, so a quiet log (the directory) is covered before
@@ -759,6 +760,262 @@ async fn a_log_with_a_hole_is_refused() {
         matches!(&err, EngineError::Unavailable(m) if m.contains("missing from the log")),
         "{err}"
     );
+}
+
+/// Retention may remove the log before the newest checkpoint (`P` of the end of its
+/// chain): a new replica restores the checkpoint and reads on from `P`. Removing
+/// anything after `P` is refused (a hole).
+async fn the_log_before_a_checkpoint_may_go(mut b: Backends) {
+    b.config.snapshot_every = 7;
+    // Every change written back at once, so checkpoints cover the commands.
+    b.config.index_writeback_delay = Duration::ZERO;
+    let engine = b.engine().await;
+    let olga = tenant_with_user(&engine, "acme", "olga@acme.test", None).await;
+    for i in 0..20 {
+        engine
+            .append(
+                &olga,
+                INBOX,
+                Bytes::from(format!("m{i}")),
+                Flags::default(),
+                0,
+            )
+            .await
+            .unwrap();
+    }
+    let partition = engine.partition(&olga);
+    let prefix = Path::from(format!("index/{}/{partition}", b.config.mailbox_topic));
+    // The end of the newest chain of checkpoints: every 7 records one is written.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let kept_from = loop {
+        let names: Vec<String> =
+            futures::TryStreamExt::try_collect::<Vec<_>>(b.objects.list(Some(&prefix)))
+                .await
+                .unwrap()
+                .into_iter()
+                .filter_map(|m| m.location.filename().map(str::to_owned))
+                .collect();
+        let end = names
+            .iter()
+            .filter_map(|n| n.split('.').next()?.parse::<i64>().ok())
+            .max();
+        if let Some(end) = end.filter(|e| *e > 0) {
+            break end;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of partition {partition}: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop(engine);
+    // No checkpoint after this point, so the last check below sees a hole.
+    b.config.snapshot_every = 1_000_000;
+
+    // A new replica (no local index) on a log whose records before `P` are gone.
+    let retained: Arc<dyn Queue> = Arc::new(Retained {
+        inner: b.queue.clone(),
+        topic: b.config.mailbox_topic.clone(),
+        partition,
+        from: kept_from,
+    });
+    let engine = StorageEngine::open(retained, b.objects.clone(), b.config.clone())
+        .await
+        .unwrap();
+    let uids = engine
+        .read_index(&olga, |i| {
+            i.unwrap()
+                .mailbox(INBOX)
+                .unwrap()
+                .messages
+                .keys()
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+    assert_eq!(uids, (1..=20).collect::<Vec<_>>());
+    for (i, uid) in [(20, 21), (21, 22)] {
+        let appended = engine
+            .append(
+                &olga,
+                INBOX,
+                Bytes::from(format!("m{i}")),
+                Flags::default(),
+                0,
+            )
+            .await
+            .unwrap();
+        assert_eq!(appended.uid, uid);
+    }
+    // Their records lie after every checkpoint: a log that lost the first of them
+    // (the second is there) is refused, never served without it.
+    let end = engine.position(&olga).await.unwrap() as i64;
+    drop(engine);
+    let holed: Arc<dyn Queue> = Arc::new(Retained {
+        inner: b.queue.clone(),
+        topic: b.config.mailbox_topic.clone(),
+        partition,
+        from: end - 1,
+    });
+    let engine = StorageEngine::open(holed, b.objects.clone(), b.config.clone())
+        .await
+        .unwrap();
+    let refused = engine
+        .read_index(&olga, |i| {
+            i.map(|i| i.mailbox(INBOX).map(|m| m.status().messages))
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(EngineError::Unavailable(m)) if m.contains("missing from the log")),
+        "{refused:?}"
+    );
+}
+
+/// A queue whose readers of one partition see nothing before `from`, as after
+/// the broker's retention removed it.
+struct Retained {
+    inner: Arc<dyn Queue>,
+    topic: String,
+    partition: i32,
+    from: i64,
+}
+
+struct RetainedReader {
+    inner: Box<dyn mailmesh_queue::PartitionReader>,
+    from: i64,
+}
+
+#[async_trait::async_trait]
+impl mailmesh_queue::PartitionReader for RetainedReader {
+    async fn recv(&mut self) -> mailmesh_queue::Result<mailmesh_queue::Record> {
+        loop {
+            let record = self.inner.recv().await?;
+            if record.offset >= self.from {
+                return Ok(record);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Queue for Retained {
+    async fn membership(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
+        self.inner.membership(group, topic).await
+    }
+    async fn publish(
+        &self,
+        record: mailmesh_queue::OutgoingRecord,
+    ) -> mailmesh_queue::Result<mailmesh_queue::Position> {
+        self.inner.publish(record).await
+    }
+    async fn consumer(
+        &self,
+        group: &str,
+        topics: &[&str],
+    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::Consumer>> {
+        self.inner.consumer(group, topics).await
+    }
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::PartitionReader>> {
+        let inner = self.inner.reader(topic, partition, offset).await?;
+        let from = if topic == self.topic && partition == self.partition {
+            self.from
+        } else {
+            0
+        };
+        Ok(Box::new(RetainedReader { inner, from }))
+    }
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
+        self.inner.ensure_topic(topic, partitions).await
+    }
+    async fn partition_count(&self, topic: &str) -> mailmesh_queue::Result<i32> {
+        self.inner.partition_count(topic).await
+    }
+    async fn end_offset(&self, topic: &str, partition: i32) -> mailmesh_queue::Result<Option<i64>> {
+        self.inner.end_offset(topic, partition).await
+    }
+    async fn ping(&self) -> mailmesh_queue::Result<()> {
+        self.inner.ping().await
+    }
+}
+
+/// A replica refuses to start on a log the broker keeps for less than the
+/// checkpoints need, saying which topic and what to raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_kept_too_briefly_is_refused() {
+    let b = embedded().await;
+    let short: Arc<dyn Queue> = Arc::new(KeptFor(b.queue.clone(), Duration::from_secs(600)));
+    let Err(err) = StorageEngine::open(short, b.objects.clone(), b.config.clone()).await else {
+        panic!("a replica started on a log kept 10 minutes");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains(&b.config.directory_topic) && message.contains("retention.ms"),
+        "{message}"
+    );
+    let long: Arc<dyn Queue> = Arc::new(KeptFor(b.queue.clone(), Duration::from_secs(86400)));
+    StorageEngine::open(long, b.objects.clone(), b.config.clone())
+        .await
+        .unwrap();
+}
+
+/// A queue whose broker says it keeps records for `.1`.
+struct KeptFor(Arc<dyn Queue>, Duration);
+
+#[async_trait::async_trait]
+impl Queue for KeptFor {
+    async fn membership(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
+        self.0.membership(group, topic).await
+    }
+    async fn publish(
+        &self,
+        record: mailmesh_queue::OutgoingRecord,
+    ) -> mailmesh_queue::Result<mailmesh_queue::Position> {
+        self.0.publish(record).await
+    }
+    async fn consumer(
+        &self,
+        group: &str,
+        topics: &[&str],
+    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::Consumer>> {
+        self.0.consumer(group, topics).await
+    }
+    async fn reader(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::PartitionReader>> {
+        self.0.reader(topic, partition, offset).await
+    }
+    async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
+        self.0.ensure_topic(topic, partitions).await
+    }
+    async fn retention(&self, _topic: &str) -> mailmesh_queue::Result<Option<Duration>> {
+        Ok(Some(self.1))
+    }
+    async fn partition_count(&self, topic: &str) -> mailmesh_queue::Result<i32> {
+        self.0.partition_count(topic).await
+    }
+    async fn end_offset(&self, topic: &str, partition: i32) -> mailmesh_queue::Result<Option<i64>> {
+        self.0.end_offset(topic, partition).await
+    }
+    async fn ping(&self) -> mailmesh_queue::Result<()> {
+        self.0.ping().await
+    }
 }
 
 /// A queue whose partition readers never see offset 0, as after retention removed it.
