@@ -740,7 +740,12 @@ impl Queue for EmbeddedLog {
     }
 
     /// One process uses the log: it is assigned every partition.
-    async fn membership(&self, group: &str, topic: &str) -> Result<crate::Membership> {
+    async fn membership(
+        &self,
+        group: &str,
+        topic: &str,
+        _session_timeout: Duration,
+    ) -> Result<crate::Membership> {
         if group.is_empty() {
             return Err(QueueError::InvalidGroup(group.to_owned()));
         }

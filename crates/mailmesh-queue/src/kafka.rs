@@ -422,7 +422,12 @@ impl Queue for KafkaQueue {
         Ok(Box::new(KafkaReader { consumer }))
     }
 
-    async fn membership(&self, group: &str, topic: &str) -> Result<crate::Membership> {
+    async fn membership(
+        &self,
+        group: &str,
+        topic: &str,
+        session_timeout: Duration,
+    ) -> Result<crate::Membership> {
         validate_topic(topic)?;
         if group.is_empty() {
             return Err(QueueError::InvalidGroup(group.to_owned()));
@@ -439,7 +444,7 @@ impl Queue for KafkaQueue {
             .set("auto.offset.reset", "latest")
             .set(
                 "session.timeout.ms",
-                self.config.session_timeout.as_millis().to_string(),
+                session_timeout.as_millis().to_string(),
             )
             // A rebalance waits for every member's next heartbeat (twice: the
             // cooperative protocol revokes, then assigns).

@@ -153,8 +153,14 @@ pub trait Queue: Send + Sync {
 
     /// Joins `group` as a member that is assigned partitions of `topic` (balanced
     /// over the members, moved as few as possible when members come and go) and
-    /// reads none of their records.
-    async fn membership(&self, group: &str, topic: &str) -> Result<Membership>;
+    /// reads none of their records. A member silent for `session_timeout` loses
+    /// its partitions.
+    async fn membership(
+        &self,
+        group: &str,
+        topic: &str,
+        session_timeout: Duration,
+    ) -> Result<Membership>;
 
     /// Creates a topic if it does not exist.
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> Result<()>;

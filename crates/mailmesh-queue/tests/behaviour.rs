@@ -403,14 +403,20 @@ async fn kafka_members_split_partitions_and_take_over_a_leaver() {
     let group = unique("g");
     let (one, two) = (kafka(), kafka());
     one.ensure_topic(&topic, 6).await.unwrap();
-    let mut a = one.membership(&group, &topic).await.unwrap();
+    let mut a = one
+        .membership(&group, &topic, Duration::from_secs(6))
+        .await
+        .unwrap();
     let all: std::collections::BTreeSet<i32> = (0..6).collect();
     let alone = assignment_where(&mut a, "the first member owns every partition", |x| {
         x.joined && x.partitions.len() == 6
     })
     .await;
     assert_eq!(alone, all);
-    let mut b = two.membership(&group, &topic).await.unwrap();
+    let mut b = two
+        .membership(&group, &topic, Duration::from_secs(6))
+        .await
+        .unwrap();
     let theirs = assignment_where(&mut b, "the second member is given partitions", |x| {
         x.joined && !x.partitions.is_empty()
     })
@@ -450,7 +456,10 @@ async fn embedded_member_owns_every_partition() {
     let dir = tempfile::tempdir().unwrap();
     let queue = embedded(dir.path()).await;
     queue.ensure_topic("owners", 5).await.unwrap();
-    let member = queue.membership("g", "owners").await.unwrap();
+    let member = queue
+        .membership("g", "owners", Duration::from_secs(6))
+        .await
+        .unwrap();
     let assignment = member.assignment.borrow().clone();
     assert!(assignment.joined);
     assert_eq!(assignment.partitions, (0..5).collect());

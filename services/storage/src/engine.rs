@@ -79,6 +79,10 @@ pub struct StorageConfig {
     /// opens every partition it is asked about (all replicas of a deployment
     /// must agree).
     pub owned_partitions: bool,
+    /// A replica silent this long (killed, frozen, cut off) loses its partitions
+    /// to the others: the bound on how long its users wait after a crash.
+    #[serde(with = "humantime_serde")]
+    pub owner_session_timeout: Duration,
     /// The host (name or IP address) other replicas forward calls to, on the
     /// gRPC port; the chart gives the pod's IP address. Without it, the gRPC
     /// listener's address when it names one.
@@ -141,6 +145,7 @@ impl Default for StorageConfig {
             index_limits: IndexLimits::default(),
             outbound_retry_prefix: crate::retry_index::DEFAULT_PREFIX.into(),
             owned_partitions: true,
+            owner_session_timeout: Duration::from_secs(6),
             advertise_host: None,
             password_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             password_queue: 1024,
@@ -177,6 +182,14 @@ impl mailmesh_kit::config::Validate for StorageConfig {
             return Err(ConfigError::invalid(
                 "storage.index_cache_bytes",
                 "must be at least 1 MiB",
+            ));
+        }
+        if !(Duration::from_secs(3)..=Duration::from_secs(300))
+            .contains(&self.owner_session_timeout)
+        {
+            return Err(ConfigError::invalid(
+                "storage.owner_session_timeout",
+                "must be 3s to 5m (heartbeats go every second)",
             ));
         }
         if self.log_retention < self.min_log_retention() {
@@ -505,6 +518,7 @@ impl StorageEngine {
                     &config.mailbox_topic,
                     partitions,
                     config.write_timeout,
+                    config.owner_session_timeout,
                 )
                 .await?,
             )

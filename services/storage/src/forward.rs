@@ -98,16 +98,32 @@ impl Peers for PeerChannels {
     }
 }
 
+/// Whether `status` was made by this side's client (the owner was not reached,
+/// or the connection broke mid-call: `UNAVAILABLE`, `UNKNOWN` "transport error",
+/// …): it carries its cause; a status the owner sent does not.
+fn unreached(status: &Status) -> bool {
+    std::error::Error::source(status).is_some()
+}
+
 /// May a call that failed with `status` at `owner` be sent again elsewhere?
 fn refused(status: &Status, resend_if_unreached: bool) -> bool {
-    if status.metadata().get(NOT_OWNER_METADATA).is_some() {
-        return true;
-    }
-    // A status made by the client (the owner was not reached, or the connection
-    // broke) carries its cause; one the owner sent does not.
-    resend_if_unreached
-        && status.code() == tonic::Code::Unavailable
-        && std::error::Error::source(status).is_some()
+    status.metadata().get(NOT_OWNER_METADATA).is_some()
+        || (resend_if_unreached && unreached(status))
+}
+
+/// What the caller is told when the owner gave no answer: a temporary failure
+/// (the outcome of a write is unknown), never the transport's own code.
+fn answered<T>(outcome: Result<T, Status>) -> Result<T, Status> {
+    outcome.map_err(|status| {
+        if unreached(&status) {
+            Status::unavailable(format!(
+                "the owner of the mailbox partition did not answer: {}",
+                status.message()
+            ))
+        } else {
+            status
+        }
+    })
 }
 
 impl Routed {
@@ -216,9 +232,9 @@ macro_rules! routed {
                             crate::metrics::forwarded("rerouted");
                             not_there = Some(owner);
                         }
-                        answered => {
+                        outcome => {
                             crate::metrics::forwarded("answered");
-                            return answered;
+                            return answered(outcome);
                         }
                     }
                 }
@@ -431,7 +447,7 @@ impl MailboxesApi for Routed {
                     .chain(rest.filter_map(|c| futures::future::ready(c.ok())));
                 let onward = Request::from_parts(metadata, tonic::Extensions::default(), body);
                 crate::metrics::forwarded("answered");
-                self.client(&owner.addr)?.append_stream(onward).await
+                answered(self.client(&owner.addr)?.append_stream(onward).await)
             }
         }
     }
@@ -458,9 +474,9 @@ impl MailboxesApi for Routed {
                             crate::metrics::forwarded("rerouted");
                             not_there = Some(owner);
                         }
-                        answered => {
+                        outcome => {
                             crate::metrics::forwarded("answered");
-                            return answered.map(boxed);
+                            return answered(outcome.map(boxed));
                         }
                     }
                 }
@@ -502,9 +518,9 @@ impl MailboxesApi for Routed {
                             crate::metrics::forwarded("rerouted");
                             not_there = Some(owner);
                         }
-                        answered => {
+                        outcome => {
                             crate::metrics::forwarded("answered");
-                            return answered.map(boxed);
+                            return answered(outcome.map(boxed));
                         }
                     }
                 }
@@ -519,5 +535,6 @@ impl MailboxesApi for Routed {
 /// An owner's streamed answer as this service's stream type.
 fn boxed<T: Send + 'static>(response: Response<tonic::Streaming<T>>) -> Response<BoxStream<T>> {
     let (metadata, stream, extensions) = response.into_parts();
-    Response::from_parts(metadata, Box::pin(stream), extensions)
+    // A broken connection mid-stream reaches the caller as a temporary failure.
+    Response::from_parts(metadata, Box::pin(stream.map(answered)), extensions)
 }

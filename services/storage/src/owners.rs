@@ -95,6 +95,7 @@ impl Owners {
         mailbox_topic: &str,
         partitions: i32,
         patience: Duration,
+        session_timeout: Duration,
     ) -> Result<Arc<Self>, EngineError> {
         let members = members_topic(mailbox_topic);
         let topic = owners_topic(mailbox_topic);
@@ -109,7 +110,7 @@ impl Owners {
             )));
         }
         let membership = queue
-            .membership(&owners_group(mailbox_topic), &members)
+            .membership(&owners_group(mailbox_topic), &members, session_timeout)
             .await?;
         let reader = queue.reader(&topic, 0, 0).await?;
         let map = watch::channel(HashMap::new()).0;

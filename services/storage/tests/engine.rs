@@ -904,8 +904,9 @@ impl Queue for Retained {
         &self,
         group: &str,
         topic: &str,
+        session_timeout: Duration,
     ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
-        self.inner.membership(group, topic).await
+        self.inner.membership(group, topic, session_timeout).await
     }
     async fn publish(
         &self,
@@ -977,8 +978,9 @@ impl Queue for KeptFor {
         &self,
         group: &str,
         topic: &str,
+        session_timeout: Duration,
     ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
-        self.0.membership(group, topic).await
+        self.0.membership(group, topic, session_timeout).await
     }
     async fn publish(
         &self,
@@ -1041,8 +1043,9 @@ impl Queue for LosesFirstRecord {
         &self,
         group: &str,
         topic: &str,
+        session_timeout: Duration,
     ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
-        self.0.membership(group, topic).await
+        self.0.membership(group, topic, session_timeout).await
     }
     async fn publish(
         &self,
@@ -1187,8 +1190,9 @@ impl Queue for LaggingReaders {
         &self,
         group: &str,
         topic: &str,
+        session_timeout: Duration,
     ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
-        self.inner.membership(group, topic).await
+        self.inner.membership(group, topic, session_timeout).await
     }
     async fn publish(
         &self,

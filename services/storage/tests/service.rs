@@ -1003,3 +1003,142 @@ async fn the_tenant_storage_limit_counts_every_owners_partitions() {
         );
     }
 }
+
+/// Deliveries keep being acknowledged while partition owners come and go (one
+/// killed, one added), each exactly once: a caller that retries an unanswered
+/// delivery with its key (as the delivery worker does) never stores it twice, and
+/// nothing acknowledged is lost in a move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_survive_owners_coming_and_going_exactly_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const USERS: usize = 12;
+    const MESSAGES: usize = 240;
+    let run = format!("mov{}", uuid::Uuid::new_v4().simple());
+    let (one, mut two) = (start(&run), start(&run));
+    let mut dir1 = DirectoryClient::new(channel(&one, Role::Admin).await);
+    tenant_with_domain(&mut dir1, "acme", "acme.test").await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        users.push(
+            dir1.add_user(v1::AddUserRequest {
+                address: format!("user{i}@acme.test"),
+                password: "s3cret-passphrase".into(),
+                quota_bytes: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap(),
+        );
+    }
+    // Both replicas own partitions before the writes start.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while metric(
+        &one,
+        "mailmesh_storage_mailbox_partitions",
+        "state=\"owned\"",
+    )
+    .await
+        < 1.0
+        || metric(
+            &two,
+            "mailmesh_storage_mailbox_partitions",
+            "state=\"owned\"",
+        )
+        .await
+            < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the replicas never split the partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deliver = MailboxesClient::new(channel(&one, Role::DeliveryWorker).await);
+    let done = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (users, done) = (users.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut deliver = deliver;
+            let mut retries = 0;
+            for i in 0..MESSAGES {
+                let request = v1::DeliverRequest {
+                    user: Some(users[i % USERS].clone()),
+                    message: format!("Subject: m{i}\r\n\r\nbody\r\n").into_bytes(),
+                    delivered_to: format!("user{}@acme.test", i % USERS),
+                    delivery_key: format!("q/{i}"),
+                    ..Default::default()
+                };
+                let deadline = Instant::now() + Duration::from_secs(120);
+                loop {
+                    match deliver.deliver(request.clone()).await {
+                        Ok(_) => break,
+                        Err(s) if s.code() == tonic::Code::Unavailable => {
+                            assert!(Instant::now() < deadline, "m{i} never acknowledged: {s:?}");
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(s) => panic!("m{i}: {s:?}"),
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                if i >= 2 * MESSAGES / 3 {
+                    // Slower, so the newcomer joins while deliveries go on.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            retries
+        })
+    };
+    let reached = async |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while done.load(Ordering::Relaxed) < n {
+            assert!(
+                Instant::now() < deadline,
+                "stuck at {} deliveries",
+                done.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    reached(MESSAGES / 3).await;
+    let _ = two.child.kill();
+    let _ = two.child.wait();
+    reached(2 * MESSAGES / 3).await;
+    let three = start(&run);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while metric(
+        &three,
+        "mailmesh_storage_mailbox_partitions",
+        "state=\"owned\"",
+    )
+    .await
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the newcomer was given no partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let joined_at = done.load(Ordering::Relaxed);
+    let retries = writer.await.unwrap();
+    eprintln!("the newcomer owned partitions after {joined_at} deliveries");
+    eprintln!("{MESSAGES} deliveries acknowledged, {retries} retried after UNAVAILABLE");
+    // Read through the newcomer (forwarded to each owner): every user holds each
+    // of their deliveries once.
+    let mut admin3 = MailboxesClient::new(channel(&three, Role::Admin).await);
+    for user in &users {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let count = loop {
+            if let Some(count) = inbox_count(&mut admin3, user).await {
+                break count;
+            }
+            assert!(Instant::now() < deadline, "{user:?} unreadable");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(count as usize, MESSAGES / USERS, "{user:?}");
+    }
+}
