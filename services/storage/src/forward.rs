@@ -208,7 +208,10 @@ impl Routed {
 /// The routing of one unary call: served here, or sent to the owner and routed
 /// again (at most [`ROUTES`] times) when refused.
 macro_rules! routed {
-    ($this:ident, $r:ident, $method:ident, $user:expr, resend_if_unreached = $resend:expr) => {{
+    ($this:ident, $r:ident, $method:ident, $user:expr, resend_if_unreached = $resend:expr) => {
+        routed!($this, $r, $method, $user, resend_if_unreached = $resend, then = |answer| answer)
+    };
+    ($this:ident, $r:ident, $method:ident, $user:expr, resend_if_unreached = $resend:expr, then = $then:expr) => {{
         let mut r = $r;
         let forwarded = Self::forwarded(&mut r)?;
         let user: Option<v1::UserRef> = ($user)(r.get_ref());
@@ -234,7 +237,7 @@ macro_rules! routed {
                         }
                         outcome => {
                             crate::metrics::forwarded("answered");
-                            return answered(outcome);
+                            return answered(outcome.map($then));
                         }
                     }
                 }
@@ -454,37 +457,15 @@ impl MailboxesApi for Routed {
 
     type FetchStream = BoxStream<v1::FetchChunk>;
 
-    async fn fetch(&self, mut r: Request<v1::FetchRequest>) -> Reply<Self::FetchStream> {
-        let forwarded = Self::forwarded(&mut r)?;
-        let Ok(user) = user_ref(r.get_ref().user.clone()) else {
-            return self.local.fetch(r).await;
-        };
-        if forwarded {
-            self.here(&user)?;
-            return self.local.fetch(r).await;
-        }
-        let mut not_there: Option<Owner> = None;
-        for _ in 0..ROUTES {
-            match self.engine.route(&user, not_there.as_ref()).await? {
-                Route::Here => return self.local.fetch(r).await,
-                Route::There(owner) => {
-                    let onward = Self::onward(&r, r.get_ref().clone())?;
-                    match self.client(&owner.addr)?.fetch(onward).await {
-                        Err(status) if refused(&status, true) => {
-                            crate::metrics::forwarded("rerouted");
-                            not_there = Some(owner);
-                        }
-                        outcome => {
-                            crate::metrics::forwarded("answered");
-                            return answered(outcome.map(boxed));
-                        }
-                    }
-                }
-            }
-        }
-        Err(Status::unavailable(
-            "the mailbox partition's owner is moving; try again",
-        ))
+    async fn fetch(&self, r: Request<v1::FetchRequest>) -> Reply<Self::FetchStream> {
+        routed!(
+            self,
+            r,
+            fetch,
+            |r: &v1::FetchRequest| r.user.clone(),
+            resend_if_unreached = true,
+            then = boxed
+        )
     }
 
     async fn tenant_usage(
@@ -498,37 +479,15 @@ impl MailboxesApi for Routed {
 
     /// Follows the owner's changes; when the partition moves the stream ends and
     /// the caller watches again (as after any lost stream).
-    async fn watch(&self, mut r: Request<v1::UserRef>) -> Reply<Self::WatchStream> {
-        let forwarded = Self::forwarded(&mut r)?;
-        let Ok(user) = user_ref(Some(r.get_ref().clone())) else {
-            return self.local.watch(r).await;
-        };
-        if forwarded {
-            self.here(&user)?;
-            return self.local.watch(r).await;
-        }
-        let mut not_there: Option<Owner> = None;
-        for _ in 0..ROUTES {
-            match self.engine.route(&user, not_there.as_ref()).await? {
-                Route::Here => return self.local.watch(r).await,
-                Route::There(owner) => {
-                    let onward = Self::onward(&r, r.get_ref().clone())?;
-                    match self.client(&owner.addr)?.watch(onward).await {
-                        Err(status) if refused(&status, true) => {
-                            crate::metrics::forwarded("rerouted");
-                            not_there = Some(owner);
-                        }
-                        outcome => {
-                            crate::metrics::forwarded("answered");
-                            return answered(outcome.map(boxed));
-                        }
-                    }
-                }
-            }
-        }
-        Err(Status::unavailable(
-            "the mailbox partition's owner is moving; try again",
-        ))
+    async fn watch(&self, r: Request<v1::UserRef>) -> Reply<Self::WatchStream> {
+        routed!(
+            self,
+            r,
+            watch,
+            |r: &v1::UserRef| Some(r.clone()),
+            resend_if_unreached = true,
+            then = boxed
+        )
     }
 }
 

@@ -751,7 +751,10 @@ async fn a_log_with_a_hole_is_refused() {
         tenant_with_user(&engine, "acme", "hole@acme.test", None).await;
     }
     // The same log, read by a replica that finds its first records gone.
-    let lossy: Arc<dyn Queue> = Arc::new(LosesFirstRecord(b.queue.clone()));
+    let lossy: Arc<dyn Queue> = Arc::new(Faulty {
+        gone_below: Some((None, 1)),
+        ..Faulty::new(b.queue.clone())
+    });
     let err = StorageEngine::open(lossy, b.objects.clone(), b.config.clone()).await;
     let Err(err) = err else {
         panic!("a replica served a log with a hole")
@@ -813,11 +816,9 @@ async fn the_log_before_a_checkpoint_may_go(mut b: Backends) {
     b.config.snapshot_every = 1_000_000;
 
     // A new replica (no local index) on a log whose records before `P` are gone.
-    let retained: Arc<dyn Queue> = Arc::new(Retained {
-        inner: b.queue.clone(),
-        topic: b.config.mailbox_topic.clone(),
-        partition,
-        from: kept_from,
+    let retained: Arc<dyn Queue> = Arc::new(Faulty {
+        gone_below: Some((Some((b.config.mailbox_topic.clone(), partition)), kept_from)),
+        ..Faulty::new(b.queue.clone())
     });
     let engine = StorageEngine::open(retained, b.objects.clone(), b.config.clone())
         .await
@@ -852,11 +853,9 @@ async fn the_log_before_a_checkpoint_may_go(mut b: Backends) {
     // (the second is there) is refused, never served without it.
     let end = engine.position(&olga).await.unwrap() as i64;
     drop(engine);
-    let holed: Arc<dyn Queue> = Arc::new(Retained {
-        inner: b.queue.clone(),
-        topic: b.config.mailbox_topic.clone(),
-        partition,
-        from: end - 1,
+    let holed: Arc<dyn Queue> = Arc::new(Faulty {
+        gone_below: Some((Some((b.config.mailbox_topic.clone(), partition)), end - 1)),
+        ..Faulty::new(b.queue.clone())
     });
     let engine = StorageEngine::open(holed, b.objects.clone(), b.config.clone())
         .await
@@ -872,89 +871,15 @@ async fn the_log_before_a_checkpoint_may_go(mut b: Backends) {
     );
 }
 
-/// A queue whose readers of one partition see nothing before `from`, as after
-/// the broker's retention removed it.
-struct Retained {
-    inner: Arc<dyn Queue>,
-    topic: String,
-    partition: i32,
-    from: i64,
-}
-
-struct RetainedReader {
-    inner: Box<dyn mailmesh_queue::PartitionReader>,
-    from: i64,
-}
-
-#[async_trait::async_trait]
-impl mailmesh_queue::PartitionReader for RetainedReader {
-    async fn recv(&mut self) -> mailmesh_queue::Result<mailmesh_queue::Record> {
-        loop {
-            let record = self.inner.recv().await?;
-            if record.offset >= self.from {
-                return Ok(record);
-            }
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Queue for Retained {
-    async fn membership(
-        &self,
-        group: &str,
-        topic: &str,
-        session_timeout: Duration,
-    ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
-        self.inner.membership(group, topic, session_timeout).await
-    }
-    async fn publish(
-        &self,
-        record: mailmesh_queue::OutgoingRecord,
-    ) -> mailmesh_queue::Result<mailmesh_queue::Position> {
-        self.inner.publish(record).await
-    }
-    async fn consumer(
-        &self,
-        group: &str,
-        topics: &[&str],
-    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::Consumer>> {
-        self.inner.consumer(group, topics).await
-    }
-    async fn reader(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::PartitionReader>> {
-        let inner = self.inner.reader(topic, partition, offset).await?;
-        let from = if topic == self.topic && partition == self.partition {
-            self.from
-        } else {
-            0
-        };
-        Ok(Box::new(RetainedReader { inner, from }))
-    }
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
-        self.inner.ensure_topic(topic, partitions).await
-    }
-    async fn partition_count(&self, topic: &str) -> mailmesh_queue::Result<i32> {
-        self.inner.partition_count(topic).await
-    }
-    async fn end_offset(&self, topic: &str, partition: i32) -> mailmesh_queue::Result<Option<i64>> {
-        self.inner.end_offset(topic, partition).await
-    }
-    async fn ping(&self) -> mailmesh_queue::Result<()> {
-        self.inner.ping().await
-    }
-}
-
 /// A replica refuses to start on a log the broker keeps for less than the
 /// checkpoints need, saying which topic and what to raise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_kept_too_briefly_is_refused() {
     let b = embedded().await;
-    let short: Arc<dyn Queue> = Arc::new(KeptFor(b.queue.clone(), Duration::from_secs(600)));
+    let short: Arc<dyn Queue> = Arc::new(Faulty {
+        retention: Some(Duration::from_secs(600)),
+        ..Faulty::new(b.queue.clone())
+    });
     let Err(err) = StorageEngine::open(short, b.objects.clone(), b.config.clone()).await else {
         panic!("a replica started on a log kept 10 minutes");
     };
@@ -963,122 +888,13 @@ async fn a_log_kept_too_briefly_is_refused() {
         message.contains(&b.config.directory_topic) && message.contains("retention.ms"),
         "{message}"
     );
-    let long: Arc<dyn Queue> = Arc::new(KeptFor(b.queue.clone(), Duration::from_secs(86400)));
+    let long: Arc<dyn Queue> = Arc::new(Faulty {
+        retention: Some(Duration::from_secs(86400)),
+        ..Faulty::new(b.queue.clone())
+    });
     StorageEngine::open(long, b.objects.clone(), b.config.clone())
         .await
         .unwrap();
-}
-
-/// A queue whose broker says it keeps records for `.1`.
-struct KeptFor(Arc<dyn Queue>, Duration);
-
-#[async_trait::async_trait]
-impl Queue for KeptFor {
-    async fn membership(
-        &self,
-        group: &str,
-        topic: &str,
-        session_timeout: Duration,
-    ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
-        self.0.membership(group, topic, session_timeout).await
-    }
-    async fn publish(
-        &self,
-        record: mailmesh_queue::OutgoingRecord,
-    ) -> mailmesh_queue::Result<mailmesh_queue::Position> {
-        self.0.publish(record).await
-    }
-    async fn consumer(
-        &self,
-        group: &str,
-        topics: &[&str],
-    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::Consumer>> {
-        self.0.consumer(group, topics).await
-    }
-    async fn reader(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::PartitionReader>> {
-        self.0.reader(topic, partition, offset).await
-    }
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
-        self.0.ensure_topic(topic, partitions).await
-    }
-    async fn retention(&self, _topic: &str) -> mailmesh_queue::Result<Option<Duration>> {
-        Ok(Some(self.1))
-    }
-    async fn partition_count(&self, topic: &str) -> mailmesh_queue::Result<i32> {
-        self.0.partition_count(topic).await
-    }
-    async fn end_offset(&self, topic: &str, partition: i32) -> mailmesh_queue::Result<Option<i64>> {
-        self.0.end_offset(topic, partition).await
-    }
-    async fn ping(&self) -> mailmesh_queue::Result<()> {
-        self.0.ping().await
-    }
-}
-
-/// A queue whose partition readers never see offset 0, as after retention removed it.
-struct LosesFirstRecord(Arc<dyn Queue>);
-
-struct SkippingReader(Box<dyn mailmesh_queue::PartitionReader>);
-
-#[async_trait::async_trait]
-impl mailmesh_queue::PartitionReader for SkippingReader {
-    async fn recv(&mut self) -> mailmesh_queue::Result<mailmesh_queue::Record> {
-        loop {
-            let record = self.0.recv().await?;
-            if record.offset != 0 {
-                return Ok(record);
-            }
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Queue for LosesFirstRecord {
-    async fn membership(
-        &self,
-        group: &str,
-        topic: &str,
-        session_timeout: Duration,
-    ) -> mailmesh_queue::Result<mailmesh_queue::Membership> {
-        self.0.membership(group, topic, session_timeout).await
-    }
-    async fn publish(
-        &self,
-        record: mailmesh_queue::OutgoingRecord,
-    ) -> mailmesh_queue::Result<mailmesh_queue::Position> {
-        self.0.publish(record).await
-    }
-    async fn consumer(
-        &self,
-        group: &str,
-        topics: &[&str],
-    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::Consumer>> {
-        self.0.consumer(group, topics).await
-    }
-    async fn reader(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::PartitionReader>> {
-        Ok(Box::new(SkippingReader(
-            self.0.reader(topic, partition, offset).await?,
-        )))
-    }
-    async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
-        self.0.ensure_topic(topic, partitions).await
-    }
-    async fn partition_count(&self, topic: &str) -> mailmesh_queue::Result<i32> {
-        self.0.partition_count(topic).await
-    }
-    async fn ping(&self) -> mailmesh_queue::Result<()> {
-        self.0.ping().await
-    }
 }
 
 /// With `dkim_key_secret`, a DKIM private key is sealed in the directory log and its
@@ -1164,28 +980,53 @@ async fn dkim_keys_are_sealed_at_rest() {
     assert!(err.contains("no dkim_key_secret"), "{err}");
 }
 
-/// The embedded log whose readers hand out nothing until `open` is set: a replica's
-/// own log reader lags as far behind as a test wants.
-struct LaggingReaders {
+/// A log in front of a real one, with the faults a test asks for.
+struct Faulty {
     inner: Arc<dyn Queue>,
-    open: tokio::sync::watch::Receiver<bool>,
+    /// Readers hand out nothing while this says false: a replica's own log reader
+    /// lags as far behind as a test wants.
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Records below this offset are gone (the broker's retention), in one
+    /// topic's partition or in every one.
+    gone_below: Option<(Option<(String, i32)>, i64)>,
+    /// What the broker says of its retention.
+    retention: Option<Duration>,
 }
 
-struct LaggingReader {
+impl Faulty {
+    fn new(inner: Arc<dyn Queue>) -> Self {
+        Self {
+            inner,
+            gate: None,
+            gone_below: None,
+            retention: None,
+        }
+    }
+}
+
+struct FaultyReader {
     inner: Box<dyn mailmesh_queue::PartitionReader>,
-    open: tokio::sync::watch::Receiver<bool>,
+    gate: Option<tokio::sync::watch::Receiver<bool>>,
+    gone_below: i64,
 }
 
 #[async_trait::async_trait]
-impl mailmesh_queue::PartitionReader for LaggingReader {
+impl mailmesh_queue::PartitionReader for FaultyReader {
     async fn recv(&mut self) -> mailmesh_queue::Result<mailmesh_queue::Record> {
-        let _ = self.open.wait_for(|open| *open).await;
-        self.inner.recv().await
+        if let Some(gate) = &mut self.gate {
+            let _ = gate.wait_for(|open| *open).await;
+        }
+        loop {
+            let record = self.inner.recv().await?;
+            if record.offset >= self.gone_below {
+                return Ok(record);
+            }
+        }
     }
 }
 
 #[async_trait::async_trait]
-impl Queue for LaggingReaders {
+impl Queue for Faulty {
     async fn membership(
         &self,
         group: &str,
@@ -1213,13 +1054,25 @@ impl Queue for LaggingReaders {
         partition: i32,
         offset: i64,
     ) -> mailmesh_queue::Result<Box<dyn mailmesh_queue::PartitionReader>> {
-        Ok(Box::new(LaggingReader {
+        let gone_below = match &self.gone_below {
+            Some((None, below)) => *below,
+            Some((Some((t, p)), below)) if t == topic && *p == partition => *below,
+            _ => 0,
+        };
+        Ok(Box::new(FaultyReader {
             inner: self.inner.reader(topic, partition, offset).await?,
-            open: self.open.clone(),
+            gate: self.gate.clone(),
+            gone_below,
         }))
     }
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
         self.inner.ensure_topic(topic, partitions).await
+    }
+    async fn retention(&self, topic: &str) -> mailmesh_queue::Result<Option<Duration>> {
+        match self.retention {
+            Some(kept) => Ok(Some(kept)),
+            None => self.inner.retention(topic).await,
+        }
     }
     async fn partition_count(&self, topic: &str) -> mailmesh_queue::Result<i32> {
         self.inner.partition_count(topic).await
@@ -1240,9 +1093,9 @@ impl Queue for LaggingReaders {
 async fn writes_complete_at_the_ack_while_the_reader_lags() {
     let b = embedded().await;
     let (open, gate) = tokio::sync::watch::channel(false);
-    let queue: Arc<dyn Queue> = Arc::new(LaggingReaders {
-        inner: b.queue.clone(),
-        open: gate,
+    let queue: Arc<dyn Queue> = Arc::new(Faulty {
+        gate: Some(gate),
+        ..Faulty::new(b.queue.clone())
     });
     let engine = StorageEngine::open(queue, b.objects.clone(), b.config.clone())
         .await
@@ -1316,9 +1169,9 @@ async fn positions_give_read_your_writes_across_replicas() {
     let one = b.engine().await;
     tenant_with_user(&one, "acme", "heidi@acme.test", None).await;
     let (open, gate) = tokio::sync::watch::channel(true);
-    let lagging: Arc<dyn Queue> = Arc::new(LaggingReaders {
-        inner: mailmesh_storage::testing::real_queue(),
-        open: gate,
+    let lagging: Arc<dyn Queue> = Arc::new(Faulty {
+        gate: Some(gate),
+        ..Faulty::new(mailmesh_storage::testing::real_queue())
     });
     let two = StorageEngine::open(lagging, b.objects.clone(), b.config.clone())
         .await
