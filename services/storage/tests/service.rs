@@ -734,6 +734,51 @@ async fn metric(storage: &Storage, name: &str, labels: &str) -> f64 {
         .sum()
 }
 
+/// Adds `count` users `user<i>@acme.test`, as the admin.
+async fn add_users(directory: &mut DirectoryClient<Channel>, count: usize) -> Vec<v1::UserRef> {
+    let mut users = Vec::new();
+    for i in 0..count {
+        users.push(
+            directory
+                .add_user(v1::AddUserRequest {
+                    address: format!("user{i}@acme.test"),
+                    password: "s3cret-passphrase".into(),
+                    quota_bytes: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap(),
+        );
+    }
+    users
+}
+
+/// Partitions a replica owns (its metrics).
+async fn owned(storage: &Storage) -> f64 {
+    metric(
+        storage,
+        "mailmesh_storage_mailbox_partitions",
+        "state=\"owned\"",
+    )
+    .await
+}
+
+/// Waits until each of `replicas` owns at least one partition.
+async fn until_each_owns(replicas: &[&Storage]) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for replica in replicas {
+        while owned(replica).await < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "a replica was given no partition"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// Messages in a user's INBOX as the admin sees them through `storage`.
 async fn inbox_count(mailboxes: &mut MailboxesClient<Channel>, user: &v1::UserRef) -> Option<u32> {
     mailboxes
@@ -757,38 +802,11 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
     let (one, mut two) = (start(&run), start(&run));
     let mut dir1 = DirectoryClient::new(channel(&one, Role::Admin).await);
     tenant_with_domain(&mut dir1, "acme", "acme.test").await;
-    let mut users = Vec::new();
-    for i in 0..12 {
-        let user = dir1
-            .add_user(v1::AddUserRequest {
-                address: format!("user{i}@acme.test"),
-                password: "s3cret-passphrase".into(),
-                quota_bytes: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap();
-        users.push(user);
-    }
+    let users = add_users(&mut dir1, 12).await;
     // The group gives each replica a share, and each opens only its own.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let (a, b) = (
-            metric(
-                &one,
-                "mailmesh_storage_mailbox_partitions",
-                "state=\"owned\"",
-            )
-            .await,
-            metric(
-                &two,
-                "mailmesh_storage_mailbox_partitions",
-                "state=\"owned\"",
-            )
-            .await,
-        );
+        let (a, b) = (owned(&one).await, owned(&two).await);
         if a >= 1.0 && b >= 1.0 && a + b == PARTITIONS {
             eprintln!(
                 "partitions split {a} + {b} {:?} after the start",
@@ -823,12 +841,7 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
         + metric(&two, "mailmesh_storage_calls_forwarded_total", "answered").await;
     assert!(forwarded >= 1.0, "no call was forwarded");
     for replica in [&one, &two] {
-        let owned = metric(
-            replica,
-            "mailmesh_storage_mailbox_partitions",
-            "state=\"owned\"",
-        )
-        .await;
+        let mine = owned(replica).await;
         let open = metric(
             replica,
             "mailmesh_storage_mailbox_partitions",
@@ -836,8 +849,8 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
         )
         .await;
         assert!(
-            open <= owned,
-            "a replica applies only what it owns: {open} open, {owned} owned"
+            open <= mine,
+            "a replica applies only what it owns: {open} open, {mine} owned"
         );
     }
 
@@ -848,13 +861,8 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
     let mut admin1 = MailboxesClient::new(channel(&one, Role::Admin).await);
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let owned = metric(
-            &one,
-            "mailmesh_storage_mailbox_partitions",
-            "state=\"owned\"",
-        )
-        .await;
-        if owned == PARTITIONS {
+        let mine = owned(&one).await;
+        if mine == PARTITIONS {
             eprintln!(
                 "the survivor owns every partition {:?} after the kill",
                 killed.elapsed()
@@ -863,7 +871,7 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
         }
         assert!(
             Instant::now() < deadline,
-            "the survivor owns {owned} partitions"
+            "the survivor owns {mine} partitions"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -917,43 +925,8 @@ async fn the_tenant_storage_limit_counts_every_owners_partitions() {
     .await
     .unwrap();
     // Enough users that both replicas own some of them (one side only: 2^-23).
-    let mut users = Vec::new();
-    for i in 0..24 {
-        users.push(
-            dir1.add_user(v1::AddUserRequest {
-                address: format!("user{i}@acme.test"),
-                password: "s3cret-passphrase".into(),
-                quota_bytes: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap(),
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while metric(
-        &one,
-        "mailmesh_storage_mailbox_partitions",
-        "state=\"owned\"",
-    )
-    .await
-        < 1.0
-        || metric(
-            &two,
-            "mailmesh_storage_mailbox_partitions",
-            "state=\"owned\"",
-        )
-        .await
-            < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the replicas never split the partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let users = add_users(&mut dir1, 24).await;
+    until_each_owns(&[&one, &two]).await;
     let mut deliver = MailboxesClient::new(channel(&one, Role::DeliveryWorker).await);
     let message = |key: &str| {
         let head = format!("Subject: {key}\r\n\r\n");
@@ -1018,44 +991,9 @@ async fn deliveries_survive_owners_coming_and_going_exactly_once() {
     let (one, mut two) = (start(&run), start(&run));
     let mut dir1 = DirectoryClient::new(channel(&one, Role::Admin).await);
     tenant_with_domain(&mut dir1, "acme", "acme.test").await;
-    let mut users = Vec::new();
-    for i in 0..USERS {
-        users.push(
-            dir1.add_user(v1::AddUserRequest {
-                address: format!("user{i}@acme.test"),
-                password: "s3cret-passphrase".into(),
-                quota_bytes: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap(),
-        );
-    }
+    let users = add_users(&mut dir1, USERS).await;
     // Both replicas own partitions before the writes start.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while metric(
-        &one,
-        "mailmesh_storage_mailbox_partitions",
-        "state=\"owned\"",
-    )
-    .await
-        < 1.0
-        || metric(
-            &two,
-            "mailmesh_storage_mailbox_partitions",
-            "state=\"owned\"",
-        )
-        .await
-            < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the replicas never split the partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_each_owns(&[&one, &two]).await;
     let deliver = MailboxesClient::new(channel(&one, Role::DeliveryWorker).await);
     let done = Arc::new(AtomicUsize::new(0));
     let writer = {
@@ -1108,21 +1046,7 @@ async fn deliveries_survive_owners_coming_and_going_exactly_once() {
     let _ = two.child.wait();
     reached(2 * MESSAGES / 3).await;
     let three = start(&run);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while metric(
-        &three,
-        "mailmesh_storage_mailbox_partitions",
-        "state=\"owned\"",
-    )
-    .await
-        < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the newcomer was given no partition"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_each_owns(&[&three]).await;
     let joined_at = done.load(Ordering::Relaxed);
     let retries = writer.await.unwrap();
     eprintln!("the newcomer owned partitions after {joined_at} deliveries");
