@@ -254,6 +254,10 @@ async fn transcripts_of_the_edges() {
     assert!(last(&r).starts_with("b NO [PRIVACYREQUIRED]"), "{r:?}");
     let r = c.cmd("c", "SELECT INBOX").await;
     assert!(last(&r).starts_with("c BAD"), "{r:?}");
+    // ID works before authentication (RFC 2971 §3.1).
+    let r = c.cmd("d", "ID (\"name\" \"test\")").await;
+    assert!(r[0].starts_with("* ID (\"name\" \"mailmesh\""), "{r:?}");
+    assert!(last(&r).starts_with("d OK"), "{r:?}");
 
     let mut c = Raw::connect(plain).await;
     // Garbage, unknown commands, bad sequence sets, deep nesting: BAD, session lives.

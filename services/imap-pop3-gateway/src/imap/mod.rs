@@ -1001,6 +1001,22 @@ impl Session {
             CommandBody::Login { .. } | CommandBody::Authenticate { .. } => {
                 self.wrong_state(conn, &tag, "Already authenticated");
             }
+            // Clients identify themselves before logging in (RFC 2971 §3.1).
+            CommandBody::Id { .. } => {
+                conn.push(&Response::Data(Data::Id {
+                    parameters: Some(vec![
+                        (
+                            IString::try_from("name").expect("string"),
+                            NString(Some(message::istring("mailmesh"))),
+                        ),
+                        (
+                            IString::try_from("version").expect("string"),
+                            NString(Some(message::istring(env!("CARGO_PKG_VERSION")))),
+                        ),
+                    ]),
+                }));
+                ok(conn, "ID completed");
+            }
             _ if !authed => self.wrong_state(conn, &tag, "Log in first"),
             CommandBody::Enable { capabilities } => {
                 let mut enabled = Vec::new();
@@ -1022,21 +1038,6 @@ impl Session {
                     capabilities: enabled,
                 }));
                 ok(conn, "ENABLE completed");
-            }
-            CommandBody::Id { .. } => {
-                conn.push(&Response::Data(Data::Id {
-                    parameters: Some(vec![
-                        (
-                            IString::try_from("name").expect("string"),
-                            NString(Some(message::istring("mailmesh"))),
-                        ),
-                        (
-                            IString::try_from("version").expect("string"),
-                            NString(Some(message::istring(env!("CARGO_PKG_VERSION")))),
-                        ),
-                    ]),
-                }));
-                ok(conn, "ID completed");
             }
             CommandBody::Namespace => {
                 conn.push(&Response::Data(Data::Namespace {
