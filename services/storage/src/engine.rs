@@ -418,7 +418,9 @@ pub struct StorageEngine {
 async fn check_retention(queue: &dyn Queue, topic: &str, min: Duration) -> Result<(), EngineError> {
     match queue.retention(topic).await {
         Ok(Some(kept)) if kept < min => Err(EngineError::Unavailable(format!(
-            "the broker keeps {topic}'s records for {}, less than the {} storage needs              (checkpoint interval and write-back delay, four times over): raise the topic's              retention.ms",
+            "the broker keeps {topic}'s records for {}, less than the {} storage needs \
+             (checkpoint interval and write-back delay, four times over): raise the topic's \
+             retention.ms",
             humantime_serde::re::humantime::format_duration(kept),
             humantime_serde::re::humantime::format_duration(min)
         ))),

@@ -189,6 +189,16 @@ impl Routed {
     /// The request to send to the owner: the caller's metadata (trace context)
     /// and the role it acts for.
     fn onward<T, U>(r: &Request<T>, message: U) -> Result<Request<U>, Status> {
+        Ok(Request::from_parts(
+            Self::onward_metadata(r)?,
+            tonic::Extensions::default(),
+            message,
+        ))
+    }
+
+    /// The caller's metadata with the role it acts for (replacing any the caller
+    /// sent: only this replica says whom it forwards for).
+    fn onward_metadata<T>(r: &Request<T>) -> Result<tonic::metadata::MetadataMap, Status> {
         let role = caller(r)?.role;
         let mut metadata = r.metadata().clone();
         metadata.insert(
@@ -197,11 +207,7 @@ impl Routed {
                 .parse()
                 .map_err(|_| Status::internal("role name as metadata"))?,
         );
-        Ok(Request::from_parts(
-            metadata,
-            tonic::Extensions::default(),
-            message,
-        ))
+        Ok(metadata)
     }
 }
 
@@ -411,8 +417,7 @@ impl MailboxesApi for Routed {
     ) -> Reply<v1::AppendResponse> {
         let forwarded = Self::forwarded(&mut r)?;
         let peer = caller(&r)?;
-        let role = peer.role;
-        let mut metadata = r.metadata().clone();
+        let metadata = Self::onward_metadata(&r)?;
         let mut chunks = r.into_inner();
         let first = chunks
             .message()
@@ -437,12 +442,6 @@ impl MailboxesApi for Routed {
                     .await
             }
             Route::There(owner) => {
-                metadata.insert(
-                    FORWARDED_FOR_METADATA,
-                    role.name()
-                        .parse()
-                        .map_err(|_| Status::internal("role name as metadata"))?,
-                );
                 // A broken incoming stream ends the outgoing one early: the owner
                 // then refuses the unfinished APPEND and keeps nothing.
                 let rest = chunks.take_while(|c| futures::future::ready(c.is_ok()));

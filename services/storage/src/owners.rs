@@ -163,6 +163,10 @@ impl Owners {
     /// `NotOwner` (for calls made on this replica's engine directly: tools, tests;
     /// routed calls go where [`Self::route`] says).
     pub async fn owned(&self, partition: i32) -> Result<(), EngineError> {
+        // Every call on an owned partition comes here: no timer, no subscription.
+        if self.owns(partition) {
+            return Ok(());
+        }
         let mut assignment = self.assignment.clone();
         let decided = tokio::time::timeout(
             self.patience,
@@ -184,6 +188,9 @@ impl Owners {
         partition: i32,
         refused: Option<&Owner>,
     ) -> Result<Route, EngineError> {
+        if self.owns(partition) {
+            return Ok(Route::Here);
+        }
         let mut assignment = self.assignment.clone();
         let mut map = self.map.subscribe();
         let deadline = tokio::time::Instant::now() + self.patience;

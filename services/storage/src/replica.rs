@@ -135,22 +135,37 @@ pub async fn append_only<C: Serialize>(
     partition: i32,
     command: C,
 ) -> Result<i64, EngineError> {
+    let (_, payload) = encode_entry(Some(command))?;
+    Ok(append(queue, topic, partition, payload).await?.offset)
+}
+
+/// A log record for `command` (`None`: a barrier), and the id its outcome is
+/// matched by.
+fn encode_entry<C: Serialize>(command: Option<C>) -> Result<(uuid::Uuid, Bytes), EngineError> {
     let entry = Entry {
         id: uuid::Uuid::new_v4(),
         at_ms: now_ms(),
-        command: Some(command),
+        command,
     };
     let payload = serde_json::to_vec(&entry).map_err(|e| EngineError::Codec(e.to_string()))?;
-    let position = queue
+    Ok((entry.id, Bytes::from(payload)))
+}
+
+async fn append(
+    queue: &dyn Queue,
+    topic: &str,
+    partition: i32,
+    payload: Bytes,
+) -> Result<mailmesh_queue::Position, EngineError> {
+    Ok(queue
         .publish(OutgoingRecord {
             topic: topic.to_owned(),
             key: Bytes::new(),
-            payload: Bytes::from(payload),
+            payload,
             headers: Vec::new(),
             partition: Some(partition),
         })
-        .await?;
-    Ok(position.offset)
+        .await?)
 }
 
 /// Where a replica's log lives and how often it snapshots.
@@ -548,35 +563,26 @@ impl<S: StateMachine> Replica<S> {
     ) -> Result<Pending<'_, S::Outcome>, EngineError> {
         self.check_failed()?;
         crate::metrics::published(self.config.log, command.is_none());
-        let entry = Entry {
-            id: uuid::Uuid::new_v4(),
-            at_ms: now_ms(),
-            command,
-        };
-        let payload = serde_json::to_vec(&entry).map_err(|e| EngineError::Codec(e.to_string()))?;
+        let (id, payload) = encode_entry(command)?;
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(entry.id, tx);
+            .insert(id, tx);
         // However this ends (outcome, error, timeout, or the caller giving up), the
         // waiter does not outlive it.
         let pending = Pending {
             waiters: &self.waiters,
-            id: entry.id,
+            id,
             rx: Some(rx),
         };
-        let payload = Bytes::from(payload);
-        let position = self
-            .queue
-            .publish(OutgoingRecord {
-                topic: self.config.topic.clone(),
-                key: Bytes::new(),
-                payload: payload.clone(),
-                headers: Vec::new(),
-                partition: Some(self.config.partition),
-            })
-            .await?;
+        let position = append(
+            &*self.queue,
+            &self.config.topic,
+            self.config.partition,
+            payload.clone(),
+        )
+        .await?;
         if position.partition == self.config.partition {
             self.apply_in_turn(position.offset, &payload).await;
         }
