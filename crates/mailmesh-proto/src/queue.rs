@@ -124,6 +124,7 @@ impl TryFrom<v1::QueueRecord> for Envelope {
             Some(v1::body::Location::Object(o)) => BodyRef::Object {
                 key: o.key,
                 size: o.size,
+                claim: (!o.claim.is_empty()).then_some(o.claim),
             },
             None => return Err(InvalidRecord::Missing("body")),
         };
@@ -195,10 +196,13 @@ impl From<&Envelope> for v1::QueueRecord {
             body: Some(v1::Body {
                 location: Some(match &e.body {
                     BodyRef::Inline(b) => v1::body::Location::Inline(b.clone()),
-                    BodyRef::Object { key, size } => v1::body::Location::Object(v1::ObjectRef {
-                        key: key.clone(),
-                        size: *size,
-                    }),
+                    BodyRef::Object { key, size, claim } => {
+                        v1::body::Location::Object(v1::ObjectRef {
+                            key: key.clone(),
+                            size: *size,
+                            claim: claim.clone().unwrap_or_default(),
+                        })
+                    }
                 }),
             }),
         }
@@ -277,6 +281,13 @@ mod tests {
         e.body = BodyRef::Object {
             key: "t/acme/bodies/x".into(),
             size: 30_000_000,
+            claim: None,
+        };
+        assert_eq!(decode_envelope(&encode_envelope(&e), &limits).unwrap(), e);
+        e.body = BodyRef::Object {
+            key: "t/acme/bodies/x".into(),
+            size: 30_000_000,
+            claim: Some("3f2a9c0d1e4b5a67".into()),
         };
         assert_eq!(decode_envelope(&encode_envelope(&e), &limits).unwrap(), e);
     }

@@ -68,7 +68,13 @@ impl Recipient {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyRef {
     Inline(bytes::Bytes),
-    Object { key: String, size: u64 },
+    Object {
+        key: String,
+        size: u64,
+        /// The claim through which this record holds a shared object (the delivery
+        /// worker's `bodies`); `None` for the record the object was written for.
+        claim: Option<String>,
+    },
 }
 
 impl BodyRef {
@@ -232,6 +238,7 @@ mod tests {
         e.body = BodyRef::Object {
             key: "t/other/bodies/x".into(),
             size: 10,
+            claim: None,
         };
         assert!(e.validate(&limits).is_err());
 

@@ -3,6 +3,7 @@
 //! handing remote recipients to the outbound path, which relays them to their MX
 //! hosts (`outbound`), retrying for days.
 
+pub mod bodies;
 pub mod dsn;
 mod metrics;
 pub mod outbound;

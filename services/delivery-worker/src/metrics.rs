@@ -8,7 +8,7 @@ static OUTCOMES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         IntCounterVec::new(
             Opts::new(
                 "delivery_outcomes_total",
-                "Local delivery outcomes: stored, failed (bounced), bounced, outbound, requeued, dead_letter",
+                "Local delivery outcomes: stored, failed (bounced), bounced, outbound, requeued, dead_letter, replayed (a finished record seen again)",
             ),
             &["outcome"],
         )
@@ -36,7 +36,7 @@ static RELAYED: LazyLock<IntCounterVec> = LazyLock::new(|| {
         IntCounterVec::new(
             Opts::new(
                 "outbound_recipients_total",
-                "Outbound recipients by outcome: delivered, failed, deferred, expired",
+                "Outbound recipients by outcome: delivered, failed, deferred, expired; replayed counts finished records seen again",
             ),
             &["outcome"],
         )
@@ -54,4 +54,21 @@ pub(crate) fn delivered(outcome: &str) {
 
 pub(crate) fn delivery_seconds(elapsed: Duration) {
     SECONDS.observe(elapsed.as_secs_f64());
+}
+
+static BODIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "delivery_queue_bodies_total",
+                "Queue bodies in object storage: freed (every record holding one finished), release_failed (left to the sweep), swept (objects the age sweep removed)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn bodies(outcome: &str, count: u64) {
+    BODIES.with_label_values(&[outcome]).inc_by(count);
 }

@@ -69,6 +69,14 @@ pub struct WorkerConfig {
     /// Forwarded copies up to this size travel inside the queue record; larger ones
     /// (with their ARC seal added) go to object storage first.
     pub inline_body_bytes: usize,
+    /// Queue bodies in object storage are freed when the last record holding them
+    /// finishes; what is left (a crash between, a parked record's body) is removed
+    /// once older than `max_lifetime` plus this.
+    #[serde(with = "humantime_serde")]
+    pub body_grace: Duration,
+    /// How often one worker (chosen through the cache) looks for such bodies.
+    #[serde(with = "humantime_serde")]
+    pub body_sweep_interval: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -88,6 +96,8 @@ impl Default for WorkerConfig {
             max_message_bytes: 64 << 20,
             srs: None,
             inline_body_bytes: 256 << 10,
+            body_grace: Duration::from_secs(2 * 24 * 3600),
+            body_sweep_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -116,6 +126,12 @@ impl mailmesh_kit::config::Validate for WorkerConfig {
         if let Some(srs) = &self.srs {
             srs.build()
                 .map_err(|e| ConfigError::invalid("worker.srs.secret", e.to_string()))?;
+        }
+        if self.body_sweep_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "worker.body_sweep_interval",
+                "must be above zero",
+            ));
         }
         if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return Err(ConfigError::invalid(
@@ -162,6 +178,9 @@ impl Subscribed {
 pub(crate) enum BodyError {
     /// The object is gone: retrying cannot help.
     Missing(String),
+    /// Freed after every record holding it finished: this record is a replay of
+    /// finished work (`bodies`).
+    Finished(String),
     Unavailable(String),
 }
 
@@ -268,17 +287,21 @@ pub(crate) async fn read_body(
         BodyRef::Inline(bytes) => return Ok(bytes.clone()),
         BodyRef::Object { key, .. } => key,
     };
-    let classify = |e: E| match e {
-        E::NotFound { .. } => BodyError::Missing(format!("message body {key} does not exist")),
-        other => BodyError::Unavailable(format!("reading the message body {key}: {other}")),
-    };
-    objects
-        .get(&Path::from(key.as_str()))
-        .await
-        .map_err(classify)?
-        .bytes()
-        .await
-        .map_err(classify)
+    let unavailable = |e: E| BodyError::Unavailable(format!("reading the message body {key}: {e}"));
+    let read = async { objects.get(&Path::from(key.as_str())).await?.bytes().await };
+    match read.await {
+        Ok(bytes) => Ok(bytes),
+        Err(E::NotFound { .. }) => match crate::bodies::finished(objects, key).await {
+            Ok(true) => Err(BodyError::Finished(format!(
+                "message body {key} was freed: every record holding it finished"
+            ))),
+            Ok(false) => Err(BodyError::Missing(format!(
+                "message body {key} does not exist"
+            ))),
+            Err(e) => Err(unavailable(e)),
+        },
+        Err(e) => Err(unavailable(e)),
+    }
 }
 
 fn now_ms() -> i64 {
@@ -412,6 +435,7 @@ impl Worker {
             return Ok(());
         }
         let body = match &envelope.arc_set {
+            // Held under each domain's claim, written with the others' (`handle`).
             None => envelope.body.clone(),
             Some(set) => {
                 let mut sealed = Vec::with_capacity(set.len() + message.len());
@@ -429,7 +453,20 @@ impl Worker {
                         )
                         .await
                         .map_err(|e| NotDone(format!("storing a forwarded copy: {e}")))?;
-                    BodyRef::Object { key, size }
+                    let copy = BodyRef::Object {
+                        key: key.clone(),
+                        size,
+                        claim: None,
+                    };
+                    // Only the copies hold it: no record was queued for it.
+                    let claims: Vec<BodyRef> = forwards
+                        .keys()
+                        .map(|domain| forward_body(&copy, domain))
+                        .collect();
+                    crate::bodies::hold(&*self.objects, &key, claims.iter().filter_map(claim_of))
+                        .await
+                        .map_err(|e| NotDone(format!("holding a forwarded copy: {e}")))?;
+                    copy
                 }
             }
         };
@@ -451,7 +488,7 @@ impl Worker {
             let copy = Envelope {
                 recipients,
                 mail_from,
-                body: body.clone(),
+                body: forward_body(&body, &domain),
                 // The seal is in the body now.
                 arc_set: None,
                 ..envelope.clone()
@@ -474,6 +511,11 @@ impl Worker {
         let message = match self.message(&envelope).await {
             Ok(m) => m,
             Err(BodyError::Missing(reason)) => return self.dead_letter(record, &reason).await,
+            Err(BodyError::Finished(reason)) => {
+                tracing::info!(queue_id = %envelope.queue_id, %reason, "a finished record came again; nothing to do");
+                crate::metrics::delivered("replayed");
+                return Ok(());
+            }
             Err(BodyError::Unavailable(reason)) => return Err(NotDone(reason)),
         };
         let started = Instant::now();
@@ -599,10 +641,29 @@ impl Worker {
         }
         crate::metrics::delivery_seconds(started.elapsed());
 
+        // Each record this one hands the body to holds it by a claim, all written
+        // before the first of them is published (`bodies`).
+        let mut handed = Vec::new();
+        if !remote.is_empty() {
+            handed.push(crate::bodies::handed(&envelope.body, OUTBOUND));
+        }
+        if !retry.is_empty() {
+            handed.push(crate::bodies::handed(&envelope.body, REQUEUE));
+        }
+        if envelope.arc_set.is_none() && !envelope.dmarc_reject_failure {
+            handed.extend(forwarded.keys().map(|d| forward_body(&envelope.body, d)));
+        }
+        if let BodyRef::Object { key, .. } = &envelope.body {
+            crate::bodies::hold(&*self.objects, key, handed.iter().filter_map(claim_of))
+                .await
+                .map_err(|e| NotDone(format!("holding the message body: {e}")))?;
+        }
+
         if !remote.is_empty() {
             // Same queue id: the outbound path deduplicates per (queue id, recipient).
             let outbound = Envelope {
                 recipients: remote,
+                body: crate::bodies::handed(&envelope.body, OUTBOUND),
                 ..envelope.clone()
             };
             self.publish_envelope(&self.config.outbound_topic, &outbound)
@@ -632,11 +693,13 @@ impl Worker {
             tracing::warn!(queue_id = %envelope.queue_id, recipients = retry.len(), "requeueing after temporary failures");
             let again = Envelope {
                 recipients: retry,
+                body: crate::bodies::handed(&envelope.body, REQUEUE),
                 ..envelope.clone()
             };
             self.publish_envelope(&self.config.topic, &again).await?;
             crate::metrics::delivered("requeued");
         }
+        crate::bodies::release_body(&*self.objects, &envelope.body).await;
         Ok(())
     }
 
@@ -708,6 +771,23 @@ impl Worker {
         reason: &str,
     ) -> Result<(), NotDone> {
         publish_raw(&*self.queue, topic, key, payload, reason).await
+    }
+}
+
+/// Roles in which a record hands its body on (`bodies::child_claim`).
+const OUTBOUND: &str = "outbound";
+const REQUEUE: &str = "requeue";
+
+/// The body a copy forwarded to `domain` holds: `body` under the copy's own claim.
+fn forward_body(body: &BodyRef, domain: &Domain) -> BodyRef {
+    crate::bodies::handed(body, &format!("forward:{domain}"))
+}
+
+/// The claim a body reference names, if any.
+fn claim_of(body: &BodyRef) -> Option<&str> {
+    match body {
+        BodyRef::Object { claim, .. } => claim.as_deref(),
+        BodyRef::Inline(_) => None,
     }
 }
 

@@ -140,20 +140,7 @@ async fn temporary_failures_are_retried_later(real: bool) {
         }
     });
     let r = remote(script, &run);
-    let cache: Arc<dyn mailmesh_cache::Cache> = if real {
-        Arc::new(
-            mailmesh_cache::redis::RedisCache::connect(&mailmesh_cache::redis::RedisConfig {
-                url: mailmesh_kit::Secret::new(mailmesh_testkit::backend_env("MMTEST_REDIS")),
-                key_prefix: format!("{run}:"),
-                command_timeout: Duration::from_secs(5),
-                sentinel: None,
-            })
-            .await
-            .unwrap(),
-        )
-    } else {
-        memory_cache()
-    };
+    let cache = cache_for(real, &run).await;
     let _outbound = s.start_outbound(r.config.clone(), cache);
     s.relay(&envelope(
         "alice@acme.test",
@@ -180,6 +167,118 @@ async fn temporary_failures_are_retried_later(real: bool) {
             .is_empty()
     );
     assert_eq!(r.mx.received().len(), 2);
+}
+
+/// A large body (in object storage) shared by the local delivery, the outbound
+/// record and its wait in the due-time index is freed when the last of them
+/// finishes, not before; the original record seen again afterwards (a redelivery
+/// before its offset was committed) is recognised as finished, not parked.
+async fn queue_bodies_are_freed_when_the_last_record_finishes(real: bool) {
+    let s = setup(real).await;
+    let run = run_id();
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let held = hold.clone();
+    let script: Arc<Script> = Arc::new(move |rcpt, _| {
+        if rcpt.starts_with("slow@") && held.load(std::sync::atomic::Ordering::SeqCst) {
+            "451 4.7.1 greylisted, try again".to_owned()
+        } else {
+            "250 2.1.5 ok".to_owned()
+        }
+    });
+    let r = remote(script, &run);
+    let cache = cache_for(real, &run).await;
+    let _outbound = s.start_outbound(r.config.clone(), cache);
+    let (_stop, _task) = s.start();
+    let alice = s.user("alice@acme.test").await;
+    let mut e = envelope(
+        "sender@acme.test",
+        &["alice@acme.test", "slow@remote.test", "fast@remote.test"],
+        "big",
+    );
+    let content = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(300_000));
+    let key = s.store_body(&mut e, &content).await;
+    s.enqueue(&e).await;
+    let got = r.mx.wait_for(1, Duration::from_secs(60));
+    assert_eq!(got[0].recipients, ["fast@remote.test"]);
+    assert_eq!(got[0].data, content.as_bytes());
+    assert_eq!(s.inbox(&alice, 1).await.len(), 1);
+    // slow@ keeps failing: its entry in the due-time index still holds the body.
+    while r
+        .mx
+        .attempts()
+        .iter()
+        .filter(|a| a.starts_with("slow@"))
+        .count()
+        < 2
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prefix = format!("t/acme/queue/{}", e.queue_id);
+    let held_now = s.objects_under("t/acme/queue").await;
+    assert!(held_now.contains(&key), "{held_now:?}");
+    assert!(
+        !held_now.contains(&format!("{prefix}.done")),
+        "{held_now:?}"
+    );
+
+    hold.store(false, std::sync::atomic::Ordering::SeqCst);
+    let got = r.mx.wait_for(2, Duration::from_secs(60));
+    assert_eq!(got[1].recipients, ["slow@remote.test"], "{got:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.objects_under("t/acme/queue").await != [format!("{prefix}.done")] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the body and its claims are gone, the marker stays: {:?}",
+            s.objects_under("t/acme/queue").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The first record once more: nothing stored, sent or parked.
+    s.enqueue(&e).await;
+    s.relay(&e).await;
+    let marker = envelope("sender@acme.test", &["alice@acme.test"], "marker");
+    s.enqueue(&marker).await;
+    assert_eq!(s.inbox(&alice, 2).await.len(), 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(r.mx.received().len(), 2);
+    assert_eq!(s.inbox(&alice, 2).await.len(), 2);
+    assert!(s.dead_letters(Duration::from_secs(2)).await.is_empty());
+
+    // What is left goes once it is older than the lifetime plus the grace.
+    let swept =
+        mailmesh_delivery::bodies::sweep(&*s.objects, SystemTime::now() + Duration::from_secs(1))
+            .await
+            .unwrap();
+    assert!(swept.objects >= 1, "{swept:?}");
+    assert!(s.objects_under(&prefix).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_bodies_are_freed_when_the_last_record_finishes_embedded() {
+    queue_bodies_are_freed_when_the_last_record_finishes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_bodies_are_freed_when_the_last_record_finishes_on_kafka_s3_and_redis() {
+    queue_bodies_are_freed_when_the_last_record_finishes(true).await;
+}
+
+/// The cache the outbound relay uses: Redis for the real platform, else memory.
+async fn cache_for(real: bool, run: &str) -> Arc<dyn mailmesh_cache::Cache> {
+    if !real {
+        return memory_cache();
+    }
+    Arc::new(
+        mailmesh_cache::redis::RedisCache::connect(&mailmesh_cache::redis::RedisConfig {
+            url: mailmesh_kit::Secret::new(mailmesh_testkit::backend_env("MMTEST_REDIS")),
+            key_prefix: format!("{run}:"),
+            command_timeout: Duration::from_secs(5),
+            sentinel: None,
+        })
+        .await
+        .unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

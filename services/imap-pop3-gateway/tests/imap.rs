@@ -453,6 +453,35 @@ async fn idle_on_one_pod_sees_changes_made_through_another_and_new_mail() {
     assert_eq!(refreshes("refresh_listing"), 0.0);
 }
 
+/// A message another session expunged still exists for a session not yet told
+/// (RFC 2180 §4.1): its FETCH gets the data, not `NO [EXPUNGEISSUED]` (storage
+/// keeps the object for `expunged_retention`); the EXPUNGE comes at its next NOOP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_not_yet_told_of_an_expunge_still_fetches_the_message() {
+    let site = site().await;
+    let (a, _) = pod(&site, plaintext()).await;
+    let (b, _) = pod(&site, plaintext()).await;
+    let mut reader = Raw::login(a).await;
+    reader.cmd("s", "SELECT INBOX").await;
+    let mut expunger = Raw::login(b).await;
+    expunger.cmd("s", "SELECT INBOX").await;
+    let r = expunger.cmd("x", "STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    assert!(last(&r).starts_with("x OK"), "{r:?}");
+    let r = expunger.cmd("y", "EXPUNGE").await;
+    assert_eq!(r[0], "* 1 EXPUNGE\r\n", "{r:?}");
+    // The reader's own change notice has arrived by now or soon: either way its
+    // view still has message 1 until it may announce the expunge.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = reader
+        .cmd("f", "FETCH 1 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        .await;
+    assert!(last(&r).starts_with("f OK"), "{r:?}");
+    assert!(r[0].starts_with("* 1 FETCH (UID 1 "), "{r:?}");
+    assert!(r.concat().contains("Subject: "), "{r:?}");
+    let r = reader.cmd("n", "NOOP").await;
+    assert!(r.contains(&"* 1 EXPUNGE\r\n".to_owned()), "{r:?}");
+}
+
 /// How often this process's IMAP sessions caught up with their mailbox one way.
 fn refreshes(how: &str) -> f64 {
     mailmesh_kit::metrics::render()

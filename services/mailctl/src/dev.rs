@@ -364,7 +364,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let worker = Worker::new(
         queue.clone(),
         objects.clone(),
-        Arc::new(engine),
+        Arc::new(engine.clone()),
         WorkerConfig {
             topic: MAIL_TOPIC.into(),
             hostname: config.smtp.hostname.clone(),
@@ -454,6 +454,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         served??;
     }
     admin_task.await??;
+    engine.release_expunged().await;
     tracing::info!(clean, "mailmesh dev stopped");
     Ok(())
 }

@@ -1512,10 +1512,19 @@ impl<'a> Session<'a> {
                 partition: None,
             })
             .await;
-        published.map(drop).map_err(|e| {
-            tracing::warn!(error = %e, "queueing a message failed");
-            "451 4.3.0 Queue unavailable, try again later\r\n".to_owned()
-        })
+        let Err(e) = published else {
+            return Ok(());
+        };
+        tracing::warn!(error = %e, "queueing a message failed");
+        // The client sends it again: the body written for this attempt is not kept
+        // (should the record have landed after all, the worker parks it as one
+        // whose body is gone, and the retry is what gets delivered).
+        if let BodyRef::Object { key, .. } = &envelope.body
+            && let Err(e) = self.ingress.objects.delete(&Path::from(key.as_str())).await
+        {
+            tracing::warn!(%key, error = %e, "removing the body of a message not queued");
+        }
+        Err("451 4.3.0 Queue unavailable, try again later\r\n".to_owned())
     }
 
     /// Submission: completes, checks and signs the message, then queues one record
@@ -1656,7 +1665,11 @@ impl<'a> Session<'a> {
             .objects
             .put(&Path::from(key.as_str()), PutPayload::from(content))
             .await?;
-        Ok(BodyRef::Object { key, size })
+        Ok(BodyRef::Object {
+            key,
+            size,
+            claim: None,
+        })
     }
 }
 

@@ -453,6 +453,11 @@ impl Directory {
             .and_then(|id| self.users.get(id))
     }
 
+    /// Every user of every tenant.
+    pub fn all_users(&self) -> impl Iterator<Item = &User> {
+        self.users.values()
+    }
+
     pub fn users_of<'a>(&'a self, tenant: &'a TenantId) -> impl Iterator<Item = &'a User> + 'a {
         self.users.values().filter(move |u| &u.tenant == tenant)
     }

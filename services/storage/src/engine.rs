@@ -126,6 +126,23 @@ pub struct StorageConfig {
     /// per guess). Its owner may be asked to retry, never locked out.
     #[serde(with = "humantime_serde")]
     pub login_account_pace: Duration,
+    /// The object of an expunged message is kept this long (on the replica that
+    /// applied the expunge), so IMAP sessions that have not yet been told of the
+    /// expunge can still fetch it; zero deletes it at once.
+    #[serde(with = "humantime_serde")]
+    pub expunged_retention: Duration,
+    /// At most this many expunged objects are kept per replica (about 200 bytes of
+    /// memory each); beyond it the oldest are deleted at once.
+    pub expunged_retention_max: usize,
+    /// Each user's objects are listed this often, on the owner of the user's
+    /// partition, to delete those no index names (written before a command that
+    /// never landed); zero: never.
+    #[serde(with = "humantime_serde")]
+    pub orphan_sweep_interval: Duration,
+    /// Only objects older than this are orphans (at least twice `write_timeout`: a
+    /// command may land until then).
+    #[serde(with = "humantime_serde")]
+    pub orphan_grace: Duration,
 }
 
 impl Default for StorageConfig {
@@ -159,6 +176,10 @@ impl Default for StorageConfig {
             login_failure_window: Duration::from_secs(15 * 60),
             login_max_parallel: 64,
             login_account_pace: Duration::from_secs(5),
+            expunged_retention: Duration::from_secs(30 * 60),
+            expunged_retention_max: 100_000,
+            orphan_sweep_interval: Duration::from_secs(24 * 3600),
+            orphan_grace: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -240,6 +261,12 @@ impl mailmesh_kit::config::Validate for StorageConfig {
         if let Some(secret) = &self.dkim_key_secret {
             crate::sealed::Seal::new(secret.expose())
                 .map_err(|e| ConfigError::invalid("storage.dkim_key_secret", e.to_string()))?;
+        }
+        if self.orphan_grace < self.write_timeout * 2 {
+            return Err(ConfigError::invalid(
+                "storage.orphan_grace",
+                "must be at least twice write_timeout (a command may land until then)",
+            ));
         }
         Ok(())
     }
@@ -410,6 +437,10 @@ pub struct StorageEngine {
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
     /// Tenants' bytes in other replicas' partitions, and when asked.
     remote_usage: Mutex<HashMap<TenantId, (u64, std::time::Instant)>>,
+    /// Objects of expunged messages, kept for a while (`sweep`).
+    expunged: crate::sweep::ExpungedBodies,
+    /// The task deleting expunged objects when due and sweeping orphans.
+    tending: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// Refuses a log whose records go sooner than `min` (an existing topic made with
@@ -450,8 +481,10 @@ impl Drop for StorageEngine {
     /// Stops following the log: nothing of a dropped engine goes on applying (or
     /// writing checkpoints) in the background.
     fn drop(&mut self) {
-        if let Some(task) = self.owning.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            task.abort();
+        for task in [&self.owning, &self.tending] {
+            if let Some(task) = task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                task.abort();
+            }
         }
         for cell in self
             .mailboxes
@@ -530,7 +563,6 @@ impl StorageEngine {
         let engine = Arc::new(Self {
             queue,
             objects,
-            config,
             directory,
             partitions,
             passwords,
@@ -542,7 +574,15 @@ impl StorageEngine {
             open: std::sync::atomic::AtomicUsize::new(0),
             peers: std::sync::OnceLock::new(),
             remote_usage: Mutex::new(HashMap::new()),
+            expunged: crate::sweep::ExpungedBodies::new(
+                config.expunged_retention,
+                config.expunged_retention_max,
+            ),
+            tending: Mutex::new(None),
+            config,
         });
+        let task = tokio::spawn(tend(Arc::downgrade(&engine)));
+        *engine.tending.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         if let Some(owners) = &engine.owners {
             let task = tokio::spawn(own(Arc::downgrade(&engine), owners.clone()));
             *engine.owning.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
@@ -1127,6 +1167,110 @@ impl StorageEngine {
         }
     }
 
+    /// Keeps the objects of messages expunged from `mailbox` for the sessions that
+    /// may still fetch them (`expunged_retention`), deleting what cannot be kept.
+    async fn retire(&self, user: &UserRef, mailbox: &str, removed: Vec<(Uid, String)>) {
+        let retired = removed
+            .into_iter()
+            .map(|(uid, object)| crate::sweep::Retired {
+                user: user.clone(),
+                object,
+                message: Some((mailbox.to_owned(), uid)),
+            })
+            .collect();
+        let now = self.expunged.keep(retired);
+        let reason = if self.config.expunged_retention.is_zero() {
+            "expunged"
+        } else {
+            "overflow"
+        };
+        self.delete_retired(now, reason).await;
+    }
+
+    async fn delete_retired(&self, retired: Vec<crate::sweep::Retired>, reason: &str) {
+        let count = retired.len() as u64;
+        for r in retired {
+            self.delete_unreferenced(&r.user, [r.object]).await;
+        }
+        crate::metrics::objects_deleted(reason, count);
+    }
+
+    /// Deletes every kept expunged object now (at shutdown: a later owner does not
+    /// know them, and they would wait for the orphan sweep).
+    pub async fn release_expunged(&self) {
+        self.delete_retired(self.expunged.due(true), "expunged")
+            .await;
+    }
+
+    /// Lists the objects of every user whose partition this replica owns and
+    /// deletes those older than `orphan_grace` that no index names (`sweep`).
+    pub async fn sweep_orphans(&self) -> Result<crate::sweep::Swept, EngineError> {
+        use futures::TryStreamExt;
+        let users: Vec<UserRef> = self.directory(|d| {
+            d.all_users()
+                .map(|u| UserRef {
+                    tenant: u.tenant.clone(),
+                    user: u.id,
+                })
+                .collect()
+        })?;
+        let before = chrono_millis(std::time::SystemTime::now() - self.config.orphan_grace);
+        let mut swept = crate::sweep::Swept::default();
+        for user in users {
+            if !self.owns(&user) {
+                continue;
+            }
+            let prefix = format!("{}/", user.prefix());
+            // Listed before the index is read: an object the listing shows was
+            // written before anything the read cannot see.
+            let old: Vec<(String, u64)> = self
+                .objects
+                .list(Some(&Path::from(user.prefix())))
+                .try_filter_map(|meta| {
+                    let key = meta
+                        .location
+                        .as_ref()
+                        .strip_prefix(&prefix)
+                        .map(str::to_owned);
+                    let old = meta.last_modified.timestamp_millis() < before;
+                    std::future::ready(Ok(key.filter(|_| old).map(|k| (k, meta.size))))
+                })
+                .try_collect()
+                .await?;
+            swept.users += 1;
+            if old.is_empty() {
+                continue;
+            }
+            let named: std::collections::HashSet<String> = match self
+                .read_index(&user, |i| {
+                    i.map(|i| {
+                        i.mailboxes()
+                            .flat_map(|m| m.messages.values().map(|m| m.object.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+                })
+                .await
+            {
+                Ok(named) => named,
+                // Moved to another replica meanwhile: its owner sweeps it.
+                Err(EngineError::NotOwner(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            for (key, size) in old {
+                if named.contains(&key) || self.expunged.holds(&user, &key) {
+                    continue;
+                }
+                tracing::info!(user = %user.key(), object = %key, "deleting an orphaned message object");
+                self.delete_unreferenced(&user, [key]).await;
+                swept.objects += 1;
+                swept.bytes += size;
+            }
+        }
+        crate::metrics::objects_deleted("orphan", swept.objects);
+        Ok(swept)
+    }
+
     /// Refuses a `UserRef` that does not name an existing user of that tenant.
     fn ensure_user(&self, user: &UserRef) -> Result<(), EngineError> {
         let known =
@@ -1435,8 +1579,25 @@ impl StorageEngine {
                     .map(|msg| (msg.object.clone(), msg.size))
             })
             .await?;
-        let (key, size) =
-            found.ok_or_else(|| StorageError::NotFound(format!("message {uid} in {canonical}")))?;
+        let (key, size) = match found {
+            Some(found) => found,
+            // Expunged, but a session may not know yet: its object while kept.
+            None => match self.expunged.find(user, &canonical, uid) {
+                Some(key) => {
+                    let size = self
+                        .objects
+                        .head(&Self::object_path(user, &key))
+                        .await?
+                        .size;
+                    (key, size)
+                }
+                None => {
+                    return Err(
+                        StorageError::NotFound(format!("message {uid} in {canonical}")).into(),
+                    );
+                }
+            },
+        };
         let range = match range {
             None => None,
             Some(r) if r.start >= size || r.start >= r.end => {
@@ -1498,8 +1659,8 @@ impl StorageEngine {
             )));
         };
         let uids = removed.iter().map(|(uid, _)| *uid).collect();
-        self.delete_unreferenced(user, removed.into_iter().map(|(_, key)| key))
-            .await;
+        let canonical = crate::index::canonical_name(mailbox, &self.config.index_limits)?;
+        self.retire(user, &canonical, removed).await;
         Ok(uids)
     }
 
@@ -1582,7 +1743,7 @@ impl StorageEngine {
             .index(
                 user,
                 IndexCommand::Copy {
-                    from: from_c,
+                    from: from_c.clone(),
                     to: to_c,
                     objects: objects.clone(),
                     remove_source,
@@ -1598,8 +1759,7 @@ impl StorageEngine {
                 expunged,
             }) => {
                 self.delete_unreferenced(user, unused_objects).await;
-                self.delete_unreferenced(user, expunged.into_iter().map(|(_, key)| key))
-                    .await;
+                self.retire(user, &from_c, expunged).await;
                 Ok((uidvalidity, mapping))
             }
             Ok(other) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
@@ -1707,6 +1867,47 @@ impl StorageEngine {
             .read_index(user, |i| i.map_or(0, UserIndex::used_bytes))
             .await?;
         Ok((used, self.quota_of(user)?))
+    }
+}
+
+fn chrono_millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Deletes kept expunged objects when due, and sweeps orphans every
+/// `orphan_sweep_interval` (the first pass one interval after the start).
+async fn tend(engine: std::sync::Weak<StorageEngine>) {
+    let (retention, sweep_every) = match engine.upgrade() {
+        Some(e) => (e.config.expunged_retention, e.config.orphan_sweep_interval),
+        None => return,
+    };
+    let tick = retention.clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut next_sweep =
+        (!sweep_every.is_zero()).then(|| tokio::time::Instant::now() + sweep_every);
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(this) = engine.upgrade() else {
+            return;
+        };
+        this.delete_retired(this.expunged.due(false), "expunged")
+            .await;
+        if let Some(at) = next_sweep
+            && tokio::time::Instant::now() >= at
+        {
+            match this.sweep_orphans().await {
+                Ok(swept) => tracing::info!(
+                    users = swept.users,
+                    objects = swept.objects,
+                    bytes = swept.bytes,
+                    "orphan sweep done"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the orphan sweep failed; tried again next interval")
+                }
+            }
+            next_sweep = Some(tokio::time::Instant::now() + sweep_every);
+        }
     }
 }
 

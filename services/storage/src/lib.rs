@@ -22,6 +22,7 @@ pub mod retry_index;
 pub mod sealed;
 pub mod server;
 pub mod session;
+pub mod sweep;
 pub mod testing;
 
 /// Why a command was refused. Each variant maps to one gRPC status and, at the front

@@ -49,6 +49,8 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
 
     service.wait_and_drain(&config.shutdown).await?;
     engine.leave();
+    // The next owner of these partitions does not know them.
+    engine.release_expunged().await;
     // Open Watch streams do not end by themselves; they are cut here.
     match tokio::time::timeout(std::time::Duration::from_secs(5), grpc).await {
         Ok(served) => served??,

@@ -162,3 +162,37 @@ static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub(crate) fn forwarded(outcome: &str) {
     FORWARDED.with_label_values(&[outcome]).inc();
 }
+
+static EXPUNGED_KEPT: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        prometheus::IntGauge::new(
+            "storage_expunged_bodies_kept",
+            "Objects of expunged messages kept for sessions that may still fetch them \
+             (storage.expunged_retention, at most storage.expunged_retention_max)",
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn expunged_kept(count: usize) {
+    EXPUNGED_KEPT.set(i64::try_from(count).unwrap_or(i64::MAX));
+}
+
+static OBJECTS_DELETED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "storage_unreferenced_objects_deleted_total",
+                "Message objects deleted once the index no longer named them: \
+                 `expunged` (after the retention, or at shutdown), `overflow` (the \
+                 kept queue was full), `orphan` (found by the orphan sweep)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn objects_deleted(reason: &str, count: u64) {
+    OBJECTS_DELETED.with_label_values(&[reason]).inc_by(count);
+}

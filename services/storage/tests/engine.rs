@@ -313,8 +313,17 @@ async fn flags_expunge_and_quota(b: Backends) {
     assert!(after > before, "a flag change bumps MODSEQ");
     assert_eq!(engine.expunge(&bob, INBOX, None).await.unwrap(), [uids[0]]);
     assert_eq!(engine.quota(&bob).await.unwrap(), (600, Some(1000)));
+    // Sessions not told of the expunge yet still read it (`expunged_retention`).
+    assert_eq!(
+        engine
+            .fetch(&bob, INBOX, uids[0], None)
+            .await
+            .unwrap()
+            .len(),
+        300
+    );
     assert!(matches!(
-        engine.fetch(&bob, INBOX, uids[0], None).await,
+        engine.fetch(&bob, INBOX, uids[0] + 100, None).await,
         Err(EngineError::Refused(StorageError::NotFound(_)))
     ));
 
@@ -680,6 +689,110 @@ async fn tenant_storage_limit(b: Backends) {
         .unwrap();
 }
 
+/// The object keys under `prefix`.
+async fn keys_under(objects: &Arc<dyn ObjectStore>, prefix: &str) -> BTreeSet<String> {
+    use futures::TryStreamExt;
+    objects
+        .list(Some(&Path::from(prefix)))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// An expunged message's object stays readable for `expunged_retention` (sessions
+/// not yet told of the expunge fetch it), then goes. An object no index names (left
+/// by a crash between the object write and its command) goes with the orphan sweep
+/// once older than `orphan_grace`; named ones stay.
+async fn unreferenced_objects_go(mut b: Backends) {
+    b.config.expunged_retention = Duration::from_secs(1);
+    b.config.write_timeout = Duration::from_secs(2);
+    b.config.orphan_grace = Duration::from_secs(4);
+    b.config.orphan_sweep_interval = Duration::ZERO;
+    let engine = b.engine().await;
+    let carol = tenant_with_user(&engine, "acme", "carol@acme.test", None).await;
+    // Owned partitions: the replica's share arrives a few seconds after it joins.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !engine.owns(&carol) {
+        assert!(std::time::Instant::now() < deadline, "never owned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut uids = Vec::new();
+    for body in [&b"first"[..], b"second"] {
+        let appended = engine
+            .append(&carol, INBOX, Bytes::from(body), Flags::default(), 0)
+            .await
+            .unwrap();
+        uids.push(appended.uid);
+    }
+    let prefix = format!("t/acme/u/{}", carol.user);
+    let named = keys_under(&b.objects, &prefix).await;
+    assert_eq!(named.len(), 2);
+
+    let deleted = Flags::parse(["\\Deleted"], &IndexLimits::default()).unwrap();
+    engine
+        .store_flags(
+            &carol,
+            INBOX,
+            vec![UidRange::one(uids[0])],
+            StoreAction::Add,
+            deleted,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        engine
+            .expunge(&carol, INBOX, Some(vec![UidRange::one(uids[0])]))
+            .await
+            .unwrap(),
+        [uids[0]]
+    );
+    assert_eq!(
+        engine
+            .fetch(&carol, INBOX, uids[0], Some(1..3))
+            .await
+            .unwrap(),
+        &b"ir"[..],
+        "kept for the retention"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while keys_under(&b.objects, &prefix).await.len() > 1 {
+        assert!(std::time::Instant::now() < deadline, "deleted after it");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        engine.fetch(&carol, INBOX, uids[0], None).await,
+        Err(EngineError::Refused(StorageError::NotFound(_)))
+    ));
+
+    // A crash between writing an object and the command naming it.
+    let kept = keys_under(&b.objects, &prefix).await;
+    let folder = kept.first().unwrap().rsplit_once('/').unwrap().0.to_owned();
+    let orphan = format!("{folder}/orphan");
+    b.objects
+        .put(
+            &Path::from(orphan.as_str()),
+            Bytes::from_static(b"lost").into(),
+        )
+        .await
+        .unwrap();
+    let swept = engine.sweep_orphans().await.unwrap();
+    assert_eq!(
+        (swept.users, swept.objects),
+        (1, 0),
+        "too young to be an orphan"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let swept = engine.sweep_orphans().await.unwrap();
+    assert_eq!((swept.objects, swept.bytes), (1, 4), "{swept:?}");
+    assert_eq!(keys_under(&b.objects, &prefix).await, kept);
+    assert_eq!(
+        engine.fetch(&carol, INBOX, uids[1], None).await.unwrap(),
+        &b"second"[..]
+    );
+}
+
 macro_rules! on_both {
     ($($name:ident),*) => {
         mod embedded_backends {
@@ -705,7 +818,8 @@ on_both!(
     restart_replays_to_the_same_state,
     rename_inbox_and_delete_mailbox,
     tenant_storage_limit,
-    the_log_before_a_checkpoint_may_go
+    the_log_before_a_checkpoint_may_go,
+    unreferenced_objects_go
 );
 
 /// Snapshots go out on time too, so a quiet log (the directory) is covered before

@@ -279,6 +279,7 @@ impl Outbound {
                 .await?;
         }
         let scanner = tokio::spawn(self.clone().scan(shutdown.clone()));
+        let sweeper = tokio::spawn(self.clone().sweep(shutdown.clone()));
         let this = self.clone();
         let consumed = consume(
             Source {
@@ -297,6 +298,7 @@ impl Outbound {
         )
         .await;
         scanner.abort();
+        sweeper.abort();
         consumed
     }
 
@@ -338,6 +340,10 @@ impl Outbound {
             match self.persist(&job, &settled).await {
                 Ok(()) => {
                     self.mark_done(&job.envelope, failed.iter()).await;
+                    // A message waiting in the due-time index keeps its claim there.
+                    if settled.again.is_none() {
+                        crate::bodies::release_body(&*self.objects, &job.envelope.body).await;
+                    }
                     return true;
                 }
                 Err(NotDone(reason)) => {
@@ -378,6 +384,11 @@ impl Outbound {
         let message = match read_body(&*self.objects, &envelope).await {
             Ok(m) => m,
             Err(BodyError::Missing(reason)) => return park(reason).await,
+            Err(BodyError::Finished(reason)) => {
+                tracing::info!(queue_id = %envelope.queue_id, %reason, "a finished outbound record came again; nothing to do");
+                crate::metrics::relayed("replayed");
+                return Ok(None);
+            }
             Err(BodyError::Unavailable(reason)) => return Err(NotDone(reason)),
         };
         Ok(Some(Job {
@@ -629,6 +640,39 @@ impl Outbound {
                 if let Err(e) = self.requeue(&key).await {
                     tracing::warn!(%key, error = %e, "re-queueing a due message failed");
                 }
+            }
+        }
+    }
+
+    /// Removes queue bodies no record can need any more (`bodies::sweep`), one
+    /// worker at a time: the cache lock is kept for the interval, so the others skip
+    /// it; without the cache nobody sweeps.
+    async fn sweep(self: Arc<Self>, shutdown: Shutdown) {
+        let every = self.worker.body_sweep_interval;
+        loop {
+            tokio::select! {
+                _ = shutdown.closing() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.cache.try_lock("delivery:body-sweep", every).await {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no queue-body sweep: the cache is unavailable");
+                    continue;
+                }
+            }
+            let before = SystemTime::now() - (self.worker.max_lifetime + self.worker.body_grace);
+            match crate::bodies::sweep(&*self.objects, before).await {
+                Ok(swept) if swept.objects > 0 => {
+                    tracing::info!(
+                        objects = swept.objects,
+                        bytes = swept.bytes,
+                        "old queue bodies removed"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "the queue-body sweep failed"),
             }
         }
     }

@@ -175,6 +175,59 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// Stores `content` as the message's body in object storage, where the front
+    /// door puts large ones, and points `envelope` at it.
+    pub async fn store_body(&self, envelope: &mut Envelope, content: &str) -> String {
+        use mailmesh_objstore::object_store::{ObjectStoreExt, PutPayload, path::Path};
+        let key = format!("t/{}/queue/{}", envelope.tenant, envelope.queue_id);
+        self.objects
+            .put(
+                &Path::from(key.as_str()),
+                PutPayload::from(content.as_bytes().to_vec()),
+            )
+            .await
+            .unwrap();
+        envelope.body = BodyRef::Object {
+            key: key.clone(),
+            size: content.len() as u64,
+            claim: None,
+        };
+        key
+    }
+
+    /// The object keys under `prefix`.
+    pub async fn objects_under(&self, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        use mailmesh_objstore::object_store::path::Path;
+        let mut keys: Vec<String> = self
+            .objects
+            .list(Some(&Path::from(prefix)))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// The records parked on the dead-letter topic (each partition read for `wait`).
+    pub async fn dead_letters(&self, wait: Duration) -> Vec<mailmesh_queue::Record> {
+        let mut dead = Vec::new();
+        for p in 0..2 {
+            let mut r = self
+                .queue
+                .reader(&self.config.dead_letter_topic, p, 0)
+                .await
+                .unwrap();
+            while let Ok(Ok(rec)) = tokio::time::timeout(wait, r.recv()).await {
+                dead.push(rec);
+            }
+        }
+        dead
+    }
+}
+
 pub fn envelope(from: &str, to: &[&str], body: &str) -> Envelope {
     Envelope {
         queue_id: QueueId::generate(),
