@@ -437,6 +437,9 @@ pub struct StorageEngine {
     peers: std::sync::OnceLock<Arc<dyn Peers>>,
     /// Tenants' bytes in other replicas' partitions, and when asked.
     remote_usage: Mutex<HashMap<TenantId, (u64, std::time::Instant)>>,
+    /// One question to the other replicas per tenant at a time: the calls that
+    /// find the answer stale meanwhile wait for it.
+    usage_asking: Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>,
     /// Objects of expunged messages, kept for a while (`sweep`).
     expunged: crate::sweep::ExpungedBodies,
     /// The task deleting expunged objects when due and sweeping orphans.
@@ -574,6 +577,7 @@ impl StorageEngine {
             open: std::sync::atomic::AtomicUsize::new(0),
             peers: std::sync::OnceLock::new(),
             remote_usage: Mutex::new(HashMap::new()),
+            usage_asking: Mutex::new(HashMap::new()),
             expunged: crate::sweep::ExpungedBodies::new(
                 config.expunged_retention,
                 config.expunged_retention_max,
@@ -1780,17 +1784,34 @@ impl StorageEngine {
     pub async fn tenant_usage(&self, tenant: &TenantId) -> Result<u64, EngineError> {
         if let Some(owners) = &self.owners {
             let (mine, counted) = self.owned_tenant_usage(tenant);
-            let cached = self
-                .remote_usage
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(tenant)
-                .filter(|(_, at)| at.elapsed() < REMOTE_USAGE_TTL)
-                .map(|(bytes, _)| *bytes);
-            let remote = match (cached, self.peers.get()) {
+            let cached = || {
+                self.remote_usage
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(tenant)
+                    .filter(|(_, at)| at.elapsed() < REMOTE_USAGE_TTL)
+                    .map(|(bytes, _)| *bytes)
+            };
+            let asking = match (cached(), self.peers.get()) {
+                (None, Some(_)) => Some(
+                    self.usage_asking
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(tenant.clone())
+                        .or_default()
+                        .clone(),
+                ),
+                _ => None,
+            };
+            let _asking = match &asking {
+                Some(lock) => Some(lock.lock().await),
+                None => None,
+            };
+            let remote = match (cached(), self.peers.get()) {
                 (Some(bytes), _) => bytes,
                 (None, None) => 0,
                 (None, Some(peers)) => {
+                    crate::metrics::tenant_usage_asked();
                     let asked = futures::future::join_all(
                         owners
                             .others()

@@ -196,3 +196,18 @@ static OBJECTS_DELETED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub(crate) fn objects_deleted(reason: &str, count: u64) {
     OBJECTS_DELETED.with_label_values(&[reason]).inc_by(count);
 }
+
+static USAGE_ASKED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        prometheus::IntCounter::new(
+            "storage_tenant_usage_asked_total",
+            "Times this replica asked the other owners for a tenant's stored bytes (at \
+             most one question per tenant at a time; answers are used for 5 s)",
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn tenant_usage_asked() {
+    USAGE_ASKED.inc();
+}

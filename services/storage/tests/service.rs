@@ -955,26 +955,37 @@ async fn the_tenant_storage_limit_counts_every_owners_partitions() {
     // the limit's worth went in (more when an owner's view of the other was old).
     assert!(accepted * SIZE as u64 >= LIMIT, "{accepted} accepted");
     // Once the answers of the other owner are fresh again, no owner takes more:
-    // its own partitions alone hold well under the limit.
+    // its own partitions alone hold well under the limit. The deliveries go at
+    // once, and each replica asks the other one question for all of them.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    for (i, user) in users.iter().enumerate() {
+    let asked = |s| metric(s, "mailmesh_storage_tenant_usage_asked_total", "");
+    let before = asked(&one).await + asked(&two).await;
+    let late = users.iter().enumerate().map(|(i, user)| {
+        let mut deliver = deliver.clone();
         let key = format!("late/{i}");
-        let refused = deliver
-            .deliver(v1::DeliverRequest {
-                user: Some(user.clone()),
-                message: message(&key),
-                delivered_to: format!("user{i}@acme.test"),
-                delivery_key: key,
-                ..Default::default()
-            })
-            .await
-            .unwrap_err();
+        let request = v1::DeliverRequest {
+            user: Some(user.clone()),
+            message: message(&key),
+            delivered_to: format!("user{i}@acme.test"),
+            delivery_key: key,
+            ..Default::default()
+        };
+        async move { deliver.deliver(request).await }
+    });
+    for refused in futures::future::join_all(late).await {
+        let refused = refused.unwrap_err();
         assert_eq!(
             refused.code(),
             tonic::Code::ResourceExhausted,
             "{refused:?}"
         );
     }
+    let questions = asked(&one).await + asked(&two).await - before;
+    assert!(
+        (1.0..=2.0).contains(&questions),
+        "{questions} questions for {} deliveries",
+        users.len()
+    );
 }
 
 /// Deliveries keep being acknowledged while partition owners come and go (one
