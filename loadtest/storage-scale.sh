@@ -10,8 +10,10 @@
 # BACKEND: `embedded` (the log and object store `mailctl dev` uses), `real` (tansu
 # and s3s-fs from scripts/backends.sh, as the distributed deployment), or `both`.
 # Index only: bodies are not written and users are not put in the directory (see
-# loadtest/src/storage_scale.rs). PARTITIONS (16), CONCURRENCY (64) and
-# CACHE_BYTES (256 MiB) can be set in the environment.
+# loadtest/src/storage_scale.rs). PARTITIONS (16), CONCURRENCY (64),
+# CACHE_BYTES (256 MiB) and PACED_RATE (2000 writes/s while the checkpoint stall is
+# measured) can be set in the environment; OBJECTS_DIR puts the embedded backend's
+# bucket on another device (e.g. /dev/shm), as a remote S3 bucket is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MESSAGES=${1:-1000000}
@@ -23,8 +25,9 @@ BIN=$CARGO_TARGET_DIR/release/storage-scale
 run() {
   "$BIN" --backend "$1" --messages "$MESSAGES" --users "$USERS" \
     --partitions "${PARTITIONS:-16}" --concurrency "${CONCURRENCY:-64}" \
-    --cache-bytes "${CACHE_BYTES:-268435456}" --dir "/tmp/mailmesh-storage-scale-$1"
-  rm -rf "/tmp/mailmesh-storage-scale-$1"
+    --cache-bytes "${CACHE_BYTES:-268435456}" --paced-rate "${PACED_RATE:-2000}" \
+    ${OBJECTS_DIR:+--objects-dir "$OBJECTS_DIR/$1"} --dir "/tmp/mailmesh-storage-scale-$1"
+  rm -rf "/tmp/mailmesh-storage-scale-$1" ${OBJECTS_DIR:+"$OBJECTS_DIR/$1"}
 }
 case "$BACKEND" in
   embedded | both) run embedded ;;

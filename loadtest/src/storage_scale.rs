@@ -10,7 +10,8 @@
 //! checkpointed to object storage and restored from it by a new replica.
 //!
 //! Prints: fill rate and write latency; RSS, cached, on-disk and checkpoint bytes
-//! per message; checkpoint time and the write latency while it runs (the stall);
+//! per message; checkpoint time and the latency of writes at a steady rate below
+//! capacity while it runs, against the same without it (the stall);
 //! the next checkpoint's time and size after 1 % of the users changed (a delta);
 //! the time a replica with an empty disk takes to serve every partition (restore
 //! and log tail: a takeover without a standby); read latency of a user's INBOX
@@ -47,6 +48,14 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value_t = 256 << 20)]
     cache_bytes: u64,
+    /// Writes per second while the stall is measured (open loop, below capacity).
+    #[arg(long, default_value_t = 2_000)]
+    paced_rate: u64,
+    /// The embedded backend's bucket, when not under `--dir`: on another device
+    /// (e.g. /dev/shm), as a remote S3 bucket is, its checkpoint writes do not
+    /// share a disk with the log's fsyncs.
+    #[arg(long)]
+    objects_dir: Option<std::path::PathBuf>,
     /// Work directory: the embedded log and objects, and the replica's index.
     #[arg(long, default_value = "/tmp/mailmesh-storage-scale")]
     dir: std::path::PathBuf,
@@ -200,18 +209,66 @@ async fn drive(
     Ok(all)
 }
 
+/// Appends at `rate` per second, each in its own task whatever the others do
+/// (open loop), for `length` or until `STOP`; returns the latencies. Messages are
+/// numbered from `from`.
+async fn paced(
+    partitions: &[Partition],
+    rate: u64,
+    from: u64,
+    users: u64,
+    length: Option<Duration>,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut writes = tokio::task::JoinSet::new();
+    let mut i = from;
+    loop {
+        tick.tick().await;
+        let done = match length {
+            Some(length) => started.elapsed() >= length,
+            None => STOP.load(Ordering::Relaxed) == 1,
+        };
+        if done {
+            break;
+        }
+        let (u, command) = append(i, users);
+        i += 1;
+        let partition = partitions[(u % partitions.len() as u64) as usize].clone();
+        writes.spawn(async move {
+            let started = Instant::now();
+            partition.submit(command).await?;
+            anyhow::Ok(started.elapsed())
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(latency) = writes.join_next().await {
+        latencies.push(latency??);
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
+    if let Some(objects) = &args.objects_dir {
+        let _ = std::fs::remove_dir_all(objects);
+        std::fs::create_dir_all(objects)?;
+    }
     let (queue, objects): (Arc<dyn Queue>, Arc<dyn ObjectStore>) = match args.backend.as_str() {
         "embedded" => {
             use mailmesh_queue::embedded::{EmbeddedConfig, EmbeddedLog};
             let queue = EmbeddedLog::open(&EmbeddedConfig::new(args.dir.join("queue"))).await?;
             let objects = mailmesh_objstore::open(&mailmesh_objstore::ObjectStoreConfig::Local(
                 mailmesh_objstore::LocalConfig {
-                    dir: args.dir.join("objects"),
+                    dir: args
+                        .objects_dir
+                        .clone()
+                        .unwrap_or_else(|| args.dir.join("objects")),
                 },
             ))?;
             (Arc::new(queue), objects)
@@ -294,28 +351,25 @@ async fn main() -> anyhow::Result<()> {
         ms(percentile(&latencies, 1.0))
     );
 
-    // Checkpoint every partition while writes go on.
+    // The stall: writes at a steady rate well below capacity (open loop, so a
+    // write that waits does not slow the ones after it), first alone, then while
+    // every partition is checkpointed.
+    let rate = args.paced_rate;
+    let quiet = paced(
+        &partitions,
+        rate,
+        args.messages,
+        users,
+        Some(Duration::from_secs(2)),
+    )
+    .await?;
     let stall_load = {
         let partitions = partitions.clone();
-        let from = args.messages;
-        let concurrency = args.concurrency;
-        tokio::spawn(async move {
-            let mut all = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(3600);
-            while Instant::now() < deadline {
-                let batch = drive(&partitions, 2000, concurrency, move |i| {
-                    append(from + i, users)
-                })
-                .await?;
-                all.extend(batch);
-                if STOP.load(Ordering::Relaxed) == 1 {
-                    break;
-                }
-            }
-            all.sort();
-            anyhow::Ok(all)
-        })
+        let from = args.messages + 2 * rate;
+        tokio::spawn(async move { paced(&partitions, rate, from, users, None).await })
     };
+    // Some writes before the checkpoint starts, and until it ends.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
     for partition in &partitions {
         partition.checkpoint().await?;
@@ -333,7 +387,14 @@ async fn main() -> anyhow::Result<()> {
     let rss = rss_bytes();
     let disk = dir_bytes(&index_dir);
     println!(
-        "checkpoint of {} partitions: {:.1} s; writes meanwhile ({}): p50 {} p99 {} max {}",
+        "writes at {rate}/s, no checkpoint ({}): p50 {} p99 {} max {}",
+        quiet.len(),
+        ms(percentile(&quiet, 0.5)),
+        ms(percentile(&quiet, 0.99)),
+        ms(percentile(&quiet, 1.0))
+    );
+    println!(
+        "checkpoint of {} partitions: {:.1} s; writes at {rate}/s meanwhile ({}): p50 {} p99 {} max {}",
         args.partitions,
         checkpoint.as_secs_f64(),
         during.len(),

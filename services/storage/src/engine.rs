@@ -1906,6 +1906,7 @@ async fn tend(engine: std::sync::Weak<StorageEngine>) {
     let tick = retention.clamp(Duration::from_millis(100), Duration::from_secs(1));
     let mut next_sweep =
         (!sweep_every.is_zero()).then(|| tokio::time::Instant::now() + sweep_every);
+    let mut next_report = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(tick).await;
         let Some(this) = engine.upgrade() else {
@@ -1913,6 +1914,12 @@ async fn tend(engine: std::sync::Weak<StorageEngine>) {
         };
         this.delete_retired(this.expunged.due(false), "expunged")
             .await;
+        if tokio::time::Instant::now() >= next_report {
+            // Lists the index's files: a blocking thread's job.
+            let db = this.index_db.clone();
+            let _ = tokio::task::spawn_blocking(move || db.report()).await;
+            next_report = tokio::time::Instant::now() + Duration::from_secs(10);
+        }
         if let Some(at) = next_sweep
             && tokio::time::Instant::now() >= at
         {

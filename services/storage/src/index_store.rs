@@ -178,6 +178,13 @@ impl Cache {
         Some(entry)
     }
 
+    /// Records what a user's write-back stored while it stays dirty.
+    fn set_persisted(&mut self, key: &CacheKey, persisted_used: u64) {
+        if let Some(entry) = self.users.get_mut(key) {
+            entry.persisted_used = persisted_used;
+        }
+    }
+
     fn mark_clean(&mut self, key: &CacheKey, persisted_used: u64) {
         if let Some(entry) = self.users.get_mut(key) {
             if entry.dirty {
@@ -276,9 +283,16 @@ impl IndexDb {
         self.cache().dirty_bytes
     }
 
-    /// Bytes on disk (journal and tables).
+    /// Bytes on disk (journal and tables); lists the engine's files, so never
+    /// under the apply lock.
     pub fn disk_bytes(&self) -> u64 {
         self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Sets the index size metrics (the memory held, the bytes on disk).
+    pub fn report(&self) {
+        crate::metrics::index_cached_bytes(self.cached_bytes());
+        crate::metrics::index_disk_bytes(self.disk_bytes());
     }
 
     fn keyspace_name(config: &ReplicaConfig) -> String {
@@ -326,8 +340,30 @@ pub struct PartitionIndex {
     changed: BTreeSet<Vec<u8>>,
     /// The checkpoints in object storage this replica's next one builds on.
     chain: Arc<Mutex<Chain>>,
-    /// Declared last: released after `Drop` has cleared this partition's users.
-    _claim: Claim,
+    /// A batch being written back outside the apply lock, and where it reports.
+    /// (In a mutex only to be `Sync`: it is used under the apply lock.)
+    writing: Option<Mutex<std::sync::mpsc::Receiver<Result<Batch, EngineError>>>>,
+    /// Declared last: released after `Drop` has cleared this partition's users
+    /// (and held by a batch still being written, so the partition is not opened
+    /// again meanwhile).
+    claim: Arc<Claim>,
+}
+
+/// Users to write back: taken under the apply lock, encoded and committed outside
+/// it, then made clean under it again (`finish`).
+struct Batch {
+    /// Key, the offset of the last command applied to it, its index, and its
+    /// stored bytes as last written back.
+    users: Vec<(String, i64, Option<Arc<UserIndex>>, u64)>,
+    /// Every tenant's bytes as written once this batch is committed, and the
+    /// tenants it changes.
+    persisted: BTreeMap<TenantId, u64>,
+    tenants: BTreeSet<TenantId>,
+    /// `P` once committed.
+    replay_from: i64,
+    /// The offset after the last command applied when it was taken: changes made
+    /// since are at this offset or later.
+    taken_at: i64,
 }
 
 /// A base checkpoint and the deltas after it, as this replica knows them.
@@ -446,17 +482,85 @@ impl PartitionIndex {
     }
 
     /// Writes back the dirty users `pick` selects (all when `None`), oldest change
-    /// first, up to about `limit` bytes of them, with the new `P`, in one batch.
-    /// Memory changes only once the batch is committed.
+    /// first, up to about `limit` bytes of them, with the new `P`, in one batch,
+    /// here and now. Memory changes only once the batch is committed.
     fn write_back(
         &mut self,
         next: i64,
         pick: Option<&dyn Fn(&Dirty) -> bool>,
         limit: usize,
     ) -> Result<(), EngineError> {
-        // The users as they are now; encoded outside the cache's lock.
+        self.written(true)?;
+        if let Some(batch) = self.take_batch(next, pick, limit)? {
+            commit(&self.db, &self.keyspace, &batch)?;
+            self.finish(batch);
+        }
+        Ok(())
+    }
+
+    /// Starts writing back what `pick` selects (as `write_back`) outside the apply
+    /// lock: a write never waits for the encoding and the commit; memory follows
+    /// at a later call (`written`).
+    fn start_write_back(
+        &mut self,
+        next: i64,
+        pick: Option<&dyn Fn(&Dirty) -> bool>,
+        limit: usize,
+    ) -> Result<(), EngineError> {
+        let Some(batch) = self.take_batch(next, pick, limit)? else {
+            return Ok(());
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (db, keyspace, claim) = (self.db.clone(), self.keyspace.clone(), self.claim.clone());
+        let job = move || {
+            let done = commit(&db, &keyspace, &batch).map(|()| batch);
+            let _ = tx.send(done);
+            drop(claim);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(job)),
+            Err(_) => job(),
+        }
+        self.writing = Some(Mutex::new(rx));
+        Ok(())
+    }
+
+    /// Makes memory follow a batch written outside the lock, if it is done (or,
+    /// with `wait`, once it is). False while one is still being written.
+    fn written(&mut self, wait: bool) -> Result<bool, EngineError> {
+        use std::sync::mpsc::TryRecvError;
+        let Some(rx) = &self.writing else {
+            return Ok(true);
+        };
+        let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+        let done = if wait {
+            rx.recv()
+                .map_err(|_| disk("a write-back ended without an answer"))?
+        } else {
+            match rx.try_recv() {
+                Ok(done) => done,
+                Err(TryRecvError::Empty) => return Ok(false),
+                Err(TryRecvError::Disconnected) => {
+                    return Err(disk("a write-back ended without an answer"));
+                }
+            }
+        };
+        drop(rx);
+        self.writing = None;
+        self.finish(done?);
+        Ok(true)
+    }
+
+    /// The users to write back (see `write_back`), as they are now; `None` when
+    /// neither a user nor `P` would change.
+    fn take_batch(
+        &mut self,
+        next: i64,
+        pick: Option<&dyn Fn(&Dirty) -> bool>,
+        limit: usize,
+    ) -> Result<Option<Batch>, EngineError> {
         let mut keys = BTreeSet::new();
-        let mut taken = Vec::new();
+        let mut users = Vec::new();
         {
             let cache = self.db.cache();
             let mut bytes = 0usize;
@@ -472,7 +576,7 @@ impl PartitionIndex {
                 };
                 bytes += entry.bytes;
                 keys.insert(key.clone());
-                taken.push((
+                users.push((
                     key.clone(),
                     entry.applied,
                     entry.index.clone(),
@@ -486,80 +590,103 @@ impl PartitionIndex {
             .find(|(_, key)| !keys.contains(key))
             .map_or(next, |(since, _)| *since);
         if keys.is_empty() && replay_from <= self.persisted_from {
-            return Ok(());
+            return Ok(None);
         }
-        let mut batch = self.db.db.batch();
         let mut persisted = self.tenant_persisted.clone();
         let mut tenants = BTreeSet::new();
-        for (key, applied, index, persisted_used) in &taken {
-            batch.insert(
-                &self.keyspace,
-                user_key(key),
-                encode_user(*applied, index.as_deref())?,
-            );
+        for (key, _, index, persisted_used) in &users {
             let used = index.as_ref().map_or(0, |i| i.used_bytes());
             let tenant = &self.dirty[key].tenant;
             let total = persisted.entry(tenant.clone()).or_default();
             *total = total.saturating_add(used).saturating_sub(*persisted_used);
             tenants.insert(tenant.clone());
         }
-        for tenant in &tenants {
-            let total = persisted.get(tenant).copied().unwrap_or(0);
-            batch.insert(
-                &self.keyspace,
-                tenant_key(tenant),
-                total.to_be_bytes().to_vec(),
-            );
-        }
-        let meta = postcard::to_allocvec(&Meta { replay_from }).map_err(|e| disk(e.to_string()))?;
-        batch.insert(&self.keyspace, META, meta);
-        batch.commit().map_err(disk)?;
-        // Committed: now memory follows.
+        // In the next checkpoint's delta whether or not the batch is committed by
+        // its snapshot (and again once it is: `finish`).
+        self.changed.extend(keys.iter().map(|k| user_key(k)));
+        self.changed.extend(tenants.iter().map(tenant_key));
+        Ok(Some(Batch {
+            users,
+            persisted,
+            tenants,
+            replay_from,
+            taken_at: next,
+        }))
+    }
+
+    /// Memory follows a committed batch: its users are clean unless changed since
+    /// it was taken (then their log is kept from just after what it wrote).
+    fn finish(&mut self, batch: Batch) {
+        let Batch {
+            users,
+            persisted,
+            tenants,
+            replay_from,
+            taken_at,
+        } = batch;
         self.changed
-            .extend(taken.iter().map(|(key, ..)| user_key(key)));
+            .extend(users.iter().map(|(key, ..)| user_key(key)));
         self.changed.extend(tenants.iter().map(tenant_key));
         self.tenant_persisted = persisted;
         self.persisted_from = replay_from;
         let mut cache = self.db.cache();
-        for (key, _, index, _) in taken {
-            if let Some(d) = self.dirty.remove(&key) {
-                self.dirty_order.remove(&(d.since, key.clone()));
+        for (key, applied, index, _) in users {
+            debug_assert!(applied < taken_at);
+            let cache_key = (self.partition, key.clone());
+            let used = index.as_ref().map_or(0, |i| i.used_bytes());
+            let current = cache.users.get(&cache_key).map(|e| e.applied);
+            if current == Some(applied) {
+                if let Some(d) = self.dirty.remove(&key) {
+                    self.dirty_order.remove(&(d.since, key.clone()));
+                }
+                cache.mark_clean(&cache_key, used);
+            } else {
+                cache.set_persisted(&cache_key, used);
+                if let Some(d) = self.dirty.get_mut(&key) {
+                    self.dirty_order.remove(&(d.since, key.clone()));
+                    d.since = d.since.max(taken_at);
+                    d.at = Instant::now();
+                    self.dirty_order.insert((d.since, key));
+                }
             }
-            cache.mark_clean(
-                &(self.partition, key),
-                index.as_ref().map_or(0, |i| i.used_bytes()),
-            );
         }
         cache.evict();
         let cached = cache.bytes;
         drop(cache);
-        crate::metrics::index_bytes(cached, self.db.disk_bytes());
-        Ok(())
+        // The bytes on disk are counted elsewhere, off the apply lock (listing the
+        // engine's files takes milliseconds).
+        crate::metrics::index_cached_bytes(cached);
     }
 
     /// Writes back what is due: users changed `writeback_delay` ago, the oldest
     /// changes when the replay distance is over `MAX_REPLAY`, and all of this
     /// partition's when dirty users hold half the cache.
     fn write_back_due(&mut self, next: i64) -> Result<(), EngineError> {
-        let pressure = {
+        let (pressure, full) = {
             let cache = self.db.cache();
-            cache.dirty_bytes > self.db.budget / 2
+            (
+                cache.dirty_bytes > self.db.budget / 2,
+                cache.dirty_bytes > self.db.budget,
+            )
         };
-        // One batch at a time (the apply lock is held meanwhile): the rest goes at
-        // the next records or the next second.
+        // One batch at a time, written outside the apply lock; only when dirty
+        // users outgrow the whole cache does a write wait for it.
+        if !self.written(full)? {
+            return Ok(());
+        }
         let batch = (self.db.budget / 64).max(2 << 20);
         if pressure {
-            return self.write_back(next, None, batch);
+            return self.start_write_back(next, None, batch);
         }
         if next - self.replay_from(next) > MAX_REPLAY {
             let horizon = next - MAX_REPLAY / 2;
-            return self.write_back(next, Some(&|d: &Dirty| d.since < horizon), batch);
+            return self.start_write_back(next, Some(&|d: &Dirty| d.since < horizon), batch);
         }
         let delay = self.db.writeback_delay;
         if let Some((_, key)) = self.dirty_order.first()
             && self.dirty[key].at.elapsed() >= delay
         {
-            return self.write_back(next, Some(&|d: &Dirty| d.at.elapsed() >= delay), batch);
+            return self.start_write_back(next, Some(&|d: &Dirty| d.at.elapsed() >= delay), batch);
         }
         Ok(())
     }
@@ -871,6 +998,31 @@ fn export(
         .map_err(|_| disk("checkpoint upload ended early"))
 }
 
+/// Runs `work` on a thread of its own at the lowest CPU priority (nice 19, as
+/// RocksDB runs its compactions): writes and reads preempt it as soon as they are
+/// ready, where on a busy pod a thread of equal priority would hold a core for a
+/// whole scheduler slice (tens of ms). The thread ends with `work`, so nothing else
+/// runs at that priority.
+fn low_priority<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<tokio::sync::oneshot::Receiver<T>, EngineError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("index-{name}"))
+        .spawn(move || {
+            // Per thread on Linux; elsewhere the whole process would follow, so not.
+            #[cfg(target_os = "linux")]
+            if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19)
+            {
+                tracing::debug!(error = %e, "lowering the priority of a background thread");
+            }
+            let _ = tx.send(work());
+        })
+        .map_err(|e| disk(format!("starting the {name} thread: {e}")))?;
+    Ok(rx)
+}
+
 /// Uploads a checkpoint of the keyspace as `snapshot` has it, named after its
 /// `P` (and, for a delta, the checkpoint it follows); after a base, deletes older
 /// checkpoints. Returns `P` and the bytes uploaded, or `None` when nothing was
@@ -901,7 +1053,7 @@ async fn write_checkpoint(
     };
     let base = keys.is_none();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let reader = tokio::task::spawn_blocking(move || export(snapshot, keyspace, keys, tx));
+    let reader = low_priority("checkpoint", move || export(snapshot, keyspace, keys, tx))?;
     let mut upload =
         mailmesh_objstore::object_store::buffered::BufWriter::new(objects.clone(), path.clone());
     let mut uploaded = Ok(());
@@ -1083,6 +1235,9 @@ impl StateMachine for PartitionIndex {
     }
 
     fn maintain(&mut self, next: i64) -> Result<(), EngineError> {
+        if !self.written(false)? {
+            return Ok(());
+        }
         if self.dirty.is_empty() {
             // Barriers and refused commands move `P` too, so the log to replay
             // (and to retain) stays short on a partition without changes.
@@ -1233,11 +1388,34 @@ impl PartitionIndex {
                 persisted_from: meta.replay_from,
                 changed: BTreeSet::new(),
                 chain: Arc::new(Mutex::new(chain)),
-                _claim: claim,
+                writing: None,
+                claim: Arc::new(claim),
             },
             meta.replay_from,
         ))
     }
+}
+
+/// Encodes and commits a batch: its users, tenants' totals and `P`, atomically.
+fn commit(db: &IndexDb, keyspace: &Keyspace, batch: &Batch) -> Result<(), EngineError> {
+    let mut write = db.db.batch();
+    for (key, applied, index, _) in &batch.users {
+        write.insert(
+            keyspace,
+            user_key(key),
+            encode_user(*applied, index.as_deref())?,
+        );
+    }
+    for tenant in &batch.tenants {
+        let total = batch.persisted.get(tenant).copied().unwrap_or(0);
+        write.insert(keyspace, tenant_key(tenant), total.to_be_bytes().to_vec());
+    }
+    let meta = postcard::to_allocvec(&Meta {
+        replay_from: batch.replay_from,
+    })
+    .map_err(|e| disk(e.to_string()))?;
+    write.insert(keyspace, META, meta);
+    write.commit().map_err(disk)
 }
 
 impl Drop for PartitionIndex {
@@ -1451,6 +1629,60 @@ mod tests {
             db.cached_bytes()
         );
         assert!(index.user(&users[0].key()).unwrap().is_none(), "forgotten");
+    }
+
+    /// A batch written back outside the apply lock: users changed while it is
+    /// written stay dirty (their later changes are not taken for written), the
+    /// tenants' totals and `P` follow it, and a restart on the same disk gives
+    /// the state as applied.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_while_a_batch_is_written_stay_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = objects(dir.path());
+        let users = users(12);
+        let first = workload(&users, 20);
+        let mut log = first.clone();
+        log.extend(workload(&users[..6], 5).into_iter().filter(|c| {
+            !matches!(
+                c,
+                PartitionCommand::Forget { .. }
+                    | PartitionCommand::User {
+                        command: IndexCommand::Init,
+                        ..
+                    }
+            )
+        }));
+        let n = first.len() as i64;
+        let local = dir.path().join("index");
+        {
+            let db = IndexDb::open(Some(&local), 64 << 20, DELAY).unwrap();
+            let (mut index, _) = open(&db, &objects).await;
+            apply_all(&mut index, &first, 0);
+            let dirty_before = index.dirty.len();
+            index.start_write_back(n, None, usize::MAX).unwrap();
+            assert!(index.writing.is_some());
+            // Half the users change while the batch is written.
+            apply_all(&mut index, &log, first.len());
+            assert!(index.written(true).unwrap());
+            let still: BTreeSet<&String> = index.dirty.keys().collect();
+            assert!(
+                !still.is_empty() && still.len() < dirty_before,
+                "{} of {dirty_before} dirty",
+                still.len()
+            );
+            assert!(index.dirty.values().all(|d| d.since >= n));
+            assert_eq!(index.persisted_from, n, "P once the batch is in");
+        }
+        // Only the batch reached the disk: a restart replays from `n`.
+        let db = IndexDb::open(Some(&local), 64 << 20, DELAY).unwrap();
+        let (mut index, next) = open(&db, &objects).await;
+        assert_eq!(next, n);
+        apply_all(&mut index, &log, next as usize);
+        assert_same(&index, &users, &oracle(&log));
+        index
+            .write_back(log.len() as i64, None, usize::MAX)
+            .unwrap();
+        assert_eq!(index.tenant_persisted, index.tenant_bytes);
     }
 
     /// A restart replays the log from the local store's `P`, and each user skips

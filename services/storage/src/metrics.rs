@@ -115,10 +115,13 @@ static INDEX_BYTES: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
-pub(crate) fn index_bytes(cached: usize, disk: u64) {
+pub(crate) fn index_cached_bytes(cached: usize) {
     INDEX_BYTES
         .with_label_values(&["cached"])
         .set(i64::try_from(cached).unwrap_or(i64::MAX));
+}
+
+pub(crate) fn index_disk_bytes(disk: u64) {
     INDEX_BYTES
         .with_label_values(&["disk"])
         .set(i64::try_from(disk).unwrap_or(i64::MAX));
