@@ -330,34 +330,43 @@ impl<'a> Parsed<'a> {
     }
 }
 
-/// Undoes quoted-printable (RFC 2045 §6.7): `=XX` escapes and soft line breaks; a
-/// malformed `=` stays as it is.
+/// Undoes quoted-printable (RFC 2045 §6.7), line by line: whitespace at the end of
+/// an encoded line was added in transport and goes (rule 3); a line that then ends
+/// in `=` is a soft line break (rule 5, `=` before transport padding included);
+/// `=XX` escapes are decoded; a malformed `=` stays as it is.
 fn quoted_printable(input: &[u8]) -> Vec<u8> {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(input.len());
-    let mut i = 0;
-    while i < input.len() {
-        let b = input[i];
-        if b == b'=' {
-            if input[i + 1..].starts_with(b"\r\n") {
-                i += 3;
-                continue;
-            }
-            if input[i + 1..].starts_with(b"\n") {
-                i += 2;
-                continue;
-            }
-            if let (Some(h), Some(l)) = (
-                input.get(i + 1).and_then(|&c| hex(c)),
-                input.get(i + 2).and_then(|&c| hex(c)),
-            ) {
+    for line in input.split_inclusive(|&b| b == b'\n') {
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let ending = &line[text.len()..];
+        let mut text = text;
+        while let [rest @ .., b' ' | b'\t'] = text {
+            text = rest;
+        }
+        let (text, soft) = match text.strip_suffix(b"=") {
+            Some(text) => (text, true),
+            None => (text, false),
+        };
+        let mut i = 0;
+        while i < text.len() {
+            if text[i] == b'='
+                && let (Some(h), Some(l)) = (
+                    text.get(i + 1).and_then(|&c| hex(c)),
+                    text.get(i + 2).and_then(|&c| hex(c)),
+                )
+            {
                 out.push(h << 4 | l);
                 i += 3;
                 continue;
             }
+            out.push(text[i]);
+            i += 1;
         }
-        out.push(b);
-        i += 1;
+        if !soft {
+            out.extend_from_slice(ending);
+        }
     }
     out
 }
@@ -553,9 +562,18 @@ fn address_list(a: &mail_parser::Address<'_>) -> Vec<Address<'static>> {
             },
             None => (None, None),
         };
+        // An obsolete source route (`<@a,@b:user@host>`, RFC 5322 §4.4) is the
+        // address's `adl` (RFC 3501 §7.4.2).
+        let (adl, mailbox) = match mailbox
+            .as_deref()
+            .map(|m| (m.starts_with('@'), m.split_once(':')))
+        {
+            Some((true, Some((route, local)))) => (Some(route.to_owned()), Some(local.to_owned())),
+            _ => (None, mailbox),
+        };
         Address {
             name: nstring(addr.name.as_deref().map(encode_word).as_deref()),
-            adl: NString(None),
+            adl: nstring(adl.as_deref()),
             mailbox: nstring(mailbox.as_deref()),
             // RFC 3501: NIL host with a non-NIL mailbox marks a group; an address
             // without a domain gets an empty host instead.
@@ -575,7 +593,8 @@ fn address_list(a: &mail_parser::Address<'_>) -> Vec<Address<'static>> {
                             mailbox: nstring(Some(name)),
                             host: NString(None),
                         });
-                        out.extend(g.addresses.iter().map(one));
+                        // A comment alone (`group: (foo) ;`) is no member.
+                        out.extend(g.addresses.iter().filter(|a| a.address.is_some()).map(one));
                         out.push(Address {
                             name: NString(None),
                             adl: NString(None),
@@ -1142,6 +1161,48 @@ inner body\r\n\
         );
     }
 
+    /// RFC 3501 §7.4.2: a group holding only a comment has no members; a source
+    /// route goes to the address's `adl`.
+    #[test]
+    fn envelope_groups_and_source_routes() {
+        let m = b"From: <@route1,@route2:user@example.org>\r\n\
+To: group1: a@example.org, (just a comment) ;, b@example.org\r\n\
+Cc: group2: (foo) ;\r\n\r\nbody\r\n";
+        let e = Parsed::new(m, MimeLimits::default()).envelope();
+        let s = |v: &NString<'_>| {
+            v.0.as_ref()
+                .map(|v| String::from_utf8_lossy(v.as_ref()).into_owned())
+        };
+        let show = |list: &[Address<'_>]| -> Vec<[Option<String>; 4]> {
+            list.iter()
+                .map(|a| [s(&a.name), s(&a.adl), s(&a.mailbox), s(&a.host)])
+                .collect()
+        };
+        let some = |v: &str| Some(v.to_owned());
+        assert_eq!(
+            show(&e.from),
+            [[
+                None,
+                some("@route1,@route2"),
+                some("user"),
+                some("example.org")
+            ]]
+        );
+        assert_eq!(
+            show(&e.to),
+            [
+                [None, None, some("group1"), None],
+                [None, None, some("a"), some("example.org")],
+                [None, None, None, None],
+                [None, None, some("b"), some("example.org")],
+            ]
+        );
+        assert_eq!(
+            show(&e.cc),
+            [[None, None, some("group2"), None], [None, None, None, None]]
+        );
+    }
+
     /// Found by the `mime_fetch` fuzz target: on this message mail-parser lists part
     /// 1 as a child of itself and of the root, and BODYSTRUCTURE grew by two at every
     /// level down to the depth limit (out of memory).
@@ -1206,6 +1267,17 @@ Content-Transfer-Encoding: x-uuencode\r\n\r\nbegin\r\n--b--\r\n";
         assert_eq!(p.binary(&[n(3)]), Err(UnknownCte));
         assert!(p.binary(&[n(4)]).unwrap().is_empty());
         assert_eq!(&*p.binary(&[]).unwrap(), &m[..]);
+    }
+
+    /// RFC 2045 §6.7 rules 3 and 5: trailing whitespace on an encoded line is not
+    /// content, and `=` followed by whitespace ends a soft line break.
+    #[test]
+    fn quoted_printable_drops_transport_padding() {
+        assert_eq!(
+            quoted_printable(b"padded   \r\nline=3D1\t\r\nsoft = \t\r\nbreak=\nbare =ZZ end"),
+            b"padded\r\nline=1\r\nsoft breakbare =ZZ end"
+        );
+        assert_eq!(quoted_printable(b"last line="), b"last line");
     }
 
     #[test]
