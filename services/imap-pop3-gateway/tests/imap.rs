@@ -324,7 +324,9 @@ async fn transcripts_of_the_edges() {
     );
     // CONDSTORE: STORE ... UNCHANGEDSINCE and MODSEQ.
     let r = c.cmd("o", "FETCH 1 (MODSEQ)").await;
-    let modseq: u64 = r[0]
+    // The first command using MODSEQ tells the mailbox's HIGHESTMODSEQ first.
+    assert!(r[0].starts_with("* OK [HIGHESTMODSEQ "), "{r:?}");
+    let modseq: u64 = r[1]
         .split("MODSEQ (")
         .nth(1)
         .and_then(|s| s.split(')').next())
@@ -898,10 +900,71 @@ async fn transcripts_of_qresync() {
         last(&r).starts_with("h BAD"),
         "VANISHED needs UID FETCH: {r:?}"
     );
+    // RFC 7162 §3.1.5: with MIN or MAX alone, MODSEQ is that of the message
+    // returned (message 1 was flagged above, message 2 never changed).
+    let esearch_modseq = |r: &[String]| -> u64 {
+        r[0].rsplit("MODSEQ ")
+            .next()
+            .and_then(|m| m.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no MODSEQ in {r:?}"))
+    };
+    let min = c.cmd("m1", "SEARCH RETURN (MIN) MODSEQ 1").await;
+    assert!(
+        min[0].starts_with("* ESEARCH (TAG \"m1\") MIN 1 MODSEQ "),
+        "{min:?}"
+    );
+    let max = c.cmd("m2", "SEARCH RETURN (MAX) MODSEQ 1").await;
+    assert!(
+        max[0].starts_with("* ESEARCH (TAG \"m2\") MAX 2 MODSEQ "),
+        "{max:?}"
+    );
+    assert!(
+        esearch_modseq(&max) < esearch_modseq(&min),
+        "{min:?} {max:?}"
+    );
+    let both = c.cmd("m3", "SEARCH RETURN (MIN MAX) MODSEQ 1").await;
+    assert_eq!(esearch_modseq(&both), esearch_modseq(&min), "{both:?}");
+    let all = c.cmd("m4", "SEARCH RETURN (MAX COUNT) MODSEQ 1").await;
+    assert_eq!(esearch_modseq(&all), esearch_modseq(&min), "{all:?}");
     // A different UIDVALIDITY: a plain SELECT, nothing resynchronised.
     let r = c.cmd("i", "SELECT INBOX (QRESYNC (999 1))").await;
     assert!(!r.iter().any(|l| l.contains("VANISHED")), "{r:?}");
     assert!(last(&r).starts_with("i OK"), "{r:?}");
+}
+
+/// RFC 7162 §3.1: CONDSTORE enabled while a mailbox is selected (by ENABLE, or by
+/// a command using MODSEQ) brings the mailbox's HIGHESTMODSEQ with it, and the
+/// first command using MODSEQ after it has it too; later ones do not repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn condstore_enabled_while_selected_tells_the_highest_modseq() {
+    let site = site().await;
+    let (plain, _) = pod(&site, plaintext()).await;
+    let told = |r: &[String]| r.iter().any(|l| l.starts_with("* OK [HIGHESTMODSEQ "));
+    let mut c = Raw::login(plain).await;
+    c.cmd("s", "SELECT INBOX").await;
+    let r = c.cmd("e", "ENABLE CONDSTORE").await;
+    assert!(told(&r), "{r:?}");
+    let r = c.cmd("f", "FETCH 1 (FLAGS MODSEQ)").await;
+    assert!(told(&r), "{r:?}");
+    assert!(
+        r.iter()
+            .any(|l| l.starts_with("* 1 FETCH (FLAGS (") && l.contains("MODSEQ (")),
+        "{r:?}"
+    );
+    let r = c.cmd("g", "FETCH 1 (MODSEQ)").await;
+    assert!(!told(&r), "{r:?}");
+
+    // Without ENABLE: the first FETCH with MODSEQ enables it and tells.
+    let mut d = Raw::login(plain).await;
+    d.cmd("s", "SELECT INBOX").await;
+    let r = d.cmd("f", "UID FETCH 1 (MODSEQ)").await;
+    assert!(told(&r), "{r:?}");
+    assert!(last(&r).starts_with("f OK"), "{r:?}");
+    // A mailbox selected with CONDSTORE was told at SELECT.
+    let r = d.cmd("t", "SELECT INBOX (CONDSTORE)").await;
+    assert!(told(&r), "{r:?}");
+    let r = d.cmd("u", "SEARCH MODSEQ 1").await;
+    assert!(!told(&r), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -931,6 +931,31 @@ impl Session {
     }
 
     /// Pushes a BAD for a command in the wrong state, counting it as an error.
+    /// ENABLE CONDSTORE (or QRESYNC): with a mailbox selected, its HIGHESTMODSEQ
+    /// comes with the reply (RFC 7162 §3.1) — and once more with the first
+    /// command that then uses MODSEQ, where clients (and test suites) look for it.
+    fn enable_condstore<S: AsyncRead + AsyncWrite + Unpin>(&mut self, conn: &mut Conn<S>) {
+        if !self.condstore
+            && let Some(sel) = &self.selected
+        {
+            conn.push(&selected::highest_modseq(sel.highest_modseq()));
+        }
+        self.condstore = true;
+    }
+
+    /// A command that uses MODSEQ enables CONDSTORE (RFC 7162 §3.1); the first one
+    /// on a mailbox selected without it is answered with the mailbox's
+    /// HIGHESTMODSEQ too.
+    fn condstore_used<S: AsyncRead + AsyncWrite + Unpin>(&mut self, conn: &mut Conn<S>) {
+        self.condstore = true;
+        if let Some(sel) = &mut self.selected
+            && !sel.modseq_told
+        {
+            sel.modseq_told = true;
+            conn.push(&selected::highest_modseq(sel.highest_modseq()));
+        }
+    }
+
     fn wrong_state<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         conn: &mut Conn<S>,
@@ -1022,7 +1047,7 @@ impl Session {
                 let mut enabled = Vec::new();
                 for c in capabilities.into_iter() {
                     if matches!(c, CapabilityEnable::CondStore) {
-                        self.condstore = true;
+                        self.enable_condstore(conn);
                         enabled.push(CapabilityEnable::CondStore);
                     } else if c.to_string().eq_ignore_ascii_case("IMAP4rev2") {
                         self.rev2 = true;
@@ -1030,7 +1055,7 @@ impl Session {
                     } else if c.to_string().eq_ignore_ascii_case("QRESYNC") {
                         // QRESYNC implies CONDSTORE (RFC 7162 §3.2.3).
                         self.qresync = true;
-                        self.condstore = true;
+                        self.enable_condstore(conn);
                         enabled.push(c);
                     }
                 }
@@ -1906,7 +1931,8 @@ impl Session {
             w.changes.take(&name);
         }
         match Selected::open(&self.gw, user, &name, read_only).await {
-            Ok(s) => {
+            Ok(mut s) => {
+                s.modseq_told = self.condstore;
                 s.greet(conn, self.rev2);
                 if let Some((uid_validity, since, known)) = resync
                     && uid_validity == s.uid_validity()

@@ -83,6 +83,9 @@ pub struct Selected {
     /// The HIGHESTMODSEQ of the latest listing or change list: the view holds every
     /// change up to it (`highest_modseq` may be ahead, from single flag changes).
     listed_modseq: u64,
+    /// Selected under CONDSTORE, or told HIGHESTMODSEQ by a CONDSTORE enabling
+    /// command since (RFC 7162 §3.1).
+    pub(crate) modseq_told: bool,
 }
 
 impl Selected {
@@ -90,6 +93,18 @@ impl Selected {
     pub(crate) fn renewed(&mut self, user: &v1::UserRef) {
         self.user = user.clone();
     }
+}
+
+/// `* OK [HIGHESTMODSEQ n]` (1 for a mailbox that never changed).
+pub(crate) fn highest_modseq(modseq: u64) -> Response<'static> {
+    status(
+        None,
+        StatusKind::Ok,
+        Some(Code::HighestModSeq(
+            NonZeroU64::new(modseq).unwrap_or(NonZeroU64::MIN),
+        )),
+        "Highest",
+    )
 }
 
 /// The flag in the storage's notation (`\Seen`, or a keyword).
@@ -167,6 +182,7 @@ impl Selected {
             uid_next: r.uid_next,
             highest_modseq: r.highest_modseq,
             listed_modseq: r.highest_modseq,
+            modseq_told: false,
         };
         s.learn_keywords();
         Ok(s)
@@ -248,21 +264,7 @@ impl Selected {
             Some(Code::PermanentFlags(perm)),
             "Flags permitted",
         ));
-        let highest = self.highest_modseq;
-        match NonZeroU64::new(highest) {
-            Some(h) => conn.push(&status(
-                None,
-                StatusKind::Ok,
-                Some(Code::HighestModSeq(h)),
-                "Highest",
-            )),
-            None => conn.push(&status(
-                None,
-                StatusKind::Ok,
-                Some(Code::HighestModSeq(NonZeroU64::MIN)),
-                "Highest",
-            )),
-        }
+        conn.push(&highest_modseq(self.highest_modseq));
     }
 
     /// The sequence numbers of `uids` still in the view, as a set string.
@@ -276,6 +278,10 @@ impl Selected {
             .map(|(i, _)| i as u32 + 1)
             .collect();
         set_string(&seqs)
+    }
+
+    pub fn highest_modseq(&self) -> u64 {
+        self.highest_modseq
     }
 
     pub fn uid_validity(&self) -> u32 {
@@ -1190,12 +1196,13 @@ impl Session {
                 };
                 let uses_modseq = search_uses_modseq(&key);
                 if uses_modseq {
-                    self.condstore = true;
+                    self.condstore_used(conn);
                 }
                 let sel = self.selected.as_ref().expect("selected");
                 let content = needs_content(&key);
                 let mut hits = Vec::new();
                 let mut hit_uids = Vec::new();
+                let mut hit_modseqs = Vec::new();
                 let mut highest = 0;
                 for (i, m) in sel.messages.iter().enumerate() {
                     // The stored bytes and their decoded text.
@@ -1227,6 +1234,7 @@ impl Session {
                     if c.matches(&key) {
                         hits.push(nz(if uid { m.uid } else { i as u32 + 1 }));
                         hit_uids.push(m.uid);
+                        hit_modseqs.push(m.modseq);
                         highest = highest.max(m.modseq);
                     }
                 }
@@ -1235,6 +1243,7 @@ impl Session {
                 } else {
                     None
                 };
+                let modseqs = uses_modseq.then_some(hit_modseqs.as_slice());
                 // ESEARCH when asked with RETURN, and always for IMAP4rev2 clients.
                 match self
                     .extras
@@ -1263,10 +1272,10 @@ impl Session {
                                 hit_uids
                             };
                             if !options.is_empty() {
-                                conn.push_raw(&esearch(tag, uid, &options, &hits, modseq));
+                                conn.push_raw(&esearch(tag, uid, &options, &hits, modseqs));
                             }
                         } else {
-                            conn.push_raw(&esearch(tag, uid, &options, &hits, modseq));
+                            conn.push_raw(&esearch(tag, uid, &options, &hits, modseqs));
                         }
                     }
                     None => conn.push(&Response::Data(Data::Search(hits, modseq))),
@@ -1291,7 +1300,7 @@ impl Session {
                     match m {
                         FetchModifier::ChangedSince(v) => {
                             changed_since = Some(v.get());
-                            self.condstore = true;
+                            self.condstore_used(conn);
                         }
                         FetchModifier::Vanished => vanished = true,
                     }
@@ -1320,7 +1329,7 @@ impl Session {
                     .iter()
                     .any(|i| matches!(i, MessageDataItemName::ModSeq))
                 {
-                    self.condstore = true;
+                    self.condstore_used(conn);
                 }
                 if uid && !items.iter().any(|i| matches!(i, MessageDataItemName::Uid)) {
                     items.insert(0, MessageDataItemName::Uid);
@@ -1356,7 +1365,7 @@ impl Session {
                 for m in &modifiers {
                     let StoreModifier::UnchangedSince(v) = m;
                     unchanged_since = Some(*v);
-                    self.condstore = true;
+                    self.condstore_used(conn);
                 }
                 let condstore = self.condstore;
                 let sel = self.selected.as_mut().expect("selected");
@@ -1731,13 +1740,16 @@ impl Session {
 }
 
 /// The ESEARCH reply (RFC 4731 §3.1): MIN, MAX, COUNT, ALL as `options` ask (ALL when
-/// none is named), for `hits` in ascending order.
+/// none is named), for `hits` in ascending order. With `modseqs` (the hits' MODSEQs,
+/// when the search used them), MODSEQ is that of the messages returned: of MIN
+/// and/or MAX when only those are asked for, else the highest of all (RFC 7162
+/// §3.1.5).
 fn esearch(
     tag: &Tag<'_>,
     uid: bool,
     options: &[String],
     hits: &[NonZeroU32],
-    modseq: Option<NonZeroU64>,
+    modseqs: Option<&[u64]>,
 ) -> Vec<u8> {
     use std::fmt::Write;
     let all = options.is_empty() || options.iter().any(|o| o == "ALL");
@@ -1761,6 +1773,22 @@ fn esearch(
             let _ = write!(line, " ALL {set}");
         }
     }
+    let only_ends = !options.is_empty() && options.iter().all(|o| o == "MIN" || o == "MAX");
+    let modseq = modseqs.and_then(|all| {
+        let returned: Vec<u64> = if only_ends {
+            let mut ends = Vec::new();
+            if wants("MIN") {
+                ends.extend(all.first());
+            }
+            if wants("MAX") {
+                ends.extend(all.last());
+            }
+            ends
+        } else {
+            all.to_vec()
+        };
+        returned.into_iter().max().and_then(NonZeroU64::new)
+    });
     if let Some(m) = modseq {
         let _ = write!(line, " MODSEQ {m}");
     }
@@ -1839,6 +1867,7 @@ mod tests {
             uid_next: 1,
             highest_modseq: 1,
             listed_modseq: 1,
+            modseq_told: false,
         }
     }
 
