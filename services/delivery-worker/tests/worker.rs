@@ -7,13 +7,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use mailmesh_delivery::worker::Worker;
 use mailmesh_kit::Shutdown;
-use mailmesh_objstore::object_store::path::Path;
-use mailmesh_objstore::object_store::{ObjectStoreExt, PutPayload};
 use mailmesh_proto::decode_envelope;
 use mailmesh_queue::OutgoingRecord;
 use mailmesh_storage::directory::TenantLimits;
 use mailmesh_storage::engine::UserRef;
-use mailmesh_types::{BodyRef, DsnNotify, EnvelopeLimits};
+use mailmesh_types::{DsnNotify, EnvelopeLimits};
 
 mod common;
 
@@ -206,36 +204,14 @@ async fn large_bodies_and_bad_records(real: bool) {
         .await
         .unwrap();
     let mut e = envelope("sender@example.org", &["dave@acme.test"], "big");
-    let key = format!("t/acme/bodies/{}", e.queue_id);
     let body = format!("Subject: big\r\n\r\n{}\r\n", "x".repeat(300_000));
-    s.objects
-        .put(
-            &Path::from(key.as_str()),
-            PutPayload::from(body.clone().into_bytes()),
-        )
-        .await
-        .unwrap();
-    e.body = BodyRef::Object {
-        key,
-        size: body.len() as u64,
-        claim: None,
-    };
+    s.store_body(&mut e, &body).await;
     s.enqueue(&e).await;
     let inbox = s.inbox(&dave, 1).await;
     assert_eq!(inbox.len(), 1);
     assert!(inbox[0].ends_with(&body));
 
-    let mut dead = Vec::new();
-    for p in 0..2 {
-        let mut r = s
-            .queue
-            .reader(&s.config.dead_letter_topic, p, 0)
-            .await
-            .unwrap();
-        if let Ok(Ok(rec)) = tokio::time::timeout(Duration::from_secs(3), r.recv()).await {
-            dead.push(rec);
-        }
-    }
+    let dead = s.dead_letters(Duration::from_secs(3)).await;
     assert_eq!(dead.len(), 1, "the bad record was parked once");
     assert!(dead[0].header("mailmesh-reason").is_some());
     s.stop(shutdown, task).await;

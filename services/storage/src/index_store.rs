@@ -1533,6 +1533,23 @@ mod tests {
         commands
     }
 
+    /// More of the workload for users that exist already (no Init, no Forget).
+    fn more(users: &[UserRef], messages: usize) -> Vec<PartitionCommand> {
+        workload(users, messages)
+            .into_iter()
+            .filter(|c| {
+                !matches!(
+                    c,
+                    PartitionCommand::Forget { .. }
+                        | PartitionCommand::User {
+                            command: IndexCommand::Init,
+                            ..
+                        }
+                )
+            })
+            .collect()
+    }
+
     fn users(n: usize) -> Vec<UserRef> {
         (0..n)
             .map(|i| UserRef {
@@ -1642,16 +1659,7 @@ mod tests {
         let users = users(12);
         let first = workload(&users, 20);
         let mut log = first.clone();
-        log.extend(workload(&users[..6], 5).into_iter().filter(|c| {
-            !matches!(
-                c,
-                PartitionCommand::Forget { .. }
-                    | PartitionCommand::User {
-                        command: IndexCommand::Init,
-                        ..
-                    }
-            )
-        }));
+        log.extend(more(&users[..6], 5));
         let n = first.len() as i64;
         let local = dir.path().join("index");
         {
@@ -1697,16 +1705,7 @@ mod tests {
         let first = workload(&users, 30);
         // The whole log: `first`, then more for every user.
         let mut log = first.clone();
-        log.extend(workload(&users, 5).into_iter().filter(|c| {
-            !matches!(
-                c,
-                PartitionCommand::Forget { .. }
-                    | PartitionCommand::User {
-                        command: IndexCommand::Init,
-                        ..
-                    }
-            )
-        }));
+        log.extend(more(&users, 5));
         let n = first.len() as i64;
         let local = dir.path().join("index");
         {
