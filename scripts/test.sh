@@ -15,6 +15,11 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests"
+# cargo-nextest runs them: installed (pinned) on a machine that has none.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "== installing cargo-nextest (once per machine)"
+  cargo install --locked cargo-nextest@0.9.143
+fi
 cargo nextest run --workspace --locked --profile ci
 # Doc tests (nextest does not run them).
 cargo test --workspace --locked --doc -q

@@ -224,7 +224,7 @@ async fn swaks_delivers_and_the_tenant_policy_files_forgeries_as_junk() {
         "{m}"
     );
     assert!(
-        m.contains("\r\nReceived: from client.example.org (127.0.0.1)"),
+        m.contains("\r\nReceived: from client.example.org ([127.0.0.1])"),
         "{m}"
     );
     let junked = stored_with(&dev, "forged, junked");

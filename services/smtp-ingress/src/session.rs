@@ -1486,7 +1486,8 @@ impl<'a> Session<'a> {
         let from = if hide {
             String::new()
         } else {
-            format!("from {helo} ({})\r\n\t", self.peer.ip())
+            // RFC 5321 §4.4: TCP-info is an address literal.
+            format!("from {helo} ({})\r\n\t", address_literal(self.peer.ip()))
         };
         let for_ = match recipients {
             [only] => format!("\r\n\tfor <{}>", only.address),
@@ -1670,6 +1671,15 @@ impl<'a> Session<'a> {
             size,
             claim: None,
         })
+    }
+}
+
+/// An IP address as an SMTP address literal (RFC 5321 §4.1.3): `[192.0.2.7]`,
+/// `[IPv6:2001:db8::1]` (an IPv4-mapped IPv6 address as the IPv4 one).
+fn address_literal(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+        std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
     }
 }
 
@@ -2019,7 +2029,20 @@ fn parse_error_reply(e: &ParseError) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{normalize_line_ends, strip_forged_results};
+    use super::{address_literal, normalize_line_ends, strip_forged_results};
+
+    #[test]
+    fn client_addresses_are_address_literals() {
+        assert_eq!(address_literal("192.0.2.7".parse().unwrap()), "[192.0.2.7]");
+        assert_eq!(
+            address_literal("2001:db8::1".parse().unwrap()),
+            "[IPv6:2001:db8::1]"
+        );
+        assert_eq!(
+            address_literal("::ffff:192.0.2.7".parse().unwrap()),
+            "[192.0.2.7]"
+        );
+    }
 
     #[test]
     fn forged_authentication_results_are_removed_whatever_their_spelling() {

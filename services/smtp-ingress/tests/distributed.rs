@@ -240,7 +240,7 @@ print('sent')
     for expected in [
         "iprev=pass policy.iprev=127.0.0.1",
         "dmarc=pass",
-        "\r\nReceived: from client.example.org (127.0.0.1)\r\n\tby mx.acme.test (mailmesh) with ESMTPS id ",
+        "\r\nReceived: from client.example.org ([127.0.0.1])\r\n\tby mx.acme.test (mailmesh) with ESMTPS id ",
     ] {
         assert!(message.contains(expected), "{expected} missing: {message}");
     }

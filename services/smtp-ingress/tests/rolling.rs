@@ -442,7 +442,7 @@ print(results['ok'], results['retries'], results['fatal'])
     }
     assert_eq!(subjects.len(), accepted, "every message exactly once");
     assert!(
-        seen_client.contains("(127.0.0.2)"),
+        seen_client.contains("([127.0.0.2])"),
         "the real client address, not the balancer's: {seen_client}"
     );
 

@@ -168,7 +168,7 @@ async fn users_authenticate_over_tls_and_send_only_as_themselves() {
     let text = body(&s, e).await;
     assert!(
         text.starts_with(
-            "Received: from laptop (192.0.2.7)\r\n\tby mx.acme.test (mailmesh) with ESMTPSA id "
+            "Received: from laptop ([192.0.2.7])\r\n\tby mx.acme.test (mailmesh) with ESMTPSA id "
         ),
         "{text}"
     );

@@ -50,7 +50,7 @@ async fn a_message_is_queued_then_delivered() {
     );
     assert_eq!(e.client.as_ref().unwrap().ip.to_string(), "192.0.2.7");
     let text = body(&s, e).await;
-    assert!(text.starts_with("Received: from client.example.org (192.0.2.7)\r\n\tby mx.acme.test (mailmesh) with ESMTP id "), "{text}");
+    assert!(text.starts_with("Received: from client.example.org ([192.0.2.7])\r\n\tby mx.acme.test (mailmesh) with ESMTP id "), "{text}");
     assert!(
         text.ends_with("Subject: hi\r\n\r\nhello\r\n.leading dot\r\n"),
         "dot-stuffing undone: {text:?}"
@@ -472,7 +472,7 @@ async fn proxy_protocol_from_trusted_balancers_only() {
         queued[0].client.as_ref().unwrap().ip.to_string(),
         "203.0.113.5"
     );
-    assert!(body(&s, &queued[0]).await.contains("(203.0.113.5)"));
+    assert!(body(&s, &queued[0]).await.contains("([203.0.113.5])"));
 
     // A trusted peer without a header is cut off; an untrusted one cannot spoof.
     let mut c = open(&s, "10.0.0.9:5001", &Shutdown::new());
