@@ -84,14 +84,20 @@ fn sign_with<K: SigningKey>(
 }
 
 /// The fields of [`SIGNED`] that `message` has (From always, even when absent, as
-/// RFC 6376 §5.4 requires), in that order.
+/// RFC 6376 §5.4 requires), in that order, and `From` once more: named once more in
+/// `h=` than the message has it, so a `From` added after signing breaks the
+/// signature (over-signing, RFC 6376 §5.4.2, §8.15).
 fn signed_headers(message: &[u8]) -> Vec<String> {
     let present = present_headers(message);
-    SIGNED
+    let mut names: Vec<String> = SIGNED
         .iter()
         .filter(|h| **h == "From" || present.iter().any(|p| p.eq_ignore_ascii_case(h)))
         .map(|h| (*h).to_owned())
-        .collect()
+        .collect();
+    // mail-auth signs every instance of a listed name and lists a name it did not
+    // find as a null instance: a second "From" is that extra instance.
+    names.push("From".to_owned());
+    names
 }
 
 /// Names of the header fields in `message`.
@@ -214,5 +220,30 @@ impl ArcSealKey {
             .headers(headers)
             .seal(message, results, arc)?
             .to_header())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `h=` names From once more than the message has it (that such a signature
+    /// verifies is checked by dkimpy in mailctl's relay test).
+    #[test]
+    fn from_is_over_signed() {
+        let key = mail_auth::common::crypto::Ed25519Key::generate_pkcs8().unwrap();
+        let message = b"From: a@acme.test\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n";
+        let field =
+            dkim_signature(KeyAlgorithm::Ed25519, &key, "acme.test", "mm1", message).unwrap();
+        let h = field
+            .split(';')
+            .find_map(|tag| tag.trim().strip_prefix("h="))
+            .unwrap_or_else(|| panic!("no h= in {field}"));
+        let names: Vec<String> = h
+            .split(':')
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect();
+        assert_eq!(names.iter().filter(|n| *n == "from").count(), 2, "{h}");
+        assert!(names.contains(&"subject".to_owned()), "{h}");
     }
 }
