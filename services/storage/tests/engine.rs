@@ -1122,17 +1122,24 @@ struct FaultyReader {
     inner: Box<dyn mailmesh_queue::PartitionReader>,
     gate: Option<tokio::sync::watch::Receiver<bool>>,
     gone_below: i64,
+    /// Through the gate, waiting for the next record: a wait the replica cancels
+    /// (its once-a-second upkeep) and starts again is still through.
+    through: bool,
 }
 
 #[async_trait::async_trait]
 impl mailmesh_queue::PartitionReader for FaultyReader {
     async fn recv(&mut self) -> mailmesh_queue::Result<mailmesh_queue::Record> {
-        if let Some(gate) = &mut self.gate {
+        if !self.through
+            && let Some(gate) = &mut self.gate
+        {
             let _ = gate.wait_for(|open| *open).await;
         }
+        self.through = true;
         loop {
             let record = self.inner.recv().await?;
             if record.offset >= self.gone_below {
+                self.through = false;
                 return Ok(record);
             }
         }
@@ -1177,6 +1184,7 @@ impl Queue for Faulty {
             inner: self.inner.reader(topic, partition, offset).await?,
             gate: self.gate.clone(),
             gone_below,
+            through: false,
         }))
     }
     async fn ensure_topic(&self, topic: &str, partitions: i32) -> mailmesh_queue::Result<()> {
