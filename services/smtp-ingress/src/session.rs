@@ -48,6 +48,9 @@ enum Command {
     StartTls,
     /// STARTTLS with parameters, which it has none of (smtp-proto skips them).
     StartTlsWithParameters,
+    /// `RCPT TO:<>`: smtp-proto gives it as the empty path it also gives
+    /// `<Postmaster>` as; told apart on the raw line.
+    RcptNullPath,
     Auth {
         mechanism: u64,
         initial: String,
@@ -289,6 +292,9 @@ impl<'a> Session<'a> {
                     let parsed = match receiver.ingest(&mut iter).map(Command::from) {
                         Ok(Command::StartTls) if !bare_verb(line) => {
                             Ok(Command::StartTlsWithParameters)
+                        }
+                        Ok(Command::Rcpt(to)) if to.address.is_empty() && null_path(line) => {
+                            Ok(Command::RcptNullPath)
                         }
                         other => other,
                     };
@@ -564,6 +570,13 @@ impl<'a> Session<'a> {
             Command::StartTlsWithParameters => {
                 return self
                     .error(out, "501 5.5.4 STARTTLS takes no parameters\r\n")
+                    .await;
+            }
+            // RFC 5321 §4.1.1.3: a forward-path is never empty (`<>` is only a
+            // reverse-path); `<Postmaster>` is a recipient, `<>` is not.
+            Command::RcptNullPath => {
+                return self
+                    .error(out, "501 5.1.3 The null path is not a recipient\r\n")
                     .await;
             }
         };
@@ -1681,6 +1694,13 @@ fn address_literal(ip: std::net::IpAddr) -> String {
         std::net::IpAddr::V4(v4) => format!("[{v4}]"),
         std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
     }
+}
+
+/// Whether the path in a command line is the null path `<>`.
+fn null_path(line: &[u8]) -> bool {
+    line.iter()
+        .position(|b| *b == b'<')
+        .is_some_and(|at| line[at + 1..].trim_ascii_start().first() == Some(&b'>'))
 }
 
 /// Whether a command line is its verb alone (trailing spaces aside).

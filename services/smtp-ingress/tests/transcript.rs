@@ -687,6 +687,8 @@ async fn postmaster_without_a_domain_is_accepted() {
     c.hello().await;
     c.cmd("MAIL FROM:<bob@example.org>", "250").await;
     c.cmd("RCPT TO:<Postmaster>", "250 2.1.5").await;
+    // The null path is no recipient (the parser gives it as it gives <Postmaster>).
+    c.cmd("RCPT TO:<>", "501 5.1.3").await;
     // A local domain without a postmaster of its own: the deployment's (RFC 5321
     // 4.5.1); an unknown user there or a foreign postmaster still not.
     c.cmd("RCPT TO:<PostMaster@acme.test>", "250 2.1.5").await;
