@@ -27,6 +27,12 @@ pub fn rfc5322_date(t: SystemTime) -> String {
     format!("{weekday}, {d:02} {month} {y} {h:02}:{mi:02}:{s:02} +0000")
 }
 
+/// Milliseconds since the Unix epoch (0 before it, saturating far after it).
+pub fn unix_millis(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};

@@ -13,11 +13,11 @@ mod policy;
 pub mod wire;
 
 pub use address::{Domain, EmailAddress, ReversePath};
-pub use date::rfc5322_date;
+pub use date::{rfc5322_date, unix_millis};
 pub use envelope::{
     BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, EnvelopeLimits, Recipient,
 };
-pub use ids::{QueueId, TenantId};
+pub use ids::{QueueId, TenantId, fnv1a};
 pub use policy::{InboundPolicy, PolicyAction};
 
 /// Why a value was refused. The message names what was wrong, in lowercase, and is

@@ -22,7 +22,7 @@
 //! removed by [`sweep`] once older than every record that can still need them: the
 //! message lifetime, after which every record is bounced, plus a grace.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use futures::TryStreamExt;
 use mailmesh_objstore::object_store::path::Path;
@@ -34,19 +34,10 @@ const DONE: &str = ".done";
 
 /// The claim of a record handed a body by the record holding `parent`, in `role`.
 pub(crate) fn child_claim(parent: Option<&str>, role: &str) -> String {
-    // FNV-1a, 64 bits: the same name in every process and version, so a replayed
-    // parent writes (and its children release) the same claims.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let bytes = parent
-        .unwrap_or("")
-        .bytes()
-        .chain([b'/'])
-        .chain(role.bytes());
-    for b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    // The same name in every process and version, so a replayed parent writes (and
+    // its children release) the same claims.
+    let name = format!("{}/{role}", parent.unwrap_or(""));
+    format!("{:016x}", mailmesh_types::fnv1a(name.as_bytes()))
 }
 
 /// `body` as a record handed it in `role` holds it: the same object under the
@@ -148,9 +139,7 @@ pub struct Swept {
 /// Deletes everything under every tenant's `t/<tenant>/queue/` last written before
 /// `before`: bodies, claims and markers no record can need any more.
 pub async fn sweep(objects: &dyn ObjectStore, before: SystemTime) -> Result<Swept, Error> {
-    let before_ms = before
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let before_ms = mailmesh_types::unix_millis(before);
     let mut swept = Swept::default();
     let tenants = objects
         .list_with_delimiter(Some(&Path::from("t")))

@@ -398,15 +398,6 @@ pub struct Appended {
 static DUMMY_HASH: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| hash_password("mailmesh-timing-equaliser").unwrap_or_default());
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
 type MailboxReplica = Arc<Replica<PartitionIndex>>;
 
 /// Most messages one COPY or MOVE command carries (it is one log record).
@@ -1033,7 +1024,7 @@ impl StorageEngine {
     }
 
     fn partition_of(&self, user: &UserRef) -> i32 {
-        (fnv1a(user.key().as_bytes()) % self.partitions as u64) as i32
+        (mailmesh_types::fnv1a(user.key().as_bytes()) % self.partitions as u64) as i32
     }
 
     async fn mailbox_replica(&self, user: &UserRef) -> Result<MailboxReplica, EngineError> {
@@ -1218,7 +1209,8 @@ impl StorageEngine {
                 })
                 .collect()
         })?;
-        let before = chrono_millis(std::time::SystemTime::now() - self.config.orphan_grace);
+        let before =
+            mailmesh_types::unix_millis(std::time::SystemTime::now() - self.config.orphan_grace);
         let mut swept = crate::sweep::Swept::default();
         for user in users {
             if !self.owns(&user) {
@@ -1889,11 +1881,6 @@ impl StorageEngine {
             .await?;
         Ok((used, self.quota_of(user)?))
     }
-}
-
-fn chrono_millis(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Deletes kept expunged objects when due, and sweeps orphans every
