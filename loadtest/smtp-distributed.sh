@@ -15,6 +15,11 @@
 # 1:* FLAGS, UID FETCH of the last 100, UID SEARCH UNSEEN, NOOP; latency and CPU of
 # storage + gateway per command), and how many log records storage produced
 # meanwhile (read-only commands: none).
+#
+# DRAIN=1 starts the delivery worker only once every message is accepted, and
+# times the delivery alone (from the worker's readiness to the last message in the
+# mailbox), with the CPU each process spent on it: what one worker and one storage
+# replica deliver into one mailbox when nothing else competes for the cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-10000}
@@ -27,6 +32,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -z "${BUCKET:-}" ] || scripts/backends.sh drop-bucket "$BUCKET"
 }
 trap cleanup EXIT
 
@@ -42,6 +48,9 @@ MAILCTL=$BIN/mailctl
 start_dns
 
 RUN=lt$(date +%s)
+# A bucket of its own: s3s-fs lists by walking the whole bucket.
+BUCKET=$RUN
+scripts/backends.sh bucket "$BUCKET"
 STORAGE=$BASE SMTP=$((BASE + 1)) AUTH=$((BASE + 2))
 # Mutual TLS between the services (ADR 0006): a CA and a certificate per role.
 PKI=$WORK/pki
@@ -54,7 +63,7 @@ common_env() {
     MAILMESH_INTERNAL_TLS__CA_FILE="$PKI/ca.crt"
   [ "$2" = auth-check ] || [ "$2" = gateway ] && return 0
   echo MAILMESH_QUEUE__KAFKA__BROKERS="$MMTEST_KAFKA" MAILMESH_QUEUE__KAFKA__REPLICATION_FACTOR=1 \
-    MAILMESH_OBJECT_STORE__S3__BUCKET="$MMTEST_S3_BUCKET" MAILMESH_OBJECT_STORE__S3__ENDPOINT="$MMTEST_S3" \
+    MAILMESH_OBJECT_STORE__S3__BUCKET="$BUCKET" MAILMESH_OBJECT_STORE__S3__ENDPOINT="$MMTEST_S3" \
     MAILMESH_OBJECT_STORE__S3__ACCESS_KEY_ID="$MMTEST_S3_ACCESS_KEY" \
     MAILMESH_OBJECT_STORE__S3__SECRET_ACCESS_KEY="$MMTEST_S3_SECRET_KEY"
 }
@@ -89,31 +98,54 @@ start smtp-ingress $((BASE + 12)) MAILMESH_LISTEN=127.0.0.1:$SMTP \
   MAILMESH_SMTP__TOPIC=$RUN.mail MAILMESH_SMTP__HOSTNAME=mx.acme.test \
   MAILMESH_SMTP__CONNECTIONS_PER_IP_PER_MINUTE=0 \
   MAILMESH_CACHE__REDIS__URL="$MMTEST_REDIS" MAILMESH_CACHE__REDIS__KEY_PREFIX=$RUN:
-start delivery-worker $((BASE + 13)) MAILMESH_STORAGE_ENDPOINT=http://127.0.0.1:$STORAGE \
-  MAILMESH_WORKER__TOPIC=$RUN.mail MAILMESH_WORKER__GROUP=$RUN.workers MAILMESH_WORKER__HOSTNAME=mx.acme.test
+start_worker() {
+  start delivery-worker $((BASE + 13)) MAILMESH_STORAGE_ENDPOINT=http://127.0.0.1:$STORAGE \
+    MAILMESH_WORKER__TOPIC=$RUN.mail MAILMESH_WORKER__GROUP=$RUN.workers MAILMESH_WORKER__HOSTNAME=mx.acme.test \
+    ${WORKER_CONCURRENCY:+MAILMESH_WORKER__CONCURRENCY=$WORKER_CONCURRENCY}
+}
+[ -n "${DRAIN:-}" ] || start_worker
 
 # CPU seconds (user + system) of a process so far.
 cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$1/stat"; }
 declare -A PROCS=(
   [storage]=$PID_storage [auth-check]=$PID_auth_check [smtp-ingress]=$PID_smtp_ingress
-  [delivery-worker]=$PID_delivery_worker
   [tansu]=$(pgrep -x tansu | head -1) [s3s-fs]=$(pgrep -x s3s-fs | head -1)
   [redis]=$(pgrep -x redis-server | head -1)
 )
 declare -A CPU0
-for p in "${!PROCS[@]}"; do CPU0[$p]=$(cpu "${PROCS[$p]}"); done
+snapshot_cpu() { for p in "${!PROCS[@]}"; do CPU0[$p]=$(cpu "${PROCS[$p]}"); done; }
+[ -n "${DRAIN:-}" ] || PROCS[delivery-worker]=$PID_delivery_worker
+snapshot_cpu
 
 t0=$(date +%s.%N)
 smtp-source -s "$S" -m "$N" -l "$L" -M client.example.org -f bench@example.org \
   -t alice@acme.test "127.0.0.1:$SMTP"
 t1=$(date +%s.%N)
+if [ -n "${DRAIN:-}" ]; then
+  python3 -c "print('accepted/s %.0f  (%d in %.1f s, no worker running)' % ($N / ($t1 - $t0), $N, $t1 - $t0))"
+  start_worker
+  PROCS[delivery-worker]=$PID_delivery_worker
+  snapshot_cpu
+  t0=$(date +%s.%N)
+  early=$(inbox_count alice@acme.test)
+  N=$((N - early))
+  echo "delivered before the worker was ready: $early (left out of the rate below)"
+  t1=$t0
+  target=$((N + early))
+else
+  target=$N
+fi
 for _ in $(seq 1 3000); do
-  [ "$(inbox_count alice@acme.test)" -ge "$N" ] && break
+  [ "$(inbox_count alice@acme.test)" -ge "$target" ] && break
   sleep 0.2
 done
 t2=$(date +%s.%N)
-got=$(inbox_count alice@acme.test)
-python3 -c "print('accepted/s %.0f  delivered/s %.0f  (%d of %d delivered in %.1f s)' % ($N / ($t1 - $t0), $N / ($t2 - $t0), $got, $N, $t2 - $t0))"
+got=$(($(inbox_count alice@acme.test) - target + N))
+if [ -n "${DRAIN:-}" ]; then
+  python3 -c "print('delivered/s %.0f  (%d of %d delivered in %.1f s by the worker alone)' % ($N / ($t2 - $t0), $got, $N, $t2 - $t0))"
+else
+  python3 -c "print('accepted/s %.0f  delivered/s %.0f  (%d of %d delivered in %.1f s)' % ($N / ($t1 - $t0), $N / ($t2 - $t0), $got, $N, $t2 - $t0))"
+fi
 printf '%-16s %10s %14s %10s\n' process cpu_s cpu_ms/msg peak_rss_MB
 for p in storage auth-check smtp-ingress delivery-worker tansu s3s-fs redis; do
   pid=${PROCS[$p]}

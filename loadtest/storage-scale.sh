@@ -36,6 +36,10 @@ case "$BACKEND" in
   real | both)
     scripts/backends.sh start >/dev/null
     eval "$(scripts/backends.sh env)"
+    # A bucket of its own: s3s-fs lists by walking the whole bucket.
+    MMTEST_S3_BUCKET=scale$(date +%s)
+    scripts/backends.sh bucket "$MMTEST_S3_BUCKET"
+    trap 'scripts/backends.sh drop-bucket "$MMTEST_S3_BUCKET"' EXIT
     run real
     ;;
 esac

@@ -199,10 +199,22 @@ export PATH="$TOOLS/bin:$TOOLS/venv/bin:\$PATH"
 ENV
 }
 
+# bucket NAME / drop-bucket NAME: an empty bucket of its own for a benchmark, and
+# its removal. s3s-fs walks the whole bucket for every listing with a prefix, so a
+# benchmark in the tests' bucket (which grows with every run) measures that walk.
+bucket_dir() {
+  case "$1" in
+    '' | *[!a-z0-9-]* | "$S3_BUCKET") echo "bucket: a name of a-z, 0-9 and -, not $S3_BUCKET" >&2; exit 2 ;;
+  esac
+  echo "$STATE/s3/$1"
+}
+
 case "${1:-start}" in
   install) install_all ;;
   start) start_all ;;
   stop) stop_all ;;
   env) print_env ;;
-  *) echo "usage: $0 install|start|stop|env" >&2; exit 2 ;;
+  bucket) mkdir -p "$(bucket_dir "${2:-}")" ;;
+  drop-bucket) rm -rf "$(bucket_dir "${2:-}")" ;;
+  *) echo "usage: $0 install|start|stop|env|bucket NAME|drop-bucket NAME" >&2; exit 2 ;;
 esac

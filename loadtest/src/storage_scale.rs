@@ -59,6 +59,13 @@ struct Args {
     /// Work directory: the embedded log and objects, and the replica's index.
     #[arg(long, default_value = "/tmp/mailmesh-storage-scale")]
     dir: std::path::PathBuf,
+    /// The mailbox log to fill (default: a new one per run).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Fill, write a checkpoint of every partition and stop: a log and bucket for
+    /// storage processes to open (`loadtest/storage-takeover.sh`).
+    #[arg(long)]
+    fill_only: bool,
 }
 
 type Partition = Arc<Replica<PartitionIndex>>;
@@ -279,7 +286,10 @@ async fn main() -> anyhow::Result<()> {
         ),
         other => anyhow::bail!("--backend embedded or real, not {other}"),
     };
-    let topic = format!("scale{}.mailboxes", uuid::Uuid::new_v4().simple());
+    let topic = args
+        .topic
+        .clone()
+        .unwrap_or_else(|| format!("scale{}.mailboxes", uuid::Uuid::new_v4().simple()));
     queue.ensure_topic(&topic, args.partitions).await?;
     let rss_start = rss_bytes();
     let index_dir = args.dir.join("index");
@@ -341,6 +351,16 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let fill = started.elapsed();
+    if args.fill_only {
+        for partition in &partitions {
+            partition.checkpoint().await?;
+        }
+        println!(
+            "  filled and checkpointed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     latencies.sort();
     let messages = args.messages.max(1) as f64;
     println!(

@@ -83,6 +83,12 @@ pub struct StorageConfig {
     /// to the others: the bound on how long its users wait after a crash.
     #[serde(with = "humantime_serde")]
     pub owner_session_timeout: Duration,
+    /// Replicas that keep each partition warm for its owner (`owned_partitions`):
+    /// they apply its log as it is written, so when the owner dies or leaves and
+    /// the partition comes to one of them, it serves at once instead of restoring
+    /// a checkpoint. Each costs the partition's share of disk and apply work on
+    /// the standby (its memory stays within `index_cache_bytes`); 0: none.
+    pub standbys: usize,
     /// The host (name or IP address) other replicas forward calls to, on the
     /// gRPC port; the chart gives the pod's IP address. Without it, the gRPC
     /// listener's address when it names one.
@@ -163,6 +169,7 @@ impl Default for StorageConfig {
             outbound_retry_prefix: crate::retry_index::DEFAULT_PREFIX.into(),
             owned_partitions: true,
             owner_session_timeout: Duration::from_secs(6),
+            standbys: 1,
             advertise_host: None,
             password_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             password_queue: 1024,
@@ -212,6 +219,9 @@ impl mailmesh_kit::config::Validate for StorageConfig {
                 "storage.owner_session_timeout",
                 "must be 3s to 5m (heartbeats go every second)",
             ));
+        }
+        if self.standbys > 8 {
+            return Err(ConfigError::invalid("storage.standbys", "must be 0 to 8"));
         }
         if self.log_retention < self.min_log_retention() {
             return Err(ConfigError::invalid(
@@ -610,6 +620,8 @@ impl StorageEngine {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter_map(|(p, c)| c.get().map(|r| (*p, r.clone())))
+            // Standbys count nothing: their owners do.
+            .filter(|(_, r)| !r.is_standby())
             .collect();
         let mut total = 0u64;
         let mut counted = Vec::new();
@@ -1035,44 +1047,93 @@ impl StorageEngine {
         if let Some(owners) = &self.owners {
             owners.owned(partition).await?;
         }
-        let cell = self
-            .mailboxes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(partition)
-            .or_default()
-            .clone();
-        cell.get_or_try_init(|| async {
-            Replica::start(
-                self.queue.clone(),
-                self.objects.clone(),
-                ReplicaConfig {
-                    log: "mailboxes",
-                    topic: self.config.mailbox_topic.clone(),
-                    partition,
-                    snapshot_every: self.config.snapshot_every,
-                    snapshot_interval: self.config.snapshot_interval,
-                    write_timeout: self.config.write_timeout,
-                },
-                &self.index_db,
-            )
+        let cell = self.cell(partition);
+        let replica = cell
+            .get_or_try_init(|| self.open_partition(partition, false))
             .await
-            .inspect(|_| {
-                let open = self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                crate::metrics::partitions("open", open);
-            })
-        })
-        .await
-        .cloned()
-        .and_then(|replica| match &self.owners {
+            .cloned()?;
+        match &self.owners {
             // Revoked while it opened: the owner task may have missed it.
             Some(owners) if !owners.owns(partition) => {
                 self.close_partition(partition);
                 replica.close();
                 Err(EngineError::NotOwner(partition))
             }
-            _ => Ok(replica),
-        })
+            Some(_) => {
+                if replica.promote() {
+                    tracing::info!(
+                        partition,
+                        applied = replica.applied(),
+                        "mailbox partition taken over from its warm standby"
+                    );
+                    crate::metrics::taken_over("standby");
+                }
+                Ok(replica)
+            }
+            None => Ok(replica),
+        }
+    }
+
+    /// The cell of `partition` in the map of open partitions (made empty).
+    fn cell(&self, partition: i32) -> Arc<OnceCell<MailboxReplica>> {
+        self.mailboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(partition)
+            .or_default()
+            .clone()
+    }
+
+    /// Restores `partition` and applies its log, as its owner or as a warm standby.
+    async fn open_partition(
+        &self,
+        partition: i32,
+        standby: bool,
+    ) -> Result<MailboxReplica, EngineError> {
+        let replica = Replica::start(
+            self.queue.clone(),
+            self.objects.clone(),
+            ReplicaConfig {
+                log: "mailboxes",
+                topic: self.config.mailbox_topic.clone(),
+                partition,
+                snapshot_every: self.config.snapshot_every,
+                snapshot_interval: self.config.snapshot_interval,
+                write_timeout: self.config.write_timeout,
+            },
+            &self.index_db,
+        )
+        .await?;
+        replica.set_standby(standby);
+        let open = self.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        crate::metrics::partitions("open", open);
+        if self.owners.is_some() && !standby {
+            crate::metrics::taken_over("restore");
+        }
+        Ok(replica)
+    }
+
+    /// Keeps `partition` warm for its owner (ADR 0005 §1): opened here, its log
+    /// applied as it is written, no checkpoints, no calls.
+    async fn stand_by(&self, partition: i32) -> Result<(), EngineError> {
+        let cell = self.cell(partition);
+        let replica = cell
+            .get_or_try_init(|| self.open_partition(partition, true))
+            .await
+            .cloned()?;
+        let still_here = self
+            .mailboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&partition)
+            .is_some_and(|c| Arc::ptr_eq(c, &cell));
+        if !still_here {
+            // Given up while it opened.
+            replica.close();
+            let open = self.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) - 1;
+            crate::metrics::partitions("open", open);
+        }
+        Ok(())
     }
 
     /// Applies an index command for `user` and returns its outcome.
@@ -1927,25 +1988,36 @@ async fn tend(engine: std::sync::Weak<StorageEngine>) {
 }
 
 /// Follows this replica's assignment: opens and announces the partitions it is
-/// given, and closes those taken away.
+/// given, and closes those taken away; and the announcements: keeps warm the
+/// partitions it stands by for (`standbys`), and closes those it no longer does.
 async fn own(engine: std::sync::Weak<StorageEngine>, owners: Arc<Owners>) {
     use std::collections::BTreeSet;
     let mut assignment = owners.assignment();
     let mut advertised = owners.advertised();
+    let mut announcements = owners.announcements();
     let mut serving = BTreeSet::new();
+    let mut standing = BTreeSet::new();
     let mut announced: Option<String> = None;
     loop {
         let now = assignment.borrow_and_update().partitions.clone();
         let addr = advertised.borrow_and_update().clone();
+        announcements.borrow_and_update();
         let Some(this) = engine.upgrade() else {
             return;
         };
+        let warm = owners.standing(this.config.standbys);
         for gone in serving.difference(&now) {
             tracing::info!(
                 partition = gone,
                 "mailbox partition moved to another replica"
             );
             this.close_partition(*gone);
+        }
+        for gone in standing.difference(&warm) {
+            if !now.contains(gone) {
+                tracing::info!(partition = gone, "no longer a standby for this partition");
+                this.close_partition(*gone);
+            }
         }
         let added: Vec<i32> = if announced != addr {
             // A new address: every partition is announced again.
@@ -1954,8 +2026,11 @@ async fn own(engine: std::sync::Weak<StorageEngine>, owners: Arc<Owners>) {
             now.difference(&serving).copied().collect()
         };
         let fresh: Vec<i32> = now.difference(&serving).copied().collect();
+        let new_standbys: Vec<i32> = warm.difference(&standing).copied().collect();
         serving = now;
+        standing = warm;
         crate::metrics::partitions("owned", serving.len());
+        crate::metrics::partitions("standby", standing.len());
         announced.clone_from(&addr);
         if !added.is_empty() || !fresh.is_empty() {
             let this = this.clone();
@@ -1985,10 +2060,56 @@ async fn own(engine: std::sync::Weak<StorageEngine>, owners: Arc<Owners>) {
                     .await;
             });
         }
+        if !new_standbys.is_empty() {
+            tokio::spawn(stand_by_all(
+                Arc::downgrade(&this),
+                owners.clone(),
+                new_standbys,
+            ));
+        }
         drop(this);
         tokio::select! {
             changed = assignment.changed() => if changed.is_err() { return },
             changed = advertised.changed() => if changed.is_err() { return },
+            changed = announcements.changed() => if changed.is_err() { return },
         }
     }
+}
+
+/// Opens partitions as warm standbys, a few at a time; one that cannot be opened
+/// yet (its previous opening here still winding down, the bucket away) is tried
+/// again every second while this replica still stands by for it.
+async fn stand_by_all(
+    engine: std::sync::Weak<StorageEngine>,
+    owners: Arc<Owners>,
+    partitions: Vec<i32>,
+) {
+    use futures::StreamExt;
+    futures::stream::iter(partitions)
+        .for_each_concurrent(OPENING_AT_ONCE, |partition| {
+            let engine = engine.clone();
+            let owners = owners.clone();
+            async move {
+                loop {
+                    let Some(this) = engine.upgrade() else { return };
+                    if owners.owns(partition)
+                        || !owners.standing(this.config.standbys).contains(&partition)
+                    {
+                        return;
+                    }
+                    match this.stand_by(partition).await {
+                        Ok(()) => {
+                            tracing::info!(partition, "mailbox partition kept warm here for its owner");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(partition, error = %e, "opening a standby partition; retrying")
+                        }
+                    }
+                    drop(this);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        })
+        .await;
 }

@@ -133,7 +133,8 @@ static PARTITIONS: LazyLock<prometheus::IntGaugeVec> = LazyLock::new(|| {
             Opts::new(
                 "storage_mailbox_partitions",
                 "Mailbox partitions of this replica: `owned` (assigned to it by the \
-                 owners' group) and `open` (applied here)",
+                 owners' group), `standby` (kept warm here for their owners) and \
+                 `open` (applied here: owned or standby)",
             ),
             &["state"],
         )
@@ -145,6 +146,25 @@ pub(crate) fn partitions(state: &str, count: usize) {
     PARTITIONS
         .with_label_values(&[state])
         .set(i64::try_from(count).unwrap_or(i64::MAX));
+}
+
+static TAKEN_OVER: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        IntCounterVec::new(
+            Opts::new(
+                "storage_partition_takeovers_total",
+                "Mailbox partitions this replica began to serve as their owner, by \
+                 where their state came from: `standby` (it was applying the log \
+                 already) or `restore` (its disk or a checkpoint, then the log)",
+            ),
+            &["from"],
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn taken_over(from: &str) {
+    TAKEN_OVER.with_label_values(&[from]).inc();
 }
 
 static FORWARDED: LazyLock<IntCounterVec> = LazyLock::new(|| {

@@ -12,7 +12,7 @@
 //! applies a partition applies its whole log in order, so two replicas that both
 //! think they own it for a moment (a zombie) give the same outcomes, as in ADR 0001.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -235,6 +235,26 @@ impl Owners {
         others
     }
 
+    /// Follows the announcements (for [`Self::standing`]).
+    pub fn announcements(&self) -> watch::Receiver<HashMap<i32, Owner>> {
+        self.map.subscribe()
+    }
+
+    /// The partitions this replica keeps warm for their owners: for each partition
+    /// another replica announced, the `count` replicas other than its owner that
+    /// score highest (rendezvous hashing of replica id and partition, over the
+    /// replicas the announcements name) stand by. Every replica computes the same
+    /// choice from the same announcements, and a replica joining or leaving moves
+    /// only the standbys it scores highest for.
+    pub fn standing(&self, count: usize) -> BTreeSet<i32> {
+        standing(
+            &self.me,
+            &self.map.borrow(),
+            &self.assignment.borrow().partitions,
+            count,
+        )
+    }
+
     /// Tells the other replicas that this one serves `partition`.
     pub async fn announce(&self, partition: i32, addr: String) -> Result<(), EngineError> {
         self.publish(
@@ -265,6 +285,40 @@ impl Owners {
     }
 }
 
+/// The partitions `me` stands by for (see [`Owners::standing`]), given the
+/// announcements and the partitions `me` owns.
+fn standing(
+    me: &str,
+    map: &HashMap<i32, Owner>,
+    owned: &BTreeSet<i32>,
+    count: usize,
+) -> BTreeSet<i32> {
+    if count == 0 {
+        return BTreeSet::new();
+    }
+    let mut replicas: Vec<&str> = map.values().map(|o| o.replica.as_str()).collect();
+    replicas.push(me);
+    replicas.sort_unstable();
+    replicas.dedup();
+    let score = |replica: &str, partition: i32| {
+        mailmesh_types::fnv1a(format!("{replica}/{partition}").as_bytes())
+    };
+    map.iter()
+        .filter(|(p, o)| o.replica != me && !owned.contains(p))
+        .filter(|(p, owner)| {
+            let mine = (score(me, **p), me);
+            // Replicas that outrank this one for the partition, the owner aside.
+            let above = replicas
+                .iter()
+                .filter(|r| **r != owner.replica && **r != me)
+                .filter(|r| (score(r, **p), **r) > mine)
+                .count();
+            above < count
+        })
+        .map(|(p, _)| *p)
+        .collect()
+}
+
 /// Follows the owners log into the map.
 async fn tail(
     owners: std::sync::Weak<Owners>,
@@ -293,5 +347,81 @@ async fn tail(
                 tracing::debug!(offset = record.offset, error = %e, "unreadable owners record")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announced(owners: &[(&str, &[i32])]) -> HashMap<i32, Owner> {
+        owners
+            .iter()
+            .flat_map(|(replica, partitions)| {
+                partitions.iter().map(move |p| {
+                    (
+                        *p,
+                        Owner {
+                            replica: (*replica).to_owned(),
+                            addr: format!("{replica}:7001"),
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn owned(partitions: &[i32]) -> BTreeSet<i32> {
+        partitions.iter().copied().collect()
+    }
+
+    #[test]
+    fn two_replicas_stand_by_for_each_other() {
+        let map = announced(&[("a", &[0, 2]), ("b", &[1, 3])]);
+        assert_eq!(standing("a", &map, &owned(&[0, 2]), 1), owned(&[1, 3]));
+        assert_eq!(standing("b", &map, &owned(&[1, 3]), 1), owned(&[0, 2]));
+        assert!(standing("a", &map, &owned(&[0, 2]), 0).is_empty());
+    }
+
+    #[test]
+    fn every_partition_gets_as_many_standbys_as_asked_never_its_owner() {
+        let replicas = ["r1", "r2", "r3", "r4"];
+        let map = announced(&[
+            ("r1", &[0, 4, 8, 12]),
+            ("r2", &[1, 5, 9, 13]),
+            ("r3", &[2, 6, 10, 14]),
+            ("r4", &[3, 7, 11, 15]),
+        ]);
+        for count in 1..=3 {
+            let mut standbys: HashMap<i32, Vec<&str>> = HashMap::new();
+            for r in replicas {
+                let mine: BTreeSet<i32> = map
+                    .iter()
+                    .filter(|(_, o)| o.replica == r)
+                    .map(|(p, _)| *p)
+                    .collect();
+                for p in standing(r, &map, &mine, count) {
+                    standbys.entry(p).or_default().push(r);
+                }
+            }
+            for p in 0..16 {
+                let got = standbys.get(&p).cloned().unwrap_or_default();
+                assert_eq!(got.len(), count, "partition {p}: {got:?}");
+                assert!(!got.contains(&map[&p].replica.as_str()));
+            }
+        }
+        // Spread: with one standby, no replica keeps more than half the others'.
+        let most = replicas
+            .iter()
+            .map(|r| {
+                let mine = owned(&[]);
+                standing(r, &map, &mine, 1)
+                    .into_iter()
+                    .filter(|p| map[p].replica != *r)
+                    .count()
+            })
+            .max()
+            .unwrap();
+        assert!(most <= 8, "{most}");
     }
 }

@@ -237,6 +237,9 @@ pub struct Replica<S: StateMachine> {
     /// Set once another replica owns the partition: every call is refused with
     /// `NotOwner` and the log is no longer applied here.
     closed: AtomicBool,
+    /// Applying the log for another replica that owns the partition (a warm
+    /// standby, ADR 0005 §1): no checkpoints are written; calls never reach it.
+    standby: AtomicBool,
     /// Stops the task that applies the log.
     runner: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -274,6 +277,7 @@ impl<S: StateMachine> Replica<S> {
             since_snapshot: AtomicU64::new(0),
             checkpointing: Arc::new(AtomicBool::new(false)),
             closed: AtomicBool::new(false),
+            standby: AtomicBool::new(false),
             runner: Mutex::new(None),
         });
         let run = tokio::spawn(Arc::clone(&replica).run(reader));
@@ -442,8 +446,11 @@ impl<S: StateMachine> Replica<S> {
     }
 
     /// Starts a checkpoint in the background (retried at the next occasion when it
-    /// fails).
+    /// fails); a standby leaves them to the owner.
     fn snapshot(&self) {
+        if self.is_standby() {
+            return;
+        }
         if let Ok(Some(job)) = self.begin_checkpoint() {
             let topic = self.config.topic.clone();
             let partition = self.config.partition;
@@ -465,6 +472,21 @@ impl<S: StateMachine> Replica<S> {
                 "a checkpoint is being written".into(),
             )),
         }
+    }
+
+    /// Makes this replica a warm standby (`true`: it applies the log for the
+    /// partition's owner and writes no checkpoints) or the owner (`false`).
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Release);
+    }
+
+    /// Makes a standby the owner; whether it was one.
+    pub fn promote(&self) -> bool {
+        self.standby.swap(false, Ordering::AcqRel)
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::Acquire)
     }
 
     fn fail(&self, reason: String) {

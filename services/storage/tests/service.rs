@@ -757,10 +757,25 @@ async fn add_users(directory: &mut DirectoryClient<Channel>, count: usize) -> Ve
 
 /// Partitions a replica owns (its metrics).
 async fn owned(storage: &Storage) -> f64 {
+    partitions(storage, "owned").await
+}
+
+/// Partitions a replica began to serve from its warm standby (its metrics).
+async fn warm_takeovers(storage: &Storage) -> f64 {
+    metric(
+        storage,
+        "mailmesh_storage_partition_takeovers_total",
+        "from=\"standby\"",
+    )
+    .await
+}
+
+/// A replica's mailbox partitions in `state` (its metrics).
+async fn partitions(storage: &Storage, state: &str) -> f64 {
     metric(
         storage,
         "mailmesh_storage_mailbox_partitions",
-        "state=\"owned\"",
+        &format!("state=\"{state}\""),
     )
     .await
 }
@@ -840,19 +855,32 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
     let forwarded = metric(&one, "mailmesh_storage_calls_forwarded_total", "answered").await
         + metric(&two, "mailmesh_storage_calls_forwarded_total", "answered").await;
     assert!(forwarded >= 1.0, "no call was forwarded");
+    // Each replica applies what it owns, and keeps the other's partitions warm (a
+    // standby per partition by default; with two replicas, the other one).
+    let deadline = Instant::now() + Duration::from_secs(60);
     for replica in [&one, &two] {
-        let mine = owned(replica).await;
-        let open = metric(
-            replica,
-            "mailmesh_storage_mailbox_partitions",
-            "state=\"open\"",
-        )
-        .await;
-        assert!(
-            open <= mine,
-            "a replica applies only what it owns: {open} open, {mine} owned"
-        );
+        loop {
+            let (mine, open, standby) = (
+                owned(replica).await,
+                partitions(replica, "open").await,
+                partitions(replica, "standby").await,
+            );
+            assert!(
+                open <= mine + standby,
+                "a replica applies only what it owns or stands by for: {open} open, {mine} owned, {standby} standby"
+            );
+            if open == PARTITIONS && standby == PARTITIONS - mine {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "standbys not open: {open} open, {mine} owned, {standby} standby"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
+    let lost = owned(&two).await;
+    let warm_before = warm_takeovers(&one).await;
 
     // SIGKILL: no leave, the group notices when the session times out.
     let _ = two.child.kill();
@@ -875,6 +903,12 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // What the killed replica owned was warm here: served without a restore.
+    assert_eq!(
+        warm_takeovers(&one).await - warm_before,
+        lost,
+        "partitions taken over from the standby"
+    );
     for (i, user) in users.iter().enumerate() {
         assert_eq!(
             inbox_count(&mut admin1, user).await,
