@@ -17,6 +17,7 @@ use mailmesh_proto::encode_envelope;
 use mailmesh_queue::OutgoingRecord;
 use mailmesh_storage::client::{Account, DeliveryError};
 use mailmesh_storage::directory::Lookup;
+use mailmesh_storage::engine::UserRef;
 use mailmesh_types::wire::DotReader;
 use mailmesh_types::{
     BodyRef, BodyType, ClientInfo, DsnNotify, DsnRet, EmailAddress, Envelope, InboundPolicy,
@@ -123,6 +124,12 @@ struct Transaction {
     /// The recipient is an SRS address (a bounce back to a forwarded sender): it is
     /// the transaction's only recipient.
     srs_bounce: bool,
+    /// The size the client declared at MAIL (`SIZE=`; 0: none).
+    size: usize,
+    /// The smallest size limit of the recipients' tenants so far (RFC 1870: a
+    /// message over it is refused at RCPT or before the `250` of DATA/BDAT, never
+    /// accepted and bounced).
+    max_bytes: Option<usize>,
 }
 
 pub struct Session<'a> {
@@ -653,6 +660,8 @@ impl<'a> Session<'a> {
             bdat: false,
             forwards: false,
             srs_bounce: false,
+            size: from.size,
+            max_bytes: None,
         });
         Ok("250 2.1.0 OK\r\n".into())
     }
@@ -784,13 +793,62 @@ impl<'a> Session<'a> {
                 self.peer.ip()
             ));
         }
+        if self.full(&resolution).await {
+            crate::metrics::rejected("over_quota");
+            return Ok("452 4.2.2 Mailbox full, try again later\r\n".into());
+        }
+        let limit = resolution
+            .max_message_bytes
+            .map(|b| usize::try_from(b).unwrap_or(usize::MAX));
+        if let Some(limit) = limit
+            && self.tx.as_ref().is_some_and(|tx| tx.size > limit)
+        {
+            crate::metrics::rejected("too_large");
+            return Err(format!(
+                "552 5.3.4 Message size exceeds the maximum of {limit} for this recipient\r\n"
+            ));
+        }
         if let Some(tx) = self.tx.as_mut() {
+            tx.max_bytes = match (tx.max_bytes, limit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tx.inbound = Some(resolution.inbound);
             tx.srs_bounce |= is_srs_bounce;
             tx.forwards |= !resolution.remote.is_empty();
             tx.recipients.push((recipient, resolution.tenant));
         }
         Ok("250 2.1.5 OK\r\n".into())
+    }
+
+    /// Whether every mailbox a recipient reaches is full now (storage knows: the
+    /// quota is set and used up, for the size declared at MAIL), so it is refused
+    /// for now (RFC 3463 4.2.2) rather than accepted into a retry loop. Advice
+    /// only: a recipient that reaches anything else, or that storage cannot
+    /// answer for, is taken, and the delivery's own check catches a race.
+    async fn full(&self, resolution: &mailmesh_storage::directory::Resolution) -> bool {
+        if resolution.with_quota.is_empty()
+            || !resolution.remote.is_empty()
+            || resolution.with_quota.len() < resolution.users.len()
+        {
+            return false;
+        }
+        let size = self.tx.as_ref().map_or(0, |tx| tx.size as u64);
+        for (tenant, user) in &resolution.users {
+            let user = UserRef {
+                tenant: tenant.clone(),
+                user: *user,
+            };
+            match self.ingress.directory.has_room(&user, size).await {
+                Ok(false) => {}
+                Ok(true) => return false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no answer on a recipient's quota; the delivery checks it");
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// A bounce to an address the delivery workers made for a forwarded message
@@ -874,8 +932,10 @@ impl<'a> Session<'a> {
             mailmesh_storage::directory::Resolution {
                 tenant,
                 users: Vec::new(),
+                with_quota: Vec::new(),
                 remote: Vec::new(),
                 inbound,
+                max_message_bytes: None,
             },
         )))
     }
@@ -909,13 +969,19 @@ impl<'a> Session<'a> {
     }
 
     /// The largest message this session takes: the port's limit, or the user's
-    /// tenant's if lower.
+    /// tenant's if lower, or the recipients' tenants' (in a transaction) if lower.
     fn max_message_bytes(&self) -> usize {
         let port = self.ingress.config.max_message_bytes;
-        self.account
+        let sender = self
+            .account
             .as_ref()
             .and_then(|a| a.limits.max_message_bytes)
-            .map_or(port, |t| port.min(usize::try_from(t).unwrap_or(usize::MAX)))
+            .map(|t| usize::try_from(t).unwrap_or(usize::MAX));
+        let recipients = self.tx.as_ref().and_then(|tx| tx.max_bytes);
+        [sender, recipients]
+            .into_iter()
+            .flatten()
+            .fold(port, usize::min)
     }
 
     /// Submission: MAIL needs a logged-in user sending as themselves.

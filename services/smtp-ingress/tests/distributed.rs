@@ -92,8 +92,12 @@ async fn smtp_to_inbox_through_separate_processes() {
     let gateway = spawn("imap-pop3-gateway", &env);
     let logs = [&storage, &auth, &ingress, &worker, &gateway];
 
-    let (channel, users, _) =
-        acme_with_users(&storage, &endpoint, &["alice@acme.test", "carol@acme.test"]).await;
+    let (channel, users, admin) = acme_with_users(
+        &storage,
+        &endpoint,
+        &["alice@acme.test", "carol@acme.test", "dave@acme.test"],
+    )
+    .await;
     let (alice, carol) = (users[0].clone(), users[1].clone());
     let mailboxes = MailboxesClient::new(channel);
 
@@ -170,6 +174,57 @@ print('sent')
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "refused 550 5.7.1 Rejected by the DMARC policy of example.org\nsent\n",
+        "smtplib: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ingress.log()
+    );
+
+    // What storage knows before the 250: dave's mailbox is full (a quota of one
+    // byte), acme takes nothing over 100,000 bytes. Refused at RCPT (smtplib
+    // declares SIZE), through the ingress's gRPC calls to storage.
+    let mut directory = v1::directory_client::DirectoryClient::new(admin);
+    directory
+        .set_quota(v1::SetQuotaRequest {
+            address: "dave@acme.test".into(),
+            quota_bytes: 1,
+        })
+        .await
+        .unwrap();
+    directory
+        .set_tenant_limits(v1::AddTenantRequest {
+            tenant: "acme".into(),
+            limits: Some(v1::TenantLimits {
+                max_message_bytes: 100_000,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let refusals = format!(
+        r#"
+import smtplib, ssl
+s = smtplib.SMTP('127.0.0.1', {smtp}, timeout=60)
+s.ehlo('client.example.org')
+s.starttls(context=ssl._create_unverified_context())
+s.ehlo('client.example.org')
+for to, body in [('dave@acme.test', b'Subject: hi\r\n\r\nhi\r\n'),
+                 ('alice@acme.test', b'Subject: big\r\n\r\n' + b'y' * 200000 + b'\r\n')]:
+    try:
+        s.sendmail('bob@example.org', [to], body)
+        print('accepted')
+    except smtplib.SMTPRecipientsRefused as e:
+        code, text = e.recipients[to]
+        print('refused', code, text.decode().split(' ')[0])
+s.quit()
+"#
+    );
+    let out = Command::new("python3")
+        .args(["-c", &refusals])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "refused 452 4.2.2\nrefused 552 5.3.4\n",
         "smtplib: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         ingress.log()

@@ -190,6 +190,115 @@ async fn size_limits_and_too_many_errors() {
     c.expect("421 4.7.0").await;
 }
 
+/// The recipient's tenant's size limit holds on the MX too, before any `250`: a
+/// larger message declared with `SIZE=` is refused at RCPT, one that turns out
+/// larger in DATA or BDAT is refused instead of the `250` (accepting it would
+/// mean a bounce, with the message, to a sender that may be forged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipients_tenant_size_limit_is_kept_before_250() {
+    let s = server(IngressConfig::default()).await;
+    s.engine
+        .set_tenant_limits(
+            "acme".parse().unwrap(),
+            mailmesh_storage::directory::TenantLimits {
+                max_message_bytes: Some(10_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let big = format!("Subject: big\r\n\r\n{}\r\n", "y".repeat(21_000));
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    // Declared: the port takes it, the recipient's tenant does not.
+    c.cmd("MAIL FROM:<bob@example.org> SIZE=21000", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "552 5.3.4").await;
+    c.cmd("RSET", "250").await;
+    // Undeclared, in DATA.
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send(&format!("{big}.\r\n")).await;
+    c.expect("552 5.3.4").await;
+    // Undeclared, in BDAT.
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.send(&format!("BDAT {} LAST\r\n{big}", big.len())).await;
+    c.expect("552 5.3.4").await;
+    // What fits goes through.
+    c.cmd("MAIL FROM:<bob@example.org> SIZE=5000", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("DATA", "354").await;
+    c.send("Subject: small\r\n\r\nfits\r\n.\r\n").await;
+    c.expect("250 2.0.0").await;
+    c.cmd("QUIT", "221").await;
+    let queued = s.queued(1).await;
+    assert!(body(&s, &queued[0]).await.contains("Subject: small"));
+}
+
+/// A recipient whose mailbox storage knows to be full is refused for now at RCPT
+/// (452 4.2.2, with the size declared at MAIL), not accepted into a retry loop;
+/// it is taken again once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_is_refused_for_now_at_rcpt() {
+    use mailmesh_storage::directory::Lookup;
+    use mailmesh_storage::engine::{Delivery, UserRef};
+    use mailmesh_types::{EmailAddress, ReversePath};
+    let s = server(IngressConfig::default()).await;
+    let alice: EmailAddress = "alice@acme.test".parse().unwrap();
+    let Lookup::Deliver(found) = s.engine.lookup(&alice).unwrap() else {
+        panic!("alice is local");
+    };
+    let (tenant, user) = found.users[0].clone();
+    let user_ref = UserRef { tenant, user };
+    s.engine
+        .set_quota(alice.clone(), Some(1_000))
+        .await
+        .unwrap();
+    let fill = format!("Subject: fill\r\n\r\n{}\r\n", "x".repeat(800));
+    let sender: ReversePath = "bob@example.org".parse().unwrap();
+    s.engine
+        .deliver(
+            &user_ref,
+            Delivery {
+                mailbox: INBOX,
+                return_path: &sender,
+                delivered_to: &alice,
+                message: fill.as_bytes(),
+                key: "fill/1",
+                internal_date_ms: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let (used, _) = s.engine.quota(&user_ref).await.unwrap();
+    let left = 1_000 - used;
+    let mut c = Client::connect(&s).await;
+    c.hello().await;
+    // No room for one byte more than is left, room for what is left.
+    c.cmd(
+        &format!("MAIL FROM:<bob@example.org> SIZE={}", left + 1),
+        "250",
+    )
+    .await;
+    c.cmd("RCPT TO:<alice@acme.test>", "452 4.2.2").await;
+    c.cmd("RSET", "250").await;
+    c.cmd(&format!("MAIL FROM:<bob@example.org> SIZE={left}"), "250")
+        .await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("RSET", "250").await;
+    // Over the quota already (it was lowered): refused whatever the size.
+    s.engine.set_quota(alice.clone(), Some(500)).await.unwrap();
+    c.cmd("MAIL FROM:<bob@example.org>", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "452 4.2.2").await;
+    c.cmd("RSET", "250").await;
+    // Room again.
+    s.engine.set_quota(alice, Some(100_000)).await.unwrap();
+    c.cmd("MAIL FROM:<bob@example.org> SIZE=500", "250").await;
+    c.cmd("RCPT TO:<alice@acme.test>", "250").await;
+    c.cmd("QUIT", "221").await;
+}
+
 /// SMTP smuggling: a bare `<LF>.<LF>` inside the data does not end the message, so a
 /// second "transaction" hidden in it is just text of the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -180,6 +180,9 @@ impl std::fmt::Debug for SigningKey {
 pub trait Mailstore: Send + Sync {
     async fn lookup(&self, address: &EmailAddress) -> Result<Lookup, DeliveryError>;
     async fn deliver(&self, user: &UserRef, delivery: Delivery<'_>) -> Result<(), DeliveryError>;
+    /// Whether `user`'s quota has room for `bytes` more now (advice: the delivery
+    /// decides).
+    async fn has_room(&self, user: &UserRef, bytes: u64) -> Result<bool, DeliveryError>;
     /// The enabled user behind `address` and `password`; `None` when either is wrong
     /// (which one is never said).
     async fn authenticate(
@@ -288,6 +291,10 @@ impl Mailstore for Arc<StorageEngine> {
     async fn deliver(&self, user: &UserRef, delivery: Delivery<'_>) -> Result<(), DeliveryError> {
         StorageEngine::deliver(self, user, delivery).await?;
         Ok(())
+    }
+
+    async fn has_room(&self, user: &UserRef, bytes: u64) -> Result<bool, DeliveryError> {
+        Ok(StorageEngine::has_room(self, user, bytes).await?)
     }
 }
 
@@ -481,8 +488,16 @@ impl Mailstore for GrpcMailstore {
                     .iter()
                     .map(|u| user_ref(u).map(|u| (u.tenant, u.user)))
                     .collect::<Result<_, _>>()?,
+                with_quota: r
+                    .users
+                    .iter()
+                    .zip(&r.has_quota)
+                    .filter(|(_, limited)| **limited)
+                    .filter_map(|(u, _)| user_ref(u).ok().map(|u| u.user))
+                    .collect(),
                 remote: r.remote.iter().filter_map(|a| a.parse().ok()).collect(),
                 inbound: r.inbound_policy.unwrap_or_default().into(),
+                max_message_bytes: (r.max_message_bytes != 0).then_some(r.max_message_bytes),
             })),
             _ => Err(DeliveryError::temporary(
                 "storage answered an unknown lookup result",
@@ -509,5 +524,23 @@ impl Mailstore for GrpcMailstore {
             }))
             .await?;
         Ok(())
+    }
+
+    async fn has_room(&self, user: &UserRef, bytes: u64) -> Result<bool, DeliveryError> {
+        Ok(self
+            .mailboxes
+            .clone()
+            .has_room(mailmesh_kit::grpc::traced(v1::RoomRequest {
+                user: Some(v1::UserRef {
+                    tenant: user.tenant.to_string(),
+                    user_id: user.user.to_string(),
+                    session: String::new(),
+                    position: 0,
+                }),
+                bytes,
+            }))
+            .await?
+            .into_inner()
+            .room)
     }
 }

@@ -294,8 +294,14 @@ pub struct Resolution {
     pub inbound: InboundPolicy,
     /// Local mailboxes, each once.
     pub users: Vec<(TenantId, UserId)>,
+    /// Those of `users` that have a quota (a front door may ask whether it is full).
+    pub with_quota: Vec<UserId>,
     /// Addresses outside every local domain (aliases may forward there).
     pub remote: Vec<EmailAddress>,
+    /// The smallest `max_message_bytes` of the tenants the mail goes to (the
+    /// domain's and the local users'), if any has one: a front door refuses a
+    /// larger message before it answers `250`, so it never bounces it later.
+    pub max_message_bytes: Option<u64>,
 }
 
 /// Answer to "is this recipient acceptable?"
@@ -739,7 +745,9 @@ impl Directory {
                 .map(|t| t.inbound)
                 .unwrap_or_default(),
             users: Vec::new(),
+            with_quota: Vec::new(),
             remote: Vec::new(),
+            max_message_bytes: None,
         };
         let mut seen = BTreeSet::new();
         if !self.expand(address, 0, &mut seen, &mut resolution) {
@@ -748,6 +756,16 @@ impl Directory {
         if resolution.users.is_empty() && resolution.remote.is_empty() {
             return Lookup::Unknown;
         }
+        resolution.max_message_bytes = std::iter::once(owner)
+            .chain(resolution.users.iter().map(|(t, _)| t))
+            .filter_map(|t| self.tenants.get(t)?.limits.max_message_bytes)
+            .min();
+        resolution.with_quota = resolution
+            .users
+            .iter()
+            .filter(|(_, id)| self.users.get(id).is_some_and(|u| u.quota_bytes.is_some()))
+            .map(|(_, id)| *id)
+            .collect();
         Lookup::Deliver(resolution)
     }
 
@@ -1064,7 +1082,9 @@ mod tests {
             tenant: t("acme"),
             inbound: InboundPolicy::default(),
             users: vec![(t("acme"), id)],
+            with_quota: vec![],
             remote: vec![],
+            max_message_bytes: None,
         });
         assert_eq!(dir.lookup(&a("alice@ACME.TEST")), expected);
         assert_eq!(dir.lookup(&a("ALICE+lists@acme.test")), expected);
@@ -1121,7 +1141,9 @@ mod tests {
                 tenant: t("acme"),
                 inbound: InboundPolicy::default(),
                 users: vec![(t("acme"), alice), (t("acme"), bob)],
+                with_quota: vec![],
                 remote: vec![a("ext@remote.test")],
+                max_message_bytes: None,
             })
         );
         assert_eq!(
@@ -1130,9 +1152,45 @@ mod tests {
                 tenant: t("acme"),
                 inbound: InboundPolicy::default(),
                 users: vec![(t("acme"), alice)],
+                with_quota: vec![],
                 remote: vec![],
+                max_message_bytes: None,
             })
         );
+    }
+
+    /// The smallest size limit of the tenants a recipient reaches, for the front
+    /// doors to refuse a larger message before `250`.
+    #[test]
+    fn a_recipient_carries_the_smallest_size_limit_of_its_tenants() {
+        let mut dir = two_tenants();
+        let limit = |bytes: Option<u64>| TenantLimits {
+            max_message_bytes: bytes,
+            ..TenantLimits::default()
+        };
+        add_user(&mut dir, "alice@acme.test");
+        add_user(&mut dir, "carol@globex.test");
+        dir.apply(DirectoryCommand::AddAlias {
+            address: a("team@acme.test"),
+            targets: vec![a("alice@acme.test"), a("carol@globex.test")],
+        })
+        .unwrap();
+        let max = |dir: &Directory, address: &str| match dir.lookup(&a(address)) {
+            Lookup::Deliver(r) => r.max_message_bytes,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(max(&dir, "team@acme.test"), None);
+        for (tenant, bytes) in [("acme", 20_000), ("globex", 10_000)] {
+            dir.apply(DirectoryCommand::SetTenantLimits {
+                tenant: t(tenant),
+                limits: limit(Some(bytes)),
+            })
+            .unwrap();
+        }
+        assert_eq!(max(&dir, "alice@acme.test"), Some(20_000));
+        assert_eq!(max(&dir, "carol@globex.test"), Some(10_000));
+        // An acme alias that reaches a globex user takes globex's limit too.
+        assert_eq!(max(&dir, "team@acme.test"), Some(10_000));
     }
 
     #[test]
@@ -1151,7 +1209,9 @@ mod tests {
                 tenant: t("acme"),
                 inbound: InboundPolicy::default(),
                 users: vec![(t("acme"), postmaster)],
+                with_quota: vec![],
                 remote: vec![],
+                max_message_bytes: None,
             })
         );
         // Another tenant's domain is untouched.

@@ -1936,6 +1936,18 @@ impl StorageEngine {
     }
 
     /// Quota usage and limit of a user, in bytes.
+    /// Whether `user`'s quota has room for `bytes` more now (always, without a
+    /// quota). Advice for the MX: the delivery's own check decides.
+    pub async fn has_room(&self, user: &UserRef, bytes: u64) -> Result<bool, EngineError> {
+        let Some(quota) = self.quota_of(user)? else {
+            return Ok(true);
+        };
+        let used = self
+            .read_index(user, |i| i.map_or(0, UserIndex::used_bytes))
+            .await?;
+        Ok(used.saturating_add(bytes) <= quota)
+    }
+
     pub async fn quota(&self, user: &UserRef) -> Result<(u64, Option<u64>), EngineError> {
         let used = self
             .read_index(user, |i| i.map_or(0, UserIndex::used_bytes))

@@ -390,6 +390,15 @@ impl MailboxesApi for Routed {
             resend_if_unreached = true
         )
     }
+    async fn has_room(&self, r: Request<v1::RoomRequest>) -> Reply<v1::RoomResponse> {
+        routed!(
+            self,
+            r,
+            has_room,
+            |r: &v1::RoomRequest| r.user.clone(),
+            resend_if_unreached = true
+        )
+    }
     async fn vanished(&self, r: Request<v1::VanishedRequest>) -> Reply<v1::VanishedResponse> {
         routed!(
             self,

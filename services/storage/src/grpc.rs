@@ -60,6 +60,8 @@ pub fn policy(service: &str, method: &str, role: Role) -> bool {
         ("Mailboxes", "Deliver") => role == DeliveryWorker,
         // Operators see counts and quotas, never content.
         ("Mailboxes", "ListMailboxes" | "Status" | "Quota") => matches!(role, Admin | Gateway),
+        // Full or not, for a recipient the MX is about to accept.
+        ("Mailboxes", "HasRoom") => matches!(role, Admin | SmtpIngress),
         ("Mailboxes", _) => role == Gateway,
         _ => false,
     }
@@ -543,8 +545,14 @@ impl DirectoryApi for StorageService {
                         })
                     })
                     .collect(),
+                has_quota: res
+                    .users
+                    .iter()
+                    .map(|(_, user)| res.with_quota.contains(user))
+                    .collect(),
                 remote: res.remote.iter().map(ToString::to_string).collect(),
                 inbound_policy: Some(res.inbound.into()),
+                max_message_bytes: res.max_message_bytes.unwrap_or(0),
             },
         };
         Ok(Response::new(response))
@@ -1399,6 +1407,15 @@ impl MailboxesApi for StorageService {
             },
         )
         .await
+    }
+
+    async fn has_room(&self, r: Request<v1::RoomRequest>) -> Reply<v1::RoomResponse> {
+        // Any user, without a session: the answer is what the MX's RCPT reply
+        // tells its client anyway (the policy limits who may ask).
+        let r = r.into_inner();
+        let user = user_ref(r.user)?;
+        let room = self.engine.has_room(&user, r.bytes).await?;
+        Ok(Response::new(v1::RoomResponse { room }))
     }
 
     type WatchStream = BoxStream<v1::MailboxChange>;
