@@ -27,6 +27,9 @@ cargo test --workspace --locked --doc -q
 echo "== chart"
 scripts/chart-check.sh
 
+echo "== licences"
+scripts/licenses.py
+
 echo "== runtime image dependencies"
 scripts/image-deps.sh
 
