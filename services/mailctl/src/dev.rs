@@ -254,6 +254,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let engine = StorageEngine::open(queue.clone(), objects.clone(), storage)
         .await
         .context("starting storage")?;
+    let postmaster = config.smtp.postmaster_address()?;
+    ensure_postmaster(&engine, &postmaster, &config.data_dir)
+        .await
+        .with_context(|| format!("making the postmaster mailbox {postmaster}"))?;
     let storage_addr = SocketAddr::new(config.bind, config.ports.storage);
     let storage_listener = tokio::net::TcpListener::bind(storage_addr)
         .await
@@ -459,10 +463,54 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// RFC 5321 4.5.1: every domain taking mail takes `<Postmaster>`, which the MX
+/// hands to the deployment's postmaster (`smtp.postmaster`, default
+/// `postmaster@<hostname>`). A fresh dev platform has no such mailbox: it is made
+/// here once, in a tenant of its own (`postmaster`) when its domain is not local
+/// yet, with a random password kept in `<data dir>/postmaster.password` (owner-only)
+/// for reading its mail over IMAP or POP3.
+async fn ensure_postmaster(
+    engine: &StorageEngine,
+    address: &mailmesh_types::EmailAddress,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use mailmesh_storage::directory::Lookup;
+    match engine.lookup(address)? {
+        Lookup::Deliver(_) => return Ok(()),
+        Lookup::NotLocal => {
+            let tenant: mailmesh_types::TenantId = "postmaster".parse()?;
+            if !engine.directory(|d| d.tenant(&tenant).is_some())? {
+                engine
+                    .add_tenant(tenant.clone(), Default::default())
+                    .await?;
+            }
+            engine.add_domain(tenant, address.domain().clone()).await?;
+        }
+        Lookup::Unknown => {}
+    }
+    let password = mailmesh_kit::secret::ensure_secret_file(&data_dir.join(POSTMASTER_PASSWORD))?;
+    engine.add_user(address.clone(), password, None).await?;
+    tracing::info!(%address, "postmaster mailbox made (its password is in {POSTMASTER_PASSWORD})");
+    Ok(())
+}
+
+/// Where dev keeps the password of the postmaster mailbox it made.
+const POSTMASTER_PASSWORD: &str = "postmaster.password";
+
 fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bool) {
     println!("mailmesh dev is running (Ctrl-C stops it)");
     println!("  admin        http://{admin}/readyz  /livez  /metrics");
     println!("  data         {}", config.data_dir.display());
+    if let Ok(postmaster) = config.smtp.postmaster_address() {
+        let password = config.data_dir.join(POSTMASTER_PASSWORD);
+        match password.exists() {
+            true => println!(
+                "  postmaster   {postmaster} (RCPT TO:<Postmaster> lands here; password in {})",
+                password.display()
+            ),
+            false => println!("  postmaster   {postmaster}"),
+        }
+    }
     println!("  tls          {}", tls.cert_file.display());
     println!("  queue        embedded log, topic {MAIL_TOPIC} (a delivery worker consumes it)");
     println!(

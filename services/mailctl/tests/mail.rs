@@ -158,6 +158,46 @@ s.quit()
     assert_eq!(inbox_count(&dev, "bob@acme.test"), 1);
 }
 
+/// RFC 5321 4.5.1: `RCPT TO:<Postmaster>` is accepted on a fresh dev platform, and
+/// the message is in the postmaster mailbox dev made, readable over IMAP with the
+/// password dev keeps in its data directory.
+#[tokio::test]
+async fn a_fresh_dev_takes_mail_for_the_postmaster() {
+    let (dns, servers) = dns();
+    let dev = start(&[("MAILMESH_AUTH__DNS__SERVERS", &servers)]);
+    wait_ready(&dev).await;
+    let out = smtplib(
+        &dev,
+        r#"
+s.ehlo('client.example.org')
+print(s.sendmail('sender@example.org', ['Postmaster'],
+    b'Subject: for the postmaster\r\nFrom: sender@example.org\r\n\r\nhello\r\n'))
+s.quit()
+"#,
+    );
+    assert_eq!(out, "{}\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while inbox_count(&dev, "postmaster@localhost") < 1 {
+        assert!(Instant::now() < deadline, "no mail for the postmaster");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let password = std::fs::read_to_string(dev.data.join("postmaster.password")).unwrap();
+    let out = python(&format!(
+        r#"
+import imaplib, ssl
+m = imaplib.IMAP4('127.0.0.1', {port})
+m.starttls(ssl_context=ssl._create_unverified_context())
+m.login('postmaster@localhost', {password:?})
+m.select('INBOX')
+print(m.fetch('1', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')[1][0][1].decode().strip())
+"#,
+        port = dev.imap_port,
+        password = password.trim()
+    ));
+    assert_eq!(out, "Subject: for the postmaster\n");
+    drop(dns);
+}
+
 #[tokio::test]
 async fn swaks_delivers_and_the_tenant_policy_files_forgeries_as_junk() {
     let (_dns, dev) = dev_with_alice().await;

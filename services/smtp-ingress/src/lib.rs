@@ -134,7 +134,7 @@ impl Default for IngressConfig {
 }
 
 impl IngressConfig {
-    fn postmaster_address(&self) -> Result<EmailAddress, ConfigError> {
+    pub fn postmaster_address(&self) -> Result<EmailAddress, ConfigError> {
         let address = match &self.postmaster {
             Some(a) => a.clone(),
             None => format!("postmaster@{}", self.hostname),

@@ -965,6 +965,12 @@ impl<'a> Session<'a> {
             recipient.address = postmaster.clone();
             return deployment;
         }
+        if recipient.address == *postmaster
+            && matches!(found, Ok(Lookup::NotLocal | Lookup::Unknown))
+        {
+            tracing::warn!(%postmaster,
+                "postmaster mail refused: the deployment's postmaster is not a local address (create it, or set [smtp] postmaster)");
+        }
         found
     }
 
