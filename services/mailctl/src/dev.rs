@@ -339,6 +339,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Some(mailmesh_kit::tls::server_config(resolver.clone())?),
         cache.clone(),
     );
+    submission.follow_key_changes(shutdown.clone());
     let mut submission_tasks = Vec::new();
     for (port, implicit_tls) in [
         (config.ports.submission, false),

@@ -198,6 +198,72 @@ print(m.fetch('1', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')[1][0][1].decode().str
     drop(dns);
 }
 
+/// A key made with `mailctl dkim generate` signs the very next message, though
+/// submission had just cached that the domain has none (storage announces key
+/// changes through the cache; `key_cache_ttl` is a minute).
+#[tokio::test]
+async fn a_new_dkim_key_signs_the_next_message() {
+    let mx = mailmesh_testkit::mx::TestMx::start(
+        None,
+        std::sync::Arc::new(|_: &str, _| "250 2.1.5 ok".to_owned()),
+    );
+    let dns = mailmesh_testkit::dns::DnsServer::start(&[
+        "mx-host=remote.test,mx.remote.test,10".into(),
+        "host-record=mx.remote.test,127.0.0.1".into(),
+    ]);
+    let servers = format!("[\"{}\"]", dns.addr);
+    let port = mx.addr.port().to_string();
+    let dev = start(&[
+        ("MAILMESH_AUTH__DNS__SERVERS", &servers),
+        ("MAILMESH_OUTBOUND__DNS__SERVERS", &servers),
+        ("MAILMESH_OUTBOUND__PORT", &port),
+        ("MAILMESH_OUTBOUND__ALLOW_PRIVATE_DESTINATIONS", "true"),
+    ]);
+    wait_ready(&dev).await;
+    ok(&dev, &["tenant", "add", "acme"], "");
+    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
+    ok(
+        &dev,
+        &["user", "add", "alice@acme.test", "--password-stdin"],
+        "pw\n",
+    );
+    let send = |subject: &str| {
+        python(&format!(
+            r#"
+import smtplib, ssl
+s = smtplib.SMTP('127.0.0.1', {port}, timeout=30)
+s.starttls(context=ssl._create_unverified_context())
+s.login('alice@acme.test', 'pw')
+s.sendmail('alice@acme.test', ['friend@remote.test'],
+    b'From: alice@acme.test\r\nSubject: {subject}\r\n\r\nhello\r\n')
+s.quit()
+"#,
+            port = dev.submission_port
+        ))
+    };
+    send("before the key");
+    mx.wait_for(1, Duration::from_secs(60));
+    ok(
+        &dev,
+        &["dkim", "generate", "acme.test", "--selector", "fresh"],
+        "",
+    );
+    send("after the key");
+    let got = mx.wait_for(2, Duration::from_secs(60));
+    let text = |subject: &str| {
+        got.iter()
+            .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+            .find(|m| m.contains(subject))
+            .unwrap_or_else(|| panic!("no {subject:?} at the MX"))
+    };
+    assert!(!text("before the key").contains("DKIM-Signature"));
+    assert!(
+        text("after the key").contains("DKIM-Signature: v=1; a=rsa-sha256; s=fresh; d=acme.test;"),
+        "{}",
+        text("after the key")
+    );
+}
+
 #[tokio::test]
 async fn swaks_delivers_and_the_tenant_policy_files_forgeries_as_junk() {
     let (_dns, dev) = dev_with_alice().await;

@@ -317,6 +317,61 @@ impl Ingress {
 }
 
 impl Ingress {
+    /// Follows storage's announcements of DKIM key changes
+    /// ([`mailmesh_storage::client::DKIM_KEYS_CHANNEL`]) until `shutdown`: a new,
+    /// activated or removed key signs (or stops signing) the next message, not the
+    /// first after `key_cache_ttl`. Without the cache the TTL alone applies; after a
+    /// lost subscription every cached key is forgotten (announcements may have been
+    /// missed).
+    pub fn follow_key_changes(self: &Arc<Self>, shutdown: Shutdown) {
+        let ingress = Arc::downgrade(self);
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            loop {
+                let subscribed = tokio::select! {
+                    _ = shutdown.closing() => return,
+                    s = cache.subscribe(mailmesh_storage::client::DKIM_KEYS_CHANNEL) => s,
+                };
+                match subscribed {
+                    Ok(mut changes) => {
+                        if let Some(ingress) = ingress.upgrade() {
+                            ingress.keys.forget(None);
+                        }
+                        loop {
+                            let change = tokio::select! {
+                                _ = shutdown.closing() => return,
+                                c = changes.next() => c,
+                            };
+                            let Some(change) = change else { break };
+                            let Some(ingress) = ingress.upgrade() else {
+                                return;
+                            };
+                            match std::str::from_utf8(&change)
+                                .ok()
+                                .and_then(|d| d.parse().ok())
+                            {
+                                Some(domain) => {
+                                    tracing::info!(%domain, "DKIM key changed; asking storage again");
+                                    ingress.keys.forget(Some(&domain));
+                                }
+                                None => ingress.keys.forget(None),
+                            }
+                        }
+                        tracing::warn!("the DKIM key announcements ended; subscribing again");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no DKIM key announcements (the cache is away); keys are asked for again after key_cache_ttl");
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.closing() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        });
+    }
+
     /// Counts one event against a per-minute `limit` shared by all pods; true while
     /// within it. An unreachable cache lets everything through (limits are a
     /// courtesy; losing the cache must never lose mail).

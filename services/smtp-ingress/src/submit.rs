@@ -126,6 +126,17 @@ impl KeyCache {
         Ok(key)
     }
 
+    /// Forgets what is known of `domain`'s key (`None`: of every domain's).
+    pub(crate) fn forget(&self, domain: Option<&Domain>) {
+        match domain {
+            Some(domain) => self.lock().remove(domain),
+            None => {
+                self.lock().clear();
+                None
+            }
+        };
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Domain, (Instant, Option<SigningKey>)>> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -298,6 +298,11 @@ impl Mailstore for Arc<StorageEngine> {
     }
 }
 
+/// The cache channel storage announces a domain's DKIM key changes on (its name as
+/// the message): submission forgets what it cached for the domain at once instead of
+/// after `key_cache_ttl`. Pub/sub is best effort; the TTL bounds a missed message.
+pub const DKIM_KEYS_CHANNEL: &str = "dkim-keys";
+
 /// The storage service over gRPC.
 #[derive(Clone)]
 pub struct GrpcMailstore {

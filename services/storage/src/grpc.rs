@@ -108,6 +108,21 @@ impl StorageService {
         }
     }
 
+    /// Tells the submission pods (through the cache) that `domain`'s signing key
+    /// changed; they ask again at their next message.
+    async fn dkim_keys_changed(&self, domain: &Domain) {
+        let announced = self
+            .cache
+            .publish(
+                crate::client::DKIM_KEYS_CHANNEL,
+                bytes::Bytes::from(domain.to_string()),
+            )
+            .await;
+        if let Err(e) = announced {
+            tracing::warn!(%domain, error = %e, "a DKIM key change was not announced; submission pods see it within their key_cache_ttl");
+        }
+    }
+
     pub fn directory_server(&self) -> DirectoryServer<Self> {
         DirectoryServer::new(self.clone())
     }
@@ -706,22 +721,27 @@ impl DirectoryApi for StorageService {
             .dkim_keys(&domain)?
             .last()
             .is_some_and(|k| k.selector == key.selector);
+        self.dkim_keys_changed(&domain).await;
         Ok(Response::new(dkim_info(&key, signing)))
     }
 
     async fn activate_dkim_key(&self, r: Request<v1::DkimKeyRequest>) -> Reply<v1::Empty> {
         let r = r.into_inner();
+        let domain: Domain = parse("domain", &r.domain)?;
         self.engine
-            .activate_dkim_key(parse("domain", &r.domain)?, r.selector)
+            .activate_dkim_key(domain.clone(), r.selector)
             .await?;
+        self.dkim_keys_changed(&domain).await;
         Ok(Response::new(v1::Empty {}))
     }
 
     async fn remove_dkim_key(&self, r: Request<v1::DkimKeyRequest>) -> Reply<v1::Empty> {
         let r = r.into_inner();
+        let domain: Domain = parse("domain", &r.domain)?;
         self.engine
-            .remove_dkim_key(parse("domain", &r.domain)?, r.selector)
+            .remove_dkim_key(domain.clone(), r.selector)
             .await?;
+        self.dkim_keys_changed(&domain).await;
         Ok(Response::new(v1::Empty {}))
     }
 

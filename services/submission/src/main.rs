@@ -46,6 +46,7 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
         Some(tls),
         cache,
     );
+    ingress.follow_key_changes(service.shutdown.clone());
 
     let starttls = tokio::net::TcpListener::bind(config.listen)
         .await
