@@ -65,6 +65,10 @@ DNS="[\"127.0.0.1:$DNS_PORT\"]"
 # Both deployments: checks against this DNS, ARC sealing with the key above, the
 # relay to the test MX (on a loopback port, so private destinations allowed),
 # shorter deadlines. Per section, as each service reads only its own.
+# Storage settings for the short passwords used here (`pw`): the default policy
+# wants 12 characters and no common ones.
+RELAXED_PASSWORDS="MAILMESH_STORAGE__PASSWORD_POLICY__MIN_LENGTH=1 MAILMESH_STORAGE__PASSWORD_POLICY__REFUSE_COMMON=false"
+
 auth_settings() {
   echo MAILMESH_AUTH__DNS__SERVERS="$DNS" MAILMESH_AUTH__ARC_SEAL__KEY_FILE="$WORK/arc.pem" \
     MAILMESH_AUTH__ARC_SEAL__DOMAIN=arc.acme.test MAILMESH_AUTH__ARC_SEAL__SELECTOR=arc
@@ -111,7 +115,7 @@ STATUS=0
 if [ "$MODE" = dev ] || [ "$MODE" = both ]; then
   P=$BASE MX_PORT=$((BASE + 20))
   # shellcheck disable=SC2046
-  env MAILMESH_TELEMETRY__LOG_LEVEL=warn $(auth_settings) $(outbound_settings) $(smtp_settings) \
+  env $RELAXED_PASSWORDS MAILMESH_TELEMETRY__LOG_LEVEL=warn $(auth_settings) $(outbound_settings) $(smtp_settings) \
     $(submission_settings) $(gateway_settings) MAILMESH_PORTS__SMTP=$P MAILMESH_PORTS__STORAGE=$((P + 1)) MAILMESH_PORTS__IMAP=$((P + 2)) \
     MAILMESH_PORTS__IMAPS=$((P + 3)) MAILMESH_PORTS__POP3=$((P + 4)) MAILMESH_PORTS__POP3S=$((P + 5)) \
     MAILMESH_PORTS__SUBMISSION=$((P + 6)) MAILMESH_PORTS__SUBMISSIONS=$((P + 7)) \
@@ -159,7 +163,7 @@ if [ "$MODE" = distributed ] || [ "$MODE" = both ]; then
     wait_ready "$name" "$admin" "$!" "$WORK/$name.log"
   }
   # shellcheck disable=SC2086
-  start storage $((P + 10)) $QUEUE $OBJECTS $CACHE MAILMESH_GRPC_LISTEN=127.0.0.1:$STORAGE \
+  start storage $((P + 10)) $QUEUE $OBJECTS $CACHE $RELAXED_PASSWORDS MAILMESH_GRPC_LISTEN=127.0.0.1:$STORAGE \
     MAILMESH_STORAGE__DIRECTORY_TOPIC=$RUN.directory MAILMESH_STORAGE__MAILBOX_TOPIC=$RUN.mailboxes
   export MAILCTL_ENDPOINT=$STORAGE_URL MAILCTL_PKI_DIR=$PKI
   accounts

@@ -85,7 +85,8 @@ start() {
   exit 1
 }
 
-start storage $((BASE + 10)) MAILMESH_GRPC_LISTEN=127.0.0.1:$STORAGE \
+# shellcheck disable=SC2086
+start storage $((BASE + 10)) $RELAXED_PASSWORDS MAILMESH_GRPC_LISTEN=127.0.0.1:$STORAGE \
   MAILMESH_STORAGE__DIRECTORY_TOPIC=$RUN.directory MAILMESH_STORAGE__MAILBOX_TOPIC=$RUN.mailboxes
 export MAILCTL_ENDPOINT=https://127.0.0.1:$STORAGE MAILCTL_PKI_DIR=$PKI
 "$MAILCTL" tenant add acme >/dev/null

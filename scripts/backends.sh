@@ -33,6 +33,42 @@ log() { printf '[backends] %s\n' "$*" >&2; }
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# The pid this script started NAME as, if that process still runs the backend's own
+# binary (a pid file outliving its process can name a recycled pid).
+our_pid() {
+  local name=$1 binary=$2 pid
+  pid=$(cat "$STATE/$name.pid" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$binary" || return 1
+  echo "$pid"
+}
+
+# Whether what listens on PORT is the NAME this script started: its pid file names a
+# live process of the backend's binary, and (where `ss` can tell) that process owns
+# the socket. Another program on the port (someone else's Redis on a shared host, a
+# system instance) is never used: the tests would write into it.
+ours() {
+  local name=$1 binary=$2 port=$3 pid owners
+  pid=$(our_pid "$name" "$binary") || return 1
+  if command -v ss >/dev/null 2>&1; then
+    owners=$(ss -Hltnp "sport = :$port" 2>/dev/null || true)
+    # Without the right to see other users' sockets ss names no process: trust the
+    # pid file then.
+    if printf '%s' "$owners" | grep -q 'pid='; then
+      printf '%s' "$owners" | grep -q "pid=$pid," || return 1
+    fi
+  fi
+}
+
+# Refuses to go on when PORT is taken by something that is not our NAME.
+check_ours() {
+  local name=$1 binary=$2 port=$3 variable=$4
+  if ours "$name" "$binary" "$port"; then return 0; fi
+  log "127.0.0.1:$port is in use, but not by the $name this script started (pid file $STATE/$name.pid):"
+  log "stop that program, or run on other ports: $variable=<port> (and MAILMESH_BACKENDS_DIR for the state)"
+  exit 1
+}
+
 wait_port() {
   local port=$1 name=$2
   for _ in $(seq 1 100); do
@@ -149,7 +185,9 @@ install_all() {
 start_all() {
   install_all
   mkdir -p "$STATE"
-  if ! listening "$REDIS_PORT"; then
+  if listening "$REDIS_PORT"; then
+    check_ours redis redis-server "$REDIS_PORT" MAILMESH_REDIS_PORT
+  else
     log "starting redis on 127.0.0.1:$REDIS_PORT"
     mkdir -p "$STATE/redis"
     redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --save '' \
@@ -157,7 +195,9 @@ start_all() {
       --logfile "$STATE/redis.log"
     wait_port "$REDIS_PORT" redis
   fi
-  if ! listening "$KAFKA_PORT"; then
+  if listening "$KAFKA_PORT"; then
+    check_ours tansu tansu "$KAFKA_PORT" MAILMESH_KAFKA_PORT
+  else
     log "starting tansu on 127.0.0.1:$KAFKA_PORT"
     nohup "$TOOLS/bin/tansu" broker \
       --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
@@ -166,7 +206,9 @@ start_all() {
     echo $! >"$STATE/tansu.pid"
     wait_port "$KAFKA_PORT" tansu
   fi
-  if ! listening "$S3_PORT"; then
+  if listening "$S3_PORT"; then
+    check_ours s3s-fs s3s-fs "$S3_PORT" MAILMESH_S3_PORT
+  else
     log "starting s3s-fs on 127.0.0.1:$S3_PORT"
     # s3s-fs serves each subdirectory as a bucket.
     mkdir -p "$STATE/s3/$S3_BUCKET"
@@ -179,11 +221,13 @@ start_all() {
 }
 
 stop_all() {
-  for name in tansu s3s-fs redis; do
-    if [ -f "$STATE/$name.pid" ]; then
-      kill "$(cat "$STATE/$name.pid")" 2>/dev/null || true
-      rm -f "$STATE/$name.pid"
+  local pid
+  for backend in tansu:tansu s3s-fs:s3s-fs redis:redis-server; do
+    # Only a live process of the backend's binary: never a recycled pid.
+    if pid=$(our_pid "${backend%%:*}" "${backend#*:}"); then
+      kill "$pid" 2>/dev/null || true
     fi
+    rm -f "$STATE/${backend%%:*}.pid"
   done
 }
 

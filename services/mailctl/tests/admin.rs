@@ -191,6 +191,34 @@ fn an_unreachable_endpoint_is_reported() {
 /// mailctl proves it is the admin (ADR 0006): without the admin identity it says
 /// where to get one; with a certificate of another CA, or of another role, the dev
 /// platform's storage does not serve it.
+/// The default password policy (12 characters, no common or trivial password)
+/// holds on `user add` and `user passwd`, and says what is wrong.
+#[tokio::test]
+async fn a_weak_password_is_refused_with_the_reason() {
+    let dev = start(&[
+        ("MAILMESH_STORAGE__PASSWORD_POLICY__MIN_LENGTH", "12"),
+        ("MAILMESH_STORAGE__PASSWORD_POLICY__REFUSE_COMMON", "true"),
+    ]);
+    wait_ready(&dev).await;
+    ok(&dev, &["tenant", "add", "acme"], "");
+    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
+    let add = ["user", "add", "alice@acme.test", "--password-stdin"];
+    let said = refused(&dev, &add, "hunter2\n");
+    assert!(
+        said.contains("at least 12 characters (this one has 7)"),
+        "{said}"
+    );
+    let said = refused(&dev, &add, "password1234\n");
+    assert!(said.contains("most common"), "{said}");
+    let said = refused(&dev, &add, "alice@acme.test\n");
+    assert!(said.contains("the address itself"), "{said}");
+    ok(&dev, &add, "correct-horse-battery\n");
+    let passwd = ["user", "passwd", "alice@acme.test", "--password-stdin"];
+    let said = refused(&dev, &passwd, "aaaaaaaaaaaaaaaa\n");
+    assert!(said.contains("one character repeated"), "{said}");
+    ok(&dev, &passwd, "another-long-passphrase\n");
+}
+
 #[tokio::test]
 async fn only_the_admin_identity_administers() {
     let dev = common::start(&[]);

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::processes::{
-    Process, acme_with_users, backends, spawn, stateless, uuid_like, wait_for,
+    Process, acme_with_users, backends, relaxed_passwords, spawn, stateless, uuid_like, wait_for,
 };
 use mailmesh_testkit::{backend_env, free_port};
 
@@ -175,6 +175,7 @@ async fn storage_replicas_die_join_and_leave_under_imap_load() {
         env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
         env.push(("MAILMESH_STORAGE__SESSION_SECRET", SESSION_SECRET.into()));
         env.push(("MAILMESH_STORAGE__OWNER_SESSION_TIMEOUT", "3s".into()));
+        env.extend(relaxed_passwords());
         env.push((
             "MAILMESH_STORAGE__INDEX_DIR",
             dir.path()

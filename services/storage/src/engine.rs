@@ -101,6 +101,9 @@ pub struct StorageConfig {
     pub password_threads: usize,
     /// Logins waiting for a password thread; more are refused as temporary failures.
     pub password_queue: usize,
+    /// What a password must be to be set (`[storage.password_policy]`: `min_length`
+    /// 12, `refuse_common` true).
+    pub password_policy: crate::password_policy::PasswordPolicy,
     /// 32 bytes, base64: DKIM private keys made from now on are sealed with it
     /// (AES-256-GCM) in the directory log and snapshots. Without it they are kept
     /// plain. Keep it with the deployment's other secrets: losing it loses the keys.
@@ -173,6 +176,7 @@ impl Default for StorageConfig {
             advertise_host: None,
             password_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             password_queue: 1024,
+            password_policy: Default::default(),
             dkim_key_secret: None,
             session_secret: None,
             session_secret_previous: None,
@@ -218,6 +222,12 @@ impl mailmesh_kit::config::Validate for StorageConfig {
             return Err(ConfigError::invalid(
                 "storage.owner_session_timeout",
                 "must be 3s to 5m (heartbeats go every second)",
+            ));
+        }
+        if !(1..=128).contains(&self.password_policy.min_length) {
+            return Err(ConfigError::invalid(
+                "storage.password_policy.min_length",
+                "must be 1 to 128",
             ));
         }
         if self.standbys > 8 {
@@ -773,6 +783,22 @@ impl StorageEngine {
             .map(drop)
     }
 
+    /// Refuses a password the policy does not allow for `address`, saying why.
+    fn check_password(
+        &self,
+        address: &EmailAddress,
+        password: &Secret<String>,
+    ) -> Result<(), EngineError> {
+        match self
+            .config
+            .password_policy
+            .refuses(&address.to_string(), password.expose())
+        {
+            Some(reason) => Err(StorageError::InvalidArgument(reason).into()),
+            None => Ok(()),
+        }
+    }
+
     async fn hash(&self, password: Secret<String>) -> Result<String, EngineError> {
         self.passwords
             .run(move || hash_password(password.expose()))
@@ -788,6 +814,7 @@ impl StorageEngine {
         password: Secret<String>,
         quota_bytes: Option<u64>,
     ) -> Result<UserRef, EngineError> {
+        self.check_password(&address, &password)?;
         let password_hash = self.hash(password).await?;
         let outcome = self
             .change_directory(DirectoryCommand::AddUser {
@@ -842,6 +869,7 @@ impl StorageEngine {
         address: EmailAddress,
         password: Secret<String>,
     ) -> Result<(), EngineError> {
+        self.check_password(&address, &password)?;
         let password_hash = self.hash(password).await?;
         self.change_directory(DirectoryCommand::SetPassword {
             address,

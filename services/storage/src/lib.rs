@@ -16,6 +16,7 @@ pub mod index;
 pub mod index_store;
 mod metrics;
 pub mod owners;
+pub mod password_policy;
 pub mod passwords;
 pub mod replica;
 pub mod retry_index;

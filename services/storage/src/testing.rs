@@ -29,6 +29,8 @@ pub async fn embedded(dir: &Path, mailbox_partitions: i32) -> anyhow::Result<Emb
         dir,
         StorageConfig {
             mailbox_partitions,
+            // Tests log in with short passwords; the policy has its own tests.
+            password_policy: crate::password_policy::PasswordPolicy::relaxed(),
             ..StorageConfig::default()
         },
     )

@@ -76,6 +76,9 @@ fn start_with(run: &str, env: &[(&str, &str)]) -> Storage {
         )
         .env("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4")
         .env("MAILMESH_STORAGE__MAX_MESSAGE_BYTES", "100000")
+        // Short test passwords; the policy has tests of its own.
+        .env("MAILMESH_STORAGE__PASSWORD_POLICY__MIN_LENGTH", "1")
+        .env("MAILMESH_STORAGE__PASSWORD_POLICY__REFUSE_COMMON", "false")
         .envs(env.iter().copied())
         .stdout(log.reopen().unwrap())
         .stderr(log.reopen().unwrap())

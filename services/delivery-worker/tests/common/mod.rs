@@ -49,6 +49,7 @@ pub fn storage_config(run: &str) -> StorageConfig {
         directory_topic: format!("{run}.directory"),
         mailbox_topic: format!("{run}.mailboxes"),
         mailbox_partitions: 2,
+        password_policy: mailmesh_storage::password_policy::PasswordPolicy::relaxed(),
         ..StorageConfig::default()
     }
 }

@@ -39,7 +39,9 @@ pub async fn site() -> Site {
 }
 
 /// [`site`] with storage configured as given.
-pub async fn site_with(config: mailmesh_storage::engine::StorageConfig) -> Site {
+pub async fn site_with(mut config: mailmesh_storage::engine::StorageConfig) -> Site {
+    // Short test passwords; the policy has tests of its own.
+    config.password_policy = mailmesh_storage::password_policy::PasswordPolicy::relaxed();
     let dir = tempfile::tempdir().unwrap();
     let engine = mailmesh_storage::testing::embedded_with(dir.path(), config)
         .await
@@ -57,6 +59,7 @@ pub async fn real_site() -> Site {
         mailbox_topic: format!("{run}.mailboxes"),
         outbound_retry_prefix: format!("{run}/retry"),
         mailbox_partitions: 2,
+        password_policy: mailmesh_storage::password_policy::PasswordPolicy::relaxed(),
         ..Default::default()
     };
     let engine = mailmesh_storage::engine::StorageEngine::open(

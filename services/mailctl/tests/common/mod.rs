@@ -40,6 +40,10 @@ pub fn start(env: &[(&str, &str)]) -> Dev {
         .arg(&data)
         .args(["--admin-listen", &admin])
         .env("MAILMESH_PORTS__STORAGE", &storage_port)
+        // Short test passwords; `a_weak_password_is_refused_with_the_reason` keeps
+        // the default policy.
+        .env("MAILMESH_STORAGE__PASSWORD_POLICY__MIN_LENGTH", "1")
+        .env("MAILMESH_STORAGE__PASSWORD_POLICY__REFUSE_COMMON", "false")
         .env("MAILMESH_PORTS__SMTP", &smtp_port)
         .env("MAILMESH_PORTS__POP3", &pop3_port)
         .env("MAILMESH_PORTS__POP3S", free_port().to_string())

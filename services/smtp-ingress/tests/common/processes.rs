@@ -190,7 +190,20 @@ pub fn spawn_storage(run: &str, port: u16) -> Process {
         format!("{run}.mailboxes"),
     ));
     env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
+    env.extend(relaxed_passwords());
     spawn("storage", &env)
+}
+
+/// Storage settings that let the tests' short passwords be set (the policy has
+/// tests of its own).
+pub fn relaxed_passwords() -> [(&'static str, String); 2] {
+    [
+        ("MAILMESH_STORAGE__PASSWORD_POLICY__MIN_LENGTH", "1".into()),
+        (
+            "MAILMESH_STORAGE__PASSWORD_POLICY__REFUSE_COMMON",
+            "false".into(),
+        ),
+    ]
 }
 
 /// A channel to storage with `role`'s identity from the test PKI, once it answers.
