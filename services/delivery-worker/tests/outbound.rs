@@ -382,8 +382,12 @@ async fn permanent_failures_bounce_to_the_sender_with_the_original_headers() {
         // The remote reply as it came, and who gave it.
         "Diagnostic-Code: smtp; 550 5.1.1 <gone@remote.test>: no such user\r\nRemote-MTA: dns; mx.remote.test\r\n",
         "gone@remote.test: 550 5.1.1 <gone@remote.test>: no such user (from mx.remote.test)\r\n",
-        "Final-Recipient: rfc822; x@nomail.test\r\nAction: failed\r\nStatus: 5.1.10\r\n",
-        "Final-Recipient: rfc822; y@nowhere.test\r\nAction: failed\r\nStatus: 5.1.2\r\n",
+        // What mailmesh found itself (null MX, no such domain) in its own words, no
+        // invented SMTP reply.
+        "Final-Recipient: rfc822; x@nomail.test\r\nAction: failed\r\nStatus: 5.1.10\r\n\
+         Diagnostic-Code: X-mailmesh; nomail.test does not accept mail (null MX)\r\n",
+        "Final-Recipient: rfc822; y@nowhere.test\r\nAction: failed\r\nStatus: 5.1.2\r\n\
+         Diagnostic-Code: X-mailmesh; domain nowhere.test does not exist\r\n",
         // The original comes back.
         "Subject: lunch plans\r\n",
     ] {
@@ -393,6 +397,10 @@ async fn permanent_failures_bounce_to_the_sender_with_the_original_headers() {
         );
     }
     assert!(!report.contains("ok@remote.test"), "{report}");
+    assert!(
+        !report.contains("550 5.1.2") && !report.contains("550 5.1.10"),
+        "{report}"
+    );
     assert_eq!(r.mx.received().len(), 1);
 }
 

@@ -754,9 +754,11 @@ impl Outbound {
         let hosts = match self.router.hosts(domain).await {
             Ok(hosts) => hosts,
             Err(RouteError::Permanent { status, reason }) => {
+                // A local finding (no such domain, null MX), not a reply anybody
+                // gave: reported as `X-mailmesh`, never as an invented SMTP reply.
                 return all(&|| Outcome::Permanent {
                     status: status.into(),
-                    diagnostic: format!("550 {status} {reason}"),
+                    diagnostic: reason.clone(),
                     remote: None,
                 });
             }
@@ -809,7 +811,7 @@ impl Outbound {
                     // No MX and no address: nowhere to deliver, ever.
                     return all(&|| Outcome::Permanent {
                         status: "5.1.2".into(),
-                        diagnostic: format!("550 5.1.2 {domain} has no MX and no address"),
+                        diagnostic: format!("{domain} has no MX and no address"),
                         remote: None,
                     });
                 }
