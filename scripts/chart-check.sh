@@ -60,6 +60,19 @@ helm template mailmesh "$CHART" --set kafka.brokers=kafka:9092 --set s3.bucket=m
   --set redis.urlSecret=redis --set tls.secretName=mail-tls >"$work/minimal.yaml"
 kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/minimal.yaml"
 
+echo "== a service's settings roll only its own pods"
+render --set storage.snapshotEvery=12345 >"$work/changed.yaml"
+python3 - "$work/rendered.yaml" "$work/changed.yaml" <<'PY'
+import sys, yaml
+def checksums(path):
+    return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "Deployment"}
+before, after = checksums(sys.argv[1]), checksums(sys.argv[2])
+assert len(before) >= 6, before
+moved = sorted(name for name in before if before[name] != after[name])
+assert moved == ["mailmesh-storage"], f"a storage setting rolls {moved}"
+PY
+
 echo "== the generated internal certificates chain to the CA and name one role each"
 mkdir "$work/pki"
 python3 - "$work/minimal.yaml" "$work/pki" <<'PY'

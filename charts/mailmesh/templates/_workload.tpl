@@ -40,8 +40,9 @@ spec:
         {{- include "mailmesh.labels" . | nindent 8 }}
         app.kubernetes.io/component: {{ $component }}
       annotations:
-        # Roll the pods when their configuration changes.
-        checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+        # Roll the pods when their own configuration file changes (not another
+        # service's: one checksum per file).
+        checksum/config: {{ index (include (print $root.Template.BasePath "/configmap.yaml") $root | fromYaml).data (printf "%s.toml" $.binary) | required (printf "no %s.toml in the ConfigMap" $.binary) | sha256sum }}
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ .Values.admin.port | quote }}
     spec:

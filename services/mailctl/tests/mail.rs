@@ -198,15 +198,18 @@ print(m.fetch('1', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')[1][0][1].decode().str
     drop(dns);
 }
 
-/// A key made with `mailctl dkim generate` signs the very next message, though
-/// submission had just cached that the domain has none (storage announces key
-/// changes through the cache; `key_cache_ttl` is a minute).
-#[tokio::test]
-async fn a_new_dkim_key_signs_the_next_message() {
-    let mx = mailmesh_testkit::mx::TestMx::start(
-        None,
-        std::sync::Arc::new(|_: &str, _| "250 2.1.5 ok".to_owned()),
-    );
+/// `mailctl dev` relaying to a test MX for remote.test (answering as `script`
+/// says, found through its own DNS server), with tenant acme, domain acme.test and
+/// the users `users` (password `pw`).
+async fn dev_relaying_to(
+    script: std::sync::Arc<mailmesh_testkit::mx::Script>,
+    users: &[&str],
+) -> (
+    mailmesh_testkit::mx::TestMx,
+    mailmesh_testkit::dns::DnsServer,
+    Dev,
+) {
+    let mx = mailmesh_testkit::mx::TestMx::start(None, script);
     let dns = mailmesh_testkit::dns::DnsServer::start(&[
         "mx-host=remote.test,mx.remote.test,10".into(),
         "host-record=mx.remote.test,127.0.0.1".into(),
@@ -222,11 +225,22 @@ async fn a_new_dkim_key_signs_the_next_message() {
     wait_ready(&dev).await;
     ok(&dev, &["tenant", "add", "acme"], "");
     ok(&dev, &["domain", "add", "acme", "acme.test"], "");
-    ok(
-        &dev,
-        &["user", "add", "alice@acme.test", "--password-stdin"],
-        "pw\n",
-    );
+    for user in users {
+        ok(&dev, &["user", "add", user, "--password-stdin"], "pw\n");
+    }
+    (mx, dns, dev)
+}
+
+/// A key made with `mailctl dkim generate` signs the very next message, though
+/// submission had just cached that the domain has none (storage announces key
+/// changes through the cache; `key_cache_ttl` is a minute).
+#[tokio::test]
+async fn a_new_dkim_key_signs_the_next_message() {
+    let (mx, _dns, dev) = dev_relaying_to(
+        std::sync::Arc::new(|_: &str, _| "250 2.1.5 ok".to_owned()),
+        &["alice@acme.test"],
+    )
+    .await;
     let send = |subject: &str| {
         python(&format!(
             r#"
@@ -393,8 +407,7 @@ async fn submitted_mail_is_signed_and_relayed_to_the_remote_mx() {
     // busy@ and stay@ are deferred until the test lets them through.
     let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let opened = open.clone();
-    let mx = mailmesh_testkit::mx::TestMx::start(
-        None,
+    let (mx, _dns, dev) = dev_relaying_to(
         std::sync::Arc::new(move |rcpt: &str, _| {
             let held = rcpt.starts_with("busy@") || rcpt.starts_with("stay@");
             if held && !opened.load(std::sync::atomic::Ordering::SeqCst) {
@@ -403,25 +416,9 @@ async fn submitted_mail_is_signed_and_relayed_to_the_remote_mx() {
                 "250 2.1.5 ok".to_owned()
             }
         }),
-    );
-    let dns = mailmesh_testkit::dns::DnsServer::start(&[
-        "mx-host=remote.test,mx.remote.test,10".into(),
-        "host-record=mx.remote.test,127.0.0.1".into(),
-    ]);
-    let servers = format!("[\"{}\"]", dns.addr);
-    let port = mx.addr.port().to_string();
-    let dev = start(&[
-        ("MAILMESH_AUTH__DNS__SERVERS", &servers),
-        ("MAILMESH_OUTBOUND__DNS__SERVERS", &servers),
-        ("MAILMESH_OUTBOUND__PORT", &port),
-        ("MAILMESH_OUTBOUND__ALLOW_PRIVATE_DESTINATIONS", "true"),
-    ]);
-    wait_ready(&dev).await;
-    ok(&dev, &["tenant", "add", "acme"], "");
-    ok(&dev, &["domain", "add", "acme", "acme.test"], "");
-    for user in ["alice@acme.test", "bob@acme.test"] {
-        ok(&dev, &["user", "add", user, "--password-stdin"], "pw\n");
-    }
+        &["alice@acme.test", "bob@acme.test"],
+    )
+    .await;
     let printed = ok(
         &dev,
         &["dkim", "generate", "acme.test", "--selector", "mm1"],

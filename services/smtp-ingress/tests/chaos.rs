@@ -14,9 +14,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::processes::{
-    Process, acme_with_users, backends, relaxed_passwords, spawn, stateless, uuid_like, wait_for,
+    Process, acme_with_users, gateway_env, spawn, storage_env, uuid_like, wait_for,
 };
-use mailmesh_testkit::{backend_env, free_port};
+use mailmesh_testkit::free_port;
 
 const USERS: usize = 4;
 /// The same on every replica: a session token made by one is good on the others.
@@ -162,20 +162,9 @@ async fn storage_replicas_die_join_and_leave_under_imap_load() {
     let dir = tempfile::tempdir().unwrap();
     let grpc = [free_port(), free_port(), free_port()];
     let replica_env = |port: u16| {
-        let mut env = backends(&run);
-        env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{port}")));
-        env.push((
-            "MAILMESH_STORAGE__DIRECTORY_TOPIC",
-            format!("{run}.directory"),
-        ));
-        env.push((
-            "MAILMESH_STORAGE__MAILBOX_TOPIC",
-            format!("{run}.mailboxes"),
-        ));
-        env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
+        let mut env = storage_env(&run, port);
         env.push(("MAILMESH_STORAGE__SESSION_SECRET", SESSION_SECRET.into()));
         env.push(("MAILMESH_STORAGE__OWNER_SESSION_TIMEOUT", "3s".into()));
-        env.extend(relaxed_passwords());
         env.push((
             "MAILMESH_STORAGE__INDEX_DIR",
             dir.path()
@@ -238,21 +227,7 @@ async fn storage_replicas_die_join_and_leave_under_imap_load() {
 
     let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir.path(), &["localhost"]).unwrap();
     let gateway_env = |imap: u16| {
-        let mut env = stateless(&run);
-        env.push(("MAILMESH_IMAP_LISTEN", format!("127.0.0.1:{imap}")));
-        for key in [
-            "MAILMESH_IMAPS_LISTEN",
-            "MAILMESH_POP3_LISTEN",
-            "MAILMESH_POP3S_LISTEN",
-        ] {
-            env.push((key, format!("127.0.0.1:{}", free_port())));
-        }
-        env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
-        env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
-        env.push(("MAILMESH_TLS__KEY_FILE", key.display().to_string()));
-        env.push(("MAILMESH_CACHE__REDIS__URL", backend_env("MMTEST_REDIS")));
-        env.push(("MAILMESH_CACHE__REDIS__KEY_PREFIX", format!("{run}:")));
-        env.push(("MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH", "true".into()));
+        let mut env = gateway_env(&run, imap, &endpoint, (&cert, &key));
         env.push(("MAILMESH_IMAP__CONNECTIONS_PER_IP_PER_MINUTE", "0".into()));
         env
     };

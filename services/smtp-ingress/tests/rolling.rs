@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::processes::{
-    Process, acme_with_users, backends, spawn, spawn_storage, stateless, uuid_like, wait_for,
+    Process, acme_with_users, backends, gateway_env, spawn, spawn_storage, uuid_like, wait_for,
 };
 use futures::StreamExt;
 use mailmesh_proto::v1;
@@ -131,22 +131,8 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = mailmesh_kit::tls::ensure_self_signed(dir.path(), &["localhost"]).unwrap();
     let gateway_env = |imap: u16| {
-        let mut env = stateless(&run);
-        env.push(("MAILMESH_IMAP_LISTEN", format!("127.0.0.1:{imap}")));
-        for key in [
-            "MAILMESH_IMAPS_LISTEN",
-            "MAILMESH_POP3_LISTEN",
-            "MAILMESH_POP3S_LISTEN",
-        ] {
-            env.push((key, format!("127.0.0.1:{}", free_port())));
-        }
-        env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
-        env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
-        env.push(("MAILMESH_TLS__KEY_FILE", key.display().to_string()));
-        env.push(("MAILMESH_CACHE__REDIS__URL", backend_env("MMTEST_REDIS")));
-        env.push(("MAILMESH_CACHE__REDIS__KEY_PREFIX", format!("{run}:")));
+        let mut env = gateway_env(&run, imap, &endpoint, (&cert, &key));
         env.push(("MAILMESH_PROXY__TRUSTED", "[\"127.0.0.1/32\"]".into()));
-        env.push(("MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH", "true".into()));
         env
     };
     let imap_ports = [free_port(), free_port()];

@@ -179,6 +179,12 @@ pub fn uuid_like() -> String {
 
 /// The storage service of run `run` on its own topics, serving gRPC on `port`.
 pub fn spawn_storage(run: &str, port: u16) -> Process {
+    spawn("storage", &storage_env(run, port))
+}
+
+/// A storage replica's settings: the run's topics (4 mailbox partitions), gRPC on
+/// `port`, the tests' short passwords allowed.
+pub fn storage_env(run: &str, port: u16) -> Vec<(&'static str, String)> {
     let mut env = backends(run);
     env.push(("MAILMESH_GRPC_LISTEN", format!("127.0.0.1:{port}")));
     env.push((
@@ -191,7 +197,34 @@ pub fn spawn_storage(run: &str, port: u16) -> Process {
     ));
     env.push(("MAILMESH_STORAGE__MAILBOX_PARTITIONS", "4".into()));
     env.extend(relaxed_passwords());
-    spawn("storage", &env)
+    env
+}
+
+/// An imap-pop3-gateway's settings: IMAP on `imap` (plaintext logins allowed), the
+/// other ports free, storage at `endpoint`, the certificate pair, the run's Redis
+/// prefix.
+pub fn gateway_env(
+    run: &str,
+    imap: u16,
+    endpoint: &str,
+    (cert, key): (&std::path::Path, &std::path::Path),
+) -> Vec<(&'static str, String)> {
+    let mut env = stateless(run);
+    env.push(("MAILMESH_IMAP_LISTEN", format!("127.0.0.1:{imap}")));
+    for key in [
+        "MAILMESH_IMAPS_LISTEN",
+        "MAILMESH_POP3_LISTEN",
+        "MAILMESH_POP3S_LISTEN",
+    ] {
+        env.push((key, format!("127.0.0.1:{}", free_port())));
+    }
+    env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.to_owned()));
+    env.push(("MAILMESH_TLS__CERT_FILE", cert.display().to_string()));
+    env.push(("MAILMESH_TLS__KEY_FILE", key.display().to_string()));
+    env.push(("MAILMESH_CACHE__REDIS__URL", backend_env("MMTEST_REDIS")));
+    env.push(("MAILMESH_CACHE__REDIS__KEY_PREFIX", format!("{run}:")));
+    env.push(("MAILMESH_IMAP__ALLOW_PLAINTEXT_AUTH", "true".into()));
+    env
 }
 
 /// Storage settings that let the tests' short passwords be set (the policy has
