@@ -8,7 +8,8 @@
 # Dovecot's maildir and, over SMTP, in `mailctl dev`). One connection logs in once,
 # then runs each command REPEAT times: SELECT INBOX, STATUS INBOX (MESSAGES UIDNEXT
 # UNSEEN), FETCH 1:* (FLAGS), UID FETCH of the last 100 (FLAGS INTERNALDATE
-# RFC822.SIZE), UID SEARCH UNSEEN, NOOP. Prints per command the median and p90
+# RFC822.SIZE, then FROM/TO/CC/SUBJECT/DATE/MESSAGE-ID header fields), UID SEARCH
+# UNSEEN, NOOP. Prints per command the median and p90
 # latency and the server's CPU per command (utime+stime of Dovecot's processes or of
 # mailctl dev, sampled around each batch), and mailmesh/Dovecot for each.
 # Needs: dovecot-imapd (Debian), python3 with argon2-cffi (installed here).

@@ -4,7 +4,8 @@
 
 Logs in as $IMAP_USER (user0@acme.test) with $IMAP_PASSWORD (pw), selects INBOX,
 then runs each command REPEAT times (after one warm-up): SELECT INBOX, STATUS, LIST,
-FETCH 1:* (FLAGS), UID FETCH of the last 100, UID SEARCH UNSEEN, NOOP. Prints per
+FETCH 1:* (FLAGS), UID FETCH of the last 100 (sizes; then header fields, as a client's
+first sync asks), UID SEARCH UNSEEN, NOOP. Prints per
 command the median and p90 latency and the CPU the PIDs (and their children) used
 per command. Used by imap-bigmailbox.sh and smtp-distributed.sh (IMAP=1).
 """
@@ -40,6 +41,9 @@ commands = [
     ("LIST", lambda: c.list('""', "*")),
     ("FETCH 1:* FLAGS", lambda: c.fetch("1:*", "(FLAGS)")),
     ("UID FETCH last 100", lambda: c.uid("FETCH", last, "(FLAGS INTERNALDATE RFC822.SIZE)")),
+    # What a client's first sync asks of every message (Thunderbird-like header list).
+    ("UID FETCH 100 headers", lambda: c.uid("FETCH", last,
+        "(UID FLAGS BODY.PEEK[HEADER.FIELDS (FROM TO CC SUBJECT DATE MESSAGE-ID)])")),
     ("UID SEARCH UNSEEN", lambda: c.uid("SEARCH", None, "UNSEEN")),
     ("NOOP", lambda: c.noop()),
 ]
