@@ -10,11 +10,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::processes::{
-    Process, acme_with_users, gateway_env, spawn, storage_env, uuid_like, wait_for,
+    Process, acme_with_users, gateway_env, spawn, spawn_haproxy, storage_env, uuid_like, wait_for,
 };
 use mailmesh_testkit::free_port;
 
@@ -206,18 +206,7 @@ async fn storage_replicas_die_join_and_leave_under_imap_load() {
         ),
     )
     .unwrap();
-    let haproxy_log = tempfile::NamedTempFile::new().unwrap();
-    let haproxy = Process(
-        Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&config)
-            .stdout(haproxy_log.reopen().unwrap())
-            .stderr(haproxy_log.reopen().unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("haproxy (scripts/backends.sh installs it)"),
-        haproxy_log,
-    );
+    let haproxy = spawn_haproxy(&config);
     let endpoint = format!("http://127.0.0.1:{front}");
 
     let addresses: Vec<String> = (0..USERS).map(|u| format!("user{u}@acme.test")).collect();

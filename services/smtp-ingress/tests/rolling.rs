@@ -16,7 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::processes::{
-    Process, acme_with_users, backends, gateway_env, spawn, spawn_storage, uuid_like, wait_for,
+    Process, acme_with_users, backends, gateway_env, spawn, spawn_haproxy, spawn_storage,
+    uuid_like, wait_for,
 };
 use futures::StreamExt;
 use mailmesh_proto::v1;
@@ -163,18 +164,7 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
         ),
     )
     .unwrap();
-    let haproxy_log = tempfile::NamedTempFile::new().unwrap();
-    let haproxy = Process(
-        Command::new("haproxy")
-            .args(["-db", "-f"])
-            .arg(&config)
-            .stdout(haproxy_log.reopen().unwrap())
-            .stderr(haproxy_log.reopen().unwrap())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("haproxy (scripts/backends.sh installs it)"),
-        haproxy_log,
-    );
+    let haproxy = spawn_haproxy(&config);
 
     // Several mailboxes, so deliveries spread over the storage log's partitions.
     let addresses: Vec<String> = (0..USERS).map(|u| format!("user{u}@acme.test")).collect();

@@ -2132,9 +2132,7 @@ async fn stand_by_all(
             async move {
                 loop {
                     let Some(this) = engine.upgrade() else { return };
-                    if owners.owns(partition)
-                        || !owners.standing(this.config.standbys).contains(&partition)
-                    {
+                    if owners.owns(partition) || !owners.stands_by(partition, this.config.standbys) {
                         return;
                     }
                     match this.stand_by(partition).await {

@@ -247,11 +247,23 @@ impl Owners {
     /// choice from the same announcements, and a replica joining or leaving moves
     /// only the standbys it scores highest for.
     pub fn standing(&self, count: usize) -> BTreeSet<i32> {
-        standing(
+        let map = self.map.borrow();
+        let owned = &self.assignment.borrow().partitions;
+        map.keys()
+            .copied()
+            .filter(|p| stands_by(&self.me, &map, owned, count, *p))
+            .collect()
+    }
+
+    /// Whether this replica stands by for `partition` (one partition of
+    /// [`Self::standing`]).
+    pub fn stands_by(&self, partition: i32, count: usize) -> bool {
+        stands_by(
             &self.me,
             &self.map.borrow(),
             &self.assignment.borrow().partitions,
             count,
+            partition,
         )
     }
 
@@ -285,38 +297,33 @@ impl Owners {
     }
 }
 
-/// The partitions `me` stands by for (see [`Owners::standing`]), given the
-/// announcements and the partitions `me` owns.
-fn standing(
+/// Whether `me` stands by for `partition` (see [`Owners::standing`]), given the
+/// announcements and the partitions `me` owns: one of the `count` replicas other
+/// than the owner with the highest rendezvous score.
+fn stands_by(
     me: &str,
     map: &HashMap<i32, Owner>,
     owned: &BTreeSet<i32>,
     count: usize,
-) -> BTreeSet<i32> {
-    if count == 0 {
-        return BTreeSet::new();
-    }
-    let mut replicas: Vec<&str> = map.values().map(|o| o.replica.as_str()).collect();
-    replicas.push(me);
-    replicas.sort_unstable();
-    replicas.dedup();
-    let score = |replica: &str, partition: i32| {
-        mailmesh_types::fnv1a(format!("{replica}/{partition}").as_bytes())
+    partition: i32,
+) -> bool {
+    let Some(owner) = map.get(&partition) else {
+        return false;
     };
-    map.iter()
-        .filter(|(p, o)| o.replica != me && !owned.contains(p))
-        .filter(|(p, owner)| {
-            let mine = (score(me, **p), me);
-            // Replicas that outrank this one for the partition, the owner aside.
-            let above = replicas
-                .iter()
-                .filter(|r| **r != owner.replica && **r != me)
-                .filter(|r| (score(r, **p), **r) > mine)
-                .count();
-            above < count
-        })
-        .map(|(p, _)| *p)
-        .collect()
+    if count == 0 || owner.replica == me || owned.contains(&partition) {
+        return false;
+    }
+    let score = |replica: &str| mailmesh_types::fnv1a(format!("{replica}/{partition}").as_bytes());
+    let mine = (score(me), me);
+    let mut others: Vec<&str> = map
+        .values()
+        .map(|o| o.replica.as_str())
+        .filter(|r| *r != owner.replica && *r != me)
+        .collect();
+    others.sort_unstable();
+    others.dedup();
+    // Replicas that outrank this one for the partition, the owner aside.
+    others.iter().filter(|r| (score(r), **r) > mine).count() < count
 }
 
 /// Follows the owners log into the map.
@@ -368,6 +375,18 @@ mod tests {
                     )
                 })
             })
+            .collect()
+    }
+
+    fn standing(
+        me: &str,
+        map: &HashMap<i32, Owner>,
+        owned: &BTreeSet<i32>,
+        count: usize,
+    ) -> BTreeSet<i32> {
+        map.keys()
+            .copied()
+            .filter(|p| stands_by(me, map, owned, count, *p))
             .collect()
     }
 

@@ -182,6 +182,21 @@ pub fn spawn_storage(run: &str, port: u16) -> Process {
     spawn("storage", &storage_env(run, port))
 }
 
+/// HAProxy in the foreground with the configuration file `config` (the tests' load
+/// balancer; `scripts/backends.sh` installs it), its output kept like a service's.
+pub fn spawn_haproxy(config: &std::path::Path) -> Process {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(config)
+        .stdout(log.reopen().unwrap())
+        .stderr(log.reopen().unwrap())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("haproxy (scripts/backends.sh installs it)");
+    Process(child, log)
+}
+
 /// A storage replica's settings: the run's topics (4 mailbox partitions), gRPC on
 /// `port`, the tests' short passwords allowed.
 pub fn storage_env(run: &str, port: u16) -> Vec<(&'static str, String)> {
