@@ -105,6 +105,9 @@ enum SrsBounce {
     Remote(mailmesh_storage::directory::Resolution),
 }
 
+/// Most mailboxes of one recipient whose quota the MX asks storage about at RCPT.
+const MAX_ROOM_QUESTIONS: usize = 4;
+
 struct Transaction {
     from: ReversePath,
     body_type: BodyType,
@@ -827,9 +830,13 @@ impl<'a> Session<'a> {
     /// only: a recipient that reaches anything else, or that storage cannot
     /// answer for, is taken, and the delivery's own check catches a race.
     async fn full(&self, resolution: &mailmesh_storage::directory::Resolution) -> bool {
+        // One question per mailbox, asked by an anonymous client's RCPT: only for a
+        // recipient of a few mailboxes (an alias may reach a thousand), so a
+        // transaction of 100 RCPTs costs storage at most a few hundred reads.
         if resolution.with_quota.is_empty()
             || !resolution.remote.is_empty()
             || resolution.with_quota.len() < resolution.users.len()
+            || resolution.users.len() > MAX_ROOM_QUESTIONS
         {
             return false;
         }
