@@ -38,7 +38,7 @@ impl AdminServer {
     /// Serves until the shutdown reaches its `stopped` phase.
     pub async fn serve(self, shutdown: Shutdown) -> std::io::Result<()> {
         let app = Router::new()
-            .route("/livez", get(|| async { "ok\n" }))
+            .route("/livez", get(livez))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .with_state(self.health);
@@ -47,6 +47,18 @@ impl AdminServer {
             .with_graceful_shutdown(async move { stopped.cancelled().await })
             .await
     }
+}
+
+async fn livez(State(health): State<Health>) -> impl IntoResponse {
+    let stuck = health.stuck();
+    if stuck.is_empty() {
+        return (StatusCode::OK, "ok\n".to_string());
+    }
+    let body: String = stuck
+        .iter()
+        .map(|(name, why)| format!("{name}: {why}\n"))
+        .collect();
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
@@ -114,6 +126,21 @@ mod tests {
         health.set_draining();
         assert_eq!(get(addr, "/readyz").await, (503, "draining\n".into()));
         assert_eq!(get(addr, "/livez").await.0, 200);
+
+        struct Stuck;
+        impl crate::health::LivenessCheck for Stuck {
+            fn name(&self) -> &str {
+                "queue"
+            }
+            fn stuck(&self) -> Option<String> {
+                Some("producer failed".into())
+            }
+        }
+        health.add_liveness(std::sync::Arc::new(Stuck));
+        assert_eq!(
+            get(addr, "/livez").await,
+            (503, "queue: producer failed\n".into())
+        );
 
         shutdown.stopped_token().cancel();
         task.await.unwrap().unwrap();

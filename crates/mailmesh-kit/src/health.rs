@@ -17,6 +17,13 @@ pub trait ReadinessCheck: Send + Sync {
     async fn check(&self) -> Result<(), String>;
 }
 
+/// A fault that only a restart mends (`/livez` fails while it lasts).
+pub trait LivenessCheck: Send + Sync {
+    fn name(&self) -> &str;
+    /// `Some(why)` when the process is stuck.
+    fn stuck(&self) -> Option<String>;
+}
+
 /// A service's health as the admin port reports it.
 #[derive(Clone, Default)]
 pub struct Health {
@@ -28,6 +35,7 @@ struct Inner {
     starting: AtomicBool,
     draining: AtomicBool,
     checks: std::sync::RwLock<Vec<Arc<dyn ReadinessCheck>>>,
+    liveness: std::sync::RwLock<Vec<Arc<dyn LivenessCheck>>>,
 }
 
 /// The outcome of a readiness probe.
@@ -52,6 +60,25 @@ impl Health {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(check);
+    }
+
+    pub fn add_liveness(&self, check: Arc<dyn LivenessCheck>) {
+        self.inner
+            .liveness
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(check);
+    }
+
+    /// Names and descriptions of the faults only a restart mends; empty when live.
+    pub fn stuck(&self) -> Vec<(String, String)> {
+        self.inner
+            .liveness
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|c| c.stuck().map(|why| (c.name().to_owned(), why)))
+            .collect()
     }
 
     /// Not ready until [`Self::set_started`]: `Service::start` sets this, and the

@@ -51,6 +51,10 @@ pub struct KafkaConfig {
     /// Consumer group session timeout: how long a dead consumer keeps its partitions.
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// How long the producer may stay failed (a fatal error it could not be
+    /// replaced after) before `/livez` fails and Kubernetes restarts the pod.
+    #[serde(default = "default_producer_recovery", with = "humantime_serde")]
+    pub producer_recovery_timeout: Duration,
 }
 
 fn default_publish_timeout() -> Duration {
@@ -61,6 +65,9 @@ fn default_replication() -> i32 {
 }
 fn default_session_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_producer_recovery() -> Duration {
+    Duration::from_secs(120)
 }
 
 /// Properties the queue's guarantees rest on, with their librdkafka aliases; user
@@ -130,7 +137,7 @@ impl KafkaConfig {
 
 pub struct KafkaQueue {
     config: KafkaConfig,
-    producer: FutureProducer,
+    producer: Producers,
     /// The consumer every partition reader of this queue shares while any is open.
     readers: std::sync::Mutex<Weak<SharedReaders>>,
     /// This process's consumers by group, each settled or rebalancing (a consumer
@@ -140,23 +147,125 @@ pub struct KafkaQueue {
 
 impl KafkaQueue {
     pub fn connect(config: &KafkaConfig) -> Result<Self> {
-        let producer: FutureProducer = config
-            .client_config()
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set(
-                "message.timeout.ms",
-                config.publish_timeout.as_millis().to_string(),
-            )
-            .set("linger.ms", "1")
-            .create()?;
         Ok(Self {
             config: config.clone(),
-            producer,
+            producer: Producers {
+                current: std::sync::RwLock::new((0, new_producer(config)?)),
+                failed_since: std::sync::Mutex::new(None),
+                unacknowledged_since: std::sync::Mutex::new(None),
+            },
             readers: std::sync::Mutex::new(Weak::new()),
             memberships: std::sync::Mutex::new(Vec::new()),
         })
     }
+
+    /// The producer to publish with, and its generation: the current one, or a new
+    /// one when the current one has a fatal error (an idempotent producer the broker
+    /// fenced or whose sequence broke fails every later record: librdkafka never
+    /// recovers it).
+    fn producer(&self) -> Result<(u64, FutureProducer)> {
+        let (generation, producer) = self
+            .producer
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match producer.client().fatal_error() {
+            None => Ok((generation, producer)),
+            Some((code, reason)) => {
+                self.replace(generation, &format!("fatal error {code}: {reason}"))
+            }
+        }
+    }
+
+    /// Replaces producer `generation` (once: a later generation is kept).
+    fn replace(&self, generation: u64, why: &str) -> Result<(u64, FutureProducer)> {
+        let mut current = self
+            .producer
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if current.0 != generation {
+            return Ok(current.clone());
+        }
+        tracing::error!(reason = why, "starting a new Kafka producer");
+        match new_producer(&self.config) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *current, (generation + 1, fresh));
+                *lock(&self.producer.failed_since) = None;
+                *lock(&self.producer.unacknowledged_since) = None;
+                crate::metrics::producer_replaced();
+                // Destroying a librdkafka handle blocks while its threads stop.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn_blocking(move || drop(old));
+                }
+                Ok(current.clone())
+            }
+            Err(e) => {
+                lock(&self.producer.failed_since).get_or_insert_with(std::time::Instant::now);
+                tracing::error!(error = %e, "no new Kafka producer");
+                Err(e)
+            }
+        }
+    }
+
+    /// After a failed publish: a producer that has had nothing acknowledged for two
+    /// publish timeouts while the broker answers is replaced. librdkafka's
+    /// idempotent producer can stall for good without a fatal error — a broker
+    /// that restarted without its producer state never acknowledges its sequence
+    /// again — while a new producer is served at once.
+    async fn after_failure(&self, generation: u64, producer: &FutureProducer) {
+        let stalled = {
+            let mut since = lock(&self.producer.unacknowledged_since);
+            since.get_or_insert_with(std::time::Instant::now).elapsed()
+                >= self.config.publish_timeout * 2
+        };
+        if producer.client().fatal_error().is_none() && !stalled {
+            return;
+        }
+        let probe = producer.clone();
+        let answers = tokio::task::spawn_blocking(move || {
+            probe
+                .client()
+                .fetch_metadata(None, Timeout::After(Duration::from_secs(2)))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if answers || producer.client().fatal_error().is_some() {
+            let _ = self.replace(
+                generation,
+                "no record acknowledged while the broker answers",
+            );
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The producer every publish of a queue shares, replaced after a fatal error.
+struct Producers {
+    /// A generation number (so one failure is replaced once) and the producer.
+    current: std::sync::RwLock<(u64, FutureProducer)>,
+    /// Set while the producer is failed and could not be replaced.
+    failed_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The first failed publish since the last acknowledged one.
+    unacknowledged_since: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
+    Ok(config
+        .client_config()
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set(
+            "message.timeout.ms",
+            config.publish_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", "1")
+        .create()?)
 }
 
 impl KafkaQueue {
@@ -312,9 +421,16 @@ impl Queue for KafkaQueue {
             });
         }
         let started = std::time::Instant::now();
-        let outcome = self
-            .producer
-            .send(
+        let (generation, producer) = self.producer()?;
+        let limit = self.config.publish_timeout;
+        // `message.timeout.ms` does not cover a record already sent to a broker
+        // that stopped answering (an idempotent producer waits for the request's
+        // own timeout), nor the wait for room in the producer's queue: the
+        // publish as a whole is bounded here, so a front door answers in time. The
+        // record may still be written later, as after any failed publish.
+        let outcome = tokio::time::timeout(
+            limit,
+            producer.send(
                 {
                     let mut r = FutureRecord::to(&record.topic)
                         .key(record.key.as_ref())
@@ -325,16 +441,29 @@ impl Queue for KafkaQueue {
                     }
                     r
                 },
-                Timeout::After(self.config.publish_timeout),
-            )
-            .await;
-        crate::metrics::observe_publish("kafka", started.elapsed(), outcome.is_ok());
+                Timeout::After(limit),
+            ),
+        )
+        .await;
+        crate::metrics::observe_publish("kafka", started.elapsed(), matches!(outcome, Ok(Ok(_))));
         match outcome {
-            Ok(delivery) => Ok(Position {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            }),
-            Err((e, _)) => Err(e.into()),
+            Ok(Ok(delivery)) => {
+                *lock(&self.producer.unacknowledged_since) = None;
+                Ok(Position {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                })
+            }
+            // Replaced now if it is broken, so readiness and the next publish see a
+            // working producer; this record's fate is unknown, as after any failure.
+            Ok(Err((e, _))) => {
+                self.after_failure(generation, &producer).await;
+                Err(e.into())
+            }
+            Err(_) => {
+                self.after_failure(generation, &producer).await;
+                Err(QueueError::Timeout(limit))
+            }
         }
     }
 
@@ -470,7 +599,7 @@ impl Queue for KafkaQueue {
     }
 
     async fn partition_count(&self, topic: &str) -> Result<i32> {
-        let producer = self.producer.clone();
+        let (_, producer) = self.producer()?;
         let name = topic.to_owned();
         let count = tokio::task::spawn_blocking(move || {
             producer
@@ -558,8 +687,22 @@ impl Queue for KafkaQueue {
             .collect()
     }
 
+    fn stuck(&self) -> Option<String> {
+        let since = (*self
+            .producer
+            .failed_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()))?;
+        (since.elapsed() >= self.config.producer_recovery_timeout).then(|| {
+            format!(
+                "the Kafka producer failed {:?} ago and could not be replaced",
+                since.elapsed()
+            )
+        })
+    }
+
     async fn ping(&self) -> Result<()> {
-        let producer = self.producer.clone();
+        let (_, producer) = self.producer()?;
         tokio::task::spawn_blocking(move || {
             producer
                 .client()

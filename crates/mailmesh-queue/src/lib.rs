@@ -56,6 +56,8 @@ pub enum QueueError {
     Closed,
     #[error("no partition {partition} in topic {topic:?}")]
     NoPartition { topic: String, partition: i32 },
+    #[error("the broker did not acknowledge the record within {0:?}")]
+    Timeout(Duration),
 }
 
 /// A record to publish.
@@ -198,6 +200,12 @@ pub trait Queue: Send + Sync {
     /// Succeeds when the queue can take records (for `/readyz`).
     async fn ping(&self) -> Result<()>;
 
+    /// A fault this process cannot recover from by itself (for `/livez`: the pod
+    /// is restarted), with its description.
+    fn stuck(&self) -> Option<String> {
+        None
+    }
+
     /// The consumer groups this process is in that have not settled: not yet joined,
     /// or rebalancing. `/readyz` fails while there are any, so a rolling restart waits
     /// for the groups before it stops the next member.
@@ -257,6 +265,7 @@ pub async fn open_checked(
 ) -> Result<Arc<dyn Queue>> {
     let queue = open(config).await?;
     health.add_check(Arc::new(QueueReadiness(queue.clone())));
+    health.add_liveness(Arc::new(QueueReadiness(queue.clone())));
     Ok(queue)
 }
 
@@ -297,6 +306,16 @@ impl mailmesh_kit::ReadinessCheck for QueueReadiness {
                 unsettled.join(", ")
             ))
         }
+    }
+}
+
+impl mailmesh_kit::health::LivenessCheck for QueueReadiness {
+    fn name(&self) -> &str {
+        "queue"
+    }
+
+    fn stuck(&self) -> Option<String> {
+        self.0.stuck()
     }
 }
 

@@ -38,3 +38,17 @@ pub(crate) fn observe_publish(backend: &str, elapsed: Duration, ok: bool) {
         PUBLISH_FAILURES.with_label_values(&[backend]).inc();
     }
 }
+
+static PRODUCERS_REPLACED: LazyLock<prometheus::IntCounter> = LazyLock::new(|| {
+    mailmesh_kit::metrics::register(
+        prometheus::IntCounter::new(
+            "queue_producers_replaced_total",
+            "Kafka producers replaced after a fatal error",
+        )
+        .expect("valid metric"),
+    )
+});
+
+pub(crate) fn producer_replaced() {
+    PRODUCERS_REPLACED.inc();
+}

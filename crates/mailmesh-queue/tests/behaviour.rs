@@ -21,6 +21,7 @@ fn kafka_config() -> KafkaConfig {
         publish_timeout: Duration::from_secs(30),
         replication_factor: 1,
         session_timeout: Duration::from_secs(10),
+        producer_recovery_timeout: Duration::from_secs(120),
     }
 }
 
@@ -312,8 +313,47 @@ async fn kafka_ping_and_unreachable_broker() {
         .publish(record("mail.queue", "k", "m".into()))
         .await
         .unwrap_err();
-    assert!(matches!(err, QueueError::Kafka(_)), "{err}");
+    assert!(
+        matches!(err, QueueError::Kafka(_) | QueueError::Timeout(_)),
+        "{err}"
+    );
     assert!(unreachable.ping().await.is_err());
+}
+
+/// A producer the broker failed for good (fenced, sequence broken) is replaced:
+/// before, every later publish failed for ever while `/readyz` stayed green.
+/// librdkafka's mock cluster answers one Produce with the error that makes an
+/// idempotent producer fail fatally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_producer_is_replaced_after_a_fatal_error() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("fatal", 1, 1).unwrap();
+    let queue = KafkaQueue::connect(&KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        publish_timeout: Duration::from_secs(10),
+        ..kafka_config()
+    })
+    .unwrap();
+    queue
+        .publish(record("fatal", "k", "before".into()))
+        .await
+        .unwrap();
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    let failed = queue.publish(record("fatal", "k", "refused".into())).await;
+    assert!(failed.is_err(), "the injected error was not seen");
+    for n in 0..3 {
+        queue
+            .publish(record("fatal", "k", format!("after {n}")))
+            .await
+            .unwrap_or_else(|e| panic!("publish {n} after the fatal error: {e}"));
+    }
+    queue.ping().await.unwrap();
+    assert_eq!(queue.stuck(), None);
 }
 
 /// The chart's production settings (SASL over TLS): the client is built with TLS and
@@ -345,6 +385,7 @@ async fn kafka_over_sasl_ssl_speaks_tls() {
         publish_timeout: Duration::from_secs(2),
         replication_factor: 3,
         session_timeout: Duration::from_secs(10),
+        producer_recovery_timeout: Duration::from_secs(120),
     })
     .expect("librdkafka built with TLS and SASL/SCRAM");
     let publish = queue.publish(record("mail.queue", "k", "m".into()));
@@ -484,4 +525,94 @@ async fn kafka_topic_retention_is_set_and_read() {
         .await
         .unwrap();
     assert_eq!(embedded.retention("kept").await.unwrap(), None);
+}
+
+/// A frozen broker (connections open, nothing answered) fails a publish within
+/// `publish_timeout`, so the front door can answer `451` in time: librdkafka alone
+/// held it for its request timeout on top (37 s seen for a 30 s limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_publish_to_a_frozen_broker_fails_within_the_publish_timeout() {
+    let broker = mailmesh_testkit::broker::OwnBroker::start();
+    let limit = Duration::from_secs(3);
+    let queue = KafkaQueue::connect(&KafkaConfig {
+        brokers: broker.address(),
+        publish_timeout: limit,
+        ..kafka_config()
+    })
+    .unwrap();
+    queue.ensure_topic("frozen", 1).await.unwrap();
+    queue
+        .publish(record("frozen", "k", "first".into()))
+        .await
+        .unwrap();
+    broker.freeze();
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        limit * 4,
+        queue.publish(record("frozen", "k", "second".into())),
+    )
+    .await
+    .expect("the publish gave up instead of hanging");
+    let took = started.elapsed();
+    broker.thaw();
+    assert!(outcome.is_err(), "a frozen broker acknowledged a record");
+    // The bound is the configured limit (a correctness property: the SMTP
+    // client's reply depends on it), with room for the scheduler.
+    assert!(took < limit + Duration::from_secs(2), "took {took:?}");
+}
+
+/// A broker that restarts empty (in memory: its topics are gone) must cost the
+/// consumers a pause, not the process: librdkafka 2.12 dereferenced a NULL topic
+/// name for the zero topic id tansu answers a Fetch of an unknown topic with
+/// (SIGSEGV in `rd_kafka_metadata_cache_find`), killing every storage replica
+/// and worker at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_readers_survive_a_broker_that_restarts_empty() {
+    let mut broker = mailmesh_testkit::broker::OwnBroker::start();
+    let queue = KafkaQueue::connect(&KafkaConfig {
+        brokers: broker.address(),
+        publish_timeout: Duration::from_secs(5),
+        ..kafka_config()
+    })
+    .unwrap();
+    queue.ensure_topic("restarted", 1).await.unwrap();
+    queue
+        .publish(record("restarted", "k", "first".into()))
+        .await
+        .unwrap();
+    let mut reader = queue.reader("restarted", 0, 0).await.unwrap();
+    let first = tokio::time::timeout(RECV_TIMEOUT, reader.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first.payload[..], b"first");
+    let waiting = tokio::spawn(async move { reader.recv().await.map(|r| r.payload) });
+    broker.restart();
+    // The reader keeps fetching a topic the broker no longer knows.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    queue.ensure_topic("restarted", 1).await.unwrap();
+    // The broker forgot the producer too: its sequence is never acknowledged
+    // again, and the queue replaces it after two publish timeouts.
+    let mut published = false;
+    for _ in 0..20 {
+        match queue
+            .publish(record("restarted", "k", "second".into()))
+            .await
+        {
+            Ok(_) => {
+                published = true;
+                break;
+            }
+            Err(e) => eprintln!("publish after the restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(published, "no publish to the restarted broker");
+    let mut fresh = queue.reader("restarted", 0, 0).await.unwrap();
+    let again = tokio::time::timeout(RECV_TIMEOUT, fresh.recv())
+        .await
+        .expect("a record from the restarted broker")
+        .unwrap();
+    assert_eq!(&again.payload[..], b"second");
+    waiting.abort();
 }

@@ -53,6 +53,7 @@ fn config(port: u16, properties: &[(&str, String)], timeout: Duration) -> KafkaC
         publish_timeout: timeout,
         replication_factor: 1,
         session_timeout: Duration::from_secs(10),
+        producer_recovery_timeout: Duration::from_secs(120),
     }
 }
 

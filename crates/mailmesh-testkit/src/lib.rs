@@ -1,6 +1,7 @@
 //! Helpers shared by mailmesh's integration tests. No dependency on other mailmesh
 //! crates, so any of them can use it as a dev-dependency.
 
+pub mod broker;
 pub mod dns;
 pub mod https;
 pub mod mx;

@@ -43,7 +43,8 @@ pub struct WorkerConfig {
     pub dead_letter_topic: String,
     /// Records handled at once.
     pub concurrency: usize,
-    /// Backoff between attempts after a temporary failure…
+    /// Backoff between attempts after a temporary failure, and before each round a
+    /// message goes back to the queue (doubling per round up to `retry_max`)…
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
     #[serde(with = "humantime_serde")]
@@ -690,13 +691,31 @@ impl Worker {
             // Only the recipients still failing go round again, to the end of the
             // queue so this partition's offset moves on. Mailboxes that already have
             // the message get no second copy (same queue id, same delivery keys).
-            tracing::warn!(queue_id = %envelope.queue_id, recipients = retry.len(), "requeueing after temporary failures");
+            // Each round waits longer before it goes back (doubling from
+            // `retry_initial` to `retry_max`), so a storage tier that is down costs
+            // a requeue per message per `retry_max`, not a tight loop of them.
+            let rounds = record
+                .header(ROUNDS)
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+                .unwrap_or(0);
+            let wait = requeue_wait(&self.config, rounds);
+            tracing::warn!(queue_id = %envelope.queue_id, recipients = retry.len(), rounds, requeue_in = ?wait, "requeueing after temporary failures");
+            tokio::select! {
+                _ = shutdown.stopped() => return Err(NotDone("stopping".into())),
+                _ = tokio::time::sleep(wait) => {}
+            }
             let again = Envelope {
                 recipients: retry,
                 body: crate::bodies::handed(&envelope.body, REQUEUE),
                 ..envelope.clone()
             };
-            self.publish_envelope(&self.config.topic, &again).await?;
+            publish_envelope(
+                &*self.queue,
+                &self.config.topic,
+                &again,
+                vec![(ROUNDS.to_owned(), Bytes::from((rounds + 1).to_string()))],
+            )
+            .await?;
             crate::metrics::delivered("requeued");
         }
         crate::bodies::release_body(&*self.objects, &envelope.body).await;
@@ -772,6 +791,18 @@ impl Worker {
     ) -> Result<(), NotDone> {
         publish_raw(&*self.queue, topic, key, payload, reason).await
     }
+}
+
+/// Record header: how many times a message went round the queue for recipients
+/// still failing temporarily.
+const ROUNDS: &str = "mailmesh-rounds";
+
+/// How long a message waits before its `rounds + 1`th requeue.
+fn requeue_wait(config: &WorkerConfig, rounds: u32) -> Duration {
+    config
+        .retry_initial
+        .saturating_mul(1u32 << rounds.min(20))
+        .min(config.retry_max)
 }
 
 /// Roles in which a record hands its body on (`bodies::child_claim`).

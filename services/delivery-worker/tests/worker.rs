@@ -9,9 +9,10 @@ use mailmesh_delivery::worker::Worker;
 use mailmesh_kit::Shutdown;
 use mailmesh_proto::decode_envelope;
 use mailmesh_queue::OutgoingRecord;
-use mailmesh_storage::directory::TenantLimits;
-use mailmesh_storage::engine::UserRef;
-use mailmesh_types::{DsnNotify, EnvelopeLimits};
+use mailmesh_storage::client::{Account, DeliveryError, Mailstore, SigningKey};
+use mailmesh_storage::directory::{Lookup, TenantLimits};
+use mailmesh_storage::engine::{Delivery, UserRef};
+use mailmesh_types::{Domain, DsnNotify, EmailAddress, EnvelopeLimits, InboundPolicy, TenantId};
 
 mod common;
 
@@ -361,6 +362,116 @@ async fn an_expired_message_is_bounced(real: bool) {
     assert!(inbox[0].contains("Action: failed"), "{}", inbox[0]);
 }
 
+/// Storage that never answers: every call fails as a refused connection does.
+struct Unreachable;
+
+#[async_trait::async_trait]
+impl Mailstore for Unreachable {
+    async fn lookup(&self, _: &EmailAddress) -> Result<Lookup, DeliveryError> {
+        Err(DeliveryError::temporary("storage: connection refused"))
+    }
+    async fn deliver(&self, _: &UserRef, _: Delivery<'_>) -> Result<(), DeliveryError> {
+        Err(DeliveryError::temporary("storage: connection refused"))
+    }
+    async fn has_room(&self, _: &UserRef, _: u64) -> Result<bool, DeliveryError> {
+        Err(DeliveryError::temporary("storage: connection refused"))
+    }
+    async fn authenticate(
+        &self,
+        _: &str,
+        _: &str,
+        _: std::net::IpAddr,
+    ) -> Result<Option<Account>, DeliveryError> {
+        Err(DeliveryError::temporary("storage: connection refused"))
+    }
+    async fn signing_key(
+        &self,
+        _: &Account,
+        _: &Domain,
+    ) -> Result<Option<SigningKey>, DeliveryError> {
+        Err(DeliveryError::temporary("storage: connection refused"))
+    }
+    async fn refresh(&self, _: &mut Account) -> Result<bool, DeliveryError> {
+        Err(DeliveryError::temporary("storage: connection refused"))
+    }
+    async fn local_domain(
+        &self,
+        _: &Domain,
+    ) -> Result<Option<(TenantId, InboundPolicy)>, DeliveryError> {
+        Err(DeliveryError::temporary("storage: connection refused"))
+    }
+}
+
+/// With no storage replica reachable, a message goes round the queue with a
+/// growing wait (`retry_initial` doubling to `retry_max`) and a round count,
+/// instead of a tight loop (17 requeues of 8 messages within a second before).
+async fn requeues_back_off_while_storage_is_unreachable(real: bool) {
+    let mut s = setup(real).await;
+    s.config.retry_initial = Duration::from_millis(400);
+    s.config.retry_max = Duration::from_secs(60);
+    let shutdown = Shutdown::new();
+    let worker = Worker::new(
+        s.queue.clone(),
+        s.objects.clone(),
+        Arc::new(Unreachable),
+        s.config.clone(),
+    );
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move { worker.run(stop).await.unwrap() });
+    s.enqueue(&envelope(
+        "sender@example.org",
+        &["alice@acme.test"],
+        "waits",
+    ))
+    .await;
+    // Every record of the topic, with its round count.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    for partition in 0..2 {
+        let mut reader = s.queue.reader(&s.config.topic, partition, 0).await.unwrap();
+        let seen = seen.clone();
+        readers.push(tokio::spawn(async move {
+            while let Ok(r) = reader.recv().await {
+                let round = r
+                    .header("mailmesh-rounds")
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                seen.lock().unwrap().push(round);
+            }
+        }));
+    }
+    let first_round = Some("1".to_owned());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !seen.lock().unwrap().contains(&first_round) {
+        assert!(std::time::Instant::now() < deadline, "never requeued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Rounds 2 and 3 follow 0.8 and 2.4 s after round 1, round 4 only after 5.6 s:
+    // 3 s later there are at most three requeues, where a tight loop makes
+    // hundreds. Stopped at once, so a round waiting then is not published.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = mailmesh_kit::config::ShutdownConfig {
+        readiness_grace: Duration::ZERO,
+        drain_timeout: Duration::ZERO,
+    };
+    shutdown.drain(&mailmesh_kit::Health::new(), &now).await;
+    task.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in readers {
+        r.abort();
+    }
+    let mut rounds = seen.lock().unwrap().clone();
+    rounds.sort();
+    assert!(
+        (2..=4).contains(&rounds.len()),
+        "the message and its requeues: {rounds:?}"
+    );
+    // The first record, then rounds 1, 2, … in order, each counted once.
+    let expected: Vec<Option<String>> = std::iter::once(None)
+        .chain((1..rounds.len()).map(|n| Some(n.to_string())))
+        .collect();
+    assert_eq!(rounds, expected);
+}
+
 macro_rules! on_both {
     ($($name:ident),*) => {
         mod embedded_backends {
@@ -384,5 +495,6 @@ on_both!(
     large_bodies_and_bad_records,
     a_killed_worker_loses_nothing_and_duplicates_nothing,
     a_failing_mailbox_is_requeued_alone,
-    an_expired_message_is_bounced
+    an_expired_message_is_bounced,
+    requeues_back_off_while_storage_is_unreachable
 );

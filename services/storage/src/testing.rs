@@ -81,6 +81,7 @@ pub fn real_queue() -> Arc<dyn Queue> {
             publish_timeout: std::time::Duration::from_secs(30),
             replication_factor: 1,
             session_timeout: std::time::Duration::from_secs(10),
+            producer_recovery_timeout: std::time::Duration::from_secs(120),
         })
         .expect("connecting to MMTEST_KAFKA"),
     )
