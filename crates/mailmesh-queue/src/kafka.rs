@@ -153,6 +153,7 @@ impl KafkaQueue {
                 current: std::sync::RwLock::new((0, new_producer(config)?)),
                 failed_since: std::sync::Mutex::new(None),
                 unacknowledged_since: std::sync::Mutex::new(None),
+                probing: AtomicBool::new(false),
             },
             readers: std::sync::Mutex::new(Weak::new()),
             memberships: std::sync::Mutex::new(Vec::new()),
@@ -223,6 +224,11 @@ impl KafkaQueue {
         if producer.client().fatal_error().is_none() && !stalled {
             return;
         }
+        // One probe at a time: while the broker is away every publish fails, and
+        // each must not start a metadata request of its own.
+        if self.producer.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let probe = producer.clone();
         let answers = tokio::task::spawn_blocking(move || {
             probe
@@ -238,6 +244,7 @@ impl KafkaQueue {
                 "no record acknowledged while the broker answers",
             );
         }
+        self.producer.probing.store(false, Ordering::Release);
     }
 }
 
@@ -253,6 +260,8 @@ struct Producers {
     failed_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// The first failed publish since the last acknowledged one.
     unacknowledged_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// A failed publish is asking the broker whether the producer is to blame.
+    probing: AtomicBool,
 }
 
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer> {
