@@ -41,6 +41,16 @@ if helm template mailmesh "$CHART" >"$work/out" 2>&1; then
   exit 1
 fi
 grep -q "kafka/brokers" "$work/out" || { cat "$work/out" >&2; exit 1; }
+# No mailDomain: no host names to give (never *.localhost), so nothing renders.
+for without in "-f $VALUES --set mailDomain=" "--set kafka.brokers=kafka:9092 --set s3.bucket=mail --set redis.urlSecret=redis --set tls.secretName=mail-tls"; do
+  # shellcheck disable=SC2086 # $without is a list of arguments
+  if helm template mailmesh "$CHART" $without >"$work/out" 2>&1; then
+    echo "helm template succeeded without mailDomain ($without)" >&2
+    exit 1
+  fi
+  grep -qF "mailDomain is required: the hosts are mx.<mailDomain> (MX), smtp.<mailDomain> (submission) and mail.<mailDomain> (IMAP/POP3)" "$work/out" ||
+    { cat "$work/out" >&2; exit 1; }
+done
 
 echo "== the schema rejects wrong types"
 if helm template mailmesh "$CHART" -f "$VALUES" --set-json 'admin={"port":"9090"}' >"$work/out" 2>&1; then
@@ -57,8 +67,24 @@ render >"$work/rendered.yaml"
 kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/rendered.yaml"
 # Defaults plus only the required values render and validate too.
 helm template mailmesh "$CHART" --set kafka.brokers=kafka:9092 --set s3.bucket=mail \
-  --set redis.urlSecret=redis --set tls.secretName=mail-tls >"$work/minimal.yaml"
+  --set redis.urlSecret=redis --set tls.secretName=mail-tls --set mailDomain=example.com >"$work/minimal.yaml"
 kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$work/minimal.yaml"
+
+echo "== NOTES warn about an unsealed DKIM key store and certificate names missing a host"
+notes() {
+  helm install mailmesh "$CHART" --namespace mail --dry-run=client "$@" | sed -n '/^NOTES:/,$p'
+}
+notes --set kafka.brokers=kafka:9092 --set s3.bucket=mail --set redis.urlSecret=redis \
+  --set tls.secretName=mail-tls --set mailDomain=example.com >"$work/notes"
+grep -qF "WARNING: storage.dkimKeySecret is not set" "$work/notes" ||
+  { cat "$work/notes" >&2; echo "no warning without storage.dkimKeySecret" >&2; exit 1; }
+notes -f "$VALUES" --set 'tls.certManager.dnsNames={mx.example.com,smtp.example.com,mail.example.com}' >"$work/notes"
+if grep -q "WARNING" "$work/notes"; then
+  cat "$work/notes" >&2; echo "warnings with storage.dkimKeySecret and every host named" >&2; exit 1
+fi
+notes -f "$VALUES" --set 'tls.certManager.dnsNames={mx.example.com}' >"$work/notes"
+grep -qF "WARNING: tls.certManager.dnsNames does not name smtp.example.com, mail.example.com" "$work/notes" ||
+  { cat "$work/notes" >&2; echo "no warning for certificate names missing hosts" >&2; exit 1; }
 
 echo "== a service's settings roll only its own pods"
 render --set storage.snapshotEvery=12345 >"$work/changed.yaml"

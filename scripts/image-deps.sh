@@ -10,7 +10,11 @@ DIR=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug
 allowed='^(linux-vdso|libc|libm|libgcc_s|libstdc\+\+|libssl|libcrypto|libpthread|libdl|librt|ld-linux[-a-z0-9_]*)\.so'
 bad=0
-for bin in storage auth-check delivery-worker smtp-ingress submission imap-pop3-gateway mailctl; do
+# The binaries the image ships: image/binaries (the Dockerfile and scripts/image.sh
+# read it too).
+mapfile -t bins < <(sed -e 's/#.*//' -e 's/[[:space:]]*$//' -e 's/^[[:space:]]*//' image/binaries | grep -v '^$')
+[ "${#bins[@]}" -gt 0 ] || { echo "image/binaries lists no binary" >&2; exit 1; }
+for bin in "${bins[@]}"; do
   while read -r lib; do
     if ! [[ $lib =~ $allowed ]]; then
       echo "$bin links $lib, which the runtime image does not have" >&2

@@ -30,7 +30,19 @@ scripts/chart-check.sh
 echo "== licences"
 scripts/licenses.py
 
+echo "== advisories (the RustSec snapshot in supply-chain/advisory-db)"
+scripts/advisories.py
+
 echo "== runtime image dependencies"
 scripts/image-deps.sh
+
+echo "== the runtime image, built and run here (debug binaries)"
+scripts/image.sh --profile debug
+
+echo "== the new-user trial: mailctl dev with swaks, smtplib, imaplib, poplib, curl, mutt"
+# image-deps.sh built the binaries; the trial uses that mailctl.
+MAILCTL="$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/debug/mailctl" \
+  scripts/trial.sh
 
 echo "all checks passed"

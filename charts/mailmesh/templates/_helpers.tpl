@@ -24,6 +24,25 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* The mail domain every default host name derives from; nothing renders
+without it (no host would be right, and clients would be told of *.localhost). */}}
+{{- define "mailmesh.mailDomain" -}}
+{{- required "mailDomain is required: the hosts are mx.<mailDomain> (MX), smtp.<mailDomain> (submission) and mail.<mailDomain> (IMAP/POP3); set e.g. --set mailDomain=example.com" .Values.mailDomain -}}
+{{- end -}}
+
+{{/* The hosts the chart announces (NOTES) and the services name themselves. */}}
+{{- define "mailmesh.mxHost" -}}
+{{- .Values.smtpIngress.hostname | default (printf "mx.%s" (include "mailmesh.mailDomain" .)) -}}
+{{- end -}}
+
+{{- define "mailmesh.submissionHost" -}}
+{{- .Values.submission.hostname | default (printf "smtp.%s" (include "mailmesh.mailDomain" .)) -}}
+{{- end -}}
+
+{{- define "mailmesh.gatewayHost" -}}
+{{- .Values.gateway.hostname | default (printf "mail.%s" (include "mailmesh.mailDomain" .)) -}}
+{{- end -}}
+
 {{/* The Secret holding the TLS certificate. */}}
 {{- define "mailmesh.tlsSecretName" -}}
 {{- if .Values.tls.secretName -}}

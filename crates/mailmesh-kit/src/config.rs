@@ -29,6 +29,9 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
     #[error("configuration file {path}: {reason}")]
     File { path: PathBuf, reason: String },
+    /// The command line is not what the binary takes.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl ConfigError {

@@ -89,9 +89,132 @@ where
     Fut: std::future::Future<Output = Result<(), E>>,
     E: From<crate::ConfigError> + From<std::io::Error>,
 {
-    let config: C = crate::ConfigSource::from_process().load()?;
+    let mut source = crate::ConfigSource::from_process();
+    match command_line(std::env::args())? {
+        CommandLine::Run { config: Some(file) } => source = source.with_file(file),
+        CommandLine::Run { config: None } => {}
+        CommandLine::Print(text) => {
+            println!("{text}");
+            return Ok(());
+        }
+    }
+    let config: C = source.load()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(run(config))
+}
+
+/// What a service binary's command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum CommandLine {
+    /// Run, with this configuration file instead of `MAILMESH_CONFIG`'s.
+    Run { config: Option<std::path::PathBuf> },
+    /// Print this (help, version) and exit.
+    Print(String),
+}
+
+fn command_line(args: impl IntoIterator<Item = String>) -> Result<CommandLine, crate::ConfigError> {
+    let mut args = args.into_iter();
+    let name = args
+        .next()
+        .as_deref()
+        .and_then(|a| {
+            std::path::Path::new(a)
+                .file_name()?
+                .to_str()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "mailmesh".into());
+    let version = format!("{name} {}", env!("CARGO_PKG_VERSION"));
+    let usage = format!("usage: {name} [--config FILE]  (--help for more)");
+    let mut config = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                return Ok(CommandLine::Print(format!(
+                    "{version}: a mailmesh service\n\n\
+                     Usage: {name} [--config FILE]\n\n\
+                     Configuration comes from FILE (or the file MAILMESH_CONFIG names) and from\n\
+                     MAILMESH_* environment variables, which override it; a double underscore\n\
+                     separates levels (MAILMESH_ADMIN__LISTEN=0.0.0.0:9090 sets admin.listen).\n\
+                     Unknown keys are refused. Keys and defaults: README.md, \"Configuration\".\n\n\
+                     Options:\n  \
+                     --config FILE  the TOML configuration file\n  \
+                     -h, --help     print this and exit\n  \
+                     -V, --version  print the version and exit"
+                )));
+            }
+            "-V" | "--version" => return Ok(CommandLine::Print(version)),
+            "--config" => match args.next() {
+                Some(file) if !file.is_empty() => config = Some(file.into()),
+                _ => {
+                    return Err(crate::ConfigError::Usage(format!(
+                        "--config needs a file; {usage}"
+                    )));
+                }
+            },
+            other => match other.strip_prefix("--config=") {
+                Some(file) if !file.is_empty() => config = Some(file.into()),
+                _ => {
+                    return Err(crate::ConfigError::Usage(format!(
+                        "unexpected argument {other:?}; {usage}"
+                    )));
+                }
+            },
+        }
+    }
+    Ok(CommandLine::Run { config })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CommandLine, command_line};
+
+    fn parse(args: &[&str]) -> Result<CommandLine, String> {
+        command_line(args.iter().map(|a| a.to_string())).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_command_line_names_a_file_or_asks_for_help() {
+        assert_eq!(
+            parse(&["/usr/local/bin/storage"]),
+            Ok(CommandLine::Run { config: None })
+        );
+        for args in [
+            &["storage", "--config", "/etc/mailmesh/storage.toml"][..],
+            &["storage", "--config=/etc/mailmesh/storage.toml"],
+        ] {
+            assert_eq!(
+                parse(args),
+                Ok(CommandLine::Run {
+                    config: Some("/etc/mailmesh/storage.toml".into())
+                })
+            );
+        }
+        let Ok(CommandLine::Print(help)) = parse(&["/usr/local/bin/storage", "--help"]) else {
+            panic!("no help");
+        };
+        assert!(
+            help.starts_with("storage 0.") && help.contains("MAILMESH_CONFIG"),
+            "{help}"
+        );
+        assert_eq!(
+            parse(&["smtp-ingress", "-V"]),
+            Ok(CommandLine::Print(format!(
+                "smtp-ingress {}",
+                env!("CARGO_PKG_VERSION")
+            )))
+        );
+        let refused = parse(&["storage", "--confg", "x"]).unwrap_err();
+        assert!(
+            refused.starts_with("unexpected argument \"--confg\"; usage: storage [--config FILE]"),
+            "{refused}"
+        );
+        assert!(
+            parse(&["storage", "--config"])
+                .unwrap_err()
+                .starts_with("--config needs a file")
+        );
+    }
 }

@@ -13,7 +13,10 @@ fn a_port_taken_by_another_program_is_refused() {
         "mailmesh-backends-test-{}-{port}",
         std::process::id()
     ));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/backends.sh");
+    // The test crate's directory when the test runs, not when it was compiled: a
+    // build cache shared by checkouts at other paths reuses the compiled test.
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
+    let script = std::path::Path::new(&dir).join("../../scripts/backends.sh");
     let out = Command::new("bash")
         .arg(script)
         .arg("start")

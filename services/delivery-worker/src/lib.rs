@@ -5,6 +5,7 @@
 
 pub mod bodies;
 pub mod dsn;
+mod due;
 mod metrics;
 pub mod outbound;
 pub mod worker;

@@ -48,14 +48,14 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
             Outbound::new(
                 queue.clone(),
                 objects.clone(),
-                cache,
+                cache.clone(),
                 config.outbound.clone(),
                 config.worker.clone(),
             )
         })
         .transpose()?;
 
-    let worker = Worker::new(queue, objects, Arc::new(store), config.worker);
+    let worker = Worker::new(queue, objects, Arc::new(store), cache, config.worker);
     // Ready only once both group consumers exist: from then on the queue's
     // readiness check follows their assignments (a probe in between saw 200).
     let local_joined = worker.subscribed();

@@ -4,13 +4,17 @@
 //! A record's offset is stored only when every recipient's outcome is durable: stored
 //! in a mailbox, handed to the outbound topic, or reported in a bounce queued on the
 //! mail topic. Records are handled concurrently, so a slow one (a storage outage being
-//! retried) does not hold up the others.
+//! retried) does not hold up the others. Recipients still failing after a short
+//! retry in place (`retry_window`) wait in a due-time index in object storage,
+//! visible to `mailctl queue list` with their reason, and go round the queue again
+//! when due (`due`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use mailmesh_cache::Cache;
 use mailmesh_kit::Shutdown;
 use mailmesh_objstore::object_store::path::Path;
 use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt};
@@ -19,6 +23,7 @@ use mailmesh_queue::{OutgoingRecord, Queue, Record};
 use mailmesh_storage::directory::Lookup;
 use mailmesh_storage::engine::{Delivery, UserRef};
 use mailmesh_storage::index::{INBOX, JUNK};
+use mailmesh_storage::retry_index as schedule;
 use mailmesh_types::{BodyRef, Domain, Envelope, EnvelopeLimits, ReversePath};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -43,16 +48,26 @@ pub struct WorkerConfig {
     pub dead_letter_topic: String,
     /// Records handled at once.
     pub concurrency: usize,
-    /// Backoff between attempts after a temporary failure, and before each round a
-    /// message goes back to the queue (doubling per round up to `retry_max`)…
+    /// Backoff between attempts in place after a temporary failure (doubling up
+    /// to `retry_max`)…
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    /// …for this long; then the message goes back to the end of the queue, so its
-    /// partition's offset can move on, and is tried again from there.
+    /// …for this long (a full mailbox is not retried in place); then the
+    /// recipients still failing wait in the due-time index under `retry_prefix`
+    /// (listed by `mailctl queue list`), for `retry_initial` doubling per round up
+    /// to `requeue_max`, and go back to the queue from there.
     #[serde(with = "humantime_serde")]
     pub retry_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub requeue_max: Duration,
+    /// Where mail for local mailboxes waits in object storage (storage's
+    /// `local_retry_prefix`, for `mailctl queue`).
+    pub retry_prefix: String,
+    /// How often each worker looks for due entries there.
+    #[serde(with = "humantime_serde")]
+    pub retry_scan_interval: Duration,
     /// Name in bounces (`Reporting-MTA`, `MAILER-DAEMON@…`).
     pub hostname: String,
     /// After this long a message still failing temporarily is bounced (4.4.7). Keep
@@ -91,7 +106,10 @@ impl Default for WorkerConfig {
             concurrency: 64,
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
-            retry_window: Duration::from_secs(600),
+            retry_window: Duration::from_secs(60),
+            requeue_max: Duration::from_secs(15 * 60),
+            retry_prefix: schedule::LOCAL_PREFIX.into(),
+            retry_scan_interval: Duration::from_secs(5),
             hostname: "localhost".into(),
             max_lifetime: Duration::from_secs(5 * 24 * 3600),
             max_message_bytes: 64 << 20,
@@ -140,6 +158,18 @@ impl mailmesh_kit::config::Validate for WorkerConfig {
                 "must be at least retry_initial, which must be above zero",
             ));
         }
+        if self.requeue_max < self.retry_initial {
+            return Err(ConfigError::invalid(
+                "worker.requeue_max",
+                "must be at least retry_initial",
+            ));
+        }
+        if self.retry_scan_interval.is_zero() || self.retry_prefix.trim_matches('/').is_empty() {
+            return Err(ConfigError::invalid(
+                "worker.retry_scan_interval",
+                "retry_scan_interval must be above zero and retry_prefix not empty",
+            ));
+        }
         Ok(())
     }
 }
@@ -148,6 +178,8 @@ pub struct Worker {
     queue: Arc<dyn Queue>,
     objects: Arc<dyn ObjectStore>,
     store: Arc<dyn Mailstore>,
+    /// Decides which worker publishes a due entry of the retry index.
+    cache: Arc<dyn Cache>,
     config: WorkerConfig,
     limits: EnvelopeLimits,
     subscribed: Subscribed,
@@ -316,6 +348,7 @@ impl Worker {
         queue: Arc<dyn Queue>,
         objects: Arc<dyn ObjectStore>,
         store: Arc<dyn Mailstore>,
+        cache: Arc<dyn Cache>,
         config: WorkerConfig,
     ) -> Arc<Self> {
         let srs = config
@@ -331,6 +364,7 @@ impl Worker {
             queue,
             objects,
             store,
+            cache,
             config,
             limits: EnvelopeLimits::default(),
             subscribed: Subscribed::default(),
@@ -360,8 +394,21 @@ impl Worker {
                 .ensure_topic(topic, self.config.topic_partitions)
                 .await?;
         }
+        let scanner = tokio::spawn(
+            crate::due::DueScan {
+                objects: self.objects.clone(),
+                cache: self.cache.clone(),
+                queue: self.queue.clone(),
+                prefix: self.config.retry_prefix.clone(),
+                topic: self.config.topic.clone(),
+                lock: "local:retry",
+                every: self.config.retry_scan_interval,
+                headers: rounds_header,
+            }
+            .run(shutdown.clone()),
+        );
         let worker = self.clone();
-        consume(
+        let consumed = consume(
             Source {
                 queue: &*self.queue,
                 subscribed: &self.subscribed,
@@ -376,7 +423,9 @@ impl Worker {
                 async move { worker.finish(&record, &stop).await }
             },
         )
-        .await
+        .await;
+        scanner.abort();
+        consumed
     }
 
     /// Handles a record until every outcome is durable; false if the process stops
@@ -531,7 +580,8 @@ impl Worker {
         let mut remote: Vec<mailmesh_types::Recipient> = Vec::new();
         // Copies aliases forward to other domains, by the alias's domain.
         let mut forwarded: BTreeMap<Domain, Vec<mailmesh_types::Recipient>> = BTreeMap::new();
-        let mut retry = Vec::new();
+        // Recipients still failing temporarily, and why (for the queue listing).
+        let (mut retry, mut reasons) = (Vec::new(), Vec::new());
         let mut stored = HashSet::new();
         // For success notices (NOTIFY=SUCCESS): in a mailbox, or only forwarded.
         let (mut delivered, mut expanded) = (Vec::new(), Vec::new());
@@ -628,7 +678,10 @@ impl Worker {
                         remote_mta: None,
                     });
                 }
-                Err(DeliveryError::Temporary { .. }) => retry.push(recipient.clone()),
+                Err(DeliveryError::Temporary { status, reason }) => {
+                    reasons.push(format!("<{}>: {status} {reason}", recipient.address));
+                    retry.push(recipient.clone());
+                }
                 Err(DeliveryError::Permanent { status, reason }) => {
                     crate::metrics::delivered("failed");
                     failures.push(Failure {
@@ -688,34 +741,36 @@ impl Worker {
             }
         }
         if !retry.is_empty() {
-            // Only the recipients still failing go round again, to the end of the
-            // queue so this partition's offset moves on. Mailboxes that already have
-            // the message get no second copy (same queue id, same delivery keys).
-            // Each round waits longer before it goes back (doubling from
-            // `retry_initial` to `retry_max`), so a storage tier that is down costs
-            // a requeue per message per `retry_max`, not a tight loop of them.
+            // Only the recipients still failing go round again: they wait in the
+            // due-time index (visible to `mailctl queue list` with the reason), so
+            // this partition's offset moves on and no worker slot is held. Mailboxes
+            // that already have the message get no second copy (same queue id, same
+            // delivery keys). Each round waits longer (doubling from
+            // `retry_initial` to `requeue_max`), so a storage tier that is down
+            // costs a round per message per `requeue_max`, not a tight loop.
             let rounds = record
                 .header(ROUNDS)
                 .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
                 .unwrap_or(0);
             let wait = requeue_wait(&self.config, rounds);
-            tracing::warn!(queue_id = %envelope.queue_id, recipients = retry.len(), rounds, requeue_in = ?wait, "requeueing after temporary failures");
-            tokio::select! {
-                _ = shutdown.stopped() => return Err(NotDone("stopping".into())),
-                _ = tokio::time::sleep(wait) => {}
-            }
             let again = Envelope {
                 recipients: retry,
                 body: crate::bodies::handed(&envelope.body, REQUEUE),
                 ..envelope.clone()
             };
-            publish_envelope(
-                &*self.queue,
-                &self.config.topic,
+            let reason = reasons.join("; ");
+            schedule::put(
+                &*self.objects,
+                &self.config.retry_prefix,
+                SystemTime::now() + wait,
                 &again,
-                vec![(ROUNDS.to_owned(), Bytes::from((rounds + 1).to_string()))],
+                rounds + 1,
+                false,
+                &reason,
             )
-            .await?;
+            .await
+            .map_err(|e| NotDone(format!("writing the retry entry: {e}")))?;
+            tracing::warn!(queue_id = %envelope.queue_id, recipients = again.recipients.len(), rounds, retry_in = ?wait, %reason, "delivery deferred after temporary failures");
             crate::metrics::delivered("requeued");
         }
         crate::bodies::release_body(&*self.objects, &envelope.body).await;
@@ -761,7 +816,11 @@ impl Worker {
                     tracing::info!(error = ?outcome, "no Junk mailbox; delivering to INBOX");
                     mailbox = INBOX;
                 }
-                Err(DeliveryError::Temporary { .. }) if Instant::now() + backoff < deadline => {
+                // A full mailbox stays full for longer than a retry in place: it
+                // waits in the retry index, where an operator sees it.
+                Err(DeliveryError::Temporary { status, .. })
+                    if status != "4.2.2" && Instant::now() + backoff < deadline =>
+                {
                     tracing::info!(error = ?outcome, retry_in = ?backoff, "temporary delivery failure");
                     tokio::select! {
                         _ = shutdown.stopped() => return outcome,
@@ -797,12 +856,17 @@ impl Worker {
 /// still failing temporarily.
 const ROUNDS: &str = "mailmesh-rounds";
 
-/// How long a message waits before its `rounds + 1`th requeue.
+/// A due entry of the local retry index goes back with its round count.
+fn rounds_header(waiting: &schedule::Waiting) -> Vec<(String, Bytes)> {
+    vec![(ROUNDS.to_owned(), Bytes::from(waiting.attempts.to_string()))]
+}
+
+/// How long a message waits before its `rounds + 1`th round.
 fn requeue_wait(config: &WorkerConfig, rounds: u32) -> Duration {
     config
         .retry_initial
         .saturating_mul(1u32 << rounds.min(20))
-        .min(config.retry_max)
+        .min(config.requeue_max)
 }
 
 /// Roles in which a record hands its body on (`bodies::child_claim`).

@@ -232,6 +232,7 @@ async fn a_killed_worker_loses_nothing_and_duplicates_nothing(real: bool) {
         s.queue.clone(),
         s.objects.clone(),
         Arc::new(s.engine.clone()),
+        Arc::new(mailmesh_cache::memory::MemoryCache::new()),
         s.config.clone(),
     );
     let doomed_shutdown = Shutdown::new();
@@ -303,9 +304,10 @@ async fn nearly_full_user(s: &Setup) -> UserRef {
 }
 
 /// A mailbox failing temporarily does not hold up the other recipients: they get the
-/// message now, the failing one is requeued alone and gets it once it recovers, and
-/// nobody gets a second copy. The body (in object storage), handed from each round
-/// to the next, is freed after the last.
+/// message now, the failing one waits alone in the retry index (with the reason,
+/// for `mailctl queue list`) and gets it once it recovers, and nobody gets a second
+/// copy. The body (in object storage), handed from each round to the next, is
+/// freed after the last.
 async fn a_failing_mailbox_is_requeued_alone(real: bool) {
     let s = setup(real).await;
     let alice = s.user("alice@acme.test").await;
@@ -321,7 +323,35 @@ async fn a_failing_mailbox_is_requeued_alone(real: bool) {
         .await;
     s.enqueue(&both).await;
     assert_eq!(s.inbox(&alice, 1).await.len(), 1, "alice is not held up");
-    // Let it go round the queue at least once, then make room.
+    // Frank's copy waits in the local retry index, with why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let listed = mailmesh_storage::retry_index::list(&*s.objects, &s.config.retry_prefix, 10)
+            .await
+            .unwrap();
+        if let Some(w) = listed.into_iter().next() {
+            break w;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never in the retry index"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(waiting.queue_id, both.queue_id);
+    let to: Vec<String> = waiting
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.to_string())
+        .collect();
+    assert_eq!(to, ["frank@full.test"], "only the failing recipient waits");
+    assert!(
+        waiting.last_error.starts_with("<frank@full.test>: 4.2.2 "),
+        "{}",
+        waiting.last_error
+    );
+    // Let it go round the queue a few times, then make room.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(s.inbox(&frank, 0).await.is_empty());
     s.engine
@@ -403,17 +433,19 @@ impl Mailstore for Unreachable {
 }
 
 /// With no storage replica reachable, a message goes round the queue with a
-/// growing wait (`retry_initial` doubling to `retry_max`) and a round count,
-/// instead of a tight loop (17 requeues of 8 messages within a second before).
+/// growing wait in the retry index (`retry_initial` doubling to `requeue_max`) and
+/// a round count, instead of a tight loop (17 requeues of 8 messages within a
+/// second before).
 async fn requeues_back_off_while_storage_is_unreachable(real: bool) {
     let mut s = setup(real).await;
     s.config.retry_initial = Duration::from_millis(400);
-    s.config.retry_max = Duration::from_secs(60);
+    s.config.requeue_max = Duration::from_secs(60);
     let shutdown = Shutdown::new();
     let worker = Worker::new(
         s.queue.clone(),
         s.objects.clone(),
         Arc::new(Unreachable),
+        Arc::new(mailmesh_cache::memory::MemoryCache::new()),
         s.config.clone(),
     );
     let stop = shutdown.clone();
@@ -447,7 +479,7 @@ async fn requeues_back_off_while_storage_is_unreachable(real: bool) {
     }
     // Rounds 2 and 3 follow 0.8 and 2.4 s after round 1, round 4 only after 5.6 s:
     // 3 s later there are at most three requeues, where a tight loop makes
-    // hundreds. Stopped at once, so a round waiting then is not published.
+    // hundreds. Stopped at once: a round waiting then stays in the index.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let now = mailmesh_kit::config::ShutdownConfig {
         readiness_grace: Duration::ZERO,

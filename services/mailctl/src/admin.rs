@@ -304,7 +304,9 @@ pub async fn dkim(target: Target, command: DkimCommand) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 pub enum QueueCommand {
-    /// Outbound mail waiting for another delivery attempt, next due first.
+    /// Mail waiting for another delivery attempt, next due first: `local` (a
+    /// mailbox here: full, or storage not answering) or `outbound` (another
+    /// domain's MX), each with its last error.
     List,
     /// One waiting message: envelope, attempts, last error and headers.
     Show { queue_id: String },
@@ -338,6 +340,7 @@ fn waiting_json(m: &v1::WaitingMessage) -> serde_json::Value {
         "last_error": m.last_error,
         "size": m.size,
         "delay_notified": m.delay_notified,
+        "stage": m.stage,
     })
 }
 
@@ -377,12 +380,13 @@ pub async fn queue(target: Target, command: QueueCommand) -> anyhow::Result<()> 
                 return Ok(());
             }
             if messages.is_empty() {
-                out!("no outbound mail is waiting");
+                out!("no mail is waiting");
             }
             for m in &messages {
                 out!(
-                    "{}  {} bytes  from <{}>  attempts {}  next {}",
+                    "{}  {}  {} bytes  from <{}>  attempts {}  next {}",
                     m.queue_id,
+                    m.stage,
                     m.size,
                     m.sender,
                     m.attempts,

@@ -370,6 +370,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         queue.clone(),
         objects.clone(),
         Arc::new(engine.clone()),
+        cache.clone(),
         WorkerConfig {
             topic: MAIL_TOPIC.into(),
             hostname: config.smtp.hostname.clone(),
@@ -379,18 +380,37 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     let worker_task = tokio::spawn(worker.run(shutdown.clone()));
     // Outbound relay to other domains' MX hosts, retries in the local object store.
-    let outbound = mailmesh_delivery::outbound::Outbound::new(
-        queue.clone(),
-        objects.clone(),
-        cache.clone(),
-        config.outbound.clone(),
-        WorkerConfig {
-            topic: MAIL_TOPIC.into(),
-            hostname: config.smtp.hostname.clone(),
-            ..WorkerConfig::default()
-        },
-    )?;
-    let outbound_task = tokio::spawn(outbound.run(shutdown.clone()));
+    // Without a resolver configuration (no nameserver in /etc/resolv.conf, no
+    // `[outbound.dns] servers`) it is off, as auth-check is, and the banner says so.
+    let outbound = if config.outbound.enabled {
+        match mailmesh_delivery::outbound::Outbound::new(
+            queue.clone(),
+            objects.clone(),
+            cache.clone(),
+            config.outbound.clone(),
+            WorkerConfig {
+                topic: MAIL_TOPIC.into(),
+                hostname: config.smtp.hostname.clone(),
+                ..WorkerConfig::default()
+            },
+        ) {
+            Ok(outbound) => Some(outbound),
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound relay disabled: no DNS resolver");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let outbound_on = outbound.is_some();
+    let shutdown_for_outbound = shutdown.clone();
+    let outbound_task = tokio::spawn(async move {
+        match outbound {
+            Some(outbound) => outbound.run(shutdown_for_outbound).await,
+            None => Ok(()),
+        }
+    });
 
     // IMAP and POP3 (STARTTLS and implicit TLS), through the storage gRPC API above.
     let store = mailmesh_gateway::Store::new(
@@ -443,7 +463,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let admin_addr = admin.local_addr()?;
     let admin_task = tokio::spawn(admin.serve(shutdown.clone()));
 
-    print_banner(&config, admin_addr, &tls, auth_on);
+    print_banner(&config, admin_addr, &tls, auth_on, outbound_on);
     tracing::info!(admin = %admin_addr, data_dir = %config.data_dir.display(), "mailmesh dev is running");
 
     mailmesh_kit::shutdown::signal().await;
@@ -498,7 +518,13 @@ async fn ensure_postmaster(
 /// Where dev keeps the password of the postmaster mailbox it made.
 const POSTMASTER_PASSWORD: &str = "postmaster.password";
 
-fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bool) {
+fn print_banner(
+    config: &DevConfig,
+    admin: SocketAddr,
+    tls: &TlsConfig,
+    auth: bool,
+    outbound: bool,
+) {
     println!("mailmesh dev is running (Ctrl-C stops it)");
     println!("  admin        http://{admin}/readyz  /livez  /metrics");
     println!("  data         {}", config.data_dir.display());
@@ -541,11 +567,21 @@ fn print_banner(config: &DevConfig, admin: SocketAddr, tls: &TlsConfig, auth: bo
     } else {
         println!("  auth-check   OFF (no DNS resolver configuration): mail is not checked");
     }
-    println!(
-        "  outbound     MX relay on port {}, retries in {}/objects/outbound/retry",
-        config.outbound.port,
-        config.data_dir.display()
-    );
+    if outbound {
+        println!(
+            "  outbound     MX relay on port {}, retries in {}/objects/outbound/retry",
+            config.outbound.port,
+            config.data_dir.display()
+        );
+    } else if config.outbound.enabled {
+        println!(
+            "  outbound     OFF (no DNS resolver configuration): mail for other domains stays queued"
+        );
+    } else {
+        println!(
+            "  outbound     OFF (outbound.enabled = false): mail for other domains stays queued"
+        );
+    }
     println!(
         "  imap         {}:{}  (STARTTLS; LOGIN and AUTHENTICATE PLAIN after it)",
         config.bind, config.ports.imap

@@ -35,7 +35,7 @@ enum Command {
     /// DKIM signing keys: generate (prints the DNS record), list, remove.
     #[command(subcommand)]
     Dkim(admin::DkimCommand),
-    /// Outbound mail waiting for a retry: list, show, retry, delete.
+    /// Mail waiting for a retry (local or outbound): list, show, retry, delete.
     #[command(subcommand)]
     Queue(admin::QueueCommand),
     /// Users: add, passwd, disable, enable, quota, remove, list.

@@ -158,6 +158,76 @@ s.quit()
     assert_eq!(inbox_count(&dev, "bob@acme.test"), 1);
 }
 
+/// Issue 19: mail for a mailbox that fills up between RCPT and delivery is not
+/// lost in a worker's retry loop: it waits in `mailctl queue list` as `local`, with
+/// the reason, and arrives once there is room and an operator retries it.
+#[tokio::test]
+async fn mail_for_a_full_mailbox_waits_in_the_queue_list_with_its_reason() {
+    let (_dns, dev) = dev_with_alice().await;
+    ok(&dev, &["user", "quota", "alice@acme.test", "3000"], "");
+    // No SIZE declared (smtplib's mail/rcpt/data): RCPT sees room left, and only
+    // the delivery of the second message finds the mailbox full.
+    let send = |subject: &str| {
+        smtplib(
+            &dev,
+            &format!(
+                r#"
+s.ehlo('client.example.org')
+s.mail('sender@example.org')
+print(s.rcpt('alice@acme.test')[0])
+print(s.data(b'Subject: {subject}\r\nFrom: sender@example.org\r\n\r\n' + b'x' * 2000 + b'\r\n')[0])
+s.quit()
+"#
+            ),
+        )
+    };
+    assert_eq!(send("first"), "250\n250\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while inbox_count(&dev, "alice@acme.test") < 1 {
+        assert!(Instant::now() < deadline, "the first message never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(send("second"), "250\n250\n");
+
+    let waiting = waiting_until(&dev, 1).await;
+    let m = &waiting[0];
+    assert_eq!(m["stage"], "local", "{m}");
+    assert_eq!(
+        m["recipients"],
+        serde_json::json!(["alice@acme.test"]),
+        "{m}"
+    );
+    assert_eq!(m["attempts"], 1, "{m}");
+    let error = m["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("<alice@acme.test>: 4.2.2"),
+        "the reason is shown: {error}"
+    );
+    let listed = ok(&dev, &["queue", "list"], "");
+    assert!(
+        listed.contains("  local  ") && listed.contains("to <alice@acme.test>"),
+        "{listed}"
+    );
+    let queue_id = m["queue_id"].as_str().unwrap().to_owned();
+    let shown = ok(&dev, &["queue", "show", &queue_id], "");
+    assert!(shown.contains("Subject: second"), "{shown}");
+
+    // Room made and the message retried: it arrives, once, and waits no more.
+    ok(&dev, &["user", "quota", "alice@acme.test", "1000000"], "");
+    ok(&dev, &["queue", "retry", &queue_id], "");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while inbox_count(&dev, "alice@acme.test") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second message never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    waiting_until(&dev, 0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(inbox_count(&dev, "alice@acme.test"), 2);
+}
+
 /// RFC 5321 4.5.1: `RCPT TO:<Postmaster>` is accepted on a fresh dev platform, and
 /// the message is in the postmaster mailbox dev made, readable over IMAP with the
 /// password dev keeps in its data directory.

@@ -69,6 +69,10 @@ async fn smtp_to_inbox_through_separate_processes() {
     env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
     env.push(("MAILMESH_WORKER__TOPIC", topic.clone()));
     env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
+    env.push((
+        "MAILMESH_WORKER__RETRY_PREFIX",
+        format!("{run}/local-retry"),
+    ));
     // Not the default outbound group, which other tests' workers share.
     env.push(("MAILMESH_OUTBOUND__GROUP", format!("{run}.outbound")));
     env.push(("MAILMESH_WORKER__HOSTNAME", "mx.acme.test".into()));

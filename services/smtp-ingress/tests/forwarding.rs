@@ -149,6 +149,7 @@ async fn forwarded_mail_no_longer_passes_as_the_forged_domain() {
         p.queue.clone(),
         p.objects.clone(),
         Arc::new(p.engine.clone()),
+        Arc::new(mailmesh_cache::memory::MemoryCache::new()),
         worker_config.clone(),
     );
     tokio::spawn(worker.run(shutdown.clone()));

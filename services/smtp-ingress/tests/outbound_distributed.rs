@@ -63,6 +63,10 @@ async fn submitted_mail_is_signed_delivered_and_relayed_through_separate_process
     env.push(("MAILMESH_STORAGE_ENDPOINT", endpoint.clone()));
     env.push(("MAILMESH_WORKER__TOPIC", topic.clone()));
     env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
+    env.push((
+        "MAILMESH_WORKER__RETRY_PREFIX",
+        format!("{run}/local-retry"),
+    ));
     env.push(("MAILMESH_WORKER__OUTBOUND_TOPIC", format!("{run}.outbound")));
     env.push(("MAILMESH_WORKER__DEAD_LETTER_TOPIC", format!("{run}.dead")));
     env.push(("MAILMESH_WORKER__HOSTNAME", "mx.acme.test".into()));

@@ -103,6 +103,10 @@ async fn rolling_restarts_behind_haproxy_lose_and_duplicate_nothing() {
         env.push(("MAILMESH_WORKER__TOPIC", topic.clone()));
         env.push(("MAILMESH_WORKER__TOPIC_PARTITIONS", "4".into()));
         env.push(("MAILMESH_WORKER__GROUP", format!("{run}.workers")));
+        env.push((
+            "MAILMESH_WORKER__RETRY_PREFIX",
+            format!("{run}/local-retry"),
+        ));
         // Its own outbound group too: the default name is shared with every other
         // test's workers on the same broker, whose comings and goings would rebalance
         // (and, on tansu, can wedge) this test's group.

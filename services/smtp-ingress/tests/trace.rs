@@ -86,6 +86,7 @@ async fn a_message_is_one_trace_from_smtp_to_mailbox() {
             )
             .unwrap(),
         ),
+        Arc::new(mailmesh_cache::memory::MemoryCache::new()),
         WorkerConfig::default(),
     );
     tokio::spawn(worker.run(shutdown.clone()));

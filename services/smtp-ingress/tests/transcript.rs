@@ -62,6 +62,7 @@ async fn a_message_is_queued_then_delivered() {
         s.queue.clone(),
         s.objects.clone(),
         Arc::new(s.engine.clone()),
+        Arc::new(mailmesh_cache::memory::MemoryCache::new()),
         WorkerConfig::default(),
     );
     tokio::spawn(worker.run(shutdown.clone()));

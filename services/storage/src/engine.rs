@@ -96,6 +96,9 @@ pub struct StorageConfig {
     /// Where the delivery workers keep outbound mail waiting for a retry (their
     /// `outbound.retry_prefix`), for `mailctl queue`.
     pub outbound_retry_prefix: String,
+    /// Where they keep mail for local mailboxes waiting for a retry (their
+    /// `worker.retry_prefix`), for `mailctl queue`.
+    pub local_retry_prefix: String,
     /// Password hashes computed at once (each Argon2id run takes 19 MiB); default
     /// the number of CPUs.
     pub password_threads: usize,
@@ -170,6 +173,7 @@ impl Default for StorageConfig {
             max_message_bytes: 64 << 20,
             index_limits: IndexLimits::default(),
             outbound_retry_prefix: crate::retry_index::DEFAULT_PREFIX.into(),
+            local_retry_prefix: crate::retry_index::LOCAL_PREFIX.into(),
             owned_partitions: true,
             owner_session_timeout: Duration::from_secs(6),
             standbys: 1,

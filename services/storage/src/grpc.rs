@@ -793,29 +793,55 @@ fn ms(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Which index a waiting message is in: `local` (for a mailbox here) or `outbound`.
+type Stage = &'static str;
+
 impl StorageService {
-    /// The waiting entries of `queue_id` (the first `limit` of all when empty), in
-    /// due order.
+    /// The two due-time indexes the delivery workers keep, with their stage names.
+    fn retry_indexes(&self) -> [(Stage, &str); 2] {
+        let config = self.engine.config();
+        [
+            ("local", config.local_retry_prefix.as_str()),
+            ("outbound", config.outbound_retry_prefix.as_str()),
+        ]
+    }
+
+    /// The waiting entries of `queue_id` (the first `limit` of all when empty),
+    /// local and outbound together, in due order; each with its index's prefix.
     async fn waiting(
         &self,
         queue_id: &str,
         limit: usize,
-    ) -> Result<Vec<retry_index::Waiting>, Status> {
-        let prefix = &self.engine.config().outbound_retry_prefix;
+    ) -> Result<Vec<(Stage, &str, retry_index::Waiting)>, Status> {
         let objects = &**self.engine.objects();
-        let found = if queue_id.is_empty() {
-            retry_index::list(objects, prefix, limit).await
+        let id = if queue_id.is_empty() {
+            None
         } else {
-            let id = queue_id
-                .to_ascii_lowercase()
-                .parse()
-                .map_err(|_| Status::invalid_argument("queue_id: 32 hex digits"))?;
-            retry_index::find(objects, prefix, id).await
+            Some(
+                queue_id
+                    .to_ascii_lowercase()
+                    .parse()
+                    .map_err(|_| Status::invalid_argument("queue_id: 32 hex digits"))?,
+            )
         };
-        found.map_err(|e| Status::unavailable(format!("object store: {e}")))
+        let mut all = Vec::new();
+        for (stage, prefix) in self.retry_indexes() {
+            let found = match id {
+                None => retry_index::list(objects, prefix, limit).await,
+                Some(id) => retry_index::find(objects, prefix, id).await,
+            };
+            let found = found.map_err(|e| Status::unavailable(format!("object store: {e}")))?;
+            all.extend(found.into_iter().map(|w| (stage, prefix, w)));
+        }
+        all.sort_by_key(|(_, _, w)| w.due);
+        all.truncate(limit);
+        Ok(all)
     }
 
-    async fn one_waiting(&self, queue_id: &str) -> Result<Vec<retry_index::Waiting>, Status> {
+    async fn one_waiting(
+        &self,
+        queue_id: &str,
+    ) -> Result<Vec<(Stage, &str, retry_index::Waiting)>, Status> {
         if queue_id.is_empty() {
             return Err(Status::invalid_argument("queue_id: 32 hex digits"));
         }
@@ -836,12 +862,7 @@ impl OutboundQueue for StorageService {
         let r = r.into_inner();
         let limit = if r.limit == 0 { 1000 } else { r.limit as usize };
         let mut messages = Vec::new();
-        for w in self
-            .waiting(&r.queue_id, limit)
-            .await?
-            .into_iter()
-            .take(limit)
-        {
+        for (stage, _, w) in self.waiting(&r.queue_id, limit).await? {
             let headers = if r.headers {
                 match &w.envelope.body {
                     mailmesh_types::BodyRef::Inline(b) => header_section(b),
@@ -878,14 +899,14 @@ impl OutboundQueue for StorageService {
                 size: w.envelope.body.size(),
                 delay_notified: w.delay_notified,
                 headers,
+                stage: stage.into(),
             });
         }
         Ok(Response::new(v1::ListWaitingResponse { messages }))
     }
 
     async fn retry_waiting(&self, r: Request<v1::QueueIdRequest>) -> Reply<v1::Empty> {
-        let prefix = &self.engine.config().outbound_retry_prefix;
-        for w in self.one_waiting(&r.into_inner().queue_id).await? {
+        for (_, prefix, w) in self.one_waiting(&r.into_inner().queue_id).await? {
             retry_index::due_now(&**self.engine.objects(), prefix, &w)
                 .await
                 .map_err(|e| Status::unavailable(format!("object store: {e}")))?;
@@ -894,8 +915,8 @@ impl OutboundQueue for StorageService {
     }
 
     async fn delete_waiting(&self, r: Request<v1::QueueIdRequest>) -> Reply<v1::Empty> {
-        for w in self.one_waiting(&r.into_inner().queue_id).await? {
-            tracing::warn!(queue_id = %w.queue_id, recipients = w.envelope.recipients.len(), "deleting waiting outbound mail on request");
+        for (stage, _, w) in self.one_waiting(&r.into_inner().queue_id).await? {
+            tracing::warn!(queue_id = %w.queue_id, recipients = w.envelope.recipients.len(), stage, "deleting waiting mail on request");
             retry_index::remove(&**self.engine.objects(), &w.key)
                 .await
                 .map_err(|e| Status::unavailable(format!("object store: {e}")))?;

@@ -16,8 +16,11 @@ use mailmesh_objstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use mailmesh_proto::{decode_envelope, encode_envelope};
 use mailmesh_types::{Envelope, EnvelopeLimits, QueueId};
 
-/// Where the index lives unless configured otherwise.
+/// Where the index of mail for other domains lives unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "outbound/retry";
+/// Where the index of mail for local mailboxes (a full mailbox, storage not
+/// answering) lives unless configured otherwise.
+pub const LOCAL_PREFIX: &str = "local/retry";
 const MAGIC: &[u8] = b"MMRETRY1 ";
 
 /// A message waiting for another attempt.

@@ -38,6 +38,7 @@ fn config(run: &str) -> StorageConfig {
         max_message_bytes: 1 << 20,
         index_limits: IndexLimits::default(),
         outbound_retry_prefix: format!("{run}/retry"),
+        local_retry_prefix: format!("{run}/local-retry"),
         // Short test passwords; the policy has tests of its own.
         password_policy: mailmesh_storage::password_policy::PasswordPolicy::relaxed(),
         ..StorageConfig::default()

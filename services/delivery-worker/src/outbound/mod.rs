@@ -152,6 +152,20 @@ fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D:
 const ATTEMPTS: &str = "mailmesh-attempts";
 const DELAY_NOTIFIED: &str = "mailmesh-delay-notified";
 
+/// What a due entry's record carries of its waits: attempts made, notice sent.
+fn retry_headers(waiting: &schedule::Waiting) -> Vec<(String, Bytes)> {
+    vec![
+        (
+            ATTEMPTS.to_owned(),
+            Bytes::from(waiting.attempts.to_string()),
+        ),
+        (
+            DELAY_NOTIFIED.to_owned(),
+            Bytes::from_static(if waiting.delay_notified { b"1" } else { b"0" }),
+        ),
+    ]
+}
+
 /// A record ready for its attempt.
 struct Job {
     envelope: Envelope,
@@ -278,7 +292,19 @@ impl Outbound {
                 .ensure_topic(t, self.worker.topic_partitions)
                 .await?;
         }
-        let scanner = tokio::spawn(self.clone().scan(shutdown.clone()));
+        let scanner = tokio::spawn(
+            crate::due::DueScan {
+                objects: self.objects.clone(),
+                cache: self.cache.clone(),
+                queue: self.queue.clone(),
+                prefix: self.config.retry_prefix.clone(),
+                topic: topic.clone(),
+                lock: "outbound:retry",
+                every: self.config.retry_scan_interval,
+                headers: retry_headers,
+            }
+            .run(shutdown.clone()),
+        );
         let sweeper = tokio::spawn(self.clone().sweep(shutdown.clone()));
         let this = self.clone();
         let consumed = consume(
@@ -610,40 +636,6 @@ impl Outbound {
         Ok(())
     }
 
-    /// Publishes due entries of the index to the outbound topic again. The cache
-    /// decides which worker takes an entry; without the cache nothing is taken (a
-    /// retry waits rather than going out twice).
-    async fn scan(self: Arc<Self>, shutdown: Shutdown) {
-        loop {
-            tokio::select! {
-                _ = shutdown.closing() => return,
-                _ = tokio::time::sleep(self.config.retry_scan_interval) => {}
-            }
-            let keys = match schedule::due(
-                &*self.objects,
-                &self.config.retry_prefix,
-                SystemTime::now(),
-                1000,
-            )
-            .await
-            {
-                Ok(keys) => keys,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the retry index failed");
-                    continue;
-                }
-            };
-            for key in keys {
-                if shutdown.is_closing() {
-                    return;
-                }
-                if let Err(e) = self.requeue(&key).await {
-                    tracing::warn!(%key, error = %e, "re-queueing a due message failed");
-                }
-            }
-        }
-    }
-
     /// Removes queue bodies no record can need any more (`bodies::sweep`), one
     /// worker at a time: the cache lock is kept for the interval, so the others skip
     /// it; without the cache nobody sweeps.
@@ -675,46 +667,6 @@ impl Outbound {
                 Err(e) => tracing::warn!(error = %e, "the queue-body sweep failed"),
             }
         }
-    }
-
-    async fn requeue(&self, key: &str) -> anyhow::Result<()> {
-        let lock = format!("outbound:retry:{key}");
-        let Some(token) = self.cache.try_lock(&lock, Duration::from_secs(300)).await? else {
-            return Ok(());
-        };
-        let result = async {
-            let Some(waiting) = schedule::get(&*self.objects, key).await? else {
-                return Ok(());
-            };
-            let headers = vec![
-                (
-                    ATTEMPTS.to_owned(),
-                    Bytes::from(waiting.attempts.to_string()),
-                ),
-                (
-                    DELAY_NOTIFIED.to_owned(),
-                    Bytes::from_static(if waiting.delay_notified { b"1" } else { b"0" }),
-                ),
-            ];
-            publish_envelope(
-                &*self.queue,
-                &self.worker.outbound_topic,
-                &waiting.envelope,
-                headers,
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!(e.0))?;
-            schedule::remove(&*self.objects, key).await?;
-            anyhow::Ok(())
-        }
-        .await;
-        // A failed removal keeps the lock until it expires, so the entry is not
-        // published again at the next scan (recipients already done are skipped
-        // after that anyway).
-        if result.is_ok() {
-            let _ = self.cache.unlock(&lock, &token).await;
-        }
-        result
     }
 
     fn destination(&self, domain: &str) -> Arc<Semaphore> {

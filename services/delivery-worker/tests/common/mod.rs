@@ -39,6 +39,9 @@ pub fn worker_config(run: &str) -> WorkerConfig {
         retry_initial: Duration::from_millis(50),
         retry_max: Duration::from_millis(200),
         retry_window: Duration::from_secs(2),
+        requeue_max: Duration::from_millis(500),
+        retry_prefix: format!("{run}/local-retry"),
+        retry_scan_interval: Duration::from_millis(100),
         hostname: "mx.acme.test".into(),
         ..WorkerConfig::default()
     }
@@ -115,6 +118,7 @@ impl Setup {
             self.queue.clone(),
             self.objects.clone(),
             Arc::new(self.engine.clone()),
+            Arc::new(mailmesh_cache::memory::MemoryCache::new()),
             self.config.clone(),
         );
         let s = shutdown.clone();

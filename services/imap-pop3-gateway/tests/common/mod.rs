@@ -58,6 +58,7 @@ pub async fn real_site() -> Site {
         directory_topic: format!("{run}.directory"),
         mailbox_topic: format!("{run}.mailboxes"),
         outbound_retry_prefix: format!("{run}/retry"),
+        local_retry_prefix: format!("{run}/local-retry"),
         mailbox_partitions: 2,
         password_policy: mailmesh_storage::password_policy::PasswordPolicy::relaxed(),
         ..Default::default()
