@@ -90,7 +90,9 @@ def satisfiable(expression):
 def main():
     metadata = json.loads(
         subprocess.run(
-            ["cargo", "metadata", "--format-version", "1", "--locked", "--offline"],
+            # Not --offline: metadata names every platform's dependencies, which a
+            # fresh machine's build never downloaded (android_system_properties…).
+            ["cargo", "metadata", "--format-version", "1", "--locked"],
             check=True,
             capture_output=True,
         ).stdout

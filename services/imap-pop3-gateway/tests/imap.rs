@@ -238,6 +238,80 @@ fn last(lines: &[String]) -> &str {
     lines.last().map(String::as_str).unwrap_or_default()
 }
 
+/// RFC 3501 §2.3.2: a message is `\Recent` to exactly one IMAP4rev1 session, the
+/// first to learn of it, on whichever pod; EXAMINE shows it without taking it
+/// (§6.3.2); STATUS counts what no session was told about; IMAP4rev2 never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_goes_to_exactly_one_session_across_pods() {
+    let site = site().await;
+    let (one, _) = pod(&site, plaintext()).await;
+    let (two, _) = pod(&site, plaintext()).await;
+    let recent = |r: &[String]| -> Option<u32> {
+        r.iter().find_map(|l| {
+            l.strip_prefix("* ")?
+                .strip_suffix(" RECENT\r\n")?
+                .parse()
+                .ok()
+        })
+    };
+    let mut status = Raw::login(two).await;
+    let r = status.cmd("s1", "STATUS INBOX (MESSAGES RECENT)").await;
+    assert_eq!(r[0], "* STATUS INBOX (MESSAGES 3 RECENT 3)\r\n", "{r:?}");
+    // EXAMINE sees the three as recent and takes nothing.
+    let mut examine = Raw::login(two).await;
+    let r = examine.cmd("e1", "EXAMINE INBOX").await;
+    assert_eq!(recent(&r), Some(3), "{r:?}");
+    let r = status.cmd("s2", "STATUS INBOX (RECENT)").await;
+    assert_eq!(r[0], "* STATUS INBOX (RECENT 3)\r\n", "{r:?}");
+    // The first SELECT takes them: FLAGS and SEARCH say so.
+    let mut a = Raw::login(one).await;
+    let r = a.cmd("a1", "SELECT INBOX").await;
+    assert_eq!(recent(&r), Some(3), "{r:?}");
+    let r = a.cmd("a2", "FETCH 1 FLAGS").await;
+    assert!(r[0].contains("\\Recent"), "{r:?}");
+    let r = a.cmd("a3", "SEARCH RECENT").await;
+    assert_eq!(r[0], "* SEARCH 1 2 3\r\n", "{r:?}");
+    let r = status.cmd("s3", "STATUS INBOX (RECENT)").await;
+    assert_eq!(r[0], "* STATUS INBOX (RECENT 0)\r\n", "{r:?}");
+    // A second SELECT, on the other pod, gets none of them.
+    let mut b = Raw::login(two).await;
+    let r = b.cmd("b1", "SELECT INBOX").await;
+    assert_eq!(recent(&r), Some(0), "{r:?}");
+    let r = b.cmd("b2", "SEARCH NEW").await;
+    assert_eq!(r[0], "* SEARCH\r\n", "{r:?}");
+    let r = b.cmd("b3", "SEARCH OLD").await;
+    assert_eq!(r[0], "* SEARCH 1 2 3\r\n", "{r:?}");
+    let r = b.cmd("b4", "FETCH 1 FLAGS").await;
+    assert!(!r[0].contains("\\Recent"), "{r:?}");
+    // A new message goes to exactly one of the two selected sessions.
+    deliver(&site, "recent/4", "Subject: fresh\r\n\r\nnew\r\n").await;
+    let mut told = Vec::new();
+    for (c, base) in [(&mut a, 3u32), (&mut b, 0)] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let count = loop {
+            let r = c.cmd("n", "NOOP").await;
+            if r.iter().any(|l| l == "* 4 EXISTS\r\n") {
+                break recent(&r).expect("RECENT follows EXISTS");
+            }
+            assert!(std::time::Instant::now() < deadline, "never told: {r:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        told.push(count - base);
+    }
+    told.sort_unstable();
+    assert_eq!(
+        told,
+        [0, 1],
+        "exactly one session has the new message as recent"
+    );
+    let r = status.cmd("s4", "STATUS INBOX (RECENT)").await;
+    assert_eq!(r[0], "* STATUS INBOX (RECENT 0)\r\n", "{r:?}");
+    // The EXAMINE session learned of it too, and was shown nothing more than
+    // what was still unclaimed when it looked.
+    let r = examine.cmd("e2", "SEARCH RECENT").await;
+    assert!(r.iter().any(|l| l == "* SEARCH 1 2 3\r\n"), "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transcripts_of_the_edges() {
     let site = site().await;
@@ -359,7 +433,10 @@ async fn transcripts_of_the_edges() {
     );
     // A message fetched without PEEK reports its new \Seen even without FLAGS.
     let r = c.cmd("y1", "FETCH 3 BODY[TEXT]").await;
-    assert!(r.iter().any(|l| l.contains("FLAGS (\\Seen)")), "{r:?}");
+    assert!(
+        r.iter().any(|l| l.contains("FLAGS (\\Recent \\Seen)")),
+        "{r:?}"
+    );
     let r = c.cmd("v", "CREATE INBOX").await;
     assert!(last(&r).starts_with("v NO"), "{r:?}");
     let r = c.cmd("w", "SELECT Nowhere").await;
@@ -422,8 +499,9 @@ async fn idle_on_one_pod_sees_changes_made_through_another_and_new_mail() {
     let r = changer.cmd("f", "STORE 2 +FLAGS.SILENT (\\Flagged)").await;
     assert!(last(&r).starts_with("f OK"), "{r:?}");
     let line = watcher.line().await;
+    // The watcher selected first: the three messages are recent to it.
     assert!(
-        line.starts_with("* 2 FETCH (UID 2 FLAGS (\\Flagged))"),
+        line.starts_with("* 2 FETCH (UID 2 FLAGS (\\Flagged \\Recent))"),
         "{line}"
     );
     let flag_seen = started.elapsed();
@@ -435,7 +513,7 @@ async fn idle_on_one_pod_sees_changes_made_through_another_and_new_mail() {
     changer.cmd("y", "EXPUNGE").await;
     // The flag change and then the expunge reach the idler.
     let mut saw_expunge = false;
-    for _ in 0..3 {
+    for _ in 0..4 {
         let line = watcher.line().await;
         if line == "* 1 EXPUNGE\r\n" {
             saw_expunge = true;
@@ -518,6 +596,8 @@ async fn sessions_of_one_user_share_one_change_stream() {
     deliver(&site, "shared/1", "Subject: four\r\n\r\nnew\r\n").await;
     for c in &mut idlers {
         assert_eq!(c.line().await, "* 4 EXISTS\r\n");
+        // IMAP4rev1 sessions: one of them has it as \Recent.
+        assert!(c.line().await.ends_with(" RECENT\r\n"));
     }
     // One leaves; the others are still told, through the same stream.
     let mut gone = idlers.remove(0);
@@ -529,6 +609,7 @@ async fn sessions_of_one_user_share_one_change_stream() {
     deliver(&site, "shared/2", "Subject: five\r\n\r\nnew\r\n").await;
     for c in &mut idlers {
         assert_eq!(c.line().await, "* 5 EXISTS\r\n");
+        assert!(c.line().await.ends_with(" RECENT\r\n"));
     }
     // When the last session of the user ends, the stream is closed.
     for (i, mut c) in idlers.into_iter().enumerate() {
@@ -745,7 +826,12 @@ async fn transcripts_of_esearch_list_extended_names_and_imap4rev2() {
         .await
         .unwrap();
     assert!(names.iter().any(|n| n == "Entwürfe/2026"), "{names:?}");
+    // CREATE does not subscribe (RFC 3501 §6.3.6: subscriptions are the client's).
     let r = c.cmd("c", "LIST \"\" \"Entw&APw-rfe/*\"").await;
+    assert_eq!(r[0], "* LIST (\\HasNoChildren) \"/\" Entw&APw-rfe/2026\r\n");
+    let r = c.cmd("c2", "SUBSCRIBE Entw&APw-rfe/2026").await;
+    assert!(last(&r).starts_with("c2 OK"), "{r:?}");
+    let r = c.cmd("c3", "LIST \"\" \"Entw&APw-rfe/*\"").await;
     assert_eq!(
         r[0],
         "* LIST (\\HasNoChildren \\Subscribed) \"/\" Entw&APw-rfe/2026\r\n"
@@ -782,6 +868,75 @@ async fn transcripts_of_esearch_list_extended_names_and_imap4rev2() {
         "{r:?}"
     );
     assert!(!r.iter().any(|l| l.contains("INBOX")), "{r:?}");
+    // Several patterns in one LIST (RFC 5258 §3): each match once.
+    let r = c.cmd("l1", "LIST \"\" (INBOX \"Sen*\" inbox)").await;
+    let names: Vec<&String> = r.iter().filter(|l| l.starts_with("* LIST")).collect();
+    assert_eq!(names.len(), 2, "{r:?}");
+    assert!(
+        names[0].ends_with(" INBOX\r\n") || names[1].ends_with(" INBOX\r\n"),
+        "{r:?}"
+    );
+    assert!(names.iter().any(|l| l.ends_with(" Sent\r\n")), "{r:?}");
+    // Unknown options and RECURSIVEMATCH alone are BAD.
+    for (t, command) in [
+        ("l2", "LIST (FOO) \"\" *"),
+        ("l3", "LIST (RECURSIVEMATCH) \"\" *"),
+        ("l4", "LIST \"\" * RETURN (BOGUS)"),
+    ] {
+        let r = c.cmd(t, command).await;
+        assert!(
+            last(&r).starts_with(&format!("{t} BAD")),
+            "{command}: {r:?}"
+        );
+    }
+    // RECURSIVEMATCH: a name not subscribed itself, with a subscribed mailbox below
+    // it, is listed with CHILDINFO; without RECURSIVEMATCH it is not.
+    c.cmd("r1", "CREATE Projekt/Alpha").await;
+    c.cmd("r2", "CREATE Projekt").await;
+    let r = c.cmd("r3", "SUBSCRIBE Projekt/Alpha").await;
+    assert!(last(&r).starts_with("r3 OK"), "{r:?}");
+    let r = c.cmd("r4", "LIST (SUBSCRIBED RECURSIVEMATCH) \"\" %").await;
+    assert!(
+        r.iter()
+            .any(|l| l
+                == "* LIST (\\HasChildren) \"/\" Projekt (\"CHILDINFO\" (\"SUBSCRIBED\"))\r\n"),
+        "{r:?}"
+    );
+    assert!(
+        !r.iter().any(|l| l.contains("Projekt/Alpha")),
+        "% stops at the level: {r:?}"
+    );
+    let r = c.cmd("r5", "LIST (SUBSCRIBED) \"\" %").await;
+    assert!(!r.iter().any(|l| l.contains("Projekt")), "{r:?}");
+    // Subscriptions are names (RFC 3501 §6.3.6): one without a mailbox is taken,
+    // listed as \NonExistent (\Noselect in LSUB), and DELETE keeps it.
+    let r = c.cmd("s1", "SUBSCRIBE Nowhere/Deep").await;
+    assert!(last(&r).starts_with("s1 OK"), "{r:?}");
+    let r = c.cmd("s2", "LIST (SUBSCRIBED) \"\" \"Nowhere*\"").await;
+    assert_eq!(
+        r[0], "* LIST (\\NonExistent \\Subscribed) \"/\" Nowhere/Deep\r\n",
+        "{r:?}"
+    );
+    let r = c.cmd("s3", "LSUB \"\" \"Nowhere*\"").await;
+    assert_eq!(r[0], "* LSUB (\\Noselect) \"/\" Nowhere/Deep\r\n", "{r:?}");
+    let r = c.cmd("s4", "LIST \"\" \"Nowhere*\"").await;
+    assert!(last(&r).starts_with("s4 OK") && r.len() == 1, "{r:?}");
+    let r = c
+        .cmd("s5", "LIST (SUBSCRIBED RECURSIVEMATCH) \"\" Nowhere")
+        .await;
+    assert_eq!(
+        r[0], "* LIST (\\NonExistent) \"/\" Nowhere (\"CHILDINFO\" (\"SUBSCRIBED\"))\r\n",
+        "{r:?}"
+    );
+    c.cmd("s6", "CREATE Gone").await;
+    c.cmd("s7", "SUBSCRIBE Gone").await;
+    let r = c.cmd("s8", "DELETE Gone").await;
+    assert!(last(&r).starts_with("s8 OK"), "{r:?}");
+    let r = c.cmd("s9", "LIST (SUBSCRIBED) \"\" Gone").await;
+    assert_eq!(
+        r[0], "* LIST (\\NonExistent \\Subscribed) \"/\" Gone\r\n",
+        "{r:?}"
+    );
     // ESEARCH with RETURN options.
     c.cmd("g", "SELECT INBOX").await;
     c.cmd("h", "STORE 2 +FLAGS (\\Seen)").await;
@@ -1001,6 +1156,17 @@ async fn transcripts_of_binary() {
     assert!(last(&r).starts_with("b OK"), "{r:?}");
     let r = c.cmd("c", "FETCH 4 BINARY.PEEK[3]").await;
     assert!(last(&r).starts_with("c NO [UNKNOWN-CTE]"), "{r:?}");
+    // A partial BINARY answer names its origin (RFC 3516 §4.2), the full one not.
+    let r = c
+        .cmd(
+            "p",
+            "FETCH 4 (BINARY.PEEK[1]<1.3> BINARY.PEEK[1] BINARY.PEEK[1]<9.2>)",
+        )
+        .await;
+    assert_eq!(
+        r[0], "* 4 FETCH (BINARY[1]<1> \"ell\" BINARY[1] \"hello\" BINARY[1]<9> \"\")\r\n",
+        "{r:?}"
+    );
     // APPEND of a literal8 (binary content) is accepted.
     c.send("d APPEND INBOX ~{7+}\r\nA\0\r\n\r\nx\r\n").await;
     let r = c.until("d").await;
@@ -1231,6 +1397,14 @@ async fn read_only_commands_write_no_log_records() {
         let (port, _) = pod(&site, plaintext()).await;
         let records = mailmesh_storage::testing::records_published;
         let mut c = Raw::login(port).await;
+        // The first SELECT after new mail takes it as its \Recent (one record, by
+        // design: RFC 3501 §2.3.2); from then on reads write nothing.
+        let r = c.cmd("p", "SELECT INBOX").await;
+        assert!(
+            r.iter()
+                .any(|l| l.ends_with(" RECENT\r\n") && l != "* 0 RECENT\r\n"),
+            "{r:?}"
+        );
         let before = records();
         for (tag, command) in [
             ("a", "SELECT INBOX"),

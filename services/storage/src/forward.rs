@@ -408,6 +408,18 @@ impl MailboxesApi for Routed {
             resend_if_unreached = true
         )
     }
+    async fn claim_recent(
+        &self,
+        r: Request<v1::ClaimRecentRequest>,
+    ) -> Reply<v1::ClaimRecentResponse> {
+        routed!(
+            self,
+            r,
+            claim_recent,
+            |r: &v1::ClaimRecentRequest| r.user.clone(),
+            resend_if_unreached = false
+        )
+    }
     async fn list_changes(&self, r: Request<v1::ChangesRequest>) -> Reply<v1::ChangesResponse> {
         routed!(
             self,

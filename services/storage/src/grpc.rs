@@ -301,15 +301,16 @@ fn ranges(r: &[v1::UidRange]) -> Result<Vec<UidRange>, Status> {
         .collect())
 }
 
-fn mailbox_info(m: &Mailbox) -> v1::MailboxInfo {
+fn mailbox_info(m: &Mailbox, subscribed: bool) -> v1::MailboxInfo {
     let status = m.status();
     v1::MailboxInfo {
         name: m.name.clone(),
         special_use: m.role.map(|r| r.attribute().to_owned()).unwrap_or_default(),
-        subscribed: m.subscribed,
+        subscribed,
         messages: status.messages,
         unseen: status.unseen,
         deleted: status.deleted,
+        recent: status.recent,
         uid_next: status.uidnext,
         uid_validity: status.uidvalidity,
         highest_modseq: status.highest_modseq,
@@ -981,10 +982,22 @@ impl StorageService {
         name: &str,
         f: impl FnOnce(&Mailbox) -> R,
     ) -> Result<R, Status> {
+        self.user_mailbox_view(user, name, |_, m| f(m)).await
+    }
+
+    /// As [`Self::mailbox_view`], with the user's whole index at hand.
+    async fn user_mailbox_view<R>(
+        &self,
+        user: &UserRef,
+        name: &str,
+        f: impl FnOnce(&crate::index::UserIndex, &Mailbox) -> R,
+    ) -> Result<R, Status> {
         let canonical = crate::index::canonical_name(name, &self.engine.config().index_limits)
             .map_err(EngineError::from)?;
         self.engine
-            .read_index(user, |i| i.and_then(|i| i.mailbox(&canonical)).map(f))
+            .read_index(user, |i| {
+                i.and_then(|i| i.mailbox(&canonical).map(|m| f(i, m)))
+            })
             .await?
             .ok_or_else(|| Status::not_found(format!("mailbox {canonical}")))
     }
@@ -1085,15 +1098,28 @@ impl MailboxesApi for StorageService {
     async fn list_mailboxes(&self, r: Request<v1::UserRef>) -> Reply<v1::ListMailboxesResponse> {
         let caller = caller(&r)?;
         let user = self.user_at(&caller, Some(r.into_inner())).await?;
-        let mailboxes = self
+        let (mailboxes, subscribed_without_mailbox) = self
             .engine
             .read_index(&user, |i| {
-                i.map(|i| i.mailboxes().map(mailbox_info).collect())
+                i.map(|i| {
+                    let mailboxes = i
+                        .mailboxes()
+                        .map(|m| mailbox_info(m, i.is_subscribed(&m.name)))
+                        .collect();
+                    let missing = i.subscribed_without_mailbox().map(str::to_owned).collect();
+                    (mailboxes, missing)
+                })
             })
             .await?
             .unwrap_or_default();
-        self.answer(&user, v1::ListMailboxesResponse { mailboxes })
-            .await
+        self.answer(
+            &user,
+            v1::ListMailboxesResponse {
+                mailboxes,
+                subscribed_without_mailbox,
+            },
+        )
+        .await
     }
 
     async fn create_mailbox(&self, r: Request<v1::MailboxRequest>) -> Reply<v1::Empty> {
@@ -1158,7 +1184,10 @@ impl MailboxesApi for StorageService {
         let user = self.user_at(&caller, r.user).await?;
         self.answer(
             &user,
-            self.mailbox_view(&user, &r.mailbox, mailbox_info).await?,
+            self.user_mailbox_view(&user, &r.mailbox, |i, m| {
+                mailbox_info(m, i.is_subscribed(&m.name))
+            })
+            .await?,
         )
         .await
     }
@@ -1176,6 +1205,7 @@ impl MailboxesApi for StorageService {
                 messages: m.messages.values().map(message_info).collect(),
                 uid_next: m.uidnext,
                 highest_modseq: m.highest_modseq,
+                first_recent_uid: m.first_recent_uid,
             })
             .await?;
         self.answer(&user, response).await
@@ -1352,6 +1382,7 @@ impl MailboxesApi for StorageService {
                     complete: m.expunges_complete_since(since, limit),
                     uid_next: m.uidnext,
                     highest_modseq: m.highest_modseq,
+                    first_recent_uid: m.first_recent_uid,
                     ..Default::default()
                 };
                 // Nothing else is sent when it could not be used.
@@ -1368,6 +1399,31 @@ impl MailboxesApi for StorageService {
             })
             .await?;
         self.answer(&user, response).await
+    }
+
+    async fn claim_recent(
+        &self,
+        r: Request<v1::ClaimRecentRequest>,
+    ) -> Reply<v1::ClaimRecentResponse> {
+        let caller = caller(&r)?;
+        let r = r.into_inner();
+        let user = self.user_at(&caller, r.user).await?;
+        let outcome = self
+            .engine
+            .index(
+                &user,
+                crate::index::IndexCommand::ClaimRecent {
+                    mailbox: r.mailbox,
+                    uidvalidity: r.uid_validity,
+                    up_to: r.up_to,
+                },
+            )
+            .await?;
+        let crate::index::IndexOutcome::RecentClaimed { from, to } = outcome else {
+            return Err(Status::internal("unexpected outcome of a recent claim"));
+        };
+        self.answer(&user, v1::ClaimRecentResponse { from, to })
+            .await
     }
 
     async fn vanished(&self, r: Request<v1::VanishedRequest>) -> Reply<v1::VanishedResponse> {
@@ -1619,6 +1675,7 @@ mod tests {
             ("Mailboxes", "AppendStream", &[Gateway, Storage]),
             ("Mailboxes", "Watch", &[Gateway, Storage]),
             ("Mailboxes", "ListChanges", &[Gateway, Storage]),
+            ("Mailboxes", "ClaimRecent", &[Gateway, Storage]),
             ("Mailboxes", "TenantUsage", &[Storage]),
         ];
         for (service, method, allowed) in made {

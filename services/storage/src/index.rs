@@ -210,7 +210,6 @@ pub struct Mailbox {
     pub id: MailboxId,
     pub name: String,
     pub role: Option<SpecialUse>,
-    pub subscribed: bool,
     pub uidvalidity: u32,
     pub uidnext: Uid,
     pub highest_modseq: ModSeq,
@@ -223,6 +222,9 @@ pub struct Mailbox {
     /// log may have been trimmed without a record of it.
     #[serde(default)]
     pub vanished_floor: Option<ModSeq>,
+    /// The lowest UID no IMAP session has been told is recent (RFC 3501 §2.3.2):
+    /// messages from here on are `\Recent` to the next session that claims them.
+    pub first_recent_uid: Uid,
 }
 
 impl Mailbox {
@@ -235,6 +237,7 @@ impl Mailbox {
             uidvalidity: self.uidvalidity,
             highest_modseq: self.highest_modseq,
             size: self.messages.values().map(|m| m.size).sum(),
+            recent: self.messages.range(self.first_recent_uid..).count() as u32,
         }
     }
 
@@ -287,6 +290,9 @@ pub struct MailboxStatus {
     pub uidvalidity: u32,
     pub highest_modseq: ModSeq,
     pub size: u64,
+    /// Messages no session has been told about yet (STATUS RECENT).
+    #[serde(default)]
+    pub recent: u32,
 }
 
 /// An inclusive UID range (`4:9`); `4:4` is one UID.
@@ -383,6 +389,14 @@ pub enum IndexCommand {
         mailbox: String,
         uids: Option<Vec<UidRange>>,
     },
+    /// An IMAP4rev1 session takes the messages below `up_to` that no session was
+    /// told about as its `\Recent` ones (RFC 3501 §2.3.2): the log's order decides
+    /// which session gets each message, across pods.
+    ClaimRecent {
+        mailbox: String,
+        uidvalidity: u32,
+        up_to: Uid,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -419,6 +433,11 @@ pub enum IndexOutcome {
         mailbox: MailboxId,
         /// Removed UIDs with their objects, which the proposer deletes.
         removed: Vec<(Uid, String)>,
+    },
+    /// UIDs `from..to` are this session's recent messages (none when equal).
+    RecentClaimed {
+        from: Uid,
+        to: Uid,
     },
     /// A rename; renaming INBOX moves its messages to the new mailbox (RFC 3501).
     Renamed {
@@ -465,6 +484,90 @@ pub struct UserIndex {
     used_bytes: u64,
     deliveries: BTreeMap<String, Delivered>,
     initialised: bool,
+    /// Subscribed names (canonical), a list of its own (RFC 3501 §6.3.6): a name
+    /// may be subscribed with no mailbox, and stays subscribed across DELETE.
+    subscriptions: BTreeSet<String>,
+}
+
+/// A user's index as written before subscriptions were names (user format 1, v1
+/// snapshots): a flag on each mailbox. Read only, to convert.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub(crate) struct LegacyUserIndex {
+    mailboxes: BTreeMap<MailboxId, LegacyMailbox>,
+    next_mailbox_id: u32,
+    last_uidvalidity: u32,
+    used_bytes: u64,
+    deliveries: BTreeMap<String, Delivered>,
+    initialised: bool,
+}
+
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct LegacyMailbox {
+    id: MailboxId,
+    name: String,
+    role: Option<SpecialUse>,
+    subscribed: bool,
+    uidvalidity: u32,
+    uidnext: Uid,
+    highest_modseq: ModSeq,
+    messages: BTreeMap<Uid, Message>,
+    expunged: BTreeMap<Uid, ModSeq>,
+    #[serde(default)]
+    vanished_floor: Option<ModSeq>,
+}
+
+/// `index` as a v1 snapshot held it (JSON, subscriptions as mailbox flags).
+#[cfg(test)]
+pub(crate) fn legacy_json(index: &UserIndex) -> serde_json::Value {
+    let mut v = serde_json::to_value(index).expect("serialisable");
+    v.as_object_mut().expect("object").remove("subscriptions");
+    for (_, m) in v["mailboxes"].as_object_mut().expect("mailboxes") {
+        let name = m["name"].as_str().unwrap_or_default().to_owned();
+        let m = m.as_object_mut().expect("mailbox");
+        m.remove("first_recent_uid");
+        m.insert("subscribed".into(), index.is_subscribed(&name).into());
+    }
+    v
+}
+
+impl From<LegacyUserIndex> for UserIndex {
+    fn from(old: LegacyUserIndex) -> Self {
+        let mut subscriptions = BTreeSet::new();
+        let mailboxes = old
+            .mailboxes
+            .into_iter()
+            .map(|(id, m)| {
+                if m.subscribed {
+                    subscriptions.insert(m.name.clone());
+                }
+                let mailbox = Mailbox {
+                    id: m.id,
+                    name: m.name,
+                    role: m.role,
+                    uidvalidity: m.uidvalidity,
+                    uidnext: m.uidnext,
+                    highest_modseq: m.highest_modseq,
+                    messages: m.messages,
+                    expunged: m.expunged,
+                    vanished_floor: m.vanished_floor,
+                    // Nothing stored before was recent to anyone.
+                    first_recent_uid: m.uidnext,
+                };
+                (id, mailbox)
+            })
+            .collect();
+        Self {
+            mailboxes,
+            next_mailbox_id: old.next_mailbox_id,
+            last_uidvalidity: old.last_uidvalidity,
+            used_bytes: old.used_bytes,
+            deliveries: old.deliveries,
+            initialised: old.initialised,
+            subscriptions,
+        }
+    }
 }
 
 /// Checks a client-given mailbox name and returns its canonical form (`INBOX` in any
@@ -524,7 +627,8 @@ impl UserIndex {
                     + m.expunged.len() * EXPUNGED
             })
             .sum();
-        std::mem::size_of::<Self>() + mailboxes + self.deliveries.len() * DELIVERY
+        let subscriptions: usize = self.subscriptions.iter().map(|n| n.len() + 48).sum();
+        std::mem::size_of::<Self>() + mailboxes + self.deliveries.len() * DELIVERY + subscriptions
     }
 
     pub fn mailboxes(&self) -> impl Iterator<Item = &Mailbox> {
@@ -533,6 +637,19 @@ impl UserIndex {
 
     pub fn mailbox(&self, name: &str) -> Option<&Mailbox> {
         self.mailboxes.values().find(|m| m.name == name)
+    }
+
+    /// Whether `name` (canonical) is subscribed.
+    pub fn is_subscribed(&self, name: &str) -> bool {
+        self.subscriptions.contains(name)
+    }
+
+    /// Subscribed names that no mailbox has (RFC 5258 `\NonExistent`).
+    pub fn subscribed_without_mailbox(&self) -> impl Iterator<Item = &str> {
+        self.subscriptions
+            .iter()
+            .filter(|name| self.mailbox(name).is_none())
+            .map(String::as_str)
     }
 
     pub fn mailbox_by_id(&self, id: MailboxId) -> Option<&Mailbox> {
@@ -561,13 +678,13 @@ impl UserIndex {
                 id,
                 name,
                 role,
-                subscribed: true,
                 uidvalidity: self.last_uidvalidity,
                 uidnext: 1,
                 highest_modseq: 1,
                 messages: BTreeMap::new(),
                 expunged: BTreeMap::new(),
                 vanished_floor: Some(0),
+                first_recent_uid: 1,
             },
         );
         id
@@ -601,8 +718,10 @@ impl UserIndex {
         match command {
             C::Init => {
                 if !self.initialised {
+                    // The default mailboxes are subscribed; others only when asked.
                     for (name, role) in DEFAULT_MAILBOXES {
                         self.create(name.to_owned(), role, at_ms);
+                        self.subscriptions.insert(name.to_owned());
                     }
                     self.initialised = true;
                     changes.push(Change::MailboxesChanged);
@@ -644,10 +763,20 @@ impl UserIndex {
                 changes.push(Change::MailboxesChanged);
                 Ok(IndexOutcome::MailboxDeleted { removed })
             }
+            // A name, whether or not a mailbox has it (RFC 3501 §6.3.6); DELETE and
+            // RENAME leave the list alone.
             C::Subscribe { name, subscribed } => {
-                let id = self.id_of(&name, limits)?;
-                if let Some(m) = self.mailboxes.get_mut(&id) {
-                    m.subscribed = subscribed;
+                let name = canonical_name(&name, limits)?;
+                if !subscribed {
+                    self.subscriptions.remove(&name);
+                } else if !self.subscriptions.contains(&name) {
+                    if self.subscriptions.len() >= limits.max_mailboxes {
+                        return Err(StorageError::OverQuota {
+                            reason: format!("at most {} subscriptions", limits.max_mailboxes),
+                            permanent: true,
+                        });
+                    }
+                    self.subscriptions.insert(name);
                 }
                 Ok(IndexOutcome::Done)
             }
@@ -665,6 +794,21 @@ impl UserIndex {
                 limits,
                 changes,
             ),
+            C::ClaimRecent {
+                mailbox,
+                uidvalidity,
+                up_to,
+            } => {
+                let id = self.id_of(&mailbox, limits)?;
+                let m = self.mailboxes.get_mut(&id).expect("id_of found it");
+                let from = m.first_recent_uid;
+                if m.uidvalidity != uidvalidity {
+                    return Ok(IndexOutcome::RecentClaimed { from, to: from });
+                }
+                let to = up_to.min(m.uidnext).max(from);
+                m.first_recent_uid = to;
+                Ok(IndexOutcome::RecentClaimed { from, to })
+            }
             C::Store {
                 mailbox,
                 uids,
@@ -1549,6 +1693,71 @@ mod tests {
         })
         .unwrap();
         assert!(f.index.mailbox("Lists").unwrap().uidvalidity > first);
+    }
+
+    /// RFC 3501 §6.3.6/§6.3.9: subscriptions are names of their own: a name without
+    /// a mailbox can be subscribed, DELETE keeps it, CREATE does not add one; the
+    /// default mailboxes are subscribed when the user is set up.
+    #[test]
+    fn subscriptions_are_names() {
+        let mut f = Fixture::new();
+        f.apply(IndexCommand::Init).unwrap();
+        for name in ["INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"] {
+            assert!(f.index.is_subscribed(name), "{name}");
+        }
+        f.apply(IndexCommand::CreateMailbox {
+            name: "Work".into(),
+            role: None,
+        })
+        .unwrap();
+        assert!(!f.index.is_subscribed("Work"), "CREATE does not subscribe");
+        let subscribe = |name: &str, subscribed: bool| IndexCommand::Subscribe {
+            name: name.into(),
+            subscribed,
+        };
+        f.apply(subscribe("Work", true)).unwrap();
+        f.apply(subscribe("Later/On", true)).unwrap();
+        f.apply(IndexCommand::DeleteMailbox {
+            name: "Work".into(),
+        })
+        .unwrap();
+        assert!(
+            f.index.is_subscribed("Work"),
+            "DELETE keeps the subscription"
+        );
+        let missing: Vec<&str> = f.index.subscribed_without_mailbox().collect();
+        assert_eq!(missing, ["Later/On", "Work"]);
+        f.apply(subscribe("inbox", false)).unwrap();
+        assert!(!f.index.is_subscribed("INBOX"), "names are canonical");
+        f.apply(subscribe("Later/On", false)).unwrap();
+        f.apply(subscribe("Later/On", false)).unwrap();
+        assert!(f.apply(subscribe("a//b", true)).is_err());
+        f.limits.max_mailboxes = f.index.subscriptions.len();
+        assert!(matches!(
+            f.apply(subscribe("One/Too/Many", true)),
+            Err(StorageError::OverQuota { .. })
+        ));
+    }
+
+    /// A user written when subscriptions were a flag on each mailbox converts to
+    /// the list of names (user format 1, v1 snapshots).
+    #[test]
+    fn flag_subscriptions_become_names() {
+        let mut f = Fixture::new();
+        f.apply(IndexCommand::Init).unwrap();
+        let mut old = serde_json::to_value(&f.index).unwrap();
+        old.as_object_mut().unwrap().remove("subscriptions");
+        for (_, m) in old["mailboxes"].as_object_mut().unwrap() {
+            let subscribed = m["name"] != "Junk";
+            m.as_object_mut()
+                .unwrap()
+                .insert("subscribed".into(), subscribed.into());
+        }
+        let legacy: LegacyUserIndex = serde_json::from_value(old).unwrap();
+        let index = UserIndex::from(legacy);
+        assert!(index.is_subscribed("INBOX") && !index.is_subscribed("Junk"));
+        assert_eq!(index.mailboxes().count(), 6);
+        assert_eq!(index.subscriptions.len(), 5);
     }
 
     #[test]

@@ -46,8 +46,10 @@ use crate::replica::{ReplicaConfig, StateMachine};
 const META: &[u8] = b"P";
 const USER: &[u8] = b"u/";
 const TENANT: &[u8] = b"t/";
-/// The first byte of every user value: the encoding's version.
-const USER_FORMAT: u8 = 1;
+/// The first byte of every user value: the encoding's version (2: subscriptions
+/// are a list of names; 1, read and converted: a flag on each mailbox).
+const USER_FORMAT: u8 = 2;
+const USER_FORMAT_FLAG_SUBSCRIPTIONS: u8 = 1;
 /// Checkpoint streams start with this line.
 const CHECKPOINT_MAGIC: &[u8] = b"mailmesh-index-checkpoint 1\n";
 /// Delta checkpoint streams start with this line.
@@ -101,6 +103,14 @@ fn decode_user(bytes: &[u8]) -> Result<StoredUser<UserIndex>, EngineError> {
     match bytes.split_first() {
         Some((&USER_FORMAT, rest)) => {
             postcard::from_bytes(rest).map_err(|e| EngineError::Codec(format!("user index: {e}")))
+        }
+        Some((&USER_FORMAT_FLAG_SUBSCRIPTIONS, rest)) => {
+            let old: StoredUser<crate::index::LegacyUserIndex> = postcard::from_bytes(rest)
+                .map_err(|e| EngineError::Codec(format!("user index (format 1): {e}")))?;
+            Ok(StoredUser {
+                applied: old.applied,
+                index: old.index.map(UserIndex::from),
+            })
         }
         _ => Err(EngineError::Codec(
             "user index: unknown format (written by a newer version?)".into(),
@@ -800,7 +810,7 @@ async fn newest(
 /// v1's snapshot of a partition (ADR 0001): every user in one JSON object.
 #[derive(Deserialize)]
 struct V1Partition {
-    users: BTreeMap<String, UserIndex>,
+    users: BTreeMap<String, crate::index::LegacyUserIndex>,
 }
 
 /// Streams a checkpoint into an empty keyspace (a base), or over the state of the
@@ -913,13 +923,18 @@ async fn import_v1(
         .map_err(|e| EngineError::Codec(format!("snapshot {path}: {e}")))?;
     drop(bytes);
     let mut batch = db.batch();
-    for (key, index) in &v1.users {
+    let users: BTreeMap<String, UserIndex> = v1
+        .users
+        .into_iter()
+        .map(|(key, index)| (key, UserIndex::from(index)))
+        .collect();
+    for (key, index) in &users {
         // The snapshot holds every record before `next`.
         batch.insert(keyspace, user_key(key), encode_user(next - 1, Some(index))?);
     }
     // Recomputed from the users (older snapshots lack the totals).
     let mut tenants: BTreeMap<TenantId, u64> = BTreeMap::new();
-    for (key, index) in &v1.users {
+    for (key, index) in &users {
         let tenant = key
             .split_once('/')
             .and_then(|(t, _)| t.parse::<TenantId>().ok())
@@ -933,7 +948,7 @@ async fn import_v1(
     let encoded = postcard::to_allocvec(&meta).map_err(|e| disk(e.to_string()))?;
     batch.insert(keyspace, META, encoded);
     batch.commit().map_err(disk)?;
-    tracing::info!(%path, users = v1.users.len(), "index: v1 snapshot imported");
+    tracing::info!(%path, users = users.len(), "index: v1 snapshot imported");
     Ok(meta)
 }
 
@@ -1459,6 +1474,47 @@ mod tests {
         Path::from("index/test.mailboxes/3")
     }
 
+    /// A user written in format 1 (subscriptions a flag on each mailbox) is read
+    /// and converted; what is written now is format 2.
+    #[test]
+    fn users_of_format_1_are_read() {
+        let mut index = UserIndex::default();
+        index
+            .apply(
+                IndexCommand::Init,
+                T0,
+                &IndexLimits::default(),
+                &mut Vec::new(),
+            )
+            .unwrap();
+        let mut old = serde_json::to_value(&index).unwrap();
+        old.as_object_mut().unwrap().remove("subscriptions");
+        for (_, m) in old["mailboxes"].as_object_mut().unwrap() {
+            let subscribed = m["name"] == "INBOX";
+            m.as_object_mut()
+                .unwrap()
+                .insert("subscribed".into(), subscribed.into());
+        }
+        let legacy: crate::index::LegacyUserIndex = serde_json::from_value(old).unwrap();
+        let bytes = postcard::to_extend(
+            &StoredUser {
+                applied: 41,
+                index: Some(legacy),
+            },
+            vec![1],
+        )
+        .unwrap();
+        let read = decode_user(&bytes).unwrap();
+        assert_eq!(read.applied, 41);
+        let read = read.index.unwrap();
+        assert!(read.is_subscribed("INBOX") && !read.is_subscribed("Sent"));
+        assert_eq!(read.mailboxes().count(), 6);
+        let now = encode_user(41, Some(&read)).unwrap();
+        assert_eq!(now[0], 2);
+        assert_eq!(decode_user(&now).unwrap().index.unwrap(), read);
+        assert!(decode_user(&[3, 0]).is_err(), "a newer format is refused");
+    }
+
     fn objects(dir: &FsPath) -> Arc<dyn ObjectStore> {
         mailmesh_objstore::open(&mailmesh_objstore::ObjectStoreConfig::Local(
             mailmesh_objstore::LocalConfig {
@@ -1561,8 +1617,16 @@ mod tests {
 
     /// What every user's index must be: the commands applied to plain maps.
     fn oracle(commands: &[PartitionCommand]) -> BTreeMap<String, UserIndex> {
-        let mut users: BTreeMap<String, UserIndex> = BTreeMap::new();
-        for (i, command) in commands.iter().enumerate() {
+        oracle_from(BTreeMap::new(), commands, 0)
+    }
+
+    /// `users` after `commands`, the first of which is record `first`.
+    fn oracle_from(
+        mut users: BTreeMap<String, UserIndex>,
+        commands: &[PartitionCommand],
+        first: usize,
+    ) -> BTreeMap<String, UserIndex> {
+        for (i, command) in commands.iter().enumerate().map(|(i, c)| (i + first, c)) {
             match command.clone() {
                 PartitionCommand::User {
                     user,
@@ -1813,7 +1877,12 @@ mod tests {
                 *tenant_bytes.entry(u.tenant.to_string()).or_default() += i.used_bytes();
             }
         }
-        let v1 = serde_json::json!({ "users": v1_state, "tenant_bytes": tenant_bytes });
+        // As v1 wrote users: subscriptions as mailbox flags, nothing about \Recent.
+        let legacy: BTreeMap<String, serde_json::Value> = v1_state
+            .iter()
+            .map(|(k, i)| (k.clone(), crate::index::legacy_json(i)))
+            .collect();
+        let v1 = serde_json::json!({ "users": legacy, "tenant_bytes": tenant_bytes });
         objects
             .put(
                 &prefix().join(format!("{half:020}.json")),
@@ -1825,7 +1894,16 @@ mod tests {
         let (mut index, next) = open(&db, &objects).await;
         assert_eq!(next, half as i64);
         apply_all(&mut index, &log, half);
-        assert_same(&index, &users, &oracle(&log));
+        // What the import makes of them (the same subscriptions; no message
+        // recent), then the rest of the log.
+        let imported: BTreeMap<String, UserIndex> = legacy
+            .into_iter()
+            .map(|(k, v)| {
+                let old: crate::index::LegacyUserIndex = serde_json::from_value(v).unwrap();
+                (k, UserIndex::from(old))
+            })
+            .collect();
+        assert_same(&index, &users, &oracle_from(imported, &log[half..], half));
     }
 
     async fn listed(objects: &Arc<dyn ObjectStore>) -> Vec<(String, u64)> {

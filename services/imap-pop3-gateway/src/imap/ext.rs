@@ -19,6 +19,9 @@ pub struct Extras {
     pub list_return: Vec<String>,
     /// `RETURN (STATUS (...))`.
     pub list_status: Option<Vec<StatusDataItemName>>,
+    /// `LIST <reference> (<pattern> ...)`: every pattern, as sent (RFC 5258 §3);
+    /// the codec is handed the first.
+    pub list_patterns: Option<Vec<String>>,
     /// The command used `$` while the saved result was empty: it acts on nothing.
     pub saved_empty: bool,
 }
@@ -58,6 +61,82 @@ fn closing(bytes: &[u8], open: usize, max_depth: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// The index of the `"` closing the quoted string opened at `open`, on one line.
+fn quoted_end(bytes: &[u8], open: usize) -> Option<usize> {
+    let mut escaped = false;
+    for (i, &b) in bytes.iter().enumerate().skip(open + 1) {
+        match (escaped, b) {
+            (_, b'\r' | b'\n') => return None,
+            (false, b'\\') => escaped = true,
+            (false, b'"') => return Some(i),
+            _ => escaped = false,
+        }
+    }
+    None
+}
+
+/// A quoted string's content without its escapes.
+fn unquote(inner: &[u8]) -> String {
+    let mut out = Vec::with_capacity(inner.len());
+    let mut escaped = false;
+    for &b in inner {
+        if !escaped && b == b'\\' {
+            escaped = true;
+            continue;
+        }
+        escaped = false;
+        out.push(b);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `LIST <reference> (<pattern> ...)` after the command name at `name_end`: where
+/// the pattern list opens and closes, and its patterns (unquoted). `None` for one
+/// pattern, an empty list, or syntax this does not know (a literal): the codec then
+/// judges the command.
+fn pattern_list(bytes: &[u8], name_end: usize) -> Option<(usize, usize, Vec<String>)> {
+    if bytes.get(name_end) != Some(&b' ') {
+        return None;
+    }
+    let start = name_end + 1;
+    // The reference: a quoted string or an atom.
+    let after = match bytes.get(start)? {
+        b'"' => quoted_end(bytes, start)? + 1,
+        b'{' | b'(' | b'~' => return None,
+        _ => start + bytes[start..].iter().position(|&b| b == b' ')?,
+    };
+    if bytes.get(after) != Some(&b' ') || bytes.get(after + 1) != Some(&b'(') {
+        return None;
+    }
+    let open = after + 1;
+    let mut patterns = Vec::new();
+    let mut i = open + 1;
+    loop {
+        match *bytes.get(i)? {
+            b' ' => i += 1,
+            b')' => break,
+            b'"' => {
+                let end = quoted_end(bytes, i)?;
+                patterns.push(unquote(&bytes[i + 1..end]));
+                i = end + 1;
+            }
+            b'\r' | b'\n' | b'{' | b'(' | b'~' => return None,
+            _ => {
+                let end = i + bytes[i..]
+                    .iter()
+                    .position(|&b| matches!(b, b' ' | b')' | b'\r' | b'\n'))?;
+                patterns.push(String::from_utf8_lossy(&bytes[i..end]).into_owned());
+                i = end;
+            }
+        }
+    }
+    (!patterns.is_empty()).then_some((open, i, patterns))
 }
 
 fn words(bytes: &[u8]) -> Vec<String> {
@@ -227,6 +306,16 @@ fn syntax(message: &[u8]) -> Option<(Vec<u8>, Extras)> {
         out.extend_from_slice(&message[close + 1..]);
         changed = true;
     }
+    // Several patterns: LIST "" ("a/*" b/c). The codec takes one: the first stays
+    // in the command, all go to the session.
+    if let Some((open, close, patterns)) = pattern_list(&out, name_end) {
+        let mut cut = out[..open].to_vec();
+        cut.extend_from_slice(quote(&patterns[0]).as_bytes());
+        cut.extend_from_slice(&out[close + 1..]);
+        out = cut;
+        extras.list_patterns = Some(patterns);
+        changed = true;
+    }
     // Return options at the end: ... RETURN (CHILDREN STATUS (MESSAGES))
     let end = out.len()
         - out
@@ -354,6 +443,25 @@ mod tests {
         assert_eq!(e.search_return, Some(vec![]));
         assert!(rewrite(b"c SEARCH ALL\r\n").is_none());
         assert!(rewrite(b"c SEARCH RETURN (PARTIAL (1:5)) ALL\r\n").is_none());
+    }
+
+    #[test]
+    fn several_list_patterns_are_cut_out() {
+        let (out, e) =
+            rewrite(b"a LIST \"\" (\"a/*\" b/c \"q\\\"x\") RETURN (CHILDREN)\r\n").unwrap();
+        assert_eq!(out, b"a LIST \"\" \"a/*\"\r\n");
+        assert_eq!(
+            e.list_patterns,
+            Some(vec!["a/*".to_owned(), "b/c".to_owned(), "q\"x".to_owned()])
+        );
+        assert_eq!(e.list_return, vec!["CHILDREN".to_owned()]);
+        let (out, e) = rewrite(b"b LIST (SUBSCRIBED) INBOX (% \"x\")\r\n").unwrap();
+        assert_eq!(out, b"b LIST INBOX \"%\"\r\n");
+        assert_eq!(e.list_patterns, Some(vec!["%".to_owned(), "x".to_owned()]));
+        // One pattern, an empty list or a literal: left to the codec.
+        assert!(rewrite(b"c LIST \"\" *\r\n").is_none());
+        assert!(rewrite(b"d LIST \"\" ()\r\n").is_none());
+        assert!(rewrite(b"e LIST \"\" ({1}\r\n").is_none());
     }
 
     #[test]

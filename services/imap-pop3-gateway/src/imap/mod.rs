@@ -162,11 +162,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// reply never holds more than one item's copy. Literals whose bytes are a
     /// placeholder for one of `verbatim` (in order: the same bytes with NUL as 0x01)
     /// go out as the stored bytes themselves.
+    /// `origin`: the start of a partial BINARY item (RFC 3516 §4.2: `BINARY[1]<0>`),
+    /// which the codec's item has no place for.
     async fn fetch_item(
         &mut self,
         seq: NonZeroU32,
         item: MessageDataItem<'_>,
         verbatim: &[&[u8]],
+        origin: Option<u32>,
     ) -> io::Result<()> {
         const DIRECT: usize = 64 << 10;
         if self.fetch_items > 0 {
@@ -190,8 +193,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Fragment::Literal { data, .. } => (data, true),
             };
             let mut bytes: &[u8] = &data;
+            let with_origin: Vec<u8>;
             if n == 0 {
                 bytes = bytes.strip_prefix(prefix.as_bytes()).unwrap_or(bytes);
+                // `BINARY[1.2]` names part numbers only: its first `]` ends it.
+                if let Some(origin) = origin
+                    && let Some(at) = bytes.iter().position(|&b| b == b']')
+                {
+                    with_origin = [
+                        &bytes[..=at],
+                        format!("<{origin}>").as_bytes(),
+                        &bytes[at + 1..],
+                    ]
+                    .concat();
+                    bytes = &with_origin;
+                }
             }
             if n == last {
                 bytes = bytes.strip_suffix(b")\r\n").unwrap_or(bytes);
@@ -1503,19 +1519,33 @@ impl Session {
             Mailbox::Inbox => "INBOX".to_owned(),
             Mailbox::Other(_) => self.mailbox_name(reference),
         };
-        let pattern = match wildcard {
-            ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
-            ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
-        };
-        let pattern = if self.rev2 {
-            pattern
-        } else {
-            mutf7::decode(&pattern).unwrap_or(pattern)
-        };
         let extras = std::mem::take(&mut self.extras);
+        // Several patterns (LIST-EXTENDED) or the one the codec parsed.
+        let patterns = extras.list_patterns.clone().unwrap_or_else(|| {
+            vec![match wildcard {
+                ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
+                ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
+            }]
+        });
+        let patterns: Vec<String> = patterns
+            .into_iter()
+            .map(|p| {
+                if self.rev2 {
+                    p
+                } else {
+                    mutf7::decode(&p).unwrap_or(p)
+                }
+            })
+            .collect();
+        if let Some(refusal) = list_options_refused(&extras, patterns.len()) {
+            return conn.push(&status(Some(tag), StatusKind::Bad, None, &refusal));
+        }
         let only_subscribed = lsub || extras.list_select.iter().any(|o| o == "SUBSCRIBED");
         let only_special = extras.list_select.iter().any(|o| o == "SPECIAL-USE");
-        if pattern.is_empty() && !lsub {
+        // RFC 5258 §3.5: a name that matches but is not subscribed itself is listed
+        // (with CHILDINFO) when a mailbox below it is.
+        let recursive = extras.list_select.iter().any(|o| o == "RECURSIVEMATCH");
+        if patterns.len() == 1 && patterns[0].is_empty() && !lsub {
             // The hierarchy delimiter and root name (RFC 3501 §6.3.8).
             conn.push(&Response::Data(Data::List {
                 items: vec![FlagNameAttribute::Noselect],
@@ -1525,51 +1555,67 @@ impl Session {
             conn.push(&status(Some(tag), StatusKind::Ok, None, "LIST completed"));
             return;
         }
-        let pattern = format!("{reference}{pattern}");
-        if pattern.chars().count() > self.gw.imap.max_list_pattern_chars {
-            return conn.push(&status(
-                Some(tag),
-                StatusKind::Bad,
-                Some(Code::TooBig),
-                "Pattern too long",
-            ));
+        let mut matchers = Vec::with_capacity(patterns.len());
+        for pattern in &patterns {
+            let pattern = format!("{reference}{pattern}");
+            if pattern.chars().count() > self.gw.imap.max_list_pattern_chars {
+                return conn.push(&status(
+                    Some(tag),
+                    StatusKind::Bad,
+                    Some(Code::TooBig),
+                    "Pattern too long",
+                ));
+            }
+            matchers.push(ListPattern::new(&pattern));
         }
-        let mut pattern = ListPattern::new(&pattern);
         let r = self
             .gw
             .store
             .mailboxes()
             .list_mailboxes(self.user_at().unwrap_or_default())
             .await;
-        let mailboxes = match r {
-            Ok(r) => r.into_inner().mailboxes,
+        let (mailboxes, missing) = match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                (r.mailboxes, r.subscribed_without_mailbox)
+            }
             Err(e) => return conn.push(&storage_failure(tag, &e)),
         };
-        // Every name that has a mailbox below it (one pass, not one per mailbox).
-        let parents: HashSet<&str> = mailboxes
+        // Every name that has a mailbox below it (one pass, not one per mailbox), and
+        // every name that has a subscribed one below it.
+        let above = |name: &str| -> Vec<String> {
+            name.match_indices(DELIMITER)
+                .map(|(at, _)| name[..at].to_owned())
+                .collect()
+        };
+        let parents: HashSet<String> = mailboxes.iter().flat_map(|m| above(&m.name)).collect();
+        let subscribed_below: HashSet<String> = mailboxes
             .iter()
-            .flat_map(|m| m.name.match_indices(DELIMITER).map(|(at, _)| &m.name[..at]))
+            .filter(|m| m.subscribed)
+            .map(|m| m.name.as_str())
+            .chain(missing.iter().map(String::as_str))
+            .flat_map(above)
             .collect();
+        let flag = |s: &str| FlagNameAttribute::from(Atom::try_from(s.to_owned()).expect("atom"));
         for (i, m) in mailboxes.iter().enumerate() {
             if i % 256 == 255 {
                 // A long listing leaves the worker thread to other sessions now and then.
                 tokio::task::yield_now().await;
             }
-            if (only_subscribed && !m.subscribed) || (only_special && m.special_use.is_empty()) {
+            let child_info = recursive && subscribed_below.contains(&m.name);
+            if (only_subscribed && !m.subscribed && !child_info)
+                || (only_special && m.special_use.is_empty())
+            {
                 continue;
             }
-            if !pattern.matches(&m.name) {
+            if !matchers.iter_mut().any(|p| p.matches(&m.name)) {
                 continue;
             }
-            let mut items = Vec::new();
-            let children = parents.contains(m.name.as_str());
-            let flag =
-                |s: &str| FlagNameAttribute::from(Atom::try_from(s.to_owned()).expect("atom"));
-            items.push(flag(if children {
+            let mut items = vec![flag(if parents.contains(&m.name) {
                 "HasChildren"
             } else {
                 "HasNoChildren"
-            }));
+            })];
             if m.subscribed && !lsub {
                 items.push(flag("Subscribed"));
             }
@@ -1578,34 +1624,41 @@ impl Session {
             {
                 items.push(FlagNameAttribute::from(a));
             }
-            let item = Data::List {
-                items,
-                delimiter: QuotedChar::try_from(DELIMITER).ok(),
-                mailbox: self.to_mailbox(&m.name),
-            };
-            conn.push(&Response::Data(if lsub {
-                let Data::List {
-                    items,
-                    delimiter,
-                    mailbox,
-                } = item
-                else {
-                    unreachable!()
-                };
-                Data::Lsub {
-                    items,
-                    delimiter,
-                    mailbox,
-                }
-            } else {
-                item
-            }));
+            self.push_list_entry(conn, lsub, items, &m.name, child_info);
             if let Some(names) = &extras.list_status {
                 // LIST-STATUS (RFC 5819): the STATUS of each listed mailbox follows it.
                 conn.push(&Response::Data(Data::Status {
                     mailbox: self.to_mailbox(&m.name),
                     items: status_items(m, names).into(),
                 }));
+            }
+        }
+        // Names without a mailbox (RFC 5258 §3): subscribed ones when subscriptions
+        // are asked for (`\NonExistent`; `\Noselect` in LSUB), and with
+        // RECURSIVEMATCH the levels above a subscribed name.
+        if only_subscribed && !only_special {
+            let existing: HashSet<&str> = mailboxes.iter().map(|m| m.name.as_str()).collect();
+            let subscribed: HashSet<&str> = missing.iter().map(String::as_str).collect();
+            let mut names: Vec<&str> = subscribed.iter().copied().collect();
+            if recursive {
+                names.extend(subscribed_below.iter().map(String::as_str));
+            }
+            names.sort_unstable();
+            names.dedup();
+            for name in names {
+                if existing.contains(name) || !matchers.iter_mut().any(|p| p.matches(name)) {
+                    continue;
+                }
+                let is_subscribed = subscribed.contains(name);
+                let child_info = recursive && subscribed_below.contains(name);
+                let items = if lsub {
+                    vec![FlagNameAttribute::Noselect]
+                } else if is_subscribed {
+                    vec![flag("NonExistent"), flag("Subscribed")]
+                } else {
+                    vec![flag("NonExistent")]
+                };
+                self.push_list_entry(conn, lsub, items, name, child_info);
             }
         }
         conn.push(&status(
@@ -1618,6 +1671,45 @@ impl Session {
                 "LIST completed"
             },
         ));
+    }
+
+    /// One `* LIST` (or `* LSUB`) line; with `child_info`, RFC 5258's
+    /// `("CHILDINFO" ("SUBSCRIBED"))` extended data, which the codec's LIST item has
+    /// no place for: the reply is encoded, then the data goes before its CRLF.
+    fn push_list_entry<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut Conn<S>,
+        lsub: bool,
+        items: Vec<FlagNameAttribute<'static>>,
+        name: &str,
+        child_info: bool,
+    ) {
+        let delimiter = QuotedChar::try_from(DELIMITER).ok();
+        let mailbox = self.to_mailbox(name);
+        let data = if lsub {
+            Data::Lsub {
+                items,
+                delimiter,
+                mailbox,
+            }
+        } else {
+            Data::List {
+                items,
+                delimiter,
+                mailbox,
+            }
+        };
+        if !child_info {
+            return conn.push(&Response::Data(data));
+        }
+        let mut line = ResponseCodec::default()
+            .encode(&Response::Data(data))
+            .dump();
+        if line.ends_with(b"\r\n") {
+            line.truncate(line.len() - 2);
+        }
+        line.extend_from_slice(b" (\"CHILDINFO\" (\"SUBSCRIBED\"))\r\n");
+        conn.push_raw(&line);
     }
 
     async fn status<S: AsyncRead + AsyncWrite + Unpin>(
@@ -1930,7 +2022,7 @@ impl Session {
         if let Some(w) = &self.watcher {
             w.changes.take(&name);
         }
-        match Selected::open(&self.gw, user, &name, read_only).await {
+        match Selected::open(&self.gw, user, &name, read_only, self.rev2).await {
             Ok(mut s) => {
                 s.modseq_told = self.condstore;
                 s.greet(conn, self.rev2);
@@ -2075,7 +2167,7 @@ fn status_items(info: &v1::MailboxInfo, names: &[StatusDataItemName]) -> Vec<Sta
         .filter_map(|n| {
             Some(match n {
                 StatusDataItemName::Messages => StatusDataItem::Messages(info.messages),
-                StatusDataItemName::Recent => StatusDataItem::Recent(0),
+                StatusDataItemName::Recent => StatusDataItem::Recent(info.recent),
                 StatusDataItemName::UidNext => StatusDataItem::UidNext(nz(info.uid_next)),
                 StatusDataItemName::UidValidity => {
                     StatusDataItem::UidValidity(nz(info.uid_validity))
@@ -2109,6 +2201,40 @@ fn last_line_start(out: &[u8]) -> usize {
 /// run with `*` is `*`), and matching is dynamic programming over (pattern, name)
 /// positions in two reused rows, so the cost is linear in their product whatever the
 /// client puts in the pattern (60,000 `%*` over 1,000 mailboxes took 50 s before).
+/// Why a LIST's options are refused (`BAD`, RFC 5258 §3), if they are: options
+/// this server does not know, RECURSIVEMATCH without another selection option, more
+/// patterns than [`MAX_LIST_PATTERNS`].
+fn list_options_refused(extras: &ext::Extras, patterns: usize) -> Option<String> {
+    if let Some(o) = extras.list_select.iter().find(|o| {
+        !matches!(
+            o.as_str(),
+            "SUBSCRIBED" | "REMOTE" | "RECURSIVEMATCH" | "SPECIAL-USE"
+        )
+    }) {
+        return Some(format!("Unknown LIST selection option {o}"));
+    }
+    let recursive = extras.list_select.iter().any(|o| o == "RECURSIVEMATCH");
+    if recursive
+        && !extras
+            .list_select
+            .iter()
+            .any(|o| o != "RECURSIVEMATCH" && o != "REMOTE")
+    {
+        return Some("RECURSIVEMATCH needs another selection option".into());
+    }
+    if let Some(o) = extras
+        .list_return
+        .iter()
+        .find(|o| !matches!(o.as_str(), "SUBSCRIBED" | "CHILDREN" | "SPECIAL-USE"))
+    {
+        return Some(format!("Unknown LIST return option {o}"));
+    }
+    (patterns > MAX_LIST_PATTERNS).then(|| format!("At most {MAX_LIST_PATTERNS} patterns"))
+}
+
+/// Patterns one LIST may name (each bounded by `max_list_pattern_chars`).
+const MAX_LIST_PATTERNS: usize = 32;
+
 struct ListPattern {
     chars: Vec<char>,
     reach: Vec<bool>,

@@ -97,10 +97,10 @@ impl Candidate<'_, '_> {
             SearchKey::Unflagged => !self.has("\\Flagged"),
             SearchKey::Seen => self.has("\\Seen"),
             SearchKey::Unseen => !self.has("\\Seen"),
-            // No session ever sees a message as recent (\Recent is gone in IMAP4rev2).
-            SearchKey::Recent => false,
-            SearchKey::New => false,
-            SearchKey::Old => true,
+            // Recent to this session (never in IMAP4rev2, which has no \Recent).
+            SearchKey::Recent => self.msg.recent,
+            SearchKey::New => self.msg.recent && !self.has("\\Seen"),
+            SearchKey::Old => !self.msg.recent,
             SearchKey::Keyword(k) => self.has(k.as_ref()),
             SearchKey::Unkeyword(k) => !self.has(k.as_ref()),
             SearchKey::Larger(n) => self.msg.size > u64::from(*n),

@@ -36,6 +36,9 @@ pub struct Msg {
     pub size: u64,
     pub internal_date_ms: i64,
     pub modseq: u64,
+    /// `\Recent` to this session: it was the first told of the message
+    /// (IMAP4rev1 only; storage decides, `Selected::claim_recent`).
+    pub recent: bool,
 }
 
 impl From<v1::MessageInfo> for Msg {
@@ -46,6 +49,7 @@ impl From<v1::MessageInfo> for Msg {
             size: m.size,
             internal_date_ms: m.internal_date_ms,
             modseq: m.modseq,
+            recent: false,
         }
     }
 }
@@ -65,6 +69,7 @@ struct Listing {
     vanished: Option<Vec<u32>>,
     uid_next: u32,
     highest_modseq: u64,
+    first_recent_uid: u32,
 }
 
 pub struct Selected {
@@ -86,6 +91,13 @@ pub struct Selected {
     /// Selected under CONDSTORE, or told HIGHESTMODSEQ by a CONDSTORE enabling
     /// command since (RFC 7162 §3.1).
     pub(crate) modseq_told: bool,
+    /// An IMAP4rev1 session sees `\Recent` (IMAP4rev2 has none)…
+    shows_recent: bool,
+    /// …and one that selected read-write claims it for the messages it is the
+    /// first to learn of; EXAMINE shows it without claiming (RFC 3501 §6.3.2).
+    claims_recent: bool,
+    /// The lowest UID storage had told no session about, as last heard.
+    first_recent_uid: u32,
 }
 
 impl Selected {
@@ -159,6 +171,7 @@ impl Selected {
         user: v1::UserRef,
         name: &str,
         read_only: bool,
+        rev2: bool,
     ) -> Result<Self, tonic::Status> {
         let r = gw
             .store
@@ -183,9 +196,61 @@ impl Selected {
             highest_modseq: r.highest_modseq,
             listed_modseq: r.highest_modseq,
             modseq_told: false,
+            shows_recent: !rev2,
+            claims_recent: !rev2 && !read_only,
+            first_recent_uid: r.first_recent_uid,
         };
         s.learn_keywords();
+        s.take_recent(gw, r.first_recent_uid).await?;
         Ok(s)
+    }
+
+    /// Marks the view's messages that are `\Recent` to this session: those no
+    /// session was told about (from `first_recent_uid`, as storage last said). A
+    /// read-write IMAP4rev1 session claims them first, so exactly one session on
+    /// any pod gets each (one log record; nothing is written when there is nothing
+    /// new to claim); EXAMINE only shows them.
+    async fn take_recent(
+        &mut self,
+        gw: &Gateway,
+        first_recent_uid: u32,
+    ) -> Result<(), tonic::Status> {
+        self.first_recent_uid = self.first_recent_uid.max(first_recent_uid);
+        if !self.shows_recent {
+            return Ok(());
+        }
+        let up_to = self
+            .uid_next
+            .max(self.messages.last().map_or(1, |m| m.uid + 1));
+        let (from, to) = if !self.claims_recent {
+            (self.first_recent_uid, up_to)
+        } else if up_to > self.first_recent_uid {
+            let r = gw
+                .store
+                .mailboxes()
+                .claim_recent(v1::ClaimRecentRequest {
+                    user: Some(gw.store.at(&self.user)),
+                    mailbox: self.name.clone(),
+                    uid_validity: self.uid_validity,
+                    up_to,
+                })
+                .await?
+                .into_inner();
+            self.first_recent_uid = self.first_recent_uid.max(r.to);
+            (r.from, r.to)
+        } else {
+            return Ok(());
+        };
+        let start = self.messages.partition_point(|m| m.uid < from);
+        for m in self.messages[start..].iter_mut().take_while(|m| m.uid < to) {
+            m.recent = true;
+        }
+        Ok(())
+    }
+
+    /// How many of the view's messages are `\Recent` to this session.
+    fn recent_count(&self) -> u32 {
+        self.messages.iter().filter(|m| m.recent).count() as u32
     }
 
     fn learn_keywords(&mut self) {
@@ -216,7 +281,7 @@ impl Selected {
         conn.push(&Response::Data(Data::Exists(self.messages.len() as u32)));
         // IMAP4rev2 has neither \Recent nor the UNSEEN code.
         if !rev2 {
-            conn.push(&Response::Data(Data::Recent(0)));
+            conn.push(&Response::Data(Data::Recent(self.recent_count())));
         }
         if let Some(i) = self
             .messages
@@ -399,7 +464,14 @@ impl Selected {
             conn.push(&self.flags_response());
         }
         if grew {
+            // A failed claim leaves the messages to the next session that asks.
+            if let Err(e) = self.take_recent(gw, listed.first_recent_uid).await {
+                tracing::info!(error = %e, "claiming recent messages failed");
+            }
             conn.push(&Response::Data(Data::Exists(self.messages.len() as u32)));
+            if self.shows_recent {
+                conn.push(&Response::Data(Data::Recent(self.recent_count())));
+            }
         }
         self.announce_flags(conn, changed, condstore);
         true
@@ -427,6 +499,7 @@ impl Selected {
                     vanished: Some(r.vanished),
                     uid_next: r.uid_next,
                     highest_modseq: r.highest_modseq,
+                    first_recent_uid: r.first_recent_uid,
                 });
             }
         }
@@ -445,6 +518,7 @@ impl Selected {
             vanished: None,
             uid_next: r.uid_next,
             highest_modseq: r.highest_modseq,
+            first_recent_uid: r.first_recent_uid,
         })
     }
 
@@ -459,7 +533,7 @@ impl Selected {
             let m = &self.messages[i];
             let mut items = vec![
                 MessageDataItem::Uid(nz(m.uid)),
-                MessageDataItem::Flags(fetch_flags(&m.flags)),
+                MessageDataItem::Flags(fetch_flags(m)),
             ];
             if condstore && let Some(modseq) = NonZeroU64::new(m.modseq) {
                 items.push(MessageDataItem::ModSeq(modseq));
@@ -549,7 +623,7 @@ impl Selected {
                     seq: nz(i as u32 + 1),
                     items: Vec1::try_from(vec![
                         MessageDataItem::Uid(nz(m.uid)),
-                        MessageDataItem::Flags(fetch_flags(&m.flags)),
+                        MessageDataItem::Flags(fetch_flags(m)),
                         MessageDataItem::ModSeq(
                             NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN),
                         ),
@@ -835,12 +909,18 @@ async fn copy_batched(
     Ok(all)
 }
 
-fn fetch_flags(flags: &[String]) -> Vec<FlagFetch<'static>> {
-    flags
+/// A message's FLAGS as FETCH tells them, `\Recent` included when it is.
+fn fetch_flags(m: &Msg) -> Vec<FlagFetch<'static>> {
+    let mut flags: Vec<FlagFetch<'static>> = m
+        .flags
         .iter()
         .filter_map(|f| to_flag(f))
         .map(FlagFetch::Flag)
-        .collect()
+        .collect();
+    if m.recent {
+        flags.push(FlagFetch::Recent);
+    }
+    flags
 }
 
 fn internal_date(ms: i64) -> ImapDateTime {
@@ -945,7 +1025,7 @@ fn fetch_item<'r>(
     match item {
         MessageDataItemName::Uid => MessageDataItem::Uid(nz(m.uid)),
         MessageDataItemName::Flags => {
-            let mut flags = fetch_flags(&m.flags);
+            let mut flags = fetch_flags(m);
             if seen_now {
                 flags.push(FlagFetch::Flag(Flag::Seen));
             }
@@ -1424,7 +1504,7 @@ impl Session {
                     }
                     let mut items = Vec::new();
                     if !silent {
-                        items.push(MessageDataItem::Flags(fetch_flags(&m.flags)));
+                        items.push(MessageDataItem::Flags(fetch_flags(m)));
                     }
                     if uid {
                         items.insert(0, MessageDataItem::Uid(nz(m.uid)));
@@ -1676,7 +1756,14 @@ impl Session {
                     &binaries,
                     &mut verbatim,
                 );
-                conn.fetch_item(seq, built, &verbatim).await?;
+                let origin = match item {
+                    MessageDataItemName::Binary {
+                        partial: Some((start, _)),
+                        ..
+                    } => Some(*start),
+                    _ => None,
+                };
+                conn.fetch_item(seq, built, &verbatim, origin).await?;
             }
             if seen_now
                 && !items
@@ -1684,9 +1771,9 @@ impl Session {
                     .any(|i| matches!(i, MessageDataItemName::Flags))
             {
                 // The implicit \Seen is reported even when FLAGS was not asked for.
-                let mut flags = fetch_flags(&m.flags);
+                let mut flags = fetch_flags(&m);
                 flags.push(FlagFetch::Flag(Flag::Seen));
-                conn.fetch_item(seq, MessageDataItem::Flags(flags), &[])
+                conn.fetch_item(seq, MessageDataItem::Flags(flags), &[], None)
                     .await?;
             }
             if condstore
@@ -1696,7 +1783,7 @@ impl Session {
                 && changed_since.is_some()
             {
                 let modseq = NonZeroU64::new(m.modseq).unwrap_or(NonZeroU64::MIN);
-                conn.fetch_item(seq, MessageDataItem::ModSeq(modseq), &[])
+                conn.fetch_item(seq, MessageDataItem::ModSeq(modseq), &[], None)
                     .await?;
             }
             conn.end_fetch().await?;
@@ -1860,6 +1947,7 @@ mod tests {
                     size: 1,
                     internal_date_ms: 0,
                     modseq: 1,
+                    recent: false,
                 })
                 .collect(),
             gone: HashSet::new(),
@@ -1868,6 +1956,9 @@ mod tests {
             highest_modseq: 1,
             listed_modseq: 1,
             modseq_told: false,
+            shows_recent: true,
+            claims_recent: false,
+            first_recent_uid: 1,
         }
     }
 
