@@ -120,6 +120,7 @@ fn append(i: u64, users: u64) -> (u64, PartitionCommand) {
         PartitionCommand::User {
             user: user(u),
             limits: IndexLimits::default(),
+            request: None,
             command: IndexCommand::Append {
                 mailbox: INBOX.into(),
                 message: NewMessage {
@@ -322,6 +323,7 @@ async fn main() -> anyhow::Result<()> {
                 user: user(u),
                 limits: IndexLimits::default(),
                 command: IndexCommand::Init,
+                request: None,
             },
         )
     })

@@ -15,6 +15,11 @@ pub mod v1 {
 /// highest they have seen back in `UserRef.position`.
 pub const POSITION_METADATA: &str = "mailmesh-position";
 
+/// Request metadata of a mailbox write: the caller's id for it (a UUID), the same
+/// on every attempt. Storage applies a request once; a repeat gets the first
+/// outcome (`services/storage/src/request.rs`).
+pub const REQUEST_ID_METADATA: &str = "mailmesh-request-id";
+
 mod policy;
 mod queue;
 

@@ -379,6 +379,13 @@ pub struct ServiceConfig {
     pub imaps_listen: SocketAddr,
     /// The storage service's gRPC endpoint.
     pub storage_endpoint: String,
+    /// How long a mailbox write whose outcome is unknown (storage or the way to it
+    /// failed without answering) is sent again, with the same request id, before
+    /// the client hears `NO [UNAVAILABLE]`. Storage applies a request once, so a
+    /// client is told NO only when the change did not happen, or when storage
+    /// stayed unreachable this long.
+    #[serde(default = "default_write_patience", with = "humantime_serde")]
+    pub storage_write_patience: std::time::Duration,
     /// This pod's certificate (role `gateway`) and the internal CA, for storage
     /// (mutual TLS, ADR 0006).
     pub internal_tls: mailmesh_kit::internal::InternalTlsConfig,
@@ -393,6 +400,10 @@ pub struct ServiceConfig {
     pub tls: mailmesh_kit::tls::TlsConfig,
     /// Maildrop locks and login-failure counters shared by the pods (Redis).
     pub cache: mailmesh_cache::CacheConfig,
+}
+
+fn default_write_patience() -> std::time::Duration {
+    store::WRITE_PATIENCE
 }
 
 fn default_pop3() -> SocketAddr {

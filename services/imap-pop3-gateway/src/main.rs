@@ -26,7 +26,8 @@ async fn run(config: ServiceConfig) -> anyhow::Result<()> {
             .max_message_bytes
             .max(config.imap.max_message_bytes),
         &internal,
-    )?;
+    )?
+    .with_write_patience(config.storage_write_patience);
     let resolver = Arc::new(
         ReloadingCertResolver::load(&config.tls.cert_file, &config.tls.key_file)
             .context("loading the TLS certificate")?,

@@ -32,7 +32,7 @@ static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         IntCounterVec::new(
             Opts::new(
                 "gateway_events_total",
-                "auth_failed, auth_throttled, in_use, refused (too many sessions), tls_failed, proxy_header (a trusted balancer sent no valid PROXY header), refresh_changes / refresh_listing (an IMAP session caught up with its mailbox from the changes since its view, or by listing it whole), refresh_failed (storage could not be read after retries: the session was ended with BYE)",
+                "auth_failed, auth_throttled, in_use, refused (too many sessions), tls_failed, proxy_header (a trusted balancer sent no valid PROXY header), refresh_changes / refresh_listing (an IMAP session caught up with its mailbox from the changes since its view, or by listing it whole), refresh_failed (storage could not be read after retries: the session was ended with BYE); with protocol=\"storage\": write_resent (a mailbox write whose outcome was unknown sent again under its request id), write_unknown (still unknown after storage_write_patience: the client heard NO [UNAVAILABLE])",
             ),
             &["protocol", "event"],
         )

@@ -16,6 +16,77 @@ use mailmesh_proto::v1::mailboxes_client::MailboxesClient;
 use tonic::codegen::{Service, http};
 use tonic::transport::Channel;
 
+/// The default of `storage_write_patience`: a storage takeover (a replica killed,
+/// its partitions moved) takes 5–12 s; clients wait a minute or more.
+pub const WRITE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The first pause before a write is sent again; it doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// Whether a failed write may have been applied all the same: storage, or the way
+/// to it, failed without saying (the replica died, the connection broke, the call
+/// timed out). Any other status is storage's own answer: nothing changed.
+pub(crate) fn unknown_outcome(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
+}
+
+/// A new request id, as sent in `mailmesh-request-id`.
+fn new_request_id() -> tonic::metadata::AsciiMetadataValue {
+    uuid::Uuid::new_v4()
+        .to_string()
+        .parse()
+        .expect("a UUID is valid metadata")
+}
+
+/// Makes `call` with `message` under request id `id`, and again (same id) while its
+/// outcome is unknown, until `patience` from the first attempt has passed. Storage
+/// applies a request once and answers a repeat with the first outcome, so what
+/// comes back is what happened; an unknown outcome comes back only when storage
+/// stayed unreachable for the whole patience.
+async fn resend<C, M, T, F, Fut>(
+    client: &C,
+    id: &tonic::metadata::AsciiMetadataValue,
+    patience: Duration,
+    message: M,
+    call: F,
+) -> Result<tonic::Response<T>, tonic::Status>
+where
+    C: Clone,
+    M: Clone,
+    F: Fn(C, tonic::Request<M>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let mut request = tonic::Request::new(message.clone());
+        request
+            .metadata_mut()
+            .insert(mailmesh_proto::REQUEST_ID_METADATA, id.clone());
+        match call(client.clone(), request).await {
+            Err(status) if unknown_outcome(&status) && started.elapsed() + pause < patience => {
+                tracing::info!(%status, "a storage write's outcome is unknown: sending it again");
+                crate::metrics::event("storage", "write_resent");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
+            Err(status) if unknown_outcome(&status) => {
+                tracing::warn!(%status, ?patience, "a storage write's outcome stayed unknown");
+                crate::metrics::event("storage", "write_unknown");
+                return Err(status);
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Users whose log positions a gateway keeps: those used within the last two
 /// generations of this many (a user with a session here is used on every call).
 const POSITIONS_PER_GENERATION: usize = 50_000;
@@ -142,6 +213,16 @@ pub struct Store {
     /// For uploads that take as long as the client takes (no call timeout).
     uploads: MailboxesClient<Tracked>,
     positions: Positions,
+    write_patience: Duration,
+}
+
+/// A streamed APPEND under way ([`Store::append_stream`]).
+pub(crate) struct Upload {
+    /// Answers once storage has stored the message (or refused).
+    pub call: tokio::task::JoinHandle<Result<tonic::Response<v1::AppendResponse>, tonic::Status>>,
+    /// What started it and its request id, to finish it if the answer is lost.
+    start: v1::AppendStart,
+    id: tonic::metadata::AsciiMetadataValue,
 }
 
 impl Store {
@@ -174,7 +255,37 @@ impl Store {
                 .max_decoding_message_size(max_message_bytes.saturating_add(64 << 10)),
             uploads,
             positions,
+            write_patience: WRITE_PATIENCE,
         })
+    }
+
+    /// How long a write with an unknown outcome is sent again (`storage_write_patience`).
+    pub fn with_write_patience(mut self, patience: Duration) -> Self {
+        self.write_patience = patience;
+        self
+    }
+
+    /// A mailbox write: `call` makes it on the mailbox API with the request given,
+    /// which carries a request id; while its outcome is unknown it is made again
+    /// with the same id (storage applies it once), for up to the write patience.
+    pub(crate) async fn write<M, T, F, Fut>(
+        &self,
+        message: M,
+        call: F,
+    ) -> Result<tonic::Response<T>, tonic::Status>
+    where
+        M: Clone,
+        F: Fn(MailboxesClient<Tracked>, tonic::Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        resend(
+            &self.mailboxes,
+            &new_request_id(),
+            self.write_patience,
+            message,
+            call,
+        )
+        .await
     }
 
     /// The mailbox API, for the IMAP session's many calls. Give each the user
@@ -197,29 +308,68 @@ impl Store {
         self.positions.advance(&user.user_id, position);
     }
 
-    /// An APPEND streamed to storage: chunks go into the sender (after `start`,
-    /// which is sent here), the last one marked `end`; the task answers once storage
-    /// has stored it (or refused). Dropping the sender without `end` stores nothing.
+    /// An APPEND streamed to storage under a request id: chunks go into the
+    /// sender (after `start`, which is sent here), the last one marked `end`;
+    /// `Upload::call` answers once storage has stored it (or refused). Dropping the
+    /// sender without `end` stores nothing.
     pub(crate) fn append_stream(
         &self,
         start: v1::AppendStart,
-    ) -> (
-        tokio::sync::mpsc::Sender<v1::AppendChunk>,
-        tokio::task::JoinHandle<Result<tonic::Response<v1::AppendResponse>, tonic::Status>>,
-    ) {
+    ) -> (tokio::sync::mpsc::Sender<v1::AppendChunk>, Upload) {
         // A few chunks in flight: the client's speed and storage's pace the copy.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let first = v1::AppendChunk {
-            start: Some(start),
+            start: Some(start.clone()),
             ..Default::default()
         };
         let chunks = futures::stream::once(async move { first })
             .chain(futures::stream::unfold(rx, |mut rx| async move {
                 rx.recv().await.map(|c| (c, rx))
             }));
+        let id = new_request_id();
+        let mut request = tonic::Request::new(chunks);
+        request
+            .metadata_mut()
+            .insert(mailmesh_proto::REQUEST_ID_METADATA, id.clone());
         let mut client = self.uploads.clone();
-        let call = tokio::spawn(async move { client.append_stream(chunks).await });
-        (tx, call)
+        let call = tokio::spawn(async move { client.append_stream(request).await });
+        (tx, Upload { call, start, id })
+    }
+
+    /// Finishes a streamed APPEND whose whole body was sent but whose answer was
+    /// lost: storage indexes what that attempt stored, or answers its outcome, or
+    /// gives the request up (`FailedPrecondition`: certainly not stored). Sent
+    /// again while the outcome is unknown, as any write.
+    pub(crate) async fn resume_append(
+        &self,
+        upload: &Upload,
+    ) -> Result<tonic::Response<v1::AppendResponse>, tonic::Status> {
+        let start = v1::AppendStart {
+            resume: true,
+            ..upload.start.clone()
+        };
+        resend(
+            &self.mailboxes,
+            &upload.id,
+            self.write_patience,
+            start,
+            |mut client, request| async move {
+                let (metadata, extensions, start) = request.into_parts();
+                let only = v1::AppendChunk {
+                    start: Some(start),
+                    end: true,
+                    ..Default::default()
+                };
+                client
+                    .append_stream(tonic::Request::from_parts(
+                        metadata,
+                        extensions,
+                        futures::stream::iter([only]),
+                    ))
+                    .await
+            },
+        )
+        .await
     }
 
     /// The user behind `address` and `password`, `None` when either is wrong (which
@@ -337,25 +487,108 @@ impl Store {
                 last: uid,
             })
             .collect();
-        self.mailboxes
-            .clone()
-            .store_flags(v1::StoreFlagsRequest {
+        self.write(
+            v1::StoreFlagsRequest {
                 user: Some(self.at(user)),
                 mailbox: mailbox.to_owned(),
                 uids: ranges.clone(),
                 action: v1::store_flags_request::Action::Add.into(),
                 flags: vec!["\\Deleted".into()],
                 unchanged_since: None,
-            })
-            .await?;
-        self.mailboxes
-            .clone()
-            .expunge(v1::ExpungeRequest {
+            },
+            |mut c, r| async move { c.store_flags(r).await },
+        )
+        .await?;
+        self.write(
+            v1::ExpungeRequest {
                 user: Some(self.at(user)),
                 mailbox: mailbox.to_owned(),
                 uids: ranges,
-            })
-            .await?;
+            },
+            |mut c, r| async move { c.expunge(r).await },
+        )
+        .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A call that fails with `failures` (in order) and then answers, noting the
+    /// request id of every attempt.
+    fn flaky(
+        failures: Vec<tonic::Code>,
+        seen: Arc<Mutex<Vec<String>>>,
+    ) -> impl Fn(
+        (),
+        tonic::Request<u32>,
+    ) -> futures::future::Ready<Result<tonic::Response<u32>, tonic::Status>> {
+        let attempt = Arc::new(AtomicUsize::new(0));
+        move |(), request| {
+            let id = request
+                .metadata()
+                .get(mailmesh_proto::REQUEST_ID_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            seen.lock().unwrap().push(id);
+            let n = attempt.fetch_add(1, Ordering::SeqCst);
+            futures::future::ready(match failures.get(n) {
+                Some(code) => Err(tonic::Status::new(*code, "failed")),
+                None => Ok(tonic::Response::new(*request.get_ref())),
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_outcome_is_sent_again_under_the_same_id() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let call = flaky(
+            vec![
+                tonic::Code::Unavailable,
+                tonic::Code::DeadlineExceeded,
+                tonic::Code::Unknown,
+            ],
+            seen.clone(),
+        );
+        let id = new_request_id();
+        let answer = resend(&(), &id, WRITE_PATIENCE, 7, call).await.unwrap();
+        assert_eq!(answer.into_inner(), 7);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 4);
+        assert!(seen.iter().all(|s| s == id.to_str().unwrap()), "{seen:?}");
+        assert!(uuid::Uuid::try_parse(&seen[0]).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn storage_s_own_answer_is_final() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let call = flaky(vec![tonic::Code::AlreadyExists], seen.clone());
+        let e = resend(&(), &new_request_id(), WRITE_PATIENCE, 7, call)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::AlreadyExists);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_unknown_for_the_whole_patience_is_given_back() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let call = flaky(vec![tonic::Code::Unavailable; 1000], seen.clone());
+        let patience = Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        let e = resend(&(), &new_request_id(), patience, 7, call)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        let attempts = seen.lock().unwrap().len();
+        // Sent at 0, 0.1, 0.3, 0.7, 1.5, 3.1, 5.1, 7.1 and 9.1 s; the next would
+        // come after the patience.
+        assert_eq!(attempts, 9);
+        assert!(started.elapsed() <= patience);
     }
 }

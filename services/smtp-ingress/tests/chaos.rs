@@ -4,8 +4,8 @@
 //! appended) and reading (SELECT, FETCH 1:* FLAGS, UID SEARCH) through both gateways
 //! while one replica is SIGKILLed, a new one joins and another leaves with SIGTERM.
 //! Afterwards every acknowledged APPEND is in its mailbox exactly once, every
-//! acknowledged flag is set, no message is there twice, and both gateways show the
-//! same mailboxes (UIDs and flags).
+//! acknowledged flag is set, no message is there twice, no APPEND answered NO is
+//! there, and both gateways show the same mailboxes (UIDs and flags).
 
 mod common;
 
@@ -50,7 +50,9 @@ fn owned(admin: &str) -> f64 {
 /// The IMAP clients: per user a writer (alternating gateways) appending messages
 /// with unique subjects and flagging every third; a reader per gateway selecting
 /// and fetching every mailbox. A failed command is never retried with the same
-/// subject (an ambiguous failure may have happened): the next one gets a new one.
+/// subject (a cut connection leaves its outcome unknown): the next one gets a new
+/// one. An APPEND answered NO must not be stored (the gateway resolves unknown
+/// outcomes with storage before it answers).
 /// Runs until `stop` exists; writes the acknowledged changes to `acked`.
 const LOAD: &str = r#"
 import imaplib, os, re, sys, threading, time
@@ -86,6 +88,8 @@ def writer(u):
             typ, data = m.append('INBOX', None, None,
                 ('Subject: %s\r\nFrom: load@example.org\r\n\r\nchaos\r\n' % token).encode())
             if typ != 'OK':
+                # Answered NO: the gateway says it certainly did not happen.
+                note('N ' + token)
                 raise Exception(typ)
             note('A ' + token)
             with lock: counts['appended'] += 1
@@ -373,15 +377,18 @@ async fn storage_replicas_die_join_and_leave_under_imap_load() {
         let found = seen.get(token);
         match kind {
             "A" => assert!(found.is_some(), "acknowledged APPEND {token} is lost"),
+            // Issue 20, defect 2: NO only when it did not happen.
+            "N" => assert!(found.is_none(), "APPEND {token} answered NO was stored"),
             _ => assert!(
                 found.is_some_and(|(_, flagged)| *flagged),
                 "acknowledged flag on {token} is lost"
             ),
         }
     }
+    let refused = acked.lines().filter(|l| l.starts_with("N ")).count();
     eprintln!(
-        "{} acknowledged changes, {} messages, all there once, the same through both gateways",
-        acked.lines().count(),
+        "{} acknowledged changes, {refused} APPENDs answered NO (none stored), {} messages, all there once, the same through both gateways",
+        acked.lines().count() - refused,
         seen.len()
     );
 }

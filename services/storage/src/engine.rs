@@ -336,6 +336,9 @@ pub struct MailboxEvent {
 /// The commands of one mailbox-log partition.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// One command lives per record being applied or written: boxing the large variant
+// would cost an allocation per record to save memory nothing holds many of.
+#[allow(clippy::large_enum_variant)]
 pub enum PartitionCommand {
     User {
         user: UserRef,
@@ -343,6 +346,10 @@ pub enum PartitionCommand {
         /// (during a rollout) still apply it identically.
         limits: IndexLimits,
         command: IndexCommand,
+        /// The client's id for the request this command serves (`crate::request`):
+        /// applied once however often it is sent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request: Option<uuid::Uuid>,
     },
     /// The user was removed from the directory: drop their index.
     Forget { user: UserRef },
@@ -464,6 +471,15 @@ pub struct StorageEngine {
 /// Refuses a log whose records go sooner than `min` (an existing topic made with
 /// a short retention): a restore would find records missing and refuse anyway,
 /// later and partition by partition. A broker that does not say is trusted.
+/// The name of a new message object: the request's own when the call has an id
+/// (every attempt writes the same object), else a new time-ordered one.
+fn new_object_name() -> String {
+    crate::request::current().map_or_else(
+        || uuid::Uuid::now_v7().simple().to_string(),
+        crate::request::object_name,
+    )
+}
+
 async fn check_retention(queue: &dyn Queue, topic: &str, min: Duration) -> Result<(), EngineError> {
     match queue.retention(topic).await {
         Ok(Some(kept)) if kept < min => Err(EngineError::Unavailable(format!(
@@ -841,6 +857,7 @@ impl StorageEngine {
             user: user.clone(),
             limits: self.config.index_limits,
             command: IndexCommand::Init,
+            request: None,
         })
         .await?;
         Ok(user)
@@ -1181,8 +1198,34 @@ impl StorageEngine {
                 user: user.clone(),
                 limits: self.config.index_limits,
                 command,
+                request: None,
             })
             .await
+    }
+
+    /// Applies the index command that serves the current client request, with
+    /// its id (`crate::request`): a request applied before is not applied again,
+    /// and its remembered outcome comes back with `true` (repeated).
+    pub async fn index_request(
+        &self,
+        user: &UserRef,
+        command: IndexCommand,
+    ) -> Result<(IndexOutcome, bool), EngineError> {
+        self.ensure_user(user)?;
+        let outcome = self
+            .mailbox_replica(user)
+            .await?
+            .submit(PartitionCommand::User {
+                user: user.clone(),
+                limits: self.config.index_limits,
+                command,
+                request: crate::request::current(),
+            })
+            .await?;
+        Ok(match outcome {
+            IndexOutcome::Repeated(first) => (*first, true),
+            outcome => (outcome, false),
+        })
     }
 
     /// Reads a user's index as this replica has it (`None` before their first use).
@@ -1453,7 +1496,7 @@ impl StorageEngine {
         let key = Self::object_key(mailbox, &name);
         let path = Self::object_path(user, &key);
         let outcome = self
-            .index(
+            .index_request(
                 user,
                 IndexCommand::Append {
                     mailbox: mailbox_name,
@@ -1469,18 +1512,23 @@ impl StorageEngine {
             )
             .await;
         match outcome {
-            Ok(IndexOutcome::Appended {
+            // A repeated request's body went to the same object as the first
+            // attempt's (`request::object_name`): nothing to remove.
+            Ok((
+                IndexOutcome::Appended {
+                    mailbox,
+                    uidvalidity,
+                    uid,
+                    duplicate,
+                },
+                repeated,
+            )) => Ok(Appended {
                 mailbox,
                 uidvalidity,
                 uid,
-                duplicate,
-            }) => Ok(Appended {
-                mailbox,
-                uidvalidity,
-                uid,
-                duplicate,
+                duplicate: duplicate || repeated,
             }),
-            Ok(other) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
+            Ok((other, _)) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
             Err(e @ EngineError::Refused(_)) => {
                 // Refused when applied: nothing refers to the object.
                 if let Err(del) = self.objects.delete(&path).await {
@@ -1528,7 +1576,7 @@ impl StorageEngine {
         let new = NewObject {
             mailbox_name: mailbox.to_owned(),
             mailbox: id,
-            name: uuid::Uuid::now_v7().simple().to_string(),
+            name: new_object_name(),
             body: Bytes::new(),
             flags,
             internal_date_ms,
@@ -1553,6 +1601,67 @@ impl StorageEngine {
             .into());
         }
         self.index_object(user, new, size).await
+    }
+
+    /// Finishes a streamed APPEND whose answer was lost after its last chunk (sent
+    /// again with the same request id and `resume`): the body that attempt stored
+    /// under the request's object name is indexed, or the first attempt's outcome
+    /// returned. With no body there, the request is abandoned: a late first attempt
+    /// is refused, and the answer (FailedPrecondition) says nothing was stored.
+    pub async fn append_resume(
+        &self,
+        user: &UserRef,
+        mailbox: &str,
+        size: u64,
+        flags: Flags,
+        internal_date_ms: i64,
+    ) -> Result<Appended, EngineError> {
+        let request = crate::request::current().ok_or_else(|| {
+            StorageError::InvalidArgument("resume needs the request id of the first attempt".into())
+        })?;
+        let id = self
+            .mailbox_id(user, mailbox)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(format!("mailbox {mailbox} (trycreate)")))?;
+        let name = crate::request::object_name(request);
+        let path = Self::object_path(user, &Self::object_key(id, &name));
+        match self.objects.head(&path).await {
+            Ok(meta) if meta.size == size => {
+                let new = NewObject {
+                    mailbox_name: mailbox.to_owned(),
+                    mailbox: id,
+                    name,
+                    body: Bytes::new(),
+                    flags,
+                    internal_date_ms,
+                    delivery_key: None,
+                };
+                return self.index_object(user, new, size).await;
+            }
+            Ok(_) | Err(mailmesh_objstore::object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        match self.index_request(user, IndexCommand::Abandon).await? {
+            (
+                IndexOutcome::Appended {
+                    mailbox,
+                    uidvalidity,
+                    uid,
+                    ..
+                },
+                _,
+            ) => Ok(Appended {
+                mailbox,
+                uidvalidity,
+                uid,
+                duplicate: true,
+            }),
+            (IndexOutcome::Abandoned, _) => Err(StorageError::FailedPrecondition(
+                "the message was not stored (its body never arrived whole); send it again".into(),
+            )
+            .into()),
+            (other, _) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
+        }
     }
 
     /// Delivers a message as an MDA does: adds `Return-Path` and `Delivered-To`,
@@ -1620,7 +1729,7 @@ impl StorageEngine {
             NewObject {
                 mailbox_name: mailbox.to_owned(),
                 mailbox: id,
-                name: uuid::Uuid::now_v7().simple().to_string(),
+                name: new_object_name(),
                 body: message,
                 flags,
                 internal_date_ms,
@@ -1713,17 +1822,19 @@ impl StorageEngine {
         flags: Flags,
         unchanged_since: Option<u64>,
     ) -> Result<IndexOutcome, EngineError> {
-        self.index(
-            user,
-            IndexCommand::Store {
-                mailbox: mailbox.to_owned(),
-                uids,
-                action,
-                flags,
-                unchanged_since,
-            },
-        )
-        .await
+        Ok(self
+            .index_request(
+                user,
+                IndexCommand::Store {
+                    mailbox: mailbox.to_owned(),
+                    uids,
+                    action,
+                    flags,
+                    unchanged_since,
+                },
+            )
+            .await?
+            .0)
     }
 
     /// EXPUNGE / UID EXPUNGE; the removed messages' objects are deleted.
@@ -1733,8 +1844,8 @@ impl StorageEngine {
         mailbox: &str,
         uids: Option<Vec<UidRange>>,
     ) -> Result<Vec<Uid>, EngineError> {
-        let outcome = self
-            .index(
+        let (outcome, repeated) = self
+            .index_request(
                 user,
                 IndexCommand::Expunge {
                     mailbox: mailbox.to_owned(),
@@ -1748,15 +1859,18 @@ impl StorageEngine {
             )));
         };
         let uids = removed.iter().map(|(uid, _)| *uid).collect();
-        let canonical = crate::index::canonical_name(mailbox, &self.config.index_limits)?;
-        self.retire(user, &canonical, removed).await;
+        // A repeat's objects were retired by the first attempt (or are the sweep's).
+        if !repeated {
+            let canonical = crate::index::canonical_name(mailbox, &self.config.index_limits)?;
+            self.retire(user, &canonical, removed).await;
+        }
         Ok(uids)
     }
 
     /// DELETE mailbox, with the objects of its messages.
     pub async fn delete_mailbox(&self, user: &UserRef, mailbox: &str) -> Result<(), EngineError> {
-        let outcome = self
-            .index(
+        let (outcome, _) = self
+            .index_request(
                 user,
                 IndexCommand::DeleteMailbox {
                     name: mailbox.to_owned(),
@@ -1829,7 +1943,7 @@ impl StorageEngine {
             objects.push((*uid, copy));
         }
         let outcome = self
-            .index(
+            .index_request(
                 user,
                 IndexCommand::Copy {
                     from: from_c.clone(),
@@ -1841,17 +1955,27 @@ impl StorageEngine {
             )
             .await;
         match outcome {
-            Ok(IndexOutcome::Copied {
-                uidvalidity,
-                mapping,
-                unused_objects,
-                expunged,
-            }) => {
-                self.delete_unreferenced(user, unused_objects).await;
-                self.retire(user, &from_c, expunged).await;
+            Ok((
+                IndexOutcome::Copied {
+                    uidvalidity,
+                    mapping,
+                    unused_objects,
+                    expunged,
+                },
+                repeated,
+            )) => {
+                if repeated {
+                    // The first attempt's copies are the ones referenced: this
+                    // attempt's are not.
+                    self.delete_unreferenced(user, objects.into_iter().map(|(_, k)| k))
+                        .await;
+                } else {
+                    self.delete_unreferenced(user, unused_objects).await;
+                    self.retire(user, &from_c, expunged).await;
+                }
                 Ok((uidvalidity, mapping))
             }
-            Ok(other) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
+            Ok((other, _)) => Err(EngineError::Codec(format!("unexpected outcome {other:?}"))),
             Err(e @ EngineError::Refused(_)) => {
                 self.delete_unreferenced(user, objects.into_iter().map(|(_, k)| k))
                     .await;

@@ -7,8 +7,9 @@
 //! already checked that role's policy). The owner answers a call for a partition it
 //! no longer owns with `NotOwner`, and the forwarder routes it again once the
 //! owners map has moved. A write is sent again only after such a refusal (it was
-//! not made); reads and deliveries (idempotent by their key) are also sent again
-//! when the owner could not be reached.
+//! not made); reads, deliveries (idempotent by their key) and writes carrying a
+//! request id (applied once however often sent, `crate::request`) are also sent
+//! again when the owner could not be reached.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -229,6 +230,8 @@ macro_rules! routed {
             $this.here(&user)?;
             return $this.local.$method(r).await;
         }
+        let resend = $resend
+            || r.metadata().get(mailmesh_proto::REQUEST_ID_METADATA).is_some();
         let mut not_there: Option<Owner> = None;
         for _ in 0..ROUTES {
             match $this.engine.route(&user, not_there.as_ref()).await? {
@@ -236,7 +239,7 @@ macro_rules! routed {
                 Route::There(owner) => {
                     let onward = Self::onward(&r, r.get_ref().clone())?;
                     match $this.client(&owner.addr)?.$method(onward).await {
-                        Err(status) if refused(&status, $resend) => {
+                        Err(status) if refused(&status, resend) => {
                             tracing::debug!(replica = %owner.replica, addr = %owner.addr, %status, "routing a call again");
                             crate::metrics::forwarded("rerouted");
                             not_there = Some(owner);

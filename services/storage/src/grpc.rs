@@ -1046,6 +1046,14 @@ impl StorageService {
         } else {
             start.internal_date_ms
         };
+        if start.resume {
+            // No body follows: the first attempt stored it (or it never arrived).
+            let appended = self
+                .engine
+                .append_resume(&user, &start.mailbox, start.size, flags, date)
+                .await?;
+            return self.answer(&user, append_response(&appended)).await;
+        }
         // The message bytes, chunk by chunk, until the one marked `end`; a stream
         // that stops before it is an abandoned APPEND (an error, so nothing is kept).
         enum State {
@@ -1127,7 +1135,7 @@ impl MailboxesApi for StorageService {
         let r = r.into_inner();
         let user = self.user_at(&caller, r.user).await?;
         self.engine
-            .index(
+            .index_request(
                 &user,
                 crate::index::IndexCommand::CreateMailbox {
                     name: r.mailbox,
@@ -1143,7 +1151,7 @@ impl MailboxesApi for StorageService {
         let r = r.into_inner();
         let user = self.user_at(&caller, r.user).await?;
         self.engine
-            .index(
+            .index_request(
                 &user,
                 crate::index::IndexCommand::RenameMailbox {
                     from: r.from,
@@ -1167,7 +1175,7 @@ impl MailboxesApi for StorageService {
         let r = r.into_inner();
         let user = self.user_at(&caller, r.user).await?;
         self.engine
-            .index(
+            .index_request(
                 &user,
                 crate::index::IndexCommand::Subscribe {
                     name: r.mailbox,
@@ -1410,7 +1418,7 @@ impl MailboxesApi for StorageService {
         let user = self.user_at(&caller, r.user).await?;
         let outcome = self
             .engine
-            .index(
+            .index_request(
                 &user,
                 crate::index::IndexCommand::ClaimRecent {
                     mailbox: r.mailbox,
@@ -1418,7 +1426,8 @@ impl MailboxesApi for StorageService {
                     up_to: r.up_to,
                 },
             )
-            .await?;
+            .await?
+            .0;
         let crate::index::IndexOutcome::RecentClaimed { from, to } = outcome else {
             return Err(Status::internal("unexpected outcome of a recent claim"));
         };

@@ -6,9 +6,10 @@
 //! timestamp and iterates only ordered maps, so replicas replaying one log agree
 //! (docs/adr/0001-mailbox-index.md).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::{Result, StorageError};
 
@@ -80,6 +81,12 @@ pub struct IndexLimits {
     /// weeks in memory (`loadtest/smtp-soak.sh` grew by 0.3 KB per message). A
     /// redelivery comes within minutes of the first, far inside this bound.
     pub max_delivery_keys: usize,
+    /// How long a client's request id is remembered with its outcome: a request
+    /// sent again within it (the client did not hear the answer) is not applied
+    /// twice (issue 20, defect 2).
+    pub request_ttl_ms: i64,
+    /// At most this many requests are remembered per user (the newest).
+    pub max_requests: usize,
 }
 
 impl Default for IndexLimits {
@@ -92,6 +99,8 @@ impl Default for IndexLimits {
             max_expunge_log: 10_000,
             delivery_key_ttl_ms: 14 * 24 * 3600 * 1000,
             max_delivery_keys: 65_536,
+            request_ttl_ms: 10 * 60 * 1000,
+            max_requests: 32,
         }
     }
 }
@@ -397,6 +406,10 @@ pub enum IndexCommand {
         uidvalidity: u32,
         up_to: Uid,
     },
+    /// The client gives up a request whose answer it did not hear: applied before,
+    /// its outcome comes back ([`IndexOutcome::Repeated`]); otherwise it never will
+    /// be (a late copy is refused), so the client can say it did not happen.
+    Abandon,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -447,6 +460,67 @@ pub enum IndexOutcome {
     MailboxDeleted {
         removed: Vec<String>,
     },
+    /// The request was applied before, with this outcome (as remembered: objects
+    /// the first attempt handled and long lists left out). Nothing changed now.
+    Repeated(Box<IndexOutcome>),
+    /// An [`IndexCommand::Abandon`] came first: the request will never be applied.
+    Abandoned,
+}
+
+/// Entries of a remembered outcome's lists kept for a repeated request; a longer
+/// list is left out (the client's view catches up from the mailbox's changes).
+const REMEMBERED_ENTRIES: usize = 256;
+
+impl IndexOutcome {
+    /// What a repeated request is answered: what the client needs, not the objects
+    /// the first attempt deleted (or left to the orphan sweep).
+    fn remembered(&self) -> IndexOutcome {
+        fn short<T: Clone>(list: &[T]) -> Vec<T> {
+            if list.len() <= REMEMBERED_ENTRIES {
+                list.to_vec()
+            } else {
+                Vec::new()
+            }
+        }
+        match self {
+            Self::Stored { changed, modified } => Self::Stored {
+                changed: short(changed),
+                // The [MODIFIED] set is the answer itself: kept whole.
+                modified: modified.clone(),
+            },
+            Self::Copied {
+                uidvalidity,
+                mapping,
+                ..
+            } => Self::Copied {
+                uidvalidity: *uidvalidity,
+                mapping: short(mapping),
+                unused_objects: Vec::new(),
+                expunged: Vec::new(),
+            },
+            Self::Expunged { mailbox, removed } => Self::Expunged {
+                mailbox: *mailbox,
+                removed: short(removed)
+                    .into_iter()
+                    .map(|(uid, _)| (uid, String::new()))
+                    .collect(),
+            },
+            Self::MailboxDeleted { .. } => Self::MailboxDeleted {
+                removed: Vec::new(),
+            },
+            other => other.clone(),
+        }
+    }
+}
+
+/// A client's request applied to the index, kept for [`IndexLimits::request_ttl_ms`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Remembered {
+    id: Uuid,
+    at_ms: i64,
+    /// A refusal is remembered too: a late copy of a refused (or abandoned)
+    /// request must not succeed after the client was told it failed.
+    outcome: std::result::Result<IndexOutcome, StorageError>,
 }
 
 /// A change other sessions should hear about (IMAP untagged responses, IDLE).
@@ -487,6 +561,38 @@ pub struct UserIndex {
     /// Subscribed names (canonical), a list of its own (RFC 3501 §6.3.6): a name
     /// may be subscribed with no mailbox, and stays subscribed across DELETE.
     subscriptions: BTreeSet<String>,
+    /// Recent client requests with their outcomes, oldest first.
+    #[serde(default)]
+    requests: VecDeque<Remembered>,
+}
+
+/// A user's index as user format 2 held it (before remembered requests). Read
+/// only, to convert.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+pub(crate) struct UserIndexFormat2 {
+    mailboxes: BTreeMap<MailboxId, Mailbox>,
+    next_mailbox_id: u32,
+    last_uidvalidity: u32,
+    used_bytes: u64,
+    deliveries: BTreeMap<String, Delivered>,
+    initialised: bool,
+    subscriptions: BTreeSet<String>,
+}
+
+impl From<UserIndexFormat2> for UserIndex {
+    fn from(old: UserIndexFormat2) -> Self {
+        Self {
+            mailboxes: old.mailboxes,
+            next_mailbox_id: old.next_mailbox_id,
+            last_uidvalidity: old.last_uidvalidity,
+            used_bytes: old.used_bytes,
+            deliveries: old.deliveries,
+            initialised: old.initialised,
+            subscriptions: old.subscriptions,
+            requests: VecDeque::new(),
+        }
+    }
 }
 
 /// A user's index as written before subscriptions were names (user format 1, v1
@@ -523,6 +629,7 @@ struct LegacyMailbox {
 pub(crate) fn legacy_json(index: &UserIndex) -> serde_json::Value {
     let mut v = serde_json::to_value(index).expect("serialisable");
     v.as_object_mut().expect("object").remove("subscriptions");
+    v.as_object_mut().expect("object").remove("requests");
     for (_, m) in v["mailboxes"].as_object_mut().expect("mailboxes") {
         let name = m["name"].as_str().unwrap_or_default().to_owned();
         let m = m.as_object_mut().expect("mailbox");
@@ -566,6 +673,7 @@ impl From<LegacyUserIndex> for UserIndex {
             deliveries: old.deliveries,
             initialised: old.initialised,
             subscriptions,
+            requests: VecDeque::new(),
         }
     }
 }
@@ -702,6 +810,51 @@ impl UserIndex {
         Ok(())
     }
 
+    /// Applies `command`, sent by a client as `request` (`None`: no id). A request
+    /// remembered from before is not applied again: its outcome comes back as
+    /// [`IndexOutcome::Repeated`] (or its refusal again); an abandoned one is
+    /// refused. Deterministic as [`Self::apply`] is (time is the command's).
+    pub fn apply_request(
+        &mut self,
+        request: Option<Uuid>,
+        command: IndexCommand,
+        at_ms: i64,
+        limits: &IndexLimits,
+        changes: &mut Vec<Change>,
+    ) -> Result<IndexOutcome> {
+        let Some(id) = request else {
+            return self.apply(command, at_ms, limits, changes);
+        };
+        let horizon = at_ms.saturating_sub(limits.request_ttl_ms);
+        self.requests.retain(|r| r.at_ms >= horizon);
+        if let Some(seen) = self.requests.iter().find(|r| r.id == id) {
+            return match &seen.outcome {
+                Ok(outcome) => Ok(IndexOutcome::Repeated(Box::new(outcome.clone()))),
+                Err(refused) => Err(refused.clone()),
+            };
+        }
+        let outcome = match command {
+            IndexCommand::Abandon => Ok(IndexOutcome::Abandoned),
+            command => self.apply(command, at_ms, limits, changes),
+        };
+        let remembered = match &outcome {
+            Ok(IndexOutcome::Abandoned) => Err(StorageError::FailedPrecondition(
+                "the request was given up before it arrived".into(),
+            )),
+            Ok(outcome) => Ok(outcome.remembered()),
+            Err(refused) => Err(refused.clone()),
+        };
+        while self.requests.len() >= limits.max_requests.max(1) {
+            self.requests.pop_front();
+        }
+        self.requests.push_back(Remembered {
+            id,
+            at_ms,
+            outcome: remembered,
+        });
+        outcome
+    }
+
     /// Applies one command at time `at_ms` (from the command record). On error
     /// nothing changed. Changes for other sessions are appended to `changes`.
     pub fn apply(
@@ -809,6 +962,8 @@ impl UserIndex {
                 m.first_recent_uid = to;
                 Ok(IndexOutcome::RecentClaimed { from, to })
             }
+            // Without a request id there is nothing to give up.
+            C::Abandon => Ok(IndexOutcome::Done),
             C::Store {
                 mailbox,
                 uids,
@@ -1237,6 +1392,192 @@ mod tests {
             })
             .unwrap()
         }
+    }
+
+    impl Fixture {
+        fn request(&mut self, id: Uuid, command: IndexCommand) -> Result<IndexOutcome> {
+            self.clock += 1;
+            self.index.apply_request(
+                Some(id),
+                command,
+                self.clock,
+                &self.limits,
+                &mut self.changes,
+            )
+        }
+
+        fn append_command(&self, mailbox: &str) -> IndexCommand {
+            IndexCommand::Append {
+                mailbox: mailbox.into(),
+                message: NewMessage {
+                    object: format!("obj-{}", self.clock),
+                    size: 100,
+                    internal_date_ms: self.clock,
+                    flags: Flags::default(),
+                },
+                delivery_key: None,
+                quota_bytes: None,
+            }
+        }
+
+        fn count(&self, mailbox: &str) -> usize {
+            self.index.mailbox(mailbox).map_or(0, |m| m.messages.len())
+        }
+    }
+
+    #[test]
+    fn a_request_sent_again_is_applied_once_and_answered_as_the_first_time() {
+        let mut f = Fixture::new();
+        let id = Uuid::new_v4();
+        let append = f.append_command(INBOX);
+        let first = f.request(id, append.clone()).unwrap();
+        let changes = f.changes.len();
+        let again = f.request(id, append.clone()).unwrap();
+        assert_eq!(again, IndexOutcome::Repeated(Box::new(first.clone())));
+        assert_eq!(f.count(INBOX), 1);
+        assert_eq!(f.changes.len(), changes, "a repeat announces nothing");
+        // Another id is another request.
+        f.request(Uuid::new_v4(), append).unwrap();
+        assert_eq!(f.count(INBOX), 2);
+        // A repeated STORE keeps its [MODIFIED] answer rather than recomputing it
+        // against the state it made itself.
+        let IndexOutcome::Appended { uid, .. } = first else {
+            panic!("{first:?}")
+        };
+        let modseq = f.index.mailbox(INBOX).unwrap().messages[&uid].modseq;
+        let store = IndexCommand::Store {
+            mailbox: INBOX.into(),
+            uids: vec![UidRange::one(uid)],
+            action: StoreAction::Add,
+            flags: Flags::parse(["\\Seen"], &f.limits).unwrap(),
+            unchanged_since: Some(modseq),
+        };
+        let id = Uuid::new_v4();
+        let stored = f.request(id, store.clone()).unwrap();
+        let IndexOutcome::Stored { modified, .. } = &stored else {
+            panic!("{stored:?}")
+        };
+        assert!(modified.is_empty());
+        assert_eq!(
+            f.request(id, store).unwrap(),
+            IndexOutcome::Repeated(Box::new(stored))
+        );
+    }
+
+    #[test]
+    fn an_abandoned_request_is_refused_when_it_arrives_late() {
+        let mut f = Fixture::new();
+        let id = Uuid::new_v4();
+        assert_eq!(
+            f.request(id, IndexCommand::Abandon).unwrap(),
+            IndexOutcome::Abandoned
+        );
+        let late = f.append_command(INBOX);
+        assert!(matches!(
+            f.request(id, late),
+            Err(StorageError::FailedPrecondition(_))
+        ));
+        assert_eq!(f.count(INBOX), 0);
+        // Given up after it was applied: its outcome comes back.
+        let id = Uuid::new_v4();
+        let append = f.append_command(INBOX);
+        let first = f.request(id, append).unwrap();
+        assert_eq!(
+            f.request(id, IndexCommand::Abandon).unwrap(),
+            IndexOutcome::Repeated(Box::new(first))
+        );
+        assert_eq!(f.count(INBOX), 1);
+    }
+
+    #[test]
+    fn a_refused_request_stays_refused() {
+        let mut f = Fixture::new();
+        f.apply(IndexCommand::CreateMailbox {
+            name: "A".into(),
+            role: None,
+        })
+        .unwrap();
+        let create = IndexCommand::CreateMailbox {
+            name: "A".into(),
+            role: None,
+        };
+        let id = Uuid::new_v4();
+        assert!(matches!(
+            f.request(id, create.clone()),
+            Err(StorageError::AlreadyExists(_))
+        ));
+        f.apply(IndexCommand::DeleteMailbox { name: "A".into() })
+            .unwrap();
+        // The client was told it failed: a late copy must not succeed now.
+        assert!(matches!(
+            f.request(id, create),
+            Err(StorageError::AlreadyExists(_))
+        ));
+        assert!(f.index.mailbox("A").is_none());
+    }
+
+    #[test]
+    fn requests_are_remembered_for_their_time_and_up_to_their_number() {
+        let mut f = Fixture::new();
+        f.limits.max_requests = 4;
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            let append = f.append_command(INBOX);
+            f.request(*id, append).unwrap();
+        }
+        assert_eq!(f.index.requests.len(), 4);
+        // The oldest was forgotten: sent again, it is a new request.
+        let append = f.append_command(INBOX);
+        assert!(matches!(
+            f.request(ids[0], append).unwrap(),
+            IndexOutcome::Appended { .. }
+        ));
+        let append = f.append_command(INBOX);
+        assert!(matches!(
+            f.request(ids[4], append).unwrap(),
+            IndexOutcome::Repeated(_)
+        ));
+        f.clock += f.limits.request_ttl_ms + 1;
+        let append = f.append_command(INBOX);
+        assert!(matches!(
+            f.request(ids[4], append).unwrap(),
+            IndexOutcome::Appended { .. }
+        ));
+        assert_eq!(f.index.requests.len(), 1, "the expired ones are dropped");
+        assert_eq!(f.count(INBOX), 7);
+    }
+
+    #[test]
+    fn remembered_outcomes_keep_no_objects_and_no_long_lists() {
+        let long: Vec<(Uid, Uid)> = (1..=REMEMBERED_ENTRIES as Uid + 1)
+            .map(|u| (u, u))
+            .collect();
+        let copied = IndexOutcome::Copied {
+            uidvalidity: 7,
+            mapping: long,
+            unused_objects: vec!["x".into()],
+            expunged: vec![(1, "y".into())],
+        };
+        assert_eq!(
+            copied.remembered(),
+            IndexOutcome::Copied {
+                uidvalidity: 7,
+                mapping: Vec::new(),
+                unused_objects: Vec::new(),
+                expunged: Vec::new(),
+            }
+        );
+        let expunged = IndexOutcome::Expunged {
+            mailbox: MailboxId(1),
+            removed: vec![(3, "obj".into())],
+        };
+        assert_eq!(
+            expunged.remembered(),
+            IndexOutcome::Expunged {
+                mailbox: MailboxId(1),
+                removed: vec![(3, String::new())],
+            }
+        );
     }
 
     #[test]

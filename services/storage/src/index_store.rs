@@ -46,9 +46,11 @@ use crate::replica::{ReplicaConfig, StateMachine};
 const META: &[u8] = b"P";
 const USER: &[u8] = b"u/";
 const TENANT: &[u8] = b"t/";
-/// The first byte of every user value: the encoding's version (2: subscriptions
-/// are a list of names; 1, read and converted: a flag on each mailbox).
-const USER_FORMAT: u8 = 2;
+/// The first byte of every user value: the encoding's version (3: with remembered
+/// client requests; 2, read and converted: subscriptions a list of names, no
+/// requests; 1, read and converted: subscriptions a flag on each mailbox).
+const USER_FORMAT: u8 = 3;
+const USER_FORMAT_NO_REQUESTS: u8 = 2;
 const USER_FORMAT_FLAG_SUBSCRIPTIONS: u8 = 1;
 /// Checkpoint streams start with this line.
 const CHECKPOINT_MAGIC: &[u8] = b"mailmesh-index-checkpoint 1\n";
@@ -103,6 +105,14 @@ fn decode_user(bytes: &[u8]) -> Result<StoredUser<UserIndex>, EngineError> {
     match bytes.split_first() {
         Some((&USER_FORMAT, rest)) => {
             postcard::from_bytes(rest).map_err(|e| EngineError::Codec(format!("user index: {e}")))
+        }
+        Some((&USER_FORMAT_NO_REQUESTS, rest)) => {
+            let old: StoredUser<crate::index::UserIndexFormat2> = postcard::from_bytes(rest)
+                .map_err(|e| EngineError::Codec(format!("user index (format 2): {e}")))?;
+            Ok(StoredUser {
+                applied: old.applied,
+                index: old.index.map(UserIndex::from),
+            })
         }
         Some((&USER_FORMAT_FLAG_SUBSCRIPTIONS, rest)) => {
             let old: StoredUser<crate::index::LegacyUserIndex> = postcard::from_bytes(rest)
@@ -1192,7 +1202,8 @@ impl StateMachine for PartitionIndex {
                 user,
                 limits,
                 command,
-            } => (user, Some((limits, command))),
+                request,
+            } => (user, Some((limits, command, request))),
             PartitionCommand::Forget { user } => (user, None),
         };
         let key = user.key();
@@ -1205,14 +1216,14 @@ impl StateMachine for PartitionIndex {
         let before = entry.used();
         let had_index = entry.index.is_some();
         let outcome = match command {
-            Some((limits, command)) => {
+            Some((limits, command, request)) => {
                 let mut index = entry
                     .index
                     .take()
                     .map(|i| Arc::try_unwrap(i).unwrap_or_else(|shared| (*shared).clone()))
                     .unwrap_or_default();
                 let mut raw = Vec::new();
-                let outcome = index.apply(command, at_ms, &limits, &mut raw);
+                let outcome = index.apply_request(request, command, at_ms, &limits, &mut raw);
                 changes.extend(raw.into_iter().map(|change| MailboxEvent {
                     user: user.clone(),
                     change,
@@ -1477,6 +1488,37 @@ mod tests {
     /// A user written in format 1 (subscriptions a flag on each mailbox) is read
     /// and converted; what is written now is format 2.
     #[test]
+    fn users_of_format_2_are_read() {
+        let mut index = UserIndex::default();
+        index
+            .apply(
+                IndexCommand::Init,
+                T0,
+                &IndexLimits::default(),
+                &mut Vec::new(),
+            )
+            .unwrap();
+        let mut old = serde_json::to_value(&index).unwrap();
+        old.as_object_mut().unwrap().remove("requests");
+        let old: crate::index::UserIndexFormat2 = serde_json::from_value(old).unwrap();
+        let bytes = postcard::to_extend(
+            &StoredUser {
+                applied: 42,
+                index: Some(old),
+            },
+            vec![2],
+        )
+        .unwrap();
+        let read = decode_user(&bytes).unwrap();
+        assert_eq!(read.applied, 42);
+        assert_eq!(read.index.unwrap(), index);
+        // Written back, it is format 3, and read as such.
+        let bytes = encode_user(42, Some(&index)).unwrap();
+        assert_eq!(bytes[0], USER_FORMAT);
+        assert_eq!(decode_user(&bytes).unwrap().index.unwrap(), index);
+    }
+
+    #[test]
     fn users_of_format_1_are_read() {
         let mut index = UserIndex::default();
         index
@@ -1510,9 +1552,12 @@ mod tests {
         assert!(read.is_subscribed("INBOX") && !read.is_subscribed("Sent"));
         assert_eq!(read.mailboxes().count(), 6);
         let now = encode_user(41, Some(&read)).unwrap();
-        assert_eq!(now[0], 2);
+        assert_eq!(now[0], USER_FORMAT);
         assert_eq!(decode_user(&now).unwrap().index.unwrap(), read);
-        assert!(decode_user(&[3, 0]).is_err(), "a newer format is refused");
+        assert!(
+            decode_user(&[USER_FORMAT + 1, 0]).is_err(),
+            "a newer format is refused"
+        );
     }
 
     fn objects(dir: &FsPath) -> Arc<dyn ObjectStore> {
@@ -1538,6 +1583,7 @@ mod tests {
             user: user.clone(),
             limits,
             command,
+            request: None,
         };
         let mut commands = Vec::new();
         for u in users {
@@ -1632,8 +1678,10 @@ mod tests {
                     user,
                     limits,
                     command,
+                    request,
                 } => {
-                    let _ = users.entry(user.key()).or_default().apply(
+                    let _ = users.entry(user.key()).or_default().apply_request(
+                        request,
                         command,
                         T0 + i as i64,
                         &limits,
@@ -1949,6 +1997,7 @@ mod tests {
         // Then two users change, then one.
         let more = |u: &UserRef, i: usize| PartitionCommand::User {
             user: u.clone(),
+            request: None,
             limits: IndexLimits::default(),
             command: IndexCommand::Append {
                 mailbox: crate::index::INBOX.into(),

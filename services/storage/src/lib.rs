@@ -19,6 +19,7 @@ pub mod owners;
 pub mod password_policy;
 pub mod passwords;
 pub mod replica;
+pub mod request;
 pub mod retry_index;
 pub mod sealed;
 pub mod server;

@@ -73,6 +73,7 @@ pub async fn serve_grpc(
         .max_connection_age(mailmesh_kit::internal::CONNECTION_AGE)
         .max_connection_age_grace(mailmesh_kit::internal::CONNECTION_GRACE)
         .layer(AuthorizeLayer::new(crate::grpc::policy))
+        .layer(crate::request::RequestScopeLayer)
         .add_service(service.directory_server())
         .add_service(service.outbound_queue_server())
         .add_service(

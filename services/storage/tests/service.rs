@@ -719,6 +719,187 @@ async fn a_watch_ends_with_its_session() {
     );
 }
 
+/// `message` as a call carrying request id `id` (`mailmesh-request-id`).
+fn as_request<T>(id: uuid::Uuid, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        mailmesh_proto::REQUEST_ID_METADATA,
+        id.to_string().parse().unwrap(),
+    );
+    request
+}
+
+async fn count_in(
+    mailboxes: &mut MailboxesClient<Channel>,
+    user: &v1::UserRef,
+    mailbox: &str,
+) -> u32 {
+    mailboxes
+        .status(v1::MailboxRequest {
+            user: Some(user.clone()),
+            mailbox: mailbox.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages
+}
+
+/// A streamed APPEND of `body` (or, with `resume`, the call that finishes one
+/// whose answer was lost) under request id `id`.
+async fn append_stream(
+    mailboxes: &mut MailboxesClient<Channel>,
+    user: &v1::UserRef,
+    id: uuid::Uuid,
+    body: &[u8],
+    resume: bool,
+) -> Result<v1::AppendResponse, tonic::Status> {
+    let chunks = vec![v1::AppendChunk {
+        start: Some(v1::AppendStart {
+            user: Some(user.clone()),
+            mailbox: "INBOX".into(),
+            size: body.len() as u64,
+            resume,
+            ..Default::default()
+        }),
+        data: if resume { Vec::new() } else { body.to_vec() },
+        end: true,
+    }];
+    mailboxes
+        .append_stream(as_request(id, futures::stream::iter(chunks)))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Issue 20, defect 2: a client that did not hear the answer to a write sends it
+/// again with the same request id, and storage applies it once and answers it as
+/// the first time; a streamed APPEND whose answer was lost is finished with
+/// `resume`, and one that never arrived is given up for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sent_again_with_their_request_id_are_applied_once() {
+    let run = format!("again{}", uuid::Uuid::new_v4().simple());
+    let storage = start(&run);
+    let mut directory = DirectoryClient::new(channel(&storage, Role::Admin).await);
+    tenant_with_domain(&mut directory, "acme", "acme.test").await;
+    directory
+        .add_user(v1::AddUserRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            quota_bytes: 0,
+        })
+        .await
+        .unwrap();
+    let gateway = channel(&storage, Role::Gateway).await;
+    let alice = DirectoryClient::new(gateway.clone())
+        .authenticate(v1::AuthenticateRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            client_ip: "198.51.100.7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .user
+        .unwrap();
+    let mut mailboxes = MailboxesClient::new(gateway);
+
+    // APPEND twice under one id: one message, the same UID both times.
+    let id = uuid::Uuid::new_v4();
+    let append = v1::AppendRequest {
+        user: Some(alice.clone()),
+        mailbox: "INBOX".into(),
+        message: b"Subject: once\r\n\r\nbody\r\n".to_vec(),
+        ..Default::default()
+    };
+    let first = mailboxes
+        .append(as_request(id, append.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = mailboxes
+        .append(as_request(id, append.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.uid, again.uid_validity),
+        (first.uid, first.uid_validity)
+    );
+    assert_eq!(count_in(&mut mailboxes, &alice, "INBOX").await, 1);
+    // Without an id (or with another) it is another message.
+    mailboxes.append(append.clone()).await.unwrap();
+    assert_eq!(count_in(&mut mailboxes, &alice, "INBOX").await, 2);
+
+    // CREATE sent again is not "already exists"; COPY sent again copies once.
+    let id = uuid::Uuid::new_v4();
+    let create = v1::MailboxRequest {
+        user: Some(alice.clone()),
+        mailbox: "Projects".into(),
+    };
+    mailboxes
+        .create_mailbox(as_request(id, create.clone()))
+        .await
+        .unwrap();
+    mailboxes
+        .create_mailbox(as_request(id, create))
+        .await
+        .expect("a repeated CREATE answers as the first");
+    let id = uuid::Uuid::new_v4();
+    let copy = v1::CopyRequest {
+        user: Some(alice.clone()),
+        from: "INBOX".into(),
+        to: "Projects".into(),
+        uids: vec![v1::UidRange {
+            first: first.uid,
+            last: first.uid,
+        }],
+        remove_source: false,
+    };
+    let copied = mailboxes
+        .copy(as_request(id, copy.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = mailboxes
+        .copy(as_request(id, copy))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.destination_uids, copied.destination_uids);
+    assert_eq!(count_in(&mut mailboxes, &alice, "Projects").await, 1);
+
+    // A whole streamed APPEND, then `resume` under its id: the same message.
+    let id = uuid::Uuid::new_v4();
+    let body = b"Subject: streamed\r\n\r\nbody\r\n";
+    let streamed = append_stream(&mut mailboxes, &alice, id, body, false)
+        .await
+        .unwrap();
+    let resumed = append_stream(&mut mailboxes, &alice, id, body, true)
+        .await
+        .unwrap();
+    assert_eq!(resumed.uid, streamed.uid);
+    assert_eq!(count_in(&mut mailboxes, &alice, "INBOX").await, 3);
+
+    // `resume` for an APPEND whose body never arrived: certainly not stored, and
+    // the first attempt arriving late is refused.
+    let id = uuid::Uuid::new_v4();
+    let given_up = append_stream(&mut mailboxes, &alice, id, body, true)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        given_up.code(),
+        tonic::Code::FailedPrecondition,
+        "{given_up}"
+    );
+    let late = append_stream(&mut mailboxes, &alice, id, body, false)
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late}");
+    assert_eq!(count_in(&mut mailboxes, &alice, "INBOX").await, 3);
+}
+
 /// A gauge or counter from a replica's `/metrics` (summed over the series that
 /// contain `labels`), 0 when absent or unreachable.
 async fn metric(storage: &Storage, name: &str, labels: &str) -> f64 {

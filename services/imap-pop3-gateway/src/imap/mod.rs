@@ -1098,11 +1098,13 @@ impl Session {
                 let r = self
                     .gw
                     .store
-                    .mailboxes()
-                    .create_mailbox(v1::MailboxRequest {
-                        user: self.user_at(),
-                        mailbox: name,
-                    })
+                    .write(
+                        v1::MailboxRequest {
+                            user: self.user_at(),
+                            mailbox: name,
+                        },
+                        |mut c, r| async move { c.create_mailbox(r).await },
+                    )
                     .await;
                 match r {
                     Ok(_) => ok(conn, "CREATE completed"),
@@ -1114,11 +1116,13 @@ impl Session {
                 let r = self
                     .gw
                     .store
-                    .mailboxes()
-                    .delete_mailbox(v1::MailboxRequest {
-                        user: self.user_at(),
-                        mailbox: name.clone(),
-                    })
+                    .write(
+                        v1::MailboxRequest {
+                            user: self.user_at(),
+                            mailbox: name.clone(),
+                        },
+                        |mut c, r| async move { c.delete_mailbox(r).await },
+                    )
                     .await;
                 match r {
                     Ok(_) => {
@@ -1148,12 +1152,14 @@ impl Session {
                 let r = self
                     .gw
                     .store
-                    .mailboxes()
-                    .rename_mailbox(v1::RenameMailboxRequest {
-                        user: self.user_at(),
-                        from: from.clone(),
-                        to: to.clone(),
-                    })
+                    .write(
+                        v1::RenameMailboxRequest {
+                            user: self.user_at(),
+                            from: from.clone(),
+                            to: to.clone(),
+                        },
+                        |mut c, r| async move { c.rename_mailbox(r).await },
+                    )
                     .await;
                 match r {
                     Ok(_) => {
@@ -1180,12 +1186,14 @@ impl Session {
                 let r = self
                     .gw
                     .store
-                    .mailboxes()
-                    .subscribe(v1::SubscribeRequest {
-                        user: self.user_at(),
-                        mailbox: self.mailbox_name(&mailbox),
-                        subscribed,
-                    })
+                    .write(
+                        v1::SubscribeRequest {
+                            user: self.user_at(),
+                            mailbox: self.mailbox_name(&mailbox),
+                            subscribed,
+                        },
+                        |mut c, r| async move { c.subscribe(r).await },
+                    )
                     .await;
                 match r {
                     Ok(_) => ok(conn, &format!("{name} completed")),
@@ -1756,14 +1764,16 @@ impl Session {
         let r = self
             .gw
             .store
-            .mailboxes()
-            .append(v1::AppendRequest {
-                user: self.user_at(),
-                mailbox: name.clone(),
-                message,
-                flags: flags.iter().map(selected::flag_string).collect(),
-                internal_date_ms: date.map(|d| d.as_ref().timestamp_millis()).unwrap_or(0),
-            })
+            .write(
+                v1::AppendRequest {
+                    user: self.user_at(),
+                    mailbox: name.clone(),
+                    message,
+                    flags: flags.iter().map(selected::flag_string).collect(),
+                    internal_date_ms: date.map(|d| d.as_ref().timestamp_millis()).unwrap_or(0),
+                },
+                |mut c, r| async move { c.append(r).await },
+            )
             .await;
         self.appended(conn, tag, &name, r);
     }
@@ -1834,12 +1844,13 @@ impl Session {
             conn.push_raw(b"+ Ready for literal data\r\n");
             conn.flush().await?;
         }
-        let (upload, call) = self.gw.store.append_stream(v1::AppendStart {
+        let (upload, mut stream) = self.gw.store.append_stream(v1::AppendStart {
             user: Some(user),
             mailbox: name.clone(),
             flags: flags.iter().map(selected::flag_string).collect(),
             internal_date_ms: date.map(|d| d.as_ref().timestamp_millis()).unwrap_or(0),
             size: length as u64,
+            resume: false,
         });
         let mut upload = Some(upload);
         let mut left = length;
@@ -1852,7 +1863,7 @@ impl Session {
                 .await?
             else {
                 // Gone or too slow: nothing is stored (the upload has no end).
-                call.abort();
+                stream.call.abort();
                 conn.push(&bye("Literal not sent in time"));
                 return Ok(false);
             };
@@ -1885,7 +1896,7 @@ impl Session {
             .rest_of_line(self.gw.imap.max_command_bytes, deadline, shutdown)
             .await?
         else {
-            call.abort();
+            stream.call.abort();
             conn.push(&bye("Command line too long"));
             return Ok(false);
         };
@@ -1893,29 +1904,42 @@ impl Session {
             // MULTIAPPEND, CATENATE and the like are not offered: nothing is stored.
             // What follows may announce literals of its own, whose bytes would then
             // be read as commands: the session ends instead.
-            call.abort();
+            stream.call.abort();
             conn.push(&bye("Unexpected data after the message"));
             return Ok(false);
         }
+        // Whether the whole message went to storage (then an unknown outcome is
+        // finished with `resume`; else nothing can have been stored).
+        let mut whole = false;
         if let Some(tx) = upload.take() {
-            let _ = tx
+            whole = tx
                 .send(v1::AppendChunk {
                     end: true,
                     ..Default::default()
                 })
-                .await;
+                .await
+                .is_ok();
         }
         // The upload's call has no timeout of its own (it lasts as long as the
         // client sends); once the message is whole, storage answers in time or not.
-        let mut call = call;
-        let result = match tokio::time::timeout(APPEND_ANSWER, &mut call).await {
+        let mut result = match tokio::time::timeout(APPEND_ANSWER, &mut stream.call).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(tonic::Status::unavailable("the upload was cut off")),
             Err(_) => {
-                call.abort();
+                stream.call.abort();
                 Err(tonic::Status::unavailable("storage did not answer in time"))
             }
         };
+        if whole && matches!(&result, Err(e) if crate::store::unknown_outcome(e)) {
+            // Stored or not? Storage knows: the body it kept under the request id
+            // is indexed now, or the request is given up for good.
+            result = match self.gw.store.resume_append(&stream).await {
+                Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                    Err(tonic::Status::aborted(e.message()))
+                }
+                other => other,
+            };
+        }
         crate::metrics::command(PROTOCOL, "APPEND", result.is_ok());
         self.appended(conn, &tag, &name, result);
         // As after any command: other sessions' changes, and this one's own.

@@ -227,13 +227,15 @@ impl Selected {
         } else if up_to > self.first_recent_uid {
             let r = gw
                 .store
-                .mailboxes()
-                .claim_recent(v1::ClaimRecentRequest {
-                    user: Some(gw.store.at(&self.user)),
-                    mailbox: self.name.clone(),
-                    uid_validity: self.uid_validity,
-                    up_to,
-                })
+                .write(
+                    v1::ClaimRecentRequest {
+                        user: Some(gw.store.at(&self.user)),
+                        mailbox: self.name.clone(),
+                        uid_validity: self.uid_validity,
+                        up_to,
+                    },
+                    |mut c, r| async move { c.claim_recent(r).await },
+                )
                 .await?
                 .into_inner();
             self.first_recent_uid = self.first_recent_uid.max(r.to);
@@ -862,15 +864,17 @@ async fn store_batched(
     for batch in sel.batches(uids) {
         let r = gw
             .store
-            .mailboxes()
-            .store_flags(v1::StoreFlagsRequest {
-                user: Some(gw.store.at(&sel.user)),
-                mailbox: sel.name.clone(),
-                uids: batch,
-                action: action.into(),
-                flags: flags.clone(),
-                unchanged_since,
-            })
+            .write(
+                v1::StoreFlagsRequest {
+                    user: Some(gw.store.at(&sel.user)),
+                    mailbox: sel.name.clone(),
+                    uids: batch,
+                    action: action.into(),
+                    flags: flags.clone(),
+                    unchanged_since,
+                },
+                |mut c, r| async move { c.store_flags(r).await },
+            )
             .await?
             .into_inner();
         all.changed.extend(r.changed);
@@ -892,14 +896,16 @@ async fn copy_batched(
     for batch in sel.batches(uids) {
         let r = gw
             .store
-            .mailboxes()
-            .copy(v1::CopyRequest {
-                user: Some(gw.store.at(&sel.user)),
-                from: sel.name.clone(),
-                to: to.to_owned(),
-                uids: batch,
-                remove_source,
-            })
+            .write(
+                v1::CopyRequest {
+                    user: Some(gw.store.at(&sel.user)),
+                    from: sel.name.clone(),
+                    to: to.to_owned(),
+                    uids: batch,
+                    remove_source,
+                },
+                |mut c, r| async move { c.copy(r).await },
+            )
             .await?
             .into_inner();
         all.uid_validity = r.uid_validity;
@@ -1178,12 +1184,14 @@ impl Session {
                     // Every \Deleted message, whoever flagged it (RFC 3501 §6.4.2).
                     let r = gw
                         .store
-                        .mailboxes()
-                        .expunge(v1::ExpungeRequest {
-                            user: Some(gw.store.at(&sel.user)),
-                            mailbox: sel.name.clone(),
-                            uids: Vec::new(),
-                        })
+                        .write(
+                            v1::ExpungeRequest {
+                                user: Some(gw.store.at(&sel.user)),
+                                mailbox: sel.name.clone(),
+                                uids: Vec::new(),
+                            },
+                            |mut c, r| async move { c.expunge(r).await },
+                        )
                         .await;
                     if let Err(e) = r {
                         conn.push(&storage_failure(tag, &e));
@@ -1221,12 +1229,14 @@ impl Session {
                 for batch in batches {
                     let r = gw
                         .store
-                        .mailboxes()
-                        .expunge(v1::ExpungeRequest {
-                            user: Some(gw.store.at(&sel.user)),
-                            mailbox: sel.name.clone(),
-                            uids: batch,
-                        })
+                        .write(
+                            v1::ExpungeRequest {
+                                user: Some(gw.store.at(&sel.user)),
+                                mailbox: sel.name.clone(),
+                                uids: batch,
+                            },
+                            |mut c, r| async move { c.expunge(r).await },
+                        )
                         .await;
                     match r {
                         Ok(r) => sel.gone.extend(r.into_inner().uids),
