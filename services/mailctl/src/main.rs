@@ -2,6 +2,7 @@
 //! in one process on embedded backends.
 
 mod admin;
+mod cluster;
 mod dev;
 
 use std::path::PathBuf;
@@ -54,6 +55,10 @@ enum Command {
     /// the chart): an internal CA and one certificate per role.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// The cluster identity storage checks between its directory log and the
+    /// bucket: show it, or adopt an emptied log (with storage's configuration file).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 #[derive(Subcommand)]
@@ -141,6 +146,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Quota(c) => admin::quota(target, c).await,
             Command::Mailbox(c) => admin::mailbox(target, c).await,
             Command::Pki(PkiCommand::Init { dir, force }) => pki_init(&dir, force),
+            Command::Cluster(c) => cluster::run(c).await,
         }
     })
 }

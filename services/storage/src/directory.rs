@@ -259,6 +259,12 @@ pub enum DirectoryCommand {
         domain: Domain,
         selector: String,
     },
+    /// The log belongs to this cluster (`crate::cluster`): set once, by the first
+    /// start of a new cluster or by `mailctl cluster adopt`; another identity later
+    /// is refused.
+    Identify {
+        cluster: uuid::Uuid,
+    },
 }
 
 /// What a successful command produced.
@@ -327,6 +333,8 @@ pub struct Directory {
     dkim: BTreeMap<Domain, Vec<DkimKey>>,
     /// The separator of subaddresses (`user+tag@`), if any.
     recipient_delimiter: Option<char>,
+    /// The cluster this log belongs to (`crate::cluster`).
+    cluster: Option<uuid::Uuid>,
 }
 
 fn default_delimiter() -> Option<char> {
@@ -345,6 +353,9 @@ struct Snapshot {
     /// Absent from snapshots written before DKIM signing existed.
     #[serde(default)]
     dkim_keys: Vec<DkimKey>,
+    /// Absent from snapshots written before the cluster identity existed.
+    #[serde(default)]
+    cluster: Option<uuid::Uuid>,
 }
 
 impl From<Directory> for Snapshot {
@@ -357,6 +368,7 @@ impl From<Directory> for Snapshot {
             catch_all: d.catch_all.into_iter().collect(),
             recipient_delimiter: d.recipient_delimiter,
             dkim_keys: d.dkim.into_values().flatten().collect(),
+            cluster: d.cluster,
         }
     }
 }
@@ -379,6 +391,7 @@ impl From<Snapshot> for Directory {
                 m.entry(k.domain.clone()).or_insert_with(Vec::new).push(k);
                 m
             }),
+            cluster: s.cluster,
         }
     }
 }
@@ -399,6 +412,7 @@ impl Default for Directory {
             catch_all: BTreeMap::new(),
             dkim: BTreeMap::new(),
             recipient_delimiter: default_delimiter(),
+            cluster: None,
         }
     }
 }
@@ -406,6 +420,11 @@ impl Default for Directory {
 impl Directory {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The cluster this directory's log belongs to (`crate::cluster`).
+    pub fn cluster(&self) -> Option<uuid::Uuid> {
+        self.cluster
     }
 
     pub fn tenant(&self, id: &TenantId) -> Option<&Tenant> {
@@ -726,6 +745,15 @@ impl Directory {
                     return Err(no_selector(&domain, &selector));
                 }
             }
+            C::Identify { cluster } => match self.cluster {
+                None => self.cluster = Some(cluster),
+                Some(known) if known == cluster => {}
+                Some(known) => {
+                    return Err(StorageError::FailedPrecondition(format!(
+                        "this log belongs to cluster {known}, not {cluster}"
+                    )));
+                }
+            },
         }
         Ok(DirectoryOutcome::Done)
     }

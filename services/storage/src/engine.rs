@@ -566,6 +566,7 @@ impl StorageEngine {
             &(),
         )
         .await?;
+        crate::cluster::check(&directory, &objects, &config.directory_topic).await?;
         let index_db = IndexDb::open(
             config.index_dir.as_deref(),
             config.index_cache_bytes,

@@ -8,6 +8,7 @@
 //! (docs/adr/0001-mailbox-index.md). Nothing in these modules does I/O.
 
 pub mod client;
+pub mod cluster;
 pub mod directory;
 pub mod engine;
 pub mod forward;

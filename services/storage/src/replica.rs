@@ -261,6 +261,17 @@ impl<S: StateMachine> Replica<S> {
     ) -> Result<Arc<Self>, EngineError> {
         let (state, offset) =
             S::restore(store, &objects, &config, &snapshot_prefix(&config)).await?;
+        // A state ahead of its log's end: the log was emptied or replaced since
+        // (issue 20, defect 5). Served, every new record would be skipped as
+        // applied before, and the state would not be this log's.
+        if let Some(end) = queue.end_offset(&config.topic, config.partition).await?
+            && end < offset
+        {
+            return Err(EngineError::Unavailable(format!(
+                "{}/{}: the log ends at offset {end}, but the state kept for it (a checkpoint in the bucket or the pod's disk) has applied it up to {offset}: the log was emptied or replaced and is not the one this state was built from; restoring a log from the bucket is not built yet",
+                config.topic, config.partition
+            )));
+        }
         let reader = queue
             .reader(&config.topic, config.partition, offset)
             .await?;

@@ -842,6 +842,104 @@ async fn quiet_logs_are_snapshotted_on_time() {
     .await;
 }
 
+/// A fresh embedded log (an emptied broker), for `b`'s bucket.
+async fn empty_log() -> (Arc<dyn Queue>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let queue: Arc<dyn Queue> = Arc::new(
+        EmbeddedLog::open(&EmbeddedConfig::new(dir.path().join("queue")))
+            .await
+            .unwrap(),
+    );
+    (queue, dir)
+}
+
+fn refusal(opened: Result<Arc<StorageEngine>, EngineError>) -> String {
+    match opened {
+        Ok(_) => panic!("storage served a log and a bucket of different clusters"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Issue 20, defect 5: a log and a bucket serve together only when they belong to
+/// one cluster. An emptied log (a new broker) over a bucket that holds mail used to
+/// be served as an empty directory, and the MX refused every local domain for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_is_not_the_buckets_is_refused_until_adopted() {
+    let mut b = embedded().await;
+    // No directory checkpoint yet: only the identity tells the logs apart.
+    b.config.snapshot_every = 1_000_000;
+    let cluster = {
+        let engine = b.engine().await;
+        tenant_with_user(&engine, "acme", "kept@acme.test", None).await;
+        engine
+            .directory(|d| d.cluster())
+            .unwrap()
+            .expect("a new cluster is identified")
+    };
+    let topic = b.config.directory_topic.clone();
+    assert_eq!(
+        mailmesh_storage::cluster::marked(&*b.objects, &topic)
+            .await
+            .unwrap(),
+        Some(cluster),
+        "the bucket names the cluster too"
+    );
+    // Started again on the same log and bucket: the same cluster.
+    let again = b.engine().await;
+    assert_eq!(again.directory(|d| d.cluster()).unwrap(), Some(cluster));
+    drop(again);
+
+    // The same bucket with an emptied log: refused, with what to do.
+    let (emptied, _dir) = empty_log().await;
+    let why =
+        refusal(StorageEngine::open(emptied.clone(), b.objects.clone(), b.config.clone()).await);
+    assert!(why.contains("does not know cluster"), "{why}");
+    assert!(why.contains("mailctl cluster adopt"), "{why}");
+    // The operator adopts it: storage starts on it as the bucket's cluster.
+    let (adopted, _) = mailmesh_storage::cluster::adopt(&*emptied, &*b.objects, &topic)
+        .await
+        .unwrap();
+    assert_eq!(adopted, cluster);
+    let engine = StorageEngine::open(emptied.clone(), b.objects.clone(), b.config.clone())
+        .await
+        .unwrap();
+    assert_eq!(engine.directory(|d| d.cluster()).unwrap(), Some(cluster));
+    drop(engine);
+
+    // A bucket that names another cluster: refused.
+    let other = uuid::Uuid::new_v4();
+    b.objects
+        .put(
+            &mailmesh_storage::cluster::marker_path(&topic),
+            format!("{other}\n").into_bytes().into(),
+        )
+        .await
+        .unwrap();
+    let why = refusal(StorageEngine::open(emptied, b.objects.clone(), b.config.clone()).await);
+    assert!(why.contains(&format!("names cluster {other}")), "{why}");
+}
+
+/// A checkpoint in the bucket ahead of its log's end (the log was emptied after
+/// the checkpoint) is refused: its new records would all be skipped as applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_ahead_of_its_log_is_refused() {
+    let mut b = embedded().await;
+    b.config.snapshot_every = 1;
+    {
+        let engine = b.engine().await;
+        tenant_with_user(&engine, "acme", "ahead@acme.test", None).await;
+        wait_for_objects(
+            &b.objects,
+            &format!("index/{}", b.config.directory_topic),
+            "no directory checkpoint was written",
+        )
+        .await;
+    }
+    let (emptied, _dir) = empty_log().await;
+    let why = refusal(StorageEngine::open(emptied, b.objects.clone(), b.config.clone()).await);
+    assert!(why.contains("the log ends at offset 0"), "{why}");
+}
+
 /// Waits (30 s at most) until something is stored under `prefix`.
 async fn wait_for_objects(objects: &Arc<dyn ObjectStore>, prefix: &str, missing: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
