@@ -1485,10 +1485,8 @@ mod tests {
         Path::from("index/test.mailboxes/3")
     }
 
-    /// A user written in format 1 (subscriptions a flag on each mailbox) is read
-    /// and converted; what is written now is format 2.
-    #[test]
-    fn users_of_format_2_are_read() {
+    /// A user with the default mailboxes.
+    fn initialised_user() -> UserIndex {
         let mut index = UserIndex::default();
         index
             .apply(
@@ -1498,6 +1496,14 @@ mod tests {
                 &mut Vec::new(),
             )
             .unwrap();
+        index
+    }
+
+    /// A user written in format 2 (no remembered requests) is read and converted;
+    /// what is written now is format 3.
+    #[test]
+    fn users_of_format_2_are_read() {
+        let index = initialised_user();
         let mut old = serde_json::to_value(&index).unwrap();
         old.as_object_mut().unwrap().remove("requests");
         let old: crate::index::UserIndexFormat2 = serde_json::from_value(old).unwrap();
@@ -1518,17 +1524,11 @@ mod tests {
         assert_eq!(decode_user(&bytes).unwrap().index.unwrap(), index);
     }
 
+    /// A user written in format 1 (subscriptions a flag on each mailbox) is read
+    /// and converted.
     #[test]
     fn users_of_format_1_are_read() {
-        let mut index = UserIndex::default();
-        index
-            .apply(
-                IndexCommand::Init,
-                T0,
-                &IndexLimits::default(),
-                &mut Vec::new(),
-            )
-            .unwrap();
+        let index = initialised_user();
         let mut old = serde_json::to_value(&index).unwrap();
         old.as_object_mut().unwrap().remove("subscriptions");
         for (_, m) in old["mailboxes"].as_object_mut().unwrap() {

@@ -678,27 +678,7 @@ async fn only_known_roles_reach_their_calls_and_users_need_their_session() {
 async fn a_watch_ends_with_its_session() {
     let run = format!("watch{}", uuid::Uuid::new_v4().simple());
     let storage = start_with(&run, &[("MAILMESH_STORAGE__SESSION_TTL", "10s")]);
-    let mut directory = DirectoryClient::new(channel(&storage, Role::Admin).await);
-    tenant_with_domain(&mut directory, "acme", "acme.test").await;
-    directory
-        .add_user(v1::AddUserRequest {
-            address: "alice@acme.test".into(),
-            password: "s3cret".into(),
-            quota_bytes: 0,
-        })
-        .await
-        .unwrap();
-    let gateway = channel(&storage, Role::Gateway).await;
-    let login = DirectoryClient::new(gateway.clone())
-        .authenticate(v1::AuthenticateRequest {
-            address: "alice@acme.test".into(),
-            password: "s3cret".into(),
-            client_ip: "198.51.100.7".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let alice = login.user.unwrap().user.unwrap();
+    let (gateway, alice) = alice_logged_in(&storage).await;
     let started = Instant::now();
     let mut watch = MailboxesClient::new(gateway)
         .watch(alice)
@@ -717,6 +697,36 @@ async fn a_watch_ends_with_its_session() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Tenant acme with the user alice, logged in as a gateway logs users in: the
+/// gateway's channel and alice with her session token.
+async fn alice_logged_in(storage: &Storage) -> (Channel, v1::UserRef) {
+    let mut directory = DirectoryClient::new(channel(storage, Role::Admin).await);
+    tenant_with_domain(&mut directory, "acme", "acme.test").await;
+    directory
+        .add_user(v1::AddUserRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            quota_bytes: 0,
+        })
+        .await
+        .unwrap();
+    let gateway = channel(storage, Role::Gateway).await;
+    let alice = DirectoryClient::new(gateway.clone())
+        .authenticate(v1::AuthenticateRequest {
+            address: "alice@acme.test".into(),
+            password: "s3cret".into(),
+            client_ip: "198.51.100.7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .user
+        .unwrap();
+    (gateway, alice)
 }
 
 /// `message` as a call carrying request id `id` (`mailmesh-request-id`).
@@ -779,30 +789,7 @@ async fn append_stream(
 async fn writes_sent_again_with_their_request_id_are_applied_once() {
     let run = format!("again{}", uuid::Uuid::new_v4().simple());
     let storage = start(&run);
-    let mut directory = DirectoryClient::new(channel(&storage, Role::Admin).await);
-    tenant_with_domain(&mut directory, "acme", "acme.test").await;
-    directory
-        .add_user(v1::AddUserRequest {
-            address: "alice@acme.test".into(),
-            password: "s3cret".into(),
-            quota_bytes: 0,
-        })
-        .await
-        .unwrap();
-    let gateway = channel(&storage, Role::Gateway).await;
-    let alice = DirectoryClient::new(gateway.clone())
-        .authenticate(v1::AuthenticateRequest {
-            address: "alice@acme.test".into(),
-            password: "s3cret".into(),
-            client_ip: "198.51.100.7".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .user
-        .unwrap();
+    let (gateway, alice) = alice_logged_in(&storage).await;
     let mut mailboxes = MailboxesClient::new(gateway);
 
     // APPEND twice under one id: one message, the same UID both times.
