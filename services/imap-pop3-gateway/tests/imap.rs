@@ -937,6 +937,37 @@ async fn transcripts_of_esearch_list_extended_names_and_imap4rev2() {
         r[0], "* LIST (\\NonExistent \\Subscribed) \"/\" Gone\r\n",
         "{r:?}"
     );
+    // `%` lists the levels that are only above mailboxes (RFC 3501 §6.3.8), and
+    // LSUB the levels above subscribed names that are not subscribed themselves
+    // (§6.3.9), as \Noselect; `*` lists mailboxes only.
+    c.cmd("p1", "CREATE Level/Leaf").await;
+    c.cmd("p2", "SUBSCRIBE Level/Leaf").await;
+    let r = c.cmd("p3", "LIST \"\" Lev%").await;
+    assert_eq!(
+        r,
+        [
+            "* LIST (\\Noselect \\HasChildren) \"/\" Level\r\n",
+            "p3 OK LIST completed\r\n"
+        ],
+        "{r:?}"
+    );
+    let r = c.cmd("p4", "LIST \"\" Level/%").await;
+    assert_eq!(
+        r[0], "* LIST (\\HasNoChildren \\Subscribed) \"/\" Level/Leaf\r\n",
+        "{r:?}"
+    );
+    assert_eq!(r.len(), 2, "{r:?}");
+    let r = c.cmd("p5", "LIST \"\" Lev*").await;
+    assert_eq!(r.len(), 2, "{r:?}");
+    let r = c.cmd("p6", "LSUB \"\" Lev%").await;
+    assert_eq!(
+        r,
+        [
+            "* LSUB (\\Noselect) \"/\" Level\r\n",
+            "p6 OK LSUB completed\r\n"
+        ],
+        "{r:?}"
+    );
     // ESEARCH with RETURN options.
     c.cmd("g", "SELECT INBOX").await;
     c.cmd("h", "STORE 2 +FLAGS (\\Seen)").await;

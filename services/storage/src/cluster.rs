@@ -10,7 +10,9 @@
 //! replica whose log does not know the bucket's cluster (emptied, or another
 //! cluster's), or names another one, refuses to start, so front doors answer `451`
 //! (storage unreachable), never 5xx. A state restored from a checkpoint or the
-//! pod's disk that is ahead of its log's end is refused too ([`crate::replica`]).
+//! pod's disk that is ahead of its log's end is refused too ([`crate::replica`]),
+//! where the queue reports that end (`Queue::end_offset`: the embedded log; the
+//! Kafka queue does not implement it yet).
 //!
 //! An operator who means to start the log afresh for the bucket's cluster (after
 //! restoring it, or accepting what the bucket alone holds) says so with `mailctl

@@ -729,6 +729,17 @@ async fn alice_logged_in(storage: &Storage) -> (Channel, v1::UserRef) {
     (gateway, alice)
 }
 
+/// The lines of a replica's log that mention any of `words` (the last 40), for
+/// a failure's message.
+fn log_lines(storage: &Storage, words: &[&str]) -> String {
+    let log = std::fs::read_to_string(storage.log.path()).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| words.iter().any(|w| l.contains(w)))
+        .collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 /// `message` as a call carrying request id `id` (`mailmesh-request-id`).
 fn as_request<T>(id: uuid::Uuid, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -1045,7 +1056,8 @@ async fn owners_split_partitions_and_a_killed_owner_is_taken_over() {
             }
             assert!(
                 Instant::now() < deadline,
-                "standbys not open: {open} open, {mine} owned, {standby} standby"
+                "standbys not open: {open} open, {mine} owned, {standby} standby; the replica said:\n{}",
+                log_lines(replica, &["standby", "partition", "WARN", "ERROR"])
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

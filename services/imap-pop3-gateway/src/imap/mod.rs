@@ -1564,6 +1564,8 @@ impl Session {
             return;
         }
         let mut matchers = Vec::with_capacity(patterns.len());
+        // Patterns ending in `%`, which also list the levels above mailboxes.
+        let mut levels = Vec::new();
         for pattern in &patterns {
             let pattern = format!("{reference}{pattern}");
             if pattern.chars().count() > self.gw.imap.max_list_pattern_chars {
@@ -1573,6 +1575,9 @@ impl Session {
                     Some(Code::TooBig),
                     "Pattern too long",
                 ));
+            }
+            if pattern.ends_with('%') {
+                levels.push(ListPattern::new(&pattern));
             }
             matchers.push(ListPattern::new(&pattern));
         }
@@ -1639,6 +1644,42 @@ impl Session {
                     mailbox: self.to_mailbox(&m.name),
                     items: status_items(m, names).into(),
                 }));
+            }
+        }
+        // A pattern ending in `%` also lists the levels it matches that are only
+        // above mailboxes (RFC 3501 §6.3.8): `\Noselect`, or `\NonExistent` (which
+        // implies it) for IMAP4rev2, with `\HasChildren`. For LSUB, the levels above
+        // subscribed names that are not subscribed themselves, `\Noselect` (§6.3.9).
+        if !levels.is_empty() && !only_special && (lsub || !only_subscribed) {
+            let listed: HashSet<&str> = if lsub {
+                mailboxes
+                    .iter()
+                    .filter(|m| m.subscribed)
+                    .map(|m| m.name.as_str())
+                    .chain(missing.iter().map(String::as_str))
+                    .collect()
+            } else {
+                mailboxes.iter().map(|m| m.name.as_str()).collect()
+            };
+            let above = if lsub { &subscribed_below } else { &parents };
+            let mut names: Vec<&str> = above
+                .iter()
+                .map(String::as_str)
+                .filter(|name| !listed.contains(name))
+                .collect();
+            names.sort_unstable();
+            for name in names {
+                if !levels.iter_mut().any(|p| p.matches(name)) {
+                    continue;
+                }
+                let items = if lsub {
+                    vec![FlagNameAttribute::Noselect]
+                } else if self.rev2 {
+                    vec![flag("NonExistent"), flag("HasChildren")]
+                } else {
+                    vec![FlagNameAttribute::Noselect, flag("HasChildren")]
+                };
+                self.push_list_entry(conn, lsub, items, name, false);
             }
         }
         // Names without a mailbox (RFC 5258 §3): subscribed ones when subscriptions
