@@ -471,6 +471,12 @@ pub enum IndexOutcome {
 /// list is left out (the client's view catches up from the mailbox's changes).
 const REMEMBERED_ENTRIES: usize = 256;
 
+/// A STORE's `[MODIFIED]` set is the answer itself and is kept up to this many
+/// UIDs (the gateway sends at most 5,000 messages per STORE); a caller sending
+/// larger ones loses it on a repeat. Bounds what a user's 32 remembered requests
+/// can hold to about 1 MiB.
+const REMEMBERED_MODIFIED: usize = 8192;
+
 impl IndexOutcome {
     /// What a repeated request is answered: what the client needs, not the objects
     /// the first attempt deleted (or left to the orphan sweep).
@@ -485,8 +491,11 @@ impl IndexOutcome {
         match self {
             Self::Stored { changed, modified } => Self::Stored {
                 changed: short(changed),
-                // The [MODIFIED] set is the answer itself: kept whole.
-                modified: modified.clone(),
+                modified: if modified.len() <= REMEMBERED_MODIFIED {
+                    modified.clone()
+                } else {
+                    Vec::new()
+                },
             },
             Self::Copied {
                 uidvalidity,
@@ -1571,6 +1580,18 @@ mod tests {
             mailbox: MailboxId(1),
             removed: vec![(3, "obj".into())],
         };
+        let stored = IndexOutcome::Stored {
+            changed: Vec::new(),
+            modified: (1..=REMEMBERED_MODIFIED as Uid + 1).collect(),
+        };
+        assert_eq!(
+            stored.remembered(),
+            IndexOutcome::Stored {
+                changed: Vec::new(),
+                modified: Vec::new(),
+            },
+            "a caller's oversized [MODIFIED] set does not grow the user's index"
+        );
         assert_eq!(
             expunged.remembered(),
             IndexOutcome::Expunged {
